@@ -1,0 +1,36 @@
+"""The shared vocabulary of curvlib: layer layout, statistics and protocols.
+
+Everything in this package imports torch only, so that every layer of curvlib
+(extractors, approximations, optimizer) can depend on it without depending on
+each other. The conventions that all layers share are written down once, in
+[`curvlib.core.conventions`][curvlib.core.conventions].
+"""
+
+from curvlib.core.layout import CurvatureLayer, LayerKind, ModelLayout, UnsupportedModule
+from curvlib.core.protocols import CurvatureApprox, Extractor, Preconditioner
+from curvlib.core.stats import (
+    CurvatureStatistics,
+    FisherType,
+    KroneckerFactors,
+    LayerStatistics,
+    PerSampleGrads,
+    PerSampleIO,
+    StatKind,
+)
+
+__all__ = [
+    "CurvatureApprox",
+    "CurvatureLayer",
+    "CurvatureStatistics",
+    "Extractor",
+    "FisherType",
+    "KroneckerFactors",
+    "LayerKind",
+    "LayerStatistics",
+    "ModelLayout",
+    "PerSampleGrads",
+    "PerSampleIO",
+    "Preconditioner",
+    "StatKind",
+    "UnsupportedModule",
+]

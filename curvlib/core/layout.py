@@ -1,0 +1,311 @@
+"""Which modules of a model are curvature layers, and how their parameters are laid out.
+
+The matrix view of each layer and the bias column follow
+[`curvlib.core.conventions`][curvlib.core.conventions].
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+from torch import Tensor, nn
+
+
+class LayerKind(Enum):
+    """The kinds of module that carry a Kronecker-factored curvature block."""
+
+    LINEAR = "linear"
+    CONV2D = "conv2d"
+    CONV_TRANSPOSE2D = "conv_transpose2d"
+
+
+_KINDS: dict[type[nn.Module], LayerKind] = {
+    nn.Linear: LayerKind.LINEAR,
+    nn.Conv2d: LayerKind.CONV2D,
+    nn.ConvTranspose2d: LayerKind.CONV_TRANSPOSE2D,
+}
+
+
+@dataclass(frozen=True, eq=False)
+class CurvatureLayer:
+    """One curvature layer of a model: its name, kind and matrix shape.
+
+    Attributes:
+        name: Qualified name in ``model.named_modules()``.
+        kind: The layer kind.
+        module: The module itself.
+        out_dim: Rows of the weight matrix $W$.
+        in_dim: Columns of $W$, without the bias column.
+        has_bias: Whether a trainable bias is appended as the last column.
+    """
+
+    name: str
+    kind: LayerKind
+    module: nn.Module = field(repr=False)
+    out_dim: int
+    in_dim: int
+    has_bias: bool
+
+    @property
+    def weight(self) -> nn.Parameter:
+        """The layer's weight parameter."""
+        weight = self.module.weight
+        assert isinstance(weight, nn.Parameter)
+        return weight
+
+    @property
+    def bias(self) -> nn.Parameter | None:
+        """The layer's bias, if it is part of the curvature block."""
+        if not self.has_bias:
+            return None
+        bias = self.module.bias
+        assert isinstance(bias, nn.Parameter)
+        return bias
+
+    @property
+    def parameters(self) -> tuple[nn.Parameter, ...]:
+        """The parameters covered by this block, weight first."""
+        bias = self.bias
+        return (self.weight,) if bias is None else (self.weight, bias)
+
+    @property
+    def in_dim_aug(self) -> int:
+        r"""Columns of $[W \mid b]$: ``in_dim`` plus one when there is a bias."""
+        return self.in_dim + int(self.has_bias)
+
+    @property
+    def num_params(self) -> int:
+        """Number of parameters in the block, ``out_dim * in_dim_aug``."""
+        return self.out_dim * self.in_dim_aug
+
+    def weight_matrix(self, weight: Tensor) -> Tensor:
+        """Turn tensors shaped like the weight into weight matrices.
+
+        Args:
+            weight: Shape ``[..., *weight.shape]`` (leading batch dimensions allowed).
+
+        Returns:
+            Shape ``[..., out_dim, in_dim]``.
+        """
+        lead = weight.shape[: weight.dim() - self.weight.dim()]
+        if self.kind is LayerKind.CONV_TRANSPOSE2D:
+            weight = weight.transpose(-4, -3)
+        return weight.reshape(*lead, self.out_dim, self.in_dim)
+
+    def to_matrix(self, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        r"""Stack weight-shaped and bias-shaped tensors into $[W \mid b]$ matrices.
+
+        Args:
+            weight: Shape ``[..., *weight.shape]``.
+            bias: Shape ``[..., out_dim]``; required exactly when ``has_bias``.
+
+        Returns:
+            Shape ``[..., out_dim, in_dim_aug]``.
+
+        Raises:
+            ValueError: If ``bias`` is given for a layer without bias or missing.
+        """
+        if (bias is None) == self.has_bias:
+            raise ValueError(
+                f"Layer {self.name!r}: bias must be given exactly when the layer has a "
+                f"trainable bias (has_bias={self.has_bias})."
+            )
+        mat = self.weight_matrix(weight)
+        return mat if bias is None else torch.cat([mat, bias.unsqueeze(-1)], dim=-1)
+
+    def from_matrix(self, mat: Tensor) -> tuple[Tensor, Tensor | None]:
+        r"""Split $[W \mid b]$ matrices into parameter-shaped tensors.
+
+        Args:
+            mat: Shape ``[..., out_dim, in_dim_aug]``.
+
+        Returns:
+            ``(weight, bias)`` shaped like the parameters (with the leading
+            dimensions of ``mat``); ``bias`` is ``None`` without a bias column.
+        """
+        lead = mat.shape[:-2]
+        w_mat = mat[..., : self.in_dim]
+        shape = tuple(self.weight.shape)
+        if self.kind is LayerKind.CONV_TRANSPOSE2D:
+            shape = (shape[1], shape[0], *shape[2:])
+        weight = w_mat.reshape(*lead, *shape)
+        if self.kind is LayerKind.CONV_TRANSPOSE2D:
+            weight = weight.transpose(-4, -3)
+        bias = mat[..., self.in_dim] if self.has_bias else None
+        return weight, bias
+
+    def grad_matrix(self) -> Tensor:
+        r"""The current ``.grad`` of the block's parameters as a $[W \mid b]$ matrix.
+
+        Raises:
+            RuntimeError: If a parameter has no gradient.
+        """
+        grads = [p.grad for p in self.parameters]
+        if any(g is None for g in grads):
+            raise RuntimeError(f"Layer {self.name!r} has no gradient: call loss.backward() first.")
+        return self.to_matrix(*grads)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class UnsupportedModule:
+    """A module with trainable parameters that has no curvature block.
+
+    Attributes:
+        name: Qualified name in ``model.named_modules()``.
+        type_name: The module's class name.
+        reason: Why it has no block.
+    """
+
+    name: str
+    type_name: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.type_name}): {self.reason}"
+
+
+def _unsupported_reason(module: nn.Module) -> str | None:
+    if isinstance(module, nn.Conv2d | nn.ConvTranspose2d):
+        if module.groups != 1:
+            return "grouped convolutions (groups > 1) are not supported"
+        if module.padding == "same" and any(
+            d * (k - 1) % 2 for d, k in zip(module.dilation, module.kernel_size, strict=True)
+        ):
+            return "padding='same' with an even kernel pads asymmetrically; pad explicitly"
+        if module.padding_mode != "zeros":
+            return f"padding_mode={module.padding_mode!r} is not supported (only 'zeros')"
+    weight = module.weight
+    assert isinstance(weight, Tensor)
+    bias = getattr(module, "bias", None)
+    if not weight.requires_grad and bias is not None and bias.requires_grad:
+        return "a trainable bias with a frozen weight has no Kronecker block"
+    return None
+
+
+def _matches(name: str, module: nn.Module, patterns: Sequence[str | type[nn.Module]]) -> bool:
+    for pattern in patterns:
+        if isinstance(pattern, str):
+            if fnmatch.fnmatchcase(name, pattern):
+                return True
+        elif isinstance(module, pattern):
+            return True
+    return False
+
+
+@dataclass(frozen=True)
+class ModelLayout:
+    """The curvature layers of a model and the trainable modules left without one.
+
+    Attributes:
+        layers: The curvature layers, in ``named_modules()`` order.
+        unsupported: Modules with trainable parameters that have no block
+            (unsupported types, or excluded by the user).
+    """
+
+    layers: tuple[CurvatureLayer, ...]
+    unsupported: tuple[UnsupportedModule, ...]
+
+    @classmethod
+    def from_model(
+        cls,
+        model: nn.Module,
+        include: Sequence[str | type[nn.Module]] | None = None,
+        exclude: Sequence[str | type[nn.Module]] = (),
+    ) -> ModelLayout:
+        """Find the curvature layers of ``model``.
+
+        Args:
+            model: The network.
+            include: If given, only modules whose qualified name matches one of
+                these glob patterns (or which are instances of one of these
+                types) become curvature layers.
+            exclude: Modules matching any of these patterns or types do not.
+
+        Returns:
+            The layout. Frozen layers (weight without ``requires_grad``) are
+            skipped silently; everything else with trainable parameters and no
+            block is listed in ``unsupported``.
+
+        Raises:
+            ValueError: If a parameter is shared by two modules.
+        """
+        owners: dict[int, str] = {}
+        layers: list[CurvatureLayer] = []
+        unsupported: list[UnsupportedModule] = []
+        for name, module in model.named_modules():
+            own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+            for p in module.parameters(recurse=False):
+                if id(p) in owners and owners[id(p)] != name:
+                    raise ValueError(
+                        f"A parameter is shared by modules {owners[id(p)]!r} and {name!r}; "
+                        "curvlib needs each parameter to belong to one module. Exclude one "
+                        "of them from the layout or untie the parameters."
+                    )
+                owners[id(p)] = name
+            if not own:
+                continue
+            type_name = type(module).__name__
+            kind = _KINDS.get(type(module))
+            if kind is None:
+                unsupported.append(UnsupportedModule(name, type_name, "no curvature block"))
+                continue
+            if (include is not None and not _matches(name, module, include)) or _matches(
+                name, module, exclude
+            ):
+                unsupported.append(UnsupportedModule(name, type_name, "excluded by the user"))
+                continue
+            reason = _unsupported_reason(module)
+            if reason is not None:
+                unsupported.append(UnsupportedModule(name, type_name, reason))
+                continue
+            if not module.get_parameter("weight").requires_grad:
+                continue
+            layers.append(_make_layer(name, kind, module))
+        return cls(tuple(layers), tuple(unsupported))
+
+    def __iter__(self) -> Iterator[CurvatureLayer]:
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, name: str) -> CurvatureLayer:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(f"No curvature layer named {name!r}; have {self.names}.")
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The qualified names of the curvature layers."""
+        return tuple(layer.name for layer in self.layers)
+
+    def describe(self) -> str:
+        """A printable table of the layers and of the modules left without a block."""
+        rows = [f"{'layer':30s} {'kind':18s} {'matrix [W|b]':>14s} {'params':>9s}"]
+        for layer in self.layers:
+            shape = f"{layer.out_dim}x{layer.in_dim_aug}"
+            rows.append(
+                f"{layer.name or '<root>':30s} {layer.kind.value:18s} {shape:>14s} "
+                f"{layer.num_params:9d}"
+            )
+        rows.extend(f"without block: {item}" for item in self.unsupported)
+        return "\n".join(rows)
+
+
+def _make_layer(name: str, kind: LayerKind, module: nn.Module) -> CurvatureLayer:
+    weight = module.weight
+    assert isinstance(weight, Tensor)
+    if kind is LayerKind.LINEAR:
+        out_dim, in_dim = weight.shape
+    elif kind is LayerKind.CONV2D:
+        out_dim, in_dim = weight.shape[0], weight[0].numel()
+    else:
+        out_dim, in_dim = weight.shape[1], weight.shape[0] * weight[0, 0].numel()
+    bias = getattr(module, "bias", None)
+    has_bias = bias is not None and bias.requires_grad
+    return CurvatureLayer(name, kind, module, int(out_dim), int(in_dim), has_bias)

@@ -1,0 +1,98 @@
+r"""The three interfaces that connect the layers of curvlib.
+
+* An [`Extractor`][curvlib.core.protocols.Extractor] runs the curvature
+  backward and hands out [`CurvatureStatistics`][curvlib.core.stats.CurvatureStatistics].
+* A [`CurvatureApprox`][curvlib.core.protocols.CurvatureApprox] folds statistics
+  into an estimate $C \approx F$ and builds damped inverses.
+* A [`Preconditioner`][curvlib.core.protocols.Preconditioner] is such an inverse:
+  an operator that maps gradients to update directions.
+
+Vectors are dictionaries from layer name to $[W \\mid b]$ matrices
+(``[out, in_aug]``), the layout of
+[`curvlib.core.conventions`][curvlib.core.conventions].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
+from typing import Any, Protocol, runtime_checkable
+
+from torch import Tensor
+
+from curvlib.core.layout import ModelLayout
+from curvlib.core.stats import CurvatureStatistics, FisherType, StatKind
+
+LayerTensors = Mapping[str, Tensor]
+r"""Per-layer $[W \mid b]$ matrices keyed by layer name."""
+
+
+@runtime_checkable
+class Extractor(Protocol):
+    """Computes curvature statistics during a model's backward pass."""
+
+    @property
+    def layout(self) -> ModelLayout:
+        """The curvature layers statistics are computed for."""
+        ...
+
+    @property
+    def fisher_type(self) -> FisherType:
+        """The flavour of the statistics."""
+        ...
+
+    def collect(self) -> AbstractContextManager[Any]:
+        """Context in which one forward and backward pass records statistics."""
+        ...
+
+    def statistics(self) -> CurvatureStatistics:
+        """The statistics recorded by the last completed ``collect()`` block."""
+        ...
+
+
+@runtime_checkable
+class Preconditioner(Protocol):
+    r"""A linear operator $P = (C + \lambda I)^{-1}$ on per-layer matrices."""
+
+    def apply(self, grads: LayerTensors) -> dict[str, Tensor]:
+        """Multiply per-layer gradient matrices by $P$."""
+        ...
+
+
+@runtime_checkable
+class CurvatureApprox(Protocol):
+    r"""An approximation $C \approx F$ built from curvature statistics.
+
+    The steps are separate: ``update`` folds in statistics, ``inverse`` builds a
+    new damped-inverse operator (never a cache that can go stale), ``matvec``
+    multiplies by $C$ and ``to_dense`` returns a layer's block as a matrix.
+    """
+
+    @property
+    def required_stats(self) -> frozenset[StatKind]:
+        """The statistics this approximation needs; the extractor computes nothing else."""
+        ...
+
+    def update(self, stats: CurvatureStatistics) -> None:
+        """Fold one step's statistics into the running estimate."""
+        ...
+
+    def inverse(self, damping: float) -> Preconditioner:
+        r"""A new operator applying $(C + \lambda I)^{-1}$ with $\lambda$ = ``damping``."""
+        ...
+
+    def matvec(self, vectors: LayerTensors) -> dict[str, Tensor]:
+        """Multiply per-layer matrices by $C$."""
+        ...
+
+    def to_dense(self, layer: str) -> Tensor:
+        """The dense ``[P, P]`` block of one layer (row-major vectorisation)."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors and plain values that reproduce the estimate exactly."""
+        ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore the estimate from ``state_dict()``."""
+        ...

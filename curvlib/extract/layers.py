@@ -1,0 +1,96 @@
+r"""Per-layer-kind views: unfolded inputs $\bar a_{nt}$ and output gradients $g_{knt}$.
+
+Both follow [`curvlib.core.conventions`][curvlib.core.conventions]; the
+statistics computed from them live in
+[`curvlib.extract.statistics`][curvlib.extract.statistics].
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from curvlib.core.layout import CurvatureLayer, LayerKind
+
+
+def unfold_input(layer: CurvatureLayer, x: Tensor) -> Tensor:
+    r"""The layer input as $\bar a_{nt}$: ``[N, T, in_aug]`` with the trailing one.
+
+    Args:
+        layer: The curvature layer.
+        x: The input the module received, ``[N, ...]``.
+
+    Returns:
+        The unfolded input, one row per output position, bias column appended.
+    """
+    module = layer.module
+    if layer.kind is LayerKind.LINEAR:
+        a = x.reshape(x.shape[0], -1, x.shape[-1])
+    elif layer.kind is LayerKind.CONV2D:
+        assert isinstance(module, nn.Conv2d)
+        a = F.unfold(
+            x,
+            module.kernel_size,
+            dilation=module.dilation,
+            padding=_conv_padding(module),
+            stride=module.stride,
+        ).transpose(1, 2)
+    else:
+        a = _unfold_conv_transpose2d(layer, x).transpose(1, 2)
+    if layer.has_bias:
+        a = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
+    return a
+
+
+def _unfold_conv_transpose2d(layer: CurvatureLayer, x: Tensor) -> Tensor:
+    """Unfold by a one-hot transposed convolution: ``[N, C_in * kh * kw, T]``.
+
+    Row ``(c, k)`` at output position ``t`` holds the input entry that kernel
+    element ``k`` of input channel ``c`` maps to ``t``, so the layer output is
+    ``W_mat @ unfolded`` with ``W_mat = weight.transpose(0, 1).reshape(C_out, -1)``.
+    """
+    module = layer.module
+    assert isinstance(module, nn.ConvTranspose2d)
+    c_in = x.shape[1]
+    kh, kw = module.kernel_size
+    eye = torch.eye(c_in * kh * kw, dtype=x.dtype, device=x.device)
+    one_hot = eye.reshape(c_in, kh * kw, c_in * kh * kw).transpose(1, 2)
+    one_hot = one_hot.reshape(c_in, c_in * kh * kw, kh, kw)
+    out = F.conv_transpose2d(
+        x,
+        one_hot,
+        stride=module.stride,
+        padding=_conv_padding(module),
+        output_padding=module.output_padding,
+        dilation=module.dilation,
+    )
+    return out.flatten(2)
+
+
+def _conv_padding(module: nn.Conv2d | nn.ConvTranspose2d) -> tuple[int, ...]:
+    """Explicit padding; ``"same"`` is symmetric here (the layout rejects odd totals)."""
+    if module.padding == "valid":
+        return (0, 0)
+    if module.padding == "same":
+        return tuple(
+            d * (k - 1) // 2 for d, k in zip(module.dilation, module.kernel_size, strict=True)
+        )
+    assert not isinstance(module.padding, str)
+    return tuple(module.padding)
+
+
+def output_grads(layer: CurvatureLayer, s: Tensor) -> Tensor:
+    """Backpropagated columns at the layer output as $g_{knt}$: ``[K, N, T, out]``.
+
+    Args:
+        layer: The curvature layer.
+        s: ``[K, N, *output.shape[1:]]`` (channels first for convolutions).
+
+    Returns:
+        One row per column, sample and output position.
+    """
+    k, n = s.shape[:2]
+    if layer.kind is LayerKind.LINEAR:
+        return s.reshape(k, n, -1, layer.out_dim)
+    return s.flatten(3).transpose(2, 3)

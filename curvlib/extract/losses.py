@@ -1,0 +1,210 @@
+r"""Loss functions: validation and the factorised per-sample loss Hessian.
+
+BackPACK's own loss extensions scale by the batch reduction and take
+``BCEWithLogitsLoss`` only with ``[N, 1]`` outputs and binary targets. curvlib
+builds the backpropagated columns $s_{nk}$ here instead, for outputs of any
+shape and soft targets, with the scaling of
+[`curvlib.core.conventions`][curvlib.core.conventions]: $\\sum_k s_{nk}
+s_{nk}^\top = H_n$, the Hessian of the loss as written for one sample.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from curvlib.core.stats import FisherType
+
+SUPPORTED_LOSSES = (nn.MSELoss, nn.CrossEntropyLoss, nn.BCEWithLogitsLoss)
+
+
+def check_loss_module(loss_fn: object) -> nn.Module:
+    """Check that ``loss_fn`` is a supported loss module with supported options.
+
+    Args:
+        loss_fn: The loss the user passes.
+
+    Returns:
+        The same object, typed as a module.
+
+    Raises:
+        TypeError: For a functional or unsupported loss.
+        ValueError: For options whose curvature curvlib does not model.
+    """
+    names = ", ".join(f"torch.nn.{cls.__name__}()" for cls in SUPPORTED_LOSSES)
+    if not isinstance(loss_fn, nn.Module):
+        raise TypeError(
+            f"loss_fn must be a loss module, got {loss_fn!r}. Functional losses cannot be "
+            f"extended; pass one of {names} and call it as loss_fn(output, target)."
+        )
+    if not isinstance(loss_fn, SUPPORTED_LOSSES):
+        raise TypeError(f"Unsupported loss {type(loss_fn).__name__}; supported: {names}.")
+    if loss_fn.reduction not in ("mean", "sum"):
+        raise ValueError(
+            f"{type(loss_fn).__name__}(reduction={loss_fn.reduction!r}) is not supported: "
+            "use reduction='mean' or 'sum'."
+        )
+    if isinstance(loss_fn, nn.CrossEntropyLoss) and (
+        loss_fn.weight is not None or loss_fn.label_smoothing != 0.0
+    ):
+        raise ValueError(
+            "CrossEntropyLoss with class weights or label smoothing is not supported: "
+            "its Hessian is not that of a categorical likelihood."
+        )
+    if isinstance(loss_fn, nn.BCEWithLogitsLoss) and (
+        loss_fn.weight is not None or loss_fn.pos_weight is not None
+    ):
+        raise ValueError(
+            "BCEWithLogitsLoss with weight or pos_weight is not supported: its Hessian "
+            "is not that of a Bernoulli likelihood."
+        )
+    return loss_fn
+
+
+@dataclass(frozen=True)
+class LossCurvature:
+    """The per-sample factorisation of one loss module's Hessian.
+
+    Attributes:
+        loss_fn: The loss module.
+    """
+
+    loss_fn: nn.Module
+
+    def check_shapes(self, output: Tensor, target: Tensor) -> None:
+        """Raise a ``ValueError`` that names the fix when shapes do not fit the loss."""
+        name = type(self.loss_fn).__name__
+        if output.dim() < 2:
+            raise ValueError(
+                f"{name}: the model output must have a batch dimension and at least one "
+                f"more, got shape {tuple(output.shape)}; reshape it to [N, ...]."
+            )
+        if isinstance(self.loss_fn, nn.CrossEntropyLoss):
+            if target.dtype.is_floating_point:
+                raise ValueError(
+                    "CrossEntropyLoss: class-probability targets are not supported; "
+                    "pass integer class indices of shape [N, ...]."
+                )
+            if target.shape != output.shape[:1] + output.shape[2:]:
+                raise ValueError(
+                    f"CrossEntropyLoss: targets of shape {tuple(target.shape)} do not fit "
+                    f"logits of shape {tuple(output.shape)}; expected "
+                    f"{tuple(output.shape[:1] + output.shape[2:])}."
+                )
+        elif target.shape != output.shape:
+            raise ValueError(
+                f"{name}: target shape {tuple(target.shape)} differs from output shape "
+                f"{tuple(output.shape)}; they must match (no broadcasting)."
+            )
+
+    def entries_per_sample(self, output: Tensor) -> int:
+        """$D$: the number of terms a ``mean`` reduction averages within one sample."""
+        if isinstance(self.loss_fn, nn.CrossEntropyLoss):
+            return math.prod(output.shape[2:])
+        return math.prod(output.shape[1:])
+
+    def sample_scale(self, output: Tensor) -> float:
+        r"""The factor $c$ of $\ell_n$: $1/D$ for ``mean`` and $1$ for ``sum``."""
+        if self.loss_fn.reduction == "mean":
+            return 1.0 / self.entries_per_sample(output)
+        return 1.0
+
+    def batch_to_sample(self, num_samples: int) -> float:
+        r"""Factor turning a gradient of the batch loss into per-sample gradients of $\ell_n$."""
+        return float(num_samples) if self.loss_fn.reduction == "mean" else 1.0
+
+    def hessian_columns(
+        self,
+        output: Tensor,
+        target: Tensor,
+        fisher_type: FisherType,
+        mc_samples: int = 1,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        r"""Columns $s_{nk}$ with $\\sum_k s_{nk} s_{nk}^\top \approx H_n$.
+
+        Args:
+            output: Network output ``[N, ...]`` (detached inside).
+            target: Targets (data targets; used by ``EMPIRICAL`` only).
+            fisher_type: ``EXACT`` factorises $H_n$; ``MC`` draws ``mc_samples``
+                columns with expectation $H_n$; ``EMPIRICAL`` returns $\nabla \\ell_n$.
+            mc_samples: Number of Monte-Carlo samples for ``MC``.
+            generator: Random generator for ``MC``.
+
+        Returns:
+            ``[K, N, *output.shape[1:]]``.
+        """
+        output = output.detach()
+        scale = self.sample_scale(output)
+        if fisher_type is FisherType.EMPIRICAL:
+            return self._gradient(output, target.detach(), scale).unsqueeze(0)
+        if fisher_type is FisherType.MC:
+            return self._sampled(output, mc_samples, generator, scale)
+        return self._exact(output, scale)
+
+    def _gradient(self, output: Tensor, target: Tensor, scale: float) -> Tensor:
+        if isinstance(self.loss_fn, nn.MSELoss):
+            return 2.0 * scale * (output - target)
+        if isinstance(self.loss_fn, nn.BCEWithLogitsLoss):
+            return scale * (torch.sigmoid(output) - target)
+        probs = output.softmax(dim=1)
+        onehot = F.one_hot(target, output.shape[1]).movedim(-1, 1).to(output.dtype)
+        return scale * (probs - onehot)
+
+    def _sampled(
+        self, output: Tensor, mc_samples: int, generator: torch.Generator | None, scale: float
+    ) -> Tensor:
+        shape = (mc_samples, *output.shape)
+        factor = math.sqrt(scale / mc_samples)
+        if isinstance(self.loss_fn, nn.MSELoss):
+            noise = torch.randn(
+                shape, generator=generator, dtype=output.dtype, device=output.device
+            )
+            return math.sqrt(2.0) * factor * noise
+        if isinstance(self.loss_fn, nn.BCEWithLogitsLoss):
+            probs = torch.sigmoid(output).expand(shape)
+            return factor * (probs - torch.bernoulli(probs, generator=generator))
+        probs = output.softmax(dim=1)
+        flat = probs.movedim(1, -1).reshape(-1, output.shape[1])
+        draws = torch.multinomial(flat, mc_samples, replacement=True, generator=generator)
+        onehot = F.one_hot(draws.T, output.shape[1]).to(output.dtype)  # [M, N * P, C]
+        onehot = onehot.reshape(mc_samples, *probs.movedim(1, -1).shape).movedim(-1, 2)
+        return factor * (probs.unsqueeze(0) - onehot)
+
+    def _exact(self, output: Tensor, scale: float) -> Tensor:
+        n = output.shape[0]
+        if isinstance(self.loss_fn, nn.CrossEntropyLoss):
+            return self._exact_categorical(output, scale)
+        d = math.prod(output.shape[1:])
+        if isinstance(self.loss_fn, nn.MSELoss):
+            diag = torch.full((n, d), 2.0 * scale, dtype=output.dtype, device=output.device)
+        else:
+            probs = torch.sigmoid(output).reshape(n, d)
+            diag = scale * probs * (1.0 - probs)
+        # Column k of sample n is sqrt(h_nk) e_k: a [D, N, D] diagonal embedding.
+        cols = torch.diag_embed(diag.sqrt()).transpose(0, 1)
+        return cols.reshape(d, *output.shape)
+
+    @staticmethod
+    def _exact_categorical(output: Tensor, scale: float) -> Tensor:
+        # Per position: S = (diag(sqrt p) - p sqrt(p)^T) with S S^T = diag(p) - p p^T.
+        n, c = output.shape[:2]
+        spatial = output.shape[2:]
+        positions = math.prod(spatial)
+        probs = output.softmax(dim=1).reshape(n, c, positions)  # [N, C, P]
+        sqrt_p = probs.sqrt()
+        eye = torch.eye(c, dtype=output.dtype, device=output.device)
+        # block[n, p][j, i] = column i of position p, entry j.
+        block = eye * sqrt_p.transpose(1, 2).unsqueeze(-2) - torch.einsum(
+            "ncp,nip->npci", probs, sqrt_p
+        )
+        block = math.sqrt(scale) * block  # [N, P, C(entry), C(column)]
+        # Columns are indexed by (column class i, position p); entries live at position p only.
+        cols = torch.zeros(c, positions, n, c, positions, dtype=output.dtype, device=output.device)
+        idx = torch.arange(positions, device=output.device)
+        cols[:, idx, :, :, idx] = block.permute(1, 3, 0, 2)
+        return cols.reshape(c * positions, n, c, *spatial)
