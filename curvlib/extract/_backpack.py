@@ -97,6 +97,7 @@ class _CurvlibExtension(BackpropExtension):  # type: ignore[misc]
         on_layer: Callable[[nn.Module, Tensor], None],
         batch_to_sample: Callable[[], float],
         subsampling: Callable[[], list[int] | None],
+        loss_ran: Callable[[], bool],
     ) -> None:
         exts: dict[type[nn.Module], ModuleExtension] = {
             cls: _Passthrough(make()) for cls, make in _DERIVATIVES.items()
@@ -111,6 +112,24 @@ class _CurvlibExtension(BackpropExtension):  # type: ignore[misc]
         self.on_layer = on_layer
         self.batch_to_sample = batch_to_sample
         self._subsampling_fn = subsampling
+        self._loss_ran = loss_ran
+
+    def __call__(self, module: nn.Module, g_inp: Any, g_out: Any) -> None:
+        if not self._loss_ran():
+            raise RuntimeError(
+                "The backward pass inside collect() did not start from the loss module "
+                "passed to the extractor: call loss_fn(output, target) inside the block."
+            )
+        try:
+            super().__call__(module, g_inp, g_out)
+        except AssertionError as err:
+            if "expects a backpropagation quantity" not in str(err):
+                raise
+            raise RuntimeError(
+                f"BackPACK cannot follow the graph into {type(module).__name__}: its output "
+                "was changed by an operation that is not a module (e.g. x + y, torch.cat or "
+                "a functional activation in forward). Use backend=Backend.AUTOGRAD."
+            ) from None
 
     def expects_backpropagation_quantities(self) -> bool:
         return self._backpropagate

@@ -317,7 +317,7 @@ class _Run:
             self.handles.append(module.register_forward_hook(self._count_hook))
         for layer in ex._layout.layers:
             self.handles.append(layer.module.register_forward_hook(self._input_hook))
-        self.handles.append(loss_module.register_forward_hook(self._loss_hook))
+        self.handles.append(loss_module.register_forward_pre_hook(self._loss_hook))
 
         def batch_to_sample() -> float:
             return ex._loss.batch_to_sample(self._num_batch())
@@ -332,6 +332,7 @@ class _Run:
                     [*hooked, loss_module],
                     backpropagate_columns=not empirical,
                     loss_columns=self._loss_columns,
+                    loss_ran=lambda: self.loss_calls > 0,
                     on_layer=self._on_layer,
                     batch_to_sample=batch_to_sample,
                     subsampling=subsampling,
@@ -375,7 +376,7 @@ class _Run:
         if torch.is_grad_enabled():
             self.inputs[module] = inputs[0].detach()
 
-    def _loss_hook(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Any) -> None:
+    def _loss_hook(self, module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
         if not torch.is_grad_enabled():
             return
         self.loss_calls += 1
