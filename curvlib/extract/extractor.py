@@ -170,8 +170,8 @@ class CurvatureExtractor:
                 + ", ".join(self._no_backpack)
                 + ". Use backend=Backend.AUTO or Backend.AUTOGRAD."
             )
-        self._generator = torch.Generator()
-        self._generator.manual_seed(seed)
+        self._seed = seed
+        self._generators: dict[str, torch.Generator] = {}
         self._active = False
         self._last: CurvatureStatistics | None = None
 
@@ -229,12 +229,20 @@ class CurvatureExtractor:
         return self._last
 
     def state_dict(self) -> dict[str, Any]:
-        """The generator state, so that a resumed run draws the same MC targets."""
-        return {"generator": self._generator.get_state()}
+        """Random-generator states (per device), so a resumed run draws the same samples."""
+        return {"generators": {dev: gen.get_state() for dev, gen in self._generators.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the state saved by ``state_dict``."""
-        self._generator.set_state(state["generator"])
+        for dev, gen_state in state["generators"].items():
+            self._generator(torch.device(dev)).set_state(gen_state)
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        """The generator for MC targets and sub-batches on ``device``, seeded on first use."""
+        key = str(device)
+        if key not in self._generators:
+            self._generators[key] = torch.Generator(device=device).manual_seed(self._seed)
+        return self._generators[key]
 
     # -- helpers -----------------------------------------------------------------
 
@@ -391,7 +399,7 @@ class _Run:
         self.num_batch = n
         m = max(1, math.ceil(self.ex._fraction * n))
         if m < n:
-            perm = torch.randperm(n, generator=self.ex._generator)
+            perm = torch.randperm(n, generator=self.ex._generator(torch.device("cpu")))
             self.subsample = sorted(perm[:m].tolist())
         if self.autograd is not None and self.ex._fisher_type is not FisherType.EMPIRICAL:
             self.autograd.pull_back(net_out, self._columns_for(net_out, target))
@@ -408,7 +416,7 @@ class _Run:
             net_out, target = net_out[self.subsample], target[self.subsample]
         ex = self.ex
         return ex._loss.hessian_columns(
-            net_out, target, ex._fisher_type, ex._mc_samples, ex._generator
+            net_out, target, ex._fisher_type, ex._mc_samples, ex._generator(net_out.device)
         )
 
     def _loss_columns(self, loss_module: nn.Module) -> Tensor:
