@@ -29,6 +29,10 @@ class AutogradRun:
         subsampling: Returns the active sample indices (``None``: all).
         read_backward: Read the user's backward (``EMPIRICAL``) instead of
             pulling back columns at the loss.
+        coupled: The samples are coupled (train-mode ``BatchNorm``): every row of
+            a layer output receives gradient from every sample, so all rows are
+            kept, and ``pull_back(separate=True)`` pulls back each column of each
+            sample on its own.
     """
 
     def __init__(
@@ -38,12 +42,14 @@ class AutogradRun:
         batch_to_sample: Callable[[], float],
         subsampling: Callable[[], list[int] | None],
         read_backward: bool,
+        coupled: bool,
     ) -> None:
         self._layers = layers
         self._on_layer = on_layer
         self._batch_to_sample = batch_to_sample
         self._subsampling = subsampling
         self._read_backward = read_backward
+        self._coupled = coupled
         self._outputs: dict[nn.Module, Tensor] = {}
         self._handles: list[RemovableHandle] = []
 
@@ -69,25 +75,35 @@ class AutogradRun:
 
     def _grad_reader(self, module: nn.Module) -> Callable[[Tensor], None]:
         def read(grad: Tensor) -> None:
-            sub = self._subsampling()
+            sub = None if self._coupled else self._subsampling()
             grad = grad if sub is None else grad[sub]
             self._on_layer(module, (grad * self._batch_to_sample()).unsqueeze(0))
 
         return read
 
-    def pull_back(self, network_output: Tensor, columns: Tensor) -> None:
+    def pull_back(self, network_output: Tensor, columns: Tensor, separate: bool = False) -> None:
         """Pull columns at the network output back to every layer output.
 
         Args:
             network_output: The tensor the loss module received, ``[N, ...]``.
             columns: ``[K, N_sub, ...]`` for the active samples.
+            separate: Pull back each (sample, column) pair on its own, giving
+                ``K * N_sub`` columns over all ``N`` rows (needed when samples are
+                coupled and the columns are not zero-mean draws).
         """
         if self._read_backward or not self._outputs:
             return
         sub = self._subsampling()
-        full = columns
-        if sub is not None:
-            full = columns.new_zeros(columns.shape[0], *network_output.shape)
+        rows = list(range(network_output.shape[0])) if sub is None else sub
+        k = columns.shape[0]
+        if separate:
+            full = columns.new_zeros(len(rows) * k, *network_output.shape)
+            samples = torch.tensor(rows, device=columns.device).repeat_interleave(k)
+            full[torch.arange(len(rows) * k), samples] = columns.transpose(0, 1).flatten(0, 1)
+        elif sub is None:
+            full = columns
+        else:
+            full = columns.new_zeros(k, *network_output.shape)
             full[:, sub] = columns
         modules = list(self._outputs)
         grads = torch.autograd.grad(
@@ -101,5 +117,6 @@ class AutogradRun:
         for module, grad in zip(modules, grads, strict=True):
             if grad is None:
                 continue
-            self._on_layer(module, grad if sub is None else grad[:, sub])
+            keep_all = self._coupled or sub is None
+            self._on_layer(module, grad if keep_all else grad[:, sub])
         self._outputs.clear()

@@ -22,12 +22,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from backpack import backpack, hook_run_extensions, hook_store_io, memory_cleanup
-from backpack.core.derivatives.adaptive_avg_pool_nd import (
-    AdaptiveAvgPool1dDerivatives,
-    AdaptiveAvgPool2dDerivatives,
-)
-from backpack.core.derivatives.avgpool1d import AvgPool1DDerivatives
+from backpack.core.derivatives.adaptive_avg_pool_nd import AdaptiveAvgPool2dDerivatives
 from backpack.core.derivatives.avgpool2d import AvgPool2DDerivatives
 from backpack.core.derivatives.basederivatives import BaseDerivatives
 from backpack.core.derivatives.batchnorm_nd import BatchNormNdDerivatives
@@ -51,9 +48,68 @@ from backpack.extensions.backprop_extension import BackpropExtension
 from backpack.extensions.mat_to_mat_jac_base import MatToJacMat
 from backpack.extensions.module_extension import ModuleExtension
 from torch import Tensor, nn
+from torch.nn.modules.utils import _pair
 from torch.utils.hooks import RemovableHandle
 
 from curvlib.extract.losses import SUPPORTED_LOSSES
+
+
+def _stored_input(module: nn.Module, subsampling: list[int] | None) -> Tensor:
+    x = module.input0  # stored by BackPACK's forward hook
+    assert isinstance(x, Tensor)
+    return x if subsampling is None else x[subsampling]
+
+
+def _pool_backward(mat: Tensor, x: Tensor, backward: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    """Apply a pooling layer's transposed Jacobian to ``[V, N, C, H, W]`` columns."""
+    v, n = mat.shape[:2]
+    # The backward kernels read only the input's shape: a stride-0 view costs nothing.
+    shape_ref = x[:1].expand(v * n, *x.shape[1:])
+    grad = backward(mat.reshape(v * n, *mat.shape[2:]), shape_ref)
+    return grad.reshape(v, n, *x.shape[1:])
+
+
+class _AvgPool2dDerivatives(AvgPool2DDerivatives):  # type: ignore[misc]
+    """Average pooling through torch's own backward kernel.
+
+    BackPACK's version builds a float32 helper convolution, which fails for other
+    dtypes; this one keeps the dtype and honours ``ceil_mode`` and padding options.
+    """
+
+    def _jac_t_mat_prod(
+        self, module: nn.AvgPool2d, g_inp: Any, g_out: Any, mat: Tensor, subsampling: Any = None
+    ) -> Tensor:
+        def backward(grad: Tensor, ref: Tensor) -> Tensor:
+            result: Tensor = torch.ops.aten.avg_pool2d_backward(
+                grad,
+                ref,
+                _pair(module.kernel_size),
+                _pair(module.stride),
+                _pair(module.padding),
+                module.ceil_mode,
+                module.count_include_pad,
+                module.divisor_override,
+            )
+            return result
+
+        return _pool_backward(mat, _stored_input(module, subsampling), backward)
+
+
+class _AdaptiveAvgPool2dDerivatives(AdaptiveAvgPool2dDerivatives):  # type: ignore[misc]
+    """Adaptive average pooling through torch's own backward kernel (any dtype, any sizes)."""
+
+    def _jac_t_mat_prod(
+        self,
+        module: nn.AdaptiveAvgPool2d,
+        g_inp: Any,
+        g_out: Any,
+        mat: Tensor,
+        subsampling: Any = None,
+    ) -> Tensor:
+        return _pool_backward(
+            mat, _stored_input(module, subsampling), torch.ops.aten._adaptive_avg_pool2d_backward
+        )
+
 
 _DERIVATIVES: dict[type[nn.Module], Callable[[], BaseDerivatives]] = {
     nn.Linear: LinearDerivatives,
@@ -71,10 +127,8 @@ _DERIVATIVES: dict[type[nn.Module], Callable[[], BaseDerivatives]] = {
     nn.Identity: ScaleModuleDerivatives,
     nn.MaxPool1d: MaxPool1DDerivatives,
     nn.MaxPool2d: MaxPool2DDerivatives,
-    nn.AvgPool1d: AvgPool1DDerivatives,
-    nn.AvgPool2d: AvgPool2DDerivatives,
-    nn.AdaptiveAvgPool1d: AdaptiveAvgPool1dDerivatives,
-    nn.AdaptiveAvgPool2d: AdaptiveAvgPool2dDerivatives,
+    nn.AvgPool2d: lambda: _AvgPool2dDerivatives(),
+    nn.AdaptiveAvgPool2d: lambda: _AdaptiveAvgPool2dDerivatives(),
     nn.ZeroPad2d: ZeroPad2dDerivatives,
     nn.BatchNorm1d: BatchNormNdDerivatives,
     nn.BatchNorm2d: BatchNormNdDerivatives,

@@ -207,8 +207,8 @@ class CurvatureExtractor:
         if self._active:
             raise RuntimeError("collect() blocks cannot be nested.")
         self._active = True
-        run = _Run(self)
         try:
+            run = _Run(self)
             with run:
                 yield
         finally:
@@ -263,23 +263,28 @@ class CurvatureExtractor:
             stacklevel=3,
         )
 
-    def _use_backpack(self) -> bool:
-        if self._backend is Backend.AUTOGRAD:
-            return False
-        bn_train = [
+    def _coupling_modules(self) -> list[str]:
+        """Names of the modules that currently couple the samples (train-mode BatchNorm)."""
+        return [
             self._names[m]
             for m in self._leaves
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
         ]
+
+    def _use_backpack(self, coupling: list[str]) -> bool:
+        if self._backend is Backend.AUTOGRAD:
+            return False
+        empirical = self._fisher_type is FisherType.EMPIRICAL
         if self._backend is Backend.BACKPACK:
-            if bn_train and self._fisher_type is not FisherType.EMPIRICAL:
+            if coupling and not empirical:
                 raise RuntimeError(
-                    f"BatchNorm in train mode ({', '.join(bn_train)}) couples the samples; "
+                    f"BatchNorm in train mode ({', '.join(coupling)}) couples the samples; "
                     "the BackPACK backend cannot backpropagate per-sample columns through "
                     "it. Use backend=Backend.AUTO or AUTOGRAD, or call model.eval()."
                 )
             return True
-        return self._fisher_type is FisherType.EMPIRICAL or not (bn_train or self._no_backpack)
+        # EMPIRICAL reads the output gradients of the user's backward: any network works.
+        return empirical or not (coupling or self._no_backpack)
 
 
 class _Run:
@@ -297,7 +302,15 @@ class _Run:
         self.stack = ExitStack()
         self.handles: list[RemovableHandle] = []
         self.inplace: list[nn.Module] = []
-        self.use_backpack = extractor._use_backpack()
+        coupling = extractor._coupling_modules()
+        self.coupled = bool(coupling)
+        if self.coupled and extractor._stats - {StatKind.KRONECKER}:
+            raise RuntimeError(
+                f"BatchNorm in train mode ({', '.join(coupling)}) couples the samples, so "
+                "per-sample statistics do not exist: request only StatKind.KRONECKER, or run "
+                "the statistics step with the model in eval mode."
+            )
+        self.use_backpack = extractor._use_backpack(coupling)
         self.autograd: AutogradRun | None = None
 
     def __enter__(self) -> _Run:
@@ -354,6 +367,7 @@ class _Run:
                     batch_to_sample=batch_to_sample,
                     subsampling=subsampling,
                     read_backward=empirical,
+                    coupled=self.coupled,
                 )
             )
 
@@ -398,11 +412,15 @@ class _Run:
         n = net_out.shape[0]
         self.num_batch = n
         m = max(1, math.ceil(self.ex._fraction * n))
-        if m < n:
+        # Coupled empirical statistics come from the user's whole-batch backward.
+        sub_batch = not (self.coupled and self.ex._fisher_type is FisherType.EMPIRICAL)
+        if m < n and sub_batch:
             perm = torch.randperm(n, generator=self.ex._generator(torch.device("cpu")))
             self.subsample = sorted(perm[:m].tolist())
         if self.autograd is not None and self.ex._fisher_type is not FisherType.EMPIRICAL:
-            self.autograd.pull_back(net_out, self._columns_for(net_out, target))
+            # Coupled EXACT columns are not zero-mean draws: pull each back on its own.
+            separate = self.coupled and self.ex._fisher_type is FisherType.EXACT
+            self.autograd.pull_back(net_out, self._columns_for(net_out, target), separate)
 
     # -- columns ------------------------------------------------------------------
 
@@ -446,8 +464,9 @@ class _Run:
         layers: dict[str, LayerStatistics] = {}
         for layer in ex._layout.layers:
             layers[layer.name] = self._layer_stats(layer)
-        n = len(self.subsample) if self.subsample is not None else self._num_batch()
-        return CurvatureStatistics(layers=layers, fisher_type=ex._fisher_type, num_samples=n)
+        return CurvatureStatistics(
+            layers=layers, fisher_type=ex._fisher_type, num_samples=self._num_samples()
+        )
 
     def _layer_stats(self, layer: CurvatureLayer) -> LayerStatistics:
         module = layer.module
@@ -457,7 +476,7 @@ class _Run:
                 "inside collect(); exclude it from the extractor if it is unused."
             )
         x = self.inputs[module]
-        if self.subsample is not None:
+        if self.subsample is not None and not self.coupled:
             x = x[self.subsample]
         return layer_statistics(
             layer,
@@ -465,4 +484,8 @@ class _Run:
             output_grads(layer, self.columns[module]),
             self.ex._stats,
             self.ex._dtype,
+            num_samples=self._num_samples(),
         )
+
+    def _num_samples(self) -> int:
+        return len(self.subsample) if self.subsample is not None else self._num_batch()

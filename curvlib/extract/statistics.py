@@ -26,6 +26,7 @@ def layer_statistics(
     grads: Tensor,
     required: Set[StatKind],
     dtype: torch.dtype | None = None,
+    num_samples: int | None = None,
 ) -> LayerStatistics:
     r"""Compute the requested statistics of one layer.
 
@@ -35,6 +36,9 @@ def layer_statistics(
         grads: $g_{knt}$, ``[K, N, T, out]``.
         required: Which statistics to compute.
         dtype: Storage dtype of the results (default: that of ``inputs``).
+        num_samples: The $N$ that ``G`` averages over (default: the rows of
+            ``inputs``); differs only when coupled samples spread each sample's
+            columns over all rows.
 
     Returns:
         The statistics; kinds not in ``required`` are ``None``.
@@ -47,7 +51,7 @@ def layer_statistics(
         a_flat = inputs.reshape(n * t, -1)
         g_flat = grads.reshape(-1, grads.shape[-1])
         A = (a_flat.T @ a_flat) / n
-        G = (g_flat.T @ g_flat) / (n * t)
+        G = (g_flat.T @ g_flat) / ((num_samples or n) * t)
         kron = KroneckerFactors(A=_sym(A).to(dtype), G=_sym(G).to(dtype))
     if StatKind.PER_SAMPLE_IO in required or StatKind.PER_SAMPLE_GRAD in required:
         io = PerSampleIO(inputs=inputs.to(dtype), output_grads=grads.to(dtype))

@@ -236,3 +236,16 @@ def test_only_requested_statistics_are_computed() -> None:
         loss_fn(model(x), y).backward()
     stats = ex.statistics()["0"]
     assert stats.kronecker is None and stats.grads is None and stats.io is not None
+
+
+def test_per_sample_statistics_with_train_mode_batchnorm_are_an_error() -> None:
+    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Linear(5, 3))
+    loss_fn = nn.CrossEntropyLoss()
+    ex = CurvatureExtractor(model, loss_fn, stats={StatKind.PER_SAMPLE_IO}, unsupported="ignore")
+    with pytest.raises(RuntimeError, match=r"\(1\) couples the samples.*eval mode"), ex.collect():
+        pass
+    model.eval()
+    x, y = _data()
+    with ex.collect():
+        loss_fn(model(x), y).backward()
+    assert ex.statistics()["0"].io is not None
