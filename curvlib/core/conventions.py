@@ -82,4 +82,21 @@ G = \frac1N \sum_{k,n} \frac1T \sum_t g_{knt} g_{knt}^\top ,$$
 
 so that $G \otimes A = F_\text{layer}$ exactly whenever the batch holds one
 sample and the layer has one output position.
+
+## Coupled samples (``BatchNorm`` in train mode)
+
+Batch statistics make every output $f_n$ depend on the layer outputs $z_{mt}$
+of all samples $m$, so per-sample gradients do not exist and only Kronecker
+factors are defined. Each column $s_{nk}$ is pulled back through the whole
+batch and every row it reaches counts:
+
+$$G = \frac{1}{NT}\sum_{k,n}\sum_{m,t} g_{kn,mt} g_{kn,mt}^\top, \qquad
+g_{kn,mt} = J_{n,mt}^\top s_{nk}, \quad J_{n,mt} = \partial f_n/\partial z_{mt},$$
+
+with $A$ averaged over all rows. ``MC`` columns are zero-mean draws and are
+pulled back for all samples at once (cross-sample terms vanish in
+expectation); ``EXACT`` pulls back every (sample, column) pair on its own;
+``EMPIRICAL`` uses the output gradients of the user's backward of the batch
+loss (times $N$ for ``mean``), cross-sample terms included, and always the
+whole batch.
 """
