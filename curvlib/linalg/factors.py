@@ -1,0 +1,129 @@
+r"""Symmetric positive semi-definite factors: robust ``eigh`` and damped inverses.
+
+All functions act on one square matrix (or a batch of them) and keep its dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+class FactorizationError(RuntimeError):
+    """A factorisation failed even after adding jitter."""
+
+
+def symmetrize(mat: Tensor) -> Tensor:
+    r"""Return $(M + M^\top) / 2$."""
+    return (mat + mat.transpose(-1, -2)) / 2
+
+
+@dataclass(frozen=True)
+class Eigh:
+    r"""An eigendecomposition $M = Q \operatorname{diag}(\lambda) Q^\top$.
+
+    Attributes:
+        values: Eigenvalues in ascending order, ``[n]``.
+        vectors: Orthonormal eigenvectors as columns, ``[n, n]``.
+    """
+
+    values: Tensor
+    vectors: Tensor
+
+
+def eigh(mat: Tensor, *, clamp_negative: bool = True, retries: int = 4) -> Eigh:
+    r"""Eigendecomposition of a symmetric matrix, retried with growing jitter.
+
+    ``torch.linalg.eigh`` can fail to converge on ill-conditioned input; each retry
+    adds $\epsilon \cdot 10^{r} \cdot \max(\operatorname{tr}(M)/n, \text{tiny})\, I$ and
+    subtracts it from the eigenvalues again, so the result describes ``mat``.
+
+    Args:
+        mat: Symmetric matrix ``[n, n]`` (symmetrised inside).
+        clamp_negative: Clamp eigenvalues below zero to zero (for PSD factors,
+            whose small negative eigenvalues are round-off).
+        retries: How many jittered retries before giving up.
+
+    Returns:
+        The eigendecomposition.
+
+    Raises:
+        FactorizationError: If every attempt fails.
+    """
+    mat = symmetrize(mat)
+    n = mat.shape[-1]
+    eps = torch.finfo(mat.dtype).eps
+    scale = max(float(mat.diagonal().abs().sum()) / max(n, 1), torch.finfo(mat.dtype).tiny)
+    eye = torch.eye(n, dtype=mat.dtype, device=mat.device)
+    for attempt in range(retries + 1):
+        jitter = 0.0 if attempt == 0 else eps * 10.0**attempt * scale
+        try:
+            values, vectors = torch.linalg.eigh(mat + jitter * eye)
+        except RuntimeError:  # torch.linalg.LinAlgError subclasses RuntimeError
+            continue
+        values = values - jitter
+        if not bool(torch.isfinite(values).all()):
+            continue
+        if clamp_negative:
+            values = values.clamp_min(0.0)
+        return Eigh(values, vectors)
+    raise FactorizationError(f"eigh failed on a {n}x{n} matrix after {retries} jittered retries")
+
+
+def damped_inverse(mat: Tensor, damping: float, *, retries: int = 4) -> Tensor:
+    r"""$(M + \delta I)^{-1}$ through a Cholesky factorisation, with jittered retries.
+
+    Cheaper than an eigendecomposition when only the inverse is needed.
+
+    Args:
+        mat: Symmetric positive semi-definite matrix ``[n, n]``.
+        damping: $\delta > 0$.
+        retries: How many retries, each adding ten times more jitter.
+
+    Returns:
+        The symmetric inverse.
+
+    Raises:
+        FactorizationError: If every attempt fails.
+    """
+    mat = symmetrize(mat)
+    n = mat.shape[-1]
+    eye = torch.eye(n, dtype=mat.dtype, device=mat.device)
+    eps = torch.finfo(mat.dtype).eps
+    scale = max(float(mat.diagonal().abs().sum()) / max(n, 1), damping)
+    for attempt in range(retries + 1):
+        jitter = 0.0 if attempt == 0 else eps * 10.0**attempt * scale
+        chol, info = torch.linalg.cholesky_ex(mat + (damping + jitter) * eye)
+        if int(info) == 0:
+            return symmetrize(torch.cholesky_inverse(chol))
+    raise FactorizationError(
+        f"Cholesky of a damped {n}x{n} factor failed after {retries} retries; the factor "
+        "has NaN/Inf entries or the damping is far too small for its scale."
+    )
+
+
+def pi_split(A: Tensor, G: Tensor, damping: float) -> tuple[float, float]:
+    r"""Factored Tikhonov damping of Martens & Grosse (2015), section 6.3.
+
+    Splits $\lambda$ between the factors as $(A + \pi\sqrt\lambda I)$ and
+    $(G + \sqrt\lambda/\pi\, I)$ with $\pi = \sqrt{(\operatorname{tr}A / d_A) /
+    (\operatorname{tr}G / d_G)}$, so that the cross terms of
+    $(G + \gamma_G I)\otimes(A + \gamma_A I) = G\otimes A + \gamma_G I \otimes A
+    + G \otimes \gamma_A I + \gamma_G\gamma_A I$ have balanced norms and the
+    constant term is exactly $\lambda I$.
+
+    Args:
+        A: Input factor.
+        G: Output-gradient factor.
+        damping: $\lambda > 0$.
+
+    Returns:
+        ``(gamma_A, gamma_G)`` with ``gamma_A * gamma_G == damping``.
+    """
+    mean_a = float(A.diagonal().sum()) / A.shape[-1]
+    mean_g = float(G.diagonal().sum()) / G.shape[-1]
+    pi = 1.0 if mean_a <= 0.0 or mean_g <= 0.0 else (mean_a / mean_g) ** 0.5
+    root = damping**0.5
+    return pi * root, root / pi

@@ -1,0 +1,82 @@
+"""The approximations under test and the statistics they are fitted on.
+
+Every approximation in ``APPROXIMATIONS`` runs through the generic checks of
+``test_generic.py``; add new ones here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from curvlib.approx.base import LayerwiseApprox
+from curvlib.approx.kfac import KFAC, KFACDamping
+from curvlib.core import CurvatureStatistics, FisherType
+from curvlib.extract import CurvatureExtractor, UnsupportedPolicy
+from tests import problems as P
+from tests.problems import Problem
+
+
+@dataclass(frozen=True)
+class ApproxCase:
+    """One approximation configuration.
+
+    Attributes:
+        name: Test id.
+        make: Builds a fresh approximation.
+        psd: Whether the undamped dense form is guaranteed positive semi-definite.
+    """
+
+    name: str
+    make: Callable[[], LayerwiseApprox] = field(repr=False)
+    psd: bool = True
+
+
+APPROXIMATIONS = [
+    ApproxCase("kfac_pi", lambda: KFAC(KFACDamping.PI)),
+    ApproxCase("kfac_eigen", lambda: KFAC(KFACDamping.EIGEN)),
+]
+
+PROBLEMS = [P.mlp_ce(), P.cnn_ce(), P.tconv_bce()]
+
+
+def fit_statistics(
+    problem: Problem,
+    approx: LayerwiseApprox,
+    fisher: FisherType = FisherType.EXACT,
+    model: nn.Module | None = None,
+    seed: int = 0,
+) -> CurvatureStatistics:
+    """Extract the statistics ``approx`` needs on the problem's batch."""
+    model = problem.model() if model is None else model
+    ex = CurvatureExtractor(
+        model,
+        problem.loss_fn,
+        stats=approx.required_stats,
+        fisher_type=fisher,
+        unsupported=UnsupportedPolicy.IGNORE,
+        seed=seed,
+    )
+    with ex.collect():
+        problem.loss_fn(model(problem.x), problem.y).backward()
+    model.zero_grad()
+    return ex.statistics()
+
+
+def perturbed(problem: Problem, scale: float = 0.3) -> Problem:
+    """The problem with a different batch (same shapes), for multi-step runs."""
+    gen = torch.Generator().manual_seed(123)
+    x = problem.x + scale * torch.randn(problem.x.shape, generator=gen, dtype=problem.x.dtype)
+    return Problem(
+        f"{problem.name}[perturbed]",
+        problem.make_model,
+        problem.loss_fn,
+        x,
+        problem.y,
+        train=problem.train,
+        backpack=problem.backpack,
+        seed=problem.seed,
+    )
