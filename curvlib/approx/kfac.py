@@ -11,7 +11,7 @@ from torch import Tensor
 
 from curvlib.approx.base import LayerBlock, LayerInverse, LayerwiseApprox, running_average
 from curvlib.core.stats import LayerStatistics, StatKind
-from curvlib.linalg.factors import damped_inverse, eigh, pi_split
+from curvlib.linalg.factors import damped_inverse, eigh, pi_split, symmetrize
 
 
 class KFACDamping(Enum):
@@ -43,8 +43,8 @@ class _KFACBlock(LayerBlock):
 
     def update(self, stats: LayerStatistics, rho: float) -> None:
         assert stats.kronecker is not None
-        self.A = running_average(self.A, self._cast(stats.kronecker.A), rho)
-        self.G = running_average(self.G, self._cast(stats.kronecker.G), rho)
+        self.A = running_average(self.A, symmetrize(self._cast(stats.kronecker.A)), rho)
+        self.G = running_average(self.G, symmetrize(self._cast(stats.kronecker.G)), rho)
 
     def _factors(self) -> tuple[Tensor, Tensor]:
         if self.A is None or self.G is None:

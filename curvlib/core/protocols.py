@@ -49,6 +49,14 @@ class Extractor(Protocol):
         """The statistics recorded by the last completed ``collect()`` block."""
         ...
 
+    def state_dict(self) -> dict[str, Any]:
+        """Random state (MC targets, sub-batches) for exact resumption."""
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the state saved by ``state_dict``."""
+        ...
+
 
 @runtime_checkable
 class Preconditioner(Protocol):

@@ -9,7 +9,7 @@ and ``in_aug`` columns of the $[W \mid b]$ matrix.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -134,6 +134,30 @@ class CurvatureStatistics:
     def __getitem__(self, name: str) -> LayerStatistics:
         return self.layers[name]
 
+    def scaled(self, factor: float) -> CurvatureStatistics:
+        """The statistics of output gradients multiplied by ``factor``.
+
+        ``G`` scales by ``factor**2``, output gradients and per-sample gradients
+        by ``factor``; inputs and ``A`` are unchanged. Used to undo a loss scale
+        (``GradScaler``, gradient accumulation) that empirical statistics see.
+        """
+        if factor == 1.0:
+            return self
+        layers = {
+            name: LayerStatistics(
+                layer=s.layer,
+                kronecker=None
+                if s.kronecker is None
+                else KroneckerFactors(A=s.kronecker.A, G=s.kronecker.G * factor**2),
+                io=None
+                if s.io is None
+                else PerSampleIO(inputs=s.io.inputs, output_grads=s.io.output_grads * factor),
+                grads=None if s.grads is None else PerSampleGrads(s.grads.grads * factor),
+            )
+            for name, s in self.layers.items()
+        }
+        return CurvatureStatistics(layers, self.fisher_type, self.num_samples)
+
     def is_finite(self) -> bool:
         """Whether every extracted tensor is free of NaN and Inf."""
         for stats in self.layers.values():
@@ -147,3 +171,53 @@ class CurvatureStatistics:
             if not all(bool(torch.isfinite(t).all()) for t in tensors):
                 return False
         return True
+
+
+def merge_statistics(parts: Sequence[CurvatureStatistics]) -> CurvatureStatistics:
+    """Combine the statistics of several micro-batches into those of their union.
+
+    Kronecker factors are averaged with weights ``num_samples``; per-sample
+    tensors are concatenated along the sample axis.
+
+    Raises:
+        ValueError: If the parts disagree in flavour or layers, or ``parts`` is empty.
+    """
+    if not parts:
+        raise ValueError("merge_statistics needs at least one part.")
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    if any(
+        p.fisher_type is not first.fisher_type or set(p.layers) != set(first.layers) for p in parts
+    ):
+        raise ValueError("Cannot merge statistics of different flavours or layers.")
+    total = sum(p.num_samples for p in parts)
+    layers: dict[str, LayerStatistics] = {}
+    for name, head in first.layers.items():
+        items = [p.layers[name] for p in parts]
+        weights = [p.num_samples / total for p in parts]
+        kron = None
+        if head.kronecker is not None:
+            factors = [s.kronecker for s in items if s.kronecker is not None]
+            kron = KroneckerFactors(
+                A=_weighted_sum([f.A for f in factors], weights),
+                G=_weighted_sum([f.G for f in factors], weights),
+            )
+        io = None
+        if head.io is not None:
+            io = PerSampleIO(
+                inputs=torch.cat([s.io.inputs for s in items]),  # type: ignore[union-attr]
+                output_grads=torch.cat([s.io.output_grads for s in items], dim=1),  # type: ignore[union-attr]
+            )
+        grads = None
+        if head.grads is not None:
+            grads = PerSampleGrads(torch.cat([s.grads.grads for s in items], dim=1))  # type: ignore[union-attr]
+        layers[name] = LayerStatistics(layer=head.layer, kronecker=kron, io=io, grads=grads)
+    return CurvatureStatistics(layers, first.fisher_type, total)
+
+
+def _weighted_sum(tensors: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
+    total = tensors[0] * weights[0]
+    for tensor, weight in zip(tensors[1:], weights[1:], strict=True):
+        total = total + weight * tensor
+    return total

@@ -166,8 +166,12 @@ class LossCurvature:
             )
             return math.sqrt(2.0) * factor * noise
         if isinstance(self.loss_fn, nn.BCEWithLogitsLoss):
-            probs = torch.sigmoid(output).expand(shape)
-            return factor * (probs - torch.bernoulli(probs, generator=generator))
+            probs = torch.sigmoid(output)
+            # Bernoulli draws as uniform < p: several times faster than torch.bernoulli on CPU.
+            uniform = torch.rand(
+                shape, generator=generator, dtype=output.dtype, device=output.device
+            )
+            return factor * (probs - (uniform < probs).to(output.dtype))
         probs = output.softmax(dim=1)
         flat = probs.movedim(1, -1).reshape(-1, output.shape[1])
         draws = torch.multinomial(flat, mc_samples, replacement=True, generator=generator)

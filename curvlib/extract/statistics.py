@@ -52,7 +52,8 @@ def layer_statistics(
         g_flat = grads.reshape(-1, grads.shape[-1])
         A = (a_flat.T @ a_flat) / n
         G = (g_flat.T @ g_flat) / ((num_samples or n) * t)
-        kron = KroneckerFactors(A=_sym(A).to(dtype), G=_sym(G).to(dtype))
+        # Symmetric up to rounding; the approximations symmetrise where it matters.
+        kron = KroneckerFactors(A=A.to(dtype), G=G.to(dtype))
     if StatKind.PER_SAMPLE_IO in required or StatKind.PER_SAMPLE_GRAD in required:
         io = PerSampleIO(inputs=inputs.to(dtype), output_grads=grads.to(dtype))
         if StatKind.PER_SAMPLE_GRAD in required:
@@ -60,7 +61,3 @@ def layer_statistics(
         if StatKind.PER_SAMPLE_IO not in required:
             io = None
     return LayerStatistics(layer=layer, kronecker=kron, io=io, grads=per_sample)
-
-
-def _sym(mat: Tensor) -> Tensor:
-    return (mat + mat.T) / 2

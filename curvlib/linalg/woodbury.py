@@ -1,0 +1,354 @@
+r"""Woodbury solves in sample space: $(U^\top U + \lambda I)^{-1}$ without a $P \times P$ matrix.
+
+$U \in \mathbb{R}^{m \times P}$ holds one per-sample gradient per row, already
+scaled so that $U^\top U$ is the curvature (rows $\operatorname{vec}(\bar
+W_{kn}) / \sqrt N$ give $F = \frac1N \sum_{k,n} \operatorname{vec}(\bar W_{kn})
+\operatorname{vec}(\bar W_{kn})^\top$, [`curvlib.core.conventions`][curvlib.core.conventions]).
+The Woodbury identity moves the inverse into the $m$-dimensional sample space,
+
+$$(U^\top U + \lambda I)^{-1} g = \frac1\lambda\left(g - U^\top (\lambda I +
+U U^\top)^{-1} U g\right),$$
+
+so only the $m \times m$ kernel $K = U U^\top$ is factorised (Cholesky of
+$\lambda I + K$). Cost: $O(m^2 P)$ for the kernel, $O(m^3)$ for the
+factorisation, $O(mP + m^2)$ per applied vector; memory $O(mP + m^2)$. When
+$m > P$ a direct $P \times P$ solve would be cheaper; these functions always work
+in sample space.
+
+The columns of $U$ may come in blocks, one per layer, $U = [U_1 \mid \dots
+\mid U_L]$: then $K = \sum_l U_l U_l^\top$, $(Ug) = \sum_l U_l g_l$ and
+$(U^\top c)_l = U_l^\top c$, so the layers are never concatenated. A block is a
+[`LayerRows`][curvlib.linalg.woodbury.LayerRows] acting on per-layer
+$[W \mid b]$ matrices:
+
+* [`FactoredRows`][curvlib.linalg.woodbury.FactoredRows] for layers with one
+  output position, whose rows are rank one, $\operatorname{vec}(g_{kn}\bar
+  a_n^\top)$: kernel $K = (g g^\top) \odot (\bar a \bar a^\top)$ and products
+  through $\bar a$ and $g$, never an ``m x out x in`` tensor;
+* [`DenseRows`][curvlib.linalg.woodbury.DenseRows] for everything else (the
+  per-sample gradients $\sum_t g_{knt}\bar a_{nt}^\top$ of a convolution).
+
+Rows are indexed $k$-major, row $kN + n$ for column $k$ of sample $n$.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from curvlib.linalg.factors import FactorizationError, symmetrize
+
+
+class LayerRows(ABC):
+    r"""One block of columns $U_l \in \mathbb{R}^{m \times P_l}$ of $U$, $P_l$ = ``out * in``.
+
+    Row $r$ is the row-major flatten of an ``[out, in]`` matrix; products take
+    and return such matrices (with any leading batch dimensions).
+    """
+
+    @property
+    @abstractmethod
+    def shape(self) -> tuple[int, int, int]:
+        """``(m, out, in)``: number of rows and the matrix shape of one row."""
+
+    @property
+    def num_rows(self) -> int:
+        """``m``, the number of rows."""
+        return self.shape[0]
+
+    @property
+    @abstractmethod
+    def dtype(self) -> torch.dtype:
+        """The dtype products are computed in."""
+
+    @abstractmethod
+    def gram(self) -> Tensor:
+        r"""The kernel block $U_l U_l^\top$, ``[m, m]``."""
+
+    @abstractmethod
+    def project(self, mats: Tensor) -> Tensor:
+        r"""$U_l \operatorname{vec}(V)$ for ``mats`` $V$ ``[..., out, in]``, as ``[..., m]``."""
+
+    @abstractmethod
+    def expand(self, coeffs: Tensor) -> Tensor:
+        r"""$U_l^\top c$ for ``coeffs`` $c$ of shape ``[..., m]``; ``[..., out, in]``."""
+
+    @abstractmethod
+    def dense(self) -> Tensor:
+        """The rows as matrices, ``[m, out, in]`` (for dense forms and tests only)."""
+
+
+class FactoredRows(LayerRows):
+    r"""Rank-one rows $\operatorname{vec}(g_{kn} \bar a_n^\top)$, kept as their two factors.
+
+    Kernel $K_{kn, k'n'} = (g_{kn}^\top g_{k'n'})(\bar a_n^\top \bar a_{n'})$ in
+    $O(m^2\, d_\text{out} + N^2 d_\text{in})$; projections
+    $c_{kn} = g_{kn}^\top V \bar a_n$ and expansions
+    $\sum_{kn} c_{kn} g_{kn} \bar a_n^\top$ in
+    $O(N d_\text{out} d_\text{in} + m\, d_\text{out})$ per vector.
+
+    Args:
+        inputs: $\bar a_n$, ``[N, in]``.
+        output_grads: $g_{kn}$, ``[K, N, out]``.
+        scale: Multiplies every row (e.g. $1/\sqrt N$).
+    """
+
+    def __init__(self, inputs: Tensor, output_grads: Tensor, scale: float = 1.0) -> None:
+        if inputs.dim() != 2 or output_grads.dim() != 3 or output_grads.shape[1] != inputs.shape[0]:
+            raise ValueError(
+                f"Expected inputs [N, in] and output_grads [K, N, out], got "
+                f"{tuple(inputs.shape)} and {tuple(output_grads.shape)}."
+            )
+        self.inputs = inputs
+        self.output_grads = output_grads * scale
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(K * N, out, in)``."""
+        k, n, out = self.output_grads.shape
+        return k * n, out, self.inputs.shape[1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the stored factors."""
+        return self.inputs.dtype
+
+    def gram(self) -> Tensor:
+        """The kernel, a Hadamard product of the two factor Gram matrices."""
+        k = self.output_grads.shape[0]
+        flat = self.output_grads.reshape(-1, self.output_grads.shape[-1])
+        return (flat @ flat.T) * (self.inputs @ self.inputs.T).repeat(k, k)
+
+    def project(self, mats: Tensor) -> Tensor:
+        r"""Row products $g_{kn}^\top V \bar a_n$."""
+        va = mats.to(self.dtype) @ self.inputs.T  # [..., out, N]
+        coeffs = torch.einsum("kno,...on->...kn", self.output_grads, va)
+        return coeffs.reshape(*coeffs.shape[:-2], -1)
+
+    def expand(self, coeffs: Tensor) -> Tensor:
+        r"""$\sum_{kn} c_{kn} g_{kn} \bar a_n^\top$ as $(\sum_k c_{kn} g_{kn})_n\, \bar A$."""
+        k, n, _ = self.output_grads.shape
+        c = coeffs.to(self.dtype).reshape(*coeffs.shape[:-1], k, n)
+        weighted = torch.einsum("...kn,kno->...on", c, self.output_grads)  # [..., out, N]
+        return weighted @ self.inputs
+
+    def dense(self) -> Tensor:
+        """The rank-one matrices, ``[K * N, out, in]``."""
+        rows = torch.einsum("kno,ni->knoi", self.output_grads, self.inputs)
+        return rows.reshape(self.shape)
+
+
+class DenseRows(LayerRows):
+    r"""Rows stored as matrices, ``[m, out, in]``.
+
+    Kernel in $O(m^2 P_l)$, products in $O(m P_l)$ per vector.
+
+    Args:
+        rows: The row matrices, ``[m, out, in]``.
+        scale: Multiplies every row.
+    """
+
+    def __init__(self, rows: Tensor, scale: float = 1.0) -> None:
+        if rows.dim() != 3:
+            raise ValueError(f"Expected rows [m, out, in], got {tuple(rows.shape)}.")
+        self.rows = rows * scale
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(m, out, in)``."""
+        m, out, inp = self.rows.shape
+        return m, out, inp
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the stored rows."""
+        return self.rows.dtype
+
+    def gram(self) -> Tensor:
+        r"""The kernel $U_l U_l^\top$."""
+        flat = self.rows.flatten(1)
+        return flat @ flat.T
+
+    def project(self, mats: Tensor) -> Tensor:
+        r"""Row products $\langle U_{l,r}, V\rangle$."""
+        return mats.to(self.dtype).flatten(-2) @ self.rows.flatten(1).T
+
+    def expand(self, coeffs: Tensor) -> Tensor:
+        """Weighted sum of the row matrices."""
+        flat = coeffs.to(self.dtype) @ self.rows.flatten(1)
+        return flat.reshape(*flat.shape[:-1], *self.rows.shape[1:])
+
+    def dense(self) -> Tensor:
+        """The stored rows."""
+        return self.rows
+
+
+def layer_rows(inputs: Tensor, output_grads: Tensor, scale: float = 1.0) -> LayerRows:
+    r"""The per-sample gradient rows of one layer from its inputs and output gradients.
+
+    Row $(k, n)$ is $\operatorname{vec}(\sum_t g_{knt} \bar a_{nt}^\top)$ times
+    ``scale``. Layers with one output position ($T = 1$) keep the factors
+    ([`FactoredRows`][curvlib.linalg.woodbury.FactoredRows]); others form the
+    per-sample gradients ([`DenseRows`][curvlib.linalg.woodbury.DenseRows]).
+
+    Args:
+        inputs: $\bar a_{nt}$, ``[N, T, in]``.
+        output_grads: $g_{knt}$, ``[K, N, T, out]``.
+        scale: Multiplies every row.
+
+    Returns:
+        The rows, ``m = K * N``.
+    """
+    if inputs.dim() != 3 or output_grads.dim() != 4 or inputs.shape[:2] != output_grads.shape[1:3]:
+        raise ValueError(
+            f"Expected inputs [N, T, in] and output_grads [K, N, T, out], got "
+            f"{tuple(inputs.shape)} and {tuple(output_grads.shape)}."
+        )
+    if inputs.shape[1] == 1:
+        return FactoredRows(inputs[:, 0], output_grads[:, :, 0], scale)
+    grads = torch.einsum("knto,nti->knoi", output_grads, inputs)
+    return DenseRows(grads.reshape(-1, *grads.shape[2:]), scale)
+
+
+def damped_cholesky(kernel: Tensor, damping: float, *, retries: int = 4) -> tuple[Tensor, float]:
+    r"""Lower Cholesky factor of $K + \lambda I$, retried with growing jitter.
+
+    Like [`damped_inverse`][curvlib.linalg.factors.damped_inverse]: retry $r$
+    adds $\epsilon \cdot 10^{r} \cdot \max(\operatorname{tr}(K)/m, \lambda)$ to
+    the diagonal.
+
+    Args:
+        kernel: Symmetric positive semi-definite ``[m, m]`` (symmetrised inside).
+        damping: $\lambda > 0$.
+        retries: How many retries, each adding ten times more jitter.
+
+    Returns:
+        ``(L, jitter)``: the factor and the jitter that was added (``0.0`` unless
+        the first attempt failed).
+
+    Raises:
+        FactorizationError: If every attempt fails.
+    """
+    kernel = symmetrize(kernel)
+    m = kernel.shape[-1]
+    eye = torch.eye(m, dtype=kernel.dtype, device=kernel.device)
+    eps = torch.finfo(kernel.dtype).eps
+    scale = max(float(kernel.diagonal().abs().sum()) / max(m, 1), damping)
+    for attempt in range(retries + 1):
+        jitter = 0.0 if attempt == 0 else eps * 10.0**attempt * scale
+        chol, info = torch.linalg.cholesky_ex(kernel + (damping + jitter) * eye)
+        if int(info) == 0:
+            return chol, jitter
+    raise FactorizationError(
+        f"Cholesky of the damped {m}x{m} sample-space kernel failed after {retries} retries; "
+        "the statistics have NaN/Inf entries or the damping is far too small for their scale."
+    )
+
+
+class WoodburyInverse:
+    r"""$(U^\top U + \lambda I)^{-1}$ for $U = [U_1 \mid \dots \mid U_L]$, in sample space.
+
+    Building it forms the $m \times m$ kernel $\sum_l U_l U_l^\top$ and its
+    damped Cholesky factor (module docstring); applying it costs two products
+    with $U$ and two triangular solves of size $m$.
+
+    Args:
+        blocks: The column blocks of $U$ (one per layer), all with ``m`` rows.
+        damping: $\lambda > 0$.
+
+    Raises:
+        ValueError: If ``damping`` is not positive and finite, or the blocks have
+            different numbers of rows.
+        FactorizationError: If the damped kernel cannot be factorised.
+    """
+
+    def __init__(self, blocks: Sequence[LayerRows], damping: float) -> None:
+        if not 0.0 < damping < float("inf"):
+            raise ValueError(f"damping must be positive and finite, got {damping!r}.")
+        if not blocks or len({b.num_rows for b in blocks}) != 1:
+            raise ValueError(
+                f"Need at least one block, all with the same number of rows; got "
+                f"{[b.num_rows for b in blocks]}."
+            )
+        self.blocks = tuple(blocks)
+        self.damping = float(damping)
+        kernel = blocks[0].gram()
+        for block in blocks[1:]:
+            kernel = kernel + block.gram()
+        self.chol, self.jitter = damped_cholesky(kernel, self.damping)
+
+    @property
+    def kernel_shape(self) -> tuple[int, int]:
+        """Shape of the factorised kernel, ``(m, m)``."""
+        m, n = self.chol.shape
+        return m, n
+
+    def solve_kernel(self, coeffs: Tensor) -> Tensor:
+        r"""$(\lambda I + K)^{-1} c$ for ``coeffs`` of shape ``[..., m]``."""
+        m = self.chol.shape[0]
+        flat = coeffs.reshape(-1, m).T
+        solved = torch.cholesky_solve(flat, self.chol)
+        return solved.T.reshape(coeffs.shape)
+
+    def __call__(self, mats: Sequence[Tensor]) -> list[Tensor]:
+        r"""Apply the inverse to one ``[..., out_l, in_l]`` matrix per block.
+
+        Args:
+            mats: $g_l$, in the order of ``blocks``, with the same leading dimensions.
+
+        Returns:
+            $((U^\top U + \lambda I)^{-1} g)_l$ per block.
+        """
+        if len(mats) != len(self.blocks):
+            raise ValueError(f"Expected {len(self.blocks)} matrices, got {len(mats)}.")
+        coeffs = self.blocks[0].project(mats[0])
+        for block, mat in zip(self.blocks[1:], mats[1:], strict=True):
+            coeffs = coeffs + block.project(mat)
+        solved = self.solve_kernel(coeffs)
+        return [
+            (mat.to(block.dtype) - block.expand(solved)) / self.damping
+            for block, mat in zip(self.blocks, mats, strict=True)
+        ]
+
+
+def gram_matvec(blocks: Sequence[LayerRows], mats: Sequence[Tensor]) -> list[Tensor]:
+    r"""$(U^\top U) v$ for $U = [U_1 \mid \dots \mid U_L]$: $U_l^\top \sum_{l'} U_{l'} v_{l'}$.
+
+    Cost $O(mP)$ per vector (less for factored blocks).
+
+    Args:
+        blocks: The column blocks of $U$.
+        mats: One ``[..., out_l, in_l]`` matrix per block.
+
+    Returns:
+        The product, one matrix per block.
+    """
+    if len(mats) != len(blocks) or not blocks:
+        raise ValueError(f"Expected {len(blocks)} matrices (at least one), got {len(mats)}.")
+    coeffs = blocks[0].project(mats[0])
+    for block, mat in zip(blocks[1:], mats[1:], strict=True):
+        coeffs = coeffs + block.project(mat)
+    return [block.expand(coeffs) for block in blocks]
+
+
+def woodbury_solve(rows: Tensor, vectors: Tensor, damping: float) -> Tensor:
+    r"""$(U^\top U + \lambda I)^{-1} v$ for a dense $U$, without a $P \times P$ matrix.
+
+    Args:
+        rows: $U$, ``[m, P]``.
+        vectors: $v$, ``[..., P]``.
+        damping: $\lambda > 0$.
+
+    Returns:
+        ``[..., P]``.
+    """
+    inverse = WoodburyInverse([DenseRows(rows.unsqueeze(1))], damping)
+    return inverse([vectors.unsqueeze(-2)])[0].squeeze(-2)
+
+
+def dense_gram_matvec(rows: Tensor, vectors: Tensor) -> Tensor:
+    r"""$(U^\top U) v = U^\top (U v)$ for a dense $U$ ``[m, P]`` and $v$ ``[..., P]``."""
+    return (vectors.to(rows.dtype) @ rows.T) @ rows

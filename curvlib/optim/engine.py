@@ -1,0 +1,298 @@
+r"""The curvature side of a step, shared by the optimizer and the preconditioner mode.
+
+One [`CurvatureEngine`][curvlib.optim.engine.CurvatureEngine] runs the named
+steps of a second-order method on any extractor and approximation:
+
+1. **statistics**: ``record()`` switches the extractor on for the forward and
+   backward pass of the steps where statistics are due (every ``t_cov`` steps);
+2. **update**: the statistics are folded into the approximation;
+3. **invert**: every ``t_inv`` steps the damped inverse is rebuilt;
+4. **precondition**: gradients are multiplied by the current inverse.
+
+Non-finite statistics skip the update with a warning, and a failed inverse
+keeps the last good one: the run goes on with the last good preconditioner.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from curvlib.core.protocols import CurvatureApprox, Extractor, Preconditioner
+from curvlib.core.stats import CurvatureStatistics, FisherType, merge_statistics
+from curvlib.optim.hyper import LevenbergMarquardt, Schedule, check_positive, resolve
+
+
+def _clone(state: Any) -> Any:
+    if isinstance(state, Tensor):
+        return state.detach().clone()
+    if isinstance(state, dict):
+        return {k: _clone(v) for k, v in state.items()}
+    if isinstance(state, list | tuple):
+        return type(state)(_clone(v) for v in state)
+    return copy.copy(state)
+
+
+class CurvatureEngine:
+    r"""Statistics schedule, curvature updates, inverses and preconditioned directions.
+
+    Args:
+        extractor: Computes the statistics in ``record()`` blocks.
+        approx: The approximation; the extractor must compute ``approx.required_stats``.
+        damping: $\lambda$ of $(C + \lambda I)^{-1}$: a constant, a function of the
+            step, or [`LevenbergMarquardt`][curvlib.optim.hyper.LevenbergMarquardt].
+        t_cov: Steps between statistics updates.
+        t_inv: Steps between inverse rebuilds.
+        stats_scale: Returns the factor that undoes a loss scale seen by
+            empirical statistics (``GradScaler``, accumulation); ``None``: 1.
+
+    Raises:
+        ValueError: For bad intervals or damping, or an extractor that does not
+            compute what the approximation needs.
+    """
+
+    def __init__(
+        self,
+        extractor: Extractor,
+        approx: CurvatureApprox,
+        *,
+        damping: Schedule | LevenbergMarquardt = 1e-3,
+        t_cov: int = 1,
+        t_inv: int = 1,
+        stats_scale: Any = None,
+    ) -> None:
+        for name, value in (("t_cov", t_cov), ("t_inv", t_inv)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        if not isinstance(damping, LevenbergMarquardt):
+            check_positive("damping", damping)
+        required = frozenset(approx.required_stats)
+        provided = frozenset(getattr(extractor, "required_stats", required))
+        if not required <= provided:
+            missing = ", ".join(sorted(k.name for k in required - provided))
+            raise ValueError(
+                f"The extractor does not compute {missing}, which {type(approx).__name__} "
+                "needs; create it with stats=approx.required_stats."
+            )
+        self.extractor = extractor
+        self.approx = approx
+        self.damping_rule = damping
+        self.t_cov = t_cov
+        self.t_inv = t_inv
+        self.stats_scale = stats_scale
+        self.step_count = 0
+        self.lm_damping = damping.initial if isinstance(damping, LevenbergMarquardt) else None
+        self.skipped_updates = 0
+        self.inverse_failures = 0
+        self.timings: dict[str, float] = {}
+        self._pending: list[CurvatureStatistics] = []
+        self._recording = False
+        self._precond: Preconditioner | None = None
+        self._precond_damping: float | None = None
+        self._precond_fresh = False
+        self._snapshot: dict[str, Any] | None = None
+
+    # -- schedule -------------------------------------------------------------
+
+    @property
+    def stats_due(self) -> bool:
+        """Whether this step must record statistics."""
+        return self.step_count % self.t_cov == 0
+
+    @property
+    def damping(self) -> float:
+        r"""The damping $\lambda$ of the current step."""
+        if self.lm_damping is not None:
+            return self.lm_damping
+        assert not isinstance(self.damping_rule, LevenbergMarquardt)
+        return resolve(self.damping_rule, self.step_count)
+
+    @contextmanager
+    def record(self) -> Iterator[None]:
+        """Run the forward and backward pass of a step in this block.
+
+        On steps where statistics are due the extractor records them; on other
+        steps the block does nothing. Several blocks before one step accumulate
+        micro-batches.
+        """
+        if self._recording:
+            raise RuntimeError("record() blocks cannot be nested.")
+        self._recording = True
+        try:
+            if not self.stats_due:
+                yield
+                return
+            start = time.perf_counter()
+            with self.extractor.collect():
+                yield
+            stats = self.extractor.statistics()
+            if self.extractor.fisher_type is FisherType.EMPIRICAL and self.stats_scale:
+                stats = stats.scaled(float(self.stats_scale()))
+            self._pending.append(stats)
+            self.timings["statistics"] = self.timings.get("statistics", 0.0) + (
+                time.perf_counter() - start
+            )
+        finally:
+            self._recording = False
+
+    # -- named steps ----------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Fold in the recorded statistics and rebuild the inverse when due.
+
+        Raises:
+            RuntimeError: If statistics were due but no ``record()`` block ran.
+        """
+        if self.stats_due and not self._pending:
+            raise RuntimeError(
+                f"Curvature statistics are due at step {self.step_count} (t_cov={self.t_cov}): "
+                "run the forward and backward pass inside `with optimizer.record():` "
+                "before step()."
+            )
+        self.timings = {"statistics": self.timings.get("statistics", 0.0)}
+        if self._pending:
+            start = time.perf_counter()
+            self._update(merge_statistics(self._pending))
+            self._pending.clear()
+            self.timings["update"] = time.perf_counter() - start
+        if self._precond is None or self.step_count % self.t_inv == 0:
+            start = time.perf_counter()
+            self._invert()
+            self.timings["inverse"] = time.perf_counter() - start
+        if self._precond is None:
+            raise RuntimeError(
+                "No curvature estimate to precondition with: the statistics of every step so "
+                "far were rejected (see the warnings)."
+            )
+
+    def _update(self, stats: CurvatureStatistics) -> None:
+        if not stats.is_finite():
+            self.skipped_updates += 1
+            warnings.warn(
+                f"Step {self.step_count}: curvature statistics contain NaN/Inf; the update is "
+                "skipped and the last good preconditioner kept.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            return
+        if self._precond is not None and self._precond_fresh:
+            # The live inverse was built from the current estimate: keep that estimate
+            # so that a checkpoint taken before the next rebuild resumes exactly.
+            self._snapshot = _clone(self.approx.state_dict())
+            self._precond_fresh = False
+        self.approx.update(stats)
+
+    def _invert(self) -> None:
+        damping = self.damping
+        try:
+            precond = self.approx.inverse(damping)
+        except (RuntimeError, ValueError) as err:
+            if self._precond is None and not self._has_estimate():
+                return
+            self.inverse_failures += 1
+            warnings.warn(
+                f"Step {self.step_count}: building the damped inverse failed ({err}); the last "
+                "good preconditioner is kept.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            return
+        self._precond, self._precond_damping = precond, damping
+        self._precond_fresh, self._snapshot = True, None
+
+    def _has_estimate(self) -> bool:
+        return bool(self.approx.state_dict().get("num_updates", 1))
+
+    def precondition(self, grads: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Multiply per-layer gradient matrices by the current damped inverse."""
+        assert self._precond is not None, "prepare() first"
+        start = time.perf_counter()
+        out = self._precond.apply(grads)
+        self.timings["precondition"] = time.perf_counter() - start
+        return out
+
+    def quadratic_model(self, grads: Mapping[str, Tensor], delta: Mapping[str, Tensor]) -> float:
+        r"""$M(\\delta) = \nabla^\top\\delta + \frac12 \\delta^\top (C + \\lambda I)\\delta$."""
+        curv = self.approx.matvec(delta)
+        value = 0.0
+        for name, d in delta.items():
+            value += float((grads[name] * d).sum())
+            value += 0.5 * float((d * (curv[name] + self._precond_damping_or_current() * d)).sum())
+        return value
+
+    def _precond_damping_or_current(self) -> float:
+        return self._precond_damping if self._precond_damping is not None else self.damping
+
+    def adapt_damping(self, ratio: float) -> None:
+        """Apply the Levenberg–Marquardt rule with reduction ratio ``ratio``."""
+        assert isinstance(self.damping_rule, LevenbergMarquardt) and self.lm_damping is not None
+        self.lm_damping = self.damping_rule.adapt(self.lm_damping, ratio)
+
+    @property
+    def lm_due(self) -> bool:
+        """Whether Levenberg–Marquardt adapts the damping on this step."""
+        rule = self.damping_rule
+        return isinstance(rule, LevenbergMarquardt) and self.step_count % rule.interval == 0
+
+    def finish(self) -> None:
+        """Count the step (after the parameter update)."""
+        self.step_count += 1
+
+    def discard(self) -> None:
+        """Drop the statistics recorded for a step that is skipped."""
+        self._pending.clear()
+
+    # -- checkpoints ------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Counters, damping, estimate, the state of the live inverse and the random state."""
+        return {
+            "step_count": self.step_count,
+            "lm_damping": self.lm_damping,
+            "skipped_updates": self.skipped_updates,
+            "inverse_failures": self.inverse_failures,
+            "approx": self.approx.state_dict(),
+            "extractor": self.extractor.state_dict(),
+            "precond_damping": self._precond_damping,
+            "has_precond": self._precond is not None,
+            "inverse_source": None if self._precond_fresh else self._snapshot,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore from ``state_dict()``, rebuilding the live inverse from its own source."""
+        self.step_count = int(state["step_count"])
+        self.lm_damping = state["lm_damping"]
+        self.skipped_updates = int(state["skipped_updates"])
+        self.inverse_failures = int(state["inverse_failures"])
+        self.approx.load_state_dict(state["approx"])
+        self.extractor.load_state_dict(state["extractor"])
+        self._pending.clear()
+        self._precond, self._snapshot = None, None
+        self._precond_damping = state["precond_damping"]
+        if state["has_precond"]:
+            source = state["inverse_source"]
+            if source is None:
+                self._precond = self.approx.inverse(self._precond_damping)
+                self._precond_fresh = True
+            else:
+                builder = copy.deepcopy(self.approx)
+                builder.load_state_dict(source)
+                self._precond = builder.inverse(self._precond_damping)
+                self._snapshot, self._precond_fresh = _clone(source), False
+
+
+def layer_grads(layers: Any) -> dict[str, Tensor]:
+    """The ``[W | b]`` gradient matrices of curvature layers, keyed by name."""
+    return {layer.name: layer.grad_matrix() for layer in layers}
+
+
+def all_finite(tensors: Mapping[str, Tensor]) -> bool:
+    """Whether every tensor is free of NaN and Inf."""
+    return all(bool(torch.isfinite(t).all()) for t in tensors.values())

@@ -1,0 +1,117 @@
+r"""Preconditioner mode: rewrite ``.grad`` so any torch optimizer takes the natural-gradient step.
+
+```python
+precond = GradientPreconditioner(...)  # or curvlib.NaturalGradientPreconditioner(model, ...)
+sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+for x, y in loader:
+    sgd.zero_grad()
+    with precond.record():
+        loss_fn(model(x), y).backward()
+    precond.step()  # .grad <- nu * (C + lambda I)^{-1} grad for every curvature layer
+    sgd.step()
+```
+
+This is how the published code of these methods is usually used. Parameters
+outside the curvature layers keep their gradient.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from curvlib.core.layout import CurvatureLayer
+from curvlib.core.protocols import CurvatureApprox, Extractor
+from curvlib.optim.engine import CurvatureEngine, all_finite, layer_grads
+from curvlib.optim.hyper import LevenbergMarquardt, Schedule, check_positive
+from curvlib.optim.kernels import kl_clip_factor
+
+
+class GradientPreconditioner:
+    r"""Replaces the gradient of every curvature layer by $\nu (C + \lambda I)^{-1}\nabla$.
+
+    Args:
+        extractor: Computes the statistics ``approx`` needs.
+        approx: The curvature approximation.
+        damping: $\lambda$: constant or callable of the step (Levenberg–Marquardt
+            needs the step the optimizer takes: use ``PreconditionedOptimizer``).
+        kl_clip: KL-clipping bound $c$; ``None`` (default) disables it.
+        lr: The learning rate the wrapped optimizer uses, for the KL clip.
+        kl_clip_lr_squared: Use $\eta^2$ in the clip.
+        t_cov: Steps between statistics updates.
+        t_inv: Steps between inverse rebuilds.
+    """
+
+    def __init__(
+        self,
+        extractor: Extractor,
+        approx: CurvatureApprox,
+        *,
+        damping: Schedule = 1e-3,
+        kl_clip: float | None = None,
+        lr: float = 1.0,
+        kl_clip_lr_squared: bool = True,
+        t_cov: int = 1,
+        t_inv: int = 1,
+    ) -> None:
+        if isinstance(damping, LevenbergMarquardt):
+            raise TypeError(
+                "Levenberg-Marquardt damping needs the step taken: use PreconditionedOptimizer."
+            )
+        check_positive("lr", lr)
+        if kl_clip is not None:
+            check_positive("kl_clip", kl_clip)
+        self.layers: tuple[CurvatureLayer, ...] = extractor.layout.layers
+        self.engine = CurvatureEngine(extractor, approx, damping=damping, t_cov=t_cov, t_inv=t_inv)
+        self.kl_clip, self.lr, self.kl_clip_lr_squared = kl_clip, lr, kl_clip_lr_squared
+        self.skipped_steps = 0
+        self.last_stats: dict[str, Any] = {}
+
+    @contextmanager
+    def record(self) -> Iterator[None]:
+        """Run the forward and backward pass in this block (statistics when due)."""
+        with self.engine.record():
+            yield
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Rewrite ``.grad`` of the curvature layers with the preconditioned direction.
+
+        A gradient with NaN/Inf is left as it is (with a warning) and counted as skipped.
+
+        Raises:
+            RuntimeError: Without gradients or without a due ``record()`` block.
+        """
+        missing = [layer.name for layer in self.layers if layer.weight.grad is None]
+        if missing:
+            raise RuntimeError(f"No gradients for layers {missing}: call loss.backward() first.")
+        grads = layer_grads(self.layers)
+        if not all_finite(grads):
+            self.skipped_steps += 1
+            self.engine.discard()
+            self.engine.finish()
+            warnings.warn("The gradient contains NaN/Inf: not preconditioned.", stacklevel=2)
+            return
+        self.engine.prepare()
+        directions = self.engine.precondition(grads)
+        nu = kl_clip_factor(grads, directions, self.lr, self.kl_clip, self.kl_clip_lr_squared)
+        for layer in self.layers:
+            weight, bias = layer.from_matrix(nu * directions[layer.name])
+            for p, d in zip(layer.parameters, (weight, bias), strict=False):
+                assert p.grad is not None and d is not None
+                p.grad.copy_(d)
+        self.engine.finish()
+        self.last_stats = {"kl_clip_factor": nu, "damping": self.engine.damping}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The curvature engine's state (estimates, live inverse, counters, RNG)."""
+        return {"curvature": self.engine.state_dict(), "skipped_steps": self.skipped_steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore from ``state_dict()``."""
+        self.engine.load_state_dict(state["curvature"])
+        self.skipped_steps = int(state["skipped_steps"])
