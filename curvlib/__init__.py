@@ -2,10 +2,27 @@
 
 The public API, grouped by layer:
 
-* core vocabulary: layouts, statistics, protocols and flavours;
-* layer 1, extractors: [`CurvatureExtractor`][curvlib.extract.CurvatureExtractor].
+* training: [`PreconditionedOptimizer`][curvlib.PreconditionedOptimizer] and
+  [`NaturalGradientPreconditioner`][curvlib.NaturalGradientPreconditioner]
+  (the wiring of all three layers);
+* layer 2, approximations: KFAC, KPSVD, Deflation, KFAC-corrected, Lanczos,
+  exact and block-diagonal natural gradient;
+* layer 1, extractors: [`CurvatureExtractor`][curvlib.extract.CurvatureExtractor];
+* layer 3, the generic optimizer: [`curvlib.optim`][curvlib.optim];
+* the shared vocabulary: layouts, statistics, protocols and flavours.
 """
 
+from curvlib.approx import (
+    KFAC,
+    KPSVD,
+    BlockNaturalGradient,
+    Deflation,
+    ExactNaturalGradient,
+    KFACCorrected,
+    KFACDamping,
+    Lanczos,
+    NGDamping,
+)
 from curvlib.core import (
     CurvatureApprox,
     CurvatureLayer,
@@ -22,23 +39,41 @@ from curvlib.core import (
     StatKind,
     UnsupportedModule,
 )
+from curvlib.extract import Backend, CurvatureExtractor, UnsupportedPolicy
+from curvlib.optim import LevenbergMarquardt
+from curvlib.wiring import NaturalGradientPreconditioner, PreconditionedOptimizer
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "KFAC",
+    "KPSVD",
+    "Backend",
+    "BlockNaturalGradient",
     "CurvatureApprox",
+    "CurvatureExtractor",
     "CurvatureLayer",
     "CurvatureStatistics",
+    "Deflation",
+    "ExactNaturalGradient",
     "Extractor",
     "FisherType",
+    "KFACCorrected",
+    "KFACDamping",
     "KroneckerFactors",
+    "Lanczos",
     "LayerKind",
     "LayerStatistics",
+    "LevenbergMarquardt",
     "ModelLayout",
+    "NGDamping",
+    "NaturalGradientPreconditioner",
     "PerSampleGrads",
     "PerSampleIO",
+    "PreconditionedOptimizer",
     "Preconditioner",
     "StatKind",
     "UnsupportedModule",
+    "UnsupportedPolicy",
     "__version__",
 ]

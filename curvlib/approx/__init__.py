@@ -4,4 +4,36 @@ Imports [`curvlib.core`][curvlib.core] and [`curvlib.linalg`][curvlib.linalg]
 only; never the extractors or the optimizer (checked by ``lint-imports``).
 """
 
-__all__: list[str] = []
+from curvlib.approx.base import (
+    BlockDiagonalPreconditioner,
+    LayerBlock,
+    LayerwiseApprox,
+    NonFiniteStatisticsError,
+)
+from curvlib.approx.deflation import Deflation
+from curvlib.approx.diagnostics import BlockError, approximation_errors, block_error, exact_block
+from curvlib.approx.kfac import KFAC, KFACDamping
+from curvlib.approx.kfac_corrected import KFACCorrected
+from curvlib.approx.kpsvd import KPSVD
+from curvlib.approx.lanczos import Lanczos
+from curvlib.approx.natural_gradient import BlockNaturalGradient, ExactNaturalGradient, NGDamping
+
+__all__ = [
+    "KFAC",
+    "KPSVD",
+    "BlockDiagonalPreconditioner",
+    "BlockError",
+    "BlockNaturalGradient",
+    "Deflation",
+    "ExactNaturalGradient",
+    "KFACCorrected",
+    "KFACDamping",
+    "Lanczos",
+    "LayerBlock",
+    "LayerwiseApprox",
+    "NGDamping",
+    "NonFiniteStatisticsError",
+    "approximation_errors",
+    "block_error",
+    "exact_block",
+]

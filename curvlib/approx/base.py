@@ -88,6 +88,19 @@ class LayerBlock(ABC):
         return self.dtype or torch.get_default_dtype()
 
     def _device(self) -> torch.device:
+        """The device of the estimate (that of its first tensor; CPU before any update)."""
+        try:
+            stack: list[Any] = [self.state_dict()]
+        except RuntimeError:
+            return torch.device("cpu")
+        while stack:
+            item = stack.pop()
+            if isinstance(item, Tensor):
+                return item.device
+            if isinstance(item, Mapping):
+                stack.extend(item.values())
+            elif isinstance(item, list | tuple):
+                stack.extend(item)
         return torch.device("cpu")
 
     def _cast(self, tensor: Tensor) -> Tensor:

@@ -76,7 +76,7 @@ class _KFACBlock(LayerBlock):
 
     def to_dense(self) -> Tensor:
         A, G = self._factors()
-        return torch.kron(G, A)
+        return torch.kron(G.contiguous(), A.contiguous())
 
     def damped_to_dense(self, damping: float) -> Tensor:
         if self.damping_mode is KFACDamping.EIGEN:
@@ -85,7 +85,7 @@ class _KFACBlock(LayerBlock):
         gamma_a, gamma_g = pi_split(A, G, damping)
         eye_a = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
         eye_g = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
-        return torch.kron(G + gamma_g * eye_g, A + gamma_a * eye_a)
+        return torch.kron((G + gamma_g * eye_g).contiguous(), (A + gamma_a * eye_a).contiguous())
 
     def state_dict(self) -> dict[str, Any]:
         A, G = self._factors()

@@ -72,6 +72,40 @@ def eigh(mat: Tensor, *, clamp_negative: bool = True, retries: int = 4) -> Eigh:
     raise FactorizationError(f"eigh failed on a {n}x{n} matrix after {retries} jittered retries")
 
 
+def damped_cholesky(kernel: Tensor, damping: float, *, retries: int = 4) -> tuple[Tensor, float]:
+    r"""Lower Cholesky factor of $K + \lambda I$, retried with growing jitter.
+
+    Retry $r$ adds $\epsilon \cdot 10^{r} \cdot \max(\operatorname{tr}(K)/m, \lambda)$ to
+    the diagonal.
+
+    Args:
+        kernel: Symmetric positive semi-definite ``[m, m]`` (symmetrised inside).
+        damping: $\lambda > 0$.
+        retries: How many retries, each adding ten times more jitter.
+
+    Returns:
+        ``(L, jitter)``: the factor and the jitter that was added (``0.0`` unless
+        the first attempt failed).
+
+    Raises:
+        FactorizationError: If every attempt fails.
+    """
+    kernel = symmetrize(kernel)
+    m = kernel.shape[-1]
+    eye = torch.eye(m, dtype=kernel.dtype, device=kernel.device)
+    eps = torch.finfo(kernel.dtype).eps
+    scale = max(float(kernel.diagonal().abs().sum()) / max(m, 1), damping)
+    for attempt in range(retries + 1):
+        jitter = 0.0 if attempt == 0 else eps * 10.0**attempt * scale
+        chol, info = torch.linalg.cholesky_ex(kernel + (damping + jitter) * eye)
+        if int(info) == 0:
+            return chol, jitter
+    raise FactorizationError(
+        f"Cholesky of a damped {m}x{m} matrix failed after {retries} retries; it has NaN/Inf "
+        "entries or the damping is far too small for its scale."
+    )
+
+
 def damped_inverse(mat: Tensor, damping: float, *, retries: int = 4) -> Tensor:
     r"""$(M + \delta I)^{-1}$ through a Cholesky factorisation, with jittered retries.
 
@@ -88,20 +122,8 @@ def damped_inverse(mat: Tensor, damping: float, *, retries: int = 4) -> Tensor:
     Raises:
         FactorizationError: If every attempt fails.
     """
-    mat = symmetrize(mat)
-    n = mat.shape[-1]
-    eye = torch.eye(n, dtype=mat.dtype, device=mat.device)
-    eps = torch.finfo(mat.dtype).eps
-    scale = max(float(mat.diagonal().abs().sum()) / max(n, 1), damping)
-    for attempt in range(retries + 1):
-        jitter = 0.0 if attempt == 0 else eps * 10.0**attempt * scale
-        chol, info = torch.linalg.cholesky_ex(mat + (damping + jitter) * eye)
-        if int(info) == 0:
-            return symmetrize(torch.cholesky_inverse(chol))
-    raise FactorizationError(
-        f"Cholesky of a damped {n}x{n} factor failed after {retries} retries; the factor "
-        "has NaN/Inf entries or the damping is far too small for its scale."
-    )
+    chol, _ = damped_cholesky(mat, damping, retries=retries)
+    return symmetrize(torch.cholesky_inverse(chol))
 
 
 def pi_split(A: Tensor, G: Tensor, damping: float) -> tuple[float, float]:

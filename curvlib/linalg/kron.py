@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from curvlib.linalg.factors import eigh, pi_split, symmetrize
+from curvlib.linalg.factors import damped_cholesky, eigh, pi_split, symmetrize
 
 
 @dataclass(frozen=True)
@@ -60,9 +60,9 @@ class KroneckerSumInverse:
 
 
 def _whitener(factor: Tensor, shift: float) -> Tensor:
-    """$C^{-1}$ for the Cholesky factor $C$ of ``factor + shift * I``."""
+    """$C^{-1}$ for the Cholesky factor $C$ of ``factor + shift * I`` (jittered retries)."""
+    chol, _ = damped_cholesky(factor, shift)
     eye = torch.eye(factor.shape[-1], dtype=factor.dtype, device=factor.device)
-    chol = torch.linalg.cholesky(symmetrize(factor) + shift * eye)
     inv: Tensor = torch.linalg.solve_triangular(chol, eye, upper=False)
     return inv
 
@@ -91,7 +91,12 @@ def two_term_inverse(
 
     Returns:
         The inverse as an operator.
+
+    Raises:
+        ValueError: If ``min_eig`` is outside ``(0, 1]``.
     """
+    if not 0.0 < min_eig <= 1.0:
+        raise ValueError(f"min_eig must lie in (0, 1], got {min_eig!r}.")
     gamma_a, gamma_g = pi_split(A1, G1, damping)
     w_g, w_a = _whitener(G1, gamma_g), _whitener(A1, gamma_a)
     eg = eigh(w_g @ symmetrize(G2) @ w_g.T, clamp_negative=False)

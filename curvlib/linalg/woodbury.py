@@ -39,7 +39,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from curvlib.linalg.factors import FactorizationError, symmetrize
+from curvlib.linalg.factors import damped_cholesky
 
 
 class LayerRows(ABC):
@@ -211,41 +211,6 @@ def layer_rows(inputs: Tensor, output_grads: Tensor, scale: float = 1.0) -> Laye
         return FactoredRows(inputs[:, 0], output_grads[:, :, 0], scale)
     grads = torch.einsum("knto,nti->knoi", output_grads, inputs)
     return DenseRows(grads.reshape(-1, *grads.shape[2:]), scale)
-
-
-def damped_cholesky(kernel: Tensor, damping: float, *, retries: int = 4) -> tuple[Tensor, float]:
-    r"""Lower Cholesky factor of $K + \lambda I$, retried with growing jitter.
-
-    Like [`damped_inverse`][curvlib.linalg.factors.damped_inverse]: retry $r$
-    adds $\epsilon \cdot 10^{r} \cdot \max(\operatorname{tr}(K)/m, \lambda)$ to
-    the diagonal.
-
-    Args:
-        kernel: Symmetric positive semi-definite ``[m, m]`` (symmetrised inside).
-        damping: $\lambda > 0$.
-        retries: How many retries, each adding ten times more jitter.
-
-    Returns:
-        ``(L, jitter)``: the factor and the jitter that was added (``0.0`` unless
-        the first attempt failed).
-
-    Raises:
-        FactorizationError: If every attempt fails.
-    """
-    kernel = symmetrize(kernel)
-    m = kernel.shape[-1]
-    eye = torch.eye(m, dtype=kernel.dtype, device=kernel.device)
-    eps = torch.finfo(kernel.dtype).eps
-    scale = max(float(kernel.diagonal().abs().sum()) / max(m, 1), damping)
-    for attempt in range(retries + 1):
-        jitter = 0.0 if attempt == 0 else eps * 10.0**attempt * scale
-        chol, info = torch.linalg.cholesky_ex(kernel + (damping + jitter) * eye)
-        if int(info) == 0:
-            return chol, jitter
-    raise FactorizationError(
-        f"Cholesky of the damped {m}x{m} sample-space kernel failed after {retries} retries; "
-        "the statistics have NaN/Inf entries or the damping is far too small for their scale."
-    )
 
 
 class WoodburyInverse:

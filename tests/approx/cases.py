@@ -13,7 +13,12 @@ import torch
 from torch import nn
 
 from curvlib.approx.base import LayerwiseApprox
+from curvlib.approx.deflation import Deflation
 from curvlib.approx.kfac import KFAC, KFACDamping
+from curvlib.approx.kfac_corrected import KFACCorrected
+from curvlib.approx.kpsvd import KPSVD
+from curvlib.approx.lanczos import Lanczos
+from curvlib.approx.natural_gradient import BlockNaturalGradient, NGDamping
 from curvlib.core import CurvatureStatistics, FisherType
 from curvlib.extract import CurvatureExtractor, UnsupportedPolicy
 from tests import problems as P
@@ -38,6 +43,12 @@ class ApproxCase:
 APPROXIMATIONS = [
     ApproxCase("kfac_pi", lambda: KFAC(KFACDamping.PI)),
     ApproxCase("kfac_eigen", lambda: KFAC(KFACDamping.EIGEN)),
+    ApproxCase("kpsvd", lambda: KPSVD()),
+    ApproxCase("deflation", lambda: Deflation(), psd=False),
+    ApproxCase("kfac_corrected", lambda: KFACCorrected(), psd=False),
+    ApproxCase("lanczos", lambda: Lanczos(), psd=False),
+    ApproxCase("block_ng_exact", lambda: BlockNaturalGradient(NGDamping.EXACT)),
+    ApproxCase("block_ng_heuristic", lambda: BlockNaturalGradient(NGDamping.HEURISTIC)),
 ]
 
 PROBLEMS = [P.mlp_ce(), P.cnn_ce(), P.tconv_bce()]

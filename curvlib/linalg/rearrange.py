@@ -1,0 +1,400 @@
+r"""The Van Loan–Pitsianis rearrangement of a layer's Fisher block, matrix-free.
+
+For the per-sample gradient matrices $\bar W_{kn} \in \mathbb{R}^{d_o \times d_i}$
+of one layer ([`curvlib.core.conventions`][curvlib.core.conventions]), the
+block $F = \frac1N \sum_{k,n} \operatorname{vec}(\bar W_{kn})
+\operatorname{vec}(\bar W_{kn})^\top$ satisfies
+$\|F - G \otimes A\|_F = \|\mathcal R(F) - \operatorname{vec}(G)
+\operatorname{vec}(A)^\top\|_F$ with the rearrangement
+
+$$\mathcal R(F)\operatorname{vec}(V) = \operatorname{vec}\Big(\frac1N \sum_{k,n}
+\bar W_{kn} V \bar W_{kn}^\top\Big), \qquad
+\mathcal R(F)^\top\operatorname{vec}(U) = \operatorname{vec}\Big(\frac1N \sum_{k,n}
+\bar W_{kn}^\top U \bar W_{kn}\Big),$$
+
+a map from $d_i \times d_i$ to $d_o \times d_o$ matrices. So the best sums of
+Kronecker products are the leading singular triples of $\mathcal R(F)$
+(Van Loan & Pitsianis 1993), found here by power iterations
+([`power_svd`][curvlib.linalg.rearrange.power_svd], with
+[`Deflated`][curvlib.linalg.rearrange.Deflated] operators for later pairs) or by
+restarted Golub–Kahan–Lanczos bidiagonalisation
+([`lanczos_svd`][curvlib.linalg.rearrange.lanczos_svd]).
+
+**Symmetric factors.** $F = F^\top$ makes $\mathcal R(F)$ commute with
+transposition, $\mathcal R(F)\operatorname{vec}(V^\top) =
+\operatorname{vec}(U^\top)$, so its singular vectors split into symmetric and
+antisymmetric matrices. Only symmetric factors give a usable preconditioner, so
+[`RearrangedFisher`][curvlib.linalg.rearrange.RearrangedFisher] restricts
+$\mathcal R(F)$ to symmetric matrices by default: its singular triples are then
+the best Kronecker sums with symmetric factors. The top pair of a positive
+semi-definite $F$ is symmetric anyway (Van Loan & Pitsianis, theorem 5.8), and
+both its factors are definite with one sign.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from curvlib.core.stats import PerSampleIO
+from curvlib.linalg.factors import eigh, symmetrize
+
+_BREAKDOWN = 1e3
+"""Round-off level, in machine epsilons times the operator's size (breakdowns, zero pairs)."""
+
+
+class RearrangedOperator(Protocol):
+    """A linear map from ``[in_dim, in_dim]`` to ``[out_dim, out_dim]`` matrices and its adjoint."""
+
+    out_dim: int
+    in_dim: int
+    dtype: torch.dtype
+    device: torch.device
+
+    def matvec(self, V: Tensor) -> Tensor:
+        """Apply the map to ``[..., in_dim, in_dim]`` matrices."""
+
+    def rmatvec(self, U: Tensor) -> Tensor:
+        """Apply the adjoint to ``[..., out_dim, out_dim]`` matrices."""
+
+
+class RearrangedFisher:
+    r"""$\mathcal R(F)$ of one layer, from its per-sample inputs and output gradients.
+
+    With one output position ($T = 1$) $\bar W_{kn} = g_{kn}\bar a_n^\top$ is rank
+    one and $\mathcal R(F)\operatorname{vec}(V) = \frac1N\sum_{k,n}
+    (\bar a_n^\top V \bar a_n)\, g_{kn} g_{kn}^\top$: a product costs
+    $O(N d_i^2 + KN d_o^2)$ and no per-sample gradient is formed. With several
+    positions the exact $\bar W_{kn}$ are formed once ($KN d_o d_i$ memory) and a
+    product costs $O(KN d_o d_i (d_o + d_i))$.
+
+    Args:
+        io: The layer's per-sample inputs and output gradients.
+        symmetric: Restrict to symmetric matrices (module docstring): inputs and
+            outputs are projected onto $(M + M^\top)/2$.
+        dtype: Compute in this dtype (default: that of ``io``).
+    """
+
+    def __init__(
+        self, io: PerSampleIO, symmetric: bool = True, dtype: torch.dtype | None = None
+    ) -> None:
+        if dtype is not None:
+            io = PerSampleIO(io.inputs.to(dtype), io.output_grads.to(dtype))
+        self.symmetric = symmetric
+        self.out_dim = int(io.output_grads.shape[-1])
+        self.in_dim = int(io.inputs.shape[-1])
+        self.dtype = io.inputs.dtype
+        self.device = io.inputs.device
+        self._num_samples = io.inputs.shape[0]
+        self._inputs: Tensor | None = None  # [N, in]  (one position)
+        self._grads: Tensor | None = None  # [K, N, out]  (one position)
+        self._weights: Tensor | None = None  # [K N, out, in]  (several positions)
+        if io.inputs.shape[1] == 1:
+            self._inputs, self._grads = io.inputs[:, 0, :], io.output_grads[:, :, 0, :]
+        else:
+            self._weights = io.grads().flatten(0, 1)
+
+    def _project(self, mat: Tensor) -> Tensor:
+        return symmetrize(mat) if self.symmetric else mat
+
+    def matvec(self, V: Tensor) -> Tensor:
+        r"""$\frac1N\sum_{k,n} \bar W_{kn} V \bar W_{kn}^\top$ for ``[..., in, in]`` $V$."""
+        V = self._project(V)
+        if self._weights is None:
+            assert self._inputs is not None and self._grads is not None
+            a, g = self._inputs, self._grads  # [N, in], [K, N, out]
+            quad = ((a @ V) * a).sum(-1)  # a_n^T V a_n, [..., N]
+            weights = quad.unsqueeze(-2).expand(*quad.shape[:-1], g.shape[0], -1)
+            flat = g.flatten(0, 1)  # [K N, out]
+            out = (flat.T * weights.flatten(-2).unsqueeze(-2)) @ flat
+        else:
+            # einsum, not a broadcast matmul: that takes milliseconds on CPU (torch 2.14).
+            left = torch.einsum("moi,...ij->...moj", self._weights, V)
+            out = torch.einsum("...moj,mpj->...op", left, self._weights)
+        return self._project(out / self._num_samples)
+
+    def rmatvec(self, U: Tensor) -> Tensor:
+        r"""$\frac1N\sum_{k,n} \bar W_{kn}^\top U \bar W_{kn}$ for ``[..., out, out]`` $U$."""
+        U = self._project(U)
+        if self._weights is None:
+            assert self._inputs is not None and self._grads is not None
+            a, g = self._inputs, self._grads
+            quad = ((g @ U.unsqueeze(-3)) * g).sum((-1, -3))  # sum_k g_kn^T U g_kn, [..., N]
+            out = (a.T * quad.unsqueeze(-2)) @ a
+        else:
+            left = torch.einsum("...op,mpj->...moj", U, self._weights)
+            out = torch.einsum("moi,...moj->...ij", self._weights, left)
+        return self._project(out / self._num_samples)
+
+
+class Deflated:
+    r"""An operator minus Kronecker terms.
+
+    $\mathcal R - \sum_j \operatorname{vec}(G_j)\operatorname{vec}(A_j)^\top$.
+    Deflating by the leading singular pairs $(\sqrt{\sigma_j} U_j, \sqrt{\sigma_j}
+    V_j)$ moves the next pair to the top; deflating by a KFAC term $(G, A)$ gives
+    the rearranged residual $\mathcal R(F - G\otimes A)$.
+
+    Args:
+        op: The operator to deflate.
+        terms: Pairs ``(G_j, A_j)`` with shapes ``[out, out]`` and ``[in, in]``.
+    """
+
+    def __init__(self, op: RearrangedOperator, terms: Sequence[tuple[Tensor, Tensor]]) -> None:
+        self.op, self.terms = op, tuple(terms)
+        self.out_dim, self.in_dim = op.out_dim, op.in_dim
+        self.dtype, self.device = op.dtype, op.device
+
+    def matvec(self, V: Tensor) -> Tensor:
+        r"""$\mathcal R\operatorname{vec}(V) - \sum_j \langle A_j, V\rangle G_j$."""
+        out = self.op.matvec(V)
+        for G, A in self.terms:
+            out = out - (V * A).sum((-2, -1), keepdim=True) * G
+        return out
+
+    def rmatvec(self, U: Tensor) -> Tensor:
+        r"""$\mathcal R^\top\operatorname{vec}(U) - \sum_j \langle G_j, U\rangle A_j$."""
+        out = self.op.rmatvec(U)
+        for G, A in self.terms:
+            out = out - (U * G).sum((-2, -1), keepdim=True) * A
+        return out
+
+
+@dataclass(frozen=True)
+class SingularTriple:
+    r"""A singular triple $\mathcal R \operatorname{vec}(V) \approx \sigma \operatorname{vec}(U)$.
+
+    Attributes:
+        sigma: Singular value $\sigma \ge 0$.
+        U: Left singular matrix, ``[out, out]``, unit Frobenius norm (zero if $\sigma = 0$).
+        V: Right singular matrix, ``[in, in]``, unit Frobenius norm (zero if $\sigma = 0$).
+        iterations: Products with $\mathcal R$ (each followed by one with
+            $\mathcal R^\top$) spent on it; for Lanczos, on all its triples together.
+        residual: $\|\mathcal R^\top U - \sigma V\|_F / \sigma_1$ (Lanczos) or the
+            sine criterion of [`power_svd`][curvlib.linalg.rearrange.power_svd].
+    """
+
+    sigma: float
+    U: Tensor
+    V: Tensor
+    iterations: int
+    residual: float
+
+
+def balanced_factors(triple: SingularTriple, *, psd: bool = False) -> tuple[Tensor, Tensor]:
+    r"""The normalised Kronecker factors $(G, A)$ with $G\otimes A = \sigma\, U \otimes V$.
+
+    The rule that makes factors from different batches comparable (so that they can
+    be averaged): the sign makes $\operatorname{tr} A \ge 0$ (if the trace vanishes,
+    the entry of $A$ of largest magnitude is made positive) and the scale is split
+    evenly, $\|G\|_F = \|A\|_F = \sqrt\sigma$.
+
+    Args:
+        triple: The singular triple.
+        psd: Clamp negative eigenvalues of both factors to zero (for the top pair
+            of a positive semi-definite $F$, where they are round-off or
+            truncation error of the iteration): one ``eigh`` per factor.
+
+    Returns:
+        ``(G, A)``, ``[out, out]`` and ``[in, in]``, contiguous (``torch.kron``
+        of torch 2.14 rejects transposed inputs).
+    """
+    V = triple.V
+    trace = V.diagonal().sum()
+    if bool(trace.abs() <= 1e3 * torch.finfo(V.dtype).eps * V.norm()):
+        trace = V.flatten()[V.abs().argmax()]
+    scale = math.sqrt(max(triple.sigma, 0.0)) * (1.0 if float(trace) >= 0 else -1.0)
+    G, A = scale * triple.U, scale * V
+    if psd:
+        G, A = ((e.vectors * e.values) @ e.vectors.T for e in (eigh(G), eigh(A)))
+    return symmetrize(G).contiguous(), symmetrize(A).contiguous()
+
+
+def _start(op: RearrangedOperator, v0: Tensor | None, u0: Tensor | None) -> Tensor:
+    """The normalised start: ``v0``, else ``R^T u0``, else a fixed generic symmetric matrix."""
+    dtype, device = op.dtype, op.device
+    candidates = [v0, None if u0 is None else op.rmatvec(u0.to(device, dtype))]
+    for cand in candidates:
+        if cand is not None and bool(torch.isfinite(cand).all()) and float(cand.norm()) > 0:
+            start: Tensor = cand.to(device, dtype)
+            return start.div(start.norm())
+    # Cold start: the identity plus a deterministic perturbation.
+    t = torch.arange(op.in_dim, dtype=dtype, device=device)
+    wiggle = torch.sin(1.0 + t[:, None] * t[None, :] + t[:, None] + t[None, :])
+    start = torch.eye(op.in_dim, dtype=dtype, device=device) / math.sqrt(op.in_dim)
+    start = start + wiggle * (0.1 / wiggle.norm())
+    return start.div(start.norm())
+
+
+def power_svd(
+    op: RearrangedOperator,
+    v0: Tensor | None = None,
+    u0: Tensor | None = None,
+    *,
+    tol: float = 1e-6,
+    max_iter: int = 100,
+    scale: float = 0.0,
+) -> SingularTriple:
+    r"""The top singular triple by power iterations on $\mathcal R^\top\mathcal R$.
+
+    Each iteration computes $u = \mathcal R v / \|\mathcal R v\|$,
+    $w = \mathcal R^\top u$, and stops once $\|w - \langle u, \mathcal R v\rangle
+    v\|_F \le \text{tol}\, \|w\|_F$ (the sine of the angle between $v$ and its
+    image). The error shrinks by $(\sigma_2/\sigma_1)^2$ per iteration, so a warm
+    start from the previous step's factor saves most of them.
+
+    Args:
+        op: The operator.
+        v0: Warm start on the input side (``[in, in]``; need not be normalised).
+        u0: Warm start on the output side, used when ``v0`` is missing.
+        tol: Relative residual at which to stop.
+        max_iter: Cap on the iterations.
+        scale: Size of the operator that ``op`` was deflated from (e.g. its
+            $\sigma_1$): a singular value at round-off level of it,
+            $\|\mathcal R v\| \le 10^3 \epsilon \cdot$ ``scale``, counts as zero.
+
+    Returns:
+        The triple; ``sigma = 0`` with zero matrices when $\mathcal R v$ is zero
+        (or at round-off level of ``scale``).
+
+    Raises:
+        ValueError: If ``max_iter < 1``.
+    """
+    if max_iter < 1:
+        raise ValueError(f"max_iter must be at least 1, got {max_iter!r}.")
+    v = _start(op, v0, u0)
+    u = v.new_zeros(op.out_dim, op.out_dim)
+    sigma, residual = 0.0, math.inf
+    for iteration in range(1, max_iter + 1):
+        image = op.matvec(v)
+        alpha = image.norm()
+        if not float(alpha) > _BREAKDOWN * torch.finfo(v.dtype).eps * scale:
+            return SingularTriple(0.0, u, torch.zeros_like(v), iteration, 0.0)
+        u = image / alpha
+        w = op.rmatvec(u)
+        beta = w.norm()
+        residual = float((w - alpha * v).norm() / beta)
+        v, sigma = w / beta, float(beta)
+        if residual <= tol:
+            break
+    return SingularTriple(sigma, u, v, iteration, residual)
+
+
+def _orthogonalise(w: Tensor, basis: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """Remove the components along an orthonormal basis (Gram–Schmidt twice)."""
+    if not basis:
+        return w, w.new_zeros(0)
+    Q = torch.stack(basis)
+    coef = Q @ w
+    w = w - Q.T @ coef
+    again = Q @ w
+    return w - Q.T @ again, coef + again
+
+
+def lanczos_svd(
+    op: RearrangedOperator,
+    rank: int = 2,
+    v0: Tensor | None = None,
+    *,
+    krylov_dim: int = 10,
+    tol: float = 1e-6,
+    max_restarts: int = 20,
+) -> tuple[SingularTriple, ...]:
+    r"""The top ``rank`` singular triples by restarted Golub–Kahan–Lanczos bidiagonalisation.
+
+    Builds orthonormal $V_k$, $U_k$ with $\mathcal R V_k = U_k B_k$ and
+    $\mathcal R^\top U_k = V_k B_k^\top + \beta_k v_{k+1} e_k^\top$ (full
+    reorthogonalisation), takes the Ritz triples from the SVD $B_k = X \Sigma
+    Y^\top$ and stops once every wanted residual $\beta_k |X_{ki}| \le
+    \text{tol}\,\sigma_1$. Otherwise it thick-restarts (Baglama & Reichel 2005)
+    from the ``rank + 1`` leading Ritz vectors and $v_{k+1}$. A breakdown
+    ($\alpha_j$ or $\beta_j$ at round-off level) means an invariant subspace was
+    found and the triples are exact: with rank$(\mathcal R) \le$ ``rank`` the
+    result is the exact rearranged block. Cost per restart: ``krylov_dim``
+    products with $\mathcal R$ and $\mathcal R^\top$ and the reorthogonalisation,
+    $O(k^2 (d_o^2 + d_i^2))$.
+
+    Args:
+        op: The operator.
+        rank: How many triples.
+        v0: Start on the input side (``[in, in]``, e.g. a sum of the previous
+            factors); the cold start of [`power_svd`][curvlib.linalg.rearrange.power_svd]
+            when missing or zero.
+        krylov_dim: Largest Krylov dimension $k$ before a restart.
+        tol: Relative residual at which to stop.
+        max_restarts: Cap on the restarts.
+
+    Returns:
+        ``rank`` triples by decreasing $\sigma$; missing ones (rank$(\mathcal R) <$
+        ``rank``) have $\sigma = 0$ and zero matrices. ``iterations`` counts all
+        products of the call.
+
+    Raises:
+        ValueError: If ``krylov_dim < rank + 2``.
+    """
+    if krylov_dim < rank + 2:
+        raise ValueError(f"krylov_dim must be at least rank + 2 = {rank + 2}, got {krylov_dim}.")
+    n_in, n_out = op.in_dim, op.out_dim
+    Vs = [_start(op, v0, None).reshape(-1)]
+    like = Vs[0]
+    Us: list[Tensor] = []
+    B = like.new_zeros(krylov_dim, krylov_dim)
+    scale, beta, products = 0.0, 0.0, 0
+    tiny = _BREAKDOWN * torch.finfo(like.dtype).eps
+    for restart in range(max_restarts + 1):
+        broke = ""
+        for j in range(len(Us), krylov_dim):
+            w, coef = _orthogonalise(op.matvec(Vs[j].view(n_in, n_in)).reshape(-1), Us)
+            products += 1
+            B[:j, j] = coef
+            alpha = float(w.norm())
+            scale = max(scale, alpha, float(coef.abs().max()) if j else 0.0)
+            if alpha <= tiny * scale:
+                broke = "alpha"
+                break
+            B[j, j] = alpha
+            Us.append(w / alpha)
+            f, _ = _orthogonalise(op.rmatvec(Us[j].view(n_out, n_out)).reshape(-1), Vs)
+            beta = float(f.norm())
+            if beta <= tiny * scale:
+                broke = "beta"
+                break
+            Vs.append(f / beta)  # after the last step: the residual direction v_{k+1}
+        m = len(Us)
+        if m == 0:
+            break
+        U_basis = torch.stack(Us)
+        V_basis = torch.stack(Vs[: m + 1] if broke == "alpha" else Vs[:m])
+        X, s, Yt = torch.linalg.svd(B[:m, : V_basis.shape[0]], full_matrices=False)
+        left, right = X.T @ U_basis, Yt @ V_basis  # Ritz vectors, as rows
+        residuals = [0.0] * m if broke else (beta * X[-1].abs() / s[0]).tolist()
+        if broke or restart == max_restarts or max(residuals[:rank]) <= tol:
+            triples = tuple(
+                SingularTriple(
+                    float(s[i]),
+                    left[i].view(n_out, n_out),
+                    right[i].view(n_in, n_in),
+                    products,
+                    residuals[i],
+                )
+                for i in range(min(rank, m))
+            )
+            return triples + _zero_triples(rank - len(triples), n_out, n_in, like, products)
+        # Thick restart: keep the leading Ritz pairs and the residual direction v_{k+1}.
+        keep = min(rank + 1, m - 1)
+        Us, Vs = list(left[:keep]), [*right[:keep], Vs[-1]]
+        B = like.new_zeros(krylov_dim, krylov_dim)
+        B[:keep, :keep] = torch.diag(s[:keep])
+    return _zero_triples(rank, n_out, n_in, like, products)
+
+
+def _zero_triples(
+    count: int, n_out: int, n_in: int, like: Tensor, iterations: int
+) -> tuple[SingularTriple, ...]:
+    zero_u, zero_v = like.new_zeros(n_out, n_out), like.new_zeros(n_in, n_in)
+    return tuple(SingularTriple(0.0, zero_u, zero_v, iterations, 0.0) for _ in range(count))
