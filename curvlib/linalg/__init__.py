@@ -1,8 +1,49 @@
 """Pure tensor maths shared by the approximations and the optimizer.
 
 Damped Kronecker inverses, ``eigh`` with retry, two-term Kronecker inverses,
-power SVD of the rearranged Fisher and Woodbury solves live here. This package
-imports torch and [`curvlib.core`][curvlib.core] only.
+power SVD and Golub–Kahan–Lanczos on the rearranged Fisher, and Woodbury solves
+live here. This package imports torch and [`curvlib.core`][curvlib.core] only.
 """
 
-__all__: list[str] = []
+from curvlib.linalg.factors import (
+    Eigh,
+    FactorizationError,
+    damped_cholesky,
+    damped_inverse,
+    eigh,
+    pi_split,
+    symmetrize,
+)
+from curvlib.linalg.kron import KroneckerSumInverse, two_term_inverse
+from curvlib.linalg.rearrange import (
+    Deflated,
+    RearrangedFisher,
+    RearrangedOperator,
+    SingularTriple,
+    balanced_factors,
+    lanczos_svd,
+    power_svd,
+)
+from curvlib.linalg.woodbury import WoodburyInverse, layer_rows, woodbury_solve
+
+__all__ = [
+    "Deflated",
+    "Eigh",
+    "FactorizationError",
+    "KroneckerSumInverse",
+    "RearrangedFisher",
+    "RearrangedOperator",
+    "SingularTriple",
+    "WoodburyInverse",
+    "balanced_factors",
+    "damped_cholesky",
+    "damped_inverse",
+    "eigh",
+    "lanczos_svd",
+    "layer_rows",
+    "pi_split",
+    "power_svd",
+    "symmetrize",
+    "two_term_inverse",
+    "woodbury_solve",
+]
