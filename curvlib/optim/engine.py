@@ -18,13 +18,14 @@ from __future__ import annotations
 import copy
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from curvlib.core.layout import CurvatureLayer
 from curvlib.core.protocols import CurvatureApprox, Extractor, Preconditioner
 from curvlib.core.stats import CurvatureStatistics, FisherType, merge_statistics
 from curvlib.optim.hyper import LevenbergMarquardt, Schedule, check_positive, resolve
@@ -194,8 +195,6 @@ class CurvatureEngine:
         try:
             precond = self.approx.inverse(damping)
         except (RuntimeError, ValueError) as err:
-            if self._precond is None and not self._has_estimate():
-                return
             self.inverse_failures += 1
             warnings.warn(
                 f"Step {self.step_count}: building the damped inverse failed ({err}); the last "
@@ -206,9 +205,6 @@ class CurvatureEngine:
             return
         self._precond, self._precond_damping = precond, damping
         self._precond_fresh, self._snapshot = True, None
-
-    def _has_estimate(self) -> bool:
-        return bool(self.approx.state_dict().get("num_updates", 1))
 
     def precondition(self, grads: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Multiply per-layer gradient matrices by the current damped inverse."""
@@ -288,7 +284,7 @@ class CurvatureEngine:
                 self._snapshot, self._precond_fresh = _clone(source), False
 
 
-def layer_grads(layers: Any) -> dict[str, Tensor]:
+def layer_grads(layers: Iterable[CurvatureLayer]) -> dict[str, Tensor]:
     """The ``[W | b]`` gradient matrices of curvature layers, keyed by name."""
     return {layer.name: layer.grad_matrix() for layer in layers}
 
