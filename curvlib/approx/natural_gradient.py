@@ -297,8 +297,8 @@ class NGDamping(Enum):
         EXACT: Exact Tikhonov damping, $F_l + \lambda I$ in every layer.
         HEURISTIC: The per-layer heuristic of the KPSVD paper's reference code,
             $F_l + \lambda_l I$ with
-            $$\lambda_l = \big\|(G_l + \sqrt\lambda I)\otimes(A_l + \sqrt\lambda I)
-            - G_l \otimes A_l\big\|_2 = \lambda + \sqrt\lambda\,(\|A_l\|_2 + \|G_l\|_2),$$
+            $\lambda_l = \big\|(G_l + \sqrt\lambda I)\otimes(A_l + \sqrt\lambda I)
+            - G_l \otimes A_l\big\|_2 = \lambda + \sqrt\lambda\,(\|A_l\|_2 + \|G_l\|_2)$,
             the spectral norm of the terms that unsplit factored KFAC damping adds
             to the layer, used as one isotropic term. $A_l$, $G_l$ are the KFAC factors of
             the stored batch ([`curvlib.core.conventions`][curvlib.core.conventions]).

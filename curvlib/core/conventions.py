@@ -51,7 +51,7 @@ the $1/D$ that a ``mean`` keeps. Every flavour
 s_{nk}^\top$ and backpropagates the columns $s_{nk}$:
 
 * ``EXACT``: $s_{nk}$ are the columns of a symmetric factorisation of $H_n$
-  ($K = $ number of outputs per sample).
+  ($K$ = number of outputs per sample).
 * ``MC``: $K$ Monte-Carlo samples, $s_{nk} = \frac{1}{\sqrt K}\, \varepsilon_{nk}$
   with $\mathbb{E}[\varepsilon \varepsilon^\top] = H_n$ (targets sampled from the
   model's predictive distribution), an unbiased estimate of ``EXACT``.

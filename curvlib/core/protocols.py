@@ -7,7 +7,7 @@ r"""The three interfaces that connect the layers of curvlib.
 * A [`Preconditioner`][curvlib.core.protocols.Preconditioner] is such an inverse:
   an operator that maps gradients to update directions.
 
-Vectors are dictionaries from layer name to $[W \\mid b]$ matrices
+Vectors are dictionaries from layer name to $[W \mid b]$ matrices
 (``[out, in_aug]``), the layout of
 [`curvlib.core.conventions`][curvlib.core.conventions].
 """

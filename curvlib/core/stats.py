@@ -54,7 +54,7 @@ class StatKind(Enum):
 
 @dataclass(frozen=True)
 class KroneckerFactors:
-    r"""Kronecker factors of one layer's curvature block, $F \approx G \\otimes A$.
+    r"""Kronecker factors of one layer's curvature block, $F \approx G \otimes A$.
 
     Attributes:
         A: Input factor, ``[in_aug, in_aug]``; sums over output positions.
@@ -79,7 +79,7 @@ class PerSampleIO:
     output_grads: Tensor
 
     def grads(self) -> Tensor:
-        r"""Per-sample gradient matrices $\bar W_{kn} = \\sum_t g_{knt} \bar a_{nt}^\top$.
+        r"""Per-sample gradient matrices $\bar W_{kn} = \sum_t g_{knt} \bar a_{nt}^\top$.
 
         Returns:
             ``[K, N, out, in_aug]``.
@@ -93,8 +93,8 @@ class PerSampleGrads:
 
     Attributes:
         grads: $\bar W_{kn}$, ``[K, N, out, in_aug]``; the layer's curvature block
-            is $\frac1N \\sum_{k,n} \\operatorname{vec}(\bar W_{kn})
-            \\operatorname{vec}(\bar W_{kn})^\top$.
+            is $\frac1N \sum_{k,n} \operatorname{vec}(\bar W_{kn})
+            \operatorname{vec}(\bar W_{kn})^\top$.
     """
 
     grads: Tensor

@@ -56,7 +56,7 @@ def render_curves(points: Tensor, samples_per_curve: int = 64, pen: float = 0.8)
     Args:
         points: Control points in image coordinates $[0, 1]^2$, ``[num, 3, 2]``.
         samples_per_curve: Points sampled along each curve.
-        pen: Stroke width $\\sigma$ in pixels.
+        pen: Stroke width $\sigma$ in pixels.
 
     Returns:
         ``[num, 784]`` images in $[0, 1]$.

@@ -4,7 +4,7 @@ BackPACK's own loss extensions scale by the batch reduction and take
 ``BCEWithLogitsLoss`` only with ``[N, 1]`` outputs and binary targets. curvlib
 builds the backpropagated columns $s_{nk}$ here instead, for outputs of any
 shape and soft targets, with the scaling of
-[`curvlib.core.conventions`][curvlib.core.conventions]: $\\sum_k s_{nk}
+[`curvlib.core.conventions`][curvlib.core.conventions]: $\sum_k s_{nk}
 s_{nk}^\top = H_n$, the Hessian of the loss as written for one sample.
 """
 
@@ -125,13 +125,13 @@ class LossCurvature:
         mc_samples: int = 1,
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        r"""Columns $s_{nk}$ with $\\sum_k s_{nk} s_{nk}^\top \approx H_n$.
+        r"""Columns $s_{nk}$ with $\sum_k s_{nk} s_{nk}^\top \approx H_n$.
 
         Args:
             output: Network output ``[N, ...]`` (detached inside).
             target: Targets (data targets; used by ``EMPIRICAL`` only).
             fisher_type: ``EXACT`` factorises $H_n$; ``MC`` draws ``mc_samples``
-                columns with expectation $H_n$; ``EMPIRICAL`` returns $\nabla \\ell_n$.
+                columns with expectation $H_n$; ``EMPIRICAL`` returns $\nabla \ell_n$.
             mc_samples: Number of Monte-Carlo samples for ``MC``.
             generator: Random generator for ``MC``.
 

@@ -215,7 +215,7 @@ class CurvatureEngine:
         return out
 
     def quadratic_model(self, grads: Mapping[str, Tensor], delta: Mapping[str, Tensor]) -> float:
-        r"""$M(\\delta) = \nabla^\top\\delta + \frac12 \\delta^\top (C + \\lambda I)\\delta$."""
+        r"""$M(\delta) = \nabla^\top\delta + \frac12 \delta^\top (C + \lambda I)\delta$."""
         curv = self.approx.matvec(delta)
         value = 0.0
         for name, d in delta.items():

@@ -38,7 +38,7 @@ class LevenbergMarquardt:
     $\rho = (h(\theta+\delta) - h(\theta)) / M(\delta)$:
     $\lambda \leftarrow \omega\lambda$ if $\rho > 3/4$ (the model is good: trust it
     more), $\lambda \leftarrow \lambda/\omega$ if $\rho < 1/4$ (or the loss rose),
-    with $\omega = $ ``decay`` $^{\text{interval}}$, kept within
+    with $\omega = \text{decay}^{\text{interval}}$, kept within
     ``[min_damping, max_damping]``. It needs ``step(closure)`` on the steps it
     adapts, with a closure that returns the loss of the current batch.
 
