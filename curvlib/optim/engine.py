@@ -284,6 +284,21 @@ class CurvatureEngine:
                 self._snapshot, self._precond_fresh = _clone(source), False
 
 
+def floating_to(state: Any, device: torch.device) -> Any:
+    """Move the floating-point tensors of a nested state to ``device``.
+
+    Random-generator states (``uint8``) and integer counters stay where they are:
+    ``torch.Generator.set_state`` takes a CPU byte tensor on every device.
+    """
+    if isinstance(state, Tensor):
+        return state.to(device) if state.is_floating_point() else state
+    if isinstance(state, Mapping):
+        return {k: floating_to(v, device) for k, v in state.items()}
+    if isinstance(state, list | tuple):
+        return type(state)(floating_to(v, device) for v in state)
+    return state
+
+
 def layer_grads(layers: Iterable[CurvatureLayer]) -> dict[str, Tensor]:
     """The ``[W | b]`` gradient matrices of curvature layers, keyed by name."""
     return {layer.name: layer.grad_matrix() for layer in layers}

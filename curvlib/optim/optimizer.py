@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from curvlib.core.layout import CurvatureLayer
 from curvlib.core.protocols import CurvatureApprox, Extractor
-from curvlib.optim.engine import CurvatureEngine, all_finite, layer_grads
+from curvlib.optim.engine import CurvatureEngine, all_finite, floating_to, layer_grads
 from curvlib.optim.hyper import LevenbergMarquardt, Schedule, check_positive
 from curvlib.optim.kernels import kl_clip_factor, momentum_direction
 
@@ -163,6 +163,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         r"""The damping $\lambda$ of the current step."""
         return self.engine.damping
 
+    @property
+    def lm_due(self) -> bool:
+        """Whether Levenberg–Marquardt damping adapts at the next ``step`` (needs a closure)."""
+        return self.engine.lm_due
+
     def _group(self, kind: str) -> dict[str, Any] | None:
         return next((g for g in self.param_groups if g["kind"] == kind), None)
 
@@ -172,10 +177,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
         Args:
             closure: Returns the loss of the current batch (no backward needed);
-                required on the steps where Levenberg–Marquardt damping adapts.
+                required on the steps where Levenberg–Marquardt damping adapts
+                (``lm_due``) and evaluated only there.
 
         Returns:
-            The closure's loss before the step, if a closure was given.
+            The closure's loss before the step where it was evaluated, else ``None``.
 
         Raises:
             RuntimeError: Without gradients, without a ``record()`` block on a step
@@ -193,7 +199,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 "Levenberg-Marquardt damping adapts at this step: call "
                 "opt.step(closure) with a closure that returns the loss of this batch."
             )
-        loss_before = float(closure()) if closure is not None else None
+        # The closure costs a forward pass: evaluate it only where LM needs it.
+        loss_before = float(closure()) if lm_due and closure is not None else None
         engine.prepare()
         group = self._group(CURVATURE_GROUP)
         assert group is not None
@@ -326,4 +333,5 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         curvature = state_dict.pop("curvature")
         self.skipped_steps = int(state_dict.pop("skipped_steps"))
         super().load_state_dict(state_dict)
-        self.engine.load_state_dict(curvature)
+        # Like torch's per-parameter state, the estimate follows the parameters' device.
+        self.engine.load_state_dict(floating_to(curvature, self.layers[0].weight.device))

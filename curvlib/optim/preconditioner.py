@@ -26,7 +26,7 @@ import torch
 
 from curvlib.core.layout import CurvatureLayer
 from curvlib.core.protocols import CurvatureApprox, Extractor
-from curvlib.optim.engine import CurvatureEngine, all_finite, layer_grads
+from curvlib.optim.engine import CurvatureEngine, all_finite, floating_to, layer_grads
 from curvlib.optim.hyper import LevenbergMarquardt, Schedule, check_positive
 from curvlib.optim.kernels import kl_clip_factor
 
@@ -113,5 +113,6 @@ class GradientPreconditioner:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore from ``state_dict()``."""
-        self.engine.load_state_dict(state["curvature"])
+        device = self.layers[0].weight.device
+        self.engine.load_state_dict(floating_to(state["curvature"], device))
         self.skipped_steps = int(state["skipped_steps"])
