@@ -15,24 +15,20 @@ tensors, no extra cost. Scaling and shapes:
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from enum import Enum
 from typing import Any
 
 import torch
-from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
+from torch import nn
 
-from curvlib.core.layout import CurvatureLayer, ModelLayout
-from curvlib.core.stats import CurvatureStatistics, FisherType, LayerStatistics, StatKind
-from curvlib.extract._autograd import AutogradRun
-from curvlib.extract._backpack import BACKPACK_MODULES, BackpackRun
-from curvlib.extract.layers import output_grads, unfold_input
+from curvlib.core.layout import ModelLayout
+from curvlib.core.stats import CurvatureStatistics, FisherType, StatKind
+from curvlib.extract._backpack import BACKPACK_MODULES
+from curvlib.extract._session import CollectSession
 from curvlib.extract.losses import LossCurvature, check_loss_module
-from curvlib.extract.statistics import layer_statistics
 
 
 class Backend(Enum):
@@ -62,19 +58,6 @@ class UnsupportedPolicy(Enum):
     WARN = "warn"
     IGNORE = "ignore"
     RAISE = "raise"
-
-
-_INPLACE_TYPES = (
-    nn.ReLU,
-    nn.ReLU6,
-    nn.LeakyReLU,
-    nn.ELU,
-    nn.SELU,
-    nn.CELU,
-    nn.Hardtanh,
-    nn.Dropout,
-    nn.Dropout2d,
-)
 
 
 def _enum(value: Any, cls: type[Enum], arg: str) -> Any:
@@ -208,7 +191,7 @@ class CurvatureExtractor:
             raise RuntimeError("collect() blocks cannot be nested.")
         self._active = True
         try:
-            run = _Run(self)
+            run = CollectSession(self)
             with run:
                 yield
         finally:
@@ -285,207 +268,3 @@ class CurvatureExtractor:
             return True
         # EMPIRICAL reads the output gradients of the user's backward: any network works.
         return empirical or not (coupling or self._no_backpack)
-
-
-class _Run:
-    """State of one ``collect()`` block: hooks, counters and recorded tensors."""
-
-    def __init__(self, extractor: CurvatureExtractor) -> None:
-        self.ex = extractor
-        self.inputs: dict[nn.Module, Tensor] = {}
-        self.columns: dict[nn.Module, Tensor] = {}
-        self.calls: dict[nn.Module, int] = {}
-        self.num_batch: int | None = None
-        self.subsample: list[int] | None = None
-        self.loss_calls = 0
-        self.backward_seen = False
-        self.stack = ExitStack()
-        self.handles: list[RemovableHandle] = []
-        self.inplace: list[nn.Module] = []
-        coupling = extractor._coupling_modules()
-        self.coupled = bool(coupling)
-        if self.coupled and extractor._stats - {StatKind.KRONECKER}:
-            raise RuntimeError(
-                f"BatchNorm in train mode ({', '.join(coupling)}) couples the samples, so "
-                "per-sample statistics do not exist: request only StatKind.KRONECKER, or run "
-                "the statistics step with the model in eval mode."
-            )
-        self.use_backpack = extractor._use_backpack(coupling)
-        self.autograd: AutogradRun | None = None
-
-    def __enter__(self) -> _Run:
-        ex = self.ex
-        for module in ex._model.modules():
-            if isinstance(module, _INPLACE_TYPES) and getattr(module, "inplace", False):
-                # Restored on exit: in-place ops break the per-sample hooks.
-                setattr(module, "inplace", False)  # noqa: B010
-                self.inplace.append(module)
-        try:
-            self._install()
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
-
-    def _install(self) -> None:
-        ex = self.ex
-        self.stack.enter_context(warnings.catch_warnings())
-        # torch warns when a hooked first layer's input needs no gradient; expected here.
-        warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        empirical = ex._fisher_type is FisherType.EMPIRICAL
-        loss_module = ex._loss.loss_fn
-        for module in ex._leaves:
-            self.handles.append(module.register_forward_hook(self._count_hook))
-        for layer in ex._layout.layers:
-            self.handles.append(layer.module.register_forward_hook(self._input_hook))
-        self.handles.append(loss_module.register_forward_pre_hook(self._loss_hook))
-
-        def batch_to_sample() -> float:
-            return ex._loss.batch_to_sample(self._num_batch())
-
-        def subsampling() -> list[int] | None:
-            return self.subsample
-
-        if self.use_backpack:
-            hooked = [layer.module for layer in ex._layout.layers] if empirical else ex._leaves
-            self.stack.enter_context(
-                BackpackRun(
-                    [*hooked, loss_module],
-                    backpropagate_columns=not empirical,
-                    loss_columns=self._loss_columns,
-                    loss_ran=lambda: self.loss_calls > 0,
-                    on_layer=self._on_layer,
-                    batch_to_sample=batch_to_sample,
-                    subsampling=subsampling,
-                )
-            )
-        else:
-            self.autograd = self.stack.enter_context(
-                AutogradRun(
-                    [layer.module for layer in ex._layout.layers],
-                    on_layer=self._on_layer,
-                    batch_to_sample=batch_to_sample,
-                    subsampling=subsampling,
-                    read_backward=empirical,
-                    coupled=self.coupled,
-                )
-            )
-
-    def __exit__(self, *exc: object) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles.clear()
-        self.stack.close()
-        for module in self.inplace:
-            setattr(module, "inplace", True)  # noqa: B010
-
-    # -- hooks --------------------------------------------------------------------
-
-    def _count_hook(self, module: nn.Module, inputs: Any, output: Any) -> None:
-        if not torch.is_grad_enabled():
-            return
-        self.calls[module] = self.calls.get(module, 0) + 1
-        strict = self.use_backpack or module in self.ex._by_module
-        if self.calls[module] > 1 and strict:
-            raise RuntimeError(
-                f"Module {self.ex._names[module]!r} ({type(module).__name__}) ran twice in one "
-                "forward pass inside collect(); curvlib needs each curvature layer (and, with "
-                "the BackPACK backend, each module) to run once. Use separate module "
-                "instances, or backend=Backend.AUTOGRAD for shared parameter-free modules."
-            )
-
-    def _input_hook(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Any) -> None:
-        if torch.is_grad_enabled():
-            self.inputs[module] = inputs[0].detach()
-
-    def _loss_hook(self, module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
-        if not torch.is_grad_enabled():
-            return
-        self.loss_calls += 1
-        if self.loss_calls > 1:
-            raise RuntimeError(
-                "loss_fn ran twice inside one collect() block; compute the loss once per "
-                "block (accumulate micro-batches in separate blocks)."
-            )
-        net_out, target = inputs[0], inputs[1]
-        self.ex._loss.check_shapes(net_out, target)
-        n = net_out.shape[0]
-        self.num_batch = n
-        m = max(1, math.ceil(self.ex._fraction * n))
-        # Coupled empirical statistics come from the user's whole-batch backward.
-        sub_batch = not (self.coupled and self.ex._fisher_type is FisherType.EMPIRICAL)
-        if m < n and sub_batch:
-            perm = torch.randperm(n, generator=self.ex._generator(torch.device("cpu")))
-            self.subsample = sorted(perm[:m].tolist())
-        if self.autograd is not None and self.ex._fisher_type is not FisherType.EMPIRICAL:
-            # Coupled EXACT columns are not zero-mean draws: pull each back on its own.
-            separate = self.coupled and self.ex._fisher_type is FisherType.EXACT
-            self.autograd.pull_back(net_out, self._columns_for(net_out, target), separate)
-
-    # -- columns ------------------------------------------------------------------
-
-    def _num_batch(self) -> int:
-        if self.num_batch is None:
-            raise RuntimeError("internal: the loss module did not run inside collect()")
-        return self.num_batch
-
-    def _columns_for(self, net_out: Tensor, target: Tensor) -> Tensor:
-        if self.subsample is not None:
-            net_out, target = net_out[self.subsample], target[self.subsample]
-        ex = self.ex
-        return ex._loss.hessian_columns(
-            net_out, target, ex._fisher_type, ex._mc_samples, ex._generator(net_out.device)
-        )
-
-    def _loss_columns(self, loss_module: nn.Module) -> Tensor:
-        net_out, target = loss_module.input0, loss_module.input1  # stored by BackPACK
-        assert isinstance(net_out, Tensor) and isinstance(target, Tensor)
-        return self._columns_for(net_out, target)
-
-    def _on_layer(self, module: nn.Module, columns: Tensor) -> None:
-        if module in self.ex._by_module:
-            self.backward_seen = True
-            self.columns[module] = columns.detach()
-
-    # -- result -------------------------------------------------------------------
-
-    def finish(self) -> CurvatureStatistics:
-        if self.loss_calls == 0:
-            raise RuntimeError(
-                "collect() ended without a call of loss_fn: call the loss module passed to "
-                "the extractor on the model output inside the block."
-            )
-        if not self.backward_seen:
-            raise RuntimeError(
-                "collect() ended without a backward pass: call loss.backward() inside the "
-                "block (statistics are computed during the backward pass)."
-            )
-        ex = self.ex
-        layers: dict[str, LayerStatistics] = {}
-        for layer in ex._layout.layers:
-            layers[layer.name] = self._layer_stats(layer)
-        return CurvatureStatistics(
-            layers=layers, fisher_type=ex._fisher_type, num_samples=self._num_samples()
-        )
-
-    def _layer_stats(self, layer: CurvatureLayer) -> LayerStatistics:
-        module = layer.module
-        if module not in self.columns or module not in self.inputs:
-            raise RuntimeError(
-                f"Layer {layer.name!r} did not take part in the forward and backward pass "
-                "inside collect(); exclude it from the extractor if it is unused."
-            )
-        x = self.inputs[module]
-        if self.subsample is not None and not self.coupled:
-            x = x[self.subsample]
-        return layer_statistics(
-            layer,
-            unfold_input(layer, x),
-            output_grads(layer, self.columns[module]),
-            self.ex._stats,
-            self.ex._dtype,
-            num_samples=self._num_samples(),
-        )
-
-    def _num_samples(self) -> int:
-        return len(self.subsample) if self.subsample is not None else self._num_batch()
