@@ -7,7 +7,7 @@ each other. The conventions that all layers share are written down once, in
 """
 
 from curvlib.core.layout import CurvatureLayer, LayerKind, ModelLayout, UnsupportedModule
-from curvlib.core.protocols import CurvatureApprox, Extractor, Preconditioner
+from curvlib.core.protocols import CurvatureApprox, Extractor, Preconditioner, RefreshableApprox
 from curvlib.core.stats import (
     CurvatureStatistics,
     FisherType,
@@ -31,6 +31,7 @@ __all__ = [
     "PerSampleGrads",
     "PerSampleIO",
     "Preconditioner",
+    "RefreshableApprox",
     "StatKind",
     "UnsupportedModule",
 ]

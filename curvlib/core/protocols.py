@@ -104,3 +104,20 @@ class CurvatureApprox(Protocol):
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore the estimate from ``state_dict()``."""
         ...
+
+
+@runtime_checkable
+class RefreshableApprox(CurvatureApprox, Protocol):
+    r"""An approximation with an expensive part and a cheap part on two time scales.
+
+    EKFAC is the example: its eigenbasis costs two eigendecompositions, its
+    scalings only a projection of the statistics. The optimizer's engine calls
+    ``refresh()`` on the steps where an inverse is due (after that step's
+    ``update``) and, because ``inverse`` is then cheap, rebuilds the inverse
+    after *every* update, so the scalings of every statistics step reach the
+    preconditioner at once.
+    """
+
+    def refresh(self) -> None:
+        """Recompute the expensive part of the estimate from the running statistics."""
+        ...

@@ -6,7 +6,9 @@ steps of a second-order method on any extractor and approximation:
 1. **statistics**: ``record()`` switches the extractor on for the forward and
    backward pass of the steps where statistics are due (every ``t_cov`` steps);
 2. **update**: the statistics are folded into the approximation;
-3. **invert**: every ``t_inv`` steps the damped inverse is rebuilt;
+3. **invert**: every ``t_inv`` steps the damped inverse is rebuilt (a
+   [`RefreshableApprox`][curvlib.core.protocols.RefreshableApprox] refreshes
+   its expensive part then, and rebuilds its cheap inverse after every update);
 4. **precondition**: gradients are multiplied by the current inverse.
 
 Non-finite statistics skip the update with a warning, and a failed inverse
@@ -26,7 +28,12 @@ import torch
 from torch import Tensor
 
 from curvlib.core.layout import CurvatureLayer
-from curvlib.core.protocols import CurvatureApprox, Extractor, Preconditioner
+from curvlib.core.protocols import (
+    CurvatureApprox,
+    Extractor,
+    Preconditioner,
+    RefreshableApprox,
+)
 from curvlib.core.stats import CurvatureStatistics, FisherType, merge_statistics
 from curvlib.optim.hyper import LevenbergMarquardt, Schedule, check_positive, resolve
 
@@ -158,14 +165,18 @@ class CurvatureEngine:
                 "before step()."
             )
         self.timings = {"statistics": self.timings.get("statistics", 0.0)}
+        updated = False
         if self._pending:
             start = time.perf_counter()
-            self._update(merge_statistics(self._pending))
+            updated = self._update(merge_statistics(self._pending))
             self._pending.clear()
             self.timings["update"] = time.perf_counter() - start
-        if self._precond is None or self.step_count % self.t_inv == 0:
+        inverse_due = self._precond is None or self.step_count % self.t_inv == 0
+        refreshable = isinstance(self.approx, RefreshableApprox)
+        if inverse_due or (refreshable and updated):
             start = time.perf_counter()
-            self._invert()
+            if not (inverse_due and refreshable) or self._refresh():
+                self._invert()
             self.timings["inverse"] = time.perf_counter() - start
         if self._precond is None:
             raise RuntimeError(
@@ -173,7 +184,8 @@ class CurvatureEngine:
                 "far were rejected (see the warnings)."
             )
 
-    def _update(self, stats: CurvatureStatistics) -> None:
+    def _update(self, stats: CurvatureStatistics) -> bool:
+        """Fold ``stats`` into the approximation; ``False`` when they were rejected."""
         if not stats.is_finite():
             self.skipped_updates += 1
             warnings.warn(
@@ -182,13 +194,30 @@ class CurvatureEngine:
                 RuntimeWarning,
                 stacklevel=4,
             )
-            return
+            return False
         if self._precond is not None and self._precond_fresh:
             # The live inverse was built from the current estimate: keep that estimate
             # so that a checkpoint taken before the next rebuild resumes exactly.
             self._snapshot = _clone(self.approx.state_dict())
             self._precond_fresh = False
         self.approx.update(stats)
+        return True
+
+    def _refresh(self) -> bool:
+        """Refresh a two-time-scale approximation; ``False`` (and a warning) if it failed."""
+        assert isinstance(self.approx, RefreshableApprox)
+        try:
+            self.approx.refresh()
+        except (RuntimeError, ValueError) as err:
+            self.inverse_failures += 1
+            warnings.warn(
+                f"Step {self.step_count}: refreshing the curvature estimate failed ({err}); "
+                "the last good preconditioner is kept.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            return self._precond is None
+        return True
 
     def _invert(self) -> None:
         damping = self.damping
