@@ -1,0 +1,300 @@
+"""The command line shared by curvlib's example scripts: flags, their types and checks.
+
+Every example builds its parser with ``build_parser`` (the common flags are defined
+here and only here) and adds its own data and model flags. Bad values are rejected
+by the parser with the allowed range or choices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from optimizers import DEFAULT_CURVATURE_LR, OPTIMIZERS, OptimConfig
+
+
+class UsageError(ValueError):
+    """A bad combination of flags or files, reported as a one-line error (no traceback)."""
+
+
+# -- argument types ---------------------------------------------------------------
+
+
+def positive_float(text: str) -> float:
+    """``argparse`` type: a finite float > 0."""
+    value = _float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+    return value
+
+
+def nonnegative_float(text: str) -> float:
+    """``argparse`` type: a finite float >= 0."""
+    value = _float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
+    return value
+
+
+def momentum_float(text: str) -> float:
+    """``argparse`` type: a float in [0, 1)."""
+    value = _float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1), got {text!r}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """``argparse`` type: a float in (0, 1]."""
+    value = _float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must lie in (0, 1], got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """``argparse`` type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text!r}")
+    return value
+
+
+def _float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One optimizer of a run or comparison: ``NAME`` or ``NAME:LR`` on the command line.
+
+    Attributes:
+        name: A key of ``OPTIMIZERS``.
+        lr: Its learning rate, or ``None`` for ``--lr`` / the optimizer's default.
+    """
+
+    name: str
+    lr: float | None = None
+
+    @property
+    def label(self) -> str:
+        """Directory and legend name: ``kfac`` or ``adam-lr0.003``."""
+        return self.name if self.lr is None else f"{self.name}-lr{self.lr:g}"
+
+
+def _choices() -> str:
+    return ", ".join(OPTIMIZERS)
+
+
+def run_spec(text: str) -> RunSpec:
+    """``argparse`` type of one optimizer: ``NAME`` or ``NAME:LR``."""
+    name, _, lr = text.strip().partition(":")
+    if name not in OPTIMIZERS:
+        raise argparse.ArgumentTypeError(f"invalid optimizer {name!r} (choose from {_choices()})")
+    if not lr:
+        return RunSpec(name)
+    try:
+        return RunSpec(name, positive_float(lr))
+    except argparse.ArgumentTypeError as err:
+        raise argparse.ArgumentTypeError(f"learning rate of {text.strip()!r} {err}") from None
+
+
+def run_spec_list(text: str) -> list[RunSpec]:
+    """``argparse`` type of ``--compare``: comma-separated ``NAME`` or ``NAME:LR``."""
+    specs = [run_spec(part) for part in text.split(",") if part.strip()]
+    if not specs:
+        raise argparse.ArgumentTypeError(f"needs at least one optimizer (choose from {_choices()})")
+    labels = [s.label for s in specs]
+    if len(set(labels)) != len(labels):
+        raise argparse.ArgumentTypeError(f"lists an optimizer twice: {text!r}")
+    return specs
+
+
+# -- the command line -------------------------------------------------------------
+
+FISHER_CHOICES = ("mc", "empirical", "exact")
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the description's line breaks and shows every meaningful default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if (
+            action.option_strings
+            and "default" not in text
+            and action.default is not None
+            and action.default is not False
+            and action.default != argparse.SUPPRESS
+        ):
+            text += " (default: %(default)s)"
+        return text
+
+
+def build_parser(
+    description: str, *, epilog: str | None = None, **defaults: Any
+) -> argparse.ArgumentParser:
+    """The parser with every common flag; scripts add their own flags to it.
+
+    Args:
+        description: First line of ``--help``.
+        epilog: Text after the flags in ``--help``.
+        **defaults: Script-specific defaults of common flags (e.g. ``batch_size=1000``).
+    """
+    table = "\n".join(f"  {name:<16}{spec.help}" for name, spec in OPTIMIZERS.items())
+    parser = argparse.ArgumentParser(
+        description=description,
+        epilog=f"optimizers (--optim, --compare):\n{table}" + (f"\n\n{epilog}" if epilog else ""),
+        formatter_class=_HelpFormatter,
+    )
+    opt = parser.add_argument_group("optimizer")
+    opt.add_argument(
+        "--optim",
+        type=run_spec,
+        default=RunSpec("kfac"),
+        metavar="NAME",
+        help=f"optimizer, one of: {_choices()} (default: kfac)",
+    )
+    opt.add_argument(
+        "--lr",
+        type=positive_float,
+        default=None,
+        help=f"learning rate (default: {DEFAULT_CURVATURE_LR:g} for curvature optimizers, "
+        f"{OPTIMIZERS['adam'].default_lr:g} for adam, {OPTIMIZERS['sgd'].default_lr:g} for sgd)",
+    )
+    opt.add_argument(
+        "--damping", type=positive_float, default=1e-3, help="Tikhonov damping λ of C + λI"
+    )
+    opt.add_argument(
+        "--adaptive-damping",
+        action="store_true",
+        help="adapt λ by the Levenberg-Marquardt rule every --t-inv steps, starting at --damping",
+    )
+    opt.add_argument(
+        "--clipping",
+        type=nonnegative_float,
+        default=1e-2,
+        help="KL-clipping bound (0 disables clipping)",
+    )
+    opt.add_argument(
+        "--momentum",
+        type=momentum_float,
+        default=0.5,
+        help="momentum of curvature optimizers and sgd (adam keeps its betas)",
+    )
+    opt.add_argument("--weight-decay", type=nonnegative_float, default=0.0, help="L2 weight decay")
+    opt.add_argument(
+        "--fisher",
+        choices=FISHER_CHOICES,
+        default="mc",
+        help="curvature statistics: MC-sampled targets, empirical Fisher or exact GGN",
+    )
+    opt.add_argument(
+        "--stats-fraction",
+        type=fraction,
+        default=1.0,
+        help="fraction of each batch used for the curvature statistics",
+    )
+    opt.add_argument(
+        "--t-cov", type=positive_int, default=10, help="steps between statistics updates"
+    )
+    opt.add_argument("--t-inv", type=positive_int, default=10, help="steps between inversions")
+    opt.add_argument(
+        "--compare",
+        type=run_spec_list,
+        default=None,
+        metavar="NAME[:LR],...",
+        help="run several optimizers on the same data and seed, e.g. kfac,kpsvd,adam or "
+        "kfac,adam:3e-4,adam:1e-3 (LR overrides --lr for that entry); plots them together",
+    )
+
+    run = parser.add_argument_group("run")
+    run.add_argument("--batch-size", type=positive_int, default=500, help="mini-batch size")
+    run.add_argument("--num-epochs", type=positive_int, default=10, help="epochs (in total)")
+    run.add_argument(
+        "--num-train",
+        type=positive_int,
+        default=None,
+        help="training examples (default: the data set's own size; generated sets: see --data)",
+    )
+    run.add_argument(
+        "--num-test",
+        type=positive_int,
+        default=None,
+        help="test examples (default: the data set's test split)",
+    )
+    run.add_argument(
+        "--data-root", type=Path, default=Path("data"), help="directory of downloaded data sets"
+    )
+    run.add_argument(
+        "--device",
+        choices=DEVICE_CHOICES,
+        default="auto",
+        help="auto picks CUDA when available",
+    )
+    run.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        help="CPU threads of torch (default: torch's choice; 1 is much faster on a busy machine)",
+    )
+    run.add_argument("--seed", type=int, default=0, help="seed of data, initialisation and MC")
+    run.add_argument("--out", type=Path, default=Path("runs/example"), help="output directory")
+    run.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the checkpoint in --out (--num-epochs counts all epochs)",
+    )
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(**defaults)
+    return parser
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto``: CUDA when available, else CPU.
+
+    Raises:
+        UsageError: If ``cuda`` is asked for but not available.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: CUDA is not available on this machine (try --device cpu).")
+    return torch.device(name)
+
+
+def runs_of(args: argparse.Namespace) -> list[RunSpec]:
+    """The optimizers to run: those of ``--compare``, or ``--optim``."""
+    return list(args.compare) if args.compare else [args.optim]
+
+
+def optim_config(args: argparse.Namespace, spec: RunSpec) -> OptimConfig:
+    """The hyper-parameters of ``spec``: its own LR, else ``--lr``, else the default."""
+    lr = spec.lr if spec.lr is not None else args.lr
+    return OptimConfig(
+        lr=OPTIMIZERS[spec.name].default_lr if lr is None else lr,
+        damping=args.damping,
+        adaptive_damping=args.adaptive_damping,
+        clipping=args.clipping,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        fisher=args.fisher,
+        stats_fraction=args.stats_fraction,
+        t_cov=args.t_cov,
+        t_inv=args.t_inv,
+        seed=args.seed,
+    )

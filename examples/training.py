@@ -1,0 +1,452 @@
+"""The training loop shared by curvlib's example scripts, with checkpoints and telemetry.
+
+``run_experiment`` trains ``--optim`` (or every ``--compare`` entry) on a
+``Task`` and writes, after every epoch, ``metrics.csv``/``metrics.json``,
+``loss.png``, ``checkpoint.pt`` and, for curvlib optimizers, ``telemetry.png``
+and ``telemetry.json`` (ν and λ of every step). ``--resume`` continues from the
+checkpoint with the whole history. ``Telemetry`` and the checkpoint helpers are
+reused by scripts with their own loop (the DCGAN).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from cli import RunSpec, UsageError, optim_config, resolve_device, runs_of
+from optimizers import OPTIMIZERS, build_optimizer
+from report import (
+    Row,
+    RunResult,
+    finite,
+    fmt,
+    plot_runs,
+    plot_telemetry,
+    summarize,
+    write_metrics,
+    write_summary,
+)
+from torch import Tensor, nn
+from tqdm import tqdm
+
+CHECKPOINT = "checkpoint.pt"
+TIMINGS = ("time_statistics", "time_update", "time_inverse", "time_precondition", "time_step")
+TELEMETRY_FIELDS: tuple[str, ...] = (
+    "kl_clip_factor",
+    "kl_clip_factor_last",
+    "damping",
+    "damping_last",
+    "lm_ratio",
+    *TIMINGS,
+    "inverse_failures",
+    "skipped_steps",
+)
+"""Per-epoch summary of ``optimizer.last_stats`` (``None`` for torch optimizers):
+the mean and the last value of the clip factor ν and of the damping λ over the
+epoch's steps, the last Levenberg–Marquardt ratio, the seconds spent in each phase
+of ``step()`` (``time_step`` is all of it; the statistics are computed in
+``record()``), and the cumulative counts of failed inverses and skipped steps."""
+
+METRIC_FIELDS: tuple[str, ...] = (
+    "epoch",
+    "steps",
+    "train_loss",
+    "test_loss",
+    "train_accuracy",
+    "test_accuracy",
+    "train_loss_running",
+    "wall_time",
+    "epoch_time",
+    *TELEMETRY_FIELDS,
+)
+"""Columns of ``metrics.csv``: losses at the end of each epoch (``train_loss`` on the
+training set, or its first ``Task.train_eval`` examples; ``train_loss_running`` the
+mean over the epoch's batches), accuracies for classifiers, cumulative training
+seconds without evaluations (``wall_time``) and ``TELEMETRY_FIELDS``."""
+
+
+class Telemetry:
+    """Collects ``optimizer.last_stats`` after every step of a curvlib optimizer.
+
+    ``observe`` after each ``step()``; ``epoch_summary`` at the end of an epoch
+    gives the ``TELEMETRY_FIELDS`` row and starts the next epoch. ``steps`` keeps
+    ν and λ of every step (saved in checkpoints, plotted by ``plot_telemetry``).
+    torch optimizers have no ``last_stats``: every field is then ``None``.
+
+    Args:
+        steps: The per-step history of a resumed run.
+    """
+
+    def __init__(self, steps: list[Row] | None = None) -> None:
+        self.steps: list[Row] = [] if steps is None else steps
+        self._epoch: list[dict[str, Any]] = []
+
+    def observe(self, optimizer: torch.optim.Optimizer, step: int) -> None:
+        """Record the stats of the step just taken (global step number ``step``)."""
+        stats = getattr(optimizer, "last_stats", None)
+        if not stats:
+            return
+        self._epoch.append(dict(stats))
+        if not stats.get("skipped", False):
+            self.steps.append(
+                {
+                    "step": step,
+                    "kl_clip_factor": _float(stats.get("kl_clip_factor")),
+                    "damping": _float(stats.get("damping")),
+                }
+            )
+
+    def epoch_summary(self, optimizer: torch.optim.Optimizer) -> Row:
+        """The epoch's ``TELEMETRY_FIELDS`` row; resets the epoch."""
+        taken = [s for s in self._epoch if not s.get("skipped", False)]
+        self._epoch = []
+        row: Row = dict.fromkeys(TELEMETRY_FIELDS)
+        if not hasattr(optimizer, "last_stats"):
+            return row
+        for key in ("kl_clip_factor", "damping"):
+            values = [v for v in (_float(s.get(key)) for s in taken) if v is not None]
+            row[key] = sum(values) / len(values) if values else None
+            row[f"{key}_last"] = values[-1] if values else None
+        ratios = [v for v in (_float(s.get("lm_ratio")) for s in taken) if v is not None]
+        row["lm_ratio"] = ratios[-1] if ratios else None
+        for key in TIMINGS:
+            row[key] = sum(float(s.get(key) or 0.0) for s in taken)
+        failures = [s.get("inverse_failures") for s in taken]
+        row["inverse_failures"] = _float(failures[-1]) if failures else None
+        row["skipped_steps"] = _float(getattr(optimizer, "skipped_steps", None))
+        return row
+
+
+def _float(value: Any) -> float | None:
+    return None if value is None else finite(float(value))
+
+
+@dataclass
+class Task:
+    """What to train: a model factory, a loss and tensors on the target device.
+
+    Attributes:
+        make_model: Returns a freshly initialised model (called after seeding).
+        loss_fn: The loss module (``mean`` reduction).
+        train_x: Training inputs.
+        train_y: Training targets (the inputs themselves for an autoencoder).
+        test_x: Test inputs.
+        test_y: Test targets.
+        eval_batch: Batch size of the loss evaluations.
+        accuracy: Also report the accuracy (argmax of the logits against integer labels).
+        train_eval: Evaluate the training metrics on the first ``train_eval``
+            examples only (``None``: all of them).
+    """
+
+    make_model: Callable[[], nn.Module]
+    loss_fn: nn.Module
+    train_x: Tensor
+    train_y: Tensor
+    test_x: Tensor
+    test_y: Tensor
+    eval_batch: int = 5_000
+    accuracy: bool = False
+    train_eval: int | None = None
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, loss_fn: nn.Module, x: Tensor, y: Tensor, batch: int, accuracy: bool = False
+) -> tuple[float, float | None]:
+    """Mean loss over ``(x, y)`` (``mean`` reduction weighted by batch size), and accuracy.
+
+    Returns:
+        ``(loss, accuracy)``; the accuracy is ``None`` unless asked for.
+    """
+    if len(x) == 0:
+        return math.nan, None
+    was_training = model.training
+    model.eval()
+    total, correct = 0.0, 0
+    for i in range(0, len(x), batch):
+        out = model(x[i : i + batch])
+        total += float(loss_fn(out, y[i : i + batch])) * len(out)
+        if accuracy:
+            correct += int((out.argmax(1) == y[i : i + batch]).sum())
+    model.train(was_training)
+    return total / len(x), (correct / len(x) if accuracy else None)
+
+
+def mean(values: Sequence[float]) -> float | None:
+    """Mean of the finite values, ``None`` without any."""
+    kept = [v for v in values if v is not None and math.isfinite(v)]
+    return sum(kept) / len(kept) if kept else None
+
+
+def rng_state(generator: torch.Generator, device: torch.device) -> dict[str, Any]:
+    """Torch's global RNG, the data-order generator and (on CUDA) the device RNG."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "data": generator.get_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, Any], generator: torch.Generator, device: torch.device) -> None:
+    """Restore what ``rng_state`` saved."""
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["data"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    """Write atomically, so that an interrupted save keeps the previous checkpoint."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, optimizer_name: str) -> dict[str, Any]:
+    """Load ``path`` (tensors and plain values only).
+
+    Raises:
+        UsageError: If it holds a run of another optimizer.
+    """
+    ckpt: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+    if ckpt["optimizer_name"] != optimizer_name:
+        raise UsageError(
+            f"--resume: {path} holds a run of {ckpt['optimizer_name']!r}, not "
+            f"{optimizer_name!r}; use another --out."
+        )
+    return ckpt
+
+
+def write_telemetry(out: Path, steps: Sequence[Row], title: str) -> None:
+    """``telemetry.json`` (ν and λ per step) and ``telemetry.png``; nothing without steps."""
+    if not steps:
+        return
+    (out / "telemetry.json").write_text(json.dumps(list(steps)) + "\n")
+    plot_telemetry(steps, out / "telemetry.png", title)
+
+
+def batches(n: int, batch_size: int, generator: torch.Generator) -> list[Tensor]:
+    """A shuffled epoch; the last partial batch is dropped when a full one exists."""
+    perm = torch.randperm(n, generator=generator)
+    stop = n - n % batch_size if n >= batch_size else n
+    return [perm[i : i + batch_size] for i in range(0, stop, batch_size)]
+
+
+def progress_bar(args: argparse.Namespace, label: str, total: int, initial: int) -> tqdm:
+    """The progress bar of a run (on stderr; ``--no-progress`` disables it)."""
+    return tqdm(
+        total=total,
+        initial=min(initial, total),
+        desc=label,
+        unit="step",
+        dynamic_ncols=True,
+        mininterval=0.5,
+        disable=args.no_progress,
+        file=sys.stderr,
+    )
+
+
+@contextlib.contextmanager
+def nothing() -> Iterator[None]:
+    """The ``record()`` of torch optimizers: no curvature pass."""
+    yield
+
+
+def step_optimizer(optimizer: torch.optim.Optimizer, loss_of_batch: Callable[[], Tensor]) -> float:
+    """One step: forward and backward inside ``record()``, then ``step()``.
+
+    The Levenberg–Marquardt closure (the batch loss, no backward) is passed on the
+    steps where the damping adapts.
+
+    Returns:
+        The batch loss before the step.
+    """
+    optimizer.zero_grad()
+    with getattr(optimizer, "record", nothing)():
+        loss = loss_of_batch()
+        loss.backward()
+    if getattr(optimizer, "lm_due", False):
+        optimizer.step(lambda: float(loss_of_batch()))
+    else:
+        optimizer.step()
+    return float(loss.detach())
+
+
+def train_one(
+    task: Task,
+    spec: RunSpec,
+    args: argparse.Namespace,
+    out: Path,
+    device: torch.device,
+    title: str,
+) -> RunResult:
+    """Train one optimizer, writing metrics, plots and checkpoint to ``out`` every epoch.
+
+    Raises:
+        UsageError: If ``--resume`` finds a checkpoint of another optimizer.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    config = optim_config(args, spec)
+    torch.manual_seed(args.seed)
+    model = task.make_model().to(device)
+    optimizer = build_optimizer(spec.name, model, task.loss_fn, config)
+    generator = torch.Generator().manual_seed(args.seed)
+    result = RunResult(spec.label, config.lr, out)
+    ckpt_path = out / CHECKPOINT
+    if args.resume and ckpt_path.is_file():
+        ckpt = load_checkpoint(ckpt_path, spec.name)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        set_rng_state(ckpt["rng"], generator, device)
+        result.metrics = list(ckpt["metrics"])
+        result.steps = list(ckpt.get("steps", []))
+        tqdm.write(f"[{spec.label}] resuming after epoch {ckpt['epoch']} from {ckpt_path}")
+    elif args.resume:
+        tqdm.write(f"[{spec.label}] --resume: no checkpoint in {out}, starting from scratch")
+    loss_fn = task.loss_fn
+    n_eval = len(task.train_x) if task.train_eval is None else task.train_eval
+
+    def evaluate_both() -> Row:
+        train = evaluate(
+            model, loss_fn, task.train_x[:n_eval], task.train_y[:n_eval], task.eval_batch,
+            task.accuracy,
+        )  # fmt: skip
+        test = evaluate(model, loss_fn, task.test_x, task.test_y, task.eval_batch, task.accuracy)
+        return {
+            "train_loss": finite(train[0]),
+            "test_loss": finite(test[0]),
+            "train_accuracy": train[1],
+            "test_accuracy": test[1],
+        }
+
+    if not result.metrics:
+        result.metrics.append(
+            {**dict.fromkeys(METRIC_FIELDS), "epoch": 0, "steps": 0, "wall_time": 0.0}
+            | evaluate_both()
+        )
+    start_epoch = int(result.final["epoch"] or 0)
+    steps = int(result.final["steps"] or 0)
+    wall = float(result.final["wall_time"] or 0.0)
+    n = len(task.train_x)
+    per_epoch = len(batches(n, args.batch_size, torch.Generator()))
+    telemetry = Telemetry(result.steps)
+    bar = progress_bar(args, spec.label, per_epoch * args.num_epochs, steps)
+    model.train()
+    for epoch in range(start_epoch + 1, args.num_epochs + 1):
+        epoch_start = time.perf_counter()
+        losses: list[float] = []
+        for idx in batches(n, args.batch_size, generator):
+            x, y = task.train_x[idx], task.train_y[idx]
+            losses.append(step_optimizer(optimizer, lambda x=x, y=y: loss_fn(model(x), y)))
+            telemetry.observe(optimizer, steps + len(losses))
+            bar.update()
+            bar.set_postfix(epoch=epoch, loss=f"{losses[-1]:.4f}", refresh=False)
+        elapsed = time.perf_counter() - epoch_start
+        wall += elapsed
+        steps += len(losses)
+        row: Row = {
+            "epoch": epoch,
+            "steps": steps,
+            **evaluate_both(),
+            "train_loss_running": mean(losses),
+            "wall_time": wall,
+            "epoch_time": elapsed,
+            **telemetry.epoch_summary(optimizer),
+        }
+        row = {k: finite(v) for k, v in row.items()}
+        result.metrics.append(row)
+        tqdm.write(f"[{spec.label}] epoch {epoch:3d}  {_epoch_line(row, wall)}")
+        save_checkpoint(
+            ckpt_path,
+            {
+                "epoch": epoch,
+                "optimizer_name": spec.name,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "metrics": result.metrics,
+                "steps": result.steps,
+                "rng": rng_state(generator, device),
+                "config": asdict(config),
+            },
+        )
+        _write_run(result, title)
+    bar.close()
+    _write_run(result, title)
+    return result
+
+
+def _epoch_line(row: Row, wall: float) -> str:
+    text = f"train {fmt(row['train_loss'], '.5f')}  test {fmt(row['test_loss'], '.5f')}"
+    if row.get("test_accuracy") is not None:
+        text += f"  test acc {fmt(row['test_accuracy'], '.4f')}"
+    text += f"  time {wall:7.1f}s"
+    if row["kl_clip_factor"] is not None and row["damping"] is not None:
+        text += f"  ν {row['kl_clip_factor']:.3f}  λ {row['damping']:.2e}"
+    return text
+
+
+def _write_run(result: RunResult, title: str) -> None:
+    write_metrics(result.out, result.metrics, METRIC_FIELDS)
+    plot_runs([result], result.out / "loss.png", f"{title}: {result.label}")
+    write_telemetry(result.out, result.steps, f"{title}: {result.label}")
+
+
+def run_experiment(task: Task, args: argparse.Namespace, title: str) -> list[RunResult]:
+    """Run ``--optim`` (or every ``--compare`` entry), write outputs, print the summary."""
+    device = resolve_device(args.device)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    specs = runs_of(args)
+    compare = args.compare is not None
+    results = [
+        train_one(task, spec, args, out / spec.label if compare else out, device, title)
+        for spec in specs
+    ]
+    if compare:
+        plot_runs(results, out / "compare.png", title)
+        if task.accuracy:
+            plot_runs(
+                results, out / "compare_accuracy.png", title,
+                (("train_accuracy", "-"), ("test_accuracy", "--")),
+                "accuracy (solid: train, dashed: test)", log=False,
+            )  # fmt: skip
+    write_summary(results, out / "summary.json")
+    epochs = f"{args.num_epochs} epoch{'s' if args.num_epochs != 1 else ''}"
+    print(f"\n{title} on {device.type}: {epochs}, batch {args.batch_size}")
+    print(summarize(results))
+    print(f"outputs in {out}/")
+    return results
+
+
+__all__ = [
+    "CHECKPOINT",
+    "METRIC_FIELDS",
+    "OPTIMIZERS",
+    "TELEMETRY_FIELDS",
+    "TIMINGS",
+    "Task",
+    "Telemetry",
+    "batches",
+    "evaluate",
+    "load_checkpoint",
+    "mean",
+    "progress_bar",
+    "rng_state",
+    "run_experiment",
+    "save_checkpoint",
+    "set_rng_state",
+    "step_optimizer",
+    "train_one",
+    "write_telemetry",
+]
