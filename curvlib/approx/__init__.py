@@ -12,6 +12,8 @@ from curvlib.approx.base import (
 )
 from curvlib.approx.deflation import Deflation
 from curvlib.approx.diagnostics import BlockError, approximation_errors, block_error, exact_block
+from curvlib.approx.diagonal import Diagonal
+from curvlib.approx.ekfac import EKFAC
 from curvlib.approx.kfac import KFAC, KFACDamping
 from curvlib.approx.kfac_corrected import KFACCorrected
 from curvlib.approx.kpsvd import KPSVD
@@ -19,12 +21,14 @@ from curvlib.approx.lanczos import Lanczos
 from curvlib.approx.natural_gradient import BlockNaturalGradient, ExactNaturalGradient, NGDamping
 
 __all__ = [
+    "EKFAC",
     "KFAC",
     "KPSVD",
     "BlockDiagonalPreconditioner",
     "BlockError",
     "BlockNaturalGradient",
     "Deflation",
+    "Diagonal",
     "ExactNaturalGradient",
     "KFACCorrected",
     "KFACDamping",

@@ -7,7 +7,7 @@ The matrix view of each layer and the bias column follow
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -16,18 +16,36 @@ from torch import Tensor, nn
 
 
 class LayerKind(Enum):
-    """The kinds of module that carry a Kronecker-factored curvature block."""
+    r"""The kinds of module that carry a curvature block.
+
+    Attributes:
+        LINEAR: ``nn.Linear``.
+        CONV2D: ``nn.Conv2d``.
+        CONV_TRANSPOSE2D: ``nn.ConvTranspose2d``.
+        BATCHNORM: The affine parameters of ``nn.BatchNorm1d``/``nn.BatchNorm2d``,
+            as a ``[C, 2]`` matrix $[\gamma \mid \beta]$ (one row per channel).
+            It has no Kronecker structure: only approximations that list it in
+            ``supported_kinds`` (the diagonal ones) cover it.
+    """
 
     LINEAR = "linear"
     CONV2D = "conv2d"
     CONV_TRANSPOSE2D = "conv_transpose2d"
+    BATCHNORM = "batchnorm"
 
 
 _KINDS: dict[type[nn.Module], LayerKind] = {
     nn.Linear: LayerKind.LINEAR,
     nn.Conv2d: LayerKind.CONV2D,
     nn.ConvTranspose2d: LayerKind.CONV_TRANSPOSE2D,
+    nn.BatchNorm1d: LayerKind.BATCHNORM,
+    nn.BatchNorm2d: LayerKind.BATCHNORM,
 }
+
+KRONECKER_KINDS: frozenset[LayerKind] = frozenset(
+    {LayerKind.LINEAR, LayerKind.CONV2D, LayerKind.CONV_TRANSPOSE2D}
+)
+"""The kinds with a Kronecker-factored block; the default selection of a layout."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -215,6 +233,7 @@ class ModelLayout:
         model: nn.Module,
         include: Sequence[str | type[nn.Module]] | None = None,
         exclude: Sequence[str | type[nn.Module]] = (),
+        kinds: Iterable[LayerKind] | None = None,
     ) -> ModelLayout:
         """Find the curvature layers of ``model``.
 
@@ -224,6 +243,9 @@ class ModelLayout:
                 these glob patterns (or which are instances of one of these
                 types) become curvature layers.
             exclude: Modules matching any of these patterns or types do not.
+            kinds: The layer kinds that may become curvature layers (default:
+                ``KRONECKER_KINDS``; add ``LayerKind.BATCHNORM`` for the
+                approximations that support it).
 
         Returns:
             The layout. Frozen layers (weight without ``requires_grad``) are
@@ -233,6 +255,7 @@ class ModelLayout:
         Raises:
             ValueError: If a parameter is shared by two modules.
         """
+        allowed = KRONECKER_KINDS if kinds is None else frozenset(LayerKind(k) for k in kinds)
         owners: dict[int, str] = {}
         layers: list[CurvatureLayer] = []
         unsupported: list[UnsupportedModule] = []
@@ -250,8 +273,9 @@ class ModelLayout:
                 continue
             type_name = type(module).__name__
             kind = _KINDS.get(type(module))
-            if kind is None:
-                unsupported.append(UnsupportedModule(name, type_name, "no curvature block"))
+            if kind is None or kind not in allowed:
+                missing = "no curvature block" if kind is None else "no block in this approximation"
+                unsupported.append(UnsupportedModule(name, type_name, missing))
                 continue
             if (include is not None and not _matches(name, module, include)) or _matches(
                 name, module, exclude
@@ -302,6 +326,8 @@ def _make_layer(name: str, kind: LayerKind, module: nn.Module) -> CurvatureLayer
     assert isinstance(weight, Tensor)
     if kind is LayerKind.LINEAR:
         out_dim, in_dim = weight.shape
+    elif kind is LayerKind.BATCHNORM:
+        out_dim, in_dim = weight.shape[0], 1
     elif kind is LayerKind.CONV2D:
         out_dim, in_dim = weight.shape[0], weight[0].numel()
     else:

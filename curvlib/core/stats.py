@@ -45,11 +45,17 @@ class StatKind(Enum):
             gradients $g_{knt}$ (per output position for convolutions).
         PER_SAMPLE_GRAD: Per-sample gradient matrices $\bar W_{kn}$; costs an
             ``N x out x in`` tensor per layer, so ask only when needed.
+        DIAGONAL: The diagonal of the layer's curvature block,
+            $\frac1N\sum_{k,n} \bar W_{kn} \odot \bar W_{kn}$ as an
+            ``[out, in_aug]`` matrix (the GGN diagonal for ``MC``/``EXACT``, the
+            empirical Fisher's for ``EMPIRICAL``); the only kind, besides
+            ``PER_SAMPLE_GRAD``, that ``BatchNorm`` layers have.
     """
 
     KRONECKER = "kronecker"
     PER_SAMPLE_IO = "per_sample_io"
     PER_SAMPLE_GRAD = "per_sample_grad"
+    DIAGONAL = "diagonal"
 
 
 @dataclass(frozen=True)
@@ -86,6 +92,34 @@ class PerSampleIO:
         """
         return torch.einsum("knto,nti->knoi", self.output_grads, self.inputs)
 
+    def squared_grads_sum(self) -> Tensor:
+        r"""$\sum_{k,n} \bar W_{kn} \odot \bar W_{kn}$ without storing every $\bar W_{kn}$.
+
+        With one position per sample the sum factorises,
+        $\sum_{k,n} (g_{kn} \odot g_{kn})(\bar a_n \odot \bar a_n)^\top$: one
+        GEMM, no per-sample matrix. With several positions (convolutions) the
+        per-sample matrices are built for chunks of samples, at most about
+        $2^{24}$ entries at once: $O(K N T d_\text{out} d_\text{in})$ time.
+
+        Returns:
+            ``[out, in_aug]``.
+        """
+        inputs, grads = self.inputs, self.output_grads
+        k, n, t, out = grads.shape
+        if t == 1:
+            return torch.einsum("kno,ni->oi", grads[:, :, 0].square(), inputs[:, 0].square())
+        total = grads.new_zeros(out, inputs.shape[-1])
+        chunk = max(1, _CHUNK_ELEMENTS // (k * out * inputs.shape[-1]))
+        for start in range(0, n, chunk):
+            stop = start + chunk
+            mats = torch.einsum("knto,nti->knoi", grads[:, start:stop], inputs[start:stop])
+            total += mats.square().sum((0, 1))
+        return total
+
+
+_CHUNK_ELEMENTS = 1 << 24
+"""Per-sample gradient entries ``squared_grads_sum`` builds at once (64 MiB in float32)."""
+
 
 @dataclass(frozen=True)
 class PerSampleGrads:
@@ -109,12 +143,27 @@ class LayerStatistics:
         kronecker: Kronecker factors, if requested.
         io: Per-sample inputs and output gradients, if requested.
         grads: Per-sample gradients, if requested.
+        diagonal: The block's diagonal as an ``[out, in_aug]`` matrix, if requested.
     """
 
     layer: CurvatureLayer
     kronecker: KroneckerFactors | None = None
     io: PerSampleIO | None = None
     grads: PerSampleGrads | None = None
+    diagonal: Tensor | None = None
+
+    def tensors(self) -> list[Tensor]:
+        """Every extracted tensor of this layer."""
+        tensors: list[Tensor] = []
+        if self.kronecker is not None:
+            tensors += [self.kronecker.A, self.kronecker.G]
+        if self.io is not None:
+            tensors += [self.io.inputs, self.io.output_grads]
+        if self.grads is not None:
+            tensors.append(self.grads.grads)
+        if self.diagonal is not None:
+            tensors.append(self.diagonal)
+        return tensors
 
 
 @dataclass(frozen=True)
@@ -137,9 +186,10 @@ class CurvatureStatistics:
     def scaled(self, factor: float) -> CurvatureStatistics:
         """The statistics of output gradients multiplied by ``factor``.
 
-        ``G`` scales by ``factor**2``, output gradients and per-sample gradients
-        by ``factor``; inputs and ``A`` are unchanged. Used to undo a loss scale
-        (``GradScaler``, gradient accumulation) that empirical statistics see.
+        ``G`` and the diagonal scale by ``factor**2``, output gradients and
+        per-sample gradients by ``factor``; inputs and ``A`` are unchanged. Used
+        to undo a loss scale (``GradScaler``, gradient accumulation) that
+        empirical statistics see.
         """
         if factor == 1.0:
             return self
@@ -153,6 +203,7 @@ class CurvatureStatistics:
                 if s.io is None
                 else PerSampleIO(inputs=s.io.inputs, output_grads=s.io.output_grads * factor),
                 grads=None if s.grads is None else PerSampleGrads(s.grads.grads * factor),
+                diagonal=None if s.diagonal is None else s.diagonal * factor**2,
             )
             for name, s in self.layers.items()
         }
@@ -161,14 +212,7 @@ class CurvatureStatistics:
     def is_finite(self) -> bool:
         """Whether every extracted tensor is free of NaN and Inf."""
         for stats in self.layers.values():
-            tensors: list[Tensor] = []
-            if stats.kronecker is not None:
-                tensors += [stats.kronecker.A, stats.kronecker.G]
-            if stats.io is not None:
-                tensors += [stats.io.inputs, stats.io.output_grads]
-            if stats.grads is not None:
-                tensors.append(stats.grads.grads)
-            if not all(bool(torch.isfinite(t).all()) for t in tensors):
+            if not all(bool(torch.isfinite(t).all()) for t in stats.tensors()):
                 return False
         return True
 
@@ -176,7 +220,7 @@ class CurvatureStatistics:
 def merge_statistics(parts: Sequence[CurvatureStatistics]) -> CurvatureStatistics:
     """Combine the statistics of several micro-batches into those of their union.
 
-    Kronecker factors are averaged with weights ``num_samples``; per-sample
+    Kronecker factors and diagonals are averaged with weights ``num_samples``; per-sample
     tensors are concatenated along the sample axis.
 
     Raises:
@@ -212,7 +256,12 @@ def merge_statistics(parts: Sequence[CurvatureStatistics]) -> CurvatureStatistic
         grads = None
         if head.grads is not None:
             grads = PerSampleGrads(torch.cat([s.grads.grads for s in items], dim=1))  # type: ignore[union-attr]
-        layers[name] = LayerStatistics(layer=head.layer, kronecker=kron, io=io, grads=grads)
+        diagonal = None
+        if head.diagonal is not None:
+            diagonal = _weighted_sum([s.diagonal for s in items], weights)  # type: ignore[misc]
+        layers[name] = LayerStatistics(
+            layer=head.layer, kronecker=kron, io=io, grads=grads, diagonal=diagonal
+        )
     return CurvatureStatistics(layers, first.fisher_type, total)
 
 

@@ -156,7 +156,7 @@ class _CurvlibExtension(BackpropExtension):  # type: ignore[misc]
         exts: dict[type[nn.Module], ModuleExtension] = {
             cls: _Passthrough(make()) for cls, make in _DERIVATIVES.items()
         }
-        for cls in (nn.Linear, nn.Conv2d, nn.ConvTranspose2d):
+        for cls in (nn.Linear, nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm1d, nn.BatchNorm2d):
             exts[cls] = _RecordLayer(_DERIVATIVES[cls]())
         for loss_cls in SUPPORTED_LOSSES:
             exts[loss_cls] = _StartFromLoss()

@@ -17,12 +17,12 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from curvlib.core.layout import CurvatureLayer
+from curvlib.core.layout import CurvatureLayer, LayerKind
 from curvlib.core.stats import CurvatureStatistics, FisherType, LayerStatistics, StatKind
 from curvlib.extract._autograd import AutogradRun
 from curvlib.extract._backpack import BackpackRun
-from curvlib.extract.layers import output_grads, unfold_input
-from curvlib.extract.statistics import layer_statistics
+from curvlib.extract.layers import batchnorm_grads, output_grads, unfold_input
+from curvlib.extract.statistics import batchnorm_statistics, layer_statistics
 
 if TYPE_CHECKING:
     from curvlib.extract.extractor import CurvatureExtractor
@@ -231,6 +231,9 @@ class CollectSession:
         x = self.inputs[module]
         if self.subsample is not None and not self.coupled:
             x = x[self.subsample]
+        if layer.kind is LayerKind.BATCHNORM:
+            per_sample = batchnorm_grads(layer, x, self.columns[module])
+            return batchnorm_statistics(layer, per_sample, self.ex._stats, self.ex._dtype)
         return layer_statistics(
             layer,
             unfold_input(layer, x),

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from curvlib.core.layout import ModelLayout
+from curvlib.core.layout import LayerKind, ModelLayout
 from curvlib.core.stats import CurvatureStatistics, FisherType, StatKind
 from curvlib.extract._backpack import BACKPACK_MODULES
 from curvlib.extract._session import CollectSession
@@ -92,6 +92,10 @@ class CurvatureExtractor:
         backend: How columns are backpropagated.
         dtype: Storage dtype of the statistics (default: the model's).
         seed: Seed of the generator that draws MC targets and sub-batches.
+        kinds: The layer kinds that get statistics (default: ``Linear``,
+            ``Conv2d``, ``ConvTranspose2d``); ``LayerKind.BATCHNORM`` adds the
+            affine parameters of eval-mode BatchNorm layers, which have only
+            ``DIAGONAL`` and ``PER_SAMPLE_GRAD`` statistics.
 
     Raises:
         TypeError: For a functional or unsupported loss.
@@ -115,6 +119,7 @@ class CurvatureExtractor:
         backend: Backend | str = Backend.AUTO,
         dtype: torch.dtype | None = None,
         seed: int = 0,
+        kinds: Iterable[LayerKind] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
@@ -132,11 +137,19 @@ class CurvatureExtractor:
         self._backend: Backend = _enum(backend, Backend, "backend")
         self._dtype = dtype
         self._model = model
-        self._layout = ModelLayout.from_model(model, include=include, exclude=exclude)
+        self._layout = ModelLayout.from_model(model, include=include, exclude=exclude, kinds=kinds)
         if not self._layout.layers:
             raise ValueError(
                 "No curvature layers selected: the model has no trainable Linear, Conv2d or "
                 "ConvTranspose2d layer matching include/exclude."
+            )
+        batchnorms = [la.name for la in self._layout.layers if la.kind is LayerKind.BATCHNORM]
+        no_bn_stats = self._stats - {StatKind.DIAGONAL, StatKind.PER_SAMPLE_GRAD}
+        if batchnorms and no_bn_stats:
+            raise ValueError(
+                f"BatchNorm layers {batchnorms} have no "
+                f"{', '.join(sorted(k.name for k in no_bn_stats))} statistics (only DIAGONAL "
+                "and PER_SAMPLE_GRAD): leave LayerKind.BATCHNORM out of kinds."
             )
         self._check_unsupported(_enum(unsupported, UnsupportedPolicy, "unsupported"))
         self._by_module = {layer.module: layer for layer in self._layout.layers}
@@ -247,11 +260,16 @@ class CurvatureExtractor:
         )
 
     def _coupling_modules(self) -> list[str]:
-        """Names of the modules that currently couple the samples (train-mode BatchNorm)."""
+        """Names of the modules that currently couple the samples.
+
+        BatchNorm couples them in train mode, and in eval mode too when it keeps
+        no running statistics (it then normalises with the batch's).
+        """
         return [
             self._names[m]
             for m in self._leaves
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+            if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            and (m.training or m.running_mean is None)
         ]
 
     def _use_backpack(self, coupling: list[str]) -> bool:

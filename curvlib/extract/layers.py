@@ -94,3 +94,33 @@ def output_grads(layer: CurvatureLayer, s: Tensor) -> Tensor:
     if layer.kind is LayerKind.LINEAR:
         return s.reshape(k, n, -1, layer.out_dim)
     return s.flatten(3).transpose(2, 3)
+
+
+def batchnorm_grads(layer: CurvatureLayer, x: Tensor, s: Tensor) -> Tensor:
+    r"""Per-sample gradient matrices $[\gamma \mid \beta]$ of an eval-mode BatchNorm layer.
+
+    The layer computes $z_{nct} = \gamma_c \hat x_{nct} + \beta_c$ with the
+    input normalised by the running statistics, so the gradient of column $k$
+    is $\sum_t s_{knct}\hat x_{nct}$ for $\gamma_c$ and $\sum_t s_{knct}$ for
+    $\beta_c$.
+
+    Args:
+        layer: A ``BATCHNORM`` layer.
+        x: The input the module received, ``[N, C, ...]``.
+        s: Backpropagated columns at the output, ``[K, N, C, ...]``.
+
+    Returns:
+        ``[K, N, C, in_aug]`` (``in_aug`` is 2 with a trainable bias, else 1).
+    """
+    module = layer.module
+    assert isinstance(module, nn.modules.batchnorm._BatchNorm)
+    mean, var = module.running_mean, module.running_var
+    assert mean is not None and var is not None, "BatchNorm without running statistics"
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    x_hat = (x - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + module.eps)
+    k, n, c = s.shape[:3]
+    g = s.reshape(k, n, c, -1)
+    cols = [(g * x_hat.reshape(n, c, -1).to(g.dtype)).sum(-1)]
+    if layer.has_bias:
+        cols.append(g.sum(-1))
+    return torch.stack(cols, dim=-1)

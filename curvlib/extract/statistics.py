@@ -60,4 +60,31 @@ def layer_statistics(
             per_sample = PerSampleGrads(io.grads())
         if StatKind.PER_SAMPLE_IO not in required:
             io = None
-    return LayerStatistics(layer=layer, kronecker=kron, io=io, grads=per_sample)
+    diagonal = None
+    if StatKind.DIAGONAL in required:
+        if per_sample is not None:
+            diagonal = per_sample.grads.square().sum((0, 1)) / n
+        else:
+            diagonal = (PerSampleIO(inputs, grads).squared_grads_sum() / n).to(dtype)
+    return LayerStatistics(layer=layer, kronecker=kron, io=io, grads=per_sample, diagonal=diagonal)
+
+
+def batchnorm_statistics(
+    layer: CurvatureLayer,
+    per_sample: Tensor,
+    required: Set[StatKind],
+    dtype: torch.dtype | None = None,
+) -> LayerStatistics:
+    """The statistics a ``BATCHNORM`` layer has: per-sample gradients and the diagonal.
+
+    Args:
+        layer: The BatchNorm layer.
+        per_sample: Its per-sample gradient matrices, ``[K, N, C, in_aug]``.
+        required: Which statistics to compute (``DIAGONAL``, ``PER_SAMPLE_GRAD``).
+        dtype: Storage dtype of the results (default: that of ``per_sample``).
+    """
+    per_sample = per_sample.detach().to(dtype or per_sample.dtype)
+    n = per_sample.shape[1]
+    diagonal = per_sample.square().sum((0, 1)) / n if StatKind.DIAGONAL in required else None
+    grads = PerSampleGrads(per_sample) if StatKind.PER_SAMPLE_GRAD in required else None
+    return LayerStatistics(layer=layer, grads=grads, diagonal=diagonal)

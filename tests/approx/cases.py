@@ -14,6 +14,8 @@ from torch import nn
 
 from curvlib.approx.base import LayerwiseApprox
 from curvlib.approx.deflation import Deflation
+from curvlib.approx.diagonal import Diagonal
+from curvlib.approx.ekfac import EKFAC
 from curvlib.approx.kfac import KFAC, KFACDamping
 from curvlib.approx.kfac_corrected import KFACCorrected
 from curvlib.approx.kpsvd import KPSVD
@@ -43,6 +45,8 @@ class ApproxCase:
 APPROXIMATIONS = [
     ApproxCase("kfac_pi", lambda: KFAC(KFACDamping.PI)),
     ApproxCase("kfac_eigen", lambda: KFAC(KFACDamping.EIGEN)),
+    ApproxCase("ekfac", lambda: EKFAC()),
+    ApproxCase("diagonal", lambda: Diagonal()),
     ApproxCase("kpsvd", lambda: KPSVD()),
     ApproxCase("deflation", lambda: Deflation(), psd=False),
     ApproxCase("kfac_corrected", lambda: KFACCorrected(), psd=False),

@@ -136,6 +136,7 @@ def _poison(stats: CurvatureStatistics, name: str) -> None:
         layer.kronecker and layer.kronecker.G,
         layer.io and layer.io.output_grads,
         layer.grads and layer.grads.grads,
+        layer.diagonal,
     ):
         if isinstance(tensor, Tensor):
             tensor.view(-1)[0] = float("nan")

@@ -1,0 +1,127 @@
+r"""Diagonal approximations: the diagonal of the GGN or of the empirical Fisher.
+
+The statistic is ``StatKind.DIAGONAL``, $\operatorname{diag}(F_\text{layer})$
+laid out as the layer's $[W \mid b]$ matrix; which matrix's diagonal it is
+follows the extractor's flavour ([`FisherType`][curvlib.core.FisherType]):
+
+* ``EXACT``: the exact GGN diagonal, $\frac1N\sum_n \operatorname{diag}(J_n^\top
+  H_n J_n)$, backpropagating one column per network output (BackPACK's
+  ``DiagGGNExact``);
+* ``MC``: its Monte-Carlo estimate with sampled targets (``DiagGGNMC``);
+* ``EMPIRICAL``: the diagonal of the empirical Fisher, the mean of the squared
+  per-sample gradients (BackPACK's ``SumGradSquared`` divided by $N$).
+
+Scaling follows [`curvlib.core.conventions`][curvlib.core.conventions], so a
+diagonal and a Kronecker approximation of the same network are comparable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from curvlib.approx.base import LayerBlock, LayerInverse, LayerwiseApprox, running_average
+from curvlib.core.layout import KRONECKER_KINDS, LayerKind
+from curvlib.core.stats import LayerStatistics, StatKind
+
+
+class _DiagonalBlock(LayerBlock):
+    def __init__(self, out_dim: int, in_dim: int, dtype: torch.dtype | None) -> None:
+        super().__init__(out_dim, in_dim, dtype)
+        self.diagonal: Tensor | None = None
+
+    def update(self, stats: LayerStatistics, rho: float) -> None:
+        assert stats.diagonal is not None
+        self.diagonal = running_average(self.diagonal, self._cast(stats.diagonal), rho)
+
+    def _diag(self) -> Tensor:
+        if self.diagonal is None:
+            raise RuntimeError("Diagonal block has no estimate yet: update() first.")
+        return self.diagonal
+
+    def matvec(self, mat: Tensor) -> Tensor:
+        diag = self._diag()
+        return mat.to(diag.dtype) * diag
+
+    def inverse(self, damping: float) -> LayerInverse:
+        scale = 1.0 / (self._diag() + damping)
+
+        def apply(mat: Tensor) -> Tensor:
+            return mat.to(scale.dtype) * scale
+
+        return apply
+
+    def to_dense(self) -> Tensor:
+        return torch.diag(self._diag().flatten())
+
+    def trace(self) -> Tensor:
+        """$O(P)$."""
+        return self._diag().sum()
+
+    def logdet(self, damping: float) -> Tensor:
+        r"""$\sum \log(d + \lambda)$, $O(P)$."""
+        return torch.log(self._diag() + damping).sum()
+
+    def sample(
+        self, damping: float, num_samples: int, generator: torch.Generator | None = None
+    ) -> Tensor:
+        r"""$z \oslash \sqrt{d + \lambda}$ for standard normal $z$: $O(P)$ per draw."""
+        diag = self._diag()
+        z = torch.randn(
+            (num_samples, *diag.shape), generator=generator, dtype=diag.dtype, device=diag.device
+        )
+        return z * torch.rsqrt(diag + damping)
+
+    def condition_number(self, damping: float) -> float:
+        r"""Exact: $(\max d + \lambda) / (\min d + \lambda)$, $O(P)$."""
+        diag = self._diag()
+        return float((diag.max() + damping) / (diag.min() + damping))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"diagonal": self._diag().clone()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.diagonal = state["diagonal"].clone()
+
+
+class Diagonal(LayerwiseApprox):
+    r"""The diagonal of the Fisher block of every layer, BatchNorm affine parameters included.
+
+    $C = \operatorname{diag}(d)$ with $d$ the running average of the
+    ``DIAGONAL`` statistics; the damped inverse is $(d + \lambda)^{-1}$ entry
+    by entry, so damping is exact Tikhonov damping. Choose the matrix with the
+    extractor's ``fisher_type``: ``EXACT`` or ``MC`` for the GGN diagonal,
+    ``EMPIRICAL`` for the empirical Fisher's (see the module docstring).
+
+    Unlike the Kronecker approximations it also covers the affine parameters
+    $[\gamma \mid \beta]$ of ``BatchNorm1d``/``BatchNorm2d`` in eval mode
+    (``LayerKind.BATCHNORM``, listed in ``supported_kinds``). In train mode
+    BatchNorm couples the samples and no per-sample diagonal exists: the
+    extractor refuses the step with a message naming the layer.
+
+    Cost per layer of $P$ parameters: update, inverse and apply $O(P)$; the
+    statistics cost one backward of the sampled (``MC``), all $D$ (``EXACT``)
+    or the data (``EMPIRICAL``) loss-Hessian columns plus, for convolutions, the
+    per-sample gradients in chunks.
+
+    Example:
+        >>> Diagonal().required_stats == frozenset({StatKind.DIAGONAL})
+        True
+
+    Args:
+        decay: Upper bound of the running-average weight on the old estimate.
+        dtype: Storage dtype of the diagonals (default: that of the statistics).
+
+    References:
+        F. Dangel, F. Kunstner and P. Hennig, "BackPACK: Packing more into
+        backprop", ICLR 2020 (``DiagGGNExact``, ``DiagGGNMC``, ``SumGradSquared``).
+    """
+
+    required_stats: ClassVar[frozenset[StatKind]] = frozenset({StatKind.DIAGONAL})
+    supported_kinds: ClassVar[frozenset[LayerKind]] = KRONECKER_KINDS | {LayerKind.BATCHNORM}
+
+    def _make_block(self, out_dim: int, in_dim: int) -> LayerBlock:
+        return _DiagonalBlock(out_dim, in_dim, self.dtype)

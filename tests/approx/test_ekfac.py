@@ -1,0 +1,231 @@
+r"""EKFAC against dense float64 references, and its two time scales in the optimizer.
+
+The exact layer block $F$ comes from ``tests/oracle.py`` (``torch.func``); the
+eigenbasis $Q = Q_G \otimes Q_A$ from ``torch.linalg.eigh`` of KFAC's factors on
+the same statistics. EKFAC with the exact per-sample second moments of one
+batch must equal $Q \operatorname{diag}(\operatorname{diag}(Q^\top F Q)) Q^\top$
+(the choice of eigenvectors inside a repeated eigenvalue does not matter: such
+eigenvalues of the PSD factors are zero, and $F$ vanishes on their span).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from curvlib.approx import EKFAC, KFAC
+from curvlib.core import RefreshableApprox
+from curvlib.linalg import factors
+from curvlib.wiring import PreconditionedOptimizer
+from tests import oracle
+from tests import problems as P
+from tests.approx.cases import PROBLEMS, fit_statistics, perturbed
+from tests.problems import Problem
+
+RTOL = 1e-9
+
+
+def _rel(actual: Tensor, expected: Tensor) -> float:
+    return float((actual - expected).norm() / expected.norm())
+
+
+def _kfac_basis(problem: Problem, name: str) -> Tensor:
+    kfac = KFAC()
+    kfac.update(fit_statistics(problem, kfac))
+    block = kfac.blocks[name]
+    assert block.A is not None and block.G is not None  # type: ignore[attr-defined]
+    q_a = torch.linalg.eigh(block.A).eigenvectors  # type: ignore[attr-defined]
+    q_g = torch.linalg.eigh(block.G).eigenvectors  # type: ignore[attr-defined]
+    return torch.kron(q_g.contiguous(), q_a.contiguous())
+
+
+@pytest.mark.parametrize("problem", PROBLEMS, ids=lambda p: p.name)
+def test_one_batch_equals_the_exact_block_projected_on_the_kfac_eigenbasis(
+    problem: Problem,
+) -> None:
+    model = problem.model()
+    ekfac = EKFAC()
+    ekfac.update(fit_statistics(problem, ekfac, model=model))
+    dense = oracle.dense_ggn(model, problem.loss_fn, problem.x, problem.y)
+    for name, sl in oracle.layer_slices(model).items():
+        exact = dense[sl, sl]
+        q = _kfac_basis(problem, name)
+        expected = q @ torch.diag(torch.diagonal(q.T @ exact @ q)) @ q.T
+        assert _rel(ekfac.to_dense(name), expected) < RTOL, name
+
+
+@pytest.mark.parametrize("problem", PROBLEMS, ids=lambda p: p.name)
+def test_never_further_from_the_exact_block_than_kfac(problem: Problem) -> None:
+    model = problem.model()
+    ekfac, kfac = EKFAC(), KFAC()
+    ekfac.update(fit_statistics(problem, ekfac, model=model))
+    kfac.update(fit_statistics(problem, kfac, model=model))
+    dense = oracle.dense_ggn(model, problem.loss_fn, problem.x, problem.y)
+    gaps = []
+    for name, sl in oracle.layer_slices(model).items():
+        exact = dense[sl, sl]
+        err_ekfac = float((ekfac.to_dense(name) - exact).norm())
+        err_kfac = float((kfac.to_dense(name) - exact).norm())
+        assert err_ekfac <= err_kfac * (1 + 1e-12), (name, err_ekfac, err_kfac)
+        gaps.append(err_kfac - err_ekfac)
+    assert max(gaps) > 1e-6 * float(dense.norm())  # strictly better somewhere
+
+
+def test_refresh_moves_to_the_new_eigenbasis_and_keeps_the_diagonal_there() -> None:
+    problem = PROBLEMS[0]
+    ekfac = EKFAC(decay=0.5)
+    assert isinstance(ekfac, RefreshableApprox)
+    ekfac.update(fit_statistics(problem, ekfac))
+    first = {name: ekfac.to_dense(name) for name in ekfac.blocks}
+    ekfac.refresh()  # the basis was computed from these factors: nothing to do
+    for name, dense in first.items():
+        assert torch.equal(ekfac.to_dense(name), dense)
+
+    ekfac.update(fit_statistics(perturbed(problem), ekfac))
+    before = {name: ekfac.to_dense(name) for name in ekfac.blocks}
+    ekfac.refresh()
+    for name, block in ekfac.blocks.items():
+        q_a = torch.linalg.eigh(block.A).eigenvectors  # type: ignore[attr-defined]
+        q_g = torch.linalg.eigh(block.G).eigenvectors  # type: ignore[attr-defined]
+        q = torch.kron(q_g, q_a)
+        expected = q @ torch.diag(torch.diagonal(q.T @ before[name] @ q)) @ q.T
+        assert _rel(ekfac.to_dense(name), expected) < RTOL, name
+        assert _rel(ekfac.to_dense(name), before[name]) > 1e-6, name  # the basis did move
+
+
+def test_a_failed_refresh_leaves_every_layer_unchanged(monkeypatch: pytest.MonkeyPatch) -> None:
+    problem = PROBLEMS[0]
+    ekfac = EKFAC()
+    ekfac.update(fit_statistics(problem, ekfac))
+    ekfac.update(fit_statistics(perturbed(problem), ekfac))
+    before = {name: ekfac.to_dense(name) for name in ekfac.blocks}
+    calls = {"n": 0}
+    real = factors.eigh
+
+    def flaky(mat: Tensor, **kwargs: object) -> factors.Eigh:
+        calls["n"] += 1
+        if calls["n"] > 3:  # the first layer succeeds, a later one fails
+            raise factors.FactorizationError("planted failure")
+        return real(mat, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr("curvlib.approx.ekfac.eigh", flaky)
+    with pytest.raises(factors.FactorizationError):
+        ekfac.refresh()
+    for name, dense in before.items():
+        assert torch.equal(ekfac.to_dense(name), dense), name
+
+
+# -- in the optimizer ---------------------------------------------------------------
+
+
+def _train(opt: PreconditionedOptimizer, model: nn.Module, batches: list[tuple[Tensor, Tensor]],
+           loss_fn: nn.Module) -> list[float]:  # fmt: skip
+    losses = []
+    for x, y in batches:
+        opt.zero_grad()
+        with opt.record():
+            loss = loss_fn(model(x), y)
+            loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_basis_every_t_inv_steps_scalings_every_t_cov_steps(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    problem = P.mlp_ce(n=16)
+    batches = [(problem.x + 0.2 * i, problem.y) for i in range(7)]
+    model = problem.model()
+    approx = EKFAC()
+    opt = PreconditionedOptimizer(
+        model, approx, loss_fn=problem.loss_fn, t_cov=1, t_inv=3, damping=1e-2, kl_clip=None
+    )
+    refreshed = []
+    real_refresh = approx.refresh
+
+    def counting_refresh() -> None:
+        refreshed.append(opt.engine.step_count)
+        real_refresh()
+
+    monkeypatch.setattr(approx, "refresh", counting_refresh)
+    grads = {
+        layer.name: torch.randn(layer.out_dim, layer.in_dim_aug, dtype=torch.float64)
+        for layer in opt.extractor.layout
+    }
+    bases = []
+    for x, y in batches:
+        _train(opt, model, [(x, y)], problem.loss_fn)
+        block = approx.blocks["0"]
+        bases.append(block.basis_a.clone())  # type: ignore[attr-defined]
+        # The live preconditioner applies the current scalings, not those of the last refresh.
+        live = opt.engine._precond.apply(grads)  # type: ignore[union-attr]
+        fresh = approx.inverse(1e-2).apply(grads)
+        for name in grads:
+            assert torch.allclose(live[name], fresh[name], rtol=1e-12, atol=0.0), name
+    assert refreshed == [0, 3, 6]
+    assert approx.num_updates == 7
+    # The eigenbasis changes only at the refresh steps.
+    assert torch.equal(bases[1], bases[0]) and torch.equal(bases[2], bases[0])
+    assert not torch.equal(bases[3], bases[2])
+    assert torch.equal(bases[4], bases[3]) and torch.equal(bases[5], bases[3])
+
+
+def test_failed_refresh_keeps_the_last_preconditioner(monkeypatch: pytest.MonkeyPatch) -> None:
+    problem = P.mlp_ce(n=16)
+    model = problem.model()
+    approx = EKFAC()
+    opt = PreconditionedOptimizer(model, approx, loss_fn=problem.loss_fn, t_inv=2)
+    _train(opt, model, [(problem.x, problem.y)] * 2, problem.loss_fn)
+    kept = opt.engine._precond
+
+    def broken() -> None:
+        raise factors.FactorizationError("planted failure")
+
+    monkeypatch.setattr(approx, "refresh", broken)
+    with pytest.warns(RuntimeWarning, match="refreshing the curvature estimate failed"):
+        _train(opt, model, [(problem.x, problem.y)], problem.loss_fn)
+    assert opt.engine._precond is kept
+    assert opt.engine.inverse_failures == 1
+
+
+def test_checkpoint_resume_is_exact() -> None:
+    problem = P.autoencoder_bce(n=8)
+    batches = [(problem.x + 0.1 * i, problem.y) for i in range(9)]
+
+    def make(model: nn.Module) -> PreconditionedOptimizer:
+        return PreconditionedOptimizer(
+            model, EKFAC(), loss_fn=problem.loss_fn, lr=0.1, momentum=0.9, t_cov=2, t_inv=3,
+            mc_samples=2,
+        )  # fmt: skip
+
+    model = problem.model()
+    full = _train(make(model), model, batches, problem.loss_fn)
+    model = problem.model()
+    opt = make(model)
+    first = _train(opt, model, batches[:4], problem.loss_fn)
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, weights_only=True)
+    model = problem.model()
+    opt = make(model)
+    model.load_state_dict(checkpoint["model"])
+    opt.load_state_dict(checkpoint["opt"])
+    second = _train(opt, model, batches[4:], problem.loss_fn)
+    assert first + second == full
+
+
+def test_mc_statistics_train_in_float32() -> None:
+    problem = P.cnn_ce(n=16)
+    model = problem.model().float()
+    x = problem.x.float()
+    opt = PreconditionedOptimizer(model, EKFAC(), loss_fn=problem.loss_fn, lr=0.3, t_inv=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no failed inverse, no skipped update
+        losses = _train(opt, model, [(x, problem.y)] * 15, problem.loss_fn)
+    assert losses[-1] < 0.5 * losses[0], losses

@@ -1,0 +1,218 @@
+r"""``StatKind.DIAGONAL`` against independent dense references.
+
+References, all float64:
+
+* ``tests/oracle.py`` (``torch.func`` on an un-hooked copy): the diagonal of the
+  dense GGN and of the dense empirical Fisher of the curvature layers;
+* a dense GGN over *every* trainable parameter, written below with
+  ``torch.func`` (the oracle module covers only Linear/Conv layers), for the
+  affine parameters of eval-mode BatchNorm;
+* BackPACK's own ``DiagGGNExact`` and ``SumGradSquared`` extensions, on the
+  losses they support (scaled to curvlib's per-sample average: ``SumGradSquared``
+  sums the squared gradients of the batch loss, i.e. of $\ell_n / N$).
+
+Layout: a diagonal is the layer's $[W \mid b]$ matrix, so its row-major flatten
+is the diagonal of the layer's dense block.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from backpack import backpack, extend
+from backpack.extensions import DiagGGNExact, SumGradSquared
+from torch import Tensor, nn
+from torch.func import functional_call, jacrev, vmap
+
+from curvlib.core import FisherType, LayerKind, StatKind
+from curvlib.extract import Backend, CurvatureExtractor, UnsupportedPolicy
+from tests import oracle
+from tests import problems as P
+from tests.extract.test_oracle import assert_close, rel_err
+from tests.problems import Problem
+
+WITH_BN = frozenset(LayerKind) | {LayerKind.BATCHNORM}
+
+PROBLEMS = [
+    P.mlp_ce(),
+    P.mlp_mse("sum"),
+    P.cnn_ce(),
+    P.tconv_bce(),
+    P.autoencoder_bce(),
+    P.segmentation_ce(),
+]
+
+
+def _backends(problem: Problem) -> list[Backend]:
+    return [Backend.BACKPACK, Backend.AUTOGRAD] if problem.backpack else [Backend.AUTOGRAD]
+
+
+def _cases() -> list[tuple[Problem, Backend]]:
+    return [(p, b) for p in PROBLEMS for b in _backends(p)]
+
+
+def _diagonals(
+    problem: Problem,
+    model: nn.Module,
+    fisher: FisherType,
+    backend: Backend = Backend.AUTO,
+    **kwargs: object,
+) -> dict[str, Tensor]:
+    ex = CurvatureExtractor(
+        model,
+        problem.loss_fn,
+        stats={StatKind.DIAGONAL},
+        fisher_type=fisher,
+        backend=backend,
+        unsupported=UnsupportedPolicy.IGNORE,
+        **kwargs,  # type: ignore[arg-type]
+    )
+    with ex.collect():
+        problem.loss_fn(model(problem.x), problem.y).backward()
+    model.zero_grad()
+    result = {}
+    for name, stats in ex.statistics().layers.items():
+        assert stats.diagonal is not None
+        assert stats.kronecker is None and stats.io is None and stats.grads is None
+        result[name] = stats.diagonal
+    return result
+
+
+@pytest.mark.parametrize(("problem", "backend"), _cases(), ids=lambda v: getattr(v, "name", v))
+def test_exact_diagonal_is_the_ggn_diagonal(problem: Problem, backend: Backend) -> None:
+    model = problem.model()
+    diags = _diagonals(problem, model, FisherType.EXACT, backend)
+    dense = oracle.dense_ggn(model, problem.loss_fn, problem.x, problem.y)
+    for name, sl in oracle.layer_slices(model).items():
+        assert_close(diags[name].flatten(), torch.diagonal(dense[sl, sl]), what=name)
+
+
+@pytest.mark.parametrize(("problem", "backend"), _cases(), ids=lambda v: getattr(v, "name", v))
+def test_empirical_diagonal_is_the_mean_squared_gradient(
+    problem: Problem, backend: Backend
+) -> None:
+    model = problem.model()
+    diags = _diagonals(problem, model, FisherType.EMPIRICAL, backend)
+    dense = oracle.dense_empirical_fisher(model, problem.loss_fn, problem.x, problem.y)
+    for name, sl in oracle.layer_slices(model).items():
+        assert_close(diags[name].flatten(), torch.diagonal(dense[sl, sl]), what=name)
+
+
+def test_mc_diagonal_converges_to_the_exact_one() -> None:
+    problem = P.cnn_ce()
+    model = problem.model()
+    exact = _diagonals(problem, model, FisherType.EXACT)
+    mc = _diagonals(problem, model, FisherType.MC, mc_samples=4000, seed=3)
+    few = _diagonals(problem, model, FisherType.MC, mc_samples=1, seed=3)
+    for name in exact:
+        assert rel_err(mc[name], exact[name]) < 0.1, name
+        assert rel_err(few[name], exact[name]) > 1e-3, name  # a real draw, not EXACT
+
+
+def test_subsampled_diagonal_uses_the_drawn_rows() -> None:
+    problem = P.mlp_ce(n=8)
+    model = problem.model()
+    diags = _diagonals(problem, model, FisherType.EXACT, stats_fraction=0.5, seed=5)
+    # The same draw on a fresh extractor with the same seed picks the same rows.
+    gen = torch.Generator().manual_seed(5)
+    rows = sorted(torch.randperm(problem.n, generator=gen)[:4].tolist())
+    sub = problem.subset(rows)
+    dense = oracle.dense_ggn(model, sub.loss_fn, sub.x, sub.y)
+    for name, sl in oracle.layer_slices(model).items():
+        assert_close(diags[name].flatten(), torch.diagonal(dense[sl, sl]), what=name)
+
+
+# -- BatchNorm affine parameters -------------------------------------------------------
+
+
+def _dense_ggn_all_params(model: nn.Module, problem: Problem) -> tuple[Tensor, dict[str, slice]]:
+    """The per-sample GGN over every trainable parameter, in ``named_parameters`` order."""
+    net = copy.deepcopy(model).eval()
+    for module in net.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    params = {k: v.detach() for k, v in net.named_parameters() if v.requires_grad}
+
+    def forward(p: dict[str, Tensor], x_n: Tensor) -> Tensor:
+        return functional_call(net, p, (x_n.unsqueeze(0),)).squeeze(0)
+
+    output = vmap(forward, in_dims=(None, 0))(params, problem.x)
+    jac = vmap(jacrev(forward), in_dims=(None, 0))(params, problem.x)
+    n, d = problem.n, output[0].numel()
+    flat = torch.cat([jac[k].reshape(n, d, -1) for k in params], dim=-1)
+    hess = oracle.output_hessians(problem.loss_fn, output, problem.y)
+    ggn = torch.einsum("ndp,nde,neq->pq", flat, hess, flat) / n
+    slices, start = {}, 0
+    for key, value in params.items():
+        slices[key] = slice(start, start + value.numel())
+        start += value.numel()
+    return ggn, slices
+
+
+@pytest.mark.parametrize("backend", [Backend.BACKPACK, Backend.AUTOGRAD])
+def test_batchnorm_affine_diagonal_in_eval_mode(backend: Backend) -> None:
+    problem = P.bn_net(train=False)
+    model = problem.model()
+    for module in model.modules():  # an exact reference needs a deterministic net
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    diags = _diagonals(problem, model, FisherType.EXACT, backend, kinds=WITH_BN)
+    ggn, slices = _dense_ggn_all_params(model, problem)
+    expected_layers = {"0", "1", "5", "6", "8"}
+    assert set(diags) == expected_layers
+    for name in expected_layers:
+        module = model.get_submodule(name)
+        weight = torch.diagonal(ggn[slices[f"{name}.weight"], slices[f"{name}.weight"]])
+        bias = torch.diagonal(ggn[slices[f"{name}.bias"], slices[f"{name}.bias"]])
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            # [gamma | beta]: one row per channel.
+            assert diags[name].shape == (module.num_features, 2)
+            assert_close(diags[name], torch.stack([weight, bias], dim=-1), what=name)
+        else:
+            mat = oracle.layer_matrix(module, weight.reshape(module.weight.shape), bias)
+            assert_close(diags[name], mat, what=name)
+
+
+def test_batchnorm_in_train_mode_has_no_diagonal() -> None:
+    problem = P.bn_net(train=True)
+    model = problem.model()
+    with pytest.raises(RuntimeError, match=r"couples the samples.*\(1, 6\)|\(1, 6\).*couples"):
+        _diagonals(problem, model, FisherType.EXACT, kinds=WITH_BN)
+
+
+def test_batchnorm_layers_only_have_diagonal_statistics() -> None:
+    model = P.bn_net(train=False).model()
+    with pytest.raises(ValueError, match=r"BatchNorm layers \['1', '6'\].*KRONECKER"):
+        CurvatureExtractor(model, nn.CrossEntropyLoss(), stats={StatKind.KRONECKER}, kinds=WITH_BN)
+    # Without the kind the BatchNorm layers are left out, as before.
+    ex = CurvatureExtractor(
+        model, nn.CrossEntropyLoss(), stats={StatKind.KRONECKER}, unsupported="ignore"
+    )
+    assert [layer.name for layer in ex.layout] == ["0", "5", "8"]
+
+
+# -- BackPACK's own diagonal extensions as a second oracle -----------------------------
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+@pytest.mark.parametrize("problem", [P.mlp_ce(), P.cnn_ce(), P.mlp_mse()], ids=lambda p: p.name)
+def test_against_backpack_diagonal_extensions(problem: Problem) -> None:
+    model = problem.model()
+    exact = _diagonals(problem, model, FisherType.EXACT)
+    empirical = _diagonals(problem, model, FisherType.EMPIRICAL)
+    reference = extend(copy.deepcopy(model))
+    loss_fn = extend(copy.deepcopy(problem.loss_fn))
+    with backpack(DiagGGNExact(), SumGradSquared()):
+        loss_fn(reference(problem.x), problem.y).backward()
+    # SumGradSquared squares the gradients of the batch loss: (1/N)^2 per term for a mean.
+    scale = problem.n if problem.loss_fn.reduction == "mean" else 1.0 / problem.n
+    for name in oracle.curvature_layer_names(model):
+        module = reference.get_submodule(name)
+        ggn = oracle.layer_matrix(module, module.weight.diag_ggn_exact, module.bias.diag_ggn_exact)
+        sgs = oracle.layer_matrix(
+            module, module.weight.sum_grad_squared, module.bias.sum_grad_squared
+        )
+        assert_close(exact[name], ggn, what=f"{name} DiagGGNExact")
+        assert_close(empirical[name], sgs * scale, what=f"{name} SumGradSquared")
