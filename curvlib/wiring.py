@@ -48,6 +48,7 @@ def _extractor(
         backend=backend,
         dtype=stats_dtype,
         seed=seed,
+        kinds=getattr(approx, "supported_kinds", None),
     )
 
 
