@@ -1,0 +1,74 @@
+"""The diagonal approximation against dense float64 references, alone and in the optimizer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from curvlib.approx import Diagonal
+from curvlib.core import FisherType, LayerKind
+from curvlib.wiring import PreconditionedOptimizer
+from tests import oracle
+from tests import problems as P
+from tests.approx.cases import PROBLEMS, fit_statistics
+from tests.extract.test_diagonal import _dense_ggn_all_params
+from tests.problems import Problem
+
+RTOL = 1e-10
+
+
+@pytest.mark.parametrize("fisher", [FisherType.EXACT, FisherType.EMPIRICAL], ids=str)
+@pytest.mark.parametrize("problem", PROBLEMS, ids=lambda p: p.name)
+def test_one_batch_is_the_diagonal_of_the_dense_matrix(
+    problem: Problem, fisher: FisherType
+) -> None:
+    model = problem.model()
+    approx = Diagonal()
+    approx.update(fit_statistics(problem, approx, fisher=fisher, model=model))
+    reference = oracle.dense_ggn if fisher is FisherType.EXACT else oracle.dense_empirical_fisher
+    dense = reference(model, problem.loss_fn, problem.x, problem.y)
+    for name, sl in oracle.layer_slices(model).items():
+        expected = torch.diag(torch.diagonal(dense[sl, sl]))
+        err = float((approx.to_dense(name) - expected).abs().max())
+        assert err <= RTOL * float(expected.abs().max()), name
+
+
+def test_optimizer_preconditions_batchnorm_affine_parameters() -> None:
+    problem = P.bn_net(train=False)
+    model = problem.model()
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    damping, lr = 1e-2, 0.5
+    opt = PreconditionedOptimizer(
+        model, Diagonal(), loss_fn=problem.loss_fn, fisher_type="exact", lr=lr,
+        damping=damping, kl_clip=None,
+    )  # fmt: skip
+    kinds = {layer.name: layer.kind for layer in opt.extractor.layout}
+    assert kinds == {
+        "0": LayerKind.CONV2D,
+        "1": LayerKind.BATCHNORM,
+        "5": LayerKind.LINEAR,
+        "6": LayerKind.BATCHNORM,
+        "8": LayerKind.LINEAR,
+    }
+    ggn, slices = _dense_ggn_all_params(model, problem)
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    opt.zero_grad()
+    with opt.record():
+        problem.loss_fn(model(problem.x), problem.y).backward()
+    grads = {k: v.grad.detach().clone() for k, v in model.named_parameters()}  # type: ignore[union-attr]
+    opt.step()
+    for key, param in model.named_parameters():
+        diag = torch.diagonal(ggn[slices[key], slices[key]]).reshape(param.shape)
+        expected = before[key] - lr * grads[key] / (diag + damping)
+        assert torch.allclose(param.detach(), expected, rtol=1e-9, atol=1e-12), key
+
+
+def test_batchnorm_in_train_mode_is_refused_with_its_name() -> None:
+    problem = P.bn_net(train=True)
+    model = problem.model()
+    opt = PreconditionedOptimizer(model, Diagonal(), loss_fn=problem.loss_fn)
+    with pytest.raises(RuntimeError, match=r"BatchNorm in train mode \(1, 6\)"), opt.record():
+        problem.loss_fn(model(problem.x), problem.y).backward()
