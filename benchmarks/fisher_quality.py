@@ -11,10 +11,11 @@ Run from the repository root::
 Frobenius error $\lVert F - C\rVert_F / \lVert F\rVert_F$ and the relative
 spectrum error $\lVert\lambda(F) - \lambda(C)\rVert_2 / \lVert\lambda(F)\rVert_2$
 (sorted eigenvalues; the definitions of
-[`curvlib.approx.diagnostics`][curvlib.approx.diagnostics]) of KFAC, KPSVD,
-KFAC-corrected, Deflation and Lanczos on one layer of the CURVES autoencoder,
-at checkpoints along an Adam run. Expected: KFAC worst, Deflation (= Lanczos)
-best.
+[`curvlib.approx.diagnostics`][curvlib.approx.diagnostics]) of KFAC, EKFAC,
+KPSVD, KFAC-corrected, Deflation and Lanczos, and of the diagonal of the
+Fisher as a reference point, on one layer of the CURVES autoencoder, at
+checkpoints along an Adam run. Expected: KFAC worst of the Kronecker methods,
+EKFAC below KFAC, Deflation (= Lanczos) best.
 
 **How.**
 
@@ -33,7 +34,7 @@ best.
   ``--eval-batch`` images of the training set (the same images every time) go
   through a float64 copy of the network inside a
   [`CurvatureExtractor`][curvlib.extract.CurvatureExtractor] with
-  ``include=[--layer]``, ``stats={KRONECKER, PER_SAMPLE_IO}`` and
+  ``include=[--layer]``, ``stats={KRONECKER, PER_SAMPLE_IO, DIAGONAL}`` and
   ``fisher_type=--fisher``: ``exact`` backpropagates all 784 columns of the loss
   Hessian's square root per image (the type-2 Fisher / GGN of the batch),
   ``mc`` ``--mc-samples`` sampled columns. **Everything is float64**: the
@@ -70,8 +71,9 @@ fitting: about 10 minutes for the default run. Any layer name works with
 
 **Expected orderings.** For the batch's own statistics, the Frobenius errors
 satisfy KPSVD $\le$ KFAC (KFAC's product is one candidate of KPSVD's
-minimisation), Deflation $\le$ KPSVD (adding a second term cannot hurt),
-KFAC-corrected $\le$ KFAC (likewise), and Deflation $=$ Lanczos (same
+minimisation), EKFAC $\le$ KFAC (EKFAC is the best matrix diagonal in KFAC's
+eigenbasis, KFAC one of them), Deflation $\le$ KPSVD (adding a second term
+cannot hurt), KFAC-corrected $\le$ KFAC (likewise), and Deflation $=$ Lanczos (same
 minimiser), up to the restriction to symmetric factors (not binding for the top
 pair of a PSD block) and the iterations' tolerance. The spectrum errors have no
 such guarantee. Both are checked at every checkpoint with a relative slack of
@@ -117,9 +119,11 @@ import torch
 from torch import Tensor, nn
 
 from curvlib.approx import (
+    EKFAC,
     KFAC,
     KPSVD,
     Deflation,
+    Diagonal,
     KFACCorrected,
     Lanczos,
     LayerwiseApprox,
@@ -145,24 +149,29 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh, "si
 
 METHODS: dict[str, Callable[[], LayerwiseApprox]] = {
     "KFAC": lambda: KFAC(dtype=torch.float64),
+    "EKFAC": lambda: EKFAC(dtype=torch.float64),
     "KPSVD": lambda: KPSVD(max_iter=MAX_ITER, dtype=torch.float64),
     "KFAC-corrected": lambda: KFACCorrected(max_iter=MAX_ITER, dtype=torch.float64),
     "Deflation": lambda: Deflation(max_iter=MAX_ITER, dtype=torch.float64),
     "Lanczos": lambda: Lanczos(dtype=torch.float64),
+    "Diagonal": lambda: Diagonal(dtype=torch.float64),
 }
 """The compared approximations, in the order of the table; default settings, float64."""
 
 
 STYLES: dict[str, dict[str, Any]] = {
     "KFAC": {"color": "tab:red", "marker": "o"},
+    "EKFAC": {"color": "tab:purple", "marker": "v"},
     "KPSVD": {"color": "tab:blue", "marker": "s"},
     "KFAC-corrected": {"color": "tab:orange", "marker": "^"},
     "Deflation": {"color": "tab:green", "marker": "D"},
     "Lanczos": {"color": "black", "marker": "x", "linestyle": "--"},
+    "Diagonal": {"color": "tab:gray", "marker": ".", "linestyle": ":"},
 }
 
 RELATIONS: tuple[tuple[str, str, bool], ...] = (
     ("KPSVD", "KFAC", True),
+    ("EKFAC", "KFAC", True),
     ("Deflation", "KPSVD", True),
     ("KFAC-corrected", "KFAC", True),
 )
@@ -293,7 +302,7 @@ def evaluate_checkpoint(model: nn.Module, x: Tensor, cfg: Config, timer: Timer) 
     extractor = CurvatureExtractor(
         model64,
         loss_fn,
-        stats={StatKind.KRONECKER, StatKind.PER_SAMPLE_IO},
+        stats={StatKind.KRONECKER, StatKind.PER_SAMPLE_IO, StatKind.DIAGONAL},
         fisher_type=FisherType(cfg.fisher),
         mc_samples=cfg.mc_samples,
         include=[cfg.layer],
@@ -515,7 +524,8 @@ def render_orderings(order: dict[str, Any]) -> list[str]:
                 else "violated at steps " + ", ".join(map(str, item["violated_at"]))
             )
             lines.append(
-                f"- {item['metric']}: KFAC >= KPSVD >= Deflation and KFAC-corrected <= KFAC: "
+                f"- {item['metric']}: KFAC >= KPSVD >= Deflation, EKFAC <= KFAC and "
+                "KFAC-corrected <= KFAC: "
                 + verdict
             )
         else:

@@ -18,7 +18,7 @@ from curvlib.core import ModelLayout
 from curvlib.core.stats import LayerStatistics, PerSampleIO
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "fisher_quality.py"
-METHODS = {"KFAC", "KPSVD", "KFAC-corrected", "Deflation", "Lanczos"}
+METHODS = {"KFAC", "EKFAC", "KPSVD", "KFAC-corrected", "Deflation", "Lanczos", "Diagonal"}
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +49,7 @@ def test_quick_run_writes_its_files(fq: ModuleType, tmp_path: Path) -> None:
         assert all(math.isfinite(v) and v >= 0 for e in errors.values() for v in e.values())
         kpsvd, kfac = errors["KPSVD"]["frobenius"], errors["KFAC"]["frobenius"]
         assert kpsvd <= kfac * (1 + 1e-6) + 1e-12, checkpoint["step"]
+        assert errors["EKFAC"]["frobenius"] <= kfac * (1 + 1e-9), checkpoint["step"]
         assert checkpoint["exact_block_check"] < 1e-10
     assert "| **mean** |" in (tmp_path / "fisher_quality.md").read_text()
 
