@@ -13,14 +13,18 @@ the current blocks. Vectors are per-layer $[W \mid b]$ matrices
 
 from __future__ import annotations
 
+import copy
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from curvlib.core.stats import CurvatureStatistics, LayerStatistics, StatKind
+from curvlib.linalg.factors import FactorizationError
 
 LayerInverse = Callable[[Tensor], Tensor]
 """Applies one layer's damped inverse to ``[..., out, in_aug]`` matrices."""
@@ -28,6 +32,41 @@ LayerInverse = Callable[[Tensor], Tensor]
 
 class NonFiniteStatisticsError(ValueError):
     """Statistics with NaN or Inf entries; the estimate was left unchanged."""
+
+
+def check_damping(damping: float) -> float:
+    """Return ``damping`` as a float after checking that it is positive and finite.
+
+    Raises:
+        ValueError: If it is not.
+    """
+    if not 0.0 < damping < math.inf:
+        raise ValueError(f"damping must be positive and finite, got {damping!r}.")
+    return float(damping)
+
+
+def check_sampling(num_samples: int, generator: torch.Generator | None) -> int:
+    """Validate the arguments of the ``sample`` methods.
+
+    Raises:
+        ValueError: If ``num_samples`` is not a positive integer.
+        TypeError: If ``generator`` is neither ``None`` nor a ``torch.Generator``.
+    """
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}.")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"generator must be a torch.Generator or None, got {type(generator).__name__}; "
+            "create one with torch.Generator(device).manual_seed(seed)."
+        )
+    return num_samples
+
+
+def standard_normal(
+    shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None
+) -> Tensor:
+    """Standard normal draws with the dtype and device of ``like``."""
+    return torch.randn(shape, generator=generator, dtype=like.dtype, device=like.device)
 
 
 class LayerBlock(ABC):
@@ -84,6 +123,64 @@ class LayerBlock(ABC):
         dense = self.to_dense()
         return dense + damping * torch.eye(dense.shape[0], dtype=dense.dtype, device=dense.device)
 
+    # -- the block as an operator: dense fallbacks, overridden where structure allows ------
+
+    def trace(self) -> Tensor:
+        r"""$\operatorname{tr} C$ of the undamped block, a 0-d tensor.
+
+        Default: the diagonal of ``to_dense()``, $P$ products with the block
+        and $O(P^2)$ memory. Structured blocks override it.
+        """
+        return torch.diagonal(self.to_dense()).sum()
+
+    def logdet(self, damping: float) -> Tensor:
+        r"""$\log\det D(\lambda)$ of the damped operator that ``inverse(damping)`` inverts.
+
+        $D(\lambda)$ is ``damped_to_dense(damping)``: $C + \lambda I$ unless the
+        block documents another damping rule. Default: a Cholesky factorisation
+        of the dense $P \times P$ operator, $O(P^3)$ time and $O(P^2)$ memory.
+
+        Raises:
+            FactorizationError: If the damped operator is not positive definite.
+        """
+        return 2.0 * torch.log(torch.diagonal(self._dense_cholesky(damping))).sum()
+
+    def sample(
+        self, damping: float, num_samples: int, generator: torch.Generator | None = None
+    ) -> Tensor:
+        r"""Draws from $\mathcal N(0, D(\lambda)^{-1})$, ``[num_samples, out, in]``.
+
+        $D(\lambda)$ is ``damped_to_dense(damping)``. Default: with the dense
+        Cholesky factor $D = LL^\top$, $x = L^{-\top} z$ for standard normal $z$
+        (covariance $L^{-\top}L^{-1} = D^{-1}$): $O(P^3)$ once and $O(P^2)$ per
+        draw, $O(P^2)$ memory.
+        """
+        chol = self._dense_cholesky(damping)
+        z = standard_normal((self.num_params, num_samples), chol, generator)
+        draws: Tensor = torch.linalg.solve_triangular(chol.T, z, upper=True)
+        return draws.T.reshape(num_samples, self.out_dim, self.in_dim)
+
+    def condition_number(self, damping: float) -> float:
+        r"""The condition number of $D(\lambda)$ = ``damped_to_dense(damping)``, or an estimate.
+
+        Default: exact, from the eigenvalues of the dense operator, $O(P^3)$.
+        Structured blocks override it with an estimate that costs little next to
+        building the inverse; each documents whether it is exact or a lower bound.
+        """
+        values = torch.linalg.eigvalsh(self.damped_to_dense(damping))
+        return float(values[-1] / values[0])
+
+    def _dense_cholesky(self, damping: float) -> Tensor:
+        damped = self.damped_to_dense(damping)
+        chol, info = torch.linalg.cholesky_ex((damped + damped.T) / 2)
+        if int(info) != 0:
+            raise FactorizationError(
+                f"The damped {damped.shape[0]}x{damped.shape[0]} block is not positive "
+                "definite; increase the damping."
+            )
+        result: Tensor = chol
+        return result
+
     def _dense_dtype(self) -> torch.dtype:
         return self.dtype or torch.get_default_dtype()
 
@@ -107,6 +204,10 @@ class LayerBlock(ABC):
         return tensor if self.dtype is None else tensor.to(self.dtype)
 
 
+def _condition_of(block: LayerBlock, damping: float) -> Callable[[], float]:
+    return lambda: block.condition_number(damping)
+
+
 def running_average(old: Tensor | None, new: Tensor, rho: float) -> Tensor:
     """``rho * old + (1 - rho) * new``; ``new`` when there is no ``old``."""
     if old is None:
@@ -114,23 +215,78 @@ def running_average(old: Tensor | None, new: Tensor, rho: float) -> Tensor:
     return old.mul(rho).add_(new, alpha=1.0 - rho)
 
 
+@dataclass(frozen=True)
+class LayerShape:
+    """The matrices one layer's inverse acts on: ``[out_dim, in_dim]``, dtype and device."""
+
+    out_dim: int
+    in_dim: int
+    dtype: torch.dtype
+    device: torch.device
+
+
 class BlockDiagonalPreconditioner:
     r"""$(C + \lambda I)^{-1}$ of a block-diagonal approximation, one function per layer.
 
+    Returned by [`LayerwiseApprox.inverse`][curvlib.approx.base.LayerwiseApprox.inverse].
+    ``apply`` (or its alias ``matvec``) multiplies per-layer matrices by the
+    inverse, ``to_dense(layer)`` returns a layer's dense inverse block and
+    ``condition_numbers`` the per-layer condition estimates of the damped
+    operators $D_l(\lambda)$ (what each block's ``condition_number`` documents:
+    exact or a lower bound).
+
+    **Condition estimates.** A layer inverse may carry its estimate as a float
+    attribute ``condition_number``, computed from the factorisation it was built
+    from (all curvlib blocks do, at a cost of a few diagonals); those are filled
+    when the preconditioner is built. For any other layer, ``condition`` supplies
+    a function that is called on the first access of ``condition_numbers``.
+
     Args:
         inverses: The per-layer damped inverses, keyed by layer name.
+        shapes: Each layer's matrix shape, dtype and device (needed by ``to_dense``).
+        condition: Functions computing the estimate of layers whose inverse has no
+            ``condition_number``.
     """
 
-    def __init__(self, inverses: Mapping[str, LayerInverse]) -> None:
+    def __init__(
+        self,
+        inverses: Mapping[str, LayerInverse],
+        shapes: Mapping[str, LayerShape] | None = None,
+        condition: Mapping[str, Callable[[], float]] | None = None,
+    ) -> None:
         self._inverses = dict(inverses)
+        self._shapes = dict(shapes or {})
+        self._conditions: dict[str, float] = {}
+        for name, inverse in self._inverses.items():
+            estimate = getattr(inverse, "condition_number", None)
+            if isinstance(estimate, float | int) and not isinstance(estimate, bool):
+                self._conditions[name] = float(estimate)
+        self._pending = {
+            name: fn for name, fn in (condition or {}).items() if name not in self._conditions
+        }
 
     @property
     def layers(self) -> tuple[str, ...]:
         """The layers this preconditioner acts on."""
         return tuple(self._inverses)
 
+    @property
+    def condition_numbers(self) -> dict[str, float]:
+        r"""Condition estimates of the damped per-layer operators, keyed by layer name."""
+        if self._pending:
+            for name, fn in self._pending.items():
+                self._conditions[name] = float(fn())
+            self._pending = {}
+        return dict(self._conditions)
+
     def apply(self, grads: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Multiply per-layer gradient matrices by the damped inverse.
+
+        Args:
+            grads: ``[..., out, in]`` matrices for some or all layers.
+
+        Returns:
+            The products, keyed like ``grads``.
 
         Raises:
             KeyError: If a layer has no block (it received no statistics yet).
@@ -139,6 +295,33 @@ class BlockDiagonalPreconditioner:
         if missing:
             raise KeyError(f"No curvature estimate for layers {missing}: update() first.")
         return {name: self._inverses[name](grad) for name, grad in grads.items()}
+
+    def matvec(self, vectors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The same as ``apply``: this operator *is* the inverse."""
+        return self.apply(vectors)
+
+    def to_dense(self, layer: str) -> Tensor:
+        r"""The dense inverse block $D_l(\lambda)^{-1}$, ``[P_l, P_l]`` (row-major vectorisation).
+
+        Applies the inverse to the $P_l$ basis matrices: $P_l$ applications and
+        $O(P_l^2)$ memory, for small nets and tests.
+
+        Raises:
+            KeyError: If the layer is unknown.
+            ValueError: If the preconditioner was built without the layer's shape.
+        """
+        if layer not in self._inverses:
+            raise KeyError(f"No curvature estimate for layer {layer!r}: update() first.")
+        if layer not in self._shapes:
+            raise ValueError(
+                f"This preconditioner was built without the shape of layer {layer!r}; "
+                "pass shapes= to BlockDiagonalPreconditioner to use to_dense()."
+            )
+        shape = self._shapes[layer]
+        size = shape.out_dim * shape.in_dim
+        basis = torch.eye(size, dtype=shape.dtype, device=shape.device)
+        cols = self._inverses[layer](basis.reshape(size, shape.out_dim, shape.in_dim))
+        return cols.reshape(size, size).T
 
 
 class LayerwiseApprox(ABC):
@@ -212,14 +395,91 @@ class LayerwiseApprox(ABC):
     def inverse(self, damping: float) -> BlockDiagonalPreconditioner:
         r"""A new operator applying $(C + \lambda I)^{-1}$ block by block.
 
+        Its ``condition_numbers`` hold each layer's condition estimate
+        ([`BlockDiagonalPreconditioner`][curvlib.approx.base.BlockDiagonalPreconditioner]).
+
         Raises:
             ValueError: If ``damping`` is not positive.
         """
-        if not damping > 0.0:
-            raise ValueError(f"damping must be positive, got {damping!r}.")
-        return BlockDiagonalPreconditioner(
-            {name: block.inverse(damping) for name, block in self._blocks.items()}
-        )
+        damping = check_damping(damping)
+        inverses: dict[str, LayerInverse] = {}
+        shapes: dict[str, LayerShape] = {}
+        condition: dict[str, Callable[[], float]] = {}
+        for name, block in self._blocks.items():
+            inverses[name] = inverse = block.inverse(damping)
+            shapes[name] = LayerShape(
+                block.out_dim, block.in_dim, block._dense_dtype(), block._device()
+            )
+            if not isinstance(getattr(inverse, "condition_number", None), float):
+                # A snapshot, so that later updates cannot leak into this operator.
+                condition[name] = _condition_of(copy.deepcopy(block), damping)
+        return BlockDiagonalPreconditioner(inverses, shapes, condition)
+
+    def trace(self, layer: str | None = None) -> Tensor:
+        r"""$\operatorname{tr} C$ of one layer's block, or of all of them (``layer=None``).
+
+        Cost: each block's ``trace`` ($O(d_o + d_i)$ for Kronecker blocks).
+
+        Raises:
+            KeyError: If ``layer`` has no estimate.
+            RuntimeError: Before the first ``update``.
+        """
+        return self._sum(lambda block: block.trace(), layer)
+
+    def logdet(self, damping: float, layer: str | None = None) -> Tensor:
+        r"""$\log\det D(\lambda)$ of the damped operator ``inverse(damping)`` inverts.
+
+        Summed over layers when ``layer`` is ``None`` (the approximation is block
+        diagonal). $D(\lambda)$ is each block's ``damped_to_dense``: exact
+        $C + \lambda I$ or the block's documented damping rule (KFAC's
+        $\pi$-split, the floored two-term operator, the per-layer heuristic).
+
+        Raises:
+            ValueError: If ``damping`` is not positive and finite.
+            KeyError: If ``layer`` has no estimate.
+            RuntimeError: Before the first ``update``.
+        """
+        damping = check_damping(damping)
+        return self._sum(lambda block: block.logdet(damping), layer)
+
+    def sample(
+        self, damping: float, num_samples: int = 1, *, generator: torch.Generator | None = None
+    ) -> dict[str, Tensor]:
+        r"""Draws from $\mathcal N(0, D(\lambda)^{-1})$, independent across layers.
+
+        The layers are independent because the approximation is block diagonal;
+        each block draws with its own ``sample`` (documented cost).
+
+        Args:
+            damping: $\lambda > 0$.
+            num_samples: Draws per layer.
+            generator: Source of randomness; a seeded generator makes the draws
+                reproducible (layers are drawn in the order of ``blocks``).
+
+        Returns:
+            ``[num_samples, out, in]`` per layer.
+
+        Raises:
+            ValueError: If ``damping`` or ``num_samples`` is not positive.
+            TypeError: If ``generator`` is not a ``torch.Generator``.
+            RuntimeError: Before the first ``update``.
+        """
+        damping = check_damping(damping)
+        check_sampling(num_samples, generator)
+        if not self._blocks:
+            raise RuntimeError("No curvature estimate yet: update() first.")
+        return {
+            name: block.sample(damping, num_samples, generator)
+            for name, block in self._blocks.items()
+        }
+
+    def _sum(self, fn: Callable[[LayerBlock], Tensor], layer: str | None) -> Tensor:
+        if layer is not None:
+            return fn(self._block(layer))
+        if not self._blocks:
+            raise RuntimeError("No curvature estimate yet: update() first.")
+        values = [fn(block) for block in self._blocks.values()]
+        return torch.stack(values).sum()
 
     def matvec(self, vectors: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Multiply per-layer matrices by $C$."""

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from curvlib.approx.base import LayerBlock, LayerwiseApprox, running_average
+from curvlib.approx.base import LayerBlock, LayerwiseApprox, running_average, standard_normal
 from curvlib.core.stats import LayerStatistics, StatKind
 from curvlib.linalg.factors import symmetrize
 from curvlib.linalg.kron import KroneckerSumInverse, two_term_inverse
@@ -112,6 +112,47 @@ class KroneckerSumBlock(LayerBlock):
         """The floored damped inverse of the class docstring, as an operator."""
         G1, A1, G2, A2 = self._current()
         return two_term_inverse(G1, A1, G2, A2, damping, min_eig=self.min_eig)
+
+    def trace(self) -> Tensor:
+        r"""$\operatorname{tr} C = \sum_j \operatorname{tr} G_j \operatorname{tr} A_j$ (cheap)."""
+        G1, A1, G2, A2 = self._current()
+        return G1.diagonal().sum() * A1.diagonal().sum() + G2.diagonal().sum() * A2.diagonal().sum()
+
+    def logdet(self, damping: float) -> Tensor:
+        r"""$\log\det$ of the floored damped operator, through the whitening.
+
+        $\log\det\big((G_1 + \gamma_G I)\otimes(A_1 + \gamma_A I)\big) +
+        \sum_{pq}\log\max(1 + s_{G,p} s_{A,q}, \epsilon)$
+        ([`KroneckerSumInverse.logdet`][curvlib.linalg.kron.KroneckerSumInverse.logdet]):
+        the cost of building the inverse, two Cholesky and two ``eigh`` of the
+        factor sizes.
+        """
+        return self.inverse(damping).logdet()
+
+    def sample(
+        self, damping: float, num_samples: int, generator: torch.Generator | None = None
+    ) -> Tensor:
+        r"""Draws from $\mathcal N(0, D(\lambda)^{-1})$ through the same whitening.
+
+        $X = P_G (Z \odot D^{1/2}) P_A^\top$
+        ([`KroneckerSumInverse.sample`][curvlib.linalg.kron.KroneckerSumInverse.sample]):
+        the inverse's cost once, two products per draw.
+        """
+        inverse = self.inverse(damping)
+        noise = standard_normal((num_samples, self.out_dim, self.in_dim), inverse.scale, generator)
+        return inverse.sample(noise)
+
+    def condition_number(self, damping: float) -> float:
+        r"""A lower bound of the condition number of the floored damped operator.
+
+        [`KroneckerSumInverse.condition_number`][curvlib.linalg.kron.KroneckerSumInverse]:
+        $O(d_o^2 + d_i^2)$ on top of the inverse (which the preconditioner has
+        built anyway; on its own this method builds it).
+        """
+        return self.inverse(damping).condition_number
+
+    def _device(self) -> torch.device:
+        return self.factors[0].device if self.factors is not None else torch.device("cpu")
 
     def to_dense(self) -> Tensor:
         r"""$G_1 \otimes A_1 + G_2 \otimes A_2$."""

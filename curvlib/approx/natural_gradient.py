@@ -33,9 +33,24 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from curvlib.approx.base import LayerBlock, LayerwiseApprox, NonFiniteStatisticsError
+from curvlib.approx.base import (
+    LayerBlock,
+    LayerwiseApprox,
+    NonFiniteStatisticsError,
+    check_sampling,
+    standard_normal,
+)
 from curvlib.core.stats import CurvatureStatistics, LayerStatistics, PerSampleIO, StatKind
-from curvlib.linalg.woodbury import LayerRows, WoodburyInverse, gram_matvec, layer_rows
+from curvlib.linalg.woodbury import (
+    LayerRows,
+    WoodburyInverse,
+    WoodburyInverseSqrt,
+    gram_matvec,
+    layer_rows,
+)
+
+ALL_LAYERS = "*"
+"""The key of the one condition estimate of the exact natural-gradient inverse."""
 
 
 def _rows(io: PerSampleIO) -> LayerRows:
@@ -83,6 +98,10 @@ class WoodburyPreconditioner:
     def __init__(self, layers: Sequence[str], woodbury: WoodburyInverse) -> None:
         self._layers = tuple(layers)
         self.woodbury = woodbury
+        self.condition_numbers: dict[str, float] = {ALL_LAYERS: woodbury.condition_estimate()}
+        r"""One lower bound of the condition number of the whole $F + \lambda I$, keyed
+        ``"*"`` (the operator couples the layers):
+        [`WoodburyInverse.condition_estimate`][curvlib.linalg.woodbury.WoodburyInverse.condition_estimate]."""
 
     @property
     def layers(self) -> tuple[str, ...]:
@@ -106,6 +125,51 @@ class WoodburyPreconditioner:
         out = self.woodbury([grads[name] for name in self._layers])
         result = dict(zip(self._layers, out, strict=True))
         return {name: result[name] for name in grads}
+
+    def matvec(self, vectors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The same as ``apply``: this operator *is* the inverse."""
+        return self.apply(vectors)
+
+    def to_dense(self, layer: str) -> Tensor:
+        r"""The diagonal block of $(F + \lambda I)^{-1}$ for one layer, ``[P_l, P_l]``.
+
+        Not the inverse of the layer's block of $F + \lambda I$: the other layers
+        are coupled in. $P_l$ applications, for small nets and tests.
+
+        Raises:
+            KeyError: If the layer is unknown.
+        """
+        if layer not in self._layers:
+            raise KeyError(f"Unknown layer {layer!r}; the layers are {list(self._layers)}.")
+        return self._dense_columns(layer)[layer]
+
+    def to_dense_full(self) -> Tensor:
+        r"""The whole $(F + \lambda I)^{-1}$, ``[P, P]`` in the order of ``layers``."""
+        columns = [
+            torch.cat([cols[name] for name in self._layers], dim=0)
+            for cols in (self._dense_columns(layer) for layer in self._layers)
+        ]
+        return torch.cat(columns, dim=1)
+
+    def _dense_columns(self, layer: str) -> dict[str, Tensor]:
+        """Rows of the inverse for the columns of ``layer``: ``{name: [P_name, P_layer]}``."""
+        shapes = {n: b.shape[1:] for n, b in zip(self._layers, self.woodbury.blocks, strict=True)}
+        rows = self.woodbury.blocks[self._layers.index(layer)]
+        out_dim, in_dim = shapes[layer]
+        size = out_dim * in_dim
+        basis = torch.eye(size, dtype=rows.dtype, device=rows.device).reshape(size, out_dim, in_dim)
+        zeros = {
+            n: torch.zeros(size, *shape, dtype=rows.dtype, device=rows.device)
+            for n, shape in shapes.items()
+        }
+        applied = self.apply({**zeros, layer: basis})
+        return {n: applied[n].reshape(size, -1).T for n in self._layers}
+
+
+def _noise(rows: LayerRows, num_samples: int, generator: torch.Generator | None) -> Tensor:
+    _, out_dim, in_dim = rows.shape
+    like = torch.empty(0, dtype=rows.dtype, device=rows.device)
+    return standard_normal((num_samples, out_dim, in_dim), like, generator)
 
 
 def _check_keys(vectors: Mapping[str, Tensor], layers: Sequence[str]) -> None:
@@ -250,6 +314,76 @@ class ExactNaturalGradient:
         result = dict(zip(rows, out, strict=True))
         return {name: result[name] for name in vectors}
 
+    def trace(self, layer: str | None = None) -> Tensor:
+        r"""$\operatorname{tr} F = \sum_{k,n,l} \|U_{l,kn}\|^2$, or of one layer's diagonal block.
+
+        Cost $O(m(d_\text{out} + d_\text{in}))$ per one-position layer, $O(mP_l)$
+        otherwise.
+
+        Raises:
+            KeyError: If ``layer`` is unknown.
+            RuntimeError: Before the first ``update``.
+        """
+        rows = self._rows()
+        names = tuple(rows) if layer is None else (self._check_layer(layer),)
+        return torch.stack([rows[name].row_sq_norms().sum() for name in names]).sum()
+
+    def logdet(self, damping: float, layer: str | None = None) -> Tensor:
+        r"""$\log\det(F + \lambda I)$ by the matrix determinant lemma, in sample space.
+
+        $\log\det = (P - m)\log\lambda + \log\det(\lambda I_m + UU^\top)$
+        ([`WoodburyInverse.logdet`][curvlib.linalg.woodbury.WoodburyInverse.logdet]):
+        the cost of building the inverse, $O(m^2 P + m^3)$. With ``layer``, the
+        log-determinant of that layer's diagonal block $F_{ll} + \lambda I$ (the
+        layers are coupled, so these do not add up to the whole).
+
+        Raises:
+            ValueError: If ``damping`` is not positive and finite.
+            KeyError: If ``layer`` is unknown.
+            RuntimeError: Before the first ``update``.
+        """
+        _check_damping(damping)
+        rows = self._rows()
+        blocks = list(rows.values()) if layer is None else [rows[self._check_layer(layer)]]
+        return WoodburyInverse(blocks, damping).logdet()
+
+    def sample(
+        self, damping: float, num_samples: int = 1, *, generator: torch.Generator | None = None
+    ) -> dict[str, Tensor]:
+        r"""Joint draws from $\mathcal N(0, (F + \lambda I)^{-1})$ over all layers.
+
+        Through the eigendecomposition of the kernel $UU^\top$, i.e. the thin
+        SVD of the per-sample gradient matrix
+        ([`WoodburyInverseSqrt`][curvlib.linalg.woodbury.WoodburyInverseSqrt]):
+        $O(m^2 P + m^3)$ once, $O(mP)$ per draw; never a $P\times P$ matrix. The
+        layers are correlated, as in $F$.
+
+        Args:
+            damping: $\lambda > 0$.
+            num_samples: Number of draws.
+            generator: Source of randomness (noise drawn layer by layer, in the
+                order of ``layers``).
+
+        Returns:
+            ``[num_samples, out, in]`` per layer.
+
+        Raises:
+            ValueError: If ``damping`` or ``num_samples`` is not positive.
+            TypeError: If ``generator`` is not a ``torch.Generator``.
+            RuntimeError: Before the first ``update``.
+        """
+        _check_damping(damping)
+        check_sampling(num_samples, generator)
+        rows = self._rows()
+        sqrt = WoodburyInverseSqrt(list(rows.values()), damping)
+        noise = [_noise(block, num_samples, generator) for block in rows.values()]
+        return dict(zip(rows, sqrt(noise), strict=True))
+
+    def _check_layer(self, layer: str) -> str:
+        if layer not in self._io:
+            raise KeyError(f"No curvature estimate for layer {layer!r}: update() first.")
+        return layer
+
     def to_dense(self, layer: str) -> Tensor:
         r"""The diagonal block $U_l^\top U_l$ of one layer, ``[P_l, P_l]``."""
         rows = self._rows()
@@ -326,6 +460,8 @@ class WoodburyLayerInverse:
 
     def __init__(self, woodbury: WoodburyInverse) -> None:
         self.woodbury = woodbury
+        self.condition_number = woodbury.condition_estimate()
+        r"""A lower bound of the condition number of $F_l + \lambda_l I$."""
 
     def __call__(self, mat: Tensor) -> Tensor:
         """Apply the damped inverse."""
@@ -382,6 +518,39 @@ class _NGBlock(LayerBlock):
     def inverse(self, damping: float) -> WoodburyLayerInverse:
         _check_damping(damping)
         return WoodburyLayerInverse(WoodburyInverse([self.rows()], self.layer_damping(damping)))
+
+    def trace(self) -> Tensor:
+        r"""$\operatorname{tr} F_l$, the sum of the squared row norms: $O(m(d_o + d_i))$."""
+        return self.rows().row_sq_norms().sum()
+
+    def logdet(self, damping: float) -> Tensor:
+        r"""$\log\det(F_l + \lambda_l I)$ by the determinant lemma, $O(m^2 P_l + m^3)$."""
+        _check_damping(damping)
+        return WoodburyInverse([self.rows()], self.layer_damping(damping)).logdet()
+
+    def sample(
+        self, damping: float, num_samples: int, generator: torch.Generator | None = None
+    ) -> Tensor:
+        r"""Draws from $\mathcal N(0, (F_l + \lambda_l I)^{-1})$ through the thin SVD of $U_l$.
+
+        [`WoodburyInverseSqrt`][curvlib.linalg.woodbury.WoodburyInverseSqrt]:
+        $O(m^2 P_l + m^3)$ once, $O(mP_l)$ per draw.
+        """
+        _check_damping(damping)
+        rows = self.rows()
+        sqrt = WoodburyInverseSqrt([rows], self.layer_damping(damping))
+        return sqrt([_noise(rows, num_samples, generator)])[0]
+
+    def condition_number(self, damping: float) -> float:
+        r"""A lower bound of the condition number of $F_l + \lambda_l I$.
+
+        [`WoodburyInverse.condition_estimate`][curvlib.linalg.woodbury.WoodburyInverse.condition_estimate],
+        with the cost of building the inverse.
+        """
+        return self.inverse(damping).condition_number
+
+    def _device(self) -> torch.device:
+        return self.io.inputs.device if self.io is not None else torch.device("cpu")
 
     def to_dense(self) -> Tensor:
         flat = self.rows().dense().flatten(1)

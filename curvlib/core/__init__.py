@@ -7,7 +7,13 @@ each other. The conventions that all layers share are written down once, in
 """
 
 from curvlib.core.layout import CurvatureLayer, LayerKind, ModelLayout, UnsupportedModule
-from curvlib.core.protocols import CurvatureApprox, Extractor, Preconditioner, RefreshableApprox
+from curvlib.core.protocols import (
+    CurvatureApprox,
+    CurvatureOperator,
+    Extractor,
+    Preconditioner,
+    RefreshableApprox,
+)
 from curvlib.core.stats import (
     CurvatureStatistics,
     FisherType,
@@ -21,6 +27,7 @@ from curvlib.core.stats import (
 __all__ = [
     "CurvatureApprox",
     "CurvatureLayer",
+    "CurvatureOperator",
     "CurvatureStatistics",
     "Extractor",
     "FisherType",

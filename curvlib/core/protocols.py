@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from typing import Any, Protocol, runtime_checkable
 
-from torch import Tensor
+from torch import Generator, Tensor
 
 from curvlib.core.layout import ModelLayout
 from curvlib.core.stats import CurvatureStatistics, FisherType, StatKind
@@ -120,4 +120,30 @@ class RefreshableApprox(CurvatureApprox, Protocol):
 
     def refresh(self) -> None:
         """Recompute the expensive part of the estimate from the running statistics."""
+        ...
+
+
+@runtime_checkable
+class CurvatureOperator(Protocol):
+    r"""Optional: a fitted approximation used as an operator, without the optimizer.
+
+    What Laplace approximations and EWC need besides ``matvec`` and ``inverse``.
+    $D(\lambda)$ is the damped operator that ``inverse(damping)`` inverts: exact
+    $C + \lambda I$ or the approximation's documented damping rule (e.g. KFAC's
+    $(G + \gamma_G I)\otimes(A + \gamma_A I)$). Each implementation states the
+    cost of each method.
+    """
+
+    def trace(self, layer: str | None = None) -> Tensor:
+        r"""$\operatorname{tr} C$ of one layer's block, or of the whole approximation."""
+        ...
+
+    def logdet(self, damping: float, layer: str | None = None) -> Tensor:
+        r"""$\log\det D(\lambda)$ of one layer's block, or of the whole approximation."""
+        ...
+
+    def sample(
+        self, damping: float, num_samples: int = 1, *, generator: Generator | None = None
+    ) -> dict[str, Tensor]:
+        r"""Draws from $\mathcal N(0, D(\lambda)^{-1})$: ``[num_samples, out, in]`` per layer."""
         ...

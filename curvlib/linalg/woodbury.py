@@ -33,6 +33,7 @@ Rows are indexed $k$-major, row $kN + n$ for column $k$ of sample $n$.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
@@ -79,6 +80,25 @@ class LayerRows(ABC):
     @abstractmethod
     def dense(self) -> Tensor:
         """The rows as matrices, ``[m, out, in]`` (for dense forms and tests only)."""
+
+    def column_sq_norms(self) -> Tensor:
+        r"""Squared column norms of $U_l$, the diagonal of $U_l^\top U_l$, as ``[out, in]``.
+
+        Default: from ``dense()``, $O(m P_l)$.
+        """
+        return self.dense().square().sum(0)
+
+    def row_sq_norms(self) -> Tensor:
+        r"""Squared row norms of $U_l$, the diagonal of $U_l U_l^\top$, as ``[m]``.
+
+        Default: from ``dense()``, $O(m P_l)$.
+        """
+        return self.dense().flatten(1).square().sum(1)
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the stored rows."""
+        return self.dense().device
 
 
 class FactoredRows(LayerRows):
@@ -135,6 +155,20 @@ class FactoredRows(LayerRows):
         weighted = torch.einsum("...kn,kno->...on", c, self.output_grads)  # [..., out, N]
         return weighted @ self.inputs
 
+    @property
+    def device(self) -> torch.device:
+        """The device of the stored factors."""
+        return self.inputs.device
+
+    def row_sq_norms(self) -> Tensor:
+        r"""$\|g_{kn}\|^2 \|\bar a_n\|^2$, $O(m d_\text{out} + N d_\text{in})$."""
+        norms = self.output_grads.square().sum(-1) * self.inputs.square().sum(-1)
+        return norms.reshape(-1)
+
+    def column_sq_norms(self) -> Tensor:
+        r"""$\sum_{kn} g_{kno}^2 \bar a_{ni}^2$, $O(N d_\text{out} d_\text{in})$."""
+        return self.output_grads.square().sum(0).T @ self.inputs.square()
+
     def dense(self) -> Tensor:
         """The rank-one matrices, ``[K * N, out, in]``."""
         rows = torch.einsum("kno,ni->knoi", self.output_grads, self.inputs)
@@ -184,6 +218,11 @@ class DenseRows(LayerRows):
     def dense(self) -> Tensor:
         """The stored rows."""
         return self.rows
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the stored rows."""
+        return self.rows.device
 
 
 def layer_rows(inputs: Tensor, output_grads: Tensor, scale: float = 1.0) -> LayerRows:
@@ -244,6 +283,44 @@ class WoodburyInverse:
         for block in blocks[1:]:
             kernel = kernel + block.gram()
         self.chol, self.jitter = damped_cholesky(kernel, self.damping)
+        self._kernel_diag = kernel.diagonal().clone()
+
+    @property
+    def num_params(self) -> int:
+        r"""$P = \sum_l P_l$, the number of columns of $U$."""
+        return sum(b.shape[1] * b.shape[2] for b in self.blocks)
+
+    def logdet(self) -> Tensor:
+        r"""$\log\det(U^\top U + \lambda I)$ by the matrix determinant lemma.
+
+        $\det(\lambda I_P + U^\top U) = \lambda^{P - m} \det(\lambda I_m + UU^\top)$,
+        so $\log\det = (P - m)\log\lambda + 2\sum_i \log L_{ii}$ with the stored
+        Cholesky factor: $O(m)$ (the jitter of a retried factorisation, if any,
+        is included).
+        """
+        m = self.chol.shape[0]
+        return (self.num_params - m) * math.log(self.damping) + 2.0 * torch.log(
+            self.chol.diagonal()
+        ).sum()
+
+    def condition_estimate(self) -> float:
+        r"""A lower bound of the condition number of $U^\top U + \lambda I$.
+
+        $\lambda_\max$ is at least $\lambda$ plus the largest diagonal entry of
+        either Gram matrix, $UU^\top$ (the squared row norms) or $U^\top U$ (the
+        squared column norms; both have the same nonzero eigenvalues).
+        $\lambda_\min$ equals $\lambda$ when $m < P$ ($U^\top U$ is singular) and
+        is at most $\lambda$ plus the smallest squared column norm otherwise.
+        Cost $O(m)$ plus ``column_sq_norms`` of each block ($O(N d_\text{out}
+        d_\text{in})$ for factored rows).
+        """
+        columns = [b.column_sq_norms() for b in self.blocks]
+        top_col = max(float(c.max()) for c in columns)
+        top = self.damping + max(float(self._kernel_diag.max()), top_col)
+        bottom = self.damping
+        if self.chol.shape[0] >= self.num_params:
+            bottom += min(float(c.min()) for c in columns)
+        return max(top / bottom, 1.0)
 
     @property
     def kernel_shape(self) -> tuple[int, int]:
@@ -275,6 +352,55 @@ class WoodburyInverse:
         solved = self.solve_kernel(coeffs)
         return [
             (mat.to(block.dtype) - block.expand(solved)) / self.damping
+            for block, mat in zip(self.blocks, mats, strict=True)
+        ]
+
+
+class WoodburyInverseSqrt:
+    r"""$(U^\top U + \lambda I)^{-1/2}$ in sample space: draws from its Gaussian.
+
+    With the eigendecomposition of the kernel $UU^\top = W \operatorname{diag}(s) W^\top$
+    (the left singular vectors and squared singular values of the thin SVD
+    $U = W \Sigma V^\top$, without forming $V$),
+
+    $$(U^\top U + \lambda I)^{-1/2} z = \frac{z}{\sqrt\lambda} + U^\top W
+    \operatorname{diag}(c)\, W^\top U z, \qquad c_i = \frac{-1}{\sqrt\lambda
+    \sqrt{\lambda + s_i}\,(\sqrt\lambda + \sqrt{\lambda + s_i})},$$
+
+    since on the right singular vectors $v_i$ it multiplies by
+    $1/\sqrt\lambda + s_i c_i = 1/\sqrt{\lambda + s_i}$ and by $1/\sqrt\lambda$
+    on their orthogonal complement ($c_i$ is written so that it stays accurate
+    for $s_i \to 0$). Applied to standard normal $z$ it gives draws with
+    covariance $(U^\top U + \lambda I)^{-1}$. Cost: kernel $O(m^2 P)$ and one
+    ``eigh`` $O(m^3)$ to build, two products with $U$, $O(mP)$, per draw.
+
+    Args:
+        blocks: The column blocks of $U$, all with ``m`` rows.
+        damping: $\lambda > 0$.
+    """
+
+    def __init__(self, blocks: Sequence[LayerRows], damping: float) -> None:
+        if not 0.0 < damping < float("inf"):
+            raise ValueError(f"damping must be positive and finite, got {damping!r}.")
+        self.blocks = tuple(blocks)
+        self.damping = float(damping)
+        kernel = blocks[0].gram()
+        for block in blocks[1:]:
+            kernel = kernel + block.gram()
+        s, self.vectors = torch.linalg.eigh((kernel + kernel.T) / 2)
+        s = s.clamp_min(0.0)
+        root, shifted = math.sqrt(self.damping), (s + self.damping).sqrt()
+        self.coeffs = -1.0 / (root * shifted * (root + shifted))
+
+    def __call__(self, mats: Sequence[Tensor]) -> list[Tensor]:
+        """Apply the inverse square root to one ``[..., out_l, in_l]`` matrix per block."""
+        coeffs = self.blocks[0].project(mats[0])
+        for block, mat in zip(self.blocks[1:], mats[1:], strict=True):
+            coeffs = coeffs + block.project(mat)
+        coeffs = ((coeffs @ self.vectors) * self.coeffs) @ self.vectors.T
+        root = math.sqrt(self.damping)
+        return [
+            mat.to(block.dtype) / root + block.expand(coeffs)
             for block, mat in zip(self.blocks, mats, strict=True)
         ]
 
