@@ -154,10 +154,16 @@ class LayerBlock(ABC):
         Cholesky factor $D = LL^\top$, $x = L^{-\top} z$ for standard normal $z$
         (covariance $L^{-\top}L^{-1} = D^{-1}$): $O(P^3)$ once and $O(P^2)$ per
         draw, $O(P^2)$ memory.
+
+        Every curvlib block draws its noise as one
+        ``torch.randn((num_samples, out, in), generator=generator)`` and maps it
+        linearly, so a seeded generator reproduces the draws exactly.
         """
         chol = self._dense_cholesky(damping)
-        z = standard_normal((self.num_params, num_samples), chol, generator)
-        draws: Tensor = torch.linalg.solve_triangular(chol.T, z, upper=True)
+        z = standard_normal((num_samples, self.out_dim, self.in_dim), chol, generator)
+        draws: Tensor = torch.linalg.solve_triangular(
+            chol.T, z.reshape(num_samples, -1).T, upper=True
+        )
         return draws.T.reshape(num_samples, self.out_dim, self.in_dim)
 
     def condition_number(self, damping: float) -> float:
