@@ -56,8 +56,11 @@ and ``g`` per layer). Then ``floor(T) = adam + apply + (stats + inverse) / T`` a
 to Adam, with ``FLOORS[Spec.floor]`` naming the parts: KFAC-PI, KPSVD and ASDL need
 apply2, gemm + mc_backward, cholesky; KFAC-EIGEN apply4, gemm + mc_backward, eigh;
 two-term methods apply4, gemm + mc_backward, cholesky + eigh; NG ng_apply, mc_backward +
-ng_kernel, its Cholesky. Left out: power iterations, whitening products and O(P) work
-(momentum, KL clip, running averages).
+ng_kernel, its Cholesky; EKFAC apply4, gemm + mc_backward, eigh + ``ekfac_scalings``
+(``ā`` and ``g`` rotated into the eigenbases, then ``(g')²ᵀ (ā')²``); the diagonals
+``diag_apply`` (``V ⊘ (d + λ)``), ``diag_gemm`` (``(g²)ᵀ ā²``) + mc_backward (none for
+the empirical diagonal, whose ``g`` is the gradient's own backward). Left out: power
+iterations, whitening products and O(P) work (momentum, KL clip, running averages).
 
 Outputs: the printed table, ``step_time.json`` (every window and time split) and
 ``step_time.md`` in ``--out`` (default ``benchmarks/results``; ``--quick``: only with ``--out``).
@@ -112,13 +115,17 @@ class Spec:
     cls: str
     kwargs: dict[str, Any] = field(default_factory=dict)
     floor: str = "pi"
+    fisher: str = "mc"
 
 
 APPROX, TWO = "curvlib.approx", "two-term"
-KFAC, NG = f"{APPROX}.kfac", f"{APPROX}.natural_gradient"
+KFAC, NG, DIAG = f"{APPROX}.kfac", f"{APPROX}.natural_gradient", f"{APPROX}.diagonal"
 REGISTRY: dict[str, Spec] = {
     "kfac": Spec("KFAC (PI)", KFAC, "KFAC", {"damping_mode": "pi"}),
     "kfac-eigen": Spec("KFAC (EIGEN)", KFAC, "KFAC", {"damping_mode": "eigen"}, "eigen"),
+    "ekfac": Spec("EKFAC", f"{APPROX}.ekfac", "EKFAC", floor="ekfac"),
+    "diag": Spec("Diagonal (GGN, MC)", DIAG, "Diagonal", floor="diag"),
+    "diag-ef": Spec("Diagonal (empirical)", DIAG, "Diagonal", floor="diag-ef", fisher="empirical"),
     "kpsvd": Spec("KPSVD", f"{APPROX}.kpsvd", "KPSVD"),
     "deflation": Spec("Deflation", f"{APPROX}.deflation", "Deflation", floor=TWO),
     "kfac-corrected": Spec("KFAC-corrected", f"{APPROX}.kfac_corrected", "KFACCorrected", {}, TWO),
@@ -131,6 +138,9 @@ BASELINES = {"adam": "Adam", "sgd": "SGD (momentum 0.9)"}
 FLOORS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {  # (every step, every T steps)
     "pi": (("apply2",), ("gemm", "mc_backward", "cholesky")),
     "eigen": (("apply4",), ("gemm", "mc_backward", "eigh")),
+    "ekfac": (("apply4",), ("gemm", "mc_backward", "eigh", "ekfac_scalings")),
+    "diag": (("diag_apply",), ("mc_backward", "diag_gemm")),
+    "diag-ef": (("diag_apply",), ("diag_gemm",)),
     TWO: (("apply4",), ("gemm", "mc_backward", "cholesky", "eigh")),
     "ng-block": (("ng_apply",), ("mc_backward", "ng_kernel", "ng_cholesky_block")),
     "ng-exact": (("ng_apply",), ("mc_backward", "ng_kernel", "ng_cholesky")),
@@ -189,6 +199,7 @@ def make_step(name: str, batch: int, interval: int) -> StepFn:
     popt = PreconditionedOptimizer(
         model, getattr(module, spec.cls)(**spec.kwargs), loss_fn=loss_fn, lr=LR,
         damping=DAMPING, kl_clip=KL_CLIP, momentum=MOMENTUM, t_cov=interval, t_inv=interval,
+        fisher_type=spec.fisher,
     )  # fmt: skip
 
     def curvlib() -> tuple[bool, dict[str, float]]:
@@ -225,6 +236,7 @@ def floor_components(batch: int) -> dict[str, Callable[[], object]]:
     eigs = [torch.linalg.eigh(f) for f in damped]
     n, eye_n = len(linears), DAMPING * torch.eye(batch)
     vs = [torch.randn(m.out_features, m.in_features + 1) for m in linears]
+    diags = [g.square().T @ a.square() / batch for g, a in zip(gs, abar, strict=True)]
     kernels = [(g @ g.T) * (a @ a.T) / batch for g, a in zip(gs, abar, strict=True)]
     chol = torch.linalg.cholesky(sum(kernels) + eye_n)
 
@@ -245,6 +257,18 @@ def floor_components(batch: int) -> dict[str, Callable[[], object]]:
             qg, qa = eg.eigenvectors, ea.eigenvectors
             _ = qg @ ((qg.T @ v @ qa) / s) @ qa.T
 
+    def ekfac_scalings() -> None:
+        for a, g, ea, eg in zip(abar, gs, eigs[:n], eigs[n:], strict=True):
+            _ = (g @ eg.eigenvectors).square().T @ (a @ ea.eigenvectors).square()
+
+    def diag_gemm() -> None:
+        for a, g in zip(abar, gs, strict=True):
+            _ = g.square().T @ a.square()
+
+    def diag_apply() -> None:
+        for v, d in zip(vs, diags, strict=True):
+            _ = v / (d + DAMPING)
+
     def ng_apply() -> None:
         c = sum(((g @ v) * a).sum(1) for g, v, a in zip(gs, vs, abar, strict=True))
         c = torch.cholesky_solve(torch.as_tensor(c)[:, None], chol)
@@ -252,6 +276,7 @@ def floor_components(batch: int) -> dict[str, Callable[[], object]]:
 
     return {
         "gemm": gemm, "mc_backward": mc_backward, "apply4": apply4, "ng_apply": ng_apply,
+        "ekfac_scalings": ekfac_scalings, "diag_gemm": diag_gemm, "diag_apply": diag_apply,
         "apply2": lambda: [gi @ v @ ai for v, ai, gi in zip(vs, invs[:n], invs[n:], strict=True)],
         "cholesky": lambda: [torch.cholesky_inverse(torch.linalg.cholesky(f)) for f in damped],
         "eigh": lambda: [torch.linalg.eigh(f) for f in damped],

@@ -5,18 +5,20 @@ The public API, grouped by layer:
 * training: [`PreconditionedOptimizer`][curvlib.PreconditionedOptimizer] and
   [`NaturalGradientPreconditioner`][curvlib.NaturalGradientPreconditioner]
   (the wiring of all three layers);
-* layer 2, approximations: KFAC, KPSVD, Deflation, KFAC-corrected, Lanczos,
-  exact and block-diagonal natural gradient;
+* layer 2, approximations: KFAC, EKFAC, KPSVD, Deflation, KFAC-corrected,
+  Lanczos, exact and block-diagonal natural gradient, diagonal;
 * layer 1, extractors: [`CurvatureExtractor`][curvlib.extract.CurvatureExtractor];
 * layer 3, the generic optimizer: [`curvlib.optim`][curvlib.optim];
 * the shared vocabulary: layouts, statistics, protocols and flavours.
 """
 
 from curvlib.approx import (
+    EKFAC,
     KFAC,
     KPSVD,
     BlockNaturalGradient,
     Deflation,
+    Diagonal,
     ExactNaturalGradient,
     KFACCorrected,
     KFACDamping,
@@ -46,6 +48,7 @@ from curvlib.wiring import NaturalGradientPreconditioner, PreconditionedOptimize
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "EKFAC",
     "KFAC",
     "KPSVD",
     "Backend",
@@ -55,6 +58,7 @@ __all__ = [
     "CurvatureLayer",
     "CurvatureStatistics",
     "Deflation",
+    "Diagonal",
     "ExactNaturalGradient",
     "Extractor",
     "FisherType",
