@@ -8,22 +8,61 @@ the optimizer layer itself works with any
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from curvlib.core.protocols import CurvatureApprox
 from curvlib.core.stats import FisherType
 from curvlib.extract.extractor import Backend, CurvatureExtractor, UnsupportedPolicy
+from curvlib.optim.groups import group_approximations, parameter_list, supported_kinds
 from curvlib.optim.optimizer import CurvatureOptimizer
 from curvlib.optim.preconditioner import GradientPreconditioner
 
 
+def _policy(value: UnsupportedPolicy | str) -> UnsupportedPolicy:
+    try:
+        return UnsupportedPolicy(value)
+    except ValueError:
+        choices = ", ".join(f"UnsupportedPolicy.{m.name}" for m in UnsupportedPolicy)
+        raise ValueError(f"unsupported={value!r} is not valid; choose one of {choices}.") from None
+
+
+def _check_unsupported(
+    model: nn.Module,
+    extractor: CurvatureExtractor,
+    params: Sequence[Tensor],
+    policy: UnsupportedPolicy,
+) -> None:
+    """The extractor's unsupported-module policy, for the modules inside ``params`` only."""
+    ids = {id(p) for p in params}
+    items = [
+        u
+        for u in extractor.layout.unsupported
+        if u.reason != "excluded by the user"
+        and any(id(p) in ids for p in model.get_submodule(u.name).parameters(recurse=False))
+    ]
+    if not items or policy is UnsupportedPolicy.IGNORE:
+        return
+    listing = "; ".join(str(u) for u in items)
+    if policy is UnsupportedPolicy.RAISE:
+        raise ValueError(
+            f"Trainable modules without a curvature block: {listing}. Exclude them, "
+            "freeze them, or pass unsupported=UnsupportedPolicy.WARN to leave their "
+            "parameters unpreconditioned."
+        )
+    warnings.warn(
+        f"These trainable modules have no curvature block and stay unpreconditioned: {listing}.",
+        stacklevel=3,
+    )
+
+
 def _extractor(
     model: nn.Module,
-    approx: CurvatureApprox,
+    approxes: Sequence[CurvatureApprox],
     loss_fn: nn.Module,
     fisher_type: FisherType | str,
     mc_samples: int,
@@ -35,10 +74,16 @@ def _extractor(
     stats_dtype: torch.dtype | None,
     seed: int,
 ) -> CurvatureExtractor:
+    """The one place an extractor is built for the optimizer classes.
+
+    It computes the union of the statistics every approximation needs (one
+    approximation per parameter group) for the union of the layer kinds they
+    support; each group's engine receives those of its own layers.
+    """
     return CurvatureExtractor(
         model,
         loss_fn,
-        stats=approx.required_stats,
+        stats=frozenset().union(*(a.required_stats for a in approxes)),
         fisher_type=fisher_type,
         mc_samples=mc_samples,
         stats_fraction=stats_fraction,
@@ -48,7 +93,7 @@ def _extractor(
         backend=backend,
         dtype=stats_dtype,
         seed=seed,
-        kinds=getattr(approx, "supported_kinds", None),
+        kinds=supported_kinds(approxes),
     )
 
 
@@ -66,13 +111,23 @@ class PreconditionedOptimizer(CurvatureOptimizer):
     ```
 
     Builds a [`CurvatureExtractor`][curvlib.extract.CurvatureExtractor] that
-    computes exactly the statistics ``approx`` needs, and passes everything else
-    to [`CurvatureOptimizer`][curvlib.optim.CurvatureOptimizer] (learning rate,
-    damping, KL-clipping, momentum, weight decay, intervals).
+    computes exactly the statistics the approximations need, and passes
+    everything else to [`CurvatureOptimizer`][curvlib.optim.CurvatureOptimizer]
+    (learning rate, damping, KL-clipping, momentum, weight decay, intervals).
+    The extractor always sees the whole ``model`` (a GAN generator's loss goes
+    through the critic); ``include``/``exclude`` choose its curvature layers,
+    ``params`` what is stepped:
+
+    ```python
+    opt = PreconditionedOptimizer(
+        gan, KFAC(), loss_fn=nn.BCEWithLogitsLoss(), include=["generator.*"],
+        params=gan.generator.parameters(),
+    )
+    ```
 
     Args:
         model: The network.
-        approx: The curvature approximation.
+        approx: The curvature approximation (of the layers no group claims).
         loss_fn: The loss module the training loop calls (MC and exact Fisher
             sample from / differentiate its likelihood).
         fisher_type: ``MC`` (default), ``EXACT`` or ``EMPIRICAL``.
@@ -85,6 +140,12 @@ class PreconditionedOptimizer(CurvatureOptimizer):
         backend: How the extractor backpropagates.
         stats_dtype: Storage dtype of the statistics.
         seed: Seed of the MC targets and sub-batches.
+        params: The parameters to step (default: every trainable parameter);
+            the others are never touched. Every curvature layer must lie inside
+            it, and ``unsupported`` only concerns the modules inside it.
+        groups: Per-group settings (layers, approximation, damping, intervals,
+            learning rate, ...), see
+            [`CurvatureOptimizer`][curvlib.optim.CurvatureOptimizer].
         **optimizer_kwargs: Arguments of ``CurvatureOptimizer``.
     """
 
@@ -103,14 +164,21 @@ class PreconditionedOptimizer(CurvatureOptimizer):
         backend: Backend | str = Backend.AUTO,
         stats_dtype: torch.dtype | None = None,
         seed: int = 0,
+        params: Iterable[Tensor] | None = None,
+        groups: Sequence[Mapping[str, Any]] = (),
         **optimizer_kwargs: Any,
     ) -> None:
+        approxes = group_approximations(approx, groups)
+        chosen = None if params is None else parameter_list(params)
+        policy = _policy(unsupported)
         extractor = _extractor(
-            model, approx, loss_fn, fisher_type, mc_samples, stats_fraction, include, exclude,
-            unsupported, backend, stats_dtype, seed,
+            model, approxes, loss_fn, fisher_type, mc_samples, stats_fraction, include, exclude,
+            policy if chosen is None else UnsupportedPolicy.IGNORE, backend, stats_dtype, seed,
         )  # fmt: skip
-        super().__init__(model, extractor, approx, **optimizer_kwargs)
-        self.extractor = extractor
+        if chosen is not None:
+            _check_unsupported(model, extractor, chosen, policy)
+        super().__init__(model, extractor, approx, params=chosen, groups=groups, **optimizer_kwargs)
+        self.extractor: CurvatureExtractor = extractor
 
 
 class NaturalGradientPreconditioner(GradientPreconditioner):
@@ -140,7 +208,7 @@ class NaturalGradientPreconditioner(GradientPreconditioner):
         **kwargs: Any,
     ) -> None:
         extractor = _extractor(
-            model, approx, loss_fn, fisher_type, mc_samples, stats_fraction, include, exclude,
+            model, [approx], loss_fn, fisher_type, mc_samples, stats_fraction, include, exclude,
             unsupported, backend, stats_dtype, seed,
         )  # fmt: skip
         super().__init__(extractor, approx, **kwargs)

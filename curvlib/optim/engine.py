@@ -13,6 +13,12 @@ steps of a second-order method on any extractor and approximation:
 
 Non-finite statistics skip the update with a warning, and a failed inverse
 keeps the last good one: the run goes on with the last good preconditioner.
+
+Several engines may share one extractor (one engine per parameter group of
+the optimizer, each with its own approximation, damping and intervals):
+[`record_statistics`][curvlib.optim.engine.record_statistics] runs the
+extractor once on the steps where any of them is due and hands each due
+engine the statistics of its own layers.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from __future__ import annotations
 import copy
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -36,6 +42,9 @@ from curvlib.core.protocols import (
 )
 from curvlib.core.stats import CurvatureStatistics, FisherType, merge_statistics
 from curvlib.optim.hyper import LevenbergMarquardt, Schedule, check_positive, resolve
+
+RECORD_TIMES = ("statistics", "forward_backward")
+"""Keys of the time spent in ``record()`` blocks (see ``record_statistics``)."""
 
 
 def _clone(state: Any) -> Any:
@@ -60,6 +69,8 @@ class CurvatureEngine:
         t_inv: Steps between inverse rebuilds.
         stats_scale: Returns the factor that undoes a loss scale seen by
             empirical statistics (``GradScaler``, accumulation); ``None``: 1.
+        layers: Names of the layers this engine preconditions; ``None``: every
+            layer of the extractor. Statistics of other layers are dropped.
 
     Raises:
         ValueError: For bad intervals or damping, or an extractor that does not
@@ -74,11 +85,10 @@ class CurvatureEngine:
         damping: Schedule | LevenbergMarquardt = 1e-3,
         t_cov: int = 1,
         t_inv: int = 1,
-        stats_scale: Any = None,
+        stats_scale: Callable[[], float] | None = None,
+        layers: Sequence[str] | None = None,
     ) -> None:
-        for name, value in (("t_cov", t_cov), ("t_inv", t_inv)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        _check_intervals(t_cov, t_inv)
         if not isinstance(damping, LevenbergMarquardt):
             check_positive("damping", damping)
         required = frozenset(approx.required_stats)
@@ -95,11 +105,14 @@ class CurvatureEngine:
         self.t_cov = t_cov
         self.t_inv = t_inv
         self.stats_scale = stats_scale
+        self.layer_names: tuple[str, ...] | None = None if layers is None else tuple(layers)
         self.step_count = 0
         self.lm_damping = damping.initial if isinstance(damping, LevenbergMarquardt) else None
         self.skipped_updates = 0
         self.inverse_failures = 0
         self.timings: dict[str, float] = {}
+        self.inverse_rebuilt = False
+        self.condition_numbers: dict[str, float] = {}
         self._pending: list[CurvatureStatistics] = []
         self._recording = False
         self._precond: Preconditioner | None = None
@@ -122,6 +135,23 @@ class CurvatureEngine:
         assert not isinstance(self.damping_rule, LevenbergMarquardt)
         return resolve(self.damping_rule, self.step_count)
 
+    def configure(self, *, damping: Schedule | LevenbergMarquardt, t_cov: int, t_inv: int) -> None:
+        """Take new hyper-parameters (edited in the optimizer's ``param_groups``).
+
+        A new Levenberg–Marquardt rule restarts from its ``initial`` damping; the
+        same rule object keeps the adapted value.
+
+        Raises:
+            ValueError: For bad intervals or damping.
+        """
+        _check_intervals(t_cov, t_inv)
+        if damping is not self.damping_rule:
+            if not isinstance(damping, LevenbergMarquardt):
+                check_positive("damping", damping)
+            self.damping_rule = damping
+            self.lm_damping = damping.initial if isinstance(damping, LevenbergMarquardt) else None
+        self.t_cov, self.t_inv = t_cov, t_inv
+
     @contextmanager
     def record(self) -> Iterator[None]:
         """Run the forward and backward pass of a step in this block.
@@ -134,21 +164,19 @@ class CurvatureEngine:
             raise RuntimeError("record() blocks cannot be nested.")
         self._recording = True
         try:
-            if not self.stats_due:
+            with record_statistics(self.extractor, [self], self.timings, self.stats_scale):
                 yield
-                return
-            start = time.perf_counter()
-            with self.extractor.collect():
-                yield
-            stats = self.extractor.statistics()
-            if self.extractor.fisher_type is FisherType.EMPIRICAL and self.stats_scale:
-                stats = stats.scaled(float(self.stats_scale()))
-            self._pending.append(stats)
-            self.timings["statistics"] = self.timings.get("statistics", 0.0) + (
-                time.perf_counter() - start
-            )
         finally:
             self._recording = False
+
+    def accept(self, stats: CurvatureStatistics) -> None:
+        """Queue the statistics of this engine's layers for the next ``prepare()``."""
+        names = self.layer_names
+        if names is not None and stats.layers.keys() != set(names):
+            stats = CurvatureStatistics(
+                {name: stats.layers[name] for name in names}, stats.fisher_type, stats.num_samples
+            )
+        self._pending.append(stats)
 
     # -- named steps ----------------------------------------------------------
 
@@ -164,7 +192,8 @@ class CurvatureEngine:
                 "run the forward and backward pass inside `with optimizer.record():` "
                 "before step()."
             )
-        self.timings = {"statistics": self.timings.get("statistics", 0.0)}
+        self.timings = {k: v for k, v in self.timings.items() if k in RECORD_TIMES}
+        self.inverse_rebuilt = False
         updated = False
         if self._pending:
             start = time.perf_counter()
@@ -234,6 +263,13 @@ class CurvatureEngine:
             return
         self._precond, self._precond_damping = precond, damping
         self._precond_fresh, self._snapshot = True, None
+        self.inverse_rebuilt = True
+        # Optional per-layer estimates of the preconditioner; read here, so that an
+        # estimate computed on first access counts towards the inverse's time.
+        numbers = getattr(precond, "condition_numbers", None)
+        self.condition_numbers = (
+            {str(k): float(v) for k, v in numbers.items()} if isinstance(numbers, Mapping) else {}
+        )
 
     def precondition(self, grads: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Multiply per-layer gradient matrices by the current damped inverse."""
@@ -276,15 +312,23 @@ class CurvatureEngine:
 
     # -- checkpoints ------------------------------------------------------------
 
+    @property
+    def precond_damping(self) -> float | None:
+        r"""The $\lambda$ of the live inverse (``None`` before the first one)."""
+        return self._precond_damping
+
     def state_dict(self) -> dict[str, Any]:
-        """Counters, damping, estimate, the state of the live inverse and the random state."""
+        """Counters, damping, estimate and the state of the live inverse.
+
+        The shared extractor's random state is saved by the owner of the
+        extractor (the optimizer or preconditioner), once.
+        """
         return {
             "step_count": self.step_count,
             "lm_damping": self.lm_damping,
             "skipped_updates": self.skipped_updates,
             "inverse_failures": self.inverse_failures,
             "approx": self.approx.state_dict(),
-            "extractor": self.extractor.state_dict(),
             "precond_damping": self._precond_damping,
             "has_precond": self._precond is not None,
             "inverse_source": None if self._precond_fresh else self._snapshot,
@@ -297,7 +341,6 @@ class CurvatureEngine:
         self.skipped_updates = int(state["skipped_updates"])
         self.inverse_failures = int(state["inverse_failures"])
         self.approx.load_state_dict(state["approx"])
-        self.extractor.load_state_dict(state["extractor"])
         self._pending.clear()
         self._precond, self._snapshot = None, None
         self._precond_damping = state["precond_damping"]
@@ -311,6 +354,52 @@ class CurvatureEngine:
                 builder.load_state_dict(source)
                 self._precond = builder.inverse(self._precond_damping)
                 self._snapshot, self._precond_fresh = _clone(source), False
+
+
+def _check_intervals(t_cov: Any, t_inv: Any) -> None:
+    for name, value in (("t_cov", t_cov), ("t_inv", t_inv)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+
+
+@contextmanager
+def record_statistics(
+    extractor: Extractor,
+    engines: Sequence[CurvatureEngine],
+    timings: dict[str, float],
+    stats_scale: Callable[[], float] | None = None,
+) -> Iterator[None]:
+    """Run one forward and backward pass, with statistics for the engines that are due.
+
+    When no engine is due the block runs untouched. Otherwise the extractor
+    records once (for all its layers), empirical statistics are rescaled by
+    ``stats_scale()``, and every due engine receives those of its own layers.
+
+    Args:
+        extractor: The shared extractor.
+        engines: The engines it serves.
+        timings: Receives the wall time of the block: under ``"statistics"`` when
+            statistics were recorded (forward, backward and the extraction, which
+            runs inside the backward and cannot be timed apart), else under
+            ``"forward_backward"``.
+        stats_scale: Factor that undoes a loss scale seen by empirical statistics.
+    """
+    start = time.perf_counter()
+    due = [engine for engine in engines if engine.stats_due]
+    if not due:
+        yield
+        timings["forward_backward"] = timings.get("forward_backward", 0.0) + (
+            time.perf_counter() - start
+        )
+        return
+    with extractor.collect():
+        yield
+    stats = extractor.statistics()
+    if extractor.fisher_type is FisherType.EMPIRICAL and stats_scale is not None:
+        stats = stats.scaled(float(stats_scale()))
+    for engine in due:
+        engine.accept(stats)
+    timings["statistics"] = timings.get("statistics", 0.0) + (time.perf_counter() - start)
 
 
 def floating_to(state: Any, device: torch.device) -> Any:

@@ -11,7 +11,7 @@ from torch import Tensor
 def kl_clip_factor(
     grads: Mapping[str, Tensor],
     directions: Mapping[str, Tensor],
-    lr: float,
+    lr: float | Mapping[str, float],
     clip: float | None,
     lr_squared: bool = True,
 ) -> float:
@@ -23,12 +23,14 @@ def kl_clip_factor(
     learning rate and $c$ the clip. The update $\eta\nu\Delta$ then changes the
     model's predictive distribution by at most about $c$ in KL divergence (under
     the quadratic model). ``lr_squared=False`` drops $\eta^2$, the variant used by
-    the KPSVD paper's code.
+    the KPSVD paper's code. With a learning rate per layer (parameter groups),
+    the denominator is $\sum_l \eta_l^2 \langle \nabla_l, \Delta_l\rangle$: one
+    $\nu$ bounds the KL change of the whole update. Cost: one inner product per layer.
 
     Args:
         grads: Per-layer gradients.
         directions: Per-layer preconditioned directions.
-        lr: Learning rate $\eta$.
+        lr: Learning rate $\eta$, or a mapping from layer name to its $\eta_l$.
         clip: $c$; ``None`` disables clipping.
         lr_squared: Whether the denominator carries $\eta^2$.
 
@@ -37,8 +39,14 @@ def kl_clip_factor(
     """
     if clip is None:
         return 1.0
-    inner = sum(float((grads[name] * d).sum()) for name, d in directions.items())
-    denom = inner * lr * lr if lr_squared else inner
+    if isinstance(lr, Mapping):
+        denom = 0.0
+        for name, d in directions.items():
+            inner_l = float((grads[name] * d).sum())
+            denom += inner_l * lr[name] * lr[name] if lr_squared else inner_l
+    else:
+        inner = sum(float((grads[name] * d).sum()) for name, d in directions.items())
+        denom = inner * lr * lr if lr_squared else inner
     if not denom > 0.0 or not math.isfinite(denom):
         return 1.0
     return min(1.0, math.sqrt(clip / denom))

@@ -1,17 +1,25 @@
 r"""The generic preconditioned optimizer, for any extractor and approximation.
 
-One step, for the parameters $\theta_l = [W_l \mid b_l]$ of every curvature layer:
+One step, for the parameters $\theta_l = [W_l \mid b_l]$ of every curvature layer
+$l$ in parameter group $g$:
 
-1. $\nabla_l$ is the gradient (plus $\omega\theta_l$ for L2 weight decay $\omega$);
-2. $\Delta_l = (C_l + \lambda I)^{-1}\nabla_l$ from the current inverse;
-3. $\nu$ is the KL-clipping factor ([`kl_clip_factor`][curvlib.optim.kernels.kl_clip_factor]);
-4. momentum $\mu$ acts on $\nu\Delta_l$ exactly as ``torch.optim.SGD`` acts on the
+1. $\nabla_l$ is the gradient (plus $\omega_g\theta_l$ for L2 weight decay $\omega_g$);
+2. $\Delta_l = (C_l + \lambda_g I)^{-1}\nabla_l$ from the group's current inverse;
+3. $\nu$ is the KL-clipping factor of the whole update
+   ([`kl_clip_factor`][curvlib.optim.kernels.kl_clip_factor]);
+4. momentum $\mu_g$ acts on $\nu\Delta_l$ exactly as ``torch.optim.SGD`` acts on the
    gradient (heavy ball or Nesterov, buffers in ``state[p]``);
-5. $\theta_l \leftarrow \theta_l - \eta\,\text{step}_l$ (after
-   $\theta_l \leftarrow (1 - \eta\omega)\theta_l$ for decoupled weight decay).
+5. $\theta_l \leftarrow \theta_l - \eta_g\,\text{step}_l$ (after
+   $\theta_l \leftarrow (1 - \eta_g\omega_g)\theta_l$ for decoupled weight decay).
 
-Trainable parameters outside every curvature layer take the same step without
-preconditioning (plain SGD with the group's momentum and weight decay).
+Each curvature group is a torch ``param_group`` holding its hyper-parameters
+(``lr``, ``momentum``, ``nesterov``, ``weight_decay``, ``decoupled_weight_decay``,
+``damping``, ``t_cov``, ``t_inv``; edit them at run time as with any torch
+optimizer) and has its own [`CurvatureEngine`][curvlib.optim.engine.CurvatureEngine];
+the groups share one extractor. Trainable parameters outside every curvature
+layer take the same step without preconditioning: plain SGD with the
+optimizer-level learning rate, momentum and weight decay, in the last
+``param_group`` (named ``"fallback"``).
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -28,12 +36,24 @@ from torch import Tensor, nn
 
 from curvlib.core.layout import CurvatureLayer
 from curvlib.core.protocols import CurvatureApprox, Extractor
-from curvlib.optim.engine import CurvatureEngine, all_finite, floating_to, layer_grads
+from curvlib.optim.engine import (
+    CurvatureEngine,
+    all_finite,
+    floating_to,
+    layer_grads,
+    record_statistics,
+)
+from curvlib.optim.groups import check_hyper, resolve_groups, select_parameters
 from curvlib.optim.hyper import LevenbergMarquardt, Schedule, check_positive
 from curvlib.optim.kernels import kl_clip_factor, momentum_direction
+from curvlib.optim.report import describe_optimizer, step_stats
 
 CURVATURE_GROUP = "curvature"
 OTHER_GROUP = "other"
+FALLBACK_GROUP = "fallback"
+
+StepCallback = Callable[[dict[str, Any]], object]
+"""Called after every step with ``opt.last_stats`` (the same dict object)."""
 
 
 class CurvatureOptimizer(torch.optim.Optimizer):
@@ -54,12 +74,13 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     Args:
         model: The network.
-        extractor: Computes the statistics ``approx`` needs.
-        approx: The curvature approximation.
+        extractor: Computes the statistics every group's approximation needs.
+        approx: The curvature approximation of the layers no entry of ``groups``
+            claims (and, copied, of the groups that set no ``approx``).
         lr: Learning rate $\eta$ (a float; schedule it with torch LR schedulers).
         damping: $\lambda$: constant, callable of the step, or
             [`LevenbergMarquardt`][curvlib.optim.hyper.LevenbergMarquardt].
-        kl_clip: KL-clipping bound $c$; ``None`` disables it.
+        kl_clip: KL-clipping bound $c$ on the whole update; ``None`` disables it.
         kl_clip_lr_squared: Use $\eta^2$ in the clip (Ba et al.); ``False`` for the
             KPSVD paper's variant without it.
         momentum: Momentum $\mu$ on the preconditioned direction.
@@ -69,13 +90,26 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             adding $\omega\theta$ to the gradient before preconditioning.
         t_cov: Steps between statistics updates.
         t_inv: Steps between inverse rebuilds.
+        groups: Per-group settings, e.g. ``[{"layers": ["dec.*", nn.Conv2d],
+            "approx": KPSVD(), "damping": 1e-2, "t_inv": 20}]``: the layers a
+            group's patterns match get its approximation and hyper-parameters
+            (any of ``lr``, ``momentum``, ``nesterov``, ``weight_decay``,
+            ``decoupled_weight_decay``, ``damping``, ``t_cov``, ``t_inv``, and a
+            ``name``); see [`curvlib.optim.groups`][curvlib.optim.groups].
+        params: The parameters to step (default: every trainable parameter of
+            ``model``); the others are never touched. Every curvature layer must
+            lie inside it.
+        on_step: Called after every step (skipped ones included) with
+            ``last_stats``.
         grad_scaler: A ``torch.amp.GradScaler`` whose scale empirical statistics
             must undo; call ``scaler.unscale_(opt)`` before ``opt.step()``.
         accumulation_steps: Micro-batches per step when the loss is divided by this
             number for gradient accumulation (empirical statistics undo the factor).
 
     Raises:
-        ValueError: For bad hyper-parameters.
+        TypeError: For a malformed ``groups`` entry or ``params``.
+        ValueError: For bad hyper-parameters, overlapping or empty groups, or
+            curvature layers outside ``params``.
     """
 
     def __init__(
@@ -94,52 +128,71 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         decoupled_weight_decay: bool = False,
         t_cov: int = 1,
         t_inv: int = 1,
+        groups: Sequence[Mapping[str, Any]] = (),
+        params: Iterable[Tensor] | None = None,
+        on_step: StepCallback | None = None,
         grad_scaler: Any = None,
         accumulation_steps: int = 1,
     ) -> None:
-        check_positive("lr", lr)
-        check_positive("momentum", momentum, allow_zero=True)
-        check_positive("weight_decay", weight_decay, allow_zero=True)
-        if kl_clip is not None:
-            check_positive("kl_clip", kl_clip)
-        if nesterov and momentum <= 0.0:
-            raise ValueError("nesterov=True needs momentum > 0.")
-        if isinstance(accumulation_steps, bool) or accumulation_steps < 1:
-            raise ValueError(f"accumulation_steps must be >= 1, got {accumulation_steps!r}.")
-        self.layers: tuple[CurvatureLayer, ...] = extractor.layout.layers
-        curvature_params = [p for layer in self.layers for p in layer.parameters]
-        ids = {id(p) for p in curvature_params}
-        other_params = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
-        groups: list[dict[str, Any]] = [{"params": curvature_params, "kind": CURVATURE_GROUP}]
-        if other_params:
-            groups.append({"params": other_params, "kind": OTHER_GROUP})
-        defaults = {
+        defaults: dict[str, Any] = {
             "lr": lr,
             "momentum": momentum,
             "nesterov": nesterov,
             "weight_decay": weight_decay,
             "decoupled_weight_decay": decoupled_weight_decay,
+            "damping": damping,
+            "t_cov": t_cov,
+            "t_inv": t_inv,
         }
-        super().__init__(groups, defaults)
+        check_hyper(defaults)
+        if kl_clip is not None:
+            check_positive("kl_clip", kl_clip)
+        if isinstance(accumulation_steps, bool) or accumulation_steps < 1:
+            raise ValueError(f"accumulation_steps must be >= 1, got {accumulation_steps!r}.")
+        if on_step is not None and not callable(on_step):
+            raise TypeError(f"on_step must be callable with the stats dict, got {on_step!r}.")
+        self.layers: tuple[CurvatureLayer, ...] = extractor.layout.layers
+        selected = select_parameters(model, self.layers, params)
+        resolved = resolve_groups(self.layers, groups, approx)
+        curvature_ids = {id(p) for layer in self.layers for p in layer.parameters}
+        torch_groups: list[dict[str, Any]] = []
+        for group in resolved:
+            settings = {**defaults, **group.settings}
+            check_hyper(settings, f"group {group.name!r}: " if group.settings else "")
+            layer_params = [p for layer in group.layers for p in layer.parameters]
+            torch_groups.append(
+                {"params": layer_params, "kind": CURVATURE_GROUP, "name": group.name, **settings}
+            )
+        other = [p for p in selected if id(p) not in curvature_ids]
+        if other:
+            torch_groups.append({"params": other, "kind": OTHER_GROUP, "name": FALLBACK_GROUP})
+        super().__init__(torch_groups, defaults)
+        self.extractor = extractor
         self.kl_clip = kl_clip
         self.kl_clip_lr_squared = kl_clip_lr_squared
-        scale = self._stats_scale(grad_scaler, accumulation_steps)
-        self.engine = CurvatureEngine(
-            extractor, approx, damping=damping, t_cov=t_cov, t_inv=t_inv, stats_scale=scale
+        self.on_step = on_step
+        self._stats_scale = _stats_scale(grad_scaler, accumulation_steps)
+        self.engines: tuple[CurvatureEngine, ...] = tuple(
+            CurvatureEngine(
+                extractor, group.approx, damping=pg["damping"], t_cov=pg["t_cov"],
+                t_inv=pg["t_inv"], stats_scale=self._stats_scale,
+                layers=[layer.name for layer in group.layers],
+            )
+            for group, pg in zip(resolved, self.param_groups, strict=False)
+        )  # fmt: skip
+        self.engine = self.engines[0]
+        self.group_layers: tuple[tuple[CurvatureLayer, ...], ...] = tuple(
+            group.layers for group in resolved
         )
         self.skipped_steps = 0
         self.last_stats: dict[str, Any] = {}
-
-    @staticmethod
-    def _stats_scale(grad_scaler: Any, accumulation_steps: int) -> Callable[[], float] | None:
-        if grad_scaler is None and accumulation_steps == 1:
-            return None
-
-        def scale() -> float:
-            loss_scale = float(grad_scaler.get_scale()) if grad_scaler is not None else 1.0
-            return accumulation_steps / loss_scale
-
-        return scale
+        self._recording = False
+        self._record_times: dict[str, float] = {}
+        ids = {id(p) for p in selected}
+        named = list(model.named_parameters())
+        self._param_names = {id(p): name for name, p in named}
+        self._unstepped = tuple(n for n, p in named if p.requires_grad and id(p) not in ids)
+        self._unsupported = tuple(str(u) for u in extractor.layout.unsupported)
 
     # -- the training-loop API ----------------------------------------------------
 
@@ -147,26 +200,56 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     def record(self) -> Iterator[None]:
         """Run the forward and backward pass in this block on every step.
 
-        Statistics are computed only on the steps where they are due; on the
-        others the block costs nothing.
+        Statistics are computed only on the steps where some group needs them;
+        on the others the block costs nothing.
         """
-        with self.engine.record():
-            yield
+        if self._recording:
+            raise RuntimeError("record() blocks cannot be nested.")
+        self._recording = True
+        try:
+            self._sync()
+            with record_statistics(
+                self.extractor, self.engines, self._record_times, self._stats_scale
+            ):
+                yield
+        finally:
+            self._recording = False
 
     @property
     def approx(self) -> CurvatureApprox:
-        """The curvature approximation."""
+        """The curvature approximation of the first group."""
         return self.engine.approx
 
     @property
     def damping(self) -> float:
-        r"""The damping $\lambda$ of the current step."""
+        r"""The damping $\lambda$ of the first group at the current step."""
         return self.engine.damping
 
     @property
     def lm_due(self) -> bool:
         """Whether Levenberg–Marquardt damping adapts at the next ``step`` (needs a closure)."""
-        return self.engine.lm_due
+        return any(engine.lm_due for engine in self.engines)
+
+    def curvature_groups(self) -> list[tuple[dict[str, Any], CurvatureEngine]]:
+        """The curvature ``param_groups`` paired with their engines, in order."""
+        return list(zip(self.param_groups, self.engines, strict=False))
+
+    def describe(self) -> str:
+        """A printable table: one row per curvature layer, then the other parameters.
+
+        Columns: layer name, kind, parameter shapes, group, approximation,
+        Fisher flavour, current damping, ``t_cov``/``t_inv``. Then the parameters
+        that take the unpreconditioned fallback step, the parameters outside
+        ``params`` (never touched), and the modules without a curvature block.
+        """
+        return describe_optimizer(
+            self, self._param_names, self._unstepped, self._unsupported, OTHER_GROUP
+        )
+
+    def _sync(self) -> None:
+        """Hand the (possibly edited) group hyper-parameters to the engines."""
+        for group, engine in self.curvature_groups():
+            engine.configure(damping=group["damping"], t_cov=group["t_cov"], t_inv=group["t_inv"])
 
     def _group(self, kind: str) -> dict[str, Any] | None:
         return next((g for g in self.param_groups if g["kind"] == kind), None)
@@ -188,48 +271,81 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 that needs statistics, or without a closure when LM damping adapts.
         """
         start = time.perf_counter()
-        engine = self.engine
+        self._sync()
         self._check_grads()
         grads = layer_grads(self.layers)
         if not all_finite(grads) or not self._other_grads_finite():
-            return self._skip("the gradient contains NaN/Inf")
-        lm_due = engine.lm_due
-        if lm_due and closure is None:
+            return self._skip("the gradient contains NaN/Inf", start)
+        lm_engines = [engine for engine in self.engines if engine.lm_due]
+        if lm_engines and closure is None:
             raise RuntimeError(
                 "Levenberg-Marquardt damping adapts at this step: call "
                 "opt.step(closure) with a closure that returns the loss of this batch."
             )
+        mark = time.perf_counter()
+        parts = {"precondition": mark - start}
         # The closure costs a forward pass: evaluate it only where LM needs it.
-        loss_before = float(closure()) if lm_due and closure is not None else None
-        engine.prepare()
-        group = self._group(CURVATURE_GROUP)
-        assert group is not None
-        lr, wd = float(group["lr"]), float(group["weight_decay"])
-        if wd and not group["decoupled_weight_decay"]:
-            for layer in self.layers:
-                grads[layer.name] = grads[layer.name] + wd * layer.to_matrix(
-                    *(p.detach() for p in layer.parameters)
-                )
-        directions = engine.precondition(grads)
+        loss_before = None
+        if lm_engines and closure is not None:
+            loss_before = float(closure())
+            parts["closure"] = time.perf_counter() - mark
+        for engine in self.engines:
+            engine.prepare()
+        mark = time.perf_counter()
+        directions, lrs = self._precondition(grads)
+        lr: float | dict[str, float] = lrs if len(self.engines) > 1 else next(iter(lrs.values()))
         nu = kl_clip_factor(grads, directions, lr, self.kl_clip, self.kl_clip_lr_squared)
-        update_start = time.perf_counter()
-        deltas = self._apply(group, {n: nu * d for n, d in directions.items()}, lm_due)
+        now = time.perf_counter()
+        parts["precondition"] += now - mark
+        deltas: dict[str, Tensor] = {}
+        for (group, _), layers in zip(self.curvature_groups(), self.group_layers, strict=True):
+            scaled = {layer.name: nu * directions[layer.name] for layer in layers}
+            deltas.update(self._apply(group, layers, scaled, bool(lm_engines)))
         other = self._group(OTHER_GROUP)
         if other is not None:
             self._sgd_step(other)
-        engine.timings["update"] = engine.timings.get("update", 0.0) + (
-            time.perf_counter() - update_start
-        )
+        mark = time.perf_counter()
+        parts["parameters"] = mark - now
         ratio = None
-        if lm_due:
+        if lm_engines:
             assert closure is not None and loss_before is not None
             loss_after = float(closure())
-            predicted = engine.quadratic_model(grads, deltas)
+            predicted = sum(
+                engine.quadratic_model(
+                    {layer.name: grads[layer.name] for layer in layers},
+                    {layer.name: deltas[layer.name] for layer in layers},
+                )
+                for engine, layers in zip(self.engines, self.group_layers, strict=True)
+            )
             ratio = (loss_after - loss_before) / predicted if predicted < 0 else math.nan
-            engine.adapt_damping(ratio)
-        engine.finish()
-        self._telemetry(nu, ratio, time.perf_counter() - start)
+            for engine in lm_engines:
+                engine.adapt_damping(ratio)
+            parts["closure"] = parts.get("closure", 0.0) + time.perf_counter() - mark
+        for engine in self.engines:
+            engine.finish()
+        self._report(start, parts, nu, ratio)
         return loss_before
+
+    def _precondition(self, grads: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, float]]:
+        """Add L2 weight decay to ``grads`` (in place) and precondition every group.
+
+        Returns:
+            The directions and the learning rate of every layer.
+        """
+        directions: dict[str, Tensor] = {}
+        lrs: dict[str, float] = {}
+        for (group, engine), layers in zip(self.curvature_groups(), self.group_layers, strict=True):
+            wd = float(group["weight_decay"])
+            if wd and not group["decoupled_weight_decay"]:
+                for layer in layers:
+                    grads[layer.name] = grads[layer.name] + wd * layer.to_matrix(
+                        *(p.detach() for p in layer.parameters)
+                    )
+            directions.update(
+                engine.precondition({layer.name: grads[layer.name] for layer in layers})
+            )
+            lrs.update({layer.name: float(group["lr"]) for layer in layers})
+        return directions, lrs
 
     def _check_grads(self) -> None:
         missing = [layer.name for layer in self.layers if layer.weight.grad is None]
@@ -245,22 +361,29 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             return True
         return all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in other["params"])
 
-    def _skip(self, reason: str) -> None:
+    def _skip(self, reason: str, start: float) -> None:
         self.skipped_steps += 1
-        self.engine.discard()
+        for engine in self.engines:
+            engine.discard()
         warnings.warn(
             f"Step {self.engine.step_count} skipped: {reason}; parameters, momentum and "
             "curvature keep their last good state.",
             RuntimeWarning,
             stacklevel=3,
         )
-        self.engine.finish()
-        self.last_stats = {"skipped": True, "skipped_steps": self.skipped_steps}
+        parts = {"precondition": time.perf_counter() - start}
+        for engine in self.engines:
+            engine.finish()
+        self._report(start, parts, None, None)
 
     def _apply(
-        self, group: dict[str, Any], directions: Mapping[str, Tensor], want_deltas: bool
+        self,
+        group: dict[str, Any],
+        layers: Sequence[CurvatureLayer],
+        directions: Mapping[str, Tensor],
+        want_deltas: bool,
     ) -> dict[str, Tensor]:
-        """Momentum and parameter update of the curvature layers.
+        """Momentum and parameter update of one group's curvature layers.
 
         Returns:
             The parameter changes as ``[W | b]`` matrices when ``want_deltas``.
@@ -268,7 +391,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         lr, momentum = float(group["lr"]), float(group["momentum"])
         wd = float(group["weight_decay"]) if group["decoupled_weight_decay"] else 0.0
         deltas: dict[str, Tensor] = {}
-        for layer in self.layers:
+        for layer in layers:
             parts = layer.from_matrix(directions[layer.name])
             changes = []
             for p, d in zip(layer.parameters, parts, strict=False):
@@ -302,36 +425,71 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 p.mul_(1.0 - lr * wd)
             p.add_(step, alpha=-lr)
 
-    def _telemetry(self, nu: float, ratio: float | None, total: float) -> None:
-        engine = self.engine
-        self.last_stats = {
-            "skipped": False,
-            "step": engine.step_count,
-            "kl_clip_factor": nu,
-            "damping": engine.damping,
-            "lm_ratio": ratio,
-            "skipped_steps": self.skipped_steps,
-            "skipped_updates": engine.skipped_updates,
-            "inverse_failures": engine.inverse_failures,
-            "time_step": total,
-            **{f"time_{k}": v for k, v in engine.timings.items()},
-        }
-        engine.timings = {}
+    def _report(
+        self, start: float, parts: dict[str, float], nu: float | None, ratio: float | None
+    ) -> None:
+        """Fill ``last_stats`` (see ``step_stats``) and call ``on_step``."""
+        record, self._record_times = self._record_times, {}
+        self.last_stats = step_stats(
+            self, start, {**record, **parts}, nu, ratio, skipped=nu is None
+        )
+        if self.on_step is not None:
+            self.on_step(self.last_stats)
 
     # -- checkpoints --------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """Torch's optimizer state plus the curvature engine (estimates, inverse, RNG)."""
+        """Torch's optimizer state plus every curvature engine and the extractor's RNG.
+
+        A damping rule that is not a number (a schedule or a
+        ``LevenbergMarquardt``) is left out of the saved ``param_groups``, as
+        ``LambdaLR`` leaves out callables: pass it again when constructing the
+        optimizer that loads the checkpoint (its adapted value is saved).
+        """
         state = super().state_dict()
-        state["curvature"] = self.engine.state_dict()
+        for group in state["param_groups"]:
+            damping = group.get("damping")
+            if isinstance(damping, bool) or not isinstance(damping, int | float):
+                group.pop("damping", None)
+        state["curvature"] = {
+            "extractor": self.extractor.state_dict(),
+            "groups": {g["name"]: e.state_dict() for g, e in self.curvature_groups()},
+        }
         state["skipped_steps"] = self.skipped_steps
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore everything ``state_dict()`` saved; the run continues exactly."""
+        """Restore everything ``state_dict()`` saved; the run continues exactly.
+
+        Raises:
+            ValueError: If the checkpoint's curvature groups differ from this optimizer's.
+        """
         state_dict = dict(state_dict)
         curvature = state_dict.pop("curvature")
+        names = [g["name"] for g, _ in self.curvature_groups()]
+        if sorted(curvature["groups"]) != sorted(names):
+            raise ValueError(
+                f"The checkpoint has curvature groups {sorted(curvature['groups'])}, this "
+                f"optimizer {sorted(names)}: construct it with the same groups= and params=."
+            )
         self.skipped_steps = int(state_dict.pop("skipped_steps"))
+        before = [dict(group) for group in self.param_groups]
         super().load_state_dict(state_dict)
+        for group, old in zip(self.param_groups, before, strict=True):
+            group.setdefault("damping", old["damping"])
         # Like torch's per-parameter state, the estimate follows the parameters' device.
-        self.engine.load_state_dict(floating_to(curvature, self.layers[0].weight.device))
+        curvature = floating_to(curvature, self.layers[0].weight.device)
+        self.extractor.load_state_dict(curvature["extractor"])
+        for name, engine in zip(names, self.engines, strict=True):
+            engine.load_state_dict(curvature["groups"][name])
+
+
+def _stats_scale(grad_scaler: Any, accumulation_steps: int) -> Callable[[], float] | None:
+    if grad_scaler is None and accumulation_steps == 1:
+        return None
+
+    def scale() -> float:
+        loss_scale = float(grad_scaler.get_scale()) if grad_scaler is not None else 1.0
+        return accumulation_steps / loss_scale
+
+    return scale

@@ -105,14 +105,29 @@ class GradientPreconditioner:
                 assert p.grad is not None and d is not None
                 p.grad.copy_(d)
         self.engine.finish()
-        self.last_stats = {"kl_clip_factor": nu, "damping": self.engine.damping}
+        self.last_stats = {
+            "kl_clip_factor": nu,
+            "damping": self.engine.damping,
+            "inverse_rebuilt": self.engine.inverse_rebuilt,
+            "condition_numbers": dict(self.engine.condition_numbers)
+            if self.engine.inverse_rebuilt
+            else {},
+            "skipped_steps": self.skipped_steps,
+            "skipped_updates": self.engine.skipped_updates,
+            "inverse_failures": self.engine.inverse_failures,
+        }
 
     def state_dict(self) -> dict[str, Any]:
-        """The curvature engine's state (estimates, live inverse, counters, RNG)."""
-        return {"curvature": self.engine.state_dict(), "skipped_steps": self.skipped_steps}
+        """The curvature engine's state (estimates, live inverse, counters) and the RNG."""
+        return {
+            "curvature": self.engine.state_dict(),
+            "extractor": self.engine.extractor.state_dict(),
+            "skipped_steps": self.skipped_steps,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore from ``state_dict()``."""
         device = self.layers[0].weight.device
         self.engine.load_state_dict(floating_to(state["curvature"], device))
+        self.engine.extractor.load_state_dict(state["extractor"])
         self.skipped_steps = int(state["skipped_steps"])

@@ -1,0 +1,157 @@
+r"""What the optimizer tells its user: the per-step telemetry and the layer table.
+
+After every step ``opt.last_stats`` is a plain ``dict`` built from values the
+step computed anyway (no extra passes); ``on_step`` receives the same object.
+Times are wall-clock seconds (``time.perf_counter``) and split one step,
+defined as **the ``record()`` blocks since the previous step plus the call to
+``step()``** (forward and backward pass included; anything the training loop
+does outside these two, such as data loading or ``zero_grad``, is not):
+
+* ``time_step``: the whole step as defined above;
+* ``time_statistics``: ``record()`` blocks of a step where statistics are
+  recorded: forward, backward and the extraction (it runs inside the
+  backward, so it cannot be timed apart);
+* ``time_forward_backward``: ``record()`` blocks of a step without statistics;
+* ``time_update``: folding the statistics into the approximations;
+* ``time_inverse``: rebuilding damped inverses (and refreshing two-time-scale
+  estimates);
+* ``time_precondition``: reading and checking the gradients, L2 weight decay,
+  applying the inverses, the KL clip;
+* ``time_parameters``: momentum and the parameter update (fallback included);
+* ``time_closure``: Levenberg–Marquardt's two closure calls and quadratic model.
+
+A time key is present only when its part ran on that step (``time_step``,
+``time_precondition`` always are); the parts add up to ``time_step`` up to the
+bookkeeping between them (microseconds).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from curvlib.optim.engine import RECORD_TIMES
+from curvlib.optim.hyper import LevenbergMarquardt
+
+if TYPE_CHECKING:
+    from curvlib.optim.optimizer import CurvatureOptimizer
+
+TIME_PARTS = (
+    "statistics",
+    "forward_backward",
+    "update",
+    "inverse",
+    "precondition",
+    "parameters",
+    "closure",
+)
+"""The parts of ``time_step``, in the order they run."""
+
+
+def step_stats(
+    opt: CurvatureOptimizer,
+    start: float,
+    parts: Mapping[str, float],
+    nu: float | None,
+    ratio: float | None,
+    skipped: bool,
+) -> dict[str, Any]:
+    r"""The telemetry of the step that just finished.
+
+    Args:
+        opt: The optimizer (its engines have finished the step).
+        start: ``time.perf_counter()`` when ``step()`` began.
+        parts: Times measured by the optimizer (``record()`` blocks included).
+        nu: The KL-clipping factor applied (``None`` on a skipped step).
+        ratio: The Levenberg–Marquardt reduction ratio, when it was computed.
+        skipped: Whether the step was skipped.
+
+    Returns:
+        The keys of the telemetry table in ``docs/optimizer.md``: ``step``,
+        ``skipped``, ``kl_clip_factor``, ``damping`` (first group, after this
+        step's LM adaptation), ``group_damping`` (every group), ``lm_ratio``,
+        ``inverse_rebuilt``, ``condition_numbers`` (layers whose inverse was
+        rebuilt on this step), the counters and the ``time_*`` split.
+    """
+    engines = opt.engines
+    times = dict(parts)
+    conditions: dict[str, float] = {}
+    rebuilt = False
+    if not skipped:
+        for key in ("update", "inverse"):
+            values = [engine.timings[key] for engine in engines if key in engine.timings]
+            if values:
+                times[key] = sum(values)
+        for engine in engines:
+            if engine.inverse_rebuilt:
+                rebuilt = True
+                conditions.update(engine.condition_numbers)
+    for engine in engines:
+        engine.timings = {}
+    total = time.perf_counter() - start + sum(times.get(k, 0.0) for k in RECORD_TIMES)
+    return {
+        "step": opt.engine.step_count,
+        "skipped": skipped,
+        "kl_clip_factor": nu,
+        "damping": opt.engine.damping,
+        "group_damping": {g["name"]: e.damping for g, e in opt.curvature_groups()},
+        "lm_ratio": ratio,
+        "inverse_rebuilt": rebuilt,
+        "condition_numbers": conditions,
+        "skipped_steps": opt.skipped_steps,
+        "skipped_updates": sum(engine.skipped_updates for engine in engines),
+        "inverse_failures": sum(engine.inverse_failures for engine in engines),
+        "time_step": total,
+        **{f"time_{k}": times[k] for k in TIME_PARTS if k in times},
+    }
+
+
+def format_damping(rule: Any, current: float) -> str:
+    """A damping rule and its current value, e.g. ``1e-03`` or ``LM 2.1e-03``."""
+    if isinstance(rule, LevenbergMarquardt):
+        return f"LM {current:.2g}"
+    if callable(rule):
+        return f"sched. {current:.2g}"
+    return f"{current:.2g}"
+
+
+def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Left-aligned columns separated by two spaces."""
+    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+             for r in (header, *rows)]  # fmt: skip
+    return "\n".join(lines)
+
+
+def describe_optimizer(
+    opt: CurvatureOptimizer,
+    names: Mapping[int, str],
+    unstepped: Sequence[str],
+    unsupported: Sequence[str],
+    other_kind: str,
+) -> str:
+    """The table of ``CurvatureOptimizer.describe`` (see there)."""
+    flavour = opt.extractor.fisher_type.value
+    header = ("layer", "kind", "parameters", "group", "approximation", "fisher", "damping",
+              "t_cov/t_inv")  # fmt: skip
+    rows = []
+    for (group, engine), layers in zip(opt.curvature_groups(), opt.group_layers, strict=True):
+        damping = format_damping(group["damping"], engine.damping)
+        for layer in layers:
+            shapes = ", ".join("x".join(map(str, p.shape)) for p in layer.parameters)
+            rows.append((layer.name or "<root>", layer.kind.value, shapes, group["name"],
+                         type(engine.approx).__name__, flavour, damping,
+                         f"{group['t_cov']}/{group['t_inv']}"))  # fmt: skip
+    lines = [format_table(header, rows)]
+    for group in opt.param_groups:
+        if group["kind"] != other_kind:
+            continue
+        lines.append(
+            f"fallback step (SGD, lr {group['lr']:.2g}, momentum {group['momentum']:.2g}): "
+            + ", ".join(f"{names[id(p)]} {'x'.join(map(str, p.shape))}" for p in group["params"])
+        )
+    if unstepped:
+        lines.append("not stepped (outside params=): " + ", ".join(unstepped))
+    lines.extend(f"without curvature block: {item}" for item in unsupported)
+    return "\n".join(lines)
