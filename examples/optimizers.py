@@ -140,6 +140,18 @@ def _kfac_eigen() -> CurvatureApprox:
     return KFAC(damping_mode=KFACDamping.EIGEN)
 
 
+def _ekfac() -> CurvatureApprox:
+    from curvlib.approx.ekfac import EKFAC
+
+    return EKFAC()
+
+
+def _diagonal() -> CurvatureApprox:
+    from curvlib.approx.diagonal import Diagonal
+
+    return Diagonal()
+
+
 def _kpsvd() -> CurvatureApprox:
     from curvlib.approx.kpsvd import KPSVD
 
@@ -213,6 +225,15 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     ),
     "kfac-eigen": OptimizerSpec(
         _curvature(_kfac_eigen), DEFAULT_CURVATURE_LR, True, "KFAC, exact eigenbasis damping"
+    ),
+    "ekfac": OptimizerSpec(
+        _curvature(_ekfac), DEFAULT_CURVATURE_LR, True, "KFAC's eigenbasis, refitted eigenvalues"
+    ),
+    "diag": OptimizerSpec(
+        _curvature(_diagonal),
+        DEFAULT_CURVATURE_LR,
+        True,
+        "diagonal of the GGN (--fisher mc/exact) or empirical Fisher (--fisher empirical)",
     ),
     "kpsvd": OptimizerSpec(
         _curvature(_kpsvd), DEFAULT_CURVATURE_LR, True, "best single Kronecker product"

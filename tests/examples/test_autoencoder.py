@@ -199,8 +199,8 @@ def test_bad_values_are_rejected_by_the_parser(
 
 def test_every_approximation_has_an_optimizer() -> None:
     assert set(common.OPTIMIZERS) == {
-        "kfac", "kfac-eigen", "kpsvd", "deflation", "kfac-corrected", "lanczos",
-        "block-ng", "exact-ng", "adam", "sgd",
+        "kfac", "kfac-eigen", "ekfac", "kpsvd", "deflation", "kfac-corrected", "lanczos",
+        "block-ng", "exact-ng", "diag", "adam", "sgd",
     }  # fmt: skip
     args = autoencoder.build_argparser().parse_args(["--lr", "0.5", "--compare", "kfac,adam:3e-4"])
     configs = [common.optim_config(args, spec) for spec in common.runs_of(args)]
