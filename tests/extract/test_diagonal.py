@@ -216,3 +216,26 @@ def test_against_backpack_diagonal_extensions(problem: Problem) -> None:
         )
         assert_close(exact[name], ggn, what=f"{name} DiagGGNExact")
         assert_close(empirical[name], sgs * scale, what=f"{name} SumGradSquared")
+
+
+# -- curvlinops as a third oracle --------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+@pytest.mark.parametrize("problem", [P.mlp_ce(), P.cnn_ce()], ids=lambda p: p.name)
+def test_exact_diagonal_against_curvlinops_ggn(problem: Problem) -> None:
+    from tests.extract.test_oracle import GGNLinearOperator, _dense_operator, _layer_params
+
+    model = problem.model()
+    diags = _diagonals(problem, model, FisherType.EXACT)
+    layers = oracle.curvature_layer_names(model)
+    op = GGNLinearOperator(
+        model,
+        problem.loss_fn,
+        _layer_params(model, layers),
+        [(problem.x, problem.y)],
+        check_deterministic=False,
+    )
+    dense = _dense_operator(op, model, layers)  # per-sample average for reduction="mean"
+    for name, sl in oracle.layer_slices(model, layers).items():
+        assert_close(diags[name].flatten(), torch.diagonal(dense[sl, sl]), what=name)
