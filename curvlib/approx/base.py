@@ -78,6 +78,15 @@ class LayerBlock(ABC):
         dtype: Storage dtype of the estimate.
     """
 
+    cheap_condition: ClassVar[bool] = False
+    """Whether ``condition_number`` costs little next to ``inverse``.
+
+    ``LayerwiseApprox.inverse`` then calls it when it builds the preconditioner;
+    otherwise (and unless the inverse carries a float ``condition_number``
+    attribute) the estimate is computed on first access, from a snapshot of the
+    block.
+    """
+
     def __init__(self, out_dim: int, in_dim: int, dtype: torch.dtype | None) -> None:
         self.out_dim = out_dim
         self.in_dim = in_dim
@@ -214,6 +223,10 @@ def _condition_of(block: LayerBlock, damping: float) -> Callable[[], float]:
     return lambda: block.condition_number(damping)
 
 
+def _constant(value: float) -> Callable[[], float]:
+    return lambda: value
+
+
 def running_average(old: Tensor | None, new: Tensor, rho: float) -> Tensor:
     """``rho * old + (1 - rho) * new``; ``new`` when there is no ``old``."""
     if old is None:
@@ -243,9 +256,13 @@ class BlockDiagonalPreconditioner:
 
     **Condition estimates.** A layer inverse may carry its estimate as a float
     attribute ``condition_number``, computed from the factorisation it was built
-    from (all curvlib blocks do, at a cost of a few diagonals); those are filled
-    when the preconditioner is built. For any other layer, ``condition`` supplies
-    a function that is called on the first access of ``condition_numbers``.
+    from (the Kronecker, two-term and Woodbury inverses do, for the cost of a few
+    diagonals); those are filled when the preconditioner is built. For any other
+    layer, ``condition`` supplies a function, called on the first access of
+    ``condition_numbers``
+    ([`LayerwiseApprox.inverse`][curvlib.approx.base.LayerwiseApprox.inverse]
+    passes the block's own value when ``LayerBlock.cheap_condition`` is set, and
+    otherwise a deferred call on a snapshot of the block).
 
     Args:
         inverses: The per-layer damped inverses, keyed by layer name.
@@ -416,7 +433,11 @@ class LayerwiseApprox(ABC):
             shapes[name] = LayerShape(
                 block.out_dim, block.in_dim, block._dense_dtype(), block._device()
             )
-            if not isinstance(getattr(inverse, "condition_number", None), float):
+            if isinstance(getattr(inverse, "condition_number", None), float):
+                continue
+            if block.cheap_condition:
+                condition[name] = _constant(block.condition_number(damping))
+            else:
                 # A snapshot, so that later updates cannot leak into this operator.
                 condition[name] = _condition_of(copy.deepcopy(block), damping)
         return BlockDiagonalPreconditioner(inverses, shapes, condition)

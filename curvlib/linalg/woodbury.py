@@ -309,16 +309,16 @@ class WoodburyInverse:
         $\lambda_\max$ is at least $\lambda$ plus the largest diagonal entry of
         either Gram matrix, $UU^\top$ (the squared row norms) or $U^\top U$ (the
         squared column norms; both have the same nonzero eigenvalues).
-        $\lambda_\min$ equals $\lambda$ when $m < P$ ($U^\top U$ is singular) and
-        is at most $\lambda$ plus the smallest squared column norm otherwise.
-        Cost $O(m)$ plus ``column_sq_norms`` of each block ($O(N d_\text{out}
-        d_\text{in})$ for factored rows).
+        $\lambda_\min$ equals $\lambda$ when $m < P$ ($U^\top U$ is singular):
+        then the cost is $O(m)$. When $m \ge P$ it is at most $\lambda$ plus the
+        smallest squared column norm, which costs ``column_sq_norms`` of each
+        block, $O(mP)$, below the $O(m^2 P)$ of the kernel.
         """
-        columns = [b.column_sq_norms() for b in self.blocks]
-        top_col = max(float(c.max()) for c in columns)
-        top = self.damping + max(float(self._kernel_diag.max()), top_col)
+        top = self.damping + float(self._kernel_diag.max())
         bottom = self.damping
         if self.chol.shape[0] >= self.num_params:
+            columns = [b.column_sq_norms() for b in self.blocks]
+            top = max(top, self.damping + max(float(c.max()) for c in columns))
             bottom += min(float(c.min()) for c in columns)
         return max(top / bottom, 1.0)
 

@@ -371,6 +371,26 @@ def test_condition_estimates_without_an_attribute_are_lazy_and_describe_the_buil
     assert calls == ["w"]
 
 
+def test_cheap_condition_estimates_are_computed_when_the_inverse_is_built() -> None:
+    approx = _dense_approx(0)
+    block = approx.blocks["w"]
+    expected = _condition(approx.damped_to_dense("w", DAMPING))
+    calls: list[float] = []
+    original = block.condition_number
+
+    def counting(damping: float) -> float:
+        calls.append(damping)
+        return original(damping)
+
+    block.condition_number = counting  # type: ignore[method-assign]
+    block.cheap_condition = True  # type: ignore[misc]
+    inverse = approx.inverse(DAMPING)
+    assert calls == [DAMPING]  # computed while building, on the block itself
+    approx.load_state_dict(_dense_approx(1).state_dict())
+    assert math.isclose(inverse.condition_numbers["w"], expected, rel_tol=1e-10)
+    assert calls == [DAMPING]
+
+
 def test_preconditioner_without_shapes_explains_to_dense() -> None:
     precond = BlockDiagonalPreconditioner({"w": lambda mat: mat})
     assert precond.condition_numbers == {}
