@@ -63,6 +63,12 @@ def test_params_restricts_what_changes() -> None:
         unsupported="ignore",
     )  # fmt: skip
     assert [layer.name for layer in opt.layers] == ["generator.0", "generator.3"]
+    text = opt.describe()
+    assert (
+        "fallback step (SGD, lr 0.1, momentum 0.9): generator.1.weight 6, generator.1.bias 6"
+        in text
+    )
+    assert "not stepped (outside params=): critic.0.weight, critic.0.bias, critic.1.weight" in text
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     _step(opt, model, loss_fn, z, y)
     for name, p in model.named_parameters():
