@@ -227,6 +227,19 @@ def _constant(value: float) -> Callable[[], float]:
     return lambda: value
 
 
+DENSE_CONDITION_LIMIT = 4096
+"""Largest block whose preconditioner computes the dense fallback condition number.
+
+A block that keeps the dense $O(P^3)$ default of ``LayerBlock.condition_number``
+and has more parameters than this gets ``nan`` in ``condition_numbers`` instead
+(the block's own method still computes it on request).
+"""
+
+
+def _dense_only(block: LayerBlock) -> bool:
+    return type(block).condition_number is LayerBlock.condition_number
+
+
 def running_average(old: Tensor | None, new: Tensor, rho: float) -> Tensor:
     """``rho * old + (1 - rho) * new``; ``new`` when there is no ``old``."""
     if old is None:
@@ -437,6 +450,8 @@ class LayerwiseApprox(ABC):
                 continue
             if block.cheap_condition:
                 condition[name] = _constant(block.condition_number(damping))
+            elif _dense_only(block) and block.num_params > DENSE_CONDITION_LIMIT:
+                condition[name] = _constant(math.nan)
             else:
                 # A snapshot, so that later updates cannot leak into this operator.
                 condition[name] = _condition_of(copy.deepcopy(block), damping)

@@ -28,6 +28,7 @@ import pytest
 import torch
 from torch import Tensor
 
+from curvlib.approx import base
 from curvlib.approx.base import (
     BlockDiagonalPreconditioner,
     LayerBlock,
@@ -389,6 +390,20 @@ def test_cheap_condition_estimates_are_computed_when_the_inverse_is_built() -> N
     approx.load_state_dict(_dense_approx(1).state_dict())
     assert math.isclose(inverse.condition_numbers["w"], expected, rel_tol=1e-10)
     assert calls == [DAMPING]
+
+
+def test_dense_condition_fallback_is_skipped_for_large_blocks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    approx = _dense_approx(0)
+    monkeypatch.setattr(base, "DENSE_CONDITION_LIMIT", 5)  # the block has 6 parameters
+    assert math.isnan(approx.inverse(DAMPING).condition_numbers["w"])
+    monkeypatch.setattr(base, "DENSE_CONDITION_LIMIT", 6)
+    assert math.isclose(
+        approx.inverse(DAMPING).condition_numbers["w"],
+        _condition(approx.damped_to_dense("w", DAMPING)),
+        rel_tol=1e-10,
+    )
 
 
 def test_preconditioner_without_shapes_explains_to_dense() -> None:
