@@ -1,11 +1,14 @@
-r"""Small functional kernels of the optimizer: KL-clipping and the momentum update."""
+r"""Small functional kernels of the optimizer: KL-clipping, momentum and the parameter update."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping, Sequence
+from typing import Any
 
 from torch import Tensor
+
+from curvlib.core.layout import CurvatureLayer
 
 
 def kl_clip_factor(
@@ -69,3 +72,63 @@ def momentum_direction(
     if nesterov:
         return direction.add(buffer, alpha=momentum), buffer
     return buffer, buffer
+
+
+def layer_step(
+    state: MutableMapping[Any, dict[str, Any]],
+    group: Mapping[str, Any],
+    layers: Sequence[CurvatureLayer],
+    directions: Mapping[str, Tensor],
+    want_deltas: bool,
+) -> dict[str, Tensor]:
+    r"""Momentum and parameter update of one group's curvature layers.
+
+    $\theta \leftarrow (1 - \eta\omega)\theta - \eta\,\text{step}$ with the
+    momentum buffers in ``state[p]`` (decay only for decoupled weight decay).
+
+    Args:
+        state: The optimizer's per-parameter state.
+        group: The ``param_group`` (``lr``, ``momentum``, ``nesterov``,
+            ``weight_decay``, ``decoupled_weight_decay``).
+        layers: The group's curvature layers.
+        directions: Their clipped, preconditioned ``[W | b]`` directions.
+        want_deltas: Whether to return the parameter changes.
+
+    Returns:
+        The parameter changes as ``[W | b]`` matrices when ``want_deltas``, else ``{}``.
+    """
+    lr, momentum = float(group["lr"]), float(group["momentum"])
+    wd = float(group["weight_decay"]) if group["decoupled_weight_decay"] else 0.0
+    deltas: dict[str, Tensor] = {}
+    for layer in layers:
+        parts = layer.from_matrix(directions[layer.name])
+        changes = []
+        for p, d in zip(layer.parameters, parts, strict=False):
+            assert d is not None
+            step, state[p]["momentum_buffer"] = momentum_direction(
+                d, state[p].get("momentum_buffer"), momentum, bool(group["nesterov"])
+            )
+            if want_deltas:
+                changes.append(-lr * (step + wd * p))
+            if wd:
+                p.mul_(1.0 - lr * wd)
+            p.add_(step.to(p.dtype), alpha=-lr)
+        if want_deltas:
+            deltas[layer.name] = layer.to_matrix(*changes)
+    return deltas
+
+
+def sgd_step(state: MutableMapping[Any, dict[str, Any]], group: Mapping[str, Any]) -> None:
+    """The unpreconditioned fallback step on ``group["params"]`` (``torch.optim.SGD``'s update)."""
+    lr, wd = float(group["lr"]), float(group["weight_decay"])
+    decoupled = bool(group["decoupled_weight_decay"])
+    for p in group["params"]:
+        if p.grad is None:
+            continue
+        grad = p.grad if decoupled or not wd else p.grad.add(p, alpha=wd)
+        step, state[p]["momentum_buffer"] = momentum_direction(
+            grad, state[p].get("momentum_buffer"), float(group["momentum"]), bool(group["nesterov"])
+        )
+        if decoupled and wd:
+            p.mul_(1.0 - lr * wd)
+        p.add_(step, alpha=-lr)

@@ -45,7 +45,7 @@ from curvlib.optim.engine import (
 )
 from curvlib.optim.groups import check_hyper, resolve_groups, select_parameters
 from curvlib.optim.hyper import LevenbergMarquardt, Schedule, check_positive
-from curvlib.optim.kernels import kl_clip_factor, momentum_direction
+from curvlib.optim.kernels import kl_clip_factor, layer_step, sgd_step
 from curvlib.optim.report import describe_optimizer, step_stats
 
 CURVATURE_GROUP = "curvature"
@@ -300,10 +300,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         deltas: dict[str, Tensor] = {}
         for (group, _), layers in zip(self.curvature_groups(), self.group_layers, strict=True):
             scaled = {layer.name: nu * directions[layer.name] for layer in layers}
-            deltas.update(self._apply(group, layers, scaled, bool(lm_engines)))
+            deltas.update(layer_step(self.state, group, layers, scaled, bool(lm_engines)))
         other = self._group(OTHER_GROUP)
         if other is not None:
-            self._sgd_step(other)
+            sgd_step(self.state, other)
         mark = time.perf_counter()
         parts["parameters"] = mark - now
         ratio = None
@@ -375,55 +375,6 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         for engine in self.engines:
             engine.finish()
         self._report(start, parts, None, None)
-
-    def _apply(
-        self,
-        group: dict[str, Any],
-        layers: Sequence[CurvatureLayer],
-        directions: Mapping[str, Tensor],
-        want_deltas: bool,
-    ) -> dict[str, Tensor]:
-        """Momentum and parameter update of one group's curvature layers.
-
-        Returns:
-            The parameter changes as ``[W | b]`` matrices when ``want_deltas``.
-        """
-        lr, momentum = float(group["lr"]), float(group["momentum"])
-        wd = float(group["weight_decay"]) if group["decoupled_weight_decay"] else 0.0
-        deltas: dict[str, Tensor] = {}
-        for layer in layers:
-            parts = layer.from_matrix(directions[layer.name])
-            changes = []
-            for p, d in zip(layer.parameters, parts, strict=False):
-                assert d is not None
-                step, self.state[p]["momentum_buffer"] = momentum_direction(
-                    d, self.state[p].get("momentum_buffer"), momentum, bool(group["nesterov"])
-                )
-                if want_deltas:
-                    changes.append(-lr * (step + wd * p))
-                if wd:
-                    p.mul_(1.0 - lr * wd)
-                p.add_(step.to(p.dtype), alpha=-lr)
-            if want_deltas:
-                deltas[layer.name] = layer.to_matrix(*changes)
-        return deltas
-
-    def _sgd_step(self, group: dict[str, Any]) -> None:
-        lr, wd = float(group["lr"]), float(group["weight_decay"])
-        decoupled = bool(group["decoupled_weight_decay"])
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            grad = p.grad if decoupled or not wd else p.grad.add(p, alpha=wd)
-            step, self.state[p]["momentum_buffer"] = momentum_direction(
-                grad,
-                self.state[p].get("momentum_buffer"),
-                float(group["momentum"]),
-                bool(group["nesterov"]),
-            )
-            if decoupled and wd:
-                p.mul_(1.0 - lr * wd)
-            p.add_(step, alpha=-lr)
 
     def _report(
         self, start: float, parts: dict[str, float], nu: float | None, ratio: float | None
