@@ -291,6 +291,40 @@ def dense_ggn_coupled(
     return _ggn(jac_vec, output_hessians(loss_fn, output, y))
 
 
+def dense_ggn_all_params(
+    model: nn.Module, loss_fn: nn.Module, x: Tensor, y: Tensor
+) -> tuple[Tensor, dict[str, slice]]:
+    r"""$\frac1N\sum_n J_n^\top H_n J_n$ over *every* trainable parameter.
+
+    Unlike ``dense_ggn`` (curvature layers in the $[W \mid b]$ layout) this
+    covers all parameters, BatchNorm affine ones included, each flattened as
+    stored, in ``named_parameters`` order. The model runs in eval mode with
+    Dropout switched off, each sample alone.
+
+    Returns:
+        The ``[P, P]`` matrix and where each parameter sits in it.
+    """
+    net = copy.deepcopy(model).eval()
+    for module in net.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    params = {k: v.detach() for k, v in net.named_parameters() if v.requires_grad}
+
+    def forward(p: dict[str, Tensor], x_n: Tensor) -> Tensor:
+        return functional_call(net, p, (x_n.unsqueeze(0),)).squeeze(0)
+
+    output = vmap(forward, in_dims=(None, 0))(params, x)
+    jac = vmap(jacrev(forward), in_dims=(None, 0))(params, x)
+    n, d = x.shape[0], output[0].numel()
+    flat = torch.cat([jac[k].reshape(n, d, -1) for k in params], dim=-1)
+    ggn = _ggn(flat, output_hessians(loss_fn, output, y))
+    slices, start = {}, 0
+    for key, value in params.items():
+        slices[key] = slice(start, start + value.numel())
+        start += value.numel()
+    return ggn, slices
+
+
 def dense_empirical_fisher(
     model: nn.Module,
     loss_fn: nn.Module,

@@ -29,6 +29,8 @@ from curvlib.core.stats import LayerStatistics, StatKind
 
 
 class _DiagonalBlock(LayerBlock):
+    cheap_condition = True
+
     def __init__(self, out_dim: int, in_dim: int, dtype: torch.dtype | None) -> None:
         super().__init__(out_dim, in_dim, dtype)
         self.diagonal: Tensor | None = None

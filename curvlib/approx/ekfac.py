@@ -17,12 +17,14 @@ KFAC, which is one of them.
 Two time scales ([`RefreshableApprox`][curvlib.core.RefreshableApprox]):
 every ``update`` folds $A$, $G$ into their running averages and the projected
 second moments into $s$ (cheap: the statistics rotated by $Q_G$ and $Q_A$);
-``refresh()``, which the optimizer calls every ``t_inv`` steps, recomputes the
-eigenbasis from the running $A$ and $G$ and carries $s$ over to it as the
-diagonal of the current estimate in the new basis,
-$s' = (M_G \odot M_G)\, s\, (M_A \odot M_A)^\top$ with
-$M = Q'^\top Q$. Damping is exact: $(C + \lambda I)^{-1} = Q
-\operatorname{diag}\bigl(1 / (s + \lambda)\bigr) Q^\top$.
+``refresh()``, which the optimizer calls every ``t_inv`` steps before that
+step's update, eigendecomposes the running $A$ and $G$; the next ``update``
+switches to the new basis and restarts $s$ there with its batch's second
+moments, as George et al. recompute the scalings after each
+eigendecomposition (carrying the old $s$ over, $s' = \operatorname{diag}(Q'^\top
+C Q')$, would cost four more products of the factors' size per layer, as much
+as the eigendecompositions themselves). Damping is exact:
+$(C + \lambda I)^{-1} = Q \operatorname{diag}\bigl(1 / (s + \lambda)\bigr) Q^\top$.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ from curvlib.linalg.factors import eigh, symmetrize
 
 
 class _EKFACBlock(LayerBlock):
+    cheap_condition = True
+
     def __init__(self, out_dim: int, in_dim: int, dtype: torch.dtype | None) -> None:
         super().__init__(out_dim, in_dim, dtype)
         self.A: Tensor | None = None
@@ -46,38 +50,38 @@ class _EKFACBlock(LayerBlock):
         self.basis_a: Tensor | None = None
         self.basis_g: Tensor | None = None
         self.scalings: Tensor | None = None
+        self.pending: tuple[Tensor, Tensor] | None = None
         self.stale = False
 
     def update(self, stats: LayerStatistics, rho: float) -> None:
         assert stats.kronecker is not None and stats.io is not None
         A = running_average(self.A, symmetrize(self._cast(stats.kronecker.A)), rho)
         G = running_average(self.G, symmetrize(self._cast(stats.kronecker.G)), rho)
-        basis_a, basis_g = self.basis_a, self.basis_g
-        if basis_a is None or basis_g is None:
+        restart = self.basis_a is None or self.pending is not None
+        if self.pending is not None:
+            basis_a, basis_g = self.pending
+        elif self.basis_a is None or self.basis_g is None:
             basis_a, basis_g = eigh(A).vectors, eigh(G).vectors
+        else:
+            basis_a, basis_g = self.basis_a, self.basis_g
         io = stats.io
         rotated = PerSampleIO(
-            inputs=self._cast(io.inputs) @ basis_a,
-            output_grads=self._cast(io.output_grads) @ basis_g,
+            inputs=self._cast(io.inputs) @ basis_a, output_grads=self._cast(io.output_grads) @ basis_g
         )
         moments = rotated.squared_grads_sum() / io.inputs.shape[0]
-        scalings = running_average(self.scalings, moments, rho)
+        # In a new basis the scalings restart from this batch, as on the first update.
+        scalings = running_average(None if restart else self.scalings, moments, rho)
         # Assign at the end: a failure above leaves the block as it was.
         self.stale = self.basis_a is not None
         self.A, self.G, self.basis_a, self.basis_g = A, G, basis_a, basis_g
-        self.scalings = scalings
+        self.scalings, self.pending = scalings, None
 
     def refresh(self) -> None:
-        """Recompute the eigenbasis of the running factors; carry the scalings over to it."""
-        if not self.stale:
+        """Eigenbasis of the running factors, switched to at the next update."""
+        if not self.stale or self.A is None or self.G is None:
             return
-        A, G, (basis_a, basis_g, scalings) = self.A, self.G, self._estimate()
-        assert A is not None and G is not None
-        new_a, new_g = eigh(A).vectors, eigh(G).vectors
-        mix_a = (new_a.T @ basis_a).square()
-        mix_g = (new_g.T @ basis_g).square()
-        self.scalings = mix_g @ scalings @ mix_a.T
-        self.basis_a, self.basis_g, self.stale = new_a, new_g, False
+        self.pending = (eigh(self.A).vectors, eigh(self.G).vectors)
+        self.stale = False
 
     def _estimate(self) -> tuple[Tensor, Tensor, Tensor]:
         if self.basis_a is None or self.basis_g is None or self.scalings is None:
@@ -128,12 +132,14 @@ class _EKFACBlock(LayerBlock):
     def state_dict(self) -> dict[str, Any]:
         basis_a, basis_g, scalings = self._estimate()
         assert self.A is not None and self.G is not None
+        pending = None if self.pending is None else [p.clone() for p in self.pending]
         return {
             "A": self.A.clone(),
             "G": self.G.clone(),
             "basis_a": basis_a.clone(),
             "basis_g": basis_g.clone(),
             "scalings": scalings.clone(),
+            "pending": pending,
             "stale": self.stale,
         }
 
@@ -141,6 +147,8 @@ class _EKFACBlock(LayerBlock):
         self.A, self.G = state["A"].clone(), state["G"].clone()
         self.basis_a, self.basis_g = state["basis_a"].clone(), state["basis_g"].clone()
         self.scalings = state["scalings"].clone()
+        pending = state["pending"]
+        self.pending = None if pending is None else (pending[0].clone(), pending[1].clone())
         self.stale = bool(state["stale"])
 
 
@@ -185,20 +193,19 @@ class EKFAC(LayerwiseApprox):
     def refresh(self) -> None:
         """Recompute every layer's eigenbasis from its running factors (two ``eigh`` each).
 
-        All layers are refreshed or none: if an eigendecomposition fails the
-        estimate is left as it was and the error propagates.
+        The new bases take effect at the next ``update``, which restarts the
+        scalings there with its batch's second moments; until then ``matvec``
+        and ``inverse`` keep the current estimate. Layers whose factors have
+        not changed since their basis was computed are skipped. All layers are
+        refreshed or none: if an eigendecomposition fails, nothing changes and
+        the error propagates.
         """
         blocks = [b for b in self._blocks.values() if isinstance(b, _EKFACBlock)]
-        saved = [(b.basis_a, b.basis_g, b.scalings, b.stale) for b in blocks]
+        saved = [(b.pending, b.stale) for b in blocks]
         try:
             for block in blocks:
                 block.refresh()
         except BaseException:
-            for block, (basis_a, basis_g, scalings, stale) in zip(blocks, saved, strict=True):
-                block.basis_a, block.basis_g, block.scalings, block.stale = (
-                    basis_a,
-                    basis_g,
-                    scalings,
-                    stale,
-                )
+            for block, (pending, stale) in zip(blocks, saved, strict=True):
+                block.pending, block.stale = pending, stale
             raise

@@ -112,14 +112,20 @@ class RefreshableApprox(CurvatureApprox, Protocol):
 
     EKFAC is the example: its eigenbasis costs two eigendecompositions, its
     scalings only a projection of the statistics. The optimizer's engine calls
-    ``refresh()`` on the steps where an inverse is due (after that step's
-    ``update``) and, because ``inverse`` is then cheap, rebuilds the inverse
+    ``refresh()`` on the steps where an inverse is due, *before* that step's
+    ``update`` (so the step's statistics are the first ones folded in after the
+    refresh), and, because ``inverse`` is then cheap, rebuilds the inverse
     after *every* update, so the scalings of every statistics step reach the
     preconditioner at once.
     """
 
     def refresh(self) -> None:
-        """Recompute the expensive part of the estimate from the running statistics."""
+        """Recompute the expensive part from the running statistics, for the next ``update``.
+
+        The estimate (``matvec``, ``inverse``) may keep its current form until
+        the next ``update`` switches to the refreshed part; a failure leaves the
+        approximation as it was.
+        """
         ...
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from enum import Enum
 
 import torch
@@ -210,11 +211,22 @@ class CurvatureStatistics:
         return CurvatureStatistics(layers, self.fisher_type, self.num_samples)
 
     def is_finite(self) -> bool:
-        """Whether every extracted tensor is free of NaN and Inf."""
-        for stats in self.layers.values():
-            if not all(bool(torch.isfinite(t).all()) for t in stats.tensors()):
-                return False
-        return True
+        """Whether every extracted tensor is free of NaN and Inf.
+
+        NaN and Inf propagate through sums, so one float64 reduction per tensor
+        and a single host synchronisation decide it; the answer is cached (the
+        engine and the approximation both ask).
+        """
+        return self._finite
+
+    @cached_property
+    def _finite(self) -> bool:
+        sums = [t.sum(dtype=torch.float64) for s in self.layers.values() for t in s.tensors()]
+        if not sums:
+            return True
+        devices = {t.device for t in sums}
+        total = sum(t.cpu() for t in sums) if len(devices) > 1 else torch.stack(sums).sum()
+        return bool(torch.isfinite(torch.as_tensor(total)))
 
 
 def merge_statistics(parts: Sequence[CurvatureStatistics]) -> CurvatureStatistics:

@@ -8,7 +8,8 @@ steps of a second-order method on any extractor and approximation:
 2. **update**: the statistics are folded into the approximation;
 3. **invert**: every ``t_inv`` steps the damped inverse is rebuilt (a
    [`RefreshableApprox`][curvlib.core.protocols.RefreshableApprox] refreshes
-   its expensive part then, and rebuilds its cheap inverse after every update);
+   its expensive part then, before that step's update, and rebuilds its cheap
+   inverse after every update);
 4. **precondition**: gradients are multiplied by the current inverse.
 
 Non-finite statistics skip the update with a warning, and a failed inverse
@@ -194,19 +195,26 @@ class CurvatureEngine:
             )
         self.timings = {k: v for k, v in self.timings.items() if k in RECORD_TIMES}
         self.inverse_rebuilt = False
+        inverse_due = self._precond is None or self.step_count % self.t_inv == 0
+        refreshable = isinstance(self.approx, RefreshableApprox)
+        inverse_time = 0.0
+        if inverse_due and refreshable:
+            # Before the update, so that this step's statistics land in the new basis.
+            start = time.perf_counter()
+            self._refresh()
+            inverse_time = time.perf_counter() - start
         updated = False
         if self._pending:
             start = time.perf_counter()
             updated = self._update(merge_statistics(self._pending))
             self._pending.clear()
             self.timings["update"] = time.perf_counter() - start
-        inverse_due = self._precond is None or self.step_count % self.t_inv == 0
-        refreshable = isinstance(self.approx, RefreshableApprox)
         if inverse_due or (refreshable and updated):
             start = time.perf_counter()
-            if not (inverse_due and refreshable) or self._refresh():
-                self._invert()
-            self.timings["inverse"] = time.perf_counter() - start
+            self._invert()
+            inverse_time += time.perf_counter() - start
+        if inverse_time:
+            self.timings["inverse"] = inverse_time
         if self._precond is None:
             raise RuntimeError(
                 "No curvature estimate to precondition with: the statistics of every step so "
@@ -232,8 +240,8 @@ class CurvatureEngine:
         self.approx.update(stats)
         return True
 
-    def _refresh(self) -> bool:
-        """Refresh a two-time-scale approximation; ``False`` (and a warning) if it failed."""
+    def _refresh(self) -> None:
+        """Refresh a two-time-scale approximation; a failure is counted and warned about."""
         assert isinstance(self.approx, RefreshableApprox)
         try:
             self.approx.refresh()
@@ -241,12 +249,10 @@ class CurvatureEngine:
             self.inverse_failures += 1
             warnings.warn(
                 f"Step {self.step_count}: refreshing the curvature estimate failed ({err}); "
-                "the last good preconditioner is kept.",
+                "its expensive part (e.g. an eigenbasis) stays as it was.",
                 RuntimeWarning,
                 stacklevel=4,
             )
-            return self._precond is None
-        return True
 
     def _invert(self) -> None:
         damping = self.damping

@@ -12,7 +12,6 @@ from curvlib.wiring import PreconditionedOptimizer
 from tests import oracle
 from tests import problems as P
 from tests.approx.cases import PROBLEMS, fit_statistics
-from tests.extract.test_diagonal import _dense_ggn_all_params
 from tests.problems import Problem
 
 RTOL = 1e-10
@@ -53,7 +52,7 @@ def test_optimizer_preconditions_batchnorm_affine_parameters() -> None:
         "6": LayerKind.BATCHNORM,
         "8": LayerKind.LINEAR,
     }
-    ggn, slices = _dense_ggn_all_params(model, problem)
+    ggn, slices = oracle.dense_ggn_all_params(model, problem.loss_fn, problem.x, problem.y)
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
     opt.zero_grad()
     with opt.record():

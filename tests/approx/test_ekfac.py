@@ -75,26 +75,38 @@ def test_never_further_from_the_exact_block_than_kfac(problem: Problem) -> None:
     assert max(gaps) > 1e-6 * float(dense.norm())  # strictly better somewhere
 
 
-def test_refresh_moves_to_the_new_eigenbasis_and_keeps_the_diagonal_there() -> None:
+def test_refresh_switches_basis_at_the_next_update_and_restarts_the_scalings() -> None:
     problem = PROBLEMS[0]
     ekfac = EKFAC(decay=0.5)
     assert isinstance(ekfac, RefreshableApprox)
     ekfac.update(fit_statistics(problem, ekfac))
     first = {name: ekfac.to_dense(name) for name in ekfac.blocks}
     ekfac.refresh()  # the basis was computed from these factors: nothing to do
+    ekfac.update(fit_statistics(problem, ekfac))  # same batch, same basis: same estimate
     for name, dense in first.items():
-        assert torch.equal(ekfac.to_dense(name), dense)
+        assert _rel(ekfac.to_dense(name), dense) < RTOL, name
 
-    ekfac.update(fit_statistics(perturbed(problem), ekfac))
+    second = perturbed(problem)
+    ekfac.update(fit_statistics(second, ekfac))
     before = {name: ekfac.to_dense(name) for name in ekfac.blocks}
     ekfac.refresh()
-    for name, block in ekfac.blocks.items():
-        q_a = torch.linalg.eigh(block.A).eigenvectors  # type: ignore[attr-defined]
-        q_g = torch.linalg.eigh(block.G).eigenvectors  # type: ignore[attr-defined]
-        q = torch.kron(q_g, q_a)
-        expected = q @ torch.diag(torch.diagonal(q.T @ before[name] @ q)) @ q.T
+    factors_at_refresh = {
+        name: (block.A.clone(), block.G.clone())  # type: ignore[attr-defined]
+        for name, block in ekfac.blocks.items()
+    }
+    for name, dense in before.items():  # the estimate waits for the next update
+        assert torch.equal(ekfac.to_dense(name), dense), name
+    third = perturbed(second, scale=0.5)
+    model = third.model()
+    ekfac.update(fit_statistics(third, ekfac, model=model))
+    dense = oracle.dense_ggn(model, third.loss_fn, third.x, third.y)
+    for name, sl in oracle.layer_slices(model).items():
+        A, G = factors_at_refresh[name]
+        q = torch.kron(torch.linalg.eigh(G).eigenvectors, torch.linalg.eigh(A).eigenvectors)
+        # The new basis, with the third batch's own second moments: no trace of the old ones.
+        expected = q @ torch.diag(torch.diagonal(q.T @ dense[sl, sl] @ q)) @ q.T
         assert _rel(ekfac.to_dense(name), expected) < RTOL, name
-        assert _rel(ekfac.to_dense(name), before[name]) > 1e-6, name  # the basis did move
+        assert _rel(ekfac.to_dense(name), before[name]) > 1e-6, name
 
 
 def test_a_failed_refresh_leaves_every_layer_unchanged(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -102,7 +114,7 @@ def test_a_failed_refresh_leaves_every_layer_unchanged(monkeypatch: pytest.Monke
     ekfac = EKFAC()
     ekfac.update(fit_statistics(problem, ekfac))
     ekfac.update(fit_statistics(perturbed(problem), ekfac))
-    before = {name: ekfac.to_dense(name) for name in ekfac.blocks}
+    before = ekfac.state_dict()
     calls = {"n": 0}
     real = factors.eigh
 
@@ -115,8 +127,10 @@ def test_a_failed_refresh_leaves_every_layer_unchanged(monkeypatch: pytest.Monke
     monkeypatch.setattr("curvlib.approx.ekfac.eigh", flaky)
     with pytest.raises(factors.FactorizationError):
         ekfac.refresh()
-    for name, dense in before.items():
-        assert torch.equal(ekfac.to_dense(name), dense), name
+    after = ekfac.state_dict()
+    for name, entry in before["blocks"].items():
+        assert after["blocks"][name]["state"]["pending"] is None, name
+        assert after["blocks"][name]["state"]["stale"] == entry["state"]["stale"], name
 
 
 # -- in the optimizer ---------------------------------------------------------------
@@ -175,22 +189,23 @@ def test_basis_every_t_inv_steps_scalings_every_t_cov_steps(
     assert torch.equal(bases[4], bases[3]) and torch.equal(bases[5], bases[3])
 
 
-def test_failed_refresh_keeps_the_last_preconditioner(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_refresh_keeps_the_basis_and_trains_on(monkeypatch: pytest.MonkeyPatch) -> None:
     problem = P.mlp_ce(n=16)
     model = problem.model()
     approx = EKFAC()
     opt = PreconditionedOptimizer(model, approx, loss_fn=problem.loss_fn, t_inv=2)
     _train(opt, model, [(problem.x, problem.y)] * 2, problem.loss_fn)
-    kept = opt.engine._precond
+    basis = approx.blocks["0"].basis_a.clone()  # type: ignore[attr-defined]
 
     def broken() -> None:
         raise factors.FactorizationError("planted failure")
 
     monkeypatch.setattr(approx, "refresh", broken)
     with pytest.warns(RuntimeWarning, match="refreshing the curvature estimate failed"):
-        _train(opt, model, [(problem.x, problem.y)], problem.loss_fn)
-    assert opt.engine._precond is kept
+        _train(opt, model, [(problem.x + 0.5, problem.y)], problem.loss_fn)
     assert opt.engine.inverse_failures == 1
+    assert torch.equal(approx.blocks["0"].basis_a, basis)  # type: ignore[attr-defined]
+    assert approx.num_updates == 3  # the scalings still took the step's statistics
 
 
 def test_checkpoint_resume_is_exact() -> None:

@@ -24,7 +24,6 @@ import torch
 from backpack import backpack, extend
 from backpack.extensions import DiagGGNExact, SumGradSquared
 from torch import Tensor, nn
-from torch.func import functional_call, jacrev, vmap
 
 from curvlib.core import FisherType, LayerKind, StatKind
 from curvlib.extract import Backend, CurvatureExtractor, UnsupportedPolicy
@@ -127,30 +126,6 @@ def test_subsampled_diagonal_uses_the_drawn_rows() -> None:
 # -- BatchNorm affine parameters -------------------------------------------------------
 
 
-def _dense_ggn_all_params(model: nn.Module, problem: Problem) -> tuple[Tensor, dict[str, slice]]:
-    """The per-sample GGN over every trainable parameter, in ``named_parameters`` order."""
-    net = copy.deepcopy(model).eval()
-    for module in net.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
-    params = {k: v.detach() for k, v in net.named_parameters() if v.requires_grad}
-
-    def forward(p: dict[str, Tensor], x_n: Tensor) -> Tensor:
-        return functional_call(net, p, (x_n.unsqueeze(0),)).squeeze(0)
-
-    output = vmap(forward, in_dims=(None, 0))(params, problem.x)
-    jac = vmap(jacrev(forward), in_dims=(None, 0))(params, problem.x)
-    n, d = problem.n, output[0].numel()
-    flat = torch.cat([jac[k].reshape(n, d, -1) for k in params], dim=-1)
-    hess = oracle.output_hessians(problem.loss_fn, output, problem.y)
-    ggn = torch.einsum("ndp,nde,neq->pq", flat, hess, flat) / n
-    slices, start = {}, 0
-    for key, value in params.items():
-        slices[key] = slice(start, start + value.numel())
-        start += value.numel()
-    return ggn, slices
-
-
 @pytest.mark.parametrize("backend", [Backend.BACKPACK, Backend.AUTOGRAD])
 def test_batchnorm_affine_diagonal_in_eval_mode(backend: Backend) -> None:
     problem = P.bn_net(train=False)
@@ -159,7 +134,7 @@ def test_batchnorm_affine_diagonal_in_eval_mode(backend: Backend) -> None:
         if isinstance(module, nn.Dropout):
             module.p = 0.0
     diags = _diagonals(problem, model, FisherType.EXACT, backend, kinds=WITH_BN)
-    ggn, slices = _dense_ggn_all_params(model, problem)
+    ggn, slices = oracle.dense_ggn_all_params(model, problem.loss_fn, problem.x, problem.y)
     expected_layers = {"0", "1", "5", "6", "8"}
     assert set(diags) == expected_layers
     for name in expected_layers:
