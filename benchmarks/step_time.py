@@ -608,7 +608,15 @@ def measure(
 # -- reporting --------------------------------------------------------------------------
 
 HEADER = ["method", "batch", "T", "windows", "ms/step", "ratio", "floor", "ratio/floor", "note"]
-SPLIT = ("statistics", "update", "inverse", "precondition", "step")
+SPLIT = (
+    "statistics",
+    "forward_backward",
+    "update",
+    "inverse",
+    "precondition",
+    "parameters",
+    "step",
+)
 
 
 def _num(value: float | None, spec: str) -> str:
@@ -705,8 +713,10 @@ def markdown(info: dict[str, Any], args: argparse.Namespace, results: dict[int, 
     lines += ["", *(f"- batch {b}: {floor_line(r)}" for b, r in results.items())]
     lines += [
         "", "Time split (ms per step, mean over the windows, from `opt.last_stats`: statistics = "
-        "forward and backward of the statistics steps; update = curvature update plus parameter "
-        "update; step = all of `opt.step()`) and the worker's peak RSS (torch included):", "",
+        "forward and backward of the statistics steps; forward_backward = those of the other "
+        "steps; update = folding statistics into the approximation; parameters = momentum and "
+        "parameter update; step = the `record()` blocks and `opt.step()`) and the worker's peak "
+        "RSS (torch included):", "",
         "| method | batch | T | " + " | ".join(SPLIT) + " | peak RSS [MiB] |",
         "|---" * 3 + "|---:" * (len(SPLIT) + 1) + "|",
     ]  # fmt: skip
