@@ -1,0 +1,173 @@
+"""Smoke tests of ``examples/dcgan_kfac.py`` at tiny sizes, its Wasserstein surrogate and score."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+sys.path.insert(0, str(EXAMPLES))
+
+import common  # noqa: E402
+import dcgan_kfac  # noqa: E402
+from gan_quality import FrechetPCA  # noqa: E402
+
+TINY = [
+    "--num-train", "64", "--num-test", "32", "--batch-size", "16", "--num-epochs", "2",
+    "--width", "4", "--nz", "8", "--fd-dims", "8", "--t-cov", "1", "--t-inv", "2",
+    "--no-progress",
+]  # fmt: skip
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("dcgan")
+    dcgan_kfac.main([*TINY, "--out", str(out)])
+    return out
+
+
+def test_dcgan_writes_metrics_samples_plots_and_telemetry(straight: Path) -> None:
+    with (straight / "metrics.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0]) == list(dcgan_kfac.METRIC_FIELDS)
+    history = json.loads((straight / "metrics.json").read_text())
+    assert [m["epoch"] for m in history] == [0, 1, 2]
+    assert all(m["fd"] is not None and m["fd"] >= 0 for m in history)
+    assert history[0]["fd_real"] == history[-1]["fd_real"] < history[0]["fd"]
+    last = history[-1]
+    assert last["g_loss"] is not None and last["d_loss"] is not None
+    assert 0.0 < last["g_kl_clip_factor_last"] <= 1.0  # KFAC on the generator
+    assert last["d_kl_clip_factor"] is None  # Adam on the critic
+    assert last["steps"] == 8  # 64 images / batch 16, one critic step per generator step
+    for name in ("samples/epoch_001.png", "samples/epoch_002.png", "loss.png", "quality.png",
+                 "telemetry.png"):  # fmt: skip
+        assert (straight / name).read_bytes()[:8] == PNG, name
+    assert not (straight / "telemetry_critic.png").exists()
+    summary = json.loads((straight / "summary.json").read_text())
+    assert summary[0]["label"] == "kfac" and summary[0]["fd"] == last["fd"]
+
+
+def test_resume_continues_exactly(straight: Path, tmp_path: Path) -> None:
+    dcgan_kfac.main([*TINY, "--num-epochs", "1", "--out", str(tmp_path)])
+    dcgan_kfac.main([*TINY, "--resume", "--out", str(tmp_path)])
+    resumed = json.loads((tmp_path / "metrics.json").read_text())
+    whole = json.loads((straight / "metrics.json").read_text())
+    assert [m["epoch"] for m in resumed] == [0, 1, 2]
+    for key in ("g_loss", "d_loss", "fd", "g_kl_clip_factor"):
+        assert resumed[2][key] == pytest.approx(whole[2][key], rel=1e-4), key
+    steps = json.loads((tmp_path / "telemetry.json").read_text())
+    assert [s["step"] for s in steps] == list(range(1, 9))
+
+
+def test_wgan_gp_with_curvature_on_both_networks(tmp_path: Path) -> None:
+    results = dcgan_kfac.main(
+        [*TINY, "--gan", "wgan-gp", "--kfac-on", "both", "--critic-steps", "2",
+         "--num-epochs", "1", "--out", str(tmp_path)]
+    )  # fmt: skip
+    final = results[0].final
+    assert final["steps"] == 2  # 4 batches, 2 critic steps per generator step
+    assert 0.0 < final["d_kl_clip_factor"] <= 1.0 and 0.0 < final["g_kl_clip_factor"] <= 1.0
+    assert (tmp_path / "telemetry_critic.png").read_bytes()[:8] == PNG
+    critic_steps = json.loads((tmp_path / "telemetry_critic.json").read_text())
+    assert len(critic_steps) == 4
+
+
+def test_compare_plots_the_quality_of_every_run(tmp_path: Path) -> None:
+    dcgan_kfac.main([*TINY, "--num-epochs", "1", "--compare", "sgd,adam", "--out", str(tmp_path)])
+    assert (tmp_path / "compare.png").read_bytes()[:8] == PNG
+    assert [s["label"] for s in json.loads((tmp_path / "summary.json").read_text())] == [
+        "sgd", "adam",
+    ]  # fmt: skip
+
+
+def test_the_generator_optimizer_never_touches_the_critic() -> None:
+    torch.manual_seed(0)
+    args = dcgan_kfac.build_argparser().parse_args(["--t-cov", "1"])
+    dcgan_kfac.check_args(dcgan_kfac.build_argparser(), args)
+    gan = dcgan_kfac.GAN(dcgan_kfac.generator(4, 1, 8, 2), dcgan_kfac.critic(1, 8, 2))
+    bce = nn.BCEWithLogitsLoss()
+    opts = dcgan_kfac._build(args, args.optim, gan, bce)
+    layers = [layer.name for layer in opts["g"].layers]  # type: ignore[attr-defined]
+    assert layers and all(name.startswith("generator.") for name in layers)
+    critic_before = [p.detach().clone() for p in gan.critic.parameters()]
+    gen_before = [p.detach().clone() for p in gan.generator.parameters()]
+    dcgan_kfac._generator_step(args, gan, opts["g"], torch.randn(6, 4), bce, nn.MSELoss())
+    for p, q in zip(gan.critic.parameters(), critic_before, strict=True):
+        assert torch.equal(p, q)
+    moved = zip(gan.generator.parameters(), gen_before, strict=True)
+    assert all(not torch.equal(p, q) for p, q in moved)
+
+
+def test_wasserstein_target_has_the_wasserstein_gradient() -> None:
+    scores = torch.randn(6, 1, requires_grad=True)
+    weights = torch.tensor([-1, -1, -1, 1, 1, 1.0]) / 3
+    nn.MSELoss()(scores, dcgan_kfac.wasserstein_target(scores, weights)).backward()
+    assert scores.grad is not None
+    torch.testing.assert_close(scores.grad.view(-1), weights)
+
+
+def test_gradient_penalty_of_a_linear_critic() -> None:
+    net = nn.Sequential(nn.Flatten(), nn.Linear(4, 1, bias=False))
+    with torch.no_grad():
+        net[1].weight.copy_(torch.tensor([[3.0, 0.0, 4.0, 0.0]]))  # gradient norm 5
+    real, fake = torch.rand(5, 1, 2, 2), torch.rand(5, 1, 2, 2)
+    penalty = dcgan_kfac.gradient_penalty(net, real, fake, torch.Generator().manual_seed(0))
+    assert float(penalty.detach()) == pytest.approx(16.0)
+
+
+def test_frechet_pca_score() -> None:
+    gen = torch.Generator().manual_seed(0)
+    real = torch.randn(400, 1, 4, 4, generator=gen) * torch.linspace(0.5, 2, 16).view(1, 1, 4, 4)
+    score = FrechetPCA(real, k=5)
+    assert score.score(real, real) == pytest.approx(0.0, abs=1e-6)
+    shift = torch.randn(1, 1, 4, 4, generator=gen)
+    projected = (shift.flatten().double() @ score.basis).square().sum()
+    assert score.score(real, real + shift) == pytest.approx(float(projected), rel=1e-6)
+    collapsed = real.mean(0, keepdim=True).expand(400, 1, 4, 4)  # one image, no spread
+    assert score.score(real, collapsed) > score.score(real, real[:200])
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--gan", "wgan-gp", "--fisher", "mc"], "only --fisher empirical applies"),
+        (["--gan", "wgan-gp", "--fisher", "exact"], "no likelihood"),
+        (["--kfac-on", "discriminator"], "choose from 'generator', 'critic', 'both'"),
+        (["--gan", "lsgan"], "choose from 'bce', 'wgan-gp'"),
+        (["--adaptive-damping"], "not supported by the GAN example"),
+        (["--critic-steps", "0"], "must be >= 1"),
+    ],
+)
+def test_bad_values_are_rejected_by_the_parser(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        dcgan_kfac.main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_wgan_gp_defaults_to_the_empirical_fisher_and_adam_needs_none() -> None:
+    parser = dcgan_kfac.build_argparser()
+    args = parser.parse_args(["--gan", "wgan-gp"])
+    dcgan_kfac.check_args(parser, args)
+    assert args.fisher == "empirical"
+    args = parser.parse_args(["--gan", "wgan-gp", "--fisher", "mc", "--optim", "adam"])
+    dcgan_kfac.check_args(parser, args)  # no curvature optimizer: the flavour is unused
+    assert common.OPTIMIZERS["adam"].curvature is False
