@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from curvlib.core.stats import CurvatureStatistics, LayerStatistics, StatKind
-from curvlib.linalg.factors import FactorizationError
+from curvlib.linalg.factors import FactorizationError, flush_subnormals
 
 LayerInverse = Callable[[Tensor], Tensor]
 """Applies one layer's damped inverse to ``[..., out, in_aug]`` matrices."""
@@ -241,10 +241,15 @@ def _dense_only(block: LayerBlock) -> bool:
 
 
 def running_average(old: Tensor | None, new: Tensor, rho: float) -> Tensor:
-    """``rho * old + (1 - rho) * new``; ``new`` when there is no ``old``."""
+    """``rho * old + (1 - rho) * new`` (``new`` without ``old``), subnormals flushed to zero.
+
+    Always a new tensor: operators built from ``old`` stay valid.
+    """
     if old is None:
-        return new.clone()
-    return old.mul(rho).add_(new, alpha=1.0 - rho)
+        return flush_subnormals(new)
+    # Entries that decay geometrically (a unit that stopped firing) would turn
+    # subnormal and slow every later product with the estimate: flush them.
+    return flush_subnormals(old.mul(rho).add_(new, alpha=1.0 - rho))
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,12 @@ from torch import Tensor
 
 from curvlib.approx.base import LayerBlock, LayerInverse, LayerwiseApprox, running_average
 from curvlib.core.stats import LayerStatistics, PerSampleIO, StatKind
-from curvlib.linalg.factors import eigh, symmetrize
+from curvlib.linalg.factors import eigh, flush_negligible, symmetrize
+
+
+def _eigenbasis(factor: Tensor) -> Tensor:
+    """Eigenvectors of a factor, negligible entries flushed (they slow every apply)."""
+    return flush_negligible(eigh(factor).vectors)
 
 
 class _EKFACBlock(LayerBlock):
@@ -61,12 +66,13 @@ class _EKFACBlock(LayerBlock):
         if self.pending is not None:
             basis_a, basis_g = self.pending
         elif self.basis_a is None or self.basis_g is None:
-            basis_a, basis_g = eigh(A).vectors, eigh(G).vectors
+            basis_a, basis_g = _eigenbasis(A), _eigenbasis(G)
         else:
             basis_a, basis_g = self.basis_a, self.basis_g
         io = stats.io
         rotated = PerSampleIO(
-            inputs=self._cast(io.inputs) @ basis_a, output_grads=self._cast(io.output_grads) @ basis_g
+            inputs=self._cast(io.inputs) @ basis_a,
+            output_grads=self._cast(io.output_grads) @ basis_g,
         )
         moments = rotated.squared_grads_sum() / io.inputs.shape[0]
         # In a new basis the scalings restart from this batch, as on the first update.
@@ -80,7 +86,7 @@ class _EKFACBlock(LayerBlock):
         """Eigenbasis of the running factors, switched to at the next update."""
         if not self.stale or self.A is None or self.G is None:
             return
-        self.pending = (eigh(self.A).vectors, eigh(self.G).vectors)
+        self.pending = (_eigenbasis(self.A), _eigenbasis(self.G))
         self.stale = False
 
     def _estimate(self) -> tuple[Tensor, Tensor, Tensor]:

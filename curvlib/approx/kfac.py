@@ -17,7 +17,7 @@ from curvlib.approx.base import (
     standard_normal,
 )
 from curvlib.core.stats import LayerStatistics, StatKind
-from curvlib.linalg.factors import damped_cholesky, eigh, pi_split, symmetrize
+from curvlib.linalg.factors import damped_cholesky, eigh, flush_negligible, pi_split, symmetrize
 
 
 class KFACDamping(Enum):
@@ -50,7 +50,7 @@ class KroneckerInverse:
     """
 
     def __init__(self, g_inv: Tensor, a_inv: Tensor, condition_number: float) -> None:
-        self.g_inv, self.a_inv = g_inv, a_inv
+        self.g_inv, self.a_inv = flush_negligible(g_inv), flush_negligible(a_inv)
         self.condition_number = condition_number
 
     def __call__(self, mat: Tensor) -> Tensor:
@@ -70,7 +70,7 @@ class EigenbasisInverse:
     """
 
     def __init__(self, q_g: Tensor, q_a: Tensor, scale: Tensor) -> None:
-        self.q_g, self.q_a, self.scale = q_g, q_a, scale
+        self.q_g, self.q_a, self.scale = flush_negligible(q_g), flush_negligible(q_a), scale
         self.condition_number = float(scale.max() / scale.min())
 
     def __call__(self, mat: Tensor) -> Tensor:

@@ -11,6 +11,8 @@ from curvlib.linalg.factors import (
     damped_cholesky,
     damped_inverse,
     eigh,
+    flush_negligible,
+    flush_subnormals,
     pi_split,
     symmetrize,
 )
@@ -21,6 +23,7 @@ from curvlib.linalg.rearrange import (
     RearrangedOperator,
     SingularTriple,
     balanced_factors,
+    effective_tol,
     lanczos_svd,
     power_svd,
 )
@@ -38,7 +41,10 @@ __all__ = [
     "balanced_factors",
     "damped_cholesky",
     "damped_inverse",
+    "effective_tol",
     "eigh",
+    "flush_negligible",
+    "flush_subnormals",
     "lanczos_svd",
     "layer_rows",
     "pi_split",

@@ -15,6 +15,37 @@ class FactorizationError(RuntimeError):
     """A factorisation failed even after adding jitter."""
 
 
+def flush_subnormals(mat: Tensor) -> Tensor:
+    r"""``mat`` with its subnormal entries ($0 < |x| <$ ``finfo.tiny``) set to zero.
+
+    Factors fitted by iterations (power iterations, eigendecompositions) pick up
+    entries far below the normal range where a direction carries no curvature
+    (e.g. a dead ReLU unit); x86 processors multiply those through microcode
+    assists, which made every product with such a factor about twice as slow
+    (measured on the MNIST autoencoder's KPSVD apply: 256 ms against 129 ms per
+    step). They are far below any scale that matters next to the damping.
+    """
+    tiny = torch.finfo(mat.dtype).tiny
+    return mat.masked_fill(mat.abs() < tiny, 0.0)
+
+
+def flush_negligible(mat: Tensor) -> Tensor:
+    r"""``mat`` with the entries below $\epsilon \max_{ij} |m_{ij}|$ set to zero.
+
+    For the matrices a preconditioner multiplies with at every step (inverse
+    factors, eigenbases). Changing entries by at most $\epsilon \max|m_{ij}|$
+    perturbs a product $MV$ by no more than the rounding error bound of the
+    product itself, $n \epsilon \|M\|\|V\|$, but it removes the tiny normal
+    entries whose products with small gradient entries land in the subnormal
+    range: those made the KPSVD apply on the MNIST autoencoder 40% slower
+    although no factor had a subnormal entry.
+    """
+    if mat.numel() == 0:
+        return mat
+    limit = max(torch.finfo(mat.dtype).eps * float(mat.abs().max()), torch.finfo(mat.dtype).tiny)
+    return mat.masked_fill(mat.abs() < limit, 0.0)
+
+
 def symmetrize(mat: Tensor) -> Tensor:
     r"""Return $(M + M^\top) / 2$."""
     return (mat + mat.transpose(-1, -2)) / 2

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from curvlib.linalg.factors import damped_cholesky, eigh, pi_split, symmetrize
+from curvlib.linalg.factors import damped_cholesky, eigh, flush_negligible, pi_split, symmetrize
 
 
 @dataclass(frozen=True)
@@ -157,8 +157,8 @@ def two_term_inverse(
     diag = (G1.diagonal() + gamma_g)[:, None] * (A1.diagonal() + gamma_a)[None, :]
     diag = diag + G2.diagonal()[:, None] * A2.diagonal()[None, :]
     return KroneckerSumInverse(
-        P_G=P_G,
-        P_A=P_A,
+        P_G=flush_negligible(P_G),
+        P_A=flush_negligible(P_A),
         scale=1.0 / floored,
         num_floored=int((whitened < min_eig).sum()),
         chol_G=c_g,
