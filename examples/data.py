@@ -19,7 +19,7 @@ with integer labels:
 
 * ``synthetic`` (offline default of the CNN): ``synthetic_images``, a seeded
   10-class set of 3x32x32 colour images: class ``k`` is a sinusoidal grating at
-  orientation ``18k`` degrees (jittered by up to 4.5 degrees) with random
+  orientation ``18k`` degrees (jittered by up to 6.3 degrees) with random
   frequency, phase, colour and a Gaussian envelope at a random place, plus
   pixel noise; telling the classes apart needs the orientation, which a small
   conv net learns in a few epochs;
@@ -357,30 +357,32 @@ def synthetic_images(num: int, seed: int) -> tuple[Tensor, Tensor]:
     """A seeded 10-class set of oriented gratings: ``[num, 3, 32, 32]`` images and labels.
 
     Class ``k`` is a sinusoidal grating at orientation ``k * 18`` degrees, jittered
-    uniformly by up to 4.5 degrees, with a frequency of 2.5 to 4.5 cycles per
-    image, a random phase, a random colour in [0.3, 1]^3, under a Gaussian envelope
-    of width 0.25 to 0.5 (image units) centred anywhere in the middle half, plus
-    Gaussian pixel noise of standard deviation 0.08, clipped to [0, 1]. Labels are
-    balanced and shuffled. Generating 20,000 images takes well under a second.
+    uniformly by up to 6.3 degrees (neighbouring classes nearly touch), with a
+    frequency of 2.5 to 4.5 cycles per image, a random phase, a random contrast in
+    [0.05, 0.45] and colour in [0.3, 1]^3, under a Gaussian envelope of width 0.2 to
+    0.45 (image units) centred anywhere in the middle half, plus Gaussian pixel
+    noise of standard deviation 0.25, clipped to [0, 1]. Labels are balanced and
+    shuffled. Generating 20,000 images takes about a second.
     """
     gen = torch.Generator().manual_seed(seed)
     labels = torch.arange(num) % SYNTHETIC_CLASSES
     labels = labels[torch.randperm(num, generator=gen)]
     step = math.pi / SYNTHETIC_CLASSES
-    theta = labels * step + (torch.rand(num, generator=gen) - 0.5) * (step / 2)
+    theta = labels * step + (torch.rand(num, generator=gen) - 0.5) * (0.7 * step)
     freq = 2.5 + 2.0 * torch.rand(num, generator=gen)
     phase = 2 * math.pi * torch.rand(num, generator=gen)
-    colour = 0.3 + 0.7 * torch.rand(num, 3, generator=gen)
+    contrast = 0.05 + 0.4 * torch.rand(num, 1, generator=gen)
+    colour = contrast * (0.3 + 0.7 * torch.rand(num, 3, generator=gen))
     centre = 0.25 + 0.5 * torch.rand(num, 2, generator=gen)
-    width = 0.25 + 0.25 * torch.rand(num, generator=gen)
+    width = 0.2 + 0.25 * torch.rand(num, generator=gen)
     axis = (torch.arange(SYNTHETIC_SIDE, dtype=torch.float32) + 0.5) / SYNTHETIC_SIDE
     yy, xx = torch.meshgrid(axis, axis, indexing="ij")
     proj = xx * torch.cos(theta)[:, None, None] + yy * torch.sin(theta)[:, None, None]
     wave = torch.sin(2 * math.pi * freq[:, None, None] * proj + phase[:, None, None])
     dist2 = (xx - centre[:, 0, None, None]) ** 2 + (yy - centre[:, 1, None, None]) ** 2
     envelope = torch.exp(-dist2 / (2 * width[:, None, None] ** 2))
-    images = 0.5 + 0.45 * colour[:, :, None, None] * (wave * envelope)[:, None]
-    images = images + 0.08 * torch.randn(images.shape, generator=gen)
+    images = 0.5 + colour[:, :, None, None] * (wave * envelope)[:, None]
+    images = images + 0.25 * torch.randn(images.shape, generator=gen)
     return images.clamp(0.0, 1.0), labels
 
 

@@ -447,12 +447,15 @@ def build_argparser() -> argparse.ArgumentParser:
     parser = build_parser(
         (__doc__ or "").splitlines()[0],
         epilog="Defaults: DCGAN (bce) with KFAC on the generator and Adam on the critic, "
-        "4,000 generated CURVES images, 5 epochs of batch 64. --fisher defaults to mc for "
+        "4,000 generated CURVES images, 5 epochs of batch 64, damping 1e-2 and KL clip 1e-3 "
+        "(the autoencoder's looser clip destabilises the game). --fisher defaults to mc for "
         "bce and empirical for wgan-gp.",
         out=Path("runs/dcgan"),
         batch_size=64,
         num_epochs=5,
         fisher=None,
+        damping=1e-2,
+        clipping=1e-3,
     )
     group = parser.add_argument_group("GAN, data and model")
     group.add_argument("--gan", choices=GANS, default="bce", help="DCGAN (bce) or WGAN-GP")
