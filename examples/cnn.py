@@ -15,10 +15,9 @@
 
 Loss ``CrossEntropyLoss``; the metrics add train and test accuracy. The ResNets
 have BatchNorm in train mode and torchvision's blocks call one in-place ReLU
-module twice: curvlib computes their statistics by its autograd backend (module
-hooks, no BackPACK), and the BatchNorm parameters take plain SGD steps. The
-empirical Fisher is read through BackPACK, which needs each module to run once:
-``--fisher empirical`` is refused for the ResNets.
+module twice: curvlib computes their MC and exact statistics by its autograd
+backend (module hooks, no BackPACK), reads the empirical ones from the layers'
+own output gradients, and the BatchNorm parameters take plain SGD steps.
 
 ``--data synthetic`` (default) is the seeded 10-class set of oriented gratings
 of ``examples/data.py`` (3x32x32, no files needed); ``mnist``,
@@ -158,13 +157,6 @@ def main(argv: Sequence[str] | None = None) -> list[RunResult]:
     """Parse ``argv`` (default ``sys.argv``), train and return the runs' results."""
     parser = build_argparser()
     args = parser.parse_args(argv)
-    if args.model != "kpsvd-cnn" and args.fisher == "empirical":
-        parser.error(
-            f"--fisher empirical with --model {args.model}: curvlib reads empirical statistics "
-            "through BackPACK, which needs every module to run once per forward pass, and "
-            "torchvision's blocks call one ReLU module twice; use --fisher mc or exact (their "
-            "statistics run through curvlib's autograd backend here)."
-        )
     generated = args.data == "synthetic"
     try:
         device = resolve_device(args.device)

@@ -138,7 +138,12 @@ class CollectSession:
         if not torch.is_grad_enabled():
             return
         self.calls[module] = self.calls.get(module, 0) + 1
-        strict = self.use_backpack or module in self.ex._by_module
+        # BackPACK backpropagates columns through every module, so each must run once;
+        # empirical statistics read only the curvature layers' own output gradients.
+        columns_through_backpack = self.use_backpack and (
+            self.ex._fisher_type is not FisherType.EMPIRICAL
+        )
+        strict = columns_through_backpack or module in self.ex._by_module
         if self.calls[module] > 1 and strict:
             raise RuntimeError(
                 f"Module {self.ex._names[module]!r} ({type(module).__name__}) ran twice in one "

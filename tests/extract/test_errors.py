@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from curvlib.core import FisherType, StatKind
+from curvlib.core import CurvatureStatistics, FisherType, StatKind
 from curvlib.extract import Backend, CurvatureExtractor, UnsupportedPolicy
 
 
@@ -249,3 +249,47 @@ def test_per_sample_statistics_with_train_mode_batchnorm_are_an_error() -> None:
     with ex.collect():
         loss_fn(model(x), y).backward()
     assert ex.statistics()["0"].io is not None
+
+
+class _SharedActivation(nn.Module):
+    """Two Linear layers with one ReLU module called twice (as torchvision's ResNet blocks)."""
+
+    def __init__(self, shared: bool) -> None:
+        super().__init__()
+        self.a, self.b, self.out = nn.Linear(4, 6), nn.Linear(6, 5), nn.Linear(5, 3)
+        self.act1 = nn.ReLU(inplace=True)
+        self.act2 = self.act1 if shared else nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.act2(self.b(self.act1(self.a(x)))))
+
+
+def _stats_of(shared: bool, fisher: str, backend: str) -> CurvatureStatistics:
+    torch.manual_seed(0)
+    x, y = _data()
+    model = _SharedActivation(shared)
+    loss_fn = nn.CrossEntropyLoss()
+    ex = CurvatureExtractor(model, loss_fn, fisher_type=fisher, backend=backend, seed=1)
+    with ex.collect():
+        loss_fn(model(x), y).backward()
+    return ex.statistics()
+
+
+@pytest.mark.parametrize(
+    ("fisher", "backend"), [("empirical", "auto"), ("empirical", "backpack"), ("mc", "autograd")]
+)
+def test_a_reused_activation_module_is_fine_where_backpack_does_not_see_it(
+    fisher: str, backend: str
+) -> None:
+    """Empirical statistics read the layers' own output gradients: no columns through the ReLU."""
+    shared, separate = _stats_of(True, fisher, backend), _stats_of(False, fisher, backend)
+    for name, stats in shared.layers.items():
+        other = separate.layers[name]
+        assert stats.kronecker is not None and other.kronecker is not None
+        torch.testing.assert_close(stats.kronecker.G, other.kronecker.G)
+        torch.testing.assert_close(stats.kronecker.A, other.kronecker.A)
+
+
+def test_a_reused_activation_module_under_backpack_columns_names_the_fix() -> None:
+    with pytest.raises(RuntimeError, match=r"'act1' \(ReLU\) ran twice.*Backend.AUTOGRAD"):
+        _stats_of(True, "mc", "auto")
