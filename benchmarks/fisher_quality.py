@@ -525,8 +525,7 @@ def render_orderings(order: dict[str, Any]) -> list[str]:
             )
             lines.append(
                 f"- {item['metric']}: KFAC >= KPSVD >= Deflation, EKFAC <= KFAC and "
-                "KFAC-corrected <= KFAC: "
-                + verdict
+                "KFAC-corrected <= KFAC: " + verdict
             )
         else:
             lines.append(
