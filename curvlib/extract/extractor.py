@@ -94,8 +94,8 @@ class CurvatureExtractor:
         seed: Seed of the generator that draws MC targets and sub-batches.
         kinds: The layer kinds that get statistics (default: ``Linear``,
             ``Conv2d``, ``ConvTranspose2d``); ``LayerKind.BATCHNORM`` adds the
-            affine parameters of eval-mode BatchNorm layers, which have only
-            ``DIAGONAL`` and ``PER_SAMPLE_GRAD`` statistics.
+            affine parameters of eval-mode BatchNorm layers, which get only the
+            ``DIAGONAL`` and ``PER_SAMPLE_GRAD`` statistics among ``stats``.
 
     Raises:
         TypeError: For a functional or unsupported loss.
@@ -144,11 +144,10 @@ class CurvatureExtractor:
                 "ConvTranspose2d layer matching include/exclude."
             )
         batchnorms = [la.name for la in self._layout.layers if la.kind is LayerKind.BATCHNORM]
-        no_bn_stats = self._stats - {StatKind.DIAGONAL, StatKind.PER_SAMPLE_GRAD}
-        if batchnorms and no_bn_stats:
+        if batchnorms and not self._stats & {StatKind.DIAGONAL, StatKind.PER_SAMPLE_GRAD}:
             raise ValueError(
                 f"BatchNorm layers {batchnorms} have no "
-                f"{', '.join(sorted(k.name for k in no_bn_stats))} statistics (only DIAGONAL "
+                f"{', '.join(sorted(k.name for k in self._stats))} statistics (only DIAGONAL "
                 "and PER_SAMPLE_GRAD): leave LayerKind.BATCHNORM out of kinds."
             )
         self._check_unsupported(_enum(unsupported, UnsupportedPolicy, "unsupported"))

@@ -158,7 +158,7 @@ def resolve_groups(
     layers: Sequence[CurvatureLayer],
     specs: Sequence[Mapping[str, Any]],
     approx: CurvatureApprox,
-) -> list[LayerGroup]:
+) -> tuple[list[LayerGroup], tuple[CurvatureLayer, ...]]:
     """Assign every curvature layer to exactly one group.
 
     Args:
@@ -168,14 +168,17 @@ def resolve_groups(
             fresh deep copy of it (same settings, its own estimate).
 
     Returns:
-        The default group first (when some layer is left for it), then the
-        entries in the order given.
+        The groups: the default group first (when some layer is left for it),
+        then the entries in the order given; and the layers that no entry claims
+        and whose kind the default approximation does not cover (they take the
+        fallback step).
 
     Raises:
         TypeError: See [`check_group_specs`][curvlib.optim.groups.check_group_specs].
         ValueError: For a layer matched by two groups, a group matching no layer,
             duplicate names, one approximation object shared by two groups, or a
-            layer whose kind the group's approximation does not support.
+            layer that a group claims but whose kind its approximation does not
+            support.
     """
     specs = check_group_specs(specs)
     names = [str(s.get("name", f"group{i + 1}")) for i, s in enumerate(specs)]
@@ -206,6 +209,11 @@ def resolve_groups(
             )
     groups: list[LayerGroup] = []
     rest = tuple(layer for layer in layers if layer.name not in owner)
+    # Layers no group claims, of a kind the default approximation has no block for
+    # (BatchNorm when only a group's Diagonal covers that kind), take the fallback step.
+    default_kinds = approx_kinds(approx)
+    uncovered = tuple(layer for layer in rest if layer.kind not in default_kinds)
+    rest = tuple(layer for layer in rest if layer.kind in default_kinds)
     if rest:
         groups.append(LayerGroup(DEFAULT_GROUP, rest, approx, {}))
     for i, spec in enumerate(specs):
@@ -227,7 +235,7 @@ def resolve_groups(
                 "object: give each group its own instance (e.g. KFAC() twice)."
             )
         seen[id(group.approx)] = group.name
-    return groups
+    return groups, uncovered
 
 
 def check_hyper(settings: Mapping[str, Any], where: str = "") -> None:

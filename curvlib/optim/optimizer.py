@@ -151,9 +151,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             raise ValueError(f"accumulation_steps must be >= 1, got {accumulation_steps!r}.")
         if on_step is not None and not callable(on_step):
             raise TypeError(f"on_step must be callable with the stats dict, got {on_step!r}.")
-        self.layers: tuple[CurvatureLayer, ...] = extractor.layout.layers
+        resolved, uncovered = resolve_groups(extractor.layout.layers, groups, approx)
+        self.layers: tuple[CurvatureLayer, ...] = tuple(
+            layer for layer in extractor.layout.layers if layer not in uncovered
+        )
         selected = select_parameters(model, self.layers, params)
-        resolved = resolve_groups(self.layers, groups, approx)
         curvature_ids = {id(p) for layer in self.layers for p in layer.parameters}
         torch_groups: list[dict[str, Any]] = []
         for group in resolved:

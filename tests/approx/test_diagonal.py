@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from curvlib.approx import Diagonal
+from curvlib.approx import KFAC, Diagonal
 from curvlib.core import FisherType, LayerKind
 from curvlib.wiring import PreconditionedOptimizer
 from tests import oracle
@@ -71,3 +71,33 @@ def test_batchnorm_in_train_mode_is_refused_with_its_name() -> None:
     opt = PreconditionedOptimizer(model, Diagonal(), loss_fn=problem.loss_fn)
     with pytest.raises(RuntimeError, match=r"BatchNorm in train mode \(1, 6\)"), opt.record():
         problem.loss_fn(model(problem.x), problem.y).backward()
+
+
+def test_a_diagonal_group_beside_kfac_leaves_unclaimed_batchnorm_to_the_fallback() -> None:
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3)).eval()
+    loss_fn = nn.CrossEntropyLoss()
+    kwargs = {"loss_fn": loss_fn, "unsupported": "ignore", "kl_clip": None}
+    # BatchNorm claimed by the Diagonal group: preconditioned by it.
+    opt = PreconditionedOptimizer(
+        model, KFAC(), groups=[{"layers": ["1", "3"], "approx": Diagonal()}], **kwargs
+    )
+    assert [layer.name for layer in opt.layers] == ["0", "1", "3"]
+    # Not claimed: KFAC has no block for it, so its parameters take the fallback step.
+    opt = PreconditionedOptimizer(
+        model, KFAC(), groups=[{"layers": ["3"], "approx": Diagonal()}], **kwargs
+    )
+    assert [layer.name for layer in opt.layers] == ["0", "3"]
+    assert "fallback step" in opt.describe() and "1.weight" in opt.describe()
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    before = model[1].weight.detach().clone()
+    opt.zero_grad()
+    with opt.record():
+        loss_fn(model(x), y).backward()
+    grad = model[1].weight.grad.detach().clone()  # type: ignore[union-attr]
+    opt.step()
+    torch.testing.assert_close(model[1].weight.detach(), before - 0.1 * grad)
+    # Claimed by a KFAC group: an error naming the layer.
+    with pytest.raises(ValueError, match=r"KFAC, which has no block for layers \['1'\]"):
+        PreconditionedOptimizer(
+            model, Diagonal(), groups=[{"layers": ["1"], "approx": KFAC()}], **kwargs
+        )
