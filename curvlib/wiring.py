@@ -8,7 +8,6 @@ the optimizer layer itself works with any
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -17,7 +16,12 @@ from torch import Tensor, nn
 
 from curvlib.core.protocols import CurvatureApprox
 from curvlib.core.stats import FisherType
-from curvlib.extract.extractor import Backend, CurvatureExtractor, UnsupportedPolicy
+from curvlib.extract.extractor import (
+    Backend,
+    CurvatureExtractor,
+    UnsupportedPolicy,
+    report_unsupported,
+)
 from curvlib.optim.groups import group_approximations, parameter_list, supported_kinds
 from curvlib.optim.optimizer import CurvatureOptimizer
 from curvlib.optim.preconditioner import GradientPreconditioner
@@ -45,19 +49,7 @@ def _check_unsupported(
         if u.reason != "excluded by the user"
         and any(id(p) in ids for p in model.get_submodule(u.name).parameters(recurse=False))
     ]
-    if not items or policy is UnsupportedPolicy.IGNORE:
-        return
-    listing = "; ".join(str(u) for u in items)
-    if policy is UnsupportedPolicy.RAISE:
-        raise ValueError(
-            f"Trainable modules without a curvature block: {listing}. Exclude them, "
-            "freeze them, or pass unsupported=UnsupportedPolicy.WARN to leave their "
-            "parameters unpreconditioned."
-        )
-    warnings.warn(
-        f"These trainable modules have no curvature block and stay unpreconditioned: {listing}.",
-        stacklevel=3,
-    )
+    report_unsupported(items, policy, stacklevel=3)
 
 
 def _extractor(

@@ -7,6 +7,7 @@ approximation by adding one entry.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -126,66 +127,19 @@ def _curvature(make_approx: Callable[[], CurvatureApprox]) -> Factory:
     return build
 
 
-# The approximations are imported when chosen, so that one unfinished module
-# cannot break the others.
-def _kfac() -> CurvatureApprox:
-    from curvlib.approx.kfac import KFAC
+def _approx(module: str, cls: str, **kwargs: Any) -> Callable[[], CurvatureApprox]:
+    """Builds ``curvlib.approx.<module>.<cls>(**kwargs)``, imported when chosen.
 
-    return KFAC()
+    Importing on demand keeps one unfinished approximation from breaking the others.
+    """
 
+    def make() -> CurvatureApprox:
+        approx: CurvatureApprox = getattr(importlib.import_module(f"curvlib.approx.{module}"), cls)(
+            **kwargs
+        )
+        return approx
 
-def _kfac_eigen() -> CurvatureApprox:
-    from curvlib.approx.kfac import KFAC, KFACDamping
-
-    return KFAC(damping_mode=KFACDamping.EIGEN)
-
-
-def _ekfac() -> CurvatureApprox:
-    from curvlib.approx.ekfac import EKFAC
-
-    return EKFAC()
-
-
-def _diagonal() -> CurvatureApprox:
-    from curvlib.approx.diagonal import Diagonal
-
-    return Diagonal()
-
-
-def _kpsvd() -> CurvatureApprox:
-    from curvlib.approx.kpsvd import KPSVD
-
-    return KPSVD()
-
-
-def _deflation() -> CurvatureApprox:
-    from curvlib.approx.deflation import Deflation
-
-    return Deflation()
-
-
-def _kfac_corrected() -> CurvatureApprox:
-    from curvlib.approx.kfac_corrected import KFACCorrected
-
-    return KFACCorrected()
-
-
-def _lanczos() -> CurvatureApprox:
-    from curvlib.approx.lanczos import Lanczos
-
-    return Lanczos()
-
-
-def _block_ng() -> CurvatureApprox:
-    from curvlib.approx.natural_gradient import BlockNaturalGradient
-
-    return BlockNaturalGradient()
-
-
-def _exact_ng() -> CurvatureApprox:
-    from curvlib.approx.natural_gradient import ExactNaturalGradient
-
-    return ExactNaturalGradient()
+    return make
 
 
 def _params(model: nn.Module, params: Iterable[nn.Parameter] | None) -> list[nn.Parameter]:
@@ -219,40 +173,27 @@ def _sgd(
 DEFAULT_CURVATURE_LR = 0.2
 """Learning rate of every curvature optimizer when ``--lr`` is not given."""
 
+_CURVATURE = [  # --optim name, module of curvlib.approx, class, arguments, help
+    ("kfac", "kfac", "KFAC", {}, "KFAC, pi-split damping (Cholesky)"),
+    ("kfac-eigen", "kfac", "KFAC", {"damping_mode": "eigen"}, "KFAC, exact eigenbasis damping"),
+    ("ekfac", "ekfac", "EKFAC", {}, "KFAC's eigenbasis, refitted eigenvalues"),
+    ("kpsvd", "kpsvd", "KPSVD", {}, "best single Kronecker product"),
+    ("deflation", "deflation", "Deflation", {}, "best sum of two Kronecker products"),
+    ("kfac-corrected", "kfac_corrected", "KFACCorrected", {}, "KFAC plus its best correction"),
+    ("lanczos", "lanczos", "Lanczos", {}, "rank-2 Kronecker sum by Lanczos"),
+    ("block-ng", "natural_gradient", "BlockNaturalGradient", {},
+     "exact block-diagonal natural gradient"),
+    ("exact-ng", "natural_gradient", "ExactNaturalGradient", {},
+     "exact natural gradient (Woodbury)"),
+    ("diag", "diagonal", "Diagonal", {},
+     "diagonal of the GGN (--fisher mc/exact) or empirical Fisher (--fisher empirical)"),
+]  # fmt: skip
+
 OPTIMIZERS: dict[str, OptimizerSpec] = {
-    "kfac": OptimizerSpec(
-        _curvature(_kfac), DEFAULT_CURVATURE_LR, True, "KFAC, pi-split damping (Cholesky)"
-    ),
-    "kfac-eigen": OptimizerSpec(
-        _curvature(_kfac_eigen), DEFAULT_CURVATURE_LR, True, "KFAC, exact eigenbasis damping"
-    ),
-    "ekfac": OptimizerSpec(
-        _curvature(_ekfac), DEFAULT_CURVATURE_LR, True, "KFAC's eigenbasis, refitted eigenvalues"
-    ),
-    "diag": OptimizerSpec(
-        _curvature(_diagonal),
-        DEFAULT_CURVATURE_LR,
-        True,
-        "diagonal of the GGN (--fisher mc/exact) or empirical Fisher (--fisher empirical)",
-    ),
-    "kpsvd": OptimizerSpec(
-        _curvature(_kpsvd), DEFAULT_CURVATURE_LR, True, "best single Kronecker product"
-    ),
-    "deflation": OptimizerSpec(
-        _curvature(_deflation), DEFAULT_CURVATURE_LR, True, "best sum of two Kronecker products"
-    ),
-    "kfac-corrected": OptimizerSpec(
-        _curvature(_kfac_corrected), DEFAULT_CURVATURE_LR, True, "KFAC plus its best correction"
-    ),
-    "lanczos": OptimizerSpec(
-        _curvature(_lanczos), DEFAULT_CURVATURE_LR, True, "rank-2 Kronecker sum by Lanczos"
-    ),
-    "block-ng": OptimizerSpec(
-        _curvature(_block_ng), DEFAULT_CURVATURE_LR, True, "exact block-diagonal natural gradient"
-    ),
-    "exact-ng": OptimizerSpec(
-        _curvature(_exact_ng), DEFAULT_CURVATURE_LR, True, "exact natural gradient (Woodbury)"
-    ),
+    **{
+        name: OptimizerSpec(_curvature(_approx(mod, cls, **kw)), DEFAULT_CURVATURE_LR, True, text)
+        for name, mod, cls, kw, text in _CURVATURE
+    },
     "adam": OptimizerSpec(_adam, 1e-3, False, "torch.optim.Adam"),
     "sgd": OptimizerSpec(_sgd, 1.0, False, "torch.optim.SGD with momentum"),
 }

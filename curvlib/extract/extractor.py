@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from curvlib.core.layout import LayerKind, ModelLayout
+from curvlib.core.layout import LayerKind, ModelLayout, UnsupportedModule
 from curvlib.core.stats import CurvatureStatistics, FisherType, StatKind
 from curvlib.extract._backpack import BACKPACK_MODULES
 from curvlib.extract._session import CollectSession
@@ -68,6 +68,29 @@ def _enum(value: Any, cls: type[Enum], arg: str) -> Any:
     except ValueError:
         choices = ", ".join(f"{cls.__name__}.{m.name}" for m in cls)
         raise ValueError(f"{arg}={value!r} is not valid; choose one of {choices}.") from None
+
+
+def report_unsupported(
+    items: Sequence[UnsupportedModule], policy: UnsupportedPolicy, stacklevel: int = 2
+) -> None:
+    """Apply ``policy`` to trainable modules without a curvature block.
+
+    Raises:
+        ValueError: Naming the modules, under ``UnsupportedPolicy.RAISE``.
+    """
+    if not items or policy is UnsupportedPolicy.IGNORE:
+        return
+    listing = "; ".join(str(u) for u in items)
+    if policy is UnsupportedPolicy.RAISE:
+        raise ValueError(
+            f"Trainable modules without a curvature block: {listing}. Exclude them, "
+            "freeze them, or pass unsupported=UnsupportedPolicy.WARN to leave their "
+            "parameters unpreconditioned."
+        )
+    warnings.warn(
+        f"These trainable modules have no curvature block and stay unpreconditioned: {listing}.",
+        stacklevel=stacklevel + 1,
+    )
 
 
 class CurvatureExtractor:
@@ -243,20 +266,7 @@ class CurvatureExtractor:
 
     def _check_unsupported(self, policy: UnsupportedPolicy) -> None:
         items = [u for u in self._layout.unsupported if u.reason != "excluded by the user"]
-        if not items or policy is UnsupportedPolicy.IGNORE:
-            return
-        listing = "; ".join(str(u) for u in items)
-        if policy is UnsupportedPolicy.RAISE:
-            raise ValueError(
-                f"Trainable modules without a curvature block: {listing}. Exclude them, "
-                "freeze them, or pass unsupported=UnsupportedPolicy.WARN to leave their "
-                "parameters unpreconditioned."
-            )
-        warnings.warn(
-            f"These trainable modules have no curvature block and stay unpreconditioned: "
-            f"{listing}.",
-            stacklevel=3,
-        )
+        report_unsupported(items, policy, stacklevel=3)
 
     def _coupling_modules(self) -> list[str]:
         """Names of the modules that currently couple the samples.
