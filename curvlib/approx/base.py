@@ -99,7 +99,13 @@ class LayerBlock(ABC):
 
     @abstractmethod
     def update(self, stats: LayerStatistics, rho: float) -> None:
-        """Fold in one step's statistics with weight ``1 - rho`` on the new ones."""
+        """Fold in one step's statistics with weight ``1 - rho`` on the new ones.
+
+        Assign new tensors to the estimate's attributes instead of changing its
+        tensors in place: when a later layer's update fails,
+        [`LayerwiseApprox.update`][curvlib.approx.base.LayerwiseApprox.update]
+        restores every block from a shallow copy taken before.
+        """
 
     @abstractmethod
     def matvec(self, mat: Tensor) -> Tensor:
@@ -400,6 +406,10 @@ class LayerwiseApprox(ABC):
     def update(self, stats: CurvatureStatistics) -> None:
         """Fold one step's statistics into every layer's running estimate.
 
+        All layers are updated or none: if a block's update raises (e.g. a
+        factorisation that fails even with jitter), every block is restored
+        and the error propagates.
+
         Raises:
             NonFiniteStatisticsError: If any statistic has NaN/Inf entries; then
                 nothing is changed.
@@ -411,13 +421,20 @@ class LayerwiseApprox(ABC):
             )
         for name, layer_stats in stats.layers.items():
             self._check_has_required(name, layer_stats)
+        # Blocks assign new tensors rather than writing into old ones, so shallow
+        # copies keep the previous estimate at the cost of a few references.
+        saved = {name: copy.copy(block) for name, block in self._blocks.items()}
+        rho = min(1.0 - 1.0 / (self.num_updates + 1), self.decay)
+        try:
+            for name, layer_stats in stats.layers.items():
+                if name not in self._blocks:
+                    layer = layer_stats.layer
+                    self._blocks[name] = self._make_block(layer.out_dim, layer.in_dim_aug)
+                self._blocks[name].update(layer_stats, rho)
+        except BaseException:
+            self._blocks = saved
+            raise
         self.num_updates += 1
-        rho = min(1.0 - 1.0 / self.num_updates, self.decay)
-        for name, layer_stats in stats.layers.items():
-            if name not in self._blocks:
-                layer = layer_stats.layer
-                self._blocks[name] = self._make_block(layer.out_dim, layer.in_dim_aug)
-            self._blocks[name].update(layer_stats, rho)
 
     def _check_has_required(self, name: str, stats: LayerStatistics) -> None:
         have = {

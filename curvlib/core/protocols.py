@@ -82,7 +82,11 @@ class CurvatureApprox(Protocol):
         ...
 
     def update(self, stats: CurvatureStatistics) -> None:
-        """Fold one step's statistics into the running estimate."""
+        """Fold one step's statistics into the running estimate.
+
+        If it raises, the estimate must be as it was before the call (the
+        optimizer then skips the update and keeps its preconditioner).
+        """
         ...
 
     def inverse(self, damping: float) -> Preconditioner:

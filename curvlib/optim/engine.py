@@ -232,12 +232,24 @@ class CurvatureEngine:
                 stacklevel=4,
             )
             return False
+        before = self._snapshot, self._precond_fresh
         if self._precond is not None and self._precond_fresh:
             # The live inverse was built from the current estimate: keep that estimate
             # so that a checkpoint taken before the next rebuild resumes exactly.
             self._snapshot = _clone(self.approx.state_dict())
             self._precond_fresh = False
-        self.approx.update(stats)
+        try:
+            self.approx.update(stats)
+        except RuntimeError as err:  # e.g. a factorisation that failed even with jitter
+            self._snapshot, self._precond_fresh = before
+            self.skipped_updates += 1
+            warnings.warn(
+                f"Step {self.step_count}: the curvature update failed ({err}); the update is "
+                "skipped and the last good preconditioner kept.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            return False
         return True
 
     def _refresh(self) -> None:

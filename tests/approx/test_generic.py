@@ -162,3 +162,25 @@ def test_bad_damping_is_rejected(case: ApproxCase) -> None:
     approx = _fitted(case, PROBLEMS[0], steps=1)
     with pytest.raises(ValueError, match="damping must be positive"):
         approx.inverse(0.0)
+
+
+@pytest.mark.parametrize("case", APPROXIMATIONS, ids=lambda c: c.name)
+def test_a_failing_block_update_leaves_every_layer_unchanged(
+    case: ApproxCase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    problem = PROBLEMS[0]
+    approx = _fitted(case, problem, steps=1)
+    before = {name: approx.to_dense(name) for name in approx.blocks}
+    stats = fit_statistics(perturbed(problem), approx)
+    last = list(stats.layers)[-1]
+    block = approx.blocks[last]
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("planted failure")
+
+    monkeypatch.setattr(block, "update", broken)
+    with pytest.raises(RuntimeError, match="planted failure"):
+        approx.update(stats)
+    assert approx.num_updates == 1
+    for name, dense in before.items():  # the layers updated before the failure are restored
+        assert torch.equal(approx.to_dense(name), dense), name

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -210,6 +211,41 @@ def test_nan_statistics_keep_the_last_preconditioner() -> None:
         opt.step()
     assert opt.engine.skipped_updates == 1
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_failed_update_keeps_the_estimate_and_the_preconditioner(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    problem = P.mlp_ce()
+    model = problem.model()
+    approx = KFAC()
+    opt = PreconditionedOptimizer(model, approx, loss_fn=problem.loss_fn, t_inv=2)
+    _train(opt, model, problem.loss_fn, [(problem.x, problem.y)] * 2)
+    before = {name: approx.to_dense(name) for name in approx.blocks}
+    before_shapes = list(approx.blocks.items())
+
+    block_type = type(approx.blocks["4"])
+    real = block_type.update
+
+    def broken(self: Any, stats: Any, rho: float) -> None:
+        if self.out_dim == 3:  # the last layer, after the others were updated
+            raise RuntimeError("planted failure")
+        real(self, stats, rho)
+
+    monkeypatch.setattr(block_type, "update", broken)
+    with pytest.warns(RuntimeWarning, match="curvature update failed"):
+        _train(opt, model, problem.loss_fn, [(problem.x + 1.0, problem.y)])
+    assert opt.engine.skipped_updates == 1 and approx.num_updates == 2
+    # Step 2 rebuilds the inverse as due, from the unchanged estimate.
+    grads = {n: torch.randn(b.out_dim, b.in_dim, dtype=torch.float64) for n, b in before_shapes}
+    live = opt.engine._precond.apply(grads)  # type: ignore[union-attr]
+    for name, value in approx.inverse(opt.damping).apply(grads).items():
+        torch.testing.assert_close(live[name], value)
+    for name, dense in before.items():
+        assert torch.equal(approx.to_dense(name), dense), name
+    monkeypatch.undo()
+    _train(opt, model, problem.loss_fn, [(problem.x, problem.y)])  # and training goes on
+    assert approx.num_updates == 3
 
 
 def test_misuse_is_an_error() -> None:
