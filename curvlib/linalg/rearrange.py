@@ -89,8 +89,9 @@ class RearrangedFisher:
 
     Args:
         io: The layer's per-sample inputs and output gradients.
-        symmetric: Restrict to symmetric matrices (module docstring): inputs and
-            outputs are projected onto $(M + M^\top)/2$.
+        symmetric: Restrict to symmetric matrices (module docstring): inputs are
+            projected onto $(M + M^\top)/2$; the images of symmetric matrices
+            are symmetric (up to rounding), so outputs need no projection.
         dtype: Compute in this dtype (default: that of ``io``).
     """
 
@@ -130,7 +131,7 @@ class RearrangedFisher:
             # einsum, not a broadcast matmul: that takes milliseconds on CPU (torch 2.14).
             left = torch.einsum("moi,...ij->...moj", self._weights, V)
             out = torch.einsum("...moj,mpj->...op", left, self._weights)
-        return self._project(out / self._num_samples)
+        return out / self._num_samples
 
     def rmatvec(self, U: Tensor) -> Tensor:
         r"""$\frac1N\sum_{k,n} \bar W_{kn}^\top U \bar W_{kn}$ for ``[..., out, out]`` $U$."""
@@ -143,7 +144,7 @@ class RearrangedFisher:
         else:
             left = torch.einsum("...op,mpj->...moj", U, self._weights)
             out = torch.einsum("moi,...moj->...ij", self._weights, left)
-        return self._project(out / self._num_samples)
+        return out / self._num_samples
 
 
 class Deflated:
