@@ -38,10 +38,15 @@ def _policy(value: UnsupportedPolicy | str) -> UnsupportedPolicy:
 def _check_unsupported(
     model: nn.Module,
     extractor: CurvatureExtractor,
-    params: Sequence[Tensor],
+    params: Sequence[Tensor] | None,
     policy: UnsupportedPolicy,
 ) -> None:
-    """The extractor's unsupported-module policy, for the modules inside ``params`` only."""
+    """The unsupported-module policy, for the modules inside ``params`` (default: all).
+
+    Called from the constructors, so that a warning points at the user's line.
+    """
+    if params is None:
+        params = [p for p in model.parameters() if p.requires_grad]
     ids = {id(p) for p in params}
     items = [
         u
@@ -162,13 +167,11 @@ class PreconditionedOptimizer(CurvatureOptimizer):
     ) -> None:
         approxes = group_approximations(approx, groups)
         chosen = None if params is None else parameter_list(params)
-        policy = _policy(unsupported)
         extractor = _extractor(
             model, approxes, loss_fn, fisher_type, mc_samples, stats_fraction, include, exclude,
-            policy if chosen is None else UnsupportedPolicy.IGNORE, backend, stats_dtype, seed,
+            UnsupportedPolicy.IGNORE, backend, stats_dtype, seed,
         )  # fmt: skip
-        if chosen is not None:
-            _check_unsupported(model, extractor, chosen, policy)
+        _check_unsupported(model, extractor, chosen, _policy(unsupported))
         super().__init__(model, extractor, approx, params=chosen, groups=groups, **optimizer_kwargs)
         self.extractor: CurvatureExtractor = extractor
 
@@ -201,7 +204,8 @@ class NaturalGradientPreconditioner(GradientPreconditioner):
     ) -> None:
         extractor = _extractor(
             model, [approx], loss_fn, fisher_type, mc_samples, stats_fraction, include, exclude,
-            unsupported, backend, stats_dtype, seed,
+            UnsupportedPolicy.IGNORE, backend, stats_dtype, seed,
         )  # fmt: skip
+        _check_unsupported(model, extractor, None, _policy(unsupported))
         super().__init__(extractor, approx, **kwargs)
         self.extractor = extractor

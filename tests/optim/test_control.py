@@ -98,6 +98,13 @@ def test_unsupported_policy_only_concerns_the_stepped_modules() -> None:
                             params=model.generator.parameters(), unsupported="raise")  # fmt: skip
 
 
+def test_the_unsupported_warning_points_at_the_callers_line() -> None:
+    model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 3))
+    with pytest.warns(UserWarning, match=r"1 \(LayerNorm\)") as record:
+        PreconditionedOptimizer(model, KFAC(), loss_fn=nn.CrossEntropyLoss())
+    assert [w.filename for w in record] == [__file__]
+
+
 def test_curvature_layers_outside_params_are_an_error() -> None:
     model, _, _ = _gan()
     loss_fn = nn.BCEWithLogitsLoss()
