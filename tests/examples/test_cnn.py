@@ -19,6 +19,9 @@ sys.path.insert(0, str(EXAMPLES))
 import cnn  # noqa: E402
 import common  # noqa: E402
 
+# BatchNorm layers take plain SGD steps under KFAC; the scripts warn about it once.
+pytestmark = pytest.mark.filterwarnings("ignore:These trainable modules have no curvature block")
+
 TINY = [
     "--num-train", "120", "--num-test", "40", "--batch-size", "40", "--num-epochs", "2",
     "--t-cov", "1", "--t-inv", "3", "--no-progress",

@@ -19,6 +19,9 @@ import common  # noqa: E402
 import dcgan_kfac  # noqa: E402
 from gan_quality import FrechetPCA  # noqa: E402
 
+# BatchNorm layers take plain SGD steps under KFAC; the scripts warn about it once.
+pytestmark = pytest.mark.filterwarnings("ignore:These trainable modules have no curvature block")
+
 TINY = [
     "--num-train", "64", "--num-test", "32", "--batch-size", "16", "--num-epochs", "2",
     "--width", "4", "--nz", "8", "--fd-dims", "8", "--t-cov", "1", "--t-inv", "2",
