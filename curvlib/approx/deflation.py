@@ -26,6 +26,7 @@ from curvlib.linalg.rearrange import (
     RearrangedFisher,
     balanced_factors,
     power_svd,
+    psd_start,
 )
 
 Factors = tuple[Tensor, Tensor, Tensor, Tensor]
@@ -199,8 +200,9 @@ class _DeflationBlock(KroneckerSumBlock):
         op = self._rearranged(stats)
         warm = self.factors
         first = power_svd(
-            op, None if warm is None else warm[1], tol=self.tol, max_iter=self.max_iter
-        )
+            op, psd_start(op, None if warm is None else warm[1]), tol=self.tol,
+            max_iter=self.max_iter,
+        )  # fmt: skip
         second = power_svd(
             Deflated(op, [balanced_factors(first)]),
             None if warm is None else warm[3],
@@ -209,7 +211,8 @@ class _DeflationBlock(KroneckerSumBlock):
             scale=first.sigma,
         )
         self.last_iterations = first.iterations + second.iterations
-        return (*balanced_factors(first, psd=True), *balanced_factors(second))
+        # The first pair is positive semi-definite by construction (psd_start).
+        return (*balanced_factors(first), *balanced_factors(second))
 
 
 class Deflation(LayerwiseApprox):
@@ -232,9 +235,10 @@ class Deflation(LayerwiseApprox):
     $G_j = \pm\sqrt{\sigma_j}\, U_j$, $A_j = \pm\sqrt{\sigma_j}\, V_j$ with the sign
     that makes $\operatorname{tr} A_j \ge 0$
     ([`balanced_factors`][curvlib.linalg.rearrange.balanced_factors]); the first
-    pair's factors are then positive semi-definite (tiny negative eigenvalues are
-    clamped). The four factors are averaged separately over steps. The second
-    term is indefinite in general, so $C$ may be too.
+    pair's factors are then positive semi-definite (power iterations from a
+    positive semi-definite start keep them so). The four factors are averaged
+    separately over steps. The second term is indefinite in general, so $C$ may
+    be too.
 
     **Damping.** $(G_1 + \gamma_G I)\otimes(A_1 + \gamma_A I) + G_2\otimes A_2$,
     $\gamma_A\gamma_G = \lambda$ ($\pi$-split), with whitened eigenvalues floored
@@ -243,7 +247,7 @@ class Deflation(LayerwiseApprox):
     Cost per layer with $d_o$ rows, $d_i$ columns, $N$ samples, $K$ columns:
     update $2 \times$ (power iterations) products with $\mathcal R(F)$, each
     $O(N d_i^2 + KN d_o^2)$ for one output position, $O(KN d_o d_i (d_o + d_i))$
-    for convolutions, plus one ``eigh`` per first-pair factor; inverse two
+    for convolutions; inverse two
     Cholesky factorisations and two ``eigh`` of the factor sizes; apply four
     matrix products.
 

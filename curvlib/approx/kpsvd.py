@@ -42,7 +42,7 @@ import torch
 from curvlib.approx.base import LayerBlock, LayerwiseApprox, running_average
 from curvlib.approx.kfac import KFACDamping, _KFACBlock
 from curvlib.core.stats import LayerStatistics, StatKind
-from curvlib.linalg.rearrange import RearrangedFisher, balanced_factors, power_svd
+from curvlib.linalg.rearrange import RearrangedFisher, balanced_factors, power_svd, psd_start
 
 
 class _KPSVDBlock(_KFACBlock):
@@ -64,15 +64,10 @@ class _KPSVDBlock(_KFACBlock):
 
     def update(self, stats: LayerStatistics, rho: float) -> None:
         assert stats.io is not None
-        triple = power_svd(
-            RearrangedFisher(stats.io, dtype=self.dtype),
-            self.A,
-            self.G,
-            tol=self.tol,
-            max_iter=self.max_iter,
-        )
+        op = RearrangedFisher(stats.io, dtype=self.dtype)
+        triple = power_svd(op, psd_start(op, self.A), tol=self.tol, max_iter=self.max_iter)
         self.last_iterations = triple.iterations
-        G, A = balanced_factors(triple, psd=True)
+        G, A = balanced_factors(triple)  # positive semi-definite by construction
         self.A = running_average(self.A, A, rho)
         self.G = running_average(self.G, G, rho)
 
@@ -103,8 +98,11 @@ class KPSVD(LayerwiseApprox):
     ([`balanced_factors`][curvlib.linalg.rearrange.balanced_factors]), so
     $\|G\|_F = \|A\|_F = \sqrt{\sigma_1}$; for positive semi-definite $F$ both
     factors are then positive semi-definite (Van Loan & Pitsianis, theorem 5.8),
-    and round-off negative eigenvalues are clamped. $G$ and $A$ are averaged
-    separately over steps, like KFAC's factors.
+    and the power iterations keep them so at every iterate: they start from the
+    previous $A$ or the identity, and each product maps positive semi-definite
+    matrices to positive semi-definite ones
+    ([`psd_start`][curvlib.linalg.rearrange.psd_start]). $G$ and $A$ are
+    averaged separately over steps, like KFAC's factors.
 
     **Damping.** As KFAC ([`KFACDamping`][curvlib.approx.kfac.KFACDamping]):
     by default $(G + \frac{\sqrt\lambda}{\pi} I)\otimes(A + \pi\sqrt\lambda I)$
@@ -115,7 +113,7 @@ class KPSVD(LayerwiseApprox):
     update one product with $\mathcal R(F)$ and one with $\mathcal R(F)^\top$ per
     power iteration, $O(N d_i^2 + KN d_o^2)$ for one output position (no
     per-sample gradient is formed) or $O(KN d_o d_i (d_o + d_i))$ for
-    convolutions, plus one ``eigh`` per factor for the clamp; inverse two
+    convolutions; inverse two
     Cholesky factorisations $O(d_o^3 + d_i^3)$; apply $O(d_o d_i (d_o + d_i))$.
 
     Example:

@@ -26,6 +26,7 @@ from curvlib.linalg.rearrange import (
     effective_tol,
     lanczos_svd,
     power_svd,
+    psd_start,
 )
 from curvlib.linalg.woodbury import WoodburyInverse, layer_rows, woodbury_solve
 
@@ -49,6 +50,7 @@ __all__ = [
     "layer_rows",
     "pi_split",
     "power_svd",
+    "psd_start",
     "symmetrize",
     "two_term_inverse",
     "woodbury_solve",

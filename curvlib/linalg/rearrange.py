@@ -231,6 +231,21 @@ def balanced_factors(triple: SingularTriple, *, psd: bool = False) -> tuple[Tens
     return flush_subnormals(symmetrize(G)), flush_subnormals(symmetrize(A))
 
 
+def psd_start(op: RearrangedOperator, v0: Tensor | None = None) -> Tensor:
+    r"""A positive semi-definite start for the top pair of a positive semi-definite $F$.
+
+    ``v0`` (e.g. the previous step's $A$) when given, else the identity. Both
+    products map positive semi-definite matrices to positive semi-definite ones
+    ($\sum_{k,n} \bar W_{kn} V \bar W_{kn}^\top$ is a nonnegative combination),
+    so every power iterate from such a start, converged or not, is positive
+    semi-definite up to rounding: no eigenvalue clamp is needed. The identity is
+    never orthogonal to the top pair, $\langle I, V_1\rangle = \operatorname{tr} V_1 > 0$.
+    """
+    if v0 is not None:
+        return v0
+    return torch.eye(op.in_dim, dtype=op.dtype, device=op.device)
+
+
 def _start(op: RearrangedOperator, v0: Tensor | None, u0: Tensor | None) -> Tensor:
     """The normalised start: ``v0``, else ``R^T u0``, else a fixed generic symmetric matrix."""
     dtype, device = op.dtype, op.device
