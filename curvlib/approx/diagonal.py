@@ -99,7 +99,7 @@ class Diagonal(LayerwiseApprox):
     ``EMPIRICAL`` for the empirical Fisher's (see the module docstring).
 
     Unlike the Kronecker approximations it also covers the affine parameters
-    $[\gamma \mid \beta]$ of ``BatchNorm1d``/``BatchNorm2d`` in eval mode
+    $[\gamma \mid \beta]$ of ``BatchNorm1d``/``2d``/``3d`` in eval mode
     (``LayerKind.BATCHNORM``, listed in ``supported_kinds``). In train mode
     BatchNorm couples the samples and no per-sample diagonal exists: the
     extractor refuses the step with a message naming the layer.

@@ -22,7 +22,7 @@ class LayerKind(Enum):
         LINEAR: ``nn.Linear``.
         CONV2D: ``nn.Conv2d``.
         CONV_TRANSPOSE2D: ``nn.ConvTranspose2d``.
-        BATCHNORM: The affine parameters of ``nn.BatchNorm1d``/``nn.BatchNorm2d``,
+        BATCHNORM: The affine parameters of ``nn.BatchNorm1d``/``2d``/``3d``,
             as a ``[C, 2]`` matrix $[\gamma \mid \beta]$ (one row per channel).
             It has no Kronecker structure: only approximations that list it in
             ``supported_kinds`` (the diagonal ones) cover it.
@@ -40,6 +40,7 @@ _KINDS: dict[type[nn.Module], LayerKind] = {
     nn.ConvTranspose2d: LayerKind.CONV_TRANSPOSE2D,
     nn.BatchNorm1d: LayerKind.BATCHNORM,
     nn.BatchNorm2d: LayerKind.BATCHNORM,
+    nn.BatchNorm3d: LayerKind.BATCHNORM,
 }
 
 KRONECKER_KINDS: frozenset[LayerKind] = frozenset(

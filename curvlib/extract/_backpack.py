@@ -132,6 +132,7 @@ _DERIVATIVES: dict[type[nn.Module], Callable[[], BaseDerivatives]] = {
     nn.ZeroPad2d: ZeroPad2dDerivatives,
     nn.BatchNorm1d: BatchNormNdDerivatives,
     nn.BatchNorm2d: BatchNormNdDerivatives,
+    nn.BatchNorm3d: BatchNormNdDerivatives,
 }
 
 BACKPACK_MODULES: tuple[type[nn.Module], ...] = tuple(_DERIVATIVES)
@@ -156,7 +157,9 @@ class _CurvlibExtension(BackpropExtension):  # type: ignore[misc]
         exts: dict[type[nn.Module], ModuleExtension] = {
             cls: _Passthrough(make()) for cls, make in _DERIVATIVES.items()
         }
-        for cls in (nn.Linear, nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm1d, nn.BatchNorm2d):
+        for cls in (
+            nn.Linear, nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d
+        ):  # fmt: skip
             exts[cls] = _RecordLayer(_DERIVATIVES[cls]())
         for loss_cls in SUPPORTED_LOSSES:
             exts[loss_cls] = _StartFromLoss()
@@ -201,7 +204,7 @@ class _Passthrough(MatToJacMat):  # type: ignore[misc]
     def check_hyperparameters_module_extension(
         self, ext: BackpropExtension, module: nn.Module, g_inp: Any, g_out: Any
     ) -> None:
-        if isinstance(module, nn.BatchNorm1d | nn.BatchNorm2d) and module.training:
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
             raise RuntimeError(
                 "The BackPACK backend cannot backpropagate through BatchNorm in train mode; "
                 "use Backend.AUTO or Backend.AUTOGRAD."

@@ -214,3 +214,20 @@ def test_exact_diagonal_against_curvlinops_ggn(problem: Problem) -> None:
     dense = _dense_operator(op, model, layers)  # per-sample average for reduction="mean"
     for name, sl in oracle.layer_slices(model, layers).items():
         assert_close(diags[name].flatten(), torch.diagonal(dense[sl, sl]), what=name)
+
+
+@pytest.mark.parametrize("backend", [Backend.AUTO, Backend.AUTOGRAD])
+def test_batchnorm3d_affine_diagonal(backend: Backend) -> None:
+    def make() -> nn.Module:
+        return nn.Sequential(
+            nn.Linear(5, 24), nn.Unflatten(1, (3, 2, 2, 2)), nn.BatchNorm3d(3), nn.Tanh(),
+            nn.Flatten(), nn.Linear(24, 3),
+        )  # fmt: skip
+
+    problem = Problem("bn3d", make, nn.CrossEntropyLoss(), P._data(30, 6, 5), P._classes(31, 3, 6))
+    model = problem.model()
+    diags = _diagonals(problem, model, FisherType.EXACT, backend, kinds=WITH_BN)
+    ggn, slices = oracle.dense_ggn_all_params(model, problem.loss_fn, problem.x, problem.y)
+    weight = torch.diagonal(ggn[slices["2.weight"], slices["2.weight"]])
+    bias = torch.diagonal(ggn[slices["2.bias"], slices["2.bias"]])
+    assert_close(diags["2"], torch.stack([weight, bias], dim=-1), what="BatchNorm3d")
