@@ -27,19 +27,11 @@ from curvlib.optim.optimizer import CurvatureOptimizer
 from curvlib.optim.preconditioner import GradientPreconditioner
 
 
-def _policy(value: UnsupportedPolicy | str) -> UnsupportedPolicy:
-    try:
-        return UnsupportedPolicy(value)
-    except ValueError:
-        choices = ", ".join(f"UnsupportedPolicy.{m.name}" for m in UnsupportedPolicy)
-        raise ValueError(f"unsupported={value!r} is not valid; choose one of {choices}.") from None
-
-
 def _check_unsupported(
     model: nn.Module,
     extractor: CurvatureExtractor,
     params: Sequence[Tensor] | None,
-    policy: UnsupportedPolicy,
+    policy: UnsupportedPolicy | str,
 ) -> None:
     """The unsupported-module policy, for the modules inside ``params`` (default: all).
 
@@ -171,7 +163,7 @@ class PreconditionedOptimizer(CurvatureOptimizer):
             model, approxes, loss_fn, fisher_type, mc_samples, stats_fraction, include, exclude,
             UnsupportedPolicy.IGNORE, backend, stats_dtype, seed,
         )  # fmt: skip
-        _check_unsupported(model, extractor, chosen, _policy(unsupported))
+        _check_unsupported(model, extractor, chosen, unsupported)
         super().__init__(model, extractor, approx, params=chosen, groups=groups, **optimizer_kwargs)
         self.extractor: CurvatureExtractor = extractor
 
@@ -206,6 +198,6 @@ class NaturalGradientPreconditioner(GradientPreconditioner):
             model, [approx], loss_fn, fisher_type, mc_samples, stats_fraction, include, exclude,
             UnsupportedPolicy.IGNORE, backend, stats_dtype, seed,
         )  # fmt: skip
-        _check_unsupported(model, extractor, None, _policy(unsupported))
+        _check_unsupported(model, extractor, None, unsupported)
         super().__init__(extractor, approx, **kwargs)
         self.extractor = extractor

@@ -16,7 +16,8 @@ from __future__ import annotations
 import copy
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -421,20 +422,28 @@ class LayerwiseApprox(ABC):
             )
         for name, layer_stats in stats.layers.items():
             self._check_has_required(name, layer_stats)
-        # Blocks assign new tensors rather than writing into old ones, so shallow
-        # copies keep the previous estimate at the cost of a few references.
-        saved = {name: copy.copy(block) for name, block in self._blocks.items()}
         rho = min(1.0 - 1.0 / (self.num_updates + 1), self.decay)
-        try:
+        with self._all_or_none():
             for name, layer_stats in stats.layers.items():
                 if name not in self._blocks:
                     layer = layer_stats.layer
                     self._blocks[name] = self._make_block(layer.out_dim, layer.in_dim_aug)
                 self._blocks[name].update(layer_stats, rho)
+        self.num_updates += 1
+
+    @contextmanager
+    def _all_or_none(self) -> Iterator[None]:
+        """Restore every block (and drop new ones) if the body raises.
+
+        Blocks assign new tensors rather than writing into old ones, so shallow
+        copies keep the previous estimate at the cost of a few references.
+        """
+        saved = {name: copy.copy(block) for name, block in self._blocks.items()}
+        try:
+            yield
         except BaseException:
             self._blocks = saved
             raise
-        self.num_updates += 1
 
     def _check_has_required(self, name: str, stats: LayerStatistics) -> None:
         have = {

@@ -206,12 +206,7 @@ class EKFAC(LayerwiseApprox):
         refreshed or none: if an eigendecomposition fails, nothing changes and
         the error propagates.
         """
-        blocks = [b for b in self._blocks.values() if isinstance(b, _EKFACBlock)]
-        saved = [(b.pending, b.stale) for b in blocks]
-        try:
-            for block in blocks:
+        with self._all_or_none():
+            for block in self._blocks.values():
+                assert isinstance(block, _EKFACBlock)
                 block.refresh()
-        except BaseException:
-            for block, (pending, stale) in zip(blocks, saved, strict=True):
-                block.pending, block.stale = pending, stale
-            raise

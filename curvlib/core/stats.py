@@ -9,7 +9,7 @@ and ``in_aug`` columns of the $[W \mid b]$ matrix.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from functools import cached_property
@@ -221,12 +221,22 @@ class CurvatureStatistics:
 
     @cached_property
     def _finite(self) -> bool:
-        sums = [t.sum(dtype=torch.float64) for s in self.layers.values() for t in s.tensors()]
-        if not sums:
-            return True
-        devices = {t.device for t in sums}
-        total = sum(t.cpu() for t in sums) if len(devices) > 1 else torch.stack(sums).sum()
-        return bool(torch.isfinite(torch.as_tensor(total)))
+        return all_finite(t for s in self.layers.values() for t in s.tensors())
+
+
+def all_finite(tensors: Iterable[Tensor]) -> bool:
+    """Whether every tensor is free of NaN and Inf.
+
+    NaN and Inf propagate through sums, so one float64 reduction per tensor and a
+    single host synchronisation replace an elementwise check (on the optimizer's
+    hot path, and for the statistics).
+    """
+    sums = [t.sum(dtype=torch.float64) for t in tensors]
+    if not sums:
+        return True
+    if len({t.device for t in sums}) > 1:
+        sums = [t.cpu() for t in sums]
+    return bool(torch.isfinite(torch.stack(sums).sum()))
 
 
 def merge_statistics(parts: Sequence[CurvatureStatistics]) -> CurvatureStatistics:

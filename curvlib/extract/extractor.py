@@ -71,13 +71,15 @@ def _enum(value: Any, cls: type[Enum], arg: str) -> Any:
 
 
 def report_unsupported(
-    items: Sequence[UnsupportedModule], policy: UnsupportedPolicy, stacklevel: int = 2
+    items: Sequence[UnsupportedModule], policy: UnsupportedPolicy | str, stacklevel: int = 2
 ) -> None:
     """Apply ``policy`` to trainable modules without a curvature block.
 
     Raises:
-        ValueError: Naming the modules, under ``UnsupportedPolicy.RAISE``.
+        ValueError: Naming the modules, under ``UnsupportedPolicy.RAISE``; or for
+            a ``policy`` that is not an ``UnsupportedPolicy``.
     """
+    policy = _enum(policy, UnsupportedPolicy, "unsupported")
     if not items or policy is UnsupportedPolicy.IGNORE:
         return
     listing = "; ".join(str(u) for u in items)
@@ -173,7 +175,7 @@ class CurvatureExtractor:
                 f"{', '.join(sorted(k.name for k in self._stats))} statistics (only DIAGONAL "
                 "and PER_SAMPLE_GRAD): leave LayerKind.BATCHNORM out of kinds."
             )
-        self._check_unsupported(_enum(unsupported, UnsupportedPolicy, "unsupported"))
+        self._check_unsupported(unsupported)
         self._by_module = {layer.module: layer for layer in self._layout.layers}
         self._leaves = [m for _, m in model.named_modules() if not any(m.children())]
         self._names = {m: name for name, m in model.named_modules()}
@@ -264,7 +266,7 @@ class CurvatureExtractor:
 
     # -- helpers -----------------------------------------------------------------
 
-    def _check_unsupported(self, policy: UnsupportedPolicy) -> None:
+    def _check_unsupported(self, policy: UnsupportedPolicy | str) -> None:
         items = [u for u in self._layout.unsupported if u.reason != "excluded by the user"]
         report_unsupported(items, policy, stacklevel=3)
 

@@ -102,6 +102,8 @@ class CurvatureEngine:
             )
         self.extractor = extractor
         self.approx = approx
+        # Decided once: a runtime protocol check inspects the object on every call.
+        self._refreshable = isinstance(approx, RefreshableApprox)
         self.damping_rule = damping
         self.t_cov = t_cov
         self.t_inv = t_inv
@@ -196,7 +198,7 @@ class CurvatureEngine:
         self.timings = {k: v for k, v in self.timings.items() if k in RECORD_TIMES}
         self.inverse_rebuilt = False
         inverse_due = self._precond is None or self.step_count % self.t_inv == 0
-        refreshable = isinstance(self.approx, RefreshableApprox)
+        refreshable = self._refreshable
         inverse_time = 0.0
         if inverse_due and refreshable:
             # Before the update, so that this step's statistics land in the new basis.
@@ -438,15 +440,3 @@ def floating_to(state: Any, device: torch.device) -> Any:
 def layer_grads(layers: Iterable[CurvatureLayer]) -> dict[str, Tensor]:
     """The ``[W | b]`` gradient matrices of curvature layers, keyed by name."""
     return {layer.name: layer.grad_matrix() for layer in layers}
-
-
-def all_finite(tensors: Mapping[str, Tensor]) -> bool:
-    """Whether every tensor is free of NaN and Inf.
-
-    NaN and Inf propagate through sums, so one float64 reduction per tensor and a
-    single host sync replace an elementwise check on the hot path.
-    """
-    if not tensors:
-        return True
-    total = torch.stack([t.sum(dtype=torch.float64) for t in tensors.values()]).sum()
-    return bool(torch.isfinite(total))

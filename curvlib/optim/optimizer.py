@@ -36,9 +36,9 @@ from torch import Tensor, nn
 
 from curvlib.core.layout import CurvatureLayer
 from curvlib.core.protocols import CurvatureApprox, Extractor
+from curvlib.core.stats import all_finite
 from curvlib.optim.engine import (
     CurvatureEngine,
-    all_finite,
     floating_to,
     layer_grads,
     record_statistics,
@@ -276,7 +276,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._sync()
         self._check_grads()
         grads = layer_grads(self.layers)
-        if not all_finite(grads) or not self._other_grads_finite():
+        other = self._group(OTHER_GROUP)
+        other_grads = [] if other is None else [p.grad for p in other["params"]]
+        if not all_finite([*grads.values(), *(g for g in other_grads if g is not None)]):
             return self._skip("the gradient contains NaN/Inf", start)
         lm_engines = [engine for engine in self.engines if engine.lm_due]
         if lm_engines and closure is None:
@@ -356,12 +358,6 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 f"No gradients for layers {missing}: call loss.backward() (inside "
                 "`with opt.record():`) before opt.step()."
             )
-
-    def _other_grads_finite(self) -> bool:
-        other = self._group(OTHER_GROUP)
-        if other is None:
-            return True
-        return all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in other["params"])
 
     def _skip(self, reason: str, start: float) -> None:
         self.skipped_steps += 1

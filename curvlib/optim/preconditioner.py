@@ -26,7 +26,8 @@ import torch
 
 from curvlib.core.layout import CurvatureLayer
 from curvlib.core.protocols import CurvatureApprox, Extractor
-from curvlib.optim.engine import CurvatureEngine, all_finite, floating_to, layer_grads
+from curvlib.core.stats import all_finite
+from curvlib.optim.engine import CurvatureEngine, floating_to, layer_grads
 from curvlib.optim.hyper import LevenbergMarquardt, Schedule, check_positive
 from curvlib.optim.kernels import kl_clip_factor
 
@@ -90,7 +91,7 @@ class GradientPreconditioner:
         if missing:
             raise RuntimeError(f"No gradients for layers {missing}: call loss.backward() first.")
         grads = layer_grads(self.layers)
-        if not all_finite(grads):
+        if not all_finite(grads.values()):
             self.skipped_steps += 1
             self.engine.discard()
             self.engine.finish()
