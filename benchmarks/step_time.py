@@ -97,6 +97,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from curvlib.optim.report import TIME_PARTS
 from curvlib.wiring import PreconditionedOptimizer
 
 WIDTHS = (784, 1000, 500, 250, 30, 250, 500, 1000, 784)
@@ -608,15 +609,7 @@ def measure(
 # -- reporting --------------------------------------------------------------------------
 
 HEADER = ["method", "batch", "T", "windows", "ms/step", "ratio", "floor", "ratio/floor", "note"]
-SPLIT = (
-    "statistics",
-    "forward_backward",
-    "update",
-    "inverse",
-    "precondition",
-    "parameters",
-    "step",
-)
+SPLIT = (*(part for part in TIME_PARTS if part != "closure"), "step")  # no LM closure here
 
 
 def _num(value: float | None, spec: str) -> str:

@@ -100,7 +100,7 @@ def loss_for(data: str) -> nn.Module:
 
 
 def build_argparser() -> argparse.ArgumentParser:
-    """The common flags of ``examples/common.py`` plus the data and model flags."""
+    """The common flags of ``examples/cli.py`` plus the data and model flags."""
     parser = build_parser(
         (__doc__ or "").splitlines()[0],
         epilog="Defaults train KFAC on 20,000 generated CURVES images for 10 epochs "

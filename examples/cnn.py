@@ -132,7 +132,7 @@ MODELS: dict[str, Callable[[int, int, int], nn.Module]] = {
 
 
 def build_argparser() -> argparse.ArgumentParser:
-    """The common flags of ``examples/common.py`` plus the data and model flags."""
+    """The common flags of ``examples/cli.py`` plus the data and model flags."""
     parser = build_parser(
         (__doc__ or "").splitlines()[0],
         epilog="Defaults train KFAC on 10,000 generated 32x32 images (10 classes) for 5 epochs.",

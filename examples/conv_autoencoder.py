@@ -93,7 +93,7 @@ def save_reconstructions(model: nn.Module, images: torch.Tensor, path: Path) -> 
 
 
 def build_argparser() -> argparse.ArgumentParser:
-    """The common flags of ``examples/common.py`` plus the data and model flags."""
+    """The common flags of ``examples/cli.py`` plus the data and model flags."""
     parser = build_parser(
         (__doc__ or "").splitlines()[0],
         epilog="Defaults train KFAC on 10,000 generated CURVES images for 5 epochs.",

@@ -443,7 +443,7 @@ def _write_run(result: RunResult, critic_steps: Sequence[Row], name: str) -> Non
 
 
 def build_argparser() -> argparse.ArgumentParser:
-    """The common flags of ``examples/common.py`` plus the GAN, data and model flags."""
+    """The common flags of ``examples/cli.py`` plus the GAN, data and model flags."""
     parser = build_parser(
         (__doc__ or "").splitlines()[0],
         epilog="Defaults: DCGAN (bce) with KFAC on the generator and Adam on the critic, "
