@@ -10,6 +10,7 @@ from curvlib.core.layout import CurvatureLayer, LayerKind, ModelLayout, Unsuppor
 from curvlib.core.protocols import (
     CurvatureApprox,
     CurvatureOperator,
+    CurvatureProducts,
     Extractor,
     Preconditioner,
     RefreshableApprox,
@@ -28,6 +29,7 @@ __all__ = [
     "CurvatureApprox",
     "CurvatureLayer",
     "CurvatureOperator",
+    "CurvatureProducts",
     "CurvatureStatistics",
     "Extractor",
     "FisherType",

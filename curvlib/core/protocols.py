@@ -6,6 +6,9 @@ r"""The three interfaces that connect the layers of curvlib.
   into an estimate $C \approx F$ and builds damped inverses.
 * A [`Preconditioner`][curvlib.core.protocols.Preconditioner] is such an inverse:
   an operator that maps gradients to update directions.
+* Optionally, an extractor also offers
+  [`CurvatureProducts`][curvlib.core.protocols.CurvatureProducts]: exact
+  curvature products on the last batch (adaptive learning rate and momentum).
 
 Vectors are dictionaries from layer name to $[W \mid b]$ matrices
 (``[out, in_aug]``), the layout of
@@ -14,7 +17,7 @@ Vectors are dictionaries from layer name to $[W \mid b]$ matrices
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Protocol, runtime_checkable
 
@@ -55,6 +58,30 @@ class Extractor(Protocol):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the state saved by ``state_dict``."""
+        ...
+
+
+@runtime_checkable
+class CurvatureProducts(Protocol):
+    r"""Optional extractor capability: the exact GGN of the batch loss on a few directions.
+
+    What the adaptive learning rate and momentum of the optimizer need
+    ([`curvlib.optim.adaptive`][curvlib.optim.adaptive]).
+    [`CurvatureExtractor`][curvlib.extract.CurvatureExtractor] implements it
+    with one Jacobian-vector product per direction.
+    """
+
+    def capture(self) -> AbstractContextManager[Any]:
+        """Context in which the forward pass of a step is kept for ``ggn_gram``."""
+        ...
+
+    def ggn_gram(self, directions: Sequence[LayerTensors]) -> Tensor:
+        r"""$[d_i^\top \mathcal G d_j]_{ij}$, $\mathcal G$ the GGN of the loss as computed.
+
+        $\mathcal G = J^\top H_L J$ on the batch of the last ``capture()`` block,
+        with $H_L$ the output Hessian of the batch loss itself (``mean``
+        reduction included), at the current parameters.
+        """
         ...
 
 

@@ -16,19 +16,20 @@ tensors, no extra cost. Scaling and shapes:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from enum import Enum
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from curvlib.core.layout import LayerKind, ModelLayout, UnsupportedModule
 from curvlib.core.stats import CurvatureStatistics, FisherType, StatKind
 from curvlib.extract._backpack import BACKPACK_MODULES
 from curvlib.extract._session import CollectSession
 from curvlib.extract.losses import LossCurvature, check_loss_module
+from curvlib.extract.products import ForwardCapture, ggn_gram
 
 
 class Backend(Enum):
@@ -194,6 +195,7 @@ class CurvatureExtractor:
         self._generators: dict[str, torch.Generator] = {}
         self._active = False
         self._last: CurvatureStatistics | None = None
+        self._capture = ForwardCapture(model, self._loss.loss_fn)
 
     # -- public API --------------------------------------------------------------
 
@@ -247,6 +249,32 @@ class CurvatureExtractor:
                 "`with extractor.collect():` first."
             )
         return self._last
+
+    def capture(self) -> AbstractContextManager[Any]:
+        """Keep the inputs of the model's and the loss's calls in this block, for ``ggn_gram``.
+
+        Independent of ``collect()`` and cheap (two forward pre-hooks, references
+        to the detached inputs); the last call with gradients enabled wins.
+        """
+        return self._capture.capture()
+
+    def ggn_gram(self, directions: Sequence[Mapping[str, Tensor]]) -> Tensor:
+        r"""Gram matrix $[d_i^\top \mathcal G d_j]$ of the exact GGN of the batch loss.
+
+        One Jacobian-vector product per direction on the batch of the last
+        ``capture()`` block, at the current parameters; see
+        [`curvlib.extract.products`][curvlib.extract.products].
+
+        Args:
+            directions: Per-layer $[W \mid b]$ matrices keyed by layer name.
+
+        Returns:
+            The symmetric ``[k, k]`` matrix for ``k`` directions.
+
+        Raises:
+            RuntimeError: Without a completed ``capture()`` block.
+        """
+        return ggn_gram(self._model, self._layout, self._loss, self._capture.last(), directions)
 
     def state_dict(self) -> dict[str, Any]:
         """Random-generator states (per device), so a resumed run draws the same samples."""

@@ -117,6 +117,46 @@ class LossCurvature:
         r"""Factor turning a gradient of the batch loss into per-sample gradients of $\ell_n$."""
         return float(num_samples) if self.loss_fn.reduction == "mean" else 1.0
 
+    def batch_hessian_form(self, output: Tensor, target: Tensor, u: Tensor, v: Tensor) -> Tensor:
+        r"""$u^\top H_L v$ with $H_L = \nabla^2_f L$, the Hessian of the *batch* loss.
+
+        $L$ is the loss module applied to the whole batch, as the training loop
+        computes it: $L = \frac1N\sum_n \ell_n$ for ``mean`` and $\sum_n \ell_n$
+        for ``sum`` (so, unlike the statistics, ``sum`` is not divided by $N$).
+        Per entry or position the Hessian is $2$ (``MSELoss``), $p(1-p)$
+        (``BCEWithLogitsLoss``) or $\operatorname{diag}(p) - pp^\top$ over the
+        classes (``CrossEntropyLoss``, whose targets equal to ``ignore_index``
+        contribute nothing and are not counted by ``mean``); ``mean`` divides by
+        the number of terms torch averages. The target enters only through
+        ``ignore_index``: the Hessians of these losses do not depend on it.
+
+        Args:
+            output: The network output ``[N, ...]``.
+            target: The targets the loss module received.
+            u: An output-shaped tangent, e.g. a Jacobian-vector product $J d$.
+            v: Another one.
+
+        Returns:
+            A scalar tensor.
+        """
+        output = output.detach()
+        if isinstance(self.loss_fn, nn.CrossEntropyLoss):
+            probs = output.softmax(dim=1)
+            form = (probs * u * v).sum(1) - (probs * u).sum(1) * (probs * v).sum(1)
+            kept = target != self.loss_fn.ignore_index
+            total = (form * kept).sum()
+            count = kept.sum().clamp(min=1)
+        else:
+            if isinstance(self.loss_fn, nn.MSELoss):
+                total = 2.0 * (u * v).sum()
+            else:
+                probs = torch.sigmoid(output)
+                total = (probs * (1.0 - probs) * u * v).sum()
+            count = torch.tensor(output.numel())
+        if self.loss_fn.reduction == "mean":
+            return total / count.to(total.dtype)
+        return total
+
     def hessian_columns(
         self,
         output: Tensor,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +30,7 @@ from torch import Tensor, nn
 
 from curvlib.core.layout import KRONECKER_KINDS, CurvatureLayer, LayerKind
 from curvlib.core.protocols import CurvatureApprox
+from curvlib.optim.adaptive import AUTO, is_auto
 from curvlib.optim.hyper import LevenbergMarquardt, check_positive
 
 DEFAULT_GROUP = "default"
@@ -245,15 +247,37 @@ def check_hyper(settings: Mapping[str, Any], where: str = "") -> None:
         settings: A complete set of ``HYPER_KEYS`` values.
         where: Prefix of the message (e.g. ``"group 'dec': "``).
     """
-    check_positive(f"{where}lr", settings["lr"])
-    check_positive(f"{where}momentum", settings["momentum"], allow_zero=True)
+    check_auto_or_positive(f"{where}lr", settings["lr"])
+    check_auto_or_positive(f"{where}momentum", settings["momentum"], allow_zero=True)
     check_positive(f"{where}weight_decay", settings["weight_decay"], allow_zero=True)
-    if settings["nesterov"] and settings["momentum"] <= 0.0:
-        raise ValueError(f"{where}nesterov=True needs momentum > 0.")
+    if settings["nesterov"]:
+        if is_auto(settings["lr"]) or is_auto(settings["momentum"]):
+            raise ValueError(
+                f"{where}nesterov=True does not combine with lr or momentum 'auto' (the "
+                "quadratic model chooses the update alpha*Delta + mu*delta itself)."
+            )
+        if settings["momentum"] <= 0.0:
+            raise ValueError(f"{where}nesterov=True needs momentum > 0.")
     check_interval(f"{where}t_cov", settings["t_cov"])
     check_interval(f"{where}t_inv", settings["t_inv"])
     if not isinstance(settings["damping"], LevenbergMarquardt):
         check_positive(f"{where}damping", settings["damping"])
+
+
+def check_auto_or_positive(name: str, value: Any, allow_zero: bool = False) -> None:
+    """Accept ``"auto"`` (see [`curvlib.optim.adaptive`][curvlib.optim.adaptive]) or a valid number.
+
+    Raises:
+        ValueError: For any other string, NaN, or a number out of range.
+        TypeError: For a value that is neither a number, a callable nor a string.
+    """
+    if isinstance(value, str):
+        if not is_auto(value):
+            raise ValueError(f"{name} must be a number or the string {AUTO!r}, got {value!r}.")
+        return
+    if isinstance(value, float) and math.isnan(value):
+        raise ValueError(f"{name} must be a number or {AUTO!r}, got nan.")
+    check_positive(name, value, allow_zero=allow_zero)
 
 
 def check_interval(name: str, value: Any) -> None:

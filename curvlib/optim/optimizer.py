@@ -12,6 +12,11 @@ $l$ in parameter group $g$:
 5. $\theta_l \leftarrow \theta_l - \eta_g\,\text{step}_l$ (after
    $\theta_l \leftarrow (1 - \eta_g\omega_g)\theta_l$ for decoupled weight decay).
 
+With ``lr="auto"`` and/or ``momentum="auto"`` steps 3–5 are replaced by the
+update $\alpha\Delta + \mu\delta$ whose free coefficients minimise the exact
+quadratic model of the batch loss (no KL clip;
+[`curvlib.optim.adaptive`][curvlib.optim.adaptive]).
+
 Each curvature group is a torch ``param_group`` holding its hyper-parameters
 (``lr``, ``momentum``, ``nesterov``, ``weight_decay``, ``decoupled_weight_decay``,
 ``damping``, ``t_cov``, ``t_inv``; edit them at run time as with any torch
@@ -28,15 +33,24 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from curvlib.core.layout import CurvatureLayer
-from curvlib.core.protocols import CurvatureApprox, Extractor
+from curvlib.core.protocols import CurvatureApprox, CurvatureProducts, Extractor
 from curvlib.core.stats import all_finite
+from curvlib.optim.adaptive import (
+    AdaptiveGroup,
+    AdaptiveMode,
+    AdaptiveStep,
+    adaptive_mode,
+    adaptive_step,
+    apply_adaptive_step,
+    is_auto,
+)
 from curvlib.optim.engine import (
     CurvatureEngine,
     floating_to,
@@ -77,13 +91,16 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         extractor: Computes the statistics every group's approximation needs.
         approx: The curvature approximation of the layers no entry of ``groups``
             claims (and, copied, of the groups that set no ``approx``).
-        lr: Learning rate $\eta$ (a float; schedule it with torch LR schedulers).
+        lr: Learning rate $\eta$ (a float; schedule it with torch LR schedulers), or
+            ``"auto"``: chosen every step by the exact quadratic model, without
+            the KL clip ([`curvlib.optim.adaptive`][curvlib.optim.adaptive]).
         damping: $\lambda$: constant, callable of the step, or
             [`LevenbergMarquardt`][curvlib.optim.hyper.LevenbergMarquardt].
         kl_clip: KL-clipping bound $c$ on the whole update; ``None`` disables it.
         kl_clip_lr_squared: Use $\eta^2$ in the clip (Ba et al.); ``False`` for the
             KPSVD paper's variant without it.
-        momentum: Momentum $\mu$ on the preconditioned direction.
+        momentum: Momentum $\mu$ on the preconditioned direction, or ``"auto"``
+            (the coefficient of the previous update, chosen with ``lr``).
         nesterov: Nesterov momentum.
         weight_decay: $\omega$.
         decoupled_weight_decay: Decay the weights directly (AdamW-style) instead of
@@ -108,8 +125,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     Raises:
         TypeError: For a malformed ``groups`` entry or ``params``.
-        ValueError: For bad hyper-parameters, overlapping or empty groups, or
-            curvature layers outside ``params``.
+        ValueError: For bad hyper-parameters, overlapping or empty groups,
+            curvature layers outside ``params``, or ``"auto"`` with an extractor
+            without [`CurvatureProducts`][curvlib.core.protocols.CurvatureProducts]
+            or with parameters that take the fallback step.
     """
 
     def __init__(
@@ -195,6 +214,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._param_names = {id(p): name for name, p in named}
         self._unstepped = tuple(n for n, p in named if p.requires_grad and id(p) not in ids)
         self._unsupported = tuple(str(u) for u in extractor.layout.unsupported)
+        self._check_adaptive(other)
 
     # -- the training-loop API ----------------------------------------------------
 
@@ -210,8 +230,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._recording = True
         try:
             self._sync()
-            with record_statistics(
-                self.extractor, self.engines, self._record_times, self._stats_scale
+            with (
+                self._products().capture() if self._adaptive().active else nullcontext(),
+                record_statistics(
+                    self.extractor, self.engines, self._record_times, self._stats_scale
+                ),
             ):
                 yield
         finally:
@@ -296,15 +319,26 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         for engine in self.engines:
             engine.prepare()
         mark = time.perf_counter()
+        mode = self._adaptive()
         directions, lrs = self._precondition(grads)
-        lr: float | dict[str, float] = lrs if len(self.engines) > 1 else next(iter(lrs.values()))
-        nu = kl_clip_factor(grads, directions, lr, self.kl_clip, self.kl_clip_lr_squared)
+        nu = 1.0
+        if not mode.active:  # the quadratic model replaces the clip
+            one = next(iter(lrs.values()))
+            lr: float | dict[str, float] = lrs if len(self.engines) > 1 else one
+            nu = kl_clip_factor(grads, directions, lr, self.kl_clip, self.kl_clip_lr_squared)
         now = time.perf_counter()
         parts["precondition"] += now - mark
         deltas: dict[str, Tensor] = {}
-        for (group, _), layers in zip(self.curvature_groups(), self.group_layers, strict=True):
-            scaled = {layer.name: nu * directions[layer.name] for layer in layers}
-            deltas.update(layer_step(self.state, group, layers, scaled, bool(lm_engines)))
+        adaptive: AdaptiveStep | None = None
+        if mode.active:
+            groups = self._adaptive_groups()
+            adaptive = adaptive_step(self._products(), groups, grads, directions, self.state, mode)
+            parts["adaptive"], now = time.perf_counter() - now, time.perf_counter()
+            apply_adaptive_step(self.state, groups, adaptive, mode)
+        else:
+            for (group, _), layers in zip(self.curvature_groups(), self.group_layers, strict=True):
+                scaled = {layer.name: nu * directions[layer.name] for layer in layers}
+                deltas.update(layer_step(self.state, group, layers, scaled, bool(lm_engines)))
         other = self._group(OTHER_GROUP)
         if other is not None:
             sgd_step(self.state, other)
@@ -320,15 +354,59 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                     {layer.name: deltas[layer.name] for layer in layers},
                 )
                 for engine, layers in zip(self.engines, self.group_layers, strict=True)
+                if adaptive is None  # else M of the exact quadratic model, computed already
             )
+            predicted = adaptive.predicted if adaptive is not None else predicted
             ratio = (loss_after - loss_before) / predicted if predicted < 0 else math.nan
             for engine in lm_engines:
                 engine.adapt_damping(ratio)
             parts["closure"] = parts.get("closure", 0.0) + time.perf_counter() - mark
         for engine in self.engines:
             engine.finish()
-        self._report(start, parts, nu, ratio)
+        self._report(start, parts, nu, ratio, adaptive, mode)
         return loss_before
+
+    # -- adaptive learning rate and momentum --------------------------------------
+
+    def _adaptive(self) -> AdaptiveMode:
+        return adaptive_mode([g for g in self.param_groups if g["kind"] == CURVATURE_GROUP])
+
+    def _products(self) -> CurvatureProducts:
+        if not isinstance(self.extractor, CurvatureProducts):
+            raise RuntimeError(
+                "lr='auto' or momentum='auto' needs an extractor with exact curvature "
+                f"products (CurvatureProducts); {type(self.extractor).__name__} has none."
+            )
+        return self.extractor
+
+    def _adaptive_groups(self) -> list[AdaptiveGroup]:
+        return [
+            AdaptiveGroup(group, layers, engine.precond_damping or engine.damping)
+            for (group, engine), layers in zip(
+                self.curvature_groups(), self.group_layers, strict=True
+            )
+        ]
+
+    def _check_adaptive(self, fallback: Sequence[Tensor]) -> None:
+        """Raise a ``ValueError`` for ``"auto"`` settings the optimizer cannot honour."""
+        if not self._adaptive().active:
+            return
+        if not isinstance(self.extractor, CurvatureProducts):
+            raise ValueError(
+                "lr='auto' or momentum='auto' needs an extractor with exact curvature "
+                f"products (CurvatureProducts); {type(self.extractor).__name__} has none."
+            )
+        group = self._group(OTHER_GROUP)
+        if group is not None and (is_auto(group["lr"]) or is_auto(group["momentum"])):
+            names = ", ".join(self._param_names[id(p)] for p in fallback)
+            raise ValueError(
+                f"lr/momentum='auto' choose the step of the curvature layers; the parameters "
+                f"{names} take the unpreconditioned fallback step and need numbers. Give them "
+                "a curvature block (e.g. a group with a Diagonal approximation for BatchNorm), "
+                "leave them out of params=, or keep numeric optimizer-level lr and momentum "
+                "and set 'auto' in a group that claims every layer: "
+                "groups=[{'layers': ['*'], 'lr': 'auto'}]."
+            )
 
     def _precondition(self, grads: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, float]]:
         """Add L2 weight decay to ``grads`` (in place) and precondition every group.
@@ -348,7 +426,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             directions.update(
                 engine.precondition({layer.name: grads[layer.name] for layer in layers})
             )
-            lrs.update({layer.name: float(group["lr"]) for layer in layers})
+            lr = math.nan if is_auto(group["lr"]) else float(group["lr"])  # "auto": no clip
+            lrs.update({layer.name: lr for layer in layers})
         return directions, lrs
 
     def _check_grads(self) -> None:
@@ -372,15 +451,28 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         parts = {"precondition": time.perf_counter() - start}
         for engine in self.engines:
             engine.finish()
-        self._report(start, parts, None, None)
+        self._report(start, parts, None, None, None, None)
 
     def _report(
-        self, start: float, parts: dict[str, float], nu: float | None, ratio: float | None
+        self,
+        start: float,
+        parts: dict[str, float],
+        nu: float | None,
+        ratio: float | None,
+        adaptive: AdaptiveStep | None,
+        mode: AdaptiveMode | None,
     ) -> None:
         """Fill ``last_stats`` (see ``step_stats``) and call ``on_step``."""
         record, self._record_times = self._record_times, {}
+        chosen = None
+        if adaptive is not None and mode is not None:
+            chosen = {
+                "adaptive_lr": adaptive.alpha if mode.lr else None,
+                "adaptive_momentum": adaptive.mu if mode.momentum else None,
+                "predicted_change": adaptive.predicted,
+            }
         self.last_stats = step_stats(
-            self, start, {**record, **parts}, nu, ratio, skipped=nu is None
+            self, start, {**record, **parts}, nu, ratio, skipped=nu is None, adaptive=chosen
         )
         if self.on_step is not None:
             self.on_step(self.last_stats)

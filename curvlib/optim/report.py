@@ -17,6 +17,8 @@ does outside these two, such as data loading or ``zero_grad``, is not):
   estimates);
 * ``time_precondition``: reading and checking the gradients, L2 weight decay,
   applying the inverses, the KL clip;
+* ``time_adaptive``: with ``lr``/``momentum`` ``"auto"``, the Jacobian-vector
+  products of the exact quadratic model and the choice of $\alpha$, $\mu$;
 * ``time_parameters``: momentum and the parameter update (fallback included);
 * ``time_closure``: Levenberg–Marquardt's two closure calls and quadratic model.
 
@@ -43,6 +45,7 @@ TIME_PARTS = (
     "update",
     "inverse",
     "precondition",
+    "adaptive",
     "parameters",
     "closure",
 )
@@ -56,6 +59,7 @@ def step_stats(
     nu: float | None,
     ratio: float | None,
     skipped: bool,
+    adaptive: Mapping[str, float | None] | None = None,
 ) -> dict[str, Any]:
     r"""The telemetry of the step that just finished.
 
@@ -66,13 +70,17 @@ def step_stats(
         nu: The KL-clipping factor applied (``None`` on a skipped step).
         ratio: The Levenberg–Marquardt reduction ratio, when it was computed.
         skipped: Whether the step was skipped.
+        adaptive: ``adaptive_lr``, ``adaptive_momentum`` (the chosen $\alpha$,
+            $\mu$, ``None`` when fixed) and ``predicted_change`` (the quadratic
+            model's $M$) under ``"auto"``; all three keys are ``None`` otherwise.
 
     Returns:
         The keys of the telemetry table in ``docs/optimizer.md``: ``step``,
         ``skipped``, ``kl_clip_factor``, ``damping`` (first group, after this
         step's LM adaptation), ``group_damping`` (every group), ``lm_ratio``,
         ``inverse_rebuilt``, ``condition_numbers`` (layers whose inverse was
-        rebuilt on this step), the counters and the ``time_*`` split.
+        rebuilt on this step), ``adaptive_lr``, ``adaptive_momentum``,
+        ``predicted_change``, the counters and the ``time_*`` split.
     """
     engines = opt.engines
     times = dict(parts)
@@ -99,6 +107,10 @@ def step_stats(
         "lm_ratio": ratio,
         "inverse_rebuilt": rebuilt,
         "condition_numbers": conditions,
+        "adaptive_lr": None,
+        "adaptive_momentum": None,
+        "predicted_change": None,
+        **(adaptive or {}),
         "skipped_steps": opt.skipped_steps,
         "skipped_updates": sum(engine.skipped_updates for engine in engines),
         "inverse_failures": sum(engine.inverse_failures for engine in engines),
