@@ -78,13 +78,10 @@ import argparse
 import contextlib
 import copy
 import ctypes
-import datetime
 import gc
-import importlib.metadata
 import itertools
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -98,6 +95,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _harness
 
 from curvlib.core.stats import FisherType, StatKind
 from curvlib.extract import Backend, CurvatureExtractor
@@ -744,24 +744,7 @@ def _summarise(results: dict[str, Result]) -> None:
 
 
 def machine(device: str) -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    info: dict[str, Any] = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "platform": platform.platform(),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "backpack": importlib.metadata.version("backpack-for-pytorch"),
-        "device": device,
-        "dtype": "float32",
-    }
+    info: dict[str, Any] = {**_harness.machine(), "device": device, "dtype": "float32"}
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
     return info

@@ -99,13 +99,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import datetime
-import importlib.metadata
 import itertools
 import json
 import math
-import os
-import platform
 import shlex
 import sys
 import time
@@ -117,6 +113,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _harness
 
 from curvlib.approx import (
     EKFAC,
@@ -451,24 +450,7 @@ def ranking(mean: dict[str, dict[str, float]], metric: str, slack: float) -> str
 
 
 def machine() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "platform": platform.platform(),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "load_average": None if load is None else [round(v, 2) for v in load],
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "backpack": importlib.metadata.version("backpack-for-pytorch"),
-    }
+    return _harness.machine()
 
 
 def layer_shape(name: str) -> tuple[int, int]:

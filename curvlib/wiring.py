@@ -22,6 +22,7 @@ from curvlib.extract.extractor import (
     UnsupportedPolicy,
     report_unsupported,
 )
+from curvlib.optim.defaults import DEFAULTS
 from curvlib.optim.groups import group_approximations, parameter_list, supported_kinds
 from curvlib.optim.optimizer import CurvatureOptimizer
 from curvlib.optim.preconditioner import GradientPreconditioner
@@ -146,7 +147,7 @@ class PreconditionedOptimizer(CurvatureOptimizer):
         loss_fn: nn.Module,
         fisher_type: FisherType | str = FisherType.MC,
         mc_samples: int = 1,
-        stats_fraction: float = 1.0,
+        stats_fraction: float = DEFAULTS.stats_fraction,
         include: Sequence[str | type[nn.Module]] | None = None,
         exclude: Sequence[str | type[nn.Module]] = (),
         unsupported: UnsupportedPolicy | str = UnsupportedPolicy.WARN,
@@ -185,7 +186,7 @@ class NaturalGradientPreconditioner(GradientPreconditioner):
         loss_fn: nn.Module,
         fisher_type: FisherType | str = FisherType.MC,
         mc_samples: int = 1,
-        stats_fraction: float = 1.0,
+        stats_fraction: float = DEFAULTS.stats_fraction,
         include: Sequence[str | type[nn.Module]] | None = None,
         exclude: Sequence[str | type[nn.Module]] = (),
         unsupported: UnsupportedPolicy | str = UnsupportedPolicy.WARN,

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from optimizers import DEFAULT_CURVATURE_LR, OPTIMIZERS, OptimConfig
 
+from curvlib.optim.defaults import DEFAULTS
+
 
 class UsageError(ValueError):
     """A bad combination of flags or files, reported as a one-line error (no traceback)."""
@@ -177,7 +179,10 @@ def build_parser(
         f"{OPTIMIZERS['adam'].default_lr:g} for adam, {OPTIMIZERS['sgd'].default_lr:g} for sgd)",
     )
     opt.add_argument(
-        "--damping", type=positive_float, default=1e-3, help="Tikhonov damping λ of C + λI"
+        "--damping",
+        type=positive_float,
+        default=DEFAULTS.damping,
+        help="Tikhonov damping λ of C + λI",
     )
     opt.add_argument(
         "--adaptive-damping",
@@ -187,14 +192,15 @@ def build_parser(
     opt.add_argument(
         "--clipping",
         type=nonnegative_float,
-        default=1e-2,
-        help="KL-clipping bound (0 disables clipping)",
+        default=DEFAULTS.kl_clip,
+        help="KL-clipping bound on each step, momentum included (0 disables clipping)",
     )
     opt.add_argument(
         "--momentum",
         type=momentum_float,
-        default=0.5,
-        help="momentum of curvature optimizers and sgd (adam keeps its betas)",
+        default=None,
+        help=f"momentum (default: {DEFAULTS.momentum:g} for curvature optimizers, "
+        f"{OPTIMIZERS['sgd'].default_momentum:g} for sgd; adam keeps its betas)",
     )
     opt.add_argument("--weight-decay", type=nonnegative_float, default=0.0, help="L2 weight decay")
     opt.add_argument(
@@ -206,13 +212,24 @@ def build_parser(
     opt.add_argument(
         "--stats-fraction",
         type=fraction,
-        default=1.0,
+        default=DEFAULTS.stats_fraction,
         help="fraction of each batch used for the curvature statistics",
     )
     opt.add_argument(
-        "--t-cov", type=positive_int, default=10, help="steps between statistics updates"
+        "--t-cov",
+        type=positive_int,
+        default=DEFAULTS.t_cov,
+        help="steps between statistics updates",
     )
-    opt.add_argument("--t-inv", type=positive_int, default=10, help="steps between inversions")
+    opt.add_argument(
+        "--t-inv", type=positive_int, default=DEFAULTS.t_inv, help="steps between inversions"
+    )
+    opt.add_argument(
+        "--warmup",
+        type=int,
+        default=DEFAULTS.warmup,
+        help="first steps with curvature refreshes at steps 0, 1, 2, 4, 8, ... (0: none)",
+    )
     opt.add_argument(
         "--compare",
         type=run_spec_list,
@@ -290,11 +307,12 @@ def optim_config(args: argparse.Namespace, spec: RunSpec) -> OptimConfig:
         damping=args.damping,
         adaptive_damping=args.adaptive_damping,
         clipping=args.clipping,
-        momentum=args.momentum,
+        momentum=OPTIMIZERS[spec.name].default_momentum if args.momentum is None else args.momentum,
         weight_decay=args.weight_decay,
         fisher=args.fisher,
         stats_fraction=args.stats_fraction,
         t_cov=args.t_cov,
         t_inv=args.t_inv,
+        warmup=args.warmup,
         seed=args.seed,
     )

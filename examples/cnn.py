@@ -139,8 +139,6 @@ def build_argparser() -> argparse.ArgumentParser:
         out=Path("runs/cnn"),
         batch_size=128,
         num_epochs=5,
-        damping=1e-2,
-        clipping=1e-3,
     )
     group = parser.add_argument_group("data and model")
     group.add_argument(

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from curvlib.core.protocols import CurvatureApprox
+from curvlib.optim.defaults import DEFAULTS
 from curvlib.optim.hyper import LevenbergMarquardt
 
 
@@ -34,19 +35,21 @@ class OptimConfig:
         stats_fraction: Fraction of each batch used by the statistics.
         t_cov: Steps between statistics updates.
         t_inv: Steps between inverse rebuilds.
+        warmup: Steps at the start with curvature refreshes at doubling intervals.
         seed: Seed of MC sampling.
     """
 
     lr: float
-    damping: float = 1e-3
+    damping: float = DEFAULTS.damping
     adaptive_damping: bool = False
-    clipping: float = 1e-2
-    momentum: float = 0.5
+    clipping: float = DEFAULTS.kl_clip
+    momentum: float = DEFAULTS.momentum
     weight_decay: float = 0.0
     fisher: str = "mc"
-    stats_fraction: float = 1.0
-    t_cov: int = 10
-    t_inv: int = 10
+    stats_fraction: float = DEFAULTS.stats_fraction
+    t_cov: int = DEFAULTS.t_cov
+    t_inv: int = DEFAULTS.t_inv
+    warmup: int = DEFAULTS.warmup
     seed: int = 0
 
 
@@ -80,6 +83,7 @@ class OptimizerSpec:
         build: ``build(model, loss_fn, config, include=..., params=...)`` returns the
             optimizer (see ``Factory``).
         default_lr: Learning rate when ``--lr`` is not given.
+        default_momentum: Momentum when ``--momentum`` is not given.
         curvature: Whether it is a curvlib ``PreconditionedOptimizer``.
         help: One line for ``--help``.
     """
@@ -88,6 +92,7 @@ class OptimizerSpec:
     default_lr: float
     curvature: bool
     help: str
+    default_momentum: float = DEFAULTS.momentum
 
 
 def _curvature(make_approx: Callable[[], CurvatureApprox]) -> Factory:
@@ -120,6 +125,7 @@ def _curvature(make_approx: Callable[[], CurvatureApprox]) -> Factory:
             weight_decay=cfg.weight_decay,
             t_cov=cfg.t_cov,
             t_inv=cfg.t_inv,
+            warmup=cfg.warmup,
             include=None if include is None else list(include),
             **restrict,
         )
@@ -170,8 +176,8 @@ def _sgd(
     )
 
 
-DEFAULT_CURVATURE_LR = 0.2
-"""Learning rate of every curvature optimizer when ``--lr`` is not given."""
+DEFAULT_CURVATURE_LR = DEFAULTS.lr
+"""Learning rate of every curvature optimizer when ``--lr`` is not given: the library's."""
 
 _CURVATURE = [  # --optim name, module of curvlib.approx, class, arguments, help
     ("kfac", "kfac", "KFAC", {}, "KFAC, pi-split damping (Cholesky)"),
@@ -195,7 +201,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         for name, mod, cls, kw, text in _CURVATURE
     },
     "adam": OptimizerSpec(_adam, 1e-3, False, "torch.optim.Adam"),
-    "sgd": OptimizerSpec(_sgd, 1.0, False, "torch.optim.SGD with momentum"),
+    "sgd": OptimizerSpec(_sgd, 0.1, False, "torch.optim.SGD with momentum", default_momentum=0.9),
 }
 """Every ``--optim`` name and how to build it: the only place strings become optimizers."""
 

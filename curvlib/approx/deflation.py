@@ -17,7 +17,13 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from curvlib.approx.base import LayerBlock, LayerwiseApprox, running_average, standard_normal
+from curvlib.approx.base import (
+    DEFAULT_DECAY,
+    LayerBlock,
+    LayerwiseApprox,
+    running_average,
+    standard_normal,
+)
 from curvlib.core.stats import LayerStatistics, StatKind
 from curvlib.linalg.factors import symmetrize
 from curvlib.linalg.kron import KroneckerSumInverse, two_term_inverse
@@ -283,7 +289,7 @@ class Deflation(LayerwiseApprox):
         tol: float = 1e-6,
         max_iter: int = 100,
         min_eig: float = 0.1,
-        decay: float = 0.95,
+        decay: float = DEFAULT_DECAY,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(decay=decay, dtype=dtype)

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from curvlib.approx.base import (
+    DEFAULT_DECAY,
     LayerBlock,
     LayerInverse,
     LayerwiseApprox,
@@ -285,7 +286,7 @@ class KFAC(LayerwiseApprox):
     def __init__(
         self,
         damping_mode: KFACDamping | str = KFACDamping.PI,
-        decay: float = 0.95,
+        decay: float = DEFAULT_DECAY,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(decay=decay, dtype=dtype)

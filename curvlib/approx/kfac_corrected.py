@@ -27,7 +27,7 @@ from typing import ClassVar
 
 import torch
 
-from curvlib.approx.base import LayerBlock, LayerwiseApprox
+from curvlib.approx.base import DEFAULT_DECAY, LayerBlock, LayerwiseApprox
 from curvlib.approx.deflation import Factors, KroneckerSumBlock, check_settings
 from curvlib.core.stats import LayerStatistics, StatKind
 from curvlib.linalg.rearrange import Deflated, balanced_factors, power_svd
@@ -142,7 +142,7 @@ class KFACCorrected(LayerwiseApprox):
         tol: float = 1e-6,
         max_iter: int = 100,
         min_eig: float = 0.1,
-        decay: float = 0.95,
+        decay: float = DEFAULT_DECAY,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(decay=decay, dtype=dtype)

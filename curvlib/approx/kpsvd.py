@@ -39,7 +39,7 @@ from typing import ClassVar
 
 import torch
 
-from curvlib.approx.base import LayerBlock, LayerwiseApprox, running_average
+from curvlib.approx.base import DEFAULT_DECAY, LayerBlock, LayerwiseApprox, running_average
 from curvlib.approx.kfac import KFACDamping, _KFACBlock
 from curvlib.core.stats import LayerStatistics, StatKind
 from curvlib.linalg.rearrange import RearrangedFisher, balanced_factors, power_svd, psd_start
@@ -147,7 +147,7 @@ class KPSVD(LayerwiseApprox):
         damping_mode: KFACDamping | str = KFACDamping.PI,
         tol: float = 1e-6,
         max_iter: int = 100,
-        decay: float = 0.95,
+        decay: float = DEFAULT_DECAY,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(decay=decay, dtype=dtype)

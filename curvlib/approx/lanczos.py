@@ -14,7 +14,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from curvlib.approx.base import LayerBlock, LayerwiseApprox
+from curvlib.approx.base import DEFAULT_DECAY, LayerBlock, LayerwiseApprox
 from curvlib.approx.deflation import Factors, KroneckerSumBlock, check_settings
 from curvlib.core.stats import LayerStatistics, StatKind
 from curvlib.linalg.rearrange import balanced_factors, lanczos_svd
@@ -135,7 +135,7 @@ class Lanczos(LayerwiseApprox):
         krylov_dim: int = 10,
         max_restarts: int = 20,
         min_eig: float = 0.1,
-        decay: float = 0.95,
+        decay: float = DEFAULT_DECAY,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(decay=decay, dtype=dtype)

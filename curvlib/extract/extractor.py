@@ -210,6 +210,11 @@ class CurvatureExtractor:
         return self._fisher_type
 
     @property
+    def stats_fraction(self) -> float:
+        """The fraction of each batch the statistics and curvature products use."""
+        return self._fraction
+
+    @property
     def required_stats(self) -> frozenset[StatKind]:
         """The statistics this extractor computes."""
         return self._stats
@@ -263,7 +268,9 @@ class CurvatureExtractor:
 
         One Jacobian-vector product per direction on the batch of the last
         ``capture()`` block, at the current parameters; see
-        [`curvlib.extract.products`][curvlib.extract.products].
+        [`curvlib.extract.products`][curvlib.extract.products]. With
+        ``stats_fraction < 1`` the products use the first
+        $\lceil \text{stats\_fraction}\cdot N\rceil$ samples of the batch.
 
         Args:
             directions: Per-layer $[W \mid b]$ matrices keyed by layer name.
@@ -274,7 +281,9 @@ class CurvatureExtractor:
         Raises:
             RuntimeError: Without a completed ``capture()`` block.
         """
-        return ggn_gram(self._model, self._layout, self._loss, self._capture.last(), directions)
+        return ggn_gram(
+            self._model, self._layout, self._loss, self._capture.last(), directions, self._fraction
+        )
 
     def state_dict(self) -> dict[str, Any]:
         """Random-generator states (per device), so a resumed run draws the same samples."""

@@ -27,6 +27,7 @@ the training loop is restored afterwards, so the run's own draws do not change).
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -143,6 +144,7 @@ def ggn_gram(
     loss: LossCurvature,
     batch: CapturedBatch,
     directions: Sequence[Mapping[str, Tensor]],
+    fraction: float = 1.0,
 ) -> Tensor:
     r"""The Gram matrix $[d_i^\top J^\top H_L J d_j]_{ij}$ of the exact batch-loss GGN.
 
@@ -153,6 +155,10 @@ def ggn_gram(
         batch: The inputs of the last captured forward pass.
         directions: Per-layer $[W \mid b]$ matrices keyed by layer name; a layer
             missing from a direction is zero there.
+        fraction: Estimate the products from the first $\lceil fN\rceil$ samples of
+            the batch (every tensor argument whose leading dimension is the
+            target's $N$ is cut, and a ``sum`` loss is scaled by $N/m$), which
+            cuts the cost of the Jacobian-vector products by $1/f$.
 
     Returns:
         ``[k, k]`` for ``k`` directions, in the dtype of the model output.
@@ -171,6 +177,7 @@ def ggn_gram(
         for param, value in zip(("weight", "bias"), layer.parameters, strict=False):
             primals[_parameter_name(name, param)] = value.detach()
     assert batch.args is not None and batch.target is not None
+    batch, scale = _sub_batch(batch, fraction)
 
     def forward(params: dict[str, Tensor]) -> Tensor:
         out = functional_call(model, params, batch.args, batch.kwargs)
@@ -215,9 +222,32 @@ def ggn_gram(
             "`loss_fn(model(x), y)` with the model output passed to the loss unchanged."
         )
     k = len(directions)
+    target = batch.target
+    assert target is not None
     gram = output.new_zeros(k, k)
     for i in range(k):
         for j in range(i, k):
-            entry = loss.batch_hessian_form(output, batch.target, tangents_out[i], tangents_out[j])
+            entry = loss.batch_hessian_form(output, target, tangents_out[i], tangents_out[j])
             gram[i, j] = gram[j, i] = entry
-    return gram
+    return gram * scale if loss.loss_fn.reduction == "sum" else gram
+
+
+def _sub_batch(batch: CapturedBatch, fraction: float) -> tuple[CapturedBatch, float]:
+    """The first ``ceil(fraction * N)`` samples, and ``N / m``, the factor a ``sum`` loss needs."""
+    assert batch.args is not None and batch.target is not None
+    n = batch.target.shape[0] if batch.target.dim() else 0
+    m = math.ceil(fraction * n)
+    if fraction >= 1.0 or n == 0 or m >= n:
+        return batch, 1.0
+
+    def cut(value: Any) -> Any:
+        return value[:m] if isinstance(value, Tensor) and value.dim() and len(value) == n else value
+
+    shape = batch.output_shape
+    sub = CapturedBatch(
+        args=tuple(cut(a) for a in batch.args),
+        kwargs={k: cut(v) for k, v in batch.kwargs.items()},
+        target=batch.target[:m],
+        output_shape=None if shape is None or shape[0] != n else torch.Size((m, *shape[1:])),
+    )
+    return sub, n / m

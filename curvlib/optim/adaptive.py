@@ -188,12 +188,15 @@ class AdaptiveStep:
         mu: $\mu$ (likewise for a fixed momentum).
         predicted: $M(u)$, the predicted change of the (regularised) loss.
         updates: $u$ per layer, as $[W \mid b]$ matrices.
+        clip: The factor $\nu \le 1$ the KL trust region scaled $(\alpha, \mu)$ by
+            (1 when it did not bind).
     """
 
     alpha: float
     mu: float
     predicted: float
     updates: dict[str, Tensor]
+    clip: float = 1.0
 
 
 def _inner(x: Mapping[str, Tensor], y: Mapping[str, Tensor], names: Sequence[str]) -> float:
@@ -218,6 +221,7 @@ def adaptive_step(
     directions: Mapping[str, Tensor],
     state: Mapping[Any, Mapping[str, Any]],
     mode: AdaptiveMode,
+    kl_clip: float | None = None,
 ) -> AdaptiveStep:
     r"""Build $\Delta$, $\delta$ and the quadratic model, and choose $(\alpha, \mu)$.
 
@@ -233,6 +237,9 @@ def adaptive_step(
         directions: Per-layer $(C + \lambda I)^{-1}\nabla$.
         state: The optimizer's per-parameter state (previous updates).
         mode: Which coefficients are free.
+        kl_clip: The trust region $c$ of
+            [`kl_trust_region`][curvlib.optim.adaptive.kl_trust_region]; ``None``
+            leaves the minimiser as it is.
 
     Returns:
         The coefficients, the predicted change and the update.
@@ -273,11 +280,37 @@ def adaptive_step(
     )
     if k == 1:
         mu = 0.0
+    coefficients = torch.tensor([alpha, mu][:k], dtype=torch.float64)
+    nu = kl_trust_region(float(coefficients @ gram @ coefficients), kl_clip)
+    alpha, mu = nu * alpha, nu * mu
     updates = {
         name: alpha * d + mu * small_delta[name] if name in small_delta else alpha * d
         for name, d in big_delta.items()
     }
-    return AdaptiveStep(alpha, mu, model(alpha, mu), updates)
+    return AdaptiveStep(alpha, mu, model(alpha, mu), updates, nu)
+
+
+def kl_trust_region(curvature: float, clip: float | None) -> float:
+    r"""The factor $\nu = \min(1, \sqrt{c / u^\top\mathcal G u})$ that bounds the update.
+
+    The quadratic model is trusted only near the current parameters: the
+    chosen update $u$ is scaled so that $u^\top \mathcal G u \le c$, the bound
+    the KL clip puts on $\eta^2\Delta^\top C\Delta$ in the fixed-rate step,
+    here with the exact GGN $\mathcal G$ of the actual update (momentum
+    included) and at no extra cost: $u^\top\mathcal G u = c^\top \mathcal G_{2\times2} c$
+    comes from the same Gram matrix. For the losses curvlib supports the GGN
+    is the Fisher of the model's predictive distribution, so this bounds the
+    change of that distribution to second order in KL. A non-finite or
+    non-positive curvature leaves the update unscaled (the minimiser already
+    gave 0 for a direction without curvature).
+
+    Args:
+        curvature: $u^\top \mathcal G u$.
+        clip: $c$; ``None`` disables the trust region.
+    """
+    if clip is None or not curvature > clip or not math.isfinite(curvature):
+        return 1.0
+    return math.sqrt(clip / curvature)
 
 
 def apply_adaptive_step(

@@ -72,6 +72,11 @@ class CurvatureEngine:
             empirical statistics (``GradScaler``, accumulation); ``None``: 1.
         layers: Names of the layers this engine preconditions; ``None``: every
             layer of the extractor. Statistics of other layers are dropped.
+        warmup: Statistics and inverses also on the steps $k <$ ``warmup`` that
+            are powers of two (0, 1, 2, 4, 8, ...), whatever ``t_cov`` and
+            ``t_inv`` say: the curvature of the initial weights goes stale
+            fastest, and doubling intervals refresh it for
+            $\log_2$ ``warmup`` extra statistics steps.
 
     Raises:
         ValueError: For bad intervals or damping, or an extractor that does not
@@ -88,8 +93,12 @@ class CurvatureEngine:
         t_inv: int = 1,
         stats_scale: Callable[[], float] | None = None,
         layers: Sequence[str] | None = None,
+        warmup: int = 0,
     ) -> None:
         _check_intervals(t_cov, t_inv)
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+            raise ValueError(f"warmup must be a non-negative int, got {warmup!r}.")
+        self.warmup = warmup
         if not isinstance(damping, LevenbergMarquardt):
             check_positive("damping", damping)
         required = frozenset(approx.required_stats)
@@ -128,7 +137,13 @@ class CurvatureEngine:
     @property
     def stats_due(self) -> bool:
         """Whether this step must record statistics."""
-        return self.step_count % self.t_cov == 0
+        return self._warming_up or self.step_count % self.t_cov == 0
+
+    @property
+    def _warming_up(self) -> bool:
+        """Whether this step refreshes the curvature for the warm-up (0, 1, 2, 4, ...)."""
+        k = self.step_count
+        return k < self.warmup and k & (k - 1) == 0
 
     @property
     def damping(self) -> float:
@@ -197,7 +212,7 @@ class CurvatureEngine:
             )
         self.timings = {k: v for k, v in self.timings.items() if k in RECORD_TIMES}
         self.inverse_rebuilt = False
-        inverse_due = self._precond is None or self.step_count % self.t_inv == 0
+        inverse_due = self._precond is None or self._warming_up or self.step_count % self.t_inv == 0
         refreshable = self._refreshable
         inverse_time = 0.0
         if inverse_due and refreshable:

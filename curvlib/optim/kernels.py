@@ -42,17 +42,69 @@ def kl_clip_factor(
     """
     if clip is None:
         return 1.0
-    if isinstance(lr, Mapping):
-        denom = 0.0
-        for name, d in directions.items():
-            inner_l = float((grads[name] * d).sum())
-            denom += inner_l * lr[name] * lr[name] if lr_squared else inner_l
-    else:
-        inner = sum(float((grads[name] * d).sum()) for name, d in directions.items())
-        denom = inner * lr * lr if lr_squared else inner
+    norms = {name: float((grads[name] * d).sum()) for name, d in directions.items()}
+    return clip_from_norms(norms, lr, clip, lr_squared)
+
+
+def clip_from_norms(
+    norms: Mapping[str, float],
+    lr: float | Mapping[str, float],
+    clip: float | None,
+    lr_squared: bool = True,
+) -> float:
+    r"""$\nu = \min(1, \sqrt{c / \sum_l \eta_l^2 n_l})$ from per-layer squared step norms $n_l$.
+
+    [`kl_clip_factor`][curvlib.optim.kernels.kl_clip_factor] with $n_l =
+    \langle\nabla_l, \Delta_l\rangle$;
+    [`momentum_step_norms`][curvlib.optim.kernels.momentum_step_norms] gives the
+    $n_l$ of a step with momentum. 1 when the sum is not positive and finite.
+    """
+    if clip is None:
+        return 1.0
+    denom = 0.0
+    for name, n in norms.items():
+        rate = lr[name] if isinstance(lr, Mapping) else lr
+        denom += n * rate * rate if lr_squared else n
     if not denom > 0.0 or not math.isfinite(denom):
         return 1.0
     return min(1.0, math.sqrt(clip / denom))
+
+
+def momentum_step_norms(
+    inner_direction: float, inner_buffer: float, buffer_norm: float, momentum: float,
+    nesterov: bool,
+) -> tuple[float, float]:  # fmt: skip
+    r"""Squared norms of one layer's momentum step and new buffer in the preconditioner's metric.
+
+    With $P = (C + \lambda I)^{-1}$ the current inverse, $\Delta = P\nabla$ and
+    the buffer $b$ of the previous steps, heavy-ball momentum steps along
+    $b' = \mu b + \Delta$ and Nesterov along $\Delta + \mu b' = (1 + \mu)\Delta +
+    \mu^2 b$. Since $P^{-1}\Delta = \nabla$, the squared $P^{-1}$-norm of
+    $a\Delta + \beta b$ is
+
+    $$a^2\langle\nabla, \Delta\rangle + 2a\beta\langle\nabla, b\rangle + \beta^2 \|b\|^2_{P^{-1}},$$
+
+    two inner products with the gradient and the tracked $\|b\|^2_{P^{-1}}$: no
+    product with $C$. The tracked norm is exact while the inverse is unchanged
+    and refers to the inverse that produced each direction after a rebuild.
+
+    Args:
+        inner_direction: $\langle\nabla, \Delta\rangle$.
+        inner_buffer: $\langle\nabla, b\rangle$ (0 without a buffer).
+        buffer_norm: $\|b\|^2_{P^{-1}}$ (0 without a buffer).
+        momentum: $\mu$.
+        nesterov: Nesterov momentum.
+
+    Returns:
+        ``(step norm, buffer norm)``: $\|\text{step}\|^2_{P^{-1}}$ and
+        $\|b'\|^2_{P^{-1}}$, both before clipping (the clip $\nu$ scales both by $\nu^2$).
+    """
+    buffer = inner_direction + 2.0 * momentum * inner_buffer + momentum * momentum * buffer_norm
+    if not nesterov:
+        return buffer, buffer
+    a, beta = 1.0 + momentum, momentum * momentum
+    step = a * a * inner_direction + 2.0 * a * beta * inner_buffer + beta * beta * buffer_norm
+    return step, buffer
 
 
 def momentum_direction(

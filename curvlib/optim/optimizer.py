@@ -5,17 +5,17 @@ $l$ in parameter group $g$:
 
 1. $\nabla_l$ is the gradient (plus $\omega_g\theta_l$ for L2 weight decay $\omega_g$);
 2. $\Delta_l = (C_l + \lambda_g I)^{-1}\nabla_l$ from the group's current inverse;
-3. $\nu$ is the KL-clipping factor of the whole update
-   ([`kl_clip_factor`][curvlib.optim.kernels.kl_clip_factor]);
+3. $\nu$ is the KL-clipping factor of the whole step, momentum included
+   ([`momentum_step_norms`][curvlib.optim.kernels.momentum_step_norms]);
 4. momentum $\mu_g$ acts on $\nu\Delta_l$ exactly as ``torch.optim.SGD`` acts on the
-   gradient (heavy ball or Nesterov, buffers in ``state[p]``);
+   gradient (heavy ball or Nesterov, buffers in ``state[p]``, scaled by $\nu$ too);
 5. $\theta_l \leftarrow \theta_l - \eta_g\,\text{step}_l$ (after
    $\theta_l \leftarrow (1 - \eta_g\omega_g)\theta_l$ for decoupled weight decay).
 
 With ``lr="auto"`` and/or ``momentum="auto"`` steps 3–5 are replaced by the
 update $\alpha\Delta + \mu\delta$ whose free coefficients minimise the exact
-quadratic model of the batch loss (no KL clip;
-[`curvlib.optim.adaptive`][curvlib.optim.adaptive]).
+quadratic model of the batch loss, with the KL clip measured in the exact GGN
+([`curvlib.optim.adaptive`][curvlib.optim.adaptive]).
 
 Each curvature group is a torch ``param_group`` holding its hyper-parameters
 (``lr``, ``momentum``, ``nesterov``, ``weight_decay``, ``decoupled_weight_decay``,
@@ -34,7 +34,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -51,6 +51,7 @@ from curvlib.optim.adaptive import (
     apply_adaptive_step,
     is_auto,
 )
+from curvlib.optim.defaults import DEFAULTS
 from curvlib.optim.engine import (
     CurvatureEngine,
     floating_to,
@@ -59,7 +60,7 @@ from curvlib.optim.engine import (
 )
 from curvlib.optim.groups import check_hyper, resolve_groups, select_parameters
 from curvlib.optim.hyper import LevenbergMarquardt, Schedule, check_positive
-from curvlib.optim.kernels import kl_clip_factor, layer_step, sgd_step
+from curvlib.optim.kernels import clip_from_norms, layer_step, momentum_step_norms, sgd_step
 from curvlib.optim.report import describe_optimizer, step_stats
 
 CURVATURE_GROUP = "curvature"
@@ -92,11 +93,12 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         approx: The curvature approximation of the layers no entry of ``groups``
             claims (and, copied, of the groups that set no ``approx``).
         lr: Learning rate $\eta$ (a float; schedule it with torch LR schedulers), or
-            ``"auto"``: chosen every step by the exact quadratic model, without
-            the KL clip ([`curvlib.optim.adaptive`][curvlib.optim.adaptive]).
+            ``"auto"``: chosen every step by the exact quadratic model, bounded by
+            the KL clip in the exact GGN ([`curvlib.optim.adaptive`][curvlib.optim.adaptive]).
         damping: $\lambda$: constant, callable of the step, or
             [`LevenbergMarquardt`][curvlib.optim.hyper.LevenbergMarquardt].
-        kl_clip: KL-clipping bound $c$ on the whole update; ``None`` disables it.
+        kl_clip: KL-clipping bound $c$ on the whole step, momentum included;
+            ``None`` disables it.
         kl_clip_lr_squared: Use $\eta^2$ in the clip (Ba et al.); ``False`` for the
             KPSVD paper's variant without it.
         momentum: Momentum $\mu$ on the preconditioned direction, or ``"auto"``
@@ -107,6 +109,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             adding $\omega\theta$ to the gradient before preconditioning.
         t_cov: Steps between statistics updates.
         t_inv: Steps between inverse rebuilds.
+        warmup: Steps at the start on which statistics and inverses are refreshed
+            every step, whatever ``t_cov`` and ``t_inv`` say (0 disables it): the
+            curvature of the initial weights goes stale fastest.
         groups: Per-group settings, e.g. ``[{"layers": ["dec.*", nn.Conv2d],
             "approx": KPSVD(), "damping": 1e-2, "t_inv": 20}]``: the layers a
             group's patterns match get its approximation and hyper-parameters
@@ -137,16 +142,17 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         extractor: Extractor,
         approx: CurvatureApprox,
         *,
-        lr: float = 0.1,
-        damping: Schedule | LevenbergMarquardt = 1e-3,
-        kl_clip: float | None = 1e-2,
+        lr: float | Literal["auto"] = DEFAULTS.lr,
+        damping: Schedule | LevenbergMarquardt = DEFAULTS.damping,
+        kl_clip: float | None = DEFAULTS.kl_clip,
         kl_clip_lr_squared: bool = True,
-        momentum: float = 0.0,
+        momentum: float | Literal["auto"] = DEFAULTS.momentum,
         nesterov: bool = False,
         weight_decay: float = 0.0,
         decoupled_weight_decay: bool = False,
-        t_cov: int = 1,
-        t_inv: int = 1,
+        t_cov: int = DEFAULTS.t_cov,
+        t_inv: int = DEFAULTS.t_inv,
+        warmup: int = DEFAULTS.warmup,
         groups: Sequence[Mapping[str, Any]] = (),
         params: Iterable[Tensor] | None = None,
         on_step: StepCallback | None = None,
@@ -197,7 +203,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             CurvatureEngine(
                 extractor, group.approx, damping=pg["damping"], t_cov=pg["t_cov"],
                 t_inv=pg["t_inv"], stats_scale=self._stats_scale,
-                layers=[layer.name for layer in group.layers],
+                layers=[layer.name for layer in group.layers], warmup=warmup,
             )
             for group, pg in zip(resolved, self.param_groups, strict=False)
         )  # fmt: skip
@@ -322,23 +328,33 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         mode = self._adaptive()
         directions, lrs = self._precondition(grads)
         nu = 1.0
-        if not mode.active:  # the quadratic model replaces the clip
-            one = next(iter(lrs.values()))
-            lr: float | dict[str, float] = lrs if len(self.engines) > 1 else one
-            nu = kl_clip_factor(grads, directions, lr, self.kl_clip, self.kl_clip_lr_squared)
+        buffer_norms: dict[str, float] = {}
+        if not mode.active:  # the adaptive step bounds its own update (kl_trust_region)
+            nu, buffer_norms = self._momentum_clip(grads, directions, lrs)
         now = time.perf_counter()
         parts["precondition"] += now - mark
         deltas: dict[str, Tensor] = {}
         adaptive: AdaptiveStep | None = None
         if mode.active:
             groups = self._adaptive_groups()
-            adaptive = adaptive_step(self._products(), groups, grads, directions, self.state, mode)
+            adaptive = adaptive_step(
+                self._products(), groups, grads, directions, self.state, mode, self.kl_clip
+            )
+            nu = adaptive.clip
             parts["adaptive"], now = time.perf_counter() - now, time.perf_counter()
             apply_adaptive_step(self.state, groups, adaptive, mode)
         else:
             for (group, _), layers in zip(self.curvature_groups(), self.group_layers, strict=True):
                 scaled = {layer.name: nu * directions[layer.name] for layer in layers}
+                if nu != 1.0:  # the clip bounds the step with its momentum
+                    for p in (p for layer in layers for p in layer.parameters):
+                        buffer = self.state[p].get("momentum_buffer")
+                        if buffer is not None:
+                            buffer.mul_(nu)
                 deltas.update(layer_step(self.state, group, layers, scaled, bool(lm_engines)))
+            for layer in self.layers:
+                if layer.name in buffer_norms:
+                    self.state[layer.weight]["momentum_norm"] = nu * nu * buffer_norms[layer.name]
         other = self._group(OTHER_GROUP)
         if other is not None:
             sgd_step(self.state, other)
@@ -365,6 +381,41 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             engine.finish()
         self._report(start, parts, nu, ratio, adaptive, mode)
         return loss_before
+
+    def _momentum_clip(
+        self,
+        grads: Mapping[str, Tensor],
+        directions: Mapping[str, Tensor],
+        lrs: Mapping[str, float],
+    ) -> tuple[float, dict[str, float]]:
+        r"""The KL-clipping factor of the whole step, momentum included.
+
+        Returns:
+            $\nu$ and, for the layers with momentum, the squared norm of their new
+            momentum buffer before clipping
+            ([`momentum_step_norms`][curvlib.optim.kernels.momentum_step_norms]).
+        """
+        step_norms: dict[str, float] = {}
+        buffer_norms: dict[str, float] = {}
+        for (group, _), layers in zip(self.curvature_groups(), self.group_layers, strict=True):
+            momentum = float(group["momentum"])
+            for layer in layers:
+                name = layer.name
+                inner = float((grads[name] * directions[name]).sum())
+                if momentum == 0.0:
+                    step_norms[name] = inner
+                    continue
+                buffers = [self.state[p].get("momentum_buffer") for p in layer.parameters]
+                inner_buffer, norm = 0.0, 0.0
+                if all(b is not None for b in buffers):
+                    matrix = layer.to_matrix(*buffers).to(grads[name].dtype)
+                    inner_buffer = float((grads[name] * matrix).sum())
+                    norm = float(self.state[layer.weight].get("momentum_norm", 0.0))
+                step_norms[name], buffer_norms[name] = momentum_step_norms(
+                    inner, inner_buffer, norm, momentum, bool(group["nesterov"])
+                )
+        lr = lrs if len(self.engines) > 1 else next(iter(lrs.values()))
+        return clip_from_norms(step_norms, lr, self.kl_clip, self.kl_clip_lr_squared), buffer_norms
 
     # -- adaptive learning rate and momentum --------------------------------------
 

@@ -12,6 +12,7 @@ from curvlib.wiring import PreconditionedOptimizer
 from tests import oracle
 from tests import problems as P
 from tests.approx.cases import PROBLEMS, fit_statistics
+from tests.hyper import PER_STEP
 from tests.problems import Problem
 
 RTOL = 1e-10
@@ -42,7 +43,7 @@ def test_optimizer_preconditions_batchnorm_affine_parameters() -> None:
     damping, lr = 1e-2, 0.5
     opt = PreconditionedOptimizer(
         model, Diagonal(), loss_fn=problem.loss_fn, fisher_type="exact", lr=lr,
-        damping=damping, kl_clip=None,
+        damping=damping, kl_clip=None, **PER_STEP,
     )  # fmt: skip
     kinds = {layer.name: layer.kind for layer in opt.extractor.layout}
     assert kinds == {

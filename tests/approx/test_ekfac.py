@@ -157,7 +157,14 @@ def test_basis_every_t_inv_steps_scalings_every_t_cov_steps(
     model = problem.model()
     approx = EKFAC()
     opt = PreconditionedOptimizer(
-        model, approx, loss_fn=problem.loss_fn, t_cov=1, t_inv=3, damping=1e-2, kl_clip=None
+        model,
+        approx,
+        loss_fn=problem.loss_fn,
+        t_cov=1,
+        t_inv=3,
+        damping=1e-2,
+        kl_clip=None,
+        warmup=0,
     )
     refreshed = []
     real_refresh = approx.refresh
@@ -193,7 +200,7 @@ def test_failed_refresh_keeps_the_basis_and_trains_on(monkeypatch: pytest.Monkey
     problem = P.mlp_ce(n=16)
     model = problem.model()
     approx = EKFAC()
-    opt = PreconditionedOptimizer(model, approx, loss_fn=problem.loss_fn, t_inv=2)
+    opt = PreconditionedOptimizer(model, approx, loss_fn=problem.loss_fn, t_cov=1, t_inv=2)
     _train(opt, model, [(problem.x, problem.y)] * 2, problem.loss_fn)
     basis = approx.blocks["0"].basis_a.clone()  # type: ignore[attr-defined]
 

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -16,22 +14,15 @@ import torch
 from curvlib.approx import block_error, exact_block
 from curvlib.core import ModelLayout
 from curvlib.core.stats import LayerStatistics, PerSampleIO
+from tests.benchmarks.loader import benchmark_script
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "fisher_quality.py"
 METHODS = {"KFAC", "EKFAC", "KPSVD", "KFAC-corrected", "Deflation", "Lanczos", "Diagonal"}
 
 
 @pytest.fixture(scope="module")
 def fq() -> Iterator[ModuleType]:
-    spec = importlib.util.spec_from_file_location("fisher_quality", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    try:
-        spec.loader.exec_module(module)
+    with benchmark_script("fisher_quality") as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 def test_quick_run_writes_its_files(fq: ModuleType, tmp_path: Path) -> None:

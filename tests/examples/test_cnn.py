@@ -13,6 +13,8 @@ import pytest
 import torch
 from torch import nn
 
+from curvlib.optim.defaults import DEFAULTS
+
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 sys.path.insert(0, str(EXAMPLES))
 
@@ -54,7 +56,9 @@ def test_run_writes_accuracy_metrics_plots_and_telemetry(straight: Path) -> None
         assert 0.0 <= row["test_accuracy"] <= 1.0 and 0.0 <= row["train_accuracy"] <= 1.0
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     last = history[-1]
-    assert 0.0 < last["kl_clip_factor_last"] <= 1.0 and last["damping_last"] == pytest.approx(1e-2)
+    assert 0.0 < last["kl_clip_factor_last"] <= 1.0 and last["damping_last"] == pytest.approx(
+        DEFAULTS.damping
+    )
     assert last["inverse_failures"] == 0 and last["skipped_steps"] == 0
     assert last["time_inverse"] > 0.0
     steps = json.loads((straight / "telemetry.json").read_text())

@@ -20,6 +20,7 @@ from curvlib.optim.adaptive import QuadraticModel, adaptive_coefficients
 from curvlib.wiring import PreconditionedOptimizer
 from tests import oracle
 from tests import problems as P
+from tests.hyper import FRESH
 
 DTYPE = torch.float64
 EXACT = {"rtol": 1e-9, "atol": 1e-11}
@@ -177,6 +178,24 @@ def test_gram_equals_the_dense_ggn_of_the_batch_loss(problem: P.Problem) -> None
     torch.testing.assert_close(gram, flat @ dense @ flat.T, **EXACT)
 
 
+@pytest.mark.parametrize(
+    "problem", [P.mlp_mse(), P.mlp_mse("sum"), P.mlp_ce(), P.cnn_ce()], ids=lambda p: p.name
+)
+def test_gram_on_a_fraction_is_the_dense_ggn_of_the_first_samples(problem: P.Problem) -> None:
+    model = problem.model()
+    extractor = CurvatureExtractor(model, problem.loss_fn, unsupported="ignore", stats_fraction=0.5)
+    with extractor.capture():
+        problem.loss_fn(model(problem.x), problem.y).backward()
+    directions = _directions(extractor, 2)
+    gram = extractor.ggn_gram(directions)
+    m = (problem.n + 1) // 2
+    dense = oracle.dense_ggn(model, problem.loss_fn, problem.x[:m], problem.y[:m])
+    # A sum over the batch is estimated from the m samples: N times their mean.
+    dense = dense * (problem.n if problem.loss_fn.reduction == "sum" else 1)
+    flat = torch.stack([_flat(extractor, d) for d in directions])
+    torch.testing.assert_close(gram, flat @ dense @ flat.T, **EXACT)
+
+
 def test_gram_with_coupled_samples_uses_batch_statistics_and_keeps_running_ones() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 3))
@@ -260,7 +279,8 @@ def _auto(model: nn.Module, loss_fn: nn.Module, **kwargs: object) -> Preconditio
 def test_auto_trains_a_tiny_mlp_and_reports_alpha_and_mu() -> None:
     model, loss_fn = _mlp(), nn.CrossEntropyLoss()
     log: list[dict[str, object]] = []
-    opt = _auto(model, loss_fn, on_step=log.append)
+    # The quadratic model of the whole batch, no trust region: every step is its minimiser.
+    opt = _auto(model, loss_fn, on_step=log.append, kl_clip=None, **FRESH)
     losses = _train(opt, model, loss_fn, _batches())
     assert all(math.isfinite(v) for v in losses)
     assert losses[-1] < 0.5 * losses[0]
@@ -278,7 +298,7 @@ def test_the_step_is_the_chosen_combination_and_predicts_the_true_change() -> No
     # A model linear in its parameters with MSE: the GGN is the Hessian, M is exact.
     model, loss_fn, x, y = _linear_problem()
     opt = PreconditionedOptimizer(
-        model, KFAC(), loss_fn=loss_fn, lr="auto", momentum="auto", damping=1e-3
+        model, KFAC(), loss_fn=loss_fn, lr="auto", momentum="auto", damping=1e-3, **FRESH
     )
     for _ in range(2):
         before = torch.cat([model.weight, model.bias[:, None]], 1).detach().clone()
@@ -380,3 +400,38 @@ def test_auto_settings_that_cannot_be_honoured_are_errors() -> None:
     )  # fmt: skip
     losses = _train(opt, norm, loss_fn, _batches(3))
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("clip", [None, 1e-2, 1e-5])
+def test_the_kl_trust_region_bounds_the_exact_curvature_of_the_update(clip: float | None) -> None:
+    model, loss_fn = _mlp(), nn.CrossEntropyLoss()
+    log: list[dict[str, object]] = []
+    opt = _auto(model, loss_fn, on_step=log.append, kl_clip=clip)
+    for x, y in _batches()[:3]:
+        before = [p.detach().clone() for p in model.parameters()]
+        _train(opt, model, loss_fn, [(x, y)])
+        update = {
+            layer.name: layer.to_matrix(
+                *(opt.state[p]["previous_update"] for p in layer.parameters)
+            )
+            for layer in opt.layers
+        }
+        after = [p.detach().clone() for p in model.parameters()]
+        # The exact GGN form at the parameters the step was chosen at.
+        with torch.no_grad():
+            for p, b in zip(model.parameters(), before, strict=True):
+                p.copy_(b)
+        curvature = float(opt.extractor.ggn_gram([update])[0, 0])
+        with torch.no_grad():
+            for p, a in zip(model.parameters(), after, strict=True):
+                p.copy_(a)
+        nu = log[-1]["kl_clip_factor"]
+        assert isinstance(nu, float)
+        if clip is None:
+            assert nu == 1.0
+        else:
+            assert curvature <= clip * (1 + 1e-4)
+            if nu < 1.0:  # the bound binds: the update sits on its boundary
+                assert curvature == pytest.approx(clip, rel=1e-3)
+    if clip == 1e-5:
+        assert all(row["kl_clip_factor"] < 1.0 for row in log)

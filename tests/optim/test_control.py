@@ -15,6 +15,7 @@ from curvlib.approx.kpsvd import KPSVD
 from curvlib.optim import LevenbergMarquardt
 from curvlib.wiring import PreconditionedOptimizer
 from tests import problems as P
+from tests.hyper import PER_STEP
 from tests.optim.identity import ZeroCurvature
 
 DTYPE = torch.float64
@@ -217,7 +218,7 @@ def test_per_group_damping_and_approximation_reach_their_layers() -> None:
     model = problem.model()
     opt = PreconditionedOptimizer(
         model, KFAC(KFACDamping.EIGEN), loss_fn=problem.loss_fn, lr=1.0, kl_clip=None,
-        damping=1e-3, fisher_type="exact", groups=[
+        damping=1e-3, fisher_type="exact", **PER_STEP, groups=[
             {"layers": ["4"], "damping": 0.5, "name": "head"},
             {"layers": ["2"], "damping": 0.05, "approx": KPSVD(damping_mode="eigen")},
         ],
@@ -248,7 +249,7 @@ def test_group_hyper_parameters_are_editable_param_groups() -> None:
     model = problem.model()
     opt = PreconditionedOptimizer(
         model, KFAC(KFACDamping.EIGEN), loss_fn=problem.loss_fn, lr=1.0, kl_clip=None,
-        fisher_type="exact", groups=[{"layers": ["4"], "damping": 0.5, "lr": 0.5}],
+        fisher_type="exact", **PER_STEP, groups=[{"layers": ["4"], "damping": 0.5, "lr": 0.5}],
     )  # fmt: skip
     _step(opt, model, problem.loss_fn, problem.x, problem.y)
     opt.param_groups[1]["damping"] = 2.0
@@ -277,16 +278,16 @@ def test_per_group_intervals() -> None:
             return inverse(damping)
 
         approx.inverse = counted  # type: ignore[method-assign]
-    opt = PreconditionedOptimizer(model, default, loss_fn=problem.loss_fn,
-                                  groups=[{"layers": ["2", "4"], "approx": slow, "t_cov": 2,
-                                           "t_inv": 3}])  # fmt: skip
+    opt = PreconditionedOptimizer(model, default, loss_fn=problem.loss_fn, t_cov=1, t_inv=1,
+                                  warmup=0, groups=[{"layers": ["2", "4"], "approx": slow,
+                                                     "t_cov": 2, "t_inv": 3}])  # fmt: skip
     for _ in range(6):
         _step(opt, model, problem.loss_fn, problem.x, problem.y)
     assert (default.num_updates, slow.num_updates) == (6, 3)
     assert (calls[id(default)], calls[id(slow)]) == (6, 2)
     # Statistics are recorded only when some group is due.
     opt = PreconditionedOptimizer(model, ZeroCurvature(), loss_fn=problem.loss_fn, t_cov=2,
-                                  groups=[{"layers": ["4"], "t_cov": 3}])  # fmt: skip
+                                  warmup=0, groups=[{"layers": ["4"], "t_cov": 3}])  # fmt: skip
     due = []
     for _ in range(6):
         due.append(any(engine.stats_due for engine in opt.engines))
@@ -374,8 +375,8 @@ def test_describe_lists_layers_groups_fallback_and_excluded() -> None:
                           nn.Linear(3, 3))  # fmt: skip
     opt = PreconditionedOptimizer(
         model, KFAC(), loss_fn=nn.CrossEntropyLoss(), exclude=["4"], unsupported="ignore",
-        damping=LevenbergMarquardt(initial=1e-2), groups=[{"layers": ["3"], "approx": KPSVD(),
-                                                           "damping": 0.1, "t_inv": 5}],
+        damping=LevenbergMarquardt(initial=1e-2), t_cov=1, t_inv=1, momentum=0.0,
+        groups=[{"layers": ["3"], "approx": KPSVD(), "damping": 0.1, "t_inv": 5}],
     )  # fmt: skip
     text = opt.describe()
     lines = text.splitlines()

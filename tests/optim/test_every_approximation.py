@@ -7,6 +7,7 @@ import pytest
 from curvlib.wiring import PreconditionedOptimizer
 from tests import problems as P
 from tests.approx.cases import APPROXIMATIONS, ApproxCase
+from tests.hyper import FRESH
 
 
 def _binary(problem: P.Problem) -> P.Problem:
@@ -36,7 +37,7 @@ def test_trains(case: ApproxCase, problem: P.Problem, factor: float) -> None:
     model = problem.model()
     opt = PreconditionedOptimizer(
         model, case.make(), loss_fn=problem.loss_fn, lr=0.5, damping=DAMPING, kl_clip=1e-1,
-        momentum=0.5, fisher_type="exact",
+        momentum=0.5, fisher_type="exact", **FRESH,
     )  # fmt: skip
     losses = []
     for _ in range(20):

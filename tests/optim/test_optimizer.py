@@ -16,6 +16,7 @@ from curvlib.core import FisherType
 from curvlib.optim import LevenbergMarquardt, kl_clip_factor
 from curvlib.wiring import NaturalGradientPreconditioner, PreconditionedOptimizer
 from tests import problems as P
+from tests.hyper import FRESH
 from tests.optim.identity import ZeroCurvature
 
 
@@ -99,7 +100,7 @@ def test_kfac_trains_small_problems(problem: P.Problem, factor: float, mode: KFA
     model = problem.model()
     opt = PreconditionedOptimizer(
         model, KFAC(mode), loss_fn=problem.loss_fn, lr=0.5, damping=1e-3, kl_clip=1e-1,
-        momentum=0.5, fisher_type=FisherType.EXACT,
+        momentum=0.5, fisher_type=FisherType.EXACT, **FRESH,
     )  # fmt: skip
     losses = _train(opt, model, problem.loss_fn, [(problem.x, problem.y)] * 25)
     assert losses[-1] < factor * losses[0], losses
@@ -201,7 +202,7 @@ def test_planted_nan_gradient_skips_the_step() -> None:
 def test_nan_statistics_keep_the_last_preconditioner() -> None:
     problem = P.mlp_ce()
     model = problem.model()
-    opt = PreconditionedOptimizer(model, KFAC(), loss_fn=problem.loss_fn)
+    opt = PreconditionedOptimizer(model, KFAC(), loss_fn=problem.loss_fn, t_cov=1, t_inv=1)
     _train(opt, model, problem.loss_fn, [(problem.x, problem.y)])
     opt.zero_grad()
     with opt.record():
@@ -219,7 +220,7 @@ def test_a_failed_update_keeps_the_estimate_and_the_preconditioner(
     problem = P.mlp_ce()
     model = problem.model()
     approx = KFAC()
-    opt = PreconditionedOptimizer(model, approx, loss_fn=problem.loss_fn, t_inv=2)
+    opt = PreconditionedOptimizer(model, approx, loss_fn=problem.loss_fn, t_cov=1, t_inv=2)
     _train(opt, model, problem.loss_fn, [(problem.x, problem.y)] * 2)
     before = {name: approx.to_dense(name) for name in approx.blocks}
     before_shapes = list(approx.blocks.items())
@@ -266,14 +267,16 @@ def test_misuse_is_an_error() -> None:
     with pytest.raises(ValueError, match="lr must be positive"):
         PreconditionedOptimizer(model, KFAC(), loss_fn=problem.loss_fn, lr=-1.0)
     with pytest.raises(ValueError, match="nesterov"):
-        PreconditionedOptimizer(model, KFAC(), loss_fn=problem.loss_fn, nesterov=True)
+        PreconditionedOptimizer(model, KFAC(), loss_fn=problem.loss_fn, momentum=0.0, nesterov=True)
 
 
 def test_statistics_only_when_due() -> None:
     problem = P.mlp_ce()
     model = problem.model()
     approx = KFAC()
-    opt = PreconditionedOptimizer(model, approx, loss_fn=problem.loss_fn, t_cov=3, t_inv=3)
+    opt = PreconditionedOptimizer(
+        model, approx, loss_fn=problem.loss_fn, t_cov=3, t_inv=3, warmup=0
+    )
     _train(opt, model, problem.loss_fn, [(problem.x, problem.y)] * 7)
     assert approx.num_updates == 3  # steps 0, 3, 6
 
@@ -326,7 +329,7 @@ def test_gradient_accumulation_equals_the_large_batch() -> None:
         model = problem.model()
         opt = PreconditionedOptimizer(
             model, KFAC(), loss_fn=problem.loss_fn, fisher_type="empirical",
-            accumulation_steps=micro, lr=0.1, momentum=0.9,
+            accumulation_steps=micro, lr=0.1, momentum=0.9, stats_fraction=1.0,
         )  # fmt: skip
         for _ in range(3):
             opt.zero_grad()

@@ -14,6 +14,7 @@ from curvlib.approx.kfac import KFAC, KFACDamping
 from curvlib.optim import LevenbergMarquardt
 from curvlib.wiring import PreconditionedOptimizer
 from tests import problems as P
+from tests.hyper import PER_STEP
 from tests.optim.identity import ZeroCurvature
 
 DTYPE = torch.float64
@@ -43,33 +44,49 @@ def _damped(approx, name: str, damping: float) -> torch.Tensor:  # type: ignore[
     return dense + damping * torch.eye(dense.shape[0], dtype=DTYPE)
 
 
-def test_clip_factor_equals_the_independent_clip_with_per_group_lr() -> None:
+@pytest.mark.parametrize(
+    "settings",
+    [
+        PER_STEP,  # a new inverse on every step, no momentum: the clip of the direction
+        # The clip of the heavy-ball step mu b + Delta (docs/optimizer.md, "Learning rate and
+        # KL clip"); one inverse throughout, so that the tracked buffer norm is exact.
+        {"t_cov": 100, "t_inv": 100, "warmup": 0, "momentum": 0.5},
+    ],
+    ids=["per-step", "momentum"],
+)
+def test_clip_factor_equals_the_independent_clip_with_per_group_lr(
+    settings: dict[str, Any],
+) -> None:
     problem = P.mlp_ce(n=16)
     model = problem.model()
-    clip = 1e-4
+    clip, momentum = 1e-4, settings["momentum"]
     opt = PreconditionedOptimizer(
         model, KFAC(KFACDamping.EIGEN), loss_fn=problem.loss_fn, lr=0.7, kl_clip=clip,
         damping=1e-2, fisher_type="exact", groups=[{"layers": ["4"], "lr": 0.2, "damping": 0.1}],
+        **settings,
     )  # fmt: skip
     lrs = {"0": 0.7, "2": 0.7, "4": 0.2}
     engine_of = {"0": opt.engines[0], "2": opt.engines[0], "4": opt.engines[1]}
     damping_of = {"0": 1e-2, "2": 1e-2, "4": 0.1}
+    buffers = {name: torch.zeros(()) for name in lrs}  # the clipped buffers b, as [W | b]
     for _ in range(3):
         before = _matrices(opt)
         _step(opt, model, problem.loss_fn, problem.x, problem.y)
         after = _matrices(opt)
-        denom, directions = 0.0, {}
+        denom, steps = 0.0, {}
         for layer in opt.layers:
             grad = layer.grad_matrix()
             damped = _damped(engine_of[layer.name].approx, layer.name, damping_of[layer.name])
             direction = torch.linalg.solve(damped, grad.flatten()).reshape(grad.shape)
-            directions[layer.name] = direction
-            denom += lrs[layer.name] ** 2 * float((grad * direction).sum())
+            step = momentum * buffers[layer.name] + direction
+            steps[layer.name] = step
+            denom += lrs[layer.name] ** 2 * float(step.flatten() @ damped @ step.flatten())
         nu = min(1.0, math.sqrt(clip / denom))
         assert nu < 1.0
         assert opt.last_stats["kl_clip_factor"] == pytest.approx(nu, rel=1e-9)
-        for name, direction in directions.items():  # the applied step is -lr * nu * direction
-            torch.testing.assert_close(after[name] - before[name], -lrs[name] * nu * direction)
+        for name, step in steps.items():  # the applied step is -lr * nu * (mu b + direction)
+            torch.testing.assert_close(after[name] - before[name], -lrs[name] * nu * step)
+            buffers[name] = nu * step
 
 
 def test_damping_follows_the_levenberg_marquardt_rule() -> None:
@@ -78,7 +95,7 @@ def test_damping_follows_the_levenberg_marquardt_rule() -> None:
     lm = LevenbergMarquardt(initial=1e-2, interval=1)
     opt = PreconditionedOptimizer(
         model, KFAC(KFACDamping.EIGEN), loss_fn=problem.loss_fn, lr=0.05, damping=lm,
-        kl_clip=None, fisher_type="exact", groups=[{"layers": ["4"], "damping": 0.3}],
+        kl_clip=None, fisher_type="exact", **PER_STEP, groups=[{"layers": ["4"], "damping": 0.3}],
     )  # fmt: skip
     omega = lm.decay**lm.interval
     moves = set()
@@ -139,7 +156,7 @@ def test_condition_numbers_are_reported_when_inverses_are_rebuilt() -> None:
     model = problem.model()
     approx = _Conditioned(KFACDamping.EIGEN)
     opt = PreconditionedOptimizer(model, approx, loss_fn=problem.loss_fn, damping=1e-2, t_inv=2,
-                                  fisher_type="exact")  # fmt: skip
+                                  warmup=0, fisher_type="exact")  # fmt: skip
     for step in range(4):
         _step(opt, model, problem.loss_fn, problem.x, problem.y)
         stats = opt.last_stats
@@ -204,7 +221,8 @@ def test_callback_gets_the_same_dict_once_per_step_and_counters_add_up() -> None
         return inverse(damping)
 
     approx.inverse = failing  # type: ignore[method-assign]
-    opt = PreconditionedOptimizer(model, approx, loss_fn=problem.loss_fn, on_step=calls.append)
+    opt = PreconditionedOptimizer(model, approx, loss_fn=problem.loss_fn, on_step=calls.append,
+                                  t_cov=1, t_inv=1)  # fmt: skip
     seen = []
     for step in range(4):
         opt.zero_grad()

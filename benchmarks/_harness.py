@@ -1,0 +1,89 @@
+"""What every curvlib benchmark shares: the machine, the commit, a progress bar, JSON output.
+
+Each benchmark keeps to what it measures and records where it ran with
+``machine()`` and ``commit()``, so that every figure in the docs carries its
+machine, date, commit and command.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import subprocess
+import sys
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+T = TypeVar("T")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def machine() -> dict[str, Any]:
+    """CPU, core count, load, Python, torch and BackPACK versions, and the UTC date."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "load_average": None if load is None else [round(v, 2) for v in load],
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "backpack": importlib.metadata.version("backpack-for-pytorch"),
+    }
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(
+        ["git", *args], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+def commit() -> str:
+    """The checked-out commit (``+dirty`` with uncommitted changes), or ``unknown``."""
+    try:
+        sha = _git("rev-parse", "--short", "HEAD")
+        dirty = _git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return sha + ("+dirty" if dirty else "")
+
+
+def command(argv: Iterable[str] | None = None) -> str:
+    """The command line that reproduces this run, relative to the repository root."""
+    script = Path(sys.argv[0]).resolve()
+    with contextlib.suppress(ValueError):
+        script = script.relative_to(REPO)
+    args = list(sys.argv[1:] if argv is None else argv)
+    return " ".join(["python", str(script), *args])
+
+
+def progress(items: Iterable[T], total: int, desc: str, enabled: bool = True) -> Iterator[T]:
+    """``tqdm`` over ``items`` when it is installed and ``enabled``, else the items as they are."""
+    if enabled:
+        with contextlib.suppress(ImportError):
+            from tqdm import tqdm
+
+            yield from tqdm(items, total=total, desc=desc, leave=False, file=sys.stderr)
+            return
+    yield from items
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    """Write ``payload`` as indented JSON, creating the folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=1, allow_nan=False) + "\n")

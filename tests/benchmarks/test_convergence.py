@@ -1,0 +1,101 @@
+"""``benchmarks/convergence.py``: its bookkeeping on hand-made curves, and a small real run."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+from tests.benchmarks.loader import benchmark_script
+
+KEYS = {"task", "method", "config", "seed", "final_loss", "adam_final_loss", "time_to_adam_ratio",
+        "diverged"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def cv() -> Iterator[ModuleType]:
+    with benchmark_script("convergence") as module:
+        yield module
+
+
+def curve(cv: ModuleType, points: list[tuple[float, float]]) -> object:
+    c = cv.Curve()
+    for i, (t, loss) in enumerate(points):
+        c.add(t, float(i), loss)
+    return c
+
+
+def test_time_to_interpolates_between_evaluations(cv: ModuleType) -> None:
+    c = curve(cv, [(0.0, 10.0), (1.0, 6.0), (3.0, 2.0)])
+    assert c.time_to(10.0) == 0.0
+    assert c.time_to(6.0) == pytest.approx(1.0)
+    assert c.time_to(4.0) == pytest.approx(2.0)  # halfway from 6 to 2, halfway from 1 s to 3 s
+    assert c.time_to(1.9) is None
+    assert c.loss_at(2.5) == 6.0
+    assert c.loss_at(99.0) == 2.0
+
+
+def run(cv: ModuleType, config: str, seed: int, final: float, diverged: bool = False) -> object:
+    c = curve(cv, [(0.0, 10.0), (1.0, final)])
+    return cv.Run("t", "adam", config, seed, c, 1.0, 10, diverged, False, 0, 0)
+
+
+def test_best_of_takes_the_median_and_counts_a_divergence_as_worst(cv: ModuleType) -> None:
+    runs = [
+        run(cv, "lr=1", 0, 1.0), run(cv, "lr=1", 1, 9.0), run(cv, "lr=1", 2, 9.0),
+        run(cv, "lr=2", 0, 3.0), run(cv, "lr=2", 1, 3.0), run(cv, "lr=2", 2, 0.5, diverged=True),
+    ]  # fmt: skip
+    assert cv.best_of(runs) == "lr=2"  # median 3 (inf, 3, 3) beats median 9
+    assert cv.best_of(runs[:3]) == "lr=1"
+
+
+def test_record_measures_against_adam_of_the_same_seed(cv: ModuleType) -> None:
+    adam = cv.Run("t", "adam", "lr=1", 0, curve(cv, [(0.0, 10.0), (2.0, 4.0)]), 2.0, 10,
+                  False, False, 0, 0)  # fmt: skip
+    fast = cv.Run("t", "kfac", "default", 0, curve(cv, [(0.0, 10.0), (0.5, 4.0), (1.0, 3.0)]),
+                  1.0, 5, False, False, 0, 0)  # fmt: skip
+    entry = cv.record(fast, adam, False)
+    assert entry["adam_final_loss"] == 4.0
+    assert entry["time_to_adam_ratio"] == pytest.approx(0.25)
+    assert entry["step_time_ratio"] == pytest.approx((1.0 / 5) / (2.0 / 10))
+    assert entry["final_loss"] == 3.0 and entry["loss_at_adam_time"] == 3.0
+    never = cv.Run("t", "kfac", "default", 0, curve(cv, [(0.0, 10.0), (9.0, 5.0)]), 9.0, 5,
+                   False, False, 0, 0)  # fmt: skip
+    assert cv.record(never, adam, False)["time_to_adam_ratio"] is None
+
+
+def test_a_diverging_run_stops_and_is_flagged(cv: ModuleType) -> None:
+    task = cv.digits_mlp_task(quick=True)
+    blowup = cv.Method("sgd", "lr=1e3", lambda m, _: torch.optim.SGD(m.parameters(), lr=1e3), False)
+    result = cv.train(task, blowup, 0, None)
+    assert result.diverged and result.final_loss is None
+    assert result.steps < task.epochs * task.steps_per_epoch
+
+
+def test_small_run_writes_json_markdown_and_plots(cv: ModuleType, tmp_path: Path) -> None:
+    threads = torch.get_num_threads()
+    cv.main(["--quick", "--tasks", "digits-mlp", "--methods", "adam,kfac", "--seeds", "0,1",
+             "--no-progress", "--out", str(tmp_path)])  # fmt: skip
+    assert torch.get_num_threads() == threads
+    payload = json.loads((tmp_path / "convergence.json").read_text())
+    runs = payload["runs"]
+    assert len(runs) == 2 * (len(cv.ADAM_LRS) + 1)
+    assert all(set(r) >= KEYS for r in runs)
+    kfac = [r for r in runs if r["method"] == "kfac"]
+    assert [r["config"] for r in kfac] == ["default", "default"]
+    for r in kfac:
+        tuned = next(a for a in runs if a["method"] == "adam" and a["tuned_choice"]
+                     and a["seed"] == r["seed"])  # fmt: skip
+        assert r["adam_final_loss"] == tuned["final_loss"]
+        assert not r["diverged"]
+        # A run past the time cap has no final loss; one that finished has a finite one.
+        assert r["stopped_at_time_cap"] == (r["final_loss"] is None)
+        assert r["final_loss"] is None or math.isfinite(r["final_loss"])
+    assert payload["bar"]["kfac"]["tasks"] == 1
+    assert "### digits-mlp" in (tmp_path / "convergence.md").read_text()
+    assert (tmp_path / "convergence_digits-mlp.png").stat().st_size > 0

@@ -1,0 +1,138 @@
+"""The library defaults train: nothing passed but the model, the approximation and the loss.
+
+How fast they train against a tuned Adam is measured by ``benchmarks/convergence.py``;
+these tests only guard that the defaults neither diverge nor stall on real images.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from curvlib import EKFAC, KFAC, KPSVD, PreconditionedOptimizer
+from curvlib.core.protocols import CurvatureApprox
+from curvlib.optim.defaults import DEFAULTS
+
+sklearn_datasets = pytest.importorskip("sklearn.datasets")
+
+SEEDS = (0, 1, 2)
+APPROXIMATIONS: dict[str, Callable[[], CurvatureApprox]] = {
+    "KFAC": KFAC, "EKFAC": EKFAC, "KPSVD": KPSVD,
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[Tensor, Tensor]:
+    data = sklearn_datasets.load_digits()
+    images = torch.tensor(data.images[:600], dtype=torch.float32)[:, None] / 16.0
+    return images, torch.tensor(data.target[:600], dtype=torch.int64)
+
+
+def relu_autoencoder() -> nn.Module:
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(),
+        nn.Linear(64, 8), nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 128), nn.ReLU(),
+        nn.Linear(128, 64), nn.Unflatten(1, (1, 8, 8)),
+    )  # fmt: skip
+
+
+def small_cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10),
+    )  # fmt: skip
+
+
+def train(
+    model: nn.Module, approx: CurvatureApprox, loss_fn: nn.Module, x: Tensor, y: Tensor,
+    seed: int, epochs: int,
+) -> list[float]:  # fmt: skip
+    """Full-data losses after each epoch of the default optimizer (batches of 100)."""
+    opt = PreconditionedOptimizer(model, approx, loss_fn=loss_fn)
+    order = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        losses = [float(loss_fn(model(x), y))]
+    for _ in range(epochs):
+        for idx in torch.randperm(len(x), generator=order).split(100):
+            opt.zero_grad()
+            with opt.record():
+                loss_fn(model(x[idx]), y[idx]).backward()
+            opt.step()
+        with torch.no_grad():
+            losses.append(float(loss_fn(model(x), y)))
+    assert opt.skipped_steps == 0
+    return losses
+
+
+@pytest.mark.parametrize(("name", "seed"), list(itertools.product(APPROXIMATIONS, SEEDS)))
+def test_defaults_train_a_relu_autoencoder(
+    digits: tuple[Tensor, Tensor], name: str, seed: int
+) -> None:
+    x, _ = digits
+    torch.manual_seed(seed)
+    losses = train(relu_autoencoder(), APPROXIMATIONS[name](), nn.BCEWithLogitsLoss(), x, x,
+                   seed, epochs=6)  # fmt: skip
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert max(losses) <= losses[0] * 1.05, losses  # never blows up on the way
+    assert losses[-1] < 0.75 * losses[0], losses
+
+
+@pytest.mark.parametrize(("name", "seed"), list(itertools.product(APPROXIMATIONS, SEEDS)))
+def test_defaults_train_a_small_cnn(digits: tuple[Tensor, Tensor], name: str, seed: int) -> None:
+    x, y = digits
+    torch.manual_seed(seed)
+    losses = train(small_cnn(), APPROXIMATIONS[name](), nn.CrossEntropyLoss(), x, y, seed,
+                   epochs=4)  # fmt: skip
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert max(losses) <= losses[0] * 1.05, losses
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_the_optimizer_uses_the_documented_defaults() -> None:
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    opt = PreconditionedOptimizer(model, KFAC(), loss_fn=nn.MSELoss())
+    group = opt.param_groups[0]
+    assert group["lr"] == DEFAULTS.lr and group["momentum"] == DEFAULTS.momentum
+    assert group["damping"] == DEFAULTS.damping and opt.kl_clip == DEFAULTS.kl_clip
+    assert (group["t_cov"], group["t_inv"]) == (DEFAULTS.t_cov, DEFAULTS.t_inv)
+    assert opt.extractor.stats_fraction == DEFAULTS.stats_fraction
+
+
+@pytest.mark.parametrize(
+    ("warmup", "t_cov", "t_inv"), [(0, 3, 4), (5, 3, 4), (10, 10, 10), (20, 7, 7)]
+)
+def test_warmup_refreshes_at_doubling_intervals_then_follows_the_intervals(
+    warmup: int, t_cov: int, t_inv: int
+) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    loss_fn = nn.MSELoss()
+    opt = PreconditionedOptimizer(
+        model, KFAC(), loss_fn=loss_fn, t_cov=t_cov, t_inv=t_inv, warmup=warmup
+    )
+    x, y = torch.randn(8, 3), torch.randn(8, 2)
+    stats_steps, inverse_steps = [], []
+    for step in range(24):
+        opt.zero_grad()
+        with opt.record():
+            loss_fn(model(x), y).backward()
+        opt.step()
+        if "time_update" in opt.last_stats:
+            stats_steps.append(step)
+        if opt.last_stats["inverse_rebuilt"]:
+            inverse_steps.append(step)
+    warm = [0, 1, 2, 4, 8, 16]  # doubling intervals while k < warmup
+    assert stats_steps == [k for k in range(24) if (k < warmup and k in warm) or k % t_cov == 0]
+    assert inverse_steps == [k for k in range(24) if (k < warmup and k in warm) or k % t_inv == 0]
+
+
+def test_warmup_must_be_a_non_negative_int() -> None:
+    model = nn.Sequential(nn.Linear(3, 2))
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="warmup"):
+            PreconditionedOptimizer(model, KFAC(), loss_fn=nn.MSELoss(), warmup=bad)

@@ -1,0 +1,101 @@
+"""The KL clip bounds the whole step, momentum included, in the preconditioner's metric."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor
+
+import tests.problems as P
+from curvlib import KFAC, PreconditionedOptimizer
+from curvlib.optim.kernels import clip_from_norms, momentum_step_norms
+
+DTYPE = torch.float64
+
+
+def _spd(n: int, gen: torch.Generator) -> Tensor:
+    root = torch.randn(n, n, generator=gen, dtype=DTYPE)
+    return root @ root.T + 0.1 * torch.eye(n, dtype=DTYPE)
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+@pytest.mark.parametrize("momentum", [0.0, 0.5, 0.9])
+def test_step_norms_equal_the_dense_quadratic_forms(momentum: float, nesterov: bool) -> None:
+    gen = torch.Generator().manual_seed(0)
+    metric = _spd(7, gen)  # P^{-1}
+    grad = torch.randn(7, generator=gen, dtype=DTYPE)
+    buffer = torch.randn(7, generator=gen, dtype=DTYPE)
+    direction = torch.linalg.solve(metric, grad)  # P grad
+    step_norm, buffer_norm = momentum_step_norms(
+        float(grad @ direction), float(grad @ buffer), float(buffer @ metric @ buffer),
+        momentum, nesterov,
+    )  # fmt: skip
+    new_buffer = momentum * buffer + direction
+    step = direction + momentum * new_buffer if nesterov else new_buffer
+    assert step_norm == pytest.approx(float(step @ metric @ step), rel=1e-12)
+    assert buffer_norm == pytest.approx(float(new_buffer @ metric @ new_buffer), rel=1e-12)
+
+
+def test_clip_from_norms_sums_layers_with_their_learning_rates() -> None:
+    norms = {"a": 2.0, "b": 6.0}
+    assert clip_from_norms(norms, {"a": 0.5, "b": 0.1}, 1e-2) == pytest.approx(
+        (1e-2 / (0.25 * 2.0 + 0.01 * 6.0)) ** 0.5
+    )
+    assert clip_from_norms(norms, 0.1, 1e-2, lr_squared=False) == pytest.approx((1e-2 / 8.0) ** 0.5)
+    assert clip_from_norms(norms, 0.1, None) == 1.0
+    assert clip_from_norms(norms, 0.1, 1e3) == 1.0
+    assert clip_from_norms({"a": float("nan")}, 0.1, 1e-2) == 1.0
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_the_step_with_momentum_stays_inside_the_kl_bound(nesterov: bool) -> None:
+    # EIGEN damping inverts C + lambda I exactly, so the metric of the bound is known.
+    problem = P.mlp_ce(n=32)
+    model = problem.model()
+    damping, lr, clip = 1e-3, 0.5, 1e-2
+    opt = PreconditionedOptimizer(
+        model, KFAC("eigen"), loss_fn=problem.loss_fn, lr=lr, damping=damping, kl_clip=clip,
+        momentum=0.9, nesterov=nesterov, t_cov=1000, t_inv=1000, warmup=0, fisher_type="exact",
+    )  # fmt: skip
+    clipped = 0
+    for _ in range(8):
+        before = {layer.name: layer.to_matrix(*(p.detach().clone() for p in layer.parameters))
+                  for layer in opt.layers}  # fmt: skip
+        opt.zero_grad()
+        with opt.record():
+            problem.loss_fn(model(problem.x), problem.y).backward()
+        opt.step()
+        kl, tracked, true = 0.0, 0.0, 0.0
+        for layer in opt.layers:
+            step = layer.to_matrix(*(p.detach() for p in layer.parameters)) - before[layer.name]
+            metric_step = opt.approx.matvec({layer.name: step})[layer.name] + damping * step
+            kl += float((step * metric_step).sum())
+            buffer = layer.to_matrix(*(opt.state[p]["momentum_buffer"] for p in layer.parameters))
+            metric_buffer = opt.approx.matvec({layer.name: buffer})[layer.name] + damping * buffer
+            true += float((buffer * metric_buffer).sum())
+            tracked += opt.state[layer.weight]["momentum_norm"]
+        assert kl <= clip * (1 + 1e-6)
+        nu = opt.last_stats["kl_clip_factor"]
+        if nu < 1.0:
+            clipped += 1
+            assert kl == pytest.approx(clip, rel=1e-6)
+        assert tracked == pytest.approx(true / 1.0, rel=1e-6)  # exact while the inverse is fixed
+    assert clipped >= 2
+
+
+def test_the_tracked_norm_round_trips_through_a_checkpoint() -> None:
+    problem = P.mlp_ce(n=16)
+    model = problem.model()
+    opt = PreconditionedOptimizer(model, KFAC(), loss_fn=problem.loss_fn, momentum=0.9)
+    for _ in range(3):
+        opt.zero_grad()
+        with opt.record():
+            problem.loss_fn(model(problem.x), problem.y).backward()
+        opt.step()
+    state = opt.state_dict()
+    fresh = PreconditionedOptimizer(model, KFAC(), loss_fn=problem.loss_fn, momentum=0.9)
+    fresh.load_state_dict(state)
+    for layer in opt.layers:
+        assert (
+            fresh.state[layer.weight]["momentum_norm"] == opt.state[layer.weight]["momentum_norm"]
+        )
