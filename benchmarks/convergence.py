@@ -209,7 +209,7 @@ def digits_convae_task(quick: bool) -> Task:
 def mnist_ae_task(root: Path, name: str, quick: bool) -> Task:
     from data import load_images
 
-    split = load_images(name, root, 10_000, 0, seed=0)
+    split = load_images(name, num_train=10_000, num_test=0, seed=0, data_root=root)
     x = split.train_x.flatten(1)
     widths, code = _autoencoder_widths((784, 1000, 500, 250, 30))
     return Task(

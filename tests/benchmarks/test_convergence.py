@@ -99,3 +99,21 @@ def test_small_run_writes_json_markdown_and_plots(cv: ModuleType, tmp_path: Path
     assert payload["bar"]["kfac"]["tasks"] == 1
     assert "### digits-mlp" in (tmp_path / "convergence.md").read_text()
     assert (tmp_path / "convergence_digits-mlp.png").stat().st_size > 0
+
+
+def test_data_root_adds_the_image_autoencoders_whose_files_are_there(
+    cv: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.examples.test_image_data import write_fashion
+
+    write_fashion(tmp_path / "fashion")
+    args = cv.parse_args(["--quick", "--methods", "adam", "--data-root", str(tmp_path / "fashion")])
+    tasks, baselines, methods, seeds = cv.plan(args)
+    names = [t.name for t in tasks]
+    assert names == [*cv.TASKS, "fashion-mnist-ae"]
+    fashion = tasks[-1]
+    assert fashion.inputs.shape == (12, 784) and torch.equal(fashion.inputs, fashion.targets)
+    assert fashion.report_scale == 784.0
+    assert "skipping mnist" in capsys.readouterr().err  # its files are not there
+    assert [m.config for m in baselines] == [f"lr={lr:g}" for lr in cv.ADAM_LRS]
+    assert methods == [] and seeds == [0]

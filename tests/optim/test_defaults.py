@@ -11,13 +11,12 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from sklearn.datasets import load_digits
 from torch import Tensor, nn
 
 from curvlib import EKFAC, KFAC, KPSVD, PreconditionedOptimizer
 from curvlib.core.protocols import CurvatureApprox
 from curvlib.optim.defaults import DEFAULTS
-
-sklearn_datasets = pytest.importorskip("sklearn.datasets")
 
 SEEDS = (0, 1, 2)
 APPROXIMATIONS: dict[str, Callable[[], CurvatureApprox]] = {
@@ -27,7 +26,7 @@ APPROXIMATIONS: dict[str, Callable[[], CurvatureApprox]] = {
 
 @pytest.fixture(scope="module")
 def digits() -> tuple[Tensor, Tensor]:
-    data = sklearn_datasets.load_digits()
+    data = load_digits()
     images = torch.tensor(data.images[:600], dtype=torch.float32)[:, None] / 16.0
     return images, torch.tensor(data.target[:600], dtype=torch.int64)
 
