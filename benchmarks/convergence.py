@@ -256,16 +256,10 @@ def sgd(lr: float) -> Method:
 
 
 def approximation(name: str) -> Callable[[], Any]:
-    """The class of the approximation called ``name``, built without arguments."""
-    from curvlib import approx
+    """Builds the approximation of the examples' ``--optim name`` with its defaults."""
+    from optimizers import APPROXIMATIONS
 
-    classes: dict[str, Callable[[], Any]] = {
-        "kfac": approx.KFAC, "ekfac": approx.EKFAC, "kpsvd": approx.KPSVD,
-        "deflation": approx.Deflation, "kfac-corrected": approx.KFACCorrected,
-        "lanczos": approx.Lanczos, "block-ng": approx.BlockNaturalGradient,
-        "exact-ng": approx.ExactNaturalGradient, "diag": approx.Diagonal,
-    }  # fmt: skip
-    return classes[name]
+    return APPROXIMATIONS[name]
 
 
 def curvature(name: str, config: str = "default", **kwargs: Any) -> Method:

@@ -195,10 +195,15 @@ _CURVATURE = [  # --optim name, module of curvlib.approx, class, arguments, help
      "diagonal of the GGN (--fisher mc/exact) or empirical Fisher (--fisher empirical)"),
 ]  # fmt: skip
 
+APPROXIMATIONS: dict[str, Callable[[], CurvatureApprox]] = {
+    name: _approx(mod, cls, **kw) for name, mod, cls, kw, _ in _CURVATURE
+}
+"""Every curvature ``--optim`` name and how to build its approximation."""
+
 OPTIMIZERS: dict[str, OptimizerSpec] = {
     **{
-        name: OptimizerSpec(_curvature(_approx(mod, cls, **kw)), DEFAULT_CURVATURE_LR, True, text)
-        for name, mod, cls, kw, text in _CURVATURE
+        name: OptimizerSpec(_curvature(APPROXIMATIONS[name]), DEFAULT_CURVATURE_LR, True, text)
+        for name, _, _, _, text in _CURVATURE
     },
     "adam": OptimizerSpec(_adam, 1e-3, False, "torch.optim.Adam"),
     "sgd": OptimizerSpec(_sgd, 0.1, False, "torch.optim.SGD with momentum", default_momentum=0.9),

@@ -25,9 +25,9 @@ class OptimizerDefaults:
         t_cov: Steps between statistics updates.
         t_inv: Steps between inverse rebuilds.
         stats_fraction: Fraction of each batch the statistics use.
-        warmup: Steps at the start on which statistics and inverses are
-            refreshed every step (the curvature of the initial weights goes stale
-            fastest).
+        warmup: Statistics and inverses also at the steps before it that are
+            powers of two (0, 1, 2, 4, 8): the curvature of the initial weights
+            goes stale fastest.
     """
 
     lr: float = 0.1

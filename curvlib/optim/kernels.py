@@ -108,19 +108,25 @@ def momentum_step_norms(
 
 
 def momentum_direction(
-    direction: Tensor, buffer: Tensor | None, momentum: float, nesterov: bool
+    direction: Tensor, buffer: Tensor | None, momentum: float, nesterov: bool, clip: float = 1.0
 ) -> tuple[Tensor, Tensor | None]:
-    """Heavy-ball or Nesterov momentum on a direction, as ``torch.optim.SGD`` applies it.
+    r"""Heavy-ball or Nesterov momentum on a direction, as ``torch.optim.SGD`` applies it.
+
+    ``clip`` $= \nu$ scales the direction and the old buffer alike, so that the
+    step is $\nu$ times the unclipped one
+    ([`momentum_step_norms`][curvlib.optim.kernels.momentum_step_norms]).
 
     Returns:
         ``(step direction, new buffer)``; the buffer is ``None`` without momentum.
     """
+    if clip != 1.0:
+        direction = clip * direction
     if momentum == 0.0:
         return direction, None
     if buffer is None:
         buffer = direction.clone()
     else:
-        buffer.mul_(momentum).add_(direction)
+        buffer.mul_(momentum * clip).add_(direction)
     if nesterov:
         return direction.add(buffer, alpha=momentum), buffer
     return buffer, buffer
@@ -132,6 +138,7 @@ def layer_step(
     layers: Sequence[CurvatureLayer],
     directions: Mapping[str, Tensor],
     want_deltas: bool,
+    clip: float = 1.0,
 ) -> dict[str, Tensor]:
     r"""Momentum and parameter update of one group's curvature layers.
 
@@ -143,8 +150,9 @@ def layer_step(
         group: The ``param_group`` (``lr``, ``momentum``, ``nesterov``,
             ``weight_decay``, ``decoupled_weight_decay``).
         layers: The group's curvature layers.
-        directions: Their clipped, preconditioned ``[W | b]`` directions.
+        directions: Their preconditioned ``[W | b]`` directions.
         want_deltas: Whether to return the parameter changes.
+        clip: The KL-clipping factor $\nu$ of the whole step (momentum included).
 
     Returns:
         The parameter changes as ``[W | b]`` matrices when ``want_deltas``, else ``{}``.
@@ -158,7 +166,7 @@ def layer_step(
         for p, d in zip(layer.parameters, parts, strict=False):
             assert d is not None
             step, state[p]["momentum_buffer"] = momentum_direction(
-                d, state[p].get("momentum_buffer"), momentum, bool(group["nesterov"])
+                d, state[p].get("momentum_buffer"), momentum, bool(group["nesterov"]), clip
             )
             if want_deltas:
                 changes.append(-lr * (step + wd * p))

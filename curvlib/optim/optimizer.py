@@ -109,9 +109,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             adding $\omega\theta$ to the gradient before preconditioning.
         t_cov: Steps between statistics updates.
         t_inv: Steps between inverse rebuilds.
-        warmup: Steps at the start on which statistics and inverses are refreshed
-            every step, whatever ``t_cov`` and ``t_inv`` say (0 disables it): the
-            curvature of the initial weights goes stale fastest.
+        warmup: Statistics and inverses also at the steps before ``warmup`` that are
+            powers of two (0, 1, 2, 4, 8, ...), whatever ``t_cov`` and ``t_inv``
+            say (0 disables it): the curvature of the initial weights goes stale
+            fastest ([`CurvatureEngine`][curvlib.optim.CurvatureEngine]).
         groups: Per-group settings, e.g. ``[{"layers": ["dec.*", nn.Conv2d],
             "approx": KPSVD(), "damping": 1e-2, "t_inv": 20}]``: the layers a
             group's patterns match get its approximation and hyper-parameters
@@ -345,13 +346,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             apply_adaptive_step(self.state, groups, adaptive, mode)
         else:
             for (group, _), layers in zip(self.curvature_groups(), self.group_layers, strict=True):
-                scaled = {layer.name: nu * directions[layer.name] for layer in layers}
-                if nu != 1.0:  # the clip bounds the step with its momentum
-                    for p in (p for layer in layers for p in layer.parameters):
-                        buffer = self.state[p].get("momentum_buffer")
-                        if buffer is not None:
-                            buffer.mul_(nu)
-                deltas.update(layer_step(self.state, group, layers, scaled, bool(lm_engines)))
+                deltas.update(
+                    layer_step(self.state, group, layers, directions, bool(lm_engines), clip=nu)
+                )
             for layer in self.layers:
                 if layer.name in buffer_norms:
                     self.state[layer.weight]["momentum_norm"] = nu * nu * buffer_norms[layer.name]
@@ -424,7 +421,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     def _products(self) -> CurvatureProducts:
         if not isinstance(self.extractor, CurvatureProducts):
-            raise RuntimeError(
+            raise ValueError(
                 "lr='auto' or momentum='auto' needs an extractor with exact curvature "
                 f"products (CurvatureProducts); {type(self.extractor).__name__} has none."
             )
@@ -442,11 +439,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         """Raise a ``ValueError`` for ``"auto"`` settings the optimizer cannot honour."""
         if not self._adaptive().active:
             return
-        if not isinstance(self.extractor, CurvatureProducts):
-            raise ValueError(
-                "lr='auto' or momentum='auto' needs an extractor with exact curvature "
-                f"products (CurvatureProducts); {type(self.extractor).__name__} has none."
-            )
+        self._products()
         group = self._group(OTHER_GROUP)
         if group is not None and (is_auto(group["lr"]) or is_auto(group["momentum"])):
             names = ", ".join(self._param_names[id(p)] for p in fallback)

@@ -24,6 +24,7 @@ from curvlib.wiring import PreconditionedOptimizer
 from tests import oracle
 from tests import problems as P
 from tests.approx.cases import PROBLEMS, fit_statistics, perturbed
+from tests.hyper import train_steps
 from tests.problems import Problem
 
 RTOL = 1e-9
@@ -138,15 +139,7 @@ def test_a_failed_refresh_leaves_every_layer_unchanged(monkeypatch: pytest.Monke
 
 def _train(opt: PreconditionedOptimizer, model: nn.Module, batches: list[tuple[Tensor, Tensor]],
            loss_fn: nn.Module) -> list[float]:  # fmt: skip
-    losses = []
-    for x, y in batches:
-        opt.zero_grad()
-        with opt.record():
-            loss = loss_fn(model(x), y)
-            loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
+    return train_steps(opt, model, loss_fn, batches)
 
 
 def test_basis_every_t_inv_steps_scalings_every_t_cov_steps(

@@ -20,7 +20,7 @@ from curvlib.optim.adaptive import QuadraticModel, adaptive_coefficients
 from curvlib.wiring import PreconditionedOptimizer
 from tests import oracle
 from tests import problems as P
-from tests.hyper import FRESH
+from tests.hyper import FRESH, train_steps
 
 DTYPE = torch.float64
 EXACT = {"rtol": 1e-9, "atol": 1e-11}
@@ -258,16 +258,7 @@ def _batches(steps: int = 8, n: int = 32) -> list[tuple[Tensor, Tensor]]:
     return [(x, y)] * steps
 
 
-def _train(opt, model, loss_fn, batches, closure: bool = False) -> list[float]:  # type: ignore[no-untyped-def]
-    losses = []
-    for x, y in batches:
-        opt.zero_grad()
-        with opt.record():
-            loss = loss_fn(model(x), y)
-            loss.backward()
-        opt.step((lambda: loss_fn(model(x), y)) if closure else None)  # noqa: B023
-        losses.append(loss.item())
-    return losses
+_train = train_steps
 
 
 def _auto(model: nn.Module, loss_fn: nn.Module, **kwargs: object) -> PreconditionedOptimizer:

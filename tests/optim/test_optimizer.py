@@ -16,7 +16,7 @@ from curvlib.core import FisherType
 from curvlib.optim import LevenbergMarquardt, kl_clip_factor
 from curvlib.wiring import NaturalGradientPreconditioner, PreconditionedOptimizer
 from tests import problems as P
-from tests.hyper import FRESH
+from tests.hyper import FRESH, train_steps
 from tests.optim.identity import ZeroCurvature
 
 
@@ -31,16 +31,7 @@ def _batches(n: int = 12, steps: int = 6) -> list[tuple[torch.Tensor, torch.Tens
             for _ in range(steps)]  # fmt: skip
 
 
-def _train(opt, model, loss_fn, batches):  # type: ignore[no-untyped-def]
-    losses = []
-    for x, y in batches:
-        opt.zero_grad()
-        with opt.record():
-            loss = loss_fn(model(x), y)
-            loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
+_train = train_steps
 
 
 @pytest.mark.parametrize(
