@@ -6,7 +6,8 @@ implements [`CurvatureApprox`][curvlib.core.protocols.CurvatureApprox] on top of
 them: statistics are folded in with the running average
 $C_k = \rho_k C_{k-1} + (1 - \rho_k)\, \hat C_k$,
 $\rho_k = \min(1 - 1/k, \text{decay})$ (so the first update takes the
-statistics as they are), and ``inverse(damping)`` builds a new operator from
+statistics as they are; ``decay=1`` weighs every update by its number of samples,
+the mean over a data set), and ``inverse(damping)`` builds a new operator from
 the current blocks. Vectors are per-layer $[W \mid b]$ matrices
 ([`curvlib.core.conventions`][curvlib.core.conventions]).
 """
@@ -391,20 +392,28 @@ class LayerwiseApprox(ABC):
 
     Args:
         decay: Upper bound of the running-average weight $\rho$ on the old estimate.
+            ``1.0`` keeps no window: every update is weighed by its number of
+            samples, so after one pass over a data set the running quantities
+            (KFAC's $A$ and $G$, a diagonal) are their means over all of it, as
+            a Laplace approximation or EWC needs. Methods that fit each batch
+            first (KPSVD, the two-term methods) average their per-batch fits.
         dtype: Storage dtype of the estimates (default: that of the statistics).
 
     Raises:
-        ValueError: If ``decay`` is outside ``[0, 1)``.
+        ValueError: If ``decay`` is outside ``[0, 1]``.
     """
 
     required_stats: ClassVar[frozenset[StatKind]]
 
     def __init__(self, decay: float = DEFAULT_DECAY, dtype: torch.dtype | None = None) -> None:
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"decay must lie in [0, 1), got {decay!r}.")
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(
+                f"decay must lie in [0, 1], got {decay!r} (1.0: the mean over all updates)."
+            )
         self.decay = float(decay)
         self.dtype = dtype
         self.num_updates = 0
+        self.num_samples_seen = 0
         self._blocks: dict[str, LayerBlock] = {}
 
     @abstractmethod
@@ -434,7 +443,7 @@ class LayerwiseApprox(ABC):
             )
         for name, layer_stats in stats.layers.items():
             self._check_has_required(name, layer_stats)
-        rho = min(1.0 - 1.0 / (self.num_updates + 1), self.decay)
+        rho = self._old_weight(stats.num_samples)
         with self._all_or_none():
             for name, layer_stats in stats.layers.items():
                 if name not in self._blocks:
@@ -442,6 +451,13 @@ class LayerwiseApprox(ABC):
                     self._blocks[name] = self._make_block(layer.out_dim, layer.in_dim_aug)
                 self._blocks[name].update(layer_stats, rho)
         self.num_updates += 1
+        self.num_samples_seen += stats.num_samples
+
+    def _old_weight(self, num_samples: int) -> float:
+        """Weight of the old estimate in the next update (see ``decay``)."""
+        if self.decay == 1.0:
+            return self.num_samples_seen / (self.num_samples_seen + num_samples)
+        return min(1.0 - 1.0 / (self.num_updates + 1), self.decay)
 
     @contextmanager
     def _all_or_none(self) -> Iterator[None]:
@@ -587,6 +603,7 @@ class LayerwiseApprox(ABC):
         """Counters and per-layer estimates: tensors and plain values only."""
         return {
             "num_updates": self.num_updates,
+            "num_samples_seen": self.num_samples_seen,
             "blocks": {
                 name: {"shape": [b.out_dim, b.in_dim], "state": b.state_dict()}
                 for name, b in self._blocks.items()
@@ -603,3 +620,4 @@ class LayerwiseApprox(ABC):
             blocks[name] = block
         self._blocks = blocks
         self.num_updates = int(state["num_updates"])
+        self.num_samples_seen = int(state.get("num_samples_seen", 0))

@@ -331,7 +331,8 @@ def test_code_blocks_run(page: Path) -> None:
 
 def test_snippets_exist() -> None:
     for page in DOCS.rglob("*.md"):
-        for path in re.findall(r'^--8<--\s+"([^"]+)"', page.read_text(encoding="utf-8"), re.M):
+        text = page.read_text(encoding="utf-8")
+        for path in re.findall(r'^--8<--\s+"([^":]+)(?::\d*)*"', text, re.M):
             assert (ROOT / path).is_file(), f"{page.relative_to(ROOT)} includes missing {path}"
 
 
