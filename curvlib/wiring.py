@@ -109,17 +109,18 @@ class PreconditionedOptimizer(CurvatureOptimizer):
     ``params`` what is stepped:
 
     ```python
+    bce = nn.BCEWithLogitsLoss()  # the instance the loop calls: bce(gan(z), ones)
     opt = PreconditionedOptimizer(
-        gan, KFAC(), loss_fn=nn.BCEWithLogitsLoss(), include=["generator.*"],
-        params=gan.generator.parameters(),
+        gan, KFAC(), loss_fn=bce, include=["generator.*"], params=gan.generator.parameters()
     )
     ```
 
     Args:
         model: The network.
         approx: The curvature approximation (of the layers no group claims).
-        loss_fn: The loss module the training loop calls (MC and exact Fisher
-            sample from / differentiate its likelihood).
+        loss_fn: The loss module the training loop calls, the same instance
+            (MC and exact Fisher sample from / differentiate its likelihood;
+            calling another instance inside ``record()`` is an error that says so).
         fisher_type: ``MC`` (default), ``EXACT`` or ``EMPIRICAL``.
         mc_samples: Monte-Carlo samples per datum.
         stats_fraction: Fraction of each batch the statistics use.
@@ -168,6 +169,11 @@ class PreconditionedOptimizer(CurvatureOptimizer):
         super().__init__(model, extractor, approx, params=chosen, groups=groups, **optimizer_kwargs)
         self.extractor: CurvatureExtractor = extractor
 
+    @property
+    def loss_fn(self) -> nn.Module:
+        """The loss module given as ``loss_fn``: call this instance inside ``record()``."""
+        return self.extractor.loss_fn
+
 
 class NaturalGradientPreconditioner(GradientPreconditioner):
     """Preconditioner mode: rewrites ``.grad`` so that any torch optimizer takes the step.
@@ -202,3 +208,8 @@ class NaturalGradientPreconditioner(GradientPreconditioner):
         _check_unsupported(model, extractor, None, unsupported)
         super().__init__(extractor, approx, **kwargs)
         self.extractor = extractor
+
+    @property
+    def loss_fn(self) -> nn.Module:
+        """The loss module given as ``loss_fn``: call this instance inside ``record()``."""
+        return self.extractor.loss_fn

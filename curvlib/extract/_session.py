@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.module import register_module_forward_pre_hook
 from torch.utils.hooks import RemovableHandle
 
 from curvlib.core.layout import CurvatureLayer, LayerKind
@@ -51,6 +52,7 @@ class CollectSession:
         self.num_batch: int | None = None
         self.subsample: list[int] | None = None
         self.loss_calls = 0
+        self.other_loss: nn.Module | None = None
         self.backward_seen = False
         self.stack = ExitStack()
         self.handles: list[RemovableHandle] = []
@@ -92,6 +94,7 @@ class CollectSession:
         for layer in ex._layout.layers:
             self.handles.append(layer.module.register_forward_hook(self._input_hook))
         self.handles.append(loss_module.register_forward_pre_hook(self._loss_hook))
+        self.handles.append(register_module_forward_pre_hook(self._other_loss_hook))
 
         def batch_to_sample() -> float:
             return ex._loss.batch_to_sample(self._num_batch())
@@ -106,7 +109,7 @@ class CollectSession:
                     [*hooked, loss_module],
                     backpropagate_columns=not empirical,
                     loss_columns=self._loss_columns,
-                    loss_ran=lambda: self.loss_calls > 0,
+                    loss_ran=self._loss_ran,
                     on_layer=self._on_layer,
                     batch_to_sample=batch_to_sample,
                     subsampling=subsampling,
@@ -180,6 +183,29 @@ class CollectSession:
             separate = self.coupled and self.ex._fisher_type is FisherType.EXACT
             self.autograd.pull_back(net_out, self._columns_for(net_out, target), separate)
 
+    def _other_loss_hook(self, module: nn.Module, inputs: Any) -> None:
+        # Seen only to name the mistake in finish(): another instance of the loss class.
+        if type(module) is type(self.ex._loss.loss_fn) and module is not self.ex._loss.loss_fn:
+            self.other_loss = module
+
+    def _check_other_loss(self) -> None:
+        """Name the mistake when another instance of the loss class ran instead of ``loss_fn``."""
+        if self.loss_calls or self.other_loss is None:
+            return
+        name = type(self.other_loss).__name__
+        raise RuntimeError(
+            f"collect() saw a call of another {name} instance, not of the loss_fn passed "
+            "to curvlib. curvlib reads the likelihood from that very instance (the "
+            "BackPACK backend extends it to backpropagate the loss Hessian), so build "
+            f"the loss once and use it in both places: loss_fn = nn.{name}(...); "
+            "PreconditionedOptimizer(model, approx, loss_fn=loss_fn); then "
+            "loss_fn(model(x), y) inside record() (or read it back as opt.loss_fn)."
+        )
+
+    def _loss_ran(self) -> bool:
+        self._check_other_loss()
+        return self.loss_calls > 0
+
     # -- columns ------------------------------------------------------------------
 
     def _num_batch(self) -> int:
@@ -208,6 +234,7 @@ class CollectSession:
     # -- result -------------------------------------------------------------------
 
     def finish(self) -> CurvatureStatistics:
+        self._check_other_loss()
         if self.loss_calls == 0:
             raise RuntimeError(
                 "collect() ended without a call of loss_fn: call the loss module passed to "

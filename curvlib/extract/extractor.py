@@ -205,6 +205,11 @@ class CurvatureExtractor:
         return self._layout
 
     @property
+    def loss_fn(self) -> nn.Module:
+        """The loss module: the very instance ``collect()`` blocks must call."""
+        return self._loss.loss_fn
+
+    @property
     def fisher_type(self) -> FisherType:
         """The flavour of the statistics."""
         return self._fisher_type

@@ -12,7 +12,10 @@ for x, y in loader:
 ```
 
 This is how the published code of these methods is usually used. Parameters
-outside the curvature layers keep their gradient.
+outside the curvature layers keep their gradient. Damping, intervals and
+warm-up default to the optimizer's ([`DEFAULTS`][curvlib.optim.defaults.DEFAULTS]); the
+KL clip is off unless ``kl_clip`` is given ($\nu = 1$), because the clip needs
+the learning rate of the optimizer that takes the step: pass it as ``lr``.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import torch
 from curvlib.core.layout import CurvatureLayer
 from curvlib.core.protocols import CurvatureApprox, Extractor
 from curvlib.core.stats import all_finite
+from curvlib.optim.defaults import DEFAULTS
 from curvlib.optim.engine import CurvatureEngine, floating_to, layer_grads
 from curvlib.optim.hyper import LevenbergMarquardt, Schedule, check_positive
 from curvlib.optim.kernels import kl_clip_factor
@@ -40,11 +44,14 @@ class GradientPreconditioner:
         approx: The curvature approximation.
         damping: $\lambda$: constant or callable of the step (Levenberg–Marquardt
             needs the step the optimizer takes: use ``PreconditionedOptimizer``).
-        kl_clip: KL-clipping bound $c$; ``None`` (default) disables it.
+        kl_clip: KL-clipping bound $c$; ``None`` (default) disables it, since
+            only the optimizer taking the step knows its learning rate.
         lr: The learning rate the wrapped optimizer uses, for the KL clip.
         kl_clip_lr_squared: Use $\eta^2$ in the clip.
         t_cov: Steps between statistics updates.
         t_inv: Steps between inverse rebuilds.
+        warmup: Statistics and inverses also at the steps before it that are
+            powers of two, as in the optimizer.
     """
 
     def __init__(
@@ -52,12 +59,13 @@ class GradientPreconditioner:
         extractor: Extractor,
         approx: CurvatureApprox,
         *,
-        damping: Schedule = 1e-3,
+        damping: Schedule = DEFAULTS.damping,
         kl_clip: float | None = None,
         lr: float = 1.0,
         kl_clip_lr_squared: bool = True,
-        t_cov: int = 1,
-        t_inv: int = 1,
+        t_cov: int = DEFAULTS.t_cov,
+        t_inv: int = DEFAULTS.t_inv,
+        warmup: int = DEFAULTS.warmup,
     ) -> None:
         if isinstance(damping, LevenbergMarquardt):
             raise TypeError(
@@ -67,7 +75,9 @@ class GradientPreconditioner:
         if kl_clip is not None:
             check_positive("kl_clip", kl_clip)
         self.layers: tuple[CurvatureLayer, ...] = extractor.layout.layers
-        self.engine = CurvatureEngine(extractor, approx, damping=damping, t_cov=t_cov, t_inv=t_inv)
+        self.engine = CurvatureEngine(
+            extractor, approx, damping=damping, t_cov=t_cov, t_inv=t_inv, warmup=warmup
+        )
         self.kl_clip, self.lr, self.kl_clip_lr_squared = kl_clip, lr, kl_clip_lr_squared
         self.skipped_steps = 0
         self.last_stats: dict[str, Any] = {}

@@ -293,3 +293,19 @@ def test_a_reused_activation_module_is_fine_where_backpack_does_not_see_it(
 def test_a_reused_activation_module_under_backpack_columns_names_the_fix() -> None:
     with pytest.raises(RuntimeError, match=r"'act1' \(ReLU\) ran twice.*Backend.AUTOGRAD"):
         _stats_of(True, "mc", "auto")
+
+
+@pytest.mark.parametrize("backend", [Backend.BACKPACK, Backend.AUTOGRAD])
+def test_another_instance_of_the_loss_is_named(backend: Backend) -> None:
+    model = _mlp()
+    ex = CurvatureExtractor(model, nn.CrossEntropyLoss(), backend=backend)
+    x, y = _data()
+    with (
+        pytest.raises(RuntimeError, match="another CrossEntropyLoss instance.*loss_fn = nn"),
+        ex.collect(),
+    ):
+        nn.CrossEntropyLoss()(model(x), y).backward()
+    # The instance it was given still works, and is the one it hands back.
+    with ex.collect():
+        ex.loss_fn(model(x), y).backward()
+    assert ex.statistics().layers.keys() == {"0", "2"}

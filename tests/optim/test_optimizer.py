@@ -353,3 +353,13 @@ def test_preconditioner_mode_rewrites_gradients() -> None:
         torch.testing.assert_close(layer.grad_matrix().flatten(), expected)
     sgd = torch.optim.SGD(model.parameters(), lr=0.1)
     sgd.step()
+
+
+def test_the_loss_instance_is_handed_back_and_another_one_is_named() -> None:
+    model, loss_fn = _mlp(), nn.CrossEntropyLoss()
+    opt = PreconditionedOptimizer(model, KFAC(), loss_fn=loss_fn, **FRESH)
+    precond = NaturalGradientPreconditioner(model, KFAC(), loss_fn=loss_fn)
+    assert opt.loss_fn is loss_fn and precond.loss_fn is loss_fn
+    x, y = _batches()[0]
+    with pytest.raises(RuntimeError, match="another CrossEntropyLoss instance"), opt.record():
+        nn.CrossEntropyLoss()(model(x), y).backward()
