@@ -258,6 +258,16 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         return self.engine.damping
 
     @property
+    def stats_due(self) -> bool:
+        """Whether the next ``record()`` block computes curvature statistics.
+
+        For what must differ on those steps only, such as BatchNorm in eval mode
+        for the approximations that need per-sample statistics.
+        """
+        self._sync()
+        return any(engine.stats_due for engine in self.engines)
+
+    @property
     def lm_due(self) -> bool:
         """Whether Levenberg–Marquardt damping adapts at the next ``step`` (needs a closure)."""
         return any(engine.lm_due for engine in self.engines)

@@ -301,7 +301,7 @@ def test_another_instance_of_the_loss_is_named(backend: Backend) -> None:
     ex = CurvatureExtractor(model, nn.CrossEntropyLoss(), backend=backend)
     x, y = _data()
     with (
-        pytest.raises(RuntimeError, match="another CrossEntropyLoss instance.*loss_fn = nn"),
+        pytest.raises(RuntimeError, match=r"another CrossEntropyLoss instance.*loss_fn = nn"),
         ex.collect(),
     ):
         nn.CrossEntropyLoss()(model(x), y).backward()

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from curvlib.approx.diagonal import Diagonal
 from curvlib.approx.kfac import KFAC, KFACDamping
 from curvlib.core import FisherType
 from curvlib.optim import LevenbergMarquardt, kl_clip_factor
@@ -363,3 +364,18 @@ def test_the_loss_instance_is_handed_back_and_another_one_is_named() -> None:
     x, y = _batches()[0]
     with pytest.raises(RuntimeError, match="another CrossEntropyLoss instance"), opt.record():
         nn.CrossEntropyLoss()(model(x), y).backward()
+
+
+def test_stats_due_follows_the_schedule_and_lets_batchnorm_train_between() -> None:
+    model, loss_fn = _mlp(), nn.CrossEntropyLoss()
+    opt = PreconditionedOptimizer(model, Diagonal(), loss_fn=loss_fn, t_cov=3, t_inv=3, warmup=0)
+    due = []
+    for x, y in _batches(steps=7):
+        due.append(opt.stats_due)
+        model.train(not opt.stats_due)  # per-sample statistics need eval-mode BatchNorm
+        opt.zero_grad()
+        with opt.record():
+            loss_fn(model(x), y).backward()
+        opt.step()
+    assert due == [True, False, False, True, False, False, True]
+    assert int(model[2].num_batches_tracked) == 4  # the four steps in train mode
