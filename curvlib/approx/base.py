@@ -224,6 +224,10 @@ class LayerBlock(ABC):
         return torch.device("cpu")
 
     def _cast(self, tensor: Tensor) -> Tensor:
+        """A statistic in the block's storage dtype (unchanged when ``dtype`` is ``None``).
+
+        A hook for subclasses: call it on every statistic ``update`` stores.
+        """
         return tensor if self.dtype is None else tensor.to(self.dtype)
 
 
@@ -418,7 +422,11 @@ class LayerwiseApprox(ABC):
 
     @abstractmethod
     def _make_block(self, out_dim: int, in_dim: int) -> LayerBlock:
-        r"""A fresh block for a layer with an ``out_dim x in_dim`` $[W \mid b]$ matrix."""
+        r"""A fresh block for a layer with an ``out_dim x in_dim`` $[W \mid b]$ matrix.
+
+        The one hook a subclass must implement; ``update`` calls it for a layer's
+        first statistics and ``load_state_dict`` for every saved block.
+        """
 
     @property
     def blocks(self) -> Mapping[str, LayerBlock]:

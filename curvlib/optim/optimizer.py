@@ -129,6 +129,20 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         accumulation_steps: Micro-batches per step when the loss is divided by this
             number for gradient accumulation (empirical statistics undo the factor).
 
+    Attributes:
+        extractor: The extractor shared by every group (``layout`` lists the
+            curvature layers).
+        engines: One [`CurvatureEngine`][curvlib.optim.CurvatureEngine] per
+            curvature group, in the order of ``curvature_groups()``: each holds
+            its group's approximation, schedule, inverse and counters.
+        engine: ``engines[0]``, the group of the layers no ``groups`` entry claims.
+        last_stats: What the last ``step`` did, a plain dictionary (KL-clip
+            factor, damping, inverse rebuilt, condition numbers, skipped-step
+            counters, time split; the keys are listed in
+            [`step_stats`][curvlib.optim.report.step_stats] and on
+            [Optimizer and tuning](../optimizer.md)).
+        skipped_steps: Steps skipped for a non-finite gradient or loss.
+
     Raises:
         TypeError: For a malformed ``groups`` entry or ``params``.
         ValueError: For bad hyper-parameters, overlapping or empty groups,
