@@ -753,6 +753,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-step-seconds", type=float, default=30.0, help="stop slower steps")
     p.add_argument("--idle-wait", type=float, default=0.5, help="most seconds to wait for idle")
     p.add_argument("--profile", default=None, help="print a cProfile of one window of this row")
+    p.add_argument("--plot", type=Path, default=None, help="only redraw the chart of this JSON")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
@@ -773,6 +774,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         return worker(args.worker, args.batch_sizes[0])
     if args.profile:
         return profile(args.profile, args.batch_sizes[0], args.intervals[0])
+    if args.plot:
+        return plot(json.loads(args.plot.read_text()), args.plot.with_suffix(".png"))
     info, start, results, too_slow = machine(), time.monotonic(), {}, dict[str, int]()
     info["threads"] = torch.get_num_threads()
     print(f"torch {info['torch']}, {info['threads']} threads, load {info['load_average_start']}")
@@ -795,8 +798,45 @@ def main(argv: Sequence[str] | None = None) -> None:
     }  # fmt: skip
     (out / "step_time.json").write_text(json.dumps(payload, indent=1, default=str) + "\n")
     (out / "step_time.md").write_text(markdown(info, args, results))
-    print(f"wrote {out / 'step_time.json'} and {out / 'step_time.md'}")
+    plot(json.loads((out / "step_time.json").read_text()), out / "step_time.png")
+    print(f"wrote {out / 'step_time.json'}, .md and .png")
     return None
+
+
+def plot(payload: dict[str, Any], path: Path) -> None:
+    """Bar chart: each method's step as a ratio to Adam, with its floor marked, per batch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batches = sorted(payload["results"], key=int)
+    fig, axes = plt.subplots(
+        len(batches), 1, figsize=(11, 3.6 * len(batches)), squeeze=False, constrained_layout=True
+    )
+    for ax, batch in zip(axes[:, 0], batches, strict=True):
+        rows = [r for r in payload["results"][batch]["rows"] if r["interval"] and r["ratio"]]
+        intervals = sorted({r["interval"] for r in rows})
+        labels = list(dict.fromkeys(r["label"] for r in rows))
+        width = 0.8 / len(intervals)
+        for k, interval in enumerate(intervals):
+            by_label = {r["label"]: r for r in rows if r["interval"] == interval}
+            xs = [i + (k - (len(intervals) - 1) / 2) * width for i in range(len(labels))]
+            ratios = [by_label[lb]["ratio"] if lb in by_label else 0.0 for lb in labels]
+            ax.bar(xs, ratios, width, label=f"T = {interval}", alpha=0.85)
+            floors = [(x, by_label[lb]["floor"]) for x, lb in zip(xs, labels, strict=True)
+                      if lb in by_label and by_label[lb]["floor"]]  # fmt: skip
+            ax.scatter([x for x, _ in floors], [f for _, f in floors], marker="_", s=300,
+                       color="black", zorder=3, label="floor" if k == 0 else None)  # fmt: skip
+        ax.axhline(1.0, color="grey", linewidth=0.8)
+        ax.set_xticks(range(len(labels)), labels, rotation=25, ha="right")
+        ax.set_yscale("log")
+        ax.set_ylabel("step time / Adam's")
+        ax.set_title(f"batch {batch}: amortised step (statistics and inverse every T steps)")
+        ax.grid(True, axis="y", which="both", alpha=0.3)
+        ax.legend()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -336,6 +336,16 @@ def test_snippets_exist() -> None:
             assert (ROOT / path).is_file(), f"{page.relative_to(ROOT)} includes missing {path}"
 
 
+def test_result_figures_are_the_benchmarks_own() -> None:
+    """The docs show the PNGs the benchmarks wrote, byte for byte (copies go stale)."""
+    copies = sorted((DOCS / "results").glob("*.png"))
+    assert copies, "the results pages lost their figures"
+    for copy in copies:
+        source = ROOT / "benchmarks" / "results" / copy.name
+        assert source.is_file(), f"{copy.relative_to(ROOT)} has no benchmark source"
+        assert copy.read_bytes() == source.read_bytes(), f"{copy.name} differs from {source}"
+
+
 # -- docstring math -----------------------------------------------------------------
 
 _CODE_SPAN = re.compile(r"``.*?``|`[^`\n]*`", re.S)
