@@ -57,7 +57,7 @@ class Extractor(Protocol):
         ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the state saved by ``state_dict``."""
+        """Restore the state saved by ``state_dict``, all or nothing (owners rely on it)."""
         ...
 
 
@@ -133,7 +133,13 @@ class CurvatureApprox(Protocol):
         ...
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore the estimate from ``state_dict()``."""
+        """Restore the estimate from ``state_dict()``.
+
+        Raise a ``ValueError`` for a state another approximation wrote (the
+        built-in ones compare the record of
+        [`curvlib.core.checkpoint`][curvlib.core.checkpoint]). The curvature
+        engine loads into a copy first, so a failure here changes no optimizer.
+        """
         ...
 
 

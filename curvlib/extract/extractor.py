@@ -290,9 +290,17 @@ class CurvatureExtractor:
         return {"generators": {dev: gen.get_state() for dev, gen in self._generators.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the state saved by ``state_dict``."""
+        """Restore the state saved by ``state_dict``; all or nothing.
+
+        Raises:
+            RuntimeError: If a saved generator state is malformed (nothing is changed).
+        """
+        loaded = {}
         for dev, gen_state in state["generators"].items():
-            self._generator(torch.device(dev)).set_state(gen_state)
+            generator = torch.Generator(device=torch.device(dev))
+            generator.set_state(gen_state)
+            loaded[str(torch.device(dev))] = generator
+        self._generators.update(loaded)
 
     def _generator(self, device: torch.device) -> torch.Generator:
         """The generator for MC targets and sub-batches on ``device``, seeded on first use."""

@@ -587,16 +587,14 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             for group, engine in self.curvature_groups()
         ]
         before = {"state": self.state, "param_groups": self.param_groups}
-        generators = self.extractor.state_dict()
         try:
             super().load_state_dict(state_dict)
             for group, old in zip(self.param_groups, before["param_groups"], strict=True):
                 group.setdefault("damping", old["damping"])
-            self.extractor.load_state_dict(curvature["extractor"])
+            self.extractor.load_state_dict(curvature["extractor"])  # all or nothing itself
         except BaseException:
             # torch's load builds new state and groups: the old objects are intact.
             self.state, self.param_groups = before["state"], before["param_groups"]
-            self.extractor.load_state_dict(generators)
             raise
         for engine, loaded in zip(self.engines, staged, strict=True):
             engine.commit(loaded)

@@ -150,11 +150,6 @@ class GradientPreconditioner:
         device = self.layers[0].weight.device
         loaded = self.engine.stage(floating_to(state["curvature"], device))
         skipped = int(state["skipped_steps"])
-        generators = self.engine.extractor.state_dict()
-        try:
-            self.engine.extractor.load_state_dict(state["extractor"])
-        except BaseException:
-            self.engine.extractor.load_state_dict(generators)
-            raise
+        self.engine.extractor.load_state_dict(state["extractor"])  # all or nothing itself
         self.engine.commit(loaded)
         self.skipped_steps = skipped
