@@ -143,6 +143,24 @@ class CurvatureApprox(Protocol):
         ...
 
 
+def check_approx(approx: object, name: str = "approx") -> None:
+    """Raise a ``TypeError`` naming the fix unless ``approx`` is an approximation *instance*.
+
+    A class such as ``KFAC`` passes the protocol check (it has the methods) but
+    fails at the first update; ``KFAC()`` is meant.
+    """
+    if isinstance(approx, type):
+        raise TypeError(
+            f"{name} must be an approximation object, got the class {approx.__name__}: "
+            f"write {approx.__name__}() (with its settings, e.g. {approx.__name__}(decay=0.95))."
+        )
+    if not isinstance(approx, CurvatureApprox):
+        raise TypeError(
+            f"{name} must be a curvature approximation such as KFAC(), got "
+            f"{type(approx).__name__}."
+        )
+
+
 @runtime_checkable
 class RefreshableApprox(CurvatureApprox, Protocol):
     r"""An approximation with an expensive part and a cheap part on two time scales.

@@ -42,6 +42,7 @@ from curvlib.core.protocols import (
     Extractor,
     Preconditioner,
     RefreshableApprox,
+    check_approx,
 )
 from curvlib.core.stats import CurvatureStatistics, FisherType, merge_statistics
 from curvlib.optim.hyper import LevenbergMarquardt, Schedule, check_positive, resolve
@@ -97,6 +98,7 @@ class CurvatureEngine:
         layers: Sequence[str] | None = None,
         warmup: int = 0,
     ) -> None:
+        check_approx(approx)
         _check_intervals(t_cov, t_inv)
         if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
             raise ValueError(f"warmup must be a non-negative int, got {warmup!r}.")
@@ -228,7 +230,9 @@ class CurvatureEngine:
             updated = self._update(merge_statistics(self._pending))
             self._pending.clear()
             self.timings["update"] = time.perf_counter() - start
-        if inverse_due or (refreshable and updated):
+        # Without any accepted statistics there is nothing to invert (the error below).
+        has_estimate = updated or self._precond is not None
+        if has_estimate and (inverse_due or (refreshable and updated)):
             start = time.perf_counter()
             self._invert()
             inverse_time += time.perf_counter() - start

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from curvlib.core.checkpoint import RECORD_KEY, check_record, layer_record, writer_record
-from curvlib.core.layout import CurvatureLayer
+from curvlib.core.layout import CurvatureLayer, frozen_message
 from curvlib.core.protocols import CurvatureApprox, CurvatureProducts, Extractor
 from curvlib.core.stats import all_finite
 from curvlib.optim.adaptive import (
@@ -223,6 +223,24 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._unstepped = tuple(n for n, p in named if p.requires_grad and id(p) not in ids)
         self._unsupported = tuple(str(u) for u in extractor.layout.unsupported)
         self._check_adaptive(other)
+        self._groups_fixed = True
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Refused after construction: the groups and their engines are fixed then.
+
+        Raises:
+            ValueError: Always, once the optimizer is built (torch's constructor
+                adds the groups through this method).
+        """
+        if getattr(self, "_groups_fixed", False):
+            raise ValueError(
+                f"{type(self).__name__} fixes its parameter groups when it is built (each "
+                "curvature group has its own engine and the extractor its layers), so "
+                "add_param_group cannot add parameters later. Build a new optimizer whose "
+                "params= (and groups=) include them, e.g. after unfreezing layers, or step "
+                "the new parameters with a second torch optimizer."
+            )
+        super().add_param_group(param_group)
 
     # -- the training-loop API ----------------------------------------------------
 
@@ -476,6 +494,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         return directions, lrs
 
     def _check_grads(self) -> None:
+        frozen = [la.name for la in self.layers if not all(p.requires_grad for p in la.parameters)]
+        if frozen:
+            raise RuntimeError(frozen_message(frozen))
         missing = [layer.name for layer in self.layers if layer.weight.grad is None]
         if missing:
             raise RuntimeError(
