@@ -57,7 +57,7 @@ def writer_record(writer: object, **fields: Any) -> dict[str, Any]:
 
 
 def layer_record(layers: Iterable[CurvatureLayer]) -> dict[str, dict[str, list[int]]]:
-    """Layer name to the shapes of its parameters, e.g. ``{"fc": {"weight": [3, 5], "bias": [3]}}``."""
+    """Layer name to its parameter shapes, e.g. ``{"fc": {"weight": [3, 5], "bias": [3]}}``."""
     out: dict[str, dict[str, list[int]]] = {}
     for layer in layers:
         shapes = {"weight": list(layer.weight.shape)}

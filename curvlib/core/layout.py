@@ -48,7 +48,7 @@ _COMPUTATION = ("forward", "_conv_forward", "_output_padding", "_check_input_dim
 
 
 def computes_like(module_type: type[nn.Module], bases: Iterable[type[nn.Module]]) -> type | None:
-    """The type in ``bases`` that ``module_type`` is, or subclasses without changing what it computes.
+    """The type in ``bases`` that ``module_type`` is, or extends without changing what it computes.
 
     A subclass of ``nn.Linear`` that adds attributes or helper methods but keeps
     ``nn.Linear.forward`` (and, for convolutions, ``_conv_forward`` and

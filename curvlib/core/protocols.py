@@ -156,8 +156,7 @@ def check_approx(approx: object, name: str = "approx") -> None:
         )
     if not isinstance(approx, CurvatureApprox):
         raise TypeError(
-            f"{name} must be a curvature approximation such as KFAC(), got "
-            f"{type(approx).__name__}."
+            f"{name} must be a curvature approximation such as KFAC(), got {type(approx).__name__}."
         )
 
 

@@ -301,7 +301,8 @@ def parameter_list(params: Iterable[Tensor], model: nn.Module | None = None) -> 
     if isinstance(params, Tensor):
         raise TypeError("params must be an iterable of parameters, e.g. generator.parameters().")
     out = list(params)
-    dicts = [p for p in out if isinstance(p, Mapping)]
+    items: list[Any] = out  # torch-style groups are a common mistake despite the annotation
+    dicts: list[Mapping[str, Any]] = [p for p in items if isinstance(p, Mapping)]
     if dicts:
         raise TypeError(
             "params takes parameters, not torch-style parameter groups "

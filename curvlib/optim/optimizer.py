@@ -607,15 +607,15 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             engine.stage(curvature["groups"][group["name"]])
             for group, engine in self.curvature_groups()
         ]
-        before = {"state": self.state, "param_groups": self.param_groups}
+        state, param_groups = self.state, self.param_groups
         try:
             super().load_state_dict(state_dict)
-            for group, old in zip(self.param_groups, before["param_groups"], strict=True):
+            for group, old in zip(self.param_groups, param_groups, strict=True):
                 group.setdefault("damping", old["damping"])
             self.extractor.load_state_dict(curvature["extractor"])  # all or nothing itself
         except BaseException:
             # torch's load builds new state and groups: the old objects are intact.
-            self.state, self.param_groups = before["state"], before["param_groups"]
+            self.state, self.param_groups = state, param_groups
             raise
         for engine, loaded in zip(self.engines, staged, strict=True):
             engine.commit(loaded)

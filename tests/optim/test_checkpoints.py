@@ -143,16 +143,18 @@ def test_an_incomplete_layer_estimate_is_a_value_error_not_a_key_error() -> None
 
 def _named(hidden: int, names: tuple[str, str]) -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(
-        OrderedDict([(names[0], nn.Linear(6, hidden)), ("act", nn.Tanh()),
-                     (names[1], nn.Linear(hidden, 3))])  # fmt: skip
-    ).double()
+    modules = [
+        (names[0], nn.Linear(6, hidden)),
+        ("act", nn.Tanh()),
+        (names[1], nn.Linear(hidden, 3)),
+    ]
+    return nn.Sequential(OrderedDict(modules)).double()
 
 
 def test_renamed_layers_are_refused_naming_them() -> None:
     _, source = _trained(KFAC(), _named(5, ("enc", "dec")))
     checkpoint = _saved(source)
-    model, opt = _trained(KFAC(), _named(5, ("encoder", "decoder")))
+    _, opt = _trained(KFAC(), _named(5, ("encoder", "decoder")))
     before = opt.state_dict()
     with pytest.raises(ValueError) as info:
         opt.load_state_dict(checkpoint)
@@ -165,13 +167,14 @@ def test_renamed_layers_are_refused_naming_them() -> None:
 def test_a_wider_layer_is_refused_naming_the_shapes() -> None:
     _, source = _trained(KFAC(), _named(5, ("enc", "dec")))
     checkpoint = _saved(source)
-    model, opt = _trained(KFAC(), _named(7, ("enc", "dec")))
+    _, opt = _trained(KFAC(), _named(7, ("enc", "dec")))
     before = opt.state_dict()
     with pytest.raises(ValueError) as info:
         opt.load_state_dict(checkpoint)
     message = str(info.value)
-    assert "groups['default']['layers']['enc']['weight']: [5, 6] in the checkpoint, [7, 6] here" in (
-        message
+    assert (
+        "groups['default']['layers']['enc']['weight']: [5, 6] in the checkpoint, [7, 6] here"
+        in (message)
     )
     assert "['dec']['weight']: [3, 5] in the checkpoint, [3, 7] here" in message
     _assert_identical(before, opt.state_dict())
