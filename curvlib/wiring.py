@@ -129,7 +129,8 @@ class PreconditionedOptimizer(CurvatureOptimizer):
         unsupported: What to do with trainable modules without a curvature block
             (their parameters take plain SGD steps unless this is ``RAISE``).
         backend: How the extractor backpropagates.
-        stats_dtype: Storage dtype of the statistics.
+        stats_dtype: Storage dtype of the statistics (default: the model's; float32
+            for float16/bfloat16 models).
         seed: Seed of the MC targets and sub-batches.
         params: The parameters to step (default: every trainable parameter);
             the others are never touched. Every curvature layer must lie inside
@@ -168,7 +169,7 @@ class PreconditionedOptimizer(CurvatureOptimizer):
         **optimizer_kwargs: Any,
     ) -> None:
         approxes = group_approximations(approx, groups)
-        chosen = None if params is None else parameter_list(params)
+        chosen = None if params is None else parameter_list(params, model)
         extractor = _extractor(
             model, approxes, loss_fn, fisher_type, mc_samples, stats_fraction, include, exclude,
             UnsupportedPolicy.IGNORE, backend, stats_dtype, seed,

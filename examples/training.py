@@ -205,10 +205,39 @@ def set_rng_state(state: dict[str, Any], generator: torch.Generator, device: tor
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """Write atomically, so that an interrupted save keeps the previous checkpoint."""
-    tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    """Write atomically, so that a process killed while saving keeps the previous checkpoint.
+
+    The payload goes to ``<name>.tmp`` in the same directory, is flushed to the
+    disk (``fsync``) and only then renamed over ``path`` (``os.replace``, atomic
+    on POSIX and Windows); the directory entry is flushed too. A save that fails
+    removes its temporary file; one killed outright leaves it, and the next save
+    overwrites it.
+    """
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with tmp.open("wb") as fh:
+            torch.save(payload, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Flush a rename to the disk (POSIX; other systems cannot open a directory)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def load_checkpoint(path: Path, optimizer_name: str) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from curvlib.core.checkpoint import RECORD_KEY, check_record, writer_record
 from curvlib.core.stats import CurvatureStatistics, LayerStatistics, StatKind
 from curvlib.linalg.factors import FactorizationError, flush_subnormals
 
@@ -608,8 +609,13 @@ class LayerwiseApprox(ABC):
         return self._blocks[name]
 
     def state_dict(self) -> dict[str, Any]:
-        """Counters and per-layer estimates: tensors and plain values only."""
+        """Counters and per-layer estimates: tensors and plain values only.
+
+        With the record of what wrote it ([`curvlib.core.checkpoint`][curvlib.core.checkpoint]):
+        the approximation's class.
+        """
         return {
+            RECORD_KEY: writer_record(self),
             "num_updates": self.num_updates,
             "num_samples_seen": self.num_samples_seen,
             "blocks": {
@@ -619,13 +625,25 @@ class LayerwiseApprox(ABC):
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore counters and estimates saved by ``state_dict()``."""
+        """Restore counters and estimates saved by ``state_dict()``; all or nothing.
+
+        Raises:
+            ValueError: If another approximation wrote ``state`` (e.g. a KFAC
+                checkpoint loaded into KPSVD), or a layer's saved estimate is
+                incomplete; nothing is changed then.
+        """
+        check_record(state, writer_record(self), f"this {type(self).__name__}")
         blocks: dict[str, LayerBlock] = {}
         for name, entry in state["blocks"].items():
             out_dim, in_dim = entry["shape"]
             block = self._make_block(int(out_dim), int(in_dim))
-            block.load_state_dict(entry["state"])
+            try:
+                block.load_state_dict(entry["state"])
+            except KeyError as err:
+                raise ValueError(
+                    f"The saved estimate of layer {name!r} lacks {err}: it was not written by "
+                    f"{type(self).__name__}.state_dict(); nothing was changed."
+                ) from err
             blocks[name] = block
-        self._blocks = blocks
-        self.num_updates = int(state["num_updates"])
+        self._blocks, self.num_updates = blocks, int(state["num_updates"])
         self.num_samples_seen = int(state.get("num_samples_seen", 0))

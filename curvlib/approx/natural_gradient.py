@@ -40,6 +40,7 @@ from curvlib.approx.base import (
     check_sampling,
     standard_normal,
 )
+from curvlib.core.checkpoint import RECORD_KEY, check_record, writer_record
 from curvlib.core.stats import CurvatureStatistics, LayerStatistics, PerSampleIO, StatKind
 from curvlib.linalg.woodbury import (
     LayerRows,
@@ -403,6 +404,7 @@ class ExactNaturalGradient:
         The layer order is the order of ``"io"``.
         """
         return {
+            RECORD_KEY: writer_record(self),
             "num_updates": self.num_updates,
             "io": {
                 name: {"inputs": io.inputs.clone(), "output_grads": io.output_grads.clone()}
@@ -411,15 +413,20 @@ class ExactNaturalGradient:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore the estimate saved by ``state_dict()``."""
-        self._io = {
+        """Restore the estimate saved by ``state_dict()``.
+
+        Raises:
+            ValueError: If another approximation wrote ``state``; nothing is changed then.
+        """
+        check_record(state, writer_record(self), f"this {type(self).__name__}")
+        io = {
             name: PerSampleIO(
                 inputs=entry["inputs"].clone(), output_grads=entry["output_grads"].clone()
             )
             for name, entry in state["io"].items()
         }
-        self._rows_cache = None
-        self.num_updates = int(state["num_updates"])
+        num_updates = int(state["num_updates"])
+        self._io, self._rows_cache, self.num_updates = io, None, num_updates
 
 
 class NGDamping(Enum):

@@ -43,6 +43,36 @@ _KINDS: dict[type[nn.Module], LayerKind] = {
     nn.BatchNorm3d: LayerKind.BATCHNORM,
 }
 
+_COMPUTATION = ("forward", "_conv_forward", "_output_padding", "_check_input_dim")
+"""The methods that decide what a supported module computes from its input."""
+
+
+def computes_like(module_type: type[nn.Module], bases: Iterable[type[nn.Module]]) -> type | None:
+    """The type in ``bases`` that ``module_type`` is, or extends without changing what it computes.
+
+    A subclass of ``nn.Linear`` that adds attributes or helper methods but keeps
+    ``nn.Linear.forward`` (and, for convolutions, ``_conv_forward`` and
+    ``_output_padding``) computes exactly what its base computes, so it gets the
+    base's curvature block; a subclass with its own ``forward`` does not.
+    """
+    if module_type in bases:
+        return module_type
+    for base in bases:
+        if issubclass(module_type, base) and all(
+            getattr(module_type, name, None) is getattr(base, name, None) for name in _COMPUTATION
+        ):
+            return base
+    return None
+
+
+def _own_forward(module_type: type[nn.Module]) -> type[nn.Module] | None:
+    """The supported base of a subclass that overrides what it computes, else ``None``."""
+    for base in _KINDS:
+        if issubclass(module_type, base):
+            return base
+    return None
+
+
 KRONECKER_KINDS: frozenset[LayerKind] = frozenset(
     {LayerKind.LINEAR, LayerKind.CONV2D, LayerKind.CONV_TRANSPOSE2D}
 )
@@ -187,6 +217,16 @@ class UnsupportedModule:
         return f"{self.name} ({self.type_name}): {self.reason}"
 
 
+def frozen_message(names: Sequence[str]) -> str:
+    """The error for curvature layers frozen (``requires_grad=False``) after construction."""
+    return (
+        f"Curvature layers {list(names)} were frozen (requires_grad=False) after the "
+        "extractor and optimizer were built, which fixed their layers. Build them again "
+        "after freezing (frozen layers are then left out), or leave the layers out from "
+        f"the start with exclude={list(names)}."
+    )
+
+
 def _unsupported_reason(module: nn.Module) -> str | None:
     if isinstance(module, nn.Conv2d | nn.ConvTranspose2d):
         if module.groups != 1:
@@ -273,9 +313,17 @@ class ModelLayout:
             if not own:
                 continue
             type_name = type(module).__name__
-            kind = _KINDS.get(type(module))
+            base = computes_like(type(module), _KINDS)
+            kind = None if base is None else _KINDS[base]
             if kind is None or kind not in allowed:
                 missing = "no curvature block" if kind is None else "no block in this approximation"
+                overridden = _own_forward(type(module))
+                if kind is None and overridden is not None:
+                    missing = (
+                        f"a subclass of nn.{overridden.__name__} with its own forward (or "
+                        "_conv_forward): curvlib cannot tell what it computes, so it has no "
+                        f"curvature block; keep nn.{overridden.__name__}'s forward, or exclude it"
+                    )
                 unsupported.append(UnsupportedModule(name, type_name, missing))
                 continue
             if (include is not None and not _matches(name, module, include)) or _matches(

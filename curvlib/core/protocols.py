@@ -57,7 +57,7 @@ class Extractor(Protocol):
         ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the state saved by ``state_dict``."""
+        """Restore the state saved by ``state_dict``, all or nothing (owners rely on it)."""
         ...
 
 
@@ -133,8 +133,31 @@ class CurvatureApprox(Protocol):
         ...
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore the estimate from ``state_dict()``."""
+        """Restore the estimate from ``state_dict()``.
+
+        Raise a ``ValueError`` for a state another approximation wrote (the
+        built-in ones compare the record of
+        [`curvlib.core.checkpoint`][curvlib.core.checkpoint]). The curvature
+        engine loads into a copy first, so a failure here changes no optimizer.
+        """
         ...
+
+
+def check_approx(approx: object, name: str = "approx") -> None:
+    """Raise a ``TypeError`` naming the fix unless ``approx`` is an approximation *instance*.
+
+    A class such as ``KFAC`` passes the protocol check (it has the methods) but
+    fails at the first update; ``KFAC()`` is meant.
+    """
+    if isinstance(approx, type):
+        raise TypeError(
+            f"{name} must be an approximation object, got the class {approx.__name__}: "
+            f"write {approx.__name__}() (with its settings, e.g. {approx.__name__}(decay=0.95))."
+        )
+    if not isinstance(approx, CurvatureApprox):
+        raise TypeError(
+            f"{name} must be a curvature approximation such as KFAC(), got {type(approx).__name__}."
+        )
 
 
 @runtime_checkable

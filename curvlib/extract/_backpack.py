@@ -19,7 +19,7 @@ nothing BackPACK stores outlives the block.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -51,6 +51,7 @@ from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 from torch.utils.hooks import RemovableHandle
 
+from curvlib.core.layout import computes_like
 from curvlib.extract.losses import SUPPORTED_LOSSES
 
 
@@ -147,6 +148,7 @@ class _CurvlibExtension(BackpropExtension):  # type: ignore[misc]
 
     def __init__(
         self,
+        modules: Iterable[nn.Module],
         backpropagate_columns: bool,
         loss_columns: Callable[[nn.Module], Tensor],
         on_layer: Callable[[nn.Module, Tensor], None],
@@ -161,6 +163,12 @@ class _CurvlibExtension(BackpropExtension):  # type: ignore[misc]
             nn.Linear, nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d
         ):  # fmt: skip
             exts[cls] = _RecordLayer(_DERIVATIVES[cls]())
+        # BackPACK dispatches on the exact class: subclasses that compute what their
+        # base computes (e.g. nn.Linear with extra attributes) use the base's handler.
+        for module in modules:
+            base = computes_like(type(module), _DERIVATIVES)
+            if base is not None and type(module) not in exts:
+                exts[type(module)] = exts[base]
         for loss_cls in SUPPORTED_LOSSES:
             exts[loss_cls] = _StartFromLoss()
         super().__init__(savefield="_curvlib_unused", module_exts=exts, fail_mode="ERROR")
@@ -250,7 +258,7 @@ class BackpackRun:
 
     def __init__(self, modules: list[nn.Module], **extension_args: Any) -> None:
         self._modules = modules
-        self._ext = _CurvlibExtension(**extension_args)
+        self._ext = _CurvlibExtension(modules, **extension_args)
         self._handles: list[RemovableHandle] = []
         self._context = backpack(self._ext)
 

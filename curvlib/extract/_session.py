@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.nn.modules.module import register_module_forward_pre_hook
 from torch.utils.hooks import RemovableHandle
 
-from curvlib.core.layout import CurvatureLayer, LayerKind
+from curvlib.core.layout import CurvatureLayer, LayerKind, frozen_message
 from curvlib.core.stats import CurvatureStatistics, FisherType, LayerStatistics, StatKind
 from curvlib.extract._autograd import AutogradRun
 from curvlib.extract._backpack import BackpackRun
@@ -53,6 +53,7 @@ class CollectSession:
         self.subsample: list[int] | None = None
         self.loss_calls = 0
         self.other_loss: nn.Module | None = None
+        self.outputs: list[Any] = []
         self.backward_seen = False
         self.stack = ExitStack()
         self.handles: list[RemovableHandle] = []
@@ -95,6 +96,7 @@ class CollectSession:
             self.handles.append(layer.module.register_forward_hook(self._input_hook))
         self.handles.append(loss_module.register_forward_pre_hook(self._loss_hook))
         self.handles.append(register_module_forward_pre_hook(self._other_loss_hook))
+        self.handles.append(ex._model.register_forward_hook(self._output_hook))
 
         def batch_to_sample() -> float:
             return ex._loss.batch_to_sample(self._num_batch())
@@ -155,6 +157,10 @@ class CollectSession:
                 "instances, or backend=Backend.AUTOGRAD for shared parameter-free modules."
             )
 
+    def _output_hook(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        if torch.is_grad_enabled():
+            self.outputs.append(output)
+
     def _input_hook(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Any) -> None:
         if torch.is_grad_enabled():
             self.inputs[module] = inputs[0].detach()
@@ -171,6 +177,13 @@ class CollectSession:
         net_out, target = inputs[0], inputs[1]
         self.ex._loss.check_shapes(net_out, target)
         n = net_out.shape[0]
+        if n == 0:
+            raise ValueError(
+                "The batch inside the statistics step is empty (0 samples): skip empty "
+                "batches before the forward pass (e.g. `if len(x) == 0: continue`, or "
+                "DataLoader(..., drop_last=True) when the last batch can be empty)."
+            )
+        self._check_model_output(net_out)
         self.num_batch = n
         m = max(1, math.ceil(self.ex._fraction * n))
         # Coupled empirical statistics come from the user's whole-batch backward.
@@ -205,6 +218,24 @@ class CollectSession:
     def _loss_ran(self) -> bool:
         self._check_other_loss()
         return self.loss_calls > 0
+
+    def _check_model_output(self, net_out: Tensor) -> None:
+        """BackPACK backpropagates from the loss into the model's last module: refuse a slice."""
+        columns_through_backpack = self.use_backpack and (
+            self.ex._fisher_type is not FisherType.EMPIRICAL
+        )
+        if not columns_through_backpack or len(self.outputs) != 1:
+            return
+        output = self.outputs[0]
+        if isinstance(output, Tensor) and net_out is not output and net_out.shape != output.shape:
+            raise ValueError(
+                f"The loss was applied to a tensor of shape {list(net_out.shape)}, not to the "
+                f"model's output (shape {list(output.shape)}), e.g. to a slice model(x)[:, :k]. "
+                "The BackPACK backend backpropagates the loss curvature from the model's last "
+                "module and needs the loss on the output itself: move the slicing into the "
+                "model (a final module), or use backend=Backend.AUTOGRAD, which follows any "
+                "differentiable operation between the model and the loss."
+            )
 
     # -- columns ------------------------------------------------------------------
 
@@ -256,6 +287,8 @@ class CollectSession:
     def _layer_stats(self, layer: CurvatureLayer) -> LayerStatistics:
         module = layer.module
         if module not in self.columns or module not in self.inputs:
+            if not all(p.requires_grad for p in layer.parameters):
+                raise RuntimeError(frozen_message([layer.name]))
             raise RuntimeError(
                 f"Layer {layer.name!r} did not take part in the forward and backward pass "
                 "inside collect(); exclude it from the extractor if it is unused."

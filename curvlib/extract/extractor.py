@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvlib.core.layout import LayerKind, ModelLayout, UnsupportedModule
+from curvlib.core.layout import LayerKind, ModelLayout, UnsupportedModule, computes_like
 from curvlib.core.stats import CurvatureStatistics, FisherType, StatKind
 from curvlib.extract._backpack import BACKPACK_MODULES
 from curvlib.extract._session import CollectSession
@@ -69,6 +69,34 @@ def _enum(value: Any, cls: type[Enum], arg: str) -> Any:
     except ValueError:
         choices = ", ".join(f"{cls.__name__}.{m.name}" for m in cls)
         raise ValueError(f"{arg}={value!r} is not valid; choose one of {choices}.") from None
+
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+"""Parameter dtypes whose statistics are stored in float32 unless ``dtype`` says otherwise."""
+
+
+def _statistics_dtype(model: nn.Module, dtype: torch.dtype | None) -> torch.dtype | None:
+    """``dtype``, or float32 for a model with float16/bfloat16 parameters.
+
+    Cholesky and eigendecompositions have no half-precision kernels on the CPU, and
+    factors averaged in 8 mantissa bits lose the small eigenvalues the inverse needs.
+    """
+    if dtype is not None:
+        return dtype
+    if any(p.dtype in LOW_PRECISION for p in model.parameters() if p.requires_grad):
+        return torch.float32
+    return None
+
+
+def _check_materialised(model: nn.Module) -> None:
+    meta = [name for name, p in model.named_parameters() if p.is_meta]
+    if meta:
+        raise ValueError(
+            f"The model's parameters {meta[:3]}{' ...' if len(meta) > 3 else ''} are on the "
+            "meta device (shapes without data). Materialise them before building the "
+            "extractor or optimizer: model.to_empty(device='cpu') and initialise them, or "
+            "model.load_state_dict(weights, assign=True)."
+        )
 
 
 def report_unsupported(
@@ -116,7 +144,9 @@ class CurvatureExtractor:
         exclude: Patterns or types of layers to leave out.
         unsupported: What to do with trainable modules without a block.
         backend: How columns are backpropagated.
-        dtype: Storage dtype of the statistics (default: the model's).
+        dtype: Storage dtype of the statistics (default: the model's, and float32
+            for a model with float16 or bfloat16 parameters: the factorisations
+            have no half-precision CPU kernels and lose the small eigenvalues).
         seed: Seed of the generator that draws MC targets and sub-batches.
         kinds: The layer kinds that get statistics (default: ``Linear``,
             ``Conv2d``, ``ConvTranspose2d``); ``LayerKind.BATCHNORM`` adds the
@@ -161,7 +191,8 @@ class CurvatureExtractor:
         self._mc_samples = mc_samples
         self._fraction = float(stats_fraction)
         self._backend: Backend = _enum(backend, Backend, "backend")
-        self._dtype = dtype
+        _check_materialised(model)
+        self._dtype = _statistics_dtype(model, dtype)
         self._model = model
         self._layout = ModelLayout.from_model(model, include=include, exclude=exclude, kinds=kinds)
         if not self._layout.layers:
@@ -183,7 +214,7 @@ class CurvatureExtractor:
         self._no_backpack = [
             f"{self._names[m]} ({type(m).__name__})"
             for m in self._leaves
-            if type(m) not in BACKPACK_MODULES
+            if computes_like(type(m), BACKPACK_MODULES) is None
         ]
         if self._backend is Backend.BACKPACK and self._no_backpack:
             raise ValueError(
@@ -295,9 +326,17 @@ class CurvatureExtractor:
         return {"generators": {dev: gen.get_state() for dev, gen in self._generators.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the state saved by ``state_dict``."""
+        """Restore the state saved by ``state_dict``; all or nothing.
+
+        Raises:
+            RuntimeError: If a saved generator state is malformed (nothing is changed).
+        """
+        loaded = {}
         for dev, gen_state in state["generators"].items():
-            self._generator(torch.device(dev)).set_state(gen_state)
+            generator = torch.Generator(device=torch.device(dev))
+            generator.set_state(gen_state)
+            loaded[str(torch.device(dev))] = generator
+        self._generators.update(loaded)
 
     def _generator(self, device: torch.device) -> torch.Generator:
         """The generator for MC targets and sub-batches on ``device``, seeded on first use."""

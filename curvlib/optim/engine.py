@@ -29,17 +29,20 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from curvlib.core.checkpoint import RECORD_KEY, check_record, layer_record, writer_record
 from curvlib.core.layout import CurvatureLayer
 from curvlib.core.protocols import (
     CurvatureApprox,
     Extractor,
     Preconditioner,
     RefreshableApprox,
+    check_approx,
 )
 from curvlib.core.stats import CurvatureStatistics, FisherType, merge_statistics
 from curvlib.optim.hyper import LevenbergMarquardt, Schedule, check_positive, resolve
@@ -95,6 +98,7 @@ class CurvatureEngine:
         layers: Sequence[str] | None = None,
         warmup: int = 0,
     ) -> None:
+        check_approx(approx)
         _check_intervals(t_cov, t_inv)
         if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
             raise ValueError(f"warmup must be a non-negative int, got {warmup!r}.")
@@ -226,7 +230,9 @@ class CurvatureEngine:
             updated = self._update(merge_statistics(self._pending))
             self._pending.clear()
             self.timings["update"] = time.perf_counter() - start
-        if inverse_due or (refreshable and updated):
+        # Without any accepted statistics there is nothing to invert (the error below).
+        has_estimate = updated or self._precond is not None
+        if has_estimate and (inverse_due or (refreshable and updated)):
             start = time.perf_counter()
             self._invert()
             inverse_time += time.perf_counter() - start
@@ -355,10 +361,14 @@ class CurvatureEngine:
     def state_dict(self) -> dict[str, Any]:
         """Counters, damping, estimate and the state of the live inverse.
 
+        With the record of what wrote it
+        ([`curvlib.core.checkpoint`][curvlib.core.checkpoint]): the
+        approximation's class and the names and parameter shapes of the layers.
         The shared extractor's random state is saved by the owner of the
         extractor (the optimizer or preconditioner), once.
         """
         return {
+            RECORD_KEY: self.checkpoint_record(),
             "step_count": self.step_count,
             "lm_damping": self.lm_damping,
             "skipped_updates": self.skipped_updates,
@@ -369,26 +379,94 @@ class CurvatureEngine:
             "inverse_source": None if self._precond_fresh else self._snapshot,
         }
 
+    def checkpoint_record(self) -> dict[str, Any]:
+        """The record of what wrote this engine's ``state_dict`` (checked on loading)."""
+        names = self.layer_names
+        layers = [la for la in self.extractor.layout.layers if names is None or la.name in names]
+        return writer_record(self, approx=type(self.approx).__name__, layers=layer_record(layers))
+
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore from ``state_dict()``, rebuilding the live inverse from its own source."""
-        self.step_count = int(state["step_count"])
-        self.lm_damping = state["lm_damping"]
-        self.skipped_updates = int(state["skipped_updates"])
-        self.inverse_failures = int(state["inverse_failures"])
-        self.approx.load_state_dict(state["approx"])
-        self._pending.clear()
-        self._precond, self._snapshot = None, None
-        self._precond_damping = state["precond_damping"]
+        """Restore from ``state_dict()``, rebuilding the live inverse from its own source.
+
+        All or nothing: the state is checked, loaded into a copy of the
+        approximation and its inverse built before the engine changes.
+
+        Raises:
+            ValueError: If another approximation or other layers wrote ``state``
+                (the message names the difference).
+        """
+        self.commit(self.stage(state))
+
+    def stage(self, state: Mapping[str, Any]) -> LoadedEngine:
+        """Check ``state`` and build everything ``load_state_dict`` installs; change nothing.
+
+        Raises:
+            ValueError: If another approximation or other layers wrote ``state``.
+        """
+        check_record(state, self.checkpoint_record(), "this curvature engine", ignore=("class",))
+        approx = copy.deepcopy(self.approx)
+        approx.load_state_dict(state["approx"])
+        damping = state["precond_damping"]
+        precond, snapshot, fresh = None, None, False
         if state["has_precond"]:
             source = state["inverse_source"]
             if source is None:
-                self._precond = self.approx.inverse(self._precond_damping)
-                self._precond_fresh = True
+                precond, fresh = approx.inverse(damping), True
             else:
-                builder = copy.deepcopy(self.approx)
+                builder = copy.deepcopy(approx)
                 builder.load_state_dict(source)
-                self._precond = builder.inverse(self._precond_damping)
-                self._snapshot, self._precond_fresh = _clone(source), False
+                precond, snapshot = builder.inverse(damping), _clone(source)
+        return LoadedEngine(
+            step_count=int(state["step_count"]),
+            lm_damping=state["lm_damping"],
+            skipped_updates=int(state["skipped_updates"]),
+            inverse_failures=int(state["inverse_failures"]),
+            approx=approx,
+            approx_state=state["approx"],
+            precond=precond,
+            precond_damping=damping,
+            precond_fresh=fresh,
+            snapshot=snapshot,
+        )
+
+    def commit(self, loaded: LoadedEngine) -> None:
+        """Install what ``stage`` built.
+
+        The approximation object stays the same (callers may hold it): it takes
+        over the attributes of the staged copy, which cannot fail.
+        """
+        if hasattr(self.approx, "__dict__"):
+            vars(self.approx).update(vars(loaded.approx))
+        else:  # __slots__: load again what loaded into the staged copy
+            self.approx.load_state_dict(loaded.approx_state)
+        self.step_count, self.lm_damping = loaded.step_count, loaded.lm_damping
+        self.skipped_updates, self.inverse_failures = (
+            loaded.skipped_updates,
+            loaded.inverse_failures,
+        )
+        self._pending.clear()
+        self._precond, self._precond_damping = loaded.precond, loaded.precond_damping
+        self._precond_fresh, self._snapshot = loaded.precond_fresh, loaded.snapshot
+
+
+@dataclass(frozen=True)
+class LoadedEngine:
+    """The checked and built state of a [`CurvatureEngine`][curvlib.optim.engine.CurvatureEngine].
+
+    Returned by ``CurvatureEngine.stage`` and installed by ``commit``, so that an
+    owner of several engines changes none of them unless all load.
+    """
+
+    step_count: int
+    lm_damping: float | None
+    skipped_updates: int
+    inverse_failures: int
+    approx: CurvatureApprox
+    approx_state: Any
+    precond: Preconditioner | None
+    precond_damping: float | None
+    precond_fresh: bool
+    snapshot: Any
 
 
 def _check_intervals(t_cov: Any, t_inv: Any) -> None:

@@ -29,7 +29,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from curvlib.core.layout import KRONECKER_KINDS, CurvatureLayer, LayerKind
-from curvlib.core.protocols import CurvatureApprox
+from curvlib.core.protocols import CurvatureApprox, check_approx
 from curvlib.optim.adaptive import AUTO, is_auto
 from curvlib.optim.hyper import LevenbergMarquardt, check_positive
 
@@ -126,11 +126,8 @@ def check_group_specs(specs: Sequence[Mapping[str, Any]]) -> list[Mapping[str, A
                     f"{where}['layers'] holds {pattern!r}: use glob patterns on qualified "
                     "names or torch.nn.Module subclasses."
                 )
-        if "approx" in spec and not isinstance(spec["approx"], CurvatureApprox):
-            raise TypeError(
-                f"{where}['approx'] must be a curvature approximation (e.g. KFAC()), got "
-                f"{type(spec['approx']).__name__}."
-            )
+        if "approx" in spec:
+            check_approx(spec["approx"], f"{where}['approx']")
         if "name" in spec and not isinstance(spec["name"], str):
             raise TypeError(f"{where}['name'] must be a string, got {spec['name']!r}.")
     return out
@@ -140,6 +137,7 @@ def group_approximations(
     approx: CurvatureApprox, specs: Sequence[Mapping[str, Any]]
 ) -> list[CurvatureApprox]:
     """The default approximation and those the groups set (for building the extractor)."""
+    check_approx(approx)
     return [approx, *(s["approx"] for s in check_group_specs(specs) if "approx" in s)]
 
 
@@ -182,6 +180,7 @@ def resolve_groups(
             layer that a group claims but whose kind its approximation does not
             support.
     """
+    check_approx(approx)
     specs = check_group_specs(specs)
     names = [str(s.get("name", f"group{i + 1}")) for i, s in enumerate(specs)]
     if len(set(names)) != len(names) or DEFAULT_GROUP in names:
@@ -286,15 +285,48 @@ def check_interval(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}.")
 
 
-def parameter_list(params: Iterable[Tensor]) -> list[Tensor]:
+def parameter_list(params: Iterable[Tensor], model: nn.Module | None = None) -> list[Tensor]:
     """``params`` as a list.
 
+    Args:
+        params: The parameters to step.
+        model: The network, to spell out the ``groups=`` that torch-style
+            parameter groups in ``params`` describe.
+
     Raises:
-        TypeError: If ``params`` is a single tensor (iterating it would give its rows).
+        TypeError: If ``params`` is a single tensor (iterating it would give its
+            rows) or holds torch-style parameter groups (the message gives the
+            ``groups=`` to use instead).
     """
     if isinstance(params, Tensor):
         raise TypeError("params must be an iterable of parameters, e.g. generator.parameters().")
-    return list(params)
+    out = list(params)
+    items: list[Any] = out  # torch-style groups are a common mistake despite the annotation
+    dicts: list[Mapping[str, Any]] = [p for p in items if isinstance(p, Mapping)]
+    if dicts:
+        raise TypeError(
+            "params takes parameters, not torch-style parameter groups "
+            "([{'params': ..., 'lr': ...}]). curvlib sets per-layer hyper-parameters with "
+            "groups=, matching layers by qualified name or module type"
+            f"{_groups_hint(dicts, model)}; params= (optional) then lists every parameter "
+            "to step."
+        )
+    return out
+
+
+def _groups_hint(dicts: Sequence[Mapping[str, Any]], model: nn.Module | None) -> str:
+    """The ``groups=`` that the torch-style ``dicts`` describe, when the model is known."""
+    if model is None:
+        return ", e.g. groups=[{'layers': ['dec.*'], 'lr': 0.01}]"
+    owner = {id(p): name.rpartition(".")[0] for name, p in model.named_parameters()}
+    entries = []
+    for spec in dicts:
+        held = spec.get("params", ())
+        held = [held] if isinstance(held, Tensor) else list(held)
+        layers = list(dict.fromkeys(owner.get(id(p), "?") for p in held))
+        settings = "".join(f", {k!r}: {v!r}" for k, v in spec.items() if k != "params")
+        entries.append(f"{{'layers': {layers}{settings}}}")
+    return f": here groups=[{', '.join(entries)}]"
 
 
 def select_parameters(
@@ -320,7 +352,7 @@ def select_parameters(
     trainable = [p for p in model.parameters() if p.requires_grad]
     if params is None:
         return trainable
-    chosen = parameter_list(params)
+    chosen = parameter_list(params, model)
     known = {id(p) for p in model.parameters()}
     if any(id(p) not in known for p in chosen):
         raise ValueError(

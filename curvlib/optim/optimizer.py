@@ -39,7 +39,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from curvlib.core.layout import CurvatureLayer
+from curvlib.core.checkpoint import RECORD_KEY, check_record, layer_record, writer_record
+from curvlib.core.layout import CurvatureLayer, frozen_message
 from curvlib.core.protocols import CurvatureApprox, CurvatureProducts, Extractor
 from curvlib.core.stats import all_finite
 from curvlib.optim.adaptive import (
@@ -236,6 +237,24 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._unstepped = tuple(n for n, p in named if p.requires_grad and id(p) not in ids)
         self._unsupported = tuple(str(u) for u in extractor.layout.unsupported)
         self._check_adaptive(other)
+        self._groups_fixed = True
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Refused after construction: the groups and their engines are fixed then.
+
+        Raises:
+            ValueError: Always, once the optimizer is built (torch's constructor
+                adds the groups through this method).
+        """
+        if getattr(self, "_groups_fixed", False):
+            raise ValueError(
+                f"{type(self).__name__} fixes its parameter groups when it is built (each "
+                "curvature group has its own engine and the extractor its layers), so "
+                "add_param_group cannot add parameters later. Build a new optimizer whose "
+                "params= (and groups=) include them, e.g. after unfreezing layers, or step "
+                "the new parameters with a second torch optimizer."
+            )
+        super().add_param_group(param_group)
 
     # -- the training-loop API ----------------------------------------------------
 
@@ -499,6 +518,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         return directions, lrs
 
     def _check_grads(self) -> None:
+        frozen = [la.name for la in self.layers if not all(p.requires_grad for p in la.parameters)]
+        if frozen:
+            raise RuntimeError(frozen_message(frozen))
         missing = [layer.name for layer in self.layers if layer.weight.grad is None]
         if missing:
             raise RuntimeError(
@@ -550,6 +572,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """Torch's optimizer state plus every curvature engine and the extractor's RNG.
 
+        With the record of what wrote it
+        ([`curvlib.core.checkpoint`][curvlib.core.checkpoint]): each curvature
+        group's approximation and the names and parameter shapes of its layers,
+        and the names and shapes of the parameters that take the fallback step.
+
         A damping rule that is not a number (a schedule or a
         ``LevenbergMarquardt``) is left out of the saved ``param_groups``, as
         ``LambdaLR`` leaves out callables: pass it again when constructing the
@@ -560,6 +587,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             damping = group.get("damping")
             if isinstance(damping, bool) or not isinstance(damping, int | float):
                 group.pop("damping", None)
+        state[RECORD_KEY] = self._record()
         state["curvature"] = {
             "extractor": self.extractor.state_dict(),
             "groups": {g["name"]: e.state_dict() for g, e in self.curvature_groups()},
@@ -567,30 +595,55 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         state["skipped_steps"] = self.skipped_steps
         return state
 
+    def _record(self) -> dict[str, Any]:
+        groups = {
+            group["name"]: {"approx": type(engine.approx).__name__, "layers": layer_record(layers)}
+            for (group, engine), layers in zip(
+                self.curvature_groups(), self.group_layers, strict=True
+            )
+        }
+        other = self._group(OTHER_GROUP)
+        fallback = {} if other is None else {
+            self._param_names[id(p)]: list(p.shape) for p in other["params"]
+        }  # fmt: skip
+        return writer_record(self, groups=groups, fallback=fallback)
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore everything ``state_dict()`` saved; the run continues exactly.
 
+        All or nothing: the record of what wrote the checkpoint is compared
+        with this optimizer first, then every engine's estimate and inverse is
+        built aside; on any error the optimizer is left as it was.
+
         Raises:
-            ValueError: If the checkpoint's curvature groups differ from this optimizer's.
+            ValueError: If the checkpoint was written by an optimizer with other
+                curvature groups, approximations, layer names or parameter
+                shapes (the message lists every difference), or has no record.
         """
+        check_record(state_dict, self._record(), f"this {type(self).__name__}", ignore=("class",))
         state_dict = dict(state_dict)
+        del state_dict[RECORD_KEY]
         curvature = state_dict.pop("curvature")
-        names = [g["name"] for g, _ in self.curvature_groups()]
-        if sorted(curvature["groups"]) != sorted(names):
-            raise ValueError(
-                f"The checkpoint has curvature groups {sorted(curvature['groups'])}, this "
-                f"optimizer {sorted(names)}: construct it with the same groups= and params=."
-            )
-        self.skipped_steps = int(state_dict.pop("skipped_steps"))
-        before = [dict(group) for group in self.param_groups]
-        super().load_state_dict(state_dict)
-        for group, old in zip(self.param_groups, before, strict=True):
-            group.setdefault("damping", old["damping"])
+        skipped = int(state_dict.pop("skipped_steps"))
         # Like torch's per-parameter state, the estimate follows the parameters' device.
         curvature = floating_to(curvature, self.layers[0].weight.device)
-        self.extractor.load_state_dict(curvature["extractor"])
-        for name, engine in zip(names, self.engines, strict=True):
-            engine.load_state_dict(curvature["groups"][name])
+        staged = [
+            engine.stage(curvature["groups"][group["name"]])
+            for group, engine in self.curvature_groups()
+        ]
+        state, param_groups = self.state, self.param_groups
+        try:
+            super().load_state_dict(state_dict)
+            for group, old in zip(self.param_groups, param_groups, strict=True):
+                group.setdefault("damping", old["damping"])
+            self.extractor.load_state_dict(curvature["extractor"])  # all or nothing itself
+        except BaseException:
+            # torch's load builds new state and groups: the old objects are intact.
+            self.state, self.param_groups = state, param_groups
+            raise
+        for engine, loaded in zip(self.engines, staged, strict=True):
+            engine.commit(loaded)
+        self.skipped_steps = skipped
 
 
 def _stats_scale(grad_scaler: Any, accumulation_steps: int) -> Callable[[], float] | None:

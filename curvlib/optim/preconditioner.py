@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from curvlib.core.checkpoint import RECORD_KEY, check_record, layer_record, writer_record
 from curvlib.core.layout import CurvatureLayer
 from curvlib.core.protocols import CurvatureApprox, Extractor
 from curvlib.core.stats import all_finite
@@ -129,16 +130,36 @@ class GradientPreconditioner:
         }
 
     def state_dict(self) -> dict[str, Any]:
-        """The curvature engine's state (estimates, live inverse, counters) and the RNG."""
+        """The curvature engine's state (estimates, live inverse, counters) and the RNG.
+
+        With the record of what wrote it
+        ([`curvlib.core.checkpoint`][curvlib.core.checkpoint]): the
+        approximation and the names and parameter shapes of the layers.
+        """
         return {
+            RECORD_KEY: self._record(),
             "curvature": self.engine.state_dict(),
             "extractor": self.engine.extractor.state_dict(),
             "skipped_steps": self.skipped_steps,
         }
 
+    def _record(self) -> dict[str, Any]:
+        return writer_record(
+            self, approx=type(self.engine.approx).__name__, layers=layer_record(self.layers)
+        )
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore from ``state_dict()``."""
+        """Restore from ``state_dict()``; all or nothing.
+
+        Raises:
+            ValueError: If the checkpoint was written for another approximation
+                or other layers (the message names the difference), or has no
+                record; nothing is changed then.
+        """
+        check_record(state, self._record(), f"this {type(self).__name__}", ignore=("class",))
         device = self.layers[0].weight.device
-        self.engine.load_state_dict(floating_to(state["curvature"], device))
-        self.engine.extractor.load_state_dict(state["extractor"])
-        self.skipped_steps = int(state["skipped_steps"])
+        loaded = self.engine.stage(floating_to(state["curvature"], device))
+        skipped = int(state["skipped_steps"])
+        self.engine.extractor.load_state_dict(state["extractor"])  # all or nothing itself
+        self.engine.commit(loaded)
+        self.skipped_steps = skipped

@@ -38,6 +38,7 @@ from curvlib.approx.base import (
 from curvlib.approx.kfac import KFAC, KFACDamping
 from curvlib.approx.natural_gradient import ALL_LAYERS, ExactNaturalGradient
 from curvlib.core import CurvatureOperator, CurvatureStatistics, FisherType, LayerStatistics
+from curvlib.core.checkpoint import RECORD_KEY, writer_record
 from curvlib.extract import CurvatureExtractor
 from tests import oracle
 from tests.approx.cases import APPROXIMATIONS, PROBLEMS, ApproxCase, fit_statistics, perturbed
@@ -334,7 +335,11 @@ def _dense_approx(seed: int) -> _DenseApprox:
     root = torch.randn(6, 6, generator=gen, dtype=torch.float64)
     approx = _DenseApprox()
     approx.load_state_dict(
-        {"num_updates": 1, "blocks": {"w": {"shape": [2, 3], "state": {"matrix": root @ root.T}}}}
+        {
+            RECORD_KEY: writer_record(approx),
+            "num_updates": 1,
+            "blocks": {"w": {"shape": [2, 3], "state": {"matrix": root @ root.T}}},
+        }
     )
     return approx
 

@@ -358,7 +358,7 @@ def test_two_group_checkpoint_resume_is_exact(t_inv: int) -> None:
     second = run(opt, model, batches[3:])
     assert first + second == full
     other = PreconditionedOptimizer(model, KFAC(), loss_fn=problem.loss_fn)
-    with pytest.raises(ValueError, match="curvature groups"):
+    with pytest.raises(ValueError, match="groups: 'group1' only in the checkpoint"):
         other.load_state_dict(checkpoint["opt"])
 
 
