@@ -248,7 +248,7 @@ class LossCurvature:
     ) -> Tensor:
         shape = (mc_samples, *output.shape)
         if isinstance(scale, Tensor):
-            factor: Tensor | float = _per_position(scale / mc_samples).sqrt()
+            factor: Tensor | float = (scale / mc_samples).sqrt().unsqueeze(1)
         else:
             factor = math.sqrt(scale / mc_samples)
         if isinstance(self.loss_fn, nn.MSELoss):

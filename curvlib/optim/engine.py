@@ -242,7 +242,9 @@ class CurvatureEngine:
         """Fold ``stats`` into the approximation; ``False`` when they were rejected."""
         if not stats.is_finite():
             self.skipped_updates += 1
-            layers = [name for name, layer in stats.layers.items() if not all_finite(layer.tensors())]
+            layers = [
+                name for name, layer in stats.layers.items() if not all_finite(layer.tensors())
+            ]
             warnings.warn(
                 f"Step {self.step_count}: curvature statistics of layers {layers} contain "
                 "NaN/Inf; the update is skipped and the last good preconditioner kept.",

@@ -524,9 +524,13 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 "`with opt.record():`) before opt.step()."
             )
         grads = [p.grad for layer in self.layers for p in layer.parameters]
-        if self._stepped_grads and len(grads) == len(self._stepped_grads) and all(
-            ref() is g and g is not None and g._version == version
-            for (ref, version), g in zip(self._stepped_grads, grads, strict=True)
+        if (
+            self._stepped_grads
+            and len(grads) == len(self._stepped_grads)
+            and all(
+                ref() is g and g is not None and g._version == version
+                for (ref, version), g in zip(self._stepped_grads, grads, strict=True)
+            )
         ):
             raise RuntimeError(
                 "step() was called again on the gradients of the previous step: run a new "

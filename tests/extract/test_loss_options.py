@@ -58,7 +58,10 @@ def _batch_ggn(problem: Problem, model: nn.Module, name: str) -> Tensor:
 
 
 CASES = [
-    pytest.param(problem, ignore, reduction, backend, id=f"{problem.name}-{ignore}-{reduction}-{backend.value}")
+    pytest.param(
+        problem, ignore, reduction, backend,
+        id=f"{problem.name}-{ignore}-{reduction}-{backend.value}",
+    )
     for problem in (P.mlp_ce(), P.segmentation_ce())
     for ignore in (-100, 2)
     for reduction in ("mean", "sum")

@@ -54,7 +54,9 @@ class Run:
         )  # fmt: skip
         train_steps(self.opt, self.model, self.loss_fn, [(self.x, self.y)] * good_steps)
         self.params = [p.detach().clone() for p in self.model.parameters()]
-        self.buffers = [self.opt.state[p]["momentum_buffer"].clone() for p in self.model.parameters()]
+        self.buffers = [
+            self.opt.state[p]["momentum_buffer"].clone() for p in self.model.parameters()
+        ]
         self.precond = self.opt.engine._precond
 
     def step(
@@ -104,7 +106,9 @@ STEP_FAULTS = {
 
 @pytest.mark.parametrize("fault", list(STEP_FAULTS))
 @pytest.mark.parametrize(("fisher", "backend"), MATRIX)
-def test_a_bad_loss_or_input_skips_the_step(fisher: FisherType, backend: Backend, fault: str) -> None:
+def test_a_bad_loss_or_input_skips_the_step(
+    fisher: FisherType, backend: Backend, fault: str
+) -> None:
     run = Run(fisher, backend)
     with pytest.warns(RuntimeWarning, match=r"skipped: the gradient of \['.+\] contains NaN/Inf"):
         run.step(**STEP_FAULTS[fault])
@@ -204,7 +208,9 @@ def test_eigh_that_never_converges_keeps_the_last_eigenbasis(
         raise torch.linalg.LinAlgError("linalg.eigh: the algorithm failed to converge")
 
     monkeypatch.setattr(torch.linalg, "eigh", fail)
-    with pytest.warns(RuntimeWarning, match=r"refreshing the curvature estimate failed \(layer '0'"):
+    with pytest.warns(
+        RuntimeWarning, match=r"refreshing the curvature estimate failed \(layer '0'"
+    ):
         run.step()
     assert run.opt.engine.inverse_failures >= 1
     bases = run.opt.engine.approx.state_dict()["blocks"]
