@@ -253,6 +253,20 @@ def _dense_only(block: LayerBlock) -> bool:
     return type(block).condition_number is LayerBlock.condition_number
 
 
+@contextmanager
+def naming_layer(name: str) -> Iterator[None]:
+    """Re-raise a failed factorisation with the name of the layer it happened in.
+
+    Raises:
+        FactorizationError: For any ``RuntimeError`` inside the block (a
+            ``torch.linalg.LinAlgError`` included), its message prefixed by the layer.
+    """
+    try:
+        yield
+    except RuntimeError as err:
+        raise FactorizationError(f"layer {name!r}: {err}") from err
+
+
 def running_average(old: Tensor | None, new: Tensor, rho: float) -> Tensor:
     """``rho * old + (1 - rho) * new`` (``new`` without ``old``), subnormals flushed to zero.
 
@@ -510,7 +524,8 @@ class LayerwiseApprox(ABC):
         shapes: dict[str, LayerShape] = {}
         condition: dict[str, Callable[[], float]] = {}
         for name, block in self._blocks.items():
-            inverses[name] = inverse = block.inverse(damping)
+            with naming_layer(name):
+                inverses[name] = inverse = block.inverse(damping)
             shapes[name] = LayerShape(
                 block.out_dim, block.in_dim, block._dense_dtype(), block._device()
             )

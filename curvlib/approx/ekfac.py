@@ -35,7 +35,13 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from curvlib.approx.base import LayerBlock, LayerInverse, LayerwiseApprox, running_average
+from curvlib.approx.base import (
+    LayerBlock,
+    LayerInverse,
+    LayerwiseApprox,
+    naming_layer,
+    running_average,
+)
 from curvlib.core.stats import LayerStatistics, PerSampleIO, StatKind
 from curvlib.linalg.factors import eigh, flush_negligible, symmetrize
 
@@ -207,6 +213,7 @@ class EKFAC(LayerwiseApprox):
         the error propagates.
         """
         with self._all_or_none():
-            for block in self._blocks.values():
+            for name, block in self._blocks.items():
                 assert isinstance(block, _EKFACBlock)
-                block.refresh()
+                with naming_layer(name):
+                    block.refresh()

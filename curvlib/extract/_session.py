@@ -245,12 +245,17 @@ class CollectSession:
         return self.num_batch
 
     def _columns_for(self, net_out: Tensor, target: Tensor) -> Tensor:
+        ex = self.ex
+        # Of the whole batch: a sub-batch estimates the same statistics, unbiased.
+        weights = ex._loss.sample_weights(net_out.detach(), target)
         if self.subsample is not None:
             net_out, target = net_out[self.subsample], target[self.subsample]
-        ex = self.ex
+            if isinstance(weights, Tensor):
+                weights = weights[self.subsample]
         return ex._loss.hessian_columns(
-            net_out, target, ex._fisher_type, ex._mc_samples, ex._generator(net_out.device)
-        )
+            net_out, target, ex._fisher_type, ex._mc_samples, ex._generator(net_out.device),
+            weights=weights,
+        )  # fmt: skip
 
     def _loss_columns(self, loss_module: nn.Module) -> Tensor:
         net_out, target = loss_module.input0, loss_module.input1  # stored by BackPACK

@@ -76,7 +76,14 @@ class LossCurvature:
     loss_fn: nn.Module
 
     def check_shapes(self, output: Tensor, target: Tensor) -> None:
-        """Raise a ``ValueError`` that names the fix when shapes do not fit the loss."""
+        """Raise a ``ValueError`` that names the fix when shapes do not fit the loss.
+
+        The loss module's options are checked again here
+        ([`check_loss_module`][curvlib.extract.losses.check_loss_module]), on
+        every call: a ``reduction``, ``label_smoothing`` or ``weight`` changed
+        after construction is refused, not silently modelled with the old one.
+        """
+        check_loss_module(self.loss_fn)
         name = type(self.loss_fn).__name__
         if output.dim() < 2:
             raise ValueError(
@@ -112,6 +119,37 @@ class LossCurvature:
         if self.loss_fn.reduction == "mean":
             return 1.0 / self.entries_per_sample(output)
         return 1.0
+
+    def sample_weights(self, output: Tensor, target: Tensor) -> Tensor | float:
+        r"""The factor $c$ of every sample's loss, per position where targets are ignored.
+
+        Statistics average $\ell_n$ over the $N$ samples of the batch, with
+        $\ell_n$ equal to $N$ times sample $n$'s share of the batch loss torch
+        computes. Without ignored targets this is $c = 1/D$ for ``mean`` and
+        $1$ for ``sum`` ([`sample_scale`][curvlib.extract.losses.LossCurvature.sample_scale]).
+        For ``CrossEntropyLoss``, the targets equal to ``ignore_index`` (by
+        default -100) contribute nothing, and ``mean`` divides by the number $K$
+        of the others: each kept position then carries $c = N/K$ (``mean``) or
+        $1$ (``sum``), each ignored one $0$; the statistics are the curvature of
+        the loss actually minimised. With every target ignored, torch's ``mean``
+        is NaN: so are the weights, and the step is skipped as for any NaN.
+
+        Args:
+            output: The network output of the whole batch ``[N, ...]``.
+            target: Its targets.
+
+        Returns:
+            A float when every target counts, else a tensor ``[N, *spatial]``.
+        """
+        if not isinstance(self.loss_fn, nn.CrossEntropyLoss):
+            return self.sample_scale(output)
+        kept = target != self.loss_fn.ignore_index
+        if bool(kept.all()):
+            return self.sample_scale(output)
+        weights = kept.to(output.dtype)
+        if self.loss_fn.reduction == "mean":
+            weights = weights * (output.shape[0] / kept.sum().to(output.dtype))
+        return weights
 
     def batch_to_sample(self, num_samples: int) -> float:
         r"""Factor turning a gradient of the batch loss into per-sample gradients of $\ell_n$."""
@@ -164,6 +202,7 @@ class LossCurvature:
         fisher_type: FisherType,
         mc_samples: int = 1,
         generator: torch.Generator | None = None,
+        weights: Tensor | float | None = None,
     ) -> Tensor:
         r"""Columns $s_{nk}$ with $\sum_k s_{nk} s_{nk}^\top \approx H_n$.
 
@@ -174,32 +213,44 @@ class LossCurvature:
                 columns with expectation $H_n$; ``EMPIRICAL`` returns $\nabla \ell_n$.
             mc_samples: Number of Monte-Carlo samples for ``MC``.
             generator: Random generator for ``MC``.
+            weights: The samples' factors $c$ (``sample_weights`` of the whole
+                batch, restricted to these samples); ``None``: computed from
+                ``output`` and ``target``.
 
         Returns:
             ``[K, N, *output.shape[1:]]``.
         """
         output = output.detach()
-        scale = self.sample_scale(output)
+        scale = self.sample_weights(output, target) if weights is None else weights
         if fisher_type is FisherType.EMPIRICAL:
             return self._gradient(output, target.detach(), scale).unsqueeze(0)
         if fisher_type is FisherType.MC:
             return self._sampled(output, mc_samples, generator, scale)
         return self._exact(output, scale)
 
-    def _gradient(self, output: Tensor, target: Tensor, scale: float) -> Tensor:
+    def _gradient(self, output: Tensor, target: Tensor, scale: Tensor | float) -> Tensor:
         if isinstance(self.loss_fn, nn.MSELoss):
             return 2.0 * scale * (output - target)
         if isinstance(self.loss_fn, nn.BCEWithLogitsLoss):
             return scale * (torch.sigmoid(output) - target)
         probs = output.softmax(dim=1)
+        if isinstance(scale, Tensor):  # ignored targets (weight 0) may lie outside the classes
+            target = target.masked_fill(scale == 0, 0)
         onehot = F.one_hot(target, output.shape[1]).movedim(-1, 1).to(output.dtype)
-        return scale * (probs - onehot)
+        return _per_position(scale) * (probs - onehot)
 
     def _sampled(
-        self, output: Tensor, mc_samples: int, generator: torch.Generator | None, scale: float
+        self,
+        output: Tensor,
+        mc_samples: int,
+        generator: torch.Generator | None,
+        scale: Tensor | float,
     ) -> Tensor:
         shape = (mc_samples, *output.shape)
-        factor = math.sqrt(scale / mc_samples)
+        if isinstance(scale, Tensor):
+            factor: Tensor | float = (scale / mc_samples).sqrt().unsqueeze(1)
+        else:
+            factor = math.sqrt(scale / mc_samples)
         if isinstance(self.loss_fn, nn.MSELoss):
             noise = torch.randn(
                 shape, generator=generator, dtype=output.dtype, device=output.device
@@ -214,15 +265,22 @@ class LossCurvature:
             return factor * (probs - (uniform < probs).to(output.dtype))
         probs = output.softmax(dim=1)
         flat = probs.movedim(1, -1).reshape(-1, output.shape[1])
+        finite = torch.isfinite(flat).all(dim=1, keepdim=True)
+        if not bool(finite.all()):
+            # torch.multinomial refuses NaN/Inf: draw from the uniform distribution
+            # there; the columns stay NaN through probs, so the statistics are
+            # rejected (and the step skipped on its NaN gradient) as usual.
+            flat = torch.where(finite, flat, torch.ones_like(flat))
         draws = torch.multinomial(flat, mc_samples, replacement=True, generator=generator)
         onehot = F.one_hot(draws.T, output.shape[1]).to(output.dtype)  # [M, N * P, C]
         onehot = onehot.reshape(mc_samples, *probs.movedim(1, -1).shape).movedim(-1, 2)
         return factor * (probs.unsqueeze(0) - onehot)
 
-    def _exact(self, output: Tensor, scale: float) -> Tensor:
+    def _exact(self, output: Tensor, scale: Tensor | float) -> Tensor:
         n = output.shape[0]
         if isinstance(self.loss_fn, nn.CrossEntropyLoss):
             return self._exact_categorical(output, scale)
+        assert not isinstance(scale, Tensor), "only CrossEntropyLoss ignores targets"
         d = math.prod(output.shape[1:])
         if isinstance(self.loss_fn, nn.MSELoss):
             diag = torch.full((n, d), 2.0 * scale, dtype=output.dtype, device=output.device)
@@ -234,7 +292,7 @@ class LossCurvature:
         return cols.reshape(d, *output.shape)
 
     @staticmethod
-    def _exact_categorical(output: Tensor, scale: float) -> Tensor:
+    def _exact_categorical(output: Tensor, scale: Tensor | float) -> Tensor:
         # Per position: S = (diag(sqrt p) - p sqrt(p)^T) with S S^T = diag(p) - p p^T.
         n, c = output.shape[:2]
         spatial = output.shape[2:]
@@ -246,9 +304,17 @@ class LossCurvature:
         block = eye * sqrt_p.transpose(1, 2).unsqueeze(-2) - torch.einsum(
             "ncp,nip->npci", probs, sqrt_p
         )
-        block = math.sqrt(scale) * block  # [N, P, C(entry), C(column)]
+        if isinstance(scale, Tensor):
+            block = scale.reshape(n, positions, 1, 1).sqrt() * block
+        else:
+            block = math.sqrt(scale) * block  # [N, P, C(entry), C(column)]
         # Columns are indexed by (column class i, position p); entries live at position p only.
         cols = torch.zeros(c, positions, n, c, positions, dtype=output.dtype, device=output.device)
         idx = torch.arange(positions, device=output.device)
         cols[:, idx, :, :, idx] = block.permute(1, 3, 0, 2)
         return cols.reshape(c * positions, n, c, *spatial)
+
+
+def _per_position(scale: Tensor | float) -> Tensor | float:
+    """Per-position weights ``[N, *spatial]`` broadcast over the class axis."""
+    return scale.unsqueeze(1) if isinstance(scale, Tensor) else scale

@@ -44,7 +44,7 @@ from curvlib.core.protocols import (
     RefreshableApprox,
     check_approx,
 )
-from curvlib.core.stats import CurvatureStatistics, FisherType, merge_statistics
+from curvlib.core.stats import CurvatureStatistics, FisherType, all_finite, merge_statistics
 from curvlib.optim.hyper import LevenbergMarquardt, Schedule, check_positive, resolve
 
 RECORD_TIMES = ("statistics", "forward_backward")
@@ -248,9 +248,12 @@ class CurvatureEngine:
         """Fold ``stats`` into the approximation; ``False`` when they were rejected."""
         if not stats.is_finite():
             self.skipped_updates += 1
+            layers = [
+                name for name, layer in stats.layers.items() if not all_finite(layer.tensors())
+            ]
             warnings.warn(
-                f"Step {self.step_count}: curvature statistics contain NaN/Inf; the update is "
-                "skipped and the last good preconditioner kept.",
+                f"Step {self.step_count}: curvature statistics of layers {layers} contain "
+                "NaN/Inf; the update is skipped and the last good preconditioner kept.",
                 RuntimeWarning,
                 stacklevel=4,
             )

@@ -22,6 +22,8 @@ def check_positive(name: str, value: Schedule, allow_zero: bool = False) -> None
         return
     if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
         raise TypeError(f"{name} must be a number or a callable of the step, got {value!r}.")
+    if math.isinf(value):
+        raise ValueError(f"{name} must be finite, got {value!r}.")
     if value < 0.0 or (value == 0.0 and not allow_zero):
         bound = "non-negative" if allow_zero else "positive"
         raise ValueError(f"{name} must be {bound}, got {value!r}.")

@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import Any, Literal
@@ -60,6 +61,13 @@ from curvlib.optim.engine import (
     record_statistics,
 )
 from curvlib.optim.groups import check_hyper, resolve_groups, select_parameters
+from curvlib.optim.guards import (
+    absurd_steps,
+    broken_directions,
+    check_runtime_hyper,
+    inner_product,
+    measure_directions,
+)
 from curvlib.optim.hyper import LevenbergMarquardt, Schedule, check_positive
 from curvlib.optim.kernels import clip_from_norms, layer_step, momentum_step_norms, sgd_step
 from curvlib.optim.report import describe_optimizer, step_stats
@@ -231,6 +239,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.last_stats: dict[str, Any] = {}
         self._recording = False
         self._record_times: dict[str, float] = {}
+        self._stepped_grads: list[tuple[weakref.ref[Tensor], int]] = []
         ids = {id(p) for p in selected}
         named = list(model.named_parameters())
         self._param_names = {id(p): name for name, p in named}
@@ -270,6 +279,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._recording = True
         try:
             self._sync()
+            if all(layer.weight.grad is None for layer in self.layers):
+                self._drop_statistics()  # of a step that never happened (e.g. GradScaler's)
             with (
                 self._products().capture() if self._adaptive().active else nullcontext(),
                 record_statistics(
@@ -321,8 +332,30 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             self, self._param_names, self._unstepped, self._unsupported, OTHER_GROUP
         )
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Reset the gradients, and drop statistics recorded for a step that never ran.
+
+        A ``torch.amp.GradScaler`` skips ``opt.step()`` when the scaled gradients
+        overflow; the statistics recorded in that step's ``record()`` block are
+        then dropped here (or at the next ``record()`` when the gradients are
+        ``None``), not folded into the next update.
+        """
+        self._drop_statistics()
+        super().zero_grad(set_to_none=set_to_none)
+
+    def _drop_statistics(self) -> None:
+        for engine in self.engines:
+            engine.discard()
+
     def _sync(self) -> None:
-        """Hand the (possibly edited) group hyper-parameters to the engines."""
+        """Check the (possibly edited) group hyper-parameters and hand them to the engines.
+
+        Raises:
+            ValueError: For a value set at run time that the constructor would refuse
+                (``lr`` may be 0, for schedulers that warm up from zero).
+        """
+        for i, group in enumerate(self.param_groups):
+            check_runtime_hyper(group, f"param_groups[{i}] ({group.get('name')!r}): ")
         for group, engine in self.curvature_groups():
             engine.configure(damping=group["damping"], t_cov=group["t_cov"], t_inv=group["t_inv"])
 
@@ -352,7 +385,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         other = self._group(OTHER_GROUP)
         other_grads = [] if other is None else [p.grad for p in other["params"]]
         if not all_finite([*grads.values(), *(g for g in other_grads if g is not None)]):
-            return self._skip("the gradient contains NaN/Inf", start)
+            return self._skip(self._nonfinite_grads(grads, other), start)
         lm_engines = [engine for engine in self.engines if engine.lm_due]
         if lm_engines and closure is None:
             raise RuntimeError(
@@ -371,10 +404,18 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         mark = time.perf_counter()
         mode = self._adaptive()
         directions, lrs = self._precondition(grads)
+        checks = measure_directions(grads, directions)
+        reason = broken_directions(checks)
+        if reason is not None:
+            return self._skip(reason, start)
         nu = 1.0
         buffer_norms: dict[str, float] = {}
         if not mode.active:  # the adaptive step bounds its own update (kl_trust_region)
-            nu, buffer_norms = self._momentum_clip(grads, directions, lrs)
+            inners = {name: check.inner for name, check in checks.items()}
+            nu, buffer_norms = self._momentum_clip(grads, inners, lrs)
+            reason = absurd_steps(checks, nu)
+            if reason is not None:
+                return self._skip(reason, start)
         now = time.perf_counter()
         parts["precondition"] += now - mark
         deltas: dict[str, Tensor] = {}
@@ -419,13 +460,14 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             parts["closure"] = parts.get("closure", 0.0) + time.perf_counter() - mark
         for engine in self.engines:
             engine.finish()
+        self._mark_grads()
         self._report(start, parts, nu, ratio, adaptive, mode)
         return loss_before
 
     def _momentum_clip(
         self,
         grads: Mapping[str, Tensor],
-        directions: Mapping[str, Tensor],
+        inners: Mapping[str, float],
         lrs: Mapping[str, float],
     ) -> tuple[float, dict[str, float]]:
         r"""The KL-clipping factor of the whole step, momentum included.
@@ -441,7 +483,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             momentum = float(group["momentum"])
             for layer in layers:
                 name = layer.name
-                inner = float((grads[name] * directions[name]).sum())
+                inner = inners[name]
                 if momentum == 0.0:
                     step_norms[name] = inner
                     continue
@@ -449,7 +491,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 inner_buffer, norm = 0.0, 0.0
                 if all(b is not None for b in buffers):
                     matrix = layer.to_matrix(*buffers).to(grads[name].dtype)
-                    inner_buffer = float((grads[name] * matrix).sum())
+                    inner_buffer = inner_product(grads[name], matrix)
                     norm = float(self.state[layer.weight].get("momentum_norm", 0.0))
                 step_norms[name], buffer_norms[name] = momentum_step_norms(
                     inner, inner_buffer, norm, momentum, bool(group["nesterov"])
@@ -527,6 +569,39 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 f"No gradients for layers {missing}: call loss.backward() (inside "
                 "`with opt.record():`) before opt.step()."
             )
+        grads = [p.grad for layer in self.layers for p in layer.parameters]
+        if (
+            self._stepped_grads
+            and len(grads) == len(self._stepped_grads)
+            and all(
+                ref() is g and g is not None and g._version == version
+                for (ref, version), g in zip(self._stepped_grads, grads, strict=True)
+            )
+        ):
+            raise RuntimeError(
+                "step() was called again on the gradients of the previous step: run a new "
+                "forward and backward pass (inside `with opt.record():`) before every step()."
+            )
+
+    def _mark_grads(self) -> None:
+        """Remember the gradients this step consumed (see ``_check_grads``)."""
+        self._stepped_grads = [
+            (weakref.ref(p.grad), p.grad._version)
+            for layer in self.layers
+            for p in layer.parameters
+            if p.grad is not None
+        ]
+
+    def _nonfinite_grads(self, grads: Mapping[str, Tensor], other: dict[str, Any] | None) -> str:
+        """The skip reason naming the layers (or parameters) with NaN/Inf gradients."""
+        names = [name for name, g in grads.items() if not bool(torch.isfinite(g).all())]
+        if other is not None:
+            names += [
+                self._param_names.get(id(p), "?")
+                for p in other["params"]
+                if p.grad is not None and not bool(torch.isfinite(p.grad).all())
+            ]
+        return f"the gradient of {names} contains NaN/Inf"
 
     def _skip(self, reason: str, start: float) -> None:
         self.skipped_steps += 1
@@ -541,6 +616,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         parts = {"precondition": time.perf_counter() - start}
         for engine in self.engines:
             engine.finish()
+        self._mark_grads()
         self._report(start, parts, None, None, None, None)
 
     def _report(

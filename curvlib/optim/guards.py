@@ -1,0 +1,176 @@
+r"""Checks that keep one bad step from costing a run: directions, step sizes, settings.
+
+Before any parameter moves, the optimizer measures every curvature layer's
+gradient $\nabla_l$ and preconditioned direction $\Delta_l = P_l\nabla_l$
+([`measure_directions`][curvlib.optim.guards.measure_directions]) and skips the
+step, with a warning that names the layers, when
+
+1. **a direction is not finite**: $\langle\nabla_l, \Delta_l\rangle$ or
+   $\|\Delta_l\|$ is NaN or Inf (an overflowing loss, a broken inverse). The
+   inner product is formed again in float64 when the float32 one overflows,
+   so a large but finite step is clipped as usual rather than skipped;
+2. **a direction points uphill**: $\langle\nabla_l, \Delta_l\rangle <
+   -\sqrt{\epsilon}\,\|\nabla_l\|\|\Delta_l\|$ ($\epsilon$ the machine epsilon
+   of the gradient's dtype). $P_l$ is positive definite for every
+   approximation, so a negative inner product beyond rounding means the inverse
+   is numerically broken, and the KL clip, which needs a positive
+   $\sum_l\eta_l^2\langle\nabla_l, \Delta_l\rangle$, cannot bound the step;
+3. **a step is absurdly long for its gradient**: the KL-clipped direction is
+   more than [`MAX_AMPLIFICATION`][curvlib.optim.guards.MAX_AMPLIFICATION]
+   times longer than the gradient, $\nu\|\Delta_l\| > 10^6\|\nabla_l\|$.
+   $\|\Delta_l\| \le \|\nabla_l\|/\lambda$ for a preconditioner that realises
+   its damping $\lambda$, so this never fires for $\lambda \ge 10^{-6}$ unless
+   the inverse is broken. Below that, gradient components outside the span of
+   the recorded statistics (a sub-batch, all-zero layer inputs) are
+   multiplied by $1/\lambda$ and the KL clip, which measures the step in
+   $C + \lambda I$, believes them free: with $\lambda = 10^{-12}$ a network
+   at loss 1.1 reached $5\cdot10^4$ in two steps. Raise the damping.
+
+Skipped steps leave parameters, momentum and curvature as they were
+(``opt.skipped_steps`` counts them). With ``lr="auto"`` or
+``momentum="auto"`` rule 3 does not apply: the exact quadratic model bounds the
+step ([`curvlib.optim.adaptive`][curvlib.optim.adaptive]).
+
+Hyper-parameters edited in ``param_groups`` at run time are checked at every
+``record()`` and ``step()`` ([`check_runtime_hyper`][curvlib.optim.guards.check_runtime_hyper]).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from curvlib.optim.groups import check_auto_or_positive, check_interval
+from curvlib.optim.hyper import LevenbergMarquardt, check_positive
+
+MAX_AMPLIFICATION = 1e6
+r"""Largest ratio $\nu\|\Delta_l\| / \|\nabla_l\|$ of a step the optimizer takes."""
+
+
+@dataclass(frozen=True)
+class DirectionCheck:
+    r"""One layer's gradient and preconditioned direction, measured in float64.
+
+    Attributes:
+        inner: $\langle\nabla_l, \Delta_l\rangle$.
+        grad_norm: $\|\nabla_l\|$.
+        direction_norm: $\|\Delta_l\|$.
+        eps: Machine epsilon of the gradient's dtype.
+    """
+
+    inner: float
+    grad_norm: float
+    direction_norm: float
+    eps: float
+
+    @property
+    def finite(self) -> bool:
+        """Whether the inner product and the direction's norm are finite."""
+        return math.isfinite(self.inner) and math.isfinite(self.direction_norm)
+
+    @property
+    def uphill(self) -> bool:
+        r"""Whether $\langle\nabla_l, \Delta_l\rangle < -\sqrt\epsilon\|\nabla_l\|\|\Delta_l\|$."""
+        return self.inner < -math.sqrt(self.eps) * self.grad_norm * self.direction_norm
+
+
+def inner_product(a: Tensor, b: Tensor) -> float:
+    """``<a, b>`` as a float; formed again in float64 when the native product overflows."""
+    value = float((a * b).sum())
+    if math.isfinite(value) or a.dtype == torch.float64:
+        return value
+    return float((a.double() * b.double()).sum())
+
+
+def measure_directions(
+    grads: Mapping[str, Tensor], directions: Mapping[str, Tensor]
+) -> dict[str, DirectionCheck]:
+    """Inner products and norms of every layer's gradient and direction (one host sync).
+
+    Args:
+        grads: Per-layer gradients ``[W | b]``.
+        directions: Per-layer preconditioned directions.
+
+    Returns:
+        A [`DirectionCheck`][curvlib.optim.guards.DirectionCheck] per layer of ``directions``.
+    """
+    names = list(directions)
+    if not names:
+        return {}
+    rows = [
+        torch.stack([
+            (grads[n] * directions[n]).sum().double(),
+            torch.linalg.vector_norm(grads[n], dtype=torch.float64),
+            torch.linalg.vector_norm(directions[n], dtype=torch.float64),
+        ]).cpu()
+        for n in names
+    ]  # fmt: skip
+    values = torch.stack(rows).tolist()
+    checks = {}
+    for name, (inner, grad_norm, direction_norm) in zip(names, values, strict=True):
+        if not math.isfinite(inner) and math.isfinite(direction_norm):
+            inner = inner_product(grads[name], directions[name])
+        eps = torch.finfo(grads[name].dtype).eps
+        checks[name] = DirectionCheck(inner, grad_norm, direction_norm, eps)
+    return checks
+
+
+def broken_directions(checks: Mapping[str, DirectionCheck]) -> str | None:
+    """Why the step must be skipped by rules 1–2 of the module docstring, or ``None``."""
+    infinite = [name for name, c in checks.items() if not c.finite]
+    if infinite:
+        return f"the preconditioned direction of layers {infinite} is not finite (NaN/Inf)"
+    uphill = [name for name, c in checks.items() if c.uphill]
+    if uphill:
+        return (
+            f"the preconditioned direction of layers {uphill} points uphill "
+            "(<gradient, direction> < 0): the damped inverse is numerically broken"
+        )
+    return None
+
+
+def absurd_steps(checks: Mapping[str, DirectionCheck], clip: float) -> str | None:
+    """Why the step must be skipped by rule 3 of the module docstring, or ``None``."""
+    absurd = {
+        name: clip * c.direction_norm / c.grad_norm
+        for name, c in checks.items()
+        if clip * c.direction_norm > MAX_AMPLIFICATION * c.grad_norm
+    }
+    if not absurd:
+        return None
+    worst = max(absurd.values())
+    return (
+        f"the step of layers {sorted(absurd)} would be up to {worst:.1e} times longer than "
+        f"its gradient (more than {MAX_AMPLIFICATION:.0e}): the damping is too small for "
+        "the curvature the statistics resolve; raise it"
+    )
+
+
+def check_runtime_hyper(group: Mapping[str, Any], where: str) -> None:
+    """Check the hyper-parameters of a ``param_group`` as they stand now.
+
+    Learning-rate schedulers may set ``lr`` to 0 (a warm-up from zero); any other
+    value must be as in the constructor: finite, non-negative numbers (or
+    ``"auto"``), a positive finite damping, positive integer intervals.
+
+    Args:
+        group: A ``param_group``.
+        where: Prefix of the message, naming the group.
+
+    Raises:
+        ValueError: For an out-of-range or non-finite value.
+        TypeError: For a value of the wrong type.
+    """
+    check_auto_or_positive(f"{where}lr", group["lr"], allow_zero=True)
+    check_auto_or_positive(f"{where}momentum", group["momentum"], allow_zero=True)
+    check_positive(f"{where}weight_decay", group["weight_decay"], allow_zero=True)
+    if "damping" in group:
+        if not isinstance(group["damping"], LevenbergMarquardt):
+            check_positive(f"{where}damping", group["damping"])
+        check_interval(f"{where}t_cov", group["t_cov"])
+        check_interval(f"{where}t_inv", group["t_inv"])
