@@ -34,9 +34,9 @@ import torch
 from torch import Tensor
 
 from curvlib.approx.base import running_average
-from curvlib.approx.coarse_fisher import CoarseFisher
+from curvlib.approx.coarse_fisher import CoarseFisher, CrossKroneckerFisher
 from curvlib.core.protocols import Preconditioner
-from curvlib.core.stats import CurvatureStatistics, StatKind
+from curvlib.core.stats import CurvatureStatistics, PooledIO, StatKind
 from curvlib.linalg.factors import eigh, symmetrize
 
 
@@ -121,9 +121,7 @@ class CoarseSpace(ABC):
         if context.fine is None:
             raise ValueError("The Krylov enrichment needs the fine level's inverse.")
         enriched = _fine_applied(context.fine, base, context.shapes)
-        return {
-            name: torch.cat([vecs, _normalised(enriched[name])]) for name, vecs in base.items()
-        }
+        return {name: torch.cat([vecs, _normalised(enriched[name])]) for name, vecs in base.items()}
 
     def state_dict(self) -> dict[str, Any]:
         """Tensors and plain values of the space's own state (default: none)."""
@@ -139,7 +137,8 @@ class CoarseSpace(ABC):
 def _normalised(vectors: Tensor) -> Tensor:
     """Each ``[out, in]`` matrix scaled to unit Frobenius norm (zero ones stay zero)."""
     norms = vectors.flatten(1).norm(dim=1).clamp_min(torch.finfo(vectors.dtype).tiny)
-    return vectors / norms[:, None, None]
+    scaled: Tensor = vectors / norms[:, None, None]
+    return scaled
 
 
 def _fine_applied(
@@ -151,9 +150,7 @@ def _fine_applied(
         if vecs.shape[0] == 0:
             out[name] = vecs
             continue
-        batch = {
-            other: vecs.new_zeros(vecs.shape[0], *shape) for other, shape in shapes.items()
-        }
+        batch = {other: vecs.new_zeros(vecs.shape[0], *shape) for other, shape in shapes.items()}
         batch[name] = vecs
         out[name] = fine.apply(batch)[name]
     return out
@@ -262,7 +259,7 @@ class ResidualSpace(CoarseSpace):
     gradient_dependent: ClassVar[bool] = True
 
     def base_vectors(self, context: CoarseContext) -> dict[str, Tensor]:
-        """$(P_\\text{fine}\\, r)_l$ for every layer.
+        r"""$(P_\text{fine}\, r)_l$ for every layer.
 
         Raises:
             ValueError: Without the residual or the fine inverse in ``context``.
@@ -271,6 +268,85 @@ class ResidualSpace(CoarseSpace):
             raise ValueError("ResidualSpace needs the residual and the fine inverse.")
         applied = context.fine.apply(dict(context.residual))
         return {name: applied[name].unsqueeze(0) for name in context.shapes}
+
+
+class Tselepidis(Nicolaides):
+    r"""Nicolaides vectors with the coarse matrix of cross-layer Kronecker factors.
+
+    The coarse space of Tselepidis, Kohler & Orvieto: one constant vector per
+    layer, and every block of the Fisher, cross-layer ones included,
+    approximated by $G_{lm} \otimes A_{lm}$ with the cross-layer factors of
+    the pooled statistics ([`PooledIO`][curvlib.core.stats.PooledIO],
+    ``StatKind.CROSS_LAYER``; inputs averaged and output gradients summed over
+    the positions of each layer, which is how layers with different numbers of
+    positions are paired). Both $R_0 F R_0^\top$ and the residual
+    $R_0 F \zeta$ come from this model
+    ([`CrossKroneckerFisher`][curvlib.approx.coarse_fisher.CrossKroneckerFisher]),
+    so no per-sample input or output gradient is kept.
+
+    Cost: the extractor pools its per-sample tensors on statistics steps; the
+    coarse matrix costs $O(L^2 NK + LN(d_\text{in} + K d_\text{out}))$; the
+    residual form $O(LP)$ per step.
+
+    Raises:
+        ValueError: With ``krylov=True`` (the model is only known on constant vectors).
+
+    References:
+        T. Tselepidis, J. Kohler and A. Orvieto, "Two-level K-FAC preconditioning
+        for deep learning", NeurIPS 2020 workshop on optimization for machine learning.
+    """
+
+    required_stats: ClassVar[frozenset[StatKind]] = frozenset({StatKind.CROSS_LAYER})
+
+    def __init__(self, krylov: bool = False) -> None:
+        if krylov:
+            raise ValueError(
+                "Tselepidis has no Krylov enrichment: its cross-layer Kronecker model is only "
+                "known on constant vectors; use Nicolaides(krylov=True)."
+            )
+        super().__init__(krylov=False)
+        self._pooled: dict[str, PooledIO] = {}
+
+    def update(self, stats: CurvatureStatistics, rho: float) -> None:
+        """Keep the pooled statistics of this batch (the two-level wrapper averages the matrix)."""
+        pooled: dict[str, PooledIO] = {}
+        for name, layer in stats.layers.items():
+            if layer.pooled is None:
+                raise ValueError(
+                    f"Tselepidis needs ['CROSS_LAYER'] statistics for layer {name!r}; create the "
+                    "extractor with stats=approx.required_stats."
+                )
+            pooled[name] = PooledIO(
+                layer.pooled.inputs.detach().clone(), layer.pooled.output_grads.detach().clone()
+            )
+        self._pooled = pooled
+
+    def fisher(self) -> CoarseFisher | None:
+        """The cross-layer Kronecker model of the latest batch.
+
+        Raises:
+            RuntimeError: Before the first ``update``.
+        """
+        if not self._pooled:
+            raise RuntimeError("Tselepidis has no statistics yet: update() first.")
+        return CrossKroneckerFisher(self._pooled)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The pooled statistics of the latest batch."""
+        return {
+            name: {"inputs": p.inputs.clone(), "output_grads": p.output_grads.clone()}
+            for name, p in self._pooled.items()
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore the pooled statistics saved by ``state_dict``."""
+        self._pooled = {
+            name: PooledIO(e["inputs"].clone(), e["output_grads"].clone())
+            for name, e in state.items()
+        }
+
+    def __repr__(self) -> str:
+        return "Tselepidis()"
 
 
 class SpectralEnd(Enum):
@@ -348,8 +424,12 @@ class Spectral(CoarseSpace):
                 )
             old = factors.get(name)
             factors[name] = (
-                running_average(None if old is None else old[0], symmetrize(layer.kronecker.A), rho),
-                running_average(None if old is None else old[1], symmetrize(layer.kronecker.G), rho),
+                running_average(
+                    None if old is None else old[0], symmetrize(layer.kronecker.A), rho
+                ),
+                running_average(
+                    None if old is None else old[1], symmetrize(layer.kronecker.G), rho
+                ),
             )
         self._factors = factors
 

@@ -25,7 +25,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from curvlib.core.stats import PerSampleIO
+from curvlib.core.stats import PerSampleIO, PooledIO
 from curvlib.linalg.woodbury import LayerRows, layer_rows
 
 
@@ -79,7 +79,8 @@ class SampleFisher:
         sizes = {name: tuple(io.output_grads.shape[:2]) for name, io in samples.items()}
         if len(set(sizes.values())) > 1:
             raise ValueError(
-                f"The Fisher of the whole network needs the same (K, N) in every layer, got {sizes}."
+                "The Fisher of the whole network needs the same (K, N) in every layer, "
+                f"got {sizes}."
             )
         self.rows: dict[str, LayerRows] = {
             name: layer_rows(io.inputs, io.output_grads, 1.0 / math.sqrt(io.inputs.shape[0]))
@@ -111,3 +112,82 @@ class SampleFisher:
         if not parts:
             raise ValueError("The coarse space has no layers.")
         return _RestrictedSamples(self, torch.cat(parts))
+
+
+class _RestrictedCross:
+    def __init__(self, gram: Tensor, weights: Tensor, fisher: CrossKroneckerFisher) -> None:
+        self.gram = gram
+        self._weights = weights
+        self._fisher = fisher
+
+    def project(self, x: Mapping[str, Tensor]) -> Tensor:
+        fisher = self._fisher
+        total = None
+        for name, mat in x.items():
+            u, v = fisher.u[name], fisher.v[name]
+            part = torch.einsum("lo,...oi,li->...l", u, mat.to(u.dtype), v)
+            total = part if total is None else total + part
+        assert total is not None
+        return total * self._weights
+
+
+class CrossKroneckerFisher:
+    r"""The Fisher with Kronecker-factored cross-layer blocks, on Nicolaides vectors.
+
+    Every block, cross-layer ones included, is $F_{lm} \approx G_{lm} \otimes
+    A_{lm}$ with the factors of
+    [`cross_layer_factors`][curvlib.core.stats.cross_layer_factors]. On constant
+    vectors $z_l = w_l \mathbf 1$ only sums of the factors are needed:
+
+    $$z_l^\top F_{lm} z_m
+    = w_l w_m\, (\mathbf 1^\top G_{lm}\mathbf 1)(\mathbf 1^\top A_{lm}\mathbf 1),
+    \qquad z_l^\top \textstyle\sum_m F_{lm} x_m = w_l \sum_m u_{lm}^\top X_m v_{lm},$$
+
+    with $u_{lm} = G_{lm}^\top\mathbf 1$ and $v_{lm} = A_{lm}^\top\mathbf 1$, all
+    from per-sample sums: $O(L^2 N K + L N (d_\text{in} + K d_\text{out}))$ to
+    build, no $d \times d$ factor and no per-sample gradient; $O(LP)$ per
+    product $R_0 F x$.
+
+    Args:
+        pooled: The pooled statistics of every layer, in the vectorisation order.
+    """
+
+    def __init__(self, pooled: Mapping[str, PooledIO]) -> None:
+        items = list(pooled.values())
+        n = items[0].inputs.shape[0]
+        sums_a = torch.stack([p.inputs.sum(-1) for p in items])  # [L, N]
+        sums_g = torch.stack([p.output_grads.sum(-1) for p in items])  # [L, K, N]
+        self.sums_a = sums_a @ sums_a.T / n
+        self.sums_g = torch.einsum("lkn,mkn->lm", sums_g, sums_g) / n
+        self.u = {
+            name: torch.einsum("lkn,kno->lo", sums_g, p.output_grads) / n
+            for name, p in pooled.items()
+        }
+        self.v = {name: sums_a @ p.inputs / n for name, p in pooled.items()}
+
+    def restrict(self, vectors: Mapping[str, Tensor]) -> _RestrictedCross:
+        """The model on one constant vector per layer.
+
+        Raises:
+            ValueError: If a layer does not have exactly one vector.
+        """
+        counts = {name: int(v.shape[0]) for name, v in vectors.items()}
+        if any(c != 1 for c in counts.values()):
+            raise ValueError(
+                "Cross-layer Kronecker factors restrict to one constant vector per layer, "
+                f"got {counts}."
+            )
+        weights = torch.stack([v.flatten()[0] for v in vectors.values()]).to(self.sums_a.dtype)
+        gram = self.sums_g * self.sums_a * torch.outer(weights, weights)
+        return _RestrictedCross(gram, weights, self)
+
+    def matvec(self, x: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Not available: the model is only known on the constant vectors.
+
+        Raises:
+            NotImplementedError: Always.
+        """
+        raise NotImplementedError(
+            "The cross-layer Kronecker model is only known on Nicolaides vectors; use a coarse "
+            "space built on the Fisher of the sample batch for gradient-dependent vectors."
+        )

@@ -77,7 +77,7 @@ def _pseudo_inverse(matrix: Tensor) -> tuple[Tensor, float]:
 
 
 def _inner(vectors: Mapping[str, Tensor], x: Mapping[str, Tensor]) -> Tensor:
-    r"""$R_0 x$, ``[..., c]``, from per-layer vectors ``[c_l, out, in]`` and ``x`` ``[..., out, in]``."""
+    r"""$R_0 x$, ``[..., c]``, from vectors ``[c_l, out, in]`` and ``x`` ``[..., out, in]``."""
     parts = [
         torch.einsum("coi,...oi->...c", vecs, x[name].to(vecs.dtype))
         for name, vecs in vectors.items()
@@ -98,7 +98,10 @@ def _expand(vectors: Mapping[str, Tensor], coeffs: Tensor) -> dict[str, Tensor]:
 
 def _identity_gram(vectors: Mapping[str, Tensor]) -> Tensor:
     r"""$R_0 R_0^\top$: block diagonal over layers (vectors of different layers are orthogonal)."""
-    return torch.block_diag(*[v.flatten(1) @ v.flatten(1).T for v in vectors.values()])
+    gram: Tensor = torch.block_diag(  # type: ignore[no-untyped-call]
+        *[v.flatten(1) @ v.flatten(1).T for v in vectors.values()]
+    )
+    return gram
 
 
 def _complete(vectors: Mapping[str, Tensor], context: CoarseContext) -> dict[str, Tensor]:
@@ -161,7 +164,7 @@ class TwoLevelPreconditioner:
         self.condition_numbers: dict[str, float] = (
             dict(fine_conditions) if isinstance(fine_conditions, Mapping) else {}
         )
-        """The fine inverse's condition estimates per layer (the coarse one is in ``diagnostics``)."""
+        """The fine inverse's condition estimates per layer (the coarse one: ``diagnostics``)."""
         self._vectors: dict[str, Tensor] | None = None
         if vectors is not None:
             assert restricted is not None
@@ -220,9 +223,7 @@ class TwoLevelPreconditioner:
             if res is not None:
                 change = beta @ self._matrix @ beta - 2.0 * (beta @ res)
                 self.diagnostics["coarse_error_change"] = float(change)
-        return {
-            name: zeta[name] + correction[name].to(zeta[name].dtype) for name in grads
-        }
+        return {name: zeta[name] + correction[name].to(zeta[name].dtype) for name in grads}
 
     def _build_from_residual(self, grads: Mapping[str, Tensor], zeta: Mapping[str, Tensor]) -> None:
         assert self._fisher is not None
@@ -359,6 +360,7 @@ class TwoLevel:
     """
 
     def __new__(cls, fine: CurvatureApprox, *args: Any, **kwargs: Any) -> TwoLevel:
+        """A ``RefreshableTwoLevel`` when ``fine`` has two time scales, else a ``TwoLevel``."""
         if cls is TwoLevel and isinstance(fine, RefreshableApprox):
             cls = RefreshableTwoLevel
         return super().__new__(cls)
@@ -390,6 +392,7 @@ class TwoLevel:
         self._samples: dict[str, PerSampleIO] = {}
         self._gram: Tensor | None = None
         self._restricted: RestrictedFisher | None = None
+        self._like: Tensor | None = None
 
     @property
     def required_stats(self) -> frozenset[StatKind]:
@@ -401,16 +404,9 @@ class TwoLevel:
         return StatKind.PER_SAMPLE_IO in self.coarse.required_stats
 
     def _context(self, fine: Preconditioner | None = None) -> CoarseContext:
-        if not self._shapes:
+        if not self._shapes or self._like is None:
             raise RuntimeError("No curvature estimate yet: update() first.")
-        if self._samples:
-            like = next(iter(self._samples.values())).inputs
-            dtype, device = like.dtype, like.device
-        else:
-            dtype, device = self.dtype or torch.get_default_dtype(), torch.device("cpu")
-            if self._gram is not None:
-                dtype, device = self._gram.dtype, self._gram.device
-        return CoarseContext(dict(self._shapes), dtype, device, fine=fine)
+        return CoarseContext(dict(self._shapes), self._like.dtype, self._like.device, fine=fine)
 
     def _fisher(self) -> CoarseFisher | None:
         own = self.coarse.fisher()
@@ -430,27 +426,35 @@ class TwoLevel:
             raise NonFiniteStatisticsError(
                 "Statistics contain NaN or Inf; the curvature estimate was left unchanged."
             )
-        samples: dict[str, PerSampleIO] = {}
         for name, layer in stats.layers.items():
-            if self._uses_samples:
-                if layer.io is None:
-                    raise ValueError(
-                        f"TwoLevel needs ['PER_SAMPLE_IO'] statistics for layer {name!r}; create "
-                        "the extractor with stats=approx.required_stats."
-                    )
-                samples[name] = _cast_io(layer.io, self.dtype)
-            if StatKind.KRONECKER in self.coarse.required_stats and layer.kronecker is None:
+            have = {
+                StatKind.KRONECKER: layer.kronecker is not None,
+                StatKind.PER_SAMPLE_IO: layer.io is not None,
+                StatKind.PER_SAMPLE_GRAD: layer.grads is not None,
+                StatKind.DIAGONAL: layer.diagonal is not None,
+                StatKind.CROSS_LAYER: layer.pooled is not None,
+            }
+            missing = sorted(k.name for k in self.coarse.required_stats if not have[k])
+            if missing:
                 raise ValueError(
-                    f"{self.coarse!r} needs ['KRONECKER'] statistics for layer {name!r}; create "
-                    "the extractor with stats=approx.required_stats."
+                    f"{self.coarse!r} needs {missing} statistics for layer {name!r}; create the "
+                    "extractor with stats=approx.required_stats."
                 )
+        samples = {
+            name: _cast_io(layer.io, self.dtype)
+            for name, layer in stats.layers.items()
+            if self._uses_samples and layer.io is not None
+        }
         self.fine.update(stats)
         rho = min(1.0 - 1.0 / (self.num_updates + 1), self.decay)
         self.coarse.update(stats, rho)
         self._shapes = {
-            name: (layer.layer.out_dim, layer.layer.in_dim_aug) for name, layer in stats.layers.items()
+            name: (layer.layer.out_dim, layer.layer.in_dim_aug)
+            for name, layer in stats.layers.items()
         }
         self._samples = samples
+        first = next(iter(stats.layers.values())).tensors()[0]
+        self._like = torch.empty(0, dtype=self.dtype or first.dtype, device=first.device)
         self._restricted = None
         if self.coarse.is_fixed:
             context = self._context()
@@ -530,10 +534,15 @@ class TwoLevel:
         }
         self._gram = None if state["gram"] is None else state["gram"].clone()
         self._restricted = None
+        like = self._gram if self._gram is not None else None
+        if self._samples:
+            like = next(iter(self._samples.values())).inputs
+        self._like = None if like is None else torch.empty(0, dtype=like.dtype, device=like.device)
         self.num_updates = int(state["num_updates"])
 
     def __repr__(self) -> str:
-        return f"TwoLevel(fine={type(self.fine).__name__}(), coarse={self.coarse!r}, form={self.form.value!r})"
+        fine = type(self.fine).__name__
+        return f"TwoLevel(fine={fine}(), coarse={self.coarse!r}, form={self.form.value!r})"
 
 
 class RefreshableTwoLevel(TwoLevel):
