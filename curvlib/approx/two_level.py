@@ -359,8 +359,9 @@ class TwoLevel:
         methods for training deep neural networks", arXiv:2303.18083, 2023.
     """
 
-    def __new__(cls, fine: CurvatureApprox, *args: Any, **kwargs: Any) -> TwoLevel:
+    def __new__(cls, *args: Any, **kwargs: Any) -> TwoLevel:
         """A ``RefreshableTwoLevel`` when ``fine`` has two time scales, else a ``TwoLevel``."""
+        fine = args[0] if args else kwargs.get("fine")  # no arguments when copied
         if cls is TwoLevel and isinstance(fine, RefreshableApprox):
             cls = RefreshableTwoLevel
         return super().__new__(cls)
