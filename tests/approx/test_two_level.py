@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from curvlib.approx.coarse import (
+    EXACT_EIGH_LIMIT,
     CoarseSpace,
     FixedSpace,
     Nicolaides,
@@ -22,6 +23,7 @@ from curvlib.approx.coarse import (
     Spectral,
     SpectralEnd,
     Tselepidis,
+    extreme_eigenpairs,
 )
 from curvlib.approx.deflation import Deflation
 from curvlib.approx.diagonal import Diagonal
@@ -210,6 +212,20 @@ def test_spectral_vectors_are_the_extreme_kronecker_eigenvectors() -> None:
             torch.testing.assert_close(flat @ flat.T, torch.eye(3, dtype=flat.dtype), **EXACT)
             rayleigh = torch.sort(torch.einsum("cp,pq,cq->c", flat, kron, flat)).values
             torch.testing.assert_close(rayleigh, want, rtol=1e-8, atol=1e-12)
+
+
+def test_subspace_iteration_finds_the_largest_eigenpairs_of_large_factors() -> None:
+    gen = torch.Generator().manual_seed(3)
+    n = EXACT_EIGH_LIMIT + 44
+    basis = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64)).Q
+    spectrum = 0.5 ** torch.arange(n, dtype=torch.float64)  # a gap of 2 between neighbours
+    mat = (basis * spectrum) @ basis.T
+    values, vectors = extreme_eigenpairs(mat, 3, largest=True)
+    torch.testing.assert_close(values, spectrum[:3], rtol=1e-10, atol=0.0)
+    overlap = (vectors.T @ basis[:, :3]).abs()
+    torch.testing.assert_close(overlap, torch.eye(3, dtype=torch.float64), rtol=0.0, atol=1e-8)
+    small_values, _ = extreme_eigenpairs(mat, 2, largest=False)
+    torch.testing.assert_close(small_values, spectrum.flip(0)[:2], rtol=1e-6, atol=1e-14)
 
 
 # -- Tselepidis: cross-layer Kronecker factors ----------------------------------------
