@@ -82,17 +82,25 @@ class SampleFisher:
                 "The Fisher of the whole network needs the same (K, N) in every layer, "
                 f"got {sizes}."
             )
+        self._last: tuple[Mapping[str, Tensor], Tensor] | None = None
         self.rows: dict[str, LayerRows] = {
             name: layer_rows(io.inputs, io.output_grads, 1.0 / math.sqrt(io.inputs.shape[0]))
             for name, io in samples.items()
         }
 
     def rows_apply(self, x: Mapping[str, Tensor]) -> Tensor:
-        r"""$U x = \sum_l U_l x_l$, ``[..., m]`` (layers missing from ``x`` count as zero)."""
+        r"""$U x = \sum_l U_l x_l$, ``[..., m]`` (layers missing from ``x`` count as zero).
+
+        The result for the last mapping object is kept: a step that needs both
+        $F\zeta$ and $R_0 F\zeta$ pays for one $U\zeta$.
+        """
+        if self._last is not None and self._last[0] is x:
+            return self._last[1]
         parts = [self.rows[name].project(mat) for name, mat in x.items()]
         total = parts[0]
         for part in parts[1:]:
             total = total + part
+        self._last = (x, total)
         return total
 
     def matvec(self, x: Mapping[str, Tensor]) -> dict[str, Tensor]:
