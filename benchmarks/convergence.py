@@ -42,6 +42,7 @@ under an hour on 2 cores)::
     python benchmarks/convergence.py
     python benchmarks/convergence.py --quick --out /tmp/convergence
     python benchmarks/convergence.py --tasks digits-ae --methods adam,kfac --seeds 0
+    python benchmarks/convergence.py --methods adam,kfac,kfac+nicolaides,kfac+tselepidis
 
 Writes ``convergence.json`` (a list ``runs``, each with ``task``, ``method``,
 ``config``, ``seed``, ``final_loss``, ``adam_final_loss``,
@@ -87,6 +88,12 @@ APPROXIMATIONS = (
     "kfac", "ekfac", "kpsvd", "deflation", "kfac-corrected", "lanczos", "block-ng", "exact-ng",
     "diag",
 )  # fmt: skip
+TWO_LEVEL = (
+    "kfac+nicolaides", "kfac+nicolaides-additive", "kfac+nicolaides-krylov", "kfac+residual",
+    "kfac+spectral", "kfac+tselepidis",
+)  # fmt: skip
+"""Two-level corrections over KFAC (``examples/optimizers.py`` ``TWO_LEVEL``): selectable
+with ``--methods``, not run by default."""
 
 
 # -- tasks ------------------------------------------------------------------------------
@@ -669,7 +676,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--quick", action="store_true", help="short budgets, one seed, fewer methods"
     )
     parser.add_argument("--tasks", default=None, help=f"comma-separated subset of {list(TASKS)}")
-    choices = ["adam", "sgd", *APPROXIMATIONS, "kfac-grid", "kfac-ablations"]
+    choices = ["adam", "sgd", *APPROXIMATIONS, *TWO_LEVEL, "kfac-grid", "kfac-ablations"]
     parser.add_argument("--methods", default=None, help=f"comma-separated subset of {choices}")
     parser.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2)")
     parser.add_argument(
@@ -703,13 +710,13 @@ def plan(args: argparse.Namespace) -> tuple[list[Task], list[Method], list[Metho
     if quick:
         default_methods = ["adam", "sgd", "kfac", "ekfac", "kpsvd", "diag"]
     chosen = args.methods.split(",") if args.methods else default_methods
-    known = {"adam", "sgd", *APPROXIMATIONS, "kfac-grid", "kfac-ablations"}
+    known = {"adam", "sgd", *APPROXIMATIONS, *TWO_LEVEL, "kfac-grid", "kfac-ablations"}
     if set(chosen) - known or "adam" not in chosen:
         raise SystemExit(f"--methods must include adam and be a subset of {sorted(known)}.")
     baselines = [adam(lr) for lr in ADAM_LRS]
     if "sgd" in chosen:
         baselines += [sgd(lr) for lr in SGD_LRS]
-    methods = [curvature(name) for name in APPROXIMATIONS if name in chosen]
+    methods = [curvature(name) for name in (*APPROXIMATIONS, *TWO_LEVEL) if name in chosen]
     if "kfac-grid" in chosen:
         methods += kfac_grid()
     if "kfac-ablations" in chosen:

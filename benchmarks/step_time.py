@@ -29,6 +29,10 @@ that follow it (``est.``); one whose steps exceed ``--max-step-seconds`` is stop
 bound is reported, and it is not run at larger batches. Intervals above ``--direct-max``
 are composed the same way from the first interval's windows instead of being timed.
 
+``kfac+<space>`` rows wrap KFAC (PI) in ``TwoLevel`` with that coarse space (residual
+form unless named ``-additive``; ``-krylov``: Krylov enrichment); their floor is KFAC's,
+so the row's ratio to the ``kfac`` row is the price of the coarse level.
+
 **Ratios to Adam in one run.** Every configuration has its own worker subprocess (seeded
 model and data, warm-up steps) that the parent drives one command at a time: rows take
 turns and share no allocator state. Steps run in chunks of ``CHUNK``, each right after
@@ -117,6 +121,14 @@ class Spec:
     kwargs: dict[str, Any] = field(default_factory=dict)
     floor: str = "pi"
     fisher: str = "mc"
+    coarse: tuple[str, dict[str, Any]] | None = None
+    form: str = "residual"
+
+
+def _two_level(space: str, form: str = "residual", **kwargs: Any) -> Spec:
+    """KFAC (PI) with a two-level correction: ``coarse`` names a class of ``approx.coarse``."""
+    label = f"KFAC + {space}{' (krylov)' if kwargs.get('krylov') else ''}, {form}"
+    return Spec(label, KFAC, "KFAC", {"damping_mode": "pi"}, coarse=(space, kwargs), form=form)
 
 
 APPROX, TWO = "curvlib.approx", "two-term"
@@ -133,6 +145,12 @@ REGISTRY: dict[str, Spec] = {
     "lanczos": Spec("Lanczos", f"{APPROX}.lanczos", "Lanczos", floor=TWO),
     "block-ng": Spec("block NG", NG, "BlockNaturalGradient", floor="ng-block"),
     "exact-ng": Spec("exact NG", NG, "ExactNaturalGradient", floor="ng-exact"),
+    "kfac+nicolaides": _two_level("Nicolaides"),
+    "kfac+nicolaides-additive": _two_level("Nicolaides", "additive"),
+    "kfac+nicolaides-krylov": _two_level("Nicolaides", krylov=True),
+    "kfac+residual": _two_level("ResidualSpace"),
+    "kfac+spectral": _two_level("Spectral"),
+    "kfac+tselepidis": _two_level("Tselepidis"),
     "asdl-kfac": Spec("ASDL K-FAC", "asdl", "KfacGradientMaker"),
 }  # fmt: skip
 BASELINES = {"adam": "Adam", "sgd": "SGD (momentum 0.9)"}
@@ -197,8 +215,14 @@ def make_step(name: str, batch: int, interval: int) -> StepFn:
             return special, {}
 
         return plain
+    approx = getattr(module, spec.cls)(**spec.kwargs)
+    if spec.coarse is not None:
+        from curvlib.approx import coarse, two_level
+
+        space = getattr(coarse, spec.coarse[0])(**spec.coarse[1])
+        approx = two_level.TwoLevel(approx, space, form=spec.form)
     popt = PreconditionedOptimizer(
-        model, getattr(module, spec.cls)(**spec.kwargs), loss_fn=loss_fn, lr=LR,
+        model, approx, loss_fn=loss_fn, lr=LR,
         damping=DAMPING, kl_clip=KL_CLIP, momentum=MOMENTUM, t_cov=interval, t_inv=interval,
         fisher_type=spec.fisher,
     )  # fmt: skip

@@ -6,7 +6,8 @@ The public API, grouped by layer:
   [`NaturalGradientPreconditioner`][curvlib.NaturalGradientPreconditioner]
   (the wiring of all three layers);
 * layer 2, approximations: KFAC, EKFAC, KPSVD, Deflation, KFAC-corrected,
-  Lanczos, exact and block-diagonal natural gradient, diagonal;
+  Lanczos, exact and block-diagonal natural gradient, diagonal, and the
+  two-level wrapper with its coarse spaces;
 * layer 1, extractors: [`CurvatureExtractor`][curvlib.extract.CurvatureExtractor];
 * layer 3, the generic optimizer: [`curvlib.optim`][curvlib.optim];
 * the shared vocabulary: layouts, statistics, protocols and flavours.
@@ -24,6 +25,11 @@ from curvlib.approx import (
     KFACDamping,
     Lanczos,
     NGDamping,
+    Nicolaides,
+    ResidualSpace,
+    Spectral,
+    Tselepidis,
+    TwoLevel,
 )
 from curvlib.core import (
     CurvatureApprox,
@@ -72,11 +78,16 @@ __all__ = [
     "ModelLayout",
     "NGDamping",
     "NaturalGradientPreconditioner",
+    "Nicolaides",
     "PerSampleGrads",
     "PerSampleIO",
     "PreconditionedOptimizer",
     "Preconditioner",
+    "ResidualSpace",
+    "Spectral",
     "StatKind",
+    "Tselepidis",
+    "TwoLevel",
     "UnsupportedModule",
     "UnsupportedPolicy",
     "__version__",

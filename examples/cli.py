@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from optimizers import DEFAULT_CURVATURE_LR, OPTIMIZERS, OptimConfig
+from optimizers import COARSE_SPACES, DEFAULT_CURVATURE_LR, OPTIMIZERS, OptimConfig
 
 from curvlib.optim.defaults import DEFAULTS
 
@@ -231,6 +231,24 @@ def build_parser(
         help="first steps with curvature refreshes at steps 0, 1, 2, 4, 8, ... (0: none)",
     )
     opt.add_argument(
+        "--coarse-space",
+        choices=sorted(COARSE_SPACES),
+        default=None,
+        help="add a two-level coarse correction with this coarse space to the curvature "
+        "optimizer (any --optim but adam and sgd)",
+    )
+    opt.add_argument(
+        "--krylov",
+        action="store_true",
+        help="Krylov enrichment of the coarse space (a second vector per layer)",
+    )
+    opt.add_argument(
+        "--coarse-form",
+        choices=("residual", "additive"),
+        default="residual",
+        help="how the coarse correction combines with the fine step",
+    )
+    opt.add_argument(
         "--compare",
         type=run_spec_list,
         default=None,
@@ -300,8 +318,26 @@ def runs_of(args: argparse.Namespace) -> list[RunSpec]:
 
 
 def optim_config(args: argparse.Namespace, spec: RunSpec) -> OptimConfig:
-    """The hyper-parameters of ``spec``: its own LR, else ``--lr``, else the default."""
+    """The hyper-parameters of ``spec``: its own LR, else ``--lr``, else the default.
+
+    Raises:
+        UsageError: For ``--krylov`` without ``--coarse-space`` (or with
+            ``tselepidis``), or ``--coarse-space`` with a torch optimizer alone.
+    """
     lr = spec.lr if spec.lr is not None else args.lr
+    coarse = getattr(args, "coarse_space", None)
+    if getattr(args, "krylov", False) and coarse is None:
+        raise UsageError("--krylov enriches a coarse space: add --coarse-space NAME.")
+    if coarse == "tselepidis" and getattr(args, "krylov", False):
+        raise UsageError(
+            "--coarse-space tselepidis has no Krylov enrichment; use nicolaides with --krylov."
+        )
+    if coarse is not None and not OPTIMIZERS[spec.name].curvature:
+        if not getattr(args, "compare", None):
+            raise UsageError(
+                f"--coarse-space needs a curvature optimizer as its fine level, not {spec.name!r}."
+            )
+        coarse = None  # --compare: the baselines run as they are
     return OptimConfig(
         lr=OPTIMIZERS[spec.name].default_lr if lr is None else lr,
         damping=args.damping,
@@ -315,4 +351,7 @@ def optim_config(args: argparse.Namespace, spec: RunSpec) -> OptimConfig:
         t_inv=args.t_inv,
         warmup=args.warmup,
         seed=args.seed,
+        coarse_space=coarse,
+        krylov=getattr(args, "krylov", False),
+        coarse_form=getattr(args, "coarse_form", "residual"),
     )

@@ -37,6 +37,10 @@ class OptimConfig:
         t_inv: Steps between inverse rebuilds.
         warmup: Steps at the start with curvature refreshes at doubling intervals.
         seed: Seed of MC sampling.
+        coarse_space: A key of ``COARSE_SPACES``: wrap the approximation in a
+            two-level correction with that coarse space (``None``: none).
+        krylov: Krylov enrichment of the coarse space.
+        coarse_form: ``residual`` or ``additive`` (see ``CorrectionForm``).
     """
 
     lr: float
@@ -51,6 +55,9 @@ class OptimConfig:
     t_inv: int = DEFAULTS.t_inv
     warmup: int = DEFAULTS.warmup
     seed: int = 0
+    coarse_space: str | None = None
+    krylov: bool = False
+    coarse_form: str = "residual"
 
 
 class Factory(Protocol):
@@ -111,9 +118,12 @@ def _curvature(make_approx: Callable[[], CurvatureApprox]) -> Factory:
         damping: float | LevenbergMarquardt = cfg.damping
         if cfg.adaptive_damping:
             damping = LevenbergMarquardt(initial=cfg.damping, interval=cfg.t_inv)
+        approx = make_approx()
+        if cfg.coarse_space is not None:
+            approx = two_level(lambda: approx, cfg.coarse_space, cfg.krylov, cfg.coarse_form)()
         return PreconditionedOptimizer(
             model,
-            make_approx(),
+            approx,
             loss_fn=loss_fn,
             fisher_type=cfg.fisher,
             stats_fraction=cfg.stats_fraction,
@@ -195,10 +205,62 @@ _CURVATURE = [  # --optim name, module of curvlib.approx, class, arguments, help
      "diagonal of the GGN (--fisher mc/exact) or empirical Fisher (--fisher empirical)"),
 ]  # fmt: skip
 
+
+def _coarse(cls: str, **kwargs: Any) -> Callable[[bool], Any]:
+    def make(krylov: bool) -> Any:
+        return getattr(importlib.import_module("curvlib.approx.coarse"), cls)(
+            krylov=krylov, **kwargs
+        )
+
+    return make
+
+
+COARSE_SPACES: dict[str, Callable[[bool], Any]] = {
+    "nicolaides": _coarse("Nicolaides"),
+    "residual": _coarse("ResidualSpace"),
+    "spectral": _coarse("Spectral"),
+    "tselepidis": _coarse("Tselepidis"),
+}
+"""Every ``--coarse-space`` name and how to build it from ``krylov``."""
+
+
+def two_level(
+    make_fine: Callable[[], CurvatureApprox],
+    space: str,
+    krylov: bool = False,
+    form: str = "residual",
+) -> Callable[[], CurvatureApprox]:
+    """Builds ``TwoLevel(make_fine(), COARSE_SPACES[space](krylov), form=form)``.
+
+    Raises:
+        KeyError: If ``space`` is not a key of ``COARSE_SPACES``.
+    """
+    make_space = COARSE_SPACES[space]
+
+    def make() -> CurvatureApprox:
+        module = importlib.import_module("curvlib.approx.two_level")
+        approx: CurvatureApprox = module.TwoLevel(make_fine(), make_space(krylov), form=form)
+        return approx
+
+    return make
+
+
 APPROXIMATIONS: dict[str, Callable[[], CurvatureApprox]] = {
     name: _approx(mod, cls, **kw) for name, mod, cls, kw, _ in _CURVATURE
 }
 """Every curvature ``--optim`` name and how to build its approximation."""
+
+TWO_LEVEL: dict[str, Callable[[], CurvatureApprox]] = {
+    "kfac+nicolaides": two_level(APPROXIMATIONS["kfac"], "nicolaides"),
+    "kfac+nicolaides-additive": two_level(APPROXIMATIONS["kfac"], "nicolaides", form="additive"),
+    "kfac+nicolaides-krylov": two_level(APPROXIMATIONS["kfac"], "nicolaides", krylov=True),
+    "kfac+residual": two_level(APPROXIMATIONS["kfac"], "residual"),
+    "kfac+spectral": two_level(APPROXIMATIONS["kfac"], "spectral"),
+    "kfac+tselepidis": two_level(APPROXIMATIONS["kfac"], "tselepidis"),
+}
+"""Two-level corrections over KFAC by name, for the benchmarks (the examples use
+``--coarse-space`` with any ``--optim``); also in ``APPROXIMATIONS``."""
+APPROXIMATIONS.update(TWO_LEVEL)
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {
     **{

@@ -10,6 +10,17 @@ from curvlib.approx.base import (
     LayerwiseApprox,
     NonFiniteStatisticsError,
 )
+from curvlib.approx.coarse import (
+    CoarseContext,
+    CoarseSpace,
+    FixedSpace,
+    Nicolaides,
+    ResidualSpace,
+    Spectral,
+    SpectralEnd,
+    Tselepidis,
+)
+from curvlib.approx.coarse_fisher import CrossKroneckerFisher, SampleFisher
 from curvlib.approx.deflation import Deflation
 from curvlib.approx.diagnostics import BlockError, approximation_errors, block_error, exact_block
 from curvlib.approx.diagonal import Diagonal
@@ -19,6 +30,12 @@ from curvlib.approx.kfac_corrected import KFACCorrected
 from curvlib.approx.kpsvd import KPSVD
 from curvlib.approx.lanczos import Lanczos
 from curvlib.approx.natural_gradient import BlockNaturalGradient, ExactNaturalGradient, NGDamping
+from curvlib.approx.two_level import (
+    CorrectionForm,
+    RefreshableTwoLevel,
+    TwoLevel,
+    TwoLevelPreconditioner,
+)
 
 __all__ = [
     "EKFAC",
@@ -27,16 +44,30 @@ __all__ = [
     "BlockDiagonalPreconditioner",
     "BlockError",
     "BlockNaturalGradient",
+    "CoarseContext",
+    "CoarseSpace",
+    "CorrectionForm",
+    "CrossKroneckerFisher",
     "Deflation",
     "Diagonal",
     "ExactNaturalGradient",
+    "FixedSpace",
     "KFACCorrected",
     "KFACDamping",
     "Lanczos",
     "LayerBlock",
     "LayerwiseApprox",
     "NGDamping",
+    "Nicolaides",
     "NonFiniteStatisticsError",
+    "RefreshableTwoLevel",
+    "ResidualSpace",
+    "SampleFisher",
+    "Spectral",
+    "SpectralEnd",
+    "Tselepidis",
+    "TwoLevel",
+    "TwoLevelPreconditioner",
     "approximation_errors",
     "block_error",
     "exact_block",

@@ -502,6 +502,7 @@ class LayerwiseApprox(ABC):
             StatKind.PER_SAMPLE_IO: stats.io is not None,
             StatKind.PER_SAMPLE_GRAD: stats.grads is not None,
             StatKind.DIAGONAL: stats.diagonal is not None,
+            StatKind.CROSS_LAYER: stats.pooled is not None,
         }
         missing = [kind.name for kind in self.required_stats if not have[kind]]
         if missing:

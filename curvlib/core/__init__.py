@@ -22,7 +22,9 @@ from curvlib.core.stats import (
     LayerStatistics,
     PerSampleGrads,
     PerSampleIO,
+    PooledIO,
     StatKind,
+    cross_layer_factors,
 )
 
 __all__ = [
@@ -39,8 +41,10 @@ __all__ = [
     "ModelLayout",
     "PerSampleGrads",
     "PerSampleIO",
+    "PooledIO",
     "Preconditioner",
     "RefreshableApprox",
     "StatKind",
     "UnsupportedModule",
+    "cross_layer_factors",
 ]

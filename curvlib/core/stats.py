@@ -51,12 +51,18 @@ class StatKind(Enum):
             ``[out, in_aug]`` matrix (the GGN diagonal for ``MC``/``EXACT``, the
             empirical Fisher's for ``EMPIRICAL``); the only kind, besides
             ``PER_SAMPLE_GRAD``, that ``BatchNorm`` layers have.
+        CROSS_LAYER: Position-pooled per-sample inputs and output gradients
+            ([`PooledIO`][curvlib.core.stats.PooledIO]), from which
+            [`cross_layer_factors`][curvlib.core.stats.cross_layer_factors]
+            forms the cross-layer Kronecker factors $E[\bar a_l \bar a_m^\top]$,
+            $E[g_l g_m^\top]$ of any two layers; computed only when asked.
     """
 
     KRONECKER = "kronecker"
     PER_SAMPLE_IO = "per_sample_io"
     PER_SAMPLE_GRAD = "per_sample_grad"
     DIAGONAL = "diagonal"
+    CROSS_LAYER = "cross_layer"
 
 
 @dataclass(frozen=True)
@@ -136,6 +142,52 @@ class PerSampleGrads:
 
 
 @dataclass(frozen=True)
+class PooledIO:
+    r"""Per-sample layer inputs and output gradients pooled over the output positions.
+
+    Layers with different numbers of output positions $T_l$ are made
+    comparable sample by sample: inputs are *averaged* and output gradients
+    *summed* over positions,
+
+    $$\hat a_n = \frac1T\sum_t \bar a_{nt}, \qquad \hat g_{kn} = \sum_t g_{knt},$$
+
+    so that $\hat g_{kn}\hat a_n^\top$ approximates the per-sample gradient
+    $\sum_t g_{knt}\bar a_{nt}^\top$; it is exact for ``Linear`` layers
+    ($T = 1$) and for the bias column (constant input 1) of every layer. For
+    one-position layers the diagonal factors equal the KFAC factors; for
+    convolutions they are the pooled ("reduce") factors, not KFC's.
+
+    Attributes:
+        inputs: $\hat a_n$, ``[N, in_aug]``.
+        output_grads: $\hat g_{kn}$, ``[K, N, out]``.
+    """
+
+    inputs: Tensor
+    output_grads: Tensor
+
+
+def cross_layer_factors(first: PooledIO, second: PooledIO) -> KroneckerFactors:
+    r"""The cross-layer Kronecker factors of two layers from their pooled statistics.
+
+    $A_{lm} = \frac1N\sum_n \hat a_{n,l}\hat a_{n,m}^\top$ (``[in_l, in_m]``) and
+    $G_{lm} = \frac1N\sum_{k,n} \hat g_{kn,l}\hat g_{kn,m}^\top$ (``[out_l, out_m]``),
+    so that the cross block of the Fisher is approximated by $G_{lm} \otimes A_{lm}$.
+
+    Raises:
+        ValueError: If the two layers have different numbers of samples or columns.
+    """
+    if first.output_grads.shape[:2] != second.output_grads.shape[:2]:
+        raise ValueError(
+            "Cross-layer factors need the same samples and columns (K, N) in both layers, got "
+            f"{tuple(first.output_grads.shape[:2])} and {tuple(second.output_grads.shape[:2])}."
+        )
+    n = first.inputs.shape[0]
+    a = first.inputs.T @ second.inputs / n
+    g = torch.einsum("kno,knp->op", first.output_grads, second.output_grads) / n
+    return KroneckerFactors(A=a, G=g)
+
+
+@dataclass(frozen=True)
 class LayerStatistics:
     """Everything extracted for one layer on one step; unrequested kinds are ``None``.
 
@@ -145,6 +197,7 @@ class LayerStatistics:
         io: Per-sample inputs and output gradients, if requested.
         grads: Per-sample gradients, if requested.
         diagonal: The block's diagonal as an ``[out, in_aug]`` matrix, if requested.
+        pooled: Position-pooled per-sample inputs and output gradients, if requested.
     """
 
     layer: CurvatureLayer
@@ -152,6 +205,7 @@ class LayerStatistics:
     io: PerSampleIO | None = None
     grads: PerSampleGrads | None = None
     diagonal: Tensor | None = None
+    pooled: PooledIO | None = None
 
     def tensors(self) -> list[Tensor]:
         """Every extracted tensor of this layer."""
@@ -164,6 +218,8 @@ class LayerStatistics:
             tensors.append(self.grads.grads)
         if self.diagonal is not None:
             tensors.append(self.diagonal)
+        if self.pooled is not None:
+            tensors += [self.pooled.inputs, self.pooled.output_grads]
         return tensors
 
 
@@ -205,6 +261,9 @@ class CurvatureStatistics:
                 else PerSampleIO(inputs=s.io.inputs, output_grads=s.io.output_grads * factor),
                 grads=None if s.grads is None else PerSampleGrads(s.grads.grads * factor),
                 diagonal=None if s.diagonal is None else s.diagonal * factor**2,
+                pooled=None
+                if s.pooled is None
+                else PooledIO(s.pooled.inputs, s.pooled.output_grads * factor),
             )
             for name, s in self.layers.items()
         }
@@ -281,8 +340,14 @@ def merge_statistics(parts: Sequence[CurvatureStatistics]) -> CurvatureStatistic
         diagonal = None
         if head.diagonal is not None:
             diagonal = _weighted_sum([s.diagonal for s in items], weights)  # type: ignore[misc]
+        pooled = None
+        if head.pooled is not None:
+            pooled = PooledIO(
+                inputs=torch.cat([s.pooled.inputs for s in items]),  # type: ignore[union-attr]
+                output_grads=torch.cat([s.pooled.output_grads for s in items], dim=1),  # type: ignore[union-attr]
+            )
         layers[name] = LayerStatistics(
-            layer=head.layer, kronecker=kron, io=io, grads=grads, diagonal=diagonal
+            layer=head.layer, kronecker=kron, io=io, grads=grads, diagonal=diagonal, pooled=pooled
         )
     return CurvatureStatistics(layers, first.fisher_type, total)
 

@@ -16,6 +16,7 @@ from curvlib.core.stats import (
     LayerStatistics,
     PerSampleGrads,
     PerSampleIO,
+    PooledIO,
     StatKind,
 )
 
@@ -66,7 +67,13 @@ def layer_statistics(
             diagonal = per_sample.grads.square().sum((0, 1)) / n
         else:
             diagonal = (PerSampleIO(inputs, grads).squared_grads_sum() / n).to(dtype)
-    return LayerStatistics(layer=layer, kronecker=kron, io=io, grads=per_sample, diagonal=diagonal)
+    pooled = None
+    if StatKind.CROSS_LAYER in required:
+        # Inputs averaged, output gradients summed over positions (see PooledIO).
+        pooled = PooledIO(inputs=inputs.mean(1).to(dtype), output_grads=grads.sum(2).to(dtype))
+    return LayerStatistics(
+        layer=layer, kronecker=kron, io=io, grads=per_sample, diagonal=diagonal, pooled=pooled
+    )
 
 
 def batchnorm_statistics(

@@ -129,6 +129,7 @@ class CurvatureEngine:
         self.timings: dict[str, float] = {}
         self.inverse_rebuilt = False
         self.condition_numbers: dict[str, float] = {}
+        self.diagnostics: dict[str, float] = {}
         self._pending: list[CurvatureStatistics] = []
         self._recording = False
         self._precond: Preconditioner | None = None
@@ -321,6 +322,11 @@ class CurvatureEngine:
         start = time.perf_counter()
         out = self._precond.apply(grads)
         self.timings["precondition"] = time.perf_counter() - start
+        # Optional per-step numbers of the preconditioner (e.g. a two-level correction's).
+        numbers = getattr(self._precond, "diagnostics", None)
+        self.diagnostics = (
+            {str(k): float(v) for k, v in numbers.items()} if isinstance(numbers, Mapping) else {}
+        )
         return out
 
     def quadratic_model(self, grads: Mapping[str, Tensor], delta: Mapping[str, Tensor]) -> float:

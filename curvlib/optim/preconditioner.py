@@ -124,6 +124,7 @@ class GradientPreconditioner:
             "condition_numbers": dict(self.engine.condition_numbers)
             if self.engine.inverse_rebuilt
             else {},
+            "diagnostics": dict(self.engine.diagnostics),
             "skipped_steps": self.skipped_steps,
             "skipped_updates": self.engine.skipped_updates,
             "inverse_failures": self.engine.inverse_failures,

@@ -79,7 +79,8 @@ def step_stats(
         ``skipped``, ``kl_clip_factor``, ``damping`` (first group, after this
         step's LM adaptation), ``group_damping`` (every group), ``lm_ratio``,
         ``inverse_rebuilt``, ``condition_numbers`` (layers whose inverse was
-        rebuilt on this step), ``adaptive_lr``, ``adaptive_momentum``,
+        rebuilt on this step), ``diagnostics`` (per group, the numbers its
+        preconditioner reports for this step), ``adaptive_lr``, ``adaptive_momentum``,
         ``predicted_change``, the counters and the ``time_*`` split.
     """
     engines = opt.engines
@@ -95,8 +96,14 @@ def step_stats(
             if engine.inverse_rebuilt:
                 rebuilt = True
                 conditions.update(engine.condition_numbers)
+    diagnostics = {}
+    if not skipped:
+        diagnostics = {
+            g["name"]: dict(e.diagnostics) for g, e in opt.curvature_groups() if e.diagnostics
+        }
     for engine in engines:
         engine.timings = {}
+        engine.diagnostics = {}
     total = time.perf_counter() - start + sum(times.get(k, 0.0) for k in RECORD_TIMES)
     return {
         "step": opt.engine.step_count,
@@ -107,6 +114,7 @@ def step_stats(
         "lm_ratio": ratio,
         "inverse_rebuilt": rebuilt,
         "condition_numbers": conditions,
+        "diagnostics": diagnostics,
         "adaptive_lr": None,
         "adaptive_momentum": None,
         "predicted_change": None,

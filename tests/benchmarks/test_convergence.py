@@ -117,3 +117,14 @@ def test_data_root_adds_the_image_autoencoders_whose_files_are_there(
     assert "skipping mnist" in capsys.readouterr().err  # its files are not there
     assert [m.config for m in baselines] == [f"lr={lr:g}" for lr in cv.ADAM_LRS]
     assert methods == [] and seeds == [0]
+
+
+def test_two_level_methods_are_selectable_but_not_run_by_default(cv: ModuleType) -> None:
+    from curvlib.approx.two_level import TwoLevel
+
+    for name in cv.TWO_LEVEL:
+        approx = cv.approximation(name)()
+        assert isinstance(approx, TwoLevel), name
+    args = cv.parse_args(["--quick", "--methods", "adam,kfac+nicolaides", "--tasks", "digits-mlp"])
+    _, _, methods, _ = cv.plan(args)
+    assert [m.name for m in methods] == ["kfac+nicolaides"]

@@ -20,7 +20,7 @@ from tests.optim.identity import ZeroCurvature
 DTYPE = torch.float64
 ALWAYS = {
     "step", "skipped", "kl_clip_factor", "damping", "group_damping", "lm_ratio",
-    "inverse_rebuilt", "condition_numbers", "skipped_steps", "skipped_updates",
+    "inverse_rebuilt", "condition_numbers", "diagnostics", "skipped_steps", "skipped_updates",
     "inverse_failures", "time_step", "time_precondition",
 }  # fmt: skip
 

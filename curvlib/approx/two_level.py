@@ -1,0 +1,561 @@
+r"""Two-level preconditioners: a coarse-space correction on top of any approximation.
+
+The fine level is any [`CurvatureApprox`][curvlib.core.protocols.CurvatureApprox]
+(KFAC, KPSVD, EKFAC, Deflation, the diagonal, ...), whose damped inverse gives
+the fine step $\zeta = (C + \lambda I)^{-1}\nabla$. A
+[coarse space][curvlib.approx.coarse] contributes a few vectors per layer,
+the rows of $R_0 \in \mathbb{R}^{c \times P}$, and the small matrix
+
+$$F_c = R_0 (F + \lambda I) R_0^\top \in \mathbb{R}^{c \times c}$$
+
+of the *whole network's* Fisher $F$, cross-layer blocks included, built from
+per-sample statistics without forming $F$
+([`curvlib.approx.coarse_fisher`][curvlib.approx.coarse_fisher]). Two forms
+combine the levels ([`CorrectionForm`][curvlib.approx.two_level.CorrectionForm]):
+the residual (F-norm optimal) correction and the additive preconditioner.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from enum import Enum
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from curvlib.approx.base import (
+    DEFAULT_DECAY,
+    NonFiniteStatisticsError,
+    check_damping,
+    running_average,
+)
+from curvlib.approx.coarse import CoarseContext, CoarseSpace, Nicolaides
+from curvlib.approx.coarse_fisher import CoarseFisher, RestrictedFisher, SampleFisher
+from curvlib.approx.natural_gradient import _cast_io
+from curvlib.core.protocols import CurvatureApprox, Preconditioner, RefreshableApprox
+from curvlib.core.stats import CurvatureStatistics, PerSampleIO, StatKind
+from curvlib.linalg.factors import eigh
+
+
+class CorrectionForm(Enum):
+    r"""How the coarse level is combined with the fine step $\zeta = (C + \lambda I)^{-1}\nabla$.
+
+    With $F_\lambda = F + \lambda I$ and $F_c = R_0 F_\lambda R_0^\top$:
+
+    Attributes:
+        RESIDUAL: $\zeta + R_0^\top F_c^{+} R_0(\nabla - F_\lambda\zeta)$: of all
+            $\zeta + R_0^\top\beta$ the one closest to the exact damped natural
+            gradient $F_\lambda^{-1}\nabla$ in the $F_\lambda$-norm, so never
+            further from it than $\zeta$. Costs one product $U\zeta$ with the
+            stored statistics per step ($O(mTP)$).
+        ADDITIVE: $(C + \lambda I)^{-1}\nabla + R_0^\top F_c^{+} R_0\nabla$, the
+            additive two-level preconditioner of domain decomposition: symmetric
+            positive definite, and per step only $c$ inner products.
+    """
+
+    RESIDUAL = "residual"
+    ADDITIVE = "additive"
+
+
+def _pseudo_inverse(matrix: Tensor) -> tuple[Tensor, float]:
+    r"""$M^{+}$ of a small symmetric PSD matrix, and the condition number of its range.
+
+    Eigenvalues below $c\,\varepsilon\,\lambda_\max$ (coarse vectors that are
+    linearly dependent, or zero) are dropped.
+    """
+    size = matrix.shape[0]
+    if size == 0:
+        return matrix, 1.0
+    dec = eigh(matrix)
+    top = float(dec.values[-1])
+    if top <= 0.0:
+        return torch.zeros_like(matrix), 1.0
+    keep = dec.values > 10.0 * size * torch.finfo(matrix.dtype).eps * top
+    vecs, vals = dec.vectors[:, keep], dec.values[keep]
+    return (vecs / vals) @ vecs.T, top / float(vals[0])
+
+
+def _inner(vectors: Mapping[str, Tensor], x: Mapping[str, Tensor]) -> Tensor:
+    r"""$R_0 x$, ``[..., c]``, from vectors ``[c_l, out, in]`` and ``x`` ``[..., out, in]``."""
+    parts = [
+        torch.einsum("coi,...oi->...c", vecs, x[name].to(vecs.dtype))
+        for name, vecs in vectors.items()
+    ]
+    return torch.cat(parts, dim=-1)
+
+
+def _expand(vectors: Mapping[str, Tensor], coeffs: Tensor) -> dict[str, Tensor]:
+    r"""$R_0^\top\beta$ per layer, ``[..., out, in]``, for ``coeffs`` $\beta$ ``[..., c]``."""
+    out: dict[str, Tensor] = {}
+    start = 0
+    for name, vecs in vectors.items():
+        stop = start + vecs.shape[0]
+        out[name] = torch.einsum("...c,coi->...oi", coeffs[..., start:stop], vecs)
+        start = stop
+    return out
+
+
+def _identity_gram(vectors: Mapping[str, Tensor]) -> Tensor:
+    r"""$R_0 R_0^\top$: block diagonal over layers (vectors of different layers are orthogonal)."""
+    gram: Tensor = torch.block_diag(  # type: ignore[no-untyped-call]
+        *[v.flatten(1) @ v.flatten(1).T for v in vectors.values()]
+    )
+    return gram
+
+
+def _complete(vectors: Mapping[str, Tensor], context: CoarseContext) -> dict[str, Tensor]:
+    """Vectors for every layer, in the layer order (no vectors: ``[0, out, in]``)."""
+    return {
+        name: vectors[name]
+        if name in vectors
+        else torch.zeros(0, *shape, dtype=context.dtype, device=context.device)
+        for name, shape in context.shapes.items()
+    }
+
+
+class TwoLevelPreconditioner:
+    r"""The two-level operator: the fine inverse plus the coarse correction.
+
+    Returned by [`TwoLevel.inverse`][curvlib.approx.two_level.TwoLevel.inverse].
+    ``apply`` maps gradients to directions; ``diagnostics`` holds, after each
+    unbatched ``apply``, ``coarse_error_change`` (the change of the squared
+    $F_\lambda$-norm distance to $F_\lambda^{-1}\nabla$ made by the correction,
+    $\beta^\top F_c\beta - 2\beta^\top R_0(\nabla - F_\lambda\zeta)$, when the
+    residual is computed), ``coarse_condition`` (condition number of $F_c$ on
+    its range) and ``coarse_size`` ($c$).
+
+    Args:
+        fine: The fine level's damped inverse.
+        context: Layer shapes, dtype, device and the fine inverse.
+        damping: $\lambda$.
+        form: The correction form.
+        space: The coarse space (used per step if it depends on the gradient).
+        fisher: The Fisher model of the coarse level.
+        vectors: Fixed coarse vectors (``None`` for gradient-dependent spaces).
+        restricted: ``fisher`` restricted to ``vectors``.
+        gram: $R_0 F R_0^\top$ to use (default: ``restricted.gram``).
+        report_error: Compute the error change in the additive form too (one
+            product $U\zeta$ per step).
+    """
+
+    def __init__(
+        self,
+        fine: Preconditioner,
+        context: CoarseContext,
+        damping: float,
+        form: CorrectionForm,
+        space: CoarseSpace,
+        fisher: CoarseFisher | None,
+        vectors: Mapping[str, Tensor] | None,
+        restricted: RestrictedFisher | None,
+        gram: Tensor | None,
+        report_error: bool,
+    ) -> None:
+        self.fine = fine
+        self._context = context
+        self.damping = damping
+        self.form = form
+        self._space = space
+        self._fisher = fisher
+        self._report_error = report_error
+        self.diagnostics: dict[str, float] = {}
+        fine_conditions = getattr(fine, "condition_numbers", None)
+        self.condition_numbers: dict[str, float] = (
+            dict(fine_conditions) if isinstance(fine_conditions, Mapping) else {}
+        )
+        """The fine inverse's condition estimates per layer (the coarse one: ``diagnostics``)."""
+        self._vectors: dict[str, Tensor] | None = None
+        if vectors is not None:
+            assert restricted is not None
+            self._set_space(dict(vectors), restricted, gram)
+            self.diagnostics = {"coarse_condition": self._condition, "coarse_size": self._size}
+
+    def _set_space(
+        self, vectors: dict[str, Tensor], restricted: RestrictedFisher, gram: Tensor | None
+    ) -> None:
+        self._vectors = vectors
+        self._restricted = restricted
+        base = restricted.gram if gram is None else gram
+        self._matrix = base + self.damping * _identity_gram(vectors).to(base.dtype)
+        self._solve, self._condition = _pseudo_inverse(self._matrix)
+        self._size = float(self._matrix.shape[0])
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        """The layers this operator acts on, in the vectorisation order."""
+        return tuple(self._context.shapes)
+
+    def apply(self, grads: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        r"""The two-level direction for gradients ``[..., out, in]`` of every layer.
+
+        Raises:
+            KeyError: If a layer is missing.
+            ValueError: For batched gradients with a gradient-dependent coarse space.
+        """
+        missing = [name for name in self.layers if name not in grads]
+        if missing:
+            raise KeyError(
+                f"The coarse level couples all layers {list(self.layers)}: pass a matrix for "
+                f"each (missing {missing})."
+            )
+        zeta = self.fine.apply(grads)
+        batched = next(iter(grads.values())).dim() > 2
+        if self._space.gradient_dependent:
+            if batched:
+                raise ValueError(
+                    f"{type(self._space).__name__} builds its vectors from one gradient: apply "
+                    "it to unbatched [out, in] matrices."
+                )
+            self._build_from_residual(grads, zeta)
+        assert self._vectors is not None
+        vectors = self._vectors
+        rg = _inner(vectors, grads)
+        res: Tensor | None = None
+        if self.form is CorrectionForm.RESIDUAL or self._report_error:
+            res = rg - self._restricted.project(zeta) - self.damping * _inner(vectors, zeta)
+        rhs = res if self.form is CorrectionForm.RESIDUAL else rg
+        assert rhs is not None
+        beta = rhs @ self._solve
+        correction = _expand(vectors, beta)
+        if not batched:
+            self.diagnostics = {"coarse_condition": self._condition, "coarse_size": self._size}
+            if res is not None:
+                change = beta @ self._matrix @ beta - 2.0 * (beta @ res)
+                self.diagnostics["coarse_error_change"] = float(change)
+        return {name: zeta[name] + correction[name].to(zeta[name].dtype) for name in grads}
+
+    def _build_from_residual(self, grads: Mapping[str, Tensor], zeta: Mapping[str, Tensor]) -> None:
+        assert self._fisher is not None
+        fz = self._fisher.matvec(zeta)
+        residual = {
+            name: grads[name] - self.damping * zeta[name] - fz[name].to(zeta[name].dtype)
+            for name in self.layers
+        }
+        context = CoarseContext(
+            self._context.shapes,
+            self._context.dtype,
+            self._context.device,
+            fine=self.fine,
+            residual=residual,
+        )
+        vectors = _complete(self._space.vectors(context), context)
+        self._set_space(vectors, self._fisher.restrict(vectors), None)
+
+    def matvec(self, vectors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The same as ``apply``: this operator *is* the preconditioner."""
+        return self.apply(vectors)
+
+    def to_dense_full(self) -> Tensor:
+        r"""The whole preconditioner as a ``[P, P]`` matrix, layers in the order of ``layers``.
+
+        $P$ applications (small nets and tests).
+
+        Raises:
+            ValueError: For a gradient-dependent coarse space (the map is not linear).
+        """
+        if self._space.gradient_dependent:
+            raise ValueError(
+                f"With {type(self._space).__name__} the two-level map depends on the gradient "
+                "and has no matrix."
+            )
+        ctx = self._context
+        columns = []
+        for layer, (out_dim, in_dim) in ctx.shapes.items():
+            size = out_dim * in_dim
+            basis = {
+                name: torch.zeros(size, *shape, dtype=ctx.dtype, device=ctx.device)
+                for name, shape in ctx.shapes.items()
+            }
+            basis[layer] = torch.eye(size, dtype=ctx.dtype, device=ctx.device).reshape(
+                size, out_dim, in_dim
+            )
+            applied = self.apply(basis)
+            columns.append(torch.cat([applied[n].reshape(size, -1) for n in ctx.shapes], dim=1))
+        return torch.cat(columns, dim=0).T
+
+    def to_dense(self, layer: str) -> Tensor:
+        """The diagonal block of one layer of ``to_dense_full()`` (the levels couple layers).
+
+        Raises:
+            KeyError: If the layer is unknown.
+        """
+        if layer not in self._context.shapes:
+            raise KeyError(f"Unknown layer {layer!r}; the layers are {list(self.layers)}.")
+        start = 0
+        for name, (out_dim, in_dim) in self._context.shapes.items():
+            if name == layer:
+                size = out_dim * in_dim
+                return self.to_dense_full()[start : start + size, start : start + size]
+            start += out_dim * in_dim
+        raise AssertionError  # unreachable
+
+
+class TwoLevel:
+    r"""A coarse-space correction on top of any approximation (two-level preconditioning).
+
+    With the fine step $\zeta = (C + \lambda I)^{-1}\nabla$ of the fine
+    approximation $C$ (its own damping rule), the coarse vectors $R_0$ of
+    ``coarse`` and $F_c = R_0 (F + \lambda I) R_0^\top$, the direction is
+
+    $$\zeta + R_0^\top F_c^{+} R_0 (\nabla - (F + \lambda I)\zeta)
+    \quad\text{(residual)}, \qquad
+    \zeta + R_0^\top F_c^{+} R_0 \nabla \quad\text{(additive)}.$$
+
+    $F$ is the whole network's Fisher, cross-layer blocks included, from the
+    per-sample statistics of the latest statistics step
+    ([`SampleFisher`][curvlib.approx.coarse_fisher.SampleFisher]), or the
+    coarse space's own model
+    ([`Tselepidis`][curvlib.approx.coarse.Tselepidis]: cross-layer Kronecker
+    factors). $F_c^{+}$ is the pseudo-inverse of the $c \times c$ matrix (an
+    eigendecomposition; linearly dependent vectors are harmless).
+
+    **Schedules.** ``update`` (statistics steps) updates the fine level, the
+    space and the stored batch. For a space whose vectors never change
+    ([`Nicolaides`][curvlib.approx.coarse.Nicolaides] and
+    [`FixedSpace`][curvlib.approx.coarse.FixedSpace] without Krylov
+    enrichment) $R_0 F R_0^\top$ is computed there and running-averaged like
+    the fine level ($\rho_k = \min(1 - 1/k, \text{decay})$); the residual
+    $R_0 F\zeta$ uses the latest batch. Spaces whose vectors move with the
+    fine level (spectral, Krylov-enriched) project the latest batch when
+    ``inverse`` runs (an average of projections on different vectors would
+    estimate nothing); [`ResidualSpace`][curvlib.approx.coarse.ResidualSpace]
+    projects it on every step.
+
+    **Operator.** ``inverse(damping)`` returns a
+    [`TwoLevelPreconditioner`][curvlib.approx.two_level.TwoLevelPreconditioner]
+    (``apply``, ``to_dense_full``); ``matvec`` and ``to_dense`` are the fine
+    level's $C$ (the coarse level changes the solve, not the curvature model).
+
+    Cost on top of the fine level: ``update`` stores the batch and, for fixed
+    spaces, $c$ projections ($O(c\,mTP_l)$ per layer); ``inverse`` the
+    projections of moving spaces and an $O(c^3)$ eigendecomposition; ``apply``
+    $2c$ inner products, plus one $U\zeta$ ($O(mTP)$) in the residual form.
+
+    Example:
+        ```python
+        approx = TwoLevel(KFAC(), Nicolaides(), form=CorrectionForm.RESIDUAL)
+        opt = PreconditionedOptimizer(model, approx, loss_fn=loss_fn)
+        ```
+
+    Args:
+        fine: The fine approximation.
+        coarse: The coarse space (default: ``Nicolaides()``).
+        form: How the levels combine.
+        decay: Upper bound of the running-average weight of a fixed space's
+            coarse matrix.
+        dtype: Storage dtype of the stored batch (default: that of the statistics).
+        report_error: Also compute ``coarse_error_change`` in the additive form
+            (always computed in the residual form).
+
+    Raises:
+        TypeError: If ``coarse`` is not a ``CoarseSpace``.
+        ValueError: If ``decay`` is outside ``[0, 1)``.
+
+    References:
+        T. Tselepidis, J. Kohler and A. Orvieto, "Two-level K-FAC preconditioning
+        for deep learning", NeurIPS 2020 workshop on optimization for machine
+        learning. A. Koroko et al., "Analysis and comparison of two-level KFAC
+        methods for training deep neural networks", arXiv:2303.18083, 2023.
+    """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> TwoLevel:
+        """A ``RefreshableTwoLevel`` when ``fine`` has two time scales, else a ``TwoLevel``."""
+        fine = args[0] if args else kwargs.get("fine")  # no arguments when copied
+        if cls is TwoLevel and isinstance(fine, RefreshableApprox):
+            cls = RefreshableTwoLevel
+        return super().__new__(cls)
+
+    def __init__(
+        self,
+        fine: CurvatureApprox,
+        coarse: CoarseSpace | None = None,
+        form: CorrectionForm | str = CorrectionForm.RESIDUAL,
+        decay: float = DEFAULT_DECAY,
+        dtype: torch.dtype | None = None,
+        report_error: bool = False,
+    ) -> None:
+        coarse = Nicolaides() if coarse is None else coarse
+        if not isinstance(coarse, CoarseSpace):
+            raise TypeError(
+                f"coarse must be a CoarseSpace (e.g. Nicolaides()), got {type(coarse).__name__}."
+            )
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay must lie in [0, 1), got {decay!r}.")
+        self.fine = fine
+        self.coarse = coarse
+        self.form = CorrectionForm(form)
+        self.decay = float(decay)
+        self.dtype = dtype
+        self.report_error = bool(report_error)
+        self.num_updates = 0
+        self._shapes: dict[str, tuple[int, int]] = {}
+        self._samples: dict[str, PerSampleIO] = {}
+        self._gram: Tensor | None = None
+        self._restricted: RestrictedFisher | None = None
+        self._like: Tensor | None = None
+
+    @property
+    def required_stats(self) -> frozenset[StatKind]:
+        """The fine level's statistics and those of the coarse space."""
+        return frozenset(self.fine.required_stats) | self.coarse.required_stats
+
+    @property
+    def _uses_samples(self) -> bool:
+        return StatKind.PER_SAMPLE_IO in self.coarse.required_stats
+
+    def _context(self, fine: Preconditioner | None = None) -> CoarseContext:
+        if not self._shapes or self._like is None:
+            raise RuntimeError("No curvature estimate yet: update() first.")
+        return CoarseContext(dict(self._shapes), self._like.dtype, self._like.device, fine=fine)
+
+    def _fisher(self) -> CoarseFisher | None:
+        own = self.coarse.fisher()
+        if own is not None:
+            return own
+        return SampleFisher(self._samples) if self._samples else None
+
+    def update(self, stats: CurvatureStatistics) -> None:
+        """Fold one step's statistics into the fine level, the coarse space and the coarse matrix.
+
+        Raises:
+            NonFiniteStatisticsError: If any statistic has NaN/Inf entries; then
+                nothing is changed.
+            ValueError: If a statistic is missing (nothing is changed).
+        """
+        if not stats.is_finite():
+            raise NonFiniteStatisticsError(
+                "Statistics contain NaN or Inf; the curvature estimate was left unchanged."
+            )
+        for name, layer in stats.layers.items():
+            have = {
+                StatKind.KRONECKER: layer.kronecker is not None,
+                StatKind.PER_SAMPLE_IO: layer.io is not None,
+                StatKind.PER_SAMPLE_GRAD: layer.grads is not None,
+                StatKind.DIAGONAL: layer.diagonal is not None,
+                StatKind.CROSS_LAYER: layer.pooled is not None,
+            }
+            missing = sorted(k.name for k in self.coarse.required_stats if not have[k])
+            if missing:
+                raise ValueError(
+                    f"{self.coarse!r} needs {missing} statistics for layer {name!r}; create the "
+                    "extractor with stats=approx.required_stats."
+                )
+        samples = {
+            name: _cast_io(layer.io, self.dtype)
+            for name, layer in stats.layers.items()
+            if self._uses_samples and layer.io is not None
+        }
+        self.fine.update(stats)
+        rho = min(1.0 - 1.0 / (self.num_updates + 1), self.decay)
+        self.coarse.update(stats, rho)
+        self._shapes = {
+            name: (layer.layer.out_dim, layer.layer.in_dim_aug)
+            for name, layer in stats.layers.items()
+        }
+        self._samples = samples
+        first = next(iter(stats.layers.values())).tensors()[0]
+        self._like = torch.empty(0, dtype=self.dtype or first.dtype, device=first.device)
+        self._restricted = None
+        if self.coarse.is_fixed:
+            context = self._context()
+            fisher = self._fisher()
+            assert fisher is not None
+            self._restricted = fisher.restrict(_complete(self.coarse.vectors(context), context))
+            self._gram = running_average(self._gram, self._restricted.gram, rho)
+        self.num_updates += 1
+
+    def inverse(self, damping: float) -> TwoLevelPreconditioner:
+        r"""A new two-level operator with damping $\lambda$ on both levels.
+
+        Raises:
+            ValueError: If ``damping`` is not positive and finite.
+            RuntimeError: Before the first ``update``.
+        """
+        damping = check_damping(damping)
+        context = self._context()
+        fine = self.fine.inverse(damping)
+        context = CoarseContext(context.shapes, context.dtype, context.device, fine=fine)
+        fisher = self._fisher()
+        vectors: dict[str, Tensor] | None = None
+        restricted = None
+        gram = None
+        if not self.coarse.gradient_dependent:
+            vectors = _complete(self.coarse.vectors(context), context)
+            assert fisher is not None
+            if self.coarse.is_fixed:
+                if self._restricted is None:  # after load_state_dict
+                    self._restricted = fisher.restrict(vectors)
+                restricted, gram = self._restricted, self._gram
+            else:
+                restricted = fisher.restrict(vectors)
+        return TwoLevelPreconditioner(
+            fine,
+            context,
+            damping,
+            self.form,
+            self.coarse,
+            fisher,
+            vectors,
+            restricted,
+            gram,
+            self.report_error or self.form is CorrectionForm.RESIDUAL,
+        )
+
+    def matvec(self, vectors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The fine level's $C$ times per-layer matrices."""
+        return self.fine.matvec(vectors)
+
+    def to_dense(self, layer: str) -> Tensor:
+        """The fine level's dense block of one layer."""
+        return self.fine.to_dense(layer)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Fine level, coarse space, stored batch and coarse matrix: tensors and plain values."""
+        return {
+            "num_updates": self.num_updates,
+            "fine": self.fine.state_dict(),
+            "coarse": self.coarse.state_dict(),
+            "shapes": {name: list(shape) for name, shape in self._shapes.items()},
+            "samples": {
+                name: {"inputs": io.inputs.clone(), "output_grads": io.output_grads.clone()}
+                for name, io in self._samples.items()
+            },
+            "gram": None if self._gram is None else self._gram.clone(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore the state saved by ``state_dict()``."""
+        self.fine.load_state_dict(state["fine"])
+        self.coarse.load_state_dict(state["coarse"])
+        self._shapes = {name: (int(s[0]), int(s[1])) for name, s in state["shapes"].items()}
+        self._samples = {
+            name: PerSampleIO(e["inputs"].clone(), e["output_grads"].clone())
+            for name, e in state["samples"].items()
+        }
+        self._gram = None if state["gram"] is None else state["gram"].clone()
+        self._restricted = None
+        like = self._gram if self._gram is not None else None
+        if self._samples:
+            like = next(iter(self._samples.values())).inputs
+        self._like = None if like is None else torch.empty(0, dtype=like.dtype, device=like.device)
+        self.num_updates = int(state["num_updates"])
+
+    def __repr__(self) -> str:
+        fine = type(self.fine).__name__
+        return f"TwoLevel(fine={fine}(), coarse={self.coarse!r}, form={self.form.value!r})"
+
+
+class RefreshableTwoLevel(TwoLevel):
+    """A two-level approximation over a fine level with two time scales (e.g. EKFAC).
+
+    ``TwoLevel(fine)`` returns one when ``fine`` is a
+    [`RefreshableApprox`][curvlib.core.protocols.RefreshableApprox]; ``refresh``
+    refreshes the fine level, so the optimizer's engine runs both time scales.
+    """
+
+    def refresh(self) -> None:
+        """Refresh the fine level's expensive part."""
+        fine = self.fine
+        assert isinstance(fine, RefreshableApprox)
+        fine.refresh()

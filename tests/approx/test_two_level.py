@@ -1,0 +1,421 @@
+"""Two-level corrections against dense references built here from the exact GGN.
+
+The statistics are ``EXACT`` (type-2) on one batch, so the per-sample rows the
+coarse level uses give exactly the GGN that ``tests.oracle.dense_ggn`` computes
+with ``torch.func``; the references below are dense solves with it.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from curvlib.approx.coarse import (
+    EXACT_EIGH_LIMIT,
+    CoarseSpace,
+    FixedSpace,
+    Nicolaides,
+    ResidualSpace,
+    Spectral,
+    SpectralEnd,
+    Tselepidis,
+    extreme_eigenpairs,
+)
+from curvlib.approx.deflation import Deflation
+from curvlib.approx.diagonal import Diagonal
+from curvlib.approx.ekfac import EKFAC
+from curvlib.approx.kfac import KFAC, KFACDamping
+from curvlib.approx.kpsvd import KPSVD
+from curvlib.approx.two_level import CorrectionForm, RefreshableTwoLevel, TwoLevel
+from curvlib.core import FisherType, RefreshableApprox, StatKind, cross_layer_factors
+from curvlib.wiring import PreconditionedOptimizer
+from tests import oracle
+from tests import problems as P
+from tests.approx.cases import fit_statistics, perturbed
+from tests.hyper import FRESH, train_steps
+
+DAMPING = 1e-2
+EXACT = dict(rtol=1e-9, atol=1e-11)
+"""Float64 identities (dense solves of small systems)."""
+
+PROBLEMS = [P.mlp_ce(), P.cnn_ce(), P.tconv_bce()]
+FINE: dict[str, Callable[[], object]] = {
+    "kfac": lambda: KFAC(),
+    "kpsvd": lambda: KPSVD(),
+}
+ALL_FINE: dict[str, Callable[[], object]] = {
+    **FINE,
+    "kfac_eigen": lambda: KFAC(KFACDamping.EIGEN),
+    "ekfac": lambda: EKFAC(),
+    "deflation": lambda: Deflation(),
+    "diagonal": lambda: Diagonal(),
+}
+SPACES: dict[str, Callable[[], CoarseSpace]] = {
+    "nicolaides": lambda: Nicolaides(),
+    "nicolaides_krylov": lambda: Nicolaides(krylov=True),
+    "spectral": lambda: Spectral(num_vectors=2),
+    "spectral_smallest_krylov": lambda: Spectral(2, SpectralEnd.SMALLEST, krylov=True),
+    "residual": lambda: ResidualSpace(),
+    "residual_krylov": lambda: ResidualSpace(krylov=True),
+}
+
+
+class Fitted:
+    """A two-level approximation fitted on a problem, with the dense GGN of its layers."""
+
+    def __init__(self, problem: P.Problem, approx: TwoLevel) -> None:
+        model = problem.model()
+        approx.update(fit_statistics(problem, approx, FisherType.EXACT, model=model))
+        self.approx = approx
+        self.shapes = dict(approx._shapes)
+        ggn = oracle.dense_ggn(model, problem.loss_fn, problem.x, problem.y, list(self.shapes))
+        self.damped = ggn + DAMPING * torch.eye(ggn.shape[0], dtype=ggn.dtype)
+        self.size = ggn.shape[0]
+
+    def split(self, vec: Tensor) -> dict[str, Tensor]:
+        out, start = {}, 0
+        for name, (rows, cols) in self.shapes.items():
+            out[name] = vec[start : start + rows * cols].reshape(rows, cols)
+            start += rows * cols
+        return out
+
+    def join(self, mats: dict[str, Tensor]) -> Tensor:
+        return torch.cat([mats[name].flatten() for name in self.shapes])
+
+    def error(self, x: Tensor, grad: Tensor) -> float:
+        """Squared (F + lambda I)-norm distance to the exact damped natural gradient."""
+        diff = x - torch.linalg.solve(self.damped, grad)
+        return float(diff @ self.damped @ diff)
+
+
+def _grads(size: int, count: int = 3) -> list[Tensor]:
+    gen = torch.Generator().manual_seed(5)
+    return [torch.randn(size, generator=gen, dtype=torch.float64) for _ in range(count)]
+
+
+def _identity_space(problem: P.Problem) -> FixedSpace:
+    model = problem.model()
+    layers = [m for m in oracle.curvature_layer_names(model)]
+    sizes = oracle.layer_slices(model, layers)
+    vectors = {}
+    for name in layers:
+        module = model.get_submodule(name)
+        bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
+        rows, cols = oracle.layer_matrix(module, module.weight.detach(), bias).shape
+        assert rows * cols == sizes[name].stop - sizes[name].start
+        vectors[name] = torch.eye(rows * cols, dtype=torch.float64).reshape(-1, rows, cols)
+    return FixedSpace(vectors)
+
+
+@pytest.mark.parametrize("problem", PROBLEMS, ids=lambda p: p.name)
+@pytest.mark.parametrize("fine", FINE, ids=str)
+def test_whole_space_gives_the_exact_damped_natural_gradient(problem: P.Problem, fine: str) -> None:
+    fitted = Fitted(problem, TwoLevel(FINE[fine](), _identity_space(problem)))  # type: ignore[arg-type]
+    pre = fitted.approx.inverse(DAMPING)
+    for grad in _grads(fitted.size):
+        got = fitted.join(pre.apply(fitted.split(grad)))
+        torch.testing.assert_close(got, torch.linalg.solve(fitted.damped, grad), **EXACT)
+
+
+@pytest.mark.parametrize("form", list(CorrectionForm), ids=lambda f: f.value)
+@pytest.mark.parametrize("fine", ALL_FINE, ids=str)
+def test_empty_space_is_the_fine_level_alone(fine: str, form: CorrectionForm) -> None:
+    problem = P.cnn_ce()
+    fitted = Fitted(problem, TwoLevel(ALL_FINE[fine](), FixedSpace({}), form=form))  # type: ignore[arg-type]
+    pre = fitted.approx.inverse(DAMPING)
+    fine_pre = fitted.approx.fine.inverse(DAMPING)  # type: ignore[attr-defined]
+    for grad in _grads(fitted.size):
+        mats = fitted.split(grad)
+        got, want = pre.apply(mats), fine_pre.apply(mats)
+        for name in mats:
+            torch.testing.assert_close(got[name], want[name], rtol=0.0, atol=0.0)
+    assert pre.diagnostics["coarse_size"] == 0.0
+
+
+@pytest.mark.parametrize("problem", PROBLEMS, ids=lambda p: p.name)
+@pytest.mark.parametrize("space", SPACES, ids=str)
+@pytest.mark.parametrize("fine", ALL_FINE, ids=str)
+def test_residual_form_never_moves_away_from_the_damped_natural_gradient(
+    problem: P.Problem, space: str, fine: str
+) -> None:
+    approx = TwoLevel(ALL_FINE[fine](), SPACES[space](), form=CorrectionForm.RESIDUAL)  # type: ignore[arg-type]
+    fitted = Fitted(problem, approx)
+    pre = approx.inverse(DAMPING)
+    for grad in _grads(fitted.size):
+        mats = fitted.split(grad)
+        zeta = fitted.join(pre.fine.apply(mats))
+        got = fitted.join(pre.apply(mats))
+        before, after = fitted.error(zeta, grad), fitted.error(got, grad)
+        assert after <= before * (1 + 1e-9) + 1e-12, (before, after)
+        # The reported change is the change of this very distance (up to the round-off
+        # of the two large terms it is the difference of, with ill-conditioned spaces).
+        change = pre.diagnostics["coarse_error_change"]
+        assert change == pytest.approx(after - before, rel=1e-4, abs=1e-9 * before)
+
+
+@pytest.mark.parametrize("problem", PROBLEMS, ids=lambda p: p.name)
+@pytest.mark.parametrize("fine", FINE, ids=str)
+def test_additive_form_is_the_dense_two_level_preconditioner(problem: P.Problem, fine: str) -> None:
+    approx = TwoLevel(FINE[fine](), Nicolaides(), form=CorrectionForm.ADDITIVE)  # type: ignore[arg-type]
+    fitted = Fitted(problem, approx)
+    pre = approx.inverse(DAMPING)
+    fine_pre = approx.fine.inverse(DAMPING)  # type: ignore[attr-defined]
+    # R0: one constant unit vector per layer, written out here.
+    rows = []
+    start = 0
+    for rows_l, cols_l in fitted.shapes.values():
+        row = torch.zeros(fitted.size, dtype=torch.float64)
+        row[start : start + rows_l * cols_l] = (rows_l * cols_l) ** -0.5
+        rows.append(row)
+        start += rows_l * cols_l
+    r0 = torch.stack(rows)
+    fine_dense = torch.block_diag(*[fine_pre.to_dense(name) for name in fitted.shapes])
+    want = fine_dense + r0.T @ torch.linalg.solve(r0 @ fitted.damped @ r0.T, r0)
+    got = pre.to_dense_full()
+    torch.testing.assert_close(got, want, **EXACT)
+    torch.testing.assert_close(got, got.T, **EXACT)
+    assert float(torch.linalg.eigvalsh(got)[0]) > 0.0
+
+
+@pytest.mark.parametrize("space", ["nicolaides_krylov", "spectral", "spectral_smallest_krylov"])
+@pytest.mark.parametrize("fine", FINE, ids=str)
+def test_additive_form_is_positive_definite(space: str, fine: str) -> None:
+    approx = TwoLevel(FINE[fine](), SPACES[space](), form="additive")  # type: ignore[arg-type]
+    fitted = Fitted(P.tconv_bce(), approx)
+    dense = approx.inverse(DAMPING).to_dense_full()
+    assert float((dense - dense.T).abs().max()) <= 1e-9 * float(dense.abs().max())
+    assert float(torch.linalg.eigvalsh((dense + dense.T) / 2)[0]) > 0.0
+    assert fitted.size == dense.shape[0]
+
+
+def test_spectral_vectors_are_the_extreme_kronecker_eigenvectors() -> None:
+    problem = P.mlp_ce()
+    for end in SpectralEnd:
+        space = Spectral(num_vectors=3, end=end)
+        approx = TwoLevel(KFAC(), space)
+        model = problem.model()
+        stats = fit_statistics(problem, approx, FisherType.EXACT, model=model)
+        approx.update(stats)
+        context = approx._context()
+        vectors = space.vectors(context)
+        for name, layer in stats.layers.items():
+            assert layer.kronecker is not None
+            kron = torch.kron(layer.kronecker.G, layer.kronecker.A)
+            values = torch.linalg.eigvalsh(kron)
+            want = values[-3:] if end is SpectralEnd.LARGEST else values[:3]
+            flat = vectors[name].flatten(1)
+            # Unit, orthonormal eigenvectors of G (x) A with the extreme eigenvalues.
+            torch.testing.assert_close(flat @ flat.T, torch.eye(3, dtype=flat.dtype), **EXACT)
+            rayleigh = torch.sort(torch.einsum("cp,pq,cq->c", flat, kron, flat)).values
+            torch.testing.assert_close(rayleigh, want, rtol=1e-8, atol=1e-12)
+
+
+def test_subspace_iteration_finds_the_largest_eigenpairs_of_large_factors() -> None:
+    gen = torch.Generator().manual_seed(3)
+    n = EXACT_EIGH_LIMIT + 44
+    basis = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64)).Q
+    spectrum = 0.5 ** torch.arange(n, dtype=torch.float64)  # a gap of 2 between neighbours
+    mat = (basis * spectrum) @ basis.T
+    values, vectors = extreme_eigenpairs(mat, 3, largest=True)
+    torch.testing.assert_close(values, spectrum[:3], rtol=1e-10, atol=0.0)
+    overlap = (vectors.T @ basis[:, :3]).abs()
+    torch.testing.assert_close(overlap, torch.eye(3, dtype=torch.float64), rtol=0.0, atol=1e-8)
+    small_values, _ = extreme_eigenpairs(mat, 2, largest=False)
+    torch.testing.assert_close(small_values, spectrum.flip(0)[:2], rtol=1e-6, atol=1e-14)
+
+
+# -- Tselepidis: cross-layer Kronecker factors ----------------------------------------
+
+
+def test_pooled_statistics_follow_the_documented_position_rule() -> None:
+    problem = P.cnn_ce()
+    model = problem.model()
+    approx = TwoLevel(KFAC(), Tselepidis())
+    assert StatKind.CROSS_LAYER in approx.required_stats
+    from curvlib.extract import CurvatureExtractor
+
+    ex = CurvatureExtractor(
+        model,
+        problem.loss_fn,
+        stats={StatKind.CROSS_LAYER, StatKind.PER_SAMPLE_IO, StatKind.KRONECKER},
+        fisher_type="exact",
+    )
+    with ex.collect():
+        problem.loss_fn(model(problem.x), problem.y).backward()
+    stats = ex.statistics()
+    inputs = oracle.layer_inputs(model, problem.x)
+    for name, layer in stats.layers.items():
+        assert layer.pooled is not None and layer.io is not None and layer.kronecker is not None
+        module = model.get_submodule(name)
+        unfolded = oracle.unfolded_inputs(module, inputs[name])  # [N, T, in_aug]
+        torch.testing.assert_close(layer.pooled.inputs, unfolded.mean(1), **EXACT)
+        torch.testing.assert_close(layer.pooled.output_grads, layer.io.output_grads.sum(2), **EXACT)
+        # The bias column of the pooled rank-one gradient is the per-sample bias gradient.
+        bias = layer.io.grads()[..., -1]
+        torch.testing.assert_close(layer.pooled.output_grads * layer.pooled.inputs[:, -1:], bias)
+        if unfolded.shape[1] == 1:  # one position: the diagonal factors are KFAC's
+            own = cross_layer_factors(layer.pooled, layer.pooled)
+            torch.testing.assert_close(own.A, layer.kronecker.A, **EXACT)
+            torch.testing.assert_close(own.G, layer.kronecker.G, **EXACT)
+
+
+@pytest.mark.parametrize("problem", PROBLEMS, ids=lambda p: p.name)
+def test_tselepidis_uses_the_dense_cross_layer_kronecker_model(problem: P.Problem) -> None:
+    approx = TwoLevel(KFAC(), Tselepidis())
+    model = problem.model()
+    stats = fit_statistics(problem, approx, FisherType.EXACT, model=model)
+    approx.update(stats)
+    names = list(stats.layers)
+    pooled = {n: stats.layers[n].pooled for n in names}
+    # The model written out densely: block (l, m) = G_lm (x) A_lm.
+    dense = torch.cat(
+        [
+            torch.cat(
+                [
+                    torch.kron(f.G, f.A)
+                    for f in (cross_layer_factors(pooled[l], pooled[m]) for m in names)  # type: ignore[arg-type]
+                ],
+                dim=1,
+            )
+            for l in names  # noqa: E741
+        ]
+    )
+    damped = dense + DAMPING * torch.eye(dense.shape[0], dtype=dense.dtype)
+    sizes = [stats.layers[n].layer.out_dim * stats.layers[n].layer.in_dim_aug for n in names]
+    r0 = torch.block_diag(*[torch.full((1, s), s**-0.5, dtype=torch.float64) for s in sizes])
+    pre = approx.inverse(DAMPING)
+    fitted_shapes = dict(approx._shapes)
+    for grad in _grads(sum(sizes)):
+        mats, start = {}, 0
+        for name, (rows, cols) in fitted_shapes.items():
+            mats[name] = grad[start : start + rows * cols].reshape(rows, cols)
+            start += rows * cols
+        zeta = torch.cat([v.flatten() for v in pre.fine.apply(mats).values()])
+        got = torch.cat([v.flatten() for v in pre.apply(mats).values()])
+        beta = torch.linalg.solve(r0 @ damped @ r0.T, r0 @ (grad - damped @ zeta))
+        torch.testing.assert_close(got, zeta + r0.T @ beta, **EXACT)
+
+
+# -- wrapper behaviour ------------------------------------------------------------------
+
+
+def test_refreshable_fine_levels_make_a_refreshable_two_level() -> None:
+    assert isinstance(TwoLevel(EKFAC()), RefreshableTwoLevel)
+    assert isinstance(TwoLevel(EKFAC()), RefreshableApprox)
+    assert not isinstance(TwoLevel(KFAC()), RefreshableApprox)
+
+
+def test_misuse_names_the_fix() -> None:
+    with pytest.raises(ValueError, match="Nicolaides\\(krylov=True\\)"):
+        Tselepidis(krylov=True)
+    with pytest.raises(TypeError, match="CoarseSpace"):
+        TwoLevel(KFAC(), "nicolaides")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="num_vectors"):
+        Spectral(num_vectors=0)
+    problem = P.mlp_ce()
+    approx = TwoLevel(KFAC(), Nicolaides())
+    with pytest.raises(RuntimeError, match="update"):
+        approx.inverse(DAMPING)
+    kron_only = fit_statistics(problem, KFAC(), FisherType.EXACT)
+    with pytest.raises(ValueError, match=r"stats=approx\.required_stats"):
+        approx.update(kron_only)
+    assert approx.num_updates == 0 and approx.fine.state_dict()["blocks"] == {}  # untouched
+    residual = Fitted(problem, TwoLevel(KFAC(), ResidualSpace()))
+    with pytest.raises(ValueError, match="no matrix"):
+        residual.approx.inverse(DAMPING).to_dense_full()
+
+
+@pytest.mark.parametrize(
+    "space",
+    ["nicolaides", "nicolaides_krylov", "spectral", "residual", "tselepidis"],
+)
+def test_state_dict_round_trip(space: str) -> None:
+    make = SPACES.get(space, lambda: Tselepidis())
+    problem = P.cnn_ce()
+    approx = TwoLevel(KFAC(), make(), decay=0.7)
+    model = problem.model()
+    for seed in range(3):
+        approx.update(fit_statistics(perturbed(problem, 0.1 * (seed + 1)), approx, model=model))
+    buffer = io.BytesIO()
+    torch.save(approx.state_dict(), buffer)
+    buffer.seek(0)
+    restored = TwoLevel(KFAC(), make(), decay=0.7)
+    restored.load_state_dict(torch.load(buffer, weights_only=True))
+    grads = {
+        name: torch.randn(
+            rows, cols, dtype=torch.float64, generator=torch.Generator().manual_seed(1)
+        )
+        for name, (rows, cols) in approx._shapes.items()
+    }
+    want = approx.inverse(DAMPING).apply(grads)
+    got = restored.inverse(DAMPING).apply(grads)
+    for name in grads:
+        torch.testing.assert_close(got[name], want[name], rtol=0.0, atol=0.0)
+    assert restored.num_updates == 3
+
+
+def _make_optimizer(model: nn.Module, problem: P.Problem, space: str, **kwargs: object):  # type: ignore[no-untyped-def]
+    make = SPACES.get(space, lambda: Tselepidis())
+    settings = {"lr": 0.1, "momentum": 0.9, "damping": DAMPING, **kwargs}
+    return PreconditionedOptimizer(
+        model, TwoLevel(KFAC(), make()), loss_fn=problem.loss_fn, **settings
+    )
+
+
+@pytest.mark.parametrize("space", ["nicolaides", "spectral", "residual", "tselepidis"])
+def test_checkpoint_resume_is_exact(space: str) -> None:
+    problem = P.autoencoder_bce(n=8)
+    batches = [(problem.x + 0.1 * i, problem.y) for i in range(8)]
+    settings = {"t_cov": 2, "t_inv": 3, "warmup": 0, "mc_samples": 2}
+    model = problem.model()
+    full = train_steps(_make_optimizer(model, problem, space, **settings), model,
+                       problem.loss_fn, batches)  # fmt: skip
+    model = problem.model()
+    opt = _make_optimizer(model, problem, space, **settings)
+    first = train_steps(opt, model, problem.loss_fn, batches[:5])
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, weights_only=True)
+    model = problem.model()
+    opt = _make_optimizer(model, problem, space, **settings)
+    model.load_state_dict(checkpoint["model"])
+    opt.load_state_dict(checkpoint["opt"])
+    second = train_steps(opt, model, problem.loss_fn, batches[5:])
+    assert first + second == full
+
+
+@pytest.mark.parametrize("space", ["nicolaides", "spectral", "residual", "tselepidis"])
+def test_optimizer_trains_and_reports_the_coarse_level(space: str) -> None:
+    problem = P.cnn_ce(n=16)
+    model = problem.model()
+    opt = _make_optimizer(model, problem, space, fisher_type="exact", kl_clip=1e-1, lr=0.3,
+                          momentum=0.0, damping=1e-3, **FRESH)  # fmt: skip
+    losses = train_steps(opt, model, problem.loss_fn, [(problem.x, problem.y)] * 20)
+    assert losses[-1] < 0.02 * losses[0], losses
+    diagnostics = opt.last_stats["diagnostics"]["default"]
+    assert diagnostics["coarse_error_change"] <= 0.0
+    assert diagnostics["coarse_condition"] >= 1.0 and diagnostics["coarse_size"] >= 2
+
+
+def test_each_group_has_its_own_two_level_correction() -> None:
+    problem = P.mlp_ce(n=16)
+    model = problem.model()
+    opt = PreconditionedOptimizer(
+        model, TwoLevel(KFAC(), Nicolaides()), loss_fn=problem.loss_fn, lr=0.5, damping=DAMPING,
+        kl_clip=1e-1, fisher_type="exact", **FRESH, groups=[
+            {"layers": ["2", "4"], "approx": TwoLevel(KPSVD(), Spectral(), form="additive"),
+             "name": "top"},
+        ],
+    )  # fmt: skip
+    losses = train_steps(opt, model, problem.loss_fn, [(problem.x, problem.y)] * 15)
+    assert losses[-1] < 0.9 * losses[0], losses
+    diagnostics = opt.last_stats["diagnostics"]
+    assert set(diagnostics) == {"default", "top"}
+    assert diagnostics["default"]["coarse_size"] == 1  # one layer left in the default group
+    assert diagnostics["top"]["coarse_size"] == 2
+    assert "coarse_error_change" not in diagnostics["top"]  # additive, not asked to report
