@@ -232,6 +232,8 @@ class ExactNaturalGradient:
     """
 
     required_stats: ClassVar[frozenset[StatKind]] = frozenset({StatKind.PER_SAMPLE_IO})
+    couples_layers: ClassVar[bool] = True
+    """Cross-layer blocks included: one layer's direction may oppose its gradient."""
 
     def __init__(self, dtype: torch.dtype | None = None) -> None:
         self.dtype = dtype

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from enum import Enum
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -394,6 +394,9 @@ class TwoLevel:
         self._gram: Tensor | None = None
         self._restricted: RestrictedFisher | None = None
         self._like: Tensor | None = None
+
+    couples_layers: ClassVar[bool] = True
+    """The coarse correction mixes layers: one layer's direction may oppose its gradient."""
 
     @property
     def required_stats(self) -> frozenset[StatKind]:

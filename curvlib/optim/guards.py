@@ -12,9 +12,13 @@ step, with a warning that names the layers, when
 2. **a direction points uphill**: $\langle\nabla_l, \Delta_l\rangle <
    -\sqrt{\epsilon}\,\|\nabla_l\|\|\Delta_l\|$ ($\epsilon$ the machine epsilon
    of the gradient's dtype). $P_l$ is positive definite for every
-   approximation, so a negative inner product beyond rounding means the inverse
-   is numerically broken, and the KL clip, which needs a positive
-   $\sum_l\eta_l^2\langle\nabla_l, \Delta_l\rangle$, cannot bound the step;
+   block-diagonal approximation, so a negative inner product beyond rounding
+   means the inverse is numerically broken, and the KL clip, which needs a
+   positive $\sum_l\eta_l^2\langle\nabla_l, \Delta_l\rangle$, cannot bound
+   the step. An approximation that couples layers (``couples_layers = True``:
+   the exact natural gradient, two-level corrections) may turn one layer's
+   direction against its gradient while the whole step descends, so for its
+   group the rule applies to the group's direction as a whole;
 3. **a step is absurdly long for its gradient**: the KL-clipped direction is
    more than [`MAX_AMPLIFICATION`][curvlib.optim.guards.MAX_AMPLIFICATION]
    times longer than the gradient, $\nu\|\Delta_l\| > 10^6\|\nabla_l\|$.
@@ -38,7 +42,7 @@ Hyper-parameters edited in ``param_groups`` at run time are checked at every
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -120,12 +124,35 @@ def measure_directions(
     return checks
 
 
-def broken_directions(checks: Mapping[str, DirectionCheck]) -> str | None:
-    """Why the step must be skipped by rules 1–2 of the module docstring, or ``None``."""
+def combined(checks: Sequence[DirectionCheck]) -> DirectionCheck:
+    """The check of several layers' directions taken as one vector."""
+    return DirectionCheck(
+        inner=sum(c.inner for c in checks),
+        grad_norm=math.sqrt(sum(c.grad_norm**2 for c in checks)),
+        direction_norm=math.sqrt(sum(c.direction_norm**2 for c in checks)),
+        eps=max(c.eps for c in checks),
+    )
+
+
+def broken_directions(
+    checks: Mapping[str, DirectionCheck], coupled: Sequence[Sequence[str]] = ()
+) -> str | None:
+    """Why the step must be skipped by rules 1–2 of the module docstring, or ``None``.
+
+    Args:
+        checks: Every layer's measurements.
+        coupled: The layer names of each group whose approximation couples
+            layers: rule 2 judges these groups' directions as a whole.
+    """
     infinite = [name for name, c in checks.items() if not c.finite]
     if infinite:
         return f"the preconditioned direction of layers {infinite} is not finite (NaN/Inf)"
-    uphill = [name for name, c in checks.items() if c.uphill]
+    in_coupled = {name for names in coupled for name in names}
+    uphill = [name for name, c in checks.items() if name not in in_coupled and c.uphill]
+    for names in coupled:
+        present = [checks[name] for name in names if name in checks]
+        if present and combined(present).uphill:
+            uphill.extend(name for name in names if name in checks)
     if uphill:
         return (
             f"the preconditioned direction of layers {uphill} points uphill "

@@ -405,7 +405,12 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         mode = self._adaptive()
         directions, lrs = self._precondition(grads)
         checks = measure_directions(grads, directions)
-        reason = broken_directions(checks)
+        coupled = [
+            [layer.name for layer in layers]
+            for engine, layers in zip(self.engines, self.group_layers, strict=True)
+            if getattr(engine.approx, "couples_layers", False)
+        ]
+        reason = broken_directions(checks, coupled)
         if reason is not None:
             return self._skip(reason, start)
         nu = 1.0

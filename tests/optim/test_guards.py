@@ -212,3 +212,20 @@ def test_a_second_step_on_the_same_gradients_is_an_error_whatever_t_cov(t_cov: i
         opt.step()
     assert _unchanged(model, before)
     train_steps(opt, model, loss_fn, [(P.mlp_ce().x, P.mlp_ce().y)])  # a new backward: fine
+
+
+def test_layers_an_approximation_couples_are_judged_as_one_direction() -> None:
+    from curvlib.optim.guards import DirectionCheck, broken_directions
+
+    eps = torch.finfo(torch.float32).eps
+    checks = {
+        "0": DirectionCheck(inner=-1.0, grad_norm=1.0, direction_norm=2.0, eps=eps),
+        "2": DirectionCheck(inner=5.0, grad_norm=2.0, direction_norm=3.0, eps=eps),
+    }
+    reason = broken_directions(checks)
+    assert reason is not None and "['0']" in reason  # block-diagonal: layer '0' is broken
+    assert broken_directions(checks, coupled=[["0", "2"]]) is None  # the whole step descends
+    downhill = {**checks, "2": DirectionCheck(inner=0.5, grad_norm=2.0, direction_norm=3.0,
+                                              eps=eps)}  # fmt: skip
+    reason = broken_directions(downhill, coupled=[["0", "2"]])
+    assert reason is not None and "['0', '2']" in reason
