@@ -2,8 +2,10 @@ r"""The curvature as an operator: trace, log-determinant, inverse, condition and
 
 Every approximation of ``cases.APPROXIMATIONS`` on every problem of ``cases.PROBLEMS``
 (float64) is checked against dense matrices computed independently of the method
-under test: ``to_dense``/``damped_to_dense`` factorised with ``torch.linalg``, and
-for the natural gradient the dense Fisher of ``tests/oracle.py``.
+under test: the damped operator each method documents, written out from its
+formula in ``tests/approx/damping.py`` (from the stored factors, or ``to_dense``
+plus the damping term) and factorised with ``torch.linalg``, and for the natural
+gradient the dense Fisher of ``tests/oracle.py``.
 
 **Sampling tolerances.** For $n$ zero-mean Gaussian draws with covariance
 $\Sigma$ (``P x P``) the sample covariance $\hat\Sigma = \frac1n\sum_s x_s x_s^\top$
@@ -41,6 +43,7 @@ from curvlib.core import CurvatureOperator, CurvatureStatistics, FisherType, Lay
 from curvlib.extract import CurvatureExtractor
 from tests import oracle
 from tests.approx.cases import APPROXIMATIONS, PROBLEMS, ApproxCase, fit_statistics, perturbed
+from tests.approx.damping import documented_damped, paper_pi
 from tests.problems import Problem
 
 RTOL = 1e-9
@@ -54,10 +57,12 @@ NUM_DRAWS = 20_000
 SAMPLE_SLACK = 4.0
 """Allowed multiple of the root-mean-square sampling error (module docstring)."""
 
-EXACT_CONDITION = {"kfac_eigen"}
-"""Cases whose condition number is exact, not only a lower bound."""
+EXACT_CONDITION = {"kfac_eigen", "ekfac", "diagonal"}
+"""Cases whose condition number is documented as exact, not only a lower bound."""
 
 LINEAR_NOISE = {
+    "ekfac",
+    "diagonal",
     "kfac_pi",
     "kfac_eigen",
     "kpsvd",
@@ -89,6 +94,16 @@ def _fitted_cached(name: str, index: int) -> LayerwiseApprox:
 def _fitted(case: ApproxCase, index: int) -> LayerwiseApprox:
     """A fitted approximation (two updates), shared by the tests: none of them mutates it."""
     return _fitted_cached(case.name, index)
+
+
+@functools.cache
+def _reference_cached(name: str, index: int, layer: str) -> Tensor:
+    return documented_damped(name, _fitted_cached(name, index), layer, DAMPING)
+
+
+def _reference(case: ApproxCase, index: int, layer: str) -> Tensor:
+    """The documented damped operator of ``layer`` at ``DAMPING``, built in the test."""
+    return _reference_cached(case.name, index, layer)
 
 
 def _eye(size: int) -> Tensor:
@@ -133,12 +148,32 @@ def test_logdet_equals_slogdet_of_the_damped_operator(case: ApproxCase, index: i
     approx = _fitted(case, index)
     total = 0.0
     for name, block in approx.blocks.items():
-        sign, expected = torch.linalg.slogdet(approx.damped_to_dense(name, DAMPING))
+        sign, expected = torch.linalg.slogdet(_reference(case, index, name))
         assert float(sign) == 1.0, f"damped {name} is not positive definite"
         scale = max(abs(float(expected)), float(block.num_params))
         _close_scalar(approx.logdet(DAMPING, name), expected, scale, f"logdet of {name}")
         total += float(expected)
     _close_scalar(approx.logdet(DAMPING), total, abs(total), "logdet over layers")
+
+
+@pytest.mark.parametrize(("case", "index"), CASES)
+def test_damped_operator_is_the_documented_rule(case: ApproxCase, index: int) -> None:
+    approx = _fitted(case, index)
+    for name in approx.blocks:
+        expected = _reference(case, index, name)
+        _close(approx.damped_to_dense(name, DAMPING), expected, f"damped {name}", rtol=1e-9)
+
+
+@pytest.mark.parametrize("index", range(len(PROBLEMS)), ids=[p.name for p in PROBLEMS])
+def test_the_factored_rule_is_tested_where_pi_is_far_from_one(index: int) -> None:
+    """Guards the tests above: a pi fixed at 1, or inverted, gives another operator."""
+    approx = _fitted_cached("kfac_pi", index)
+    far = [
+        name
+        for name, block in approx.blocks.items()
+        if abs(math.log(paper_pi(block.state_dict()["A"], block.state_dict()["G"]))) > 0.5
+    ]
+    assert far, "every layer has pi near 1: the factored-damping checks would not discriminate"
 
 
 def test_kfac_logdet_is_that_of_the_pi_damped_product() -> None:
@@ -166,7 +201,7 @@ def test_inverse_operator_matches_the_dense_inverse(case: ApproxCase, index: int
     products = inverse.matvec(vectors)
     applied = inverse.apply(vectors)
     for name, mats in vectors.items():
-        damped = approx.damped_to_dense(name, DAMPING)
+        damped = _reference(case, index, name)
         dense_inverse = torch.linalg.inv(damped)
         _close(inverse.to_dense(name), dense_inverse, f"to_dense of {name}", rtol=1e-8)
         expected = torch.linalg.solve(damped, mats.flatten(1).T).T.reshape(mats.shape)
@@ -180,7 +215,7 @@ def test_condition_estimates_bound_the_true_condition_number(case: ApproxCase, i
     estimates = approx.inverse(DAMPING).condition_numbers
     assert set(estimates) == set(approx.blocks)
     for name, block in approx.blocks.items():
-        true = _condition(approx.damped_to_dense(name, DAMPING))
+        true = _condition(_reference(case, index, name))
         estimate = estimates[name]
         assert 1.0 <= estimate <= true * (1 + 1e-8), f"{name}: {estimate} vs {true}"
         assert math.isclose(block.condition_number(DAMPING), estimate, rel_tol=1e-12)
@@ -219,7 +254,7 @@ def test_samples_have_the_inverse_damped_operator_as_covariance(
     for name, block in approx.blocks.items():
         assert draws[name].shape == (NUM_DRAWS, block.out_dim, block.in_dim)
         assert draws[name].dtype == torch.float64
-        damped = approx.damped_to_dense(name, DAMPING)
+        damped = _reference(case, index, name)
         _check_gaussian(draws[name].flatten(1), torch.linalg.inv(damped), damped, name)
 
 
@@ -239,7 +274,7 @@ def test_draws_are_an_exact_square_root_of_the_inverse(case: ApproxCase, index: 
         x, z = drawn.reshape(count, size).T, noise.reshape(count, size).T
         transform = torch.linalg.lstsq(z.T, x.T).solution.T  # x = T z
         _close(transform @ z, x, f"draws of {name} are linear in the noise", rtol=1e-8)
-        expected = torch.linalg.inv(approx.damped_to_dense(name, DAMPING))
+        expected = torch.linalg.inv(_reference(case, index, name))
         _close(transform @ transform.T, expected, f"T T^T of {name}", rtol=1e-8)
 
 
@@ -353,7 +388,7 @@ def test_dense_fallbacks_of_layer_block() -> None:
 
 def test_condition_estimates_without_an_attribute_are_lazy_and_describe_the_built_inverse() -> None:
     approx = _dense_approx(0)
-    expected = _condition(approx.damped_to_dense("w", DAMPING))
+    expected = _condition(approx.to_dense("w") + DAMPING * _eye(6))
     calls: list[str] = []
     block = approx.blocks["w"]
     original = block.condition_number
@@ -375,7 +410,7 @@ def test_condition_estimates_without_an_attribute_are_lazy_and_describe_the_buil
 def test_cheap_condition_estimates_are_computed_when_the_inverse_is_built() -> None:
     approx = _dense_approx(0)
     block = approx.blocks["w"]
-    expected = _condition(approx.damped_to_dense("w", DAMPING))
+    expected = _condition(approx.to_dense("w") + DAMPING * _eye(6))
     calls: list[float] = []
     original = block.condition_number
 
@@ -401,7 +436,7 @@ def test_dense_condition_fallback_is_skipped_for_large_blocks(
     monkeypatch.setattr(base, "DENSE_CONDITION_LIMIT", 6)
     assert math.isclose(
         approx.inverse(DAMPING).condition_numbers["w"],
-        _condition(approx.damped_to_dense("w", DAMPING)),
+        _condition(approx.to_dense("w") + DAMPING * _eye(6)),
         rel_tol=1e-10,
     )
 
