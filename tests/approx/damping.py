@@ -96,4 +96,4 @@ def documented_damped(case: str, approx: LayerwiseApprox, layer: str, damping: f
         return approx.to_dense(layer) + layer_damping * _eye(size)
     if case in ("ekfac", "diagonal", "block_ng_exact"):
         return approx.to_dense(layer) + damping * _eye(size)
-    raise KeyError(f"No documented damping rule for case {case!r}: add it to tests/approx/damping.py")
+    raise KeyError(f"No damping rule for case {case!r}: write it out in tests/approx/damping.py.")

@@ -38,11 +38,10 @@ import pytest
 import torch
 from torch import Tensor
 
-from curvlib.core import CurvatureStatistics, FisherType, StatKind
+from curvlib.core import FisherType, StatKind
 from curvlib.extract import Backend
-from tests import oracle
 from tests import problems as P
-from tests.extract.test_oracle import assert_close, extract
+from tests.extract.test_oracle import assert_close, every_layer, extract
 from tests.problems import Problem
 
 Z_MAX = 4.5
@@ -57,13 +56,6 @@ ALL_STATS = (
     StatKind.PER_SAMPLE_GRAD,
     StatKind.DIAGONAL,
 )
-
-
-def all_layers(stats: CurvatureStatistics, model: torch.nn.Module) -> list[str]:
-    """The layers of ``stats``, asserted to be every curvature layer of ``model``."""
-    expected = oracle.curvature_layer_names(model)
-    assert set(stats.layers) == set(expected), f"layers {sorted(stats.layers)} != {expected}"
-    return expected
 
 
 def per_draw_g(output_grads: Tensor) -> Tensor:
@@ -92,8 +84,7 @@ def test_mc_statistics_are_sums_over_their_draws(problem: Problem, backend: Back
     model = problem.model()
     k = 7
     stats = extract(problem, model, backend, FisherType.MC, ALL_STATS, mc_samples=k, seed=4)
-    for name in all_layers(stats, model):
-        layer = stats[name]
+    for name, layer in every_layer(stats, model):
         assert layer.io is not None and layer.kronecker is not None
         assert layer.grads is not None and layer.diagonal is not None
         inputs, output_grads = layer.io.inputs, layer.io.output_grads
@@ -143,8 +134,8 @@ def test_mc_factor_is_unbiased_to_within_its_standard_error(
         problem, model, backend, FisherType.MC, [StatKind.PER_SAMPLE_IO], mc_samples=draws, seed=0
     )
     gen = torch.Generator().manual_seed(0)
-    for name in all_layers(mc, model):
-        io, reference = mc[name].io, exact[name].kronecker
+    for name, layer in every_layer(mc, model):
+        io, reference = layer.io, exact[name].kronecker
         assert io is not None and reference is not None
         # Each draw's G_k carries 1/K (the columns carry sqrt(1/K)): K G_k is unbiased.
         samples = draws * per_draw_g(io.output_grads)
@@ -185,8 +176,7 @@ def test_mse_draws_are_the_seeded_noise_times_the_exact_scale(
     stats = extract(
         problem, model, backend, FisherType.MC, [StatKind.PER_SAMPLE_IO], mc_samples=k, seed=seed
     )
-    last = all_layers(stats, model)[-1]
-    io = stats[last].io
+    io = every_layer(stats, model)[-1][1].io
     assert io is not None
     c = 1.0 / problem.entries if reduction == "mean" else 1.0
     noise = torch.randn(
@@ -212,7 +202,7 @@ def test_mse_draws_have_the_closed_form_covariance(reduction: str) -> None:
         mc_samples=k,
         seed=2,
     )
-    io = stats[all_layers(stats, model)[-1]].io
+    io = every_layer(stats, model)[-1][1].io
     assert io is not None
     c = 1.0 / d if reduction == "mean" else 1.0
     draws = io.output_grads.reshape(-1, d)  # n = K N draws
