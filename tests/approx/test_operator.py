@@ -28,6 +28,8 @@ from collections.abc import Mapping
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import Tensor
 
 from curvlib.approx import base
@@ -37,6 +39,8 @@ from curvlib.approx.base import (
     LayerInverse,
     LayerwiseApprox,
 )
+from curvlib.approx.diagonal import Diagonal
+from curvlib.approx.ekfac import EKFAC
 from curvlib.approx.kfac import KFAC, KFACDamping
 from curvlib.approx.natural_gradient import ALL_LAYERS, ExactNaturalGradient
 from curvlib.core import CurvatureOperator, CurvatureStatistics, FisherType, LayerStatistics
@@ -221,6 +225,60 @@ def test_condition_estimates_bound_the_true_condition_number(case: ApproxCase, i
         assert math.isclose(block.condition_number(DAMPING), estimate, rel_tol=1e-12)
         if case.name in EXACT_CONDITION:
             assert math.isclose(estimate, true, rel_tol=1e-8), f"{name}: {estimate} vs {true}"
+
+
+def _random_factor(size: int, gen: torch.Generator, scale: float) -> Tensor:
+    root = torch.randn(size, size + 1, generator=gen, dtype=torch.float64)
+    return scale * root @ root.T / size
+
+
+def _loaded(case: str, out_dim: int, in_dim: int, seed: int, ratio: float) -> LayerwiseApprox:
+    """A one-layer approximation with random factors, ``tr A / tr G`` near ``ratio``."""
+    gen = torch.Generator().manual_seed(seed)
+    A, G = _random_factor(in_dim, gen, ratio), _random_factor(out_dim, gen, 1.0)
+    state: dict[str, object]
+    if case == "diagonal":
+        approx: LayerwiseApprox = Diagonal()
+        state = {"diagonal": torch.rand(out_dim, in_dim, generator=gen, dtype=torch.float64)}
+    elif case == "ekfac":
+        approx = EKFAC()
+        scalings = ratio * torch.rand(out_dim, in_dim, generator=gen, dtype=torch.float64)
+        state = {
+            "A": A, "G": G, "basis_a": torch.linalg.eigh(A).eigenvectors,
+            "basis_g": torch.linalg.eigh(G).eigenvectors, "scalings": scalings,
+            "pending": None, "stale": False,
+        }  # fmt: skip
+    else:
+        mode = KFACDamping.PI if case == "kfac_pi" else KFACDamping.EIGEN
+        approx, state = KFAC(mode), {"A": A, "G": G}
+    block = {"shape": [out_dim, in_dim], "state": state}
+    approx.load_state_dict({"num_updates": 1, "blocks": {"w": block}})
+    return approx
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    case=st.sampled_from(["kfac_pi", "kfac_eigen", "ekfac", "diagonal"]),
+    out_dim=st.integers(1, 5),
+    in_dim=st.integers(1, 6),
+    seed=st.integers(0, 2**31 - 1),
+    log_ratio=st.floats(-4.0, 4.0),
+    log_damping=st.floats(-6.0, 1.0),
+)
+def test_damping_and_condition_of_random_blocks(
+    case: str, out_dim: int, in_dim: int, seed: int, log_ratio: float, log_damping: float
+) -> None:
+    """The documented damped operator and condition number, on random factors of any scale."""
+    damping = 10.0**log_damping
+    approx = _loaded(case, out_dim, in_dim, seed, 10.0**log_ratio)
+    expected = documented_damped(case, approx, "w", damping)
+    _close(approx.damped_to_dense("w", damping), expected, "damped operator", rtol=1e-9)
+    true = _condition(expected)
+    estimate = approx.blocks["w"].condition_number(damping)
+    if case in EXACT_CONDITION:
+        assert math.isclose(estimate, true, rel_tol=1e-7), (estimate, true)
+    else:
+        assert 1.0 <= estimate <= true * (1 + 1e-7), (estimate, true)
 
 
 # -- sampling --------------------------------------------------------------------------
