@@ -2,8 +2,10 @@ r"""The curvature as an operator: trace, log-determinant, inverse, condition and
 
 Every approximation of ``cases.APPROXIMATIONS`` on every problem of ``cases.PROBLEMS``
 (float64) is checked against dense matrices computed independently of the method
-under test: ``to_dense``/``damped_to_dense`` factorised with ``torch.linalg``, and
-for the natural gradient the dense Fisher of ``tests/oracle.py``.
+under test: the damped operator each method documents, written out from its
+formula in ``tests/approx/damping.py`` (from the stored factors, or ``to_dense``
+plus the damping term) and factorised with ``torch.linalg``, and for the natural
+gradient the dense Fisher of ``tests/oracle.py``.
 
 **Sampling tolerances.** For $n$ zero-mean Gaussian draws with covariance
 $\Sigma$ (``P x P``) the sample covariance $\hat\Sigma = \frac1n\sum_s x_s x_s^\top$
@@ -26,6 +28,8 @@ from collections.abc import Mapping
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import Tensor
 
 from curvlib.approx import base
@@ -35,6 +39,8 @@ from curvlib.approx.base import (
     LayerInverse,
     LayerwiseApprox,
 )
+from curvlib.approx.diagonal import Diagonal
+from curvlib.approx.ekfac import EKFAC
 from curvlib.approx.kfac import KFAC, KFACDamping
 from curvlib.approx.natural_gradient import ALL_LAYERS, ExactNaturalGradient
 from curvlib.core import CurvatureOperator, CurvatureStatistics, FisherType, LayerStatistics
@@ -42,6 +48,7 @@ from curvlib.core.checkpoint import RECORD_KEY, writer_record
 from curvlib.extract import CurvatureExtractor
 from tests import oracle
 from tests.approx.cases import APPROXIMATIONS, PROBLEMS, ApproxCase, fit_statistics, perturbed
+from tests.approx.damping import documented_damped, paper_pi
 from tests.problems import Problem
 
 RTOL = 1e-9
@@ -55,10 +62,12 @@ NUM_DRAWS = 20_000
 SAMPLE_SLACK = 4.0
 """Allowed multiple of the root-mean-square sampling error (module docstring)."""
 
-EXACT_CONDITION = {"kfac_eigen"}
-"""Cases whose condition number is exact, not only a lower bound."""
+EXACT_CONDITION = {"kfac_eigen", "ekfac", "diagonal"}
+"""Cases whose condition number is documented as exact, not only a lower bound."""
 
 LINEAR_NOISE = {
+    "ekfac",
+    "diagonal",
     "kfac_pi",
     "kfac_eigen",
     "kpsvd",
@@ -90,6 +99,16 @@ def _fitted_cached(name: str, index: int) -> LayerwiseApprox:
 def _fitted(case: ApproxCase, index: int) -> LayerwiseApprox:
     """A fitted approximation (two updates), shared by the tests: none of them mutates it."""
     return _fitted_cached(case.name, index)
+
+
+@functools.cache
+def _reference_cached(name: str, index: int, layer: str) -> Tensor:
+    return documented_damped(name, _fitted_cached(name, index), layer, DAMPING)
+
+
+def _reference(case: ApproxCase, index: int, layer: str) -> Tensor:
+    """The documented damped operator of ``layer`` at ``DAMPING``, built in the test."""
+    return _reference_cached(case.name, index, layer)
 
 
 def _eye(size: int) -> Tensor:
@@ -134,12 +153,32 @@ def test_logdet_equals_slogdet_of_the_damped_operator(case: ApproxCase, index: i
     approx = _fitted(case, index)
     total = 0.0
     for name, block in approx.blocks.items():
-        sign, expected = torch.linalg.slogdet(approx.damped_to_dense(name, DAMPING))
+        sign, expected = torch.linalg.slogdet(_reference(case, index, name))
         assert float(sign) == 1.0, f"damped {name} is not positive definite"
         scale = max(abs(float(expected)), float(block.num_params))
         _close_scalar(approx.logdet(DAMPING, name), expected, scale, f"logdet of {name}")
         total += float(expected)
     _close_scalar(approx.logdet(DAMPING), total, abs(total), "logdet over layers")
+
+
+@pytest.mark.parametrize(("case", "index"), CASES)
+def test_damped_operator_is_the_documented_rule(case: ApproxCase, index: int) -> None:
+    approx = _fitted(case, index)
+    for name in approx.blocks:
+        expected = _reference(case, index, name)
+        _close(approx.damped_to_dense(name, DAMPING), expected, f"damped {name}", rtol=1e-9)
+
+
+@pytest.mark.parametrize("index", range(len(PROBLEMS)), ids=[p.name for p in PROBLEMS])
+def test_the_factored_rule_is_tested_where_pi_is_far_from_one(index: int) -> None:
+    """Guards the tests above: a pi fixed at 1, or inverted, gives another operator."""
+    approx = _fitted_cached("kfac_pi", index)
+    far = [
+        name
+        for name, block in approx.blocks.items()
+        if abs(math.log(paper_pi(block.state_dict()["A"], block.state_dict()["G"]))) > 0.5
+    ]
+    assert far, "every layer has pi near 1: the factored-damping checks would not discriminate"
 
 
 def test_kfac_logdet_is_that_of_the_pi_damped_product() -> None:
@@ -167,7 +206,7 @@ def test_inverse_operator_matches_the_dense_inverse(case: ApproxCase, index: int
     products = inverse.matvec(vectors)
     applied = inverse.apply(vectors)
     for name, mats in vectors.items():
-        damped = approx.damped_to_dense(name, DAMPING)
+        damped = _reference(case, index, name)
         dense_inverse = torch.linalg.inv(damped)
         _close(inverse.to_dense(name), dense_inverse, f"to_dense of {name}", rtol=1e-8)
         expected = torch.linalg.solve(damped, mats.flatten(1).T).T.reshape(mats.shape)
@@ -181,12 +220,68 @@ def test_condition_estimates_bound_the_true_condition_number(case: ApproxCase, i
     estimates = approx.inverse(DAMPING).condition_numbers
     assert set(estimates) == set(approx.blocks)
     for name, block in approx.blocks.items():
-        true = _condition(approx.damped_to_dense(name, DAMPING))
+        true = _condition(_reference(case, index, name))
         estimate = estimates[name]
         assert 1.0 <= estimate <= true * (1 + 1e-8), f"{name}: {estimate} vs {true}"
         assert math.isclose(block.condition_number(DAMPING), estimate, rel_tol=1e-12)
         if case.name in EXACT_CONDITION:
             assert math.isclose(estimate, true, rel_tol=1e-8), f"{name}: {estimate} vs {true}"
+
+
+def _random_factor(size: int, gen: torch.Generator, scale: float) -> Tensor:
+    root = torch.randn(size, size + 1, generator=gen, dtype=torch.float64)
+    return scale * root @ root.T / size
+
+
+def _loaded(case: str, out_dim: int, in_dim: int, seed: int, ratio: float) -> LayerwiseApprox:
+    """A one-layer approximation with random factors, ``tr A / tr G`` near ``ratio``."""
+    gen = torch.Generator().manual_seed(seed)
+    A, G = _random_factor(in_dim, gen, ratio), _random_factor(out_dim, gen, 1.0)
+    state: dict[str, object]
+    if case == "diagonal":
+        approx: LayerwiseApprox = Diagonal()
+        state = {"diagonal": torch.rand(out_dim, in_dim, generator=gen, dtype=torch.float64)}
+    elif case == "ekfac":
+        approx = EKFAC()
+        scalings = ratio * torch.rand(out_dim, in_dim, generator=gen, dtype=torch.float64)
+        state = {
+            "A": A, "G": G, "basis_a": torch.linalg.eigh(A).eigenvectors,
+            "basis_g": torch.linalg.eigh(G).eigenvectors, "scalings": scalings,
+            "pending": None, "stale": False,
+        }  # fmt: skip
+    else:
+        mode = KFACDamping.PI if case == "kfac_pi" else KFACDamping.EIGEN
+        approx, state = KFAC(mode), {"A": A, "G": G}
+    block = {"shape": [out_dim, in_dim], "state": state}
+    approx.load_state_dict(
+        {RECORD_KEY: writer_record(approx), "num_updates": 1, "blocks": {"w": block}}
+    )
+    return approx
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    case=st.sampled_from(["kfac_pi", "kfac_eigen", "ekfac", "diagonal"]),
+    out_dim=st.integers(1, 5),
+    in_dim=st.integers(1, 6),
+    seed=st.integers(0, 2**31 - 1),
+    log_ratio=st.floats(-4.0, 4.0),
+    log_damping=st.floats(-6.0, 1.0),
+)
+def test_damping_and_condition_of_random_blocks(
+    case: str, out_dim: int, in_dim: int, seed: int, log_ratio: float, log_damping: float
+) -> None:
+    """The documented damped operator and condition number, on random factors of any scale."""
+    damping = 10.0**log_damping
+    approx = _loaded(case, out_dim, in_dim, seed, 10.0**log_ratio)
+    expected = documented_damped(case, approx, "w", damping)
+    _close(approx.damped_to_dense("w", damping), expected, "damped operator", rtol=1e-9)
+    true = _condition(expected)
+    estimate = approx.blocks["w"].condition_number(damping)
+    if case in EXACT_CONDITION:
+        assert math.isclose(estimate, true, rel_tol=1e-7), (estimate, true)
+    else:
+        assert 1.0 <= estimate <= true * (1 + 1e-7), (estimate, true)
 
 
 # -- sampling --------------------------------------------------------------------------
@@ -220,7 +315,7 @@ def test_samples_have_the_inverse_damped_operator_as_covariance(
     for name, block in approx.blocks.items():
         assert draws[name].shape == (NUM_DRAWS, block.out_dim, block.in_dim)
         assert draws[name].dtype == torch.float64
-        damped = approx.damped_to_dense(name, DAMPING)
+        damped = _reference(case, index, name)
         _check_gaussian(draws[name].flatten(1), torch.linalg.inv(damped), damped, name)
 
 
@@ -240,7 +335,7 @@ def test_draws_are_an_exact_square_root_of_the_inverse(case: ApproxCase, index: 
         x, z = drawn.reshape(count, size).T, noise.reshape(count, size).T
         transform = torch.linalg.lstsq(z.T, x.T).solution.T  # x = T z
         _close(transform @ z, x, f"draws of {name} are linear in the noise", rtol=1e-8)
-        expected = torch.linalg.inv(approx.damped_to_dense(name, DAMPING))
+        expected = torch.linalg.inv(_reference(case, index, name))
         _close(transform @ transform.T, expected, f"T T^T of {name}", rtol=1e-8)
 
 
@@ -358,7 +453,7 @@ def test_dense_fallbacks_of_layer_block() -> None:
 
 def test_condition_estimates_without_an_attribute_are_lazy_and_describe_the_built_inverse() -> None:
     approx = _dense_approx(0)
-    expected = _condition(approx.damped_to_dense("w", DAMPING))
+    expected = _condition(approx.to_dense("w") + DAMPING * _eye(6))
     calls: list[str] = []
     block = approx.blocks["w"]
     original = block.condition_number
@@ -380,7 +475,7 @@ def test_condition_estimates_without_an_attribute_are_lazy_and_describe_the_buil
 def test_cheap_condition_estimates_are_computed_when_the_inverse_is_built() -> None:
     approx = _dense_approx(0)
     block = approx.blocks["w"]
-    expected = _condition(approx.damped_to_dense("w", DAMPING))
+    expected = _condition(approx.to_dense("w") + DAMPING * _eye(6))
     calls: list[float] = []
     original = block.condition_number
 
@@ -406,7 +501,7 @@ def test_dense_condition_fallback_is_skipped_for_large_blocks(
     monkeypatch.setattr(base, "DENSE_CONDITION_LIMIT", 6)
     assert math.isclose(
         approx.inverse(DAMPING).condition_numbers["w"],
-        _condition(approx.damped_to_dense("w", DAMPING)),
+        _condition(approx.to_dense("w") + DAMPING * _eye(6)),
         rel_tol=1e-10,
     )
 

@@ -21,11 +21,11 @@ from curvlib.approx.kfac_corrected import KFACCorrected
 from curvlib.approx.kpsvd import KPSVD
 from curvlib.approx.lanczos import Lanczos
 from curvlib.core import CurvatureStatistics, PerSampleIO, StatKind
-from curvlib.linalg.factors import pi_split
 from curvlib.linalg.rearrange import Deflated, RearrangedFisher, lanczos_svd, power_svd
 from tests import oracle
 from tests import problems as P
 from tests.approx.cases import PROBLEMS, fit_statistics, perturbed
+from tests.approx.damping import paper_pi_split
 from tests.problems import Problem
 
 RTOL = 1e-8
@@ -274,7 +274,7 @@ def test_the_floor_keeps_an_indefinite_correction_positive_definite() -> None:
     inverse = block.inverse(damping)
     assert inverse.num_floored > 0
     G, A, G_c, A_c = block.factors
-    gamma_a, gamma_g = pi_split(A, G, damping)
+    gamma_a, gamma_g = paper_pi_split(A, G, damping)
     eye_a, eye_g = torch.eye(A.shape[0]).double(), torch.eye(G.shape[0]).double()
     unfloored = torch.kron(G + gamma_g * eye_g, A + gamma_a * eye_a) + torch.kron(G_c, A_c)
     assert float(torch.linalg.eigvalsh(unfloored)[0]) < 0.0
@@ -298,7 +298,7 @@ def test_damped_operator_without_flooring_is_the_damped_sum(make: type[Layerwise
             continue
         checked += 1
         G1, A1, G2, A2 = block.factors
-        gamma_a, gamma_g = pi_split(A1, G1, damping)
+        gamma_a, gamma_g = paper_pi_split(A1, G1, damping)
         eye_a, eye_g = torch.eye(A1.shape[0]).double(), torch.eye(G1.shape[0]).double()
         expected = torch.kron(G1 + gamma_g * eye_g, A1 + gamma_a * eye_a) + torch.kron(G2, A2)
         _close(block.damped_to_dense(damping), expected, float(expected.abs().max()), "damped")

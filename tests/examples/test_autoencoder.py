@@ -26,6 +26,8 @@ import autoencoder  # noqa: E402
 import common  # noqa: E402
 import data  # noqa: E402
 
+from tests.examples.test_conv_autoencoder import excess_bce  # noqa: E402
+
 TINY = [
     "--data", "curves", "--num-train", "200", "--num-test", "100",
     "--batch-size", "50", "--num-epochs", "2", "--no-progress",
@@ -119,7 +121,7 @@ def test_resume_continues_the_metrics_history_exactly(compared: Path, tmp_path: 
     # where the uninterrupted one of the comparison ended.
     straight = json.loads((compared / "kfac" / "metrics.json").read_text())
     for key in ("train_loss", "test_loss", "kl_clip_factor"):
-        assert history[2][key] == pytest.approx(straight[2][key], rel=1e-4), key
+        assert history[2][key] == straight[2][key], key
     assert len(read_csv(tmp_path / "metrics.csv")) == 3
 
 
@@ -217,13 +219,18 @@ def test_every_curvature_optimizer_trains_a_small_autoencoder(name: str) -> None
     config = common.OptimConfig(lr=0.1, t_cov=1, t_inv=1)
     opt = common.build_optimizer(name, model, loss_fn, config)
     x = torch.rand(16, 12)
-    for _ in range(3):
+    with torch.no_grad():
+        before = excess_bce(model(x), x)
+    for _ in range(6):
         opt.zero_grad()
         with opt.record():  # type: ignore[attr-defined]
             loss = loss_fn(model(x), x)
             loss.backward()
         opt.step()
-    assert torch.isfinite(loss_fn(model(x), x))
+    with torch.no_grad():
+        after = excess_bce(model(x), x)
+    # Six steps on one batch: the loss above its floor falls by at least 15%.
+    assert after < 0.85 * before, (before, after)
     assert 0.0 < opt.last_stats["kl_clip_factor"] <= 1.0  # type: ignore[attr-defined]
 
 

@@ -78,7 +78,7 @@ def test_resume_keeps_the_history_and_the_telemetry(straight: Path, tmp_path: Pa
     whole = json.loads((straight / "metrics.json").read_text())
     assert [r["epoch"] for r in resumed] == [0, 1, 2]
     for key in ("train_loss", "test_accuracy", "kl_clip_factor"):
-        assert resumed[2][key] == pytest.approx(whole[2][key], rel=1e-4), key
+        assert resumed[2][key] == whole[2][key], key
     steps = json.loads((tmp_path / "telemetry.json").read_text())
     assert [s["step"] for s in steps] == list(range(1, 7))
 
@@ -98,7 +98,22 @@ def test_small_resnet_trains(tmp_path: Path, fisher: str) -> None:
          "--out", str(tmp_path)]
     )  # fmt: skip
     final = results[0].final
-    assert final["train_loss"] is not None and final["inverse_failures"] == 0
+    assert final["inverse_failures"] == 0
+    # One epoch of three steps hardly moves the synthetic loss; ten steps on one
+    # batch of the same network must cut it by at least 30%.
+    torch.manual_seed(0)
+    model = cnn.resnet_small(3, 10, widths=(4, 8))
+    x, y = torch.rand(16, 3, 8, 8), torch.randint(0, 10, (16,))
+    loss_fn = nn.CrossEntropyLoss()
+    config = common.OptimConfig(lr=0.1, fisher=fisher, t_cov=1, t_inv=3)
+    opt = common.build_optimizer("kfac", model, loss_fn, config)
+    with torch.no_grad():
+        before = float(loss_fn(model(x), y))
+    for _ in range(10):
+        common.step_optimizer(opt, lambda: loss_fn(model(x), y))
+    with torch.no_grad():
+        after = float(loss_fn(model(x), y))
+    assert after < 0.7 * before, (before, after)
 
 
 def _clean_block_resnet(model: nn.Sequential) -> nn.Sequential:

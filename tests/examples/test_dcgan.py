@@ -73,7 +73,7 @@ def test_resume_continues_exactly(straight: Path, tmp_path: Path) -> None:
     whole = json.loads((straight / "metrics.json").read_text())
     assert [m["epoch"] for m in resumed] == [0, 1, 2]
     for key in ("g_loss", "d_loss", "fd", "g_kl_clip_factor"):
-        assert resumed[2][key] == pytest.approx(whole[2][key], rel=1e-4), key
+        assert resumed[2][key] == whole[2][key], key
     steps = json.loads((tmp_path / "telemetry.json").read_text())
     assert [s["step"] for s in steps] == list(range(1, 9))
 

@@ -163,4 +163,5 @@ def test_cnn_trains_on_cifar10_files(tmp_path: Path) -> None:
     )  # fmt: skip
     final = results[0].final
     assert final["test_accuracy"] is not None and 0.0 <= final["test_accuracy"] <= 1.0
-    assert final["train_loss"] is not None
+    # One epoch on 20 images: the training loss falls by at least 5%.
+    assert final["train_loss"] < 0.95 * results[0].metrics[0]["train_loss"]

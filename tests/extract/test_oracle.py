@@ -2,7 +2,10 @@ r"""The extractor's statistics against dense ``torch.func`` references (``tests/
 
 Everything is float64, so deterministic quantities must agree to rounding
 (``EXACT_RTOL``); Monte-Carlo factors are checked for convergence
-(``MC_RTOL``). Scaling and layout are those of ``curvlib.core.conventions``:
+(``MC_RTOL``; their expectation is z-tested in ``test_monte_carlo.py``).
+Every test checks that the statistics cover exactly the oracle's curvature
+layers (``every_layer``). Scaling and layout are those of
+``curvlib.core.conventions``:
 
 * per-sample gradients are those of $\ell_n$, the loss module applied to
   sample $n$ alone (a ``mean`` keeps the $1/D$ of one sample);
@@ -25,7 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from curvlib.core import CurvatureStatistics, FisherType, StatKind
+from curvlib.core import CurvatureStatistics, FisherType, LayerStatistics, StatKind
 from curvlib.extract import Backend, CurvatureExtractor, UnsupportedPolicy
 
 with warnings.catch_warnings():
@@ -40,8 +43,12 @@ from tests.problems import Problem
 EXACT_RTOL = 1e-10
 """Relative tolerance for deterministic float64 quantities (rounding only)."""
 
-MC_RTOL = 0.1
-"""Largest relative Frobenius error of a 2000-sample Monte-Carlo ``G`` against ``EXACT``."""
+MC_RTOL = 0.05
+"""Largest relative Frobenius error of a 2000-sample Monte-Carlo ``G`` against ``EXACT``.
+
+A convergence check (the errors measured here are 0.01 to 0.035); the expectation
+and the scale of the MC statistics are tested to 2% in ``test_monte_carlo.py``.
+"""
 
 DIFFERENT = 1e-3
 """Smallest relative difference for "these must differ" checks (discriminating tests)."""
@@ -61,6 +68,13 @@ def assert_close(
     scale = max(float(expected.abs().max()), 1e-300)
     err = float((actual - expected).abs().max())
     assert err <= rtol * scale, f"{what}: max abs error {err:.3e} > {rtol:.0e} * {scale:.3e}"
+
+
+def every_layer(stats: CurvatureStatistics, model: nn.Module) -> list[tuple[str, LayerStatistics]]:
+    """The per-layer statistics, asserted to cover exactly the oracle's curvature layers."""
+    expected = oracle.curvature_layer_names(model)
+    assert sorted(stats.layers) == sorted(expected), f"layers {sorted(stats.layers)} != {expected}"
+    return [(name, stats.layers[name]) for name in expected]
 
 
 def rel_err(actual: Tensor, expected: Tensor) -> float:
@@ -160,7 +174,7 @@ def test_per_sample_grads_match_vmap_grad(problem: Problem, backend: Backend) ->
     expected = oracle_grad_matrices(problem, model)
     stats = extract(problem, model, backend, FisherType.EMPIRICAL)
     assert stats.num_samples == problem.n
-    for name, layer_stats in stats.layers.items():
+    for name, layer_stats in every_layer(stats, model):
         assert layer_stats.grads is not None and layer_stats.io is not None
         grads = layer_stats.grads.grads
         assert grads.shape[:2] == (1, problem.n)
@@ -177,7 +191,7 @@ def test_layer_block_matches_dense_reference(
     stats = extract(problem, model, backend, fisher)
     dense = cached(problem, "ggn" if fisher is FisherType.EXACT else "ef")
     d_out = math.prod(model(problem.x).shape[1:])
-    for name, layer_stats in stats.layers.items():
+    for name, layer_stats in every_layer(stats, model):
         assert layer_stats.grads is not None
         grads = layer_stats.grads.grads
         # EXACT backpropagates one column per network output of a sample, EMPIRICAL one.
@@ -206,7 +220,7 @@ def test_kronecker_is_exact_for_one_sample_and_one_position(
     model = problem.model()
     stats = extract(problem, model, backend, FisherType.EXACT, stats=[StatKind.KRONECKER])
     dense = oracle.dense_ggn(model, problem.loss_fn, problem.x, problem.y)
-    for name, layer_stats in stats.layers.items():
+    for name, layer_stats in every_layer(stats, model):
         assert layer_stats.kronecker is not None
         kron = torch.kron(layer_stats.kronecker.G, layer_stats.kronecker.A)
         assert_close(kron, oracle.block(dense, model, name), what=f"G ⊗ A of {name!r}")
@@ -218,7 +232,7 @@ def test_kronecker_is_not_exact_for_several_samples() -> None:
     model = problem.model()
     stats = extract(problem, model, Backend.BACKPACK, FisherType.EXACT, stats=[StatKind.KRONECKER])
     dense = cached(problem, "ggn")
-    for name, layer_stats in stats.layers.items():
+    for name, layer_stats in every_layer(stats, model):
         assert layer_stats.kronecker is not None
         kron = torch.kron(layer_stats.kronecker.G, layer_stats.kronecker.A)
         assert rel_err(kron, oracle.block(dense, model, name)) > DIFFERENT
@@ -294,7 +308,7 @@ def test_mc_factors_converge_to_exact(problem: Problem, backend: Backend) -> Non
     exact = extract(problem, problem.model(), backend, FisherType.EXACT, stats=kron)
     few = extract(problem, problem.model(), backend, FisherType.MC, kron, mc_samples=5, seed=1)
     many = extract(problem, problem.model(), backend, FisherType.MC, kron, mc_samples=2000, seed=1)
-    for name, ex_stats in exact.layers.items():
+    for name, ex_stats in every_layer(exact, problem.model()):
         ex, lo, hi = ex_stats.kronecker, few[name].kronecker, many[name].kronecker
         assert ex is not None and lo is not None and hi is not None
         # A does not depend on the flavour.
@@ -316,7 +330,7 @@ def test_conv_transpose_grads_and_channel_swapped_layout(
     inputs = oracle.layer_inputs(model, problem.x)
     stats = extract(problem, model, backend, FisherType.EMPIRICAL)
     checked = discriminating = 0
-    for name, layer_stats in stats.layers.items():
+    for name, layer_stats in every_layer(stats, model):
         module = model.get_submodule(name)
         if not isinstance(module, nn.ConvTranspose2d):
             continue
@@ -426,7 +440,7 @@ def test_kronecker_factors_agree_with_curvlinops_kfac(
     )
     dense = _dense_operator(op, model, layers)
     scale = {"1": 1.0, "N": float(problem.n), "D": float(problem.entries)}[factor]
-    for name, layer_stats in stats.layers.items():
+    for name, layer_stats in every_layer(stats, model):
         assert layer_stats.kronecker is not None
         kron = torch.kron(layer_stats.kronecker.G, layer_stats.kronecker.A)
         assert_close(scale * kron, oracle.block(dense, model, name), what=f"KFAC of {name!r}")
@@ -526,7 +540,7 @@ def test_train_mode_dropout_uses_the_forward_mask(backend: Backend) -> None:
     assert set(masks) == {"3"} and bool((masks["3"] == 0).any())
     fixed = oracle.with_fixed_masks(reference, masks)
     dense = oracle.dense_ggn_coupled(fixed, problem.loss_fn, problem.x, problem.y)
-    for name, layer_stats in stats.layers.items():
+    for name, layer_stats in every_layer(stats, model):
         assert layer_stats.grads is not None
         assert_close(sample_block(layer_stats.grads.grads), oracle.block(dense, fixed, name))
 
@@ -564,7 +578,8 @@ def test_mean_and_sum_differ_by_one_over_d(
     )
     # Columns s_nk carry sqrt(1/D) (EXACT, MC with the same draws); gradients carry 1/D.
     grad_scale = 1.0 / d if fisher is FisherType.EMPIRICAL else 1.0 / math.sqrt(d)
-    for name in s_mean.layers:
+    for name, _ in every_layer(s_mean, mean.model()):
+        assert set(s_sum.layers) == set(s_mean.layers)
         km, ks = s_mean[name].kronecker, s_sum[name].kronecker
         gm, gs = s_mean[name].grads, s_sum[name].grads
         assert km is not None and ks is not None and gm is not None and gs is not None
@@ -608,7 +623,7 @@ def test_stats_fraction_uses_exactly_half_the_batch(
     else:
         # The per-sample gradients of the chosen rows (of ell_n, whatever the batch size).
         dense = oracle.dense_empirical_fisher(model, problem.loss_fn, sub.x, sub.y)
-    for name, layer_stats in stats.layers.items():
+    for name, layer_stats in every_layer(stats, model):
         assert layer_stats.kronecker is not None and layer_stats.grads is not None
         ref = direct[name]
         assert ref.kronecker is not None
@@ -639,7 +654,7 @@ def test_per_sample_grads_sum_to_the_untouched_batch_gradient(
     kind = StatKind.KRONECKER if coupled else StatKind.PER_SAMPLE_GRAD
     stats = extract(problem, model, backend, FisherType.EMPIRICAL, stats=[kind])
     scale = 1.0 / problem.n if problem.loss_fn.reduction == "mean" else 1.0
-    for name, layer_stats in stats.layers.items():
+    for name, layer_stats in every_layer(stats, model):
         ours, theirs = model.get_submodule(name), plain.get_submodule(name)
         for p, q in zip(ours.parameters(), theirs.parameters(), strict=True):
             assert p.grad is not None and q.grad is not None

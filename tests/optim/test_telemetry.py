@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from typing import Any
 
@@ -178,6 +179,12 @@ def test_condition_numbers_are_reported_when_inverses_are_rebuilt() -> None:
 
 
 def test_time_split_sums_to_the_step_time() -> None:
+    """The parts nest inside ``time_step``, which nests inside the caller's own timing.
+
+    The nesting holds exactly on every step. That the parts cover the step is a
+    wall-clock claim: it is checked on the median step, so that a loaded machine
+    that pauses the process between two parts of a few steps cannot fail it.
+    """
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 128), nn.Tanh(), nn.Linear(128, 128), nn.Tanh(),
                           nn.Linear(128, 10))  # fmt: skip
@@ -187,25 +194,26 @@ def test_time_split_sums_to_the_step_time() -> None:
         model, KFAC(), loss_fn=loss_fn, t_cov=2, t_inv=3, damping=LevenbergMarquardt(interval=2),
         groups=[{"layers": ["4"], "t_inv": 2, "damping": 1e-2}],
     )  # fmt: skip
-    outside, steps, parts = 0.0, 0.0, 0.0
+    uncovered: list[float] = []
     seen: set[str] = set()
-    for _ in range(8):
+    for _ in range(12):
         opt.zero_grad()
         start = time.perf_counter()
         with opt.record():
             loss_fn(model(x), y).backward()
         opt.step(lambda: loss_fn(model(x), y))
-        outside += time.perf_counter() - start
+        outside = time.perf_counter() - start
         stats = opt.last_stats
         split = {k: v for k, v in stats.items() if k.startswith("time_") and k != "time_step"}
         assert all(v >= 0.0 for v in split.values())
         seen |= set(split)
-        steps += stats["time_step"]
-        parts += sum(split.values())
+        parts = sum(split.values())
+        assert parts <= stats["time_step"] + 1e-9, (split, stats["time_step"])
+        assert stats["time_step"] <= outside + 1e-9, (stats["time_step"], outside)
+        uncovered.append((outside - parts) / outside)
     assert seen == {"time_statistics", "time_forward_backward", "time_update", "time_inverse",
                     "time_precondition", "time_parameters", "time_closure"}  # fmt: skip
-    assert abs(steps - outside) <= 0.1 * outside, (steps, outside)
-    assert abs(parts - outside) <= 0.1 * outside, (parts, outside)
+    assert statistics.median(uncovered) <= 0.1, uncovered
 
 
 def test_callback_gets_the_same_dict_once_per_step_and_counters_add_up() -> None:

@@ -1,0 +1,242 @@
+"""Mutation check: plant small, plausible defects in a scratch copy and run the tests.
+
+Each mutant replaces one exact piece of library source (it must occur exactly
+once, so a mutant that no longer applies fails loudly instead of passing) in a
+copy of the source tree in a temporary directory, and runs the tests that should
+notice. A mutant is *killed* when those tests fail, and *survives* when they pass:
+a surviving mutant is a defect the test suite cannot see.
+
+Run it by hand from the repository root (it is not part of CI, and pytest does
+not collect it)::
+
+    python tools/mutants.py            # every mutant
+    python tools/mutants.py --list     # their names
+    python tools/mutants.py pi_one mc_scale_0.98
+
+The outcome of the last run is in the testing notes of ``docs/contributing.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+COPIED = ("curvlib", "tests", "examples", "benchmarks", "docs", "pyproject.toml", "mkdocs.yml")
+"""What the scratch copy holds: the package, its tests and what the tests read."""
+
+
+@dataclass(frozen=True)
+class Mutant:
+    """One planted defect.
+
+    Attributes:
+        name: Short identifier.
+        what: The defect in words.
+        path: Source file, relative to the repository root.
+        old: Exact source text, present exactly once.
+        new: Its replacement.
+        tests: The test files or node ids that should kill it.
+    """
+
+    name: str
+    what: str
+    path: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+
+
+_LOSSES = "curvlib/extract/losses.py"
+_MC_FACTOR = "        factor = math.sqrt(scale / mc_samples)\n"
+_EXTRACT_TESTS = ("tests/extract/test_monte_carlo.py", "tests/extract/test_oracle.py")
+_OPERATOR_TESTS = ("tests/approx/test_operator.py",)
+_PI = "    pi = 1.0 if mean_a <= 0.0 or mean_g <= 0.0 else (mean_a / mean_g) ** 0.5\n"
+_PI_TESTS = ("tests/approx/test_operator.py", "tests/approx/test_rearranged.py")
+
+MUTANTS = (
+    Mutant(
+        "mc_scale_0.95",
+        "every Monte-Carlo statistic scaled by 0.95",
+        _LOSSES,
+        _MC_FACTOR,
+        "        factor = math.sqrt(0.95 * scale / mc_samples)\n",
+        _EXTRACT_TESTS,
+    ),
+    Mutant(
+        "mc_scale_0.98",
+        "every Monte-Carlo statistic scaled by 0.98",
+        _LOSSES,
+        _MC_FACTOR,
+        "        factor = math.sqrt(0.98 * scale / mc_samples)\n",
+        _EXTRACT_TESTS,
+    ),
+    Mutant(
+        "mc_bce_0.97",
+        "the Monte-Carlo statistics of BCEWithLogitsLoss alone scaled by 0.97",
+        _LOSSES,
+        "            return factor * (probs - (uniform < probs).to(output.dtype))\n",
+        "            return 0.97**0.5 * factor * (probs - (uniform < probs).to(output.dtype))\n",
+        _EXTRACT_TESTS,
+    ),
+    Mutant(
+        "no_layers",
+        "the extractor returns no layers",
+        "curvlib/extract/_session.py",
+        "            layers=layers, fisher_type=ex._fisher_type,",
+        "            layers={}, fisher_type=ex._fisher_type,",
+        ("tests/extract/test_oracle.py",),
+    ),
+    Mutant(
+        "diagonal_condition_1",
+        "Diagonal's condition number always 1.0",
+        "curvlib/approx/diagonal.py",
+        "        return float((diag.max() + damping) / (diag.min() + damping))\n",
+        "        return 1.0\n",
+        _OPERATOR_TESTS,
+    ),
+    Mutant(
+        "ekfac_condition_mean",
+        "EKFAC's condition number from the mean scaling instead of the smallest",
+        "curvlib/approx/ekfac.py",
+        "        return float((scalings.max() + damping) / (scalings.min() + damping))\n",
+        "        return float((scalings.max() + damping) / (scalings.mean() + damping))\n",
+        _OPERATOR_TESTS,
+    ),
+    Mutant(
+        "pi_one",
+        "the factored damping's pi fixed at 1",
+        "curvlib/linalg/factors.py",
+        _PI,
+        "    pi = 1.0\n",
+        _PI_TESTS,
+    ),
+    Mutant(
+        "pi_inverted",
+        "the factored damping's pi inverted",
+        "curvlib/linalg/factors.py",
+        _PI,
+        "    pi = 1.0 if mean_a <= 0.0 or mean_g <= 0.0 else (mean_g / mean_a) ** 0.5\n",
+        _PI_TESTS,
+    ),
+    Mutant(
+        "ekfac_sample_var_1.05",
+        "EKFAC's draws with 5% more variance",
+        "curvlib/approx/ekfac.py",
+        "        return basis_g @ (z * torch.rsqrt(scalings + damping)) @ basis_a.T\n",
+        "        return basis_g @ (z * torch.rsqrt((scalings + damping) / 1.05)) @ basis_a.T\n",
+        _OPERATOR_TESTS,
+    ),
+    Mutant(
+        "diagonal_sample_var_1.05",
+        "Diagonal's draws with 5% more variance",
+        "curvlib/approx/diagonal.py",
+        "        return z * torch.rsqrt(diag + damping)\n",
+        "        return z * torch.rsqrt((diag + damping) / 1.05)\n",
+        _OPERATOR_TESTS,
+    ),
+)
+
+
+def _scratch_copy(target: Path) -> None:
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache", "site")
+    for name in COPIED:
+        source = ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, target / name, ignore=ignore)
+        elif source.exists():
+            shutil.copy2(source, target / name)
+
+
+def _apply(mutant: Mutant, tree: Path) -> None:
+    path = tree / mutant.path
+    text = path.read_text()
+    count = text.count(mutant.old)
+    if count != 1:
+        raise SystemExit(
+            f"mutant {mutant.name!r}: the text to replace occurs {count} times in "
+            f"{mutant.path}, not once; update the mutant in tools/mutants.py."
+        )
+    path.write_text(text.replace(mutant.old, mutant.new))
+
+
+def _run_tests(tree: Path, tests: tuple[str, ...]) -> tuple[int, str]:
+    env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1"}
+    where = subprocess.run(
+        [sys.executable, "-c", "import curvlib; print(curvlib.__file__)"],
+        cwd=tree,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    if not Path(where).is_relative_to(tree.resolve()) and not Path(where).is_relative_to(tree):
+        raise SystemExit(f"the scratch copy imports curvlib from {where}, not from {tree}")
+    command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests]
+    done = subprocess.run(command, cwd=tree, env=env, capture_output=True, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.strip()]
+    summary = lines[-1] if lines else done.stderr.strip()[-200:]
+    failed = [
+        line.split(" - ")[0][len("FAILED ") :] for line in lines if line.startswith("FAILED ")
+    ]
+    return done.returncode, f"{summary}; first failure: {failed[0]}" if failed else summary
+
+
+def run(mutant: Mutant | None, tests: tuple[str, ...]) -> tuple[str, str, float]:
+    """Run ``tests`` on a scratch copy with ``mutant`` applied (none: the baseline)."""
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="curvlib-mutant-") as scratch:
+        tree = Path(scratch)
+        _scratch_copy(tree)
+        if mutant is not None:
+            _apply(mutant, tree)
+        code, summary = _run_tests(tree, tests)
+    if code == 0:
+        outcome = "passed" if mutant is None else "SURVIVED"
+    elif code == 1:
+        outcome = "FAILED" if mutant is None else "killed"
+    else:
+        outcome = f"error (pytest exit code {code})"
+    return outcome, summary, time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Apply the chosen mutants one at a time; exit 1 if any survives or a baseline fails."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="*", help="mutants to run (default: all)")
+    parser.add_argument("--list", action="store_true", help="list the mutants and exit")
+    parser.add_argument(
+        "--no-baseline", action="store_true", help="skip the run of the unmutated tests"
+    )
+    args = parser.parse_args(argv)
+    by_name = {m.name: m for m in MUTANTS}
+    if args.list:
+        for m in MUTANTS:
+            print(f"{m.name:26s} {m.what}  [{m.path}]")
+        return 0
+    unknown = [n for n in args.names if n not in by_name]
+    if unknown:
+        parser.error(f"unknown mutants {unknown}; choose from {sorted(by_name)}")
+    chosen = [by_name[n] for n in args.names] if args.names else list(MUTANTS)
+    bad = False
+    if not args.no_baseline:
+        tests = tuple(dict.fromkeys(t for m in chosen for t in m.tests))
+        outcome, summary, seconds = run(None, tests)
+        print(f"{'(baseline)':26s} {outcome:9s} {seconds:6.1f}s  {summary}", flush=True)
+        bad = outcome != "passed"
+    for mutant in chosen:
+        outcome, summary, seconds = run(mutant, mutant.tests)
+        print(f"{mutant.name:26s} {outcome:9s} {seconds:6.1f}s  {summary}", flush=True)
+        bad = bad or outcome != "killed"
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
