@@ -14,7 +14,7 @@ training runs carry the rounding differences forward; runs with 1 and 2 threads
 on the generating machine printed the same training losses to the last digit.
 The Laplace draws differ more: within the repeated eigenvalues of the factors
 (pixels that are always blank) LAPACK may pick another eigenbasis, which draws
-the same distribution but other samples. Over independent draws, the
+the same distribution but other samples. Between two independent sets of draws, the
 128-draw predictive numbers moved by at most 2%. ``RTOL = 0.05`` covers both
 while still catching a changed default, loss or update rule (which moves the
 losses by factors, not percents); accuracies on 250-500 test images move in
