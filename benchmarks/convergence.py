@@ -424,7 +424,7 @@ def train(task: Task, method: Method, seed: int, time_cap: float | None) -> Run:
             clock += time.perf_counter() - start
             steps += 1
             stats = getattr(opt, "last_stats", {})
-            if stats.get("kl_clip_factor", 1.0) < 1.0:
+            if (stats.get("kl_clip_factor") or 1.0) < 1.0:  # None on a skipped step
                 clipped += 1
             if steps % eval_every == 0 or b == per_epoch - 1:
                 loss = training_loss(model, task)
