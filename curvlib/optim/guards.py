@@ -21,7 +21,9 @@ step, with a warning that names the layers, when
    group the rule applies to the group's direction as a whole;
 3. **a step is absurdly long for its gradient**: the KL-clipped direction is
    more than [`MAX_AMPLIFICATION`][curvlib.optim.guards.MAX_AMPLIFICATION]
-   times longer than the gradient, $\nu\|\Delta_l\| > 10^6\|\nabla_l\|$.
+   times longer than the gradient, $\nu\|\Delta_l\| > 10^6\|\nabla_l\|$ (for
+   a group whose approximation couples layers: its whole step against its
+   whole gradient).
    $\|\Delta_l\| \le \|\nabla_l\|/\lambda$ for a preconditioner that realises
    its damping $\lambda$, so this never fires for $\lambda \ge 10^{-6}$ unless
    the inverse is broken. Below that, gradient components outside the span of
@@ -161,13 +163,29 @@ def broken_directions(
     return None
 
 
-def absurd_steps(checks: Mapping[str, DirectionCheck], clip: float) -> str | None:
-    """Why the step must be skipped by rule 3 of the module docstring, or ``None``."""
-    absurd = {
-        name: clip * c.direction_norm / c.grad_norm
-        for name, c in checks.items()
-        if clip * c.direction_norm > MAX_AMPLIFICATION * c.grad_norm
-    }
+def absurd_steps(
+    checks: Mapping[str, DirectionCheck], clip: float, coupled: Sequence[Sequence[str]] = ()
+) -> str | None:
+    r"""Why the step must be skipped by rule 3 of the module docstring, or ``None``.
+
+    Args:
+        checks: Every layer's measurements.
+        clip: The KL-clip factor $\nu$ the step is taken with.
+        coupled: As for [`broken_directions`][curvlib.optim.guards.broken_directions]:
+            these groups' steps are measured against their whole gradient (a
+            coarse correction may move a layer whose own gradient is zero).
+    """
+    in_coupled = {name for names in coupled for name in names}
+    units = [([name], c) for name, c in checks.items() if name not in in_coupled]
+    for names in coupled:
+        present = [name for name in names if name in checks]
+        if present:
+            units.append((present, combined([checks[name] for name in present])))
+    absurd: dict[str, float] = {}
+    for names, c in units:
+        if clip * c.direction_norm > MAX_AMPLIFICATION * c.grad_norm:
+            ratio = clip * c.direction_norm / c.grad_norm if c.grad_norm > 0 else math.inf
+            absurd.update(dict.fromkeys(names, ratio))
     if not absurd:
         return None
     worst = max(absurd.values())

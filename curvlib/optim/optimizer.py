@@ -418,7 +418,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if not mode.active:  # the adaptive step bounds its own update (kl_trust_region)
             inners = {name: check.inner for name, check in checks.items()}
             nu, buffer_norms = self._momentum_clip(grads, inners, lrs)
-            reason = absurd_steps(checks, nu)
+            reason = absurd_steps(checks, nu, coupled)
             if reason is not None:
                 return self._skip(reason, start)
         now = time.perf_counter()

@@ -229,3 +229,18 @@ def test_layers_an_approximation_couples_are_judged_as_one_direction() -> None:
                                               eps=eps)}  # fmt: skip
     reason = broken_directions(downhill, coupled=[["0", "2"]])
     assert reason is not None and "['0', '2']" in reason
+
+
+def test_a_layer_without_gradient_is_measured_with_its_group() -> None:
+    from curvlib.optim.guards import DirectionCheck, absurd_steps
+
+    eps = torch.finfo(torch.float32).eps
+    checks = {
+        "0": DirectionCheck(inner=0.0, grad_norm=0.0, direction_norm=0.5, eps=eps),
+        "2": DirectionCheck(inner=4.0, grad_norm=2.0, direction_norm=3.0, eps=eps),
+    }
+    # A coarse correction may move a layer whose own gradient is zero: judged with its group.
+    assert absurd_steps(checks, 1.0, coupled=[["0", "2"]]) is None
+    # Block-diagonal, a direction without gradient has no bound: skipped, not a crash.
+    reason = absurd_steps(checks, 1.0)
+    assert reason is not None and "['0']" in reason and "inf" in reason
