@@ -338,10 +338,10 @@ def test_snippets_exist() -> None:
 
 def test_result_figures_are_the_benchmarks_own() -> None:
     """The docs show the PNGs the benchmarks wrote, byte for byte (copies go stale)."""
-    copies = sorted((DOCS / "results").glob("*.png"))
+    copies = sorted((DOCS / "results").rglob("*.png"))
     assert copies, "the results pages lost their figures"
     for copy in copies:
-        source = ROOT / "benchmarks" / "results" / copy.name
+        source = ROOT / "benchmarks" / "results" / copy.relative_to(DOCS / "results")
         assert source.is_file(), f"{copy.relative_to(ROOT)} has no benchmark source"
         assert copy.read_bytes() == source.read_bytes(), f"{copy.name} differs from {source}"
 
