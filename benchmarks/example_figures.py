@@ -7,8 +7,8 @@ otherwise idle, the figures show wall time)::
     python benchmarks/example_figures.py --only cnn   # one run
 
 Every figure is an example script's own output, run through its command line
-exactly as written in ``docs/figures/examples/runs.md`` (which this script
-writes next to the figures, with the date, commit, machine and final metrics):
+exactly as written in ``benchmarks/results/example_runs.md`` (which this script
+writes, with the date, commit, machine and final metrics):
 
 * ``<example>.png``: the example's ``compare.png`` of ``--compare kfac,adam``,
   loss against epochs and against wall time;
@@ -38,6 +38,7 @@ from _harness import commit, machine
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "docs" / "figures" / "examples"
+DEFAULT_TABLE = ROOT / "benchmarks" / "results" / "example_runs.md"
 COMMON = ["--threads", "2", "--no-progress", "--seed", "0"]
 
 
@@ -51,7 +52,7 @@ class Run:
     figure: str = "compare.png"
 
     def command(self) -> list[str]:
-        """The command line, as written in ``runs.md``."""
+        """The command line, as written in the run table."""
         return ["python", f"examples/{self.script}.py", *self.args, *COMMON]
 
 
@@ -129,7 +130,7 @@ METRICS = (
     ("fd", "fd", ".1f"),
     ("fd_real", "fd of real images", ".2f"),
 )
-"""The final metrics ``runs.md`` reports, where a run has them."""
+"""The final metrics the run table reports, where a run has them."""
 
 
 def finals(rows: list[dict[str, Any]]) -> str:
@@ -168,6 +169,7 @@ def table(records: list[dict[str, Any]], info: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").partition("\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--table", type=Path, default=DEFAULT_TABLE, help="the run table")
     names = [r.name for r in RUNS] + ["telemetry"]
     parser.add_argument("--only", default="", help=f"comma-separated of: {', '.join(names)}")
     args = parser.parse_args(argv)
@@ -194,8 +196,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             draw_telemetry(outs[0], outs[1], args.out / "telemetry.png")
             print("telemetry: done", flush=True)
     info = {**machine(), "commit": commit()}
-    (args.out / "runs.md").write_text(table(records, info))
-    print(f"wrote {args.out}")
+    args.table.write_text(table(records, info))
+    print(f"wrote {args.out} and {args.table}")
 
 
 if __name__ == "__main__":
