@@ -497,14 +497,8 @@ class LayerwiseApprox(ABC):
             raise
 
     def _check_has_required(self, name: str, stats: LayerStatistics) -> None:
-        have = {
-            StatKind.KRONECKER: stats.kronecker is not None,
-            StatKind.PER_SAMPLE_IO: stats.io is not None,
-            StatKind.PER_SAMPLE_GRAD: stats.grads is not None,
-            StatKind.DIAGONAL: stats.diagonal is not None,
-            StatKind.CROSS_LAYER: stats.pooled is not None,
-        }
-        missing = [kind.name for kind in self.required_stats if not have[kind]]
+        have = stats.kinds()
+        missing = [kind.name for kind in self.required_stats if kind not in have]
         if missing:
             raise ValueError(
                 f"{type(self).__name__} needs {missing} statistics for layer {name!r}; create "

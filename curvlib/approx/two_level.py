@@ -431,14 +431,8 @@ class TwoLevel:
                 "Statistics contain NaN or Inf; the curvature estimate was left unchanged."
             )
         for name, layer in stats.layers.items():
-            have = {
-                StatKind.KRONECKER: layer.kronecker is not None,
-                StatKind.PER_SAMPLE_IO: layer.io is not None,
-                StatKind.PER_SAMPLE_GRAD: layer.grads is not None,
-                StatKind.DIAGONAL: layer.diagonal is not None,
-                StatKind.CROSS_LAYER: layer.pooled is not None,
-            }
-            missing = sorted(k.name for k in self.coarse.required_stats if not have[k])
+            have = layer.kinds()
+            missing = sorted(k.name for k in self.coarse.required_stats if k not in have)
             if missing:
                 raise ValueError(
                     f"{self.coarse!r} needs {missing} statistics for layer {name!r}; create the "

@@ -207,6 +207,17 @@ class LayerStatistics:
     diagonal: Tensor | None = None
     pooled: PooledIO | None = None
 
+    def kinds(self) -> frozenset[StatKind]:
+        """The statistic kinds this layer's statistics hold."""
+        present = {
+            StatKind.KRONECKER: self.kronecker,
+            StatKind.PER_SAMPLE_IO: self.io,
+            StatKind.PER_SAMPLE_GRAD: self.grads,
+            StatKind.DIAGONAL: self.diagonal,
+            StatKind.CROSS_LAYER: self.pooled,
+        }
+        return frozenset(kind for kind, value in present.items() if value is not None)
+
     def tensors(self) -> list[Tensor]:
         """Every extracted tensor of this layer."""
         tensors: list[Tensor] = []

@@ -235,6 +235,12 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.group_layers: tuple[tuple[CurvatureLayer, ...], ...] = tuple(
             group.layers for group in resolved
         )
+        # Groups whose approximation couples layers: the guards judge their step as a whole.
+        self._coupled = [
+            [layer.name for layer in layers]
+            for engine, layers in zip(self.engines, self.group_layers, strict=True)
+            if getattr(engine.approx, "couples_layers", False)
+        ]
         self.skipped_steps = 0
         self.last_stats: dict[str, Any] = {}
         self._recording = False
@@ -405,12 +411,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         mode = self._adaptive()
         directions, lrs = self._precondition(grads)
         checks = measure_directions(grads, directions)
-        coupled = [
-            [layer.name for layer in layers]
-            for engine, layers in zip(self.engines, self.group_layers, strict=True)
-            if getattr(engine.approx, "couples_layers", False)
-        ]
-        reason = broken_directions(checks, coupled)
+        reason = broken_directions(checks, self._coupled)
         if reason is not None:
             return self._skip(reason, start)
         nu = 1.0
@@ -418,7 +419,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if not mode.active:  # the adaptive step bounds its own update (kl_trust_region)
             inners = {name: check.inner for name, check in checks.items()}
             nu, buffer_norms = self._momentum_clip(grads, inners, lrs)
-            reason = absurd_steps(checks, nu, coupled)
+            reason = absurd_steps(checks, nu, self._coupled)
             if reason is not None:
                 return self._skip(reason, start)
         now = time.perf_counter()
