@@ -80,8 +80,8 @@ class EigenbasisInverse:
         return self.q_g @ (rotated * self.scale) @ self.q_a.T
 
 
-def factor_condition(damped: Tensor, chol: Tensor, inverse: Tensor) -> float:
-    r"""A lower bound of the condition number of an SPD matrix $M$ from its factorisation.
+def factor_condition(factor: Tensor, shift: float, chol: Tensor, inverse: Tensor) -> float:
+    r"""A lower bound of the condition number of an SPD matrix $M = F + sI$ from its factorisation.
 
     $\lambda_\max(M) \ge \max_i M_{ii}$, and $\lambda_\min(M)$ is at most both
     $\min_i L_{ii}^2$ (each $L_{ii}^2$ is the inverse of a diagonal entry of the
@@ -91,11 +91,12 @@ def factor_condition(damped: Tensor, chol: Tensor, inverse: Tensor) -> float:
     It is exact for diagonal $M$ and never below 1. Cost $O(n)$ given the factors.
 
     Args:
-        damped: $M$, ``[n, n]``.
-        chol: Its lower Cholesky factor $L$.
+        factor: $F$, ``[n, n]``.
+        shift: $s$, the damping (and jitter) on $F$'s diagonal.
+        chol: The lower Cholesky factor $L$ of $M$.
         inverse: $M^{-1}$.
     """
-    top = float(damped.diagonal().max())
+    top = float(factor.diagonal().max()) + shift
     bottom = min(float(chol.diagonal().square().min()), 1.0 / float(inverse.diagonal().max()))
     return max(top / bottom, 1.0)
 
@@ -126,18 +127,14 @@ class _KFACBlock(LayerBlock):
         A, G = self._factors()
         return G @ mat.to(A.dtype) @ A
 
-    def _pi_choleskys(self, damping: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``(G', L_G, A', L_A)``: the pi-damped factors and their Cholesky factors."""
+    def _pi_choleskys(self, damping: float) -> tuple[float, Tensor, float, Tensor]:
+        """``(s_G, L_G, s_A, L_A)``: the shifts of the pi-damped factors
+        $G' = G + s_G I$, $A' = A + s_A I$ (jitter included) and their Cholesky factors."""
         A, G = self._factors()
         gamma_a, gamma_g = pi_split(A, G, damping)
         chol_g, jitter_g = damped_cholesky(G, gamma_g)
         chol_a, jitter_a = damped_cholesky(A, gamma_a)
-        return (
-            _shifted(G, gamma_g + jitter_g),
-            chol_g,
-            _shifted(A, gamma_a + jitter_a),
-            chol_a,
-        )
+        return gamma_g + jitter_g, chol_g, gamma_a + jitter_a, chol_a
 
     def _eigenvalues(self) -> tuple[Tensor, Tensor]:
         """Eigenvalues of ``G`` and ``A`` (round-off negatives clamped), ``eigvalsh`` only."""
@@ -149,11 +146,12 @@ class _KFACBlock(LayerBlock):
 
     def inverse(self, damping: float) -> LayerInverse:
         if self.damping_mode is KFACDamping.PI:
-            damped_g, chol_g, damped_a, chol_a = self._pi_choleskys(damping)
+            shift_g, chol_g, shift_a, chol_a = self._pi_choleskys(damping)
+            A, G = self._factors()
             g_inv = symmetrize(torch.cholesky_inverse(chol_g))
             a_inv = symmetrize(torch.cholesky_inverse(chol_a))
-            condition = factor_condition(damped_g, chol_g, g_inv) * factor_condition(
-                damped_a, chol_a, a_inv
+            condition = factor_condition(G, shift_g, chol_g, g_inv) * factor_condition(
+                A, shift_a, chol_a, a_inv
             )
             return KroneckerInverse(g_inv, a_inv, condition)
         A, G = self._factors()

@@ -42,8 +42,9 @@ def flush_negligible(mat: Tensor) -> Tensor:
     """
     if mat.numel() == 0:
         return mat
-    limit = max(torch.finfo(mat.dtype).eps * float(mat.abs().max()), torch.finfo(mat.dtype).tiny)
-    return mat.masked_fill(mat.abs() < limit, 0.0)
+    magnitude = mat.abs()
+    limit = max(torch.finfo(mat.dtype).eps * float(magnitude.max()), torch.finfo(mat.dtype).tiny)
+    return mat.masked_fill(magnitude < limit, 0.0)
 
 
 def symmetrize(mat: Tensor) -> Tensor:
@@ -123,12 +124,16 @@ def damped_cholesky(kernel: Tensor, damping: float, *, retries: int = 4) -> tupl
     """
     kernel = symmetrize(kernel)
     m = kernel.shape[-1]
-    eye = torch.eye(m, dtype=kernel.dtype, device=kernel.device)
     eps = torch.finfo(kernel.dtype).eps
-    scale = max(float(kernel.diagonal().abs().sum()) / max(m, 1), damping)
+    diagonal = kernel.diagonal(dim1=-2, dim2=-1)
+    original = diagonal.clone()  # the shift is written into the symmetrised copy's diagonal
     for attempt in range(retries + 1):
-        jitter = 0.0 if attempt == 0 else eps * 10.0**attempt * scale
-        chol, info = torch.linalg.cholesky_ex(kernel + (damping + jitter) * eye)
+        jitter = 0.0
+        if attempt:
+            scale = max(float(original.abs().sum()) / max(m, 1), damping)
+            jitter = eps * 10.0**attempt * scale
+        torch.add(original, damping + jitter, out=diagonal)
+        chol, info = torch.linalg.cholesky_ex(kernel)
         if int(info) == 0:
             return chol, jitter
     raise FactorizationError(

@@ -60,19 +60,22 @@ r"""Largest ratio $\nu\|\Delta_l\| / \|\nabla_l\|$ of a step the optimizer takes
 
 @dataclass(frozen=True)
 class DirectionCheck:
-    r"""One layer's gradient and preconditioned direction, measured in float64.
+    r"""One layer's gradient and preconditioned direction, measured.
 
     Attributes:
         inner: $\langle\nabla_l, \Delta_l\rangle$.
         grad_norm: $\|\nabla_l\|$.
         direction_norm: $\|\Delta_l\|$.
         eps: Machine epsilon of the gradient's dtype.
+        inner_buffer: $\langle\nabla_l, b_l\rangle$ with the layer's momentum
+            buffer $b_l$ (0 without one), for the KL clip of the whole step.
     """
 
     inner: float
     grad_norm: float
     direction_norm: float
     eps: float
+    inner_buffer: float = 0.0
 
     @property
     def finite(self) -> bool:
@@ -85,22 +88,27 @@ class DirectionCheck:
         return self.inner < -math.sqrt(self.eps) * self.grad_norm * self.direction_norm
 
 
-def inner_product(a: Tensor, b: Tensor) -> float:
-    """``<a, b>`` as a float; formed again in float64 when the native product overflows."""
-    value = float((a * b).sum())
-    if math.isfinite(value) or a.dtype == torch.float64:
-        return value
-    return float((a.double() * b.double()).sum())
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    dtype = torch.promote_types(a.dtype, b.dtype)
+    return torch.vdot(a.reshape(-1).to(dtype), b.reshape(-1).to(dtype))
 
 
 def measure_directions(
-    grads: Mapping[str, Tensor], directions: Mapping[str, Tensor]
+    grads: Mapping[str, Tensor],
+    directions: Mapping[str, Tensor],
+    buffers: Mapping[str, Tensor] | None = None,
 ) -> dict[str, DirectionCheck]:
     """Inner products and norms of every layer's gradient and direction (one host sync).
+
+    They are formed in the tensors' own precision, four reductions per layer and
+    one transfer for all layers; a layer where one of them overflows (a loss
+    scaled far beyond its float range) is measured again in float64, so a large
+    but finite step is clipped rather than taken for a broken one.
 
     Args:
         grads: Per-layer gradients ``[W | b]``.
         directions: Per-layer preconditioned directions.
+        buffers: Per-layer momentum buffers ``[W | b]`` (layers without one left out).
 
     Returns:
         A [`DirectionCheck`][curvlib.optim.guards.DirectionCheck] per layer of ``directions``.
@@ -108,22 +116,35 @@ def measure_directions(
     names = list(directions)
     if not names:
         return {}
-    rows = [
-        torch.stack([
-            (grads[n] * directions[n]).sum().double(),
-            torch.linalg.vector_norm(grads[n], dtype=torch.float64),
-            torch.linalg.vector_norm(directions[n], dtype=torch.float64),
-        ]).cpu()
-        for n in names
-    ]  # fmt: skip
-    values = torch.stack(rows).tolist()
+    buffers = buffers or {}
+    scalars: list[Tensor] = []
+    for n in names:
+        g, d = grads[n], directions[n]
+        scalars += [_dot(g, d), torch.linalg.vector_norm(g), torch.linalg.vector_norm(d)]
+        b = buffers.get(n)
+        scalars.append(_dot(g, b) if b is not None else g.new_zeros(()))
+    if len({t.device for t in scalars}) > 1:
+        scalars = [t.cpu() for t in scalars]
+    values = torch.stack([t.to(torch.float64) for t in scalars]).view(len(names), 4).tolist()
     checks = {}
-    for name, (inner, grad_norm, direction_norm) in zip(names, values, strict=True):
-        if not math.isfinite(inner) and math.isfinite(direction_norm):
-            inner = inner_product(grads[name], directions[name])
+    for name, row in zip(names, values, strict=True):
+        if not all(math.isfinite(v) for v in row):
+            row = _measure_float64(grads[name], directions[name], buffers.get(name))
+        inner, grad_norm, direction_norm, inner_buffer = row
         eps = torch.finfo(grads[name].dtype).eps
-        checks[name] = DirectionCheck(inner, grad_norm, direction_norm, eps)
+        checks[name] = DirectionCheck(inner, grad_norm, direction_norm, eps, inner_buffer)
     return checks
+
+
+def _measure_float64(grad: Tensor, direction: Tensor, buffer: Tensor | None) -> list[float]:
+    """One layer's four measurements in float64 (when the native ones overflowed)."""
+    g, d = grad.double(), direction.double()
+    return [
+        float((g * d).sum()),
+        float(torch.linalg.vector_norm(g)),
+        float(torch.linalg.vector_norm(d)),
+        0.0 if buffer is None else float((g * buffer.double()).sum()),
+    ]
 
 
 def combined(checks: Sequence[DirectionCheck]) -> DirectionCheck:

@@ -119,16 +119,14 @@ def momentum_direction(
     Returns:
         ``(step direction, new buffer)``; the buffer is ``None`` without momentum.
     """
-    if clip != 1.0:
-        direction = clip * direction
     if momentum == 0.0:
-        return direction, None
+        return (direction if clip == 1.0 else clip * direction), None
     if buffer is None:
-        buffer = direction.clone()
+        buffer = direction.mul(clip)
     else:
-        buffer.mul_(momentum * clip).add_(direction)
+        buffer.mul_(momentum * clip).add_(direction, alpha=clip)
     if nesterov:
-        return direction.add(buffer, alpha=momentum), buffer
+        return direction.mul(clip).add_(buffer, alpha=momentum), buffer
     return buffer, buffer
 
 

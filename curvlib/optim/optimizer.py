@@ -62,10 +62,10 @@ from curvlib.optim.engine import (
 )
 from curvlib.optim.groups import check_hyper, resolve_groups, select_parameters
 from curvlib.optim.guards import (
+    DirectionCheck,
     absurd_steps,
     broken_directions,
     check_runtime_hyper,
-    inner_product,
     measure_directions,
 )
 from curvlib.optim.hyper import LevenbergMarquardt, Schedule, check_positive
@@ -410,15 +410,15 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         mark = time.perf_counter()
         mode = self._adaptive()
         directions, lrs = self._precondition(grads)
-        checks = measure_directions(grads, directions)
+        buffers = {} if mode.active else self._buffer_matrices(grads)
+        checks = measure_directions(grads, directions, buffers)
         reason = broken_directions(checks, self._coupled)
         if reason is not None:
             return self._skip(reason, start)
         nu = 1.0
         buffer_norms: dict[str, float] = {}
         if not mode.active:  # the adaptive step bounds its own update (kl_trust_region)
-            inners = {name: check.inner for name, check in checks.items()}
-            nu, buffer_norms = self._momentum_clip(grads, inners, lrs)
+            nu, buffer_norms = self._momentum_clip(checks, lrs, buffers)
             reason = absurd_steps(checks, nu, self._coupled)
             if reason is not None:
                 return self._skip(reason, start)
@@ -470,13 +470,31 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._report(start, parts, nu, ratio, adaptive, mode)
         return loss_before
 
+    def _buffer_matrices(self, grads: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The ``[W | b]`` momentum buffers of the layers that have one (in the gradients' dtype)."""
+        out: dict[str, Tensor] = {}
+        for (group, _), layers in zip(self.curvature_groups(), self.group_layers, strict=True):
+            if is_auto(group["momentum"]) or float(group["momentum"]) == 0.0:
+                continue
+            for layer in layers:
+                buffers = [self.state[p].get("momentum_buffer") for p in layer.parameters]
+                if all(b is not None for b in buffers):
+                    out[layer.name] = layer.to_matrix(*buffers).to(grads[layer.name].dtype)
+        return out
+
     def _momentum_clip(
         self,
-        grads: Mapping[str, Tensor],
-        inners: Mapping[str, float],
+        checks: Mapping[str, DirectionCheck],
         lrs: Mapping[str, float],
+        buffers: Mapping[str, Tensor],
     ) -> tuple[float, dict[str, float]]:
         r"""The KL-clipping factor of the whole step, momentum included.
+
+        Args:
+            checks: Every layer's measurements: $\langle\nabla, \Delta\rangle$ and
+                $\langle\nabla, b\rangle$ with its momentum buffer $b$.
+            lrs: Every layer's learning rate.
+            buffers: The momentum buffers (``_buffer_matrices``).
 
         Returns:
             $\nu$ and, for the layers with momentum, the squared norm of their new
@@ -489,18 +507,15 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             momentum = float(group["momentum"])
             for layer in layers:
                 name = layer.name
-                inner = inners[name]
+                check = checks[name]
                 if momentum == 0.0:
-                    step_norms[name] = inner
+                    step_norms[name] = check.inner
                     continue
-                buffers = [self.state[p].get("momentum_buffer") for p in layer.parameters]
-                inner_buffer, norm = 0.0, 0.0
-                if all(b is not None for b in buffers):
-                    matrix = layer.to_matrix(*buffers).to(grads[name].dtype)
-                    inner_buffer = inner_product(grads[name], matrix)
+                norm = 0.0
+                if name in buffers:
                     norm = float(self.state[layer.weight].get("momentum_norm", 0.0))
                 step_norms[name], buffer_norms[name] = momentum_step_norms(
-                    inner, inner_buffer, norm, momentum, bool(group["nesterov"])
+                    check.inner, check.inner_buffer, norm, momentum, bool(group["nesterov"])
                 )
         lr = lrs if len(self.engines) > 1 else next(iter(lrs.values()))
         return clip_from_norms(step_norms, lr, self.kl_clip, self.kl_clip_lr_squared), buffer_norms
