@@ -16,7 +16,6 @@ from typing import Any
 import torch
 from optimizers import COARSE_SPACES, DEFAULT_CURVATURE_LR, OPTIMIZERS, OptimConfig
 
-from curvlib import KFAC
 from curvlib.optim.defaults import DEFAULTS
 
 
@@ -182,9 +181,8 @@ def build_parser(
     opt.add_argument(
         "--damping",
         type=positive_float,
-        default=None,
-        help="Tikhonov damping λ of C + λI (default: the approximation's, "
-        f"{KFAC().default_damping:g} for kfac, {DEFAULTS.damping:g} for the others)",
+        default=DEFAULTS.damping,
+        help="Tikhonov damping λ of C + λI",
     )
     opt.add_argument(
         "--adaptive-damping",

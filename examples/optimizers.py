@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from curvlib.core.protocols import CurvatureApprox
-from curvlib.optim.defaults import DEFAULTS, default_damping
+from curvlib.optim.defaults import DEFAULTS
 from curvlib.optim.hyper import LevenbergMarquardt
 
 
@@ -26,8 +26,7 @@ class OptimConfig:
 
     Attributes:
         lr: Learning rate.
-        damping: Tikhonov damping $\lambda$ of $(C + \lambda I)^{-1}$ (``None``: the
-            approximation's default).
+        damping: Tikhonov damping $\lambda$ of $(C + \lambda I)^{-1}$.
         adaptive_damping: Adapt $\lambda$ by the Levenberg-Marquardt rule.
         clipping: KL-clipping bound; 0 disables clipping.
         momentum: Momentum (curvature optimizers and SGD; Adam keeps its betas).
@@ -45,7 +44,7 @@ class OptimConfig:
     """
 
     lr: float
-    damping: float | None = None
+    damping: float = DEFAULTS.damping
     adaptive_damping: bool = False
     clipping: float = DEFAULTS.kl_clip
     momentum: float = DEFAULTS.momentum
@@ -116,13 +115,12 @@ def _curvature(make_approx: Callable[[], CurvatureApprox]) -> Factory:
 
         restrict: dict[str, Any] = {} if params is None else {"params": list(params)}
 
+        damping: float | LevenbergMarquardt = cfg.damping
+        if cfg.adaptive_damping:
+            damping = LevenbergMarquardt(initial=cfg.damping, interval=cfg.t_inv)
         approx = make_approx()
         if cfg.coarse_space is not None:
             approx = two_level(lambda: approx, cfg.coarse_space, cfg.krylov, cfg.coarse_form)()
-        damping: float | LevenbergMarquardt | None = cfg.damping
-        if cfg.adaptive_damping:
-            initial = default_damping(approx) if cfg.damping is None else cfg.damping
-            damping = LevenbergMarquardt(initial=initial, interval=cfg.t_inv)
         return PreconditionedOptimizer(
             model,
             approx,

@@ -128,10 +128,8 @@ class _KFACBlock(LayerBlock):
         return G @ mat.to(A.dtype) @ A
 
     def _pi_choleskys(self, damping: float) -> tuple[float, Tensor, float, Tensor]:
-        """``(s_G, L_G, s_A, L_A)``: the pi-damped factors' shifts and Cholesky factors.
-
-        $G' = G + s_G I$ and $A' = A + s_A I$, jitter included in the shifts.
-        """
+        """``(s_G, L_G, s_A, L_A)``: the shifts of the pi-damped factors
+        $G' = G + s_G I$, $A' = A + s_A I$ (jitter included) and their Cholesky factors."""
         A, G = self._factors()
         gamma_a, gamma_g = pi_split(A, G, damping)
         chol_g, jitter_g = damped_cholesky(G, gamma_g)
@@ -291,17 +289,6 @@ class KFAC(LayerwiseApprox):
     ) -> None:
         super().__init__(decay=decay, dtype=dtype)
         self.damping_mode = KFACDamping(damping_mode)
-
-    @property
-    def default_damping(self) -> float | None:
-        r"""The optimizer's damping when none is given: $2\cdot10^{-4}$ for ``PI``.
-
-        The factored damping adds the cross terms $\gamma_G I\otimes A + G\otimes
-        \gamma_A I$ beyond $\lambda I$, so it needs a smaller $\lambda$ than the
-        ``EIGEN`` rule and the methods that add $\lambda I$ alone (``None``: the
-        library default, [`default_damping`][curvlib.optim.defaults.default_damping]).
-        """
-        return 2e-4 if self.damping_mode is KFACDamping.PI else None
 
     def _make_block(self, out_dim: int, in_dim: int) -> LayerBlock:
         return _KFACBlock(out_dim, in_dim, self.dtype, self.damping_mode)

@@ -19,9 +19,7 @@ class OptimizerDefaults:
 
     Attributes:
         lr: Learning rate $\eta$.
-        damping: Tikhonov damping $\lambda$ of $(C + \lambda I)^{-1}$ for an
-            approximation without a ``default_damping`` of its own
-            ([`default_damping`][curvlib.optim.defaults.default_damping]).
+        damping: Tikhonov damping $\lambda$ of $(C + \lambda I)^{-1}$.
         kl_clip: KL-clipping bound $c$.
         momentum: Momentum $\mu$ on the clipped preconditioned direction.
         t_cov: Steps between statistics updates.
@@ -44,20 +42,3 @@ class OptimizerDefaults:
 
 DEFAULTS = OptimizerDefaults()
 """The values ``PreconditionedOptimizer`` uses for every argument not given."""
-
-
-def default_damping(approx: object) -> float:
-    r"""The damping an approximation trains with when none is given.
-
-    The same $\lambda$ damps approximations by different amounts: KFAC's
-    factored damping $(G + \gamma_G I)\otimes(A + \gamma_A I)$ adds the cross
-    terms $\gamma_G I\otimes A + G\otimes\gamma_A I$, of order
-    $\sqrt\lambda$ times the factors' scale, on top of $\lambda I$, where
-    EKFAC and the exact methods add $\lambda I$ alone. An approximation may
-    therefore name its own default in a ``default_damping`` class attribute
-    (KFAC: $2\cdot10^{-4}$); every other one gets ``DEFAULTS.damping``.
-    """
-    value = getattr(approx, "default_damping", None)
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return DEFAULTS.damping  # none, or a class passed for an instance: refused later
-    return float(value)

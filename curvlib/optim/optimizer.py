@@ -53,7 +53,7 @@ from curvlib.optim.adaptive import (
     apply_adaptive_step,
     is_auto,
 )
-from curvlib.optim.defaults import DEFAULTS, default_damping
+from curvlib.optim.defaults import DEFAULTS
 from curvlib.optim.engine import (
     CurvatureEngine,
     floating_to,
@@ -105,10 +105,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             ``"auto"``: chosen every step by the exact quadratic model, bounded by
             the KL clip in the exact GGN ([`curvlib.optim.adaptive`][curvlib.optim.adaptive]).
         damping: $\lambda$: constant, callable of the step, or
-            [`LevenbergMarquardt`][curvlib.optim.hyper.LevenbergMarquardt]; ``None``:
-            each group's approximation's default
-            ([`default_damping`][curvlib.optim.defaults.default_damping]: $2\cdot10^{-4}$
-            for KFAC, $10^{-3}$ for the others).
+            [`LevenbergMarquardt`][curvlib.optim.hyper.LevenbergMarquardt].
         kl_clip: KL-clipping bound $c$ on the whole step, momentum included;
             ``None`` disables it.
         kl_clip_lr_squared: Use $\eta^2$ in the clip (Ba et al.); ``False`` for the
@@ -170,7 +167,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         approx: CurvatureApprox,
         *,
         lr: float | Literal["auto"] = DEFAULTS.lr,
-        damping: Schedule | LevenbergMarquardt | None = None,
+        damping: Schedule | LevenbergMarquardt = DEFAULTS.damping,
         kl_clip: float | None = DEFAULTS.kl_clip,
         kl_clip_lr_squared: bool = True,
         momentum: float | Literal["auto"] = DEFAULTS.momentum,
@@ -192,7 +189,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             "nesterov": nesterov,
             "weight_decay": weight_decay,
             "decoupled_weight_decay": decoupled_weight_decay,
-            "damping": default_damping(approx) if damping is None else damping,
+            "damping": damping,
             "t_cov": t_cov,
             "t_inv": t_inv,
         }
@@ -212,8 +209,6 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         torch_groups: list[dict[str, Any]] = []
         for group in resolved:
             settings = {**defaults, **group.settings}
-            if damping is None and "damping" not in group.settings:
-                settings["damping"] = default_damping(group.approx)
             check_hyper(settings, f"group {group.name!r}: " if group.settings else "")
             layer_params = [p for layer in group.layers for p in layer.parameters]
             torch_groups.append(
@@ -476,7 +471,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         return loss_before
 
     def _buffer_matrices(self, grads: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """The ``[W | b]`` momentum buffers of the layers that have one, in the gradients' dtype."""
+        """The ``[W | b]`` momentum buffers of the layers that have one (in the gradients' dtype)."""
         out: dict[str, Tensor] = {}
         for (group, _), layers in zip(self.curvature_groups(), self.group_layers, strict=True):
             if is_auto(group["momentum"]) or float(group["momentum"]) == 0.0:

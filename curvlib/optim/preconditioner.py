@@ -31,7 +31,7 @@ from curvlib.core.checkpoint import RECORD_KEY, check_record, layer_record, writ
 from curvlib.core.layout import CurvatureLayer
 from curvlib.core.protocols import CurvatureApprox, Extractor
 from curvlib.core.stats import all_finite
-from curvlib.optim.defaults import DEFAULTS, default_damping
+from curvlib.optim.defaults import DEFAULTS
 from curvlib.optim.engine import CurvatureEngine, floating_to, layer_grads
 from curvlib.optim.hyper import LevenbergMarquardt, Schedule, check_positive
 from curvlib.optim.kernels import kl_clip_factor
@@ -44,9 +44,7 @@ class GradientPreconditioner:
         extractor: Computes the statistics ``approx`` needs.
         approx: The curvature approximation.
         damping: $\lambda$: constant or callable of the step (Levenberg–Marquardt
-            needs the step the optimizer takes: use ``PreconditionedOptimizer``);
-            ``None``: the approximation's default
-            ([`default_damping`][curvlib.optim.defaults.default_damping]).
+            needs the step the optimizer takes: use ``PreconditionedOptimizer``).
         kl_clip: KL-clipping bound $c$; ``None`` (default) disables it, since
             only the optimizer taking the step knows its learning rate.
         lr: The learning rate the wrapped optimizer uses, for the KL clip.
@@ -62,7 +60,7 @@ class GradientPreconditioner:
         extractor: Extractor,
         approx: CurvatureApprox,
         *,
-        damping: Schedule | None = None,
+        damping: Schedule = DEFAULTS.damping,
         kl_clip: float | None = None,
         lr: float = 1.0,
         kl_clip_lr_squared: bool = True,
@@ -79,12 +77,7 @@ class GradientPreconditioner:
             check_positive("kl_clip", kl_clip)
         self.layers: tuple[CurvatureLayer, ...] = extractor.layout.layers
         self.engine = CurvatureEngine(
-            extractor,
-            approx,
-            damping=default_damping(approx) if damping is None else damping,
-            t_cov=t_cov,
-            t_inv=t_inv,
-            warmup=warmup,
+            extractor, approx, damping=damping, t_cov=t_cov, t_inv=t_inv, warmup=warmup
         )
         self.kl_clip, self.lr, self.kl_clip_lr_squared = kl_clip, lr, kl_clip_lr_squared
         self.skipped_steps = 0

@@ -97,7 +97,7 @@ def test_the_optimizer_uses_the_documented_defaults() -> None:
     opt = PreconditionedOptimizer(model, KFAC(), loss_fn=nn.MSELoss())
     group = opt.param_groups[0]
     assert group["lr"] == DEFAULTS.lr and group["momentum"] == DEFAULTS.momentum
-    assert group["damping"] == KFAC().default_damping == 2e-4 and opt.kl_clip == DEFAULTS.kl_clip
+    assert group["damping"] == DEFAULTS.damping and opt.kl_clip == DEFAULTS.kl_clip
     assert (group["t_cov"], group["t_inv"]) == (DEFAULTS.t_cov, DEFAULTS.t_inv)
     assert opt.extractor.stats_fraction == DEFAULTS.stats_fraction
 
@@ -135,26 +135,3 @@ def test_warmup_must_be_a_non_negative_int() -> None:
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match="warmup"):
             PreconditionedOptimizer(model, KFAC(), loss_fn=nn.MSELoss(), warmup=bad)
-
-
-def test_each_approximation_brings_its_default_damping() -> None:
-    from curvlib import NaturalGradientPreconditioner
-    from curvlib.approx.kfac import KFACDamping
-
-    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
-    loss_fn = nn.MSELoss()
-
-    def damping_of(approx: CurvatureApprox, **kwargs: object) -> list[float]:
-        opt = PreconditionedOptimizer(model, approx, loss_fn=loss_fn, **kwargs)  # type: ignore[arg-type]
-        return [g["damping"] for g in opt.param_groups]
-
-    assert damping_of(KFAC()) == [2e-4]
-    assert damping_of(KFAC(damping_mode=KFACDamping.EIGEN)) == [DEFAULTS.damping]
-    assert damping_of(EKFAC()) == [DEFAULTS.damping]
-    assert damping_of(KFAC(), damping=5e-2) == [5e-2]
-    # A group with its own approximation gets that approximation's default.
-    groups = [{"layers": ["2"], "approx": EKFAC()}]
-    assert damping_of(KFAC(), groups=groups) == [2e-4, DEFAULTS.damping]
-    assert damping_of(KFAC(), groups=groups, damping=1e-2) == [1e-2, 1e-2]
-    precond = NaturalGradientPreconditioner(model, KFAC(), loss_fn=loss_fn)
-    assert precond.engine.damping == 2e-4
