@@ -128,8 +128,10 @@ class _KFACBlock(LayerBlock):
         return G @ mat.to(A.dtype) @ A
 
     def _pi_choleskys(self, damping: float) -> tuple[float, Tensor, float, Tensor]:
-        """``(s_G, L_G, s_A, L_A)``: the shifts of the pi-damped factors
-        $G' = G + s_G I$, $A' = A + s_A I$ (jitter included) and their Cholesky factors."""
+        """``(s_G, L_G, s_A, L_A)``: the pi-damped factors' shifts and Cholesky factors.
+
+        $G' = G + s_G I$ and $A' = A + s_A I$, jitter included in the shifts.
+        """
         A, G = self._factors()
         gamma_a, gamma_g = pi_split(A, G, damping)
         chol_g, jitter_g = damped_cholesky(G, gamma_g)

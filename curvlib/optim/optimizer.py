@@ -471,7 +471,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         return loss_before
 
     def _buffer_matrices(self, grads: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """The ``[W | b]`` momentum buffers of the layers that have one (in the gradients' dtype)."""
+        """The ``[W | b]`` momentum buffers of the layers that have one, in the gradients' dtype."""
         out: dict[str, Tensor] = {}
         for (group, _), layers in zip(self.curvature_groups(), self.group_layers, strict=True):
             if is_auto(group["momentum"]) or float(group["momentum"]) == 0.0:
