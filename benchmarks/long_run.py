@@ -3,8 +3,9 @@
 Trains the deep CURVES autoencoder (784-400-200-100-50-25-6, mirrored, tanh)
 for ``--steps`` steps at ``--damping`` and reports, per approximation, whether
 any loss or parameter became NaN/Inf, how many steps the guards skipped, the
-first and last losses, and the resident memory after the first tenth of the
-run and at its end (flat memory: no growth beyond allocator noise).
+first and last losses and the mean loss over the last tenth of the steps, and
+the resident memory after the first tenth of the run and at its end (flat
+memory: no growth beyond allocator noise).
 
     python benchmarks/long_run.py --steps 2000 --damping 1e-6
 
@@ -79,6 +80,7 @@ def long_run(
         "skipped_steps": opt.skipped_steps,
         "first_loss": losses[0],
         "last_loss": losses[-1],
+        "late_mean_loss": sum(losses[-max(steps // 10, 1) :]) / max(steps // 10, 1),
         "rss_early_mib": memory_early,
         "rss_end_mib": rss_mib(),
     }

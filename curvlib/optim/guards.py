@@ -117,33 +117,37 @@ def measure_directions(
     if not names:
         return {}
     buffers = buffers or {}
-    scalars: list[Tensor] = []
-    for n in names:
-        g, d = grads[n], directions[n]
-        scalars += [_dot(g, d), torch.linalg.vector_norm(g), torch.linalg.vector_norm(d)]
-        b = buffers.get(n)
-        scalars.append(_dot(g, b) if b is not None else g.new_zeros(()))
+    scalars = [
+        value for n in names for value in _measurements(grads[n], directions[n], buffers.get(n))
+    ]
     if len({t.device for t in scalars}) > 1:
         scalars = [t.cpu() for t in scalars]
     values = torch.stack([t.to(torch.float64) for t in scalars]).view(len(names), 4).tolist()
     checks = {}
     for name, row in zip(names, values, strict=True):
-        if not all(math.isfinite(v) for v in row):
-            row = _measure_float64(grads[name], directions[name], buffers.get(name))
+        if not all(math.isfinite(v) for v in row):  # overflowed: measure again in float64
+            buffer = buffers.get(name)
+            row = [
+                float(v)
+                for v in _measurements(
+                    grads[name].double(),
+                    directions[name].double(),
+                    None if buffer is None else buffer.double(),
+                )
+            ]
         inner, grad_norm, direction_norm, inner_buffer = row
         eps = torch.finfo(grads[name].dtype).eps
         checks[name] = DirectionCheck(inner, grad_norm, direction_norm, eps, inner_buffer)
     return checks
 
 
-def _measure_float64(grad: Tensor, direction: Tensor, buffer: Tensor | None) -> list[float]:
-    """One layer's four measurements in float64 (when the native ones overflowed)."""
-    g, d = grad.double(), direction.double()
+def _measurements(grad: Tensor, direction: Tensor, buffer: Tensor | None) -> list[Tensor]:
+    """``<grad, direction>``, ``|grad|``, ``|direction|`` and ``<grad, buffer>`` (0 without one)."""
     return [
-        float((g * d).sum()),
-        float(torch.linalg.vector_norm(g)),
-        float(torch.linalg.vector_norm(d)),
-        0.0 if buffer is None else float((g * buffer.double()).sum()),
+        _dot(grad, direction),
+        torch.linalg.vector_norm(grad),
+        torch.linalg.vector_norm(direction),
+        _dot(grad, buffer) if buffer is not None else grad.new_zeros(()),
     ]
 
 

@@ -410,7 +410,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         mark = time.perf_counter()
         mode = self._adaptive()
         directions, lrs = self._precondition(grads)
-        buffers = {} if mode.active else self._buffer_matrices(grads)
+        buffers = {} if mode.active else self._buffer_matrices()
         checks = measure_directions(grads, directions, buffers)
         reason = broken_directions(checks, self._coupled)
         if reason is not None:
@@ -470,8 +470,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._report(start, parts, nu, ratio, adaptive, mode)
         return loss_before
 
-    def _buffer_matrices(self, grads: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """The ``[W | b]`` momentum buffers of the layers that have one, in the gradients' dtype."""
+    def _buffer_matrices(self) -> dict[str, Tensor]:
+        """The ``[W | b]`` momentum buffers of the layers that have one."""
         out: dict[str, Tensor] = {}
         for (group, _), layers in zip(self.curvature_groups(), self.group_layers, strict=True):
             if is_auto(group["momentum"]) or float(group["momentum"]) == 0.0:
@@ -479,7 +479,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             for layer in layers:
                 buffers = [self.state[p].get("momentum_buffer") for p in layer.parameters]
                 if all(b is not None for b in buffers):
-                    out[layer.name] = layer.to_matrix(*buffers).to(grads[layer.name].dtype)
+                    out[layer.name] = layer.to_matrix(*buffers)
         return out
 
     def _momentum_clip(

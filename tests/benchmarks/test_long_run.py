@@ -19,5 +19,7 @@ def test_small_damping_stays_finite_with_flat_memory(name: str) -> None:
     with benchmark_script("long_run") as bench:
         row = bench.long_run(name, steps=STEPS, damping=1e-6, batch=100)
     assert row["finite"], row
-    assert row["last_loss"] < row["first_loss"], row
+    # one batch's loss is noisy at this damping (KPSVD spikes 0.2 -> 2.4 and recovers):
+    # the mean over the last tenth of the run is what must have come down
+    assert row["late_mean_loss"] < 0.8 * row["first_loss"], row
     assert row["rss_end_mib"] - row["rss_early_mib"] < MEMORY_SLACK_MIB, row
