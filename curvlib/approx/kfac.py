@@ -18,7 +18,14 @@ from curvlib.approx.base import (
     standard_normal,
 )
 from curvlib.core.stats import LayerStatistics, StatKind
-from curvlib.linalg.factors import damped_cholesky, eigh, flush_negligible, pi_split, symmetrize
+from curvlib.linalg.factors import (
+    cholesky_inverse,
+    damped_cholesky,
+    eigh,
+    flush_negligible,
+    pi_split,
+    symmetrize,
+)
 
 
 class KFACDamping(Enum):
@@ -150,8 +157,7 @@ class _KFACBlock(LayerBlock):
         if self.damping_mode is KFACDamping.PI:
             shift_g, chol_g, shift_a, chol_a = self._pi_choleskys(damping)
             A, G = self._factors()
-            g_inv = symmetrize(torch.cholesky_inverse(chol_g))
-            a_inv = symmetrize(torch.cholesky_inverse(chol_a))
+            g_inv, a_inv = cholesky_inverse(chol_g), cholesky_inverse(chol_a)
             condition = factor_condition(G, shift_g, chol_g, g_inv) * factor_condition(
                 A, shift_a, chol_a, a_inv
             )

@@ -8,6 +8,7 @@ live here. This package imports torch and [`curvlib.core`][curvlib.core] only.
 from curvlib.linalg.factors import (
     Eigh,
     FactorizationError,
+    cholesky_inverse,
     damped_cholesky,
     damped_inverse,
     eigh,
@@ -40,6 +41,7 @@ __all__ = [
     "SingularTriple",
     "WoodburyInverse",
     "balanced_factors",
+    "cholesky_inverse",
     "damped_cholesky",
     "damped_inverse",
     "effective_tol",

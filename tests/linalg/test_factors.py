@@ -1,0 +1,73 @@
+"""The hygiene of stored factors: subnormal and negligible entries, exact symmetry."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from curvlib.linalg import cholesky_inverse, flush_negligible, flush_subnormals, symmetrize
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_flush_subnormals_zeroes_exactly_the_subnormal_entries(dtype: torch.dtype) -> None:
+    info = torch.finfo(dtype)
+    smallest = info.tiny * info.eps  # the smallest subnormal
+    largest = info.tiny * (1.0 - info.eps)  # the largest subnormal
+    values = [0.0, smallest, -smallest, largest, -info.tiny / 2, info.tiny, -info.tiny, 1.0]
+    values += [-3.0, math.nan, math.inf, -math.inf]
+    mat = torch.tensor(values, dtype=dtype)
+    out = flush_subnormals(mat)
+    subnormal = (mat.abs() < info.tiny) & (mat != 0)
+    assert int(subnormal.sum()) == 4, "the input holds four subnormals"
+    assert bool((out[subnormal] == 0).all())
+    kept = ~subnormal
+    assert torch.equal(out[kept].nan_to_num(), mat[kept].nan_to_num())
+    assert bool(out[9].isnan()), "a NaN is kept for the checks downstream"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_flush_negligible_zeroes_entries_at_or_below_eps_times_the_largest(
+    dtype: torch.dtype,
+) -> None:
+    eps = torch.finfo(dtype).eps
+    mat = torch.tensor([[-4.0, 2.0 * eps], [4.0 * eps, 8.0 * eps], [1.0, -0.5]], dtype=dtype)
+    out = flush_negligible(mat)
+    expected = torch.tensor([[-4.0, 0.0], [0.0, 8.0 * eps], [1.0, -0.5]], dtype=dtype)
+    assert torch.equal(out, expected)  # the limit is 4 eps, from the largest magnitude |-4|
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_flush_negligible_leaves_a_non_finite_matrix_unchanged(bad: float) -> None:
+    mat = torch.tensor([[1.0, 1e-30], [bad, 2.0]])
+    out = flush_negligible(mat)
+    assert torch.equal(out.nan_to_num(), mat.nan_to_num())
+
+
+def test_the_flushed_matrices_are_contiguous() -> None:
+    column_major = torch.randn(6, 6).mT  # how LAPACK returns an eigenbasis
+    assert flush_subnormals(column_major).is_contiguous()
+    assert flush_negligible(column_major).is_contiguous()
+    assert torch.equal(flush_subnormals(column_major), column_major)
+
+
+def test_cholesky_inverse_is_exactly_symmetric_and_the_inverse() -> None:
+    gen = torch.Generator().manual_seed(0)
+    for n in (1, 7, 65, 300):
+        x = torch.randn(n, 2 * n, generator=gen, dtype=torch.float64)
+        mat = x @ x.T / n + 1e-3 * torch.eye(n, dtype=torch.float64)
+        inverse = cholesky_inverse(torch.linalg.cholesky(mat))
+        assert torch.equal(inverse, inverse.T)
+        assert inverse.is_contiguous()
+        torch.testing.assert_close(inverse @ mat, torch.eye(n, dtype=torch.float64))
+
+
+def test_symmetrize_returns_a_new_symmetric_tensor() -> None:
+    mat = torch.arange(9.0).view(3, 3)
+    out = symmetrize(mat)
+    assert torch.equal(out, (mat + mat.T) / 2)
+    assert out.data_ptr() != mat.data_ptr()
+    assert torch.equal(mat, torch.arange(9.0).view(3, 3))
