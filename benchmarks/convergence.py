@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import math
 import shutil
 import statistics
@@ -334,13 +335,20 @@ class Curve:
 
     def time_to(self, target: float) -> float | None:
         """First time the loss is at or below ``target`` (linear between evaluations)."""
+        return self._first_reach(target, self.times)
+
+    def epochs_to(self, target: float) -> float | None:
+        """First epoch the loss is at or below ``target`` (linear between evaluations)."""
+        return self._first_reach(target, self.epochs)
+
+    def _first_reach(self, target: float, axis: Sequence[float]) -> float | None:
         for i, loss in enumerate(self.losses):
             if loss <= target:
                 if i == 0:
                     return 0.0
-                l0, t0 = self.losses[i - 1], self.times[i - 1]
+                l0, x0 = self.losses[i - 1], axis[i - 1]
                 frac = (l0 - target) / (l0 - loss) if l0 > loss else 1.0
-                return t0 + frac * (self.times[i] - t0)
+                return x0 + frac * (axis[i] - x0)
         return None
 
     def loss_at(self, t: float) -> float:
@@ -463,6 +471,7 @@ def record(run: Run, adam: Run, tuned: bool) -> dict[str, Any]:
     """The JSON entry of ``run`` measured against tuned Adam's run of the same seed."""
     target = adam.curve.losses[-1]
     reach = run.curve.time_to(target)
+    reach_epochs = run.curve.epochs_to(target)
     return {
         "task": run.task,
         "method": run.method,
@@ -473,6 +482,9 @@ def record(run: Run, adam: Run, tuned: bool) -> dict[str, Any]:
         "adam_final_loss": target,
         "loss_at_adam_time": run.curve.loss_at(adam.train_time),
         "time_to_adam_ratio": None if reach is None else reach / adam.train_time,
+        "epochs_to_adam_ratio": (
+            None if reach_epochs is None else reach_epochs / adam.curve.epochs[-1]
+        ),
         "step_time_ratio": run.step_time / adam.step_time,
         "step_time_ms": 1000.0 * run.step_time,
         "train_time_s": run.train_time,
@@ -558,6 +570,7 @@ def bar_summary(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     tasks = list(dict.fromkeys(r["task"] for r in records))
     for method, bar in BARS.items():
         per_task: dict[str, float | None] = {}
+        epochs: dict[str, float | None] = {}
         diverged = 0
         for task in tasks:
             runs = [r for r in records if r["task"] == task and r["method"] == method
@@ -565,11 +578,15 @@ def bar_summary(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
             if runs:
                 ratio = ratio_median(runs)
                 per_task[task] = None if math.isinf(ratio) else ratio
+                reached = [r.get("epochs_to_adam_ratio") for r in runs]
+                median_epochs = statistics.median(math.inf if e is None else e for e in reached)
+                epochs[task] = None if math.isinf(median_epochs) else median_epochs
                 diverged += sum(r["diverged"] for r in runs)
         if per_task:
             met = sum(v is not None and v <= bar for v in per_task.values())
             out[method] = {
-                "bar": bar, "median_time_to_adam_ratio": per_task, "tasks_within_bar": met,
+                "bar": bar, "median_time_to_adam_ratio": per_task,
+                "median_epochs_to_adam_ratio": epochs, "tasks_within_bar": met,
                 "tasks": len(per_task), "diverged_runs": diverged,
             }  # fmt: skip
     return out
@@ -587,21 +604,26 @@ def render(payload: dict[str, Any], descriptions: dict[str, str]) -> str:
         f"`{payload['command']}`; seeds {', '.join(map(str, payload['seeds']))}. "
         "Figures are medians over seeds, with [min–max]; *time to Adam* is the wall time to "
         "reach tuned Adam's final loss divided by Adam's wall time (— or *none*: not reached "
-        f"within {TIME_CAP:g}x Adam's time or the epochs); *step* is the time per step "
+        f"within {TIME_CAP:g}x Adam's time or the epochs); *epochs to Adam* the same in "
+        "epochs, which does not depend on the machine's load; *step* is the time per step "
         "divided by Adam's.",
         "",
         "| method | bar (tuned Adam's loss in at most) | tasks within | median time to Adam "
-        "per task | diverged runs |",
-        "|---|---|---|---|---|",
+        "per task | median epochs to Adam | diverged runs |",
+        "|---|---|---|---|---|---|",
     ]
     for method, s in payload["bar"].items():
         per = ", ".join(
             f"{t}: {'—' if v is None else f'{v:.2f}'}"
             for t, v in s["median_time_to_adam_ratio"].items()
         )
+        epochs = ", ".join(
+            "—" if v is None else f"{v:.2f}"
+            for v in s.get("median_epochs_to_adam_ratio", {}).values()
+        )
         lines.append(
             f"| {method} (defaults) | {s['bar']}x Adam's time | {s['tasks_within_bar']} of "
-            f"{s['tasks']} | {per} | {s['diverged_runs']} |"
+            f"{s['tasks']} | {per} | {epochs or '—'} | {s['diverged_runs']} |"
         )
     for task in payload["tasks"]:
         recs = [r for r in payload["runs"] if r["task"] == task]
@@ -613,9 +635,9 @@ def render(payload: dict[str, Any], descriptions: dict[str, str]) -> str:
             f"{descriptions.get(task, '')}. Tuned Adam: {adam['config']}, "
             f"{_spread([r['train_time_s'] for r in recs if r is adam or _same(r, adam)])} s.",
             "",
-            "| method | config | final loss | loss at Adam's time | time to Adam | step | "
-            "diverged |",
-            "|---|---|---|---|---|---|---|",
+            "| method | config | final loss | loss at Adam's time | time to Adam | "
+            "epochs to Adam | step | diverged |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for method, config, runs in rows_of(recs):
             label = f"{method} (tuned)" if method in ("adam", "sgd") else method
@@ -623,6 +645,7 @@ def render(payload: dict[str, Any], descriptions: dict[str, str]) -> str:
                 f"| {label} | {config} | {_spread([r['final_loss'] for r in runs], '.4g')} | "
                 f"{_spread([r['loss_at_adam_time'] for r in runs], '.4g')} | "
                 f"{_spread([r['time_to_adam_ratio'] for r in runs], '.2f')} | "
+                f"{_spread([r.get('epochs_to_adam_ratio') for r in runs], '.2f')} | "
                 f"{_spread([r['step_time_ratio'] for r in runs], '.2f')} | "
                 f"{sum(r['diverged'] for r in runs)} of {len(runs)} |"
             )
@@ -688,7 +711,38 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--out", type=Path, default=None, help=f"output folder (default {DEFAULT_OUT})"
     )
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--render", action="store_true",
+        help="rewrite the markdown from the JSON in --out without training (ratios that the "
+        "stored curves determine and the JSON lacks are filled in)",
+    )  # fmt: skip
     return parser.parse_args(argv)
+
+
+def rerender(out: Path) -> dict[str, Any]:
+    """``--render``: the report of a stored run, with the ratios its curves determine filled in."""
+    payload = json.loads((out / "convergence.json").read_text())
+    tuned = {
+        (a["task"], a["seed"]): a
+        for a in payload["runs"]
+        if a["method"] == "adam" and a["tuned_choice"]
+    }
+    for r in payload["runs"]:
+        if "epochs_to_adam_ratio" not in r:
+            losses = [math.inf if v is None else v for v in r["curve"]["loss"]]
+            c = Curve([], r["curve"]["epoch"], losses)
+            adam = tuned[r["task"], r["seed"]]
+            reach = c.epochs_to(r["adam_final_loss"])
+            r["epochs_to_adam_ratio"] = (
+                None if reach is None else reach / adam["curve"]["epoch"][-1]
+            )
+    payload["bar"] = bar_summary(payload["runs"])
+    descriptions = {
+        name: TASKS[name](False).description for name in payload["tasks"] if name in TASKS
+    }
+    write_json(out / "convergence.json", payload)
+    (out / "convergence.md").write_text(render(payload, descriptions))
+    return payload
 
 
 def plan(args: argparse.Namespace) -> tuple[list[Task], list[Method], list[Method], list[int]]:
@@ -727,6 +781,8 @@ def plan(args: argparse.Namespace) -> tuple[list[Task], list[Method], list[Metho
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.render:
+        return rerender(args.out or DEFAULT_OUT)
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:

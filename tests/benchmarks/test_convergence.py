@@ -36,6 +36,8 @@ def test_time_to_interpolates_between_evaluations(cv: ModuleType) -> None:
     assert c.time_to(6.0) == pytest.approx(1.0)
     assert c.time_to(4.0) == pytest.approx(2.0)  # halfway from 6 to 2, halfway from 1 s to 3 s
     assert c.time_to(1.9) is None
+    assert c.epochs_to(4.0) == pytest.approx(1.5)  # epochs 0, 1, 2 at the three evaluations
+    assert c.epochs_to(1.9) is None
     assert c.loss_at(2.5) == 6.0
     assert c.loss_at(99.0) == 2.0
 
@@ -62,11 +64,13 @@ def test_record_measures_against_adam_of_the_same_seed(cv: ModuleType) -> None:
     entry = cv.record(fast, adam, False)
     assert entry["adam_final_loss"] == 4.0
     assert entry["time_to_adam_ratio"] == pytest.approx(0.25)
+    assert entry["epochs_to_adam_ratio"] == pytest.approx(1.0)  # epoch 1 of Adam's 1
     assert entry["step_time_ratio"] == pytest.approx((1.0 / 5) / (2.0 / 10))
     assert entry["final_loss"] == 3.0 and entry["loss_at_adam_time"] == 3.0
     never = cv.Run("t", "kfac", "default", 0, curve(cv, [(0.0, 10.0), (9.0, 5.0)]), 9.0, 5,
                    False, False, 0, 0)  # fmt: skip
     assert cv.record(never, adam, False)["time_to_adam_ratio"] is None
+    assert cv.record(never, adam, False)["epochs_to_adam_ratio"] is None
 
 
 def test_a_diverging_run_stops_and_is_flagged(cv: ModuleType) -> None:
