@@ -16,7 +16,9 @@ Hidden units are ``tanh`` by default (``--activation sigmoid`` gives the logisti
 units of the original paper, ``relu`` is also available); the code layer and the
 output layer are linear (the output layer gives Bernoulli logits for the
 binary-cross-entropy data sets), weights are Glorot-uniform with the
-activation's gain and biases zero. CURVES is generated offline from ``--seed``
+activation's gain and biases zero (``--init`` and ``--bias-init`` choose the
+papers' initialisations: sparse, normal, Xavier uniform or normal; see
+``examples/initialisation.py``). CURVES is generated offline from ``--seed``
 (no files needed); MNIST is read from ``--data-root`` and FACES from
 ``--faces-path``, never downloaded.
 
@@ -29,7 +31,8 @@ Examples (from the repository root)::
     python examples/autoencoder.py --num-epochs 20 --resume       # 10 more epochs
     python examples/autoencoder.py --data mnist --data-root ~/data --batch-size 1000
 
-Outputs in ``--out``: ``metrics.csv``, ``metrics.json``, ``loss.png``,
+Outputs in ``--out``: ``metrics.csv``, ``metrics.json``, ``iterations.csv`` (loss
+and cumulative time at every step), ``loss.png``,
 ``checkpoint.pt`` and ``summary.json``; with ``--compare`` one subdirectory per
 optimizer and ``compare.png``.
 """
@@ -55,6 +58,7 @@ from common import (
     run_experiment,
 )
 from data import DATASETS, DataNotFoundError, check_finite, load_data
+from initialisation import INITS, initialise
 
 ARCHITECTURES: dict[str, tuple[int, ...]] = {
     "curves": (784, 400, 200, 100, 50, 25, 6),
@@ -120,7 +124,22 @@ def build_argparser() -> argparse.ArgumentParser:
     group.add_argument(
         "--activation", choices=tuple(ACTIVATIONS), default="tanh", help="hidden units"
     )
+    group.add_argument(
+        "--init", choices=INITS, default="glorot",
+        help="weight initialisation (see examples/initialisation.py; sparse: Martens 2010)",
+    )  # fmt: skip
+    group.add_argument(
+        "--init-std", type=float, default=0.01, help="standard deviation of --init normal"
+    )
+    group.add_argument("--bias-init", type=float, default=0.0, help="value of every bias")
     return parser
+
+
+def make_autoencoder(args: argparse.Namespace) -> nn.Sequential:
+    """The data set's autoencoder, initialised as ``--init`` and ``--bias-init`` say."""
+    model = autoencoder(ARCHITECTURES[args.data], args.activation)
+    initialise(model, args.init, bias=args.bias_init, std=args.init_std)
+    return model
 
 
 def main(argv: Sequence[str] | None = None) -> list[RunResult]:
@@ -141,9 +160,11 @@ def main(argv: Sequence[str] | None = None) -> list[RunResult]:
     except (DataNotFoundError, ValueError) as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
     widths = ARCHITECTURES[args.data]
+    if not args.init_std >= 0.0:
+        parser.exit(2, f"{parser.prog}: error: --init-std must be >= 0, got {args.init_std}\n")
     train, test = split.train.to(device), split.test.to(device)
     task = Task(
-        make_model=lambda: autoencoder(widths, args.activation),
+        make_model=lambda: make_autoencoder(args),
         loss_fn=loss_for(args.data),
         train_x=train,
         train_y=train,
@@ -153,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> list[RunResult]:
     arch = "-".join(map(str, [*widths, *reversed(widths[:-1])]))
     print(
         f"{split.name}: {len(train)} train / {len(test)} test images, autoencoder {arch} "
-        f"({args.activation}), {type(task.loss_fn).__name__}"
+        f"({args.activation}, {args.init} init), {type(task.loss_fn).__name__}"
     )
     try:
         return run_experiment(task, args, f"{split.name} autoencoder")

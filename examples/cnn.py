@@ -31,7 +31,8 @@ Examples (from the repository root)::
     python examples/cnn.py --model resnet-small --optim kfac
     python examples/cnn.py --data cifar10 --data-root ~/data --num-epochs 20
 
-Outputs in ``--out``: ``metrics.csv``, ``metrics.json``, ``loss.png``,
+Outputs in ``--out``: ``metrics.csv``, ``metrics.json``, ``iterations.csv`` (loss
+and cumulative time at every step), ``loss.png``,
 ``telemetry.png`` (curvlib optimizers), ``checkpoint.pt`` and ``summary.json``;
 with ``--compare`` one subdirectory per optimizer, ``compare.png`` and
 ``compare_accuracy.png``.

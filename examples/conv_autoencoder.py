@@ -18,7 +18,8 @@ Examples (from the repository root)::
     python examples/conv_autoencoder.py --compare kfac,kpsvd,adam
     python examples/conv_autoencoder.py --optim deflation --num-epochs 3
 
-Outputs in ``--out``: ``metrics.csv``, ``metrics.json``, ``loss.png``,
+Outputs in ``--out``: ``metrics.csv``, ``metrics.json``, ``iterations.csv`` (loss
+and cumulative time at every step), ``loss.png``,
 ``telemetry.png`` (curvlib optimizers), ``checkpoint.pt``, ``summary.json`` and
 ``reconstructions.png`` (test images above their reconstructions).
 """

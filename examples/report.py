@@ -1,6 +1,7 @@
 """What the examples write and print: metrics files, plots and the comparison summary.
 
-Per run: ``metrics.csv`` and ``metrics.json`` (one row per epoch), ``loss.png``
+Per run: ``metrics.csv`` and ``metrics.json`` (one row per epoch),
+``iterations.csv`` and ``iterations.json`` (one row per step), ``loss.png``
 (loss against epoch and against wall time) and, for curvlib optimizers,
 ``telemetry.png`` (the KL-clip factor ν and the damping λ of every step).
 A comparison adds ``compare.png`` and ``summary.json``.
@@ -36,6 +37,7 @@ class RunResult:
         metrics: One dict per epoch (epoch 0: before training).
         steps: Per-step telemetry of curvlib optimizers: dicts with ``step``,
             ``kl_clip_factor`` and ``damping`` (empty for torch optimizers).
+        iterations: The per-iteration log of every optimizer (``ITERATION_FIELDS``).
     """
 
     label: str
@@ -43,6 +45,7 @@ class RunResult:
     out: Path
     metrics: list[Row] = field(default_factory=list)
     steps: list[Row] = field(default_factory=list)
+    iterations: list[Row] = field(default_factory=list)
 
     @property
     def final(self) -> Row:
@@ -60,14 +63,22 @@ def fmt(value: float | None, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
 
-def write_metrics(out: Path, metrics: Sequence[Row], fields: Sequence[str]) -> None:
-    """``metrics.csv`` (columns ``fields``, empty cells for ``None``) and ``metrics.json``."""
-    with (out / "metrics.csv").open("w", newline="") as fh:
+ITERATION_FIELDS: tuple[str, ...] = ("step", "loss", "wall_time")
+"""Columns of ``iterations.csv``: the global step, the batch loss before that step
+and the cumulative training seconds after it (evaluations excluded, the clock of
+``metrics.csv``'s ``wall_time``), as the papers plot loss against time."""
+
+
+def write_metrics(
+    out: Path, metrics: Sequence[Row], fields: Sequence[str], name: str = "metrics"
+) -> None:
+    """``{name}.csv`` (columns ``fields``, empty cells for ``None``) and ``{name}.json``."""
+    with (out / f"{name}.csv").open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(fields), extrasaction="ignore")
         writer.writeheader()
         for row in metrics:
             writer.writerow({k: "" if row.get(k) is None else row[k] for k in fields})
-    (out / "metrics.json").write_text(json.dumps(list(metrics), indent=1) + "\n")
+    (out / f"{name}.json").write_text(json.dumps(list(metrics), indent=1) + "\n")
 
 
 def plot_runs(

@@ -2,10 +2,12 @@
 
 ``run_experiment`` trains ``--optim`` (or every ``--compare`` entry) on a
 ``Task`` and writes, after every epoch, ``metrics.csv``/``metrics.json``,
-``loss.png``, ``checkpoint.pt`` and, for curvlib optimizers, ``telemetry.png``
-and ``telemetry.json`` (ν and λ of every step). ``--resume`` continues from the
-checkpoint with the whole history. ``Telemetry`` and the checkpoint helpers are
-reused by scripts with their own loop (the DCGAN).
+the per-iteration log ``iterations.csv``/``iterations.json`` (batch loss and
+cumulative training time at every step), ``loss.png``, ``checkpoint.pt`` and,
+for curvlib optimizers, ``telemetry.png`` and ``telemetry.json`` (ν and λ of
+every step). ``--resume`` continues from the checkpoint with the whole history.
+``Telemetry`` and the checkpoint helpers are reused by scripts with their own
+loop (the DCGAN).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 from cli import RunSpec, UsageError, optim_config, resolve_device, runs_of
 from optimizers import OPTIMIZERS, build_optimizer
 from report import (
+    ITERATION_FIELDS,
     Row,
     RunResult,
     finite,
@@ -338,6 +341,7 @@ def train_one(
         set_rng_state(ckpt["rng"], generator, device)
         result.metrics = list(ckpt["metrics"])
         result.steps = list(ckpt.get("steps", []))
+        result.iterations = list(ckpt.get("iterations", []))
         tqdm.write(f"[{spec.label}] resuming after epoch {ckpt['epoch']} from {ckpt_path}")
     elif args.resume:
         tqdm.write(f"[{spec.label}] --resume: no checkpoint in {out}, starting from scratch")
@@ -376,6 +380,13 @@ def train_one(
         for idx in batches(n, args.batch_size, generator):
             x, y = task.train_x[idx], task.train_y[idx]
             losses.append(step_optimizer(optimizer, lambda x=x, y=y: loss_fn(model(x), y)))
+            result.iterations.append(
+                {
+                    "step": steps + len(losses),
+                    "loss": finite(losses[-1]),
+                    "wall_time": wall + time.perf_counter() - epoch_start,
+                }
+            )
             telemetry.observe(optimizer, steps + len(losses))
             bar.update()
             bar.set_postfix(epoch=epoch, loss=f"{losses[-1]:.4f}", refresh=False)
@@ -403,6 +414,7 @@ def train_one(
                 "optimizer": optimizer.state_dict(),
                 "metrics": result.metrics,
                 "steps": result.steps,
+                "iterations": result.iterations,
                 "rng": rng_state(generator, device),
                 "config": asdict(config),
             },
@@ -425,6 +437,7 @@ def _epoch_line(row: Row, wall: float) -> str:
 
 def _write_run(result: RunResult, title: str) -> None:
     write_metrics(result.out, result.metrics, METRIC_FIELDS)
+    write_metrics(result.out, result.iterations, ITERATION_FIELDS, name="iterations")
     plot_runs([result], result.out / "loss.png", f"{title}: {result.label}")
     write_telemetry(result.out, result.steps, f"{title}: {result.label}")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import itertools
 import json
 import struct
 import sys
@@ -25,6 +26,7 @@ sys.path.insert(0, str(EXAMPLES))
 import autoencoder  # noqa: E402
 import common  # noqa: E402
 import data  # noqa: E402
+import initialisation  # noqa: E402
 
 from tests.examples.test_conv_autoencoder import excess_bce  # noqa: E402
 
@@ -79,6 +81,47 @@ def test_run_writes_metrics_plot_and_checkpoint_and_the_loss_falls(compared: Pat
     adam = json.loads((compared / "adam" / "metrics.json").read_text())
     assert adam[-1]["train_loss"] < adam[0]["train_loss"]
     assert adam[-1]["kl_clip_factor"] is None  # no curvature telemetry for Adam
+
+
+def test_the_iteration_log_has_every_step_of_every_optimizer(compared: Path) -> None:
+    for name in ("kfac", "adam"):
+        rows = read_csv(compared / name / "iterations.csv")
+        steps_per_epoch = 200 // 50
+        assert [int(r["step"]) for r in rows] == list(range(1, 2 * steps_per_epoch + 1)), name
+        times = [float(r["wall_time"]) for r in rows]
+        assert all(a < b for a, b in itertools.pairwise(times)), name
+        metrics = json.loads((compared / name / "metrics.json").read_text())
+        # the same clock as the epochs' wall time, which ends after the last step
+        assert times[-1] <= metrics[-1]["wall_time"], name
+        assert times[steps_per_epoch - 1] <= metrics[1]["wall_time"] < times[steps_per_epoch]
+        losses = [float(r["loss"]) for r in rows]
+        epoch_mean = sum(losses[:steps_per_epoch]) / steps_per_epoch
+        assert epoch_mean == pytest.approx(metrics[1]["train_loss_running"], rel=1e-6), name
+        assert json.loads((compared / name / "iterations.json").read_text())[0]["step"] == 1
+
+
+def test_the_papers_initialisations(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = autoencoder.autoencoder((40, 30, 8))
+    initialisation.initialise(model, "sparse", bias=0.01)
+    for layer in (m for m in model if isinstance(m, nn.Linear)):
+        nonzero = (layer.weight != 0).sum(dim=1)
+        assert nonzero.tolist() == [min(15, layer.in_features)] * layer.out_features
+        assert torch.equal(layer.bias, torch.full_like(layer.bias, 0.01))
+    big = nn.Linear(2000, 400)
+    initialisation.sparse_(big.weight)
+    weight = big.weight.detach()
+    values = weight[weight != 0]
+    assert values.numel() == 400 * 15
+    assert abs(float(values.std()) - 1.0) < 0.05  # N(0, 1): 6000 draws
+    initialisation.initialise(big, "normal", std=0.01)
+    assert abs(float(big.weight.detach().std()) - 0.01) < 5e-4
+    initialisation.initialise(big, "xavier-normal")
+    assert abs(float(big.weight.detach().std()) - (2.0 / 2400) ** 0.5) < 1e-3
+    with pytest.raises(ValueError, match="Unknown initialisation 'he'"):
+        initialisation.initialise(big, "he")
+    result = run(["--optim", "kfac", "--num-epochs", "1", "--init", "sparse"], tmp_path)[0]
+    assert result.final["train_loss"] < result.metrics[0]["train_loss"]
 
 
 def test_compare_writes_the_combined_plot_and_summary(compared: Path) -> None:

@@ -88,6 +88,10 @@ def test_sigkill_mid_epoch_then_resume_equals_the_uninterrupted_run(tmp_path: Pa
     telemetry_a = json.loads((straight / "telemetry.json").read_text())
     telemetry_b = json.loads((killed / "telemetry.json").read_text())
     assert len(telemetry_a) == 3 * STEPS_PER_EPOCH and telemetry_a == telemetry_b
+    iterations_a = json.loads((straight / "iterations.json").read_text())
+    iterations_b = json.loads((killed / "iterations.json").read_text())
+    assert len(iterations_a) == 3 * STEPS_PER_EPOCH
+    assert _without_times(iterations_a) == _without_times(iterations_b)
 
 
 def test_a_save_that_fails_midway_keeps_the_previous_checkpoint(
