@@ -36,6 +36,12 @@ from curvlib.approx.two_level import (
     TwoLevel,
     TwoLevelPreconditioner,
 )
+from curvlib.approx.wide import (
+    BlockTridiagonalNaturalGradient,
+    FunctionSpaceForm,
+    function_space_direction,
+    optimal_learning_rate,
+)
 
 __all__ = [
     "EKFAC",
@@ -44,6 +50,7 @@ __all__ = [
     "BlockDiagonalPreconditioner",
     "BlockError",
     "BlockNaturalGradient",
+    "BlockTridiagonalNaturalGradient",
     "CoarseContext",
     "CoarseSpace",
     "CorrectionForm",
@@ -52,6 +59,7 @@ __all__ = [
     "Diagonal",
     "ExactNaturalGradient",
     "FixedSpace",
+    "FunctionSpaceForm",
     "KFACCorrected",
     "KFACDamping",
     "Lanczos",
@@ -71,4 +79,6 @@ __all__ = [
     "approximation_errors",
     "block_error",
     "exact_block",
+    "function_space_direction",
+    "optimal_learning_rate",
 ]
