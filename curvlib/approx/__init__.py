@@ -36,6 +36,7 @@ from curvlib.approx.two_level import (
     TwoLevel,
     TwoLevelPreconditioner,
 )
+from curvlib.approx.unitwise import UnitWiseNaturalGradient
 from curvlib.approx.wide import (
     BlockTridiagonalNaturalGradient,
     FunctionSpaceForm,
@@ -76,6 +77,7 @@ __all__ = [
     "Tselepidis",
     "TwoLevel",
     "TwoLevelPreconditioner",
+    "UnitWiseNaturalGradient",
     "approximation_errors",
     "block_error",
     "exact_block",

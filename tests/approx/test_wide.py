@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from curvlib import PreconditionedOptimizer
 from curvlib.approx.natural_gradient import ExactNaturalGradient
+from curvlib.approx.unitwise import UnitWiseNaturalGradient
 from curvlib.approx.wide import (
     BlockTridiagonalNaturalGradient,
     FunctionSpaceForm,
@@ -388,3 +389,43 @@ def test_optimal_learning_rates_reach_the_targets_of_a_wide_network_in_one_step(
     for form in FunctionSpaceForm:
         assert reductions[str(form)] >= 100.0, reductions
     assert all(reductions[str(lr)] < 100.0 for lr in (0.01, 0.1, 1.0)), reductions
+
+
+# -- unit-wise natural gradient ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("index", range(len(PROBLEMS)), ids=PROBLEM_IDS)
+@pytest.mark.parametrize("fisher", [FisherType.EXACT, FisherType.EMPIRICAL], ids=lambda f: f.value)
+def test_unit_blocks_equal_the_dense_per_unit_fisher_blocks(index: int, fisher: FisherType) -> None:
+    """Each unit's block is the oracle's block of that row of [W | b], for every layer kind."""
+    problem = PROBLEMS[index]
+    model = problem.model()
+    if fisher is FisherType.EXACT:
+        dense = oracle.dense_ggn(model, problem.loss_fn, problem.x, problem.y)
+    else:
+        dense = oracle.dense_empirical_fisher(model, problem.loss_fn, problem.x, problem.y)
+    ex = CurvatureExtractor(
+        model,
+        problem.loss_fn,
+        stats=UnitWiseNaturalGradient.required_stats,
+        fisher_type=fisher,
+        unsupported=UnsupportedPolicy.IGNORE,
+    )
+    with ex.collect():
+        problem.loss_fn(model(problem.x), problem.y).backward()
+    approx = UnitWiseNaturalGradient()
+    approx.update(ex.statistics())
+    for name, span in oracle.layer_slices(model).items():
+        block = approx.blocks[name]
+        layer_dense = dense[span, span]
+        width = block.in_dim
+        expected = torch.zeros_like(layer_dense)
+        for unit in range(block.out_dim):
+            rows = slice(unit * width, (unit + 1) * width)
+            expected[rows, rows] = layer_dense[rows, rows]
+        _close(approx.to_dense(name), expected, f"unit blocks of {name}")
+        vectors = _random(ex.statistics(), seed=3, lead=(2,))
+        applied = approx.inverse(DAMPING).apply({name: vectors[name]})[name]
+        damped = expected + DAMPING * torch.eye(len(expected)).double()
+        solved = torch.linalg.solve(damped, vectors[name].flatten(-2).T).T
+        _close(applied.flatten(-2), solved, f"unit-wise inverse of {name}")
