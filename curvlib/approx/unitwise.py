@@ -126,7 +126,7 @@ class _UnitBlock(LayerBlock):
         return torch.diagonal(self._fisher(), dim1=-2, dim2=-1).sum()
 
     def logdet(self, damping: float) -> Tensor:
-        r"""$\sum_o \log\det(F_o + \lambda I)$ from the Cholesky factors, $O(d_\text{out} d_\text{in}^3)$."""
+        r"""$\sum_o \log\det(F_o + \lambda I)$ from Cholesky factors, $O(d_\text{out} d_\text{in}^3)$."""
         chol = self._cholesky(check_damping(damping))
         return 2.0 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum()
 
@@ -136,11 +136,14 @@ class _UnitBlock(LayerBlock):
         r"""Draws $x_o = L_o^{-\top} z_o$ unit by unit, $O(d_\text{out} d_\text{in}^3)$ once."""
         chol = self._cholesky(check_damping(damping))
         z = standard_normal((num_samples, self.out_dim, self.in_dim), chol, generator)
-        draws = torch.linalg.solve_triangular(chol.mT, z.permute(1, 2, 0), upper=True)
+        draws: Tensor = torch.linalg.solve_triangular(chol.mT, z.permute(1, 2, 0), upper=True)
         return draws.permute(2, 0, 1)
 
     def condition_number(self, damping: float) -> float:
-        r"""Exact: largest over smallest eigenvalue of all $F_o + \lambda I$, $O(d_\text{out} d_\text{in}^3)$."""
+        r"""Exact: largest over smallest eigenvalue of all $F_o + \lambda I$.
+
+        Cost $O(d_\text{out} d_\text{in}^3)$.
+        """
         fisher = self._fisher()
         values = torch.linalg.eigvalsh((fisher + fisher.mT) / 2)
         return float((values.max() + damping) / (values.min().clamp_min(0.0) + damping))
