@@ -119,14 +119,22 @@ class _UnitBlock(LayerBlock):
         return _UnitInverse(self._cholesky(check_damping(damping)))
 
     def to_dense(self) -> Tensor:
-        return torch.block_diag(*self._fisher())
+        fisher = self._fisher()
+        size = self.num_params
+        dense = fisher.new_zeros(self.out_dim, self.in_dim, self.out_dim, self.in_dim)
+        units = torch.arange(self.out_dim, device=fisher.device)
+        dense[units, :, units, :] = fisher
+        return dense.reshape(size, size)
 
     def trace(self) -> Tensor:
         r"""$\sum_o \operatorname{tr} F_o$, $O(d_\text{out} d_\text{in})$."""
         return torch.diagonal(self._fisher(), dim1=-2, dim2=-1).sum()
 
     def logdet(self, damping: float) -> Tensor:
-        r"""$\sum_o \log\det(F_o + \lambda I)$ from Cholesky factors, $O(d_\text{out} d_\text{in}^3)$."""
+        r"""$\sum_o \log\det(F_o + \lambda I)$ from Cholesky factors.
+
+        Cost $O(d_\text{out} d_\text{in}^3)$.
+        """
         chol = self._cholesky(check_damping(damping))
         return 2.0 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum()
 
