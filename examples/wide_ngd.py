@@ -84,16 +84,19 @@ def digits_two_classes(
 
 
 def wide_mlp(in_dim: int, width: int, seed: int, dtype: torch.dtype) -> nn.Sequential:
-    """Linear-ReLU-Linear-ReLU-Linear at He initialisation with zero biases."""
+    """Linear-ReLU-Linear-ReLU-Linear at He initialisation with zero biases.
+
+    Drawn in float64 and then cast, so that every dtype starts from the same weights.
+    """
     torch.manual_seed(seed)
     model = nn.Sequential(
         nn.Linear(in_dim, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 2)
-    ).to(dtype)
+    ).double()
     for index, layer in enumerate([model[0], model[2], model[4]]):
         gain = 2.0 if index < 2 else 1.0
         nn.init.normal_(layer.weight, std=math.sqrt(gain / layer.in_features))
         nn.init.zeros_(layer.bias)
-    return model
+    return model.to(dtype)
 
 
 def train(
