@@ -2,7 +2,7 @@ r"""The residual of a batch in the sample space of the ``EXACT`` statistics.
 
 The ``EXACT`` statistics backpropagate the columns $s_{nk}$ of a factorisation
 $H_n = \sum_k s_{nk}s_{nk}^\top$ of each sample's loss Hessian
-([`LossCurvature.hessian_columns`][curvlib.extract.losses.LossCurvature.hessian_columns]),
+(``LossCurvature.hessian_columns`` in ``curvlib.extract.losses``),
 so the rows of the per-sample gradients are $u_{kn} = J_n^\top s_{nk}/\sqrt N$
 and the Fisher is $F = U^\top U$. For the supported losses the output gradient
 $\nabla_{f_n}\ell_n$ lies in the span of the columns, $\nabla_{f_n}\ell_n =
