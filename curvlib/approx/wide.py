@@ -23,14 +23,13 @@ Layer order, and so which layers are neighbours, is the order of
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
 from enum import Enum
 from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from curvlib.approx.natural_gradient import ExactNaturalGradient
+from curvlib.approx.natural_gradient import ExactNaturalGradient, SampleSpaceInverse
 from curvlib.core.stats import CurvatureStatistics, FisherType
 from curvlib.linalg.factors import FactorizationError
 from curvlib.linalg.tridiagonal import (
@@ -41,60 +40,6 @@ from curvlib.linalg.tridiagonal import (
     tridiagonal_matvec,
 )
 from curvlib.linalg.woodbury import LayerRows, layer_rows
-
-
-class BlockTridiagonalPreconditioner:
-    r"""$(F_\text{tri} + \lambda I)^{-1}$ over all layers (the inverse couples neighbours).
-
-    Returned by
-    [`BlockTridiagonalNaturalGradient.inverse`][curvlib.approx.wide.BlockTridiagonalNaturalGradient.inverse].
-
-    Args:
-        layers: Layer names in the order of the column blocks.
-        inverse: The factorised sample-space inverse.
-    """
-
-    def __init__(self, layers: Sequence[str], inverse: BlockTridiagonalInverse) -> None:
-        self._layers = tuple(layers)
-        self.inverse = inverse
-        self.pivot_ratio = inverse.kernel.pivot_ratio
-        """Smallest over largest pivot of the sample-space LU: near 0, nearly singular."""
-
-    @property
-    def layers(self) -> tuple[str, ...]:
-        """The layers, in the order that defines the neighbours."""
-        return self._layers
-
-    def apply(self, grads: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """Multiply per-layer gradient matrices by the damped inverse.
-
-        Args:
-            grads: One ``[..., out, in_aug]`` matrix for *every* layer, with the
-                same leading dimensions.
-
-        Raises:
-            KeyError: If a layer is missing or unknown.
-        """
-        _check_all_layers(grads, self._layers)
-        out = self.inverse([grads[name] for name in self._layers])
-        result = dict(zip(self._layers, out, strict=True))
-        return {name: result[name] for name in grads}
-
-    def matvec(self, vectors: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """The same as ``apply``: this operator *is* the inverse."""
-        return self.apply(vectors)
-
-
-def _check_all_layers(vectors: Mapping[str, Tensor], layers: Sequence[str]) -> None:
-    if not layers:
-        raise RuntimeError("No curvature estimate yet: update() first.")
-    missing = [name for name in layers if name not in vectors]
-    unknown = [name for name in vectors if name not in layers]
-    if missing or unknown:
-        raise KeyError(
-            f"The block-tridiagonal Fisher couples neighbouring layers {list(layers)}: pass a "
-            f"matrix for each (missing {missing}, unknown {unknown})."
-        )
 
 
 class BlockTridiagonalNaturalGradient(ExactNaturalGradient):
@@ -120,7 +65,11 @@ class BlockTridiagonalNaturalGradient(ExactNaturalGradient):
     [`FactorizationError`][curvlib.linalg.factors.FactorizationError] that says
     why; an indefinite one can give a direction that climbs, which the
     optimizer's guards judge for the whole step (``couples_layers``). ``logdet``
-    and ``sample`` are therefore not offered.
+    and ``sample`` are therefore not offered. ``inverse(damping)`` returns a
+    [`WoodburyPreconditioner`][curvlib.approx.natural_gradient.WoodburyPreconditioner]
+    over the [`BlockTridiagonalInverse`][curvlib.linalg.tridiagonal.BlockTridiagonalInverse]
+    (its ``woodbury.kernel.pivot_ratio`` says how close to singular the system
+    is), without ``condition_numbers``; ``matvec`` multiplies by $F_\text{tri}$.
 
     Cost with $m = KN$ rows, $L$ layers and $P$ parameters: ``update`` stores the
     statistics; ``inverse`` the kernels $O(m^2P)$ (less for one-position layers)
@@ -146,36 +95,13 @@ class BlockTridiagonalNaturalGradient(ExactNaturalGradient):
     couples_layers: ClassVar[bool] = True
     """Neighbouring layers coupled: one layer's direction may oppose its gradient."""
 
-    def inverse(self, damping: float) -> BlockTridiagonalPreconditioner:  # type: ignore[override]
-        r"""A new operator applying $(F_\text{tri} + \lambda I)^{-1}$ exactly.
+    def _solver(self, blocks: list[LayerRows], damping: float) -> SampleSpaceInverse:
+        """The push-through inverse of ``curvlib.linalg.tridiagonal``."""
+        return BlockTridiagonalInverse(blocks, damping)
 
-        Raises:
-            ValueError: If ``damping`` is not positive and finite.
-            RuntimeError: Before the first ``update``.
-            FactorizationError: If $F_\text{tri} + \lambda I$ is singular to
-                working precision.
-        """
-        if not 0.0 < damping < math.inf:
-            raise ValueError(f"damping must be positive and finite, got {damping!r}.")
-        rows = self._rows()
-        return BlockTridiagonalPreconditioner(
-            tuple(rows), BlockTridiagonalInverse(list(rows.values()), damping)
-        )
-
-    def matvec(self, vectors: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        r"""Multiply by $F_\text{tri}$, $O(mP)$ per vector.
-
-        Args:
-            vectors: One ``[..., out, in_aug]`` matrix for every layer.
-
-        Raises:
-            KeyError: If a layer is missing or unknown.
-        """
-        rows = self._rows()
-        _check_all_layers(vectors, tuple(rows))
-        out = tridiagonal_matvec(list(rows.values()), [vectors[name] for name in rows])
-        result = dict(zip(rows, out, strict=True))
-        return {name: result[name] for name in vectors}
+    def _product(self, blocks: list[LayerRows], mats: list[Tensor]) -> list[Tensor]:
+        r"""The product with $F_\text{tri}$, $O(mP)$ per vector."""
+        return tridiagonal_matvec(blocks, mats)
 
     def to_dense_full(self) -> Tensor:
         r"""The whole $F_\text{tri}$, ``[P, P]`` in the order of ``layers`` (small nets only)."""
@@ -196,11 +122,7 @@ class BlockTridiagonalNaturalGradient(ExactNaturalGradient):
         Raises:
             TypeError: Always, naming the approximations that offer it.
         """
-        raise TypeError(
-            "BlockTridiagonalNaturalGradient has no log-determinant: its damped Fisher may be "
-            "indefinite. Use ExactNaturalGradient or BlockNaturalGradient for a Laplace "
-            "approximation."
-        )
+        raise _indefinite("has no log-determinant")
 
     def sample(
         self, damping: float, num_samples: int = 1, *, generator: torch.Generator | None = None
@@ -210,11 +132,14 @@ class BlockTridiagonalNaturalGradient(ExactNaturalGradient):
         Raises:
             TypeError: Always, naming the approximations that offer it.
         """
-        raise TypeError(
-            "BlockTridiagonalNaturalGradient cannot draw samples: its damped Fisher may be "
-            "indefinite, so it is no covariance. Use ExactNaturalGradient or "
-            "BlockNaturalGradient."
-        )
+        raise _indefinite("cannot draw samples (it is no covariance)")
+
+
+def _indefinite(what: str) -> TypeError:
+    return TypeError(
+        f"BlockTridiagonalNaturalGradient {what}: its damped Fisher may be indefinite. Use "
+        "ExactNaturalGradient or BlockNaturalGradient, which are positive definite."
+    )
 
 
 # -- function-space forms ------------------------------------------------------------
