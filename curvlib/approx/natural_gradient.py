@@ -108,7 +108,7 @@ class WoodburyPreconditioner:
     Returned by
     [`ExactNaturalGradient.inverse`][curvlib.approx.natural_gradient.ExactNaturalGradient.inverse]
     (the full Fisher) and
-    [`BlockTridiagonalNaturalGradient.inverse`][curvlib.approx.wide.BlockTridiagonalNaturalGradient.inverse]
+    [`BlockTridiagonalNaturalGradient.inverse`][curvlib.approx.wide.BlockTridiagonalNaturalGradient]
     (its block-tridiagonal part).
 
     Args:

@@ -360,7 +360,7 @@ def test_optimal_learning_rates_reach_the_targets_of_a_wide_network_in_one_step(
     for form in [*FunctionSpaceForm, 0.01, 0.1, 1.0]:
         model = _wide_relu(512)
         problem = Problem("wide", lambda model=model: model, loss_fn, x, y)
-        before = float(loss_fn(model(x), y))
+        before = float(loss_fn(model(x), y).detach())
         if isinstance(form, float):  # gradient descent at a few learning rates
             model.zero_grad()
             loss_fn(model(x), y).backward()
@@ -379,7 +379,7 @@ def test_optimal_learning_rates_reach_the_targets_of_a_wide_network_in_one_step(
                     s.layer.weight.sub_(lr * weight)
                     assert bias is not None and s.layer.bias is not None
                     s.layer.bias.sub_(lr * bias)
-        reductions[str(form)] = before / float(loss_fn(model(x), y))
+        reductions[str(form)] = before / float(loss_fn(model(x), y).detach())
     for form in FunctionSpaceForm:
         assert reductions[str(form)] >= 100.0, reductions
     assert all(reductions[str(lr)] < 100.0 for lr in (0.01, 0.1, 1.0)), reductions
