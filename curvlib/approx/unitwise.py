@@ -14,13 +14,14 @@ position ($T = 1$, ``Linear``) it factorises as $F_o = \frac1N\sum_n
 per-sample inputs and output gradients without any per-sample gradient; for
 convolutions the per-sample gradients are formed.
 
-**Normalisation layers.** The affine parameters of ``BatchNorm``, ``LayerNorm``
-and ``GroupNorm`` are not covered yet: ``LayerNorm`` and ``GroupNorm`` are not
-curvature layers of the layout, and ``BatchNorm`` layers carry only
-``PER_SAMPLE_GRAD`` and ``DIAGONAL`` statistics, while this approximation asks for
-``PER_SAMPLE_IO`` so as not to form the per-sample gradients of ``Linear``
-layers. Precondition them with [`Diagonal`][curvlib.approx.diagonal.Diagonal]
-(one group per approximation) meanwhile.
+**Normalisation layers.** The affine parameters $[\gamma_c \mid \beta_c]$
+of eval-mode ``BatchNorm1d``/``2d``/``3d`` get one $2\times2$ block per channel
+(``LayerKind.BATCHNORM`` is in ``supported_kinds``; the extractor answers
+``PER_SAMPLE_IO`` for them with their per-sample gradients). Train-mode
+``BatchNorm`` couples the samples, so no per-sample block exists and the
+extractor refuses the step, as for the diagonal. ``LayerNorm`` and
+``GroupNorm`` are not curvature layers of the layout yet, so their parameters
+are not preconditioned (listed as modules without a block).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from curvlib.approx.base import (
     running_average,
     standard_normal,
 )
+from curvlib.core.layout import KRONECKER_KINDS, LayerKind
 from curvlib.core.stats import LayerStatistics, StatKind
 from curvlib.linalg.factors import FactorizationError
 
@@ -51,9 +53,16 @@ def unit_blocks(stats: LayerStatistics) -> Tensor:
     per-sample gradients $O(KNT d_\text{out} d_\text{in})$ and
     $O(KN d_\text{out} d_\text{in}^2)$ otherwise.
 
+    ``BatchNorm`` layers, whose statistics hold per-sample gradients
+    $[K, N, C, 2]$ instead, give their $2\times2$ blocks per channel,
+    $O(KNC)$.
+
     Raises:
-        ValueError: Without per-sample inputs and output gradients.
+        ValueError: Without per-sample inputs and output gradients (or gradients).
     """
+    if stats.io is None and stats.grads is not None:  # BatchNorm: per-sample gradients
+        grads = stats.grads.grads
+        return torch.einsum("knoi,knoj->oij", grads, grads) / grads.shape[1]
     io = stats.io
     if io is None:
         raise ValueError(
@@ -202,9 +211,15 @@ class UnitWiseNaturalGradient(LayerwiseApprox):
     """
 
     required_stats: ClassVar[frozenset[StatKind]] = frozenset({StatKind.PER_SAMPLE_IO})
+    supported_kinds: ClassVar[frozenset[LayerKind]] = KRONECKER_KINDS | {LayerKind.BATCHNORM}
 
     def __init__(self, decay: float = DEFAULT_DECAY, dtype: torch.dtype | None = None) -> None:
         super().__init__(decay=decay, dtype=dtype)
 
     def _make_block(self, out_dim: int, in_dim: int) -> LayerBlock:
         return _UnitBlock(out_dim, in_dim, self.dtype)
+
+    def _check_has_required(self, name: str, stats: LayerStatistics) -> None:
+        if stats.layer.kind is LayerKind.BATCHNORM and stats.grads is not None:
+            return  # BatchNorm answers PER_SAMPLE_IO with its per-sample gradients
+        super()._check_has_required(name, stats)

@@ -414,3 +414,49 @@ def test_unit_blocks_equal_the_dense_per_unit_fisher_blocks(index: int, fisher: 
         applied = approx.inverse(DAMPING).apply({name: vectors[name]})[name]
         solved = _damped_solve(expected, vectors[name].flatten(-2))
         _close(applied.flatten(-2), solved, f"unit-wise inverse of {name}")
+
+
+def test_unit_wise_covers_eval_batchnorm_with_its_per_channel_blocks() -> None:
+    """BatchNorm's [gamma_c | beta_c] blocks equal the oracle's, and the optimizer steps them."""
+    problem = P.bn_net(train=False)
+    model = problem.model()
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    opt = PreconditionedOptimizer(
+        model,
+        UnitWiseNaturalGradient(),
+        loss_fn=problem.loss_fn,
+        fisher_type=FisherType.EXACT,
+        lr=0.5,
+        damping=DAMPING,
+        kl_clip=None,
+        momentum=0.0,
+        t_cov=1,
+        t_inv=1,
+        stats_fraction=1.0,
+    )
+    assert [layer.name for layer in opt.extractor.layout] == ["0", "1", "5", "6", "8"]
+    ggn, slices = oracle.dense_ggn_all_params(model, problem.loss_fn, problem.x, problem.y)
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    opt.zero_grad()
+    with opt.record():
+        problem.loss_fn(model(problem.x), problem.y).backward()
+    grads = {k: v.grad.detach().clone() for k, v in model.named_parameters()}  # type: ignore[union-attr]
+    opt.step()
+    approx = opt.engine.approx
+    assert isinstance(approx, UnitWiseNaturalGradient)
+    for bn in ("1", "6"):
+        gamma, beta = slices[f"{bn}.weight"], slices[f"{bn}.bias"]
+        channels = gamma.stop - gamma.start
+        expected = torch.zeros(channels, 2, 2, dtype=torch.float64)
+        for c in range(channels):
+            idx = [gamma.start + c, beta.start + c]
+            expected[c] = ggn[idx][:, idx]
+        blocks = approx.blocks[bn].state_dict()["fisher"]
+        _close(blocks, expected, f"BatchNorm {bn} blocks")
+        rhs = torch.stack([grads[f"{bn}.weight"], grads[f"{bn}.bias"]], dim=-1)
+        eye = torch.eye(2, dtype=torch.float64)
+        step = torch.linalg.solve(expected + DAMPING * eye, rhs.unsqueeze(-1)).squeeze(-1)
+        moved_gamma = model.get_parameter(f"{bn}.weight").detach() - before[f"{bn}.weight"]
+        _close(moved_gamma, -0.5 * step[:, 0], f"BatchNorm {bn} step")
