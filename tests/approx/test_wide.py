@@ -419,10 +419,7 @@ def test_unit_blocks_equal_the_dense_per_unit_fisher_blocks(index: int, fisher: 
 def test_unit_wise_covers_eval_batchnorm_with_its_per_channel_blocks() -> None:
     """BatchNorm's [gamma_c | beta_c] blocks equal the oracle's, and the optimizer steps them."""
     problem = P.bn_net(train=False)
-    model = problem.model()
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
+    model = problem.model()  # in eval mode: Dropout is the identity
     opt = PreconditionedOptimizer(
         model,
         UnitWiseNaturalGradient(),
