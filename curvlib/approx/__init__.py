@@ -36,6 +36,13 @@ from curvlib.approx.two_level import (
     TwoLevel,
     TwoLevelPreconditioner,
 )
+from curvlib.approx.unitwise import UnitWiseNaturalGradient
+from curvlib.approx.wide import (
+    BlockTridiagonalNaturalGradient,
+    FunctionSpaceForm,
+    function_space_direction,
+    optimal_learning_rate,
+)
 
 __all__ = [
     "EKFAC",
@@ -44,6 +51,7 @@ __all__ = [
     "BlockDiagonalPreconditioner",
     "BlockError",
     "BlockNaturalGradient",
+    "BlockTridiagonalNaturalGradient",
     "CoarseContext",
     "CoarseSpace",
     "CorrectionForm",
@@ -52,6 +60,7 @@ __all__ = [
     "Diagonal",
     "ExactNaturalGradient",
     "FixedSpace",
+    "FunctionSpaceForm",
     "KFACCorrected",
     "KFACDamping",
     "Lanczos",
@@ -68,7 +77,10 @@ __all__ = [
     "Tselepidis",
     "TwoLevel",
     "TwoLevelPreconditioner",
+    "UnitWiseNaturalGradient",
     "approximation_errors",
     "block_error",
     "exact_block",
+    "function_space_direction",
+    "optimal_learning_rate",
 ]

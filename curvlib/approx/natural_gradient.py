@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from enum import Enum
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import Tensor
@@ -85,24 +85,49 @@ def _top_gram_eigenvalue(rows: Tensor) -> float:
     return float(torch.linalg.eigvalsh(gram)[-1].clamp_min(0.0))
 
 
+class SampleSpaceInverse(Protocol):
+    """A factorised inverse over the column blocks of $U$, applied to one matrix per block.
+
+    [`WoodburyInverse`][curvlib.linalg.woodbury.WoodburyInverse] (the full Fisher)
+    or [`BlockTridiagonalInverse`][curvlib.linalg.tridiagonal.BlockTridiagonalInverse].
+    """
+
+    @property
+    def blocks(self) -> tuple[LayerRows, ...]:
+        """The column blocks, one per layer."""
+        ...
+
+    def __call__(self, mats: Sequence[Tensor]) -> list[Tensor]:
+        """Apply the inverse to one ``[..., out_l, in_l]`` matrix per block."""
+        ...
+
+
 class WoodburyPreconditioner:
-    r"""$(F + \lambda I)^{-1}$ of the full Fisher over several layers, in sample space.
+    r"""$(F + \lambda I)^{-1}$ of a Fisher that couples several layers, in sample space.
 
     Returned by
-    [`ExactNaturalGradient.inverse`][curvlib.approx.natural_gradient.ExactNaturalGradient.inverse].
+    [`ExactNaturalGradient.inverse`][curvlib.approx.natural_gradient.ExactNaturalGradient.inverse]
+    (the full Fisher) and
+    [`BlockTridiagonalNaturalGradient.inverse`][curvlib.approx.wide.BlockTridiagonalNaturalGradient]
+    (its block-tridiagonal part).
 
     Args:
         layers: Layer names in the order of the column blocks of ``woodbury``.
         woodbury: The factorised sample-space inverse.
     """
 
-    def __init__(self, layers: Sequence[str], woodbury: WoodburyInverse) -> None:
+    def __init__(self, layers: Sequence[str], woodbury: SampleSpaceInverse) -> None:
         self._layers = tuple(layers)
         self.woodbury = woodbury
-        self.condition_numbers: dict[str, float] = {ALL_LAYERS: woodbury.condition_estimate()}
-        r"""One lower bound of the condition number of the whole $F + \lambda I$, keyed
-        ``"*"`` (the operator couples the layers):
-        [`WoodburyInverse.condition_estimate`][curvlib.linalg.woodbury.WoodburyInverse.condition_estimate]."""
+        self.condition_numbers: dict[str, float] = (
+            {ALL_LAYERS: woodbury.condition_estimate()}
+            if isinstance(woodbury, WoodburyInverse)
+            else {}
+        )
+        r"""For the full Fisher, one lower bound of the condition number of the whole
+        $F + \lambda I$, keyed ``"*"`` (the operator couples the layers):
+        [`WoodburyInverse.condition_estimate`][curvlib.linalg.woodbury.WoodburyInverse.condition_estimate];
+        empty for the block-tridiagonal Fisher, which may be indefinite."""
 
     @property
     def layers(self) -> tuple[str, ...]:
@@ -180,7 +205,7 @@ def _check_keys(vectors: Mapping[str, Tensor], layers: Sequence[str]) -> None:
     unknown = [name for name in vectors if name not in layers]
     if missing or unknown:
         raise KeyError(
-            f"The full Fisher couples all layers {list(layers)}: pass a matrix for each "
+            f"This Fisher couples all layers {list(layers)}: pass a matrix for each "
             f"(missing {missing}, unknown {unknown})."
         )
 
@@ -300,7 +325,15 @@ class ExactNaturalGradient:
         """
         _check_damping(damping)
         rows = self._rows()
-        return WoodburyPreconditioner(tuple(rows), WoodburyInverse(list(rows.values()), damping))
+        return WoodburyPreconditioner(tuple(rows), self._solver(list(rows.values()), damping))
+
+    def _solver(self, blocks: list[LayerRows], damping: float) -> SampleSpaceInverse:
+        """The sample-space inverse of this Fisher (a hook for the block-tridiagonal one)."""
+        return WoodburyInverse(blocks, damping)
+
+    def _product(self, blocks: list[LayerRows], mats: list[Tensor]) -> list[Tensor]:
+        """The product with this Fisher (a hook for the block-tridiagonal one)."""
+        return gram_matvec(blocks, mats)
 
     def matvec(self, vectors: Mapping[str, Tensor]) -> dict[str, Tensor]:
         r"""Multiply by the full $F$: $(Fv)_l = U_l^\top \sum_{l'} U_{l'} v_{l'}$.
@@ -313,7 +346,7 @@ class ExactNaturalGradient:
         """
         rows = self._rows()
         _check_keys(vectors, tuple(rows))
-        out = gram_matvec(list(rows.values()), [vectors[name] for name in rows])
+        out = self._product(list(rows.values()), [vectors[name] for name in rows])
         result = dict(zip(rows, out, strict=True))
         return {name: result[name] for name in vectors}
 

@@ -49,8 +49,9 @@ class StatKind(Enum):
         DIAGONAL: The diagonal of the layer's curvature block,
             $\frac1N\sum_{k,n} \bar W_{kn} \odot \bar W_{kn}$ as an
             ``[out, in_aug]`` matrix (the GGN diagonal for ``MC``/``EXACT``, the
-            empirical Fisher's for ``EMPIRICAL``); the only kind, besides
-            ``PER_SAMPLE_GRAD``, that ``BatchNorm`` layers have.
+            empirical Fisher's for ``EMPIRICAL``). ``BatchNorm`` layers have it and
+            ``PER_SAMPLE_GRAD``, and answer ``PER_SAMPLE_IO`` with their
+            per-sample gradients (each channel has its own input: no factors).
         CROSS_LAYER: Position-pooled per-sample inputs and output gradients
             ([`PooledIO`][curvlib.core.stats.PooledIO]), from which
             [`cross_layer_factors`][curvlib.core.stats.cross_layer_factors]

@@ -30,6 +30,7 @@ from curvlib.extract._backpack import BACKPACK_MODULES
 from curvlib.extract._session import CollectSession
 from curvlib.extract.losses import LossCurvature, check_loss_module
 from curvlib.extract.products import ForwardCapture, ggn_gram
+from curvlib.extract.statistics import BATCHNORM_KINDS
 
 
 class Backend(Enum):
@@ -201,11 +202,12 @@ class CurvatureExtractor:
                 "ConvTranspose2d layer matching include/exclude."
             )
         batchnorms = [la.name for la in self._layout.layers if la.kind is LayerKind.BATCHNORM]
-        if batchnorms and not self._stats & {StatKind.DIAGONAL, StatKind.PER_SAMPLE_GRAD}:
+        if batchnorms and not self._stats & BATCHNORM_KINDS:
             raise ValueError(
                 f"BatchNorm layers {batchnorms} have no "
-                f"{', '.join(sorted(k.name for k in self._stats))} statistics (only DIAGONAL "
-                "and PER_SAMPLE_GRAD): leave LayerKind.BATCHNORM out of kinds."
+                f"{', '.join(sorted(k.name for k in self._stats))} statistics (only DIAGONAL, "
+                "PER_SAMPLE_GRAD, and PER_SAMPLE_IO answered with per-sample gradients): "
+                "leave LayerKind.BATCHNORM out of kinds."
             )
         self._check_unsupported(unsupported)
         self._by_module = {layer.module: layer for layer in self._layout.layers}

@@ -20,6 +20,9 @@ from curvlib.core.stats import (
     StatKind,
 )
 
+BATCHNORM_KINDS = frozenset({StatKind.DIAGONAL, StatKind.PER_SAMPLE_GRAD, StatKind.PER_SAMPLE_IO})
+"""The statistic kinds a ``BATCHNORM`` layer answers (``batchnorm_statistics``)."""
+
 
 def layer_statistics(
     layer: CurvatureLayer,
@@ -82,16 +85,23 @@ def batchnorm_statistics(
     required: Set[StatKind],
     dtype: torch.dtype | None = None,
 ) -> LayerStatistics:
-    """The statistics a ``BATCHNORM`` layer has: per-sample gradients and the diagonal.
+    r"""The statistics a ``BATCHNORM`` layer has: per-sample gradients and the diagonal.
+
+    Each channel's $[\gamma_c \mid \beta_c]$ has its own input, so there is no
+    shared-input factorisation: ``PER_SAMPLE_IO`` is answered with the
+    per-sample gradients (``grads``), which is what an approximation asking for it
+    per unit needs (the unit-wise natural gradient).
 
     Args:
         layer: The BatchNorm layer.
         per_sample: Its per-sample gradient matrices, ``[K, N, C, in_aug]``.
-        required: Which statistics to compute (``DIAGONAL``, ``PER_SAMPLE_GRAD``).
+        required: Which statistics to compute (``DIAGONAL``, ``PER_SAMPLE_GRAD``,
+            ``PER_SAMPLE_IO``).
         dtype: Storage dtype of the results (default: that of ``per_sample``).
     """
     per_sample = per_sample.detach().to(dtype or per_sample.dtype)
     n = per_sample.shape[1]
     diagonal = per_sample.square().sum((0, 1)) / n if StatKind.DIAGONAL in required else None
-    grads = PerSampleGrads(per_sample) if StatKind.PER_SAMPLE_GRAD in required else None
+    wants_grads = required & {StatKind.PER_SAMPLE_GRAD, StatKind.PER_SAMPLE_IO}
+    grads = PerSampleGrads(per_sample) if wants_grads else None
     return LayerStatistics(layer=layer, grads=grads, diagonal=diagonal)

@@ -21,6 +21,7 @@ from curvlib.approx.kfac_corrected import KFACCorrected
 from curvlib.approx.kpsvd import KPSVD
 from curvlib.approx.lanczos import Lanczos
 from curvlib.approx.natural_gradient import BlockNaturalGradient, NGDamping
+from curvlib.approx.unitwise import UnitWiseNaturalGradient
 from curvlib.core import CurvatureStatistics, FisherType
 from curvlib.extract import CurvatureExtractor, UnsupportedPolicy
 from tests import problems as P
@@ -53,6 +54,7 @@ APPROXIMATIONS = [
     ApproxCase("lanczos", lambda: Lanczos(), psd=False),
     ApproxCase("block_ng_exact", lambda: BlockNaturalGradient(NGDamping.EXACT)),
     ApproxCase("block_ng_heuristic", lambda: BlockNaturalGradient(NGDamping.HEURISTIC)),
+    ApproxCase("unit_wise_ng", lambda: UnitWiseNaturalGradient()),
 ]
 
 PROBLEMS = [P.mlp_ce(), P.cnn_ce(), P.tconv_bce()]

@@ -12,7 +12,7 @@ table of ``docs/concepts/damping.md``; nothing here calls ``curvlib.linalg``.
   eigenvalues $w$ of $L^{-1}KL^{-\top}$ are floored at $\epsilon$ (``min_eig``),
   $L\,V\max(w, \epsilon)V^\top L^\top$ (the same for every square root $L$).
 * Exact Tikhonov damping $C + \lambda I$: KFAC's eigenbasis mode, EKFAC, the
-  diagonal, the exact block natural gradient.
+  diagonal, the exact block natural gradient, the unit-wise natural gradient.
 * The KPSVD paper's per-layer heuristic: $F_l + \lambda_l I$ with
   $\lambda_l = \lambda + \sqrt\lambda(\|A_l\|_2 + \|G_l\|_2)$, $A_l$, $G_l$ the
   KFAC factors of the stored batch.
@@ -94,6 +94,6 @@ def documented_damped(case: str, approx: LayerwiseApprox, layer: str, damping: f
         norm_g = float(torch.linalg.eigvalsh(G)[-1])
         layer_damping = damping + math.sqrt(damping) * (norm_a + norm_g)
         return approx.to_dense(layer) + layer_damping * _eye(size)
-    if case in ("ekfac", "diagonal", "block_ng_exact"):
+    if case in ("ekfac", "diagonal", "block_ng_exact", "unit_wise_ng"):
         return approx.to_dense(layer) + damping * _eye(size)
     raise KeyError(f"No damping rule for case {case!r}: write it out in tests/approx/damping.py.")

@@ -1,0 +1,349 @@
+r"""The wide-network family of natural gradients (Karakida & Osawa, 2020).
+
+Three pieces, all built on the per-sample gradient rows
+$U = [U_1 \mid \dots \mid U_L]$ of the latest batch that
+[`ExactNaturalGradient`][curvlib.approx.natural_gradient.ExactNaturalGradient]
+keeps ($F = U^\top U$, $m = KN$ rows):
+
+* [`BlockTridiagonalNaturalGradient`][curvlib.approx.wide.BlockTridiagonalNaturalGradient],
+  a [`CurvatureApprox`][curvlib.core.protocols.CurvatureApprox] whose Fisher keeps
+  each layer's block and the blocks between neighbouring layers, solved in
+  sample space ([`curvlib.linalg.tridiagonal`][curvlib.linalg.tridiagonal]);
+* the function-space forms $\Delta\theta = U^\top(\Theta + \rho I)^{-1} r$ through
+  the empirical NTK $\Theta = UU^\top$
+  ([`function_space_direction`][curvlib.approx.wide.function_space_direction]),
+  which also work at $\rho = 0$;
+* the learning rates at which each form moves the linearised network onto its
+  targets in one step ([`optimal_learning_rate`][curvlib.approx.wide.optimal_learning_rate]).
+
+Layer order, and so which layers are neighbours, is the order of
+``stats.layers``: the layout's ``named_modules()`` order.
+"""
+
+from __future__ import annotations
+
+import math
+from enum import Enum
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from curvlib.approx.natural_gradient import ExactNaturalGradient, SampleSpaceInverse
+from curvlib.core.stats import CurvatureStatistics, FisherType
+from curvlib.linalg.factors import FactorizationError
+from curvlib.linalg.tridiagonal import (
+    BlockTridiagonalInverse,
+    TridiagonalKernel,
+    pattern_is_singular,
+    pattern_matrix,
+    tridiagonal_matvec,
+)
+from curvlib.linalg.woodbury import LayerRows, layer_rows
+
+
+class BlockTridiagonalNaturalGradient(ExactNaturalGradient):
+    r"""Natural gradient with the block-tridiagonal Fisher: neighbouring layers coupled.
+
+    $F_\text{tri}$ keeps the blocks $F_{ll'} = U_l^\top U_{l'}$ with $|l - l'|\le1$
+    of the full Fisher of the latest batch (the rows of
+    [`ExactNaturalGradient`][curvlib.approx.natural_gradient.ExactNaturalGradient]),
+    and the damping is exact Tikhonov damping,
+
+    $$(F_\text{tri} + \lambda I)^{-1} g = \frac1\lambda\Big(g - \mathcal U^\top
+    (\lambda I_{Lm} + (T\otimes I)K)^{-1} (T\otimes I)\,\mathcal U g\Big),$$
+
+    with $\mathcal U = \operatorname{blockdiag}(U_l)$, $K_l = U_lU_l^\top$ and $T$ the
+    $L\times L$ tridiagonal matrix of ones
+    ([`curvlib.linalg.tridiagonal`][curvlib.linalg.tridiagonal]). With one layer it
+    is block-diagonal NG, with two the exact NG.
+
+    **Not positive definite.** The tridiagonal truncation of a positive
+    semi-definite matrix is indefinite in general (for three layers $T$ itself
+    has a negative eigenvalue), so $F_\text{tri} + \lambda I$ may be indefinite
+    or singular. ``inverse`` refuses a singular system with a
+    [`FactorizationError`][curvlib.linalg.factors.FactorizationError] that says
+    why; an indefinite one can give a direction that climbs, which the
+    optimizer's guards judge for the whole step (``couples_layers``). ``logdet``
+    and ``sample`` are therefore not offered. ``inverse(damping)`` returns a
+    [`WoodburyPreconditioner`][curvlib.approx.natural_gradient.WoodburyPreconditioner]
+    over the [`BlockTridiagonalInverse`][curvlib.linalg.tridiagonal.BlockTridiagonalInverse]
+    (its ``woodbury.kernel.pivot_ratio`` says how close to singular the system
+    is), without ``condition_numbers``; ``matvec`` multiplies by $F_\text{tri}$.
+
+    Cost with $m = KN$ rows, $L$ layers and $P$ parameters: ``update`` stores the
+    statistics; ``inverse`` the kernels $O(m^2P)$ (less for one-position layers)
+    and an $Lm\times Lm$ pivoted LU $O(L^3m^3)$; ``apply`` $O(mP + L^2m^2)$ per
+    vector. Memory $O(mP + L^2m^2)$.
+
+    Example:
+        >>> approx = BlockTridiagonalNaturalGradient()
+        >>> sorted(kind.name for kind in approx.required_stats)
+        ['PER_SAMPLE_IO']
+
+    Args:
+        dtype: Storage dtype of the statistics (default: theirs).
+
+    References:
+        R. Karakida and K. Osawa, "Understanding approximate Fisher information
+        for fast convergence of natural gradient descent in wide neural
+        networks", NeurIPS 2020. J. Martens and R. Grosse, "Optimizing neural
+        networks with Kronecker-factored approximate curvature", ICML 2015 (the
+        block-tridiagonal approximation).
+    """
+
+    couples_layers: ClassVar[bool] = True
+    """Neighbouring layers coupled: one layer's direction may oppose its gradient."""
+
+    def _solver(self, blocks: list[LayerRows], damping: float) -> SampleSpaceInverse:
+        """The push-through inverse of ``curvlib.linalg.tridiagonal``."""
+        return BlockTridiagonalInverse(blocks, damping)
+
+    def _product(self, blocks: list[LayerRows], mats: list[Tensor]) -> list[Tensor]:
+        r"""The product with $F_\text{tri}$, $O(mP)$ per vector."""
+        return tridiagonal_matvec(blocks, mats)
+
+    def to_dense_full(self) -> Tensor:
+        r"""The whole $F_\text{tri}$, ``[P, P]`` in the order of ``layers`` (small nets only)."""
+        flats = [r.dense().flatten(1) for r in self._rows().values()]
+        sizes = [f.shape[1] for f in flats]
+        dense = torch.cat(flats, dim=1)
+        dense = dense.T @ dense
+        starts = [0, *torch.tensor(sizes).cumsum(0).tolist()]
+        for i in range(len(sizes)):
+            for j in range(len(sizes)):
+                if abs(i - j) > 1:
+                    dense[starts[i] : starts[i + 1], starts[j] : starts[j + 1]] = 0.0
+        return dense
+
+    def logdet(self, damping: float, layer: str | None = None) -> Tensor:
+        r"""Not offered: $F_\text{tri} + \lambda I$ may be indefinite (class docstring).
+
+        Raises:
+            TypeError: Always, naming the approximations that offer it.
+        """
+        raise _indefinite("has no log-determinant")
+
+    def sample(
+        self, damping: float, num_samples: int = 1, *, generator: torch.Generator | None = None
+    ) -> dict[str, Tensor]:
+        r"""Not offered: $F_\text{tri} + \lambda I$ may be indefinite (class docstring).
+
+        Raises:
+            TypeError: Always, naming the approximations that offer it.
+        """
+        raise _indefinite("cannot draw samples (it is no covariance)")
+
+
+def _indefinite(what: str) -> TypeError:
+    return TypeError(
+        f"BlockTridiagonalNaturalGradient {what}: its damped Fisher may be indefinite. Use "
+        "ExactNaturalGradient or BlockNaturalGradient, which are positive definite."
+    )
+
+
+# -- function-space forms ------------------------------------------------------------
+
+
+class FunctionSpaceForm(Enum):
+    r"""Which Fisher the function-space step inverts.
+
+    Attributes:
+        EXACT: The full Fisher, $\Delta\theta = U^\top(\Theta + \rho I)^{-1}r$ with
+            $\Theta = \sum_l U_lU_l^\top$.
+        BLOCK_DIAGONAL: One block per layer, $\Delta\theta_l = U_l^\top(\Theta_l +
+            \rho I)^{-1} r$ with $\Theta_l = U_lU_l^\top$.
+        BLOCK_TRIDIAGONAL: Neighbouring layers coupled, $\Delta\theta_l =
+            U_l^\top y_l$ with $(\rho I + (T\otimes I)\operatorname{blockdiag}(\Theta_l))\,y
+            = \mathbf 1\otimes r$.
+    """
+
+    EXACT = "exact"
+    BLOCK_DIAGONAL = "block_diagonal"
+    BLOCK_TRIDIAGONAL = "block_tridiagonal"
+
+
+def sample_rows(stats: CurvatureStatistics) -> dict[str, LayerRows]:
+    r"""The rows $U_l$ (``vec`` of $\bar W_{kn}/\sqrt N$) of every layer, from ``PER_SAMPLE_IO``.
+
+    Row $(k, n)$ sits at index $kN + n$, the order of the residual of
+    [`function_space_direction`][curvlib.approx.wide.function_space_direction].
+
+    Raises:
+        ValueError: If a layer lacks per-sample inputs and output gradients.
+    """
+    rows: dict[str, LayerRows] = {}
+    for name, layer in stats.layers.items():
+        if layer.io is None:
+            raise ValueError(
+                f"The function-space step needs ['PER_SAMPLE_IO'] statistics for layer "
+                f"{name!r}; create the extractor with stats={{StatKind.PER_SAMPLE_IO}}."
+            )
+        n = layer.io.inputs.shape[0]
+        rows[name] = layer_rows(layer.io.inputs, layer.io.output_grads, 1.0 / math.sqrt(n))
+    return rows
+
+
+def _null_projector(null_space: Tensor | None, m: int, like: Tensor) -> Tensor | None:
+    """The ``[m, m]`` projector onto per-sample unit null directions ``[K, N]``."""
+    if null_space is None:
+        return None
+    if null_space.numel() != m:
+        raise ValueError(
+            f"null_space must have one entry per row (K * N = {m}), got {null_space.numel()}."
+        )
+    k, n = null_space.shape
+    vecs = null_space.to(like).T  # [N, K]: sample n's direction over its K rows
+    proj = torch.zeros(k, n, k, n, dtype=like.dtype, device=like.device)
+    idx = torch.arange(n, device=like.device)
+    proj[:, idx, :, idx] = torch.einsum("nk,nj->nkj", vecs, vecs)
+    return proj.reshape(m, m)
+
+
+def _shifted(kernel: Tensor, shift: Tensor | None) -> Tensor:
+    return kernel if shift is None else kernel + shift
+
+
+def _kernel_solve(kernel: Tensor, rhs: Tensor, damping: float, what: str) -> Tensor:
+    damped = kernel + damping * torch.eye(kernel.shape[0], dtype=kernel.dtype, device=kernel.device)
+    chol, info = torch.linalg.cholesky_ex((damped + damped.T) / 2)
+    if int(info) != 0:
+        raise FactorizationError(
+            f"The {what} kernel Theta + {damping:g} I ({kernel.shape[0]}x{kernel.shape[0]}) is "
+            "not positive definite to working precision: the per-sample gradients are linearly "
+            "dependent (fewer parameters than rows, dead units, or a loss whose Hessian is "
+            "singular without null_space=). Use damping > 0 or float64."
+        )
+    return torch.cholesky_solve(rhs.unsqueeze(-1), chol).squeeze(-1)
+
+
+def function_space_direction(
+    stats: CurvatureStatistics,
+    residual: Tensor,
+    damping: float = 0.0,
+    form: FunctionSpaceForm | str = FunctionSpaceForm.EXACT,
+    null_space: Tensor | None = None,
+) -> dict[str, Tensor]:
+    r"""The natural-gradient direction in function space.
+
+    $$\Delta\theta = U^\top(\Theta + \rho I)^{-1} r, \qquad \Theta = UU^\top.$$
+
+    With the rows $U$ of ``EXACT`` statistics ([`sample_rows`][curvlib.approx.wide.sample_rows])
+    and the residual $r$ with $U^\top r = g$, the gradient of the batch loss
+    ([`sample_space_residual`][curvlib.extract.residual.sample_space_residual]
+    computes it), the push-through identity
+    $(U^\top U + \rho I)^{-1}U^\top = U^\top(UU^\top + \rho I)^{-1}$ makes the
+    result equal to $(F + \rho I)^{-1}g$ for $\rho > 0$ (and to the
+    block-diagonal and block-tridiagonal solves for the other ``form``\ s), and
+    at $\rho = 0$ to the minimum-norm solution $F^+ g$, wherever the
+    $m\times m$ kernels are non-singular. The parameter-space solves need
+    $\rho > 0$.
+
+    ``null_space`` handles losses whose Hessian factor is singular
+    (``CrossEntropyLoss``: the $C$ columns of a sample satisfy
+    $\sum_i\sqrt{p_i}\,s_i = 0$, so $\Theta$ is singular); its projector $\Pi$ is
+    added to every kernel, which changes nothing for a residual orthogonal to it
+    and makes the kernels regular.
+
+    Cost: the kernels $O(m^2 P)$, a Cholesky factorisation $O(m^3)$ (per layer
+    for ``BLOCK_DIAGONAL``, an $Lm\times Lm$ LU for ``BLOCK_TRIDIAGONAL``), and two
+    products with $U$, $O(mP)$. Float64 is advised at $\rho = 0$: $\Theta$'s
+    condition number enters squared into float32 rounding (see the wide-network
+    page of the documentation).
+
+    Args:
+        stats: ``PER_SAMPLE_IO`` statistics with ``FisherType.EXACT``.
+        residual: $r$, ``[K, N]`` (or flat ``[K * N]``).
+        damping: $\rho \ge 0$.
+        form: Which Fisher to invert.
+        null_space: Unit vectors ``[K, N]``, per sample, spanning a known common
+            null space of the kernels, or ``None``.
+
+    Returns:
+        $\Delta\theta$ as ``[out, in_aug]`` matrices, keyed by layer; the step is
+        $\theta \leftarrow \theta - \eta\,\Delta\theta$.
+
+    Raises:
+        ValueError: For statistics that are not ``EXACT``, a residual of the wrong
+            size, or a negative damping.
+        FactorizationError: If a kernel is singular to working precision.
+    """
+    if stats.fisher_type is not FisherType.EXACT:
+        raise ValueError(
+            "The function-space step needs the exact factorisation of the loss Hessian: "
+            f"create the extractor with fisher_type=FisherType.EXACT (got {stats.fisher_type})."
+        )
+    if not 0.0 <= damping < math.inf:
+        raise ValueError(f"damping must be non-negative and finite, got {damping!r}.")
+    form = FunctionSpaceForm(form)
+    rows = sample_rows(stats)
+    blocks = list(rows.values())
+    m = blocks[0].num_rows
+    if residual.numel() != m:
+        raise ValueError(f"residual must have K * N = {m} entries, got {residual.numel()}.")
+    r = residual.reshape(m).to(dtype=blocks[0].dtype, device=blocks[0].device)
+    shift = _null_projector(null_space, m, r)
+    if form is FunctionSpaceForm.BLOCK_TRIDIAGONAL:
+        system = TridiagonalKernel(blocks, damping, kernel_shift=shift)
+        coeffs = system.solve(r.expand(len(blocks), m))
+        return {name: b.expand(coeffs[i]) for i, (name, b) in enumerate(rows.items())}
+    kernels = [b.gram() for b in blocks]
+    if form is FunctionSpaceForm.BLOCK_DIAGONAL:
+        return {
+            name: b.expand(_kernel_solve(_shifted(k, shift), r, damping, f"layer {name!r}"))
+            for (name, b), k in zip(rows.items(), kernels, strict=True)
+        }
+    total = kernels[0]
+    for k in kernels[1:]:
+        total = total + k
+    coeffs = _kernel_solve(_shifted(total, shift), r, damping, "network")
+    return {name: b.expand(coeffs) for name, b in rows.items()}
+
+
+# -- learning rates ------------------------------------------------------------------
+
+
+def optimal_learning_rate(form: FunctionSpaceForm | str, num_layers: int = 1) -> float:
+    r"""The learning rate at which a form's undamped step reaches the targets of the linearised net.
+
+    With kernels that are non-singular, the change of the outputs
+    $U\Delta\theta$ is $r$ times a constant $\alpha$ (an isotropic step in
+    function space), so $\eta = 1/\alpha$ removes the residual of the
+    linearised network in one step:
+
+    * ``EXACT``: $U U^\top\Theta^{-1} r = r$, $\eta = 1$;
+    * ``BLOCK_DIAGONAL``: $\sum_l \Theta_l\Theta_l^{-1} r = L\,r$, $\eta = 1/L$;
+    * ``BLOCK_TRIDIAGONAL``: with $d_l = \Theta_l y_l$ the system reads
+      $(T\otimes I)d = \mathbf 1\otimes r$, so $d = (T^{-1}\mathbf 1)\otimes r$ and
+      $\sum_l d_l = (\mathbf 1^\top T^{-1}\mathbf 1)\,r$: $\eta =
+      1/(\mathbf 1^\top T^{-1}\mathbf 1)$ (1 for $L = 1, 3$; 1/2 for $L = 4$).
+
+    These hold at any width for the linearised model; for a wide network the
+    linearisation is accurate over one step (Karakida & Osawa 2020, where the
+    same values come out of the infinite-width limit).
+
+    Args:
+        form: The function-space form.
+        num_layers: $L$, the number of curvature layers.
+
+    Raises:
+        ValueError: If ``num_layers`` is not positive, or for
+            ``BLOCK_TRIDIAGONAL`` with $L + 1$ a multiple of 3 ($T$ singular: the
+            undamped step does not exist).
+    """
+    form = FunctionSpaceForm(form)
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+        raise ValueError(f"num_layers must be a positive int, got {num_layers!r}.")
+    if form is FunctionSpaceForm.EXACT:
+        return 1.0
+    if form is FunctionSpaceForm.BLOCK_DIAGONAL:
+        return 1.0 / num_layers
+    if pattern_is_singular(num_layers):
+        raise ValueError(
+            f"With L = {num_layers} layers the tridiagonal pattern T is singular (L + 1 is a "
+            "multiple of 3): the undamped block-tridiagonal step does not exist. Use damping > 0 "
+            "(and a learning rate found by search) or another form."
+        )
+    pattern = pattern_matrix(num_layers)
+    ones = torch.ones(num_layers, dtype=torch.float64)
+    return 1.0 / float(ones @ torch.linalg.solve(pattern, ones))
