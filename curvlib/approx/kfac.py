@@ -141,8 +141,9 @@ class _KFACBlock(LayerBlock):
         """
         A, G = self._factors()
         gamma_a, gamma_g = pi_split(A, G, damping)
-        chol_g, jitter_g = damped_cholesky(G, gamma_g)
-        chol_a, jitter_a = damped_cholesky(A, gamma_a)
+        # The running factors are averages of symmetrised statistics: symmetric to the bit.
+        chol_g, jitter_g = damped_cholesky(G, gamma_g, symmetric=True)
+        chol_a, jitter_a = damped_cholesky(A, gamma_a, symmetric=True)
         return gamma_g + jitter_g, chol_g, gamma_a + jitter_a, chol_a
 
     def _eigenvalues(self) -> tuple[Tensor, Tensor]:
@@ -249,7 +250,8 @@ class _KFACBlock(LayerBlock):
         return {"A": A.clone(), "G": G.clone()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.A, self.G = state["A"].clone(), state["G"].clone()
+        # Symmetric to the bit, as the inverse assumes: a no-op on what update() stored.
+        self.A, self.G = symmetrize(state["A"]), symmetrize(state["G"])
 
 
 def _shifted(mat: Tensor, shift: float) -> Tensor:

@@ -135,7 +135,9 @@ def eigh(mat: Tensor, *, clamp_negative: bool = True, retries: int = 4) -> Eigh:
     raise FactorizationError(f"eigh failed on a {n}x{n} matrix after {retries} jittered retries")
 
 
-def damped_cholesky(kernel: Tensor, damping: float, *, retries: int = 4) -> tuple[Tensor, float]:
+def damped_cholesky(
+    kernel: Tensor, damping: float, *, retries: int = 4, symmetric: bool = False
+) -> tuple[Tensor, float]:
     r"""Lower Cholesky factor of $K + \lambda I$, retried with growing jitter.
 
     Retry $r$ adds $\epsilon \cdot 10^{r} \cdot \max(\operatorname{tr}(K)/m, \lambda)$ to
@@ -145,6 +147,8 @@ def damped_cholesky(kernel: Tensor, damping: float, *, retries: int = 4) -> tupl
         kernel: Symmetric positive semi-definite ``[m, m]`` (symmetrised inside).
         damping: $\lambda > 0$.
         retries: How many retries, each adding ten times more jitter.
+        symmetric: ``kernel`` is symmetric to the bit (e.g. a running average of
+            symmetrised statistics): it is copied, not symmetrised again.
 
     Returns:
         ``(L, jitter)``: the factor and the jitter that was added (``0.0`` unless
@@ -153,7 +157,10 @@ def damped_cholesky(kernel: Tensor, damping: float, *, retries: int = 4) -> tupl
     Raises:
         FactorizationError: If every attempt fails.
     """
-    kernel = symmetrize(kernel)
+    if symmetric:
+        kernel = kernel.clone(memory_format=torch.contiguous_format)
+    else:
+        kernel = symmetrize(kernel)
     m = kernel.shape[-1]
     eps = torch.finfo(kernel.dtype).eps
     diagonal = kernel.diagonal(dim1=-2, dim2=-1)

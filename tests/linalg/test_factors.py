@@ -7,7 +7,13 @@ import math
 import pytest
 import torch
 
-from curvlib.linalg import cholesky_inverse, flush_negligible, flush_subnormals, symmetrize
+from curvlib.linalg import (
+    cholesky_inverse,
+    damped_cholesky,
+    flush_negligible,
+    flush_subnormals,
+    symmetrize,
+)
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
@@ -63,6 +69,23 @@ def test_cholesky_inverse_is_exactly_symmetric_and_the_inverse() -> None:
         assert torch.equal(inverse, inverse.T)
         assert inverse.is_contiguous()
         torch.testing.assert_close(inverse @ mat, torch.eye(n, dtype=torch.float64))
+
+
+def test_damped_cholesky_of_a_symmetric_kernel_copies_it_and_agrees() -> None:
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(40, 90, generator=gen, dtype=torch.float64)
+    kernel = symmetrize(x @ x.T / 90)
+    before = kernel.clone()
+    fast, _ = damped_cholesky(kernel, 1e-3, symmetric=True)
+    slow, _ = damped_cholesky(kernel, 1e-3)
+    assert torch.equal(fast, slow)  # symmetrising a symmetric matrix changes no bit
+    assert torch.equal(kernel, before)  # the damping went into a copy
+
+
+def test_symmetrize_of_a_symmetric_matrix_changes_no_bit() -> None:
+    x = torch.randn(30, 30, dtype=torch.float32)
+    mat = symmetrize(x)
+    assert torch.equal(symmetrize(mat), mat)
 
 
 def test_symmetrize_returns_a_new_symmetric_tensor() -> None:
