@@ -11,42 +11,132 @@ $(P)_{j,kn} = \langle U_{l(j),kn}, z_j \rangle$ give
 $$R_0 F R_0^\top = P P^\top, \qquad R_0 F x = P\,(U x),$$
 
 at the cost of one projection per vector ($O(mTP_l)$; $O(m\, d_\text{out} d_\text{in})$
-for one-position layers, whose rows stay factored) and $O(mc)$ per vector $x$
-after one $Ux$ ($O(mTP)$). No $P \times P$ matrix and no $N \times P$ tensor
-for one-position layers.
+for one-position layers, whose rows stay factored). No $P \times P$ matrix and
+no $N \times P$ tensor for one-position layers.
+
+Two ways to get $R_0 F x$ on every step:
+
+* [`RestrictedFisher`][curvlib.approx.coarse_fisher.RestrictedFisher] holds
+  the rows $R_0 F = PU$ ($c \times P$, built once in $O(cmP)$): $O(cP)$ per
+  product, and, being linear in $F$, it is running-averaged together with
+  $R_0 F R_0^\top$, so both stay the restriction of one averaged Fisher;
+* `SampleProjection` keeps
+  $P$ only: $O(mP)$ per product through $Ux$, for vectors used on one step
+  ([`ResidualSpace`][curvlib.approx.coarse.ResidualSpace]).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
+from curvlib.approx.base import running_average
 from curvlib.core.stats import PerSampleIO, PooledIO
 from curvlib.linalg.woodbury import LayerRows, layer_rows
 
 
-class RestrictedFisher(Protocol):
-    r"""A Fisher model restricted to fixed coarse vectors $R_0$."""
+@dataclass(frozen=True)
+class RestrictedFisher:
+    r"""A Fisher model restricted to coarse vectors $R_0$: $R_0 F R_0^\top$ and the rows $R_0 F$.
 
-    @property
-    def gram(self) -> Tensor:
-        r"""$R_0 F R_0^\top$, ``[c, c]``."""
-        ...
+    Both are linear in $F$, so the running average of the restrictions of
+    several batches' Fishers to the same vectors
+    ([`averaged`][curvlib.approx.coarse_fisher.RestrictedFisher.averaged]) is
+    the restriction of the averaged Fisher $\bar F$: the coarse matrix and the
+    residual $R_0 \bar F x$ always come from one and the same model.
+
+    Attributes:
+        gram: $R_0 F R_0^\top$, ``[c, c]``.
+        rows: The block of $R_0 F$ in each layer, ``[c, out, in]`` (all $c$
+            rows, since $F$ couples the layers), in the vectorisation order;
+            ``None`` when only ``gram`` was asked for (the additive form).
+    """
+
+    gram: Tensor
+    rows: dict[str, Tensor] | None = None
 
     def project(self, x: Mapping[str, Tensor]) -> Tensor:
-        r"""$R_0 F x$ for per-layer matrices ``[..., out, in]``, as ``[..., c]``."""
-        ...
+        r"""$R_0 F x$ for per-layer matrices ``[..., out, in]``, as ``[..., c]`` ($O(cP)$).
+
+        Raises:
+            RuntimeError: If the rows were not computed.
+        """
+        if self.rows is None:
+            raise RuntimeError("These coarse statistics hold R0 F R0^T only: restrict with rows.")
+        return rows_times({name: rows.flatten(1) for name, rows in self.rows.items()}, x)
+
+    def averaged(self, old: RestrictedFisher | None, rho: float) -> RestrictedFisher:
+        r"""``rho * old + (1 - rho) * self``, entry by entry (``self`` without ``old``).
+
+        Raises:
+            ValueError: If ``old`` has other layers or shapes, or rows where this has none.
+        """
+        if old is None:
+            return RestrictedFisher(running_average(None, self.gram, rho), self.rows)
+        same_rows = (old.rows is None) == (self.rows is None) and (
+            old.rows is None
+            or self.rows is None
+            or {k: v.shape for k, v in old.rows.items()}
+            == {k: v.shape for k, v in self.rows.items()}
+        )
+        if old.gram.shape != self.gram.shape or not same_rows:
+            raise ValueError(
+                "Coarse statistics of different coarse spaces cannot be averaged: the space's "
+                "vectors must stay the same between statistics steps."
+            )
+        rows = None
+        if self.rows is not None and old.rows is not None:
+            rows = {name: _average_rows(old.rows[name], v, rho) for name, v in self.rows.items()}
+        return RestrictedFisher(running_average(old.gram, self.gram, rho), rows)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors only: ``gram`` and ``rows`` (``None`` when absent)."""
+        rows = None if self.rows is None else {k: v.clone() for k, v in self.rows.items()}
+        return {"gram": self.gram.clone(), "rows": rows}
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> RestrictedFisher:
+        """The statistics saved by ``state_dict``."""
+        rows = state["rows"]
+        return cls(
+            state["gram"].clone(),
+            None if rows is None else {k: v.clone() for k, v in rows.items()},
+        )
+
+
+def rows_times(rows: Mapping[str, Tensor], x: Mapping[str, Tensor]) -> Tensor:
+    r"""$\sum_l M_l x_l$, ``[..., c]``, for rows $M_l$ ``[c, P_l]``, ``x_l`` ``[..., out, in]``."""
+    total: Tensor | None = None
+    for name, block in rows.items():
+        part = x[name].to(block.dtype).flatten(-2) @ block.T
+        total = part if total is None else total + part
+    assert total is not None
+    return total
+
+
+def _average_rows(old: Tensor, new: Tensor, rho: float) -> Tensor:
+    """``running_average`` in two passes over the ``c x P`` rows: ``lerp``, then ``hardshrink``.
+
+    ``hardshrink`` at ``finfo.tiny`` flushes subnormals (a dead unit's entries
+    decay geometrically) in one pass instead of the three of a masked fill.
+    """
+    mixed = torch.lerp(old, new.to(old.dtype), 1.0 - rho)
+    return torch.nn.functional.hardshrink(mixed, torch.finfo(mixed.dtype).tiny)
 
 
 class CoarseFisher(Protocol):
     r"""The Fisher model a two-level correction uses on its coarse space."""
 
-    def restrict(self, vectors: Mapping[str, Tensor]) -> RestrictedFisher:
-        """The model restricted to the coarse vectors (``[c_l, out, in]`` per layer, in order)."""
+    def restrict(self, vectors: Mapping[str, Tensor], rows: bool = True) -> RestrictedFisher:
+        """The model restricted to the coarse vectors (``[c_l, out, in]`` per layer, in order).
+
+        ``rows=False`` computes ``gram`` only.
+        """
         ...
 
     def matvec(self, x: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -54,13 +144,21 @@ class CoarseFisher(Protocol):
         ...
 
 
-class _RestrictedSamples:
+class SampleProjection:
+    r"""The sample Fisher on vectors used for one step only: $R_0 F x = P\,(U x)$ per call.
+
+    For gradient-dependent spaces: the projections $P$ of the vectors on the
+    rows ($O(mP)$ for one vector per layer) instead of the rows of $R_0 F$
+    ($O(cmP)$), and one $Ux$ per product, shared with $F x$.
+    """
+
     def __init__(self, fisher: SampleFisher, projections: Tensor) -> None:
         self._fisher = fisher
         self._proj = projections  # [c, m]
         self.gram = projections @ projections.T
 
     def project(self, x: Mapping[str, Tensor]) -> Tensor:
+        r"""$R_0 F x$, ``[..., c]``."""
         return self._fisher.rows_apply(x) @ self._proj.T
 
 
@@ -108,8 +206,7 @@ class SampleFisher:
         coeffs = self.rows_apply(x)
         return {name: self.rows[name].expand(coeffs) for name in x}
 
-    def restrict(self, vectors: Mapping[str, Tensor]) -> _RestrictedSamples:
-        r"""Projections $P$ of the coarse vectors on the rows, for $PP^\top$ and $P(Ux)$."""
+    def _projections(self, vectors: Mapping[str, Tensor]) -> Tensor:
         parts = []
         for name, vecs in vectors.items():
             rows = self.rows[name]
@@ -119,24 +216,22 @@ class SampleFisher:
                 parts.append(rows.project(vecs))
         if not parts:
             raise ValueError("The coarse space has no layers.")
-        return _RestrictedSamples(self, torch.cat(parts))
+        return torch.cat(parts)
 
+    def restrict(self, vectors: Mapping[str, Tensor], rows: bool = True) -> RestrictedFisher:
+        r"""$PP^\top$ and, with ``rows``, $R_0 F = P U$ per layer ($O(cmP)$).
 
-class _RestrictedCross:
-    def __init__(self, gram: Tensor, weights: Tensor, fisher: CrossKroneckerFisher) -> None:
-        self.gram = gram
-        self._weights = weights
-        self._fisher = fisher
+        $P$ are the projections of the coarse vectors on the rows.
+        """
+        proj = self._projections(vectors)
+        expanded = None
+        if rows:
+            expanded = {name: layer.expand(proj) for name, layer in self.rows.items()}
+        return RestrictedFisher(proj @ proj.T, expanded)
 
-    def project(self, x: Mapping[str, Tensor]) -> Tensor:
-        fisher = self._fisher
-        total = None
-        for name, mat in x.items():
-            u, v = fisher.u[name], fisher.v[name]
-            part = torch.einsum("lo,...oi,li->...l", u, mat.to(u.dtype), v)
-            total = part if total is None else total + part
-        assert total is not None
-        return total * self._weights
+    def projection(self, vectors: Mapping[str, Tensor]) -> SampleProjection:
+        r"""The projections $P$ only, for vectors used on one step."""
+        return SampleProjection(self, self._projections(vectors))
 
 
 class CrossKroneckerFisher:
@@ -173,8 +268,11 @@ class CrossKroneckerFisher:
         }
         self.v = {name: sums_a @ p.inputs / n for name, p in pooled.items()}
 
-    def restrict(self, vectors: Mapping[str, Tensor]) -> _RestrictedCross:
-        """The model on one constant vector per layer.
+    def restrict(self, vectors: Mapping[str, Tensor], rows: bool = True) -> RestrictedFisher:
+        r"""The model on one constant vector per layer.
+
+        With ``rows``, the block of $R_0 F$ in layer $m$ has the rows
+        $w_l\, u_{lm} v_{lm}^\top$ ($O(LP)$).
 
         Raises:
             ValueError: If a layer does not have exactly one vector.
@@ -187,7 +285,13 @@ class CrossKroneckerFisher:
             )
         weights = torch.stack([v.flatten()[0] for v in vectors.values()]).to(self.sums_a.dtype)
         gram = self.sums_g * self.sums_a * torch.outer(weights, weights)
-        return _RestrictedCross(gram, weights, self)
+        expanded = None
+        if rows:
+            expanded = {
+                name: weights[:, None, None] * self.u[name][:, :, None] * self.v[name][:, None, :]
+                for name in vectors
+            }
+        return RestrictedFisher(gram, expanded)
 
     def matvec(self, x: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Not available: the model is only known on the constant vectors.
