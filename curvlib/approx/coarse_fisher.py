@@ -37,7 +37,7 @@ from torch import Tensor
 
 from curvlib.approx.base import running_average
 from curvlib.core.stats import PerSampleIO, PooledIO
-from curvlib.linalg.woodbury import LayerRows, layer_rows
+from curvlib.linalg.woodbury import FactoredRows, LayerRows, layer_rows
 
 
 @dataclass(frozen=True)
@@ -77,22 +77,44 @@ class RestrictedFisher:
             ValueError: If ``old`` has other layers or shapes, or rows where this has none.
         """
         if old is None:
-            return RestrictedFisher(running_average(None, self.gram, rho), self.rows)
-        same_rows = (old.rows is None) == (self.rows is None) and (
-            old.rows is None
-            or self.rows is None
-            or {k: v.shape for k, v in old.rows.items()}
-            == {k: v.shape for k, v in self.rows.items()}
+            return self
+        old.check_like(
+            self.gram.shape[0],
+            None if self.rows is None else {k: tuple(v.shape) for k, v in self.rows.items()},
         )
-        if old.gram.shape != self.gram.shape or not same_rows:
+        rows = None
+        if self.rows is not None and old.rows is not None:
+            rows = {
+                name: torch.lerp(old.rows[name], new.to(old.rows[name].dtype), 1.0 - rho)
+                for name, new in self.rows.items()
+            }
+        return RestrictedFisher(running_average(old.gram, self.gram, rho), rows)
+
+    def check_like(self, size: int, row_shapes: Mapping[str, tuple[int, ...]] | None) -> None:
+        """Raise unless ``size`` vectors with rows of ``row_shapes`` match these statistics.
+
+        Raises:
+            ValueError: If they do not (another coarse space).
+        """
+        mine = None if self.rows is None else {k: tuple(v.shape) for k, v in self.rows.items()}
+        theirs = None if row_shapes is None else {k: tuple(v) for k, v in row_shapes.items()}
+        if self.gram.shape[0] != size or mine != theirs:
             raise ValueError(
                 "Coarse statistics of different coarse spaces cannot be averaged: the space's "
                 "vectors must stay the same between statistics steps."
             )
-        rows = None
-        if self.rows is not None and old.rows is not None:
-            rows = {name: _average_rows(old.rows[name], v, rho) for name, v in self.rows.items()}
-        return RestrictedFisher(running_average(old.gram, self.gram, rho), rows)
+
+    def flushed(self, threshold: float) -> RestrictedFisher:
+        r"""The statistics with entries of the rows below ``threshold`` in magnitude set to zero.
+
+        Averaged rows of a dead unit decay geometrically into the subnormal
+        range, where x86 products slow down (microcode assists). One
+        ``hardshrink`` pass over the $cP$ rows.
+        """
+        if self.rows is None:
+            return self
+        rows = {name: torch.nn.functional.hardshrink(r, threshold) for name, r in self.rows.items()}
+        return RestrictedFisher(self.gram, rows)
 
     def state_dict(self) -> dict[str, Any]:
         """Tensors only: ``gram`` and ``rows`` (``None`` when absent)."""
@@ -119,29 +141,47 @@ def rows_times(rows: Mapping[str, Tensor], x: Mapping[str, Tensor]) -> Tensor:
     return total
 
 
-def _average_rows(old: Tensor, new: Tensor, rho: float) -> Tensor:
-    """``running_average`` in two passes over the ``c x P`` rows: ``lerp``, then ``hardshrink``.
-
-    ``hardshrink`` at ``finfo.tiny`` flushes subnormals (a dead unit's entries
-    decay geometrically) in one pass instead of the three of a masked fill.
-    """
-    mixed = torch.lerp(old, new.to(old.dtype), 1.0 - rho)
-    return torch.nn.functional.hardshrink(mixed, torch.finfo(mixed.dtype).tiny)
-
-
 class CoarseFisher(Protocol):
     r"""The Fisher model a two-level correction uses on its coarse space."""
 
-    def restrict(self, vectors: Mapping[str, Tensor], rows: bool = True) -> RestrictedFisher:
+    def restrict(
+        self,
+        vectors: Mapping[str, Tensor],
+        rows: bool = True,
+        previous: RestrictedFisher | None = None,
+        rho: float = 0.0,
+    ) -> RestrictedFisher:
         """The model restricted to the coarse vectors (``[c_l, out, in]`` per layer, in order).
 
-        ``rows=False`` computes ``gram`` only.
+        ``rows=False`` computes ``gram`` only. With ``previous``, the result is
+        ``rho * previous + (1 - rho) * restriction``.
         """
         ...
 
     def matvec(self, x: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """$F x$ for one per-layer vector ``[out, in]`` (needed by gradient-dependent spaces)."""
         ...
+
+
+def _expand_averaged(layer: LayerRows, coeffs: Tensor, old: Tensor, rho: float) -> Tensor:
+    r"""``rho * old + (1 - rho) * layer.expand(coeffs)``, ``[c, out, in]``.
+
+    For factored rows $g_{kn}\bar a_n^\top$ one GEMM with accumulation:
+    $\rho M + (1-\rho)\,[\sum_k c_{kn} g_{kn}]_{n}\,\bar A$.
+    """
+    if not isinstance(layer, FactoredRows):
+        return torch.lerp(old, layer.expand(coeffs).to(old.dtype), 1.0 - rho)
+    k, n, _ = layer.output_grads.shape
+    c = coeffs.to(layer.dtype).reshape(-1, k, n)
+    weighted = torch.einsum("ckn,kno->con", c, layer.output_grads)  # [c, out, N]
+    flat = torch.addmm(
+        old.reshape(-1, old.shape[-1]),
+        weighted.reshape(-1, n).to(old.dtype),
+        layer.inputs.to(old.dtype),
+        beta=rho,
+        alpha=1.0 - rho,
+    )
+    return flat.reshape(old.shape)
 
 
 class SampleProjection:
@@ -218,16 +258,39 @@ class SampleFisher:
             raise ValueError("The coarse space has no layers.")
         return torch.cat(parts)
 
-    def restrict(self, vectors: Mapping[str, Tensor], rows: bool = True) -> RestrictedFisher:
+    def restrict(
+        self,
+        vectors: Mapping[str, Tensor],
+        rows: bool = True,
+        previous: RestrictedFisher | None = None,
+        rho: float = 0.0,
+    ) -> RestrictedFisher:
         r"""$PP^\top$ and, with ``rows``, $R_0 F = P U$ per layer ($O(cmP)$).
 
-        $P$ are the projections of the coarse vectors on the rows.
+        $P$ are the projections of the coarse vectors on the rows. With
+        ``previous``, the running average ``rho * previous + (1 - rho) * new``;
+        for one-position layers the average is fused into the product that
+        forms the rows ($\rho M + (1-\rho)\,\hat G^\top \bar A$, one GEMM).
+
+        Raises:
+            ValueError: If ``previous`` belongs to another coarse space.
         """
         proj = self._projections(vectors)
-        expanded = None
-        if rows:
-            expanded = {name: layer.expand(proj) for name, layer in self.rows.items()}
-        return RestrictedFisher(proj @ proj.T, expanded)
+        gram = proj @ proj.T
+        if previous is None:
+            expanded = None
+            if rows:
+                expanded = {name: layer.expand(proj) for name, layer in self.rows.items()}
+            return RestrictedFisher(gram, expanded)
+        shapes = {name: (proj.shape[0], *layer.shape[1:]) for name, layer in self.rows.items()}
+        previous.check_like(proj.shape[0], shapes if rows else None)
+        averaged = None
+        if rows and previous.rows is not None:
+            averaged = {
+                name: _expand_averaged(layer, proj, previous.rows[name], rho)
+                for name, layer in self.rows.items()
+            }
+        return RestrictedFisher(running_average(previous.gram, gram, rho), averaged)
 
     def projection(self, vectors: Mapping[str, Tensor]) -> SampleProjection:
         r"""The projections $P$ only, for vectors used on one step."""
@@ -268,8 +331,14 @@ class CrossKroneckerFisher:
         }
         self.v = {name: sums_a @ p.inputs / n for name, p in pooled.items()}
 
-    def restrict(self, vectors: Mapping[str, Tensor], rows: bool = True) -> RestrictedFisher:
-        r"""The model on one constant vector per layer.
+    def restrict(
+        self,
+        vectors: Mapping[str, Tensor],
+        rows: bool = True,
+        previous: RestrictedFisher | None = None,
+        rho: float = 0.0,
+    ) -> RestrictedFisher:
+        r"""The model on one constant vector per layer (averaged with ``previous`` if given).
 
         With ``rows``, the block of $R_0 F$ in layer $m$ has the rows
         $w_l\, u_{lm} v_{lm}^\top$ ($O(LP)$).
@@ -291,7 +360,7 @@ class CrossKroneckerFisher:
                 name: weights[:, None, None] * self.u[name][:, :, None] * self.v[name][:, None, :]
                 for name in vectors
             }
-        return RestrictedFisher(gram, expanded)
+        return RestrictedFisher(gram, expanded).averaged(previous, rho)
 
     def matvec(self, x: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Not available: the model is only known on the constant vectors.

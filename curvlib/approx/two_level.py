@@ -42,6 +42,12 @@ from curvlib.core.protocols import CurvatureApprox, Preconditioner, RefreshableA
 from curvlib.core.stats import CurvatureStatistics, PerSampleIO, StatKind
 from curvlib.linalg.factors import eigh
 
+FLUSH_EVERY = 16
+"""Updates between two flushes of a fixed space's averaged rows of $R_0 F$ (see
+[`RestrictedFisher.flushed`][curvlib.approx.coarse_fisher.RestrictedFisher.flushed]):
+entries below ``finfo.tiny / max(decay, 0.5) ** FLUSH_EVERY`` are zeroed, so
+an entry decaying at the rate ``decay`` never turns subnormal in between."""
+
 
 class CorrectionForm(Enum):
     r"""How the coarse level is combined with the fine step $\zeta = (C + \lambda I)^{-1}\nabla$.
@@ -518,8 +524,12 @@ class TwoLevel:
             fisher = self._fisher()
             assert fisher is not None
             vectors = self._vectors_of_fixed_space(self._context())
-            new = fisher.restrict(vectors, rows=self._needs_rows)
-            self._restricted = new.averaged(self._restricted, rho)
+            new = fisher.restrict(vectors, self._needs_rows, self._restricted, rho)
+            if self.num_updates % FLUSH_EVERY == 0:
+                # Entries that would turn subnormal before the next flush, at the slowest decay.
+                tiny = torch.finfo(new.gram.dtype).tiny
+                new = new.flushed(tiny / max(self.decay, 0.5) ** FLUSH_EVERY)
+            self._restricted = new
         self.num_updates += 1
 
     def inverse(self, damping: float) -> TwoLevelPreconditioner:

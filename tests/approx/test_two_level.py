@@ -321,15 +321,18 @@ def _random_space(shapes: dict[str, tuple[int, int]], count: int = 2) -> dict[st
     return out
 
 
+@pytest.mark.parametrize("problem", [P.mlp_ce(), P.cnn_ce()], ids=lambda p: p.name)
 @pytest.mark.parametrize("space", ["nicolaides", "fixed", "tselepidis"])
-def test_residual_form_is_optimal_for_the_running_average_of_the_batches(space: str) -> None:
+def test_residual_form_is_optimal_for_the_running_average_of_the_batches(
+    space: str, problem: P.Problem
+) -> None:
     """A fixed space averages R0 F R0^T and the rows R0 F together (one Fisher for both).
 
     After three batches the correction is the F_avg-optimal one for the running
     average F_avg of the batches' Fishers (dense, written out here), never moves
     away from F_avg^-1 grad in that norm, and differs from the latest batch's optimum.
     """
-    problem, decay = P.mlp_ce(), 0.7
+    decay = 0.7
     model = problem.model()
     shapes = Fitted(problem, TwoLevel(KFAC(), Nicolaides())).shapes
     vectors = _random_space(shapes) if space == "fixed" else None
@@ -415,6 +418,15 @@ def test_misuse_names_the_fix() -> None:
         small.averaged(large, 0.5)
     with pytest.raises(RuntimeError, match="restrict with rows"):
         small.project({})
+
+
+def test_flushing_zeroes_only_the_entries_below_the_threshold() -> None:
+    tiny = torch.finfo(torch.float32).tiny
+    rows = torch.tensor([[[tiny / 4, -tiny / 2, 1e-30, -2.0]]])
+    flushed = RestrictedFisher(torch.eye(1), {"0": rows}).flushed(tiny)
+    assert flushed.rows is not None
+    want = torch.tensor([[[0.0, 0.0, 1e-30, -2.0]]])
+    torch.testing.assert_close(flushed.rows["0"], want, rtol=0.0, atol=0.0)
 
 
 @pytest.mark.parametrize(
