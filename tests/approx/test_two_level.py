@@ -8,7 +8,7 @@ with ``torch.func``; the references below are dense solves with it.
 from __future__ import annotations
 
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -31,7 +31,12 @@ from curvlib.approx.diagonal import Diagonal
 from curvlib.approx.ekfac import EKFAC
 from curvlib.approx.kfac import KFAC, KFACDamping
 from curvlib.approx.kpsvd import KPSVD
-from curvlib.approx.two_level import CorrectionForm, RefreshableTwoLevel, TwoLevel
+from curvlib.approx.two_level import (
+    CorrectionForm,
+    RefreshableTwoLevel,
+    TwoLevel,
+    TwoLevelPreconditioner,
+)
 from curvlib.core import (
     CurvatureStatistics,
     FisherType,
@@ -102,6 +107,19 @@ class Fitted:
 def _grads(size: int, count: int = 3) -> list[Tensor]:
     gen = torch.Generator().manual_seed(5)
     return [torch.randn(size, generator=gen, dtype=torch.float64) for _ in range(count)]
+
+
+def _directions(
+    pre: TwoLevelPreconditioner, shapes: dict[str, tuple[int, int]], size: int
+) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    """``(gradient, fine step, two-level direction)``, flattened, for each test gradient."""
+    for grad in _grads(size):
+        mats, start = {}, 0
+        for name, (rows, cols) in shapes.items():
+            mats[name] = grad[start : start + rows * cols].reshape(rows, cols)
+            start += rows * cols
+        zeta = torch.cat([v.flatten() for v in pre.fine.apply(mats).values()])
+        yield grad, zeta, torch.cat([v.flatten() for v in pre.apply(mats).values()])
 
 
 def _identity_space(problem: P.Problem) -> FixedSpace:
@@ -300,14 +318,7 @@ def test_tselepidis_uses_the_dense_cross_layer_kronecker_model(problem: P.Proble
     sizes = [stats.layers[n].layer.out_dim * stats.layers[n].layer.in_dim_aug for n in names]
     r0 = torch.block_diag(*[torch.full((1, s), s**-0.5, dtype=torch.float64) for s in sizes])
     pre = approx.inverse(DAMPING)
-    fitted_shapes = dict(approx._shapes)
-    for grad in _grads(sum(sizes)):
-        mats, start = {}, 0
-        for name, (rows, cols) in fitted_shapes.items():
-            mats[name] = grad[start : start + rows * cols].reshape(rows, cols)
-            start += rows * cols
-        zeta = torch.cat([v.flatten() for v in pre.fine.apply(mats).values()])
-        got = torch.cat([v.flatten() for v in pre.apply(mats).values()])
+    for grad, zeta, got in _directions(pre, dict(approx._shapes), sum(sizes)):
         beta = torch.linalg.solve(r0 @ damped @ r0.T, r0 @ (grad - damped @ zeta))
         torch.testing.assert_close(got, zeta + r0.T @ beta, **EXACT)
 
@@ -364,13 +375,7 @@ def test_residual_form_is_optimal_for_the_running_average_of_the_batches(
         blocks = [vectors[name].flatten(1) for name in shapes]
         r0 = torch.block_diag(*blocks)
     pre = approx.inverse(DAMPING)
-    for grad in _grads(average.shape[0]):
-        mats, start = {}, 0
-        for name, (rows, cols) in shapes.items():
-            mats[name] = grad[start : start + rows * cols].reshape(rows, cols)
-            start += rows * cols
-        zeta = torch.cat([v.flatten() for v in pre.fine.apply(mats).values()])
-        got = torch.cat([v.flatten() for v in pre.apply(mats).values()])
+    for grad, zeta, got in _directions(pre, shapes, average.shape[0]):
         beta = torch.linalg.solve(r0 @ damped @ r0.T, r0 @ (grad - damped @ zeta))
         torch.testing.assert_close(got, zeta + r0.T @ beta, **EXACT)
         exact = torch.linalg.solve(damped, grad)
