@@ -44,6 +44,13 @@ paused within a chunk. On a shared machine use ``--threads 1``: with torch's 2 t
 2 cores any other process stalls OpenMP's barriers, and steps get up to 10x slower in
 bursts that pairing with Adam cannot cancel.
 
+**Interleaved mode** (``--interleave ROUNDS``; for the price of the coarse level on a busy
+machine): the ``--only`` rows run in one process, one step of each in turn (the row order
+rotates every round), for ``ROUNDS`` windows of the first interval ``T``; each row's median
+plain step and median statistics+inverse step give its amortised time at every interval,
+``(special + (T - 1) * plain) / T``, and its ratio to the first row. Load that comes and goes
+then hits all rows alike. Writes ``step_time_interleaved.md`` and ``.json`` to ``--out``.
+
 **Cost floor** (same run; each component timed right after an Adam step, median ratio
 over ``--floor-rounds``), for all 8 layers at the batch size, from real activations and
 output gradients: ``adam`` an Adam step (forward, backward, update; the design's choice:
@@ -758,6 +765,67 @@ def profile(name: str, batch: int, interval: int) -> None:
     stats.sort_stats("tottime").print_stats(20)
 
 
+def interleaved(args: argparse.Namespace) -> None:
+    """Time the ``--only`` rows step by step in one process (module docstring)."""
+    batch, first, rounds = args.batch_sizes[0], args.intervals[0], args.interleave
+    names = [n for n in args.names if n not in BASELINES]
+    steps = {name: make_step(name, batch, first) for name in names}
+    for name in names:  # warm-up: one whole window each
+        for _ in range(first):
+            steps[name]()
+    times: dict[str, dict[bool, list[float]]] = {n: {False: [], True: []} for n in names}
+    start, load_start = time.monotonic(), [round(v, 2) for v in os.getloadavg()]
+    for r in range(rounds):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for _ in range(first):
+            for name in order:
+                gc.disable()
+                elapsed, (special, _split) = timed(steps[name])
+                gc.enable()
+                times[name][special].append(elapsed)
+    med = {n: {k: statistics.median(v) for k, v in t.items() if v} for n, t in times.items()}
+    base = names[0]
+
+    def amortised(name: str, interval: int) -> float:
+        return (med[name][True] + (interval - 1) * med[name][False]) / interval
+
+    head = ["method", "plain step [ms]", "statistics step [ms]"]
+    head += [f"T={t} [ms]" for t in args.intervals] + [f"T={t} ratio" for t in args.intervals]
+    rows = [head]
+    for name in names:
+        row = [REGISTRY[name].label, *(f"{1e3 * med[name][k]:.1f}" for k in (False, True))]
+        row += [f"{1e3 * amortised(name, t):.1f}" for t in args.intervals]
+        row += [f"{amortised(name, t) / amortised(base, t):.3f}" for t in args.intervals]
+        rows.append(row)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    for row in rows:
+        print("  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in
+                        enumerate(zip(row, widths, strict=True))))  # fmt: skip
+    info = machine()
+    info.update(threads=torch.get_num_threads(), seconds=time.monotonic() - start,
+                load_average_start=load_start,
+                load_average_end=[round(v, 2) for v in os.getloadavg()])  # fmt: skip
+    if args.out is None:
+        return
+    args.out.mkdir(parents=True, exist_ok=True)
+    cmd = (f"python benchmarks/step_time.py --interleave {rounds} --batch-sizes {batch} "
+           f"--intervals {','.join(map(str, args.intervals))} --threads {info['threads']} "
+           f"--only {','.join(names)}")  # fmt: skip
+    lines = [
+        f"Reproduce: `{cmd}`; {info['date']}, {info['cpu']} ({info['cpu_count']} logical CPUs), "
+        f"torch {info['torch']}, {info['threads']} thread(s); {rounds} rounds of {first} steps "
+        f"per row, {info['seconds']:.0f} s; load average {load_start} at the start, "
+        f"{info['load_average_end']} at the end. Ratios are to the first row.", "",
+        "| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|",
+        *("| " + " | ".join(row) + " |" for row in rows[1:]),
+    ]  # fmt: skip
+    (args.out / "step_time_interleaved.md").write_text("\n".join(lines) + "\n")
+    split = {n: {"plain": t[False], "special": t[True]} for n, t in times.items()}
+    payload = {"machine": info, "batch": batch, "interval": first, "rounds": rounds, "times": split}
+    (args.out / "step_time_interleaved.json").write_text(json.dumps(payload, indent=1) + "\n")
+    print(f"wrote {args.out / 'step_time_interleaved.md'} and .json")
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     def ints(text: str) -> list[int]:
         return [int(v) for v in text.split(",") if v.strip()]
@@ -777,6 +845,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-step-seconds", type=float, default=30.0, help="stop slower steps")
     p.add_argument("--idle-wait", type=float, default=0.5, help="most seconds to wait for idle")
     p.add_argument("--profile", default=None, help="print a cProfile of one window of this row")
+    p.add_argument("--interleave", type=int, default=0, help="rounds of the interleaved mode")
     p.add_argument("--plot", type=Path, default=None, help="only redraw the chart of this JSON")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -798,6 +867,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         return worker(args.worker, args.batch_sizes[0])
     if args.profile:
         return profile(args.profile, args.batch_sizes[0], args.intervals[0])
+    if args.interleave:
+        return interleaved(args)
     if args.plot:
         return plot(json.loads(args.plot.read_text()), args.plot.with_suffix(".png"))
     info, start, results, too_slow = machine(), time.monotonic(), {}, dict[str, int]()

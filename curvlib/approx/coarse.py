@@ -250,14 +250,18 @@ class ResidualSpace(CoarseSpace):
     $r = \nabla - (F + \lambda I)\zeta$, the vector of layer $l$ is
     $(P_\text{fine}\, r)_l$, zero outside the layer. $F$ is the Fisher of the
     stored statistics batch: with an exactly damped fine level (KFAC's
-    ``EIGEN``, EKFAC) $\nabla - (C + \lambda I)\zeta$ would vanish. The space
+    ``EIGEN``, EKFAC) $\nabla - (C + \lambda I)\zeta$ would vanish, and with
+    KFAC's factored damping it is only the damping's excess
+    $\sqrt\lambda(\pi G\zeta + \zeta A / \pi)$. The space
     changes on every step, so its coarse matrix is projected from the stored
     batch on every step and the preconditioner is not a linear operator (no
     ``to_dense``).
 
     Cost per step: $F\zeta$ ($2$ passes over the stored rows, $O(mTP)$), one
     fine apply, and the projection of the $L$ vectors ($O(mTP)$); with
-    ``krylov`` one more fine apply per layer.
+    ``krylov`` one more fine apply per layer. The fine apply is the vector's
+    definition, so the space costs at least one more fine apply per step than
+    its fine level.
 
     References:
         A. Koroko, A. Anciaux-Sedrakian, I. Ben Gharbia, V. Garès, M. Haddou and
@@ -294,8 +298,9 @@ class Tselepidis(Nicolaides):
     so no per-sample input or output gradient is kept.
 
     Cost: the extractor pools its per-sample tensors on statistics steps; the
-    coarse matrix costs $O(L^2 NK + LN(d_\text{in} + K d_\text{out}))$; the
-    residual form $O(LP)$ per step.
+    coarse matrix costs $O(L^2 NK + LN(d_\text{in} + K d_\text{out}))$, and the
+    rows of $R_0 F$ ($w_l u_{lm} v_{lm}^\top$ in layer $m$) $O(LP)$ time and
+    memory; the residual form $O(LP)$ per step.
 
     Raises:
         ValueError: With ``krylov=True`` (the model is only known on constant vectors).

@@ -28,14 +28,25 @@ from curvlib.approx.base import (
     DEFAULT_DECAY,
     NonFiniteStatisticsError,
     check_damping,
-    running_average,
 )
 from curvlib.approx.coarse import CoarseContext, CoarseSpace, Nicolaides
-from curvlib.approx.coarse_fisher import CoarseFisher, RestrictedFisher, SampleFisher
+from curvlib.approx.coarse_fisher import (
+    CoarseFisher,
+    RestrictedFisher,
+    SampleFisher,
+    SampleProjection,
+    rows_times,
+)
 from curvlib.approx.natural_gradient import _cast_io
 from curvlib.core.protocols import CurvatureApprox, Preconditioner, RefreshableApprox
 from curvlib.core.stats import CurvatureStatistics, PerSampleIO, StatKind
 from curvlib.linalg.factors import eigh
+
+FLUSH_EVERY = 16
+"""Updates between two flushes of a fixed space's averaged rows of $R_0 F$ (see
+[`RestrictedFisher.flushed`][curvlib.approx.coarse_fisher.RestrictedFisher.flushed]):
+entries below ``finfo.tiny / max(decay, 0.5) ** FLUSH_EVERY`` are zeroed, so
+an entry decaying at the rate ``decay`` never turns subnormal in between."""
 
 
 class CorrectionForm(Enum):
@@ -76,31 +87,40 @@ def _pseudo_inverse(matrix: Tensor) -> tuple[Tensor, float]:
     return (vecs / vals) @ vecs.T, top / float(vals[0])
 
 
-def _inner(vectors: Mapping[str, Tensor], x: Mapping[str, Tensor]) -> Tensor:
-    r"""$R_0 x$, ``[..., c]``, from vectors ``[c_l, out, in]`` and ``x`` ``[..., out, in]``."""
-    parts = [
-        torch.einsum("coi,...oi->...c", vecs, x[name].to(vecs.dtype))
-        for name, vecs in vectors.items()
-    ]
-    return torch.cat(parts, dim=-1)
+def _flat(vectors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Each layer's vectors as the rows of a ``[c_l, out * in]`` matrix."""
+    return {name: vecs.flatten(1) for name, vecs in vectors.items()}
 
 
-def _expand(vectors: Mapping[str, Tensor], coeffs: Tensor) -> dict[str, Tensor]:
-    r"""$R_0^\top\beta$ per layer, ``[..., out, in]``, for ``coeffs`` $\beta$ ``[..., c]``."""
+def _inner(flat: Mapping[str, Tensor], x: Mapping[str, Tensor]) -> Tensor:
+    r"""$R_0 x$, ``[..., c]``, from ``[c_l, P_l]`` rows and ``x`` ``[..., out, in]`` (GEMVs)."""
+    return torch.cat(
+        [x[name].to(rows.dtype).flatten(-2) @ rows.T for name, rows in flat.items()], dim=-1
+    )
+
+
+def _add_expanded(
+    zeta: Mapping[str, Tensor], flat: Mapping[str, Tensor], coeffs: Tensor
+) -> dict[str, Tensor]:
+    r"""$\zeta + R_0^\top\beta$ per layer for ``coeffs`` $\beta$ ``[..., c]`` (one fused GEMM)."""
     out: dict[str, Tensor] = {}
     start = 0
-    for name, vecs in vectors.items():
-        stop = start + vecs.shape[0]
-        out[name] = torch.einsum("...c,coi->...oi", coeffs[..., start:stop], vecs)
+    for name, rows in flat.items():
+        stop = start + rows.shape[0]
+        z = zeta[name]
+        if stop == start:
+            out[name] = z
+            continue
+        beta = coeffs[..., start:stop].reshape(-1, stop - start).to(z.dtype)
+        added = torch.addmm(z.reshape(-1, rows.shape[1]), beta, rows.to(z.dtype))
+        out[name] = added.reshape(z.shape)
         start = stop
     return out
 
 
-def _identity_gram(vectors: Mapping[str, Tensor]) -> Tensor:
+def _identity_gram(flat: Mapping[str, Tensor]) -> Tensor:
     r"""$R_0 R_0^\top$: block diagonal over layers (vectors of different layers are orthogonal)."""
-    gram: Tensor = torch.block_diag(  # type: ignore[no-untyped-call]
-        *[v.flatten(1) @ v.flatten(1).T for v in vectors.values()]
-    )
+    gram: Tensor = torch.block_diag(*[v @ v.T for v in flat.values()])  # type: ignore[no-untyped-call]
     return gram
 
 
@@ -133,10 +153,10 @@ class TwoLevelPreconditioner:
         space: The coarse space (used per step if it depends on the gradient).
         fisher: The Fisher model of the coarse level.
         vectors: Fixed coarse vectors (``None`` for gradient-dependent spaces).
-        restricted: ``fisher`` restricted to ``vectors``.
-        gram: $R_0 F R_0^\top$ to use (default: ``restricted.gram``).
+        restricted: ``fisher`` restricted to ``vectors``, with the rows of
+            $R_0 F$ when the residual is computed.
         report_error: Compute the error change in the additive form too (one
-            product $U\zeta$ per step).
+            product with the rows of $R_0 F$ per step).
     """
 
     def __init__(
@@ -149,7 +169,6 @@ class TwoLevelPreconditioner:
         fisher: CoarseFisher | None,
         vectors: Mapping[str, Tensor] | None,
         restricted: RestrictedFisher | None,
-        gram: Tensor | None,
         report_error: bool,
     ) -> None:
         self.fine = fine
@@ -158,28 +177,33 @@ class TwoLevelPreconditioner:
         self.form = form
         self._space = space
         self._fisher = fisher
-        self._report_error = report_error
+        self._residual = report_error or form is CorrectionForm.RESIDUAL
         self.diagnostics: dict[str, float] = {}
         fine_conditions = getattr(fine, "condition_numbers", None)
         self.condition_numbers: dict[str, float] = (
             dict(fine_conditions) if isinstance(fine_conditions, Mapping) else {}
         )
         """The fine inverse's condition estimates per layer (the coarse one: ``diagnostics``)."""
-        self._vectors: dict[str, Tensor] | None = None
+        self._flat: dict[str, Tensor] | None = None
+        self._rows: dict[str, Tensor] | None = None
         if vectors is not None:
             assert restricted is not None
-            self._set_space(dict(vectors), restricted, gram)
+            self._set_space(vectors, restricted.gram)
+            if self._residual:
+                assert restricted.rows is not None
+                self._rows = {name: rows.flatten(1) for name, rows in restricted.rows.items()}
             self.diagnostics = {"coarse_condition": self._condition, "coarse_size": self._size}
 
-    def _set_space(
-        self, vectors: dict[str, Tensor], restricted: RestrictedFisher, gram: Tensor | None
-    ) -> None:
-        self._vectors = vectors
-        self._restricted = restricted
-        base = restricted.gram if gram is None else gram
-        self._matrix = base + self.damping * _identity_gram(vectors).to(base.dtype)
+    def _set_space(self, vectors: Mapping[str, Tensor], gram: Tensor) -> None:
+        self._flat = _flat(vectors)
+        self._matrix = gram + self.damping * _identity_gram(self._flat).to(gram.dtype)
         self._solve, self._condition = _pseudo_inverse(self._matrix)
         self._size = float(self._matrix.shape[0])
+
+    @property
+    def _flat_rows(self) -> dict[str, Tensor]:
+        assert self._flat is not None
+        return self._flat
 
     @property
     def layers(self) -> tuple[str, ...]:
@@ -188,6 +212,11 @@ class TwoLevelPreconditioner:
 
     def apply(self, grads: Mapping[str, Tensor]) -> dict[str, Tensor]:
         r"""The two-level direction for gradients ``[..., out, in]`` of every layer.
+
+        Per step, for vectors fixed since ``inverse``: $R_0\nabla$ and, for
+        the residual, $R_0\zeta$ and $R_0 F\zeta$ from the stored rows of
+        $R_0 F$ (one GEMV per layer each, $O(cP)$), and one fused
+        $\zeta + R_0^\top\beta$.
 
         Raises:
             KeyError: If a layer is missing.
@@ -201,33 +230,40 @@ class TwoLevelPreconditioner:
             )
         zeta = self.fine.apply(grads)
         batched = next(iter(grads.values())).dim() > 2
+        projection: SampleProjection | None = None
         if self._space.gradient_dependent:
             if batched:
                 raise ValueError(
                     f"{type(self._space).__name__} builds its vectors from one gradient: apply "
                     "it to unbatched [out, in] matrices."
                 )
-            self._build_from_residual(grads, zeta)
-        assert self._vectors is not None
-        vectors = self._vectors
-        rg = _inner(vectors, grads)
+            projection = self._build_from_residual(grads, zeta)
+        flat = self._flat_rows
+        rg = _inner(flat, grads)
         res: Tensor | None = None
-        if self.form is CorrectionForm.RESIDUAL or self._report_error:
-            res = rg - self._restricted.project(zeta) - self.damping * _inner(vectors, zeta)
+        fz: Tensor | None = None
+        if projection is not None:
+            fz = projection.project(zeta)
+        elif self._rows is not None:
+            fz = rows_times(self._rows, zeta)
+        if fz is not None:
+            res = rg - fz - self.damping * _inner(flat, zeta)
         rhs = res if self.form is CorrectionForm.RESIDUAL else rg
         assert rhs is not None
         beta = rhs @ self._solve
-        correction = _expand(vectors, beta)
         if not batched:
             self.diagnostics = {"coarse_condition": self._condition, "coarse_size": self._size}
             if res is not None:
                 change = beta @ self._matrix @ beta - 2.0 * (beta @ res)
                 self.diagnostics["coarse_error_change"] = float(change)
-        return {name: zeta[name] + correction[name].to(zeta[name].dtype) for name in grads}
+        return _add_expanded(zeta, flat, beta)
 
-    def _build_from_residual(self, grads: Mapping[str, Tensor], zeta: Mapping[str, Tensor]) -> None:
-        assert self._fisher is not None
-        fz = self._fisher.matvec(zeta)
+    def _build_from_residual(
+        self, grads: Mapping[str, Tensor], zeta: Mapping[str, Tensor]
+    ) -> SampleProjection:
+        fisher = self._fisher
+        assert isinstance(fisher, SampleFisher)
+        fz = fisher.matvec(zeta)
         residual = {
             name: grads[name] - self.damping * zeta[name] - fz[name].to(zeta[name].dtype)
             for name in self.layers
@@ -240,7 +276,9 @@ class TwoLevelPreconditioner:
             residual=residual,
         )
         vectors = _complete(self._space.vectors(context), context)
-        self._set_space(vectors, self._fisher.restrict(vectors), None)
+        projection = fisher.projection(vectors)
+        self._set_space(vectors, projection.gram)
+        return projection
 
     def matvec(self, vectors: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """The same as ``apply``: this operator *is* the preconditioner."""
@@ -303,34 +341,45 @@ class TwoLevel:
     \zeta + R_0^\top F_c^{+} R_0 \nabla \quad\text{(additive)}.$$
 
     $F$ is the whole network's Fisher, cross-layer blocks included, from the
-    per-sample statistics of the latest statistics step
+    per-sample statistics of the statistics steps
     ([`SampleFisher`][curvlib.approx.coarse_fisher.SampleFisher]), or the
     coarse space's own model
     ([`Tselepidis`][curvlib.approx.coarse.Tselepidis]: cross-layer Kronecker
     factors). $F_c^{+}$ is the pseudo-inverse of the $c \times c$ matrix (an
     eigendecomposition; linearly dependent vectors are harmless).
 
-    **Schedules.** ``update`` (statistics steps) updates the fine level, the
-    space and the stored batch. For a space whose vectors never change
-    ([`Nicolaides`][curvlib.approx.coarse.Nicolaides] and
+    **One Fisher for both terms.** The coarse matrix $R_0 F R_0^\top$ and the
+    residual's $R_0 F\zeta$ always come from the same $F$, so the residual
+    form is the $F_\lambda$-optimal correction of $\zeta$ and never moves
+    away from $F_\lambda^{-1}\nabla$ in that norm. For a space whose vectors
+    never change ([`Nicolaides`][curvlib.approx.coarse.Nicolaides],
+    [`Tselepidis`][curvlib.approx.coarse.Tselepidis] and
     [`FixedSpace`][curvlib.approx.coarse.FixedSpace] without Krylov
-    enrichment) $R_0 F R_0^\top$ is computed there and running-averaged like
-    the fine level ($\rho_k = \min(1 - 1/k, \text{decay})$); the residual
-    $R_0 F\zeta$ uses the latest batch. Spaces whose vectors move with the
-    fine level (spectral, Krylov-enriched) project the latest batch when
-    ``inverse`` runs (an average of projections on different vectors would
+    enrichment) that $F$ is the running average $\bar F$ of the statistics
+    steps' Fishers ($\rho_k = \min(1 - 1/k, \text{decay})$, like the fine
+    level): ``update`` restricts the batch's Fisher to the vectors,
+    $R_0 F_k R_0^\top$ and the rows $R_0 F_k$
+    ([`RestrictedFisher`][curvlib.approx.coarse_fisher.RestrictedFisher]),
+    and averages both. Spaces whose vectors move with the fine level
+    (spectral, Krylov-enriched) restrict the latest batch's Fisher when
+    ``inverse`` runs (an average of restrictions to different vectors would
     estimate nothing); [`ResidualSpace`][curvlib.approx.coarse.ResidualSpace]
-    projects it on every step.
+    restricts it on every step.
 
     **Operator.** ``inverse(damping)`` returns a
     [`TwoLevelPreconditioner`][curvlib.approx.two_level.TwoLevelPreconditioner]
     (``apply``, ``to_dense_full``); ``matvec`` and ``to_dense`` are the fine
     level's $C$ (the coarse level changes the solve, not the curvature model).
 
-    Cost on top of the fine level: ``update`` stores the batch and, for fixed
-    spaces, $c$ projections ($O(c\,mTP_l)$ per layer); ``inverse`` the
-    projections of moving spaces and an $O(c^3)$ eigendecomposition; ``apply``
-    $2c$ inner products, plus one $U\zeta$ ($O(mTP)$) in the residual form.
+    Cost on top of the fine level, with $c$ vectors, $m$ statistics rows and
+    $P$ parameters: ``update`` keeps the batch and, for fixed spaces, builds
+    the rows of $R_0 F$ ($O(cmP)$; $O(cP)$ for ``Tselepidis``); ``inverse``
+    the same for moving spaces, and an $O(c^3)$ eigendecomposition; ``apply``
+    $O(cP)$: one GEMV per layer for $R_0\nabla$, one for $R_0F_\lambda\zeta$
+    (residual form), one fused $\zeta + R_0^\top\beta$. The rows of $R_0 F$
+    take $cP$ numbers of memory; the additive form without ``report_error``
+    keeps none. [`ResidualSpace`][curvlib.approx.coarse.ResidualSpace] costs
+    $F\zeta$, a second fine apply and $O(mP)$ projections per step.
 
     Example:
         ```python
@@ -343,7 +392,7 @@ class TwoLevel:
         coarse: The coarse space (default: ``Nicolaides()``).
         form: How the levels combine.
         decay: Upper bound of the running-average weight of a fixed space's
-            coarse matrix.
+            coarse statistics.
         dtype: Storage dtype of the stored batch (default: that of the statistics).
         report_error: Also compute ``coarse_error_change`` in the additive form
             (always computed in the residual form).
@@ -391,8 +440,8 @@ class TwoLevel:
         self.num_updates = 0
         self._shapes: dict[str, tuple[int, int]] = {}
         self._samples: dict[str, PerSampleIO] = {}
-        self._gram: Tensor | None = None
         self._restricted: RestrictedFisher | None = None
+        self._fixed_vectors: dict[str, Tensor] | None = None
         self._like: Tensor | None = None
 
     couples_layers: ClassVar[bool] = True
@@ -406,6 +455,24 @@ class TwoLevel:
     @property
     def _uses_samples(self) -> bool:
         return StatKind.PER_SAMPLE_IO in self.coarse.required_stats
+
+    @property
+    def _needs_rows(self) -> bool:
+        r"""Whether the residual $R_0(\nabla - F_\lambda\zeta)$ is computed (rows of $R_0 F$)."""
+        return self.report_error or self.form is CorrectionForm.RESIDUAL
+
+    def _vectors_of_fixed_space(self, context: CoarseContext) -> dict[str, Tensor]:
+        """A fixed space's vectors, built once for the layer shapes, dtype and device."""
+        cached = self._fixed_vectors
+        if (
+            cached is None
+            or {name: tuple(v.shape[1:]) for name, v in cached.items()} != dict(context.shapes)
+            or next(iter(cached.values())).dtype != context.dtype
+            or next(iter(cached.values())).device != context.device
+        ):
+            cached = _complete(self.coarse.vectors(context), context)
+            self._fixed_vectors = cached
+        return cached
 
     def _context(self, fine: Preconditioner | None = None) -> CoarseContext:
         if not self._shapes or self._like is None:
@@ -453,13 +520,16 @@ class TwoLevel:
         self._samples = samples
         first = next(iter(stats.layers.values())).tensors()[0]
         self._like = torch.empty(0, dtype=self.dtype or first.dtype, device=first.device)
-        self._restricted = None
         if self.coarse.is_fixed:
-            context = self._context()
             fisher = self._fisher()
             assert fisher is not None
-            self._restricted = fisher.restrict(_complete(self.coarse.vectors(context), context))
-            self._gram = running_average(self._gram, self._restricted.gram, rho)
+            vectors = self._vectors_of_fixed_space(self._context())
+            new = fisher.restrict(vectors, self._needs_rows, self._restricted, rho)
+            if self.num_updates % FLUSH_EVERY == 0:
+                # Entries that would turn subnormal before the next flush, at the slowest decay.
+                tiny = torch.finfo(new.gram.dtype).tiny
+                new = new.flushed(tiny / max(self.decay, 0.5) ** FLUSH_EVERY)
+            self._restricted = new
         self.num_updates += 1
 
     def inverse(self, damping: float) -> TwoLevelPreconditioner:
@@ -476,28 +546,16 @@ class TwoLevel:
         fisher = self._fisher()
         vectors: dict[str, Tensor] | None = None
         restricted = None
-        gram = None
-        if not self.coarse.gradient_dependent:
+        if self.coarse.is_fixed:
+            vectors, restricted = self._vectors_of_fixed_space(context), self._restricted
+        elif not self.coarse.gradient_dependent:
             vectors = _complete(self.coarse.vectors(context), context)
             assert fisher is not None
-            if self.coarse.is_fixed:
-                if self._restricted is None:  # after load_state_dict
-                    self._restricted = fisher.restrict(vectors)
-                restricted, gram = self._restricted, self._gram
-            else:
-                restricted = fisher.restrict(vectors)
+            restricted = fisher.restrict(vectors, rows=self._needs_rows)
         return TwoLevelPreconditioner(
-            fine,
-            context,
-            damping,
-            self.form,
-            self.coarse,
-            fisher,
-            vectors,
-            restricted,
-            gram,
-            self.report_error or self.form is CorrectionForm.RESIDUAL,
-        )
+            fine, context, damping, self.form, self.coarse, fisher, vectors, restricted,
+            self._needs_rows,
+        )  # fmt: skip
 
     def matvec(self, vectors: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """The fine level's $C$ times per-layer matrices."""
@@ -508,7 +566,7 @@ class TwoLevel:
         return self.fine.to_dense(layer)
 
     def state_dict(self) -> dict[str, Any]:
-        """Fine level, coarse space, stored batch and coarse matrix: tensors and plain values."""
+        """Fine level, space, stored batch, averaged coarse statistics (tensors, plain values)."""
         return {
             "num_updates": self.num_updates,
             "fine": self.fine.state_dict(),
@@ -518,7 +576,7 @@ class TwoLevel:
                 name: {"inputs": io.inputs.clone(), "output_grads": io.output_grads.clone()}
                 for name, io in self._samples.items()
             },
-            "gram": None if self._gram is None else self._gram.clone(),
+            "restricted": None if self._restricted is None else self._restricted.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -530,9 +588,10 @@ class TwoLevel:
             name: PerSampleIO(e["inputs"].clone(), e["output_grads"].clone())
             for name, e in state["samples"].items()
         }
-        self._gram = None if state["gram"] is None else state["gram"].clone()
-        self._restricted = None
-        like = self._gram if self._gram is not None else None
+        restricted = state["restricted"]
+        self._restricted = None if restricted is None else RestrictedFisher.from_state(restricted)
+        self._fixed_vectors = None
+        like = None if self._restricted is None else self._restricted.gram
         if self._samples:
             like = next(iter(self._samples.values())).inputs
         self._like = None if like is None else torch.empty(0, dtype=like.dtype, device=like.device)

@@ -8,7 +8,7 @@ with ``torch.func``; the references below are dense solves with it.
 from __future__ import annotations
 
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -25,13 +25,25 @@ from curvlib.approx.coarse import (
     Tselepidis,
     extreme_eigenpairs,
 )
+from curvlib.approx.coarse_fisher import RestrictedFisher
 from curvlib.approx.deflation import Deflation
 from curvlib.approx.diagonal import Diagonal
 from curvlib.approx.ekfac import EKFAC
 from curvlib.approx.kfac import KFAC, KFACDamping
 from curvlib.approx.kpsvd import KPSVD
-from curvlib.approx.two_level import CorrectionForm, RefreshableTwoLevel, TwoLevel
-from curvlib.core import FisherType, RefreshableApprox, StatKind, cross_layer_factors
+from curvlib.approx.two_level import (
+    CorrectionForm,
+    RefreshableTwoLevel,
+    TwoLevel,
+    TwoLevelPreconditioner,
+)
+from curvlib.core import (
+    CurvatureStatistics,
+    FisherType,
+    RefreshableApprox,
+    StatKind,
+    cross_layer_factors,
+)
 from curvlib.wiring import PreconditionedOptimizer
 from tests import oracle
 from tests import problems as P
@@ -95,6 +107,19 @@ class Fitted:
 def _grads(size: int, count: int = 3) -> list[Tensor]:
     gen = torch.Generator().manual_seed(5)
     return [torch.randn(size, generator=gen, dtype=torch.float64) for _ in range(count)]
+
+
+def _directions(
+    pre: TwoLevelPreconditioner, shapes: dict[str, tuple[int, int]], size: int
+) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    """``(gradient, fine step, two-level direction)``, flattened, for each test gradient."""
+    for grad in _grads(size):
+        mats, start = {}, 0
+        for name, (rows, cols) in shapes.items():
+            mats[name] = grad[start : start + rows * cols].reshape(rows, cols)
+            start += rows * cols
+        zeta = torch.cat([v.flatten() for v in pre.fine.apply(mats).values()])
+        yield grad, zeta, torch.cat([v.flatten() for v in pre.apply(mats).values()])
 
 
 def _identity_space(problem: P.Problem) -> FixedSpace:
@@ -263,16 +288,11 @@ def test_pooled_statistics_follow_the_documented_position_rule() -> None:
             torch.testing.assert_close(own.G, layer.kronecker.G, **EXACT)
 
 
-@pytest.mark.parametrize("problem", PROBLEMS, ids=lambda p: p.name)
-def test_tselepidis_uses_the_dense_cross_layer_kronecker_model(problem: P.Problem) -> None:
-    approx = TwoLevel(KFAC(), Tselepidis())
-    model = problem.model()
-    stats = fit_statistics(problem, approx, FisherType.EXACT, model=model)
-    approx.update(stats)
+def _dense_cross_kronecker(stats: CurvatureStatistics) -> Tensor:
+    """The Tselepidis model written out densely: block (l, m) = G_lm (x) A_lm."""
     names = list(stats.layers)
     pooled = {n: stats.layers[n].pooled for n in names}
-    # The model written out densely: block (l, m) = G_lm (x) A_lm.
-    dense = torch.cat(
+    return torch.cat(
         [
             torch.cat(
                 [
@@ -284,20 +304,91 @@ def test_tselepidis_uses_the_dense_cross_layer_kronecker_model(problem: P.Proble
             for l in names  # noqa: E741
         ]
     )
+
+
+@pytest.mark.parametrize("problem", PROBLEMS, ids=lambda p: p.name)
+def test_tselepidis_uses_the_dense_cross_layer_kronecker_model(problem: P.Problem) -> None:
+    approx = TwoLevel(KFAC(), Tselepidis())
+    model = problem.model()
+    stats = fit_statistics(problem, approx, FisherType.EXACT, model=model)
+    approx.update(stats)
+    names = list(stats.layers)
+    dense = _dense_cross_kronecker(stats)
     damped = dense + DAMPING * torch.eye(dense.shape[0], dtype=dense.dtype)
     sizes = [stats.layers[n].layer.out_dim * stats.layers[n].layer.in_dim_aug for n in names]
     r0 = torch.block_diag(*[torch.full((1, s), s**-0.5, dtype=torch.float64) for s in sizes])
     pre = approx.inverse(DAMPING)
-    fitted_shapes = dict(approx._shapes)
-    for grad in _grads(sum(sizes)):
-        mats, start = {}, 0
-        for name, (rows, cols) in fitted_shapes.items():
-            mats[name] = grad[start : start + rows * cols].reshape(rows, cols)
-            start += rows * cols
-        zeta = torch.cat([v.flatten() for v in pre.fine.apply(mats).values()])
-        got = torch.cat([v.flatten() for v in pre.apply(mats).values()])
+    for grad, zeta, got in _directions(pre, dict(approx._shapes), sum(sizes)):
         beta = torch.linalg.solve(r0 @ damped @ r0.T, r0 @ (grad - damped @ zeta))
         torch.testing.assert_close(got, zeta + r0.T @ beta, **EXACT)
+
+
+def _random_space(shapes: dict[str, tuple[int, int]], count: int = 2) -> dict[str, Tensor]:
+    gen = torch.Generator().manual_seed(11)
+    out = {}
+    for name, shape in shapes.items():
+        vecs = torch.randn(count, *shape, generator=gen, dtype=torch.float64)
+        out[name] = vecs / vecs.flatten(1).norm(dim=1)[:, None, None]
+    return out
+
+
+@pytest.mark.parametrize("problem", [P.mlp_ce(), P.cnn_ce()], ids=lambda p: p.name)
+@pytest.mark.parametrize("space", ["nicolaides", "fixed", "tselepidis"])
+def test_residual_form_is_optimal_for_the_running_average_of_the_batches(
+    space: str, problem: P.Problem
+) -> None:
+    """A fixed space averages R0 F R0^T and the rows R0 F together (one Fisher for both).
+
+    After three batches the correction is the F_avg-optimal one for the running
+    average F_avg of the batches' Fishers (dense, written out here), never moves
+    away from F_avg^-1 grad in that norm, and differs from the latest batch's optimum.
+    """
+    decay = 0.7
+    model = problem.model()
+    shapes = Fitted(problem, TwoLevel(KFAC(), Nicolaides())).shapes
+    vectors = _random_space(shapes) if space == "fixed" else None
+    make: Callable[[], CoarseSpace] = {
+        "nicolaides": Nicolaides,
+        "fixed": lambda: FixedSpace(vectors or {}),
+        "tselepidis": Tselepidis,
+    }[space]
+    approx = TwoLevel(KFAC(), make(), decay=decay)
+    average: Tensor | None = None
+    latest = torch.empty(0)
+    for k, scale in enumerate((0.0, 0.4, 1.0)):
+        batch = perturbed(problem, scale) if scale else problem
+        stats = fit_statistics(batch, approx, FisherType.EXACT, model=model)
+        approx.update(stats)
+        if space == "tselepidis":
+            latest = _dense_cross_kronecker(stats)
+        else:
+            latest = oracle.dense_ggn(model, batch.loss_fn, batch.x, batch.y, list(shapes))
+        rho = min(1.0 - 1.0 / (k + 1), decay)
+        average = latest if average is None else rho * average + (1.0 - rho) * latest
+    assert average is not None
+    eye = torch.eye(average.shape[0], dtype=torch.float64)
+    damped, damped_latest = average + DAMPING * eye, latest + DAMPING * eye
+    if vectors is None:
+        sizes = [rows * cols for rows, cols in shapes.values()]
+        r0 = torch.block_diag(*[torch.full((1, n), n**-0.5, dtype=torch.float64) for n in sizes])
+    else:
+        blocks = [vectors[name].flatten(1) for name in shapes]
+        r0 = torch.block_diag(*blocks)
+    pre = approx.inverse(DAMPING)
+    for grad, zeta, got in _directions(pre, shapes, average.shape[0]):
+        beta = torch.linalg.solve(r0 @ damped @ r0.T, r0 @ (grad - damped @ zeta))
+        torch.testing.assert_close(got, zeta + r0.T @ beta, **EXACT)
+        exact = torch.linalg.solve(damped, grad)
+        before = float((zeta - exact) @ damped @ (zeta - exact))
+        after = float((got - exact) @ damped @ (got - exact))
+        assert after <= before * (1 + 1e-9), (before, after)
+        change = pre.diagnostics["coarse_error_change"]
+        assert change == pytest.approx(after - before, rel=1e-4, abs=1e-9 * before)
+        # The latest batch alone gives another correction: the average is what is used.
+        beta_latest = torch.linalg.solve(
+            r0 @ damped_latest @ r0.T, r0 @ (grad - damped_latest @ zeta)
+        )
+        assert float((r0.T @ (beta - beta_latest)).norm()) > 1e-3 * float((r0.T @ beta).norm())
 
 
 # -- wrapper behaviour ------------------------------------------------------------------
@@ -327,6 +418,20 @@ def test_misuse_names_the_fix() -> None:
     residual = Fitted(problem, TwoLevel(KFAC(), ResidualSpace()))
     with pytest.raises(ValueError, match="no matrix"):
         residual.approx.inverse(DAMPING).to_dense_full()
+    small, large = RestrictedFisher(torch.eye(2)), RestrictedFisher(torch.eye(3))
+    with pytest.raises(ValueError, match="vectors must stay the same"):
+        small.averaged(large, 0.5)
+    with pytest.raises(RuntimeError, match="restrict with rows"):
+        small.project({})
+
+
+def test_flushing_zeroes_only_the_entries_below_the_threshold() -> None:
+    tiny = torch.finfo(torch.float32).tiny
+    rows = torch.tensor([[[tiny / 4, -tiny / 2, 1e-30, -2.0]]])
+    flushed = RestrictedFisher(torch.eye(1), {"0": rows}).flushed(tiny)
+    assert flushed.rows is not None
+    want = torch.tensor([[[0.0, 0.0, 1e-30, -2.0]]])
+    torch.testing.assert_close(flushed.rows["0"], want, rtol=0.0, atol=0.0)
 
 
 @pytest.mark.parametrize(
