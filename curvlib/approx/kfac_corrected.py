@@ -109,6 +109,14 @@ class KFACCorrected(RearrangedApprox):
     $O(KN d_o d_i (d_o + d_i))$ for convolutions; inverse two Cholesky
     factorisations and two ``eigh`` of the factor sizes; apply four matrix
     products.
+    In the sample-space form
+    ([`SampleSpaceFisher`][curvlib.linalg.sample_space.SampleSpaceFisher],
+    chosen per layer by [`choose_form`][curvlib.linalg.sample_space.choose_form]
+    when cheaper) the update costs the Gram matrices once,
+    $O(N^2 (d_i + K^2 d_o))$, $O(N^2)$ per product, and
+    $O(N d_i^2 + KN d_o^2)$ per factor pair formed at the end.
+    The KFAC term joins the sample terms there: its inner products with them
+    cost one more factor pair.
 
     Example:
         >>> approx = KFACCorrected(tol=1e-6, min_eig=0.1)

@@ -9,8 +9,10 @@ per-sample statistics per update instead of two outer products.
 
 ## The rearranged-Fisher family
 
-All four methods fit Kronecker sums to $\mathcal R(F)$, matrix-free, from the
-per-sample inputs and output gradients of a layer, and keep running averages of
+All four methods fit Kronecker sums to $\mathcal R(F)$ from the per-sample
+inputs and output gradients of a layer, matrix-free or in sample space (the
+cheaper per layer, [`curvlib.linalg.sample_space`][curvlib.linalg.sample_space];
+``form`` forces one), and keep running averages of
 their factors normalised by
 [`balanced_factors`][curvlib.linalg.rearrange.balanced_factors]
 ($\operatorname{tr} A_j \ge 0$, $\|G_j\|_F = \|A_j\|_F$):
@@ -154,6 +156,15 @@ class KPSVD(RearrangedApprox):
     per-sample gradient is formed) or $O(KN d_o d_i (d_o + d_i))$ for
     convolutions; inverse two
     Cholesky factorisations $O(d_o^3 + d_i^3)$; apply $O(d_o d_i (d_o + d_i))$.
+    In the sample-space form
+    ([`SampleSpaceFisher`][curvlib.linalg.sample_space.SampleSpaceFisher],
+    chosen per layer by [`choose_form`][curvlib.linalg.sample_space.choose_form]
+    when cheaper) the update costs the Gram matrices once,
+    $O(N^2 (d_i + K^2 d_o))$, $O(N^2)$ per product, and
+    $O(N d_i^2 + KN d_o^2)$ per factor pair formed at the end.
+    There the iterations start from the batch's own KFAC factor $\bar A^\top
+    \bar A$ (free), not from the previous $A$ (whose inner products with the
+    new samples would cost as much as forming a factor).
 
     Example:
         >>> approx = KPSVD(tol=1e-6, max_iter=50)

@@ -18,7 +18,7 @@ from curvlib.approx.base import DEFAULT_DECAY, LayerBlock
 from curvlib.approx.deflation import Factors, KroneckerSumBlock, check_settings
 from curvlib.approx.kpsvd import RearrangedApprox
 from curvlib.core.stats import LayerStatistics, StatKind
-from curvlib.linalg.rearrange import balanced_factors, lanczos_svd
+from curvlib.linalg.rearrange import balanced_factors, lanczos_svd, psd_factors
 from curvlib.linalg.sample_space import RearrangedForm
 
 _RANK = 2
@@ -57,7 +57,7 @@ class _LanczosBlock(KroneckerSumBlock):
             max_restarts=self.max_restarts,
         )
         self.last_iterations = first.iterations
-        return (*balanced_factors(first, psd=True), *balanced_factors(second))
+        return (*psd_factors(op, first), *balanced_factors(second))
 
 
 class Lanczos(RearrangedApprox):
@@ -101,6 +101,13 @@ class Lanczos(RearrangedApprox):
     $O(k^2 (d_o^2 + d_i^2))$ reorthogonalisation and one ``eigh`` per
     first-pair factor; inverse two Cholesky factorisations and two ``eigh`` of
     the factor sizes; apply four matrix products.
+    In the sample-space form
+    ([`SampleSpaceFisher`][curvlib.linalg.sample_space.SampleSpaceFisher],
+    chosen per layer by [`choose_form`][curvlib.linalg.sample_space.choose_form]
+    when cheaper) the update costs the Gram matrices once,
+    $O(N^2 (d_i + K^2 d_o))$, $O(N^2)$ per product, and
+    $O(N d_i^2 + KN d_o^2)$ per factor pair formed at the end.
+    The start there is the batch's KFAC factor, not the previous factors.
 
     Example:
         >>> approx = Lanczos(krylov_dim=10, tol=1e-6)

@@ -237,6 +237,14 @@ class Coordinates(ABC):
     def out_matrix(self, u: Tensor) -> Tensor:
         """The ``[out, out]`` matrix of output coordinates, in ``dtype``."""
 
+    def psd_part(self, coords: Tensor) -> Tensor | None:
+        """Coordinates of a positive semi-definite matrix near the one of ``coords``.
+
+        ``None`` (the default) where only an eigendecomposition of the matrix
+        can tell; works for either side.
+        """
+        return None
+
     def norm_in(self, v: Tensor) -> float:
         """Frobenius norm of the input matrix with coordinates ``v``."""
         return math.sqrt(max(float(self.inner_in(v, v)), 0.0))
@@ -402,6 +410,33 @@ def balanced_factors(triple: SingularTriple, *, psd: bool = False) -> tuple[Tens
     if psd:
         G, A = ((e.vectors * e.values) @ e.vectors.T for e in (eigh(G), eigh(A)))
     return flush_subnormals(symmetrize(G)), flush_subnormals(symmetrize(A))
+
+
+def psd_factors(
+    op: RearrangedOperator | Coordinates, triple: SingularTriple
+) -> tuple[Tensor, Tensor]:
+    r"""The factors of `balanced_factors` with ``psd=True``, without ``eigh`` where possible.
+
+    For the top pair of a positive semi-definite $F$. Where ``op`` offers
+    [`Coordinates.psd_part`][curvlib.linalg.rearrange.Coordinates.psd_part]
+    and it moves neither factor by more than ten times the triple's residual
+    (its own error), the factors are formed from those coordinates: no
+    ``eigh``. Otherwise each factor's negative eigenvalues are clamped.
+    """
+    if isinstance(op, Coordinates) and triple.u is not None and triple.v is not None:
+        scale = _balanced_scale(triple)
+        u, v = scale * triple.u, scale * triple.v
+        pu, pv = op.psd_part(u), op.psd_part(v)
+        slack = 10.0 * max(triple.residual, effective_tol(0.0, op.dtype)) * abs(scale)
+        if (
+            pu is not None
+            and pv is not None
+            and op.norm_out(u - pu) <= slack
+            and op.norm_in(v - pv) <= slack
+        ):
+            G, A = op.out_matrix(pu), op.in_matrix(pv)
+            return flush_subnormals(symmetrize(G)), flush_subnormals(symmetrize(A))
+    return balanced_factors(triple, psd=True)
 
 
 def deflated(

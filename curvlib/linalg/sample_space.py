@@ -314,6 +314,23 @@ class SampleSpaceFisher(Coordinates):
         diagonal.copy_((1.0 + 0.3 * torch.sin(1.0 + j * (j + 1.0))).view(self._n, self._t))
         return start
 
+    def psd_part(self, coords: Tensor) -> Tensor | None:
+        r"""Negative coefficients set to zero ($T = 1$) or each block clamped ($T > 1$).
+
+        The top singular vectors of $\mathcal R(F)$ are nonnegative combinations
+        of the terms (power iterations from a nonnegative start stay
+        nonnegative), so a Ritz vector of them is negative only by its error.
+        ``None`` with extra terms, whose signs are not known.
+        """
+        if self._terms_a:
+            return None
+        if self._t == 1:
+            return coords.clamp_min(0.0)
+        blocks = coords.view(self._n, self._t, self._t)
+        values, vectors = torch.linalg.eigh((blocks + blocks.transpose(-1, -2)) / 2)
+        clamped: Tensor = (vectors * values.clamp_min(0.0).unsqueeze(-2)) @ vectors.mT
+        return clamped.reshape(-1)
+
     def _extra_inner(self, samples: Tensor, mats: list[Tensor], mat: Tensor) -> Tensor:
         extra = [float((m * mat).sum()) for m in mats]
         return torch.cat([samples, samples.new_tensor(extra)])

@@ -20,7 +20,14 @@ from curvlib.approx.kfac_corrected import KFACCorrected
 from curvlib.approx.kpsvd import KPSVD
 from curvlib.approx.lanczos import Lanczos
 from curvlib.core import CurvatureStatistics, PerSampleIO, StatKind
-from curvlib.linalg.rearrange import RearrangedFisher, power_svd
+from curvlib.linalg.rearrange import (
+    RearrangedFisher,
+    SingularTriple,
+    balanced_factors,
+    lanczos_svd,
+    power_svd,
+    psd_factors,
+)
 from curvlib.linalg.sample_space import (
     MAX_GRAM_ENTRIES,
     RearrangedForm,
@@ -172,3 +179,22 @@ def test_telemetry_reports_the_form_and_the_products(make: type[KPSVD]) -> None:
 def test_an_unknown_form_is_refused() -> None:
     with pytest.raises(ValueError, match="sample"):
         KPSVD(form="samples")
+
+
+@pytest.mark.parametrize(("problem", "layer"), _layers(), ids=lambda x: str(x))
+def test_positive_factors_without_eigh_match_the_clamped_ones(problem: str, layer: str) -> None:
+    """The Lanczos top pair in sample space: clamping coefficients equals clamping eigenvalues."""
+    stats = _stats(problem)[layer]
+    assert stats.io is not None
+    op = SampleSpaceFisher(stats.io)
+    first, _ = lanczos_svd(op, 2, tol=1e-12, max_restarts=200)
+    G, A = psd_factors(op, first)
+    G_ref, A_ref = balanced_factors(first, psd=True)
+    for factor, ref in ((G, G_ref), (A, A_ref)):
+        _close(factor, ref, "psd factor", float(ref.abs().max()) * 1e-6 / RTOL)
+        assert float(torch.linalg.eigvalsh(factor)[0]) >= -RTOL * float(factor.abs().max())
+    # A coefficient of the wrong sign beyond the triple's error is refused: eigh instead.
+    v = first.v
+    assert v is not None
+    bad = SingularTriple(first.sigma, first.U, first.V, 1, 1e-14, first.u, v - 2 * v.abs().max())
+    assert torch.equal(psd_factors(op, bad)[1], balanced_factors(bad, psd=True)[1])
