@@ -434,7 +434,9 @@ def psd_factors(
             and op.norm_out(u - pu) <= slack
             and op.norm_in(v - pv) <= slack
         ):
-            G, A = op.out_matrix(pu), op.in_matrix(pv)
+            # The matrices of the triple plus the (sparse) corrections.
+            G = scale * triple.U + op.out_matrix(pu - u)
+            A = scale * triple.V + op.in_matrix(pv - v)
             return flush_subnormals(symmetrize(G)), flush_subnormals(symmetrize(A))
     return balanced_factors(triple, psd=True)
 

@@ -357,7 +357,11 @@ class SampleSpaceFisher(Coordinates):
         t = self._t
         blocks = self._symmetric_blocks(coef[: count * t * t].view(count, t, t)).to(self.dtype)
         if t == 1:
-            return (rows.T * blocks.flatten()) @ rows
+            weights = blocks.flatten()
+            keep = weights != 0
+            if not bool(keep.all()):  # e.g. a correction: only the rows it touches
+                rows, weights = rows[keep], weights[keep]
+            return (rows.T * weights) @ rows
         weighted = torch.bmm(blocks, rows.view(count, t, -1)).flatten(0, 1)
         return rows.T @ weighted
 
