@@ -700,6 +700,7 @@ def markdown(info: dict[str, Any], args: argparse.Namespace, results: dict[int, 
     cmd = "python benchmarks/step_time.py --batch-sizes " + ",".join(map(str, args.batch_sizes))
     cmd += " --intervals " + ",".join(map(str, args.intervals))
     cmd += f" --threads {args.threads}" if args.threads else ""
+    cmd += f" --methods {args.only}" if args.only else ""
     lines = [
         "# Step time", "", f"Reproduce: `{cmd}` (its docstring says what is measured).", "",
         f"- Date: {info['date']}; run took {info['seconds']:.0f} s; load average "
