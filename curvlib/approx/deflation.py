@@ -278,12 +278,9 @@ class Deflation(RearrangedApprox):
     for convolutions; inverse two
     Cholesky factorisations and two ``eigh`` of the factor sizes; apply four
     matrix products.
-    In the sample-space form
-    ([`SampleSpaceFisher`][curvlib.linalg.sample_space.SampleSpaceFisher],
-    chosen per layer by [`choose_form`][curvlib.linalg.sample_space.choose_form]
-    when cheaper) the update costs the Gram matrices once,
-    $O(N^2 (d_i + K^2 d_o))$, $O(N^2)$ per product, and
-    $O(N d_i^2 + KN d_o^2)$ per factor pair formed at the end.
+    The sample-space form, where cheaper (costs in
+    [`curvlib.linalg.sample_space`][curvlib.linalg.sample_space]), pays $O(N^2)$
+    per product after building its Gram matrices, and forms two factor pairs.
     Warm starts from the previous factors are used by the matrix-free form only.
 
     Example:

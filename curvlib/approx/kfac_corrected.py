@@ -109,12 +109,9 @@ class KFACCorrected(RearrangedApprox):
     $O(KN d_o d_i (d_o + d_i))$ for convolutions; inverse two Cholesky
     factorisations and two ``eigh`` of the factor sizes; apply four matrix
     products.
-    In the sample-space form
-    ([`SampleSpaceFisher`][curvlib.linalg.sample_space.SampleSpaceFisher],
-    chosen per layer by [`choose_form`][curvlib.linalg.sample_space.choose_form]
-    when cheaper) the update costs the Gram matrices once,
-    $O(N^2 (d_i + K^2 d_o))$, $O(N^2)$ per product, and
-    $O(N d_i^2 + KN d_o^2)$ per factor pair formed at the end.
+    The sample-space form, where cheaper (costs in
+    [`curvlib.linalg.sample_space`][curvlib.linalg.sample_space]), pays $O(N^2)$
+    per product and forms the correction's factors once.
     The KFAC term joins the sample terms there: its inner products with them
     cost one more factor pair.
 

@@ -156,12 +156,10 @@ class KPSVD(RearrangedApprox):
     per-sample gradient is formed) or $O(KN d_o d_i (d_o + d_i))$ for
     convolutions; inverse two
     Cholesky factorisations $O(d_o^3 + d_i^3)$; apply $O(d_o d_i (d_o + d_i))$.
-    In the sample-space form
-    ([`SampleSpaceFisher`][curvlib.linalg.sample_space.SampleSpaceFisher],
-    chosen per layer by [`choose_form`][curvlib.linalg.sample_space.choose_form]
-    when cheaper) the update costs the Gram matrices once,
-    $O(N^2 (d_i + K^2 d_o))$, $O(N^2)$ per product, and
-    $O(N d_i^2 + KN d_o^2)$ per factor pair formed at the end.
+    In the sample-space form, where cheaper
+    ([`choose_form`][curvlib.linalg.sample_space.choose_form]), the update
+    costs $O(N^2 (d_i + K^2 d_o))$ once, $O(N^2)$ per power iteration and
+    one KFAC-sized factor pair at the end.
     There the iterations start from the batch's own KFAC factor $\bar A^\top
     \bar A$ (free), not from the previous $A$ (whose inner products with the
     new samples would cost as much as forming a factor).

@@ -101,12 +101,9 @@ class Lanczos(RearrangedApprox):
     $O(k^2 (d_o^2 + d_i^2))$ reorthogonalisation and one ``eigh`` per
     first-pair factor; inverse two Cholesky factorisations and two ``eigh`` of
     the factor sizes; apply four matrix products.
-    In the sample-space form
-    ([`SampleSpaceFisher`][curvlib.linalg.sample_space.SampleSpaceFisher],
-    chosen per layer by [`choose_form`][curvlib.linalg.sample_space.choose_form]
-    when cheaper) the update costs the Gram matrices once,
-    $O(N^2 (d_i + K^2 d_o))$, $O(N^2)$ per product, and
-    $O(N d_i^2 + KN d_o^2)$ per factor pair formed at the end.
+    Where cheaper, the sample-space form
+    ([`curvlib.linalg.sample_space`][curvlib.linalg.sample_space]) runs the
+    bidiagonalisation on Gram matrices, $O(N^2)$ per product.
     The start there is the batch's KFAC factor, not the previous factors.
 
     Example:
