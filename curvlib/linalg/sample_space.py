@@ -37,7 +37,7 @@ pairs formed):
 | sample space, $T > 1$ | $N^2T^2 (d_i + K^2 d_o)$ | $2(1 + K^2) N^2 T^3$ | $NT(d_i^2 + K d_o^2)$ |
 
 [`choose_form`][curvlib.linalg.sample_space.choose_form] takes the cheaper at
-$p = $ ``EXPECTED_PRODUCTS``. For a ``Linear`` layer with $d_i \approx d_o = d$
+$p$ = ``EXPECTED_PRODUCTS``. For a ``Linear`` layer with $d_i \approx d_o = d$
 and $K = 1$ the sample space wins once $N \lesssim 9 d$; for a convolution the
 $T^3$ per product makes it lose on every layer of curvlib's test and benchmark
 networks except the smallest. The Gram matrices are built and iterated in
