@@ -553,6 +553,8 @@ def power_svd(
         u = image / alpha
         w = space.rmatvec(u)
         beta = space.norm_in(w)
+        if not beta > tiny:  # beta >= alpha in exact arithmetic: a breakdown at round-off
+            return _zero_triples(1, space, iteration)[0]
         residual = space.norm_in(w - alpha * v) / beta
         v, sigma = w / beta, beta
         if residual <= tol:
