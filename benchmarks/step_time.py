@@ -4,7 +4,7 @@ Run from the repository root::
 
     python benchmarks/step_time.py                     # batch 512 and 1000, T = 10 and 100
     python benchmarks/step_time.py --quick             # smoke test, writes nothing
-    python benchmarks/step_time.py --only kfac,sgd --batch-sizes 512 --threads 1
+    python benchmarks/step_time.py --methods kfac,sgd --batch-sizes 512 --threads 1
     python benchmarks/step_time.py --profile kfac      # cProfile of one window, batch 512, T=10
 
 Network: the MNIST autoencoder 784-1000-500-250-30-250-500-1000-784 (ReLU, linear code
@@ -707,6 +707,7 @@ def markdown(info: dict[str, Any], args: argparse.Namespace, results: dict[int, 
     cmd = "python benchmarks/step_time.py --batch-sizes " + ",".join(map(str, args.batch_sizes))
     cmd += " --intervals " + ",".join(map(str, args.intervals))
     cmd += f" --threads {args.threads}" if args.threads else ""
+    cmd += f" --methods {args.only}" if args.only else ""
     lines = [
         "# Step time", "", f"Reproduce: `{cmd}` (its docstring says what is measured).", "",
         f"- Date: {info['date']}; run took {info['seconds']:.0f} s; load average "
@@ -835,7 +836,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-sizes", type=ints, default=[512, 1000])
     p.add_argument("--intervals", type=ints, default=[10, 100], help="T = t_cov = t_inv")
     p.add_argument("--quick", action="store_true", help="batch 64, T=2, few steps; no files")
-    p.add_argument("--only", default="", help=f"comma-separated of: {', '.join(names)}")
+    rows = f"comma-separated of: {', '.join(names)}"
+    p.add_argument("--methods", "--only", dest="only", default="", help=rows)
     p.add_argument("--out", type=Path, default=None, help=f"default: {DEFAULT_OUT}")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--window-steps", type=int, default=30, help="windows = this // T (>= 1)")

@@ -17,23 +17,21 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from curvlib.approx.base import (
-    DEFAULT_DECAY,
-    LayerBlock,
-    LayerwiseApprox,
-    running_average,
-    standard_normal,
-)
+from curvlib.approx.base import DEFAULT_DECAY, LayerBlock, running_average, standard_normal
+from curvlib.approx.kpsvd import RearrangedApprox
 from curvlib.core.stats import LayerStatistics, StatKind
 from curvlib.linalg.factors import symmetrize
 from curvlib.linalg.kron import KroneckerSumInverse, two_term_inverse
 from curvlib.linalg.rearrange import (
+    Coordinates,
     Deflated,
     RearrangedFisher,
     balanced_factors,
+    deflated,
     power_svd,
     psd_start,
 )
+from curvlib.linalg.sample_space import RearrangedForm, rearranged
 
 Factors = tuple[Tensor, Tensor, Tensor, Tensor]
 r"""``(G1, A1, G2, A2)`` of $G_1 \otimes A_1 + G_2 \otimes A_2$."""
@@ -75,24 +73,49 @@ class KroneckerSumBlock(LayerBlock):
         in_dim: Columns of the layer's $[W \mid b]$ matrix.
         dtype: Storage dtype of the factors.
         min_eig: Floor $\epsilon$ of the whitened eigenvalues.
+        form: How products with $\mathcal R(F)$ are computed.
     """
 
     def __init__(
-        self, out_dim: int, in_dim: int, dtype: torch.dtype | None, min_eig: float
+        self,
+        out_dim: int,
+        in_dim: int,
+        dtype: torch.dtype | None,
+        min_eig: float,
+        form: RearrangedForm = RearrangedForm.AUTO,
     ) -> None:
         super().__init__(out_dim, in_dim, dtype)
-        self.min_eig = min_eig
+        self.min_eig, self.form = min_eig, form
         self.factors: Factors | None = None
         self.last_iterations = 0
         r"""Products with $\mathcal R(F)$ spent by the last update (telemetry)."""
+        self.last_form = form
+        """The form the last update used (telemetry)."""
 
     @abstractmethod
     def _batch_factors(self, stats: LayerStatistics) -> Factors:
         """The factors ``(G1, A1, G2, A2)`` of one batch, normalised for averaging."""
 
-    def _rearranged(self, stats: LayerStatistics) -> RearrangedFisher:
+    def _rearranged(
+        self, stats: LayerStatistics, term: tuple[Tensor, Tensor] | None = None, pairs: int = 2
+    ) -> RearrangedFisher | Deflated | Coordinates:
+        r"""$\mathcal R(F)$ (minus ``term``, a ``(G, A)`` pair) in the chosen form.
+
+        Records the form in ``last_form``; ``_warm`` then gives previous
+        factors as starts only to the matrix-free form (in the sample-space form
+        a matrix start costs as much as a factor, and iterations cost
+        $O(N^2)$: it starts from the batch's own KFAC factor instead).
+        """
         assert stats.io is not None
-        return RearrangedFisher(stats.io, dtype=self.dtype)
+        terms = [] if term is None else [term]
+        op, self.last_form = rearranged(stats.io, self.dtype, self.form, terms, pairs=pairs)
+        return op
+
+    def _warm(self, index: int) -> Tensor | None:
+        """The previous factor ``index`` of ``(G1, A1, G2, A2)`` as a start, if it is used."""
+        if self.factors is None or self.last_form is not RearrangedForm.MATRIX_FREE:
+            return None
+        return self.factors[index]
 
     def update(self, stats: LayerStatistics, rho: float) -> None:
         """Fold one batch's factors into the running averages of the four factors."""
@@ -198,20 +221,19 @@ class _DeflationBlock(KroneckerSumBlock):
         min_eig: float,
         tol: float,
         max_iter: int,
+        form: RearrangedForm,
     ) -> None:
-        super().__init__(out_dim, in_dim, dtype, min_eig)
+        super().__init__(out_dim, in_dim, dtype, min_eig, form)
         self.tol, self.max_iter = tol, max_iter
 
     def _batch_factors(self, stats: LayerStatistics) -> Factors:
         op = self._rearranged(stats)
-        warm = self.factors
         first = power_svd(
-            op, psd_start(op, None if warm is None else warm[1]), tol=self.tol,
-            max_iter=self.max_iter,
+            op, psd_start(op, self._warm(1)), tol=self.tol, max_iter=self.max_iter
         )  # fmt: skip
         second = power_svd(
-            Deflated(op, [balanced_factors(first)]),
-            None if warm is None else warm[3],
+            deflated(op, first),
+            self._warm(3),
             tol=self.tol,
             max_iter=self.max_iter,
             scale=first.sigma,
@@ -221,7 +243,7 @@ class _DeflationBlock(KroneckerSumBlock):
         return (*balanced_factors(first), *balanced_factors(second))
 
 
-class Deflation(LayerwiseApprox):
+class Deflation(RearrangedApprox):
     r"""The optimal rank-2 Kronecker sum: top two singular pairs of the rearranged block.
 
     Each layer's block is approximated by $C = G_1 \otimes A_1 + G_2 \otimes A_2$,
@@ -256,6 +278,10 @@ class Deflation(LayerwiseApprox):
     for convolutions; inverse two
     Cholesky factorisations and two ``eigh`` of the factor sizes; apply four
     matrix products.
+    The sample-space form, where cheaper (costs in
+    [`curvlib.linalg.sample_space`][curvlib.linalg.sample_space]), pays $O(N^2)$
+    per product after building its Gram matrices, and forms two factor pairs.
+    Warm starts from the previous factors are used by the matrix-free form only.
 
     Example:
         >>> approx = Deflation(tol=1e-6, max_iter=100)
@@ -268,10 +294,12 @@ class Deflation(LayerwiseApprox):
         min_eig: Floor $\epsilon \in (0, 1]$ of the whitened eigenvalues.
         decay: Upper bound of the running-average weight on the old estimate.
         dtype: Storage dtype of the factors (default: that of the statistics).
+        form: How products with $\mathcal R(F)$ are computed
+            ([`RearrangedForm`][curvlib.linalg.sample_space.RearrangedForm]).
 
     Raises:
-        ValueError: If ``tol`` or ``max_iter`` is not positive or ``min_eig`` is
-            outside $(0, 1]$.
+        ValueError: If ``tol`` or ``max_iter`` is not positive, ``min_eig`` is
+            outside $(0, 1]$ or ``form`` is unknown.
 
     References:
         A. Koroko, A. Anciaux-Sedrakian, I. Ben Gharbia, V. Garès, M. Haddou and
@@ -291,10 +319,13 @@ class Deflation(LayerwiseApprox):
         min_eig: float = 0.1,
         decay: float = DEFAULT_DECAY,
         dtype: torch.dtype | None = None,
+        form: RearrangedForm | str = RearrangedForm.AUTO,
     ) -> None:
-        super().__init__(decay=decay, dtype=dtype)
+        super().__init__(form, decay=decay, dtype=dtype)
         check_settings(tol, min_eig, max_iter=max_iter)
         self.tol, self.max_iter, self.min_eig = tol, int(max_iter), min_eig
 
     def _make_block(self, out_dim: int, in_dim: int) -> LayerBlock:
-        return _DeflationBlock(out_dim, in_dim, self.dtype, self.min_eig, self.tol, self.max_iter)
+        return _DeflationBlock(
+            out_dim, in_dim, self.dtype, self.min_eig, self.tol, self.max_iter, self.form
+        )

@@ -27,10 +27,12 @@ from typing import ClassVar
 
 import torch
 
-from curvlib.approx.base import DEFAULT_DECAY, LayerBlock, LayerwiseApprox
+from curvlib.approx.base import DEFAULT_DECAY, LayerBlock
 from curvlib.approx.deflation import Factors, KroneckerSumBlock, check_settings
+from curvlib.approx.kpsvd import RearrangedApprox
 from curvlib.core.stats import LayerStatistics, StatKind
-from curvlib.linalg.rearrange import Deflated, balanced_factors, power_svd
+from curvlib.linalg.rearrange import balanced_factors, power_svd
+from curvlib.linalg.sample_space import RearrangedForm
 
 
 class _KFACCorrectedBlock(KroneckerSumBlock):
@@ -42,19 +44,19 @@ class _KFACCorrectedBlock(KroneckerSumBlock):
         min_eig: float,
         tol: float,
         max_iter: int,
+        form: RearrangedForm,
     ) -> None:
-        super().__init__(out_dim, in_dim, dtype, min_eig)
+        super().__init__(out_dim, in_dim, dtype, min_eig, form)
         self.tol, self.max_iter = tol, max_iter
 
     def _batch_factors(self, stats: LayerStatistics) -> Factors:
         assert stats.kronecker is not None
         G, A = self._cast(stats.kronecker.G), self._cast(stats.kronecker.A)
-        residual = Deflated(self._rearranged(stats), [(G, A)])
-        warm = self.factors
+        residual = self._rearranged(stats, (G, A), pairs=1)
         correction = power_svd(
             residual,
-            None if warm is None else warm[3],
-            None if warm is None else warm[2],
+            self._warm(3),
+            self._warm(2),
             tol=self.tol,
             max_iter=self.max_iter,
             scale=float(G.norm() * A.norm()),
@@ -63,7 +65,7 @@ class _KFACCorrectedBlock(KroneckerSumBlock):
         return (G, A, *balanced_factors(correction))
 
 
-class KFACCorrected(LayerwiseApprox):
+class KFACCorrected(RearrangedApprox):
     r"""KFAC plus the Frobenius-optimal Kronecker approximation of KFAC's error.
 
     Each layer's block is approximated by
@@ -107,6 +109,11 @@ class KFACCorrected(LayerwiseApprox):
     $O(KN d_o d_i (d_o + d_i))$ for convolutions; inverse two Cholesky
     factorisations and two ``eigh`` of the factor sizes; apply four matrix
     products.
+    The sample-space form, where cheaper (costs in
+    [`curvlib.linalg.sample_space`][curvlib.linalg.sample_space]), pays $O(N^2)$
+    per product and forms the correction's factors once.
+    The KFAC term joins the sample terms there: its inner products with them
+    cost one more factor pair.
 
     Example:
         >>> approx = KFACCorrected(tol=1e-6, min_eig=0.1)
@@ -119,10 +126,12 @@ class KFACCorrected(LayerwiseApprox):
         min_eig: Floor $\epsilon \in (0, 1]$ of the whitened eigenvalues.
         decay: Upper bound of the running-average weight on the old estimate.
         dtype: Storage dtype of the factors (default: that of the statistics).
+        form: How products with $\mathcal R(F)$ are computed
+            ([`RearrangedForm`][curvlib.linalg.sample_space.RearrangedForm]).
 
     Raises:
-        ValueError: If ``tol`` or ``max_iter`` is not positive or ``min_eig`` is
-            outside $(0, 1]$.
+        ValueError: If ``tol`` or ``max_iter`` is not positive, ``min_eig`` is
+            outside $(0, 1]$ or ``form`` is unknown.
 
     References:
         A. Koroko, A. Anciaux-Sedrakian, I. Ben Gharbia, V. Garès, M. Haddou and
@@ -144,12 +153,13 @@ class KFACCorrected(LayerwiseApprox):
         min_eig: float = 0.1,
         decay: float = DEFAULT_DECAY,
         dtype: torch.dtype | None = None,
+        form: RearrangedForm | str = RearrangedForm.AUTO,
     ) -> None:
-        super().__init__(decay=decay, dtype=dtype)
+        super().__init__(form, decay=decay, dtype=dtype)
         check_settings(tol, min_eig, max_iter=max_iter)
         self.tol, self.max_iter, self.min_eig = tol, int(max_iter), min_eig
 
     def _make_block(self, out_dim: int, in_dim: int) -> LayerBlock:
         return _KFACCorrectedBlock(
-            out_dim, in_dim, self.dtype, self.min_eig, self.tol, self.max_iter
+            out_dim, in_dim, self.dtype, self.min_eig, self.tol, self.max_iter, self.form
         )

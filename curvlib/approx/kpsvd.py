@@ -9,8 +9,10 @@ per-sample statistics per update instead of two outer products.
 
 ## The rearranged-Fisher family
 
-All four methods fit Kronecker sums to $\mathcal R(F)$, matrix-free, from the
-per-sample inputs and output gradients of a layer, and keep running averages of
+All four methods fit Kronecker sums to $\mathcal R(F)$ from the per-sample
+inputs and output gradients of a layer, matrix-free or in sample space (the
+cheaper per layer, [`curvlib.linalg.sample_space`][curvlib.linalg.sample_space];
+``form`` forces one), and keep running averages of
 their factors normalised by
 [`balanced_factors`][curvlib.linalg.rearrange.balanced_factors]
 ($\operatorname{tr} A_j \ge 0$, $\|G_j\|_F = \|A_j\|_F$):
@@ -42,7 +44,42 @@ import torch
 from curvlib.approx.base import DEFAULT_DECAY, LayerBlock, LayerwiseApprox, running_average
 from curvlib.approx.kfac import KFACDamping, _KFACBlock
 from curvlib.core.stats import LayerStatistics, StatKind
-from curvlib.linalg.rearrange import RearrangedFisher, balanced_factors, power_svd, psd_start
+from curvlib.linalg.rearrange import balanced_factors, power_svd, psd_start
+from curvlib.linalg.sample_space import RearrangedForm, rearranged
+
+
+class RearrangedApprox(LayerwiseApprox):
+    r"""The shared part of the rearranged-Fisher family: the form and the telemetry.
+
+    Args:
+        form: How products with $\mathcal R(F)$ are computed
+            ([`RearrangedForm`][curvlib.linalg.sample_space.RearrangedForm]):
+            ``AUTO`` (default) takes the cheaper form per layer and update.
+        decay: Upper bound of the running-average weight on the old estimate.
+        dtype: Storage dtype of the factors (default: that of the statistics).
+    """
+
+    def __init__(
+        self,
+        form: RearrangedForm | str = RearrangedForm.AUTO,
+        decay: float = DEFAULT_DECAY,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(decay=decay, dtype=dtype)
+        self.form = RearrangedForm(form)
+
+    def last_products(self) -> dict[str, tuple[RearrangedForm, int]]:
+        r"""Per layer, the form and the products with $\mathcal R(F)$ of the last update.
+
+        Products are counted as in
+        [`SingularTriple.iterations`][curvlib.linalg.rearrange.SingularTriple]
+        (one with $\mathcal R$ and one with $\mathcal R^\top$ each), summed
+        over the pairs of the update.
+        """
+        return {
+            name: (block.last_form, block.last_iterations)  # type: ignore[attr-defined]
+            for name, block in self.blocks.items()
+        }
 
 
 class _KPSVDBlock(_KFACBlock):
@@ -56,23 +93,27 @@ class _KPSVDBlock(_KFACBlock):
         damping: KFACDamping,
         tol: float,
         max_iter: int,
+        form: RearrangedForm,
     ) -> None:
         super().__init__(out_dim, in_dim, dtype, damping)
-        self.tol, self.max_iter = tol, max_iter
+        self.tol, self.max_iter, self.form = tol, max_iter, form
         self.last_iterations = 0
         """Power iterations spent by the last update (telemetry)."""
+        self.last_form = form
+        """The form the last update used (telemetry)."""
 
     def update(self, stats: LayerStatistics, rho: float) -> None:
         assert stats.io is not None
-        op = RearrangedFisher(stats.io, dtype=self.dtype)
-        triple = power_svd(op, psd_start(op, self.A), tol=self.tol, max_iter=self.max_iter)
+        op, self.last_form = rearranged(stats.io, self.dtype, self.form)
+        warm = self.A if self.last_form is RearrangedForm.MATRIX_FREE else None
+        triple = power_svd(op, psd_start(op, warm), tol=self.tol, max_iter=self.max_iter)
         self.last_iterations = triple.iterations
         G, A = balanced_factors(triple)  # positive semi-definite by construction
         self.A = running_average(self.A, A, rho)
         self.G = running_average(self.G, G, rho)
 
 
-class KPSVD(LayerwiseApprox):
+class KPSVD(RearrangedApprox):
     r"""Kronecker product singular value decomposition: the best $G \otimes A$ per layer.
 
     Each layer's block $F = \frac1N\sum_{k,n} \operatorname{vec}(\bar W_{kn})
@@ -115,6 +156,13 @@ class KPSVD(LayerwiseApprox):
     per-sample gradient is formed) or $O(KN d_o d_i (d_o + d_i))$ for
     convolutions; inverse two
     Cholesky factorisations $O(d_o^3 + d_i^3)$; apply $O(d_o d_i (d_o + d_i))$.
+    In the sample-space form, where cheaper
+    ([`choose_form`][curvlib.linalg.sample_space.choose_form]), the update
+    costs $O(N^2 (d_i + K^2 d_o))$ once, $O(N^2)$ per power iteration and
+    one KFAC-sized factor pair at the end.
+    There the iterations start from the batch's own KFAC factor $\bar A^\top
+    \bar A$ (free), not from the previous $A$ (whose inner products with the
+    new samples would cost as much as forming a factor).
 
     Example:
         >>> approx = KPSVD(tol=1e-6, max_iter=50)
@@ -127,9 +175,11 @@ class KPSVD(LayerwiseApprox):
         max_iter: Cap on the power iterations per update.
         decay: Upper bound of the running-average weight on the old estimate.
         dtype: Storage dtype of the factors (default: that of the statistics).
+        form: How products with $\mathcal R(F)$ are computed
+            ([`RearrangedForm`][curvlib.linalg.sample_space.RearrangedForm]).
 
     Raises:
-        ValueError: If ``tol`` or ``max_iter`` is not positive.
+        ValueError: If ``tol`` or ``max_iter`` is not positive, or ``form`` is unknown.
 
     References:
         A. Koroko, A. Anciaux-Sedrakian, I. Ben Gharbia, V. Garès, M. Haddou and
@@ -149,12 +199,15 @@ class KPSVD(LayerwiseApprox):
         max_iter: int = 100,
         decay: float = DEFAULT_DECAY,
         dtype: torch.dtype | None = None,
+        form: RearrangedForm | str = RearrangedForm.AUTO,
     ) -> None:
-        super().__init__(decay=decay, dtype=dtype)
+        super().__init__(form, decay=decay, dtype=dtype)
         if not (tol > 0 and max_iter >= 1):
             raise ValueError(f"tol and max_iter must be positive, got {tol!r}, {max_iter!r}.")
         self.damping_mode = KFACDamping(damping_mode)
         self.tol, self.max_iter = tol, int(max_iter)
 
     def _make_block(self, out_dim: int, in_dim: int) -> LayerBlock:
-        return _KPSVDBlock(out_dim, in_dim, self.dtype, self.damping_mode, self.tol, self.max_iter)
+        return _KPSVDBlock(
+            out_dim, in_dim, self.dtype, self.damping_mode, self.tol, self.max_iter, self.form
+        )

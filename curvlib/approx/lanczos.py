@@ -14,10 +14,12 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from curvlib.approx.base import DEFAULT_DECAY, LayerBlock, LayerwiseApprox
+from curvlib.approx.base import DEFAULT_DECAY, LayerBlock
 from curvlib.approx.deflation import Factors, KroneckerSumBlock, check_settings
+from curvlib.approx.kpsvd import RearrangedApprox
 from curvlib.core.stats import LayerStatistics, StatKind
-from curvlib.linalg.rearrange import balanced_factors, lanczos_svd
+from curvlib.linalg.rearrange import balanced_factors, lanczos_svd, psd_factors
+from curvlib.linalg.sample_space import RearrangedForm
 
 _RANK = 2
 """Kronecker terms kept per layer."""
@@ -33,20 +35,21 @@ class _LanczosBlock(KroneckerSumBlock):
         tol: float,
         krylov_dim: int,
         max_restarts: int,
+        form: RearrangedForm,
     ) -> None:
-        super().__init__(out_dim, in_dim, dtype, min_eig)
+        super().__init__(out_dim, in_dim, dtype, min_eig, form)
         self.tol, self.krylov_dim, self.max_restarts = tol, krylov_dim, max_restarts
 
     def _warm_start(self) -> Tensor | None:
-        """The sum of the previous input-side factors, each normalised."""
-        if self.factors is None:
-            return None
-        parts = [a / a.norm() for a in self.factors[1::2] if float(a.norm()) > 0]
+        """The sum of the previous input-side factors, each normalised (matrix-free form)."""
+        previous = [self._warm(1), self._warm(3)]
+        parts = [a / a.norm() for a in previous if a is not None and float(a.norm()) > 0]
         return sum(parts[1:], parts[0]) if parts else None
 
     def _batch_factors(self, stats: LayerStatistics) -> Factors:
+        op = self._rearranged(stats)
         first, second = lanczos_svd(
-            self._rearranged(stats),
+            op,
             _RANK,
             self._warm_start(),
             krylov_dim=self.krylov_dim,
@@ -54,10 +57,10 @@ class _LanczosBlock(KroneckerSumBlock):
             max_restarts=self.max_restarts,
         )
         self.last_iterations = first.iterations
-        return (*balanced_factors(first, psd=True), *balanced_factors(second))
+        return (*psd_factors(op, first), *balanced_factors(second))
 
 
-class Lanczos(LayerwiseApprox):
+class Lanczos(RearrangedApprox):
     r"""Rank-2 Kronecker sum from Golub–Kahan–Lanczos bidiagonalisation of $\mathcal R(F)$.
 
     Each layer's block is approximated by $C = G_1 \otimes A_1 + G_2 \otimes A_2$
@@ -98,6 +101,10 @@ class Lanczos(LayerwiseApprox):
     $O(k^2 (d_o^2 + d_i^2))$ reorthogonalisation and one ``eigh`` per
     first-pair factor; inverse two Cholesky factorisations and two ``eigh`` of
     the factor sizes; apply four matrix products.
+    Where cheaper, the sample-space form
+    ([`curvlib.linalg.sample_space`][curvlib.linalg.sample_space]) runs the
+    bidiagonalisation on Gram matrices, $O(N^2)$ per product.
+    The start there is the batch's KFAC factor, not the previous factors.
 
     Example:
         >>> approx = Lanczos(krylov_dim=10, tol=1e-6)
@@ -111,10 +118,12 @@ class Lanczos(LayerwiseApprox):
         min_eig: Floor $\epsilon \in (0, 1]$ of the whitened eigenvalues.
         decay: Upper bound of the running-average weight on the old estimate.
         dtype: Storage dtype of the factors (default: that of the statistics).
+        form: How products with $\mathcal R(F)$ are computed
+            ([`RearrangedForm`][curvlib.linalg.sample_space.RearrangedForm]).
 
     Raises:
         ValueError: If ``tol`` or ``max_restarts`` is not positive, ``krylov_dim``
-            is below 4 or ``min_eig`` is outside $(0, 1]$.
+            is below 4, ``min_eig`` is outside $(0, 1]$ or ``form`` is unknown.
 
     References:
         A. Koroko, A. Anciaux-Sedrakian, I. Ben Gharbia, V. Garès, M. Haddou and
@@ -137,8 +146,9 @@ class Lanczos(LayerwiseApprox):
         min_eig: float = 0.1,
         decay: float = DEFAULT_DECAY,
         dtype: torch.dtype | None = None,
+        form: RearrangedForm | str = RearrangedForm.AUTO,
     ) -> None:
-        super().__init__(decay=decay, dtype=dtype)
+        super().__init__(form, decay=decay, dtype=dtype)
         check_settings(tol, min_eig, max_restarts=max_restarts)
         if krylov_dim < _RANK + 2:
             raise ValueError(f"krylov_dim must be at least {_RANK + 2}, got {krylov_dim!r}.")
@@ -154,4 +164,5 @@ class Lanczos(LayerwiseApprox):
             self.tol,
             self.krylov_dim,
             self.max_restarts,
+            self.form,
         )

@@ -1,7 +1,8 @@
 """Pure tensor maths shared by the approximations and the optimizer.
 
 Damped Kronecker inverses, ``eigh`` with retry, two-term Kronecker inverses,
-power SVD and Golub–Kahan–Lanczos on the rearranged Fisher, and Woodbury solves
+power SVD and Golub–Kahan–Lanczos on the rearranged Fisher (matrix-free or in
+sample space), and Woodbury solves
 live here. This package imports torch and [`curvlib.core`][curvlib.core] only.
 """
 
@@ -19,40 +20,60 @@ from curvlib.linalg.factors import (
 )
 from curvlib.linalg.kron import KroneckerSumInverse, two_term_inverse
 from curvlib.linalg.rearrange import (
+    Coordinates,
     Deflated,
+    DeflatedCoordinates,
     RearrangedFisher,
     RearrangedOperator,
     SingularTriple,
     balanced_factors,
+    deflated,
     effective_tol,
     lanczos_svd,
     power_svd,
     psd_start,
 )
+from curvlib.linalg.sample_space import (
+    FormCosts,
+    RearrangedForm,
+    SampleSpaceFisher,
+    choose_form,
+    form_costs,
+    rearranged,
+)
 from curvlib.linalg.woodbury import WoodburyInverse, layer_rows, woodbury_solve
 
 __all__ = [
+    "Coordinates",
     "Deflated",
+    "DeflatedCoordinates",
     "Eigh",
     "FactorizationError",
+    "FormCosts",
     "KroneckerSumInverse",
     "RearrangedFisher",
+    "RearrangedForm",
     "RearrangedOperator",
+    "SampleSpaceFisher",
     "SingularTriple",
     "WoodburyInverse",
     "balanced_factors",
     "cholesky_inverse",
+    "choose_form",
     "damped_cholesky",
     "damped_inverse",
+    "deflated",
     "effective_tol",
     "eigh",
     "flush_negligible",
     "flush_subnormals",
+    "form_costs",
     "lanczos_svd",
     "layer_rows",
     "pi_split",
     "power_svd",
     "psd_start",
+    "rearranged",
     "symmetrize",
     "two_term_inverse",
     "woodbury_solve",

@@ -34,6 +34,7 @@ both its factors are definite with one sign.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -180,6 +181,176 @@ class Deflated:
         return out
 
 
+class Coordinates(ABC):
+    r"""$\mathcal R$ acting on coordinate vectors, with the Frobenius geometry of the matrices.
+
+    [`power_svd`][curvlib.linalg.rearrange.power_svd] and
+    [`lanczos_svd`][curvlib.linalg.rearrange.lanczos_svd] run on coordinates:
+    flattened matrices for the matrix-free form (Euclidean inner product), or
+    coefficients over the rank-one terms of $\mathcal R(F)$ for the sample-space
+    form ([`SampleSpaceFisher`][curvlib.linalg.sample_space.SampleSpaceFisher],
+    whose inner product is a Gram matrix). Coordinates are 1-d tensors; linear
+    combinations of them represent the same combinations of matrices.
+
+    Attributes:
+        out_dim: Side of the output matrices.
+        in_dim: Side of the input matrices.
+        dtype: Working dtype of the statistics (it sets the tolerances).
+        device: Device of the statistics.
+        stall_window: Stop power iterations once the residual has not reached a
+            new minimum for this many iterations (``None``: never). For
+            coordinates whose norms come from an ill-conditioned Gram matrix,
+            where the residual bottoms out above the requested tolerance.
+    """
+
+    out_dim: int
+    in_dim: int
+    dtype: torch.dtype
+    device: torch.device
+    stall_window: int | None = None
+
+    @abstractmethod
+    def matvec(self, v: Tensor) -> Tensor:
+        r"""Coordinates of $\mathcal R V$ from those of $V$."""
+
+    @abstractmethod
+    def rmatvec(self, u: Tensor) -> Tensor:
+        r"""Coordinates of $\mathcal R^\top U$ from those of $U$."""
+
+    @abstractmethod
+    def inner_in(self, basis: Tensor, v: Tensor) -> Tensor:
+        r"""$\langle V_j, V\rangle_F$ for the rows of ``basis`` (``[m, dim]``, or one vector)."""
+
+    @abstractmethod
+    def inner_out(self, basis: Tensor, u: Tensor) -> Tensor:
+        r"""$\langle U_j, U\rangle_F$ for the rows of ``basis``."""
+
+    @abstractmethod
+    def start(self, v0: Tensor | None, u0: Tensor | None) -> Tensor:
+        """Coordinates of a start on the input side (not normalised; zero if none exists)."""
+
+    @abstractmethod
+    def in_matrix(self, v: Tensor) -> Tensor:
+        """The ``[in, in]`` matrix of input coordinates, in ``dtype``."""
+
+    @abstractmethod
+    def out_matrix(self, u: Tensor) -> Tensor:
+        """The ``[out, out]`` matrix of output coordinates, in ``dtype``."""
+
+    def psd_part(self, coords: Tensor) -> Tensor | None:
+        """Coordinates of a positive semi-definite matrix near the one of ``coords``.
+
+        ``None`` (the default) where only an eigendecomposition of the matrix
+        can tell; works for either side.
+        """
+        return None
+
+    def norm_in(self, v: Tensor) -> float:
+        """Frobenius norm of the input matrix with coordinates ``v``."""
+        return math.sqrt(max(float(self.inner_in(v, v)), 0.0))
+
+    def norm_out(self, u: Tensor) -> float:
+        """Frobenius norm of the output matrix with coordinates ``u``."""
+        return math.sqrt(max(float(self.inner_out(u, u)), 0.0))
+
+
+class _Flattened(Coordinates):
+    """A matrix-free operator on flattened matrices (the Euclidean inner product)."""
+
+    def __init__(self, op: RearrangedOperator) -> None:
+        self.op = op
+        self.out_dim, self.in_dim, self.dtype, self.device = (
+            op.out_dim, op.in_dim, op.dtype, op.device
+        )  # fmt: skip
+
+    def matvec(self, v: Tensor) -> Tensor:
+        return self.op.matvec(v.view(self.in_dim, self.in_dim)).reshape(-1)
+
+    def rmatvec(self, u: Tensor) -> Tensor:
+        return self.op.rmatvec(u.view(self.out_dim, self.out_dim)).reshape(-1)
+
+    def inner_in(self, basis: Tensor, v: Tensor) -> Tensor:
+        return basis @ v
+
+    def inner_out(self, basis: Tensor, u: Tensor) -> Tensor:
+        return basis @ u
+
+    def norm_in(self, v: Tensor) -> float:
+        return float(v.norm())
+
+    def norm_out(self, u: Tensor) -> float:
+        return float(u.norm())
+
+    def start(self, v0: Tensor | None, u0: Tensor | None) -> Tensor:
+        return _start(self.op, v0, u0).reshape(-1)
+
+    def in_matrix(self, v: Tensor) -> Tensor:
+        return v.view(self.in_dim, self.in_dim)
+
+    def out_matrix(self, u: Tensor) -> Tensor:
+        return u.view(self.out_dim, self.out_dim)
+
+
+def coordinates(op: RearrangedOperator | Coordinates) -> Coordinates:
+    """``op`` itself when it works on coordinates, else its flattened-matrix form."""
+    return op if isinstance(op, Coordinates) else _Flattened(op)
+
+
+class DeflatedCoordinates(Coordinates):
+    r"""[`Deflated`][curvlib.linalg.rearrange.Deflated] for terms given by coordinates.
+
+    $\mathcal R - \sum_j \operatorname{vec}(G_j)\operatorname{vec}(A_j)^\top$ with
+    $G_j$, $A_j$ given by their coordinates in ``op``: in the sample-space form a
+    product stays $O(\text{coordinates}^2)$, where deflating by matrices would
+    need their inner products with every term of $\mathcal R(F)$.
+
+    Args:
+        op: The operator to deflate.
+        terms: Coordinate pairs ``(g_j, a_j)`` of ``op``'s output and input side.
+    """
+
+    def __init__(self, op: Coordinates, terms: Sequence[tuple[Tensor, Tensor]]) -> None:
+        self.op, self.terms = op, tuple(terms)
+        self.stall_window = op.stall_window
+        self.out_dim, self.in_dim, self.dtype, self.device = (
+            op.out_dim, op.in_dim, op.dtype, op.device
+        )  # fmt: skip
+
+    def matvec(self, v: Tensor) -> Tensor:
+        r"""$\mathcal R v - \sum_j \langle a_j, v\rangle g_j$."""
+        out = self.op.matvec(v)
+        for g, a in self.terms:
+            out = out - self.op.inner_in(a, v) * g
+        return out
+
+    def rmatvec(self, u: Tensor) -> Tensor:
+        r"""$\mathcal R^\top u - \sum_j \langle g_j, u\rangle a_j$."""
+        out = self.op.rmatvec(u)
+        for g, a in self.terms:
+            out = out - self.op.inner_out(g, u) * a
+        return out
+
+    def inner_in(self, basis: Tensor, v: Tensor) -> Tensor:
+        """As ``op``."""
+        return self.op.inner_in(basis, v)
+
+    def inner_out(self, basis: Tensor, u: Tensor) -> Tensor:
+        """As ``op``."""
+        return self.op.inner_out(basis, u)
+
+    def start(self, v0: Tensor | None, u0: Tensor | None) -> Tensor:
+        """The start of ``op``; a deflated term in it is annihilated by the first product."""
+        return self.op.start(v0, u0)
+
+    def in_matrix(self, v: Tensor) -> Tensor:
+        """As ``op``."""
+        return self.op.in_matrix(v)
+
+    def out_matrix(self, u: Tensor) -> Tensor:
+        """As ``op``."""
+        return self.op.out_matrix(u)
+
+
 @dataclass(frozen=True)
 class SingularTriple:
     r"""A singular triple $\mathcal R \operatorname{vec}(V) \approx \sigma \operatorname{vec}(U)$.
@@ -192,6 +363,9 @@ class SingularTriple:
             $\mathcal R^\top$) spent on it; for Lanczos, on all its triples together.
         residual: $\|\mathcal R^\top U - \sigma V\|_F / \sigma_1$ (Lanczos) or the
             sine criterion of [`power_svd`][curvlib.linalg.rearrange.power_svd].
+        u: Coordinates of ``U`` in the operator it was computed from
+            ([`Coordinates`][curvlib.linalg.rearrange.Coordinates]).
+        v: Coordinates of ``V``.
     """
 
     sigma: float
@@ -199,6 +373,17 @@ class SingularTriple:
     V: Tensor
     iterations: int
     residual: float
+    u: Tensor | None = None
+    v: Tensor | None = None
+
+
+def _balanced_scale(triple: SingularTriple) -> float:
+    r"""The signed $\sqrt\sigma$ by which `balanced_factors` scales both sides."""
+    V = triple.V
+    trace = V.diagonal().sum()
+    if bool(trace.abs() <= 1e3 * torch.finfo(V.dtype).eps * V.norm()):
+        trace = V.flatten()[V.abs().argmax()]
+    return math.sqrt(max(triple.sigma, 0.0)) * (1.0 if float(trace) >= 0 else -1.0)
 
 
 def balanced_factors(triple: SingularTriple, *, psd: bool = False) -> tuple[Tensor, Tensor]:
@@ -220,28 +405,77 @@ def balanced_factors(triple: SingularTriple, *, psd: bool = False) -> tuple[Tens
         of torch 2.14 rejects transposed inputs), subnormal entries flushed to
         zero ([`flush_subnormals`][curvlib.linalg.factors.flush_subnormals]).
     """
-    V = triple.V
-    trace = V.diagonal().sum()
-    if bool(trace.abs() <= 1e3 * torch.finfo(V.dtype).eps * V.norm()):
-        trace = V.flatten()[V.abs().argmax()]
-    scale = math.sqrt(max(triple.sigma, 0.0)) * (1.0 if float(trace) >= 0 else -1.0)
-    G, A = scale * triple.U, scale * V
+    scale = _balanced_scale(triple)
+    G, A = scale * triple.U, scale * triple.V
     if psd:
         G, A = ((e.vectors * e.values) @ e.vectors.T for e in (eigh(G), eigh(A)))
     return flush_subnormals(symmetrize(G)), flush_subnormals(symmetrize(A))
 
 
-def psd_start(op: RearrangedOperator, v0: Tensor | None = None) -> Tensor:
+def psd_factors(
+    op: RearrangedOperator | Coordinates, triple: SingularTriple
+) -> tuple[Tensor, Tensor]:
+    r"""The factors of `balanced_factors` with ``psd=True``, without ``eigh`` where possible.
+
+    For the top pair of a positive semi-definite $F$. Where ``op`` offers
+    [`Coordinates.psd_part`][curvlib.linalg.rearrange.Coordinates.psd_part]
+    and it moves neither factor by more than ten times the triple's residual
+    (its own error), the factors are formed from those coordinates: no
+    ``eigh``. Otherwise each factor's negative eigenvalues are clamped.
+    """
+    if isinstance(op, Coordinates) and triple.u is not None and triple.v is not None:
+        scale = _balanced_scale(triple)
+        u, v = scale * triple.u, scale * triple.v
+        pu, pv = op.psd_part(u), op.psd_part(v)
+        slack = 10.0 * max(triple.residual, effective_tol(0.0, op.dtype)) * abs(scale)
+        if (
+            pu is not None
+            and pv is not None
+            and op.norm_out(u - pu) <= slack
+            and op.norm_in(v - pv) <= slack
+        ):
+            # The matrices of the triple plus the (sparse) corrections.
+            G = scale * triple.U + op.out_matrix(pu - u)
+            A = scale * triple.V + op.in_matrix(pv - v)
+            return flush_subnormals(symmetrize(G)), flush_subnormals(symmetrize(A))
+    return balanced_factors(triple, psd=True)
+
+
+def deflated(
+    op: RearrangedOperator | Coordinates, triple: SingularTriple
+) -> Deflated | Coordinates:
+    r"""``op`` minus the balanced Kronecker term of ``triple`` (which ``op`` produced).
+
+    Matrix-free operators are deflated by the matrices of
+    [`balanced_factors`][curvlib.linalg.rearrange.balanced_factors]; operators on
+    coordinates by the triple's coordinates scaled the same way
+    ([`DeflatedCoordinates`][curvlib.linalg.rearrange.DeflatedCoordinates]).
+
+    Raises:
+        ValueError: If ``op`` is on coordinates and ``triple`` carries none.
+    """
+    if not isinstance(op, Coordinates):
+        return Deflated(op, [balanced_factors(triple)])
+    if triple.u is None or triple.v is None:
+        raise ValueError("The triple has no coordinates: compute it with power_svd on this op.")
+    scale = _balanced_scale(triple)
+    return DeflatedCoordinates(op, [(scale * triple.u, scale * triple.v)])
+
+
+def psd_start(op: RearrangedOperator | Coordinates, v0: Tensor | None = None) -> Tensor | None:
     r"""A positive semi-definite start for the top pair of a positive semi-definite $F$.
 
-    ``v0`` (e.g. the previous step's $A$) when given, else the identity. Both
-    products map positive semi-definite matrices to positive semi-definite ones
-    ($\sum_{k,n} \bar W_{kn} V \bar W_{kn}^\top$ is a nonnegative combination),
-    so every power iterate from such a start, converged or not, is positive
-    semi-definite up to rounding: no eigenvalue clamp is needed. The identity is
-    never orthogonal to the top pair, $\langle I, V_1\rangle = \operatorname{tr} V_1 > 0$.
+    ``v0`` (e.g. the previous step's $A$) when given, else the identity for a
+    matrix-free operator and ``None`` for one on coordinates (whose own start,
+    e.g. the batch's KFAC factor in the sample-space form, is positive
+    semi-definite). Both products map positive semi-definite matrices to
+    positive semi-definite ones ($\sum_{k,n} \bar W_{kn} V \bar W_{kn}^\top$ is a
+    nonnegative combination), so every power iterate from such a start,
+    converged or not, is positive semi-definite up to rounding: no eigenvalue
+    clamp is needed. The identity is never orthogonal to the top pair,
+    $\langle I, V_1\rangle = \operatorname{tr} V_1 > 0$.
     """
-    if v0 is not None:
+    if v0 is not None or isinstance(op, Coordinates):
         return v0
     return torch.eye(op.in_dim, dtype=op.dtype, device=op.device)
 
@@ -263,7 +497,7 @@ def _start(op: RearrangedOperator, v0: Tensor | None, u0: Tensor | None) -> Tens
 
 
 def power_svd(
-    op: RearrangedOperator,
+    op: RearrangedOperator | Coordinates,
     v0: Tensor | None = None,
     u0: Tensor | None = None,
     *,
@@ -280,7 +514,8 @@ def power_svd(
     start from the previous step's factor saves most of them.
 
     Args:
-        op: The operator.
+        op: The operator, matrix-free or on coordinates
+            ([`Coordinates`][curvlib.linalg.rearrange.Coordinates]).
         v0: Warm start on the input side (``[in, in]``; need not be normalised).
         u0: Warm start on the output side, used when ``v0`` is missing.
         tol: Relative residual at which to stop (raised to
@@ -300,38 +535,53 @@ def power_svd(
     """
     if max_iter < 1:
         raise ValueError(f"max_iter must be at least 1, got {max_iter!r}.")
-    tol = effective_tol(tol, op.dtype)
-    v = _start(op, v0, u0)
-    u = v.new_zeros(op.out_dim, op.out_dim)
-    sigma, residual = 0.0, math.inf
+    space = coordinates(op)
+    tol = effective_tol(tol, space.dtype)
+    tiny = _BREAKDOWN * torch.finfo(space.dtype).eps * scale
+    v = space.start(v0, u0)
+    size = space.norm_in(v)
+    if not size > 0:
+        return _zero_triples(1, space, 1)[0]
+    v = v / size
+    u, sigma, residual = v, 0.0, math.inf
+    best, stalled = math.inf, 0
     for iteration in range(1, max_iter + 1):
-        image = op.matvec(v)
-        alpha = image.norm()
-        if not float(alpha) > _BREAKDOWN * torch.finfo(v.dtype).eps * scale:
-            return SingularTriple(0.0, u, torch.zeros_like(v), iteration, 0.0)
+        image = space.matvec(v)
+        alpha = space.norm_out(image)
+        if not alpha > tiny:
+            return _zero_triples(1, space, iteration)[0]
         u = image / alpha
-        w = op.rmatvec(u)
-        beta = w.norm()
-        residual = float((w - alpha * v).norm() / beta)
-        v, sigma = w / beta, float(beta)
+        w = space.rmatvec(u)
+        beta = space.norm_in(w)
+        if not beta > tiny:  # beta >= alpha in exact arithmetic: a breakdown at round-off
+            return _zero_triples(1, space, iteration)[0]
+        residual = space.norm_in(w - alpha * v) / beta
+        v, sigma = w / beta, beta
         if residual <= tol:
             break
-    return SingularTriple(sigma, u, v, iteration, residual)
+        best, stalled = (residual, 0) if residual < best else (best, stalled + 1)
+        if space.stall_window is not None and stalled >= space.stall_window:
+            break
+    U, V = space.out_matrix(u), space.in_matrix(v)
+    return SingularTriple(sigma, U, V, iteration, residual, u, v)
 
 
-def _orthogonalise(w: Tensor, basis: list[Tensor]) -> tuple[Tensor, Tensor]:
+def _orthogonalise(
+    space: Coordinates, w: Tensor, basis: list[Tensor], side: str
+) -> tuple[Tensor, Tensor]:
     """Remove the components along an orthonormal basis (Gram–Schmidt twice)."""
     if not basis:
         return w, w.new_zeros(0)
+    inner = space.inner_out if side == "out" else space.inner_in
     Q = torch.stack(basis)
-    coef = Q @ w
-    w = w - Q.T @ coef
-    again = Q @ w
-    return w - Q.T @ again, coef + again
+    coef = inner(Q, w)
+    w = w - coef @ Q
+    again = inner(Q, w)
+    return w - again @ Q, coef + again
 
 
 def lanczos_svd(
-    op: RearrangedOperator,
+    op: RearrangedOperator | Coordinates,
     rank: int = 2,
     v0: Tensor | None = None,
     *,
@@ -351,14 +601,17 @@ def lanczos_svd(
     found and the triples are exact: with rank$(\mathcal R) \le$ ``rank`` the
     result is the exact rearranged block. Cost per restart: ``krylov_dim``
     products with $\mathcal R$ and $\mathcal R^\top$ and the reorthogonalisation,
-    $O(k^2 (d_o^2 + d_i^2))$.
+    $O(k^2 (d_o^2 + d_i^2))$ matrix-free, $O(k^2 N)$ plus $k$ Gram products in
+    the sample-space form.
 
     Args:
-        op: The operator.
+        op: The operator, matrix-free or on coordinates
+            ([`Coordinates`][curvlib.linalg.rearrange.Coordinates]).
         rank: How many triples.
         v0: Start on the input side (``[in, in]``, e.g. a sum of the previous
-            factors); the cold start of [`power_svd`][curvlib.linalg.rearrange.power_svd]
-            when missing or zero.
+            factors); the operator's own start when missing or zero (the cold
+            start of [`power_svd`][curvlib.linalg.rearrange.power_svd] for a
+            matrix-free one).
         krylov_dim: Largest Krylov dimension $k$ before a restart.
         tol: Relative residual at which to stop (raised to
             [`effective_tol`][curvlib.linalg.rearrange.effective_tol] of the
@@ -375,29 +628,33 @@ def lanczos_svd(
     """
     if krylov_dim < rank + 2:
         raise ValueError(f"krylov_dim must be at least rank + 2 = {rank + 2}, got {krylov_dim}.")
-    tol = effective_tol(tol, op.dtype)
-    n_in, n_out = op.in_dim, op.out_dim
-    Vs = [_start(op, v0, None).reshape(-1)]
+    space = coordinates(op)
+    tol = effective_tol(tol, space.dtype)
+    first = space.start(v0, None)
+    size = space.norm_in(first)
+    if not size > 0:
+        return _zero_triples(rank, space, 0)
+    Vs = [first / size]
     like = Vs[0]
     Us: list[Tensor] = []
     B = like.new_zeros(krylov_dim, krylov_dim)
     scale, beta, products = 0.0, 0.0, 0
-    tiny = _BREAKDOWN * torch.finfo(like.dtype).eps
+    tiny = _BREAKDOWN * torch.finfo(space.dtype).eps
     for restart in range(max_restarts + 1):
         broke = ""
         for j in range(len(Us), krylov_dim):
-            w, coef = _orthogonalise(op.matvec(Vs[j].view(n_in, n_in)).reshape(-1), Us)
+            w, coef = _orthogonalise(space, space.matvec(Vs[j]), Us, "out")
             products += 1
             B[:j, j] = coef
-            alpha = float(w.norm())
+            alpha = space.norm_out(w)
             scale = max(scale, alpha, float(coef.abs().max()) if j else 0.0)
             if alpha <= tiny * scale:
                 broke = "alpha"
                 break
             B[j, j] = alpha
             Us.append(w / alpha)
-            f, _ = _orthogonalise(op.rmatvec(Us[j].view(n_out, n_out)).reshape(-1), Vs)
-            beta = float(f.norm())
+            f, _ = _orthogonalise(space, space.rmatvec(Us[j]), Vs, "in")
+            beta = space.norm_in(f)
             if beta <= tiny * scale:
                 broke = "beta"
                 break
@@ -414,24 +671,26 @@ def lanczos_svd(
             triples = tuple(
                 SingularTriple(
                     float(s[i]),
-                    left[i].view(n_out, n_out),
-                    right[i].view(n_in, n_in),
+                    space.out_matrix(left[i]),
+                    space.in_matrix(right[i]),
                     products,
                     residuals[i],
+                    left[i],
+                    right[i],
                 )
                 for i in range(min(rank, m))
             )
-            return triples + _zero_triples(rank - len(triples), n_out, n_in, like, products)
+            return triples + _zero_triples(rank - len(triples), space, products)
         # Thick restart: keep the leading Ritz pairs and the residual direction v_{k+1}.
         keep = min(rank + 1, m - 1)
         Us, Vs = list(left[:keep]), [*right[:keep], Vs[-1]]
         B = like.new_zeros(krylov_dim, krylov_dim)
         B[:keep, :keep] = torch.diag(s[:keep])
-    return _zero_triples(rank, n_out, n_in, like, products)
+    return _zero_triples(rank, space, products)
 
 
-def _zero_triples(
-    count: int, n_out: int, n_in: int, like: Tensor, iterations: int
-) -> tuple[SingularTriple, ...]:
-    zero_u, zero_v = like.new_zeros(n_out, n_out), like.new_zeros(n_in, n_in)
+def _zero_triples(count: int, space: Coordinates, iterations: int) -> tuple[SingularTriple, ...]:
+    dtype, device = space.dtype, space.device
+    zero_u = torch.zeros(space.out_dim, space.out_dim, dtype=dtype, device=device)
+    zero_v = torch.zeros(space.in_dim, space.in_dim, dtype=dtype, device=device)
     return tuple(SingularTriple(0.0, zero_u, zero_v, iterations, 0.0) for _ in range(count))

@@ -22,6 +22,7 @@ from curvlib.approx.kpsvd import KPSVD
 from curvlib.approx.lanczos import Lanczos
 from curvlib.core import CurvatureStatistics, PerSampleIO, StatKind
 from curvlib.linalg.rearrange import Deflated, RearrangedFisher, lanczos_svd, power_svd
+from curvlib.linalg.sample_space import RearrangedForm
 from tests import oracle
 from tests import problems as P
 from tests.approx.cases import PROBLEMS, fit_statistics, perturbed
@@ -35,6 +36,17 @@ TIGHT = {"tol": 1e-12}
 POWER = {**TIGHT, "max_iter": 5000}
 
 ALL_IO = frozenset({StatKind.KRONECKER, StatKind.PER_SAMPLE_IO})
+
+FORM_CASES = [(problem, RearrangedForm.AUTO) for problem in PROBLEMS] + [
+    (problem, form)
+    for problem in PROBLEMS[:2]  # Linear and Conv2d; the transposed convolution's 50
+    for form in (RearrangedForm.MATRIX_FREE, RearrangedForm.SAMPLE_SPACE)  # columns: too slow
+]
+"""Each form forced on the MLP and the CNN, and the per-layer choice on every problem."""
+
+
+def _case_id(case: object) -> str:
+    return case.name if isinstance(case, Problem) else str(getattr(case, "value", case))
 
 
 class _AllStats(KFAC):
@@ -115,10 +127,10 @@ def test_products_match_the_dense_rearranged_block(problem: Problem) -> None:
         _close(deflated.rmatvec(U).flatten(1), U.flatten(1) @ R_res, scale, f"deflated^T, {name}")
 
 
-@pytest.mark.parametrize("problem", PROBLEMS, ids=lambda p: p.name)
-def test_kpsvd_is_the_top_singular_pair(problem: Problem) -> None:
+@pytest.mark.parametrize(("problem", "form"), FORM_CASES, ids=_case_id)
+def test_kpsvd_is_the_top_singular_pair(problem: Problem, form: RearrangedForm) -> None:
     stats = _stats(problem)
-    approx = _fitted(KPSVD(**POWER), stats)
+    approx = _fitted(KPSVD(**POWER, form=form), stats)
     for name, W in _layers(stats):
         out, inp = W.shape[-2:]
         (expected,) = _svd_terms(_dense_rearranged(W), out, inp, 1)
@@ -134,10 +146,10 @@ def test_kpsvd_is_the_top_singular_pair(problem: Problem) -> None:
             assert float(torch.linalg.eigvalsh(factor)[0]) >= -RTOL * float(factor.abs().max())
 
 
-@pytest.mark.parametrize("problem", PROBLEMS, ids=lambda p: p.name)
-def test_deflation_is_the_optimal_rank_two_sum(problem: Problem) -> None:
+@pytest.mark.parametrize(("problem", "form"), FORM_CASES, ids=_case_id)
+def test_deflation_is_the_optimal_rank_two_sum(problem: Problem, form: RearrangedForm) -> None:
     stats = _stats(problem)
-    approx = _fitted(Deflation(**POWER), stats)
+    approx = _fitted(Deflation(**POWER, form=form), stats)
     genuine = 0
     for name, W in _layers(stats):
         out, inp = W.shape[-2:]
@@ -156,15 +168,18 @@ def test_deflation_is_the_optimal_rank_two_sum(problem: Problem) -> None:
     assert genuine >= 1
 
 
+@pytest.mark.parametrize("form", [RearrangedForm.MATRIX_FREE, RearrangedForm.SAMPLE_SPACE])
 @pytest.mark.parametrize("n", [1, 2])
-def test_lanczos_and_deflation_are_exact_for_rearranged_rank_two(n: int) -> None:
+def test_lanczos_and_deflation_are_exact_for_rearranged_rank_two(
+    n: int, form: RearrangedForm
+) -> None:
     """A ``Linear`` layer with ``n`` samples has rank R(F) <= n: the rank-2 sum is exact."""
     problem = P.mlp_ce(n=n)
     stats = _stats(problem)
     model = problem.model()
     exact = oracle.dense_ggn(model, problem.loss_fn, problem.x, problem.y)
-    lanczos = _fitted(Lanczos(**TIGHT), stats)
-    deflation = _fitted(Deflation(**POWER), stats)
+    lanczos = _fitted(Lanczos(**TIGHT, form=form), stats)
+    deflation = _fitted(Deflation(**POWER, form=form), stats)
     for name, W in _layers(stats):
         F = oracle.block(exact, model, name)
         scale = float(F.abs().max())
@@ -173,11 +188,11 @@ def test_lanczos_and_deflation_are_exact_for_rearranged_rank_two(n: int) -> None
         _close(deflation.to_dense(name), F, scale, f"Deflation {name}")
 
 
-@pytest.mark.parametrize("problem", PROBLEMS, ids=lambda p: p.name)
-def test_lanczos_matches_deflation(problem: Problem) -> None:
+@pytest.mark.parametrize(("problem", "form"), FORM_CASES, ids=_case_id)
+def test_lanczos_matches_deflation(problem: Problem, form: RearrangedForm) -> None:
     stats = _stats(problem)
-    lanczos = _fitted(Lanczos(**TIGHT), stats)
-    deflation = _fitted(Deflation(**POWER), stats)
+    lanczos = _fitted(Lanczos(**TIGHT, form=form), stats)
+    deflation = _fitted(Deflation(**POWER, form=RearrangedForm.MATRIX_FREE), stats)
     for name in lanczos.blocks:
         expected = deflation.to_dense(name)
         _close(lanczos.to_dense(name), expected, float(expected.abs().max()), name)
@@ -197,10 +212,12 @@ def test_lanczos_restarts_converge() -> None:
         _close(actual, term, float(expected[0].abs().max()), "restarted Lanczos")
 
 
-@pytest.mark.parametrize("problem", PROBLEMS, ids=lambda p: p.name)
-def test_kfac_corrected_adds_the_best_kronecker_term_of_the_residual(problem: Problem) -> None:
+@pytest.mark.parametrize(("problem", "form"), FORM_CASES, ids=_case_id)
+def test_kfac_corrected_adds_the_best_kronecker_term_of_the_residual(
+    problem: Problem, form: RearrangedForm
+) -> None:
     stats = _stats(problem)
-    approx = _fitted(KFACCorrected(**POWER), stats)
+    approx = _fitted(KFACCorrected(**POWER, form=form), stats)
     for name, W in _layers(stats):
         kron = stats[name].kronecker
         assert kron is not None

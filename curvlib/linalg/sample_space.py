@@ -1,0 +1,400 @@
+r"""The rearranged Fisher in sample space, and the rule that picks a form per layer.
+
+Per sample and pair of output positions, the rearrangement of
+$\operatorname{vec}(\bar W_{kn})\operatorname{vec}(\bar W_{kn})^\top$ splits
+into rank-one terms ([`curvlib.linalg.rearrange`][curvlib.linalg.rearrange]
+for the notation),
+
+$$\mathcal R(F) = \frac1N \sum_{n,t,t'} \operatorname{vec}(P_{ntt'})
+\operatorname{vec}(Q_{ntt'})^\top, \qquad
+P_{ntt'} = \sum_k g_{knt} g_{knt'}^\top, \quad Q_{ntt'} = \bar a_{nt} \bar a_{nt'}^\top ,$$
+
+so its rank is at most $NT^2$ ($N$ for a ``Linear`` layer, $T = 1$), and its
+singular vectors are combinations $V = \sum_j c_j Q_j$, $U = \sum_j d_j P_j$.
+In these coefficients $\mathcal R$ acts through the Gram matrices of the terms,
+$d = \frac1N K_Q c$ and $c = \frac1N K_P d$, with
+
+$$K_Q[(n,t,t'), (m,s,s')] = (\bar a_{nt}^\top \bar a_{ms})(\bar a_{nt'}^\top \bar a_{ms'}),$$
+
+$K_Q = (\bar A \bar A^\top) \circ (\bar A \bar A^\top)$ for $T = 1$, and $K_P$
+alike from the output gradients (summed over the columns $k, k'$). The same
+Gram matrices give the Frobenius inner products of the combinations, so the
+power and Lanczos iterations of [`curvlib.linalg.rearrange`][curvlib.linalg.rearrange]
+run on the coefficients unchanged
+([`Coordinates`][curvlib.linalg.rearrange.Coordinates]), and the factors are
+formed once at the end, as weighted sums $\bar A^\top \operatorname{diag}(c)
+\bar A$ (never one outer product at a time).
+
+**Costs** (multiply-adds per layer; $d_i$, $d_o$ the factor sides, $K$ columns,
+$p$ products with $\mathcal R$ and $\mathcal R^\top$ of one update, $r$ factor
+pairs formed):
+
+| form | once | per product pair | per factor pair formed |
+|---|---|---|---|
+| matrix-free, $T = 1$ | | $2N(d_i^2 + K d_o^2)$ | |
+| matrix-free, $T > 1$ | $KNT d_o d_i$ | $2KN d_o d_i (d_o + d_i)$ | |
+| sample space, $T = 1$ | $N^2 (d_i + K^2 d_o)$ | $2(1 + K^2) N^2$ | $N d_i^2 + KN d_o^2$ |
+| sample space, $T > 1$ | $N^2T^2 (d_i + K^2 d_o)$ | $2(1 + K^2) N^2 T^3$ | $NT(d_i^2 + K d_o^2)$ |
+
+[`choose_form`][curvlib.linalg.sample_space.choose_form] takes the cheaper at
+$p$ = ``EXPECTED_PRODUCTS``. For a ``Linear`` layer with $d_i \approx d_o = d$
+and $K = 1$ the sample space wins once $N \lesssim 9 d$; for a convolution the
+$T^3$ per product makes it lose on every layer of curvlib's test and benchmark
+networks except the smallest. The Gram matrices are built and iterated in
+float64 (so that residuals are resolved below the float32 tolerance); the
+sample-space form is skipped where they would exceed ``MAX_GRAM_ENTRIES``.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from curvlib.core.stats import PerSampleIO
+from curvlib.linalg.rearrange import Coordinates, Deflated, RearrangedFisher
+
+EXPECTED_PRODUCTS = 10
+"""Product pairs per update that the cost rule assumes (power iterations take 5 to 35)."""
+
+MAX_GRAM_ENTRIES = 1 << 25
+"""Largest Gram matrix of the sample-space form (256 MiB in float64)."""
+
+STALL_WINDOW = 10
+r"""Power iterations without a new smallest residual after which the sample-space form stops.
+
+Its norms are quadratic forms in Gram matrices that are singular whenever the
+terms are linearly dependent (e.g. $N > d_i(d_i+1)/2$, or with the KFAC term of
+KFAC-corrected, a combination of the sample terms), so residuals resolve only
+to about $\sqrt{\epsilon_{64}}$ times the conditioning: 1e-11 to 1e-8 in
+curvlib's tests, far below the float32 tolerance (1.2e-4) but above a float64
+one of 1e-12.
+"""
+
+_GRAM_DTYPE = torch.float64
+
+
+class RearrangedForm(enum.Enum):
+    r"""How products with $\mathcal R(F)$ are computed."""
+
+    AUTO = "auto"
+    """The cheaper of the two by [`choose_form`][curvlib.linalg.sample_space.choose_form]."""
+    MATRIX_FREE = "matrix_free"
+    """[`RearrangedFisher`][curvlib.linalg.rearrange.RearrangedFisher]: on the matrices."""
+    SAMPLE_SPACE = "sample_space"
+    """[`SampleSpaceFisher`][curvlib.linalg.sample_space.SampleSpaceFisher]: on coefficients."""
+
+
+@dataclass(frozen=True)
+class FormCosts:
+    """Multiply-adds of one update in each form (module docstring).
+
+    Attributes:
+        matrix_free: With products on the matrices.
+        sample_space: With the Gram matrices.
+        gram_entries: Entries of the larger Gram matrix.
+    """
+
+    matrix_free: float
+    sample_space: float
+    gram_entries: int
+
+
+def form_costs(io: PerSampleIO, products: int = EXPECTED_PRODUCTS, pairs: int = 1) -> FormCosts:
+    r"""The cost of one update in each form, for ``products`` product pairs and ``pairs`` factors.
+
+    Args:
+        io: The layer's statistics (only their shapes are read).
+        products: Product pairs with $\mathcal R$ and $\mathcal R^\top$.
+        pairs: Kronecker factor pairs formed from coefficients at the end.
+    """
+    k, n, t, d_o = io.output_grads.shape
+    d_i = io.inputs.shape[-1]
+    if t == 1:
+        free = products * 2.0 * n * (d_i**2 + k * d_o**2)
+    else:
+        free = k * n * t * d_o * d_i + products * 2.0 * k * n * d_o * d_i * (d_o + d_i)
+    once = (n * t) ** 2 * (d_i + k * k * d_o)
+    per_product = 2.0 * (1 + k * k) * n * n * t**3
+    per_pair = n * t * (d_i**2 + k * d_o**2) + n * t * t * (d_i + k * d_o)
+    sample = once + products * per_product + pairs * per_pair
+    return FormCosts(free, sample, (k * n * t) ** 2)
+
+
+def choose_form(
+    io: PerSampleIO, products: int = EXPECTED_PRODUCTS, pairs: int = 1
+) -> RearrangedForm:
+    """The cheaper form of [`form_costs`][curvlib.linalg.sample_space.form_costs] for ``io``.
+
+    The sample-space form only when its Gram matrices fit ``MAX_GRAM_ENTRIES``.
+    """
+    costs = form_costs(io, products, pairs)
+    if costs.gram_entries <= MAX_GRAM_ENTRIES and costs.sample_space < costs.matrix_free:
+        return RearrangedForm.SAMPLE_SPACE
+    return RearrangedForm.MATRIX_FREE
+
+
+def _sandwich(gram: Tensor, coef: Tensor) -> Tensor:
+    r"""$\sum_m M^{nm} C_m (M^{nm})^\top$ for ``coef`` ``[S, T, T]``.
+
+    ``gram`` holds the blocks $M^{nm}$ as ``[S, S, T, T]``; batched
+    ``T``-by-``T`` products, $O(S^2 T^3)$.
+    """
+    return (gram @ coef @ gram.transpose(-1, -2)).sum(1)
+
+
+class SampleSpaceFisher(Coordinates):
+    r"""$\mathcal R(F)$ (restricted to symmetric matrices) on coefficients over its terms.
+
+    Coordinates are the coefficients $c_{ntt'}$ of $V = \sum c_{ntt'} Q_{ntt'}$
+    (module docstring), flattened, followed by one coefficient per extra term:
+    with ``terms`` $(G_j, A_j)$ the operator is $\mathcal R(F) - \sum_j
+    \operatorname{vec}(G_j)\operatorname{vec}(A_j)^\top$ (e.g. KFAC's residual),
+    and $G_j$, $A_j$ join the terms of each side. Coefficient blocks
+    $C_n = [c_{ntt'}]_{tt'}$ are symmetrised before each product, as the
+    matrix-free form symmetrises its input.
+
+    Cost: the Gram matrices once, $O(N^2T^2(d_i + K^2 d_o))$, in float64; a
+    product $O(N^2)$ for $T = 1$, $O(N^2 T^3)$ otherwise; the inner products of
+    each extra term with the sample terms $O(NT(d_i^2 + K d_o^2))$; a factor
+    matrix from coefficients as much.
+
+    Args:
+        io: The layer's per-sample inputs and output gradients.
+        dtype: Working dtype (default: that of ``io``): of the matrices returned
+            and of the tolerances; the Gram matrices and coefficients are float64.
+        terms: Kronecker terms ``(G_j, A_j)`` (symmetric) to subtract.
+    """
+
+    def __init__(
+        self,
+        io: PerSampleIO,
+        dtype: torch.dtype | None = None,
+        terms: Sequence[tuple[Tensor, Tensor]] = (),
+    ) -> None:
+        inputs, grads = io.inputs, io.output_grads
+        if dtype is not None:
+            inputs, grads = inputs.to(dtype), grads.to(dtype)
+        k, n, t, d_o = grads.shape
+        self.out_dim, self.in_dim = int(d_o), int(inputs.shape[-1])
+        self.dtype, self.device = inputs.dtype, inputs.device
+        self._k, self._n, self._t = k, n, t
+        self.stall_window = STALL_WINDOW
+        self._inputs, self._grads = inputs, grads  # [N, T, in], [K, N, T, out]
+        a = inputs.to(_GRAM_DTYPE).reshape(n * t, self.in_dim)
+        g = grads.to(_GRAM_DTYPE).reshape(k * n * t, d_o)
+        gram_a, gram_g = a @ a.T, g @ g.T
+        if t == 1:
+            self._kernel_a: Tensor | None = gram_a.square()
+            self._kernel_g: Tensor | None = gram_g.square().view(k, n, k, n).sum((0, 2))
+        else:
+            self._kernel_a = self._kernel_g = None
+            self._gram_a = gram_a.view(n, t, n, t).transpose(1, 2).contiguous()
+            self._gram_g = gram_g.view(k * n, t, k * n, t).transpose(1, 2).contiguous()
+        self._size = n * t * t
+        mats_g = [G.to(self.device, self.dtype) for G, _ in terms]
+        mats_a = [A.to(self.device, self.dtype) for _, A in terms]
+        self._terms_g, self._terms_a = mats_g, mats_a
+        self._cross_g, self._cross_a = (
+            self._stack([self._sample_inner_out(G) for G in mats_g]),
+            self._stack([self._sample_inner_in(A) for A in mats_a]),
+        )
+        self._terms_gram_g, self._terms_gram_a = (
+            self._gram_of(mats_g),
+            self._gram_of(mats_a),
+        )
+        weights = torch.full((self._size + len(terms),), 1.0 / n, dtype=_GRAM_DTYPE)
+        weights[self._size :] = -1.0
+        self._weights = weights.to(self.device)
+
+    # -- inner products with the sample terms ----------------------------------------
+
+    def _stack(self, columns: list[Tensor]) -> Tensor:
+        if not columns:
+            return torch.zeros(self._size, 0, dtype=_GRAM_DTYPE, device=self.device)
+        return torch.stack(columns, 1)
+
+    def _gram_of(self, mats: list[Tensor]) -> Tensor:
+        flat = torch.stack([m.flatten() for m in mats]) if mats else None
+        if flat is None:
+            return torch.zeros(0, 0, dtype=_GRAM_DTYPE, device=self.device)
+        flat = flat.to(_GRAM_DTYPE)
+        return flat @ flat.T
+
+    def _sample_inner_in(self, mat: Tensor) -> Tensor:
+        r"""$\langle Q_{ntt'}, X\rangle = \bar a_{nt}^\top X \bar a_{nt'}$, flattened."""
+        a = self._inputs
+        return torch.einsum("nti,nui->ntu", a @ mat, a).to(_GRAM_DTYPE).reshape(-1)
+
+    def _sample_inner_out(self, mat: Tensor) -> Tensor:
+        r"""$\langle P_{ntt'}, X\rangle = \sum_k g_{knt}^\top X g_{knt'}$, flattened."""
+        g = self._grads
+        return torch.einsum("knto,knuo->ntu", g @ mat, g).to(_GRAM_DTYPE).reshape(-1)
+
+    # -- Gram products ------------------------------------------------------------
+
+    def _symmetric(self, coef: Tensor) -> Tensor:
+        if self._t == 1:
+            return coef
+        t = self._t
+        blocks = coef[: self._size].view(self._n, t, t)
+        sym = ((blocks + blocks.transpose(-1, -2)) / 2).reshape(-1)
+        return torch.cat([sym, coef[self._size :]])
+
+    def _gram_in(self, coef: Tensor) -> Tensor:
+        coef = self._symmetric(coef)
+        samples, extra = coef[: self._size], coef[self._size :]
+        if self._kernel_a is not None:
+            out = self._kernel_a @ samples
+        else:
+            blocks = samples.view(self._n, self._t, self._t)
+            out = _sandwich(self._gram_a, blocks).reshape(-1)
+        out = out + self._cross_a @ extra
+        return torch.cat([out, self._cross_a.T @ samples + self._terms_gram_a @ extra])
+
+    def _gram_out(self, coef: Tensor) -> Tensor:
+        coef = self._symmetric(coef)
+        samples, extra = coef[: self._size], coef[self._size :]
+        if self._kernel_g is not None:
+            out = self._kernel_g @ samples
+        else:
+            t = self._t
+            blocks = samples.view(1, self._n, t, t).expand(self._k, -1, -1, -1)
+            per_column = _sandwich(self._gram_g, blocks.reshape(-1, t, t))
+            out = per_column.reshape(self._k, self._n * t * t).sum(0)
+        out = out + self._cross_g @ extra
+        return torch.cat([out, self._cross_g.T @ samples + self._terms_gram_g @ extra])
+
+    # -- the Coordinates interface -------------------------------------------------------
+
+    def matvec(self, v: Tensor) -> Tensor:
+        r"""$d = w \odot K_Q c$: weights $\frac1N$ on sample terms, $-1$ on extra ones."""
+        return self._weights * self._gram_in(v)
+
+    def rmatvec(self, u: Tensor) -> Tensor:
+        r"""$c = w \odot K_P d$."""
+        return self._weights * self._gram_out(u)
+
+    def inner_in(self, basis: Tensor, v: Tensor) -> Tensor:
+        """Through the Gram matrix of the input-side terms."""
+        return basis @ self._gram_in(v)
+
+    def inner_out(self, basis: Tensor, u: Tensor) -> Tensor:
+        """Through the Gram matrix of the output-side terms."""
+        return basis @ self._gram_out(u)
+
+    def start(self, v0: Tensor | None, u0: Tensor | None) -> Tensor:
+        r"""Coordinates of $\mathcal R^\top\mathcal R V_0$, else of $\mathcal R^\top U_0$.
+
+        A matrix $V_0$ is generally not a combination of the terms, so the start
+        is its image, which is (a power iteration's first step). Each costs the
+        inner products with the sample terms, $O(NT(d_i^2 + K d_o^2))$. The
+        default costs nothing: $\sum_{n,t} Q_{ntt}$, the batch's KFAC factor
+        $\sum_{n,t} \bar a_{nt} \bar a_{nt}^\top$ (positive semi-definite, close
+        to the top pair), with its coefficients perturbed by a fixed factor in
+        $[0.7, 1.3]$ so that no singular pair is orthogonal to it.
+        """
+        if v0 is not None:
+            inner = self._extra_inner(self._sample_inner_in(v0), self._terms_a, v0)
+            candidate = self.rmatvec(self._weights * inner)
+            if bool(torch.isfinite(candidate).all()) and self.norm_in(candidate) > 0:
+                return candidate
+        if u0 is not None:
+            inner = self._extra_inner(self._sample_inner_out(u0), self._terms_g, u0)
+            candidate = self._weights * inner
+            if bool(torch.isfinite(candidate).all()) and self.norm_in(candidate) > 0:
+                return candidate
+        size, count = self._size, self._n * self._t
+        j = torch.arange(count, dtype=_GRAM_DTYPE, device=self.device)
+        start = torch.zeros(size + len(self._terms_a), dtype=_GRAM_DTYPE, device=self.device)
+        diagonal = start[:size].view(self._n, self._t, self._t).diagonal(dim1=-2, dim2=-1)
+        diagonal.copy_((1.0 + 0.3 * torch.sin(1.0 + j * (j + 1.0))).view(self._n, self._t))
+        return start
+
+    def psd_part(self, coords: Tensor) -> Tensor | None:
+        r"""Negative coefficients set to zero ($T = 1$) or each block clamped ($T > 1$).
+
+        The top singular vectors of $\mathcal R(F)$ are nonnegative combinations
+        of the terms (power iterations from a nonnegative start stay
+        nonnegative), so a Ritz vector of them is negative only by its error.
+        ``None`` with extra terms, whose signs are not known.
+        """
+        if self._terms_a:
+            return None
+        if self._t == 1:
+            return coords.clamp_min(0.0)
+        blocks = coords.view(self._n, self._t, self._t)
+        values, vectors = torch.linalg.eigh((blocks + blocks.transpose(-1, -2)) / 2)
+        clamped: Tensor = (vectors * values.clamp_min(0.0).unsqueeze(-2)) @ vectors.mT
+        return clamped.reshape(-1)
+
+    def _extra_inner(self, samples: Tensor, mats: list[Tensor], mat: Tensor) -> Tensor:
+        extra = [float((m * mat).sum()) for m in mats]
+        return torch.cat([samples, samples.new_tensor(extra)])
+
+    def in_matrix(self, v: Tensor) -> Tensor:
+        r"""$\sum_n \bar A_n^\top C_n \bar A_n + \sum_j c_j A_j$: one GEMM over the samples."""
+        a = self._inputs.flatten(0, 1)  # [N T, in]
+        out = self._combine(a, v, self._n)
+        for coef, mat in zip(v[self._size :].tolist(), self._terms_a, strict=True):
+            out = out + coef * mat
+        return out
+
+    def out_matrix(self, u: Tensor) -> Tensor:
+        r"""$\sum_{k,n} G_{kn}^\top D_n G_{kn} + \sum_j d_j G_j$."""
+        g = self._grads.flatten(0, 2)  # [K N T, out]
+        weights = u[: self._size].view(1, -1).expand(self._k, -1).reshape(-1)
+        out = self._combine(g, weights, self._k * self._n)
+        for coef, mat in zip(u[self._size :].tolist(), self._terms_g, strict=True):
+            out = out + coef * mat
+        return out
+
+    def _combine(self, rows: Tensor, coef: Tensor, count: int) -> Tensor:
+        r"""$\sum_s R_s^\top C_s R_s$ for ``count`` row blocks of ``rows``, in ``dtype``."""
+        t = self._t
+        blocks = self._symmetric_blocks(coef[: count * t * t].view(count, t, t)).to(self.dtype)
+        if t == 1:
+            weights = blocks.flatten()
+            keep = weights != 0
+            if not bool(keep.all()):  # e.g. a correction: only the rows it touches
+                rows, weights = rows[keep], weights[keep]
+            return (rows.T * weights) @ rows
+        weighted = torch.bmm(blocks, rows.view(count, t, -1)).flatten(0, 1)
+        return rows.T @ weighted
+
+    @staticmethod
+    def _symmetric_blocks(blocks: Tensor) -> Tensor:
+        return (blocks + blocks.transpose(-1, -2)) / 2
+
+
+def rearranged(
+    io: PerSampleIO,
+    dtype: torch.dtype | None = None,
+    form: RearrangedForm = RearrangedForm.AUTO,
+    terms: Sequence[tuple[Tensor, Tensor]] = (),
+    *,
+    products: int = EXPECTED_PRODUCTS,
+    pairs: int = 1,
+) -> tuple[RearrangedFisher | Deflated | SampleSpaceFisher, RearrangedForm]:
+    r"""$\mathcal R(F) - \sum_j \operatorname{vec}(G_j)\operatorname{vec}(A_j)^\top$, in ``form``.
+
+    Args:
+        io: The layer's per-sample inputs and output gradients.
+        dtype: Working dtype (default: that of ``io``).
+        form: ``AUTO`` picks by [`choose_form`][curvlib.linalg.sample_space.choose_form].
+        terms: Kronecker terms ``(G_j, A_j)`` to subtract.
+        products: Product pairs the caller expects (for ``AUTO``).
+        pairs: Factor pairs the caller forms at the end (for ``AUTO``).
+
+    Returns:
+        The operator and the form it has.
+    """
+    if form is RearrangedForm.AUTO:
+        form = choose_form(io, products, pairs + len(terms))
+    if form is RearrangedForm.SAMPLE_SPACE:
+        return SampleSpaceFisher(io, dtype, terms), form
+    op = RearrangedFisher(io, dtype=dtype)
+    return (Deflated(op, terms) if terms else op), form

@@ -1,0 +1,200 @@
+r"""The sample-space form of $\mathcal R(F)$ against the dense rearrangement (float64).
+
+The dense $\mathcal R(F)$ is built from the per-sample gradient matrices
+``io.grads()`` of a ``Linear`` and a ``Conv2d`` layer; the sample-space operator
+works on coefficients over the rank-one terms and must agree with it on the
+matrices those coefficients stand for, as must the Frobenius inner products
+computed through its Gram matrices.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from torch import Tensor
+
+from curvlib.approx.deflation import Deflation
+from curvlib.approx.kfac_corrected import KFACCorrected
+from curvlib.approx.kpsvd import KPSVD
+from curvlib.approx.lanczos import Lanczos
+from curvlib.core import CurvatureStatistics, PerSampleIO, StatKind
+from curvlib.linalg.rearrange import (
+    RearrangedFisher,
+    SingularTriple,
+    balanced_factors,
+    lanczos_svd,
+    power_svd,
+    psd_factors,
+)
+from curvlib.linalg.sample_space import (
+    MAX_GRAM_ENTRIES,
+    RearrangedForm,
+    SampleSpaceFisher,
+    choose_form,
+    form_costs,
+)
+from tests.approx.cases import fit_statistics
+from tests.problems import Problem, cnn_ce, mlp_ce
+
+RTOL = 1e-10
+"""Products and inner products: round-off of float64 sums."""
+
+
+class _AllStats(Deflation):
+    required_stats = frozenset({StatKind.KRONECKER, StatKind.PER_SAMPLE_IO})
+
+
+@functools.cache
+def _stats(name: str) -> CurvatureStatistics:
+    problem: Problem = {"mlp": mlp_ce(), "cnn": cnn_ce()}[name]
+    return fit_statistics(problem, _AllStats())
+
+
+def _layers() -> list[tuple[str, str]]:
+    """(problem, layer): the MLP's Linear layers, the CNN's Conv2d (16 positions) and Linear."""
+    return [("mlp", "0"), ("mlp", "2"), ("mlp", "4"), ("cnn", "0"), ("cnn", "4")]
+
+
+def _dense(io: PerSampleIO, terms: list[tuple[Tensor, Tensor]]) -> Tensor:
+    W = io.grads()
+    _, n, out, inp = W.shape
+    R = torch.einsum("knij,knab->iajb", W, W).reshape(out * out, inp * inp) / n
+    for G, A in terms:
+        R = R - torch.outer(G.flatten(), A.flatten())
+    return R
+
+
+def _random_coordinates(op: SampleSpaceFisher, gen: torch.Generator) -> Tensor:
+    """Coordinates of a random symmetric combination of the terms."""
+    return torch.randn(op._size + len(op._terms_a), generator=gen, dtype=torch.float64)
+
+
+def _close(actual: Tensor, expected: Tensor, what: str, scale: float | None = None) -> None:
+    scale = float(expected.abs().max()) if scale is None else scale
+    err = float((actual - expected).abs().max())
+    assert err <= RTOL * scale, f"{what}: max error {err:.3e}, scale {scale:.3e}"
+
+
+@pytest.mark.parametrize("with_term", [False, True], ids=["plain", "kfac-term"])
+@pytest.mark.parametrize(("problem", "layer"), _layers(), ids=lambda x: str(x))
+def test_products_match_the_dense_rearranged_block(
+    problem: str, layer: str, with_term: bool
+) -> None:
+    stats = _stats(problem)[layer]
+    assert stats.io is not None and stats.kronecker is not None
+    terms = [(stats.kronecker.G, stats.kronecker.A)] if with_term else []
+    op = SampleSpaceFisher(stats.io, terms=terms)
+    R = _dense(stats.io, terms)
+    gen = torch.Generator().manual_seed(0)
+    c, d = _random_coordinates(op, gen), _random_coordinates(op, gen)
+    V, U = op.in_matrix(c), op.out_matrix(d)
+    _close(V.T, V, "symmetric V")
+    _close(U.T, U, "symmetric U")
+    _close(op.out_matrix(op.matvec(c)).flatten(), R @ V.flatten(), "R V")
+    _close(op.in_matrix(op.rmatvec(d)).flatten(), R.T @ U.flatten(), "R^T U")
+    # The Gram matrices give the Frobenius inner products of the matrices.
+    c2 = _random_coordinates(op, gen)
+    _close(op.inner_in(c2, c), (op.in_matrix(c2) * V).sum(), "<V', V>")
+    _close(op.inner_out(d, d), (U * U).sum(), "<U, U>")
+    # A matrix start is mapped through R^T R.
+    start = torch.eye(op.in_dim, dtype=torch.float64)
+    image = (R.T @ (R @ start.flatten())).reshape(start.shape)
+    size = float(R.abs().max()) ** 2 * R.shape[0]  # the residual's image cancels (KFAC term)
+    _close(op.in_matrix(op.start(start, None)), (image + image.T) / 2, "R^T R V0", size)
+
+
+@pytest.mark.parametrize(("problem", "layer"), _layers(), ids=lambda x: str(x))
+def test_both_forms_find_the_same_top_pair(problem: str, layer: str) -> None:
+    """Same top triple to round-off from either form, with and without the KFAC term."""
+    stats = _stats(problem)[layer]
+    assert stats.io is not None and stats.kronecker is not None
+    term = [(stats.kronecker.G, stats.kronecker.A)]
+    pairs = [
+        (SampleSpaceFisher(stats.io), RearrangedFisher(stats.io)),
+        (SampleSpaceFisher(stats.io, terms=term), _deflated(stats.io, term)),
+    ]
+    for sample, free in pairs:
+        a = power_svd(sample, tol=1e-12, max_iter=5000)
+        b = power_svd(free, tol=1e-12, max_iter=5000)
+        assert abs(a.sigma - b.sigma) <= 1e-10 * b.sigma
+        _close(a.sigma * torch.kron(a.U, a.V), b.sigma * torch.kron(b.U, b.V), "top term")
+
+
+def _deflated(io: PerSampleIO, terms: list[tuple[Tensor, Tensor]]) -> object:
+    from curvlib.linalg.rearrange import Deflated
+
+    return Deflated(RearrangedFisher(io), terms)
+
+
+def _io(n: int, t: int, d_in: int, d_out: int, k: int = 1) -> PerSampleIO:
+    return PerSampleIO(torch.zeros(n, t, d_in), torch.zeros(k, n, t, d_out))
+
+
+@pytest.mark.parametrize(
+    ("io", "expected"),
+    [
+        (_io(250, 1, 1001, 500), RearrangedForm.SAMPLE_SPACE),  # the autoencoder at batch 1000
+        (_io(1000, 1, 31, 250), RearrangedForm.SAMPLE_SPACE),  # N < 4 (d_i + d_o)
+        (_io(4000, 1, 11, 10), RearrangedForm.MATRIX_FREE),  # N far above d_i + d_o
+        (_io(64, 64, 28, 16), RearrangedForm.MATRIX_FREE),  # a convolution: T^3 per product
+        (_io(2, 2, 50, 50), RearrangedForm.SAMPLE_SPACE),  # tiny convolution, wide channels
+    ],
+    ids=["ae-1000", "narrow-many", "tiny-layer", "conv", "tiny-conv"],
+)
+def test_the_rule_takes_the_cheaper_form(io: PerSampleIO, expected: RearrangedForm) -> None:
+    costs = form_costs(io)
+    assert choose_form(io) is expected, costs
+    cheaper = costs.sample_space < costs.matrix_free
+    assert cheaper is (expected is RearrangedForm.SAMPLE_SPACE)
+
+
+def test_the_rule_never_builds_a_gram_matrix_over_the_limit() -> None:
+    n = int(MAX_GRAM_ENTRIES**0.5) + 1
+    io = _io(n, 1, 100_000, 100_000)  # cheap in sample space, too large a Gram matrix
+    costs = form_costs(io)
+    assert costs.sample_space < costs.matrix_free and costs.gram_entries > MAX_GRAM_ENTRIES
+    assert choose_form(io) is RearrangedForm.MATRIX_FREE
+
+
+@pytest.mark.parametrize(
+    "make", [KPSVD, Deflation, KFACCorrected, Lanczos], ids=lambda m: m.__name__
+)
+def test_telemetry_reports_the_form_and_the_products(make: type[KPSVD]) -> None:
+    stats = _stats("cnn")
+    approx = make()
+    approx.update(stats)
+    report = approx.last_products()
+    assert set(report) == {"0", "4"}
+    for name, (form, products) in report.items():
+        io = stats[name].io
+        assert io is not None
+        pairs = 1 if make is KPSVD else 2
+        assert form is choose_form(io, pairs=pairs), name
+        assert products >= 1
+    assert report["0"][0] is RearrangedForm.MATRIX_FREE  # 16 positions: the matrix-free form
+
+
+def test_an_unknown_form_is_refused() -> None:
+    with pytest.raises(ValueError, match="sample"):
+        KPSVD(form="samples")
+
+
+@pytest.mark.parametrize(("problem", "layer"), _layers(), ids=lambda x: str(x))
+def test_positive_factors_without_eigh_match_the_clamped_ones(problem: str, layer: str) -> None:
+    """The Lanczos top pair in sample space: clamping coefficients equals clamping eigenvalues."""
+    stats = _stats(problem)[layer]
+    assert stats.io is not None
+    op = SampleSpaceFisher(stats.io)
+    first, _ = lanczos_svd(op, 2, tol=1e-12, max_restarts=200)
+    G, A = psd_factors(op, first)
+    G_ref, A_ref = balanced_factors(first, psd=True)
+    for factor, ref in ((G, G_ref), (A, A_ref)):
+        _close(factor, ref, "psd factor", float(ref.abs().max()) * 1e-6 / RTOL)
+        assert float(torch.linalg.eigvalsh(factor)[0]) >= -RTOL * float(factor.abs().max())
+    # A coefficient of the wrong sign beyond the triple's error is refused: eigh instead.
+    v = first.v
+    assert v is not None
+    bad = SingularTriple(first.sigma, first.U, first.V, 1, 1e-14, first.u, v - 2 * v.abs().max())
+    assert torch.equal(psd_factors(op, bad)[1], balanced_factors(bad, psd=True)[1])
