@@ -285,8 +285,8 @@ class CurvatureStatistics:
         """Whether every extracted tensor is free of NaN and Inf.
 
         One ``aminmax`` per tensor and a single host synchronisation decide it
-        ([`all_finite`][curvlib.core.stats.all_finite]); the answer is cached
-        (the engine and the approximation both ask).
+        (``all_finite`` in ``curvlib.core.stats``); the answer is cached (the
+        engine and the approximation both ask).
         """
         return self._finite
 
