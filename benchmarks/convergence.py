@@ -319,6 +319,18 @@ def kfac_ablations() -> list[Method]:
 # -- one run ----------------------------------------------------------------------------
 
 
+def first_reach(losses: Sequence[float], axis: Sequence[float], target: float) -> float | None:
+    """Where on ``axis`` the loss first is at or below ``target`` (linear between points)."""
+    for i, loss in enumerate(losses):
+        if loss <= target:
+            if i == 0:
+                return 0.0
+            l0, x0 = losses[i - 1], axis[i - 1]
+            frac = (l0 - target) / (l0 - loss) if l0 > loss else 1.0
+            return x0 + frac * (axis[i] - x0)
+    return None
+
+
 @dataclass
 class Curve:
     """The training-set loss against wall time and epochs."""
@@ -335,21 +347,11 @@ class Curve:
 
     def time_to(self, target: float) -> float | None:
         """First time the loss is at or below ``target`` (linear between evaluations)."""
-        return self._first_reach(target, self.times)
+        return first_reach(self.losses, self.times, target)
 
     def epochs_to(self, target: float) -> float | None:
         """First epoch the loss is at or below ``target`` (linear between evaluations)."""
-        return self._first_reach(target, self.epochs)
-
-    def _first_reach(self, target: float, axis: Sequence[float]) -> float | None:
-        for i, loss in enumerate(self.losses):
-            if loss <= target:
-                if i == 0:
-                    return 0.0
-                l0, x0 = self.losses[i - 1], axis[i - 1]
-                frac = (l0 - target) / (l0 - loss) if l0 > loss else 1.0
-                return x0 + frac * (axis[i] - x0)
-        return None
+        return first_reach(self.losses, self.epochs, target)
 
     def loss_at(self, t: float) -> float:
         """The last loss evaluated at or before wall time ``t``."""
@@ -730,9 +732,8 @@ def rerender(out: Path) -> dict[str, Any]:
     for r in payload["runs"]:
         if "epochs_to_adam_ratio" not in r:
             losses = [math.inf if v is None else v for v in r["curve"]["loss"]]
-            c = Curve([], r["curve"]["epoch"], losses)
             adam = tuned[r["task"], r["seed"]]
-            reach = c.epochs_to(r["adam_final_loss"])
+            reach = first_reach(losses, r["curve"]["epoch"], r["adam_final_loss"])
             r["epochs_to_adam_ratio"] = (
                 None if reach is None else reach / adam["curve"]["epoch"][-1]
             )
