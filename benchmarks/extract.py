@@ -15,8 +15,9 @@ float32. Every row is one configuration:
 * ``plain``: ``zero_grad``, forward, loss, ``backward`` -- the reference.
 * curvlib rows: the same step inside ``with extractor.collect():``, followed
   by ``extractor.statistics()``, for each statistics kind, flavour and backend
-  (named in the label; ``Backend.AUTO`` picks BackPACK for this network). The
-  row marked ``[TARGET]`` is the one the issue bounds: at most 3x plain.
+  (named in the label; ``Backend.AUTO`` picks autograd for the MC and
+  empirical rows and BackPACK for ``EXACT``). The row marked ``[TARGET]`` is
+  the one the issue bounds: at most 3x plain.
   ``EXACT`` backpropagates 784 columns per sample, so it runs on a smaller
   batch (``--exact-batch-size``) with fewer repetitions (``--exact-repeats``)
   and is compared with a plain row of that batch size.

@@ -20,7 +20,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import Tensor
@@ -28,6 +28,9 @@ from torch import Tensor
 from curvlib.core.checkpoint import RECORD_KEY, check_record, writer_record
 from curvlib.core.stats import CurvatureStatistics, LayerStatistics, StatKind
 from curvlib.linalg.factors import FactorizationError, flush_subnormals
+from curvlib.linalg.parallel import default_workers, run_jobs
+
+R = TypeVar("R")
 
 LayerInverse = Callable[[Tensor], Tensor]
 """Applies one layer's damped inverse to ``[..., out, in_aug]`` matrices."""
@@ -418,6 +421,13 @@ class LayerwiseApprox(ABC):
             first (KPSVD, the two-term methods) average their per-batch fits.
         dtype: Storage dtype of the estimates (default: that of the statistics).
 
+    Attributes:
+        workers: How many layers' blocks are factorised at once (inverses,
+            eigenbases), each on one thread. ``None`` (the default): torch's
+            intra-op threads on the CPU, one at a time on an accelerator
+            ([`run_jobs`][curvlib.linalg.parallel.run_jobs] has the schedule);
+            ``1`` factorises one layer after the other on every thread.
+
     Raises:
         ValueError: If ``decay`` is outside ``[0, 1]``.
     """
@@ -434,6 +444,7 @@ class LayerwiseApprox(ABC):
         self.num_updates = 0
         self.num_samples_seen = 0
         self._blocks: dict[str, LayerBlock] = {}
+        self.workers: int | None = None
 
     @abstractmethod
     def _make_block(self, out_dim: int, in_dim: int) -> LayerBlock:
@@ -496,6 +507,26 @@ class LayerwiseApprox(ABC):
             self._blocks = saved
             raise
 
+    def _each_block(self, fn: Callable[[LayerBlock], R]) -> dict[str, R]:
+        """``fn`` on every block, errors named by layer; blocks concurrently (see ``workers``)."""
+
+        def job(name: str, block: LayerBlock) -> Callable[[], R]:
+            def run() -> R:
+                with naming_layer(name):
+                    return fn(block)
+
+            return run
+
+        blocks = self._blocks
+        if not blocks:
+            return {}
+        device = next(iter(blocks.values()))._device()
+        return run_jobs(
+            {name: job(name, block) for name, block in blocks.items()},
+            {name: float(b.out_dim) ** 3 + float(b.in_dim) ** 3 for name, b in blocks.items()},
+            self.workers or default_workers(device),
+        )
+
     def _check_has_required(self, name: str, stats: LayerStatistics) -> None:
         have = stats.kinds()
         missing = [kind.name for kind in self.required_stats if kind not in have]
@@ -515,12 +546,11 @@ class LayerwiseApprox(ABC):
             ValueError: If ``damping`` is not positive.
         """
         damping = check_damping(damping)
-        inverses: dict[str, LayerInverse] = {}
+        inverses = self._each_block(lambda block: block.inverse(damping))
         shapes: dict[str, LayerShape] = {}
         condition: dict[str, Callable[[], float]] = {}
         for name, block in self._blocks.items():
-            with naming_layer(name):
-                inverses[name] = inverse = block.inverse(damping)
+            inverse = inverses[name]
             shapes[name] = LayerShape(
                 block.out_dim, block.in_dim, block._dense_dtype(), block._device()
             )
@@ -633,6 +663,19 @@ class LayerwiseApprox(ABC):
                 for name, b in self._blocks.items()
             },
         }
+
+    def snapshot(self) -> Callable[[], dict[str, Any]]:
+        """``state_dict`` of the estimate as it is now, computed when called.
+
+        Later ``update`` and ``refresh`` calls leave it as it is: the blocks
+        assign new tensors instead of writing into their old ones, so shallow
+        copies of the blocks keep the estimate at the cost of a few references.
+        The optimizer keeps the estimate its live inverse was built from this
+        way, for checkpoints taken before the next rebuild.
+        """
+        frozen = copy.copy(self)
+        frozen._blocks = {name: copy.copy(block) for name, block in self._blocks.items()}
+        return frozen.state_dict
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore counters and estimates saved by ``state_dict()``; all or nothing.

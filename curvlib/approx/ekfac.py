@@ -39,7 +39,6 @@ from curvlib.approx.base import (
     LayerBlock,
     LayerInverse,
     LayerwiseApprox,
-    naming_layer,
     running_average,
 )
 from curvlib.core.stats import LayerStatistics, PerSampleIO, StatKind
@@ -212,8 +211,10 @@ class EKFAC(LayerwiseApprox):
         refreshed or none: if an eigendecomposition fails, nothing changes and
         the error propagates.
         """
+
+        def refresh(block: LayerBlock) -> None:
+            assert isinstance(block, _EKFACBlock)
+            block.refresh()
+
         with self._all_or_none():
-            for name, block in self._blocks.items():
-                assert isinstance(block, _EKFACBlock)
-                with naming_layer(name):
-                    block.refresh()
+            self._each_block(refresh)

@@ -105,15 +105,29 @@ class AutogradRun:
         else:
             full = columns.new_zeros(k, *network_output.shape)
             full[:, sub] = columns
-        modules = list(self._outputs)
-        grads = torch.autograd.grad(
-            network_output,
-            [self._outputs[m] for m in modules],
-            grad_outputs=full,
-            is_grads_batched=True,
-            retain_graph=True,
-            allow_unused=True,
-        )
+        # A frozen layer's output may need no gradient: it gets no columns, and
+        # the session names the frozen layer.
+        modules = [m for m, out in self._outputs.items() if out.requires_grad]
+        outputs = [self._outputs[m] for m in modules]
+        if not outputs:
+            self._outputs.clear()
+            return
+        if full.shape[0] == 1:  # one column (one MC draw): a plain backward, no vmap
+            grads = tuple(
+                None if g is None else g.unsqueeze(0)
+                for g in torch.autograd.grad(
+                    network_output, outputs, full[0], retain_graph=True, allow_unused=True
+                )
+            )
+        else:
+            grads = torch.autograd.grad(
+                network_output,
+                outputs,
+                grad_outputs=full,
+                is_grads_batched=True,
+                retain_graph=True,
+                allow_unused=True,
+            )
         for module, grad in zip(modules, grads, strict=True):
             if grad is None:
                 continue

@@ -55,6 +55,9 @@ class CollectSession:
         self.other_loss: nn.Module | None = None
         self.outputs: list[Any] = []
         self.backward_seen = False
+        # Autograd's columns are pulled back in the forward pass; then this waits
+        # for the user's backward.
+        self.awaiting_backward = False
         self.stack = ExitStack()
         self.handles: list[RemovableHandle] = []
         self.inplace: list[nn.Module] = []
@@ -195,6 +198,13 @@ class CollectSession:
             # Coupled EXACT columns are not zero-mean draws: pull each back on its own.
             separate = self.coupled and self.ex._fisher_type is FisherType.EXACT
             self.autograd.pull_back(net_out, self._columns_for(net_out, target), separate)
+            # The columns are in; the user's own backward must still pass through.
+            if net_out.requires_grad:
+                self.handles.append(net_out.register_hook(self._user_backward))  # type: ignore[no-untyped-call]
+            self.awaiting_backward = True
+
+    def _user_backward(self, grad: Tensor) -> None:
+        self.awaiting_backward = False
 
     def _other_loss_hook(self, module: nn.Module, inputs: Any) -> None:
         # Seen only to name the mistake in finish(): another instance of the loss class.
@@ -276,7 +286,7 @@ class CollectSession:
                 "collect() ended without a call of loss_fn: call the loss module passed to "
                 "the extractor on the model output inside the block."
             )
-        if not self.backward_seen:
+        if not self.backward_seen or self.awaiting_backward:
             raise RuntimeError(
                 "collect() ended without a backward pass: call loss.backward() inside the "
                 "block (statistics are computed during the backward pass)."

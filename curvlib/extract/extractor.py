@@ -32,13 +32,29 @@ from curvlib.extract.losses import LossCurvature, check_loss_module
 from curvlib.extract.products import ForwardCapture, ggn_gram
 from curvlib.extract.statistics import BATCHNORM_KINDS
 
+AUTOGRAD_MAX_DRAWS = 4
+"""The most MC draws per sample for which ``Backend.AUTO`` picks autograd over BackPACK.
+
+With few columns per sample one more backward pass from the network output
+costs less than BackPACK's hooks on every module (the extractor benchmark's
+backend rows). The exact Fisher's many columns per sample favour BackPACK.
+Autograd's extra backward covers the whole batch even when the statistics use
+a fraction of it, so for large networks on the CPU ``backend="backpack"`` can
+be the cheaper one; ``Backend.AUTO`` keeps to this rule, so that the choice does
+not depend on timings.
+"""
+
 
 class Backend(Enum):
     """How the per-sample columns are backpropagated.
 
     Attributes:
-        AUTO: BackPACK where it can (every module supported, no ``BatchNorm`` in
-            train mode), autograd otherwise; decided at each ``collect()``.
+        AUTO: Autograd for the empirical Fisher and for the MC Fisher with at
+            most ``AUTOGRAD_MAX_DRAWS`` draws (the default: one), where one more
+            backward pass costs less than BackPACK's hooks on every module; for
+            the exact Fisher and more draws, BackPACK where it can (every module
+            supported, no ``BatchNorm`` in train mode) and autograd otherwise.
+            Decided at each ``collect()``.
         BACKPACK: Always BackPACK; an unsupported network is an error.
         AUTOGRAD: Module hooks and one batched ``torch.autograd.grad``.
     """
@@ -378,5 +394,7 @@ class CurvatureExtractor:
                     "it. Use backend=Backend.AUTO or AUTOGRAD, or call model.eval()."
                 )
             return True
-        # EMPIRICAL reads the output gradients of the user's backward: any network works.
-        return empirical or not (coupling or self._no_backpack)
+        few_columns = empirical or (
+            self._fisher_type is FisherType.MC and self._mc_samples <= AUTOGRAD_MAX_DRAWS
+        )
+        return not (few_columns or coupling or self._no_backpack)

@@ -54,8 +54,9 @@ def layer_statistics(
     if StatKind.KRONECKER in required:
         a_flat = inputs.reshape(n * t, -1)
         g_flat = grads.reshape(-1, grads.shape[-1])
-        A = (a_flat.T @ a_flat) / n
-        G = (g_flat.T @ g_flat) / ((num_samples or n) * t)
+        # In place: the products are new tensors, and a second pass would allocate.
+        A = (a_flat.T @ a_flat).div_(n)
+        G = (g_flat.T @ g_flat).div_((num_samples or n) * t)
         # Symmetric up to rounding; the approximations symmetrise where it matters.
         kron = KroneckerFactors(A=A.to(dtype), G=G.to(dtype))
     if StatKind.PER_SAMPLE_IO in required or StatKind.PER_SAMPLE_GRAD in required:

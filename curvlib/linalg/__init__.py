@@ -2,8 +2,8 @@
 
 Damped Kronecker inverses, ``eigh`` with retry, two-term Kronecker inverses,
 power SVD and Golub–Kahan–Lanczos on the rearranged Fisher (matrix-free or in
-sample space), and Woodbury solves
-live here. This package imports torch and [`curvlib.core`][curvlib.core] only.
+sample space), Woodbury solves, and per-layer factorisations run concurrently
+on the CPU's threads live here. This package imports torch and [`curvlib.core`][curvlib.core] only.
 """
 
 from curvlib.linalg.factors import (
@@ -19,6 +19,7 @@ from curvlib.linalg.factors import (
     symmetrize,
 )
 from curvlib.linalg.kron import KroneckerSumInverse, two_term_inverse
+from curvlib.linalg.parallel import default_workers, run_jobs
 from curvlib.linalg.rearrange import (
     Coordinates,
     Deflated,
@@ -62,6 +63,7 @@ __all__ = [
     "choose_form",
     "damped_cholesky",
     "damped_inverse",
+    "default_workers",
     "deflated",
     "effective_tol",
     "eigh",
@@ -74,6 +76,7 @@ __all__ = [
     "power_svd",
     "psd_start",
     "rearranged",
+    "run_jobs",
     "symmetrize",
     "two_term_inverse",
     "woodbury_solve",

@@ -135,7 +135,8 @@ class CurvatureEngine:
         self._precond: Preconditioner | None = None
         self._precond_damping: float | None = None
         self._precond_fresh = False
-        self._snapshot: dict[str, Any] | None = None
+        # The estimate the live inverse was built from, once updates moved past it.
+        self._snapshot: Callable[[], dict[str, Any]] | None = None
 
     # -- schedule -------------------------------------------------------------
 
@@ -263,7 +264,7 @@ class CurvatureEngine:
         if self._precond is not None and self._precond_fresh:
             # The live inverse was built from the current estimate: keep that estimate
             # so that a checkpoint taken before the next rebuild resumes exactly.
-            self._snapshot = _clone(self.approx.state_dict())
+            self._snapshot = self._kept_state()
             self._precond_fresh = False
         try:
             self.approx.update(stats)
@@ -278,6 +279,20 @@ class CurvatureEngine:
             )
             return False
         return True
+
+    def _kept_state(self) -> Callable[[], dict[str, Any]]:
+        """The approximation's ``state_dict`` as it is now, written when it is read.
+
+        An approximation whose updates assign new tensors instead of writing into
+        its old ones offers ``snapshot()``, which keeps references and no copies;
+        any other is copied now.
+        """
+        snapshot = getattr(self.approx, "snapshot", None)
+        if callable(snapshot):
+            kept: Callable[[], dict[str, Any]] = snapshot()
+            return kept
+        state: dict[str, Any] = _clone(self.approx.state_dict())
+        return lambda: state
 
     def _refresh(self) -> None:
         """Refresh a two-time-scale approximation; a failure is counted and warned about."""
@@ -385,7 +400,9 @@ class CurvatureEngine:
             "approx": self.approx.state_dict(),
             "precond_damping": self._precond_damping,
             "has_precond": self._precond is not None,
-            "inverse_source": None if self._precond_fresh else self._snapshot,
+            "inverse_source": (
+                None if self._precond_fresh or self._snapshot is None else self._snapshot()
+            ),
         }
 
     def checkpoint_record(self) -> dict[str, Any]:
@@ -455,7 +472,9 @@ class CurvatureEngine:
         )
         self._pending.clear()
         self._precond, self._precond_damping = loaded.precond, loaded.precond_damping
-        self._precond_fresh, self._snapshot = loaded.precond_fresh, loaded.snapshot
+        source = loaded.snapshot
+        self._precond_fresh = loaded.precond_fresh
+        self._snapshot = None if source is None else (lambda: source)
 
 
 @dataclass(frozen=True)

@@ -184,3 +184,39 @@ def test_a_failing_block_update_leaves_every_layer_unchanged(
     assert approx.num_updates == 1
     for name, dense in before.items():  # the layers updated before the failure are restored
         assert torch.equal(approx.to_dense(name), dense), name
+
+
+@pytest.mark.parametrize(("case", "problem"), CASES)
+def test_snapshot_keeps_the_estimate_through_later_updates(
+    case: ApproxCase, problem: Problem
+) -> None:
+    approx = _fitted(case, problem)
+    expected = approx.state_dict()
+    kept = approx.snapshot()
+    approx.update(fit_statistics(perturbed(problem, 0.5), approx))
+    refresh = getattr(approx, "refresh", None)
+    if callable(refresh):
+        refresh()
+        approx.update(fit_statistics(perturbed(problem, 0.7), approx))
+    restored = case.make()
+    restored.load_state_dict(kept())
+    original = case.make()
+    original.load_state_dict(expected)
+    assert restored.num_updates == original.num_updates
+    for name in approx.blocks:
+        assert torch.equal(restored.to_dense(name), original.to_dense(name)), name
+        assert not torch.equal(approx.to_dense(name), original.to_dense(name)), name
+
+
+@pytest.mark.parametrize(("case", "problem"), CASES)
+def test_blocks_factorised_concurrently_give_the_sequential_inverse(
+    case: ApproxCase, problem: Problem
+) -> None:
+    approx = _fitted(case, problem)
+    vectors = _random_matrices(approx)
+    approx.workers = 1
+    sequential = approx.inverse(DAMPING).apply(vectors)
+    approx.workers = 3
+    concurrent = approx.inverse(DAMPING).apply(vectors)
+    for name in vectors:
+        _close(concurrent[name], sequential[name], name)
