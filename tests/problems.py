@@ -152,6 +152,23 @@ def autoencoder_bce(n: int = 5) -> Problem:
     )
 
 
+def autoencoder_sigmoid_bce(n: int = 5) -> Problem:
+    """A small MLP autoencoder ending in a sigmoid: ``BCELoss`` on 12 probabilities."""
+
+    def make() -> nn.Module:
+        return nn.Sequential(
+            nn.Linear(12, 6), nn.Tanh(), nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 12), nn.Sigmoid()
+        )
+
+    return Problem(
+        "autoencoder_sigmoid_bce",
+        make,
+        nn.BCELoss(),
+        _data(4, n, 12),
+        _soft(5, n, 12),
+    )
+
+
 def cnn_ce(n: int = 4, pool: type[nn.Module] = nn.MaxPool2d) -> Problem:
     """Conv2d(stride 2, padding 1)-ReLU-pool-Flatten-Linear with cross-entropy."""
 
