@@ -1,6 +1,6 @@
 """The image loaders of ``examples/data.py``: tiny files in the real formats, real loaders.
 
-Fashion-MNIST as gzipped IDX files, CIFAR-10 as the python pickles, SVHN as the
+Fashion-MNIST as gzipped IDX files, CIFAR-10 and CIFAR-100 as the python pickles, SVHN as the
 MATLAB files, each read by torchvision's own reader; the generated sets are
 deterministic; missing files give a one-line error naming every file.
 """
@@ -71,6 +71,30 @@ def write_cifar10(root: Path, per_batch: int = 4) -> tuple[np.ndarray, list[int]
     return rows, labels
 
 
+def write_cifar100(root: Path, n_train: int = 8, n_test: int = 4) -> tuple[np.ndarray, list[int]]:
+    """``train`` and ``test`` of the python CIFAR-100 distribution, with ``fine_labels``."""
+    folder = root / data.CIFAR100_DIR
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(5)
+    rows = rng.integers(0, 256, (n_train + n_test, 3072), dtype=np.uint8)
+    fine = [int(v) for v in rng.integers(0, 100, n_train + n_test)]
+    for name, part in (("train", slice(0, n_train)), ("test", slice(n_train, None))):
+        entry = {
+            "filenames": [f"{name}{i}.png" for i in range(len(rows[part]))],
+            "batch_label": f"{name} batch",
+            "fine_labels": fine[part],
+            "coarse_labels": [v // 5 for v in fine[part]],
+            "data": rows[part],
+        }
+        (folder / name).write_bytes(pickle.dumps(entry))
+    meta = {
+        "fine_label_names": [f"fine{i}" for i in range(100)],
+        "coarse_label_names": [f"coarse{i}" for i in range(20)],
+    }
+    (folder / "meta").write_bytes(pickle.dumps(meta))
+    return rows, fine
+
+
 def write_svhn(root: Path, n_train: int = 10, n_test: int = 5) -> tuple[np.ndarray, np.ndarray]:
     """``train_32x32.mat``/``test_32x32.mat``: ``X [32, 32, 3, N]``, ``y [N, 1]`` in 1..10."""
     from scipy.io import savemat
@@ -105,6 +129,18 @@ def test_cifar10_reads_the_python_pickles(tmp_path: Path) -> None:
     assert torch.equal(data.load_images("cifar10", data_root=tmp_path).test_x, split.test_x)
 
 
+def test_cifar100_reads_the_python_pickles_with_fine_labels(tmp_path: Path) -> None:
+    rows, fine = write_cifar100(tmp_path)
+    split = data.load_images("cifar100", data_root=tmp_path)
+    assert split.train_x.shape == (8, 3, 32, 32) and split.test_x.shape == (4, 3, 32, 32)
+    expected = torch.from_numpy(rows[:8].reshape(8, 3, 32, 32)).float() / 255
+    assert torch.equal(split.train_x, expected)
+    assert split.train_y.tolist() == fine[:8] and split.test_y.tolist() == fine[8:]
+    assert split.num_classes == 100
+    (tmp_path / data.CIFAR100_DIR / "meta").unlink()  # optional
+    assert torch.equal(data.load_images("cifar100", data_root=tmp_path).test_x, split.test_x)
+
+
 def test_svhn_reads_the_mat_files_and_maps_label_10_to_0(tmp_path: Path) -> None:
     x, y = write_svhn(tmp_path)
     split = data.load_images("svhn", data_root=tmp_path)
@@ -136,6 +172,7 @@ def test_generated_sets_are_deterministic_and_balanced() -> None:
     [
         ("fashion-mnist", [f"FashionMNIST/raw/{f}" for f in data.MNIST_FILES]),
         ("cifar10", [f"{data.CIFAR10_DIR}/{f}" for f in data.CIFAR10_FILES]),
+        ("cifar100", [f"{data.CIFAR100_DIR}/{f}" for f in data.CIFAR100_FILES]),
         ("svhn", list(data.SVHN_FILES)),
     ],
 )
@@ -165,3 +202,14 @@ def test_cnn_trains_on_cifar10_files(tmp_path: Path) -> None:
     assert final["test_accuracy"] is not None and 0.0 <= final["test_accuracy"] <= 1.0
     # One epoch on 20 images: the training loss falls by at least 5%.
     assert final["train_loss"] < 0.95 * results[0].metrics[0]["train_loss"]
+
+
+def test_cnn_trains_on_cifar100_files(tmp_path: Path) -> None:
+    write_cifar100(tmp_path / "data", n_train=20)
+    results = cnn.main(
+        ["--data", "cifar100", "--data-root", str(tmp_path / "data"), "--optim", "kfac",
+         "--batch-size", "10", "--num-epochs", "1", "--no-progress", "--out", str(tmp_path / "o")]
+    )  # fmt: skip
+    final = results[0].final
+    assert final["test_accuracy"] is not None and 0.0 <= final["test_accuracy"] <= 1.0
+    assert np.isfinite(final["train_loss"])
