@@ -8,7 +8,6 @@ CURVES as ``digs3pts_1.mat`` (MATLAB v5, ``bdata`` and ``bdatatest``), FACES as
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -21,17 +20,10 @@ sys.path.insert(0, str(EXAMPLES))
 import autoencoder  # noqa: E402
 import data  # noqa: E402
 
-from tests.examples.test_autoencoder import write_tiny_mnist  # noqa: E402
+# one_thread: the examples' module-wide autouse fixture, applied here too.
+from tests.examples.test_autoencoder import one_thread, write_tiny_mnist  # noqa: E402, F401
 
 RUN = ["--optim", "adam", "--num-epochs", "1", "--batch-size", "10", "--no-progress"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def write_curves_mat(path: Path, n_train: int = 30, n_test: int = 12) -> np.ndarray:
