@@ -19,8 +19,10 @@ binary-cross-entropy data sets), weights are Glorot-uniform with the
 activation's gain and biases zero (``--init`` and ``--bias-init`` choose the
 papers' initialisations: sparse, normal, Xavier uniform or normal; see
 ``examples/initialisation.py``). CURVES is generated offline from ``--seed``
-(no files needed); MNIST is read from ``--data-root`` and FACES from
-``--faces-path``, never downloaded.
+(no files needed), or read from the published ``digs3pts_1.mat`` with
+``--curves-path``; MNIST is read from ``--data-root`` (``--mnist-split 50k-10k``:
+the papers' split, the first 50,000 training images for training and the last
+10,000 for evaluation) and FACES from ``--faces-path``, never downloaded.
 
 Examples (from the repository root)::
 
@@ -30,6 +32,8 @@ Examples (from the repository root)::
     python examples/autoencoder.py --optim kpsvd --out runs/kpsvd
     python examples/autoencoder.py --num-epochs 20 --resume       # 10 more epochs
     python examples/autoencoder.py --data mnist --data-root ~/data --batch-size 1000
+    python examples/autoencoder.py --data mnist --data-root ~/data --mnist-split 50k-10k
+    python examples/autoencoder.py --curves-path ~/data/digs3pts_1.mat  # published CURVES
 
 Outputs in ``--out``: ``metrics.csv``, ``metrics.json``, ``iterations.csv`` (loss
 and cumulative time at every step), ``loss.png``,
@@ -57,7 +61,7 @@ from common import (
     resolve_device,
     run_experiment,
 )
-from data import DATASETS, DataNotFoundError, check_finite, load_data
+from data import DATASETS, MNIST_SPLITS, DataNotFoundError, check_finite, load_data
 from initialisation import INITS, initialise
 
 ARCHITECTURES: dict[str, tuple[int, ...]] = {
@@ -122,6 +126,17 @@ def build_argparser() -> argparse.ArgumentParser:
         help="FACES file for --data faces: .npy [N, 625] or .mat with one such array",
     )
     group.add_argument(
+        "--curves-path",
+        type=Path,
+        default=None,
+        help="read --data curves from the published digs3pts_1.mat instead of generating it",
+    )
+    group.add_argument(
+        "--mnist-split", choices=MNIST_SPLITS, default="test",
+        help="--data mnist: the official test set, or 50k-10k (train on the first 50,000 "
+        "training images, evaluate on the last 10,000)",
+    )  # fmt: skip
+    group.add_argument(
         "--activation", choices=tuple(ACTIVATIONS), default="tanh", help="hidden units"
     )
     group.add_argument(
@@ -146,6 +161,10 @@ def main(argv: Sequence[str] | None = None) -> list[RunResult]:
     """Parse ``argv`` (default ``sys.argv``), train and return the runs' results."""
     parser = build_argparser()
     args = parser.parse_args(argv)
+    if args.curves_path is not None and args.data != "curves":
+        parser.exit(2, f"{parser.prog}: error: --curves-path applies to --data curves only\n")
+    if args.mnist_split != "test" and args.data != "mnist":
+        parser.exit(2, f"{parser.prog}: error: --mnist-split applies to --data mnist only\n")
     try:
         device = resolve_device(args.device)
         split = load_data(
@@ -155,6 +174,8 @@ def main(argv: Sequence[str] | None = None) -> list[RunResult]:
             seed=args.seed,
             data_root=args.data_root,
             faces_path=args.faces_path,
+            curves_path=args.curves_path,
+            mnist_split=args.mnist_split,
         )
         check_finite(split)
     except (DataNotFoundError, ValueError) as err:

@@ -21,8 +21,8 @@ own output gradients, and the BatchNorm parameters take plain SGD steps.
 
 ``--data synthetic`` (default) is the seeded 10-class set of oriented gratings
 of ``examples/data.py`` (3x32x32, no files needed); ``mnist``,
-``fashion-mnist``, ``cifar10`` and ``svhn`` are read from ``--data-root``, never
-downloaded.
+``fashion-mnist``, ``cifar10``, ``cifar100`` (100 classes) and ``svhn`` are read
+from ``--data-root``, never downloaded.
 
 Examples (from the repository root)::
 

@@ -9,7 +9,7 @@ approximations support ``ConvTranspose2d``, whose kernel is stored as
 ``(C_in, C_out, kh, kw)`` (curvlib transposes it to ``[W | b]``).
 
 ``--data curves`` (default) is generated offline (1x28x28); ``synthetic``,
-``mnist``, ``fashion-mnist``, ``cifar10`` and ``svhn`` are the image sets of
+``mnist``, ``fashion-mnist``, ``cifar10``, ``cifar100`` and ``svhn`` are the image sets of
 ``examples/data.py`` (labels unused).
 
 Examples (from the repository root)::

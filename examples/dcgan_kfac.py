@@ -32,7 +32,7 @@ to ``fd_real``, the score of real training images against the same test images
 (the floor).
 
 ``--data curves`` (default) is generated offline (1x28x28); ``synthetic``,
-``mnist``, ``fashion-mnist``, ``cifar10`` and ``svhn`` are the image sets of
+``mnist``, ``fashion-mnist``, ``cifar10``, ``cifar100`` and ``svhn`` are the image sets of
 ``examples/data.py``.
 
 Examples (from the repository root)::

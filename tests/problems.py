@@ -135,21 +135,24 @@ def mlp_mse(reduction: str = "mean", n: int = 6) -> Problem:
     )
 
 
+def _autoencoder() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(12, 6), nn.Tanh(), nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 12))
+
+
 def autoencoder_bce(n: int = 5) -> Problem:
     """A small MLP autoencoder, BCE-with-logits on 12 outputs and soft targets."""
+    return Problem(
+        "autoencoder_bce", _autoencoder, nn.BCEWithLogitsLoss(), _data(4, n, 12), _soft(5, n, 12)
+    )
+
+
+def autoencoder_sigmoid_bce(n: int = 5) -> Problem:
+    """The same autoencoder ending in a sigmoid: ``BCELoss`` on 12 probabilities."""
 
     def make() -> nn.Module:
-        return nn.Sequential(
-            nn.Linear(12, 6), nn.Tanh(), nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 12)
-        )
+        return nn.Sequential(*_autoencoder(), nn.Sigmoid())
 
-    return Problem(
-        "autoencoder_bce",
-        make,
-        nn.BCEWithLogitsLoss(),
-        _data(4, n, 12),
-        _soft(5, n, 12),
-    )
+    return Problem("autoencoder_sigmoid_bce", make, nn.BCELoss(), _data(4, n, 12), _soft(5, n, 12))
 
 
 def cnn_ce(n: int = 4, pool: type[nn.Module] = nn.MaxPool2d) -> Problem:

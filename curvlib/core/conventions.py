@@ -31,7 +31,7 @@ $$(G \otimes A)\operatorname{vec}(V) = \operatorname{vec}(G V A), \qquad
 
 Let $\ell_n$ be the loss *as written for one sample*: the loss module's
 reduction applied to sample $n$ alone. For ``reduction="mean"`` torch's
-``MSELoss`` and ``BCEWithLogitsLoss`` divide by all output entries, so
+``MSELoss``, ``BCEWithLogitsLoss`` and ``BCELoss`` divide by all output entries, so
 $\ell_n$ keeps the factor $1/D$ of the $D$ entries of one sample
 (``CrossEntropyLoss`` divides by the $D$ positions of a sample with spatial
 dimensions). The batch loss is then $L = \frac1N \sum_n \ell_n$ for ``mean``
@@ -45,7 +45,10 @@ with $J_n$ the Jacobian of the network output for sample $n$ and
 $H_n$ the Hessian of $\ell_n$ with respect to that output ($2I/D$ for
 ``MSELoss`` with ``mean``, $\operatorname{diag}(p(1-p))/D$ for
 ``BCEWithLogitsLoss``, $(\operatorname{diag}(p) - pp^\top)/D$ for
-``CrossEntropyLoss``). So ``mean`` and ``sum`` give the same statistics, up to
+``CrossEntropyLoss``; for ``BCELoss`` on probabilities $p$, whose Hessian
+depends on the target, its expectation under the model, the Fisher
+$\operatorname{diag}(1/(p(1-p)))/D$, see
+``curvlib.extract.losses``). So ``mean`` and ``sum`` give the same statistics, up to
 the $1/D$ that a ``mean`` keeps. Every flavour
 ([`FisherType`][curvlib.core.stats.FisherType]) writes $H_n = \sum_k s_{nk}
 s_{nk}^\top$ and backpropagates the columns $s_{nk}$:

@@ -4,7 +4,7 @@ BackPACK backpropagates the columns $s_{nk}$ of the factorised loss Hessian
 through the network with its module derivatives (``jac_t_mat_prod``). curvlib
 uses those derivatives but not BackPACK's curvature extensions, which differ
 from curvlib's conventions (loss scaling, ``BCEWithLogitsLoss`` shapes, the
-convolution ``G`` factor) and lack several modules:
+convolution ``G`` factor) and lack several modules (``BCELoss`` among them):
 
 * the loss module starts the backward pass with
   [`LossCurvature.hessian_columns`][curvlib.extract.losses.LossCurvature.hessian_columns];

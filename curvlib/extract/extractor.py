@@ -149,8 +149,8 @@ class CurvatureExtractor:
             layers (with ``requires_grad`` weights, filtered by ``include`` and
             ``exclude``) get statistics.
         loss_fn: The loss module the training loop calls, one of
-            ``MSELoss``, ``CrossEntropyLoss`` or ``BCEWithLogitsLoss`` (any output
-            shape; soft targets for ``BCEWithLogitsLoss``).
+            ``MSELoss``, ``CrossEntropyLoss``, ``BCEWithLogitsLoss`` or ``BCELoss``
+            on probabilities (any output shape; soft targets for both BCE losses).
         stats: Which statistics to compute; nothing else is computed.
         fisher_type: The flavour, a [`FisherType`][curvlib.core.stats.FisherType].
         mc_samples: Monte-Carlo samples per datum for ``FisherType.MC``.

@@ -1,11 +1,28 @@
 r"""Loss functions: validation and the factorised per-sample loss Hessian.
 
 BackPACK's own loss extensions scale by the batch reduction and take
-``BCEWithLogitsLoss`` only with ``[N, 1]`` outputs and binary targets. curvlib
-builds the backpropagated columns $s_{nk}$ here instead, for outputs of any
-shape and soft targets, with the scaling of
+``BCEWithLogitsLoss`` only with ``[N, 1]`` outputs and binary targets (and
+have no ``BCELoss``). curvlib builds the backpropagated columns $s_{nk}$ here
+instead, for outputs of any shape and soft targets, with the scaling of
 [`curvlib.core.conventions`][curvlib.core.conventions]: $\sum_k s_{nk}
 s_{nk}^\top = H_n$, the Hessian of the loss as written for one sample.
+
+``BCELoss`` takes probabilities $p$ (a network that ends in a sigmoid) and is
+the negative log-likelihood of a Bernoulli in $p$. Its Hessian
+$y/p^2 + (1-y)/(1-p)^2$ depends on the target; the statistics use its
+expectation under $y \sim \operatorname{Bernoulli}(p)$, the Fisher
+$1/(p(1-p))$ per output entry. torch clamps $\log p$ and $\log(1-p)$ at
+$-100$ in the forward pass, and its backward divides by
+$\max(p(1-p), \epsilon)$ with $\epsilon$ = ``BCE_EPSILON`` (the float32 value
+of ``1e-12`` that ``binary_cross_entropy_backward`` uses). curvlib divides by
+the same $v = \max(p(1-p), \epsilon)$ everywhere, so that at $p = 0$ or $1$
+nothing is Inf or NaN and the gradients are exactly torch's:
+
+* ``EXACT``: $s_{nk} = \sqrt{c / v_k}\, e_k$;
+* ``MC``: $s_{nk} = \sqrt{c}\,(p_k - \tilde y_k)/v_k$ with $\tilde y \sim
+  \operatorname{Bernoulli}(p)$, the gradient of the sampled loss (zero where
+  $p$ is exactly 0 or 1, since the draw then equals $p$);
+* ``EMPIRICAL``: $c\,(p_k - y_k)/v_k$, the gradient torch's autograd gives.
 """
 
 from __future__ import annotations
@@ -19,7 +36,14 @@ from torch.nn import functional as F
 
 from curvlib.core.stats import FisherType
 
-SUPPORTED_LOSSES = (nn.MSELoss, nn.CrossEntropyLoss, nn.BCEWithLogitsLoss)
+SUPPORTED_LOSSES = (nn.MSELoss, nn.CrossEntropyLoss, nn.BCEWithLogitsLoss, nn.BCELoss)
+
+BCE_EPSILON = float(torch.tensor(1e-12, dtype=torch.float32))
+r"""$\epsilon$ of torch's ``binary_cross_entropy_backward``: $p(1-p)$ is clamped below at it.
+
+torch declares it ``constexpr float EPSILON = 1e-12``, so it is the float32
+value of ``1e-12`` (9.99999996e-13) in every dtype.
+"""
 
 
 def check_loss_module(loss_fn: object) -> nn.Module:
@@ -61,6 +85,11 @@ def check_loss_module(loss_fn: object) -> nn.Module:
         raise ValueError(
             "BCEWithLogitsLoss with weight or pos_weight is not supported: its Hessian "
             "is not that of a Bernoulli likelihood."
+        )
+    if isinstance(loss_fn, nn.BCELoss) and loss_fn.weight is not None:
+        raise ValueError(
+            "BCELoss with weight is not supported: its Hessian is not that of a Bernoulli "
+            "likelihood. Drop weight, or weight the samples through the batch."
         )
     return loss_fn
 
@@ -162,11 +191,14 @@ class LossCurvature:
         computes it: $L = \frac1N\sum_n \ell_n$ for ``mean`` and $\sum_n \ell_n$
         for ``sum`` (so, unlike the statistics, ``sum`` is not divided by $N$).
         Per entry or position the Hessian is $2$ (``MSELoss``), $p(1-p)$
-        (``BCEWithLogitsLoss``) or $\operatorname{diag}(p) - pp^\top$ over the
+        (``BCEWithLogitsLoss``), $\operatorname{diag}(p) - pp^\top$ over the
         classes (``CrossEntropyLoss``, whose targets equal to ``ignore_index``
-        contribute nothing and are not counted by ``mean``); ``mean`` divides by
-        the number of terms torch averages. The target enters only through
-        ``ignore_index``: the Hessians of these losses do not depend on it.
+        contribute nothing and are not counted by ``mean``) or, for ``BCELoss``
+        on probabilities $p$, $y/p^2 + (1-y)/(1-p)^2$ as torch's double backward
+        computes it, $(p^2 - 2py + y)/((p + 10^{-12})^2 (1 - p + 10^{-12})^2)$
+        (finite at $p = 0$ or $1$); ``mean`` divides by the number of terms
+        torch averages. Only ``BCELoss``'s Hessian depends on the target; the
+        others see it only through ``ignore_index``.
 
         Args:
             output: The network output ``[N, ...]``.
@@ -187,6 +219,8 @@ class LossCurvature:
         else:
             if isinstance(self.loss_fn, nn.MSELoss):
                 total = 2.0 * (u * v).sum()
+            elif isinstance(self.loss_fn, nn.BCELoss):
+                total = (_bce_hessian(output, target.detach()) * u * v).sum()
             else:
                 probs = torch.sigmoid(output)
                 total = (probs * (1.0 - probs) * u * v).sum()
@@ -233,6 +267,8 @@ class LossCurvature:
             return 2.0 * scale * (output - target)
         if isinstance(self.loss_fn, nn.BCEWithLogitsLoss):
             return scale * (torch.sigmoid(output) - target)
+        if isinstance(self.loss_fn, nn.BCELoss):
+            return scale * (output - target) / _bernoulli_variance(output)
         probs = output.softmax(dim=1)
         if isinstance(scale, Tensor):  # ignored targets (weight 0) may lie outside the classes
             target = target.masked_fill(scale == 0, 0)
@@ -263,6 +299,12 @@ class LossCurvature:
                 shape, generator=generator, dtype=output.dtype, device=output.device
             )
             return factor * (probs - (uniform < probs).to(output.dtype))
+        if isinstance(self.loss_fn, nn.BCELoss):
+            uniform = torch.rand(
+                shape, generator=generator, dtype=output.dtype, device=output.device
+            )
+            draws = (uniform < output).to(output.dtype)
+            return factor * (output - draws) / _bernoulli_variance(output)
         probs = output.softmax(dim=1)
         flat = probs.movedim(1, -1).reshape(-1, output.shape[1])
         finite = torch.isfinite(flat).all(dim=1, keepdim=True)
@@ -284,6 +326,8 @@ class LossCurvature:
         d = math.prod(output.shape[1:])
         if isinstance(self.loss_fn, nn.MSELoss):
             diag = torch.full((n, d), 2.0 * scale, dtype=output.dtype, device=output.device)
+        elif isinstance(self.loss_fn, nn.BCELoss):
+            diag = scale / _bernoulli_variance(output.reshape(n, d))
         else:
             probs = torch.sigmoid(output).reshape(n, d)
             diag = scale * probs * (1.0 - probs)
@@ -318,3 +362,15 @@ class LossCurvature:
 def _per_position(scale: Tensor | float) -> Tensor | float:
     """Per-position weights ``[N, *spatial]`` broadcast over the class axis."""
     return scale.unsqueeze(1) if isinstance(scale, Tensor) else scale
+
+
+def _bernoulli_variance(probs: Tensor) -> Tensor:
+    r"""$v = \max(p(1-p), \epsilon)$, the divisor of torch's ``BCELoss`` backward."""
+    return ((1.0 - probs) * probs).clamp(min=BCE_EPSILON)
+
+
+def _bce_hessian(probs: Tensor, target: Tensor) -> Tensor:
+    """Per-entry Hessian of ``BCELoss`` (summed) as torch's double backward computes it."""
+    eps = 1e-12  # torch's binary_cross_entropy_double_backward (a double here)
+    numerator = probs * probs - 2.0 * probs * target + target
+    return numerator / ((probs + eps).square() * (1.0 - probs + eps).square())

@@ -15,6 +15,10 @@ needs:
 * ``MSELoss``: $s_{nk} = \sqrt{2c}\,e_k$, $\omega_{nk} = \sqrt{2c}\,(f_{nk} - y_{nk})$;
 * ``BCEWithLogitsLoss``: $s_{nk} = \sqrt{c\,p_k(1-p_k)}\,e_k$,
   $\omega_{nk} = \sqrt c\,(p_k - y_k)/\sqrt{p_k(1-p_k)}$;
+* ``BCELoss`` on probabilities $p$: $s_{nk} = \sqrt{c/v_k}\,e_k$,
+  $\omega_{nk} = \sqrt c\,(p_k - y_k)/\sqrt{v_k}$ with $v = \max(p(1-p), \epsilon)$
+  as in torch's backward (``curvlib.extract.losses``),
+  so it exists at $p = 0$ or $1$ too;
 * ``CrossEntropyLoss`` (no spatial dimensions): $s_{ni} = \sqrt c\,(\sqrt{p_i}e_i -
   \sqrt{p_i}\,p)$, $\omega_{ni} = \sqrt c\,(p_i - y_i)/\sqrt{p_i}$; the columns
   satisfy $\sum_i\sqrt{p_i}\,s_{ni} = 0$, so the kernel has the null direction
@@ -33,7 +37,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from curvlib.extract.losses import LossCurvature
+from curvlib.extract.losses import BCE_EPSILON, LossCurvature
 
 
 @dataclass(frozen=True)
@@ -54,7 +58,7 @@ def sample_space_residual(loss_fn: nn.Module, output: Tensor, target: Tensor) ->
     r"""$r$ with $U^\top r = \nabla_\theta L$ for the rows of ``EXACT`` statistics of this batch.
 
     Args:
-        loss_fn: The loss module (``MSELoss``, ``BCEWithLogitsLoss``,
+        loss_fn: The loss module (``MSELoss``, ``BCEWithLogitsLoss``, ``BCELoss``,
             ``CrossEntropyLoss`` on ``[N, C]`` logits without ignored targets).
         output: The network output of the batch, ``[N, ...]``.
         target: Its targets.
@@ -80,6 +84,10 @@ def sample_space_residual(loss_fn: nn.Module, output: Tensor, target: Tensor) ->
         probs = torch.sigmoid(output).reshape(n, -1)
         var = probs * (1.0 - probs)
         _check_positive(var, "p(1 - p)")
+        omega = math.sqrt(scale) * (probs - target.reshape(n, -1)) / var.sqrt()
+    elif isinstance(loss_fn, nn.BCELoss):
+        probs = output.reshape(n, -1)
+        var = ((1.0 - probs) * probs).clamp(min=BCE_EPSILON)
         omega = math.sqrt(scale) * (probs - target.reshape(n, -1)) / var.sqrt()
     else:
         assert isinstance(loss_fn, nn.CrossEntropyLoss)  # checked by check_shapes

@@ -75,6 +75,7 @@ LINK_CASES = [
         (P.autoencoder_bce(), Backend.BACKPACK),
         (P.cnn_ce(), Backend.BACKPACK),
         (P.tconv_unflatten_bce(), Backend.AUTOGRAD),
+        (P.autoencoder_sigmoid_bce(), Backend.AUTOGRAD),
     ]
 ]
 
@@ -112,6 +113,7 @@ Z_CASES = [
         (P.cnn_ce(n=16), Backend.BACKPACK, 2_000),
         (P.segmentation_ce(n=8), Backend.AUTOGRAD, 1_000),
         (P.tconv_unflatten_bce(n=8), Backend.AUTOGRAD, 12_000),
+        (P.autoencoder_sigmoid_bce(n=64), Backend.BACKPACK, 12_000),
     ]
 ]
 

@@ -298,6 +298,8 @@ MC_CASES = [
         (P.cnn_ce(), Backend.BACKPACK),
         (P.segmentation_ce(), Backend.AUTOGRAD),
         (P.tconv_unflatten_bce(), Backend.AUTOGRAD),
+        (P.autoencoder_sigmoid_bce(), Backend.BACKPACK),
+        (P.autoencoder_sigmoid_bce(), Backend.AUTOGRAD),
     ]
 ]
 
@@ -554,6 +556,7 @@ REDUCTION_CASES = [
     (P.autoencoder_bce(), nn.BCEWithLogitsLoss, Backend.BACKPACK),
     (P.segmentation_ce(), nn.CrossEntropyLoss, Backend.BACKPACK),
     (P.tconv_unflatten_bce(), nn.BCEWithLogitsLoss, Backend.AUTOGRAD),
+    (P.autoencoder_sigmoid_bce(), nn.BCELoss, Backend.BACKPACK),
 ]
 
 

@@ -158,6 +158,9 @@ PROBLEMS = [
     P.mlp_mse("mean"),
     P.mlp_mse("sum"),
     P.autoencoder_bce(),
+    # BCELoss: the Hessian at the data targets, y/p^2 + (1-y)/(1-p)^2, not the Fisher.
+    P.autoencoder_sigmoid_bce(),
+    P.autoencoder_sigmoid_bce().with_loss(nn.BCELoss(reduction="sum")),
     P.mlp_ce(),
     P.cnn_ce(),
     P.segmentation_ce(),
