@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable, Hashable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import TypeVar
 
 import torch
@@ -64,6 +64,14 @@ def _executor(workers: int) -> ThreadPoolExecutor:
         return _pool
 
 
+MIN_CONCURRENT_COST = 2.0**22
+"""Below this total cost (about four million multiply-adds) jobs run in order.
+
+Handing a job to a worker and collecting it costs tens of microseconds, more
+than a few small products save.
+"""
+
+
 def run_jobs(
     jobs: Mapping[K, Callable[[], R]], costs: Mapping[K, float], workers: int
 ) -> dict[K, R]:
@@ -71,12 +79,13 @@ def run_jobs(
 
     Args:
         jobs: Zero-argument callables by name. They must not depend on each
-            other, nor on thread-local state (autograd's grad mode is not
-            carried into the workers).
-        costs: A relative cost per job (e.g. $n^3$ for an $n\times n$
-            factorisation), used only to schedule.
+            other. Autograd's grad mode of the calling thread is carried into
+            the workers; other thread-local state is not.
+        costs: A cost per job in multiply-adds (e.g. $n^3$ for an $n\times n$
+            factorisation), used to schedule.
         workers: How many jobs may run at once; 1 runs them in order on the
-            calling thread.
+            calling thread, as does a total cost below
+            [`MIN_CONCURRENT_COST`][curvlib.linalg.parallel.MIN_CONCURRENT_COST].
 
     Returns:
         Each job's result, keyed as ``jobs``.
@@ -87,17 +96,23 @@ def run_jobs(
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers!r}.")
-    if workers == 1 or len(jobs) < 2:
-        return {name: job() for name, job in jobs.items()}
     total = sum(max(costs[name], 0.0) for name in jobs)
+    if workers == 1 or len(jobs) < 2 or total < MIN_CONCURRENT_COST:
+        return {name: job() for name, job in jobs.items()}
     large = [name for name in jobs if costs[name] * workers > total]
     results: dict[K, R] = {name: jobs[name]() for name in large}
     small = sorted((name for name in jobs if name not in results), key=lambda n: -costs[n])
     if len(small) < 2:
         results.update({name: jobs[name]() for name in small})
     else:
-        pool = _executor(min(workers, len(small)))
-        futures: dict[K, Future[R]] = {name: pool.submit(jobs[name]) for name in small}
+        grad_mode = torch.is_grad_enabled()
+
+        def in_grad_mode(job: Callable[[], R]) -> R:
+            with torch.set_grad_enabled(grad_mode):
+                return job()
+
+        pool = _executor(workers)
+        futures = {name: pool.submit(in_grad_mode, jobs[name]) for name in small}
         wait(futures.values())
         for name in jobs:
             future = futures.get(name)
