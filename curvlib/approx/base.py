@@ -479,6 +479,8 @@ class LayerwiseApprox(ABC):
             self._check_has_required(name, layer_stats)
         rho = self._old_weight(stats.num_samples)
         with self._all_or_none():
+            # One after the other: running averages are bound by memory, and
+            # updating layers concurrently measured slower.
             for name, layer_stats in stats.layers.items():
                 if name not in self._blocks:
                     layer = layer_stats.layer
@@ -507,24 +509,26 @@ class LayerwiseApprox(ABC):
             self._blocks = saved
             raise
 
-    def _each_block(self, fn: Callable[[LayerBlock], R]) -> dict[str, R]:
-        """``fn`` on every block, errors named by layer; blocks concurrently (see ``workers``)."""
+    def _each_block(self, fn: Callable[[str, LayerBlock], R]) -> dict[str, R]:
+        """``fn(name, block)`` on every block, concurrently (see ``workers``).
+
+        A failing factorisation is re-raised with the name of its layer.
+        """
 
         def job(name: str, block: LayerBlock) -> Callable[[], R]:
             def run() -> R:
                 with naming_layer(name):
-                    return fn(block)
+                    return fn(name, block)
 
             return run
 
         blocks = self._blocks
         if not blocks:
             return {}
-        device = next(iter(blocks.values()))._device()
         return run_jobs(
             {name: job(name, block) for name, block in blocks.items()},
             {name: float(b.out_dim) ** 3 + float(b.in_dim) ** 3 for name, b in blocks.items()},
-            self.workers or default_workers(device),
+            self.workers or default_workers(next(iter(blocks.values()))._device()),
         )
 
     def _check_has_required(self, name: str, stats: LayerStatistics) -> None:
@@ -546,7 +550,7 @@ class LayerwiseApprox(ABC):
             ValueError: If ``damping`` is not positive.
         """
         damping = check_damping(damping)
-        inverses = self._each_block(lambda block: block.inverse(damping))
+        inverses = self._each_block(lambda _, block: block.inverse(damping))
         shapes: dict[str, LayerShape] = {}
         condition: dict[str, Callable[[], float]] = {}
         for name, block in self._blocks.items():

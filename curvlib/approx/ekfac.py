@@ -212,7 +212,7 @@ class EKFAC(LayerwiseApprox):
         the error propagates.
         """
 
-        def refresh(block: LayerBlock) -> None:
+        def refresh(_: str, block: LayerBlock) -> None:
             assert isinstance(block, _EKFACBlock)
             block.refresh()
 
