@@ -16,7 +16,7 @@ from curvlib.approx.base import LayerwiseApprox
 from curvlib.approx.deflation import Deflation
 from curvlib.approx.diagonal import Diagonal
 from curvlib.approx.ekfac import EKFAC
-from curvlib.approx.kfac import KFAC, KFACDamping
+from curvlib.approx.kfac import KFAC, ConvDamping, KFACDamping
 from curvlib.approx.kfac_corrected import KFACCorrected
 from curvlib.approx.kpsvd import KPSVD
 from curvlib.approx.lanczos import Lanczos
@@ -46,6 +46,10 @@ class ApproxCase:
 APPROXIMATIONS = [
     ApproxCase("kfac_pi", lambda: KFAC(KFACDamping.PI)),
     ApproxCase("kfac_eigen", lambda: KFAC(KFACDamping.EIGEN)),
+    ApproxCase(  # the KPSVD papers' rule: sqrt(lambda) on both factors, lambda/T for convs
+        "kfac_sqrt_per_position",
+        lambda: KFAC(KFACDamping.SQRT, conv_damping=ConvDamping.PER_POSITION),
+    ),
     ApproxCase("ekfac", lambda: EKFAC()),
     ApproxCase("diagonal", lambda: Diagonal()),
     ApproxCase("kpsvd", lambda: KPSVD()),

@@ -70,6 +70,7 @@ LINEAR_NOISE = {
     "diagonal",
     "kfac_pi",
     "kfac_eigen",
+    "kfac_sqrt_per_position",
     "kpsvd",
     "deflation",
     "kfac_corrected",
