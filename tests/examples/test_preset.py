@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,30 +28,21 @@ from optimizers import build_optimizer  # noqa: E402
 
 from curvlib.approx.kfac import KFAC, ConvDamping, KFACDamping  # noqa: E402
 from curvlib.approx.kpsvd import KPSVD  # noqa: E402
+from tests.examples.test_autoencoder import one_thread  # noqa: E402, F401 (autouse fixture)
 
-PAPER = {  # the table of docs/examples.md, by argparse destination
-    "t_cov": 100,
-    "t_inv": 100,
-    "warmup": 0,
-    "stats_fraction": 0.25,
-    "momentum": 0.9,
-    "weight_decay": 1e-3,
-    "decoupled_weight_decay": True,
-    "kl_clip_lr_squared": False,
-    "damping_mode": "sqrt",
-    "conv_damping": "per_position",
-    "decay": 0.95,
-    "patience": 10,
-    "patience_metric": "train_loss",
-}
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "examples.md"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _table_flags() -> list[str]:
+    """The flags of the column "flags the preset sets" of the table in ``docs/examples.md``."""
+    text = DOCS.read_text()
+    section = text[text.index("## The papers' configuration") :]
+    section = section[: section.index("\n## ")]
+    rows = [line for line in section.splitlines() if line.startswith("| ")]
+    flags: list[str] = []
+    for row in rows[1:]:  # the header first
+        flags += [word for code in row.split("|")[2].split("`")[1::2] for word in code.split()]
+    return flags
 
 
 def _optimizer(argv: Sequence[str], model: nn.Module | None = None) -> Any:
@@ -61,14 +52,23 @@ def _optimizer(argv: Sequence[str], model: nn.Module | None = None) -> Any:
     return build_optimizer(spec.name, model, nn.MSELoss(), cli.optim_config(args, spec))
 
 
-def test_the_table_is_the_preset() -> None:
-    assert cli.PRESETS["paper"] == PAPER
+def test_the_docs_table_is_the_preset() -> None:
+    """Every flag of the table, given by hand, parses to what ``--preset paper`` gives."""
+    flags = _table_flags()
+    assert "--conv-damping" in flags and "--patience" in flags
+    parser = autoencoder.build_argparser()
+    by_hand = vars(parser.parse_args(flags))
+    preset = vars(parser.parse_args(["--preset", "paper"]))
+    assert preset.pop("preset") == "paper" and by_hand.pop("preset") is None
+    assert by_hand == preset
+    assert {key: by_hand[key] for key in cli.PRESETS["paper"]} == cli.PRESETS["paper"]
 
 
 @pytest.mark.parametrize("module", [autoencoder, cnn, conv_autoencoder])
 def test_every_example_parses_the_preset(module: Any) -> None:
+    paper = cli.PRESETS["paper"]
     args = module.build_argparser().parse_args(["--preset", "paper"])
-    assert {key: getattr(args, key) for key in PAPER} == PAPER
+    assert {key: getattr(args, key) for key in paper} == paper
 
 
 def test_the_preset_reaches_the_optimizer_and_the_approximation() -> None:
