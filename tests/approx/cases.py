@@ -53,6 +53,7 @@ APPROXIMATIONS = [
     ApproxCase("ekfac", lambda: EKFAC()),
     ApproxCase("diagonal", lambda: Diagonal()),
     ApproxCase("kpsvd", lambda: KPSVD()),
+    ApproxCase("kpsvd_sqrt", lambda: KPSVD(KFACDamping.SQRT)),
     ApproxCase("deflation", lambda: Deflation(), psd=False),
     ApproxCase("kfac_corrected", lambda: KFACCorrected(), psd=False),
     ApproxCase("lanczos", lambda: Lanczos(), psd=False),

@@ -93,6 +93,10 @@ def documented_damped(case: str, approx: LayerwiseApprox, layer: str, damping: f
             state["G"] + shift * _eye(state["G"].shape[0]),
             mean_a + shift * _eye(size // len(state["G"])),
         )
+    if case == "kpsvd_sqrt":
+        root = math.sqrt(damping)
+        G, A = state["G"], state["A"]
+        return torch.kron(G + root * _eye(G.shape[0]), A + root * _eye(A.shape[0]))
     if case == "kfac_eigen":
         return torch.kron(state["G"], state["A"]) + damping * _eye(size)
     if case in ("deflation", "kfac_corrected", "lanczos"):

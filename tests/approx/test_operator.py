@@ -72,6 +72,7 @@ LINEAR_NOISE = {
     "kfac_eigen",
     "kfac_sqrt_per_position",
     "kpsvd",
+    "kpsvd_sqrt",
     "deflation",
     "kfac_corrected",
     "lanczos",
