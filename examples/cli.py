@@ -185,9 +185,12 @@ class _PresetParser(argparse.ArgumentParser):
     def parse_known_args(  # type: ignore[override]
         self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
     ) -> tuple[argparse.Namespace, list[str]]:
-        peek = argparse.ArgumentParser(add_help=False)
+        peek = argparse.ArgumentParser(add_help=False, exit_on_error=False)
         peek.add_argument("--preset")
-        name = peek.parse_known_args(args)[0].preset
+        try:
+            name = peek.parse_known_args(args)[0].preset
+        except argparse.ArgumentError:  # "--preset" without a value: the real parse says so
+            name = None
         values = PRESETS.get(name, {}) if name is not None else {}
         saved = {dest: self.get_default(dest) for dest in values}
         self.set_defaults(**values)

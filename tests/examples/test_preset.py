@@ -128,7 +128,7 @@ def test_approximation_flags_reach_only_approximations_that_have_them() -> None:
 
 def test_bad_values_are_rejected() -> None:
     parser = autoencoder.build_argparser()
-    for argv in (["--preset", "nope"], ["--decay", "1.5"], ["--damping-mode", "x"]):
+    for argv in (["--preset", "nope"], ["--preset"], ["--decay", "1.5"], ["--damping-mode", "x"]):
         with pytest.raises(SystemExit):
             parser.parse_args(argv)
 
