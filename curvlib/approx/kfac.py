@@ -42,8 +42,8 @@ class KFACDamping(Enum):
             two eigendecompositions.
         SQRT: Factored damping without the $\pi$ split, $(G + \sqrt\lambda I)
             \otimes (A + \sqrt\lambda I)$: both factors get the same
-            $\sqrt\lambda$, as in the K-FAC code of the KPSVD papers (``pi=False``)
-            and the DESIGN's reference KFAC. Two Cholesky inverses like ``PI``; the
+            $\sqrt\lambda$, as in the K-FAC code of the KPSVD papers
+            (``pi=False``). Two Cholesky inverses like ``PI``; the
             cross terms $\sqrt\lambda (I\otimes A + G\otimes I)$ are unbalanced
             when the factors' scales differ. With
             [`ConvDamping.PER_POSITION`][curvlib.approx.kfac.ConvDamping] a

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from curvlib.approx.kfac import KFAC, ConvDamping, KFACDamping
+from curvlib.core.stats import merge_statistics
 from tests import problems as P
 from tests.approx.cases import fit_statistics
 
@@ -116,3 +117,10 @@ def test_positions_are_saved_with_the_estimate() -> None:
     restored.load_state_dict(approx.state_dict())
     assert restored.blocks["0"].positions == 16  # type: ignore[attr-defined]
     _close(restored.damped_to_dense("0", DAMPING), approx.damped_to_dense("0", DAMPING))
+
+
+def test_positions_survive_scaling_and_merging_of_statistics() -> None:
+    stats = fit_statistics(P.cnn_ce(), KFAC())
+    for derived in (stats, stats.scaled(2.0), merge_statistics([stats, stats])):
+        kron = [derived[name].kronecker for name in ("0", "4")]
+        assert [k.num_positions for k in kron if k is not None] == [16, 1]
