@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,14 @@ def fraction(text: str) -> float:
     value = _float(text)
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"must lie in (0, 1], got {text!r}")
+    return value
+
+
+def _unit_float(text: str) -> float:
+    """``argparse`` type: a float in [0, 1]."""
+    value = _float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {text!r}")
     return value
 
 
@@ -129,6 +138,66 @@ def run_spec_list(text: str) -> list[RunSpec]:
 
 FISHER_CHOICES = ("mc", "empirical", "exact")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
+DAMPING_MODE_CHOICES = ("pi", "eigen", "sqrt")
+CONV_DAMPING_CHOICES = ("uniform", "per_position")
+PATIENCE_METRICS = ("test_loss", "train_loss")
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {
+        "t_cov": 100,
+        "t_inv": 100,
+        "warmup": 0,
+        "stats_fraction": 0.25,
+        "momentum": 0.9,
+        "weight_decay": 1e-3,
+        "decoupled_weight_decay": True,
+        "kl_clip_lr_squared": False,
+        "damping_mode": "sqrt",
+        "conv_damping": "per_position",
+        "decay": 0.95,
+        "patience": 10,
+        "patience_metric": "train_loss",
+    },
+}
+"""``--preset NAME``: the defaults it gives the flags (by ``argparse`` destination).
+
+``paper`` is the configuration of the K-FAC code the KPSVD, Deflation, Lanczos
+and two-level K-FAC papers train with (the table in ``docs/examples.md`` maps each
+entry to that code and to curvlib's API). Flags given explicitly win over a preset,
+wherever they stand on the command line."""
+
+
+def _as_flag(dest: str, value: Any) -> str:
+    """``--t-cov 100``, or ``--flag`` / ``--no-flag`` for a boolean."""
+    flag = dest.replace("_", "-")
+    if isinstance(value, bool):
+        return f"--{flag}" if value else f"--no-{flag}"
+    return f"--{flag} {value:g}" if isinstance(value, float) else f"--{flag} {value}"
+
+
+class _PresetParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose ``--preset`` sets defaults before the real parse.
+
+    The preset is read first with a parser of its own; its values become the
+    defaults of this parse only, so that explicit flags override them.
+    """
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        peek = argparse.ArgumentParser(add_help=False, exit_on_error=False)
+        peek.add_argument("--preset")
+        try:
+            name = peek.parse_known_args(args)[0].preset
+        except argparse.ArgumentError:  # "--preset" without a value: the real parse says so
+            name = None
+        values = PRESETS.get(name, {}) if name is not None else {}
+        saved = {dest: self.get_default(dest) for dest in values}
+        self.set_defaults(**values)
+        try:
+            return super().parse_known_args(args, namespace)
+        finally:
+            self.set_defaults(**saved)
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -158,12 +227,20 @@ def build_parser(
         **defaults: Script-specific defaults of common flags (e.g. ``batch_size=1000``).
     """
     table = "\n".join(f"  {name:<16}{spec.help}" for name, spec in OPTIMIZERS.items())
-    parser = argparse.ArgumentParser(
+    parser = _PresetParser(
         description=description,
         epilog=f"optimizers (--optim, --compare):\n{table}" + (f"\n\n{epilog}" if epilog else ""),
         formatter_class=_HelpFormatter,
     )
     opt = parser.add_argument_group("optimizer")
+    opt.add_argument(
+        "--preset",
+        choices=tuple(PRESETS),
+        default=None,
+        help="defaults of a published configuration; explicit flags override it (paper: "
+        + ", ".join(_as_flag(dest, value) for dest, value in PRESETS["paper"].items())
+        + ")",
+    )
     opt.add_argument(
         "--optim",
         type=run_spec,
@@ -196,6 +273,13 @@ def build_parser(
         help="KL-clipping bound on each step, momentum included (0 disables clipping)",
     )
     opt.add_argument(
+        "--kl-clip-lr-squared",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="include lr**2 in the KL clip (Ba et al.); --no-kl-clip-lr-squared: the KPSVD "
+        "papers' clip without it",
+    )
+    opt.add_argument(
         "--momentum",
         type=momentum_float,
         default=None,
@@ -203,6 +287,33 @@ def build_parser(
         f"{OPTIMIZERS['sgd'].default_momentum:g} for sgd; adam keeps its betas)",
     )
     opt.add_argument("--weight-decay", type=nonnegative_float, default=0.0, help="L2 weight decay")
+    opt.add_argument(
+        "--decoupled-weight-decay",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="curvature optimizers: add weight-decay * w to the preconditioned, clipped step "
+        "after momentum (theta -= lr * (step + wd * theta)) instead of to the gradient",
+    )
+    opt.add_argument(
+        "--damping-mode",
+        choices=DAMPING_MODE_CHOICES,
+        default=None,
+        help="how kfac and kpsvd damp their factors: pi split, exact eigenbasis, or sqrt "
+        "(sqrt(damping) on both factors; kfac-eigen keeps eigen) (default: pi)",
+    )
+    opt.add_argument(
+        "--conv-damping",
+        choices=CONV_DAMPING_CHOICES,
+        default=None,
+        help="kfac: per_position divides a convolution's damping by its output positions "
+        "as the KPSVD papers' code does (changes --damping-mode sqrt only) (default: uniform)",
+    )
+    opt.add_argument(
+        "--decay",
+        type=_unit_float,
+        default=None,
+        help="running-average weight on the old curvature estimate (default: the approximation's)",
+    )
     opt.add_argument(
         "--fisher",
         choices=FISHER_CHOICES,
@@ -295,6 +406,19 @@ def build_parser(
         help="continue from the checkpoint in --out (--num-epochs counts all epochs)",
     )
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument(
+        "--patience",
+        type=positive_int,
+        default=None,
+        help="stop after this many epochs without a new best --patience-metric (default: "
+        "train every epoch)",
+    )
+    run.add_argument(
+        "--patience-metric",
+        choices=PATIENCE_METRICS,
+        default="test_loss",
+        help="the loss --patience watches, evaluated after every epoch",
+    )
     parser.set_defaults(**defaults)
     return parser
 
@@ -345,6 +469,11 @@ def optim_config(args: argparse.Namespace, spec: RunSpec) -> OptimConfig:
         clipping=args.clipping,
         momentum=OPTIMIZERS[spec.name].default_momentum if args.momentum is None else args.momentum,
         weight_decay=args.weight_decay,
+        decoupled_weight_decay=getattr(args, "decoupled_weight_decay", False),
+        kl_clip_lr_squared=getattr(args, "kl_clip_lr_squared", True),
+        damping_mode=getattr(args, "damping_mode", None),
+        conv_damping=getattr(args, "conv_damping", None),
+        decay=getattr(args, "decay", None),
         fisher=args.fisher,
         stats_fraction=args.stats_fraction,
         t_cov=args.t_cov,

@@ -16,10 +16,13 @@ after every epoch; ``--resume`` continues from that checkpoint and ``--compare``
 runs several optimizers on the same data and seed (one subdirectory each, a
 combined ``compare.png`` and a printed summary table).
 
-Common flags: ``--optim --lr --damping --adaptive-damping --clipping --momentum
---weight-decay --fisher --stats-fraction --t-cov --t-inv --compare --batch-size
---num-epochs --num-train --num-test --data-root --device --threads --seed --out
---resume --no-progress``.
+Common flags: ``--preset --optim --lr --damping --adaptive-damping --clipping
+--kl-clip-lr-squared --momentum --weight-decay --decoupled-weight-decay
+--damping-mode --conv-damping --decay --fisher --stats-fraction --t-cov --t-inv
+--warmup --compare --batch-size --num-epochs --num-train --num-test --data-root
+--device --threads --seed --out --resume --no-progress --patience
+--patience-metric``. ``--preset paper`` sets the defaults of the KPSVD papers'
+configuration (``PRESETS``); explicit flags override it.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from __future__ import annotations
 from cli import (
     DEVICE_CHOICES,
     FISHER_CHOICES,
+    PRESETS,
     RunSpec,
     UsageError,
     build_parser,
@@ -64,6 +68,7 @@ from training import (
     METRIC_FIELDS,
     TELEMETRY_FIELDS,
     TIMINGS,
+    EarlyStopping,
     Task,
     Telemetry,
     evaluate,
@@ -80,8 +85,10 @@ __all__ = [
     "FISHER_CHOICES",
     "METRIC_FIELDS",
     "OPTIMIZERS",
+    "PRESETS",
     "TELEMETRY_FIELDS",
     "TIMINGS",
+    "EarlyStopping",
     "Factory",
     "OptimConfig",
     "OptimizerSpec",

@@ -497,6 +497,8 @@ def main(argv: Sequence[str] | None = None) -> list[RunResult]:
     parser = build_argparser()
     args = parser.parse_args(argv)
     check_args(parser, args)
+    if args.patience is not None:  # --preset paper sets it
+        print("note: the GAN trains every epoch; --patience applies to the other examples")
     generated = args.data in ("curves", "synthetic")
     try:
         device = resolve_device(args.device)

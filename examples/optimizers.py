@@ -8,6 +8,7 @@ approximation by adding one entry.
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -31,6 +32,14 @@ class OptimConfig:
         clipping: KL-clipping bound; 0 disables clipping.
         momentum: Momentum (curvature optimizers and SGD; Adam keeps its betas).
         weight_decay: L2 weight decay.
+        decoupled_weight_decay: Curvature optimizers: add ``weight_decay * theta`` to
+            the step after preconditioning, clipping and momentum instead of to the
+            gradient (``PreconditionedOptimizer``'s ``decoupled_weight_decay``).
+        kl_clip_lr_squared: Include $\eta^2$ in the KL clip.
+        damping_mode: ``damping_mode`` of approximations that have one and whose
+            name does not fix it (``None``: theirs).
+        conv_damping: ``conv_damping`` of approximations that have one (``None``: theirs).
+        decay: Running-average ``decay`` of the approximation (``None``: its default).
         fisher: ``mc``, ``empirical`` or ``exact``.
         stats_fraction: Fraction of each batch used by the statistics.
         t_cov: Steps between statistics updates.
@@ -49,6 +58,11 @@ class OptimConfig:
     clipping: float = DEFAULTS.kl_clip
     momentum: float = DEFAULTS.momentum
     weight_decay: float = 0.0
+    decoupled_weight_decay: bool = False
+    kl_clip_lr_squared: bool = True
+    damping_mode: str | None = None
+    conv_damping: str | None = None
+    decay: float | None = None
     fisher: str = "mc"
     stats_fraction: float = DEFAULTS.stats_fraction
     t_cov: int = DEFAULTS.t_cov
@@ -102,7 +116,17 @@ class OptimizerSpec:
     default_momentum: float = DEFAULTS.momentum
 
 
-def _curvature(make_approx: Callable[[], CurvatureApprox]) -> Factory:
+def approx_options(cfg: OptimConfig) -> dict[str, Any]:
+    """The approximation's keyword arguments the configuration sets (``None``: left out)."""
+    options = {
+        "damping_mode": cfg.damping_mode,
+        "conv_damping": cfg.conv_damping,
+        "decay": cfg.decay,
+    }
+    return {key: value for key, value in options.items() if value is not None}
+
+
+def _curvature(make_approx: Callable[..., CurvatureApprox]) -> Factory:
     def build(
         model: nn.Module,
         loss_fn: nn.Module,
@@ -118,7 +142,7 @@ def _curvature(make_approx: Callable[[], CurvatureApprox]) -> Factory:
         damping: float | LevenbergMarquardt = cfg.damping
         if cfg.adaptive_damping:
             damping = LevenbergMarquardt(initial=cfg.damping, interval=cfg.t_inv)
-        approx = make_approx()
+        approx = make_approx(**approx_options(cfg))
         if cfg.coarse_space is not None:
             approx = two_level(lambda: approx, cfg.coarse_space, cfg.krylov, cfg.coarse_form)()
         return PreconditionedOptimizer(
@@ -131,8 +155,10 @@ def _curvature(make_approx: Callable[[], CurvatureApprox]) -> Factory:
             lr=cfg.lr,
             damping=damping,
             kl_clip=cfg.clipping if cfg.clipping > 0 else None,
+            kl_clip_lr_squared=cfg.kl_clip_lr_squared,
             momentum=cfg.momentum,
             weight_decay=cfg.weight_decay,
+            decoupled_weight_decay=cfg.decoupled_weight_decay,
             t_cov=cfg.t_cov,
             t_inv=cfg.t_inv,
             warmup=cfg.warmup,
@@ -143,16 +169,19 @@ def _curvature(make_approx: Callable[[], CurvatureApprox]) -> Factory:
     return build
 
 
-def _approx(module: str, cls: str, **kwargs: Any) -> Callable[[], CurvatureApprox]:
-    """Builds ``curvlib.approx.<module>.<cls>(**kwargs)``, imported when chosen.
+def _approx(module: str, cls: str, **kwargs: Any) -> Callable[..., CurvatureApprox]:
+    """Builds ``curvlib.approx.<module>.<cls>(**options, **kwargs)``, imported when chosen.
 
     Importing on demand keeps one unfinished approximation from breaking the others.
+    ``options`` (``approx_options``) reach the class only where its constructor
+    takes them, and ``kwargs`` (what the ``--optim`` name fixes) win over them.
     """
 
-    def make() -> CurvatureApprox:
-        approx: CurvatureApprox = getattr(importlib.import_module(f"curvlib.approx.{module}"), cls)(
-            **kwargs
-        )
+    def make(**options: Any) -> CurvatureApprox:
+        factory = getattr(importlib.import_module(f"curvlib.approx.{module}"), cls)
+        accepted = inspect.signature(factory).parameters
+        chosen = {key: value for key, value in options.items() if key in accepted}
+        approx: CurvatureApprox = factory(**(chosen | kwargs))
         return approx
 
     return make
@@ -245,7 +274,7 @@ def two_level(
     return make
 
 
-APPROXIMATIONS: dict[str, Callable[[], CurvatureApprox]] = {
+APPROXIMATIONS: dict[str, Callable[..., CurvatureApprox]] = {
     name: _approx(mod, cls, **kw) for name, mod, cls, kw, _ in _CURVATURE
 }
 """Every curvature ``--optim`` name and how to build its approximation."""

@@ -135,6 +135,50 @@ def _float(value: Any) -> float | None:
 
 
 @dataclass
+class EarlyStopping:
+    """``--patience``: stop after ``patience`` epochs without a new best ``metric``.
+
+    An epoch improves when its ``metric`` is finite and strictly below the best so
+    far (the first finite value always does); any other epoch, NaN included,
+    counts towards ``patience``. The K-FAC code of the KPSVD papers stops the same
+    way with patience 10 on the training loss.
+
+    Attributes:
+        patience: Epochs without improvement that stop the run.
+        metric: The ``metrics.csv`` column watched (``test_loss`` or ``train_loss``).
+        best: The best value so far.
+        waited: Epochs since the last improvement.
+    """
+
+    patience: int
+    metric: str = "test_loss"
+    best: float = math.inf
+    waited: int = 0
+
+    def observe(self, row: Row) -> None:
+        """Take the end-of-epoch ``row`` of ``metrics.csv`` into account."""
+        value = row.get(self.metric)
+        if value is not None and math.isfinite(value) and value < self.best:
+            self.best, self.waited = float(value), 0
+        else:
+            self.waited += 1
+
+    @property
+    def stop(self) -> bool:
+        """Whether ``patience`` epochs in a row brought no improvement."""
+        return self.waited >= self.patience
+
+    @classmethod
+    def replay(cls, patience: int, metric: str, rows: Sequence[Row]) -> EarlyStopping:
+        """The state after the epochs of ``rows`` (a resumed run's history; epoch 0 skipped)."""
+        stopper = cls(patience, metric)
+        for row in rows:
+            if row.get("epoch"):
+                stopper.observe(row)
+        return stopper
+
+
+@dataclass
 class Task:
     """What to train: a model factory, a loss and tensors on the target device.
 
@@ -372,9 +416,19 @@ def train_one(
     n = len(task.train_x)
     per_epoch = len(batches(n, args.batch_size, torch.Generator()))
     telemetry = Telemetry(result.steps)
+    patience = getattr(args, "patience", None)
+    stopper = None
+    if patience is not None:
+        stopper = EarlyStopping.replay(patience, args.patience_metric, result.metrics)
     bar = progress_bar(args, spec.label, per_epoch * args.num_epochs, steps)
     model.train()
     for epoch in range(start_epoch + 1, args.num_epochs + 1):
+        if stopper is not None and stopper.stop:
+            tqdm.write(
+                f"[{spec.label}] early stop after epoch {epoch - 1}: no new best "
+                f"{stopper.metric} in {stopper.patience} epochs (best {stopper.best:.5g})"
+            )
+            break
         epoch_start = time.perf_counter()
         losses: list[float] = []
         for idx in batches(n, args.batch_size, generator):
@@ -404,6 +458,8 @@ def train_one(
         }
         row = {k: finite(v) for k, v in row.items()}
         result.metrics.append(row)
+        if stopper is not None:
+            stopper.observe(row)
         tqdm.write(f"[{spec.label}] epoch {epoch:3d}  {_epoch_line(row, wall)}")
         save_checkpoint(
             ckpt_path,
@@ -477,6 +533,7 @@ __all__ = [
     "OPTIMIZERS",
     "TELEMETRY_FIELDS",
     "TIMINGS",
+    "EarlyStopping",
     "Task",
     "Telemetry",
     "batches",

@@ -25,7 +25,7 @@ from curvlib.approx.deflation import Deflation
 from curvlib.approx.diagnostics import BlockError, approximation_errors, block_error, exact_block
 from curvlib.approx.diagonal import Diagonal
 from curvlib.approx.ekfac import EKFAC
-from curvlib.approx.kfac import KFAC, KFACDamping
+from curvlib.approx.kfac import KFAC, ConvDamping, KFACDamping
 from curvlib.approx.kfac_corrected import KFACCorrected
 from curvlib.approx.kpsvd import KPSVD
 from curvlib.approx.lanczos import Lanczos
@@ -54,6 +54,7 @@ __all__ = [
     "BlockTridiagonalNaturalGradient",
     "CoarseContext",
     "CoarseSpace",
+    "ConvDamping",
     "CorrectionForm",
     "CrossKroneckerFisher",
     "Deflation",

@@ -40,14 +40,49 @@ class KFACDamping(Enum):
         EIGEN: Exact damping $(G \otimes A + \lambda I)^{-1}$ in the Kronecker
             eigenbasis, $Q_G [(Q_G^\top V Q_A) \oslash (s_G s_A^\top + \lambda)] Q_A^\top$:
             two eigendecompositions.
+        SQRT: Factored damping without the $\pi$ split, $(G + \sqrt\lambda I)
+            \otimes (A + \sqrt\lambda I)$: both factors get the same
+            $\sqrt\lambda$, as in the K-FAC code of the KPSVD papers
+            (``pi=False``). Two Cholesky inverses like ``PI``; the
+            cross terms $\sqrt\lambda (I\otimes A + G\otimes I)$ are unbalanced
+            when the factors' scales differ. With
+            [`ConvDamping.PER_POSITION`][curvlib.approx.kfac.ConvDamping] a
+            convolution with $T$ output positions gets $(G + \sqrt{\lambda/T} I)
+            \otimes (A + \sqrt{\lambda T} I)$.
     """
 
     PI = "pi"
     EIGEN = "eigen"
+    SQRT = "sqrt"
+
+
+class ConvDamping(Enum):
+    r"""How KFAC damps a layer with $T$ output positions (a convolution).
+
+    Attributes:
+        UNIFORM: Every layer gets $\lambda$ as it is (the default).
+        PER_POSITION: The rule of the K-FAC code of the KPSVD papers: the layer's
+            damping is $\lambda / T$, applied to the position-*averaged* input factor
+            $\bar A = A / T$, and the preconditioned gradient is divided by $T$. In
+            curvlib's factors ($A$ summed over positions,
+            [`curvlib.core.conventions`][curvlib.core.conventions]) the damped
+            operator is $T\,(G + \gamma_G I)\otimes(\bar A + \gamma_{\bar A} I)
+            = (G + \gamma_G I)\otimes(A + T\gamma_{\bar A} I)$ with the shifts
+            $(\gamma_G, \gamma_{\bar A})$ the damping mode gives $(G, \bar A)$ at
+            $\lambda/T$. It changes only ``SQRT``, to $(G + \sqrt{\lambda/T} I)
+            \otimes (A + \sqrt{\lambda T} I)$: under ``PI`` the trace-norm $\pi$ of
+            $(G, \bar A)$ is that of $(G, A)$ divided by $\sqrt T$, which gives
+            the same shifts as $\lambda$ on $(G, A)$, and under ``EIGEN``
+            $T(G\otimes\bar A + \frac\lambda T I) = G\otimes A + \lambda I$.
+            Layers with one position ($T = 1$, ``Linear``) are unchanged.
+    """
+
+    UNIFORM = "uniform"
+    PER_POSITION = "per_position"
 
 
 class KroneckerInverse:
-    r"""$(G' \otimes A')^{-1}$ applied as $V \mapsto G'^{-1} V A'^{-1}$ (KFAC's ``PI`` inverse).
+    r"""$(G' \otimes A')^{-1}$ applied as $V \mapsto G'^{-1} V A'^{-1}$ (KFAC's ``PI``, ``SQRT``).
 
     Attributes:
         g_inv: $G'^{-1}$, ``[d_out, d_out]``.
@@ -110,15 +145,24 @@ def factor_condition(factor: Tensor, shift: float, chol: Tensor, inverse: Tensor
 
 class _KFACBlock(LayerBlock):
     def __init__(
-        self, out_dim: int, in_dim: int, dtype: torch.dtype | None, damping: KFACDamping
+        self,
+        out_dim: int,
+        in_dim: int,
+        dtype: torch.dtype | None,
+        damping: KFACDamping,
+        conv_damping: ConvDamping = ConvDamping.UNIFORM,
     ) -> None:
         super().__init__(out_dim, in_dim, dtype)
         self.damping_mode = damping
+        self.conv_damping = conv_damping
+        self.positions = 1
+        """$T$, the output positions of the layer's last statistics."""
         self.A: Tensor | None = None
         self.G: Tensor | None = None
 
     def update(self, stats: LayerStatistics, rho: float) -> None:
         assert stats.kronecker is not None
+        self.positions = stats.kronecker.num_positions
         self.A = running_average(self.A, symmetrize(self._cast(stats.kronecker.A)), rho)
         self.G = running_average(self.G, symmetrize(self._cast(stats.kronecker.G)), rho)
 
@@ -134,13 +178,27 @@ class _KFACBlock(LayerBlock):
         A, G = self._factors()
         return G @ mat.to(A.dtype) @ A
 
-    def _pi_choleskys(self, damping: float) -> tuple[float, Tensor, float, Tensor]:
-        """``(s_G, L_G, s_A, L_A)``: the pi-damped factors' shifts and Cholesky factors.
+    def _shifts(self, damping: float) -> tuple[float, float]:
+        """``(gamma_A, gamma_G)``: the shifts of the factored modes (``PI``, ``SQRT``)."""
+        A, G = self._factors()
+        if self.damping_mode is KFACDamping.PI:
+            # ConvDamping.PER_POSITION gives the same shifts (see its docstring).
+            return pi_split(A, G, damping)
+        t = self.positions if self.conv_damping is ConvDamping.PER_POSITION else 1
+        return (damping * t) ** 0.5, (damping / t) ** 0.5
 
-        $G' = G + s_G I$ and $A' = A + s_A I$, jitter included in the shifts.
+    @property
+    def _factored(self) -> bool:
+        return self.damping_mode is not KFACDamping.EIGEN
+
+    def _damped_choleskys(self, damping: float) -> tuple[float, Tensor, float, Tensor]:
+        """``(s_G, L_G, s_A, L_A)``: the damped factors' shifts and Cholesky factors.
+
+        $G' = G + s_G I$ and $A' = A + s_A I$ (``PI`` or ``SQRT`` shifts), jitter
+        included in the shifts.
         """
         A, G = self._factors()
-        gamma_a, gamma_g = pi_split(A, G, damping)
+        gamma_a, gamma_g = self._shifts(damping)
         # The running factors are averages of symmetrised statistics: symmetric to the bit.
         chol_g, jitter_g = damped_cholesky(G, gamma_g, symmetric=True)
         chol_a, jitter_a = damped_cholesky(A, gamma_a, symmetric=True)
@@ -155,8 +213,8 @@ class _KFACBlock(LayerBlock):
         )
 
     def inverse(self, damping: float) -> LayerInverse:
-        if self.damping_mode is KFACDamping.PI:
-            shift_g, chol_g, shift_a, chol_a = self._pi_choleskys(damping)
+        if self._factored:
+            shift_g, chol_g, shift_a, chol_a = self._damped_choleskys(damping)
             A, G = self._factors()
             g_inv, a_inv = cholesky_inverse(chol_g), cholesky_inverse(chol_a)
             condition = factor_condition(G, shift_g, chol_g, g_inv) * factor_condition(
@@ -176,14 +234,14 @@ class _KFACBlock(LayerBlock):
     def logdet(self, damping: float) -> Tensor:
         r"""Log-determinant of the damped operator, never a $P \times P$ matrix.
 
-        ``PI``: $\log\det(G'\otimes A') = d_i \log\det G' + d_o \log\det A'$ from
+        ``PI`` and ``SQRT``: $\log\det(G'\otimes A') = d_i \log\det G' + d_o \log\det A'$ from
         the two factor Cholesky factorisations, $O(d_o^3 + d_i^3)$. This is the
         operator ``inverse`` inverts, $(G + \gamma_G I)\otimes(A + \gamma_A I)$,
         *not* $G\otimes A + \lambda I$. ``EIGEN``:
         $\sum_{ij}\log(s_{G,i} s_{A,j} + \lambda)$ from two ``eigvalsh``.
         """
-        if self.damping_mode is KFACDamping.PI:
-            _, chol_g, _, chol_a = self._pi_choleskys(damping)
+        if self._factored:
+            _, chol_g, _, chol_a = self._damped_choleskys(damping)
             return 2.0 * (
                 self.in_dim * torch.log(chol_g.diagonal()).sum()
                 + self.out_dim * torch.log(chol_a.diagonal()).sum()
@@ -196,14 +254,14 @@ class _KFACBlock(LayerBlock):
     ) -> Tensor:
         r"""Draws from $\mathcal N(0, D(\lambda)^{-1})$ through the factors, never $P \times P$.
 
-        ``PI``: $X = L_G^{-\top} Z L_A^{-1}$ with the Cholesky factors of the
+        ``PI`` and ``SQRT``: $X = L_G^{-\top} Z L_A^{-1}$ with the Cholesky factors of the
         damped factors (covariance $G'^{-1}\otimes A'^{-1}$): $O(d_o^3 + d_i^3)$
         once, two triangular solves per draw. ``EIGEN``:
         $X = Q_G [Z \oslash (s_G s_A^\top + \lambda)^{1/2}] Q_A^\top$: two ``eigh``
         once, two products per draw.
         """
-        if self.damping_mode is KFACDamping.PI:
-            _, chol_g, _, chol_a = self._pi_choleskys(damping)
+        if self._factored:
+            _, chol_g, _, chol_a = self._damped_choleskys(damping)
             z = standard_normal((num_samples, self.out_dim, self.in_dim), chol_a, generator)
             left = torch.linalg.solve_triangular(chol_g.T, z, upper=True)  # L_G^{-T} Z
             # X L_A = L_G^{-T} Z, i.e. X = L_G^{-T} Z L_A^{-1}: row-major vec(X) is
@@ -221,13 +279,13 @@ class _KFACBlock(LayerBlock):
 
         ``EIGEN``: exact, $(s_{G,\max} s_{A,\max} + \lambda) / (s_{G,\min}
         s_{A,\min} + \lambda)$ from two ``eigvalsh`` (cheaper than the two
-        ``eigh`` of the inverse). ``PI``: the lower bound of
+        ``eigh`` of the inverse). ``PI`` and ``SQRT``: the lower bound of
         [`factor_condition`][curvlib.approx.kfac.factor_condition] for each damped
         factor, multiplied ($\kappa(G'\otimes A') = \kappa(G')\kappa(A')$), from the
         Cholesky factorisations the inverse needs anyway, $O(d_o^3 + d_i^3)$ on its
         own; the preconditioner gets it for $O(d_o + d_i)$ when built.
         """
-        if self.damping_mode is KFACDamping.PI:
+        if self._factored:
             inverse = self.inverse(damping)
             assert isinstance(inverse, KroneckerInverse)
             return inverse.condition_number
@@ -242,16 +300,17 @@ class _KFACBlock(LayerBlock):
         if self.damping_mode is KFACDamping.EIGEN:
             return super().damped_to_dense(damping)
         A, G = self._factors()
-        gamma_a, gamma_g = pi_split(A, G, damping)
+        gamma_a, gamma_g = self._shifts(damping)
         return torch.kron(_shifted(G, gamma_g).contiguous(), _shifted(A, gamma_a).contiguous())
 
     def state_dict(self) -> dict[str, Any]:
         A, G = self._factors()
-        return {"A": A.clone(), "G": G.clone()}
+        return {"A": A.clone(), "G": G.clone(), "positions": self.positions}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         # Symmetric to the bit, as the inverse assumes: a no-op on what update() stored.
         self.A, self.G = symmetrize(state["A"]), symmetrize(state["G"])
+        self.positions = int(state.get("positions", 1))
 
 
 def _shifted(mat: Tensor, shift: float) -> Tensor:
@@ -269,7 +328,7 @@ class KFAC(LayerwiseApprox):
 
     Cost per layer with $d_o$ rows and $d_i$ columns: update $O(d_o^2 + d_i^2)$
     (the factor products are the extractor's); inverse two Cholesky
-    factorisations $O(d_o^3 + d_i^3)$ (``PI``) or two eigendecompositions
+    factorisations $O(d_o^3 + d_i^3)$ (``PI``, ``SQRT``) or two eigendecompositions
     (``EIGEN``, several times slower); apply $O(d_o d_i (d_o + d_i))$
     (``EIGEN``: twice that).
 
@@ -282,11 +341,17 @@ class KFAC(LayerwiseApprox):
         damping_mode: How $\lambda$ is applied.
         decay: Upper bound of the running-average weight on the old estimate.
         dtype: Storage dtype of the factors (default: that of the statistics).
+        conv_damping: How layers with several output positions are damped
+            ([`ConvDamping`][curvlib.approx.kfac.ConvDamping]; ``PER_POSITION``:
+            $\lambda / T$ as in the KPSVD papers' code, which changes ``SQRT`` only).
 
     References:
         J. Martens and R. Grosse, "Optimizing neural networks with Kronecker-factored
         approximate curvature", ICML 2015. R. Grosse and J. Martens, "A
         Kronecker-factored approximate Fisher matrix for convolution layers", ICML 2016.
+        A. Koroko et al., "Efficient approximations of the Fisher matrix in neural
+        networks using Kronecker product singular value decomposition", ESAIM:
+        Proceedings and Surveys, 2023 (``SQRT`` and ``PER_POSITION``).
     """
 
     required_stats: ClassVar[frozenset[StatKind]] = frozenset({StatKind.KRONECKER})
@@ -296,9 +361,11 @@ class KFAC(LayerwiseApprox):
         damping_mode: KFACDamping | str = KFACDamping.PI,
         decay: float = DEFAULT_DECAY,
         dtype: torch.dtype | None = None,
+        conv_damping: ConvDamping | str = ConvDamping.UNIFORM,
     ) -> None:
         super().__init__(decay=decay, dtype=dtype)
         self.damping_mode = KFACDamping(damping_mode)
+        self.conv_damping = ConvDamping(conv_damping)
 
     def _make_block(self, out_dim: int, in_dim: int) -> LayerBlock:
-        return _KFACBlock(out_dim, in_dim, self.dtype, self.damping_mode)
+        return _KFACBlock(out_dim, in_dim, self.dtype, self.damping_mode, self.conv_damping)

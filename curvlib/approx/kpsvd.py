@@ -147,8 +147,9 @@ class KPSVD(RearrangedApprox):
 
     **Damping.** As KFAC ([`KFACDamping`][curvlib.approx.kfac.KFACDamping]):
     by default $(G + \frac{\sqrt\lambda}{\pi} I)\otimes(A + \pi\sqrt\lambda I)$
-    with two Cholesky inverses; ``EIGEN`` damps exactly in the Kronecker
-    eigenbasis.
+    with two Cholesky inverses; ``SQRT`` adds $\sqrt\lambda$ to both factors
+    (no $\pi$ split, two Cholesky inverses); ``EIGEN`` damps exactly in the
+    Kronecker eigenbasis.
 
     Cost per layer with $d_o$ rows, $d_i$ columns, $N$ samples and $K$ columns:
     update one product with $\mathcal R(F)$ and one with $\mathcal R(F)^\top$ per

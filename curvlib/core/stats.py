@@ -73,10 +73,13 @@ class KroneckerFactors:
     Attributes:
         A: Input factor, ``[in_aug, in_aug]``; sums over output positions.
         G: Output-gradient factor, ``[out, out]``; averages over output positions.
+        num_positions: $T$, the layer's output positions per sample (1 for a
+            ``Linear`` layer); read by position-dependent damping rules.
     """
 
     A: Tensor
     G: Tensor
+    num_positions: int = 1
 
 
 @dataclass(frozen=True)
@@ -267,7 +270,11 @@ class CurvatureStatistics:
                 layer=s.layer,
                 kronecker=None
                 if s.kronecker is None
-                else KroneckerFactors(A=s.kronecker.A, G=s.kronecker.G * factor**2),
+                else KroneckerFactors(
+                    A=s.kronecker.A,
+                    G=s.kronecker.G * factor**2,
+                    num_positions=s.kronecker.num_positions,
+                ),
                 io=None
                 if s.io is None
                 else PerSampleIO(inputs=s.io.inputs, output_grads=s.io.output_grads * factor),
@@ -345,6 +352,7 @@ def merge_statistics(parts: Sequence[CurvatureStatistics]) -> CurvatureStatistic
             kron = KroneckerFactors(
                 A=_weighted_sum([f.A for f in factors], weights),
                 G=_weighted_sum([f.G for f in factors], weights),
+                num_positions=factors[0].num_positions,
             )
         io = None
         if head.io is not None:

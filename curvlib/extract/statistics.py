@@ -58,7 +58,7 @@ def layer_statistics(
         A = (a_flat.T @ a_flat).div_(n)
         G = (g_flat.T @ g_flat).div_((num_samples or n) * t)
         # Symmetric up to rounding; the approximations symmetrise where it matters.
-        kron = KroneckerFactors(A=A.to(dtype), G=G.to(dtype))
+        kron = KroneckerFactors(A=A.to(dtype), G=G.to(dtype), num_positions=t)
     if StatKind.PER_SAMPLE_IO in required or StatKind.PER_SAMPLE_GRAD in required:
         io = PerSampleIO(inputs=inputs.to(dtype), output_grads=grads.to(dtype))
         if StatKind.PER_SAMPLE_GRAD in required:

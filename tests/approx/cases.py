@@ -16,7 +16,7 @@ from curvlib.approx.base import LayerwiseApprox
 from curvlib.approx.deflation import Deflation
 from curvlib.approx.diagonal import Diagonal
 from curvlib.approx.ekfac import EKFAC
-from curvlib.approx.kfac import KFAC, KFACDamping
+from curvlib.approx.kfac import KFAC, ConvDamping, KFACDamping
 from curvlib.approx.kfac_corrected import KFACCorrected
 from curvlib.approx.kpsvd import KPSVD
 from curvlib.approx.lanczos import Lanczos
@@ -46,9 +46,14 @@ class ApproxCase:
 APPROXIMATIONS = [
     ApproxCase("kfac_pi", lambda: KFAC(KFACDamping.PI)),
     ApproxCase("kfac_eigen", lambda: KFAC(KFACDamping.EIGEN)),
+    ApproxCase(  # the KPSVD papers' rule: sqrt(lambda) on both factors, lambda/T for convs
+        "kfac_sqrt_per_position",
+        lambda: KFAC(KFACDamping.SQRT, conv_damping=ConvDamping.PER_POSITION),
+    ),
     ApproxCase("ekfac", lambda: EKFAC()),
     ApproxCase("diagonal", lambda: Diagonal()),
     ApproxCase("kpsvd", lambda: KPSVD()),
+    ApproxCase("kpsvd_sqrt", lambda: KPSVD(KFACDamping.SQRT)),
     ApproxCase("deflation", lambda: Deflation(), psd=False),
     ApproxCase("kfac_corrected", lambda: KFACCorrected(), psd=False),
     ApproxCase("lanczos", lambda: Lanczos(), psd=False),

@@ -7,6 +7,10 @@ table of ``docs/concepts/damping.md``; nothing here calls ``curvlib.linalg``.
 * Factored Tikhonov damping (Martens & Grosse 2015, section 6.3):
   $(G + \frac{\sqrt\lambda}{\pi} I)\otimes(A + \pi\sqrt\lambda I)$ with
   $\pi = \sqrt{(\operatorname{tr}A/\dim A)/(\operatorname{tr}G/\dim G)}$.
+* Factored damping without the split, as the KPSVD papers' K-FAC code writes it
+  (``pi=False``): $\bar A = A/T$ the mean over a layer's $T$ output positions,
+  both factors shifted by $\sqrt{\lambda/T}$, the preconditioned gradient divided
+  by $T$: $T\,(G + \sqrt{\lambda/T} I)\otimes(\bar A + \sqrt{\lambda/T} I)$.
 * Two-term methods: the factored rule on the first term plus the second term,
   $K = D_1 + G_2\otimes A_2$; whitened by any square root $D_1 = LL^\top$, the
   eigenvalues $w$ of $L^{-1}KL^{-\top}$ are floored at $\epsilon$ (``min_eig``),
@@ -81,6 +85,18 @@ def documented_damped(case: str, approx: LayerwiseApprox, layer: str, damping: f
     size = block.num_params
     if case in ("kfac_pi", "kpsvd"):
         return factored(state["G"], state["A"], damping)
+    if case == "kfac_sqrt_per_position":
+        t = float(state["positions"])
+        mean_a = state["A"] / t
+        shift = math.sqrt(damping / t)
+        return t * torch.kron(
+            state["G"] + shift * _eye(state["G"].shape[0]),
+            mean_a + shift * _eye(size // len(state["G"])),
+        )
+    if case == "kpsvd_sqrt":
+        root = math.sqrt(damping)
+        G, A = state["G"], state["A"]
+        return torch.kron(G + root * _eye(G.shape[0]), A + root * _eye(A.shape[0]))
     if case == "kfac_eigen":
         return torch.kron(state["G"], state["A"]) + damping * _eye(size)
     if case in ("deflation", "kfac_corrected", "lanczos"):
