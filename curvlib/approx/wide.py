@@ -182,15 +182,23 @@ def sample_rows(stats: CurvatureStatistics) -> dict[str, LayerRows]:
         ValueError: If a layer lacks per-sample inputs and output gradients.
     """
     rows: dict[str, LayerRows] = {}
+    for name, io in _per_sample_io(stats).items():
+        n = io.inputs.shape[0]
+        rows[name] = layer_rows(io.inputs, io.output_grads, 1.0 / math.sqrt(n))
+    return rows
+
+
+def _per_sample_io(stats: CurvatureStatistics) -> dict[str, PerSampleIO]:
+    """Every layer's ``PER_SAMPLE_IO``, or a ``ValueError`` that names the missing layer."""
+    ios: dict[str, PerSampleIO] = {}
     for name, layer in stats.layers.items():
         if layer.io is None:
             raise ValueError(
                 f"The function-space step needs ['PER_SAMPLE_IO'] statistics for layer "
                 f"{name!r}; create the extractor with stats={{StatKind.PER_SAMPLE_IO}}."
             )
-        n = layer.io.inputs.shape[0]
-        rows[name] = layer_rows(layer.io.inputs, layer.io.output_grads, 1.0 / math.sqrt(n))
-    return rows
+        ios[name] = layer.io
+    return ios
 
 
 def _null_projector(null_space: Tensor | None, m: int, like: Tensor) -> Tensor | None:
@@ -270,16 +278,11 @@ def _kfac_directions(
 ) -> dict[str, Tensor]:
     """The ``KFAC`` form of every layer."""
     out: dict[str, Tensor] = {}
-    for name, layer in stats.layers.items():
-        if layer.io is None:
-            raise ValueError(
-                f"The function-space step needs ['PER_SAMPLE_IO'] statistics for layer "
-                f"{name!r}; create the extractor with stats={{StatKind.PER_SAMPLE_IO}}."
-            )
-        k, n = layer.io.output_grads.shape[:2]
+    for name, io in _per_sample_io(stats).items():
+        k, n = io.output_grads.shape[:2]
         _check_residual(residual, k * n)
-        coeffs = residual.reshape(k, n).to(layer.io.inputs) / math.sqrt(n)
-        out[name] = _kfac_direction(layer.io, coeffs, damping)
+        coeffs = residual.reshape(k, n).to(io.inputs) / math.sqrt(n)
+        out[name] = _kfac_direction(io, coeffs, damping)
     return out
 
 

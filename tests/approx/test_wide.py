@@ -29,6 +29,7 @@ from curvlib.approx.wide import (
     sample_rows,
 )
 from curvlib.core import CurvatureApprox, CurvatureStatistics, FisherType, Preconditioner, StatKind
+from curvlib.core.layout import NORM_KINDS
 from curvlib.extract import CurvatureExtractor, UnsupportedPolicy
 from curvlib.extract.residual import sample_space_residual
 from curvlib.linalg.factors import FactorizationError
@@ -38,7 +39,10 @@ from tests import oracle
 from tests import problems as P
 from tests.approx.cases import fit_statistics
 from tests.approx.test_natural_gradient import _close
+from tests.extract.test_norm_layers import groupnorm_cnn, layernorm_mlp
 from tests.problems import Problem
+
+NORM_PROBLEMS = [layernorm_mlp(), groupnorm_cnn()]
 
 DAMPING = 1e-2
 PROBLEMS = [P.mlp_ce(), P.cnn_ce(), P.tconv_bce()]
@@ -564,3 +568,54 @@ def test_unit_wise_covers_eval_batchnorm_with_its_per_channel_blocks() -> None:
         step = _damped_solve(torch.block_diag(*expected), rhs[bn].flatten()).reshape(-1, 2)
         moved = gammas[bn].detach() - before[bn]
         _close(moved, -0.5 * step[:, 0], f"BatchNorm {bn} step")
+
+
+@pytest.mark.parametrize("problem", NORM_PROBLEMS, ids=lambda p: p.name)
+def test_unit_wise_blocks_of_layernorm_and_groupnorm_equal_the_oracle(problem: Problem) -> None:
+    """Each feature's [gamma_e | beta_e] block is the oracle's; the step solves with them."""
+    model = problem.model()
+    opt = PreconditionedOptimizer(
+        model, UnitWiseNaturalGradient(), loss_fn=problem.loss_fn, fisher_type=FisherType.EXACT,
+        lr=0.5, damping=DAMPING, kl_clip=None, momentum=0.0, t_cov=1, t_inv=1,
+        stats_fraction=1.0, unsupported="raise",
+    )  # fmt: skip
+    norms = {la.name: la for la in opt.extractor.layout if la.kind in NORM_KINDS}
+    assert len(norms) == 2
+    ggn, slices = oracle.dense_ggn_all_params(model, problem.loss_fn, problem.x, problem.y)
+    before = {name: la.to_matrix(*la.parameters).detach().clone() for name, la in norms.items()}
+    with opt.record():
+        problem.loss_fn(model(problem.x), problem.y).backward()
+    rhs = {name: la.grad_matrix().clone() for name, la in norms.items()}
+    opt.step()
+    approx = opt.engine.approx
+    assert isinstance(approx, UnitWiseNaturalGradient)
+    for name, layer in norms.items():
+        params = [f"{name}.weight"] + ([f"{name}.bias"] if layer.has_bias else [])
+        width = len(params)
+        expected = torch.zeros(layer.out_dim, width, width, dtype=torch.float64)
+        for e in range(layer.out_dim):
+            idx = [slices[p].start + e for p in params]
+            expected[e] = ggn[idx][:, idx]
+        _close(approx.blocks[name].state_dict()["fisher"], expected, f"unit blocks of {name}")
+        step = _damped_solve(torch.block_diag(*expected), rhs[name].flatten()).reshape(-1, width)
+        moved = layer.to_matrix(*layer.parameters).detach() - before[name]
+        _close(moved, -0.5 * step, f"unit-wise step of {name}")
+
+
+@pytest.mark.parametrize("problem", NORM_PROBLEMS, ids=lambda p: p.name)
+def test_unit_wise_trains_networks_with_layernorm_and_groupnorm(problem: Problem) -> None:
+    model = problem.model()
+    opt = PreconditionedOptimizer(
+        model, UnitWiseNaturalGradient(), loss_fn=problem.loss_fn, lr=0.3, damping=1e-1,
+        unsupported="raise",
+    )  # fmt: skip
+    losses = []
+    for _ in range(8):
+        opt.zero_grad()
+        with opt.record():
+            loss = problem.loss_fn(model(problem.x), problem.y)
+            loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert opt.skipped_steps == 0
+    assert losses[-1] < 0.7 * losses[0], losses
