@@ -144,6 +144,19 @@ def test_per_sample_grads_equal_torch_func(problem: Problem) -> None:
 
 
 @pytest.mark.parametrize("problem", PROBLEMS, ids=IDS)
+def test_train_mode_gives_the_same_per_sample_grads(problem: Problem) -> None:
+    """LayerNorm and GroupNorm normalise each sample alone: no coupling in train mode."""
+    model = problem.model()
+    kinds = {StatKind.PER_SAMPLE_IO}
+    evaluated = _statistics(problem, model, FisherType.EXACT, kinds)
+    trained = _statistics(problem, model.train(), FisherType.EXACT, kinds)
+    for name in _norm_layers(model):
+        a, b = evaluated.layers[name].grads, trained.layers[name].grads
+        assert a is not None and b is not None and evaluated.layers[name].io is None
+        assert torch.equal(a.grads, b.grads), name
+
+
+@pytest.mark.parametrize("problem", PROBLEMS, ids=IDS)
 def test_diagonal_equals_the_oracle_ggn_diagonal(problem: Problem) -> None:
     model = problem.model()
     ggn, slices = oracle.dense_ggn_all_params(model, problem.loss_fn, problem.x, problem.y)
