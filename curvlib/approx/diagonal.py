@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from curvlib.approx.base import LayerBlock, LayerInverse, LayerwiseApprox, running_average
-from curvlib.core.layout import KRONECKER_KINDS, LayerKind
+from curvlib.core.layout import KRONECKER_KINDS, NORM_KINDS, LayerKind
 from curvlib.core.stats import LayerStatistics, StatKind
 
 
@@ -90,7 +90,7 @@ class _DiagonalBlock(LayerBlock):
 
 
 class Diagonal(LayerwiseApprox):
-    r"""The diagonal of the Fisher block of every layer, BatchNorm affine parameters included.
+    r"""The diagonal of the Fisher block of every layer, normalisation layers included.
 
     $C = \operatorname{diag}(d)$ with $d$ the running average of the
     ``DIAGONAL`` statistics; the damped inverse is $(d + \lambda)^{-1}$ entry
@@ -99,8 +99,9 @@ class Diagonal(LayerwiseApprox):
     ``EMPIRICAL`` for the empirical Fisher's (see the module docstring).
 
     Unlike the Kronecker approximations it also covers the affine parameters
-    $[\gamma \mid \beta]$ of ``BatchNorm1d``/``2d``/``3d`` in eval mode
-    (``LayerKind.BATCHNORM``, listed in ``supported_kinds``). In train mode
+    $[\gamma \mid \beta]$ of ``BatchNorm1d``/``2d``/``3d`` in eval mode,
+    ``LayerNorm`` and ``GroupNorm`` (the ``NORM_KINDS``, listed in
+    ``supported_kinds``). In train mode
     BatchNorm couples the samples and no per-sample diagonal exists: the
     extractor refuses the step with a message naming the layer.
 
@@ -123,7 +124,7 @@ class Diagonal(LayerwiseApprox):
     """
 
     required_stats: ClassVar[frozenset[StatKind]] = frozenset({StatKind.DIAGONAL})
-    supported_kinds: ClassVar[frozenset[LayerKind]] = KRONECKER_KINDS | {LayerKind.BATCHNORM}
+    supported_kinds: ClassVar[frozenset[LayerKind]] = KRONECKER_KINDS | NORM_KINDS
 
     def _make_block(self, out_dim: int, in_dim: int) -> LayerBlock:
         return _DiagonalBlock(out_dim, in_dim, self.dtype)

@@ -14,14 +14,15 @@ position ($T = 1$, ``Linear``) it factorises as $F_o = \frac1N\sum_n
 per-sample inputs and output gradients without any per-sample gradient; for
 convolutions the per-sample gradients are formed.
 
-**Normalisation layers.** The affine parameters $[\gamma_c \mid \beta_c]$
-of eval-mode ``BatchNorm1d``/``2d``/``3d`` get one $2\times2$ block per channel
-(``LayerKind.BATCHNORM`` is in ``supported_kinds``; the extractor answers
-``PER_SAMPLE_IO`` for them with their per-sample gradients). Train-mode
-``BatchNorm`` couples the samples, so no per-sample block exists and the
-extractor refuses the step, as for the diagonal. ``LayerNorm`` and
-``GroupNorm`` are not curvature layers of the layout yet, so their parameters
-are not preconditioned (listed as modules without a block).
+**Normalisation layers.** The affine parameters $[\gamma_e \mid \beta_e]$ of
+eval-mode ``BatchNorm1d``/``2d``/``3d`` (per channel), ``LayerNorm`` (per
+element of ``normalized_shape``) and ``GroupNorm`` (per channel) get one
+$2\times2$ block per normalised feature (the ``NORM_KINDS`` are in
+``supported_kinds``; the extractor answers ``PER_SAMPLE_IO`` for them with
+their per-sample gradients). ``LayerNorm`` and ``GroupNorm`` normalise each
+sample by its own statistics, so their per-sample gradients exist in train
+mode too. Train-mode ``BatchNorm`` couples the samples, so no per-sample
+block exists and the extractor refuses the step, as for the diagonal.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from curvlib.approx.base import (
     running_average,
     standard_normal,
 )
-from curvlib.core.layout import KRONECKER_KINDS, LayerKind
+from curvlib.core.layout import KRONECKER_KINDS, NORM_KINDS, LayerKind
 from curvlib.core.stats import LayerStatistics, StatKind
 from curvlib.linalg.factors import FactorizationError
 
@@ -53,14 +54,14 @@ def unit_blocks(stats: LayerStatistics) -> Tensor:
     per-sample gradients $O(KNT d_\text{out} d_\text{in})$ and
     $O(KN d_\text{out} d_\text{in}^2)$ otherwise.
 
-    ``BatchNorm`` layers, whose statistics hold per-sample gradients
-    $[K, N, C, 2]$ instead, give their $2\times2$ blocks per channel,
-    $O(KNC)$.
+    Normalisation layers (``NORM_KINDS``), whose statistics hold per-sample
+    gradients $[K, N, E, 2]$ instead, give their $2\times2$ blocks per
+    normalised feature, $O(KNE)$.
 
     Raises:
         ValueError: Without per-sample inputs and output gradients (or gradients).
     """
-    if stats.io is None and stats.grads is not None:  # BatchNorm: per-sample gradients
+    if stats.io is None and stats.grads is not None:  # normalisation: per-sample gradients
         grads = stats.grads.grads
         return torch.einsum("knoi,knoj->oij", grads, grads) / grads.shape[1]
     io = stats.io
@@ -211,7 +212,7 @@ class UnitWiseNaturalGradient(LayerwiseApprox):
     """
 
     required_stats: ClassVar[frozenset[StatKind]] = frozenset({StatKind.PER_SAMPLE_IO})
-    supported_kinds: ClassVar[frozenset[LayerKind]] = KRONECKER_KINDS | {LayerKind.BATCHNORM}
+    supported_kinds: ClassVar[frozenset[LayerKind]] = KRONECKER_KINDS | NORM_KINDS
 
     def __init__(self, decay: float = DEFAULT_DECAY, dtype: torch.dtype | None = None) -> None:
         super().__init__(decay=decay, dtype=dtype)
@@ -220,6 +221,6 @@ class UnitWiseNaturalGradient(LayerwiseApprox):
         return _UnitBlock(out_dim, in_dim, self.dtype)
 
     def _check_has_required(self, name: str, stats: LayerStatistics) -> None:
-        if stats.layer.kind is LayerKind.BATCHNORM and stats.grads is not None:
-            return  # BatchNorm answers PER_SAMPLE_IO with its per-sample gradients
+        if stats.layer.kind in NORM_KINDS and stats.grads is not None:
+            return  # normalisation layers answer PER_SAMPLE_IO with per-sample gradients
         super()._check_has_required(name, stats)

@@ -12,7 +12,8 @@ keeps ($F = U^\top U$, $m = KN$ rows):
 * the function-space forms $\Delta\theta = U^\top(\Theta + \rho I)^{-1} r$ through
   the empirical NTK $\Theta = UU^\top$
   ([`function_space_direction`][curvlib.approx.wide.function_space_direction]),
-  which also work at $\rho = 0$;
+  which also work at $\rho = 0$, and K-FAC's step through per-layer kernels
+  of inputs and output gradients;
 * the learning rates at which each form moves the linearised network onto its
   targets in one step ([`optimal_learning_rate`][curvlib.approx.wide.optimal_learning_rate]).
 
@@ -30,7 +31,7 @@ import torch
 from torch import Tensor
 
 from curvlib.approx.natural_gradient import ExactNaturalGradient, SampleSpaceInverse
-from curvlib.core.stats import CurvatureStatistics, FisherType
+from curvlib.core.stats import CurvatureStatistics, FisherType, PerSampleIO
 from curvlib.linalg.factors import FactorizationError
 from curvlib.linalg.tridiagonal import (
     BlockTridiagonalInverse,
@@ -156,11 +157,19 @@ class FunctionSpaceForm(Enum):
         BLOCK_TRIDIAGONAL: Neighbouring layers coupled, $\Delta\theta_l =
             U_l^\top y_l$ with $(\rho I + (T\otimes I)\operatorname{blockdiag}(\Theta_l))\,y
             = \mathbf 1\otimes r$.
+        KFAC: K-FAC's Kronecker-factored layer blocks $G_l\otimes A_l$ of the
+            batch, damped by $\sqrt\rho$ on each factor, through the per-layer
+            sample kernels of inputs and output gradients:
+            $\Delta\theta_l = \Gamma_l^\top(\Gamma_l\Gamma_l^\top/NT + \sqrt\rho I)^{-1}
+            C(\bar A_l\bar A_l^\top/N + \sqrt\rho I)^{-1}\bar A_l$
+            ([`function_space_direction`][curvlib.approx.wide.function_space_direction]);
+            pseudo-inverses at $\rho = 0$.
     """
 
     EXACT = "exact"
     BLOCK_DIAGONAL = "block_diagonal"
     BLOCK_TRIDIAGONAL = "block_tridiagonal"
+    KFAC = "kfac"
 
 
 def sample_rows(stats: CurvatureStatistics) -> dict[str, LayerRows]:
@@ -173,15 +182,23 @@ def sample_rows(stats: CurvatureStatistics) -> dict[str, LayerRows]:
         ValueError: If a layer lacks per-sample inputs and output gradients.
     """
     rows: dict[str, LayerRows] = {}
+    for name, io in _per_sample_io(stats).items():
+        n = io.inputs.shape[0]
+        rows[name] = layer_rows(io.inputs, io.output_grads, 1.0 / math.sqrt(n))
+    return rows
+
+
+def _per_sample_io(stats: CurvatureStatistics) -> dict[str, PerSampleIO]:
+    """Every layer's ``PER_SAMPLE_IO``, or a ``ValueError`` that names the missing layer."""
+    ios: dict[str, PerSampleIO] = {}
     for name, layer in stats.layers.items():
         if layer.io is None:
             raise ValueError(
                 f"The function-space step needs ['PER_SAMPLE_IO'] statistics for layer "
                 f"{name!r}; create the extractor with stats={{StatKind.PER_SAMPLE_IO}}."
             )
-        n = layer.io.inputs.shape[0]
-        rows[name] = layer_rows(layer.io.inputs, layer.io.output_grads, 1.0 / math.sqrt(n))
-    return rows
+        ios[name] = layer.io
+    return ios
 
 
 def _null_projector(null_space: Tensor | None, m: int, like: Tensor) -> Tensor | None:
@@ -217,6 +234,58 @@ def _kernel_solve(kernel: Tensor, rhs: Tensor, damping: float, what: str) -> Ten
     return torch.cholesky_solve(rhs.unsqueeze(-1), chol).squeeze(-1)
 
 
+def _psd_inverse(kernel: Tensor, shift: float) -> Tensor:
+    r"""$(K + sI)^{-1}$ of a PSD kernel, or its pseudo-inverse $K^+$ at $s = 0$.
+
+    One ``eigh``; at $s = 0$ eigenvalues below ``n * eps * max`` count as zero
+    (``torch.linalg.pinv``'s default tolerance).
+    """
+    values, vectors = torch.linalg.eigh((kernel + kernel.T) / 2)
+    if shift > 0:
+        inv = 1.0 / (values.clamp_min(0.0) + shift)
+    else:
+        tol = kernel.shape[0] * torch.finfo(kernel.dtype).eps * values.abs().max()
+        inv = torch.where(values > tol, 1.0 / values, torch.zeros_like(values))
+    inverse: Tensor = (vectors * inv) @ vectors.T
+    return inverse
+
+
+def _kfac_direction(io: PerSampleIO, coeffs: Tensor, damping: float) -> Tensor:
+    r"""One layer's K-FAC step $(G + \sqrt\rho I)^{-1}\nabla W(A + \sqrt\rho I)^{-1}$, in samples.
+
+    $\bar A$ ``[NT, in]`` and $\Gamma$ ``[KNT, out]`` are the stored rows; $A =
+    \bar A^\top\bar A/N$, $G = \Gamma^\top\Gamma/NT$ and $\nabla W = \Gamma^\top C\bar A$
+    with $C_{knt, n't'} = c_{kn}\delta_{nn'}\delta_{tt'}$; push-through on both sides.
+    """
+    k, n, t, d_out = io.output_grads.shape
+    inputs = io.inputs.reshape(n * t, -1)
+    grads = io.output_grads.reshape(k * n * t, d_out)
+    shift = math.sqrt(damping)
+    inv_a = _psd_inverse(inputs @ inputs.T / n, shift)  # [NT, NT]
+    inv_g = _psd_inverse(grads @ grads.T / (n * t), shift)  # [KNT, KNT]
+    right = coeffs[:, :, None, None] * inv_a.reshape(1, n, t, n * t)
+    middle = inv_g @ right.reshape(k * n * t, n * t)
+    return grads.T @ middle @ inputs
+
+
+def _check_residual(residual: Tensor, m: int) -> None:
+    if residual.numel() != m:
+        raise ValueError(f"residual must have K * N = {m} entries, got {residual.numel()}.")
+
+
+def _kfac_directions(
+    stats: CurvatureStatistics, residual: Tensor, damping: float
+) -> dict[str, Tensor]:
+    """The ``KFAC`` form of every layer."""
+    out: dict[str, Tensor] = {}
+    for name, io in _per_sample_io(stats).items():
+        k, n = io.output_grads.shape[:2]
+        _check_residual(residual, k * n)
+        coeffs = residual.reshape(k, n).to(io.inputs) / math.sqrt(n)
+        out[name] = _kfac_direction(io, coeffs, damping)
+    return out
+
+
 def function_space_direction(
     stats: CurvatureStatistics,
     residual: Tensor,
@@ -245,9 +314,31 @@ def function_space_direction(
     added to every kernel, which changes nothing for a residual orthogonal to it
     and makes the kernels regular.
 
+    ``KFAC`` inverts K-FAC's layer blocks $G_l\otimes A_l$ of this batch
+    ($A = \bar A^\top\bar A/N$, $G = \Gamma^\top\Gamma/NT$ with the rows $\bar a_{nt}$
+    of $\bar A$ and $g_{knt}$ of $\Gamma$) instead. The batch gradient is
+    $\nabla W_l = \Gamma^\top C\bar A$ with $C_{knt,n't'} = \frac{r_{kn}}{\sqrt N}
+    \delta_{nn'}\delta_{tt'}$, and pushing the damped inverses through both sides,
+
+    $$\Delta\theta_l = (G + \sqrt\rho I)^{-1}\nabla W_l(A + \sqrt\rho I)^{-1} =
+    \Gamma^\top\big(\tfrac{\Gamma\Gamma^\top}{NT} + \sqrt\rho I\big)^{-1} C
+    \big(\tfrac{\bar A\bar A^\top}{N} + \sqrt\rho I\big)^{-1}\bar A ,$$
+
+    which equals [`KFAC`][curvlib.approx.kfac.KFAC] with
+    ``damping_mode=KFACDamping.SQRT`` and damping $\rho$ on the same batch (the
+    damping split: $\sqrt\rho$ on each factor). At $\rho = 0$ both inverses
+    are pseudo-inverses, $G^+\nabla W_l A^+$ (``eigh``, ``pinv``'s tolerance), the
+    paper's setting: kernels of size $NT$ and $KNT$ that the wide layers'
+    $d_\text{in}\times d_\text{in}$ and $d_\text{out}\times d_\text{out}$ factors
+    never need to form. ``null_space`` is not used (the pseudo-inverses handle
+    singular kernels).
+
     Cost: the kernels $O(m^2 P)$, a Cholesky factorisation $O(m^3)$ (per layer
     for ``BLOCK_DIAGONAL``, an $Lm\times Lm$ LU for ``BLOCK_TRIDIAGONAL``), and two
-    products with $U$, $O(mP)$. Float64 is advised at $\rho = 0$: $\Theta$'s
+    products with $U$, $O(mP)$; ``KFAC`` per layer the two kernels
+    $O(N^2T^2 d_\text{in} + K^2N^2T^2 d_\text{out})$, two ``eigh`` $O(N^3T^3 +
+    K^3N^3T^3)$ and the products $O(KN^2T^2(KNT + d_\text{out}) + NT
+    d_\text{out}d_\text{in})$. Float64 is advised at $\rho = 0$: $\Theta$'s
     condition number enters squared into float32 rounding (see the wide-network
     page of the documentation).
 
@@ -276,11 +367,12 @@ def function_space_direction(
     if not 0.0 <= damping < math.inf:
         raise ValueError(f"damping must be non-negative and finite, got {damping!r}.")
     form = FunctionSpaceForm(form)
+    if form is FunctionSpaceForm.KFAC:
+        return _kfac_directions(stats, residual, damping)
     rows = sample_rows(stats)
     blocks = list(rows.values())
     m = blocks[0].num_rows
-    if residual.numel() != m:
-        raise ValueError(f"residual must have K * N = {m} entries, got {residual.numel()}.")
+    _check_residual(residual, m)
     r = residual.reshape(m).to(dtype=blocks[0].dtype, device=blocks[0].device)
     shift = _null_projector(null_space, m, r)
     if form is FunctionSpaceForm.BLOCK_TRIDIAGONAL:
@@ -303,7 +395,9 @@ def function_space_direction(
 # -- learning rates ------------------------------------------------------------------
 
 
-def optimal_learning_rate(form: FunctionSpaceForm | str, num_layers: int = 1) -> float:
+def optimal_learning_rate(
+    form: FunctionSpaceForm | str, num_layers: int = 1, num_samples: int | None = None
+) -> float:
     r"""The learning rate at which a form's undamped step reaches the targets of the linearised net.
 
     With kernels that are non-singular, the change of the outputs
@@ -316,18 +410,33 @@ def optimal_learning_rate(form: FunctionSpaceForm | str, num_layers: int = 1) ->
     * ``BLOCK_TRIDIAGONAL``: with $d_l = \Theta_l y_l$ the system reads
       $(T\otimes I)d = \mathbf 1\otimes r$, so $d = (T^{-1}\mathbf 1)\otimes r$ and
       $\sum_l d_l = (\mathbf 1^\top T^{-1}\mathbf 1)\,r$: $\eta =
-      1/(\mathbf 1^\top T^{-1}\mathbf 1)$ (1 for $L = 1, 3$; 1/2 for $L = 4$).
+      1/(\mathbf 1^\top T^{-1}\mathbf 1)$ (1 for $L = 1, 3$; 1/2 for $L = 4$);
+    * ``KFAC`` (undamped, pseudo-inverses): layer $l$ moves the outputs by
+      $N\,[P_{\Gamma_l} R\, P_{\bar A_l}]_{kn,n}$ with the projectors $P$ onto the
+      ranges of the two kernels and $R_{kn,n'} = r_{kn}\delta_{nn'}$: $N r$ for a
+      layer with regular kernels, and $r$ for a last linear layer under a loss
+      whose Hessian is the same for every sample (``MSELoss``: its output
+      gradients do not depend on $n$, so $P_\Gamma$ averages over the
+      samples). $\eta = 1/(N(L - 1) + 1)$.
 
     These hold at any width for the linearised model; for a wide network the
     linearisation is accurate over one step (Karakida & Osawa 2020, where the
     same values come out of the infinite-width limit).
 
+    The ``KFAC`` value assumes every input kernel $\bar A_l\bar A_l^\top$ and
+    every output-gradient kernel of the hidden layers regular (inputs of
+    dimension at least $N - 1$, hidden widths of at least $KN$) and a
+    constant loss Hessian (``MSELoss``); it is checked on a wide network by
+    the tests, not a theorem for other losses.
+
     Args:
         form: The function-space form.
         num_layers: $L$, the number of curvature layers.
+        num_samples: $N$, the batch size (needed for ``KFAC`` only).
 
     Raises:
-        ValueError: If ``num_layers`` is not positive, or for
+        ValueError: If ``num_layers`` (or, for ``KFAC``, ``num_samples``) is not
+            positive, or for
             ``BLOCK_TRIDIAGONAL`` with $L + 1$ a multiple of 3 ($T$ singular: the
             undamped step does not exist).
     """
@@ -338,6 +447,12 @@ def optimal_learning_rate(form: FunctionSpaceForm | str, num_layers: int = 1) ->
         return 1.0
     if form is FunctionSpaceForm.BLOCK_DIAGONAL:
         return 1.0 / num_layers
+    if form is FunctionSpaceForm.KFAC:
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(
+                f"The KFAC learning rate needs num_samples, a positive int, got {num_samples!r}."
+            )
+        return 1.0 / (num_samples * (num_layers - 1) + 1)
     if pattern_is_singular(num_layers):
         raise ValueError(
             f"With L = {num_layers} layers the tridiagonal pattern T is singular (L + 1 is a "

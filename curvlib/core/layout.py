@@ -25,13 +25,21 @@ class LayerKind(Enum):
         BATCHNORM: The affine parameters of ``nn.BatchNorm1d``/``2d``/``3d``,
             as a ``[C, 2]`` matrix $[\gamma \mid \beta]$ (one row per channel).
             It has no Kronecker structure: only approximations that list it in
-            ``supported_kinds`` (the diagonal ones) cover it.
+            ``supported_kinds`` (the diagonal and unit-wise ones) cover it.
+        LAYERNORM: The affine parameters of ``nn.LayerNorm``, as a ``[E, 2]``
+            matrix $[\gamma \mid \beta]$ with one row per element of
+            ``normalized_shape`` ($E$ of them, row-major). Like ``BATCHNORM``.
+        GROUPNORM: The affine parameters of ``nn.GroupNorm``, as a ``[C, 2]``
+            matrix $[\gamma \mid \beta]$ with one row per channel. Like
+            ``BATCHNORM``.
     """
 
     LINEAR = "linear"
     CONV2D = "conv2d"
     CONV_TRANSPOSE2D = "conv_transpose2d"
     BATCHNORM = "batchnorm"
+    LAYERNORM = "layernorm"
+    GROUPNORM = "groupnorm"
 
 
 _KINDS: dict[type[nn.Module], LayerKind] = {
@@ -41,6 +49,8 @@ _KINDS: dict[type[nn.Module], LayerKind] = {
     nn.BatchNorm1d: LayerKind.BATCHNORM,
     nn.BatchNorm2d: LayerKind.BATCHNORM,
     nn.BatchNorm3d: LayerKind.BATCHNORM,
+    nn.LayerNorm: LayerKind.LAYERNORM,
+    nn.GroupNorm: LayerKind.GROUPNORM,
 }
 
 _COMPUTATION = ("forward", "_conv_forward", "_output_padding", "_check_input_dim")
@@ -77,6 +87,11 @@ KRONECKER_KINDS: frozenset[LayerKind] = frozenset(
     {LayerKind.LINEAR, LayerKind.CONV2D, LayerKind.CONV_TRANSPOSE2D}
 )
 """The kinds with a Kronecker-factored block; the default selection of a layout."""
+
+NORM_KINDS: frozenset[LayerKind] = frozenset(
+    {LayerKind.BATCHNORM, LayerKind.LAYERNORM, LayerKind.GROUPNORM}
+)
+r"""The normalisation layers: one $[\gamma \mid \beta]$ row per normalised feature."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -164,7 +179,9 @@ class CurvatureLayer:
                 f"trainable bias (has_bias={self.has_bias})."
             )
         mat = self.weight_matrix(weight)
-        return mat if bias is None else torch.cat([mat, bias.unsqueeze(-1)], dim=-1)
+        if bias is None:
+            return mat
+        return torch.cat([mat, bias.reshape(*mat.shape[:-1], 1)], dim=-1)
 
     def from_matrix(self, mat: Tensor) -> tuple[Tensor, Tensor | None]:
         r"""Split $[W \mid b]$ matrices into parameter-shaped tensors.
@@ -184,8 +201,10 @@ class CurvatureLayer:
         weight = w_mat.reshape(*lead, *shape)
         if self.kind is LayerKind.CONV_TRANSPOSE2D:
             weight = weight.transpose(-4, -3)
-        bias = mat[..., self.in_dim] if self.has_bias else None
-        return weight, bias
+        if not self.has_bias:
+            return weight, None
+        bias_shape = tuple(self.module.get_parameter("bias").shape)
+        return weight, mat[..., self.in_dim].reshape(*lead, *bias_shape)
 
     def grad_matrix(self) -> Tensor:
         r"""The current ``.grad`` of the block's parameters as a $[W \mid b]$ matrix.
@@ -285,8 +304,8 @@ class ModelLayout:
                 types) become curvature layers.
             exclude: Modules matching any of these patterns or types do not.
             kinds: The layer kinds that may become curvature layers (default:
-                ``KRONECKER_KINDS``; add ``LayerKind.BATCHNORM`` for the
-                approximations that support it).
+                ``KRONECKER_KINDS``; add the ``NORM_KINDS`` for the
+                approximations that support them).
 
         Returns:
             The layout. Frozen layers (weight without ``requires_grad``) are
@@ -375,8 +394,8 @@ def _make_layer(name: str, kind: LayerKind, module: nn.Module) -> CurvatureLayer
     assert isinstance(weight, Tensor)
     if kind is LayerKind.LINEAR:
         out_dim, in_dim = weight.shape
-    elif kind is LayerKind.BATCHNORM:
-        out_dim, in_dim = weight.shape[0], 1
+    elif kind in NORM_KINDS:
+        out_dim, in_dim = weight.numel(), 1
     elif kind is LayerKind.CONV2D:
         out_dim, in_dim = weight.shape[0], weight[0].numel()
     else:

@@ -18,11 +18,11 @@ from torch import Tensor, nn
 from torch.nn.modules.module import register_module_forward_pre_hook
 from torch.utils.hooks import RemovableHandle
 
-from curvlib.core.layout import CurvatureLayer, LayerKind, frozen_message
+from curvlib.core.layout import NORM_KINDS, CurvatureLayer, frozen_message
 from curvlib.core.stats import CurvatureStatistics, FisherType, LayerStatistics, StatKind
 from curvlib.extract._autograd import AutogradRun
 from curvlib.extract._backpack import BackpackRun
-from curvlib.extract.layers import batchnorm_grads, output_grads, unfold_input
+from curvlib.extract.layers import norm_grads, output_grads, unfold_input
 from curvlib.extract.statistics import batchnorm_statistics, layer_statistics
 
 if TYPE_CHECKING:
@@ -311,8 +311,8 @@ class CollectSession:
         x = self.inputs[module]
         if self.subsample is not None and not self.coupled:
             x = x[self.subsample]
-        if layer.kind is LayerKind.BATCHNORM:
-            per_sample = batchnorm_grads(layer, x, self.columns[module])
+        if layer.kind in NORM_KINDS:
+            per_sample = norm_grads(layer, x, self.columns[module])
             return batchnorm_statistics(layer, per_sample, self.ex._stats, self.ex._dtype)
         return layer_statistics(
             layer,

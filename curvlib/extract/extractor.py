@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvlib.core.layout import LayerKind, ModelLayout, UnsupportedModule, computes_like
+from curvlib.core.layout import NORM_KINDS, LayerKind, ModelLayout, UnsupportedModule, computes_like
 from curvlib.core.stats import CurvatureStatistics, FisherType, StatKind
 from curvlib.extract._backpack import BACKPACK_MODULES
 from curvlib.extract._session import CollectSession
@@ -166,9 +166,13 @@ class CurvatureExtractor:
             have no half-precision CPU kernels and lose the small eigenvalues).
         seed: Seed of the generator that draws MC targets and sub-batches.
         kinds: The layer kinds that get statistics (default: ``Linear``,
-            ``Conv2d``, ``ConvTranspose2d``); ``LayerKind.BATCHNORM`` adds the
-            affine parameters of eval-mode BatchNorm layers, which get only the
-            ``DIAGONAL`` and ``PER_SAMPLE_GRAD`` statistics among ``stats``.
+            ``Conv2d``, ``ConvTranspose2d``); ``LayerKind.BATCHNORM``,
+            ``LAYERNORM`` and ``GROUPNORM`` add the affine parameters of
+            eval-mode BatchNorm, LayerNorm and GroupNorm layers, which get only
+            the ``DIAGONAL`` and ``PER_SAMPLE_GRAD`` statistics among ``stats``
+            (``PER_SAMPLE_IO`` is answered with per-sample gradients). BackPACK
+            has no LayerNorm or GroupNorm derivatives: ``Backend.AUTO`` uses
+            autograd for a network with them, ``Backend.BACKPACK`` refuses it.
 
     Raises:
         TypeError: For a functional or unsupported loss.
@@ -217,13 +221,14 @@ class CurvatureExtractor:
                 "No curvature layers selected: the model has no trainable Linear, Conv2d or "
                 "ConvTranspose2d layer matching include/exclude."
             )
-        batchnorms = [la.name for la in self._layout.layers if la.kind is LayerKind.BATCHNORM]
-        if batchnorms and not self._stats & BATCHNORM_KINDS:
+        norms = [la for la in self._layout.layers if la.kind in NORM_KINDS]
+        if norms and not self._stats & BATCHNORM_KINDS:
+            kinds_named = sorted({f"LayerKind.{la.kind.name}" for la in norms})
             raise ValueError(
-                f"BatchNorm layers {batchnorms} have no "
+                f"Normalisation layers {[la.name for la in norms]} have no "
                 f"{', '.join(sorted(k.name for k in self._stats))} statistics (only DIAGONAL, "
                 "PER_SAMPLE_GRAD, and PER_SAMPLE_IO answered with per-sample gradients): "
-                "leave LayerKind.BATCHNORM out of kinds."
+                f"leave {', '.join(kinds_named)} out of kinds."
             )
         self._check_unsupported(unsupported)
         self._by_module = {layer.module: layer for layer in self._layout.layers}

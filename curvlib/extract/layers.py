@@ -96,31 +96,52 @@ def output_grads(layer: CurvatureLayer, s: Tensor) -> Tensor:
     return s.flatten(3).transpose(2, 3)
 
 
-def batchnorm_grads(layer: CurvatureLayer, x: Tensor, s: Tensor) -> Tensor:
-    r"""Per-sample gradient matrices $[\gamma \mid \beta]$ of an eval-mode BatchNorm layer.
+def norm_grads(layer: CurvatureLayer, x: Tensor, s: Tensor) -> Tensor:
+    r"""Per-sample gradient matrices $[\gamma \mid \beta]$ of a normalisation layer.
 
-    The layer computes $z_{nct} = \gamma_c \hat x_{nct} + \beta_c$ with the
-    input normalised by the running statistics, so the gradient of column $k$
-    is $\sum_t s_{knct}\hat x_{nct}$ for $\gamma_c$ and $\sum_t s_{knct}$ for
-    $\beta_c$.
+    The layer computes $z_{net} = \gamma_e \hat x_{net} + \beta_e$ for each
+    normalised feature $e$ (a channel of ``BatchNorm`` and ``GroupNorm``, an
+    element of ``normalized_shape`` of ``LayerNorm``) at the positions $t$ it
+    is repeated over, so the gradient of column $k$ is $\sum_t s_{knet}\hat
+    x_{net}$ for $\gamma_e$ and $\sum_t s_{knet}$ for $\beta_e$. $\hat x$ is
+    recomputed from the stored input exactly as torch computes it:
+    ``BatchNorm`` (eval mode) with its running statistics, ``LayerNorm`` and
+    ``GroupNorm`` with each sample's own mean and biased variance (no
+    coupling between samples) and the module's ``eps``.
 
     Args:
-        layer: A ``BATCHNORM`` layer.
-        x: The input the module received, ``[N, C, ...]``.
-        s: Backpropagated columns at the output, ``[K, N, C, ...]``.
+        layer: A layer of one of the ``NORM_KINDS``.
+        x: The input the module received, ``[N, ...]``.
+        s: Backpropagated columns at the output, ``[K, N, ...]``.
 
     Returns:
-        ``[K, N, C, in_aug]`` (``in_aug`` is 2 with a trainable bias, else 1).
+        ``[K, N, E, in_aug]`` (``in_aug`` is 2 with a trainable bias, else 1).
     """
+    x_hat, g = _normalised(layer, x.to(s.dtype)), s
+    k, n, e = s.shape[0], s.shape[1], layer.out_dim
+    if layer.kind is LayerKind.LAYERNORM:
+        # Features last: [N, *, E] -> [N, E, T].
+        x_hat = x_hat.reshape(n, -1, e).transpose(1, 2)
+        g = g.reshape(k, n, -1, e).transpose(2, 3)
+    else:
+        # Channels second: [N, C, *] -> [N, C, T].
+        x_hat = x_hat.reshape(n, e, -1)
+        g = g.reshape(k, n, e, -1)
+    cols = [(g * x_hat).sum(-1)]
+    if layer.has_bias:
+        cols.append(g.sum(-1))
+    return torch.stack(cols, dim=-1)
+
+
+def _normalised(layer: CurvatureLayer, x: Tensor) -> Tensor:
+    r"""$\hat x$, the input normalised as the module normalises it (without the affine map)."""
     module = layer.module
+    if isinstance(module, nn.LayerNorm):
+        return F.layer_norm(x, module.normalized_shape, eps=module.eps)
+    if isinstance(module, nn.GroupNorm):
+        return F.group_norm(x, module.num_groups, eps=module.eps)
     assert isinstance(module, nn.modules.batchnorm._BatchNorm)
     mean, var = module.running_mean, module.running_var
     assert mean is not None and var is not None, "BatchNorm without running statistics"
     shape = (1, -1) + (1,) * (x.dim() - 2)
-    x_hat = (x - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + module.eps)
-    k, n, c = s.shape[:3]
-    g = s.reshape(k, n, c, -1)
-    cols = [(g * x_hat.reshape(n, c, -1).to(g.dtype)).sum(-1)]
-    if layer.has_bias:
-        cols.append(g.sum(-1))
-    return torch.stack(cols, dim=-1)
+    return (x - mean.reshape(shape).to(x)) * torch.rsqrt(var.reshape(shape).to(x) + module.eps)

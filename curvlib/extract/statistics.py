@@ -21,7 +21,7 @@ from curvlib.core.stats import (
 )
 
 BATCHNORM_KINDS = frozenset({StatKind.DIAGONAL, StatKind.PER_SAMPLE_GRAD, StatKind.PER_SAMPLE_IO})
-"""The statistic kinds a ``BATCHNORM`` layer answers (``batchnorm_statistics``)."""
+"""The statistic kinds a normalisation layer (``NORM_KINDS``) answers (``batchnorm_statistics``)."""
 
 
 def layer_statistics(
@@ -86,15 +86,16 @@ def batchnorm_statistics(
     required: Set[StatKind],
     dtype: torch.dtype | None = None,
 ) -> LayerStatistics:
-    r"""The statistics a ``BATCHNORM`` layer has: per-sample gradients and the diagonal.
+    r"""The statistics a normalisation layer has: per-sample gradients and the diagonal.
 
-    Each channel's $[\gamma_c \mid \beta_c]$ has its own input, so there is no
+    For ``BATCHNORM``, ``LAYERNORM`` and ``GROUPNORM`` alike, each normalised
+    feature's $[\gamma_c \mid \beta_c]$ has its own input, so there is no
     shared-input factorisation: ``PER_SAMPLE_IO`` is answered with the
     per-sample gradients (``grads``), which is what an approximation asking for it
     per unit needs (the unit-wise natural gradient).
 
     Args:
-        layer: The BatchNorm layer.
+        layer: The normalisation layer.
         per_sample: Its per-sample gradient matrices, ``[K, N, C, in_aug]``.
         required: Which statistics to compute (``DIAGONAL``, ``PER_SAMPLE_GRAD``,
             ``PER_SAMPLE_IO``).

@@ -26,7 +26,7 @@ def test_small_run_writes_the_figure_and_ngd_beats_gd(tmp_path: Path) -> None:
         results = wide_ngd.main(args)
     finally:
         torch.set_num_threads(threads)
-    assert set(results) == set(wide_ngd.METHODS)
+    assert set(results) == set(wide_ngd.DEFAULT_METHODS)
     assert (tmp_path / "wide_ngd.png").read_bytes()[:8] == PNG_MAGIC
     with (tmp_path / "wide_ngd.csv").open() as fh:
         rows = list(csv.DictReader(fh))
@@ -43,4 +43,13 @@ def test_small_run_writes_the_figure_and_ngd_beats_gd(tmp_path: Path) -> None:
 
 def test_unknown_methods_are_refused() -> None:
     with pytest.raises(SystemExit):
-        wide_ngd.main(["--methods", "exact,kfac"])
+        wide_ngd.main(["--methods", "exact,unit_wise"])
+
+
+def test_kfac_on_request_at_its_learning_rate(tmp_path: Path) -> None:
+    args = ["--width", "256", "--num-samples", "20", "--steps", "2", "--methods", "gd,kfac"]
+    results = wide_ngd.main([*args, "--out", str(tmp_path)])
+    meta = json.loads((tmp_path / "wide_ngd.json").read_text())
+    assert meta["learning_rates"] == {"kfac": pytest.approx(1 / 41)}
+    assert results["kfac"][1] < results["kfac"][0] / 3, results["kfac"]
+    assert results["kfac"][-1] < results["gd"][-1] / 100, results

@@ -160,7 +160,7 @@ def test_batchnorm_in_train_mode_has_no_diagonal() -> None:
 
 def test_batchnorm_layers_only_have_diagonal_statistics() -> None:
     model = P.bn_net(train=False).model()
-    with pytest.raises(ValueError, match=r"BatchNorm layers \['1', '6'\].*KRONECKER"):
+    with pytest.raises(ValueError, match=r"Normalisation layers \['1', '6'\].*KRONECKER"):
         CurvatureExtractor(model, nn.CrossEntropyLoss(), stats={StatKind.KRONECKER}, kinds=WITH_BN)
     # Without the kind the BatchNorm layers are left out, as before.
     ex = CurvatureExtractor(
