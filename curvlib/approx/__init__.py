@@ -24,7 +24,7 @@ from curvlib.approx.coarse_fisher import CrossKroneckerFisher, SampleFisher
 from curvlib.approx.deflation import Deflation
 from curvlib.approx.diagnostics import BlockError, approximation_errors, block_error, exact_block
 from curvlib.approx.diagonal import Diagonal
-from curvlib.approx.ekfac import EKFAC
+from curvlib.approx.ekfac import EKFAC, EKFACDamping
 from curvlib.approx.kfac import KFAC, ConvDamping, KFACDamping
 from curvlib.approx.kfac_corrected import KFACCorrected
 from curvlib.approx.kpsvd import KPSVD
@@ -46,6 +46,7 @@ from curvlib.approx.wide import (
 
 __all__ = [
     "EKFAC",
+    "EKFACDamping",
     "KFAC",
     "KPSVD",
     "BlockDiagonalPreconditioner",

@@ -23,44 +23,87 @@ switches to the new basis and restarts $s$ there with its batch's second
 moments, as George et al. recompute the scalings after each
 eigendecomposition (carrying the old $s$ over, $s' = \operatorname{diag}(Q'^\top
 C Q')$, would cost four more products of the factors' size per layer, as much
-as the eigendecompositions themselves). Damping is exact:
-$(C + \lambda I)^{-1} = Q \operatorname{diag}\bigl(1 / (s + \lambda)\bigr) Q^\top$.
+as the eigendecompositions themselves).
+
+Damping ([`EKFACDamping`][curvlib.approx.ekfac.EKFACDamping]): by default KFAC's
+factored damping carried into the eigenbasis, so that EKFAC is damped like the
+KFAC it corrects (with the same $\lambda$, exact damping $s + \lambda$ damps far
+less than KFAC's $\pi$ split, whose cross terms scale with the factors);
+``EXACT`` gives $(C + \lambda I)^{-1} = Q \operatorname{diag}\bigl(1 / (s +
+\lambda)\bigr) Q^\top$.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from enum import Enum
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from curvlib.approx.base import (
+    DEFAULT_DECAY,
     LayerBlock,
     LayerInverse,
     LayerwiseApprox,
     running_average,
 )
 from curvlib.core.stats import LayerStatistics, PerSampleIO, StatKind
-from curvlib.linalg.factors import eigh, flush_negligible, symmetrize
+from curvlib.linalg.factors import eigh, flush_negligible, pi_split, symmetrize
 
 
-def _eigenbasis(factor: Tensor) -> Tensor:
-    """Eigenvectors of a factor, negligible entries flushed (they slow every apply)."""
-    return flush_negligible(eigh(factor).vectors)
+class EKFACDamping(Enum):
+    r"""How EKFAC realises the Tikhonov term.
+
+    Attributes:
+        EXACT: $(C + \lambda I)^{-1} = Q\operatorname{diag}\bigl(1/(s +
+            \lambda)\bigr)Q^\top$.
+        FACTORED: KFAC's factored damping carried into the eigenbasis,
+            $Q\operatorname{diag}\bigl(1/(s + \gamma_A\, e_G\otimes\mathbf 1 +
+            \gamma_G\,\mathbf 1\otimes e_A + \lambda)\bigr)Q^\top$, with $e_G$,
+            $e_A$ the eigenvalues of the factors the basis was computed from and
+            $\gamma_A = \pi\sqrt\lambda$, $\gamma_G = \sqrt\lambda/\pi$ the
+            $\pi$ split of their traces
+            ([`pi_split`][curvlib.linalg.pi_split]). The damped operator is
+            $C + \gamma_A G_0\otimes I + \gamma_G I\otimes A_0 + \lambda I$ with
+            $G_0 = Q_G\operatorname{diag}(e_G)Q_G^\top$, $A_0$ likewise: where
+            $s = e_G\otimes e_A$ it is KFAC's $(G_0 + \gamma_G I)\otimes(A_0 +
+            \gamma_A I)$ exactly.
+    """
+
+    EXACT = "exact"
+    FACTORED = "factored"
+
+
+def _eigenbasis(factor: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigenvalues and eigenvectors of a factor, negligible entries of the vectors flushed."""
+    decomposition = eigh(factor)
+    return decomposition.values, flush_negligible(decomposition.vectors)
+
+
+def _rayleigh(factor: Tensor, basis: Tensor) -> Tensor:
+    """``diag(basis.T @ factor @ basis)``: the factor's eigenvalues where ``basis`` is its own."""
+    return (basis * (factor @ basis)).sum(0).clamp_min(0.0)
 
 
 class _EKFACBlock(LayerBlock):
     cheap_condition = True
 
-    def __init__(self, out_dim: int, in_dim: int, dtype: torch.dtype | None) -> None:
+    def __init__(
+        self, out_dim: int, in_dim: int, dtype: torch.dtype | None, damping: EKFACDamping
+    ) -> None:
         super().__init__(out_dim, in_dim, dtype)
+        self.damping_mode = damping
         self.A: Tensor | None = None
         self.G: Tensor | None = None
         self.basis_a: Tensor | None = None
         self.basis_g: Tensor | None = None
+        self.values_a: Tensor | None = None
+        self.values_g: Tensor | None = None
         self.scalings: Tensor | None = None
-        self.pending: tuple[Tensor, Tensor] | None = None
+        # (values_a, basis_a, values_g, basis_g) of the next basis.
+        self.pending: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
         self.stale = False
 
     def update(self, stats: LayerStatistics, rho: float) -> None:
@@ -69,11 +112,13 @@ class _EKFACBlock(LayerBlock):
         G = running_average(self.G, symmetrize(self._cast(stats.kronecker.G)), rho)
         restart = self.basis_a is None or self.pending is not None
         if self.pending is not None:
-            basis_a, basis_g = self.pending
+            values_a, basis_a, values_g, basis_g = self.pending
         elif self.basis_a is None or self.basis_g is None:
-            basis_a, basis_g = _eigenbasis(A), _eigenbasis(G)
+            (values_a, basis_a), (values_g, basis_g) = _eigenbasis(A), _eigenbasis(G)
         else:
             basis_a, basis_g = self.basis_a, self.basis_g
+            assert self.values_a is not None and self.values_g is not None
+            values_a, values_g = self.values_a, self.values_g
         io = stats.io
         rotated = PerSampleIO(
             inputs=self._cast(io.inputs) @ basis_a,
@@ -85,13 +130,14 @@ class _EKFACBlock(LayerBlock):
         # Assign at the end: a failure above leaves the block as it was.
         self.stale = self.basis_a is not None
         self.A, self.G, self.basis_a, self.basis_g = A, G, basis_a, basis_g
+        self.values_a, self.values_g = values_a, values_g
         self.scalings, self.pending = scalings, None
 
     def refresh(self) -> None:
         """Eigenbasis of the running factors, switched to at the next update."""
         if not self.stale or self.A is None or self.G is None:
             return
-        self.pending = (_eigenbasis(self.A), _eigenbasis(self.G))
+        self.pending = (*_eigenbasis(self.A), *_eigenbasis(self.G))
         self.stale = False
 
     def _estimate(self) -> tuple[Tensor, Tensor, Tensor]:
@@ -104,9 +150,19 @@ class _EKFACBlock(LayerBlock):
         rotated = basis_g.T @ mat.to(scalings.dtype) @ basis_a
         return basis_g @ (rotated * scalings) @ basis_a.T
 
+    def _damped(self, damping: float) -> Tensor:
+        """The eigenvalues of the damped operator, ``[d_out, d_in]`` (see ``EKFACDamping``)."""
+        scalings = self._estimate()[2]
+        if self.damping_mode is EKFACDamping.EXACT:
+            return scalings + damping
+        assert self.values_a is not None and self.values_g is not None
+        e_a, e_g = self.values_a.to(scalings.dtype), self.values_g.to(scalings.dtype)
+        gamma_a, gamma_g = pi_split(torch.diag(e_a), torch.diag(e_g), damping)
+        return scalings + (gamma_a * e_g[:, None] + gamma_g * e_a[None, :]) + damping
+
     def inverse(self, damping: float) -> LayerInverse:
-        basis_a, basis_g, scalings = self._estimate()
-        scale = 1.0 / (scalings + damping)
+        basis_a, basis_g, _ = self._estimate()
+        scale = 1.0 / self._damped(damping)
 
         def apply(mat: Tensor) -> Tensor:
             rotated = basis_g.T @ mat.to(scale.dtype) @ basis_a
@@ -114,31 +170,40 @@ class _EKFACBlock(LayerBlock):
 
         return apply
 
+    def damped_to_dense(self, damping: float) -> Tensor:
+        r"""$Q\operatorname{diag}(d)Q^\top$ with $d$ the damped eigenvalues (``EKFACDamping``)."""
+        if self.damping_mode is EKFACDamping.EXACT:
+            return super().damped_to_dense(damping)
+        basis_a, basis_g, _ = self._estimate()
+        q = torch.kron(basis_g.contiguous(), basis_a.contiguous())
+        return (q * self._damped(damping).flatten()) @ q.T
+
     def trace(self) -> Tensor:
         r"""$\sum s$ (the basis is orthogonal), $O(P)$."""
         return self._estimate()[2].sum()
 
     def logdet(self, damping: float) -> Tensor:
-        r"""$\sum \log(s + \lambda)$, $O(P)$."""
-        return torch.log(self._estimate()[2] + damping).sum()
+        r"""$\sum \log$ of the damped eigenvalues ($s + \lambda$ for ``EXACT``), $O(P)$."""
+        return torch.log(self._damped(damping)).sum()
 
     def sample(
         self, damping: float, num_samples: int, generator: torch.Generator | None = None
     ) -> Tensor:
-        r"""$Q_G \bigl(Z \oslash \sqrt{s + \lambda}\bigr) Q_A^\top$: two products per draw."""
-        basis_a, basis_g, scalings = self._estimate()
+        r"""$Q_G \bigl(Z \oslash \sqrt{d}\bigr) Q_A^\top$ with $d$ the damped eigenvalues."""
+        basis_a, basis_g, _ = self._estimate()
+        scalings = self._damped(damping)
         z = torch.randn(
             (num_samples, *scalings.shape),
             generator=generator,
             dtype=scalings.dtype,
             device=scalings.device,
         )
-        return basis_g @ (z * torch.rsqrt(scalings + damping)) @ basis_a.T
+        return basis_g @ (z * torch.rsqrt(scalings)) @ basis_a.T
 
     def condition_number(self, damping: float) -> float:
-        r"""Exact: $(\max s + \lambda) / (\min s + \lambda)$, $O(P)$."""
-        scalings = self._estimate()[2]
-        return float((scalings.max() + damping) / (scalings.min() + damping))
+        r"""Exact: the ratio of the largest to the smallest damped eigenvalue, $O(P)$."""
+        damped = self._damped(damping)
+        return float(damped.max() / damped.min())
 
     def state_dict(self) -> dict[str, Any]:
         basis_a, basis_g, scalings = self._estimate()
@@ -149,6 +214,8 @@ class _EKFACBlock(LayerBlock):
             "G": self.G.clone(),
             "basis_a": basis_a.clone(),
             "basis_g": basis_g.clone(),
+            "values_a": None if self.values_a is None else self.values_a.clone(),
+            "values_g": None if self.values_g is None else self.values_g.clone(),
             "scalings": scalings.clone(),
             "pending": pending,
             "stale": self.stale,
@@ -158,20 +225,39 @@ class _EKFACBlock(LayerBlock):
         self.A, self.G = state["A"].clone(), state["G"].clone()
         self.basis_a, self.basis_g = state["basis_a"].clone(), state["basis_g"].clone()
         self.scalings = state["scalings"].clone()
+        # States written before the eigenvalues were kept: the factors' Rayleigh
+        # quotients in the stored basis stand in for them.
+        values_a, values_g = state.get("values_a"), state.get("values_g")
+        self.values_a = (
+            _rayleigh(self.A, self.basis_a) if values_a is None else values_a.clone()
+        )
+        self.values_g = (
+            _rayleigh(self.G, self.basis_g) if values_g is None else values_g.clone()
+        )
         pending = state["pending"]
-        self.pending = None if pending is None else (pending[0].clone(), pending[1].clone())
+        if pending is None:
+            self.pending = None
+        elif len(pending) == 4:
+            self.pending = (
+                pending[0].clone(), pending[1].clone(), pending[2].clone(), pending[3].clone()
+            )
+        else:  # (basis_a, basis_g) from before the eigenvalues were kept
+            basis_a, basis_g = pending[0].clone(), pending[1].clone()
+            self.pending = (
+                _rayleigh(self.A, basis_a), basis_a, _rayleigh(self.G, basis_g), basis_g
+            )
         self.stale = bool(state["stale"])
 
 
 class EKFAC(LayerwiseApprox):
     r"""Eigenvalue-corrected KFAC: KFAC's eigenbasis, per-sample second moments as eigenvalues.
 
-    The estimate, its two time scales and the damping rule
-    $(C + \lambda I)^{-1} = Q\operatorname{diag}(1/(s + \lambda))Q^\top$ are
-    described in [`curvlib.approx.ekfac`][curvlib.approx.ekfac]. In the
+    The estimate, its two time scales and the damping rules
+    ([`EKFACDamping`][curvlib.approx.ekfac.EKFACDamping]) are described in
+    [`curvlib.approx.ekfac`][curvlib.approx.ekfac]. In the
     optimizer the eigenbasis is refreshed every ``t_inv`` steps and the
     scalings every ``t_cov`` steps; each statistics step also rebuilds the
-    inverse, which costs nothing beyond $1/(s + \lambda)$.
+    inverse, which costs nothing beyond the reciprocal of the damped eigenvalues.
 
     Cost per layer with $d_o$ rows and $d_i$ columns: update
     $O(K N T (d_o^2 + d_i^2))$ to rotate the per-sample statistics plus the
@@ -184,6 +270,8 @@ class EKFAC(LayerwiseApprox):
         ['KRONECKER', 'PER_SAMPLE_IO']
 
     Args:
+        damping: How $\lambda$ enters (``FACTORED``, KFAC's $\pi$ split in the
+            eigenbasis, or ``EXACT``).
         decay: Upper bound of the running-average weight on the old estimate
             (the same for $A$, $G$ and $s$).
         dtype: Storage dtype of the estimate (default: that of the statistics).
@@ -198,8 +286,17 @@ class EKFAC(LayerwiseApprox):
         {StatKind.KRONECKER, StatKind.PER_SAMPLE_IO}
     )
 
+    def __init__(
+        self,
+        damping: EKFACDamping | str = EKFACDamping.FACTORED,
+        decay: float = DEFAULT_DECAY,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(decay=decay, dtype=dtype)
+        self.damping_mode = EKFACDamping(damping)
+
     def _make_block(self, out_dim: int, in_dim: int) -> LayerBlock:
-        return _EKFACBlock(out_dim, in_dim, self.dtype)
+        return _EKFACBlock(out_dim, in_dim, self.dtype, self.damping_mode)
 
     def refresh(self) -> None:
         """Recompute every layer's eigenbasis from its running factors (two ``eigh`` each).

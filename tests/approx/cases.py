@@ -15,7 +15,7 @@ from torch import nn
 from curvlib.approx.base import LayerwiseApprox
 from curvlib.approx.deflation import Deflation
 from curvlib.approx.diagonal import Diagonal
-from curvlib.approx.ekfac import EKFAC
+from curvlib.approx.ekfac import EKFAC, EKFACDamping
 from curvlib.approx.kfac import KFAC, ConvDamping, KFACDamping
 from curvlib.approx.kfac_corrected import KFACCorrected
 from curvlib.approx.kpsvd import KPSVD
@@ -51,6 +51,7 @@ APPROXIMATIONS = [
         lambda: KFAC(KFACDamping.SQRT, conv_damping=ConvDamping.PER_POSITION),
     ),
     ApproxCase("ekfac", lambda: EKFAC()),
+    ApproxCase("ekfac_exact", lambda: EKFAC(EKFACDamping.EXACT)),
     ApproxCase("diagonal", lambda: Diagonal()),
     ApproxCase("kpsvd", lambda: KPSVD()),
     ApproxCase("kpsvd_sqrt", lambda: KPSVD(KFACDamping.SQRT)),

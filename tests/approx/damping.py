@@ -110,6 +110,14 @@ def documented_damped(case: str, approx: LayerwiseApprox, layer: str, damping: f
         norm_g = float(torch.linalg.eigvalsh(G)[-1])
         layer_damping = damping + math.sqrt(damping) * (norm_a + norm_g)
         return approx.to_dense(layer) + layer_damping * _eye(size)
-    if case in ("ekfac", "diagonal", "block_ng_exact", "unit_wise_ng"):
+    if case == "ekfac":
+        # KFAC's pi-split cross terms with the factors the basis was computed from.
+        g0 = state["basis_g"] @ torch.diag(state["values_g"]) @ state["basis_g"].T
+        a0 = state["basis_a"] @ torch.diag(state["values_a"]) @ state["basis_a"].T
+        gamma_a, gamma_g = paper_pi_split(a0, g0, damping)
+        eye_g, eye_a = _eye(g0.shape[0]), _eye(a0.shape[0])
+        cross = gamma_a * torch.kron(g0, eye_a) + gamma_g * torch.kron(eye_g, a0)
+        return approx.to_dense(layer) + cross + damping * _eye(size)
+    if case in ("ekfac_exact", "diagonal", "block_ng_exact", "unit_wise_ng"):
         return approx.to_dense(layer) + damping * _eye(size)
     raise KeyError(f"No damping rule for case {case!r}: write it out in tests/approx/damping.py.")
