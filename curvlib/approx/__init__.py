@@ -46,7 +46,6 @@ from curvlib.approx.wide import (
 
 __all__ = [
     "EKFAC",
-    "EKFACDamping",
     "KFAC",
     "KPSVD",
     "BlockDiagonalPreconditioner",
@@ -60,6 +59,7 @@ __all__ = [
     "CrossKroneckerFisher",
     "Deflation",
     "Diagonal",
+    "EKFACDamping",
     "ExactNaturalGradient",
     "FixedSpace",
     "FunctionSpaceForm",
