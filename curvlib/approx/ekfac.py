@@ -228,23 +228,25 @@ class _EKFACBlock(LayerBlock):
         # States written before the eigenvalues were kept: the factors' Rayleigh
         # quotients in the stored basis stand in for them.
         values_a, values_g = state.get("values_a"), state.get("values_g")
-        self.values_a = (
-            _rayleigh(self.A, self.basis_a) if values_a is None else values_a.clone()
-        )
-        self.values_g = (
-            _rayleigh(self.G, self.basis_g) if values_g is None else values_g.clone()
-        )
+        self.values_a = _rayleigh(self.A, self.basis_a) if values_a is None else values_a.clone()
+        self.values_g = _rayleigh(self.G, self.basis_g) if values_g is None else values_g.clone()
         pending = state["pending"]
         if pending is None:
             self.pending = None
         elif len(pending) == 4:
             self.pending = (
-                pending[0].clone(), pending[1].clone(), pending[2].clone(), pending[3].clone()
+                pending[0].clone(),
+                pending[1].clone(),
+                pending[2].clone(),
+                pending[3].clone(),
             )
         else:  # (basis_a, basis_g) from before the eigenvalues were kept
             basis_a, basis_g = pending[0].clone(), pending[1].clone()
             self.pending = (
-                _rayleigh(self.A, basis_a), basis_a, _rayleigh(self.G, basis_g), basis_g
+                _rayleigh(self.A, basis_a),
+                basis_a,
+                _rayleigh(self.G, basis_g),
+                basis_g,
             )
         self.stale = bool(state["stale"])
 
