@@ -50,7 +50,7 @@ from curvlib.approx.base import (
     running_average,
 )
 from curvlib.core.stats import LayerStatistics, PerSampleIO, StatKind
-from curvlib.linalg.factors import eigh, flush_negligible, pi_split, symmetrize
+from curvlib.linalg.factors import eigh, flush_negligible, pi_split_of_means, symmetrize
 
 
 class EKFACDamping(Enum):
@@ -157,7 +157,7 @@ class _EKFACBlock(LayerBlock):
             return scalings + damping
         assert self.values_a is not None and self.values_g is not None
         e_a, e_g = self.values_a.to(scalings.dtype), self.values_g.to(scalings.dtype)
-        gamma_a, gamma_g = pi_split(torch.diag(e_a), torch.diag(e_g), damping)
+        gamma_a, gamma_g = pi_split_of_means(float(e_a.mean()), float(e_g.mean()), damping)
         return scalings + (gamma_a * e_g[:, None] + gamma_g * e_a[None, :]) + damping
 
     def inverse(self, damping: float) -> LayerInverse:

@@ -16,6 +16,7 @@ from curvlib.linalg.factors import (
     flush_negligible,
     flush_subnormals,
     pi_split,
+    pi_split_of_means,
     symmetrize,
 )
 from curvlib.linalg.kron import KroneckerSumInverse, two_term_inverse
@@ -73,6 +74,7 @@ __all__ = [
     "lanczos_svd",
     "layer_rows",
     "pi_split",
+    "pi_split_of_means",
     "power_svd",
     "psd_start",
     "rearranged",

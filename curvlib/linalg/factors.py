@@ -220,6 +220,19 @@ def pi_split(A: Tensor, G: Tensor, damping: float) -> tuple[float, float]:
     """
     mean_a = float(A.diagonal().sum()) / A.shape[-1]
     mean_g = float(G.diagonal().sum()) / G.shape[-1]
+    return pi_split_of_means(mean_a, mean_g, damping)
+
+
+def pi_split_of_means(mean_a: float, mean_g: float, damping: float) -> tuple[float, float]:
+    r"""[`pi_split`][curvlib.linalg.pi_split] from the mean diagonal entries of $A$ and $G$.
+
+    For callers that hold the factors' eigenvalues rather than the factors
+    (their mean is the mean diagonal entry). $\pi = 1$ when either mean is not
+    positive.
+
+    Returns:
+        ``(gamma_A, gamma_G)`` with ``gamma_A * gamma_G == damping``.
+    """
     pi = 1.0 if mean_a <= 0.0 or mean_g <= 0.0 else (mean_a / mean_g) ** 0.5
     root = damping**0.5
     return pi * root, root / pi
