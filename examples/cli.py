@@ -147,6 +147,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "t_cov": 100,
         "t_inv": 100,
         "warmup": 0,
+        "damping_warmup_samples": 0,
         "stats_fraction": 0.25,
         "momentum": 0.9,
         "weight_decay": 1e-3,
@@ -342,6 +343,12 @@ def build_parser(
         help="first steps with curvature refreshes at steps 0, 1, 2, 4, 8, ... (0: none)",
     )
     opt.add_argument(
+        "--damping-warmup-samples",
+        type=int,
+        default=DEFAULTS.damping_warmup_samples,
+        help="damping times n0/n while the statistics have seen n < n0 samples (0: none)",
+    )
+    opt.add_argument(
         "--coarse-space",
         choices=sorted(COARSE_SPACES),
         default=None,
@@ -479,6 +486,7 @@ def optim_config(args: argparse.Namespace, spec: RunSpec) -> OptimConfig:
         t_cov=args.t_cov,
         t_inv=args.t_inv,
         warmup=args.warmup,
+        damping_warmup_samples=args.damping_warmup_samples,
         seed=args.seed,
         coarse_space=coarse,
         krylov=getattr(args, "krylov", False),

@@ -45,6 +45,8 @@ class OptimConfig:
         t_cov: Steps between statistics updates.
         t_inv: Steps between inverse rebuilds.
         warmup: Steps at the start with curvature refreshes at doubling intervals.
+        damping_warmup_samples: Damping times $n_0/n$ while the statistics have
+            seen $n < n_0$ samples (0: none).
         seed: Seed of MC sampling.
         coarse_space: A key of ``COARSE_SPACES``: wrap the approximation in a
             two-level correction with that coarse space (``None``: none).
@@ -68,6 +70,7 @@ class OptimConfig:
     t_cov: int = DEFAULTS.t_cov
     t_inv: int = DEFAULTS.t_inv
     warmup: int = DEFAULTS.warmup
+    damping_warmup_samples: int = DEFAULTS.damping_warmup_samples
     seed: int = 0
     coarse_space: str | None = None
     krylov: bool = False
@@ -162,6 +165,7 @@ def _curvature(make_approx: Callable[..., CurvatureApprox]) -> Factory:
             t_cov=cfg.t_cov,
             t_inv=cfg.t_inv,
             warmup=cfg.warmup,
+            damping_warmup_samples=cfg.damping_warmup_samples,
             include=None if include is None else list(include),
             **restrict,
         )

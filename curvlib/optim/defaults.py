@@ -31,13 +31,14 @@ class OptimizerDefaults:
     """
 
     lr: float = 0.1
-    damping: float = 1e-3
+    damping: float = 1e-4
     kl_clip: float = 3e-3
     momentum: float = 0.5
     t_cov: int = 10
     t_inv: int = 10
     stats_fraction: float = 0.25
     warmup: int = 10
+    damping_warmup_samples: int = 400
 
 
 DEFAULTS = OptimizerDefaults()

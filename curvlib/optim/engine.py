@@ -80,6 +80,12 @@ class CurvatureEngine:
             ``t_inv`` say: the curvature of the initial weights goes stale
             fastest, and doubling intervals refresh it for
             $\log_2$ ``warmup`` extra statistics steps.
+        damping_warmup_samples: $n_0$: until the accepted statistics have
+            averaged over $n_0$ samples in all, the damping is
+            $\lambda \cdot n_0 / n$ with $n$ the samples seen so far (0 disables
+            it). An estimate from few samples is nearly singular, and the small
+            $\lambda$ that is best later would take huge steps along the
+            directions it has not seen yet.
 
     Raises:
         ValueError: For bad intervals or damping, or an extractor that does not
@@ -97,12 +103,16 @@ class CurvatureEngine:
         stats_scale: Callable[[], float] | None = None,
         layers: Sequence[str] | None = None,
         warmup: int = 0,
+        damping_warmup_samples: int = 0,
     ) -> None:
         check_approx(approx)
         _check_intervals(t_cov, t_inv)
-        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-            raise ValueError(f"warmup must be a non-negative int, got {warmup!r}.")
+        for name, value in (("warmup", warmup), ("damping_warmup_samples", damping_warmup_samples)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {value!r}.")
         self.warmup = warmup
+        self.damping_warmup_samples = damping_warmup_samples
+        self.samples_seen = 0
         if not isinstance(damping, LevenbergMarquardt):
             check_positive("damping", damping)
         required = frozenset(approx.required_stats)
@@ -153,11 +163,18 @@ class CurvatureEngine:
 
     @property
     def damping(self) -> float:
-        r"""The damping $\lambda$ of the current step."""
+        r"""The damping of the current step: the rule's $\lambda$ times the warm-up factor."""
         if self.lm_damping is not None:
-            return self.lm_damping
-        assert not isinstance(self.damping_rule, LevenbergMarquardt)
-        return resolve(self.damping_rule, self.step_count)
+            base = self.lm_damping
+        else:
+            assert not isinstance(self.damping_rule, LevenbergMarquardt)
+            base = resolve(self.damping_rule, self.step_count)
+        return base * self.damping_warmup_factor
+
+    @property
+    def damping_warmup_factor(self) -> float:
+        r"""$\max(1, n_0 / n)$ for $n$ samples seen so far and $n_0$ ``damping_warmup_samples``."""
+        return max(1.0, self.damping_warmup_samples / max(self.samples_seen, 1))
 
     def configure(self, *, damping: Schedule | LevenbergMarquardt, t_cov: int, t_inv: int) -> None:
         """Take new hyper-parameters (edited in the optimizer's ``param_groups``).
@@ -278,6 +295,7 @@ class CurvatureEngine:
                 stacklevel=4,
             )
             return False
+        self.samples_seen += stats.num_samples
         return True
 
     def _kept_state(self) -> Callable[[], dict[str, Any]]:
@@ -395,6 +413,7 @@ class CurvatureEngine:
             RECORD_KEY: self.checkpoint_record(),
             "step_count": self.step_count,
             "lm_damping": self.lm_damping,
+            "samples_seen": self.samples_seen,
             "skipped_updates": self.skipped_updates,
             "inverse_failures": self.inverse_failures,
             "approx": self.approx.state_dict(),
@@ -445,6 +464,8 @@ class CurvatureEngine:
         return LoadedEngine(
             step_count=int(state["step_count"]),
             lm_damping=state["lm_damping"],
+            # Written before the damping warm-up existed: that run had none.
+            samples_seen=int(state.get("samples_seen", self.damping_warmup_samples)),
             skipped_updates=int(state["skipped_updates"]),
             inverse_failures=int(state["inverse_failures"]),
             approx=approx,
@@ -466,6 +487,7 @@ class CurvatureEngine:
         else:  # __slots__: load again what loaded into the staged copy
             self.approx.load_state_dict(loaded.approx_state)
         self.step_count, self.lm_damping = loaded.step_count, loaded.lm_damping
+        self.samples_seen = loaded.samples_seen
         self.skipped_updates, self.inverse_failures = (
             loaded.skipped_updates,
             loaded.inverse_failures,
@@ -487,6 +509,7 @@ class LoadedEngine:
 
     step_count: int
     lm_damping: float | None
+    samples_seen: int
     skipped_updates: int
     inverse_failures: int
     approx: CurvatureApprox

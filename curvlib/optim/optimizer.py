@@ -122,6 +122,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             powers of two (0, 1, 2, 4, 8, ...), whatever ``t_cov`` and ``t_inv``
             say (0 disables it): the curvature of the initial weights goes stale
             fastest ([`CurvatureEngine`][curvlib.optim.CurvatureEngine]).
+        damping_warmup_samples: $n_0$: the damping is $\lambda \max(1, n_0/n)$
+            while the statistics have seen $n < n_0$ samples in all (0 disables
+            it): an estimate from few samples is nearly singular.
         groups: Per-group settings, e.g. ``[{"layers": ["dec.*", nn.Conv2d],
             "approx": KPSVD(), "damping": 1e-2, "t_inv": 20}]``: the layers a
             group's patterns match get its approximation and hyper-parameters
@@ -177,6 +180,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         t_cov: int = DEFAULTS.t_cov,
         t_inv: int = DEFAULTS.t_inv,
         warmup: int = DEFAULTS.warmup,
+        damping_warmup_samples: int = DEFAULTS.damping_warmup_samples,
         groups: Sequence[Mapping[str, Any]] = (),
         params: Iterable[Tensor] | None = None,
         on_step: StepCallback | None = None,
@@ -228,6 +232,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 extractor, group.approx, damping=pg["damping"], t_cov=pg["t_cov"],
                 t_inv=pg["t_inv"], stats_scale=self._stats_scale,
                 layers=[layer.name for layer in group.layers], warmup=warmup,
+                damping_warmup_samples=damping_warmup_samples,
             )
             for group, pg in zip(resolved, self.param_groups, strict=False)
         )  # fmt: skip

@@ -53,6 +53,8 @@ class GradientPreconditioner:
         t_inv: Steps between inverse rebuilds.
         warmup: Statistics and inverses also at the steps before it that are
             powers of two, as in the optimizer.
+        damping_warmup_samples: $n_0$: the damping is $\lambda \max(1, n_0/n)$
+            while the statistics have seen $n < n_0$ samples, as in the optimizer.
     """
 
     def __init__(
@@ -67,6 +69,7 @@ class GradientPreconditioner:
         t_cov: int = DEFAULTS.t_cov,
         t_inv: int = DEFAULTS.t_inv,
         warmup: int = DEFAULTS.warmup,
+        damping_warmup_samples: int = DEFAULTS.damping_warmup_samples,
     ) -> None:
         if isinstance(damping, LevenbergMarquardt):
             raise TypeError(
@@ -77,7 +80,8 @@ class GradientPreconditioner:
             check_positive("kl_clip", kl_clip)
         self.layers: tuple[CurvatureLayer, ...] = extractor.layout.layers
         self.engine = CurvatureEngine(
-            extractor, approx, damping=damping, t_cov=t_cov, t_inv=t_inv, warmup=warmup
+            extractor, approx, damping=damping, t_cov=t_cov, t_inv=t_inv, warmup=warmup,
+            damping_warmup_samples=damping_warmup_samples,
         )
         self.kl_clip, self.lr, self.kl_clip_lr_squared = kl_clip, lr, kl_clip_lr_squared
         self.skipped_steps = 0

@@ -15,6 +15,7 @@ from sklearn.datasets import load_digits
 from torch import Tensor, nn
 
 from curvlib import EKFAC, KFAC, KPSVD, PreconditionedOptimizer
+from curvlib.optim import LevenbergMarquardt
 from curvlib.core.protocols import CurvatureApprox
 from curvlib.optim.defaults import DEFAULTS
 
@@ -135,3 +136,71 @@ def test_warmup_must_be_a_non_negative_int() -> None:
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match="warmup"):
             PreconditionedOptimizer(model, KFAC(), loss_fn=nn.MSELoss(), warmup=bad)
+
+
+def _step(opt: PreconditionedOptimizer, model: nn.Module, x: Tensor, y: Tensor) -> None:
+    opt.zero_grad()
+    with opt.record():
+        opt.loss_fn(model(x), y).backward()
+    opt.step()
+
+
+def test_the_damping_warmup_divides_by_the_samples_seen_until_it_reaches_them() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    opt = PreconditionedOptimizer(
+        model, KFAC(), loss_fn=nn.MSELoss(), damping=1e-2, t_cov=1, t_inv=1,
+        stats_fraction=1.0, damping_warmup_samples=100,
+    )  # fmt: skip
+    x, y = torch.randn(30, 3), torch.randn(30, 2)
+    used = []
+    for _ in range(5):
+        _step(opt, model, x, y)
+        used.append(opt.engine.precond_damping)
+        assert opt.last_stats["damping"] == used[-1]
+    # 30, 60, 90 samples seen: 1e-2 * 100/n; from 120 on the damping itself.
+    assert used == pytest.approx([1e-2 * 100 / 30, 1e-2 * 100 / 60, 1e-2 * 100 / 90, 1e-2, 1e-2])
+
+
+def test_the_damping_warmup_multiplies_levenberg_marquardt_and_schedules() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 2))
+    x, y = torch.randn(10, 3), torch.randn(10, 2)
+    for damping, base in ((LevenbergMarquardt(initial=0.5, interval=1000), 0.5),
+                          (lambda step: 0.25, 0.25)):  # fmt: skip
+        opt = PreconditionedOptimizer(
+            model, KFAC(), loss_fn=nn.MSELoss(), damping=damping, stats_fraction=1.0,
+            damping_warmup_samples=40,
+        )  # fmt: skip
+        _step(opt, model, x, y)
+        assert opt.engine.precond_damping == pytest.approx(base * 4)
+
+
+def test_the_samples_seen_resume_from_a_checkpoint_and_older_ones_end_the_warmup() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 2))
+    x, y = torch.randn(10, 3), torch.randn(10, 2)
+
+    def build() -> PreconditionedOptimizer:
+        return PreconditionedOptimizer(model, KFAC(), loss_fn=nn.MSELoss(), stats_fraction=1.0)
+
+    opt = build()
+    _step(opt, model, x, y)
+    state = opt.state_dict()
+    resumed = build()
+    resumed.load_state_dict(state)
+    assert resumed.engine.samples_seen == 10
+    assert resumed.engine.damping == opt.engine.damping == DEFAULTS.damping * 40
+    del state["curvature"]["groups"][opt.param_groups[0]["name"]]["samples_seen"]
+    older = build()
+    older.load_state_dict(state)  # a run from before the warm-up had none
+    assert older.engine.damping == DEFAULTS.damping
+
+
+def test_damping_warmup_samples_must_be_a_non_negative_int() -> None:
+    model = nn.Sequential(nn.Linear(3, 2))
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="damping_warmup_samples"):
+            PreconditionedOptimizer(
+                model, KFAC(), loss_fn=nn.MSELoss(), damping_warmup_samples=bad
+            )
