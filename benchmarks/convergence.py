@@ -283,12 +283,15 @@ def curvature(name: str, config: str = "default", **kwargs: Any) -> Method:
 
 
 def kfac_grid() -> list[Method]:
+    """KFAC around its default learning rate and damping (the damping's warm-up kept)."""
+    from curvlib.optim import DampingWarmup
     from curvlib.optim.defaults import DEFAULTS
 
+    damping = DEFAULTS.damping
     return [
         curvature(
-            "kfac", f"lr={DEFAULTS.lr * a:.3g},damping={DEFAULTS.damping * b:.3g}",
-            lr=DEFAULTS.lr * a, damping=DEFAULTS.damping * b,
+            "kfac", f"lr={DEFAULTS.lr * a:.3g},damping={damping.damping * b:.3g}",
+            lr=DEFAULTS.lr * a, damping=DampingWarmup(damping.damping * b, damping.samples),
         )
         for a, b in itertools.product(GRID_LR_FACTORS, GRID_DAMPING_FACTORS)
         if (a, b) != (1.0, 1.0)
@@ -314,6 +317,29 @@ def kfac_ablations() -> list[Method]:
         with_decay(0.95),
         curvature("kfac", "lr=momentum=auto", lr="auto", momentum="auto"),
     ]
+
+
+def parse_value(text: str) -> Any:
+    """A number, ``None`` or a word (``"auto"``) from the command line."""
+    if text == "None":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def kfac_config(text: str) -> Method:
+    """``--kfac "kl_clip=1e-2,momentum=0.9"``: KFAC with these keyword arguments changed."""
+    kwargs: dict[str, Any] = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SystemExit(f"--kfac takes key=value pairs separated by commas, got {text!r}.")
+        kwargs[key.strip()] = parse_value(value.strip())
+    return curvature("kfac", text, **kwargs)
 
 
 # -- one run ----------------------------------------------------------------------------
@@ -703,6 +729,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--tasks", default=None, help=f"comma-separated subset of {list(TASKS)}")
     choices = ["adam", "sgd", *APPROXIMATIONS, *TWO_LEVEL, "kfac-grid", "kfac-ablations"]
     parser.add_argument("--methods", default=None, help=f"comma-separated subset of {choices}")
+    parser.add_argument(
+        "--kfac", action="append", default=[], metavar="KEY=VALUE,...",
+        help="also KFAC with these optimizer arguments changed, e.g. --kfac kl_clip=1e-2 "
+        "--kfac momentum=0.9,t_cov=5 (repeatable; each is one config)",
+    )  # fmt: skip
     parser.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2)")
     parser.add_argument(
         "--data-root", type=Path, default=None,
@@ -776,6 +807,7 @@ def plan(args: argparse.Namespace) -> tuple[list[Task], list[Method], list[Metho
         methods += kfac_grid()
     if "kfac-ablations" in chosen:
         methods += kfac_ablations()
+    methods += [kfac_config(text) for text in args.kfac]
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [0] if quick else list(SEEDS)
     return tasks, baselines, methods, seeds
 

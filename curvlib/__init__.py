@@ -48,7 +48,7 @@ from curvlib.core import (
     UnsupportedModule,
 )
 from curvlib.extract import Backend, CurvatureExtractor, UnsupportedPolicy
-from curvlib.optim import LevenbergMarquardt
+from curvlib.optim import DampingWarmup, LevenbergMarquardt
 from curvlib.wiring import NaturalGradientPreconditioner, PreconditionedOptimizer
 
 __version__ = "0.1.0.dev0"
@@ -63,6 +63,7 @@ __all__ = [
     "CurvatureExtractor",
     "CurvatureLayer",
     "CurvatureStatistics",
+    "DampingWarmup",
     "Deflation",
     "Diagonal",
     "ExactNaturalGradient",

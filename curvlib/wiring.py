@@ -141,11 +141,12 @@ class PreconditionedOptimizer(CurvatureOptimizer):
         **optimizer_kwargs: The hyper-parameters of
             [`CurvatureOptimizer`][curvlib.optim.CurvatureOptimizer], each
             defaulting to [`DEFAULTS`][curvlib.optim.defaults.DEFAULTS]:
-            ``lr`` (0.1, or ``"auto"``), ``damping`` ($10^{-4}$, a schedule or
-            Levenberg–Marquardt; times $\max(1, 400/n)$ while the statistics have
-            seen $n < 400$ samples, ``damping_warmup_samples``), ``kl_clip`` ($3\cdot10^{-3}$ on the whole step;
-            ``None`` disables it), ``momentum`` (0.5, or ``"auto"``), ``t_cov`` and
-            ``t_inv`` (10), ``warmup`` (10), ``damping_warmup_samples`` (400), ``nesterov``, ``weight_decay``,
+            ``lr`` (0.1, or ``"auto"``), ``damping`` ($10^{-4}$, multiplied by
+            $400/n$ while the statistics have seen $n < 400$ samples; a number,
+            a schedule, Levenberg–Marquardt or a ``DampingWarmup``),
+            ``kl_clip`` ($3\cdot10^{-3}$ on the whole step; ``None`` disables
+            it), ``momentum`` (0.5, or ``"auto"``), ``t_cov`` and
+            ``t_inv`` (10), ``warmup`` (10), ``nesterov``, ``weight_decay``,
             ``decoupled_weight_decay``, ``kl_clip_lr_squared``, ``on_step``,
             ``grad_scaler`` and ``accumulation_steps``.
     """

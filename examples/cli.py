@@ -259,7 +259,7 @@ def build_parser(
     opt.add_argument(
         "--damping",
         type=positive_float,
-        default=DEFAULTS.damping,
+        default=DEFAULTS.damping.damping,
         help="Tikhonov damping λ of C + λI",
     )
     opt.add_argument(
@@ -345,7 +345,7 @@ def build_parser(
     opt.add_argument(
         "--damping-warmup-samples",
         type=int,
-        default=DEFAULTS.damping_warmup_samples,
+        default=DEFAULTS.damping.samples,
         help="damping times n0/n while the statistics have seen n < n0 samples (0: none)",
     )
     opt.add_argument(

@@ -18,7 +18,7 @@ from torch import nn
 
 from curvlib.core.protocols import CurvatureApprox
 from curvlib.optim.defaults import DEFAULTS
-from curvlib.optim.hyper import LevenbergMarquardt
+from curvlib.optim.hyper import DampingWarmup, LevenbergMarquardt
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class OptimConfig:
         t_inv: Steps between inverse rebuilds.
         warmup: Steps at the start with curvature refreshes at doubling intervals.
         damping_warmup_samples: Damping times $n_0/n$ while the statistics have
-            seen $n < n_0$ samples (0: none).
+            seen $n < n_0$ samples (0: none; ignored with ``adaptive_damping``).
         seed: Seed of MC sampling.
         coarse_space: A key of ``COARSE_SPACES``: wrap the approximation in a
             two-level correction with that coarse space (``None``: none).
@@ -55,7 +55,7 @@ class OptimConfig:
     """
 
     lr: float
-    damping: float = DEFAULTS.damping
+    damping: float = DEFAULTS.damping.damping
     adaptive_damping: bool = False
     clipping: float = DEFAULTS.kl_clip
     momentum: float = DEFAULTS.momentum
@@ -70,7 +70,7 @@ class OptimConfig:
     t_cov: int = DEFAULTS.t_cov
     t_inv: int = DEFAULTS.t_inv
     warmup: int = DEFAULTS.warmup
-    damping_warmup_samples: int = DEFAULTS.damping_warmup_samples
+    damping_warmup_samples: int = DEFAULTS.damping.samples
     seed: int = 0
     coarse_space: str | None = None
     krylov: bool = False
@@ -142,9 +142,11 @@ def _curvature(make_approx: Callable[..., CurvatureApprox]) -> Factory:
 
         restrict: dict[str, Any] = {} if params is None else {"params": list(params)}
 
-        damping: float | LevenbergMarquardt = cfg.damping
+        damping: float | LevenbergMarquardt | DampingWarmup = cfg.damping
         if cfg.adaptive_damping:
             damping = LevenbergMarquardt(initial=cfg.damping, interval=cfg.t_inv)
+        elif cfg.damping_warmup_samples:
+            damping = DampingWarmup(cfg.damping, samples=cfg.damping_warmup_samples)
         approx = make_approx(**approx_options(cfg))
         if cfg.coarse_space is not None:
             approx = two_level(lambda: approx, cfg.coarse_space, cfg.krylov, cfg.coarse_form)()
@@ -165,7 +167,6 @@ def _curvature(make_approx: Callable[..., CurvatureApprox]) -> Factory:
             t_cov=cfg.t_cov,
             t_inv=cfg.t_inv,
             warmup=cfg.warmup,
-            damping_warmup_samples=cfg.damping_warmup_samples,
             include=None if include is None else list(include),
             **restrict,
         )

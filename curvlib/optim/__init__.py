@@ -8,7 +8,7 @@ only; never the extractors or a concrete approximation (checked by
 """
 
 from curvlib.optim.engine import CurvatureEngine
-from curvlib.optim.hyper import LevenbergMarquardt, Schedule
+from curvlib.optim.hyper import DampingRule, DampingWarmup, LevenbergMarquardt, Schedule
 from curvlib.optim.kernels import kl_clip_factor
 from curvlib.optim.optimizer import CurvatureOptimizer
 from curvlib.optim.preconditioner import GradientPreconditioner
@@ -16,6 +16,8 @@ from curvlib.optim.preconditioner import GradientPreconditioner
 __all__ = [
     "CurvatureEngine",
     "CurvatureOptimizer",
+    "DampingRule",
+    "DampingWarmup",
     "GradientPreconditioner",
     "LevenbergMarquardt",
     "Schedule",

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from curvlib.optim.hyper import DampingWarmup
+
 
 @dataclass(frozen=True)
 class OptimizerDefaults:
@@ -19,7 +21,9 @@ class OptimizerDefaults:
 
     Attributes:
         lr: Learning rate $\eta$.
-        damping: Tikhonov damping $\lambda$ of $(C + \lambda I)^{-1}$.
+        damping: Tikhonov damping $\lambda$ of $(C + \lambda I)^{-1}$: $10^{-4}$,
+            multiplied by $400/n$ while the statistics have seen $n < 400$
+            samples ([`DampingWarmup`][curvlib.optim.DampingWarmup]).
         kl_clip: KL-clipping bound $c$.
         momentum: Momentum $\mu$ on the clipped preconditioned direction.
         t_cov: Steps between statistics updates.
@@ -31,14 +35,13 @@ class OptimizerDefaults:
     """
 
     lr: float = 0.1
-    damping: float = 1e-4
+    damping: DampingWarmup = DampingWarmup(1e-4, samples=400)  # noqa: RUF009 (frozen)
     kl_clip: float = 3e-3
     momentum: float = 0.5
     t_cov: int = 10
     t_inv: int = 10
     stats_fraction: float = 0.25
     warmup: int = 10
-    damping_warmup_samples: int = 400
 
 
 DEFAULTS = OptimizerDefaults()

@@ -45,7 +45,13 @@ from curvlib.core.protocols import (
     check_approx,
 )
 from curvlib.core.stats import CurvatureStatistics, FisherType, all_finite, merge_statistics
-from curvlib.optim.hyper import LevenbergMarquardt, Schedule, check_positive, resolve
+from curvlib.optim.hyper import (
+    DampingRule,
+    DampingWarmup,
+    LevenbergMarquardt,
+    check_damping,
+    resolve,
+)
 
 RECORD_TIMES = ("statistics", "forward_backward")
 """Keys of the time spent in ``record()`` blocks (see ``record_statistics``)."""
@@ -68,7 +74,8 @@ class CurvatureEngine:
         extractor: Computes the statistics in ``record()`` blocks.
         approx: The approximation; the extractor must compute ``approx.required_stats``.
         damping: $\lambda$ of $(C + \lambda I)^{-1}$: a constant, a function of the
-            step, or [`LevenbergMarquardt`][curvlib.optim.hyper.LevenbergMarquardt].
+            step, [`LevenbergMarquardt`][curvlib.optim.hyper.LevenbergMarquardt] or
+            [`DampingWarmup`][curvlib.optim.DampingWarmup].
         t_cov: Steps between statistics updates.
         t_inv: Steps between inverse rebuilds.
         stats_scale: Returns the factor that undoes a loss scale seen by
@@ -80,12 +87,6 @@ class CurvatureEngine:
             ``t_inv`` say: the curvature of the initial weights goes stale
             fastest, and doubling intervals refresh it for
             $\log_2$ ``warmup`` extra statistics steps.
-        damping_warmup_samples: $n_0$: until the accepted statistics have
-            averaged over $n_0$ samples in all, the damping is
-            $\lambda \cdot n_0 / n$ with $n$ the samples seen so far (0 disables
-            it). An estimate from few samples is nearly singular, and the small
-            $\lambda$ that is best later would take huge steps along the
-            directions it has not seen yet.
 
     Raises:
         ValueError: For bad intervals or damping, or an extractor that does not
@@ -97,24 +98,21 @@ class CurvatureEngine:
         extractor: Extractor,
         approx: CurvatureApprox,
         *,
-        damping: Schedule | LevenbergMarquardt = 1e-3,
+        damping: DampingRule = 1e-3,
         t_cov: int = 1,
         t_inv: int = 1,
         stats_scale: Callable[[], float] | None = None,
         layers: Sequence[str] | None = None,
         warmup: int = 0,
-        damping_warmup_samples: int = 0,
     ) -> None:
         check_approx(approx)
         _check_intervals(t_cov, t_inv)
-        for name, value in (("warmup", warmup), ("damping_warmup_samples", damping_warmup_samples)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be a non-negative int, got {value!r}.")
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+            raise ValueError(f"warmup must be a non-negative int, got {warmup!r}.")
         self.warmup = warmup
-        self.damping_warmup_samples = damping_warmup_samples
+        # Samples of every statistics update accepted so far (for DampingWarmup).
         self.samples_seen = 0
-        if not isinstance(damping, LevenbergMarquardt):
-            check_positive("damping", damping)
+        check_damping("damping", damping)
         required = frozenset(approx.required_stats)
         provided = frozenset(getattr(extractor, "required_stats", required))
         if not required <= provided:
@@ -163,20 +161,16 @@ class CurvatureEngine:
 
     @property
     def damping(self) -> float:
-        r"""The damping of the current step: the rule's $\lambda$ times the warm-up factor."""
+        r"""The damping $\lambda$ of the current step."""
         if self.lm_damping is not None:
-            base = self.lm_damping
-        else:
-            assert not isinstance(self.damping_rule, LevenbergMarquardt)
-            base = resolve(self.damping_rule, self.step_count)
-        return base * self.damping_warmup_factor
+            return self.lm_damping
+        rule = self.damping_rule
+        if isinstance(rule, DampingWarmup):
+            return rule.at(self.samples_seen)
+        assert not isinstance(rule, LevenbergMarquardt)
+        return resolve(rule, self.step_count)
 
-    @property
-    def damping_warmup_factor(self) -> float:
-        r"""$\max(1, n_0 / n)$ for $n$ samples seen so far and $n_0$ ``damping_warmup_samples``."""
-        return max(1.0, self.damping_warmup_samples / max(self.samples_seen, 1))
-
-    def configure(self, *, damping: Schedule | LevenbergMarquardt, t_cov: int, t_inv: int) -> None:
+    def configure(self, *, damping: DampingRule, t_cov: int, t_inv: int) -> None:
         """Take new hyper-parameters (edited in the optimizer's ``param_groups``).
 
         A new Levenberg–Marquardt rule restarts from its ``initial`` damping; the
@@ -187,8 +181,7 @@ class CurvatureEngine:
         """
         _check_intervals(t_cov, t_inv)
         if damping is not self.damping_rule:
-            if not isinstance(damping, LevenbergMarquardt):
-                check_positive("damping", damping)
+            check_damping("damping", damping)
             self.damping_rule = damping
             self.lm_damping = damping.initial if isinstance(damping, LevenbergMarquardt) else None
         self.t_cov, self.t_inv = t_cov, t_inv
@@ -464,8 +457,8 @@ class CurvatureEngine:
         return LoadedEngine(
             step_count=int(state["step_count"]),
             lm_damping=state["lm_damping"],
-            # Written before the damping warm-up existed: that run had none.
-            samples_seen=int(state.get("samples_seen", self.damping_warmup_samples)),
+            # Written before the count existed: that run had no damping warm-up.
+            samples_seen=int(state.get("samples_seen", _warmup_samples(self.damping_rule))),
             skipped_updates=int(state["skipped_updates"]),
             inverse_failures=int(state["inverse_failures"]),
             approx=approx,
@@ -518,6 +511,10 @@ class LoadedEngine:
     precond_damping: float | None
     precond_fresh: bool
     snapshot: Any
+
+
+def _warmup_samples(rule: Any) -> int:
+    return rule.samples if isinstance(rule, DampingWarmup) else 0
 
 
 def _check_intervals(t_cov: Any, t_inv: Any) -> None:

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from curvlib.core.layout import KRONECKER_KINDS, CurvatureLayer, LayerKind
 from curvlib.core.protocols import CurvatureApprox, check_approx
 from curvlib.optim.adaptive import AUTO, is_auto
-from curvlib.optim.hyper import LevenbergMarquardt, check_positive
+from curvlib.optim.hyper import check_damping, check_positive
 
 DEFAULT_GROUP = "default"
 """Name of the group of the curvature layers that no entry of ``groups`` claims."""
@@ -259,8 +259,7 @@ def check_hyper(settings: Mapping[str, Any], where: str = "") -> None:
             raise ValueError(f"{where}nesterov=True needs momentum > 0.")
     check_interval(f"{where}t_cov", settings["t_cov"])
     check_interval(f"{where}t_inv", settings["t_inv"])
-    if not isinstance(settings["damping"], LevenbergMarquardt):
-        check_positive(f"{where}damping", settings["damping"])
+    check_damping(f"{where}damping", settings["damping"])
 
 
 def check_auto_or_positive(name: str, value: Any, allow_zero: bool = False) -> None:

@@ -52,7 +52,7 @@ import torch
 from torch import Tensor
 
 from curvlib.optim.groups import check_auto_or_positive, check_interval
-from curvlib.optim.hyper import LevenbergMarquardt, check_positive
+from curvlib.optim.hyper import check_damping, check_positive
 
 MAX_AMPLIFICATION = 1e6
 r"""Largest ratio $\nu\|\Delta_l\| / \|\nabla_l\|$ of a step the optimizer takes."""
@@ -240,7 +240,6 @@ def check_runtime_hyper(group: Mapping[str, Any], where: str) -> None:
     check_auto_or_positive(f"{where}momentum", group["momentum"], allow_zero=True)
     check_positive(f"{where}weight_decay", group["weight_decay"], allow_zero=True)
     if "damping" in group:
-        if not isinstance(group["damping"], LevenbergMarquardt):
-            check_positive(f"{where}damping", group["damping"])
+        check_damping(f"{where}damping", group["damping"])
         check_interval(f"{where}t_cov", group["t_cov"])
         check_interval(f"{where}t_inv", group["t_inv"])

@@ -29,6 +29,39 @@ def check_positive(name: str, value: Schedule, allow_zero: bool = False) -> None
         raise ValueError(f"{name} must be {bound}, got {value!r}.")
 
 
+@dataclass(frozen=True)
+class DampingWarmup:
+    r"""A damping $\lambda$ that starts high while the statistics have seen few samples.
+
+    The damping is $\lambda \max(1, n_0 / n)$, where $n$ counts the samples of
+    every statistics update accepted so far and $n_0$ is ``samples``. The
+    first estimates average over a few dozen samples: along the directions no
+    sample has reached yet their eigenvalues are near zero, and the small
+    $\lambda$ that trains fastest once the estimate has filled in would step
+    $1/\lambda$ far along them. The library default is
+    ``DampingWarmup(1e-4, samples=400)``; a plain number is used as it is.
+
+    Attributes:
+        damping: $\lambda$, the damping once $n \ge n_0$.
+        samples: $n_0$ (0: no warm-up).
+    """
+
+    damping: float = 1e-4
+    samples: int = 400
+
+    def __post_init__(self) -> None:
+        check_positive("DampingWarmup damping", self.damping)
+        if callable(self.damping):
+            raise TypeError(f"DampingWarmup damping must be a number, got {self.damping!r}.")
+        samples = self.samples
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
+            raise ValueError(f"DampingWarmup samples must be a non-negative int, got {samples!r}.")
+
+    def at(self, samples_seen: int) -> float:
+        r"""The damping after statistics of ``samples_seen`` samples in all."""
+        return self.damping * max(1.0, self.samples / max(samples_seen, 1))
+
+
 @dataclass
 class LevenbergMarquardt:
     r"""Levenberg–Marquardt adaptive damping (Martens & Grosse 2015, section 6.5).
@@ -87,3 +120,13 @@ class LevenbergMarquardt:
             "min_damping": self.min_damping,
             "max_damping": self.max_damping,
         }
+
+
+DampingRule = Schedule | LevenbergMarquardt | DampingWarmup
+"""What ``damping=`` takes: a constant, a function of the step or one of the rule classes."""
+
+
+def check_damping(name: str, value: Any) -> None:
+    """Check a damping rule: a positive constant, a schedule or one of the rule classes."""
+    if not isinstance(value, LevenbergMarquardt | DampingWarmup):
+        check_positive(name, value)

@@ -68,7 +68,7 @@ from curvlib.optim.guards import (
     check_runtime_hyper,
     measure_directions,
 )
-from curvlib.optim.hyper import LevenbergMarquardt, Schedule, check_positive
+from curvlib.optim.hyper import DampingRule, check_positive
 from curvlib.optim.kernels import clip_from_norms, layer_step, momentum_step_norms, sgd_step
 from curvlib.optim.report import describe_optimizer, step_stats
 
@@ -104,8 +104,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         lr: Learning rate $\eta$ (a float; schedule it with torch LR schedulers), or
             ``"auto"``: chosen every step by the exact quadratic model, bounded by
             the KL clip in the exact GGN ([`curvlib.optim.adaptive`][curvlib.optim.adaptive]).
-        damping: $\lambda$: constant, callable of the step, or
-            [`LevenbergMarquardt`][curvlib.optim.hyper.LevenbergMarquardt].
+        damping: $\lambda$: constant, callable of the step,
+            [`LevenbergMarquardt`][curvlib.optim.hyper.LevenbergMarquardt], or
+            [`DampingWarmup`][curvlib.optim.DampingWarmup] (the default,
+            $10^{-4}$ multiplied by $400/n$ while the statistics have seen
+            $n < 400$ samples).
         kl_clip: KL-clipping bound $c$ on the whole step, momentum included;
             ``None`` disables it.
         kl_clip_lr_squared: Use $\eta^2$ in the clip (Ba et al.); ``False`` for the
@@ -122,9 +125,6 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             powers of two (0, 1, 2, 4, 8, ...), whatever ``t_cov`` and ``t_inv``
             say (0 disables it): the curvature of the initial weights goes stale
             fastest ([`CurvatureEngine`][curvlib.optim.CurvatureEngine]).
-        damping_warmup_samples: $n_0$: the damping is $\lambda \max(1, n_0/n)$
-            while the statistics have seen $n < n_0$ samples in all (0 disables
-            it): an estimate from few samples is nearly singular.
         groups: Per-group settings, e.g. ``[{"layers": ["dec.*", nn.Conv2d],
             "approx": KPSVD(), "damping": 1e-2, "t_inv": 20}]``: the layers a
             group's patterns match get its approximation and hyper-parameters
@@ -170,7 +170,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         approx: CurvatureApprox,
         *,
         lr: float | Literal["auto"] = DEFAULTS.lr,
-        damping: Schedule | LevenbergMarquardt = DEFAULTS.damping,
+        damping: DampingRule = DEFAULTS.damping,
         kl_clip: float | None = DEFAULTS.kl_clip,
         kl_clip_lr_squared: bool = True,
         momentum: float | Literal["auto"] = DEFAULTS.momentum,
@@ -180,7 +180,6 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         t_cov: int = DEFAULTS.t_cov,
         t_inv: int = DEFAULTS.t_inv,
         warmup: int = DEFAULTS.warmup,
-        damping_warmup_samples: int = DEFAULTS.damping_warmup_samples,
         groups: Sequence[Mapping[str, Any]] = (),
         params: Iterable[Tensor] | None = None,
         on_step: StepCallback | None = None,
@@ -232,7 +231,6 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 extractor, group.approx, damping=pg["damping"], t_cov=pg["t_cov"],
                 t_inv=pg["t_inv"], stats_scale=self._stats_scale,
                 layers=[layer.name for layer in group.layers], warmup=warmup,
-                damping_warmup_samples=damping_warmup_samples,
             )
             for group, pg in zip(resolved, self.param_groups, strict=False)
         )  # fmt: skip

@@ -33,7 +33,7 @@ from curvlib.core.protocols import CurvatureApprox, Extractor
 from curvlib.core.stats import all_finite
 from curvlib.optim.defaults import DEFAULTS
 from curvlib.optim.engine import CurvatureEngine, floating_to, layer_grads
-from curvlib.optim.hyper import LevenbergMarquardt, Schedule, check_positive
+from curvlib.optim.hyper import DampingWarmup, LevenbergMarquardt, Schedule, check_positive
 from curvlib.optim.kernels import kl_clip_factor
 
 
@@ -43,7 +43,8 @@ class GradientPreconditioner:
     Args:
         extractor: Computes the statistics ``approx`` needs.
         approx: The curvature approximation.
-        damping: $\lambda$: constant or callable of the step (Levenberg–Marquardt
+        damping: $\lambda$: constant, callable of the step or
+            [`DampingWarmup`][curvlib.optim.DampingWarmup] (Levenberg–Marquardt
             needs the step the optimizer takes: use ``PreconditionedOptimizer``).
         kl_clip: KL-clipping bound $c$; ``None`` (default) disables it, since
             only the optimizer taking the step knows its learning rate.
@@ -53,8 +54,6 @@ class GradientPreconditioner:
         t_inv: Steps between inverse rebuilds.
         warmup: Statistics and inverses also at the steps before it that are
             powers of two, as in the optimizer.
-        damping_warmup_samples: $n_0$: the damping is $\lambda \max(1, n_0/n)$
-            while the statistics have seen $n < n_0$ samples, as in the optimizer.
     """
 
     def __init__(
@@ -62,14 +61,13 @@ class GradientPreconditioner:
         extractor: Extractor,
         approx: CurvatureApprox,
         *,
-        damping: Schedule = DEFAULTS.damping,
+        damping: Schedule | DampingWarmup = DEFAULTS.damping,
         kl_clip: float | None = None,
         lr: float = 1.0,
         kl_clip_lr_squared: bool = True,
         t_cov: int = DEFAULTS.t_cov,
         t_inv: int = DEFAULTS.t_inv,
         warmup: int = DEFAULTS.warmup,
-        damping_warmup_samples: int = DEFAULTS.damping_warmup_samples,
     ) -> None:
         if isinstance(damping, LevenbergMarquardt):
             raise TypeError(
@@ -80,8 +78,12 @@ class GradientPreconditioner:
             check_positive("kl_clip", kl_clip)
         self.layers: tuple[CurvatureLayer, ...] = extractor.layout.layers
         self.engine = CurvatureEngine(
-            extractor, approx, damping=damping, t_cov=t_cov, t_inv=t_inv, warmup=warmup,
-            damping_warmup_samples=damping_warmup_samples,
+            extractor,
+            approx,
+            damping=damping,
+            t_cov=t_cov,
+            t_inv=t_inv,
+            warmup=warmup,
         )
         self.kl_clip, self.lr, self.kl_clip_lr_squared = kl_clip, lr, kl_clip_lr_squared
         self.skipped_steps = 0

@@ -34,7 +34,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from curvlib.optim.engine import RECORD_TIMES
-from curvlib.optim.hyper import LevenbergMarquardt
+from curvlib.optim.hyper import DampingWarmup, LevenbergMarquardt
 
 if TYPE_CHECKING:
     from curvlib.optim.optimizer import CurvatureOptimizer
@@ -131,6 +131,8 @@ def format_damping(rule: Any, current: float) -> str:
     """A damping rule and its current value, e.g. ``1e-03`` or ``LM 2.1e-03``."""
     if isinstance(rule, LevenbergMarquardt):
         return f"LM {current:.2g}"
+    if isinstance(rule, DampingWarmup) and current > rule.damping:
+        return f"warm-up {current:.2g}"
     if callable(rule):
         return f"sched. {current:.2g}"
     return f"{current:.2g}"

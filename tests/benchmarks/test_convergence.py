@@ -10,6 +10,7 @@ from types import ModuleType
 
 import pytest
 import torch
+from torch import nn
 
 from tests.benchmarks.loader import benchmark_script
 
@@ -132,3 +133,22 @@ def test_two_level_methods_are_selectable_but_not_run_by_default(cv: ModuleType)
     args = cv.parse_args(["--quick", "--methods", "adam,kfac+nicolaides", "--tasks", "digits-mlp"])
     _, _, methods, _ = cv.plan(args)
     assert [m.name for m in methods] == ["kfac+nicolaides"]
+
+
+def test_kfac_configs_from_the_command_line_change_those_arguments(cv: ModuleType) -> None:
+    args = cv.parse_args([
+        "--quick", "--methods", "adam", "--tasks", "digits-mlp",
+        "--kfac", "kl_clip=1e-2,momentum=0.9,t_cov=5", "--kfac", "lr=auto,kl_clip=None",
+    ])  # fmt: skip
+    _, _, methods, _ = cv.plan(args)
+    assert [(m.name, m.config) for m in methods] == [
+        ("kfac", "kl_clip=1e-2,momentum=0.9,t_cov=5"), ("kfac", "lr=auto,kl_clip=None"),
+    ]  # fmt: skip
+    model = nn.Sequential(nn.Linear(4, 3))
+    opt = methods[0].build(model, nn.CrossEntropyLoss())
+    assert opt.kl_clip == 1e-2 and opt.engine.t_cov == 5
+    assert opt.param_groups[0]["momentum"] == 0.9
+    opt = methods[1].build(model, nn.CrossEntropyLoss())
+    assert opt.kl_clip is None and opt.param_groups[0]["lr"] == "auto"
+    with pytest.raises(SystemExit, match="key=value"):
+        cv.plan(cv.parse_args(["--quick", "--methods", "adam", "--kfac", "momentum"]))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -15,8 +16,8 @@ from sklearn.datasets import load_digits
 from torch import Tensor, nn
 
 from curvlib import EKFAC, KFAC, KPSVD, PreconditionedOptimizer
-from curvlib.optim import LevenbergMarquardt
 from curvlib.core.protocols import CurvatureApprox
+from curvlib.optim import DampingWarmup
 from curvlib.optim.defaults import DEFAULTS
 
 SEEDS = (0, 1, 2)
@@ -149,8 +150,8 @@ def test_the_damping_warmup_divides_by_the_samples_seen_until_it_reaches_them() 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
     opt = PreconditionedOptimizer(
-        model, KFAC(), loss_fn=nn.MSELoss(), damping=1e-2, t_cov=1, t_inv=1,
-        stats_fraction=1.0, damping_warmup_samples=100,
+        model, KFAC(), loss_fn=nn.MSELoss(), damping=DampingWarmup(1e-2, samples=100),
+        t_cov=1, t_inv=1, stats_fraction=1.0,
     )  # fmt: skip
     x, y = torch.randn(30, 3), torch.randn(30, 2)
     used = []
@@ -162,18 +163,15 @@ def test_the_damping_warmup_divides_by_the_samples_seen_until_it_reaches_them() 
     assert used == pytest.approx([1e-2 * 100 / 30, 1e-2 * 100 / 60, 1e-2 * 100 / 90, 1e-2, 1e-2])
 
 
-def test_the_damping_warmup_multiplies_levenberg_marquardt_and_schedules() -> None:
+def test_a_number_is_the_damping_from_the_first_step() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 2))
-    x, y = torch.randn(10, 3), torch.randn(10, 2)
-    for damping, base in ((LevenbergMarquardt(initial=0.5, interval=1000), 0.5),
-                          (lambda step: 0.25, 0.25)):  # fmt: skip
-        opt = PreconditionedOptimizer(
-            model, KFAC(), loss_fn=nn.MSELoss(), damping=damping, stats_fraction=1.0,
-            damping_warmup_samples=40,
-        )  # fmt: skip
-        _step(opt, model, x, y)
-        assert opt.engine.precond_damping == pytest.approx(base * 4)
+    opt = PreconditionedOptimizer(model, KFAC(), loss_fn=nn.MSELoss(), damping=1e-4)
+    _step(opt, model, torch.randn(8, 3), torch.randn(8, 2))
+    assert opt.engine.precond_damping == 1e-4
+    default = PreconditionedOptimizer(model, KFAC(), loss_fn=nn.MSELoss())
+    _step(default, model, torch.randn(8, 3), torch.randn(8, 2))
+    assert default.engine.precond_damping == pytest.approx(1e-4 * 400 / 2)  # 2 of 8 samples
 
 
 def test_the_samples_seen_resume_from_a_checkpoint_and_older_ones_end_the_warmup() -> None:
@@ -187,20 +185,22 @@ def test_the_samples_seen_resume_from_a_checkpoint_and_older_ones_end_the_warmup
     opt = build()
     _step(opt, model, x, y)
     state = opt.state_dict()
+    assert "damping" not in state["param_groups"][0]  # a rule: passed again when resuming
     resumed = build()
     resumed.load_state_dict(state)
     assert resumed.engine.samples_seen == 10
-    assert resumed.engine.damping == opt.engine.damping == DEFAULTS.damping * 40
+    assert resumed.engine.damping == opt.engine.damping == pytest.approx(1e-4 * 40)
     del state["curvature"]["groups"][opt.param_groups[0]["name"]]["samples_seen"]
     older = build()
-    older.load_state_dict(state)  # a run from before the warm-up had none
-    assert older.engine.damping == DEFAULTS.damping
+    older.load_state_dict(state)  # a run from before the count had no warm-up
+    assert older.engine.damping == DEFAULTS.damping.damping
 
 
-def test_damping_warmup_samples_must_be_a_non_negative_int() -> None:
-    model = nn.Sequential(nn.Linear(3, 2))
-    for bad in (-1, 1.5, True):
-        with pytest.raises(ValueError, match="damping_warmup_samples"):
-            PreconditionedOptimizer(
-                model, KFAC(), loss_fn=nn.MSELoss(), damping_warmup_samples=bad
-            )
+@pytest.mark.parametrize(
+    ("damping", "samples", "error"),
+    [(0.0, 400, ValueError), (-1e-4, 400, ValueError), (1e-4, -1, ValueError),
+     (1e-4, 1.5, ValueError), (1e-4, True, ValueError), (lambda step: 1e-4, 400, TypeError)],
+)  # fmt: skip
+def test_a_bad_damping_warmup_is_refused_naming_it(damping: Any, samples: Any, error: type) -> None:
+    with pytest.raises(error, match="DampingWarmup"):
+        DampingWarmup(damping, samples=samples)
