@@ -633,7 +633,7 @@ def test_unit_wise_moves_each_output_by_one_plus_its_active_relu_units() -> None
 def test_unit_wise_optimal_learning_rate_is_the_best_on_a_wide_relu_network(outputs: int) -> None:
     """Width 2048: the loss-minimising learning rate of one step is within 10% of the helper's.
 
-    With a damping of 1e-6 (about 1e-3 of the first layer's kernels' scale): undamped,
+    With a damping of 1e-6 (about 3e-4 of the first layer's kernels' scale): undamped,
     the few units whose derivative to the output nearly vanishes get steps that the
     linearisation does not follow (measured: best factor at the scan's end, 0.5).
     """
