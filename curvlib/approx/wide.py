@@ -247,12 +247,17 @@ def _psd_eigh(kernel: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     r"""``eigh`` of (a batch of) PSD kernels, and which eigenvalues count as non-zero.
 
     Eigenvalues at or below ``n * eps * max`` of their kernel count as zero
-    (``torch.linalg.pinv``'s default tolerance).
+    (``torch.linalg.pinv``'s default tolerance, ``eps`` of the kernel's dtype).
+    The decomposition runs in float64 and is cast back: the kernels are
+    small, and float32 ``eigh`` returns NaN for some batched kernels with many
+    exact zeros (a ReLU unit's kernel has a zero row for every sample it is
+    inactive on).
     """
-    values, vectors = torch.linalg.eigh((kernel + kernel.mT) / 2)
+    work = kernel.to(torch.float64)
+    values, vectors = torch.linalg.eigh((work + work.mT) / 2)
     scale = values.abs().amax(dim=-1, keepdim=True)
     regular = values > kernel.shape[-1] * torch.finfo(kernel.dtype).eps * scale
-    return values, vectors, regular
+    return values.to(kernel.dtype), vectors.to(kernel.dtype), regular
 
 
 def _psd_inverse(kernel: Tensor, shift: float) -> Tensor:
