@@ -29,6 +29,7 @@ from curvlib.approx.kfac import KFAC, ConvDamping, KFACDamping
 from curvlib.approx.kfac_corrected import KFACCorrected
 from curvlib.approx.kpsvd import KPSVD
 from curvlib.approx.lanczos import Lanczos
+from curvlib.approx.learning_rates import optimal_learning_rate
 from curvlib.approx.natural_gradient import BlockNaturalGradient, ExactNaturalGradient, NGDamping
 from curvlib.approx.two_level import (
     CorrectionForm,
@@ -41,7 +42,6 @@ from curvlib.approx.wide import (
     BlockTridiagonalNaturalGradient,
     FunctionSpaceForm,
     function_space_direction,
-    optimal_learning_rate,
 )
 
 __all__ = [

@@ -80,6 +80,71 @@ def unit_blocks(stats: LayerStatistics) -> Tensor:
     return torch.einsum("knoi,knoj->oij", grads, grads) / n
 
 
+def _unit_rows(stats: LayerStatistics) -> tuple[Tensor, Tensor | None]:
+    r"""The rows of one layer's units: ``(g, a)`` or ``(w, None)``.
+
+    For one output position, ``g`` $[K, N, d_\text{out}]$ and ``a`` $[N,
+    d_\text{in}+1]$ with $w_{kno} = g_{kno}\bar a_n$ (no per-sample gradient is
+    formed); otherwise the per-sample gradients ``w`` $[K, N, d_\text{out},
+    d_\text{in}+1]$ (normalisation layers: their stored ones).
+    """
+    if stats.io is None and stats.grads is not None:  # normalisation: per-sample gradients
+        return stats.grads.grads, None
+    io = stats.io
+    if io is None:
+        raise ValueError(
+            f"The unit-wise Fisher needs ['PER_SAMPLE_IO'] statistics for layer "
+            f"{stats.layer.name!r}; create the extractor with stats={{StatKind.PER_SAMPLE_IO}}."
+        )
+    if io.inputs.shape[1] == 1:
+        return io.output_grads[:, :, 0], io.inputs[:, 0]
+    return io.grads(), None
+
+
+def unit_kernels(stats: LayerStatistics) -> Tensor:
+    r"""The per-unit sample kernels $\Theta_o = U_oU_o^\top$ of one layer, ``[out, KN, KN]``.
+
+    Row $(k, n)$ of $U_o$, at index $kN + n$, is $w_{kno}/\sqrt N$ (module
+    docstring), so $U_o^\top U_o = F_o$ is the unit's block of
+    [`unit_blocks`][curvlib.approx.unitwise.unit_blocks] and
+
+    $$\Theta_o[(k,n),(k',n')] = \frac1N\,w_{kno}^\top w_{k'n'o}
+    \;\Big(= \frac1N\,g_{kno}\,g_{k'n'o}\,\bar a_n^\top\bar a_{n'}
+    \text{ for one position}\Big),$$
+
+    the kernels of the unit-wise step in function space
+    ([`function_space_direction`][curvlib.approx.wide.function_space_direction]
+    with ``FunctionSpaceForm.UNIT_WISE``). Cost $O(d_\text{out}K^2N^2)$ after
+    the input Gram matrix $O(N^2 d_\text{in})$ for one position,
+    $O(d_\text{out}K^2N^2 d_\text{in})$ from per-sample gradients otherwise;
+    memory $O(d_\text{out}K^2N^2)$.
+
+    Raises:
+        ValueError: Without per-sample inputs and output gradients (or gradients).
+    """
+    rows, inputs = _unit_rows(stats)
+    k, n = rows.shape[:2]
+    if inputs is not None:
+        gram = inputs @ inputs.T  # [N, N]
+        kernel = torch.einsum("kno,jmo->oknjm", rows, rows) * gram[None, None, :, None, :]
+    else:
+        kernel = torch.einsum("knoi,jmoi->oknjm", rows, rows)
+    return kernel.reshape(-1, k * n, k * n) / n
+
+
+def unit_expand(stats: LayerStatistics, coeffs: Tensor) -> Tensor:
+    r"""$U_o^\top c_o$ for every unit: ``[out, KN]`` coefficients to an ``[out, in_aug]`` matrix.
+
+    Row $o$ is $\sum_{k,n} c_{o,kN+n}\,w_{kno}/\sqrt N$, $O(KNd_\text{out}d_\text{in})$.
+    """
+    rows, inputs = _unit_rows(stats)
+    k, n = rows.shape[:2]
+    c = coeffs.reshape(-1, k, n).to(rows) / n**0.5
+    if inputs is not None:
+        return torch.einsum("kno,okn,ni->oi", rows, c, inputs)
+    return torch.einsum("knoi,okn->oi", rows, c)
+
+
 class _UnitInverse:
     r"""$(F_o + \lambda I)^{-1}$ unit by unit, from batched Cholesky factors."""
 

@@ -12,10 +12,12 @@ keeps ($F = U^\top U$, $m = KN$ rows):
 * the function-space forms $\Delta\theta = U^\top(\Theta + \rho I)^{-1} r$ through
   the empirical NTK $\Theta = UU^\top$
   ([`function_space_direction`][curvlib.approx.wide.function_space_direction]),
-  which also work at $\rho = 0$, and K-FAC's step through per-layer kernels
-  of inputs and output gradients;
+  which also work at $\rho = 0$, K-FAC's step through per-layer kernels
+  of inputs and output gradients, and the unit-wise step through per-unit
+  kernels;
 * the learning rates at which each form moves the linearised network onto its
-  targets in one step ([`optimal_learning_rate`][curvlib.approx.wide.optimal_learning_rate]).
+  targets in one step
+  ([`optimal_learning_rate`][curvlib.approx.learning_rates.optimal_learning_rate]).
 
 Layer order, and so which layers are neighbours, is the order of
 ``stats.layers``: the layout's ``named_modules()`` order.
@@ -30,14 +32,14 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from curvlib.approx.kfac import KFACDamping
 from curvlib.approx.natural_gradient import ExactNaturalGradient, SampleSpaceInverse
+from curvlib.approx.unitwise import unit_expand, unit_kernels
 from curvlib.core.stats import CurvatureStatistics, FisherType, PerSampleIO
-from curvlib.linalg.factors import FactorizationError
+from curvlib.linalg.factors import FactorizationError, pi_split_of_means
 from curvlib.linalg.tridiagonal import (
     BlockTridiagonalInverse,
     TridiagonalKernel,
-    pattern_is_singular,
-    pattern_matrix,
     tridiagonal_matvec,
 )
 from curvlib.linalg.woodbury import LayerRows, layer_rows
@@ -158,18 +160,25 @@ class FunctionSpaceForm(Enum):
             U_l^\top y_l$ with $(\rho I + (T\otimes I)\operatorname{blockdiag}(\Theta_l))\,y
             = \mathbf 1\otimes r$.
         KFAC: K-FAC's Kronecker-factored layer blocks $G_l\otimes A_l$ of the
-            batch, damped by $\sqrt\rho$ on each factor, through the per-layer
-            sample kernels of inputs and output gradients:
-            $\Delta\theta_l = \Gamma_l^\top(\Gamma_l\Gamma_l^\top/NT + \sqrt\rho I)^{-1}
-            C(\bar A_l\bar A_l^\top/N + \sqrt\rho I)^{-1}\bar A_l$
+            batch, damped like [`KFAC`][curvlib.approx.kfac.KFAC] with
+            ``kfac_damping`` (the $\pi$ split by default), through the per-layer
+            sample kernels of inputs and output gradients, e.g.
+            $\Delta\theta_l = \Gamma_l^\top(\Gamma_l\Gamma_l^\top/NT + \gamma_G I)^{-1}
+            C(\bar A_l\bar A_l^\top/N + \gamma_A I)^{-1}\bar A_l$
             ([`function_space_direction`][curvlib.approx.wide.function_space_direction]);
             pseudo-inverses at $\rho = 0$.
+        UNIT_WISE: One block per output unit (and normalised feature),
+            $\Delta\theta_o = U_o^\top(\Theta_o + \rho I)^{-1} r$ with the unit's
+            kernel $\Theta_o = U_oU_o^\top$
+            ([`unit_kernels`][curvlib.approx.unitwise.unit_kernels]); the
+            pseudo-inverse $\Theta_o^+$ at $\rho = 0$.
     """
 
     EXACT = "exact"
     BLOCK_DIAGONAL = "block_diagonal"
     BLOCK_TRIDIAGONAL = "block_tridiagonal"
     KFAC = "kfac"
+    UNIT_WISE = "unit_wise"
 
 
 def sample_rows(stats: CurvatureStatistics) -> dict[str, LayerRows]:
@@ -234,35 +243,84 @@ def _kernel_solve(kernel: Tensor, rhs: Tensor, damping: float, what: str) -> Ten
     return torch.cholesky_solve(rhs.unsqueeze(-1), chol).squeeze(-1)
 
 
-def _psd_inverse(kernel: Tensor, shift: float) -> Tensor:
-    r"""$(K + sI)^{-1}$ of a PSD kernel, or its pseudo-inverse $K^+$ at $s = 0$.
+def _psd_eigh(kernel: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    r"""``eigh`` of (a batch of) PSD kernels, and which eigenvalues count as non-zero.
 
-    One ``eigh``; at $s = 0$ eigenvalues below ``n * eps * max`` count as zero
-    (``torch.linalg.pinv``'s default tolerance).
+    Eigenvalues at or below ``n * eps * max`` of their kernel count as zero
+    (``torch.linalg.pinv``'s default tolerance, ``eps`` of the kernel's dtype).
+    The decomposition runs in float64 and is cast back: the kernels are
+    small, and float32 ``eigh`` returns NaN for some batched kernels with many
+    exact zeros (a ReLU unit's kernel has a zero row for every sample it is
+    inactive on).
     """
-    values, vectors = torch.linalg.eigh((kernel + kernel.T) / 2)
+    work = kernel.to(torch.float64)
+    values, vectors = torch.linalg.eigh((work + work.mT) / 2)
+    scale = values.abs().amax(dim=-1, keepdim=True)
+    regular = values > kernel.shape[-1] * torch.finfo(kernel.dtype).eps * scale
+    return values.to(kernel.dtype), vectors.to(kernel.dtype), regular
+
+
+def _psd_inverse(kernel: Tensor, shift: float) -> Tensor:
+    r"""$(K + sI)^{-1}$ of (a batch of) PSD kernels, or the pseudo-inverse $K^+$ at $s = 0$.
+
+    One (batched) ``eigh``; at $s = 0$ the tolerance of ``_psd_eigh``.
+    """
+    values, vectors, regular = _psd_eigh(kernel)
     if shift > 0:
         inv = 1.0 / (values.clamp_min(0.0) + shift)
     else:
-        tol = kernel.shape[0] * torch.finfo(kernel.dtype).eps * values.abs().max()
-        inv = torch.where(values > tol, 1.0 / values, torch.zeros_like(values))
-    inverse: Tensor = (vectors * inv) @ vectors.T
+        inv = torch.where(regular, 1.0 / values, torch.zeros_like(values))
+    inverse: Tensor = (vectors * inv.unsqueeze(-2)) @ vectors.mT
     return inverse
 
 
-def _kfac_direction(io: PerSampleIO, coeffs: Tensor, damping: float) -> Tensor:
-    r"""One layer's K-FAC step $(G + \sqrt\rho I)^{-1}\nabla W(A + \sqrt\rho I)^{-1}$, in samples.
+def _kfac_shifts(
+    inputs: Tensor, grads: Tensor, n: int, t: int, damping: float, mode: KFACDamping
+) -> tuple[float, float]:
+    r"""``(gamma_A, gamma_G)`` of the factored modes, from the rows alone.
+
+    $\operatorname{tr}A = \lVert\bar A\rVert_F^2/N$ and $\operatorname{tr}G =
+    \lVert\Gamma\rVert_F^2/NT$ (the kernels' traces equal the factors'), so
+    KFAC's trace-norm $\pi$ needs no $d\times d$ factor.
+    """
+    if mode is KFACDamping.SQRT:
+        return math.sqrt(damping), math.sqrt(damping)
+    mean_a = float(inputs.square().sum()) / n / inputs.shape[-1]
+    mean_g = float(grads.square().sum()) / (n * t) / grads.shape[-1]
+    return pi_split_of_means(mean_a, mean_g, damping)
+
+
+def _kfac_direction(io: PerSampleIO, coeffs: Tensor, damping: float, mode: KFACDamping) -> Tensor:
+    r"""One layer's K-FAC step, damped as ``mode``, in samples.
 
     $\bar A$ ``[NT, in]`` and $\Gamma$ ``[KNT, out]`` are the stored rows; $A =
     \bar A^\top\bar A/N$, $G = \Gamma^\top\Gamma/NT$ and $\nabla W = \Gamma^\top C\bar A$
-    with $C_{knt, n't'} = c_{kn}\delta_{nn'}\delta_{tt'}$; push-through on both sides.
+    with $C_{knt, n't'} = c_{kn}\delta_{nn'}\delta_{tt'}$. ``PI``, ``SQRT``:
+    $(G + \gamma_G I)^{-1}\nabla W(A + \gamma_A I)^{-1}$, push-through on both
+    sides. ``EIGEN``: $(G\otimes A + \rho I)^{-1}\nabla W = \Gamma^\top Y\bar A$ with
+    $K_G Y K_A + \rho Y = C$ for the kernels $K_G = \Gamma\Gamma^\top/NT$, $K_A =
+    \bar A\bar A^\top/N$, solved in their eigenbases.
     """
     k, n, t, d_out = io.output_grads.shape
     inputs = io.inputs.reshape(n * t, -1)
     grads = io.output_grads.reshape(k * n * t, d_out)
-    shift = math.sqrt(damping)
-    inv_a = _psd_inverse(inputs @ inputs.T / n, shift)  # [NT, NT]
-    inv_g = _psd_inverse(grads @ grads.T / (n * t), shift)  # [KNT, KNT]
+    kernel_a, kernel_g = inputs @ inputs.T / n, grads @ grads.T / (n * t)
+    if mode is KFACDamping.EIGEN:
+        values_a, vectors_a, regular_a = _psd_eigh(kernel_a)
+        values_g, vectors_g, regular_g = _psd_eigh(kernel_g)
+        right = coeffs[:, :, None, None] * vectors_a.reshape(1, n, t, n * t)  # C Q_A
+        rotated = vectors_g.T @ right.reshape(k * n * t, n * t)
+        products = values_g.clamp_min(0.0)[:, None] * values_a.clamp_min(0.0)[None, :]
+        if damping > 0:
+            scale = 1.0 / (products + damping)
+        else:
+            keep = regular_g[:, None] & regular_a[None, :]
+            scale = torch.where(keep, 1.0 / products, torch.zeros_like(products))
+        middle = vectors_g @ (rotated * scale) @ vectors_a.T
+        return grads.T @ middle @ inputs
+    shift_a, shift_g = _kfac_shifts(inputs, grads, n, t, damping, mode)
+    inv_a = _psd_inverse(kernel_a, shift_a)  # [NT, NT]
+    inv_g = _psd_inverse(kernel_g, shift_g)  # [KNT, KNT]
     right = coeffs[:, :, None, None] * inv_a.reshape(1, n, t, n * t)
     middle = inv_g @ right.reshape(k * n * t, n * t)
     return grads.T @ middle @ inputs
@@ -274,7 +332,7 @@ def _check_residual(residual: Tensor, m: int) -> None:
 
 
 def _kfac_directions(
-    stats: CurvatureStatistics, residual: Tensor, damping: float
+    stats: CurvatureStatistics, residual: Tensor, damping: float, mode: KFACDamping
 ) -> dict[str, Tensor]:
     """The ``KFAC`` form of every layer."""
     out: dict[str, Tensor] = {}
@@ -282,7 +340,21 @@ def _kfac_directions(
         k, n = io.output_grads.shape[:2]
         _check_residual(residual, k * n)
         coeffs = residual.reshape(k, n).to(io.inputs) / math.sqrt(n)
-        out[name] = _kfac_direction(io, coeffs, damping)
+        out[name] = _kfac_direction(io, coeffs, damping, mode)
+    return out
+
+
+def _unit_wise_directions(
+    stats: CurvatureStatistics, residual: Tensor, damping: float
+) -> dict[str, Tensor]:
+    r"""The ``UNIT_WISE`` form, $U_o^\top(\Theta_o + \rho I)^{-1}r$ for each unit of each layer."""
+    out: dict[str, Tensor] = {}
+    for name, layer in stats.layers.items():
+        kernels = unit_kernels(layer)  # [out, KN, KN]
+        _check_residual(residual, kernels.shape[-1])
+        r = residual.reshape(-1).to(kernels)
+        coeffs = _psd_inverse(kernels, damping) @ r  # [out, KN]
+        out[name] = unit_expand(layer, coeffs)
     return out
 
 
@@ -292,6 +364,8 @@ def function_space_direction(
     damping: float = 0.0,
     form: FunctionSpaceForm | str = FunctionSpaceForm.EXACT,
     null_space: Tensor | None = None,
+    *,
+    kfac_damping: KFACDamping | str | None = None,
 ) -> dict[str, Tensor]:
     r"""The natural-gradient direction in function space.
 
@@ -320,25 +394,48 @@ def function_space_direction(
     $\nabla W_l = \Gamma^\top C\bar A$ with $C_{knt,n't'} = \frac{r_{kn}}{\sqrt N}
     \delta_{nn'}\delta_{tt'}$, and pushing the damped inverses through both sides,
 
-    $$\Delta\theta_l = (G + \sqrt\rho I)^{-1}\nabla W_l(A + \sqrt\rho I)^{-1} =
-    \Gamma^\top\big(\tfrac{\Gamma\Gamma^\top}{NT} + \sqrt\rho I\big)^{-1} C
-    \big(\tfrac{\bar A\bar A^\top}{N} + \sqrt\rho I\big)^{-1}\bar A ,$$
+    $$\Delta\theta_l = (G + \gamma_G I)^{-1}\nabla W_l(A + \gamma_A I)^{-1} =
+    \Gamma^\top\big(\tfrac{\Gamma\Gamma^\top}{NT} + \gamma_G I\big)^{-1} C
+    \big(\tfrac{\bar A\bar A^\top}{N} + \gamma_A I\big)^{-1}\bar A ,$$
 
     which equals [`KFAC`][curvlib.approx.kfac.KFAC] with
-    ``damping_mode=KFACDamping.SQRT`` and damping $\rho$ on the same batch (the
-    damping split: $\sqrt\rho$ on each factor). At $\rho = 0$ both inverses
-    are pseudo-inverses, $G^+\nabla W_l A^+$ (``eigh``, ``pinv``'s tolerance), the
-    paper's setting: kernels of size $NT$ and $KNT$ that the wide layers'
-    $d_\text{in}\times d_\text{in}$ and $d_\text{out}\times d_\text{out}$ factors
-    never need to form. ``null_space`` is not used (the pseudo-inverses handle
-    singular kernels).
+    ``damping_mode=kfac_damping`` and damping $\rho$ on the same batch:
+    ``KFACDamping.PI`` (the default, as ``KFAC()``'s) splits
+    $\gamma_A = \pi\sqrt\rho$, $\gamma_G = \sqrt\rho/\pi$ with the trace-norm
+    $\pi$, and the factors' traces are the kernels' ($\operatorname{tr}A =
+    \lVert\bar A\rVert_F^2/N$, $\operatorname{tr}G = \lVert\Gamma\rVert_F^2/NT$);
+    ``SQRT`` puts $\sqrt\rho$ on each factor; ``EIGEN`` damps exactly,
+    $(G\otimes A + \rho I)^{-1}\nabla W_l = \Gamma^\top Y\bar A$ with
+    $K_GYK_A + \rho Y = C$ for the two kernels $K_G$, $K_A$, solved in their
+    eigenbases. At $\rho = 0$ all three are $G^+\nabla W_l A^+$ through the
+    kernels' pseudo-inverses (``eigh``, ``pinv``'s tolerance), the paper's
+    setting: kernels of size $NT$ and $KNT$ that the wide layers'
+    $d_\text{in}\times d_\text{in}$ and $d_\text{out}\times d_\text{out}$
+    factors never need to form. ``null_space`` is not used (the
+    pseudo-inverses handle singular kernels).
+
+    ``UNIT_WISE`` keeps one block per output unit $o$ (the row $o$ of
+    $[W\mid b]$; per normalised feature for normalisation layers) and solves
+    each in its own $KN\times KN$ kernel $\Theta_o = U_oU_o^\top$
+    ([`unit_kernels`][curvlib.approx.unitwise.unit_kernels]):
+    $\Delta\theta_o = U_o^\top(\Theta_o + \rho I)^{-1}r$, equal to
+    [`UnitWiseNaturalGradient`][curvlib.approx.unitwise.UnitWiseNaturalGradient]'s
+    $(F_o + \rho I)^{-1}g_o$ on the same batch for $\rho > 0$ and to the
+    minimum-norm $F_o^+ g_o$ at $\rho = 0$ (pseudo-inverses: a ReLU unit's
+    kernel has a zero row for every sample it is inactive on). No
+    $d_\text{in}\times d_\text{in}$ block is formed, which is what makes it
+    possible on a wide layer.
 
     Cost: the kernels $O(m^2 P)$, a Cholesky factorisation $O(m^3)$ (per layer
     for ``BLOCK_DIAGONAL``, an $Lm\times Lm$ LU for ``BLOCK_TRIDIAGONAL``), and two
     products with $U$, $O(mP)$; ``KFAC`` per layer the two kernels
     $O(N^2T^2 d_\text{in} + K^2N^2T^2 d_\text{out})$, two ``eigh`` $O(N^3T^3 +
     K^3N^3T^3)$ and the products $O(KN^2T^2(KNT + d_\text{out}) + NT
-    d_\text{out}d_\text{in})$. Float64 is advised at $\rho = 0$: $\Theta$'s
+    d_\text{out}d_\text{in})$ (``EIGEN``: the same with two ``eigh``);
+    ``UNIT_WISE`` per layer the kernels $O(d_\text{out}K^2N^2)$ (from
+    per-sample gradients for several positions), $d_\text{out}$ ``eigh`` of
+    size $KN$, $O(d_\text{out}K^3N^3)$, and $O(KNd_\text{out}d_\text{in})$ for
+    the step. Float64 is advised at $\rho = 0$: $\Theta$'s
     condition number enters squared into float32 rounding (see the wide-network
     page of the documentation).
 
@@ -349,6 +446,9 @@ def function_space_direction(
         form: Which Fisher to invert.
         null_space: Unit vectors ``[K, N]``, per sample, spanning a known common
             null space of the kernels, or ``None``.
+        kfac_damping: How ``KFAC`` damps its factors
+            ([`KFACDamping`][curvlib.approx.kfac.KFACDamping]; default ``PI``).
+            Only for ``form=KFAC``.
 
     Returns:
         $\Delta\theta$ as ``[out, in_aug]`` matrices, keyed by layer; the step is
@@ -356,7 +456,7 @@ def function_space_direction(
 
     Raises:
         ValueError: For statistics that are not ``EXACT``, a residual of the wrong
-            size, or a negative damping.
+            size, a negative damping, or ``kfac_damping`` with another form.
         FactorizationError: If a kernel is singular to working precision.
     """
     if stats.fisher_type is not FisherType.EXACT:
@@ -367,8 +467,16 @@ def function_space_direction(
     if not 0.0 <= damping < math.inf:
         raise ValueError(f"damping must be non-negative and finite, got {damping!r}.")
     form = FunctionSpaceForm(form)
+    if kfac_damping is not None and form is not FunctionSpaceForm.KFAC:
+        raise ValueError(
+            f"kfac_damping applies to form=FunctionSpaceForm.KFAC only (got form={form}); "
+            "leave it unset for the other forms, whose damping is exact."
+        )
     if form is FunctionSpaceForm.KFAC:
-        return _kfac_directions(stats, residual, damping)
+        mode = KFACDamping.PI if kfac_damping is None else KFACDamping(kfac_damping)
+        return _kfac_directions(stats, residual, damping, mode)
+    if form is FunctionSpaceForm.UNIT_WISE:
+        return _unit_wise_directions(stats, residual, damping)
     rows = sample_rows(stats)
     blocks = list(rows.values())
     m = blocks[0].num_rows
@@ -390,75 +498,3 @@ def function_space_direction(
         total = total + k
     coeffs = _kernel_solve(_shifted(total, shift), r, damping, "network")
     return {name: b.expand(coeffs) for name, b in rows.items()}
-
-
-# -- learning rates ------------------------------------------------------------------
-
-
-def optimal_learning_rate(
-    form: FunctionSpaceForm | str, num_layers: int = 1, num_samples: int | None = None
-) -> float:
-    r"""The learning rate at which a form's undamped step reaches the targets of the linearised net.
-
-    With kernels that are non-singular, the change of the outputs
-    $U\Delta\theta$ is $r$ times a constant $\alpha$ (an isotropic step in
-    function space), so $\eta = 1/\alpha$ removes the residual of the
-    linearised network in one step:
-
-    * ``EXACT``: $U U^\top\Theta^{-1} r = r$, $\eta = 1$;
-    * ``BLOCK_DIAGONAL``: $\sum_l \Theta_l\Theta_l^{-1} r = L\,r$, $\eta = 1/L$;
-    * ``BLOCK_TRIDIAGONAL``: with $d_l = \Theta_l y_l$ the system reads
-      $(T\otimes I)d = \mathbf 1\otimes r$, so $d = (T^{-1}\mathbf 1)\otimes r$ and
-      $\sum_l d_l = (\mathbf 1^\top T^{-1}\mathbf 1)\,r$: $\eta =
-      1/(\mathbf 1^\top T^{-1}\mathbf 1)$ (1 for $L = 1, 3$; 1/2 for $L = 4$);
-    * ``KFAC`` (undamped, pseudo-inverses): layer $l$ moves the outputs by
-      $N\,[P_{\Gamma_l} R\, P_{\bar A_l}]_{kn,n}$ with the projectors $P$ onto the
-      ranges of the two kernels and $R_{kn,n'} = r_{kn}\delta_{nn'}$: $N r$ for a
-      layer with regular kernels, and $r$ for a last linear layer under a loss
-      whose Hessian is the same for every sample (``MSELoss``: its output
-      gradients do not depend on $n$, so $P_\Gamma$ averages over the
-      samples). $\eta = 1/(N(L - 1) + 1)$.
-
-    These hold at any width for the linearised model; for a wide network the
-    linearisation is accurate over one step (Karakida & Osawa 2020, where the
-    same values come out of the infinite-width limit).
-
-    The ``KFAC`` value assumes every input kernel $\bar A_l\bar A_l^\top$ and
-    every output-gradient kernel of the hidden layers regular (inputs of
-    dimension at least $N - 1$, hidden widths of at least $KN$) and a
-    constant loss Hessian (``MSELoss``); it is checked on a wide network by
-    the tests, not a theorem for other losses.
-
-    Args:
-        form: The function-space form.
-        num_layers: $L$, the number of curvature layers.
-        num_samples: $N$, the batch size (needed for ``KFAC`` only).
-
-    Raises:
-        ValueError: If ``num_layers`` (or, for ``KFAC``, ``num_samples``) is not
-            positive, or for
-            ``BLOCK_TRIDIAGONAL`` with $L + 1$ a multiple of 3 ($T$ singular: the
-            undamped step does not exist).
-    """
-    form = FunctionSpaceForm(form)
-    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
-        raise ValueError(f"num_layers must be a positive int, got {num_layers!r}.")
-    if form is FunctionSpaceForm.EXACT:
-        return 1.0
-    if form is FunctionSpaceForm.BLOCK_DIAGONAL:
-        return 1.0 / num_layers
-    if form is FunctionSpaceForm.KFAC:
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(
-                f"The KFAC learning rate needs num_samples, a positive int, got {num_samples!r}."
-            )
-        return 1.0 / (num_samples * (num_layers - 1) + 1)
-    if pattern_is_singular(num_layers):
-        raise ValueError(
-            f"With L = {num_layers} layers the tridiagonal pattern T is singular (L + 1 is a "
-            "multiple of 3): the undamped block-tridiagonal step does not exist. Use damping > 0 "
-            "(and a learning rate found by search) or another form."
-        )
-    pattern = pattern_matrix(num_layers)
-    ones = torch.ones(num_layers, dtype=torch.float64)
-    return 1.0 / float(ones @ torch.linalg.solve(pattern, ones))

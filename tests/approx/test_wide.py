@@ -3,9 +3,9 @@
 Block-tridiagonal natural gradient equals the dense damped solve with the oracle's GGN
 restricted to neighbouring blocks; its singular cases are refused with a message that
 says why. The function-space forms equal the parameter-space damped solves (and, at
-damping 0, the minimum-norm solves); the residual helper reproduces autograd's
-gradient; at their optimal learning rates the undamped forms reach the targets of a
-wide network in one step.
+damping 0, the minimum-norm solves): KFAC in each damping mode, unit-wise NG; the
+residual helper reproduces autograd's gradient; at their optimal learning rates the
+undamped forms reach the targets of a wide network in one step.
 """
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ from torch import Tensor, nn
 
 from curvlib import PreconditionedOptimizer
 from curvlib.approx.kfac import KFAC, KFACDamping
+from curvlib.approx.learning_rates import optimal_learning_rate
 from curvlib.approx.natural_gradient import ExactNaturalGradient
 from curvlib.approx.unitwise import UnitWiseNaturalGradient
 from curvlib.approx.wide import (
     BlockTridiagonalNaturalGradient,
     FunctionSpaceForm,
     function_space_direction,
-    optimal_learning_rate,
     sample_rows,
 )
 from curvlib.core import CurvatureApprox, CurvatureStatistics, FisherType, Preconditioner, StatKind
@@ -199,6 +199,7 @@ def test_tridiagonal_steps_the_optimizer_by_its_damped_inverse() -> None:
         kl_clip=None,
         momentum=0.0,
         stats_fraction=1.0,
+        damping_warmup_samples=0,
     )
     layers = {layer.name: layer for layer in opt.group_layers[0]}
     before = {n: layer.to_matrix(*layer.parameters).detach().clone() for n, layer in layers.items()}
@@ -251,7 +252,11 @@ SMALL = {
 }
 
 
-NGD_FORMS = [f for f in FunctionSpaceForm if f is not FunctionSpaceForm.KFAC]
+NGD_FORMS = [
+    FunctionSpaceForm.EXACT,
+    FunctionSpaceForm.BLOCK_DIAGONAL,
+    FunctionSpaceForm.BLOCK_TRIDIAGONAL,
+]
 """The forms that invert (a block pattern of) the Fisher itself."""
 
 
@@ -404,16 +409,21 @@ def test_optimal_learning_rates_reach_the_targets_of_a_wide_network_in_one_step(
 
 @pytest.mark.parametrize("loss", list(SMALL))
 @pytest.mark.parametrize("damping", [DAMPING, 0.0], ids=["damped", "undamped"])
-def test_kfac_function_space_equals_parameter_space_kfac(loss: str, damping: float) -> None:
-    """The KFAC form is KFAC(SQRT) on the same batch; at damping 0 it is G^+ grad A^+."""
+@pytest.mark.parametrize("mode", list(KFACDamping), ids=lambda m: m.value)
+def test_kfac_function_space_equals_parameter_space_kfac(
+    loss: str, damping: float, mode: KFACDamping
+) -> None:
+    """The KFAC form is KFAC(mode) on the same batch; at damping 0 it is G^+ grad A^+."""
     problem = SMALL[loss]
     model = problem.model()
     residual = sample_space_residual(problem.loss_fn, model(problem.x), problem.y)
     stats = _statistics(problem, model)
     grads = {name: s.layer.grad_matrix().clone() for name, s in stats.layers.items()}
-    kfac = KFAC(damping_mode=KFACDamping.SQRT)
+    kfac = KFAC(damping_mode=mode)
     kfac.update(fit_statistics(problem, kfac, FisherType.EXACT, model=model))
-    direction = function_space_direction(stats, residual.residual, damping, FunctionSpaceForm.KFAC)
+    direction = function_space_direction(
+        stats, residual.residual, damping, FunctionSpaceForm.KFAC, kfac_damping=mode
+    )
     assert list(direction) == list(grads)
     for name, grad in grads.items():
         if damping > 0:
@@ -462,11 +472,18 @@ def test_kfac_moves_the_linearised_outputs_isotropically() -> None:
     _close(moved, residual.reshape(-1) / rate, "K-FAC's change of the outputs", rtol=1e-10)
 
 
-def test_kfac_optimal_learning_rate_is_the_best_on_a_wide_network() -> None:
-    """At width 2048 the loss-minimising learning rate of one step is within 10% of the helper's."""
-    model, x, y = _wide_kfac_problem(2048)
-    stats, step, _ = _kfac_step(model, x, y)
-    rate = optimal_learning_rate("kfac", num_layers=len(step), num_samples=20)
+def _best_factor(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    stats: CurvatureStatistics,
+    step: dict[str, Tensor],
+    rate: float,
+) -> tuple[float, float]:
+    """The factor in [0.5, 1.5] of ``rate`` whose step minimises the MSE, and the gain at ``rate``.
+
+    The model is left at the step of the last factor tried.
+    """
     layers = {name: s.layer for name, s in stats.layers.items()}
     deltas = {name: layers[name].from_matrix(step[name]) for name in layers}
     start = {n: (m.weight.detach().clone(), m.bias.detach().clone()) for n, m in layers.items()}
@@ -484,14 +501,160 @@ def test_kfac_optimal_learning_rate_is_the_best_on_a_wide_network() -> None:
     factors = torch.linspace(0.5, 1.5, 51).tolist()
     losses = [loss_at(rate * f) for f in factors]
     best = factors[min(range(len(losses)), key=losses.__getitem__)]
-    assert abs(best - 1.0) <= 0.1, (best, losses)
-    assert initial / loss_at(rate) >= 100.0
+    return best, initial / loss_at(rate)
+
+
+def test_kfac_optimal_learning_rate_is_the_best_on_a_wide_network() -> None:
+    """At width 2048 the loss-minimising learning rate of one step is within 10% of the helper's.
+
+    The authors' code's 1/(NL) = 1/60 is 0.68 of the helper's 1/41, far outside it.
+    """
+    model, x, y = _wide_kfac_problem(2048)
+    stats, step, _ = _kfac_step(model, x, y)
+    rate = optimal_learning_rate("kfac", num_layers=len(step), num_samples=20)
+    best, gain = _best_factor(model, x, y, stats, step, rate)
+    assert abs(best - 1.0) <= 0.1, best
+    assert gain >= 100.0, gain
 
 
 def test_kfac_learning_rate_needs_the_batch_size() -> None:
     with pytest.raises(ValueError, match="num_samples"):
         optimal_learning_rate(FunctionSpaceForm.KFAC, 3)
     assert optimal_learning_rate("kfac", 1, 7) == 1.0
+
+
+def test_kfac_form_is_pi_damped_by_default_and_refuses_a_damping_mode_elsewhere() -> None:
+    problem = SMALL["mse"]
+    model = problem.model()
+    residual = sample_space_residual(problem.loss_fn, model(problem.x), problem.y).residual
+    stats = _statistics(problem, model)
+    default = function_space_direction(stats, residual, DAMPING, FunctionSpaceForm.KFAC)
+    pi = function_space_direction(stats, residual, DAMPING, "kfac", kfac_damping="pi")
+    sqrt = function_space_direction(stats, residual, DAMPING, "kfac", kfac_damping="sqrt")
+    for name in default:
+        assert torch.equal(default[name], pi[name])
+        assert not torch.allclose(default[name], sqrt[name], rtol=1e-6)
+    with pytest.raises(ValueError, match=r"kfac_damping applies to form=FunctionSpaceForm\.KFAC"):
+        function_space_direction(stats, residual, DAMPING, "exact", kfac_damping="pi")
+
+
+# -- unit-wise natural gradient in function space ----------------------------------------
+
+
+UNIT_PROBLEMS = [*SMALL.values(), *NORM_PROBLEMS]
+
+
+@pytest.mark.parametrize("problem", UNIT_PROBLEMS, ids=lambda p: p.name)
+@pytest.mark.parametrize("damping", [DAMPING, 0.0], ids=["damped", "undamped"])
+def test_unit_wise_function_space_equals_parameter_space(problem: Problem, damping: float) -> None:
+    """UNIT_WISE is UnitWiseNaturalGradient's damped step; at damping 0 each row is F_o^+ g_o.
+
+    For Linear, Conv2d, LayerNorm and GroupNorm layers, under MSE, BCE and cross-entropy.
+    """
+    model = problem.model()
+    residual = sample_space_residual(problem.loss_fn, model(problem.x), problem.y)
+    approx = UnitWiseNaturalGradient()
+    stats = fit_statistics(problem, approx, FisherType.EXACT, model=model)
+    model.zero_grad()
+    problem.loss_fn(model(problem.x), problem.y).backward()
+    grads = {name: s.layer.grad_matrix().clone() for name, s in stats.layers.items()}
+    approx.update(stats)
+    direction = function_space_direction(
+        stats, residual.residual, damping, FunctionSpaceForm.UNIT_WISE
+    )
+    assert list(direction) == list(grads)
+    for name, grad in grads.items():
+        if damping > 0:
+            expected = approx.inverse(damping).apply({name: grad})[name]
+            _close(direction[name], expected, f"unit-wise form of {name}", rtol=1e-10)
+        else:
+            blocks = approx.blocks[name].state_dict()["fisher"]
+            expected = torch.einsum("oij,oj->oi", torch.linalg.pinv(blocks, hermitian=True), grad)
+            _close(direction[name], expected, f"undamped unit-wise form of {name}", rtol=1e-8)
+
+
+def _wide_unit_problem(
+    width: int, outputs: int = 1, activation: type[nn.Module] = nn.ReLU
+) -> tuple[nn.Module, Tensor, Tensor]:
+    """20 samples of dimension 24 (regular input kernel), a 3-layer MLP, ``outputs`` outputs."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(20, 24, generator=gen).double()
+    x = x / x.norm(dim=1, keepdim=True) * 24**0.5
+    y = torch.randn(20, outputs, generator=gen).double()
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(24, width), activation(), nn.Linear(width, width), activation(),
+        nn.Linear(width, outputs),
+    ).double()  # fmt: skip
+    for index, layer in enumerate([model[0], model[2], model[4]]):
+        nn.init.normal_(layer.weight, std=((2.0 if index < 2 else 1.0) / layer.in_features) ** 0.5)
+        nn.init.zeros_(layer.bias)
+    return model, x, y
+
+
+def _unit_wise_step(
+    model: nn.Module, x: Tensor, y: Tensor, damping: float = 0.0
+) -> tuple[CurvatureStatistics, dict[str, Tensor], Tensor]:
+    loss_fn = nn.MSELoss()
+    residual = sample_space_residual(loss_fn, model(x), y).residual
+    stats = _statistics(Problem("wide_unit", lambda: model, loss_fn, x, y), model)
+    step = function_space_direction(stats, residual, damping, FunctionSpaceForm.UNIT_WISE)
+    return stats, step, residual.reshape(-1)
+
+
+def _moved(stats: CurvatureStatistics, step: dict[str, Tensor]) -> Tensor:
+    """The change of the linearised outputs, U dtheta."""
+    rows = sample_rows(stats)
+    return torch.stack([rows[name].project(step[name]) for name in rows]).sum(0)
+
+
+def test_unit_wise_moves_the_outputs_of_a_tanh_network_by_the_number_of_units() -> None:
+    """One output, tanh units (no zero derivative): U dtheta = ((L - 1) M + 1) r exactly."""
+    model, x, y = _wide_unit_problem(64, activation=nn.Tanh)
+    stats, step, residual = _unit_wise_step(model, x, y)
+    rate = optimal_learning_rate(FunctionSpaceForm.UNIT_WISE, num_layers=3, width=64)
+    assert rate == 1 / 129
+    _close(_moved(stats, step), residual / rate, "unit-wise change of the outputs", rtol=1e-8)
+
+
+def test_unit_wise_moves_each_output_by_one_plus_its_active_relu_units() -> None:
+    """One output, ReLU: sample n moves by 1 + (hidden units active on n), about M + 1."""
+    model, x, y = _wide_unit_problem(256)
+    stats, step, residual = _unit_wise_step(model, x, y)
+    hidden = list(stats.layers.values())[:-1]
+    active = sum((s.io.output_grads[0, :, 0] != 0).sum(-1) for s in hidden if s.io is not None)
+    alpha = 1.0 + torch.as_tensor(active, dtype=torch.float64)
+    _close(_moved(stats, step), alpha * residual, "per-sample unit counts", rtol=1e-8)
+    predicted = 1 / optimal_learning_rate("unit_wise", 3, width=256, active_fraction=0.5)
+    assert abs(float(alpha.mean()) / predicted - 1.0) < 0.1, (alpha, predicted)
+
+
+@pytest.mark.parametrize("outputs", [1, 2])
+def test_unit_wise_optimal_learning_rate_is_the_best_on_a_wide_relu_network(outputs: int) -> None:
+    """Width 2048: the loss-minimising learning rate of one step is within 10% of the helper's.
+
+    With a damping of 1e-6 (about 3e-4 of the first layer's kernels' scale): undamped,
+    the few units whose derivative to the output nearly vanishes get steps that the
+    linearisation does not follow (measured: best factor at the scan's end, 0.5).
+    """
+    model, x, y = _wide_unit_problem(2048, outputs)
+    stats, step, _ = _unit_wise_step(model, x, y, damping=1e-6)
+    rate = optimal_learning_rate(
+        "unit_wise", len(step), width=2048, active_fraction=0.5, num_outputs=outputs
+    )
+    best, gain = _best_factor(model, x, y, stats, step, rate)
+    assert abs(best - 1.0) <= 0.1, best
+    assert gain >= 100.0, gain
+
+
+def test_unit_wise_learning_rate_needs_the_width() -> None:
+    with pytest.raises(ValueError, match="width"):
+        optimal_learning_rate(FunctionSpaceForm.UNIT_WISE, 3)
+    with pytest.raises(ValueError, match="active_fraction"):
+        optimal_learning_rate("unit_wise", 3, width=8, active_fraction=0.0)
+    with pytest.raises(ValueError, match="num_outputs"):
+        optimal_learning_rate("unit_wise", 3, width=8, num_outputs=0)
+    assert optimal_learning_rate("unit_wise", 1, width=8) == 1.0
 
 
 # -- unit-wise natural gradient ----------------------------------------------------------
@@ -541,6 +704,7 @@ def test_unit_wise_covers_eval_batchnorm_with_its_per_channel_blocks() -> None:
         t_cov=1,
         t_inv=1,
         stats_fraction=1.0,
+        damping_warmup_samples=0,
     )
     assert [layer.name for layer in opt.extractor.layout] == ["0", "1", "5", "6", "8"]
     ggn, slices = oracle.dense_ggn_all_params(model, problem.loss_fn, problem.x, problem.y)
@@ -577,7 +741,7 @@ def test_unit_wise_blocks_of_layernorm_and_groupnorm_equal_the_oracle(problem: P
     opt = PreconditionedOptimizer(
         model, UnitWiseNaturalGradient(), loss_fn=problem.loss_fn, fisher_type=FisherType.EXACT,
         lr=0.5, damping=DAMPING, kl_clip=None, momentum=0.0, t_cov=1, t_inv=1,
-        stats_fraction=1.0, unsupported="raise",
+        stats_fraction=1.0, unsupported="raise", damping_warmup_samples=0,
     )  # fmt: skip
     norms = {la.name: la for la in opt.extractor.layout if la.kind in NORM_KINDS}
     assert len(norms) == 2
@@ -607,7 +771,7 @@ def test_unit_wise_trains_networks_with_layernorm_and_groupnorm(problem: Problem
     model = problem.model()
     opt = PreconditionedOptimizer(
         model, UnitWiseNaturalGradient(), loss_fn=problem.loss_fn, lr=0.3, damping=1e-1,
-        unsupported="raise",
+        unsupported="raise", damping_warmup_samples=0,
     )  # fmt: skip
     losses = []
     for _ in range(8):

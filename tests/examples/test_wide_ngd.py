@@ -43,7 +43,7 @@ def test_small_run_writes_the_figure_and_ngd_beats_gd(tmp_path: Path) -> None:
 
 def test_unknown_methods_are_refused() -> None:
     with pytest.raises(SystemExit):
-        wide_ngd.main(["--methods", "exact,unit_wise"])
+        wide_ngd.main(["--methods", "exact,newton"])
 
 
 def test_kfac_on_request_at_its_learning_rate(tmp_path: Path) -> None:
@@ -53,3 +53,12 @@ def test_kfac_on_request_at_its_learning_rate(tmp_path: Path) -> None:
     assert meta["learning_rates"] == {"kfac": pytest.approx(1 / 41)}
     assert results["kfac"][1] < results["kfac"][0] / 3, results["kfac"]
     assert results["kfac"][-1] < results["gd"][-1] / 100, results
+
+
+def test_unit_wise_on_request_at_its_learning_rate(tmp_path: Path) -> None:
+    args = ["--width", "256", "--num-samples", "20", "--steps", "2", "--methods", "gd,unit_wise"]
+    results = wide_ngd.main([*args, "--out", str(tmp_path)])
+    meta = json.loads((tmp_path / "wide_ngd.json").read_text())
+    assert meta["learning_rates"] == {"unit_wise": pytest.approx(1 / 129)}
+    assert results["unit_wise"][1] < results["unit_wise"][0] / 10, results["unit_wise"]
+    assert results["unit_wise"][-1] < results["gd"][-1] / 100, results
