@@ -136,8 +136,8 @@ def build_argparser() -> argparse.ArgumentParser:
         "--init",
         choices=INIT_CHOICES,
         default="default",
-        help="weight initialisation of every linear and convolution (see "
-        "examples/initialisation.py; sparse: Martens 2010)",
+        help="weight initialisation of every linear and convolution; default keeps the "
+        "network's own (see examples/initialisation.py; sparse: Martens 2010)",
     )
     group.add_argument(
         "--init-std",

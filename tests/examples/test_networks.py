@@ -2,7 +2,7 @@
 
 Each network is built, checked against the parameter count its docs state, and
 trained a few KFAC steps on a handful of tiny images on one CPU thread. The
-three large ones (ResNet-34, ResNet-50, VGG-11) precondition a few of their
+large ones (torchvision's ResNets, VGG-11) precondition a few of their
 layers in the KFAC test, for speed; the first test shows that curvlib finds a
 curvature block for every convolution and linear layer of every network.
 """
@@ -55,6 +55,7 @@ CASES = [
     Case("deep-linear", (1, 28, 28), 16_040),
     Case("mlp", (1, 28, 28), 4_106_920),
     Case("toy", (1, 28, 28), 9_275),
+    Case("resnet18", (3, 32, 32), 11_181_642, ("layer1.0.*", "fc")),
     Case("resnet34", (3, 32, 32), 21_289_802, ("layer1.0.*", "fc")),
     Case("resnet50", (3, 32, 32), 23_528_522, ("layer1.0.*", "fc")),
     Case("vgg11", (3, 32, 32), 28_144_010, ("features.0", "classifier.6")),
