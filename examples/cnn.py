@@ -8,6 +8,8 @@
                           in the KFC layout of Grosse & Martens
 ``cuda-convnet``          the KPSVD papers' ``cuda_convnet``: 3x3 convs, max-pool 3,
                           BatchNorm (19,178 parameters on 3x32x32 images)
+``toy-cnn``               the papers' ``ToyCNN``: 7x7 and 5x5 tanh convs with 4 and 2
+                          channels, max-pool 3, linear (824 parameters)
 ``resnet-small``          a CIFAR-style ResNet built from torchvision's ``BasicBlock``
                           (3x3 stem of 16 channels, one block per stage at 16, 32, 64
                           channels, global average pool, linear)

@@ -8,6 +8,8 @@ al.) follow the definitions of those papers' code (``apps/mlp_cnn/models.py``):
 * ``cuda-convnet``: three 3x3 / 3x3 / 2x2 valid convolutions (32, 32, 64 channels)
   with ReLU; the first two followed by a 3x3 max-pool (stride 3) and a BatchNorm;
   then one linear layer to the classes;
+* ``toy-cnn``: 7x7 and 5x5 valid convolutions (4 and 2 channels) with ``tanh``,
+  each followed by a 3x3 max-pool, and a linear layer;
 * ``resnet34``, ``resnet50``: torchvision's ImageNet ResNets, fed the 32x32 images
   unchanged as that code does (the 7x7 stride-2 stem and the max-pool leave a 1x1
   map for the last stage);
@@ -70,6 +72,32 @@ def cuda_convnet(in_channels: int, side: int, num_classes: int) -> nn.Sequential
         nn.ReLU(),
         nn.Flatten(),
         nn.Linear(64 * last * last, num_classes),
+    )
+
+
+def toy_cnn(in_channels: int, side: int, num_classes: int) -> nn.Sequential:
+    """The papers' ``ToyCNN`` (824 parameters on CIFAR-10).
+
+    ``conv7x7(4) tanh maxpool3 conv5x5(2) tanh maxpool3``, no padding, then a linear
+    layer: a 32x32 image leaves 2x1x1 features.
+
+    Args:
+        in_channels: Image channels.
+        side: Image height and width (at least 27).
+        num_classes: Outputs (logits).
+    """
+    last = ((side - 6) // 3 - 4) // 3
+    if last < 1:
+        raise ValueError(f"toy-cnn needs images of at least 27x27 pixels, got {side}x{side}.")
+    return nn.Sequential(
+        nn.Conv2d(in_channels, 4, 7),
+        nn.Tanh(),
+        nn.MaxPool2d(3),
+        nn.Conv2d(4, 2, 5),
+        nn.Tanh(),
+        nn.MaxPool2d(3),
+        nn.Flatten(),
+        nn.Linear(2 * last * last, num_classes),
     )
 
 
@@ -334,6 +362,7 @@ NETWORKS: dict[str, Network] = {
     "cuda-convnet": Network(
         cuda_convnet, "the KPSVD papers' cuda_convnet (3x3 convs, max-pool 3, BatchNorm)", 26
     ),
+    "toy-cnn": Network(toy_cnn, "the papers' ToyCNN (two tanh convs, 4 and 2 channels)", 27),
     "resnet-small": Network(
         lambda c, side, k: resnet_small(c, k), "CIFAR ResNet, one torchvision BasicBlock a stage"
     ),

@@ -51,6 +51,7 @@ class Case:
 
 CASES = [
     Case("cuda-convnet", (3, 32, 32), 19_178),
+    Case("toy-cnn", (3, 32, 32), 824),
     Case("resnet110", (3, 32, 32), 1_727_962),
     Case("deep-linear", (1, 28, 28), 16_040),
     Case("mlp", (1, 28, 28), 4_106_920),
@@ -118,6 +119,9 @@ def test_cuda_convnet_layout() -> None:
         assert net(torch.rand(2, channels, side, side)).shape == (2, 100)
     with pytest.raises(ValueError, match="at least 26x26"):
         networks.cuda_convnet(3, 24, 10)
+    assert networks.toy_cnn(1, 28, 10)(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+    with pytest.raises(ValueError, match="at least 27x27"):
+        networks.toy_cnn(3, 26, 10)
 
 
 def test_resnet110_has_three_stages_of_eighteen_basic_blocks() -> None:
