@@ -18,7 +18,11 @@ output layer are linear (the output layer gives Bernoulli logits for the
 binary-cross-entropy data sets), weights are Glorot-uniform with the
 activation's gain and biases zero (``--init`` and ``--bias-init`` choose the
 papers' initialisations: sparse, normal, Xavier uniform or normal; see
-``examples/initialisation.py``). CURVES is generated offline from ``--seed``
+``examples/initialisation.py``). The KPSVD papers' code builds the same widths
+with ReLU units, a ReLU after the code layer and a sigmoid output trained with
+``nn.BCELoss`` on probabilities: ``--activation relu --code-activation relu
+--output probabilities`` (its initialisation: ``--init xavier-uniform
+--bias-init 0.01``). CURVES is generated offline from ``--seed``
 (no files needed), or read from the published ``digs3pts_1.mat`` with
 ``--curves-path``; MNIST is read from ``--data-root`` (``--mnist-split 50k-10k``:
 the papers' split, the first 50,000 training images for training and the last
@@ -34,6 +38,7 @@ Examples (from the repository root)::
     python examples/autoencoder.py --data mnist --data-root ~/data --batch-size 1000
     python examples/autoencoder.py --data mnist --data-root ~/data --mnist-split 50k-10k
     python examples/autoencoder.py --curves-path ~/data/digs3pts_1.mat  # published CURVES
+    python examples/autoencoder.py --activation relu --code-activation relu --output probabilities
 
 Outputs in ``--out``: ``metrics.csv``, ``metrics.json``, ``iterations.csv`` (loss
 and cumulative time at every step), ``loss.png``,
@@ -74,37 +79,76 @@ ARCHITECTURES: dict[str, tuple[int, ...]] = {
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "relu": nn.ReLU}
 
+CODE_ACTIVATIONS = ("linear", *ACTIVATIONS)
+"""``--code-activation``: the code layer's nonlinearity (none by default)."""
 
-def autoencoder(widths: Sequence[int], activation: str = "tanh") -> nn.Sequential:
+
+def autoencoder(
+    widths: Sequence[int],
+    activation: str = "tanh",
+    *,
+    code_activation: str = "linear",
+    sigmoid_output: bool = False,
+) -> nn.Sequential:
     """The encoder ``widths`` followed by its mirror image as the decoder.
 
-    Every hidden layer is followed by ``activation``; the code layer (the last
-    encoder layer) and the output layer are linear.
+    Every hidden layer is followed by ``activation``, the code layer (the last
+    encoder layer) by ``code_activation``; the output layer is linear (logits), or
+    followed by a sigmoid (probabilities, for ``nn.BCELoss``). Weights are
+    Glorot-uniform with the gain of the nonlinearity that follows (1 for none and
+    for the sigmoid output), biases zero.
 
     Args:
         widths: Layer widths from the input to the code, e.g. ``(784, 1000, 500, 250, 30)``.
         activation: A key of ``ACTIVATIONS``.
+        code_activation: ``linear`` or a key of ``ACTIVATIONS``.
+        sigmoid_output: End with ``nn.Sigmoid``.
     """
     if len(widths) < 2:
         raise ValueError(f"An autoencoder needs an input and a code width, got {widths!r}.")
+    if code_activation not in CODE_ACTIVATIONS:
+        raise ValueError(
+            f"Unknown code activation {code_activation!r}; choose from {CODE_ACTIVATIONS}."
+        )
     dims = [*widths, *reversed(widths[:-1])]
     code = len(widths) - 2
     last = len(dims) - 2
     layers: list[nn.Module] = []
-    gain = nn.init.calculate_gain(activation)  # type: ignore[arg-type]
     for i, (fan_in, fan_out) in enumerate(itertools.pairwise(dims)):
+        after = None if i == last else code_activation if i == code else activation
+        if after == "linear":
+            after = None
+        gain = 1.0 if after is None else nn.init.calculate_gain(after)  # type: ignore[arg-type]
         linear = nn.Linear(fan_in, fan_out)
-        nn.init.xavier_uniform_(linear.weight, gain=1.0 if i in (code, last) else gain)
+        nn.init.xavier_uniform_(linear.weight, gain=gain)
         nn.init.zeros_(linear.bias)
         layers.append(linear)
-        if i not in (code, last):
-            layers.append(ACTIVATIONS[activation]())
+        if after is not None:
+            layers.append(ACTIVATIONS[after]())
+    if sigmoid_output:
+        layers.append(nn.Sigmoid())
     return nn.Sequential(*layers)
 
 
-def loss_for(data: str) -> nn.Module:
-    """Bernoulli likelihood for pixel intensities in [0, 1], Gaussian for FACES."""
-    return nn.MSELoss() if data.startswith("faces") else nn.BCEWithLogitsLoss()
+OUTPUTS = ("logits", "probabilities")
+"""``--output``: a linear output layer, or one followed by a sigmoid."""
+
+
+def loss_for(data: str, output: str = "logits") -> nn.Module:
+    """Bernoulli likelihood for pixel intensities in [0, 1], Gaussian for FACES.
+
+    ``output="probabilities"`` (a sigmoid output layer, the papers' code) takes
+    ``nn.BCELoss``, ``logits`` takes ``nn.BCEWithLogitsLoss``: the same loss of the
+    same network, computed from the sigmoid's output or its input.
+    """
+    if data.startswith("faces"):
+        if output != "logits":
+            raise ValueError(
+                "--output probabilities is for pixel intensities in [0, 1] (--data curves or "
+                "mnist); FACES trains a linear output with MSELoss."
+            )
+        return nn.MSELoss()
+    return nn.BCELoss() if output == "probabilities" else nn.BCEWithLogitsLoss()
 
 
 def build_argparser() -> argparse.ArgumentParser:
@@ -140,6 +184,19 @@ def build_argparser() -> argparse.ArgumentParser:
         "--activation", choices=tuple(ACTIVATIONS), default="tanh", help="hidden units"
     )
     group.add_argument(
+        "--code-activation",
+        choices=CODE_ACTIVATIONS,
+        default="linear",
+        help="nonlinearity of the code layer (relu in the KPSVD papers' code)",
+    )
+    group.add_argument(
+        "--output",
+        choices=OUTPUTS,
+        default="logits",
+        help="logits: linear output and BCEWithLogitsLoss; probabilities: a sigmoid output "
+        "and nn.BCELoss, as the KPSVD papers' code (curves and mnist)",
+    )
+    group.add_argument(
         "--init", choices=INITS, default="glorot",
         help="weight initialisation (see examples/initialisation.py; sparse: Martens 2010)",
     )  # fmt: skip
@@ -152,7 +209,12 @@ def build_argparser() -> argparse.ArgumentParser:
 
 def make_autoencoder(args: argparse.Namespace) -> nn.Sequential:
     """The data set's autoencoder, initialised as ``--init`` and ``--bias-init`` say."""
-    model = autoencoder(ARCHITECTURES[args.data], args.activation)
+    model = autoencoder(
+        ARCHITECTURES[args.data],
+        args.activation,
+        code_activation=args.code_activation,
+        sigmoid_output=args.output == "probabilities",
+    )
     initialise(model, args.init, bias=args.bias_init, std=args.init_std)
     return model
 
@@ -183,10 +245,14 @@ def main(argv: Sequence[str] | None = None) -> list[RunResult]:
     widths = ARCHITECTURES[args.data]
     if not args.init_std >= 0.0:
         parser.exit(2, f"{parser.prog}: error: --init-std must be >= 0, got {args.init_std}\n")
+    try:
+        loss_fn = loss_for(args.data, args.output)
+    except ValueError as err:
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
     train, test = split.train.to(device), split.test.to(device)
     task = Task(
         make_model=lambda: make_autoencoder(args),
-        loss_fn=loss_for(args.data),
+        loss_fn=loss_fn,
         train_x=train,
         train_y=train,
         test_x=test,
@@ -195,7 +261,8 @@ def main(argv: Sequence[str] | None = None) -> list[RunResult]:
     arch = "-".join(map(str, [*widths, *reversed(widths[:-1])]))
     print(
         f"{split.name}: {len(train)} train / {len(test)} test images, autoencoder {arch} "
-        f"({args.activation}, {args.init} init), {type(task.loss_fn).__name__}"
+        f"({args.activation}, {args.code_activation} code, {args.init} init), "
+        f"{type(task.loss_fn).__name__}"
     )
     try:
         return run_experiment(task, args, f"{split.name} autoencoder")

@@ -1,23 +1,37 @@
-"""Image classification with curvlib's optimizers: the KPSVD paper's small conv net or a ResNet.
+"""Image classification with curvlib's optimizers: the papers' networks and a few small ones.
 
 ========================  ==============================================================
-``--model``               network
+``--model``               network (``examples/networks.py``; parameters at 10 classes)
 ========================  ==============================================================
 ``kpsvd-cnn`` (default)   three 5x5 conv + ReLU + 2x2 max-pool stages (32, 32, 64
-                          channels), then linear 128 + ReLU and linear to the classes:
-                          the small conv net of the KPSVD paper's experiments
-                          (Koroko et al., 2022), in the KFC layout of Grosse & Martens
+                          channels), then linear 128 + ReLU and linear to the classes,
+                          in the KFC layout of Grosse & Martens
+``cuda-convnet``          the KPSVD papers' ``cuda_convnet``: 3x3 convs, max-pool 3,
+                          BatchNorm (19,178 parameters on 3x32x32 images)
+``toy-cnn``               the papers' ``ToyCNN``: 7x7 and 5x5 tanh convs with 4 and 2
+                          channels, max-pool 3, linear (824 parameters)
 ``resnet-small``          a CIFAR-style ResNet built from torchvision's ``BasicBlock``
                           (3x3 stem of 16 channels, one block per stage at 16, 32, 64
                           channels, global average pool, linear)
-``resnet18``              torchvision's ``resnet18`` unchanged (11 M parameters: slow on CPU)
+``resnet18/34/50``        torchvision's ImageNet ResNets, fed 32x32 images unchanged as
+                          the papers' code does (11.2 M, 21.3 M, 23.5 M parameters)
+``resnet110``             He et al.'s CIFAR ResNet-110: 3 stages of 18 basic blocks at
+                          16, 32, 64 channels, parameter-free shortcuts (1.73 M)
+``vgg11``                 torchvision's VGG-11 with a 512-input classifier for 32x32
+                          images (28.1 M)
+``deep-linear``           64 linear layers of width 10 with BatchNorm (flattened images)
+``mlp``                   784-1000-900-...-20-10 linear layers with BatchNorm (4.1 M)
+``toy``                   784-10-30-20-15-10 with tanh units
 ========================  ==============================================================
 
-Loss ``CrossEntropyLoss``; the metrics add train and test accuracy. The ResNets
-have BatchNorm in train mode and torchvision's blocks call one in-place ReLU
+``--model`` also reads the papers' names with underscores (``cuda_convnet``).
+Loss ``CrossEntropyLoss``; the metrics add train and test accuracy. Several
+networks have BatchNorm in train mode, and torchvision's blocks call one in-place ReLU
 module twice: curvlib computes their MC and exact statistics by its autograd
 backend (module hooks, no BackPACK), reads the empirical ones from the layers'
 own output gradients, and the BatchNorm parameters take plain SGD steps.
+``--init`` and ``--bias-init`` choose the papers' initialisations (the default
+keeps the network's own).
 
 ``--data synthetic`` (default) is the seeded 10-class set of oriented gratings
 of ``examples/data.py`` (3x32x32, no files needed); ``mnist``,
@@ -29,6 +43,7 @@ Examples (from the repository root)::
     python examples/cnn.py                                   # KFAC, synthetic images
     python examples/cnn.py --compare kfac,kpsvd,adam
     python examples/cnn.py --model resnet-small --optim kfac
+    python examples/cnn.py --model cuda-convnet --init xavier-uniform --bias-init 0.01
     python examples/cnn.py --data cifar10 --data-root ~/data --num-epochs 20
 
 Outputs in ``--out``: ``metrics.csv``, ``metrics.json``, ``iterations.csv`` (loss
@@ -49,87 +64,50 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RunResult, Task, UsageError, build_parser, resolve_device, run_experiment
+from common import (
+    RunResult,
+    Task,
+    UsageError,
+    build_parser,
+    nonnegative_float,
+    resolve_device,
+    run_experiment,
+)
 from data import IMAGE_DATASETS, DataNotFoundError, load_images
+from initialisation import WEIGHT_INITS, initialise
+from networks import NETWORKS, kpsvd_cnn, resnet18, resnet_small
+
+__all__ = ["MODELS", "NETWORKS", "kpsvd_cnn", "main", "make_network", "resnet18", "resnet_small"]
 
 CLASSIFICATION_DATA = tuple(d for d in IMAGE_DATASETS if d != "curves")
 """``--data`` choices: the labelled image sets."""
 
 
-def kpsvd_cnn(
-    in_channels: int, side: int, num_classes: int, channels: Sequence[int] = (32, 32, 64)
-) -> nn.Sequential:
-    """The small conv net: ``len(channels)`` stages of conv5x5 + ReLU + max-pool, two linears.
-
-    Args:
-        in_channels: Image channels ``C``.
-        side: Image height and width (28 or 32).
-        num_classes: Outputs (logits).
-        channels: Output channels of the conv stages.
-
-    Returns:
-        A network mapping ``[N, C, side, side]`` images to ``[N, num_classes]`` logits.
-    """
-    layers: list[nn.Module] = []
-    width = in_channels
-    for out in channels:
-        layers += [nn.Conv2d(width, out, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2)]
-        width, side = out, side // 2
-    layers += [
-        nn.Flatten(),
-        nn.Linear(width * side * side, 128),
-        nn.ReLU(),
-        nn.Linear(128, num_classes),
-    ]
-    return nn.Sequential(*layers)
-
-
-def resnet_small(
-    in_channels: int, num_classes: int, widths: Sequence[int] = (16, 32, 64)
-) -> nn.Module:
-    """A CIFAR-style ResNet from torchvision's ``BasicBlock`` (one block per stage).
-
-    The blocks are torchvision's own, with their reused in-place ReLU and in-place
-    residual add, so this is what a torchvision ResNet asks of curvlib at a size
-    that trains on a CPU.
-    """
-    from torchvision.models.resnet import BasicBlock
-
-    layers: list[nn.Module] = [
-        nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False),
-        nn.BatchNorm2d(widths[0]),
-        nn.ReLU(inplace=True),
-    ]
-    width = widths[0]
-    for i, out in enumerate(widths):
-        stride = 1 if i == 0 else 2
-        down = None
-        if stride != 1 or width != out:
-            down = nn.Sequential(
-                nn.Conv2d(width, out, 1, stride=stride, bias=False), nn.BatchNorm2d(out)
-            )
-        layers.append(BasicBlock(width, out, stride=stride, downsample=down))
-        width = out
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes)]
-    return nn.Sequential(*layers)
-
-
-def resnet18(in_channels: int, num_classes: int) -> nn.Module:
-    """Torchvision's ``resnet18`` (first conv adapted to ``in_channels``)."""
-    from torchvision.models import resnet18 as tv_resnet18
-
-    model = tv_resnet18(num_classes=num_classes)
-    if in_channels != 3:
-        model.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
-    return model
-
-
 MODELS: dict[str, Callable[[int, int, int], nn.Module]] = {
-    "kpsvd-cnn": lambda c, side, k: kpsvd_cnn(c, side, k),
-    "resnet-small": lambda c, side, k: resnet_small(c, k),
-    "resnet18": lambda c, side, k: resnet18(c, k),
+    name: net.make for name, net in NETWORKS.items()
 }
-"""``--model`` name to ``make(channels, side, num_classes)``."""
+"""``--model`` name to ``make(channels, side, num_classes)`` (see ``examples/networks.py``)."""
+
+INIT_CHOICES = ("default", *WEIGHT_INITS)
+"""``--init``: ``default`` keeps the weights torch or torchvision gives the network."""
+
+
+def model_name(text: str) -> str:
+    """``argparse`` type of ``--model``: underscores (``cuda_convnet``) read as dashes."""
+    return text.strip().replace("_", "-")
+
+
+def make_network(args: argparse.Namespace, channels: int, side: int, num_classes: int) -> nn.Module:
+    """The ``--model`` network, initialised as ``--init`` and ``--bias-init`` say."""
+    model = MODELS[args.model](channels, side, num_classes)
+    if args.init != "default" or args.bias_init is not None:
+        initialise(
+            model,
+            None if args.init == "default" else args.init,
+            bias=args.bias_init,
+            std=args.init_std,
+        )
+    return model
 
 
 def build_argparser() -> argparse.ArgumentParser:
@@ -148,7 +126,33 @@ def build_argparser() -> argparse.ArgumentParser:
         default="synthetic",
         help="data set (synthetic is generated offline; the others are read from --data-root)",
     )
-    group.add_argument("--model", choices=tuple(MODELS), default="kpsvd-cnn", help="network")
+    table = "; ".join(f"{name}: {net.help}" for name, net in NETWORKS.items())
+    group.add_argument(
+        "--model",
+        type=model_name,
+        choices=tuple(MODELS),
+        default="kpsvd-cnn",
+        help=f"network ({table})",
+    )
+    group.add_argument(
+        "--init",
+        choices=INIT_CHOICES,
+        default="default",
+        help="weight initialisation of every linear and convolution; default keeps the "
+        "network's own (see examples/initialisation.py; sparse: Martens 2010)",
+    )
+    group.add_argument(
+        "--init-std",
+        type=nonnegative_float,
+        default=0.01,
+        help="standard deviation of --init normal",
+    )
+    group.add_argument(
+        "--bias-init",
+        type=float,
+        default=None,
+        help="value of every bias (default: the network's own; 0.01 in the papers' code)",
+    )
     return parser
 
 
@@ -169,9 +173,12 @@ def main(argv: Sequence[str] | None = None) -> list[RunResult]:
     except (DataNotFoundError, ValueError) as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
     channels, side, _ = split.image_shape
-    make = MODELS[args.model]
+    try:
+        NETWORKS[args.model].check(args.model, side)
+    except ValueError as err:
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
     task = Task(
-        make_model=lambda: make(channels, side, split.num_classes),
+        make_model=lambda: make_network(args, channels, side, split.num_classes),
         loss_fn=nn.CrossEntropyLoss(),
         train_x=split.train_x.to(device),
         train_y=split.train_y.to(device),

@@ -13,6 +13,8 @@ r"""Weight initialisations of the deep-autoencoder papers, for ``--init`` and ``
 ========================  =================================================================
 
 Biases are set to ``--bias-init`` (0 by default; 0.01 in some published setups).
+``examples/cnn.py`` offers the same schemes but ``glorot``, and by default keeps
+the weights and biases torch or torchvision gives its networks.
 """
 
 from __future__ import annotations
@@ -20,8 +22,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-INITS = ("glorot", "xavier-uniform", "xavier-normal", "normal", "sparse")
-"""The names ``--init`` accepts."""
+WEIGHT_INITS = ("xavier-uniform", "xavier-normal", "normal", "sparse")
+"""The schemes that draw new weights."""
+
+INITS = ("glorot", *WEIGHT_INITS)
+"""The names the autoencoder's ``--init`` accepts."""
 
 SPARSE_CONNECTIONS = 15
 """Nonzero incoming weights per unit of Martens' (2010) sparse initialisation."""
@@ -43,22 +48,24 @@ def sparse_(weight: torch.Tensor, connections: int = SPARSE_CONNECTIONS) -> torc
     return weight
 
 
-def initialise(model: nn.Module, scheme: str, *, bias: float = 0.0, std: float = 0.01) -> None:
+def initialise(
+    model: nn.Module, scheme: str | None, *, bias: float | None = 0.0, std: float = 0.01
+) -> None:
     """Re-initialise every ``nn.Linear`` and convolution of ``model`` in place.
 
-    ``glorot`` keeps the weights the model was built with (the examples build
-    them that way) and only sets the biases.
+    ``glorot`` and ``None`` keep the weights the model was built with (the
+    autoencoder builds them Glorot-uniform) and only set the biases.
 
     Args:
         model: The network (call under the run's ``torch.manual_seed``).
-        scheme: One of ``INITS``.
-        bias: Value of every bias.
+        scheme: One of ``INITS``, or ``None`` to keep the weights.
+        bias: Value of every bias, or ``None`` to keep the biases.
         std: Standard deviation of ``normal``.
 
     Raises:
         ValueError: For an unknown scheme or a negative ``std``.
     """
-    if scheme not in INITS:
+    if scheme is not None and scheme not in INITS:
         raise ValueError(f"Unknown initialisation {scheme!r}; choose from {INITS}.")
     if not std >= 0.0:
         raise ValueError(f"The standard deviation of --init normal must be >= 0, got {std}.")
@@ -74,5 +81,5 @@ def initialise(model: nn.Module, scheme: str, *, bias: float = 0.0, std: float =
             nn.init.normal_(module.weight, std=std)
         elif scheme == "sparse":
             sparse_(module.weight)
-        if module.bias is not None:
+        if module.bias is not None and bias is not None:
             nn.init.constant_(module.bias, bias)

@@ -199,7 +199,6 @@ def test_tridiagonal_steps_the_optimizer_by_its_damped_inverse() -> None:
         kl_clip=None,
         momentum=0.0,
         stats_fraction=1.0,
-        damping_warmup_samples=0,
     )
     layers = {layer.name: layer for layer in opt.group_layers[0]}
     before = {n: layer.to_matrix(*layer.parameters).detach().clone() for n, layer in layers.items()}
@@ -704,7 +703,6 @@ def test_unit_wise_covers_eval_batchnorm_with_its_per_channel_blocks() -> None:
         t_cov=1,
         t_inv=1,
         stats_fraction=1.0,
-        damping_warmup_samples=0,
     )
     assert [layer.name for layer in opt.extractor.layout] == ["0", "1", "5", "6", "8"]
     ggn, slices = oracle.dense_ggn_all_params(model, problem.loss_fn, problem.x, problem.y)
@@ -741,7 +739,7 @@ def test_unit_wise_blocks_of_layernorm_and_groupnorm_equal_the_oracle(problem: P
     opt = PreconditionedOptimizer(
         model, UnitWiseNaturalGradient(), loss_fn=problem.loss_fn, fisher_type=FisherType.EXACT,
         lr=0.5, damping=DAMPING, kl_clip=None, momentum=0.0, t_cov=1, t_inv=1,
-        stats_fraction=1.0, unsupported="raise", damping_warmup_samples=0,
+        stats_fraction=1.0, unsupported="raise",
     )  # fmt: skip
     norms = {la.name: la for la in opt.extractor.layout if la.kind in NORM_KINDS}
     assert len(norms) == 2
@@ -771,7 +769,7 @@ def test_unit_wise_trains_networks_with_layernorm_and_groupnorm(problem: Problem
     model = problem.model()
     opt = PreconditionedOptimizer(
         model, UnitWiseNaturalGradient(), loss_fn=problem.loss_fn, lr=0.3, damping=1e-1,
-        unsupported="raise", damping_warmup_samples=0,
+        unsupported="raise",
     )  # fmt: skip
     losses = []
     for _ in range(8):

@@ -293,6 +293,66 @@ def test_autoencoder_architecture() -> None:
     assert kinds.count("Tanh") == 10
 
 
+@pytest.mark.parametrize(
+    ("data", "parameters"), [("curves", 842_340), ("mnist", 2_837_314), ("faces", 7_537_655)]
+)
+def test_autoencoder_parameter_counts(data: str, parameters: int) -> None:
+    model = autoencoder.autoencoder(autoencoder.ARCHITECTURES[data])
+    assert sum(p.numel() for p in model.parameters()) == parameters
+
+
+def test_the_papers_autoencoder_relu_code_sigmoid_output_and_bce_loss(tmp_path: Path) -> None:
+    """The KPSVD papers' network: ReLU everywhere (code layer too), a sigmoid output, BCELoss."""
+    flags = ["--activation", "relu", "--code-activation", "relu", "--output", "probabilities",
+             "--init", "xavier-uniform", "--bias-init", "0.01"]  # fmt: skip
+    args = autoencoder.build_argparser().parse_args(["--data", "mnist", *flags])
+    torch.manual_seed(0)
+    model = autoencoder.make_autoencoder(args)
+    kinds = [type(m).__name__ for m in model]
+    assert kinds == ["Linear", "ReLU"] * 7 + ["Linear", "Sigmoid"]
+    linears = [m for m in model if isinstance(m, nn.Linear)]
+    assert [m.out_features for m in linears] == [1000, 500, 250, 30, 250, 500, 1000, 784]
+    assert all(torch.equal(m.bias, torch.full_like(m.bias, 0.01)) for m in linears)
+    assert isinstance(autoencoder.loss_for("mnist", "probabilities"), nn.BCELoss)
+    x = torch.rand(5, 784)
+    with torch.no_grad():
+        p = model(x)
+        logits = model[:-1](x)
+    assert float(p.min()) > 0.0 and float(p.max()) < 1.0
+    torch.testing.assert_close(  # the same loss as the logits network's
+        nn.BCELoss()(p, x), nn.BCEWithLogitsLoss()(logits, x), rtol=1e-5, atol=1e-6
+    )
+    result = run(["--optim", "kfac", "--num-epochs", "1", "--t-cov", "1", *flags], tmp_path)[0]
+    assert result.final["inverse_failures"] == 0
+    assert result.final["train_loss"] < result.metrics[0]["train_loss"]
+
+
+def test_default_autoencoder_is_unchanged_by_the_new_flags() -> None:
+    args = autoencoder.build_argparser().parse_args([])
+    torch.manual_seed(0)
+    model = autoencoder.make_autoencoder(args)
+    torch.manual_seed(0)
+    plain = autoencoder.autoencoder(autoencoder.ARCHITECTURES["curves"])
+    for p, q in zip(model.parameters(), plain.parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert isinstance(autoencoder.loss_for("curves"), nn.BCEWithLogitsLoss)
+    relu_code = autoencoder.autoencoder((8, 4, 2), "tanh", code_activation="relu")
+    kinds = [type(m).__name__ for m in relu_code]
+    assert kinds == ["Linear", "Tanh", "Linear", "ReLU", "Linear", "Tanh", "Linear"]
+    with pytest.raises(ValueError, match="Unknown code activation 'gelu'"):
+        autoencoder.autoencoder((8, 4), code_activation="gelu")
+
+
+def test_probabilities_are_refused_for_faces(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        autoencoder.main(["--data", "faces-synthetic", "--output", "probabilities",
+                          "--out", str(tmp_path)])  # fmt: skip
+    assert exc.value.code == 2
+    assert "FACES trains a linear output with MSELoss" in capsys.readouterr().err
+
+
 def write_idx(path: Path, array: np.ndarray, compress: bool) -> None:
     """An IDX file (unsigned bytes) as in the MNIST distribution."""
     header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(

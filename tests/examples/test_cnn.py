@@ -186,7 +186,7 @@ def test_torchvision_resnet18_takes_a_kfac_step() -> None:
     ("argv", "message"),
     [
         (["--data", "curves"], "invalid choice: 'curves'"),
-        (["--model", "vgg"], "choose from 'kpsvd-cnn', 'resnet-small', 'resnet18'"),
+        (["--model", "vgg"], "choose from 'kpsvd-cnn', 'cuda-convnet', 'toy-cnn'"),
         (["--optim", "newton"], "invalid optimizer 'newton'"),
     ],
 )
