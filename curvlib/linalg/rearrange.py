@@ -451,11 +451,16 @@ def deflated(
     coordinates by the triple's coordinates scaled the same way
     ([`DeflatedCoordinates`][curvlib.linalg.rearrange.DeflatedCoordinates]).
 
+    A zero triple (``sigma = 0`` without coordinates, what the power
+    iterations return when $\mathcal R$ vanishes at round-off) leaves ``op`` as it is.
+
     Raises:
-        ValueError: If ``op`` is on coordinates and ``triple`` carries none.
+        ValueError: If ``op`` is on coordinates and a nonzero ``triple`` carries none.
     """
     if not isinstance(op, Coordinates):
         return Deflated(op, [balanced_factors(triple)])
+    if triple.sigma == 0.0 and triple.u is None:
+        return op  # a zero pair (the operator vanished at round-off): nothing to remove
     if triple.u is None or triple.v is None:
         raise ValueError("The triple has no coordinates: compute it with power_svd on this op.")
     scale = _balanced_scale(triple)

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from curvlib.approx.deflation import Deflation
+from curvlib.approx.kfac import KFAC
 from curvlib.approx.kfac_corrected import KFACCorrected
 from curvlib.approx.kpsvd import KPSVD
 from curvlib.approx.lanczos import Lanczos
@@ -198,3 +199,28 @@ def test_positive_factors_without_eigh_match_the_clamped_ones(problem: str, laye
     assert v is not None
     bad = SingularTriple(first.sigma, first.U, first.V, 1, 1e-14, first.u, v - 2 * v.abs().max())
     assert torch.equal(psd_factors(op, bad)[1], balanced_factors(bad, psd=True)[1])
+
+
+@pytest.mark.parametrize("form", [RearrangedForm.SAMPLE_SPACE, RearrangedForm.MATRIX_FREE])
+@pytest.mark.parametrize(
+    "make", [KPSVD, Deflation, KFACCorrected, Lanczos], ids=lambda m: m.__name__
+)
+def test_a_vanishing_fisher_gives_zero_pairs_not_an_error(
+    make: type[KPSVD], form: RearrangedForm
+) -> None:
+    """Output gradients that are all zero (a layer the loss does not see) in both forms."""
+    stats = _stats("mlp").scaled(0.0)
+    approx = make(form=form)
+    approx.update(stats)
+    grads = {name: torch.ones(s.layer.out_dim, s.layer.in_dim_aug, dtype=torch.float64)
+             for name, s in stats.layers.items()}  # fmt: skip
+    steps = approx.inverse(1e-2).apply(grads)
+    if make is KFACCorrected:  # KFAC (of A and a zero G) plus a zero correction
+        kfac = KFAC()
+        kfac.update(stats)
+        expected = kfac.inverse(1e-2).apply(grads)
+    else:  # nothing but the damping: the damped gradient step
+        expected = {name: g / 1e-2 for name, g in grads.items()}
+    for name, step in steps.items():
+        assert torch.isfinite(step).all(), name
+        _close(step, expected[name], name)
