@@ -8,9 +8,10 @@ by the parser with the allowed range or choices.
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -90,20 +91,25 @@ def _float(text: str) -> float:
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One optimizer of a run or comparison: ``NAME`` or ``NAME:LR`` on the command line.
+    """One optimizer of a run, comparison or grid: ``NAME`` or ``NAME:LR`` on the command line.
 
     Attributes:
         name: A key of ``OPTIMIZERS``.
         lr: Its learning rate, or ``None`` for ``--lr`` / the optimizer's default.
+        settings: Other hyper-parameters of this run (``--grid``): pairs of an
+            ``OptimConfig`` field and its value, overriding the flags.
     """
 
     name: str
     lr: float | None = None
+    settings: tuple[tuple[str, float], ...] = ()
 
     @property
     def label(self) -> str:
-        """Directory and legend name: ``kfac`` or ``adam-lr0.003``."""
-        return self.name if self.lr is None else f"{self.name}-lr{self.lr:g}"
+        """Directory and legend name: ``kfac``, ``adam-lr0.003`` or ``kfac-lr0.1-damping0.001``."""
+        parts = [self.name] if self.lr is None else [f"{self.name}-lr{self.lr:g}"]
+        parts += [f"{key}{value:g}" for key, value in self.settings]
+        return "-".join(parts)
 
 
 def _choices() -> str:
@@ -132,6 +138,90 @@ def run_spec_list(text: str) -> list[RunSpec]:
     if len(set(labels)) != len(labels):
         raise argparse.ArgumentTypeError(f"lists an optimizer twice: {text!r}")
     return specs
+
+
+GRID_PARAMETERS: dict[str, Callable[[str], float]] = {
+    "lr": positive_float,
+    "damping": positive_float,
+    "clipping": nonnegative_float,
+    "momentum": momentum_float,
+    "weight_decay": nonnegative_float,
+}
+"""``--grid NAME=V1,V2,...``: the hyper-parameters a grid may vary, with their checks
+(``weight-decay`` and ``weight_decay`` are the same name)."""
+
+
+@dataclass(frozen=True)
+class GridAxis:
+    """One ``--grid`` entry: a hyper-parameter and the values it takes.
+
+    Attributes:
+        name: A key of ``GRID_PARAMETERS`` (an ``OptimConfig`` field).
+        values: Its values, in the order given.
+    """
+
+    name: str
+    values: tuple[float, ...]
+
+
+def grid_axis(text: str) -> GridAxis:
+    """``argparse`` type of one ``--grid`` entry: ``NAME=V1,V2,...``."""
+    names = ", ".join(n.replace("_", "-") for n in GRID_PARAMETERS)
+    key, sep, values = text.strip().partition("=")
+    name = key.strip().replace("-", "_")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(
+            f"expects NAME=V1,V2,... such as lr=0.03,0.1 (NAME one of {names}), got {text!r}"
+        )
+    if name not in GRID_PARAMETERS:
+        raise argparse.ArgumentTypeError(f"unknown parameter {key.strip()!r} (choose from {names})")
+    parts = [v.strip() for v in values.split(",")]
+    if not any(parts):
+        raise argparse.ArgumentTypeError(f"{key.strip()}= lists no values, in {text!r}")
+    if not all(parts):
+        raise argparse.ArgumentTypeError(f"{key.strip()}= has an empty value, in {text!r}")
+    parsed: list[float] = []
+    for part in parts:
+        try:
+            parsed.append(GRID_PARAMETERS[name](part))
+        except argparse.ArgumentTypeError as err:
+            raise argparse.ArgumentTypeError(f"{key.strip()}= value {err}") from None
+    if len(set(parsed)) != len(parsed):
+        raise argparse.ArgumentTypeError(f"{key.strip()}= lists a value twice: {text!r}")
+    return GridAxis(name, tuple(parsed))
+
+
+class _GridAction(argparse.Action):
+    """Stores the ``--grid`` axes, refusing a parameter named twice."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[Any] | None,
+        option_string: str | None = None,
+    ) -> None:
+        axes = list(values or [])
+        names = [a.name for a in axes]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise argparse.ArgumentError(
+                self, f"names {', '.join(twice)} twice; give all its values in one NAME=V1,V2"
+            )
+        setattr(namespace, self.dest, axes)
+
+
+def grid_specs(spec: RunSpec, axes: Sequence[GridAxis]) -> list[RunSpec]:
+    """The cartesian product of ``axes`` for the optimizer of ``spec``, first axis slowest.
+
+    ``lr`` becomes the runs' learning rate; the other axes their ``settings``.
+    """
+    runs = []
+    for values in itertools.product(*(axis.values for axis in axes)):
+        chosen = dict(zip((axis.name for axis in axes), values, strict=True))
+        lr = chosen.pop("lr", spec.lr)
+        runs.append(RunSpec(spec.name, lr, tuple(chosen.items())))
+    return runs
 
 
 # -- the command line -------------------------------------------------------------
@@ -366,13 +456,27 @@ def build_parser(
         default="residual",
         help="how the coarse correction combines with the fine step",
     )
-    opt.add_argument(
+    several = opt.add_mutually_exclusive_group()
+    several.add_argument(
         "--compare",
         type=run_spec_list,
         default=None,
         metavar="NAME[:LR],...",
         help="run several optimizers on the same data and seed, e.g. kfac,kpsvd,adam or "
         "kfac,adam:3e-4,adam:1e-3 (LR overrides --lr for that entry); plots them together",
+    )
+    several.add_argument(
+        "--grid",
+        type=grid_axis,
+        nargs="+",
+        action=_GridAction,
+        default=None,
+        metavar="NAME=V1,V2,...",
+        help="run --optim at every combination of these values (the cartesian product), "
+        "e.g. --grid lr=0.03,0.1,0.3 damping=1e-4,1e-3; NAME one of "
+        + ", ".join(n.replace("_", "-") for n in GRID_PARAMETERS)
+        + "; one subdirectory per run, grid.csv and grid.png with the run of the lowest "
+        "final training loss marked",
     )
 
     run = parser.add_argument_group("run")
@@ -444,12 +548,21 @@ def resolve_device(name: str) -> torch.device:
 
 
 def runs_of(args: argparse.Namespace) -> list[RunSpec]:
-    """The optimizers to run: those of ``--compare``, or ``--optim``."""
+    """The runs: every ``--grid`` combination, the ``--compare`` entries, or ``--optim``."""
+    if getattr(args, "grid", None):
+        return grid_specs(args.optim, args.grid)
     return list(args.compare) if args.compare else [args.optim]
+
+
+def several_runs(args: argparse.Namespace) -> bool:
+    """Whether the runs go to subdirectories of ``--out`` (``--compare`` or ``--grid``)."""
+    return args.compare is not None or getattr(args, "grid", None) is not None
 
 
 def optim_config(args: argparse.Namespace, spec: RunSpec) -> OptimConfig:
     """The hyper-parameters of ``spec``: its own LR, else ``--lr``, else the default.
+
+    A ``--grid`` run's ``settings`` override the flags of the same names.
 
     Raises:
         UsageError: For ``--krylov`` without ``--coarse-space`` (or with
@@ -469,7 +582,7 @@ def optim_config(args: argparse.Namespace, spec: RunSpec) -> OptimConfig:
                 f"--coarse-space needs a curvature optimizer as its fine level, not {spec.name!r}."
             )
         coarse = None  # --compare: the baselines run as they are
-    return OptimConfig(
+    config = OptimConfig(
         lr=OPTIMIZERS[spec.name].default_lr if lr is None else lr,
         damping=args.damping,
         adaptive_damping=args.adaptive_damping,
@@ -492,3 +605,4 @@ def optim_config(args: argparse.Namespace, spec: RunSpec) -> OptimConfig:
         krylov=getattr(args, "krylov", False),
         coarse_form=getattr(args, "coarse_form", "residual"),
     )
+    return replace(config, **dict(spec.settings))

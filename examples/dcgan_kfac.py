@@ -490,6 +490,11 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         )
     if args.adaptive_damping:
         parser.error("--adaptive-damping is not supported by the GAN example (its loss moves).")
+    if args.grid is not None:
+        parser.error(
+            "--grid ranks runs by their final training loss, which a GAN does not have; "
+            "compare settings with --compare (e.g. kfac:0.1,kfac:0.3) and read their fd."
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> list[RunResult]:

@@ -155,6 +155,7 @@ def test_frechet_pca_score() -> None:
         (["--gan", "lsgan"], "choose from 'bce', 'wgan-gp'"),
         (["--adaptive-damping"], "not supported by the GAN example"),
         (["--critic-steps", "0"], "must be >= 1"),
+        (["--grid", "lr=0.1,0.3"], "a GAN does not have"),
     ],
 )
 def test_bad_values_are_rejected_by_the_parser(
