@@ -8,15 +8,16 @@ by the parser with the allowed range or choices.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from optimizers import COARSE_SPACES, DEFAULT_CURVATURE_LR, OPTIMIZERS, OptimConfig
+from optimizers import COARSE_SPACES, DEFAULT_CURVATURE_LR, OPTIMIZERS, OptimConfig, OptimizerSpec
 
 from curvlib.optim.defaults import DEFAULTS
 
@@ -94,7 +95,7 @@ class RunSpec:
     """One optimizer of a run, comparison or grid: ``NAME`` or ``NAME:LR`` on the command line.
 
     Attributes:
-        name: A key of ``OPTIMIZERS``.
+        name: A key of ``OPTIMIZERS`` (or of the script's registry, see ``build_parser``).
         lr: Its learning rate, or ``None`` for ``--lr`` / the optimizer's default.
         settings: Other hyper-parameters of this run (``--grid``): pairs of an
             ``OptimConfig`` field and its value, overriding the flags.
@@ -112,15 +113,17 @@ class RunSpec:
         return "-".join(parts)
 
 
-def _choices() -> str:
-    return ", ".join(OPTIMIZERS)
+def _choices(registry: Mapping[str, OptimizerSpec] = OPTIMIZERS) -> str:
+    return ", ".join(registry)
 
 
-def run_spec(text: str) -> RunSpec:
-    """``argparse`` type of one optimizer: ``NAME`` or ``NAME:LR``."""
+def run_spec(text: str, registry: Mapping[str, OptimizerSpec] = OPTIMIZERS) -> RunSpec:
+    """``argparse`` type of one optimizer: ``NAME`` or ``NAME:LR``, ``NAME`` in ``registry``."""
     name, _, lr = text.strip().partition(":")
-    if name not in OPTIMIZERS:
-        raise argparse.ArgumentTypeError(f"invalid optimizer {name!r} (choose from {_choices()})")
+    if name not in registry:
+        raise argparse.ArgumentTypeError(
+            f"invalid optimizer {name!r} (choose from {_choices(registry)})"
+        )
     if not lr:
         return RunSpec(name)
     try:
@@ -129,11 +132,13 @@ def run_spec(text: str) -> RunSpec:
         raise argparse.ArgumentTypeError(f"learning rate of {text.strip()!r} {err}") from None
 
 
-def run_spec_list(text: str) -> list[RunSpec]:
+def run_spec_list(text: str, registry: Mapping[str, OptimizerSpec] = OPTIMIZERS) -> list[RunSpec]:
     """``argparse`` type of ``--compare``: comma-separated ``NAME`` or ``NAME:LR``."""
-    specs = [run_spec(part) for part in text.split(",") if part.strip()]
+    specs = [run_spec(part, registry) for part in text.split(",") if part.strip()]
     if not specs:
-        raise argparse.ArgumentTypeError(f"needs at least one optimizer (choose from {_choices()})")
+        raise argparse.ArgumentTypeError(
+            f"needs at least one optimizer (choose from {_choices(registry)})"
+        )
     labels = [s.label for s in specs]
     if len(set(labels)) != len(labels):
         raise argparse.ArgumentTypeError(f"lists an optimizer twice: {text!r}")
@@ -308,16 +313,23 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 def build_parser(
-    description: str, *, epilog: str | None = None, **defaults: Any
+    description: str,
+    *,
+    epilog: str | None = None,
+    registry: Mapping[str, OptimizerSpec] = OPTIMIZERS,
+    **defaults: Any,
 ) -> argparse.ArgumentParser:
     """The parser with every common flag; scripts add their own flags to it.
 
     Args:
         description: First line of ``--help``.
         epilog: Text after the flags in ``--help``.
+        registry: The ``--optim``/``--compare`` names and their specs: ``OPTIMIZERS``,
+            or a script's superset of it with optimizers only it can run (the GAN's
+            simultaneous SGD). It is stored as ``args.registry`` for ``optim_config``.
         **defaults: Script-specific defaults of common flags (e.g. ``batch_size=1000``).
     """
-    table = "\n".join(f"  {name:<16}{spec.help}" for name, spec in OPTIMIZERS.items())
+    table = "\n".join(f"  {name:<16}{spec.help}" for name, spec in registry.items())
     parser = _PresetParser(
         description=description,
         epilog=f"optimizers (--optim, --compare):\n{table}" + (f"\n\n{epilog}" if epilog else ""),
@@ -334,10 +346,10 @@ def build_parser(
     )
     opt.add_argument(
         "--optim",
-        type=run_spec,
+        type=functools.partial(run_spec, registry=registry),
         default=RunSpec("kfac"),
         metavar="NAME",
-        help=f"optimizer, one of: {_choices()} (default: kfac)",
+        help=f"optimizer, one of: {_choices(registry)} (default: kfac)",
     )
     opt.add_argument(
         "--lr",
@@ -459,7 +471,7 @@ def build_parser(
     several = opt.add_mutually_exclusive_group()
     several.add_argument(
         "--compare",
-        type=run_spec_list,
+        type=functools.partial(run_spec_list, registry=registry),
         default=None,
         metavar="NAME[:LR],...",
         help="run several optimizers on the same data and seed, e.g. kfac,kpsvd,adam or "
@@ -530,7 +542,7 @@ def build_parser(
         default="test_loss",
         help="the loss --patience watches, evaluated after every epoch",
     )
-    parser.set_defaults(**defaults)
+    parser.set_defaults(registry=registry, **defaults)
     return parser
 
 
@@ -569,6 +581,8 @@ def optim_config(args: argparse.Namespace, spec: RunSpec) -> OptimConfig:
             ``tselepidis``), or ``--coarse-space`` with a torch optimizer alone.
     """
     lr = spec.lr if spec.lr is not None else args.lr
+    registry: Mapping[str, OptimizerSpec] = getattr(args, "registry", OPTIMIZERS)
+    entry = registry[spec.name]
     coarse = getattr(args, "coarse_space", None)
     if getattr(args, "krylov", False) and coarse is None:
         raise UsageError("--krylov enriches a coarse space: add --coarse-space NAME.")
@@ -576,18 +590,18 @@ def optim_config(args: argparse.Namespace, spec: RunSpec) -> OptimConfig:
         raise UsageError(
             "--coarse-space tselepidis has no Krylov enrichment; use nicolaides with --krylov."
         )
-    if coarse is not None and not OPTIMIZERS[spec.name].curvature:
+    if coarse is not None and not entry.curvature:
         if not getattr(args, "compare", None):
             raise UsageError(
                 f"--coarse-space needs a curvature optimizer as its fine level, not {spec.name!r}."
             )
         coarse = None  # --compare: the baselines run as they are
     config = OptimConfig(
-        lr=OPTIMIZERS[spec.name].default_lr if lr is None else lr,
+        lr=entry.default_lr if lr is None else lr,
         damping=args.damping,
         adaptive_damping=args.adaptive_damping,
         clipping=args.clipping,
-        momentum=OPTIMIZERS[spec.name].default_momentum if args.momentum is None else args.momentum,
+        momentum=entry.default_momentum if args.momentum is None else args.momentum,
         weight_decay=args.weight_decay,
         decoupled_weight_decay=getattr(args, "decoupled_weight_decay", False),
         kl_clip_lr_squared=getattr(args, "kl_clip_lr_squared", True),

@@ -1,4 +1,4 @@
-"""DCGAN and WGAN-GP with KFAC (or any curvlib optimizer) on the generator, critic or both.
+r"""DCGAN and WGAN-GP with KFAC (or any curvlib optimizer) on the generator, critic or both.
 
 The generator maps ``z ~ N(0, I)`` through ``ConvTranspose2d`` + ``BatchNorm2d``
 (train mode) + ReLU stages to ``tanh`` images; the critic is strided convs +
@@ -24,6 +24,18 @@ LeakyReLU and a linear score. ``--optim`` trains the networks named by
   come from that term, and the gradient penalty's gradient is added outside the
   ``record()`` block (it steps the critic but is not in its curvature).
 
+``--optim sim-sgd`` is the baseline of simultaneous SGD ascent-descent: both
+networks take plain SGD steps (``--lr``, default 0.02; ``--momentum``, default 0)
+from gradients taken at the same parameters, $\theta_G \leftarrow \theta_G - \eta
+\nabla_G L_G(\theta_G, \theta_D)$ and $\theta_D \leftarrow \theta_D - \eta \nabla_D
+L_D(\theta_G, \theta_D)$, one critic step per generator step (``--kfac-on``,
+``--adam-lr`` and ``--critic-steps`` do not apply). With ``--gan wgan-gp``,
+$L_G = -L_D$ up to the penalty: gradient descent on the generator and ascent on
+the critic of one value $\mathbb{E}[D(x)] - \mathbb{E}[D(G(z))]$. With ``bce``
+the generator's loss is the non-saturating one. Every other ``--optim`` is
+trained alternately: the critic's step(s) first, then the generator's against
+the updated critic.
+
 Every epoch writes a sample grid ``samples/epoch_NNN.png`` (fixed noise) and the
 sample-quality score ``fd``: the Fréchet distance between generated and real
 test images in the top-32 PCA space of the real training images
@@ -41,6 +53,7 @@ Examples (from the repository root)::
     python examples/dcgan_kfac.py --compare kfac,adam          # same data, seed, critic
     python examples/dcgan_kfac.py --kfac-on both
     python examples/dcgan_kfac.py --gan wgan-gp --kfac-on critic
+    python examples/dcgan_kfac.py --compare kfac,sim-sgd       # against simultaneous SGD
 
 Outputs in ``--out``: ``metrics.csv``, ``metrics.json``, ``loss.png`` (generator
 and critic loss), ``quality.png`` (``fd``), ``telemetry.png`` /
@@ -69,6 +82,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (
     OPTIMIZERS,
+    OptimConfig,
+    OptimizerSpec,
     RunResult,
     RunSpec,
     UsageError,
@@ -102,6 +117,8 @@ from training import (
 
 NETWORKS = ("generator", "critic", "both")
 GANS = ("bce", "wgan-gp")
+SIMULTANEOUS = "sim-sgd"
+"""The ``--optim`` name of simultaneous SGD ascent-descent, the GAN example's own."""
 METRIC_FIELDS: tuple[str, ...] = (
     "epoch",
     "steps",
@@ -221,11 +238,32 @@ def _adam(params: Any, lr: float) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=lr, betas=(0.5, 0.999))
 
 
+def _sim_sgd(
+    model: nn.Module, loss_fn: nn.Module, cfg: OptimConfig, **_: Any
+) -> torch.optim.Optimizer:
+    """Plain SGD of one network, the half of simultaneous SGD ascent-descent."""
+    return torch.optim.SGD(
+        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
+
+
+GAN_OPTIMIZERS: dict[str, OptimizerSpec] = {
+    **OPTIMIZERS,
+    SIMULTANEOUS: OptimizerSpec(
+        _sim_sgd, 0.02, False, "simultaneous SGD ascent-descent on both networks (GAN baseline)",
+        default_momentum=0.0,
+    ),
+}  # fmt: skip
+"""``OPTIMIZERS`` and the GAN's own baseline ``sim-sgd``: the names of ``--optim``."""
+
+
 def _build(
     args: argparse.Namespace, spec: RunSpec, gan: GAN, loss: nn.Module
 ) -> dict[str, torch.optim.Optimizer]:
     """The generator's and the critic's optimizers (``loss``: the module the steps call)."""
     config = optim_config(args, spec)
+    if spec.name == SIMULTANEOUS:
+        return {"g": _sim_sgd(gan.generator, loss, config), "d": _sim_sgd(gan.critic, loss, config)}
     opts: dict[str, torch.optim.Optimizer] = {}
     if args.kfac_on in ("generator", "both"):
         opts["g"] = build_optimizer(
@@ -301,7 +339,8 @@ def train_gan(
         )
     steps = int(result.final["steps"] or 0)
     wall = float(result.final["wall_time"] or 0.0)
-    n_critic = args.critic_steps if args.gan == "wgan-gp" else 1
+    simultaneous = spec.name == SIMULTANEOUS
+    n_critic = args.critic_steps if args.gan == "wgan-gp" and not simultaneous else 1
     per_epoch = len(batches(len(setup.train), args.batch_size, torch.Generator())) // n_critic
     tel = {"g": Telemetry(result.steps), "d": Telemetry(d_steps)}
     bar = progress_bar(args, spec.label, per_epoch * args.num_epochs, steps)
@@ -312,6 +351,15 @@ def train_gan(
         d_losses: list[float] = []
         order = batches(len(setup.train), args.batch_size, data_gen)
         for i in range(per_epoch):
+            if simultaneous:
+                real = setup.train[order[i]]
+                z = torch.randn(len(real), args.nz, generator=noise_gen).to(device)
+                g_loss, d_loss = _simultaneous_step(args, gan, opts, real, z, noise_gen, bce)
+                g_losses.append(g_loss)
+                d_losses.append(d_loss)
+                steps += 1
+                bar.update()
+                continue
             for idx in order[i * n_critic : (i + 1) * n_critic]:
                 real = setup.train[idx]
                 z = torch.randn(len(real), args.nz, generator=noise_gen).to(device)
@@ -423,6 +471,47 @@ def _generator_step(
     return float(loss.detach())
 
 
+def _simultaneous_step(
+    args: argparse.Namespace,
+    gan: GAN,
+    opts: dict[str, torch.optim.Optimizer],
+    real: Tensor,
+    z: Tensor,
+    gen: torch.Generator,
+    bce: nn.Module,
+) -> tuple[float, float]:
+    """One step of simultaneous SGD ascent-descent; returns (generator, critic) losses.
+
+    Both gradients are taken at the current parameters of both networks (the
+    generator's through the critic before the critic moves, the critic's on the
+    same generated batch), then both networks step.
+    """
+    for opt in opts.values():
+        opt.zero_grad()
+    fake = gan.generator(z)
+    n = len(real)
+    scores = gan.critic(torch.cat([real, fake.detach()]))
+    fake_scores = gan.critic(fake)
+    if args.gan == "bce":
+        target = torch.cat([torch.ones(n, 1), torch.zeros(len(fake), 1)]).to(real.device)
+        d_loss = bce(scores, target)
+        g_loss = bce(fake_scores, torch.ones_like(fake_scores))
+    else:
+        d_loss = scores[n:].mean() - scores[:n].mean()
+        d_loss = d_loss + args.gp_weight * gradient_penalty(gan.critic, real, fake.detach(), gen)
+        g_loss = -fake_scores.mean()
+    d_params = list(gan.critic.parameters())
+    g_params = list(gan.generator.parameters())
+    d_grads = torch.autograd.grad(d_loss, d_params)
+    g_grads = torch.autograd.grad(g_loss, g_params)
+    for params, grads in ((d_params, d_grads), (g_params, g_grads)):
+        for param, grad in zip(params, grads, strict=True):
+            param.grad = grad
+    opts["d"].step()
+    opts["g"].step()
+    return float(g_loss.detach()), float(d_loss.detach())
+
+
 def _write_run(result: RunResult, critic_steps: Sequence[Row], name: str) -> None:
     out, title = result.out, f"{name} GAN: {result.label}"
     write_metrics(out, result.metrics, METRIC_FIELDS)
@@ -450,6 +539,7 @@ def build_argparser() -> argparse.ArgumentParser:
         "4,000 generated CURVES images, 5 epochs of batch 64, damping 1e-2 and KL clip 1e-3 "
         "(the autoencoder's looser clip destabilises the game). --fisher defaults to mc for "
         "bce and empirical for wgan-gp.",
+        registry=GAN_OPTIMIZERS,
         out=Path("runs/dcgan"),
         batch_size=64,
         num_epochs=5,
@@ -460,13 +550,19 @@ def build_argparser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("GAN, data and model")
     group.add_argument("--gan", choices=GANS, default="bce", help="DCGAN (bce) or WGAN-GP")
     group.add_argument(
-        "--kfac-on", choices=NETWORKS, default="generator", help="the network(s) --optim trains"
+        "--kfac-on",
+        choices=NETWORKS,
+        default="generator",
+        help="the network(s) --optim trains (sim-sgd trains both)",
     )
     group.add_argument(
         "--adam-lr", type=positive_float, default=2e-4, help="Adam learning rate of the other"
     )
     group.add_argument(
-        "--critic-steps", type=positive_int, default=5, help="critic steps per generator step"
+        "--critic-steps",
+        type=positive_int,
+        default=5,
+        help="WGAN-GP critic steps per generator step (sim-sgd takes one)",
     )
     group.add_argument("--gp-weight", type=positive_float, default=10.0, help="WGAN-GP penalty")
     group.add_argument("--data", choices=IMAGE_DATASETS, default="curves", help="images")
@@ -480,7 +576,7 @@ def build_argparser() -> argparse.ArgumentParser:
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Resolve ``--fisher`` and refuse the combinations without a meaning."""
-    curvature = any(OPTIMIZERS[s.name].curvature for s in runs_of(args))
+    curvature = any(GAN_OPTIMIZERS[s.name].curvature for s in runs_of(args))
     if args.fisher is None:
         args.fisher = "mc" if args.gan == "bce" else "empirical"
     if args.gan == "wgan-gp" and args.fisher != "empirical" and curvature:
