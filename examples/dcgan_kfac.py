@@ -2,7 +2,11 @@ r"""DCGAN and WGAN-GP with KFAC (or any curvlib optimizer) on the generator, cri
 
 The generator maps ``z ~ N(0, I)`` through ``ConvTranspose2d`` + ``BatchNorm2d``
 (train mode) + ReLU stages to ``tanh`` images; the critic is strided convs +
-LeakyReLU and a linear score. ``--optim`` trains the networks named by
+LeakyReLU and a linear score. ``--arch resnet`` takes instead the WGAN-GP ResNet
+generator and critic of Gulrajani et al. (2017) for 32x32 images
+(``examples/gan_resnet.py``: 3 up-sampling residual blocks in the generator, 4
+in the critic, 128 channels), with ``--gan wgan-gp``, ``--nz 128`` and
+``--data synthetic`` (3x32x32, offline) as its defaults. ``--optim`` trains the networks named by
 ``--kfac-on`` (``generator``, ``critic`` or ``both``); the other one takes
 ``Adam(--adam-lr, betas=(0.5, 0.999))``.
 
@@ -54,6 +58,7 @@ Examples (from the repository root)::
     python examples/dcgan_kfac.py --kfac-on both
     python examples/dcgan_kfac.py --gan wgan-gp --kfac-on critic
     python examples/dcgan_kfac.py --compare kfac,sim-sgd       # against simultaneous SGD
+    python examples/dcgan_kfac.py --arch resnet --data cifar10 --kfac-on both --device cuda
 
 Outputs in ``--out``: ``metrics.csv``, ``metrics.json``, ``loss.png`` (generator
 and critic loss), ``quality.png`` (``fd``), ``telemetry.png`` /
@@ -99,6 +104,7 @@ from common import (
 )
 from data import IMAGE_DATASETS, DataNotFoundError, load_images
 from gan_quality import FrechetPCA
+from gan_resnet import resnet_critic, resnet_generator
 from report import Row, finite, fmt
 from training import (
     CHECKPOINT,
@@ -117,6 +123,12 @@ from training import (
 
 NETWORKS = ("generator", "critic", "both")
 GANS = ("bce", "wgan-gp")
+ARCHS = ("dcgan", "resnet")
+ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
+    "dcgan": {"gan": "bce", "nz": 32, "width": 16, "data": "curves"},
+    "resnet": {"gan": "wgan-gp", "nz": 128, "width": 128, "data": "synthetic"},
+}
+"""``--arch``: the defaults it gives ``--gan``, ``--nz``, ``--width`` and ``--data``."""
 SIMULTANEOUS = "sim-sgd"
 """The ``--optim`` name of simultaneous SGD ascent-descent, the GAN example's own."""
 METRIC_FIELDS: tuple[str, ...] = (
@@ -175,6 +187,20 @@ def critic(channels: int, side: int, width: int = 16) -> nn.Sequential:
         nn.Flatten(),
         nn.Linear(4 * width * (side // 4) ** 2, 1),
     )
+
+
+def networks(args: argparse.Namespace, channels: int, side: int) -> tuple[nn.Module, nn.Module]:
+    """The generator and the critic of ``--arch`` for ``[channels, side, side]`` images.
+
+    Raises:
+        ValueError: If ``side`` does not suit the architecture.
+    """
+    if args.arch == "resnet":
+        return (
+            resnet_generator(args.nz, channels, side, args.width),
+            resnet_critic(channels, side, args.width),
+        )
+    return generator(args.nz, channels, side, args.width), critic(channels, side, args.width)
 
 
 class GAN(nn.Module):
@@ -302,9 +328,7 @@ def train_gan(
     (out / "samples").mkdir(exist_ok=True)
     torch.manual_seed(args.seed)
     channels, side = setup.train.shape[1], setup.train.shape[2]
-    gan = GAN(
-        generator(args.nz, channels, side, args.width), critic(channels, side, args.width)
-    ).to(device)
+    gan = GAN(*networks(args, channels, side)).to(device)
     bce, mse = nn.BCEWithLogitsLoss(), nn.MSELoss()
     opts = _build(args, spec, gan, bce if args.gan == "bce" else mse)
     data_gen = torch.Generator().manual_seed(args.seed)
@@ -548,7 +572,19 @@ def build_argparser() -> argparse.ArgumentParser:
         clipping=1e-3,
     )
     group = parser.add_argument_group("GAN, data and model")
-    group.add_argument("--gan", choices=GANS, default="bce", help="DCGAN (bce) or WGAN-GP")
+    group.add_argument(
+        "--arch",
+        choices=ARCHS,
+        default="dcgan",
+        help="the networks: the small DCGAN, or the WGAN-GP ResNet for 32x32 images "
+        "(Gulrajani et al. 2017)",
+    )
+    group.add_argument(
+        "--gan",
+        choices=GANS,
+        default=None,
+        help="DCGAN (bce) or WGAN-GP (default: bce for --arch dcgan, wgan-gp for resnet)",
+    )
     group.add_argument(
         "--kfac-on",
         choices=NETWORKS,
@@ -565,9 +601,25 @@ def build_argparser() -> argparse.ArgumentParser:
         help="WGAN-GP critic steps per generator step (sim-sgd takes one)",
     )
     group.add_argument("--gp-weight", type=positive_float, default=10.0, help="WGAN-GP penalty")
-    group.add_argument("--data", choices=IMAGE_DATASETS, default="curves", help="images")
-    group.add_argument("--nz", type=positive_int, default=32, help="noise dimension")
-    group.add_argument("--width", type=positive_int, default=16, help="channel width unit")
+    group.add_argument(
+        "--data",
+        choices=IMAGE_DATASETS,
+        default=None,
+        help="images (default: curves for --arch dcgan, synthetic for resnet)",
+    )
+    group.add_argument(
+        "--nz",
+        type=positive_int,
+        default=None,
+        help="noise dimension (default: 32 for --arch dcgan, 128 for resnet)",
+    )
+    group.add_argument(
+        "--width",
+        type=positive_int,
+        default=None,
+        help="dcgan: channel width unit (default 16); resnet: channels of every block "
+        "(default 128)",
+    )
     group.add_argument(
         "--fd-dims", type=positive_int, default=32, help="PCA directions of the quality score"
     )
@@ -575,7 +627,10 @@ def build_argparser() -> argparse.ArgumentParser:
 
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Resolve ``--fisher`` and refuse the combinations without a meaning."""
+    """Resolve ``--fisher`` and the ``--arch`` defaults; refuse combinations without a meaning."""
+    for key, value in ARCH_DEFAULTS[args.arch].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     curvature = any(GAN_OPTIMIZERS[s.name].curvature for s in runs_of(args))
     if args.fisher is None:
         args.fisher = "mc" if args.gan == "bce" else "empirical"
@@ -611,9 +666,8 @@ def main(argv: Sequence[str] | None = None) -> list[RunResult]:
             data_root=args.data_root,
             offline="--data curves (generated offline, the default)",
         )
-        _, side, _ = split.image_shape
-        if side % 4:
-            raise ValueError(f"The image side must be a multiple of 4, got {side}.")
+        channels, side, _ = split.image_shape
+        networks(args, channels, side)  # refuses an image size the networks cannot take
     except (DataNotFoundError, UsageError, ValueError) as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
     if args.threads is not None:
@@ -624,7 +678,7 @@ def main(argv: Sequence[str] | None = None) -> list[RunResult]:
     fd_real = quality.score(test, train[-len(test) :].cpu())
     setup = Setup(train, test, quality, fd_real, split.name)
     print(
-        f"{split.name}: {len(train)} train / {len(test)} test images, {args.gan} GAN, "
+        f"{split.name}: {len(train)} train / {len(test)} test images, {args.arch} {args.gan} GAN, "
         f"--optim on {args.kfac_on}, fisher {args.fisher}; real-vs-real fd {fd_real:.2f}"
     )
     out: Path = args.out
