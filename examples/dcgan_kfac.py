@@ -45,7 +45,9 @@ sample-quality score ``fd``: the Fréchet distance between generated and real
 test images in the top-32 PCA space of the real training images
 (``examples/gan_quality.py`` says what it measures and what it misses), next
 to ``fd_real``, the score of real training images against the same test images
-(the floor).
+(the floor). ``--fid-weights PATH`` adds the Fréchet Inception Distance ``fid``
+(and its floor ``fid_real``) from torch-fidelity's InceptionV3 weights in a
+local file (``examples/gan_fid.py``; the optional extra ``curvlib[fid]``).
 
 ``--data curves`` (default) is generated offline (1x28x28); ``synthetic``,
 ``mnist``, ``fashion-mnist``, ``cifar10``, ``cifar100`` and ``svhn`` are the image sets of
@@ -103,6 +105,7 @@ from common import (
     write_metrics,
 )
 from data import IMAGE_DATASETS, DataNotFoundError, load_images
+from gan_fid import FidUnavailable, FrechetInception
 from gan_quality import FrechetPCA
 from gan_resnet import resnet_critic, resnet_generator
 from report import Row, finite, fmt
@@ -138,6 +141,8 @@ METRIC_FIELDS: tuple[str, ...] = (
     "d_loss",
     "fd",
     "fd_real",
+    "fid",
+    "fid_real",
     "wall_time",
     "epoch_time",
     *(f"g_{k}" for k in TELEMETRY_FIELDS),
@@ -145,7 +150,8 @@ METRIC_FIELDS: tuple[str, ...] = (
 )
 """Columns of ``metrics.csv``: the epoch's mean generator and critic losses (the
 Wasserstein critic loss includes the penalty), the quality score ``fd`` and its
-real-vs-real floor ``fd_real``, cumulative training seconds, and the telemetry of
+real-vs-real floor ``fd_real``, the FID ``fid`` and its floor ``fid_real`` (empty
+without ``--fid-weights``), cumulative training seconds, and the telemetry of
 the generator's (``g_``) and critic's (``d_``) curvlib optimizer."""
 
 
@@ -251,6 +257,8 @@ class Setup:
         quality: The fitted ``FrechetPCA``.
         fd_real: Real training images against ``test``: the score's floor.
         name: Data set name.
+        fid: The FID against ``test`` (``--fid-weights``), or ``None``.
+        fid_real: The FID of real training images: its floor.
     """
 
     train: Tensor
@@ -258,6 +266,8 @@ class Setup:
     quality: FrechetPCA
     fd_real: float
     name: str
+    fid: FrechetInception | None = None
+    fid_real: float | None = None
 
 
 def _adam(params: Any, lr: float) -> torch.optim.Optimizer:
@@ -353,13 +363,17 @@ def train_gan(
     elif args.resume:
         tqdm.write(f"[{spec.label}] --resume: no checkpoint in {out}, starting from scratch")
 
-    def quality() -> float | None:
-        return finite(setup.quality.score(setup.test, _samples(gan, score_z).cpu()))
+    def quality() -> Row:
+        fake = _samples(gan, score_z)
+        row: Row = {"fd": finite(setup.quality.score(setup.test, fake.cpu()))}
+        row["fd_real"] = setup.fd_real
+        if setup.fid is not None:
+            row["fid"], row["fid_real"] = finite(setup.fid.score(fake)), setup.fid_real
+        return row
 
     if not result.metrics:
         result.metrics.append(
-            {**dict.fromkeys(METRIC_FIELDS), "epoch": 0, "steps": 0, "wall_time": 0.0}
-            | {"fd": quality(), "fd_real": setup.fd_real}
+            {**dict.fromkeys(METRIC_FIELDS), "epoch": 0, "steps": 0, "wall_time": 0.0} | quality()
         )
     steps = int(result.final["steps"] or 0)
     wall = float(result.final["wall_time"] or 0.0)
@@ -404,8 +418,7 @@ def train_gan(
             "steps": steps,
             "g_loss": mean(g_losses),
             "d_loss": mean(d_losses),
-            "fd": quality(),
-            "fd_real": setup.fd_real,
+            **quality(),
             "wall_time": wall,
             "epoch_time": elapsed,
         }
@@ -416,7 +429,9 @@ def train_gan(
         tqdm.write(
             f"[{spec.label}] epoch {epoch:3d}  g {fmt(row['g_loss'], '.4f')}  "
             f"d {fmt(row['d_loss'], '.4f')}  fd {fmt(row['fd'], '.2f')} "
-            f"(real {setup.fd_real:.2f})  time {wall:6.1f}s"
+            f"(real {setup.fd_real:.2f})"
+            + (f"  fid {fmt(row['fid'], '.2f')}" if setup.fid is not None else "")
+            + f"  time {wall:6.1f}s"
         )
         save_checkpoint(
             ckpt_path,
@@ -544,6 +559,8 @@ def _write_run(result: RunResult, critic_steps: Sequence[Row], name: str) -> Non
         "loss (solid: generator, dashed: critic)", log=False,
     )  # fmt: skip
     plot_runs([result], out / "quality.png", title, (("fd", "-"),), "Fréchet distance (PCA)")
+    if result.final.get("fid") is not None:
+        plot_runs([result], out / "fid.png", title, (("fid", "-"),), "Fréchet Inception Distance")
     write_telemetry(out, result.steps, f"{title} (generator)")
     if critic_steps:
         (out / "telemetry_critic.json").write_text(json.dumps(list(critic_steps)) + "\n")
@@ -623,6 +640,15 @@ def build_argparser() -> argparse.ArgumentParser:
     group.add_argument(
         "--fd-dims", type=positive_int, default=32, help="PCA directions of the quality score"
     )
+    group.add_argument(
+        "--fid-weights",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="also score fid, the Fréchet Inception Distance, with torch-fidelity's "
+        "InceptionV3 weights from this file (weights-inception-2015-12-05-6726825d.pth; "
+        "nothing is downloaded; needs the extra curvlib[fid])",
+    )
     return parser
 
 
@@ -676,7 +702,15 @@ def main(argv: Sequence[str] | None = None) -> list[RunResult]:
     test = split.test_x * 2 - 1
     quality = FrechetPCA(train[:2_000].cpu(), args.fd_dims)
     fd_real = quality.score(test, train[-len(test) :].cpu())
-    setup = Setup(train, test, quality, fd_real, split.name)
+    fid, fid_real = None, None
+    if args.fid_weights is not None:
+        try:
+            fid = FrechetInception(args.fid_weights, test, device)
+        except FidUnavailable as err:
+            parser.exit(2, f"{parser.prog}: error: {err}\n")
+        fid_real = finite(fid.score(train[-len(test) :]))
+        print(f"real-vs-real fid {fmt(fid_real, '.2f')}")
+    setup = Setup(train, test, quality, fd_real, split.name, fid, fid_real)
     print(
         f"{split.name}: {len(train)} train / {len(test)} test images, {args.arch} {args.gan} GAN, "
         f"--optim on {args.kfac_on}, fisher {args.fisher}; real-vs-real fd {fd_real:.2f}"
@@ -695,15 +729,20 @@ def main(argv: Sequence[str] | None = None) -> list[RunResult]:
     summary = [{"label": r.label, "lr": r.lr, **r.final} for r in results]
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(f"\n{split.name} {args.gan} GAN on {device.type}: {args.num_epochs} epochs")
-    print(f"{'optimizer':<18} {'lr':>8} {'g loss':>8} {'d loss':>8} {'fd':>8} {'time (s)':>9}")
+    head = f"{'optimizer':<18} {'lr':>8} {'g loss':>8} {'d loss':>8} {'fd':>8}"
+    print(head + (f" {'fid':>8}" if fid is not None else "") + f" {'time (s)':>9}")
     for r in results:
         f = r.final
         print(
             f"{r.label:<18} {r.lr:>8.2g} {fmt(f['g_loss'], '.4f'):>8} "
             f"{fmt(f['d_loss'], '.4f'):>8} {fmt(f['fd'], '.2f'):>8} "
-            f"{fmt(f['wall_time'], '.1f'):>9}"
+            + (f"{fmt(f.get('fid'), '.2f'):>8} " if fid is not None else "")
+            + f"{fmt(f['wall_time'], '.1f'):>9}"
         )
-    print(f"(fd of real training images: {fd_real:.2f}; lower is better)\noutputs in {out}/")
+    floor = f"fd of real training images: {fd_real:.2f}"
+    if fid is not None:
+        floor += f", fid {fmt(fid_real, '.2f')}"
+    print(f"({floor}; lower is better)\noutputs in {out}/")
     return results
 
 
