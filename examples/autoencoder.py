@@ -33,6 +33,7 @@ Examples (from the repository root)::
     python examples/autoencoder.py                                # KFAC on CURVES
     python examples/autoencoder.py --compare kfac,adam            # KFAC against Adam
     python examples/autoencoder.py --compare kfac,adam:3e-4,adam:1e-3,adam:3e-3
+    python examples/autoencoder.py --grid lr=0.03,0.1,0.3 damping=1e-4,1e-3  # 6 KFAC runs
     python examples/autoencoder.py --optim kpsvd --out runs/kpsvd
     python examples/autoencoder.py --num-epochs 20 --resume       # 10 more epochs
     python examples/autoencoder.py --data mnist --data-root ~/data --batch-size 1000
@@ -43,7 +44,8 @@ Examples (from the repository root)::
 Outputs in ``--out``: ``metrics.csv``, ``metrics.json``, ``iterations.csv`` (loss
 and cumulative time at every step), ``loss.png``,
 ``checkpoint.pt`` and ``summary.json``; with ``--compare`` one subdirectory per
-optimizer and ``compare.png``.
+optimizer and ``compare.png``; with ``--grid`` one subdirectory per run, ``grid.csv``
+and ``grid.png`` (the best run, of the lowest final training loss, marked).
 """
 
 from __future__ import annotations

@@ -8,14 +8,16 @@ by the parser with the allowed range or choices.
 from __future__ import annotations
 
 import argparse
+import functools
+import itertools
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from optimizers import COARSE_SPACES, DEFAULT_CURVATURE_LR, OPTIMIZERS, OptimConfig
+from optimizers import COARSE_SPACES, DEFAULT_CURVATURE_LR, OPTIMIZERS, OptimConfig, OptimizerSpec
 
 from curvlib.optim.defaults import DEFAULTS
 
@@ -90,31 +92,38 @@ def _float(text: str) -> float:
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One optimizer of a run or comparison: ``NAME`` or ``NAME:LR`` on the command line.
+    """One optimizer of a run, comparison or grid: ``NAME`` or ``NAME:LR`` on the command line.
 
     Attributes:
-        name: A key of ``OPTIMIZERS``.
+        name: A key of ``OPTIMIZERS`` (or of the script's registry, see ``build_parser``).
         lr: Its learning rate, or ``None`` for ``--lr`` / the optimizer's default.
+        settings: Other hyper-parameters of this run (``--grid``): pairs of an
+            ``OptimConfig`` field and its value, overriding the flags.
     """
 
     name: str
     lr: float | None = None
+    settings: tuple[tuple[str, float], ...] = ()
 
     @property
     def label(self) -> str:
-        """Directory and legend name: ``kfac`` or ``adam-lr0.003``."""
-        return self.name if self.lr is None else f"{self.name}-lr{self.lr:g}"
+        """Directory and legend name: ``kfac``, ``adam-lr0.003`` or ``kfac-lr0.1-damping0.001``."""
+        parts = [self.name] if self.lr is None else [f"{self.name}-lr{self.lr:g}"]
+        parts += [f"{key}{value:g}" for key, value in self.settings]
+        return "-".join(parts)
 
 
-def _choices() -> str:
-    return ", ".join(OPTIMIZERS)
+def _choices(registry: Mapping[str, OptimizerSpec] = OPTIMIZERS) -> str:
+    return ", ".join(registry)
 
 
-def run_spec(text: str) -> RunSpec:
-    """``argparse`` type of one optimizer: ``NAME`` or ``NAME:LR``."""
+def run_spec(text: str, registry: Mapping[str, OptimizerSpec] = OPTIMIZERS) -> RunSpec:
+    """``argparse`` type of one optimizer: ``NAME`` or ``NAME:LR``, ``NAME`` in ``registry``."""
     name, _, lr = text.strip().partition(":")
-    if name not in OPTIMIZERS:
-        raise argparse.ArgumentTypeError(f"invalid optimizer {name!r} (choose from {_choices()})")
+    if name not in registry:
+        raise argparse.ArgumentTypeError(
+            f"invalid optimizer {name!r} (choose from {_choices(registry)})"
+        )
     if not lr:
         return RunSpec(name)
     try:
@@ -123,15 +132,101 @@ def run_spec(text: str) -> RunSpec:
         raise argparse.ArgumentTypeError(f"learning rate of {text.strip()!r} {err}") from None
 
 
-def run_spec_list(text: str) -> list[RunSpec]:
+def run_spec_list(text: str, registry: Mapping[str, OptimizerSpec] = OPTIMIZERS) -> list[RunSpec]:
     """``argparse`` type of ``--compare``: comma-separated ``NAME`` or ``NAME:LR``."""
-    specs = [run_spec(part) for part in text.split(",") if part.strip()]
+    specs = [run_spec(part, registry) for part in text.split(",") if part.strip()]
     if not specs:
-        raise argparse.ArgumentTypeError(f"needs at least one optimizer (choose from {_choices()})")
+        raise argparse.ArgumentTypeError(
+            f"needs at least one optimizer (choose from {_choices(registry)})"
+        )
     labels = [s.label for s in specs]
     if len(set(labels)) != len(labels):
         raise argparse.ArgumentTypeError(f"lists an optimizer twice: {text!r}")
     return specs
+
+
+GRID_PARAMETERS: dict[str, Callable[[str], float]] = {
+    "lr": positive_float,
+    "damping": positive_float,
+    "clipping": nonnegative_float,
+    "momentum": momentum_float,
+    "weight_decay": nonnegative_float,
+}
+"""``--grid NAME=V1,V2,...``: the hyper-parameters a grid may vary, with their checks
+(``weight-decay`` and ``weight_decay`` are the same name)."""
+
+
+@dataclass(frozen=True)
+class GridAxis:
+    """One ``--grid`` entry: a hyper-parameter and the values it takes.
+
+    Attributes:
+        name: A key of ``GRID_PARAMETERS`` (an ``OptimConfig`` field).
+        values: Its values, in the order given.
+    """
+
+    name: str
+    values: tuple[float, ...]
+
+
+def grid_axis(text: str) -> GridAxis:
+    """``argparse`` type of one ``--grid`` entry: ``NAME=V1,V2,...``."""
+    names = ", ".join(n.replace("_", "-") for n in GRID_PARAMETERS)
+    key, sep, values = text.strip().partition("=")
+    name = key.strip().replace("-", "_")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(
+            f"expects NAME=V1,V2,... such as lr=0.03,0.1 (NAME one of {names}), got {text!r}"
+        )
+    if name not in GRID_PARAMETERS:
+        raise argparse.ArgumentTypeError(f"unknown parameter {key.strip()!r} (choose from {names})")
+    parts = [v.strip() for v in values.split(",")]
+    if not any(parts):
+        raise argparse.ArgumentTypeError(f"{key.strip()}= lists no values, in {text!r}")
+    if not all(parts):
+        raise argparse.ArgumentTypeError(f"{key.strip()}= has an empty value, in {text!r}")
+    parsed: list[float] = []
+    for part in parts:
+        try:
+            parsed.append(GRID_PARAMETERS[name](part))
+        except argparse.ArgumentTypeError as err:
+            raise argparse.ArgumentTypeError(f"{key.strip()}= value {err}") from None
+    if len(set(parsed)) != len(parsed):
+        raise argparse.ArgumentTypeError(f"{key.strip()}= lists a value twice: {text!r}")
+    return GridAxis(name, tuple(parsed))
+
+
+class _GridAction(argparse.Action):
+    """Stores the ``--grid`` axes, refusing a parameter named twice."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[Any] | None,
+        option_string: str | None = None,
+    ) -> None:
+        axes = list(values or [])
+        names = [a.name for a in axes]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise argparse.ArgumentError(
+                self, f"names {', '.join(twice)} twice; give all its values in one NAME=V1,V2"
+            )
+        setattr(namespace, self.dest, axes)
+
+
+def grid_specs(spec: RunSpec, axes: Sequence[GridAxis]) -> list[RunSpec]:
+    """The cartesian product of ``axes`` for the optimizer of ``spec``, first axis slowest.
+
+    ``lr`` becomes the runs' learning rate; the other axes their ``settings``.
+    """
+    runs = []
+    for values in itertools.product(*(axis.values for axis in axes)):
+        chosen = dict(zip((axis.name for axis in axes), values, strict=True))
+        lr = chosen.pop("lr", spec.lr)
+        runs.append(RunSpec(spec.name, lr, tuple(chosen.items())))
+    return runs
 
 
 # -- the command line -------------------------------------------------------------
@@ -218,16 +313,23 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 def build_parser(
-    description: str, *, epilog: str | None = None, **defaults: Any
+    description: str,
+    *,
+    epilog: str | None = None,
+    registry: Mapping[str, OptimizerSpec] = OPTIMIZERS,
+    **defaults: Any,
 ) -> argparse.ArgumentParser:
     """The parser with every common flag; scripts add their own flags to it.
 
     Args:
         description: First line of ``--help``.
         epilog: Text after the flags in ``--help``.
+        registry: The ``--optim``/``--compare`` names and their specs: ``OPTIMIZERS``,
+            or a script's superset of it with optimizers only it can run (the GAN's
+            simultaneous SGD). It is stored as ``args.registry`` for ``optim_config``.
         **defaults: Script-specific defaults of common flags (e.g. ``batch_size=1000``).
     """
-    table = "\n".join(f"  {name:<16}{spec.help}" for name, spec in OPTIMIZERS.items())
+    table = "\n".join(f"  {name:<16}{spec.help}" for name, spec in registry.items())
     parser = _PresetParser(
         description=description,
         epilog=f"optimizers (--optim, --compare):\n{table}" + (f"\n\n{epilog}" if epilog else ""),
@@ -244,10 +346,10 @@ def build_parser(
     )
     opt.add_argument(
         "--optim",
-        type=run_spec,
+        type=functools.partial(run_spec, registry=registry),
         default=RunSpec("kfac"),
         metavar="NAME",
-        help=f"optimizer, one of: {_choices()} (default: kfac)",
+        help=f"optimizer, one of: {_choices(registry)} (default: kfac)",
     )
     opt.add_argument(
         "--lr",
@@ -366,13 +468,27 @@ def build_parser(
         default="residual",
         help="how the coarse correction combines with the fine step",
     )
-    opt.add_argument(
+    several = opt.add_mutually_exclusive_group()
+    several.add_argument(
         "--compare",
-        type=run_spec_list,
+        type=functools.partial(run_spec_list, registry=registry),
         default=None,
         metavar="NAME[:LR],...",
         help="run several optimizers on the same data and seed, e.g. kfac,kpsvd,adam or "
         "kfac,adam:3e-4,adam:1e-3 (LR overrides --lr for that entry); plots them together",
+    )
+    several.add_argument(
+        "--grid",
+        type=grid_axis,
+        nargs="+",
+        action=_GridAction,
+        default=None,
+        metavar="NAME=V1,V2,...",
+        help="run --optim at every combination of these values (the cartesian product), "
+        "e.g. --grid lr=0.03,0.1,0.3 damping=1e-4,1e-3; NAME one of "
+        + ", ".join(n.replace("_", "-") for n in GRID_PARAMETERS)
+        + "; one subdirectory per run, grid.csv and grid.png with the run of the lowest "
+        "final training loss marked",
     )
 
     run = parser.add_argument_group("run")
@@ -426,7 +542,7 @@ def build_parser(
         default="test_loss",
         help="the loss --patience watches, evaluated after every epoch",
     )
-    parser.set_defaults(**defaults)
+    parser.set_defaults(registry=registry, **defaults)
     return parser
 
 
@@ -444,18 +560,29 @@ def resolve_device(name: str) -> torch.device:
 
 
 def runs_of(args: argparse.Namespace) -> list[RunSpec]:
-    """The optimizers to run: those of ``--compare``, or ``--optim``."""
+    """The runs: every ``--grid`` combination, the ``--compare`` entries, or ``--optim``."""
+    if getattr(args, "grid", None):
+        return grid_specs(args.optim, args.grid)
     return list(args.compare) if args.compare else [args.optim]
+
+
+def several_runs(args: argparse.Namespace) -> bool:
+    """Whether the runs go to subdirectories of ``--out`` (``--compare`` or ``--grid``)."""
+    return args.compare is not None or getattr(args, "grid", None) is not None
 
 
 def optim_config(args: argparse.Namespace, spec: RunSpec) -> OptimConfig:
     """The hyper-parameters of ``spec``: its own LR, else ``--lr``, else the default.
+
+    A ``--grid`` run's ``settings`` override the flags of the same names.
 
     Raises:
         UsageError: For ``--krylov`` without ``--coarse-space`` (or with
             ``tselepidis``), or ``--coarse-space`` with a torch optimizer alone.
     """
     lr = spec.lr if spec.lr is not None else args.lr
+    registry: Mapping[str, OptimizerSpec] = getattr(args, "registry", OPTIMIZERS)
+    entry = registry[spec.name]
     coarse = getattr(args, "coarse_space", None)
     if getattr(args, "krylov", False) and coarse is None:
         raise UsageError("--krylov enriches a coarse space: add --coarse-space NAME.")
@@ -463,18 +590,18 @@ def optim_config(args: argparse.Namespace, spec: RunSpec) -> OptimConfig:
         raise UsageError(
             "--coarse-space tselepidis has no Krylov enrichment; use nicolaides with --krylov."
         )
-    if coarse is not None and not OPTIMIZERS[spec.name].curvature:
+    if coarse is not None and not entry.curvature:
         if not getattr(args, "compare", None):
             raise UsageError(
                 f"--coarse-space needs a curvature optimizer as its fine level, not {spec.name!r}."
             )
         coarse = None  # --compare: the baselines run as they are
-    return OptimConfig(
-        lr=OPTIMIZERS[spec.name].default_lr if lr is None else lr,
+    config = OptimConfig(
+        lr=entry.default_lr if lr is None else lr,
         damping=args.damping,
         adaptive_damping=args.adaptive_damping,
         clipping=args.clipping,
-        momentum=OPTIMIZERS[spec.name].default_momentum if args.momentum is None else args.momentum,
+        momentum=entry.default_momentum if args.momentum is None else args.momentum,
         weight_decay=args.weight_decay,
         decoupled_weight_decay=getattr(args, "decoupled_weight_decay", False),
         kl_clip_lr_squared=getattr(args, "kl_clip_lr_squared", True),
@@ -492,3 +619,4 @@ def optim_config(args: argparse.Namespace, spec: RunSpec) -> OptimConfig:
         krylov=getattr(args, "krylov", False),
         coarse_form=getattr(args, "coarse_form", "residual"),
     )
+    return replace(config, **dict(spec.settings))

@@ -14,12 +14,14 @@ string into an optimizer through ``OPTIMIZERS`` and trains with
 optimizers (``telemetry.png``) and a checkpoint (``checkpoint.pt``) to ``--out``
 after every epoch; ``--resume`` continues from that checkpoint and ``--compare``
 runs several optimizers on the same data and seed (one subdirectory each, a
-combined ``compare.png`` and a printed summary table).
+combined ``compare.png`` and a printed summary table); ``--grid`` runs ``--optim``
+at every combination of a few hyper-parameter values (one subdirectory each,
+``grid.csv`` and ``grid.png`` with the best run marked).
 
 Common flags: ``--preset --optim --lr --damping --adaptive-damping --clipping
 --kl-clip-lr-squared --momentum --weight-decay --decoupled-weight-decay
 --damping-mode --conv-damping --decay --fisher --stats-fraction --t-cov --t-inv
---warmup --compare --batch-size --num-epochs --num-train --num-test --data-root
+--warmup --compare --grid --batch-size --num-epochs --num-train --num-test --data-root
 --device --threads --seed --out --resume --no-progress --patience
 --patience-metric``. ``--preset paper`` sets the defaults of the KPSVD papers'
 configuration (``PRESETS``); explicit flags override it.
@@ -30,11 +32,15 @@ from __future__ import annotations
 from cli import (
     DEVICE_CHOICES,
     FISHER_CHOICES,
+    GRID_PARAMETERS,
     PRESETS,
+    GridAxis,
     RunSpec,
     UsageError,
     build_parser,
     fraction,
+    grid_axis,
+    grid_specs,
     momentum_float,
     nonnegative_float,
     optim_config,
@@ -44,6 +50,7 @@ from cli import (
     run_spec,
     run_spec_list,
     runs_of,
+    several_runs,
 )
 from optimizers import (
     DEFAULT_CURVATURE_LR,
@@ -54,12 +61,17 @@ from optimizers import (
     build_optimizer,
 )
 from report import (
+    GRID_FIELDS,
     RunResult,
     best_adam,
+    best_run,
+    grid_rows,
+    grid_table,
     plot_runs,
     plot_telemetry,
     summarize,
     time_to_reach,
+    write_grid,
     write_metrics,
     write_summary,
 )
@@ -83,6 +95,8 @@ __all__ = [
     "DEFAULT_CURVATURE_LR",
     "DEVICE_CHOICES",
     "FISHER_CHOICES",
+    "GRID_FIELDS",
+    "GRID_PARAMETERS",
     "METRIC_FIELDS",
     "OPTIMIZERS",
     "PRESETS",
@@ -90,6 +104,7 @@ __all__ = [
     "TIMINGS",
     "EarlyStopping",
     "Factory",
+    "GridAxis",
     "OptimConfig",
     "OptimizerSpec",
     "RunResult",
@@ -98,10 +113,15 @@ __all__ = [
     "Telemetry",
     "UsageError",
     "best_adam",
+    "best_run",
     "build_optimizer",
     "build_parser",
     "evaluate",
     "fraction",
+    "grid_axis",
+    "grid_rows",
+    "grid_specs",
+    "grid_table",
     "momentum_float",
     "nonnegative_float",
     "optim_config",
@@ -115,10 +135,12 @@ __all__ = [
     "run_spec_list",
     "runs_of",
     "save_checkpoint",
+    "several_runs",
     "step_optimizer",
     "summarize",
     "time_to_reach",
     "train_one",
+    "write_grid",
     "write_metrics",
     "write_summary",
 ]

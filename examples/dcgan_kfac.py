@@ -1,8 +1,12 @@
-"""DCGAN and WGAN-GP with KFAC (or any curvlib optimizer) on the generator, critic or both.
+r"""DCGAN and WGAN-GP with KFAC (or any curvlib optimizer) on the generator, critic or both.
 
 The generator maps ``z ~ N(0, I)`` through ``ConvTranspose2d`` + ``BatchNorm2d``
 (train mode) + ReLU stages to ``tanh`` images; the critic is strided convs +
-LeakyReLU and a linear score. ``--optim`` trains the networks named by
+LeakyReLU and a linear score. ``--arch resnet`` takes instead the WGAN-GP ResNet
+generator and critic of Gulrajani et al. (2017) for 32x32 images
+(``examples/gan_resnet.py``: 3 up-sampling residual blocks in the generator, 4
+in the critic, 128 channels), with ``--gan wgan-gp``, ``--nz 128`` and
+``--data synthetic`` (3x32x32, offline) as its defaults. ``--optim`` trains the networks named by
 ``--kfac-on`` (``generator``, ``critic`` or ``both``); the other one takes
 ``Adam(--adam-lr, betas=(0.5, 0.999))``.
 
@@ -24,12 +28,26 @@ LeakyReLU and a linear score. ``--optim`` trains the networks named by
   come from that term, and the gradient penalty's gradient is added outside the
   ``record()`` block (it steps the critic but is not in its curvature).
 
+``--optim sim-sgd`` is the baseline of simultaneous SGD ascent-descent: both
+networks take plain SGD steps (``--lr``, default 0.02; ``--momentum``, default 0)
+from gradients taken at the same parameters, $\theta_G \leftarrow \theta_G - \eta
+\nabla_G L_G(\theta_G, \theta_D)$ and $\theta_D \leftarrow \theta_D - \eta \nabla_D
+L_D(\theta_G, \theta_D)$, one critic step per generator step (``--kfac-on``,
+``--adam-lr`` and ``--critic-steps`` do not apply). With ``--gan wgan-gp``,
+$L_G = -L_D$ up to the penalty: gradient descent on the generator and ascent on
+the critic of one value $\mathbb{E}[D(x)] - \mathbb{E}[D(G(z))]$. With ``bce``
+the generator's loss is the non-saturating one. Every other ``--optim`` is
+trained alternately: the critic's step(s) first, then the generator's against
+the updated critic.
+
 Every epoch writes a sample grid ``samples/epoch_NNN.png`` (fixed noise) and the
 sample-quality score ``fd``: the Fréchet distance between generated and real
 test images in the top-32 PCA space of the real training images
 (``examples/gan_quality.py`` says what it measures and what it misses), next
 to ``fd_real``, the score of real training images against the same test images
-(the floor).
+(the floor). ``--fid-weights PATH`` adds the Fréchet Inception Distance ``fid``
+(and its floor ``fid_real``) from torch-fidelity's InceptionV3 weights in a
+local file (``examples/gan_fid.py``; the optional extra ``curvlib[fid]``).
 
 ``--data curves`` (default) is generated offline (1x28x28); ``synthetic``,
 ``mnist``, ``fashion-mnist``, ``cifar10``, ``cifar100`` and ``svhn`` are the image sets of
@@ -41,6 +59,8 @@ Examples (from the repository root)::
     python examples/dcgan_kfac.py --compare kfac,adam          # same data, seed, critic
     python examples/dcgan_kfac.py --kfac-on both
     python examples/dcgan_kfac.py --gan wgan-gp --kfac-on critic
+    python examples/dcgan_kfac.py --compare kfac,sim-sgd       # against simultaneous SGD
+    python examples/dcgan_kfac.py --arch resnet --data cifar10 --kfac-on both --device cuda
 
 Outputs in ``--out``: ``metrics.csv``, ``metrics.json``, ``loss.png`` (generator
 and critic loss), ``quality.png`` (``fd``), ``telemetry.png`` /
@@ -69,6 +89,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (
     OPTIMIZERS,
+    OptimConfig,
+    OptimizerSpec,
     RunResult,
     RunSpec,
     UsageError,
@@ -83,7 +105,9 @@ from common import (
     write_metrics,
 )
 from data import IMAGE_DATASETS, DataNotFoundError, load_images
+from gan_fid import FidUnavailable, FrechetInception
 from gan_quality import FrechetPCA
+from gan_resnet import resnet_critic, resnet_generator
 from report import Row, finite, fmt
 from training import (
     CHECKPOINT,
@@ -102,6 +126,14 @@ from training import (
 
 NETWORKS = ("generator", "critic", "both")
 GANS = ("bce", "wgan-gp")
+ARCHS = ("dcgan", "resnet")
+ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
+    "dcgan": {"gan": "bce", "nz": 32, "width": 16, "data": "curves"},
+    "resnet": {"gan": "wgan-gp", "nz": 128, "width": 128, "data": "synthetic"},
+}
+"""``--arch``: the defaults it gives ``--gan``, ``--nz``, ``--width`` and ``--data``."""
+SIMULTANEOUS = "sim-sgd"
+"""The ``--optim`` name of simultaneous SGD ascent-descent, the GAN example's own."""
 METRIC_FIELDS: tuple[str, ...] = (
     "epoch",
     "steps",
@@ -109,6 +141,8 @@ METRIC_FIELDS: tuple[str, ...] = (
     "d_loss",
     "fd",
     "fd_real",
+    "fid",
+    "fid_real",
     "wall_time",
     "epoch_time",
     *(f"g_{k}" for k in TELEMETRY_FIELDS),
@@ -116,7 +150,8 @@ METRIC_FIELDS: tuple[str, ...] = (
 )
 """Columns of ``metrics.csv``: the epoch's mean generator and critic losses (the
 Wasserstein critic loss includes the penalty), the quality score ``fd`` and its
-real-vs-real floor ``fd_real``, cumulative training seconds, and the telemetry of
+real-vs-real floor ``fd_real``, the FID ``fid`` and its floor ``fid_real`` (empty
+without ``--fid-weights``), cumulative training seconds, and the telemetry of
 the generator's (``g_``) and critic's (``d_``) curvlib optimizer."""
 
 
@@ -158,6 +193,20 @@ def critic(channels: int, side: int, width: int = 16) -> nn.Sequential:
         nn.Flatten(),
         nn.Linear(4 * width * (side // 4) ** 2, 1),
     )
+
+
+def networks(args: argparse.Namespace, channels: int, side: int) -> tuple[nn.Module, nn.Module]:
+    """The generator and the critic of ``--arch`` for ``[channels, side, side]`` images.
+
+    Raises:
+        ValueError: If ``side`` does not suit the architecture.
+    """
+    if args.arch == "resnet":
+        return (
+            resnet_generator(args.nz, channels, side, args.width),
+            resnet_critic(channels, side, args.width),
+        )
+    return generator(args.nz, channels, side, args.width), critic(channels, side, args.width)
 
 
 class GAN(nn.Module):
@@ -208,6 +257,8 @@ class Setup:
         quality: The fitted ``FrechetPCA``.
         fd_real: Real training images against ``test``: the score's floor.
         name: Data set name.
+        fid: The FID against ``test`` (``--fid-weights``), or ``None``.
+        fid_real: The FID of real training images: its floor.
     """
 
     train: Tensor
@@ -215,10 +266,31 @@ class Setup:
     quality: FrechetPCA
     fd_real: float
     name: str
+    fid: FrechetInception | None = None
+    fid_real: float | None = None
 
 
 def _adam(params: Any, lr: float) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=lr, betas=(0.5, 0.999))
+
+
+def _sim_sgd(
+    model: nn.Module, loss_fn: nn.Module, cfg: OptimConfig, **_: Any
+) -> torch.optim.Optimizer:
+    """Plain SGD of one network, the half of simultaneous SGD ascent-descent."""
+    return torch.optim.SGD(
+        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
+
+
+GAN_OPTIMIZERS: dict[str, OptimizerSpec] = {
+    **OPTIMIZERS,
+    SIMULTANEOUS: OptimizerSpec(
+        _sim_sgd, 0.02, False, "simultaneous SGD ascent-descent on both networks (GAN baseline)",
+        default_momentum=0.0,
+    ),
+}  # fmt: skip
+"""``OPTIMIZERS`` and the GAN's own baseline ``sim-sgd``: the names of ``--optim``."""
 
 
 def _build(
@@ -226,6 +298,8 @@ def _build(
 ) -> dict[str, torch.optim.Optimizer]:
     """The generator's and the critic's optimizers (``loss``: the module the steps call)."""
     config = optim_config(args, spec)
+    if spec.name == SIMULTANEOUS:
+        return {"g": _sim_sgd(gan.generator, loss, config), "d": _sim_sgd(gan.critic, loss, config)}
     opts: dict[str, torch.optim.Optimizer] = {}
     if args.kfac_on in ("generator", "both"):
         opts["g"] = build_optimizer(
@@ -264,9 +338,7 @@ def train_gan(
     (out / "samples").mkdir(exist_ok=True)
     torch.manual_seed(args.seed)
     channels, side = setup.train.shape[1], setup.train.shape[2]
-    gan = GAN(
-        generator(args.nz, channels, side, args.width), critic(channels, side, args.width)
-    ).to(device)
+    gan = GAN(*networks(args, channels, side)).to(device)
     bce, mse = nn.BCEWithLogitsLoss(), nn.MSELoss()
     opts = _build(args, spec, gan, bce if args.gan == "bce" else mse)
     data_gen = torch.Generator().manual_seed(args.seed)
@@ -291,17 +363,22 @@ def train_gan(
     elif args.resume:
         tqdm.write(f"[{spec.label}] --resume: no checkpoint in {out}, starting from scratch")
 
-    def quality() -> float | None:
-        return finite(setup.quality.score(setup.test, _samples(gan, score_z).cpu()))
+    def quality() -> Row:
+        fake = _samples(gan, score_z)
+        row: Row = {"fd": finite(setup.quality.score(setup.test, fake.cpu()))}
+        row["fd_real"] = setup.fd_real
+        if setup.fid is not None:
+            row["fid"], row["fid_real"] = finite(setup.fid.score(fake)), setup.fid_real
+        return row
 
     if not result.metrics:
         result.metrics.append(
-            {**dict.fromkeys(METRIC_FIELDS), "epoch": 0, "steps": 0, "wall_time": 0.0}
-            | {"fd": quality(), "fd_real": setup.fd_real}
+            {**dict.fromkeys(METRIC_FIELDS), "epoch": 0, "steps": 0, "wall_time": 0.0} | quality()
         )
     steps = int(result.final["steps"] or 0)
     wall = float(result.final["wall_time"] or 0.0)
-    n_critic = args.critic_steps if args.gan == "wgan-gp" else 1
+    simultaneous = spec.name == SIMULTANEOUS
+    n_critic = args.critic_steps if args.gan == "wgan-gp" and not simultaneous else 1
     per_epoch = len(batches(len(setup.train), args.batch_size, torch.Generator())) // n_critic
     tel = {"g": Telemetry(result.steps), "d": Telemetry(d_steps)}
     bar = progress_bar(args, spec.label, per_epoch * args.num_epochs, steps)
@@ -312,6 +389,15 @@ def train_gan(
         d_losses: list[float] = []
         order = batches(len(setup.train), args.batch_size, data_gen)
         for i in range(per_epoch):
+            if simultaneous:
+                real = setup.train[order[i]]
+                z = torch.randn(len(real), args.nz, generator=noise_gen).to(device)
+                g_loss, d_loss = _simultaneous_step(args, gan, opts, real, z, noise_gen, bce)
+                g_losses.append(g_loss)
+                d_losses.append(d_loss)
+                steps += 1
+                bar.update()
+                continue
             for idx in order[i * n_critic : (i + 1) * n_critic]:
                 real = setup.train[idx]
                 z = torch.randn(len(real), args.nz, generator=noise_gen).to(device)
@@ -332,8 +418,7 @@ def train_gan(
             "steps": steps,
             "g_loss": mean(g_losses),
             "d_loss": mean(d_losses),
-            "fd": quality(),
-            "fd_real": setup.fd_real,
+            **quality(),
             "wall_time": wall,
             "epoch_time": elapsed,
         }
@@ -344,7 +429,9 @@ def train_gan(
         tqdm.write(
             f"[{spec.label}] epoch {epoch:3d}  g {fmt(row['g_loss'], '.4f')}  "
             f"d {fmt(row['d_loss'], '.4f')}  fd {fmt(row['fd'], '.2f')} "
-            f"(real {setup.fd_real:.2f})  time {wall:6.1f}s"
+            f"(real {setup.fd_real:.2f})"
+            + (f"  fid {fmt(row['fid'], '.2f')}" if setup.fid is not None else "")
+            + f"  time {wall:6.1f}s"
         )
         save_checkpoint(
             ckpt_path,
@@ -423,6 +510,47 @@ def _generator_step(
     return float(loss.detach())
 
 
+def _simultaneous_step(
+    args: argparse.Namespace,
+    gan: GAN,
+    opts: dict[str, torch.optim.Optimizer],
+    real: Tensor,
+    z: Tensor,
+    gen: torch.Generator,
+    bce: nn.Module,
+) -> tuple[float, float]:
+    """One step of simultaneous SGD ascent-descent; returns (generator, critic) losses.
+
+    Both gradients are taken at the current parameters of both networks (the
+    generator's through the critic before the critic moves, the critic's on the
+    same generated batch), then both networks step.
+    """
+    for opt in opts.values():
+        opt.zero_grad()
+    fake = gan.generator(z)
+    n = len(real)
+    scores = gan.critic(torch.cat([real, fake.detach()]))
+    fake_scores = gan.critic(fake)
+    if args.gan == "bce":
+        target = torch.cat([torch.ones(n, 1), torch.zeros(len(fake), 1)]).to(real.device)
+        d_loss = bce(scores, target)
+        g_loss = bce(fake_scores, torch.ones_like(fake_scores))
+    else:
+        d_loss = scores[n:].mean() - scores[:n].mean()
+        d_loss = d_loss + args.gp_weight * gradient_penalty(gan.critic, real, fake.detach(), gen)
+        g_loss = -fake_scores.mean()
+    d_params = list(gan.critic.parameters())
+    g_params = list(gan.generator.parameters())
+    d_grads = torch.autograd.grad(d_loss, d_params)
+    g_grads = torch.autograd.grad(g_loss, g_params)
+    for params, grads in ((d_params, d_grads), (g_params, g_grads)):
+        for param, grad in zip(params, grads, strict=True):
+            param.grad = grad
+    opts["d"].step()
+    opts["g"].step()
+    return float(g_loss.detach()), float(d_loss.detach())
+
+
 def _write_run(result: RunResult, critic_steps: Sequence[Row], name: str) -> None:
     out, title = result.out, f"{name} GAN: {result.label}"
     write_metrics(out, result.metrics, METRIC_FIELDS)
@@ -431,6 +559,8 @@ def _write_run(result: RunResult, critic_steps: Sequence[Row], name: str) -> Non
         "loss (solid: generator, dashed: critic)", log=False,
     )  # fmt: skip
     plot_runs([result], out / "quality.png", title, (("fd", "-"),), "Fréchet distance (PCA)")
+    if result.final.get("fid") is not None:
+        plot_runs([result], out / "fid.png", title, (("fid", "-"),), "Fréchet Inception Distance")
     write_telemetry(out, result.steps, f"{title} (generator)")
     if critic_steps:
         (out / "telemetry_critic.json").write_text(json.dumps(list(critic_steps)) + "\n")
@@ -450,6 +580,7 @@ def build_argparser() -> argparse.ArgumentParser:
         "4,000 generated CURVES images, 5 epochs of batch 64, damping 1e-2 and KL clip 1e-3 "
         "(the autoencoder's looser clip destabilises the game). --fisher defaults to mc for "
         "bce and empirical for wgan-gp.",
+        registry=GAN_OPTIMIZERS,
         out=Path("runs/dcgan"),
         batch_size=64,
         num_epochs=5,
@@ -458,29 +589,75 @@ def build_argparser() -> argparse.ArgumentParser:
         clipping=1e-3,
     )
     group = parser.add_argument_group("GAN, data and model")
-    group.add_argument("--gan", choices=GANS, default="bce", help="DCGAN (bce) or WGAN-GP")
     group.add_argument(
-        "--kfac-on", choices=NETWORKS, default="generator", help="the network(s) --optim trains"
+        "--arch",
+        choices=ARCHS,
+        default="dcgan",
+        help="the networks: the small DCGAN, or the WGAN-GP ResNet for 32x32 images "
+        "(Gulrajani et al. 2017)",
+    )
+    group.add_argument(
+        "--gan",
+        choices=GANS,
+        default=None,
+        help="DCGAN (bce) or WGAN-GP (default: bce for --arch dcgan, wgan-gp for resnet)",
+    )
+    group.add_argument(
+        "--kfac-on",
+        choices=NETWORKS,
+        default="generator",
+        help="the network(s) --optim trains (sim-sgd trains both)",
     )
     group.add_argument(
         "--adam-lr", type=positive_float, default=2e-4, help="Adam learning rate of the other"
     )
     group.add_argument(
-        "--critic-steps", type=positive_int, default=5, help="critic steps per generator step"
+        "--critic-steps",
+        type=positive_int,
+        default=5,
+        help="WGAN-GP critic steps per generator step (sim-sgd takes one)",
     )
     group.add_argument("--gp-weight", type=positive_float, default=10.0, help="WGAN-GP penalty")
-    group.add_argument("--data", choices=IMAGE_DATASETS, default="curves", help="images")
-    group.add_argument("--nz", type=positive_int, default=32, help="noise dimension")
-    group.add_argument("--width", type=positive_int, default=16, help="channel width unit")
+    group.add_argument(
+        "--data",
+        choices=IMAGE_DATASETS,
+        default=None,
+        help="images (default: curves for --arch dcgan, synthetic for resnet)",
+    )
+    group.add_argument(
+        "--nz",
+        type=positive_int,
+        default=None,
+        help="noise dimension (default: 32 for --arch dcgan, 128 for resnet)",
+    )
+    group.add_argument(
+        "--width",
+        type=positive_int,
+        default=None,
+        help="dcgan: channel width unit (default 16); resnet: channels of every block "
+        "(default 128)",
+    )
     group.add_argument(
         "--fd-dims", type=positive_int, default=32, help="PCA directions of the quality score"
+    )
+    group.add_argument(
+        "--fid-weights",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="also score fid, the Fréchet Inception Distance, with torch-fidelity's "
+        "InceptionV3 weights from this file (weights-inception-2015-12-05-6726825d.pth; "
+        "nothing is downloaded; needs the extra curvlib[fid])",
     )
     return parser
 
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Resolve ``--fisher`` and refuse the combinations without a meaning."""
-    curvature = any(OPTIMIZERS[s.name].curvature for s in runs_of(args))
+    """Resolve ``--fisher`` and the ``--arch`` defaults; refuse combinations without a meaning."""
+    for key, value in ARCH_DEFAULTS[args.arch].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    curvature = any(GAN_OPTIMIZERS[s.name].curvature for s in runs_of(args))
     if args.fisher is None:
         args.fisher = "mc" if args.gan == "bce" else "empirical"
     if args.gan == "wgan-gp" and args.fisher != "empirical" and curvature:
@@ -490,6 +667,11 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         )
     if args.adaptive_damping:
         parser.error("--adaptive-damping is not supported by the GAN example (its loss moves).")
+    if args.grid is not None:
+        parser.error(
+            "--grid ranks runs by their final training loss, which a GAN does not have; "
+            "compare settings with --compare (e.g. kfac:0.1,kfac:0.3) and read their fd."
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> list[RunResult]:
@@ -510,9 +692,8 @@ def main(argv: Sequence[str] | None = None) -> list[RunResult]:
             data_root=args.data_root,
             offline="--data curves (generated offline, the default)",
         )
-        _, side, _ = split.image_shape
-        if side % 4:
-            raise ValueError(f"The image side must be a multiple of 4, got {side}.")
+        channels, side, _ = split.image_shape
+        networks(args, channels, side)  # refuses an image size the networks cannot take
     except (DataNotFoundError, UsageError, ValueError) as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
     if args.threads is not None:
@@ -521,9 +702,17 @@ def main(argv: Sequence[str] | None = None) -> list[RunResult]:
     test = split.test_x * 2 - 1
     quality = FrechetPCA(train[:2_000].cpu(), args.fd_dims)
     fd_real = quality.score(test, train[-len(test) :].cpu())
-    setup = Setup(train, test, quality, fd_real, split.name)
+    fid, fid_real = None, None
+    if args.fid_weights is not None:
+        try:
+            fid = FrechetInception(args.fid_weights, test, device)
+        except FidUnavailable as err:
+            parser.exit(2, f"{parser.prog}: error: {err}\n")
+        fid_real = finite(fid.score(train[-len(test) :]))
+        print(f"real-vs-real fid {fmt(fid_real, '.2f')}")
+    setup = Setup(train, test, quality, fd_real, split.name, fid, fid_real)
     print(
-        f"{split.name}: {len(train)} train / {len(test)} test images, {args.gan} GAN, "
+        f"{split.name}: {len(train)} train / {len(test)} test images, {args.arch} {args.gan} GAN, "
         f"--optim on {args.kfac_on}, fisher {args.fisher}; real-vs-real fd {fd_real:.2f}"
     )
     out: Path = args.out
@@ -540,15 +729,20 @@ def main(argv: Sequence[str] | None = None) -> list[RunResult]:
     summary = [{"label": r.label, "lr": r.lr, **r.final} for r in results]
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(f"\n{split.name} {args.gan} GAN on {device.type}: {args.num_epochs} epochs")
-    print(f"{'optimizer':<18} {'lr':>8} {'g loss':>8} {'d loss':>8} {'fd':>8} {'time (s)':>9}")
+    head = f"{'optimizer':<18} {'lr':>8} {'g loss':>8} {'d loss':>8} {'fd':>8}"
+    print(head + (f" {'fid':>8}" if fid is not None else "") + f" {'time (s)':>9}")
     for r in results:
         f = r.final
         print(
             f"{r.label:<18} {r.lr:>8.2g} {fmt(f['g_loss'], '.4f'):>8} "
             f"{fmt(f['d_loss'], '.4f'):>8} {fmt(f['fd'], '.2f'):>8} "
-            f"{fmt(f['wall_time'], '.1f'):>9}"
+            + (f"{fmt(f.get('fid'), '.2f'):>8} " if fid is not None else "")
+            + f"{fmt(f['wall_time'], '.1f'):>9}"
         )
-    print(f"(fd of real training images: {fd_real:.2f}; lower is better)\noutputs in {out}/")
+    floor = f"fd of real training images: {fd_real:.2f}"
+    if fid is not None:
+        floor += f", fid {fmt(fid_real, '.2f')}"
+    print(f"({floor}; lower is better)\noutputs in {out}/")
     return results
 
 

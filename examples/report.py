@@ -4,7 +4,8 @@ Per run: ``metrics.csv`` and ``metrics.json`` (one row per epoch),
 ``iterations.csv`` and ``iterations.json`` (one row per step), ``loss.png``
 (loss against epoch and against wall time) and, for curvlib optimizers,
 ``telemetry.png`` (the KL-clip factor ν and the damping λ of every step).
-A comparison adds ``compare.png`` and ``summary.json``.
+A comparison adds ``compare.png`` and ``summary.json``; a grid adds ``grid.png``
+(every run, the best marked), ``grid.csv``/``grid.json`` and ``summary.json``.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,21 +89,31 @@ def plot_runs(
     curves: Sequence[tuple[str, str]] = (("train_loss", "-"), ("test_loss", "--")),
     ylabel: str = "loss (solid: train, dashed: test)",
     log: bool = True,
+    best: RunResult | None = None,
 ) -> None:
     """The metrics ``curves`` (key, line style) against epoch and against wall time.
 
-    The first curve of each run carries its label in the legend.
+    The first curve of each run carries its label in the legend. ``best`` (one of
+    ``results``) is drawn in black and thicker, with a star on its last point of
+    the first curve, and its legend entry says ``(best)``.
     """
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for i, result in enumerate(results):
-        color = f"C{i}"
+        marked = result is best
+        color = "black" if marked else f"C{i % 10}"
         epochs = [m["epoch"] for m in result.metrics]
         times = [m["wall_time"] for m in result.metrics]
+        width = 2.5 if marked else 1.5
         for j, (key, style) in enumerate(curves):
             values = [math.nan if m.get(key) is None else m[key] for m in result.metrics]
-            label = result.label if j == 0 else None
-            axes[0].plot(epochs, values, style, color=color, marker=".", label=label)
-            axes[1].plot(times, values, style, color=color, marker=".")
+            label = (f"{result.label} (best)" if marked else result.label) if j == 0 else None
+            for ax, x in ((axes[0], epochs), (axes[1], times)):
+                ax.plot(
+                    x, values, style, color=color, marker=".", lw=width, zorder=3 if marked else 2,
+                    label=label if ax is axes[0] else None,
+                )  # fmt: skip
+                if marked and j == 0:
+                    ax.plot(x[-1:], values[-1:], "*", color="black", ms=14, zorder=4)
     axes[0].set_xlabel("epoch")
     axes[1].set_xlabel("wall time (s, without evaluations)")
     axes[0].set_ylabel(ylabel)
@@ -215,3 +226,76 @@ def write_summary(results: Sequence[RunResult], path: Path) -> None:
         for r in results
     ]
     path.write_text(json.dumps(rows, indent=1) + "\n")
+
+
+# -- grid search --------------------------------------------------------------------
+
+
+GRID_FIELDS: tuple[str, ...] = ("label", "best", "lr", "train_loss", "test_loss", "wall_time")
+"""Columns of ``grid.csv`` besides the grid's own parameters: each run's label,
+whether it is the best (``1``/``0``), its learning rate, its final training and test
+losses and its training seconds."""
+
+
+def best_run(results: Sequence[RunResult]) -> RunResult | None:
+    """The run with the lowest final training loss; ``None`` if every run ended non-finite.
+
+    Ties go to the earlier run. A diverged run (final loss NaN or Inf, stored as
+    ``None``) is never the best.
+    """
+    done = [r for r in results if r.final["train_loss"] is not None]
+    return min(done, key=lambda r: float(r.final["train_loss"] or math.inf), default=None)
+
+
+def grid_rows(
+    results: Sequence[RunResult], settings: Sequence[Mapping[str, float]]
+) -> list[dict[str, object]]:
+    """One row per run: its grid ``settings``, then ``GRID_FIELDS``."""
+    best = best_run(results)
+    return [
+        {
+            **dict(values),
+            "label": r.label,
+            "best": int(r is best),
+            "lr": r.lr,
+            "train_loss": r.final["train_loss"],
+            "test_loss": r.final["test_loss"],
+            "wall_time": r.final["wall_time"],
+        }
+        for r, values in zip(results, settings, strict=True)
+    ]
+
+
+def write_grid(rows: Sequence[Mapping[str, object]], params: Sequence[str], out: Path) -> None:
+    """``grid.csv`` (columns ``params`` then ``GRID_FIELDS``) and ``grid.json`` in ``out``."""
+    fields = [*params, *(f for f in GRID_FIELDS if f not in params)]
+    with (out / "grid.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: "" if row.get(k) is None else row[k] for k in fields})
+    (out / "grid.json").write_text(json.dumps(list(rows), indent=1) + "\n")
+
+
+def grid_table(rows: Sequence[Mapping[str, object]], params: Sequence[str]) -> str:
+    """The printed grid: one line per run, the best marked with ``*``."""
+    shown = [p for p in params if p != "lr"]
+    head = f"  {'optimizer':<30} {'lr':>8}" + "".join(f" {p:>12}" for p in shown)
+    head += f" {'train loss':>11} {'test loss':>10} {'time (s)':>9}"
+    lines = [head, "-" * len(head)]
+    for row in rows:
+        line = f"{'*' if row['best'] else ' '} {row['label']!s:<30} {_num(row['lr'], '8.2g')}"
+        line += "".join(f" {_num(row.get(p), '12.3g')}" for p in shown)
+        line += f" {_num(row['train_loss'], '11.5f')} {_num(row['test_loss'], '10.5f')}"
+        line += f" {_num(row['wall_time'], '9.1f')}"
+        lines.append(line)
+    if any(row["best"] for row in rows):
+        lines.append("(* best: the lowest final training loss)")
+    else:
+        lines.append("(no best: every run ended with a non-finite training loss)")
+    return "\n".join(lines)
+
+
+def _num(value: object, spec: str) -> str:
+    width = spec.split(".")[0]
+    return format(value, spec) if isinstance(value, int | float) else format("n/a", f">{width}")

@@ -6,6 +6,8 @@ the per-iteration log ``iterations.csv``/``iterations.json`` (batch loss and
 cumulative training time at every step), ``loss.png``, ``checkpoint.pt`` and,
 for curvlib optimizers, ``telemetry.png`` and ``telemetry.json`` (ν and λ of
 every step). ``--resume`` continues from the checkpoint with the whole history.
+``--compare`` and ``--grid`` put each run in a subdirectory of ``--out``; a grid
+adds ``grid.csv``/``grid.json`` and ``grid.png`` with the best run marked.
 ``Telemetry`` and the checkpoint helpers are reused by scripts with their own
 loop (the DCGAN).
 """
@@ -25,17 +27,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from cli import RunSpec, UsageError, optim_config, resolve_device, runs_of
+from cli import RunSpec, UsageError, optim_config, resolve_device, runs_of, several_runs
 from optimizers import OPTIMIZERS, build_optimizer
 from report import (
     ITERATION_FIELDS,
     Row,
     RunResult,
+    best_run,
     finite,
     fmt,
+    grid_rows,
+    grid_table,
     plot_runs,
     plot_telemetry,
     summarize,
+    write_grid,
     write_metrics,
     write_summary,
 )
@@ -499,7 +505,12 @@ def _write_run(result: RunResult, title: str) -> None:
 
 
 def run_experiment(task: Task, args: argparse.Namespace, title: str) -> list[RunResult]:
-    """Run ``--optim`` (or every ``--compare`` entry), write outputs, print the summary."""
+    """Run ``--optim`` (or every ``--compare`` entry or ``--grid`` point), write outputs, print.
+
+    ``--grid``: also ``grid.csv``/``grid.json`` (the table of all runs),
+    ``grid.png`` (every run's loss against epochs and against time, the best
+    run, that of the lowest final training loss, marked) and the table printed.
+    """
     device = resolve_device(args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -507,10 +518,14 @@ def run_experiment(task: Task, args: argparse.Namespace, title: str) -> list[Run
     out.mkdir(parents=True, exist_ok=True)
     specs = runs_of(args)
     compare = args.compare is not None
+    apart = several_runs(args)
     results = [
-        train_one(task, spec, args, out / spec.label if compare else out, device, title)
+        train_one(task, spec, args, out / spec.label if apart else out, device, title)
         for spec in specs
     ]
+    grid = getattr(args, "grid", None)
+    names = [axis.name for axis in grid or ()]
+    rows = write_grid_outputs(results, specs, names, out, title) if grid else []
     if compare:
         plot_runs(results, out / "compare.png", title)
         if task.accuracy:
@@ -522,9 +537,45 @@ def run_experiment(task: Task, args: argparse.Namespace, title: str) -> list[Run
     write_summary(results, out / "summary.json")
     epochs = f"{args.num_epochs} epoch{'s' if args.num_epochs != 1 else ''}"
     print(f"\n{title} on {device.type}: {epochs}, batch {args.batch_size}")
-    print(summarize(results))
+    if grid:
+        print(f"grid of {specs[0].name}: {len(results)} runs")
+        print(grid_table(rows, names))
+    else:
+        print(summarize(results))
     print(f"outputs in {out}/")
     return results
+
+
+def write_grid_outputs(
+    results: Sequence[RunResult],
+    specs: Sequence[RunSpec],
+    names: Sequence[str],
+    out: Path,
+    title: str,
+) -> list[dict[str, object]]:
+    """``grid.csv``, ``grid.json`` and ``grid.png`` of a ``--grid`` search in ``out``.
+
+    Args:
+        results: The runs, in the order of ``specs``.
+        specs: Their grid points.
+        names: The grid's parameters (``GRID_PARAMETERS`` keys), in command-line order.
+        out: The search's ``--out``.
+        title: The plot's title.
+
+    Returns:
+        The rows of ``grid.csv``.
+    """
+    settings = [{"lr": r.lr, **dict(s.settings)} for r, s in zip(results, specs, strict=True)]
+    rows = grid_rows(results, settings)
+    write_grid(rows, names, out)
+    best = best_run(results)
+    mark = (
+        "best (★): none finished"
+        if best is None
+        else f"best (★, lowest final train loss): {best.label}"
+    )
+    plot_runs(results, out / "grid.png", f"{title}: grid of {specs[0].name}; {mark}", best=best)
+    return rows
 
 
 __all__ = [
@@ -547,5 +598,6 @@ __all__ = [
     "set_rng_state",
     "step_optimizer",
     "train_one",
+    "write_grid_outputs",
     "write_telemetry",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import sys
@@ -15,6 +16,7 @@ from torch import nn
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 sys.path.insert(0, str(EXAMPLES))
 
+import autoencoder  # noqa: E402
 import common  # noqa: E402
 import dcgan_kfac  # noqa: E402
 from gan_quality import FrechetPCA  # noqa: E402
@@ -155,6 +157,7 @@ def test_frechet_pca_score() -> None:
         (["--gan", "lsgan"], "choose from 'bce', 'wgan-gp'"),
         (["--adaptive-damping"], "not supported by the GAN example"),
         (["--critic-steps", "0"], "must be >= 1"),
+        (["--grid", "lr=0.1,0.3"], "a GAN does not have"),
     ],
 )
 def test_bad_values_are_rejected_by_the_parser(
@@ -174,3 +177,61 @@ def test_wgan_gp_defaults_to_the_empirical_fisher_and_adam_needs_none() -> None:
     args = parser.parse_args(["--gan", "wgan-gp", "--fisher", "mc", "--optim", "adam"])
     dcgan_kfac.check_args(parser, args)  # no curvature optimizer: the flavour is unused
     assert common.OPTIMIZERS["adam"].curvature is False
+
+
+@pytest.mark.parametrize("gan_loss", ["bce", "wgan-gp"])
+def test_simultaneous_sgd_steps_both_networks_from_the_same_point(gan_loss: str) -> None:
+    """Each network moves by -lr times its gradient at the *old* parameters of both."""
+    torch.manual_seed(0)
+    lr = 0.05
+    args = dcgan_kfac.build_argparser().parse_args(["--optim", "sim-sgd", "--lr", str(lr)])
+    args.gan = gan_loss
+    gan = dcgan_kfac.GAN(dcgan_kfac.generator(4, 1, 8, 2), dcgan_kfac.critic(1, 8, 2))
+    old = copy.deepcopy(gan)
+    bce = nn.BCEWithLogitsLoss()
+    opts = dcgan_kfac._build(args, args.optim, gan, bce)
+    assert all(isinstance(opt, torch.optim.SGD) for opt in opts.values())
+    real, z = torch.rand(6, 1, 8, 8) * 2 - 1, torch.randn(6, 4)
+    dcgan_kfac._simultaneous_step(
+        args, gan, opts, real, z, torch.Generator().manual_seed(3), bce
+    )  # fmt: skip
+
+    # The reference: both losses at the old parameters, written out independently.
+    fake = old.generator(z)
+    if gan_loss == "bce":
+        d_loss = bce(old.critic(real), torch.ones(6, 1)) + bce(
+            old.critic(fake.detach()), torch.zeros(6, 1)
+        )
+        d_loss = d_loss / 2
+        g_loss = bce(old.critic(fake), torch.ones(6, 1))
+    else:
+        penalty = dcgan_kfac.gradient_penalty(
+            old.critic, real, fake.detach(), torch.Generator().manual_seed(3)
+        )
+        d_loss = old.critic(fake.detach()).mean() - old.critic(real).mean() + 10 * penalty
+        g_loss = -old.critic(fake).mean()
+    d_grads = torch.autograd.grad(d_loss, list(old.critic.parameters()))
+    g_grads = torch.autograd.grad(g_loss, list(old.generator.parameters()))
+    for net, ref, grads in (
+        (gan.critic, old.critic, d_grads),
+        (gan.generator, old.generator, g_grads),
+    ):
+        for p, q, g in zip(net.parameters(), ref.parameters(), grads, strict=True):
+            torch.testing.assert_close(p.detach(), q.detach() - lr * g)
+
+
+def test_simultaneous_sgd_takes_one_critic_step_per_generator_step(tmp_path: Path) -> None:
+    argv = [*TINY, "--num-epochs", "1", "--gan", "wgan-gp", "--optim", "sim-sgd"]
+    (result,) = dcgan_kfac.main([*argv, "--out", str(tmp_path)])
+    assert result.label == "sim-sgd"
+    assert result.lr == dcgan_kfac.GAN_OPTIMIZERS["sim-sgd"].default_lr
+    assert result.final["steps"] == 64 // 16  # not 64 // 16 // --critic-steps
+    assert result.final["fd"] is not None and result.final["g_loss"] is not None
+    assert not (tmp_path / "telemetry.png").exists()
+
+
+def test_simultaneous_sgd_is_the_gan_examples_own(capsys: pytest.CaptureFixture[str]) -> None:
+    assert "sim-sgd" in dcgan_kfac.build_argparser().format_help()
+    with pytest.raises(SystemExit):
+        autoencoder.build_argparser().parse_args(["--optim", "sim-sgd"])
+    assert "invalid optimizer 'sim-sgd'" in capsys.readouterr().err
