@@ -42,6 +42,7 @@ from curvlib.core.protocols import (
     Extractor,
     Preconditioner,
     RefreshableApprox,
+    ReplicaSync,
     check_approx,
 )
 from curvlib.core.stats import CurvatureStatistics, FisherType, all_finite, merge_statistics
@@ -86,6 +87,10 @@ class CurvatureEngine:
             it). An estimate from few samples is nearly singular, and the small
             $\lambda$ that is best later would take huge steps along the
             directions it has not seen yet.
+        sync: In data-parallel training, turns the merged statistics of a
+            step into those of every rank's samples before they are folded in
+            ([`ReplicaSync`][curvlib.core.ReplicaSync]; ``time_update`` includes
+            it); $n$ then counts the samples of all ranks.
 
     Raises:
         ValueError: For bad intervals or damping, or an extractor that does not
@@ -104,6 +109,7 @@ class CurvatureEngine:
         layers: Sequence[str] | None = None,
         warmup: int = 0,
         damping_warmup_samples: int = 0,
+        sync: ReplicaSync | None = None,
     ) -> None:
         check_approx(approx)
         _check_intervals(t_cov, t_inv)
@@ -125,6 +131,7 @@ class CurvatureEngine:
             )
         self.extractor = extractor
         self.approx = approx
+        self.sync = sync
         # Decided once: a runtime protocol check inspects the object on every call.
         self._refreshable = isinstance(approx, RefreshableApprox)
         self.damping_rule = damping
@@ -246,7 +253,10 @@ class CurvatureEngine:
         updated = False
         if self._pending:
             start = time.perf_counter()
-            updated = self._update(merge_statistics(self._pending))
+            stats = merge_statistics(self._pending)
+            if self.sync is not None:
+                stats = self.sync.reduce_statistics(stats)
+            updated = self._update(stats)
             self._pending.clear()
             self.timings["update"] = time.perf_counter() - start
         # Without any accepted statistics there is nothing to invert (the error below).

@@ -29,7 +29,7 @@ import torch
 
 from curvlib.core.checkpoint import RECORD_KEY, check_record, layer_record, writer_record
 from curvlib.core.layout import CurvatureLayer
-from curvlib.core.protocols import CurvatureApprox, Extractor
+from curvlib.core.protocols import CurvatureApprox, Extractor, ReplicaSync
 from curvlib.core.stats import all_finite
 from curvlib.optim.defaults import DEFAULTS
 from curvlib.optim.engine import CurvatureEngine, floating_to, layer_grads
@@ -55,6 +55,16 @@ class GradientPreconditioner:
             powers of two, as in the optimizer.
         damping_warmup_samples: $n_0$: the damping is $\lambda \max(1, n_0/n)$
             while the statistics have seen $n < n_0$ samples, as in the optimizer.
+        sync: Data-parallel training on several ranks
+            ([`ReplicaSync`][curvlib.core.ReplicaSync]): statistics of every
+            rank's samples, and gradients averaged over the ranks before they
+            are preconditioned (unless DDP did).
+
+    Attributes:
+        sync_params: The parameters whose gradients ``sync`` averages in
+            ``step()`` (default: those of the curvature layers;
+            ``NaturalGradientPreconditioner`` sets every trainable parameter of
+            the model, which the wrapped optimizer steps too).
     """
 
     def __init__(
@@ -70,6 +80,7 @@ class GradientPreconditioner:
         t_inv: int = DEFAULTS.t_inv,
         warmup: int = DEFAULTS.warmup,
         damping_warmup_samples: int = DEFAULTS.damping_warmup_samples,
+        sync: ReplicaSync | None = None,
     ) -> None:
         if isinstance(damping, LevenbergMarquardt):
             raise TypeError(
@@ -80,10 +91,18 @@ class GradientPreconditioner:
             check_positive("kl_clip", kl_clip)
         self.layers: tuple[CurvatureLayer, ...] = extractor.layout.layers
         self.engine = CurvatureEngine(
-            extractor, approx, damping=damping, t_cov=t_cov, t_inv=t_inv, warmup=warmup,
+            extractor,
+            approx,
+            damping=damping,
+            t_cov=t_cov,
+            t_inv=t_inv,
+            warmup=warmup,
             damping_warmup_samples=damping_warmup_samples,
+            sync=sync,
         )
         self.kl_clip, self.lr, self.kl_clip_lr_squared = kl_clip, lr, kl_clip_lr_squared
+        self.sync = sync
+        self.sync_params: list[torch.Tensor] = [p for la in self.layers for p in la.parameters]
         self.skipped_steps = 0
         self.last_stats: dict[str, Any] = {}
 
@@ -105,6 +124,8 @@ class GradientPreconditioner:
         missing = [layer.name for layer in self.layers if layer.weight.grad is None]
         if missing:
             raise RuntimeError(f"No gradients for layers {missing}: call loss.backward() first.")
+        if self.sync is not None:
+            self.sync.sync_gradients(self.sync_params)
         grads = layer_grads(self.layers)
         if not all_finite(grads.values()):
             self.skipped_steps += 1
