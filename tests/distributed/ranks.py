@@ -22,6 +22,7 @@ from curvlib import (
     ExactNaturalGradient,
     FisherType,
     LevenbergMarquardt,
+    NaturalGradientPreconditioner,
     PreconditionedOptimizer,
     StatKind,
 )
@@ -43,6 +44,8 @@ class Config:
     fisher: FisherType
     ddp: bool = True
     lm: bool = False
+    auto: bool = False
+    preconditioner: bool = False
 
 
 CONFIGS = (
@@ -57,6 +60,10 @@ CONFIGS = (
     # Levenberg-Marquardt compares the closure's loss change with the quadratic model:
     # both must be those of the whole batch.
     Config("kfac-lm-ddp", "kfac", FisherType.EXACT, lm=True),
+    # lr="auto" fits the step to the exact GGN of the batch loss: that of the whole batch.
+    Config("kfac-auto-ddp", "kfac", FisherType.EMPIRICAL, auto=True),
+    # Preconditioner mode: curvlib rewrites .grad, torch's SGD steps every parameter.
+    Config("precond-kfac-unwrapped", "kfac", FisherType.EMPIRICAL, ddp=False, preconditioner=True),
 )
 
 
@@ -95,10 +102,13 @@ def train(
     ddp = config.ddp and dist.is_initialized()
     wrapped: nn.Module = nn.parallel.DistributedDataParallel(net) if ddp else net
     loss_fn = nn.MSELoss()
+    if config.preconditioner:
+        return _train_preconditioner(config, net, wrapped, rank, world_size)
     damping = LevenbergMarquardt(initial=1e-3, interval=2) if config.lm else 1e-3
+    auto: dict[str, Any] = {"lr": "auto", "momentum": "auto"} if config.auto else {}
     opt = PreconditionedOptimizer(
         wrapped, approximation(config.approx), loss_fn=loss_fn, fisher_type=config.fisher,
-        stats_fraction=1.0, t_cov=1, t_inv=2, damping=damping,
+        stats_fraction=1.0, t_cov=1, t_inv=2, damping=damping, **auto,
     )  # fmt: skip
     for step, (x, y) in enumerate(batches()):
         xr, yr = shard(x, rank, world_size), shard(y, rank, world_size)
@@ -112,6 +122,30 @@ def train(
     return {
         "params": {k: v.detach().clone() for k, v in net.named_parameters()},
         "names": [layer.name for layer in opt.layers],
+        "bytes": None if sync is None else sync.last_statistics.bytes,
+        "messages": None if sync is None else sync.last_statistics.messages,
+    }
+
+
+def _train_preconditioner(
+    config: Config, net: nn.Module, wrapped: nn.Module, rank: int, world_size: int
+) -> dict[str, Any]:
+    loss_fn = nn.MSELoss()
+    precond = NaturalGradientPreconditioner(
+        wrapped, approximation(config.approx), loss_fn=loss_fn, fisher_type=config.fisher,
+        stats_fraction=1.0, t_cov=1, t_inv=2, damping=1e-3, kl_clip=1e-2, lr=0.1,
+    )  # fmt: skip
+    sgd = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.5)
+    for x, y in batches():
+        sgd.zero_grad()
+        with precond.record():
+            loss_fn(wrapped(shard(x, rank, world_size)), shard(y, rank, world_size)).backward()
+        precond.step()
+        sgd.step()
+    sync = precond.engine.sync
+    return {
+        "params": {k: v.detach().clone() for k, v in net.named_parameters()},
+        "names": [layer.name for layer in precond.layers],
         "bytes": None if sync is None else sync.last_statistics.bytes,
         "messages": None if sync is None else sync.last_statistics.messages,
     }
