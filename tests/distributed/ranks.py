@@ -127,6 +127,27 @@ def train(
     }
 
 
+def train_defaults(rank: int, world_size: int) -> dict[str, Any]:
+    """The library defaults (MC Fisher from a quarter of each batch) with DDP.
+
+    Each rank draws its own MC targets and sub-batch (``seed + rank``): the estimate
+    is not one process's, but every rank holds the same one.
+    """
+    net = model()
+    wrapped = nn.parallel.DistributedDataParallel(net)
+    loss_fn = nn.MSELoss()
+    opt = PreconditionedOptimizer(wrapped, KFAC(), loss_fn=loss_fn, t_cov=2, t_inv=3)
+    for x, y in batches():
+        opt.zero_grad()
+        with opt.record():
+            loss_fn(wrapped(shard(x, rank, world_size)), shard(y, rank, world_size)).backward()
+        opt.step()
+    return {
+        "params": {k: v.detach().clone() for k, v in net.named_parameters()},
+        "generator": opt.extractor.state_dict()["generators"]["cpu"].clone(),
+    }
+
+
 def _train_preconditioner(
     config: Config, net: nn.Module, wrapped: nn.Module, rank: int, world_size: int
 ) -> dict[str, Any]:
@@ -154,6 +175,7 @@ def _train_preconditioner(
 def train_all(rank: int, world_size: int) -> dict[str, dict[str, Any]]:
     """Every configuration of ``CONFIGS``, one after the other."""
     out: dict[str, Any] = {c.name: train(c, rank, world_size) for c in CONFIGS}
+    out["mc-defaults"] = train_defaults(rank, world_size)
     torch.manual_seed(rank)  # a different initialisation on every rank
     net = nn.Sequential(nn.Linear(DIM_IN, DIM_OUT)).double()
     try:
@@ -220,3 +242,10 @@ def reduce_uneven(rank: int, world_size: int) -> dict[str, Any]:
 
 def _tensors(stats: CurvatureStatistics) -> dict[str, list[Tensor]]:
     return {name: [t.clone() for t in s.tensors()] for name, s in stats.layers.items()}
+
+
+def mismatched_statistics(rank: int, world_size: int) -> None:
+    """Rank 1 records other statistic kinds than rank 0: the header check refuses."""
+    kinds = {StatKind.KRONECKER} if rank == 0 else {StatKind.KRONECKER, StatKind.DIAGONAL}
+    x, y = batches()[0]
+    DataParallel().reduce_statistics(statistics_of(shard(x, rank, world_size), y[:6], kinds))

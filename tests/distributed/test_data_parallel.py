@@ -64,6 +64,14 @@ def test_two_ranks_on_half_batches_equal_one_process_on_the_whole_batch(
     assert all(torch.equal(first[k], second[k]) for k in first), "the ranks must agree exactly"
 
 
+def test_monte_carlo_ranks_draw_their_own_noise_and_agree(
+    two_ranks: list[dict[str, Any]],
+) -> None:
+    first, second = (r["mc-defaults"] for r in two_ranks)
+    assert not torch.equal(first["generator"], second["generator"]), "seed + rank"
+    assert all(torch.equal(first["params"][k], second["params"][k]) for k in first["params"])
+
+
 def test_statistics_travel_in_a_few_messages(two_ranks: list[dict[str, Any]]) -> None:
     kfac = two_ranks[0]["kfac-exact-ddp"]
     # The header and one bucket of factors: A and G of both layers.
@@ -98,6 +106,11 @@ def test_reduced_statistics_of_uneven_ranks_are_those_of_the_union() -> None:
             assert all(
                 torch.equal(a, b) for a, b in zip(tensors, other["reduced"][name], strict=True)
             )
+
+
+def test_ranks_that_recorded_different_statistics_are_refused() -> None:
+    with pytest.raises(RankFailed, match="the ranks recorded different curvature statistics"):
+        run_ranks(ranks.mismatched_statistics, 2, timeout=60.0, grace=5.0)
 
 
 def test_a_rank_that_raises_fails_the_job_with_its_message() -> None:
