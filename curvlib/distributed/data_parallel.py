@@ -23,6 +23,7 @@ communicates nothing and returns its inputs: the single-process optimizer.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -49,15 +50,18 @@ class Traffic:
         messages: Collective calls.
         bytes: The sizes of the buffers this rank put in (for an all-gather,
             each other rank receives that many bytes from it).
+        seconds: Wall time spent in them, waiting for the other ranks included.
     """
 
     messages: int = 0
     bytes: int = 0
+    seconds: float = 0.0
 
-    def add(self, buffer: Tensor) -> None:
-        """Count one collective on ``buffer``."""
+    def add(self, buffer: Tensor, seconds: float) -> None:
+        """Count one collective on ``buffer`` that took ``seconds``."""
         self.messages += 1
         self.bytes += buffer.numel() * buffer.element_size()
+        self.seconds += seconds
 
 
 class DataParallel:
@@ -85,6 +89,12 @@ class DataParallel:
         bucket_bytes: Largest flat message.
         timeout: How long one of curvlib's collectives may wait for the other
             ranks before it fails (default: the process group's own timeout).
+
+    Attributes:
+        rank: This process's rank in ``group``.
+        world_size: The number of ranks in ``group``.
+        traffic: Messages and bytes this rank put into curvlib's collectives so far.
+        last_statistics: Those of the last ``reduce_statistics`` (zero for one rank).
 
     Raises:
         RuntimeError: Without an initialised process group.
@@ -117,9 +127,7 @@ class DataParallel:
             else None
         )
         self.traffic = Traffic()
-        """Everything this rank sent in curvlib's collectives so far."""
         self.last_statistics = Traffic()
-        """What the last ``reduce_statistics`` sent (zero for a group of one rank)."""
 
     def __repr__(self) -> str:
         return (
@@ -290,6 +298,7 @@ class DataParallel:
         self, start: Callable[[], Any], what: str, buffer: Tensor, traffic: Traffic
     ) -> None:
         """Run one collective, count it, and turn a failure into an error that says what failed."""
+        began = time.perf_counter()
         try:
             work = start()
             if self.timeout is None:
@@ -302,8 +311,9 @@ class DataParallel:
                 "Another rank has probably failed (its own error says why) or stopped "
                 "calling the optimizer; every rank must run the same steps."
             ) from err
-        traffic.add(buffer)
-        self.traffic.add(buffer)
+        seconds = time.perf_counter() - began
+        traffic.add(buffer, seconds)
+        self.traffic.add(buffer, seconds)
 
 
 def _in_group() -> bool:
