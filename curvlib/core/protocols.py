@@ -232,3 +232,22 @@ class ReplicaSync(Protocol):
     def mean(self, value: Tensor) -> Tensor:
         """The mean of ``value`` over the ranks (losses, Gram matrices)."""
         ...
+
+    @property
+    def rank(self) -> int:
+        """This process's rank in the group."""
+        ...
+
+    def inverse_owners(self, costs: Mapping[str, float]) -> Mapping[str, int] | None:
+        """The rank that inverts each layer, or ``None``: every rank inverts every layer."""
+        ...
+
+    def share_directions(
+        self, owned: LayerTensors, owners: Mapping[str, int], like: LayerTensors
+    ) -> dict[str, Tensor]:
+        """Every layer's direction on every rank, each sent by its owner.
+
+        ``owned`` holds the directions of this rank's layers; ``like`` (the
+        gradients) gives every layer's shape and dtype.
+        """
+        ...

@@ -24,7 +24,7 @@ communicates nothing and returns its inputs: the single-process optimizer.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from curvlib.core.stats import CurvatureStatistics
 from curvlib.distributed.buckets import DEFAULT_BUCKET_BYTES, pack, plan_buckets, unpack
+from curvlib.distributed.ownership import assign_owners
 from curvlib.distributed.statistics import SampleTensor, join_statistics, split_statistics
 
 _HEADER = 4
@@ -89,9 +90,16 @@ class DataParallel:
         bucket_bytes: Largest flat message.
         timeout: How long one of curvlib's collectives may wait for the other
             ranks before it fails (default: the process group's own timeout).
+        split_inverses: Whether each layer's inverse is built by one rank
+            only, which preconditions its gradient and broadcasts the direction
+            ([`curvlib.distributed.ownership`][curvlib.distributed.ownership]):
+            the inverse work is split over the ranks, for one broadcast of the
+            preconditioned gradient per step. For approximations whose blocks
+            invert one by one (KFAC, KPSVD, Deflation, Lanczos, KFAC-corrected,
+            the diagonal, block natural gradient, unit-wise); the others, and
+            EKFAC (whose expensive part is its eigenbasis), invert on every rank.
 
     Attributes:
-        rank: This process's rank in ``group``.
         world_size: The number of ranks in ``group``.
         traffic: Messages and bytes this rank put into curvlib's collectives so far.
         last_statistics: Those of the last ``reduce_statistics`` (zero for one rank).
@@ -108,15 +116,17 @@ class DataParallel:
         average_gradients: bool | None = None,
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
         timeout: timedelta | float | None = None,
+        split_inverses: bool = False,
     ) -> None:
         _require_group()
         if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, int) or bucket_bytes < 1:
             raise ValueError(f"bucket_bytes must be a positive int, got {bucket_bytes!r}.")
         self.group = group
         self.average_gradients = average_gradients
+        self.split_inverses = split_inverses
         self.bucket_bytes = bucket_bytes
         self.timeout = timedelta(seconds=timeout) if isinstance(timeout, int | float) else timeout
-        self.rank: int = dist.get_rank(group)
+        self._rank: int = dist.get_rank(group)
         self.world_size: int = dist.get_world_size(group)
         backend = str(dist.get_backend(group))
         self._device: torch.device | None = (
@@ -132,8 +142,13 @@ class DataParallel:
     def __repr__(self) -> str:
         return (
             f"DataParallel(rank={self.rank}, world_size={self.world_size}, "
-            f"average_gradients={self.average_gradients})"
+            f"average_gradients={self.average_gradients}, split_inverses={self.split_inverses})"
         )
+
+    @property
+    def rank(self) -> int:
+        """This process's rank in ``group``."""
+        return self._rank
 
     # -- statistics -----------------------------------------------------------------
 
@@ -224,6 +239,48 @@ class DataParallel:
             return value
         (total,) = self._all_reduce_sum([value.detach()], "an average over the ranks", Traffic())
         return total.div_(self.world_size)
+
+    # -- inverses split over the ranks ---------------------------------------------------
+
+    def inverse_owners(self, costs: Mapping[str, float]) -> dict[str, int] | None:
+        """The owner of each layer's inverse (greedy by cost), or ``None`` when not split.
+
+        ``None`` unless ``split_inverses`` and the group has several ranks.
+        """
+        if not self.split_inverses or self.world_size == 1:
+            return None
+        return assign_owners(costs, self.world_size)
+
+    def share_directions(
+        self, owned: Mapping[str, Tensor], owners: Mapping[str, int], like: Mapping[str, Tensor]
+    ) -> dict[str, Tensor]:
+        """Every layer's direction on every rank: one broadcast per owning rank.
+
+        Directions travel in the dtype of ``like`` (the gradients), which every
+        rank knows; the owner keeps the same rounded values as the others.
+        """
+        out: dict[str, Tensor] = {}
+        for r in range(self.world_size):
+            names = [name for name in like if owners[name] == r]
+            if not names:
+                continue
+            if r == self.rank:
+                mine = [owned[name].to(like[name].dtype) for name in names]
+            else:
+                mine = [torch.empty_like(like[name]) for name in names]
+            for bucket in plan_buckets(mine, self.bucket_bytes):
+                flat = pack(mine, bucket)
+                home = flat.device
+                flat = flat.to(self._device) if self._device is not None else flat
+                src = r if self.group is None else dist.get_global_rank(self.group, r)
+                start = partial(dist.broadcast, flat, src=src, group=self.group, async_op=True)
+                self._collective(
+                    start, "the broadcast of the preconditioned gradient", flat, Traffic()
+                )
+                pieces = unpack(flat.to(home), [mine[i].shape for i in bucket.indices])
+                for i, piece in zip(bucket.indices, pieces, strict=True):
+                    out[names[i]] = piece
+        return {name: out[name] for name in like}
 
     # -- replicas ---------------------------------------------------------------------
 

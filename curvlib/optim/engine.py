@@ -90,7 +90,11 @@ class CurvatureEngine:
         sync: In data-parallel training, turns the merged statistics of a
             step into those of every rank's samples before they are folded in
             ([`ReplicaSync`][curvlib.core.ReplicaSync]; ``time_update`` includes
-            it); $n$ then counts the samples of all ranks.
+            it); $n$ then counts the samples of all ranks. If it names an owner
+            for every layer (``inverse_owners``), an approximation that
+            ``splits_inverse`` builds the inverses of this rank's layers only,
+            and ``precondition`` shares the directions (not for two-time-scale
+            approximations such as EKFAC, whose expensive part is the refresh).
 
     Raises:
         ValueError: For bad intervals or damping, or an extractor that does not
@@ -132,6 +136,8 @@ class CurvatureEngine:
         self.extractor = extractor
         self.approx = approx
         self.sync = sync
+        self._owners: Mapping[str, int] | None = None
+        self._owners_known = False
         # Decided once: a runtime protocol check inspects the object on every call.
         self._refreshable = isinstance(approx, RefreshableApprox)
         self.damping_rule = damping
@@ -336,10 +342,31 @@ class CurvatureEngine:
                 stacklevel=4,
             )
 
+    def _inverse_owners(self) -> Mapping[str, int] | None:
+        """The rank that inverts each layer in data-parallel training, or ``None``."""
+        if not self._owners_known:
+            self._owners_known = True
+            split = not self._refreshable and getattr(self.approx, "splits_inverse", False)
+            if self.sync is not None and split:
+                names = self.layer_names
+                costs = {
+                    la.name: float(la.out_dim) ** 3 + float(la.in_dim_aug) ** 3
+                    for la in self.extractor.layout.layers
+                    if names is None or la.name in names
+                }
+                self._owners = self.sync.inverse_owners(costs)
+        return self._owners
+
     def _invert(self) -> None:
         damping = self.damping
+        owners = self._inverse_owners()
         try:
-            precond = self.approx.inverse(damping)
+            if owners is None:
+                precond = self.approx.inverse(damping)
+            else:
+                assert self.sync is not None
+                mine = [name for name, rank in owners.items() if rank == self.sync.rank]
+                precond = self.approx.inverse(damping, layers=mine)  # type: ignore[call-arg]
         except (RuntimeError, ValueError) as err:
             self.inverse_failures += 1
             warnings.warn(
@@ -363,7 +390,14 @@ class CurvatureEngine:
         """Multiply per-layer gradient matrices by the current damped inverse."""
         assert self._precond is not None, "prepare() first"
         start = time.perf_counter()
-        out = self._precond.apply(grads)
+        owners = self._inverse_owners()
+        if owners is None:
+            out = self._precond.apply(grads)
+        else:
+            assert self.sync is not None
+            rank = self.sync.rank
+            mine = self._precond.apply({n: g for n, g in grads.items() if owners[n] == rank})
+            out = self.sync.share_directions(mine, owners, grads)
         self.timings["precondition"] = time.perf_counter() - start
         # Optional per-step numbers of the preconditioner (e.g. a two-level correction's).
         numbers = getattr(self._precond, "diagnostics", None)

@@ -17,7 +17,13 @@ import torch.distributed as dist
 from torch import nn
 
 from curvlib import KFAC, FisherType, PreconditionedOptimizer
-from curvlib.distributed import data_parallel_for, join_statistics, split_statistics
+from curvlib.distributed import (
+    assign_owners,
+    data_parallel_for,
+    inverse_cost,
+    join_statistics,
+    split_statistics,
+)
 from curvlib.distributed.buckets import pack, plan_buckets, unpack
 from tests.distributed import ranks
 from tests.distributed.launch import RankFailed, run_ranks
@@ -62,6 +68,43 @@ def test_two_ranks_on_half_batches_equal_one_process_on_the_whole_batch(
             )
     first, second = (r[config.name]["params"] for r in two_ranks)
     assert all(torch.equal(first[k], second[k]) for k in first), "the ranks must agree exactly"
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_split_inverses_cover_every_layer_once_and_train_like_one_process(
+    two_ranks: list[dict[str, Any]], world_size: int
+) -> None:
+    config = next(c for c in ranks.CONFIGS if c.split)
+    results = (
+        [r[config.name] for r in two_ranks]
+        if world_size == 2
+        else run_ranks(ranks.train_split, 3, timeout=60.0)
+    )
+    inverted = [name for result in results for name in result["inverted"]]
+    assert sorted(inverted) == ["0", "2"], "every layer inverted by exactly one rank"
+    reference = ranks.train(config)["params"]
+    for result in results:
+        for name, value in reference.items():
+            torch.testing.assert_close(result["params"][name], value, rtol=RTOL, atol=ATOL)
+    assert all(
+        torch.equal(results[0]["params"][k], r["params"][k]) for r in results for k in reference
+    )
+
+
+def test_owners_are_greedy_by_cost_and_cover_every_layer_once() -> None:
+    costs = {"a": 1.0, "b": 8.0, "c": 3.0, "d": 3.0, "e": 5.0}
+    owners = assign_owners(costs, 2)
+    assert list(owners) == list(costs) and set(owners.values()) == {0, 1}
+    load = [sum(c for n, c in costs.items() if owners[n] == r) for r in range(2)]
+    assert owners == {"a": 1, "b": 0, "c": 1, "d": 0, "e": 1}, "largest first, to the idlest"
+    assert max(load) == 11.0, "the optimum here: no subset sums to 10"
+    assert assign_owners(costs, 2) == owners, "deterministic: every rank computes the same"
+    assert set(assign_owners(costs, 1).values()) == {0}
+    spread = assign_owners({"x": 1.0, "y": 1.0}, 3)
+    assert sorted(spread.values()) == [0, 1], "more ranks than layers: some own none"
+    assert inverse_cost(4, 6) == 4.0**3 + 6.0**3
+    with pytest.raises(ValueError, match="world_size"):
+        assign_owners(costs, 0)
 
 
 def test_monte_carlo_ranks_draw_their_own_noise_and_agree(
