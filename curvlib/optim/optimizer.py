@@ -742,6 +742,12 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         with this optimizer first, then every engine's estimate and inverse is
         built aside; on any error the optimizer is left as it was.
 
+        In data-parallel training a checkpoint (written by rank 0) loads on any
+        number of ranks: every rank holds the same estimate. Only rank 0 takes
+        the saved random state of the MC targets and sub-batches; the other
+        ranks keep their own (``seed + rank``), so that their noise stays
+        independent of rank 0's.
+
         Raises:
             ValueError: If the checkpoint was written by an optimizer with other
                 curvature groups, approximations, layer names or parameter
@@ -763,7 +769,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             super().load_state_dict(state_dict)
             for group, old in zip(self.param_groups, param_groups, strict=True):
                 group.setdefault("damping", old["damping"])
-            self.extractor.load_state_dict(curvature["extractor"])  # all or nothing itself
+            if self.sync is None or self.sync.rank == 0:  # the others keep their own noise
+                self.extractor.load_state_dict(curvature["extractor"])  # all or nothing itself
         except BaseException:
             # torch's load builds new state and groups: the old objects are intact.
             self.state, self.param_groups = state, param_groups

@@ -186,6 +186,7 @@ class GradientPreconditioner:
         device = self.layers[0].weight.device
         loaded = self.engine.stage(floating_to(state["curvature"], device))
         skipped = int(state["skipped_steps"])
-        self.engine.extractor.load_state_dict(state["extractor"])  # all or nothing itself
+        if self.sync is None or self.sync.rank == 0:  # the others keep their own noise
+            self.engine.extractor.load_state_dict(state["extractor"])  # all or nothing itself
         self.engine.commit(loaded)
         self.skipped_steps = skipped

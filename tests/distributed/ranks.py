@@ -262,3 +262,55 @@ def mismatched_statistics(rank: int, world_size: int) -> None:
     kinds = {StatKind.KRONECKER} if rank == 0 else {StatKind.KRONECKER, StatKind.DIAGONAL}
     x, y = batches()[0]
     DataParallel().reduce_statistics(statistics_of(shard(x, rank, world_size), y[:6], kinds))
+
+
+def train_from_checkpoint(
+    rank: int, world_size: int, path: str, steps: tuple[int, int], save: bool
+) -> dict[str, Tensor]:
+    """Steps ``steps[0]`` to ``steps[1] - 1`` of KFAC (EXACT) with DDP.
+
+    Loads the checkpoint at ``path`` first unless training starts at step 0;
+    with ``save``, rank 0 alone writes the model and the optimizer there at the end.
+    """
+    config = CONFIGS[0]
+    net, loss_fn = model(), nn.MSELoss()
+    wrapped = nn.parallel.DistributedDataParallel(net) if dist.is_initialized() else net
+    opt = PreconditionedOptimizer(
+        wrapped, KFAC(), loss_fn=loss_fn, fisher_type=config.fisher,
+        stats_fraction=1.0, t_cov=1, t_inv=2, damping=1e-3,
+    )  # fmt: skip
+    if steps[0] > 0:
+        state = torch.load(path, weights_only=True)
+        net.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+    for x, y in batches()[steps[0] : steps[1]]:
+        opt.zero_grad()
+        with opt.record():
+            loss_fn(wrapped(shard(x, rank, world_size)), shard(y, rank, world_size)).backward()
+        opt.step()
+    if save and rank == 0:
+        torch.save({"model": net.state_dict(), "optimizer": opt.state_dict()}, path)
+    return {k: v.detach().clone() for k, v in net.named_parameters()}
+
+
+def mc_generators_after_resume(rank: int, world_size: int, path: str, save: bool) -> Tensor | None:
+    """The MC generator state of each rank after one step, or after loading rank 0's.
+
+    ``None`` for a rank whose generator does not exist yet (it is seeded, with
+    ``seed + rank``, at its first draw).
+    """
+    net, loss_fn = model(), nn.MSELoss()
+    wrapped = nn.parallel.DistributedDataParallel(net)
+    opt = PreconditionedOptimizer(wrapped, KFAC(), loss_fn=loss_fn)
+    if save:
+        x, y = batches()[0]
+        opt.zero_grad()
+        with opt.record():
+            loss_fn(wrapped(shard(x, rank, world_size)), shard(y, rank, world_size)).backward()
+        opt.step()
+        if rank == 0:
+            torch.save(opt.state_dict(), path)
+    else:
+        opt.load_state_dict(torch.load(path, weights_only=True))
+    state: Tensor | None = opt.extractor.state_dict()["generators"].get("cpu")
+    return state

@@ -107,6 +107,32 @@ def test_owners_are_greedy_by_cost_and_cover_every_layer_once() -> None:
         assign_owners(costs, 0)
 
 
+@pytest.mark.parametrize("resume_on", [1, 3])
+def test_a_checkpoint_of_rank_0_at_world_size_2_resumes_on_another_world_size(
+    tmp_path: Path, resume_on: int
+) -> None:
+    path = str(tmp_path / "checkpoint.pt")
+    run_ranks(ranks.train_from_checkpoint, 2, path, (0, 2), True, timeout=60.0)
+    if resume_on == 1:
+        resumed = ranks.train_from_checkpoint(0, 1, path, (2, ranks.STEPS), False)
+    else:
+        resumed = run_ranks(
+            ranks.train_from_checkpoint, 3, path, (2, ranks.STEPS), False, timeout=60.0
+        )[1]
+    reference = ranks.train(ranks.CONFIGS[0])["params"]
+    for name, value in reference.items():
+        torch.testing.assert_close(resumed[name], value, rtol=RTOL, atol=ATOL)
+
+
+def test_after_a_resume_only_rank_0_continues_the_saved_mc_noise(tmp_path: Path) -> None:
+    path = str(tmp_path / "checkpoint.pt")
+    saved = run_ranks(ranks.mc_generators_after_resume, 2, path, True, timeout=60.0)
+    loaded = run_ranks(ranks.mc_generators_after_resume, 2, path, False, timeout=60.0)
+    assert torch.equal(loaded[0], saved[0])
+    assert saved[1] is not None and not torch.equal(saved[1], saved[0]), "seed + rank"
+    assert loaded[1] is None, "rank 1 keeps its own stream, seeded at its first draw"
+
+
 def test_monte_carlo_ranks_draw_their_own_noise_and_agree(
     two_ranks: list[dict[str, Any]],
 ) -> None:
