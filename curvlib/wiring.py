@@ -1,9 +1,10 @@
 """The user-facing classes that compose an extractor with the optimizer (all three layers).
 
 This small module is the only place that connects
-[`curvlib.extract`][curvlib.extract] with [`curvlib.optim`][curvlib.optim]:
-the optimizer layer itself works with any
-[`Extractor`][curvlib.core.protocols.Extractor].
+[`curvlib.extract`][curvlib.extract] with [`curvlib.optim`][curvlib.optim]
+(and [`curvlib.distributed`][curvlib.distributed]): the optimizer layer
+itself works with any [`Extractor`][curvlib.core.protocols.Extractor] and
+[`ReplicaSync`][curvlib.core.ReplicaSync].
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch import Tensor, nn
 
 from curvlib.core.protocols import CurvatureApprox
 from curvlib.core.stats import FisherType
+from curvlib.distributed import DataParallel, data_parallel_for
 from curvlib.extract.extractor import (
     Backend,
     CurvatureExtractor,
@@ -48,6 +50,20 @@ def _check_unsupported(
         and any(id(p) in ids for p in model.get_submodule(u.name).parameters(recurse=False))
     ]
     report_unsupported(items, policy, stacklevel=3)
+
+
+def _replicas(
+    model: nn.Module, data_parallel: DataParallel | bool | None, seed: int
+) -> tuple[nn.Module, DataParallel | None, int]:
+    """The module inside a DDP wrapper, the synchronisation, and this rank's seed.
+
+    In a group of several ranks, rank $r$ draws its MC targets and sub-batches
+    with ``seed + r``, so that the ranks' Monte-Carlo noise is independent.
+    """
+    inner, sync = data_parallel_for(model, data_parallel)
+    if sync is not None:
+        seed += sync.rank
+    return inner, sync, seed
 
 
 def _extractor(
@@ -138,6 +154,15 @@ class PreconditionedOptimizer(CurvatureOptimizer):
         groups: Per-group settings (layers, approximation, damping, intervals,
             learning rate, ...), see
             [`CurvatureOptimizer`][curvlib.optim.CurvatureOptimizer].
+        data_parallel: Training on several ranks: ``None`` (the default)
+            synchronises the curvature over DDP's process group for a
+            ``DistributedDataParallel`` model, and over the default group (with
+            the gradients averaged here, and the ranks' parameters checked to be
+            equal) for any other model inside a process group;
+            a [`DataParallel`][curvlib.distributed.DataParallel] chooses the
+            group and options; ``False`` trains an independent model on every
+            rank. The optimizer works on the module inside a DDP wrapper (layer
+            names without ``module.``). See [Distributed training](../distributed.md).
         **optimizer_kwargs: The hyper-parameters of
             [`CurvatureOptimizer`][curvlib.optim.CurvatureOptimizer], each
             defaulting to [`DEFAULTS`][curvlib.optim.defaults.DEFAULTS]:
@@ -168,8 +193,10 @@ class PreconditionedOptimizer(CurvatureOptimizer):
         seed: int = 0,
         params: Iterable[Tensor] | None = None,
         groups: Sequence[Mapping[str, Any]] = (),
+        data_parallel: DataParallel | bool | None = None,
         **optimizer_kwargs: Any,
     ) -> None:
+        model, sync, seed = _replicas(model, data_parallel, seed)
         approxes = group_approximations(approx, groups)
         chosen = None if params is None else parameter_list(params, model)
         extractor = _extractor(
@@ -177,7 +204,9 @@ class PreconditionedOptimizer(CurvatureOptimizer):
             UnsupportedPolicy.IGNORE, backend, stats_dtype, seed,
         )  # fmt: skip
         _check_unsupported(model, extractor, chosen, unsupported)
-        super().__init__(model, extractor, approx, params=chosen, groups=groups, **optimizer_kwargs)
+        super().__init__(
+            model, extractor, approx, params=chosen, groups=groups, sync=sync, **optimizer_kwargs
+        )
         self.extractor: CurvatureExtractor = extractor
 
     @property
@@ -190,9 +219,11 @@ class NaturalGradientPreconditioner(GradientPreconditioner):
     """Preconditioner mode: rewrites ``.grad`` so that any torch optimizer takes the step.
 
     Same arguments as [`PreconditionedOptimizer`][curvlib.PreconditionedOptimizer]
-    for the extractor; ``**kwargs`` go to
+    for the extractor and ``data_parallel``; ``**kwargs`` go to
     [`GradientPreconditioner`][curvlib.optim.GradientPreconditioner] (damping,
-    KL clip, intervals).
+    KL clip, intervals). In data-parallel training without DDP, ``step()``
+    averages the gradients of every trainable parameter of the model over the
+    ranks, so that the wrapped optimizer steps the same everywhere.
     """
 
     def __init__(
@@ -210,15 +241,18 @@ class NaturalGradientPreconditioner(GradientPreconditioner):
         backend: Backend | str = Backend.AUTO,
         stats_dtype: torch.dtype | None = None,
         seed: int = 0,
+        data_parallel: DataParallel | bool | None = None,
         **kwargs: Any,
     ) -> None:
+        model, sync, seed = _replicas(model, data_parallel, seed)
         extractor = _extractor(
             model, [approx], loss_fn, fisher_type, mc_samples, stats_fraction, include, exclude,
             UnsupportedPolicy.IGNORE, backend, stats_dtype, seed,
         )  # fmt: skip
         _check_unsupported(model, extractor, None, unsupported)
-        super().__init__(extractor, approx, **kwargs)
+        super().__init__(extractor, approx, sync=sync, **kwargs)
         self.extractor = extractor
+        self.sync_params = [p for p in model.parameters() if p.requires_grad]
 
     @property
     def loss_fn(self) -> nn.Module:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
@@ -509,8 +509,12 @@ class LayerwiseApprox(ABC):
             self._blocks = saved
             raise
 
-    def _each_block(self, fn: Callable[[str, LayerBlock], R]) -> dict[str, R]:
-        """``fn(name, block)`` on every block, concurrently (see ``workers``).
+    def _each_block(
+        self, fn: Callable[[str, LayerBlock], R], names: Collection[str] | None = None
+    ) -> dict[str, R]:
+        """``fn(name, block)`` on every block (or those in ``names``), concurrently.
+
+        See ``workers`` for the schedule.
 
         A failing factorisation is re-raised with the name of its layer.
         """
@@ -523,6 +527,8 @@ class LayerwiseApprox(ABC):
             return run
 
         blocks = self._blocks
+        if names is not None:
+            blocks = {name: block for name, block in blocks.items() if name in names}
         if not blocks:
             return {}
         return run_jobs(
@@ -540,20 +546,29 @@ class LayerwiseApprox(ABC):
                 f"the extractor with stats={{{', '.join(f'StatKind.{m}' for m in missing)}}}."
             )
 
-    def inverse(self, damping: float) -> BlockDiagonalPreconditioner:
+    splits_inverse: ClassVar[bool] = True
+    """Whether ``inverse`` can build the blocks of some layers only (``layers=``)."""
+
+    def inverse(
+        self, damping: float, layers: Collection[str] | None = None
+    ) -> BlockDiagonalPreconditioner:
         r"""A new operator applying $(C + \lambda I)^{-1}$ block by block.
 
         Its ``condition_numbers`` hold each layer's condition estimate
         ([`BlockDiagonalPreconditioner`][curvlib.approx.base.BlockDiagonalPreconditioner]).
+        ``layers`` restricts it to those layers' blocks: in data-parallel training
+        each rank inverts its share ([`curvlib.distributed`][curvlib.distributed]).
 
         Raises:
             ValueError: If ``damping`` is not positive.
         """
         damping = check_damping(damping)
-        inverses = self._each_block(lambda _, block: block.inverse(damping))
+        inverses = self._each_block(lambda _, block: block.inverse(damping), layers)
         shapes: dict[str, LayerShape] = {}
         condition: dict[str, Callable[[], float]] = {}
         for name, block in self._blocks.items():
+            if name not in inverses:
+                continue
             inverse = inverses[name]
             shapes[name] = LayerShape(
                 block.out_dim, block.in_dim, block._dense_dtype(), block._device()

@@ -14,6 +14,7 @@ from curvlib.core.protocols import (
     Extractor,
     Preconditioner,
     RefreshableApprox,
+    ReplicaSync,
 )
 from curvlib.core.stats import (
     CurvatureStatistics,
@@ -44,6 +45,7 @@ __all__ = [
     "PooledIO",
     "Preconditioner",
     "RefreshableApprox",
+    "ReplicaSync",
     "StatKind",
     "UnsupportedModule",
     "cross_layer_factors",

@@ -207,3 +207,47 @@ class CurvatureOperator(Protocol):
     ) -> dict[str, Tensor]:
         r"""Draws from $\mathcal N(0, D(\lambda)^{-1})$: ``[num_samples, out, in]`` per layer."""
         ...
+
+
+@runtime_checkable
+class ReplicaSync(Protocol):
+    r"""Optional: keeps data-parallel replicas of the curvature in agreement.
+
+    Given to the optimizer and the curvature engine when the model trains on
+    several ranks of a process group;
+    [`curvlib.distributed.DataParallel`][curvlib.distributed.DataParallel]
+    implements it with ``torch.distributed``. Every rank calls each method at
+    the same point of the same step; afterwards every rank holds the same
+    value. A group of one rank returns its inputs unchanged.
+    """
+
+    def reduce_statistics(self, stats: CurvatureStatistics) -> CurvatureStatistics:
+        """The statistics of the union of every rank's samples, on every rank."""
+        ...
+
+    def sync_gradients(self, params: Sequence[Tensor]) -> None:
+        """Average the ``.grad`` of ``params`` over the ranks (a no-op where DDP did it)."""
+        ...
+
+    def mean(self, value: Tensor) -> Tensor:
+        """The mean of ``value`` over the ranks (losses, Gram matrices)."""
+        ...
+
+    @property
+    def rank(self) -> int:
+        """This process's rank in the group."""
+        ...
+
+    def inverse_owners(self, costs: Mapping[str, float]) -> Mapping[str, int] | None:
+        """The rank that inverts each layer, or ``None``: every rank inverts every layer."""
+        ...
+
+    def share_directions(
+        self, owned: LayerTensors, owners: Mapping[str, int], like: LayerTensors
+    ) -> dict[str, Tensor]:
+        """Every layer's direction on every rank, each sent by its owner.
+
+        ``owned`` holds the directions of this rank's layers; ``like`` (the
+        gradients) gives every layer's shape and dtype.
+        """
+        ...

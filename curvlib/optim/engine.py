@@ -42,6 +42,7 @@ from curvlib.core.protocols import (
     Extractor,
     Preconditioner,
     RefreshableApprox,
+    ReplicaSync,
     check_approx,
 )
 from curvlib.core.stats import CurvatureStatistics, FisherType, all_finite, merge_statistics
@@ -87,6 +88,15 @@ class CurvatureEngine:
             ``t_inv`` say: the curvature of the initial weights goes stale
             fastest, and doubling intervals refresh it for
             $\log_2$ ``warmup`` extra statistics steps.
+        sync: In data-parallel training, turns the merged statistics of a
+            step into those of every rank's samples before they are folded in
+            ([`ReplicaSync`][curvlib.core.ReplicaSync]; ``time_update`` includes
+            it); a [`DampingWarmup`][curvlib.optim.DampingWarmup] counts the samples
+            of all ranks. If it names an owner
+            for every layer (``inverse_owners``), an approximation that
+            ``splits_inverse`` builds the inverses of this rank's layers only,
+            and ``precondition`` shares the directions (not for two-time-scale
+            approximations such as EKFAC, whose expensive part is the refresh).
 
     Raises:
         ValueError: For bad intervals or damping, or an extractor that does not
@@ -104,6 +114,7 @@ class CurvatureEngine:
         stats_scale: Callable[[], float] | None = None,
         layers: Sequence[str] | None = None,
         warmup: int = 0,
+        sync: ReplicaSync | None = None,
     ) -> None:
         check_approx(approx)
         _check_intervals(t_cov, t_inv)
@@ -123,6 +134,9 @@ class CurvatureEngine:
             )
         self.extractor = extractor
         self.approx = approx
+        self.sync = sync
+        self._owners: Mapping[str, int] | None = None
+        self._owners_known = False
         # Decided once: a runtime protocol check inspects the object on every call.
         self._refreshable = isinstance(approx, RefreshableApprox)
         self.damping_rule = damping
@@ -239,7 +253,10 @@ class CurvatureEngine:
         updated = False
         if self._pending:
             start = time.perf_counter()
-            updated = self._update(merge_statistics(self._pending))
+            stats = merge_statistics(self._pending)
+            if self.sync is not None:
+                stats = self.sync.reduce_statistics(stats)
+            updated = self._update(stats)
             self._pending.clear()
             self.timings["update"] = time.perf_counter() - start
         # Without any accepted statistics there is nothing to invert (the error below).
@@ -319,10 +336,31 @@ class CurvatureEngine:
                 stacklevel=4,
             )
 
+    def _inverse_owners(self) -> Mapping[str, int] | None:
+        """The rank that inverts each layer in data-parallel training, or ``None``."""
+        if not self._owners_known:
+            self._owners_known = True
+            split = not self._refreshable and getattr(self.approx, "splits_inverse", False)
+            if self.sync is not None and split:
+                names = self.layer_names
+                costs = {
+                    la.name: float(la.out_dim) ** 3 + float(la.in_dim_aug) ** 3
+                    for la in self.extractor.layout.layers
+                    if names is None or la.name in names
+                }
+                self._owners = self.sync.inverse_owners(costs)
+        return self._owners
+
     def _invert(self) -> None:
         damping = self.damping
+        owners = self._inverse_owners()
         try:
-            precond = self.approx.inverse(damping)
+            if owners is None:
+                precond = self.approx.inverse(damping)
+            else:
+                assert self.sync is not None
+                mine = [name for name, rank in owners.items() if rank == self.sync.rank]
+                precond = self.approx.inverse(damping, layers=mine)  # type: ignore[call-arg]
         except (RuntimeError, ValueError) as err:
             self.inverse_failures += 1
             warnings.warn(
@@ -346,7 +384,14 @@ class CurvatureEngine:
         """Multiply per-layer gradient matrices by the current damped inverse."""
         assert self._precond is not None, "prepare() first"
         start = time.perf_counter()
-        out = self._precond.apply(grads)
+        owners = self._inverse_owners()
+        if owners is None:
+            out = self._precond.apply(grads)
+        else:
+            assert self.sync is not None
+            rank = self.sync.rank
+            mine = self._precond.apply({n: g for n, g in grads.items() if owners[n] == rank})
+            out = self.sync.share_directions(mine, owners, grads)
         self.timings["precondition"] = time.perf_counter() - start
         # Optional per-step numbers of the preconditioner (e.g. a two-level correction's).
         numbers = getattr(self._precond, "diagnostics", None)

@@ -34,7 +34,7 @@ import time
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, Literal
 
 import torch
@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from curvlib.core.checkpoint import RECORD_KEY, check_record, layer_record, writer_record
 from curvlib.core.layout import CurvatureLayer, frozen_message
-from curvlib.core.protocols import CurvatureApprox, CurvatureProducts, Extractor
+from curvlib.core.protocols import CurvatureApprox, CurvatureProducts, Extractor, ReplicaSync
 from curvlib.core.stats import all_finite
 from curvlib.optim.adaptive import (
     AdaptiveGroup,
@@ -140,6 +140,14 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             must undo; call ``scaler.unscale_(opt)`` before ``opt.step()``.
         accumulation_steps: Micro-batches per step when the loss is divided by this
             number for gradient accumulation (empirical statistics undo the factor).
+        sync: Data-parallel training on several ranks
+            ([`ReplicaSync`][curvlib.core.ReplicaSync], e.g.
+            [`DataParallel`][curvlib.distributed.DataParallel]): it averages the
+            gradients (unless DDP did), the statistics of every statistics
+            step, Levenberg–Marquardt's closure losses and the exact curvature
+            products of ``lr="auto"``, so that every rank takes the same step.
+            ``PreconditionedOptimizer`` sets it up from the model
+            (``data_parallel``); see [Distributed training](../distributed.md).
 
     Attributes:
         extractor: The extractor shared by every group (``layout`` lists the
@@ -185,6 +193,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         on_step: StepCallback | None = None,
         grad_scaler: Any = None,
         accumulation_steps: int = 1,
+        sync: ReplicaSync | None = None,
     ) -> None:
         defaults: dict[str, Any] = {
             "lr": lr,
@@ -222,6 +231,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             torch_groups.append({"params": other, "kind": OTHER_GROUP, "name": FALLBACK_GROUP})
         super().__init__(torch_groups, defaults)
         self.extractor = extractor
+        self.sync = sync
         self.kl_clip = kl_clip
         self.kl_clip_lr_squared = kl_clip_lr_squared
         self.on_step = on_step
@@ -231,6 +241,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 extractor, group.approx, damping=pg["damping"], t_cov=pg["t_cov"],
                 t_inv=pg["t_inv"], stats_scale=self._stats_scale,
                 layers=[layer.name for layer in group.layers], warmup=warmup,
+                sync=sync,
             )
             for group, pg in zip(resolved, self.param_groups, strict=False)
         )  # fmt: skip
@@ -381,7 +392,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 (``lm_due``) and evaluated only there.
 
         Returns:
-            The closure's loss before the step where it was evaluated, else ``None``.
+            The closure's loss before the step where it was evaluated (in
+            data-parallel training its mean over the ranks), else ``None``.
 
         Raises:
             RuntimeError: Without gradients, without a ``record()`` block on a step
@@ -390,6 +402,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         start = time.perf_counter()
         self._sync()
         self._check_grads()
+        if self.sync is not None:
+            self.sync.sync_gradients([p for g in self.param_groups for p in g["params"]])
         grads = layer_grads(self.layers)
         other = self._group(OTHER_GROUP)
         other_grads = [] if other is None else [p.grad for p in other["params"]]
@@ -406,7 +420,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         # The closure costs a forward pass: evaluate it only where LM needs it.
         loss_before = None
         if lm_engines and closure is not None:
-            loss_before = float(closure())
+            loss_before = self._loss_of(closure)
             parts["closure"] = time.perf_counter() - mark
         for engine in self.engines:
             engine.prepare()
@@ -432,7 +446,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if mode.active:
             groups = self._adaptive_groups()
             adaptive = adaptive_step(
-                self._products(), groups, grads, directions, self.state, mode, self.kl_clip
+                self._global_products(), groups, grads, directions, self.state, mode, self.kl_clip
             )
             nu = adaptive.clip
             parts["adaptive"], now = time.perf_counter() - now, time.perf_counter()
@@ -453,7 +467,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         ratio = None
         if lm_engines:
             assert closure is not None and loss_before is not None
-            loss_after = float(closure())
+            loss_after = self._loss_of(closure)
             predicted = sum(
                 engine.quadratic_model(
                     {layer.name: grads[layer.name] for layer in layers},
@@ -535,6 +549,18 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 f"products (CurvatureProducts); {type(self.extractor).__name__} has none."
             )
         return self.extractor
+
+    def _global_products(self) -> CurvatureProducts:
+        """The exact curvature products, averaged over the ranks in data-parallel training."""
+        products = self._products()
+        return products if self.sync is None else _RankMeanProducts(products, self.sync)
+
+    def _loss_of(self, closure: Callable[[], Any]) -> float:
+        """The closure's loss; in data-parallel training its mean over the ranks."""
+        loss = closure()
+        if self.sync is None:
+            return float(loss)
+        return float(self.sync.mean(torch.as_tensor(loss, dtype=torch.float64).detach()))
 
     def _adaptive_groups(self) -> list[AdaptiveGroup]:
         return [
@@ -715,6 +741,12 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         with this optimizer first, then every engine's estimate and inverse is
         built aside; on any error the optimizer is left as it was.
 
+        In data-parallel training a checkpoint (written by rank 0) loads on any
+        number of ranks: every rank holds the same estimate. Only rank 0 takes
+        the saved random state of the MC targets and sub-batches; the other
+        ranks keep their own (``seed + rank``), so that their noise stays
+        independent of rank 0's.
+
         Raises:
             ValueError: If the checkpoint was written by an optimizer with other
                 curvature groups, approximations, layer names or parameter
@@ -736,7 +768,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             super().load_state_dict(state_dict)
             for group, old in zip(self.param_groups, param_groups, strict=True):
                 group.setdefault("damping", old["damping"])
-            self.extractor.load_state_dict(curvature["extractor"])  # all or nothing itself
+            if self.sync is None or self.sync.rank == 0:  # the others keep their own noise
+                self.extractor.load_state_dict(curvature["extractor"])  # all or nothing itself
         except BaseException:
             # torch's load builds new state and groups: the old objects are intact.
             self.state, self.param_groups = state, param_groups
@@ -744,6 +777,19 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         for engine, loaded in zip(self.engines, staged, strict=True):
             engine.commit(loaded)
         self.skipped_steps = skipped
+
+
+class _RankMeanProducts:
+    """Exact curvature products of the ranks' batches, averaged over the ranks."""
+
+    def __init__(self, products: CurvatureProducts, sync: ReplicaSync) -> None:
+        self._products, self._sync = products, sync
+
+    def capture(self) -> AbstractContextManager[Any]:
+        return self._products.capture()
+
+    def ggn_gram(self, directions: Sequence[Mapping[str, Tensor]]) -> Tensor:
+        return self._sync.mean(self._products.ggn_gram(directions))
 
 
 def _stats_scale(grad_scaler: Any, accumulation_steps: int) -> Callable[[], float] | None:

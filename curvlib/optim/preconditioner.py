@@ -29,7 +29,7 @@ import torch
 
 from curvlib.core.checkpoint import RECORD_KEY, check_record, layer_record, writer_record
 from curvlib.core.layout import CurvatureLayer
-from curvlib.core.protocols import CurvatureApprox, Extractor
+from curvlib.core.protocols import CurvatureApprox, Extractor, ReplicaSync
 from curvlib.core.stats import all_finite
 from curvlib.optim.defaults import DEFAULTS
 from curvlib.optim.engine import CurvatureEngine, floating_to, layer_grads
@@ -54,6 +54,16 @@ class GradientPreconditioner:
         t_inv: Steps between inverse rebuilds.
         warmup: Statistics and inverses also at the steps before it that are
             powers of two, as in the optimizer.
+        sync: Data-parallel training on several ranks
+            ([`ReplicaSync`][curvlib.core.ReplicaSync]): statistics of every
+            rank's samples, and gradients averaged over the ranks before they
+            are preconditioned (unless DDP did).
+
+    Attributes:
+        sync_params: The parameters whose gradients ``sync`` averages in
+            ``step()`` (default: those of the curvature layers;
+            ``NaturalGradientPreconditioner`` sets every trainable parameter of
+            the model, which the wrapped optimizer steps too).
     """
 
     def __init__(
@@ -68,6 +78,7 @@ class GradientPreconditioner:
         t_cov: int = DEFAULTS.t_cov,
         t_inv: int = DEFAULTS.t_inv,
         warmup: int = DEFAULTS.warmup,
+        sync: ReplicaSync | None = None,
     ) -> None:
         if isinstance(damping, LevenbergMarquardt):
             raise TypeError(
@@ -84,8 +95,11 @@ class GradientPreconditioner:
             t_cov=t_cov,
             t_inv=t_inv,
             warmup=warmup,
+            sync=sync,
         )
         self.kl_clip, self.lr, self.kl_clip_lr_squared = kl_clip, lr, kl_clip_lr_squared
+        self.sync = sync
+        self.sync_params: list[torch.Tensor] = [p for la in self.layers for p in la.parameters]
         self.skipped_steps = 0
         self.last_stats: dict[str, Any] = {}
 
@@ -107,6 +121,8 @@ class GradientPreconditioner:
         missing = [layer.name for layer in self.layers if layer.weight.grad is None]
         if missing:
             raise RuntimeError(f"No gradients for layers {missing}: call loss.backward() first.")
+        if self.sync is not None:
+            self.sync.sync_gradients(self.sync_params)
         grads = layer_grads(self.layers)
         if not all_finite(grads.values()):
             self.skipped_steps += 1
@@ -167,6 +183,7 @@ class GradientPreconditioner:
         device = self.layers[0].weight.device
         loaded = self.engine.stage(floating_to(state["curvature"], device))
         skipped = int(state["skipped_steps"])
-        self.engine.extractor.load_state_dict(state["extractor"])  # all or nothing itself
+        if self.sync is None or self.sync.rank == 0:  # the others keep their own noise
+            self.engine.extractor.load_state_dict(state["extractor"])  # all or nothing itself
         self.engine.commit(loaded)
         self.skipped_steps = skipped

@@ -53,6 +53,7 @@ PACKAGES = (
     "curvlib.extract",
     "curvlib.approx",
     "curvlib.optim",
+    "curvlib.distributed",
     "curvlib.linalg",
     "curvlib.data",
 )

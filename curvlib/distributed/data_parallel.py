@@ -1,0 +1,465 @@
+r"""Data-parallel curvature on ``torch.distributed``: one estimate on every rank.
+
+[`DataParallel`][curvlib.distributed.DataParallel] implements the optimizer's
+[`ReplicaSync`][curvlib.core.ReplicaSync] with the collectives of a
+``torch.distributed`` process group (gloo on the CPU, NCCL on GPUs); curvlib
+has no communication layer of its own. On a statistics step it turns every
+rank's statistics into those of the union of the ranks' samples (the rule of
+[`curvlib.distributed.statistics`][curvlib.distributed.statistics]), in a
+few flat messages:
+
+1. a header of a few integers per rank (all-gather): the sample counts, and
+   the check that the ranks agree on the layers and kinds;
+2. the means (Kronecker factors, diagonals), weighted by the sample counts
+   and all-reduced, in buckets of at most ``bucket_bytes``;
+3. the per-sample tensors, if the approximation needs any, all-gathered in
+   buckets (padded to the largest rank's count when the counts differ).
+
+Every rank then folds the same statistics into the same approximation and
+builds the same inverse, so with gradients averaged (by DDP, or here for a
+model without DDP) every rank takes the same step. A group of one rank
+communicates nothing and returns its inputs: the single-process optimizer.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from functools import partial
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from curvlib.core.stats import CurvatureStatistics
+from curvlib.distributed.buckets import DEFAULT_BUCKET_BYTES, pack, plan_buckets, unpack
+from curvlib.distributed.ownership import assign_owners
+from curvlib.distributed.statistics import SampleTensor, join_statistics, split_statistics
+
+_HEADER = 4
+"""Fixed entries of the statistics header: samples, means, their elements, per-sample tensors."""
+
+
+@dataclass
+class Traffic:
+    """Messages and bytes one rank contributed to collectives.
+
+    Attributes:
+        messages: Collective calls.
+        bytes: The sizes of the buffers this rank put in (for an all-gather,
+            each other rank receives that many bytes from it).
+        seconds: Wall time spent in them, waiting for the other ranks included.
+    """
+
+    messages: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+
+    def add(self, buffer: Tensor, seconds: float) -> None:
+        """Count one collective on ``buffer`` that took ``seconds``."""
+        self.messages += 1
+        self.bytes += buffer.numel() * buffer.element_size()
+        self.seconds += seconds
+
+
+class DataParallel:
+    r"""Averages curvature statistics (and, without DDP, gradients) over a process group.
+
+    ```python
+    # under torchrun, after torch.distributed.init_process_group("gloo")
+    ddp = DistributedDataParallel(model)
+    opt = PreconditionedOptimizer(ddp, KFAC(), loss_fn=loss_fn)  # DataParallel(ddp.process_group)
+    ```
+
+    [`PreconditionedOptimizer`][curvlib.PreconditionedOptimizer] and
+    [`NaturalGradientPreconditioner`][curvlib.NaturalGradientPreconditioner]
+    build one by themselves for a DDP model, or for any model inside a process
+    group of several ranks (``data_parallel=None``); pass one to choose the
+    group or the options, or ``data_parallel=False`` to train an independent
+    model on every rank. See [Distributed training](../distributed.md).
+
+    Args:
+        group: The process group (default: the default group).
+        average_gradients: Whether ``sync_gradients`` averages the gradients
+            over the ranks; ``None``: decided by the optimizer, ``False`` for a
+            ``DistributedDataParallel`` model (DDP averages them in the
+            backward pass) and ``True`` for any other model.
+        bucket_bytes: Largest flat message.
+        timeout: How long one of curvlib's collectives may wait for the other
+            ranks before it fails (default: the process group's own timeout).
+        split_inverses: Whether each layer's inverse is built by one rank
+            only, which preconditions its gradient and broadcasts the direction
+            ([`curvlib.distributed.ownership`][curvlib.distributed.ownership]):
+            the inverse work is split over the ranks, for one broadcast of the
+            preconditioned gradient per step. For approximations whose blocks
+            invert one by one (KFAC, KPSVD, Deflation, Lanczos, KFAC-corrected,
+            the diagonal, block natural gradient, unit-wise); the others, and
+            EKFAC (whose expensive part is its eigenbasis), invert on every rank.
+
+    Attributes:
+        world_size: The number of ranks in ``group``.
+        traffic: Messages and bytes this rank put into curvlib's collectives so far.
+        last_statistics: Those of the last ``reduce_statistics`` (zero for one rank).
+
+    Raises:
+        RuntimeError: Without an initialised process group.
+        ValueError: For a ``bucket_bytes`` that is not positive.
+    """
+
+    def __init__(
+        self,
+        group: Any = None,
+        *,
+        average_gradients: bool | None = None,
+        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+        timeout: timedelta | float | None = None,
+        split_inverses: bool = False,
+    ) -> None:
+        _require_group()
+        if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, int) or bucket_bytes < 1:
+            raise ValueError(f"bucket_bytes must be a positive int, got {bucket_bytes!r}.")
+        self.group = group
+        self.average_gradients = average_gradients
+        self.split_inverses = split_inverses
+        self.bucket_bytes = bucket_bytes
+        self.timeout = timedelta(seconds=timeout) if isinstance(timeout, int | float) else timeout
+        self._rank: int = dist.get_rank(group)
+        self.world_size: int = dist.get_world_size(group)
+        backend = str(dist.get_backend(group))
+        self._device: torch.device | None = (
+            torch.device("cuda", torch.cuda.current_device())
+            if backend == "nccl"
+            else torch.device("cpu")
+            if backend == "gloo"
+            else None
+        )
+        self.traffic = Traffic()
+        self.last_statistics = Traffic()
+
+    def __repr__(self) -> str:
+        return (
+            f"DataParallel(rank={self.rank}, world_size={self.world_size}, "
+            f"average_gradients={self.average_gradients}, split_inverses={self.split_inverses})"
+        )
+
+    @property
+    def rank(self) -> int:
+        """This process's rank in ``group``."""
+        return self._rank
+
+    # -- statistics -----------------------------------------------------------------
+
+    def reduce_statistics(self, stats: CurvatureStatistics) -> CurvatureStatistics:
+        r"""The statistics of the union of every rank's samples, on every rank.
+
+        Means are averaged with weights $n_r / \sum_r n_r$; per-sample tensors
+        are gathered in rank order
+        ([`curvlib.distributed.statistics`][curvlib.distributed.statistics]).
+        ``num_samples`` becomes $\sum_r n_r$.
+
+        Raises:
+            RuntimeError: If the ranks' statistics have other layers or kinds, or
+                a collective fails (another rank failed, or stopped calling).
+        """
+        if self.world_size == 1:
+            return stats
+        traffic = Traffic()
+        means, samples = split_statistics(stats)
+        header = torch.tensor(
+            [
+                stats.num_samples, len(means), sum(t.numel() for t in means), len(samples),
+                *(s.count for s in samples),
+            ],
+            dtype=torch.int64,
+        )  # fmt: skip
+        table = torch.stack(self._all_gather(header, "the statistics header", traffic))
+        if not bool((table[:, 1:_HEADER] == table[0, 1:_HEADER]).all()):
+            raise RuntimeError(
+                "curvlib: the ranks recorded different curvature statistics (other layers, "
+                f"kinds or shapes; per rank [samples, factors, elements, per-sample]: "
+                f"{table[:, :_HEADER].tolist()}). Every rank must build the optimizer with the "
+                "same model, approximation and settings."
+            )
+        counts = table[:, 0].tolist()
+        total = int(sum(counts))
+        weight = stats.num_samples / total
+        reduced = self._all_reduce_sum(
+            [t * weight for t in means], "the curvature statistics", traffic
+        )
+        gathered = self._gather_samples(samples, table[:, _HEADER:], traffic) if samples else []
+        self.last_statistics = traffic
+        return join_statistics(stats, reduced, gathered, total)
+
+    def _gather_samples(
+        self, samples: Sequence[SampleTensor], counts: Tensor, traffic: Traffic
+    ) -> list[Tensor]:
+        """Each per-sample tensor of every rank, concatenated in rank order."""
+        largest = counts.max(0).values.tolist()
+        padded = [_pad(s.tensor, s.axis, n) for s, n in zip(samples, largest, strict=True)]
+        per_rank: list[list[Tensor]] = [[] for _ in range(self.world_size)]
+        shapes = [t.shape for t in padded]
+        order: list[int] = []
+        for bucket in plan_buckets(padded, self.bucket_bytes):
+            parts = self._all_gather(pack(padded, bucket), "the per-sample statistics", traffic)
+            order += bucket.indices
+            for r, flat in enumerate(parts):
+                per_rank[r] += unpack(flat, [shapes[i] for i in bucket.indices])
+        out: list[Tensor] = [samples[0].tensor] * len(samples)
+        for position, i in enumerate(order):
+            axis = samples[i].axis
+            pieces = [
+                per_rank[r][position].narrow(axis, 0, int(counts[r, i]))
+                for r in range(self.world_size)
+            ]
+            out[i] = torch.cat(pieces, dim=axis)
+        return out
+
+    # -- gradients and scalars --------------------------------------------------------
+
+    def sync_gradients(self, params: Sequence[Tensor]) -> None:
+        """Average the ``.grad`` of ``params`` over the ranks, in place.
+
+        A no-op when ``average_gradients`` is not ``True`` (DDP averaged them)
+        or the group has one rank. Parameters without a gradient are left out:
+        every rank must have gradients for the same parameters.
+        """
+        if self.average_gradients is not True or self.world_size == 1:
+            return
+        grads = [p.grad for p in params if p.grad is not None]
+        summed = self._all_reduce_sum(grads, "the gradient average", Traffic())
+        for grad, total in zip(grads, summed, strict=True):
+            grad.copy_(total.div_(self.world_size))
+
+    def mean(self, value: Tensor) -> Tensor:
+        """The mean of ``value`` over the ranks (a new tensor; ``value`` is untouched)."""
+        if self.world_size == 1:
+            return value
+        (total,) = self._all_reduce_sum([value.detach()], "an average over the ranks", Traffic())
+        return total.div_(self.world_size)
+
+    # -- inverses split over the ranks ---------------------------------------------------
+
+    def inverse_owners(self, costs: Mapping[str, float]) -> dict[str, int] | None:
+        """The owner of each layer's inverse (greedy by cost), or ``None`` when not split.
+
+        ``None`` unless ``split_inverses`` and the group has several ranks.
+        """
+        if not self.split_inverses or self.world_size == 1:
+            return None
+        return assign_owners(costs, self.world_size)
+
+    def share_directions(
+        self, owned: Mapping[str, Tensor], owners: Mapping[str, int], like: Mapping[str, Tensor]
+    ) -> dict[str, Tensor]:
+        """Every layer's direction on every rank: one broadcast per owning rank.
+
+        Directions travel in the dtype of ``like`` (the gradients), which every
+        rank knows; the owner keeps the same rounded values as the others.
+        """
+        out: dict[str, Tensor] = {}
+        for r in range(self.world_size):
+            names = [name for name in like if owners[name] == r]
+            if not names:
+                continue
+            if r == self.rank:
+                mine = [owned[name].to(like[name].dtype) for name in names]
+            else:
+                mine = [torch.empty_like(like[name]) for name in names]
+            for bucket in plan_buckets(mine, self.bucket_bytes):
+                flat = pack(mine, bucket)
+                home = flat.device
+                flat = flat.to(self._device) if self._device is not None else flat
+                src = r if self.group is None else dist.get_global_rank(self.group, r)
+                start = partial(dist.broadcast, flat, src=src, group=self.group, async_op=True)
+                self._collective(
+                    start, "the broadcast of the preconditioned gradient", flat, Traffic()
+                )
+                pieces = unpack(flat.to(home), [mine[i].shape for i in bucket.indices])
+                for i, piece in zip(bucket.indices, pieces, strict=True):
+                    out[names[i]] = piece
+        return {name: out[name] for name in like}
+
+    # -- replicas ---------------------------------------------------------------------
+
+    def check_replicas(self, named_params: Sequence[tuple[str, Tensor]]) -> None:
+        """Raise unless every rank holds the same parameter values.
+
+        One all-reduce of two numbers per parameter (its sum and sum of squares
+        in float64), compared as maximum and minimum over the ranks.
+
+        Raises:
+            ValueError: Naming the parameters that differ between ranks.
+        """
+        if self.world_size == 1 or not named_params:
+            return
+        prints = torch.stack(
+            [
+                value
+                for _, p in named_params
+                for value in (p.detach().double().sum(), p.detach().double().square().sum())
+            ]
+        ).cpu()
+        both = torch.cat([prints, -prints])
+        device = self._device or named_params[0][1].device
+        buffer = both.to(device)
+        start = partial(
+            dist.all_reduce, buffer, op=dist.ReduceOp.MAX, group=self.group, async_op=True
+        )
+        self._collective(
+            start, "the check that the ranks hold the same parameters", buffer, Traffic()
+        )
+        buffer = buffer.cpu()
+        n = len(prints)
+        differ = (buffer[:n] != -buffer[n:]).view(-1, 2).any(1)
+        names = [name for (name, _), bad in zip(named_params, differ.tolist(), strict=True) if bad]
+        if names:
+            raise ValueError(
+                f"The parameters {names[:5]}{' ...' if len(names) > 5 else ''} differ between "
+                "the ranks, so data-parallel training would average gradients of different "
+                "models. Seed the model's initialisation identically on every rank, load the "
+                "same weights, or wrap it in DistributedDataParallel (which broadcasts rank 0's); "
+                "pass data_parallel=False to train an independent model on every rank."
+            )
+
+    # -- collectives --------------------------------------------------------------------
+
+    def _all_reduce_sum(
+        self, tensors: Sequence[Tensor], what: str, traffic: Traffic
+    ) -> list[Tensor]:
+        """Sums over the ranks of ``tensors`` (new tensors), in flat buckets."""
+        out: list[Tensor] = list(tensors)
+        for bucket in plan_buckets(tensors, self.bucket_bytes):
+            flat = pack(tensors, bucket)
+            home = flat.device
+            flat = flat.to(self._device) if self._device is not None else flat
+            start = partial(dist.all_reduce, flat, group=self.group, async_op=True)
+            self._collective(start, what, flat, traffic)
+            pieces = unpack(flat.to(home), [tensors[i].shape for i in bucket.indices])
+            for i, piece in zip(bucket.indices, pieces, strict=True):
+                out[i] = piece
+        return out
+
+    def _all_gather(self, tensor: Tensor, what: str, traffic: Traffic) -> list[Tensor]:
+        """``tensor`` of every rank, in rank order."""
+        home = tensor.device
+        local = tensor.to(self._device) if self._device is not None else tensor
+        parts = [torch.empty_like(local) for _ in range(self.world_size)]
+        start = partial(dist.all_gather, parts, local, group=self.group, async_op=True)
+        self._collective(start, what, local, traffic)
+        return [p.to(home) for p in parts]
+
+    def _collective(
+        self, start: Callable[[], Any], what: str, buffer: Tensor, traffic: Traffic
+    ) -> None:
+        """Run one collective, count it, and turn a failure into an error that says what failed."""
+        began = time.perf_counter()
+        try:
+            work = start()
+            if self.timeout is None:
+                work.wait()
+            elif not work.wait(self.timeout):
+                raise RuntimeError(f"no answer within {self.timeout.total_seconds():g} s")
+        except RuntimeError as err:
+            raise RuntimeError(
+                f"curvlib: {what} failed on rank {self.rank} of {self.world_size} ({err}). "
+                "Another rank has probably failed (its own error says why) or stopped "
+                "calling the optimizer; every rank must run the same steps."
+            ) from err
+        seconds = time.perf_counter() - began
+        traffic.add(buffer, seconds)
+        self.traffic.add(buffer, seconds)
+
+
+def _in_group() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _require_group() -> None:
+    if not _in_group():
+        raise RuntimeError(
+            "Data-parallel training needs a torch.distributed process group: call "
+            "torch.distributed.init_process_group(...) first (torchrun provides the "
+            "environment), or train in a single process without data_parallel=True."
+        )
+
+
+def _pad(tensor: Tensor, axis: int, size: int) -> Tensor:
+    """``tensor`` with zeros appended along ``axis`` up to ``size`` entries."""
+    missing = size - tensor.shape[axis]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[axis] = missing
+    return torch.cat([tensor, tensor.new_zeros(shape)], dim=axis)
+
+
+def unwrap(model: nn.Module) -> tuple[nn.Module, Any]:
+    """The module inside a ``DistributedDataParallel`` wrapper and its process group.
+
+    Returns:
+        ``(model.module, model.process_group)`` for a DDP model, else
+        ``(model, None)``.
+    """
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        inner: nn.Module = model.module
+        return inner, model.process_group
+    return model, None
+
+
+def data_parallel_for(
+    model: nn.Module, data_parallel: DataParallel | bool | None
+) -> tuple[nn.Module, DataParallel | None]:
+    """The module curvlib works on and the synchronisation its optimizer uses.
+
+    Args:
+        model: The model as given to the optimizer, DDP-wrapped or not.
+        data_parallel: ``None`` (the default): a ``DataParallel`` on DDP's group
+            for a DDP model, on the default group for any model inside an
+            initialised process group, else none. ``True``: the same, but an
+            error without a process group. ``False``: none (an error for a DDP
+            model, whose ranks would diverge). A ``DataParallel``: that one.
+
+    Returns:
+        The unwrapped module (layer names without DDP's ``module.`` prefix, so
+        checkpoints load with or without DDP) and the synchronisation, with
+        ``average_gradients`` decided: ``False`` under DDP, else ``True``. For
+        a model whose gradients curvlib averages, the ranks' parameters are
+        checked to be equal (one small all-reduce).
+
+    Raises:
+        ValueError: For ``data_parallel=False`` with a DDP model, or parameters
+            that differ between the ranks.
+        RuntimeError: For ``data_parallel=True`` without a process group.
+        TypeError: For any other ``data_parallel``.
+    """
+    inner, group = unwrap(model)
+    ddp = inner is not model
+    if data_parallel is False:
+        if ddp:
+            raise ValueError(
+                "data_parallel=False with a DistributedDataParallel model: DDP averages the "
+                "gradients, but every rank would precondition them with the curvature of its "
+                "own samples, and the replicas would drift apart. Leave data_parallel=None."
+            )
+        return inner, None
+    if data_parallel is None or data_parallel is True:
+        if not ddp and not _in_group():
+            if data_parallel is True:
+                _require_group()
+            return inner, None
+        sync = DataParallel(group)
+    elif isinstance(data_parallel, DataParallel):
+        sync = data_parallel
+    else:
+        raise TypeError(
+            "data_parallel must be None, True, False or a curvlib.distributed.DataParallel, "
+            f"got {data_parallel!r}."
+        )
+    if sync.average_gradients is None:
+        sync.average_gradients = not ddp
+    if sync.average_gradients:
+        sync.check_replicas(list(inner.named_parameters()))
+    return inner, sync

@@ -1,0 +1,316 @@
+"""What the ranks of the distributed tests run (importable by the spawned processes).
+
+One problem: a float64 two-layer MLP with ``MSELoss``, and ``STEPS`` batches of
+``BATCH`` samples. Rank ``r`` of ``W`` trains on the ``r``-th contiguous part
+of every batch; one process on the whole batch is the reference.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from curvlib import (
+    EKFAC,
+    KFAC,
+    CurvatureStatistics,
+    ExactNaturalGradient,
+    FisherType,
+    LevenbergMarquardt,
+    NaturalGradientPreconditioner,
+    PreconditionedOptimizer,
+    StatKind,
+)
+from curvlib.core.stats import merge_statistics
+from curvlib.distributed import DataParallel
+from curvlib.extract import CurvatureExtractor
+
+STEPS = 4
+BATCH = 12
+DIM_IN, HIDDEN, DIM_OUT = 5, 4, 3
+
+
+@dataclass(frozen=True)
+class Config:
+    """One training run: the approximation, its Fisher and whether the model is DDP-wrapped."""
+
+    name: str
+    approx: str
+    fisher: FisherType
+    ddp: bool = True
+    lm: bool = False
+    auto: bool = False
+    preconditioner: bool = False
+    split: bool = False
+
+
+CONFIGS = (
+    # EMPIRICAL and EXACT statistics are deterministic functions of the samples, so the
+    # ranks' statistics merge into exactly those of the whole batch. MC draws targets
+    # from a random stream: rank r's draws for its samples are not the draws one process
+    # makes for the same samples, so MC agrees in expectation only.
+    Config("kfac-exact-ddp", "kfac", FisherType.EXACT),
+    Config("ekfac-empirical-ddp", "ekfac", FisherType.EMPIRICAL),
+    Config("exact-ng-empirical-ddp", "exact_ng", FisherType.EMPIRICAL),
+    Config("kfac-empirical-unwrapped", "kfac", FisherType.EMPIRICAL, ddp=False),
+    # Levenberg-Marquardt compares the closure's loss change with the quadratic model:
+    # both must be those of the whole batch.
+    Config("kfac-lm-ddp", "kfac", FisherType.EXACT, lm=True),
+    # lr="auto" fits the step to the exact GGN of the batch loss: that of the whole batch.
+    Config("kfac-auto-ddp", "kfac", FisherType.EMPIRICAL, auto=True),
+    # Preconditioner mode: curvlib rewrites .grad, torch's SGD steps every parameter.
+    Config("precond-kfac-unwrapped", "kfac", FisherType.EMPIRICAL, ddp=False, preconditioner=True),
+    # Each layer's inverse built by one rank, which broadcasts the direction.
+    Config("kfac-split-ddp", "kfac", FisherType.EXACT, split=True),
+)
+
+
+def model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(DIM_IN, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, DIM_OUT)).double()
+
+
+def batches() -> list[tuple[Tensor, Tensor]]:
+    gen = torch.Generator().manual_seed(1)
+    return [
+        (
+            torch.randn(BATCH, DIM_IN, generator=gen, dtype=torch.float64),
+            torch.randn(BATCH, DIM_OUT, generator=gen, dtype=torch.float64),
+        )
+        for _ in range(STEPS)
+    ]
+
+
+def approximation(name: str) -> Any:
+    return {"kfac": KFAC, "ekfac": EKFAC, "exact_ng": ExactNaturalGradient}[name]()
+
+
+def shard(t: Tensor, rank: int, world_size: int) -> Tensor:
+    return t.tensor_split(world_size)[rank]
+
+
+def train(
+    config: Config, rank: int = 0, world_size: int = 1, fail_at: int | None = None
+) -> dict[str, Any]:
+    """Train ``STEPS`` steps on this rank's part of every batch; the final parameters.
+
+    Without a process group (the one-process reference) the model is not wrapped.
+    """
+    net = model()
+    ddp = config.ddp and dist.is_initialized()
+    wrapped: nn.Module = nn.parallel.DistributedDataParallel(net) if ddp else net
+    loss_fn = nn.MSELoss()
+    if config.preconditioner:
+        return _train_preconditioner(config, net, wrapped, rank, world_size)
+    damping = LevenbergMarquardt(initial=1e-3, interval=2) if config.lm else 1e-3
+    extra: dict[str, Any] = {"lr": "auto", "momentum": "auto"} if config.auto else {}
+    if config.split and dist.is_initialized():
+        extra["data_parallel"] = DataParallel(split_inverses=True)
+    opt = PreconditionedOptimizer(
+        wrapped, approximation(config.approx), loss_fn=loss_fn, fisher_type=config.fisher,
+        stats_fraction=1.0, t_cov=1, t_inv=2, damping=damping, **extra,
+    )  # fmt: skip
+    inverted: set[str] = set()
+    for step, (x, y) in enumerate(batches()):
+        xr, yr = shard(x, rank, world_size), shard(y, rank, world_size)
+        opt.zero_grad()
+        with opt.record():
+            loss_fn(wrapped(xr), yr).backward()
+        if step == fail_at and rank == 1:
+            raise ValueError("rank 1 gives up at step 2")
+        opt.step((lambda: loss_fn(net(xr), yr)) if opt.lm_due else None)  # noqa: B023
+        inverted |= set(opt.last_stats["condition_numbers"])
+    sync = opt.sync
+    return {
+        "params": {k: v.detach().clone() for k, v in net.named_parameters()},
+        "names": [layer.name for layer in opt.layers],
+        "inverted": sorted(inverted),
+        "bytes": None if sync is None else sync.last_statistics.bytes,
+        "messages": None if sync is None else sync.last_statistics.messages,
+    }
+
+
+def train_split(rank: int, world_size: int) -> dict[str, Any]:
+    """The split-inverse configuration alone (for three ranks and two layers)."""
+    return train(next(c for c in CONFIGS if c.split), rank, world_size)
+
+
+def train_defaults(rank: int, world_size: int) -> dict[str, Any]:
+    """The library defaults (MC Fisher from a quarter of each batch) with DDP.
+
+    Each rank draws its own MC targets and sub-batch (``seed + rank``): the estimate
+    is not one process's, but every rank holds the same one.
+    """
+    net = model()
+    wrapped = nn.parallel.DistributedDataParallel(net)
+    loss_fn = nn.MSELoss()
+    opt = PreconditionedOptimizer(wrapped, KFAC(), loss_fn=loss_fn, t_cov=2, t_inv=3)
+    for x, y in batches():
+        opt.zero_grad()
+        with opt.record():
+            loss_fn(wrapped(shard(x, rank, world_size)), shard(y, rank, world_size)).backward()
+        opt.step()
+    return {
+        "params": {k: v.detach().clone() for k, v in net.named_parameters()},
+        "generator": opt.extractor.state_dict()["generators"]["cpu"].clone(),
+    }
+
+
+def _train_preconditioner(
+    config: Config, net: nn.Module, wrapped: nn.Module, rank: int, world_size: int
+) -> dict[str, Any]:
+    loss_fn = nn.MSELoss()
+    precond = NaturalGradientPreconditioner(
+        wrapped, approximation(config.approx), loss_fn=loss_fn, fisher_type=config.fisher,
+        stats_fraction=1.0, t_cov=1, t_inv=2, damping=1e-3, kl_clip=1e-2, lr=0.1,
+    )  # fmt: skip
+    sgd = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.5)
+    for x, y in batches():
+        sgd.zero_grad()
+        with precond.record():
+            loss_fn(wrapped(shard(x, rank, world_size)), shard(y, rank, world_size)).backward()
+        precond.step()
+        sgd.step()
+    sync = precond.engine.sync
+    return {
+        "params": {k: v.detach().clone() for k, v in net.named_parameters()},
+        "names": [layer.name for layer in precond.layers],
+        "bytes": None if sync is None else sync.last_statistics.bytes,
+        "messages": None if sync is None else sync.last_statistics.messages,
+    }
+
+
+def train_all(rank: int, world_size: int) -> dict[str, dict[str, Any]]:
+    """Every configuration of ``CONFIGS``, one after the other."""
+    out: dict[str, Any] = {c.name: train(c, rank, world_size) for c in CONFIGS}
+    out["mc-defaults"] = train_defaults(rank, world_size)
+    torch.manual_seed(rank)  # a different initialisation on every rank
+    net = nn.Sequential(nn.Linear(DIM_IN, DIM_OUT)).double()
+    try:
+        PreconditionedOptimizer(net, KFAC(), loss_fn=nn.MSELoss())
+    except ValueError as err:
+        out["mismatch"] = str(err)
+    return out
+
+
+def fail_on_rank_one(rank: int, world_size: int) -> None:
+    """Rank 1 raises at step 2; rank 0 goes on into the statistics all-reduce."""
+    train(CONFIGS[0], rank, world_size, fail_at=2)
+
+
+def hang_on_rank_one(rank: int, world_size: int) -> None:
+    """Rank 1 stops calling the optimizer; rank 0 waits in a collective with a timeout."""
+    net, loss_fn = model(), nn.MSELoss()
+    opt = PreconditionedOptimizer(
+        net, KFAC(), loss_fn=loss_fn, fisher_type=FisherType.EMPIRICAL,
+        data_parallel=DataParallel(timeout=2.0),
+    )  # fmt: skip
+    if rank == 1:
+        time.sleep(120)
+    x, y = batches()[0]
+    opt.zero_grad()
+    with opt.record():
+        loss_fn(net(x), y).backward()
+    opt.step()
+
+
+def statistics_of(x: Tensor, y: Tensor, kinds: set[StatKind]) -> CurvatureStatistics:
+    net, loss_fn = model(), nn.MSELoss()
+    extractor = CurvatureExtractor(net, loss_fn, stats=kinds, fisher_type=FisherType.EMPIRICAL)
+    with extractor.collect():
+        loss_fn(net(x), y).backward()
+    return extractor.statistics()
+
+
+def reduce_uneven(rank: int, world_size: int) -> dict[str, Any]:
+    """Each rank reduces the statistics of its own, unevenly sized part of one batch.
+
+    Returns the reduced statistics' tensors and those of ``merge_statistics`` over
+    every rank's part, computed locally: the rule says they are the same.
+    """
+    kinds = {StatKind.KRONECKER, StatKind.PER_SAMPLE_IO, StatKind.DIAGONAL}
+    x, y = batches()[0]
+    sizes = [5, 4, 3][:world_size]
+    parts = [
+        (x[sum(sizes[:r]) : sum(sizes[: r + 1])], y[sum(sizes[:r]) : sum(sizes[: r + 1])])
+        for r in range(world_size)
+    ]
+    local = [statistics_of(px, py, kinds) for px, py in parts]
+    sync = DataParallel(bucket_bytes=256)  # many small buckets
+    reduced = sync.reduce_statistics(local[rank])
+    expected = merge_statistics(local)
+    assert dist.get_world_size() == world_size
+    return {
+        "reduced": _tensors(reduced),
+        "expected": _tensors(expected),
+        "num_samples": (reduced.num_samples, expected.num_samples),
+        "messages": sync.last_statistics.messages,
+    }
+
+
+def _tensors(stats: CurvatureStatistics) -> dict[str, list[Tensor]]:
+    return {name: [t.clone() for t in s.tensors()] for name, s in stats.layers.items()}
+
+
+def mismatched_statistics(rank: int, world_size: int) -> None:
+    """Rank 1 records other statistic kinds than rank 0: the header check refuses."""
+    kinds = {StatKind.KRONECKER} if rank == 0 else {StatKind.KRONECKER, StatKind.DIAGONAL}
+    x, y = batches()[0]
+    DataParallel().reduce_statistics(statistics_of(shard(x, rank, world_size), y[:6], kinds))
+
+
+def train_from_checkpoint(
+    rank: int, world_size: int, path: str, steps: tuple[int, int], save: bool
+) -> dict[str, Tensor]:
+    """Steps ``steps[0]`` to ``steps[1] - 1`` of KFAC (EXACT) with DDP.
+
+    Loads the checkpoint at ``path`` first unless training starts at step 0;
+    with ``save``, rank 0 alone writes the model and the optimizer there at the end.
+    """
+    config = CONFIGS[0]
+    net, loss_fn = model(), nn.MSELoss()
+    wrapped = nn.parallel.DistributedDataParallel(net) if dist.is_initialized() else net
+    opt = PreconditionedOptimizer(
+        wrapped, KFAC(), loss_fn=loss_fn, fisher_type=config.fisher,
+        stats_fraction=1.0, t_cov=1, t_inv=2, damping=1e-3,
+    )  # fmt: skip
+    if steps[0] > 0:
+        state = torch.load(path, weights_only=True)
+        net.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+    for x, y in batches()[steps[0] : steps[1]]:
+        opt.zero_grad()
+        with opt.record():
+            loss_fn(wrapped(shard(x, rank, world_size)), shard(y, rank, world_size)).backward()
+        opt.step()
+    if save and rank == 0:
+        torch.save({"model": net.state_dict(), "optimizer": opt.state_dict()}, path)
+    return {k: v.detach().clone() for k, v in net.named_parameters()}
+
+
+def mc_generators_after_resume(rank: int, world_size: int, path: str, save: bool) -> Tensor | None:
+    """The MC generator state of each rank after one step, or after loading rank 0's.
+
+    ``None`` for a rank whose generator does not exist yet (it is seeded, with
+    ``seed + rank``, at its first draw).
+    """
+    net, loss_fn = model(), nn.MSELoss()
+    wrapped = nn.parallel.DistributedDataParallel(net)
+    opt = PreconditionedOptimizer(wrapped, KFAC(), loss_fn=loss_fn)
+    if save:
+        x, y = batches()[0]
+        opt.zero_grad()
+        with opt.record():
+            loss_fn(wrapped(shard(x, rank, world_size)), shard(y, rank, world_size)).backward()
+        opt.step()
+        if rank == 0:
+            torch.save(opt.state_dict(), path)
+    else:
+        opt.load_state_dict(torch.load(path, weights_only=True))
+    state: Tensor | None = opt.extractor.state_dict()["generators"].get("cpu")
+    return state

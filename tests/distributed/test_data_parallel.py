@@ -1,0 +1,274 @@
+"""Data-parallel curvature: ranks on parts of a batch train like one process on all of it.
+
+The multi-rank tests spawn 2-3 CPU processes in a gloo group (``launch.run_ranks``),
+each job with a timeout, so that a hung collective fails the test.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from curvlib import KFAC, FisherType, PreconditionedOptimizer
+from curvlib.distributed import (
+    assign_owners,
+    data_parallel_for,
+    inverse_cost,
+    join_statistics,
+    split_statistics,
+)
+from curvlib.distributed.buckets import pack, plan_buckets, unpack
+from tests.distributed import ranks
+from tests.distributed.launch import RankFailed, run_ranks
+
+pytestmark = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed/gloo"
+)
+
+RTOL, ATOL = 1e-9, 1e-12
+"""Float64 parameters after several steps: equal up to the order of the sums."""
+
+
+@pytest.fixture(scope="module")
+def two_ranks() -> list[dict[str, Any]]:
+    results: list[dict[str, Any]] = run_ranks(ranks.train_all, 2, timeout=120.0)
+    return results
+
+
+@pytest.fixture
+def group_of_one(tmp_path: Path) -> Iterator[None]:
+    """A gloo process group of one rank, in this process."""
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("config", ranks.CONFIGS, ids=lambda c: c.name)
+def test_two_ranks_on_half_batches_equal_one_process_on_the_whole_batch(
+    two_ranks: list[dict[str, Any]], config: ranks.Config
+) -> None:
+    reference = ranks.train(config)["params"]
+    for rank, result in enumerate(two_ranks):
+        run = result[config.name]
+        assert run["names"] == ["0", "2"], "layer names without DDP's 'module.' prefix"
+        for name, value in reference.items():
+            torch.testing.assert_close(
+                run["params"][name], value, rtol=RTOL, atol=ATOL, msg=f"rank {rank}: {name}"
+            )
+    first, second = (r[config.name]["params"] for r in two_ranks)
+    assert all(torch.equal(first[k], second[k]) for k in first), "the ranks must agree exactly"
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_split_inverses_cover_every_layer_once_and_train_like_one_process(
+    two_ranks: list[dict[str, Any]], world_size: int
+) -> None:
+    config = next(c for c in ranks.CONFIGS if c.split)
+    results = (
+        [r[config.name] for r in two_ranks]
+        if world_size == 2
+        else run_ranks(ranks.train_split, 3, timeout=60.0)
+    )
+    inverted = [name for result in results for name in result["inverted"]]
+    assert sorted(inverted) == ["0", "2"], "every layer inverted by exactly one rank"
+    reference = ranks.train(config)["params"]
+    for result in results:
+        for name, value in reference.items():
+            torch.testing.assert_close(result["params"][name], value, rtol=RTOL, atol=ATOL)
+    assert all(
+        torch.equal(results[0]["params"][k], r["params"][k]) for r in results for k in reference
+    )
+
+
+def test_owners_are_greedy_by_cost_and_cover_every_layer_once() -> None:
+    costs = {"a": 1.0, "b": 8.0, "c": 3.0, "d": 3.0, "e": 5.0}
+    owners = assign_owners(costs, 2)
+    assert list(owners) == list(costs) and set(owners.values()) == {0, 1}
+    load = [sum(c for n, c in costs.items() if owners[n] == r) for r in range(2)]
+    assert owners == {"a": 1, "b": 0, "c": 1, "d": 0, "e": 1}, "largest first, to the idlest"
+    assert max(load) == 11.0, "the optimum here: no subset sums to 10"
+    assert assign_owners(costs, 2) == owners, "deterministic: every rank computes the same"
+    assert set(assign_owners(costs, 1).values()) == {0}
+    spread = assign_owners({"x": 1.0, "y": 1.0}, 3)
+    assert sorted(spread.values()) == [0, 1], "more ranks than layers: some own none"
+    assert inverse_cost(4, 6) == 4.0**3 + 6.0**3
+    with pytest.raises(ValueError, match="world_size"):
+        assign_owners(costs, 0)
+
+
+@pytest.mark.parametrize("resume_on", [1, 3])
+def test_a_checkpoint_of_rank_0_at_world_size_2_resumes_on_another_world_size(
+    tmp_path: Path, resume_on: int
+) -> None:
+    path = str(tmp_path / "checkpoint.pt")
+    run_ranks(ranks.train_from_checkpoint, 2, path, (0, 2), True, timeout=60.0)
+    if resume_on == 1:
+        resumed = ranks.train_from_checkpoint(0, 1, path, (2, ranks.STEPS), False)
+    else:
+        resumed = run_ranks(
+            ranks.train_from_checkpoint, 3, path, (2, ranks.STEPS), False, timeout=60.0
+        )[1]
+    reference = ranks.train(ranks.CONFIGS[0])["params"]
+    for name, value in reference.items():
+        torch.testing.assert_close(resumed[name], value, rtol=RTOL, atol=ATOL)
+
+
+def test_after_a_resume_only_rank_0_continues_the_saved_mc_noise(tmp_path: Path) -> None:
+    path = str(tmp_path / "checkpoint.pt")
+    saved = run_ranks(ranks.mc_generators_after_resume, 2, path, True, timeout=60.0)
+    loaded = run_ranks(ranks.mc_generators_after_resume, 2, path, False, timeout=60.0)
+    assert torch.equal(loaded[0], saved[0])
+    assert saved[1] is not None and not torch.equal(saved[1], saved[0]), "seed + rank"
+    assert loaded[1] is None, "rank 1 keeps its own stream, seeded at its first draw"
+
+
+def test_monte_carlo_ranks_draw_their_own_noise_and_agree(
+    two_ranks: list[dict[str, Any]],
+) -> None:
+    first, second = (r["mc-defaults"] for r in two_ranks)
+    assert not torch.equal(first["generator"], second["generator"]), "seed + rank"
+    assert all(torch.equal(first["params"][k], second["params"][k]) for k in first["params"])
+
+
+def test_statistics_travel_in_a_few_messages(two_ranks: list[dict[str, Any]]) -> None:
+    kfac = two_ranks[0]["kfac-exact-ddp"]
+    # The header and one bucket of factors: A and G of both layers.
+    assert kfac["messages"] == 2
+    factors = (ranks.DIM_IN + 1) ** 2 + ranks.HIDDEN**2 + (ranks.HIDDEN + 1) ** 2
+    factors += ranks.DIM_OUT**2
+    header = 4 * 8
+    assert kfac["bytes"] == header + 8 * factors
+    # Per-sample statistics add one gathered bucket of this rank's samples.
+    assert two_ranks[0]["ekfac-empirical-ddp"]["messages"] == 3
+
+
+def test_replicas_with_different_parameters_are_refused(
+    two_ranks: list[dict[str, Any]],
+) -> None:
+    for result in two_ranks:
+        message = result["mismatch"]
+        assert "differ between the ranks" in message
+        assert "DistributedDataParallel" in message and "data_parallel=False" in message
+
+
+def test_reduced_statistics_of_uneven_ranks_are_those_of_the_union() -> None:
+    results = run_ranks(ranks.reduce_uneven, 3, timeout=60.0)
+    for result in results:
+        assert result["num_samples"] == (12, 12)
+        assert result["messages"] > 3, "bucket_bytes=256 splits the messages"
+        for name, expected in result["expected"].items():
+            for got, want in zip(result["reduced"][name], expected, strict=True):
+                torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL)
+    for other in results[1:]:
+        for name, tensors in results[0]["reduced"].items():
+            assert all(
+                torch.equal(a, b) for a, b in zip(tensors, other["reduced"][name], strict=True)
+            )
+
+
+def test_ranks_that_recorded_different_statistics_are_refused() -> None:
+    with pytest.raises(RankFailed, match="the ranks recorded different curvature statistics"):
+        run_ranks(ranks.mismatched_statistics, 2, timeout=60.0, grace=5.0)
+
+
+def test_a_rank_that_raises_fails_the_job_with_its_message() -> None:
+    start = time.monotonic()
+    with pytest.raises(RankFailed, match="rank 1 gives up at step 2") as info:
+        run_ranks(ranks.fail_on_rank_one, 2, timeout=60.0, grace=5.0)
+    assert info.value.rank == 1
+    assert time.monotonic() - start < 30.0
+
+
+def test_a_hung_rank_fails_the_job_within_curvlibs_timeout() -> None:
+    start = time.monotonic()
+    with pytest.raises(RankFailed, match="curvlib: the gradient average failed on rank 0"):
+        run_ranks(ranks.hang_on_rank_one, 2, timeout=60.0, group_timeout=30.0, grace=1.0)
+    assert time.monotonic() - start < 25.0
+
+
+@pytest.mark.parametrize("config", [ranks.CONFIGS[0], ranks.CONFIGS[3]], ids=lambda c: c.name)
+def test_a_group_of_one_rank_is_the_single_process_optimizer(
+    config: ranks.Config, tmp_path: Path
+) -> None:
+    alone = ranks.train(config)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        inside = ranks.train(config)
+    finally:
+        dist.destroy_process_group()
+    assert alone["bytes"] is None and inside["bytes"] == 0, "nothing to communicate"
+    for name, value in alone["params"].items():
+        assert torch.equal(inside["params"][name], value), name
+
+
+@pytest.mark.usefixtures("group_of_one")
+def test_ddp_models_are_unwrapped_and_need_the_synchronisation() -> None:
+    net = ranks.model()
+    ddp = nn.parallel.DistributedDataParallel(net)
+    inner, sync = data_parallel_for(ddp, None)
+    assert inner is net and sync is not None and sync.average_gradients is False
+    inner, sync = data_parallel_for(net, None)
+    assert inner is net and sync is not None and sync.average_gradients is True
+    with pytest.raises(ValueError, match="replicas would drift apart"):
+        PreconditionedOptimizer(ddp, KFAC(), loss_fn=nn.MSELoss(), data_parallel=False)
+    opt = PreconditionedOptimizer(ddp, KFAC(), loss_fn=nn.MSELoss(), fisher_type=FisherType.EXACT)
+    assert [layer.name for layer in opt.layers] == ["0", "2"]
+
+
+def test_without_a_process_group_nothing_is_synchronised() -> None:
+    net = ranks.model()
+    assert data_parallel_for(net, None) == (net, None)
+    assert data_parallel_for(net, False) == (net, None)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        data_parallel_for(net, True)
+    with pytest.raises(TypeError, match="data_parallel must be"):
+        data_parallel_for(net, "ddp")  # type: ignore[arg-type]
+    assert PreconditionedOptimizer(net, KFAC(), loss_fn=nn.MSELoss()).sync is None
+
+
+def test_buckets_pack_tensors_by_dtype_within_the_size_limit() -> None:
+    tensors = [
+        torch.ones(3, 3),
+        torch.zeros(4, dtype=torch.float64),
+        torch.arange(5.0),
+        torch.full((2, 2), 7.0),
+    ]
+    buckets = plan_buckets(tensors, bucket_bytes=60)
+    assert [b.indices for b in buckets] == [(0, 2), (1,), (3,)]
+    for bucket in buckets:
+        flat = pack(tensors, bucket)
+        assert flat.dtype == bucket.dtype
+        pieces = unpack(flat, [tensors[i].shape for i in bucket.indices])
+        assert all(torch.equal(p, tensors[i]) for i, p in zip(bucket.indices, pieces, strict=True))
+
+
+def test_statistics_split_into_means_and_samples_and_join_back() -> None:
+    from curvlib import StatKind
+
+    x, y = ranks.batches()[0]
+    kinds = {
+        StatKind.KRONECKER,
+        StatKind.PER_SAMPLE_IO,
+        StatKind.DIAGONAL,
+        StatKind.PER_SAMPLE_GRAD,
+    }
+    stats = ranks.statistics_of(x, y, kinds)
+    means, samples = split_statistics(stats)
+    assert len(means) == 2 * 3 and len(samples) == 2 * 3
+    assert all(s.count == ranks.BATCH for s in samples)
+    joined = join_statistics(stats, means, [s.tensor for s in samples], stats.num_samples)
+    for name, layer in stats.layers.items():
+        assert all(a is b for a, b in zip(layer.tensors(), joined[name].tensors(), strict=True))
