@@ -166,7 +166,7 @@ class PreconditionedOptimizer(CurvatureOptimizer):
         **optimizer_kwargs: The hyper-parameters of
             [`CurvatureOptimizer`][curvlib.optim.CurvatureOptimizer], each
             defaulting to [`DEFAULTS`][curvlib.optim.defaults.DEFAULTS]:
-            ``lr`` (0.1, or ``"auto"``), ``damping`` ($10^{-4}$, multiplied by
+            ``lr`` (0.1, or ``"auto"``), ``damping`` ($3\cdot10^{-4}$, multiplied by
             $400/n$ while the statistics have seen $n < 400$ samples; a number,
             a schedule, Levenberg–Marquardt or a ``DampingWarmup``),
             ``kl_clip`` ($3\cdot10^{-3}$ on the whole step; ``None`` disables

@@ -21,7 +21,7 @@ class OptimizerDefaults:
 
     Attributes:
         lr: Learning rate $\eta$.
-        damping: Tikhonov damping $\lambda$ of $(C + \lambda I)^{-1}$: $10^{-4}$,
+        damping: Tikhonov damping $\lambda$ of $(C + \lambda I)^{-1}$: $3\cdot10^{-4}$,
             multiplied by $400/n$ while the statistics have seen $n < 400$
             samples ([`DampingWarmup`][curvlib.optim.DampingWarmup]).
         kl_clip: KL-clipping bound $c$.
@@ -35,7 +35,7 @@ class OptimizerDefaults:
     """
 
     lr: float = 0.1
-    damping: DampingWarmup = DampingWarmup(1e-4, samples=400)  # noqa: RUF009 (frozen)
+    damping: DampingWarmup = DampingWarmup(3e-4, samples=400)  # noqa: RUF009 (frozen)
     kl_clip: float = 3e-3
     momentum: float = 0.5
     t_cov: int = 10

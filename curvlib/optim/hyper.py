@@ -39,14 +39,14 @@ class DampingWarmup:
     sample has reached yet their eigenvalues are near zero, and the small
     $\lambda$ that trains fastest once the estimate has filled in would step
     $1/\lambda$ far along them. The library default is
-    ``DampingWarmup(1e-4, samples=400)``; a plain number is used as it is.
+    ``DampingWarmup(3e-4, samples=400)``; a plain number is used as it is.
 
     Attributes:
         damping: $\lambda$, the damping once $n \ge n_0$.
         samples: $n_0$ (0: no warm-up).
     """
 
-    damping: float = 1e-4
+    damping: float = 3e-4
     samples: int = 400
 
     def __post_init__(self) -> None:

@@ -107,7 +107,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         damping: $\lambda$: constant, callable of the step,
             [`LevenbergMarquardt`][curvlib.optim.hyper.LevenbergMarquardt], or
             [`DampingWarmup`][curvlib.optim.DampingWarmup] (the default,
-            $10^{-4}$ multiplied by $400/n$ while the statistics have seen
+            $3\cdot10^{-4}$ multiplied by $400/n$ while the statistics have seen
             $n < 400$ samples).
         kl_clip: KL-clipping bound $c$ on the whole step, momentum included;
             ``None`` disables it.

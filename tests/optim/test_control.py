@@ -13,6 +13,7 @@ from torch import nn
 from curvlib.approx.kfac import KFAC, KFACDamping
 from curvlib.approx.kpsvd import KPSVD
 from curvlib.optim import LevenbergMarquardt
+from curvlib.optim.defaults import DEFAULTS
 from curvlib.wiring import PreconditionedOptimizer
 from tests import problems as P
 from tests.hyper import PER_STEP
@@ -258,7 +259,8 @@ def test_group_hyper_parameters_are_editable_param_groups() -> None:
     head = opt.engines[1]
     grad = opt.layers[2].grad_matrix()
     torch.testing.assert_close(directions["4"], _reference(head.approx, "4", grad, 2.0))
-    assert opt.last_stats["group_damping"] == {"default": 1e-3, "group1": 2.0}
+    default = DEFAULTS.damping.at(opt.engines[0].samples_seen)  # the default rule, warming up
+    assert opt.last_stats["group_damping"] == {"default": pytest.approx(default), "group1": 2.0}
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.1)
     _step(opt, model, problem.loss_fn, problem.x, problem.y)
     sched.step()

@@ -171,7 +171,8 @@ def test_a_number_is_the_damping_from_the_first_step() -> None:
     assert opt.engine.precond_damping == 1e-4
     default = PreconditionedOptimizer(model, KFAC(), loss_fn=nn.MSELoss())
     _step(default, model, torch.randn(8, 3), torch.randn(8, 2))
-    assert default.engine.precond_damping == pytest.approx(1e-4 * 400 / 2)  # 2 of 8 samples
+    # A quarter of 8 samples: 400/2 times the damping.
+    assert default.engine.precond_damping == pytest.approx(DEFAULTS.damping.damping * 400 / 2)
 
 
 def test_the_samples_seen_resume_from_a_checkpoint_and_older_ones_end_the_warmup() -> None:
@@ -189,7 +190,7 @@ def test_the_samples_seen_resume_from_a_checkpoint_and_older_ones_end_the_warmup
     resumed = build()
     resumed.load_state_dict(state)
     assert resumed.engine.samples_seen == 10
-    assert resumed.engine.damping == opt.engine.damping == pytest.approx(1e-4 * 40)
+    assert resumed.engine.damping == opt.engine.damping == pytest.approx(DEFAULTS.damping.at(10))
     del state["curvature"]["groups"][opt.param_groups[0]["name"]]["samples_seen"]
     older = build()
     older.load_state_dict(state)  # a run from before the count had no warm-up
