@@ -6,7 +6,6 @@ import copy
 import csv
 import json
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,21 +21,16 @@ import cnn  # noqa: E402
 import common  # noqa: E402
 
 # BatchNorm layers take plain SGD steps under KFAC; the scripts warn about it once.
-pytestmark = pytest.mark.filterwarnings("ignore:These trainable modules have no curvature block")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:These trainable modules have no curvature block"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 TINY = [
     "--num-train", "120", "--num-test", "40", "--batch-size", "40", "--num-epochs", "2",
     "--t-cov", "1", "--t-inv", "3", "--no-progress",
 ]  # fmt: skip
 PNG = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import copy
 import csv
 import json
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,10 @@ import dcgan_kfac  # noqa: E402
 from gan_quality import FrechetPCA  # noqa: E402
 
 # BatchNorm layers take plain SGD steps under KFAC; the scripts warn about it once.
-pytestmark = pytest.mark.filterwarnings("ignore:These trainable modules have no curvature block")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:These trainable modules have no curvature block"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 TINY = [
     "--num-train", "64", "--num-test", "32", "--batch-size", "16", "--num-epochs", "2",
@@ -30,14 +32,6 @@ TINY = [
     "--no-progress",
 ]  # fmt: skip
 PNG = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from unittest import mock
 
@@ -39,15 +38,10 @@ except ImportError:
 else:
     HAS_EXTRA = True
 needs_extra = pytest.mark.skipif(not HAS_EXTRA, reason="needs the extra curvlib[fid]")
-pytestmark = pytest.mark.filterwarnings("ignore:These trainable modules have no curvature block")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:These trainable modules have no curvature block"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 
 @pytest.fixture(scope="module")

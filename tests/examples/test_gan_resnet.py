@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,21 +16,16 @@ sys.path.insert(0, str(EXAMPLES))
 import dcgan_kfac  # noqa: E402
 import gan_resnet  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore:These trainable modules have no curvature block")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:These trainable modules have no curvature block"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 TINY = [
     "--arch", "resnet", "--width", "4", "--nz", "8", "--num-train", "32", "--num-test", "16",
     "--batch-size", "8", "--critic-steps", "2", "--num-epochs", "1", "--fd-dims", "4",
     "--t-cov", "1", "--t-inv", "2", "--no-progress",
 ]  # fmt: skip
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def count(net: nn.Module) -> int:

@@ -10,7 +10,6 @@ curvature block for every convolution and linear layer of every network.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,15 +25,10 @@ import common  # noqa: E402
 import initialisation  # noqa: E402
 import networks  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore:These trainable modules have no curvature block")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:These trainable modules have no curvature block"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 
 @dataclass(frozen=True)

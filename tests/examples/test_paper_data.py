@@ -20,9 +20,9 @@ sys.path.insert(0, str(EXAMPLES))
 import autoencoder  # noqa: E402
 import data  # noqa: E402
 
-# one_thread: the examples' module-wide autouse fixture, applied here too.
-from tests.examples.test_autoencoder import one_thread, write_tiny_mnist  # noqa: E402, F401
+from tests.examples.test_autoencoder import write_tiny_mnist  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 RUN = ["--optim", "adam", "--num-epochs", "1", "--batch-size", "10", "--no-progress"]
 
 

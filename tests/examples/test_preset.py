@@ -28,8 +28,8 @@ from optimizers import build_optimizer  # noqa: E402
 
 from curvlib.approx.kfac import KFAC, ConvDamping, KFACDamping  # noqa: E402
 from curvlib.approx.kpsvd import KPSVD  # noqa: E402
-from tests.examples.test_autoencoder import one_thread  # noqa: E402, F401 (autouse fixture)
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "examples.md"
 
 
