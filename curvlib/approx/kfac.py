@@ -26,6 +26,7 @@ from curvlib.linalg.factors import (
     pi_split,
     symmetrize,
 )
+from curvlib.linalg.precision import ApplyDtype, check_apply_dtype, resolve_apply_dtype
 
 
 class KFACDamping(Enum):
@@ -84,6 +85,10 @@ class ConvDamping(Enum):
 class KroneckerInverse:
     r"""$(G' \otimes A')^{-1}$ applied as $V \mapsto G'^{-1} V A'^{-1}$ (KFAC's ``PI``, ``SQRT``).
 
+    With ``apply_dtype`` (e.g. bfloat16, [`curvlib.linalg.precision`][curvlib.linalg.precision])
+    the two products run on copies of the inverses in that dtype and the result
+    is returned in the inverses' own dtype.
+
     Attributes:
         g_inv: $G'^{-1}$, ``[d_out, d_out]``.
         a_inv: $A'^{-1}$, ``[d_in, d_in]``.
@@ -92,13 +97,22 @@ class KroneckerInverse:
             multiplied).
     """
 
-    def __init__(self, g_inv: Tensor, a_inv: Tensor, condition_number: float) -> None:
+    def __init__(
+        self,
+        g_inv: Tensor,
+        a_inv: Tensor,
+        condition_number: float,
+        apply_dtype: torch.dtype | None = None,
+    ) -> None:
         self.g_inv, self.a_inv = flush_negligible(g_inv), flush_negligible(a_inv)
         self.condition_number = condition_number
+        self.apply_dtype = apply_dtype or self.a_inv.dtype
+        """The dtype the two products run in (the result is in the inverses' dtype)."""
+        self._g, self._a = self.g_inv.to(self.apply_dtype), self.a_inv.to(self.apply_dtype)
 
     def __call__(self, mat: Tensor) -> Tensor:
         """Apply the inverse to ``[..., d_out, d_in]`` matrices."""
-        return self.g_inv @ mat.to(self.a_inv.dtype) @ self.a_inv
+        return (self._g @ mat.to(self.apply_dtype) @ self._a).to(self.a_inv.dtype)
 
 
 class EigenbasisInverse:
@@ -112,14 +126,20 @@ class EigenbasisInverse:
             $\max(1/\text{scale}) / \min(1/\text{scale})$.
     """
 
-    def __init__(self, q_g: Tensor, q_a: Tensor, scale: Tensor) -> None:
+    def __init__(
+        self, q_g: Tensor, q_a: Tensor, scale: Tensor, apply_dtype: torch.dtype | None = None
+    ) -> None:
         self.q_g, self.q_a, self.scale = flush_negligible(q_g), flush_negligible(q_a), scale
         self.condition_number = float(scale.max() / scale.min())
+        self.apply_dtype = apply_dtype or scale.dtype
+        """The dtype the four products run in (the scaling runs in ``scale``'s dtype)."""
+        self._q_g, self._q_a = self.q_g.to(self.apply_dtype), self.q_a.to(self.apply_dtype)
 
     def __call__(self, mat: Tensor) -> Tensor:
         """Apply the inverse to ``[..., d_out, d_in]`` matrices."""
-        rotated = self.q_g.T @ mat.to(self.scale.dtype) @ self.q_a
-        return self.q_g @ (rotated * self.scale) @ self.q_a.T
+        low = self.apply_dtype
+        rotated = (self._q_g.T @ mat.to(low) @ self._q_a).to(self.scale.dtype) * self.scale
+        return (self._q_g @ rotated.to(low) @ self._q_a.T).to(self.scale.dtype)
 
 
 def factor_condition(factor: Tensor, shift: float, chol: Tensor, inverse: Tensor) -> float:
@@ -151,10 +171,12 @@ class _KFACBlock(LayerBlock):
         dtype: torch.dtype | None,
         damping: KFACDamping,
         conv_damping: ConvDamping = ConvDamping.UNIFORM,
+        apply_dtype: ApplyDtype = "auto",
     ) -> None:
         super().__init__(out_dim, in_dim, dtype)
         self.damping_mode = damping
         self.conv_damping = conv_damping
+        self.apply_dtype = apply_dtype
         self.positions = 1
         """$T$, the output positions of the layer's last statistics."""
         self.A: Tensor | None = None
@@ -220,11 +242,16 @@ class _KFACBlock(LayerBlock):
             condition = factor_condition(G, shift_g, chol_g, g_inv) * factor_condition(
                 A, shift_a, chol_a, a_inv
             )
-            return KroneckerInverse(g_inv, a_inv, condition)
+            return KroneckerInverse(g_inv, a_inv, condition, self._apply_dtype(g_inv))
         A, G = self._factors()
         ea, eg = eigh(A), eigh(G)
         scale = 1.0 / (eg.values[:, None] * ea.values[None, :] + damping)
-        return EigenbasisInverse(eg.vectors, ea.vectors, scale)
+        return EigenbasisInverse(eg.vectors, ea.vectors, scale, self._apply_dtype(scale))
+
+    def _apply_dtype(self, like: Tensor) -> torch.dtype:
+        """The dtype the inverse's products run in (``KFAC(apply_dtype=)``)."""
+        cost = self.out_dim * self.in_dim * (self.out_dim + self.in_dim)
+        return resolve_apply_dtype(self.apply_dtype, like.dtype, like.device, cost)
 
     def trace(self) -> Tensor:
         r"""$\operatorname{tr}(G \otimes A) = \operatorname{tr} G \operatorname{tr} A$ (cheap)."""
@@ -344,6 +371,12 @@ class KFAC(LayerwiseApprox):
         conv_damping: How layers with several output positions are damped
             ([`ConvDamping`][curvlib.approx.kfac.ConvDamping]; ``PER_POSITION``:
             $\lambda / T$ as in the KPSVD papers' code, which changes ``SQRT`` only).
+        apply_dtype: The dtype the inverse is applied in on every step:
+            ``"auto"`` (the default) multiplies in bfloat16 for float32 factors
+            on CPUs with AMX and layers large enough to gain
+            ([`curvlib.linalg.precision`][curvlib.linalg.precision]), else in
+            the factors' dtype; ``None`` always in the factors' dtype; or a
+            dtype such as ``torch.bfloat16``. Factors and inverses keep ``dtype``.
 
     References:
         J. Martens and R. Grosse, "Optimizing neural networks with Kronecker-factored
@@ -362,10 +395,14 @@ class KFAC(LayerwiseApprox):
         decay: float = DEFAULT_DECAY,
         dtype: torch.dtype | None = None,
         conv_damping: ConvDamping | str = ConvDamping.UNIFORM,
+        apply_dtype: ApplyDtype = "auto",
     ) -> None:
         super().__init__(decay=decay, dtype=dtype)
         self.damping_mode = KFACDamping(damping_mode)
         self.conv_damping = ConvDamping(conv_damping)
+        self.apply_dtype = check_apply_dtype(apply_dtype)
 
     def _make_block(self, out_dim: int, in_dim: int) -> LayerBlock:
-        return _KFACBlock(out_dim, in_dim, self.dtype, self.damping_mode, self.conv_damping)
+        return _KFACBlock(
+            out_dim, in_dim, self.dtype, self.damping_mode, self.conv_damping, self.apply_dtype
+        )

@@ -117,12 +117,23 @@ def measure_directions(
     if not names:
         return {}
     buffers = buffers or {}
+    with_buffer = [n for n in names if n in buffers]
+    # One call per kind of reduction where torch has one: the norms of all layers at once.
     scalars = [
-        value for n in names for value in _measurements(grads[n], directions[n], buffers.get(n))
+        *(_dot(grads[n], directions[n]) for n in names),
+        *torch._foreach_norm([grads[n] for n in names]),
+        *torch._foreach_norm([directions[n] for n in names]),
+        *(_dot(grads[n], buffers[n]) for n in with_buffer),
     ]
     if len({t.device for t in scalars}) > 1:
         scalars = [t.cpu() for t in scalars]
-    values = torch.stack([t.to(torch.float64) for t in scalars]).view(len(names), 4).tolist()
+    flat = torch.stack(scalars).to(torch.float64).tolist()  # stack promotes mixed dtypes
+    size = len(names)
+    inner_buffers = dict(zip(with_buffer, flat[3 * size :], strict=True))
+    values = [
+        [flat[i], flat[size + i], flat[2 * size + i], inner_buffers.get(name, 0.0)]
+        for i, name in enumerate(names)
+    ]
     checks = {}
     for name, row in zip(names, values, strict=True):
         if not all(math.isfinite(v) for v in row):  # overflowed: measure again in float64

@@ -6,6 +6,7 @@ import math
 from collections.abc import Mapping, MutableMapping, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from curvlib.core.layout import CurvatureLayer
@@ -157,22 +158,28 @@ def layer_step(
     """
     lr, momentum = float(group["lr"]), float(group["momentum"])
     wd = float(group["weight_decay"]) if group["decoupled_weight_decay"] else 0.0
+    nesterov = bool(group["nesterov"])
     deltas: dict[str, Tensor] = {}
+    params: list[Tensor] = []
+    steps: list[Tensor] = []
     for layer in layers:
         parts = layer.from_matrix(directions[layer.name])
         changes = []
         for p, d in zip(layer.parameters, parts, strict=False):
             assert d is not None
             step, state[p]["momentum_buffer"] = momentum_direction(
-                d, state[p].get("momentum_buffer"), momentum, bool(group["nesterov"]), clip
+                d, state[p].get("momentum_buffer"), momentum, nesterov, clip
             )
             if want_deltas:
                 changes.append(-lr * (step + wd * p))
-            if wd:
-                p.mul_(1.0 - lr * wd)
-            p.add_(step.to(p.dtype), alpha=-lr)
+            params.append(p)
+            steps.append(step.to(p.dtype))
         if want_deltas:
             deltas[layer.name] = layer.to_matrix(*changes)
+    # All parameters at once (one kernel launch per kind on an accelerator).
+    if wd:
+        torch._foreach_mul_(params, 1.0 - lr * wd)
+    torch._foreach_add_(params, steps, alpha=-lr)
     return deltas
 
 
