@@ -159,6 +159,9 @@ class CurvatureEngine:
         self._precond_fresh = False
         # The estimate the live inverse was built from, once updates moved past it.
         self._snapshot: Callable[[], dict[str, Any]] | None = None
+        # What this step's rebuild replaced: the inverse, its damping, freshness, snapshot
+        # and condition numbers (``restore_replaced``); cleared when the step finishes.
+        self._replaced: tuple[Any, ...] | None = None
 
     # -- schedule -------------------------------------------------------------
 
@@ -370,6 +373,11 @@ class CurvatureEngine:
                 stacklevel=4,
             )
             return
+        if self._precond is not None:
+            self._replaced = (
+                self._precond, self._precond_damping, self._precond_fresh, self._snapshot,
+                self.condition_numbers,
+            )  # fmt: skip
         self._precond, self._precond_damping = precond, damping
         self._precond_fresh, self._snapshot = True, None
         self.inverse_rebuilt = True
@@ -426,6 +434,27 @@ class CurvatureEngine:
     def finish(self) -> None:
         """Count the step (after the parameter update)."""
         self.step_count += 1
+        self._replaced = None
+
+    def restore_replaced(self) -> bool:
+        """Put back the inverse that this step's rebuild replaced, its directions being broken.
+
+        The estimate keeps this step's update; the next rebuild starts from it.
+        Counted in ``inverse_failures``.
+
+        Returns:
+            Whether this step rebuilt the inverse over an earlier one (else nothing changes).
+        """
+        if self._replaced is None:
+            return False
+        (
+            self._precond, self._precond_damping, self._precond_fresh, self._snapshot,
+            self.condition_numbers,
+        ) = self._replaced  # fmt: skip
+        self._replaced = None
+        self.inverse_rebuilt = False
+        self.inverse_failures += 1
+        return True
 
     def discard(self) -> None:
         """Drop the statistics recorded for a step that is skipped."""

@@ -431,14 +431,14 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         checks = measure_directions(grads, directions, buffers)
         reason = broken_directions(checks, self._coupled)
         if reason is not None:
-            return self._skip(reason, start)
+            return self._skip(reason, start, prepared=True)
         nu = 1.0
         buffer_norms: dict[str, float] = {}
         if not mode.active:  # the adaptive step bounds its own update (kl_trust_region)
             nu, buffer_norms = self._momentum_clip(checks, lrs, buffers)
             reason = absurd_steps(checks, nu, self._coupled)
             if reason is not None:
-                return self._skip(reason, start)
+                return self._skip(reason, start, prepared=True)
         now = time.perf_counter()
         parts["precondition"] += now - mark
         deltas: dict[str, Tensor] = {}
@@ -653,13 +653,33 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             ]
         return f"the gradient of {names} contains NaN/Inf"
 
-    def _skip(self, reason: str, start: float) -> None:
+    def _skip(self, reason: str, start: float, prepared: bool = False) -> None:
+        """Skip the step: nothing moves, and a step after ``prepare()`` drops a rebuilt inverse.
+
+        Args:
+            reason: Why, for the warning.
+            start: When ``step()`` began.
+            prepared: Whether the engines had prepared this step (folded in its
+                statistics, rebuilt their inverse): an inverse rebuilt on it is
+                replaced by the one before, which gave usable steps.
+        """
         self.skipped_steps += 1
         for engine in self.engines:
             engine.discard()
+        state = "parameters, momentum and curvature keep their last good state"
+        if prepared:
+            restored = [engine.restore_replaced() for engine in self.engines]
+            state = (
+                "parameters and momentum keep their last good state, the estimate this "
+                "step's statistics"
+            )
+            if any(restored):
+                state += (
+                    "; the inverse rebuilt at this step is dropped and the one before it restored"
+                )
+            state += "; if this repeats, raise the damping"
         warnings.warn(
-            f"Step {self.engine.step_count} skipped: {reason}; parameters, momentum and "
-            "curvature keep their last good state.",
+            f"Step {self.engine.step_count} skipped: {reason}; {state}.",
             RuntimeWarning,
             stacklevel=3,
         )

@@ -135,6 +135,48 @@ def test_an_uphill_direction_skips_the_step() -> None:
     assert _unchanged(model, before)
 
 
+class _TurnsUphill(ZeroCurvature):
+    """Its inverses are plain SGD until the ``broken``-th, which points uphill."""
+
+    def __init__(self, broken: int) -> None:
+        super().__init__()
+        self.builds, self.broken = 0, broken
+
+    def inverse(self, damping: float) -> _Scaled:
+        self.builds += 1
+        return _Scaled((-1.0 if self.builds == self.broken else 1.0) / damping)
+
+
+def test_an_uphill_rebuild_is_dropped_and_the_inverse_before_it_restored() -> None:
+    approx = _TurnsUphill(broken=2)
+    model, loss_fn, opt = _setup(approx, damping=1.0, t_cov=2, t_inv=2, warmup=0)
+    _record(opt, model, loss_fn)
+    opt.step()  # builds the first inverse
+    _record(opt, model, loss_fn)
+    opt.step()
+    _record(opt, model, loss_fn)
+    before = _params(model)
+    with pytest.warns(RuntimeWarning, match="dropped and the one before it restored"):
+        opt.step()  # step 2 rebuilds: the new inverse points uphill
+    assert _unchanged(model, before) and approx.builds == 2
+    assert opt.engine.inverse_failures == 1 and approx.num_updates == 2  # statistics kept
+    _record(opt, model, loss_fn)
+    opt.step()  # step 3, no rebuild: the restored inverse steps again
+    assert not _unchanged(model, before) and opt.skipped_steps == 1 and approx.builds == 2
+    _record(opt, model, loss_fn)
+    opt.step()  # step 4 rebuilds from the estimate, which kept step 2's statistics
+    assert approx.builds == 3 and opt.skipped_steps == 1
+
+
+def test_an_uphill_first_inverse_has_nothing_to_restore_and_names_the_fix() -> None:
+    model, loss_fn, opt = _setup(_Uphill(), damping=1.0, **FRESH)
+    _record(opt, model, loss_fn)
+    with pytest.warns(RuntimeWarning, match="raise the damping") as caught:
+        opt.step()
+    assert not any("restored" in str(w.message) for w in caught)
+    assert opt.engine.inverse_failures == 0
+
+
 @pytest.mark.parametrize("damping", [1e-7, 1e-5])
 def test_steps_amplifying_the_gradient_more_than_the_bound_are_skipped(damping: float) -> None:
     # C = 0: the direction is the gradient over the damping, amplification 1/damping.
