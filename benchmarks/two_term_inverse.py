@@ -1,0 +1,181 @@
+r"""What building the two-term inverse costs at the MNIST autoencoder's layer sizes.
+
+Run from the repository root::
+
+    python benchmarks/two_term_inverse.py                 # 784-1000-500-250-30 mirrored
+    python benchmarks/two_term_inverse.py --quick         # small layers, writes nothing
+
+[`two_term_inverse`][curvlib.linalg.kron.two_term_inverse] builds
+$((G_1 + \gamma_G I)\otimes(A_1 + \gamma_A I) + G_2 \otimes A_2)^{-1}$ once per
+layer on every statistics step of KFAC-corrected, Deflation and Lanczos. This
+benchmark times it against the same function at an earlier commit
+(``--baseline``, default ``2d40fc5``: whitening with the explicit inverse of
+each Cholesky factor), loaded from git into the same process. For each layer
+``[W | b]`` of the autoencoder (``out x (in + 1)``) it draws the four factors
+once (synthetic, float32: $G_1$, $A_1$ positive definite with eigenvalues
+spread over six decades, $G_2$, $A_2$ symmetric indefinite at a tenth of their
+scale), then times both versions ``--repeats`` times, alternating which runs
+first, on one thread. A row gives each version's median (and fastest) time;
+the totals sum them over the layers, and *ratio* is the new total over the
+old (of the medians; of the fastest runs in brackets).
+Both versions must apply the same inverse to a random matrix (relative
+difference reported).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import subprocess
+import sys
+import time
+import types
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _harness import REPO, command, commit, machine, write_json
+
+from curvlib.linalg import KroneckerSumInverse, two_term_inverse
+
+DEFAULT_OUT = REPO / "benchmarks" / "results"
+AUTOENCODER = (784, 1000, 500, 250, 30, 250, 500, 1000, 784)
+QUICK = (60, 40, 20, 40, 60)
+DAMPING = 1e-3
+
+Inverse = Callable[..., KroneckerSumInverse]
+
+
+def baseline(rev: str) -> Inverse:
+    """``two_term_inverse`` as ``curvlib/linalg/kron.py`` defined it at ``rev``."""
+    source = subprocess.run(
+        ["git", "show", f"{rev}:curvlib/linalg/kron.py"],
+        cwd=REPO, capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    module = types.ModuleType(f"kron_at_{rev}")
+    sys.modules[module.__name__] = module  # dataclasses look their module up there
+    exec(compile(source, f"{rev}:curvlib/linalg/kron.py", "exec"), module.__dict__)
+    fn: Inverse = module.two_term_inverse
+    return fn
+
+
+def _spd(n: int, gen: torch.Generator) -> torch.Tensor:
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    values = torch.logspace(0, -6, n, dtype=torch.float64)
+    return ((q * values) @ q.T).float()
+
+
+def _indefinite(n: int, gen: torch.Generator) -> torch.Tensor:
+    b = torch.randn(n, n, generator=gen, dtype=torch.float64) / n
+    return (0.1 * (b + b.T)).float()
+
+
+def factors(out_dim: int, in_dim: int, seed: int) -> tuple[torch.Tensor, ...]:
+    """``(G1, A1, G2, A2)`` of one layer (module docstring)."""
+    gen = torch.Generator().manual_seed(seed)
+    G1, A1 = _spd(out_dim, gen), _spd(in_dim, gen)
+    return G1, A1, _indefinite(out_dim, gen), _indefinite(in_dim, gen)
+
+
+def _seconds(fn: Inverse, mats: tuple[torch.Tensor, ...]) -> float:
+    start = time.perf_counter()
+    fn(*mats, DAMPING)
+    return time.perf_counter() - start
+
+
+def time_layer(
+    old: Inverse, mats: tuple[torch.Tensor, ...], repeats: int
+) -> tuple[list[float], list[float], float]:
+    """Both versions' times (seconds) on one layer, and their relative difference."""
+    old_times: list[float] = []
+    new_times: list[float] = []
+    for r in range(repeats + 1):  # the first round warms up
+        pair = [(old, old_times), (two_term_inverse, new_times)]
+        for fn, times in pair if r % 2 else pair[::-1]:
+            seconds = _seconds(fn, mats)
+            if r:
+                times.append(seconds)
+    gen = torch.Generator().manual_seed(1)
+    probe = torch.randn(mats[0].shape[0], mats[1].shape[0], generator=gen)
+    want = old(*mats, DAMPING)(probe).double()
+    got = two_term_inverse(*mats, DAMPING)(probe).double()
+    return old_times, new_times, float((got - want).norm() / want.norm())
+
+
+def run(widths: Sequence[int], repeats: int, rev: str) -> list[dict[str, Any]]:
+    """One row per layer ``widths[i] -> widths[i + 1]``."""
+    old = baseline(rev)
+    rows = []
+    for i, (fan_in, fan_out) in enumerate(itertools.pairwise(widths)):
+        mats = factors(fan_out, fan_in + 1, seed=i)
+        old_times, new_times, diff = time_layer(old, mats, repeats)
+        rows.append({
+            "layer": f"{fan_in}->{fan_out}", "G": fan_out, "A": fan_in + 1,
+            "old_ms": 1e3 * statistics.median(old_times),
+            "new_ms": 1e3 * statistics.median(new_times),
+            "old_min_ms": 1e3 * min(old_times), "new_min_ms": 1e3 * min(new_times),
+            "rel_diff": diff,
+        })  # fmt: skip
+    return rows
+
+
+def table(payload: dict[str, Any]) -> str:
+    """The Markdown report."""
+    rev = payload["baseline"]
+    lines = [
+        f"`{payload['command']}` at commit {payload['commit']}, {payload['machine']['date']}, "
+        f"{payload['machine']['cpu']}, 1 thread, float32, baseline {rev}.",
+        "",
+        f"| layer | G | A | {rev} ms | now ms | ratio | rel. diff |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in payload["rows"]:
+        lines.append(
+            f"| {r['layer']} | {r['G']} | {r['A']} | {r['old_ms']:.1f} | {r['new_ms']:.1f} "
+            f"| {r['new_ms'] / r['old_ms']:.2f} ({r['new_min_ms'] / r['old_min_ms']:.2f}) "
+            f"| {r['rel_diff']:.1e} |"
+        )
+    total_old, total_new = payload["total_old_ms"], payload["total_new_ms"]
+    lines.append(
+        f"| **all layers** | | | {total_old:.1f} | {total_new:.1f} "
+        f"| **{payload['ratio']:.2f}** ({payload['ratio_of_fastest']:.2f}) | |"
+    )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=11, help="timed runs of each version")
+    parser.add_argument("--baseline", default="2d40fc5", help="git revision to compare with")
+    parser.add_argument("--quick", action="store_true", help="small layers, write nothing")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for the results")
+    args = parser.parse_args(argv)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rows = run(QUICK if args.quick else AUTOENCODER, args.repeats, args.baseline)
+    finally:
+        torch.set_num_threads(threads)
+    total_old = sum(r["old_ms"] for r in rows)
+    total_new = sum(r["new_ms"] for r in rows)
+    payload = {
+        "command": command(argv), "commit": commit(), "machine": machine(),
+        "baseline": args.baseline, "repeats": args.repeats, "rows": rows,
+        "total_old_ms": total_old, "total_new_ms": total_new, "ratio": total_new / total_old,
+        "ratio_of_fastest": sum(r["new_min_ms"] for r in rows) / sum(r["old_min_ms"] for r in rows),
+    }  # fmt: skip
+    report = table(payload)
+    print(report)
+    if not args.quick:
+        write_json(args.out / "two_term_inverse.json", payload)
+        (args.out / "two_term_inverse.md").write_text(report)
+    return payload
+
+
+if __name__ == "__main__":
+    main()
