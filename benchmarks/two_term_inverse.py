@@ -18,8 +18,10 @@ scale), then times both versions in ``--repeats`` rounds, alternating which runs
 first within each layer, on one thread. A row gives each version's median
 time; the headline ratio pairs the versions round by round: the median over
 rounds of (new whole-network time) / (old whole-network time).
-Both versions must apply the same inverse to a random matrix (relative
-difference reported).
+*Of which eigh* times the two ``eigh`` of the whitened second factors alone
+(the rest is Cholesky, triangular solves and $O(n^2)$ work). Both versions
+must apply the same inverse to a random matrix (relative difference
+reported).
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _harness import REPO, command, commit, machine, write_json
 
-from curvlib.linalg import KroneckerSumInverse, two_term_inverse
+from curvlib.linalg import KroneckerSumInverse, damped_cholesky, eigh, pi_split, two_term_inverse
+from curvlib.linalg.kron import _whitened
 
 DEFAULT_OUT = REPO / "benchmarks" / "results"
 AUTOENCODER = (784, 1000, 500, 250, 30, 250, 500, 1000, 784)
@@ -88,6 +91,15 @@ def _seconds(fn: Inverse, mats: tuple[torch.Tensor, ...]) -> float:
     return time.perf_counter() - start
 
 
+def _eigh_job(mats: tuple[torch.Tensor, ...]) -> Callable[[], object]:
+    """The two ``eigh`` of the whitened second factors inside ``two_term_inverse``, alone."""
+    G1, A1, G2, A2 = mats
+    gamma_a, gamma_g = pi_split(A1, G1, DAMPING)
+    whitened_g = _whitened(damped_cholesky(G1, gamma_g)[0], G2)
+    whitened_a = _whitened(damped_cholesky(A1, gamma_a)[0], A2)
+    return lambda: (eigh(whitened_g, clamp_negative=False), eigh(whitened_a, clamp_negative=False))
+
+
 def _difference(old: Inverse, mats: tuple[torch.Tensor, ...]) -> float:
     """Relative difference of the two versions' inverses applied to one random matrix."""
     gen = torch.Generator().manual_seed(1)
@@ -111,8 +123,14 @@ def run(widths: Sequence[int], repeats: int, rev: str) -> dict[str, Any]:
     ]
     old_ms: list[list[float]] = [[] for _ in layers]
     new_ms: list[list[float]] = [[] for _ in layers]
+    eigh_ms: list[list[float]] = [[] for _ in layers]
+    eigh_jobs = [_eigh_job(mats) for _, mats in layers]
     for r in range(repeats + 1):  # the first round warms up
         for k, (_, mats) in enumerate(layers):
+            start = time.perf_counter()
+            eigh_jobs[k]()
+            if r:
+                eigh_ms[k].append(1e3 * (time.perf_counter() - start))
             pair = [(old, old_ms[k]), (two_term_inverse, new_ms[k])]
             for fn, times in pair if (r + k) % 2 else pair[::-1]:
                 seconds = _seconds(fn, mats)
@@ -126,6 +144,7 @@ def run(widths: Sequence[int], repeats: int, rev: str) -> dict[str, Any]:
             "A": mats[1].shape[0],
             "old_ms": statistics.median(old_ms[k]),
             "new_ms": statistics.median(new_ms[k]),
+            "eigh_ms": statistics.median(eigh_ms[k]),
             "rel_diff": _difference(old, mats),
         }
         for k, (name, mats) in enumerate(layers)
@@ -140,18 +159,18 @@ def table(payload: dict[str, Any]) -> str:
         f"`{payload['command']}` at commit {payload['commit']}, {payload['machine']['date']}, "
         f"{payload['machine']['cpu']}, 1 thread, float32, baseline {rev}.",
         "",
-        f"| layer | G | A | {rev} ms | now ms | ratio | rel. diff |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        f"| layer | G | A | {rev} ms | now ms | ratio | of which eigh ms | rel. diff |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in payload["rows"]:
         lines.append(
             f"| {r['layer']} | {r['G']} | {r['A']} | {r['old_ms']:.1f} | {r['new_ms']:.1f} "
-            f"| {r['new_ms'] / r['old_ms']:.2f} | {r['rel_diff']:.1e} |"
+            f"| {r['new_ms'] / r['old_ms']:.2f} | {r['eigh_ms']:.1f} | {r['rel_diff']:.1e} |"
         )
     total_old, total_new = payload["total_old_ms"], payload["total_new_ms"]
     lines.append(
         f"| **all layers** | | | {total_old:.1f} | {total_new:.1f} "
-        f"| {total_new / total_old:.2f} | |"
+        f"| {total_new / total_old:.2f} | {payload['total_eigh_ms']:.1f} | |"
     )
     low, high = min(payload["round_ratios"]), max(payload["round_ratios"])
     lines += [
@@ -181,6 +200,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "baseline": args.baseline, "repeats": args.repeats, "rows": rows,
         "total_old_ms": sum(r["old_ms"] for r in rows),
         "total_new_ms": sum(r["new_ms"] for r in rows),
+        "total_eigh_ms": sum(r["eigh_ms"] for r in rows),
         "round_ratios": result["round_ratios"],
         "ratio": statistics.median(result["round_ratios"]),
     }  # fmt: skip

@@ -15,7 +15,7 @@ def test_both_versions_are_timed_on_every_layer_and_agree() -> None:
     rows = payload["rows"]
     assert [r["layer"] for r in rows] == ["60->40", "40->20", "20->40", "40->60"]
     assert all(r["A"] == int(r["layer"].split("->")[0]) + 1 for r in rows)  # the bias column
-    assert all(r["old_ms"] > 0.0 and r["new_ms"] > 0.0 for r in rows)
+    assert all(r["old_ms"] > 0.0 and r["new_ms"] > 0.0 and r["eigh_ms"] > 0.0 for r in rows)
     assert all(r["rel_diff"] < 1e-4 for r in rows)  # the same inverse, float32
     (ratio,) = payload["round_ratios"]  # one round: the whole network's new time over its old
     assert ratio == sum(r["new_ms"] for r in rows) / sum(r["old_ms"] for r in rows)
