@@ -27,8 +27,8 @@ Cost to build: two Cholesky factorisations, two ``eigh`` of the factor sizes
 and six triangular solves (three per side: $C^{-1} S C^{-\top}$ and $C^{-\top}
 U$), $3n^3$ flops per side besides the factorisations; no explicit inverse is
 formed (which cost $7n^3$: $C^{-1}$ and three products with it). ``eigh`` is
-most of the rest: on the MNIST autoencoder's layers about two thirds of the
-build (``benchmarks/two_term_inverse.py``). Four matrix products to apply.
+most of the rest: about 60% of the build on the MNIST autoencoder's layers
+(``benchmarks/two_term_inverse.py``). Four matrix products to apply.
 """
 
 from __future__ import annotations
