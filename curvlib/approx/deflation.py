@@ -262,7 +262,7 @@ class Deflation(RearrangedApprox):
     **Normalisation and averaging.** Each pair is stored as
     $G_j = \pm\sqrt{\sigma_j}\, U_j$, $A_j = \pm\sqrt{\sigma_j}\, V_j$ with the sign
     that makes $\operatorname{tr} A_j \ge 0$
-    ([`balanced_factors`][curvlib.linalg.rearrange.balanced_factors]); the first
+    ([`balanced_factors`][curvlib.linalg.balanced_factors]); the first
     pair's factors are then positive semi-definite (power iterations from a
     positive semi-definite start keep them so). The four factors are averaged
     separately over steps. The second term is indefinite in general, so $C$ may

@@ -90,7 +90,7 @@ class KFACCorrected(RearrangedApprox):
     **Normalisation and averaging.** $A$ and $G$ are averaged as in KFAC. The
     correction is stored as $G_c = \pm\sqrt{\sigma}\, U$, $A_c = \pm\sqrt{\sigma}\,
     V$ with the sign that makes $\operatorname{tr} A_c \ge 0$
-    ([`balanced_factors`][curvlib.linalg.rearrange.balanced_factors]), and its
+    ([`balanced_factors`][curvlib.linalg.balanced_factors]), and its
     factors are averaged separately; power iterations start from the previous
     $A_c$.
 

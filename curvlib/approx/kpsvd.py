@@ -14,7 +14,7 @@ inputs and output gradients of a layer, matrix-free or in sample space (the
 cheaper per layer, [`curvlib.linalg.sample_space`][curvlib.linalg.sample_space];
 ``form`` forces one), and keep running averages of
 their factors normalised by
-[`balanced_factors`][curvlib.linalg.rearrange.balanced_factors]
+[`balanced_factors`][curvlib.linalg.balanced_factors]
 ($\operatorname{tr} A_j \ge 0$, $\|G_j\|_F = \|A_j\|_F$):
 
 * [`KPSVD`][curvlib.approx.kpsvd.KPSVD]: $\sigma_1 U_1 \otimes V_1$ by power
@@ -72,7 +72,7 @@ class RearrangedApprox(LayerwiseApprox):
         r"""Per layer, the form and the products with $\mathcal R(F)$ of the last update.
 
         Products are counted as in
-        [`SingularTriple.iterations`][curvlib.linalg.rearrange.SingularTriple]
+        [`SingularTriple.iterations`][curvlib.linalg.SingularTriple]
         (one with $\mathcal R$ and one with $\mathcal R^\top$ each), summed
         over the pairs of the update.
         """
@@ -136,13 +136,13 @@ class KPSVD(RearrangedApprox):
     **Normalisation and averaging.** The pair is stored as $G = \sqrt{\sigma_1}\,
     U_1$, $A = \sqrt{\sigma_1}\, V_1$ with the sign that makes
     $\operatorname{tr} A \ge 0$
-    ([`balanced_factors`][curvlib.linalg.rearrange.balanced_factors]), so
+    ([`balanced_factors`][curvlib.linalg.balanced_factors]), so
     $\|G\|_F = \|A\|_F = \sqrt{\sigma_1}$; for positive semi-definite $F$ both
     factors are then positive semi-definite (Van Loan & Pitsianis, theorem 5.8),
     and the power iterations keep them so at every iterate: they start from the
     previous $A$ or the identity, and each product maps positive semi-definite
     matrices to positive semi-definite ones
-    ([`psd_start`][curvlib.linalg.rearrange.psd_start]). $G$ and $A$ are
+    ([`psd_start`][curvlib.linalg.psd_start]). $G$ and $A$ are
     averaged separately over steps, like KFAC's factors.
 
     **Damping.** As KFAC ([`KFACDamping`][curvlib.approx.kfac.KFACDamping]):

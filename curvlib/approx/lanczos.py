@@ -2,7 +2,7 @@ r"""Lanczos: the optimal rank-2 Kronecker sum by Golub–Kahan bidiagonalisation
 
 The same approximation as [`Deflation`][curvlib.approx.deflation.Deflation],
 found with a different solver: restarted Golub–Kahan–Lanczos bidiagonalisation
-of the rearranged block ([`lanczos_svd`][curvlib.linalg.rearrange.lanczos_svd])
+of the rearranged block ([`lanczos_svd`][curvlib.linalg.lanczos_svd])
 yields both singular pairs from one Krylov space, and exactly when the
 rearranged block has rank at most two.
 """
@@ -85,7 +85,7 @@ class Lanczos(RearrangedApprox):
     **Normalisation and averaging.** As [`Deflation`][curvlib.approx.deflation.Deflation]:
     $G_j = \pm\sqrt{\sigma_j}\,U_j$, $A_j = \pm\sqrt{\sigma_j}\,V_j$ with
     $\operatorname{tr} A_j \ge 0$
-    ([`balanced_factors`][curvlib.linalg.rearrange.balanced_factors]), the first
+    ([`balanced_factors`][curvlib.linalg.balanced_factors]), the first
     pair clamped to positive semi-definite, each factor averaged separately. The
     second term, and so $C$, may be indefinite.
 

@@ -96,6 +96,13 @@ class Eigh:
     vectors: Tensor
 
 
+def _eigh_jitter(mat: Tensor, attempt: int) -> float:
+    r"""The shift of retry ``attempt``: $\epsilon 10^r \max(\sum_i |m_{ii}|/n, \text{tiny})$."""
+    info = torch.finfo(mat.dtype)
+    scale = max(float(mat.diagonal().abs().sum()) / max(mat.shape[-1], 1), info.tiny)
+    return info.eps * 10.0**attempt * scale
+
+
 def eigh(mat: Tensor, *, clamp_negative: bool = True, retries: int = 4) -> Eigh:
     r"""Eigendecomposition of a symmetric matrix, retried with growing jitter.
 
@@ -117,13 +124,13 @@ def eigh(mat: Tensor, *, clamp_negative: bool = True, retries: int = 4) -> Eigh:
     """
     mat = symmetrize(mat)
     n = mat.shape[-1]
-    eps = torch.finfo(mat.dtype).eps
-    scale = max(float(mat.diagonal().abs().sum()) / max(n, 1), torch.finfo(mat.dtype).tiny)
-    eye = torch.eye(n, dtype=mat.dtype, device=mat.device)
     for attempt in range(retries + 1):
-        jitter = 0.0 if attempt == 0 else eps * 10.0**attempt * scale
+        jitter, shifted = 0.0, mat  # the first attempt adds nothing (and allocates nothing)
+        if attempt:
+            jitter = _eigh_jitter(mat, attempt)
+            shifted = mat + jitter * torch.eye(n, dtype=mat.dtype, device=mat.device)
         try:
-            values, vectors = torch.linalg.eigh(mat + jitter * eye)
+            values, vectors = torch.linalg.eigh(shifted)
         except RuntimeError:  # torch.linalg.LinAlgError subclasses RuntimeError
             continue
         values = values - jitter

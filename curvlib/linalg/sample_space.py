@@ -21,7 +21,7 @@ alike from the output gradients (summed over the columns $k, k'$). The same
 Gram matrices give the Frobenius inner products of the combinations, so the
 power and Lanczos iterations of [`curvlib.linalg.rearrange`][curvlib.linalg.rearrange]
 run on the coefficients unchanged
-([`Coordinates`][curvlib.linalg.rearrange.Coordinates]), and the factors are
+([`Coordinates`][curvlib.linalg.Coordinates]), and the factors are
 formed once at the end, as weighted sums $\bar A^\top \operatorname{diag}(c)
 \bar A$ (never one outer product at a time).
 
@@ -83,7 +83,7 @@ class RearrangedForm(enum.Enum):
     AUTO = "auto"
     """The cheaper of the two by [`choose_form`][curvlib.linalg.sample_space.choose_form]."""
     MATRIX_FREE = "matrix_free"
-    """[`RearrangedFisher`][curvlib.linalg.rearrange.RearrangedFisher]: on the matrices."""
+    """[`RearrangedFisher`][curvlib.linalg.RearrangedFisher]: on the matrices."""
     SAMPLE_SPACE = "sample_space"
     """[`SampleSpaceFisher`][curvlib.linalg.sample_space.SampleSpaceFisher]: on coefficients."""
 

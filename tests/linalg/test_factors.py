@@ -10,6 +10,7 @@ import torch
 from curvlib.linalg import (
     cholesky_inverse,
     damped_cholesky,
+    eigh,
     flush_negligible,
     flush_subnormals,
     symmetrize,
@@ -94,3 +95,30 @@ def test_symmetrize_returns_a_new_symmetric_tensor() -> None:
     assert torch.equal(out, (mat + mat.T) / 2)
     assert out.data_ptr() != mat.data_ptr()
     assert torch.equal(mat, torch.arange(9.0).view(3, 3))
+
+
+def test_eigh_passes_the_matrix_unshifted_first_and_shifts_only_on_a_retry(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(20, 20, generator=gen, dtype=torch.float64)
+    mat = symmetrize(x)
+    expected = torch.linalg.eigvalsh(mat)
+    seen: list[torch.Tensor] = []
+    real = torch.linalg.eigh
+
+    def fail_once(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        seen.append(m.clone())
+        if len(seen) == 1:
+            raise torch.linalg.LinAlgError("linalg.eigh: the algorithm failed to converge")
+        return real(m)
+
+    monkeypatch.setattr(torch.linalg, "eigh", fail_once)
+    result = eigh(mat, clamp_negative=False)
+    assert len(seen) == 2
+    assert torch.equal(seen[0], mat)  # the first attempt: the matrix itself
+    shift = seen[1] - mat  # the retry: a positive multiple of the identity
+    assert float(shift[0, 0]) > 0.0
+    torch.testing.assert_close(shift, float(shift[0, 0]) * torch.eye(20, dtype=torch.float64))
+    torch.testing.assert_close(result.values, expected)  # the shift is taken off again
+    torch.testing.assert_close((result.vectors * result.values) @ result.vectors.T, mat)

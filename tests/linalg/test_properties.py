@@ -98,6 +98,38 @@ def test_two_term_inverse_solves_the_damped_sum(
     assert _rel(got, expected) < RTOL[dtype]
 
 
+def _symmetric(n: int, gen: torch.Generator, scale: float) -> Tensor:
+    """A random symmetric indefinite matrix."""
+    b = torch.randn(n, n, generator=gen, dtype=torch.float64)
+    return scale * (b + b.T) / 2
+
+
+@FAST
+@given(d_out=sizes, d_in=sizes, damping=dampings, scale=st.floats(0.1, 30.0), seed=seeds)
+def test_two_term_inverse_of_an_indefinite_sum_inverts_the_dense_floored_operator(
+    d_out: int, d_in: int, damping: float, scale: float, seed: int
+) -> None:
+    r"""The floor, against the generalised eigenproblem of the dense $P \times P$ pair."""
+    gen = torch.Generator().manual_seed(seed)
+    G1, A1 = _spd(d_out, gen), _spd(d_in, gen)
+    G2, A2 = _symmetric(d_out, gen, scale), _symmetric(d_in, gen, 1.0)
+    min_eig = 0.1
+    inverse = two_term_inverse(G1, A1, G2, A2, damping, min_eig=min_eig)
+    gamma_a, gamma_g = pi_split(A1, G1, damping)
+    eye_g, eye_a = torch.eye(d_out, dtype=torch.float64), torch.eye(d_in, dtype=torch.float64)
+    first = torch.kron(G1 + gamma_g * eye_g, A1 + gamma_a * eye_a)
+    chol = torch.linalg.cholesky(first)
+    whitened = torch.linalg.solve_triangular(chol, torch.kron(G2, A2), upper=False)
+    whitened = torch.linalg.solve_triangular(chol, whitened.T, upper=False)
+    mu, Q = torch.linalg.eigh((whitened + whitened.T) / 2)
+    basis = chol @ Q
+    floored = (basis * (1.0 + mu).clamp_min(min_eig)) @ basis.T
+    V = torch.randn(d_out, d_in, generator=gen, dtype=torch.float64)
+    expected = torch.linalg.solve(floored, V.reshape(-1)).reshape(d_out, d_in)
+    assert inverse.num_floored == int((1.0 + mu < min_eig).sum())
+    assert _rel(inverse(V), expected) < RTOL[torch.float64]
+
+
 @FAST
 @given(m=st.integers(1, 8), p=st.integers(1, 12), damping=dampings, dtype=dtypes, seed=seeds)
 def test_woodbury_solve_matches_the_dense_solve(

@@ -1,0 +1,220 @@
+r"""The leading singular triples of $\mathcal R(F)$: power iterations and restarted Lanczos.
+
+Both run on [`Coordinates`][curvlib.linalg.Coordinates] (a matrix-free
+operator is flattened first) and return
+[`SingularTriple`][curvlib.linalg.SingularTriple]s.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from curvlib.linalg.rearrange.fisher import RearrangedOperator, effective_tol
+from curvlib.linalg.rearrange.spaces import Coordinates, coordinates
+from curvlib.linalg.rearrange.triples import SingularTriple
+
+_BREAKDOWN = 1e3
+"""Round-off level, in machine epsilons times the operator's size (breakdowns, zero pairs)."""
+
+
+def power_svd(
+    op: RearrangedOperator | Coordinates,
+    v0: Tensor | None = None,
+    u0: Tensor | None = None,
+    *,
+    tol: float = 1e-6,
+    max_iter: int = 100,
+    scale: float = 0.0,
+) -> SingularTriple:
+    r"""The top singular triple by power iterations on $\mathcal R^\top\mathcal R$.
+
+    Each iteration computes $u = \mathcal R v / \|\mathcal R v\|$,
+    $w = \mathcal R^\top u$, and stops once $\|w - \langle u, \mathcal R v\rangle
+    v\|_F \le \text{tol}\, \|w\|_F$ (the sine of the angle between $v$ and its
+    image). The error shrinks by $(\sigma_2/\sigma_1)^2$ per iteration, so a warm
+    start from the previous step's factor saves most of them.
+
+    Args:
+        op: The operator, matrix-free or on coordinates
+            ([`Coordinates`][curvlib.linalg.Coordinates]).
+        v0: Warm start on the input side (``[in, in]``; need not be normalised).
+        u0: Warm start on the output side, used when ``v0`` is missing.
+        tol: Relative residual at which to stop (raised to
+            [`effective_tol`][curvlib.linalg.effective_tol] of the
+            operator's dtype: a smaller one is below round-off).
+        max_iter: Cap on the iterations.
+        scale: Size of the operator that ``op`` was deflated from (e.g. its
+            $\sigma_1$): a singular value at round-off level of it,
+            $\|\mathcal R v\| \le 10^3 \epsilon \cdot$ ``scale``, counts as zero.
+
+    Returns:
+        The triple; ``sigma = 0`` with zero matrices when $\mathcal R v$ is zero
+        (or at round-off level of ``scale``).
+
+    Raises:
+        ValueError: If ``max_iter < 1``.
+    """
+    if max_iter < 1:
+        raise ValueError(f"max_iter must be at least 1, got {max_iter!r}.")
+    space = coordinates(op)
+    tol = effective_tol(tol, space.dtype)
+    tiny = _BREAKDOWN * torch.finfo(space.dtype).eps * scale
+    v = space.start(v0, u0)
+    size = space.norm_in(v)
+    if not size > 0:
+        return _zero_triples(1, space, 1)[0]
+    v = v / size
+    u, sigma, residual = v, 0.0, math.inf
+    best, stalled = math.inf, 0
+    for iteration in range(1, max_iter + 1):
+        image = space.matvec(v)
+        alpha = space.norm_out(image)
+        if not alpha > tiny:
+            return _zero_triples(1, space, iteration)[0]
+        u = image / alpha
+        w = space.rmatvec(u)
+        beta = space.norm_in(w)
+        if not beta > tiny:  # beta >= alpha in exact arithmetic: a breakdown at round-off
+            return _zero_triples(1, space, iteration)[0]
+        residual = space.norm_in(w - alpha * v) / beta
+        v, sigma = w / beta, beta
+        if residual <= tol:
+            break
+        best, stalled = (residual, 0) if residual < best else (best, stalled + 1)
+        if space.stall_window is not None and stalled >= space.stall_window:
+            break
+    U, V = space.out_matrix(u), space.in_matrix(v)
+    return SingularTriple(sigma, U, V, iteration, residual, u, v)
+
+
+def _orthogonalise(
+    space: Coordinates, w: Tensor, basis: list[Tensor], side: str
+) -> tuple[Tensor, Tensor]:
+    """Remove the components along an orthonormal basis (Gram–Schmidt twice)."""
+    if not basis:
+        return w, w.new_zeros(0)
+    inner = space.inner_out if side == "out" else space.inner_in
+    Q = torch.stack(basis)
+    coef = inner(Q, w)
+    w = w - coef @ Q
+    again = inner(Q, w)
+    return w - again @ Q, coef + again
+
+
+def lanczos_svd(
+    op: RearrangedOperator | Coordinates,
+    rank: int = 2,
+    v0: Tensor | None = None,
+    *,
+    krylov_dim: int = 10,
+    tol: float = 1e-6,
+    max_restarts: int = 20,
+) -> tuple[SingularTriple, ...]:
+    r"""The top ``rank`` singular triples by restarted Golub–Kahan–Lanczos bidiagonalisation.
+
+    Builds orthonormal $V_k$, $U_k$ with $\mathcal R V_k = U_k B_k$ and
+    $\mathcal R^\top U_k = V_k B_k^\top + \beta_k v_{k+1} e_k^\top$ (full
+    reorthogonalisation), takes the Ritz triples from the SVD $B_k = X \Sigma
+    Y^\top$ and stops once every wanted residual $\beta_k |X_{ki}| \le
+    \text{tol}\,\sigma_1$. Otherwise it thick-restarts (Baglama & Reichel 2005)
+    from the ``rank + 1`` leading Ritz vectors and $v_{k+1}$. A breakdown
+    ($\alpha_j$ or $\beta_j$ at round-off level) means an invariant subspace was
+    found and the triples are exact: with rank$(\mathcal R) \le$ ``rank`` the
+    result is the exact rearranged block. Cost per restart: ``krylov_dim``
+    products with $\mathcal R$ and $\mathcal R^\top$ and the reorthogonalisation,
+    $O(k^2 (d_o^2 + d_i^2))$ matrix-free, $O(k^2 N)$ plus $k$ Gram products in
+    the sample-space form.
+
+    Args:
+        op: The operator, matrix-free or on coordinates
+            ([`Coordinates`][curvlib.linalg.Coordinates]).
+        rank: How many triples.
+        v0: Start on the input side (``[in, in]``, e.g. a sum of the previous
+            factors); the operator's own start when missing or zero (the cold
+            start of [`power_svd`][curvlib.linalg.power_svd] for a
+            matrix-free one).
+        krylov_dim: Largest Krylov dimension $k$ before a restart.
+        tol: Relative residual at which to stop (raised to
+            [`effective_tol`][curvlib.linalg.effective_tol] of the
+            operator's dtype).
+        max_restarts: Cap on the restarts.
+
+    Returns:
+        ``rank`` triples by decreasing $\sigma$; missing ones (rank$(\mathcal R) <$
+        ``rank``) have $\sigma = 0$ and zero matrices. ``iterations`` counts all
+        products of the call.
+
+    Raises:
+        ValueError: If ``krylov_dim < rank + 2``.
+    """
+    if krylov_dim < rank + 2:
+        raise ValueError(f"krylov_dim must be at least rank + 2 = {rank + 2}, got {krylov_dim}.")
+    space = coordinates(op)
+    tol = effective_tol(tol, space.dtype)
+    first = space.start(v0, None)
+    size = space.norm_in(first)
+    if not size > 0:
+        return _zero_triples(rank, space, 0)
+    Vs = [first / size]
+    like = Vs[0]
+    Us: list[Tensor] = []
+    B = like.new_zeros(krylov_dim, krylov_dim)
+    scale, beta, products = 0.0, 0.0, 0
+    tiny = _BREAKDOWN * torch.finfo(space.dtype).eps
+    for restart in range(max_restarts + 1):
+        broke = ""
+        for j in range(len(Us), krylov_dim):
+            w, coef = _orthogonalise(space, space.matvec(Vs[j]), Us, "out")
+            products += 1
+            B[:j, j] = coef
+            alpha = space.norm_out(w)
+            scale = max(scale, alpha, float(coef.abs().max()) if j else 0.0)
+            if alpha <= tiny * scale:
+                broke = "alpha"
+                break
+            B[j, j] = alpha
+            Us.append(w / alpha)
+            f, _ = _orthogonalise(space, space.rmatvec(Us[j]), Vs, "in")
+            beta = space.norm_in(f)
+            if beta <= tiny * scale:
+                broke = "beta"
+                break
+            Vs.append(f / beta)  # after the last step: the residual direction v_{k+1}
+        m = len(Us)
+        if m == 0:
+            break
+        U_basis = torch.stack(Us)
+        V_basis = torch.stack(Vs[: m + 1] if broke == "alpha" else Vs[:m])
+        X, s, Yt = torch.linalg.svd(B[:m, : V_basis.shape[0]], full_matrices=False)
+        left, right = X.T @ U_basis, Yt @ V_basis  # Ritz vectors, as rows
+        residuals = [0.0] * m if broke else (beta * X[-1].abs() / s[0]).tolist()
+        if broke or restart == max_restarts or max(residuals[:rank]) <= tol:
+            triples = tuple(
+                SingularTriple(
+                    float(s[i]),
+                    space.out_matrix(left[i]),
+                    space.in_matrix(right[i]),
+                    products,
+                    residuals[i],
+                    left[i],
+                    right[i],
+                )
+                for i in range(min(rank, m))
+            )
+            return triples + _zero_triples(rank - len(triples), space, products)
+        # Thick restart: keep the leading Ritz pairs and the residual direction v_{k+1}.
+        keep = min(rank + 1, m - 1)
+        Us, Vs = list(left[:keep]), [*right[:keep], Vs[-1]]
+        B = like.new_zeros(krylov_dim, krylov_dim)
+        B[:keep, :keep] = torch.diag(s[:keep])
+    return _zero_triples(rank, space, products)
+
+
+def _zero_triples(count: int, space: Coordinates, iterations: int) -> tuple[SingularTriple, ...]:
+    dtype, device = space.dtype, space.device
+    zero_u = torch.zeros(space.out_dim, space.out_dim, dtype=dtype, device=device)
+    zero_v = torch.zeros(space.in_dim, space.in_dim, dtype=dtype, device=device)
+    return tuple(SingularTriple(0.0, zero_u, zero_v, iterations, 0.0) for _ in range(count))
