@@ -18,6 +18,9 @@ sys.path.insert(0, str(EXAMPLES))
 import autoencoder  # noqa: E402
 import common  # noqa: E402
 import dcgan_kfac  # noqa: E402
+import gan_models  # noqa: E402
+import gan_steps  # noqa: E402
+import gan_training  # noqa: E402
 from gan_quality import FrechetPCA  # noqa: E402
 
 # BatchNorm layers take plain SGD steps under KFAC; the scripts warn about it once.
@@ -44,7 +47,7 @@ def straight(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_dcgan_writes_metrics_samples_plots_and_telemetry(straight: Path) -> None:
     with (straight / "metrics.csv").open() as fh:
         rows = list(csv.DictReader(fh))
-    assert list(rows[0]) == list(dcgan_kfac.METRIC_FIELDS)
+    assert list(rows[0]) == list(gan_training.METRIC_FIELDS)
     history = json.loads((straight / "metrics.json").read_text())
     assert [m["epoch"] for m in history] == [0, 1, 2]
     assert all(m["fd"] is not None and m["fd"] >= 0 for m in history)
@@ -62,6 +65,32 @@ def test_dcgan_writes_metrics_samples_plots_and_telemetry(straight: Path) -> Non
     assert summary[0]["label"] == "kfac" and summary[0]["fd"] == last["fd"]
 
 
+def _iterations(out: Path) -> list[dict[str, float]]:
+    with (out / "iterations.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0]) == list(gan_training.ITERATION_FIELDS)
+    assert json.loads((out / "iterations.json").read_text()) == [
+        {k: float(v) if k != "step" else int(v) for k, v in row.items()} for row in rows
+    ]
+    return [{k: float(v) for k, v in row.items()} for row in rows]
+
+
+def test_iterations_log_both_losses_and_the_clock_of_every_generator_step(straight: Path) -> None:
+    rows = _iterations(straight)
+    history = json.loads((straight / "metrics.json").read_text())
+    assert [r["step"] for r in rows] == list(range(1, 9))  # 4 generator steps per epoch
+    for epoch in (1, 2):
+        part = rows[4 * (epoch - 1) : 4 * epoch]
+        # One critic step per generator step: the epoch's means are the rows' means.
+        for key in ("g_loss", "d_loss"):
+            assert sum(r[key] for r in part) / 4 == pytest.approx(history[epoch][key], rel=1e-6)
+        # The clock of metrics.csv: each step's time within its epoch's.
+        assert history[epoch - 1]["wall_time"] < part[0]["wall_time"]
+        assert part[-1]["wall_time"] <= history[epoch]["wall_time"]
+    times = [r["wall_time"] for r in rows]
+    assert times == sorted(times) and len(set(times)) == len(times)
+
+
 def test_resume_continues_exactly(straight: Path, tmp_path: Path) -> None:
     dcgan_kfac.main([*TINY, "--num-epochs", "1", "--out", str(tmp_path)])
     dcgan_kfac.main([*TINY, "--resume", "--out", str(tmp_path)])
@@ -72,6 +101,10 @@ def test_resume_continues_exactly(straight: Path, tmp_path: Path) -> None:
         assert resumed[2][key] == whole[2][key], key
     steps = json.loads((tmp_path / "telemetry.json").read_text())
     assert [s["step"] for s in steps] == list(range(1, 9))
+    untimed = [{k: v for k, v in r.items() if k != "wall_time"} for r in _iterations(tmp_path)]
+    assert untimed == [
+        {k: v for k, v in r.items() if k != "wall_time"} for r in _iterations(straight)
+    ]
 
 
 def test_wgan_gp_with_curvature_on_both_networks(tmp_path: Path) -> None:
@@ -85,6 +118,10 @@ def test_wgan_gp_with_curvature_on_both_networks(tmp_path: Path) -> None:
     assert (tmp_path / "telemetry_critic.png").read_bytes()[:8] == PNG
     critic_steps = json.loads((tmp_path / "telemetry_critic.json").read_text())
     assert len(critic_steps) == 4
+    rows = _iterations(tmp_path)  # one row per generator step, its 2 critic losses averaged
+    assert [r["step"] for r in rows] == [1, 2]
+    assert (rows[0]["d_loss"] + rows[1]["d_loss"]) / 2 == pytest.approx(final["d_loss"], rel=1e-6)
+    assert (rows[0]["g_loss"] + rows[1]["g_loss"]) / 2 == pytest.approx(final["g_loss"], rel=1e-6)
 
 
 def test_compare_plots_the_quality_of_every_run(tmp_path: Path) -> None:
@@ -99,14 +136,14 @@ def test_the_generator_optimizer_never_touches_the_critic() -> None:
     torch.manual_seed(0)
     args = dcgan_kfac.build_argparser().parse_args(["--t-cov", "1"])
     dcgan_kfac.check_args(dcgan_kfac.build_argparser(), args)
-    gan = dcgan_kfac.GAN(dcgan_kfac.generator(4, 1, 8, 2), dcgan_kfac.critic(1, 8, 2))
+    gan = gan_models.GAN(gan_models.generator(4, 1, 8, 2), gan_models.critic(1, 8, 2))
     bce = nn.BCEWithLogitsLoss()
-    opts = dcgan_kfac._build(args, args.optim, gan, bce)
+    opts = gan_training.build_optimizers(args, args.optim, gan, bce)
     layers = [layer.name for layer in opts["g"].layers]  # type: ignore[attr-defined]
     assert layers and all(name.startswith("generator.") for name in layers)
     critic_before = [p.detach().clone() for p in gan.critic.parameters()]
     gen_before = [p.detach().clone() for p in gan.generator.parameters()]
-    dcgan_kfac._generator_step(args, gan, opts["g"], torch.randn(6, 4), bce, nn.MSELoss())
+    gan_steps.generator_step(args, gan, opts["g"], torch.randn(6, 4), bce, nn.MSELoss())
     for p, q in zip(gan.critic.parameters(), critic_before, strict=True):
         assert torch.equal(p, q)
     moved = zip(gan.generator.parameters(), gen_before, strict=True)
@@ -116,7 +153,7 @@ def test_the_generator_optimizer_never_touches_the_critic() -> None:
 def test_wasserstein_target_has_the_wasserstein_gradient() -> None:
     scores = torch.randn(6, 1, requires_grad=True)
     weights = torch.tensor([-1, -1, -1, 1, 1, 1.0]) / 3
-    nn.MSELoss()(scores, dcgan_kfac.wasserstein_target(scores, weights)).backward()
+    nn.MSELoss()(scores, gan_steps.wasserstein_target(scores, weights)).backward()
     assert scores.grad is not None
     torch.testing.assert_close(scores.grad.view(-1), weights)
 
@@ -126,7 +163,7 @@ def test_gradient_penalty_of_a_linear_critic() -> None:
     with torch.no_grad():
         net[1].weight.copy_(torch.tensor([[3.0, 0.0, 4.0, 0.0]]))  # gradient norm 5
     real, fake = torch.rand(5, 1, 2, 2), torch.rand(5, 1, 2, 2)
-    penalty = dcgan_kfac.gradient_penalty(net, real, fake, torch.Generator().manual_seed(0))
+    penalty = gan_steps.gradient_penalty(net, real, fake, torch.Generator().manual_seed(0))
     assert float(penalty.detach()) == pytest.approx(16.0)
 
 
@@ -180,13 +217,13 @@ def test_simultaneous_sgd_steps_both_networks_from_the_same_point(gan_loss: str)
     lr = 0.05
     args = dcgan_kfac.build_argparser().parse_args(["--optim", "sim-sgd", "--lr", str(lr)])
     args.gan = gan_loss
-    gan = dcgan_kfac.GAN(dcgan_kfac.generator(4, 1, 8, 2), dcgan_kfac.critic(1, 8, 2))
+    gan = gan_models.GAN(gan_models.generator(4, 1, 8, 2), gan_models.critic(1, 8, 2))
     old = copy.deepcopy(gan)
     bce = nn.BCEWithLogitsLoss()
-    opts = dcgan_kfac._build(args, args.optim, gan, bce)
+    opts = gan_training.build_optimizers(args, args.optim, gan, bce)
     assert all(isinstance(opt, torch.optim.SGD) for opt in opts.values())
     real, z = torch.rand(6, 1, 8, 8) * 2 - 1, torch.randn(6, 4)
-    dcgan_kfac._simultaneous_step(
+    gan_steps.simultaneous_step(
         args, gan, opts, real, z, torch.Generator().manual_seed(3), bce
     )  # fmt: skip
 
@@ -199,7 +236,7 @@ def test_simultaneous_sgd_steps_both_networks_from_the_same_point(gan_loss: str)
         d_loss = d_loss / 2
         g_loss = bce(old.critic(fake), torch.ones(6, 1))
     else:
-        penalty = dcgan_kfac.gradient_penalty(
+        penalty = gan_steps.gradient_penalty(
             old.critic, real, fake.detach(), torch.Generator().manual_seed(3)
         )
         d_loss = old.critic(fake.detach()).mean() - old.critic(real).mean() + 10 * penalty
@@ -218,10 +255,13 @@ def test_simultaneous_sgd_takes_one_critic_step_per_generator_step(tmp_path: Pat
     argv = [*TINY, "--num-epochs", "1", "--gan", "wgan-gp", "--optim", "sim-sgd"]
     (result,) = dcgan_kfac.main([*argv, "--out", str(tmp_path)])
     assert result.label == "sim-sgd"
-    assert result.lr == dcgan_kfac.GAN_OPTIMIZERS["sim-sgd"].default_lr
+    assert result.lr == gan_training.GAN_OPTIMIZERS["sim-sgd"].default_lr
     assert result.final["steps"] == 64 // 16  # not 64 // 16 // --critic-steps
     assert result.final["fd"] is not None and result.final["g_loss"] is not None
     assert not (tmp_path / "telemetry.png").exists()
+    rows = _iterations(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert sum(r["d_loss"] for r in rows) / 4 == pytest.approx(result.final["d_loss"], rel=1e-6)
 
 
 def test_simultaneous_sgd_is_the_gan_examples_own(capsys: pytest.CaptureFixture[str]) -> None:

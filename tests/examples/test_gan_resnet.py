@@ -14,7 +14,9 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 sys.path.insert(0, str(EXAMPLES))
 
 import dcgan_kfac  # noqa: E402
+import gan_models  # noqa: E402
 import gan_resnet  # noqa: E402
+import gan_training  # noqa: E402
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:These trainable modules have no curvature block"),
@@ -107,8 +109,8 @@ def test_kfac_preconditions_every_conv_and_linear_layer_of_both_networks() -> No
     parser = dcgan_kfac.build_argparser()
     args = parser.parse_args([*TINY, "--kfac-on", "both"])
     dcgan_kfac.check_args(parser, args)
-    gan = dcgan_kfac.GAN(*dcgan_kfac.networks(args, 3, 32))
-    opts = dcgan_kfac._build(args, args.optim, gan, nn.MSELoss())
+    gan = gan_models.GAN(*gan_models.networks(args, 3, 32))
+    opts = gan_training.build_optimizers(args, args.optim, gan, nn.MSELoss())
     for key, net, prefix in (("g", gan.generator, "generator."), ("d", gan.critic, "")):
         layers = {layer.name for layer in opts[key].layers}  # type: ignore[attr-defined]
         wanted = {
