@@ -65,6 +65,7 @@ from common import (
     Task,
     UsageError,
     build_parser,
+    log,
     resolve_device,
     run_experiment,
 )
@@ -261,7 +262,7 @@ def main(argv: Sequence[str] | None = None) -> list[RunResult]:
         test_y=test,
     )
     arch = "-".join(map(str, [*widths, *reversed(widths[:-1])]))
-    print(
+    log(  # rank 0 only under torchrun
         f"{split.name}: {len(train)} train / {len(test)} test images, autoencoder {arch} "
         f"({args.activation}, {args.code_activation} code, {args.init} init), "
         f"{type(task.loss_fn).__name__}"

@@ -69,6 +69,7 @@ from common import (
     Task,
     UsageError,
     build_parser,
+    log,
     nonnegative_float,
     resolve_device,
     run_experiment,
@@ -188,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> list[RunResult]:
         accuracy=True,
         train_eval=5_000,
     )
-    print(
+    log(  # rank 0 only under torchrun
         f"{split.name}: {len(task.train_x)} train / {len(task.test_x)} test images "
         f"{channels}x{side}x{side}, {split.num_classes} classes, {args.model}"
     )

@@ -41,6 +41,7 @@ from common import (
     Task,
     UsageError,
     build_parser,
+    log,
     positive_int,
     resolve_device,
     run_experiment,
@@ -141,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> list[RunResult]:
         test_y=test,
         eval_batch=1_000,
     )
-    print(
+    log(  # rank 0 only under torchrun
         f"{split.name}: {len(train)} train / {len(test)} test images {channels}x{side}x{side}, "
         f"conv autoencoder (code {args.code}), BCEWithLogitsLoss"
     )
