@@ -109,6 +109,7 @@ from gan_fid import FidUnavailable, FrechetInception
 from gan_quality import FrechetPCA
 from gan_resnet import resnet_critic, resnet_generator
 from report import Row, finite, fmt
+from torchrun import refuse_ranks
 from training import (
     CHECKPOINT,
     TELEMETRY_FIELDS,
@@ -678,6 +679,7 @@ def main(argv: Sequence[str] | None = None) -> list[RunResult]:
     """Parse ``argv`` (default ``sys.argv``), train and return the runs' results."""
     parser = build_argparser()
     args = parser.parse_args(argv)
+    refuse_ranks(parser)
     check_args(parser, args)
     if args.patience is not None:  # --preset paper sets it
         print("note: the GAN trains every epoch; --patience applies to the other examples")

@@ -26,6 +26,7 @@ used and left alone) nothing changes.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 from collections.abc import Iterator, Sequence
@@ -131,6 +132,22 @@ def log(text: str) -> None:
         print(text)
 
 
+def refuse_ranks(parser: argparse.ArgumentParser) -> None:
+    """Stop a script with its own training loop that ``torchrun`` started on several ranks.
+
+    Such a script would train the same model independently on every rank and
+    every rank would write the same files; the data-parallel examples are those
+    that train through ``run_experiment``.
+    """
+    if launched() and int(os.environ["WORLD_SIZE"]) > 1:
+        parser.exit(
+            2,
+            f"{parser.prog}: error: this example trains in one process: run it with python, "
+            "not torchrun (autoencoder.py, cnn.py and conv_autoencoder.py run data-parallel "
+            "under torchrun).\n",
+        )
+
+
 def local_device(device: torch.device) -> torch.device:
     """``device``, on CUDA this process's GPU: ``cuda:LOCAL_RANK`` under ``torchrun``.
 
@@ -195,4 +212,5 @@ __all__ = [
     "log",
     "main_process",
     "process_group",
+    "refuse_ranks",
 ]

@@ -135,19 +135,12 @@ def check_job(job: subprocess.CompletedProcess[str], out: Path, reference: Path)
     assert not any(k.startswith("module.") for k in state["model"]), "the unwrapped model"
 
 
-def test_autoencoder_under_torchrun_trains_like_one_process(tmp_path: Path) -> None:
-    job = start_torchrun("autoencoder.py", AUTOENCODER, tmp_path / "two")
+@pytest.mark.parametrize("script", ["autoencoder", "cnn"])
+def test_the_example_under_torchrun_trains_like_one_process(tmp_path: Path, script: str) -> None:
+    example, args = {"autoencoder": (autoencoder, AUTOENCODER), "cnn": (cnn, CNN)}[script]
+    job = start_torchrun(f"{script}.py", args, tmp_path / "two")
     try:  # the reference while the ranks start
-        autoencoder.main([*AUTOENCODER, "--no-progress", "--out", str(tmp_path / "one")])
-    finally:
-        done = finish(job)
-    check_job(done, tmp_path / "two", tmp_path / "one")
-
-
-def test_cnn_under_torchrun_trains_like_one_process(tmp_path: Path) -> None:
-    job = start_torchrun("cnn.py", CNN, tmp_path / "two")
-    try:  # the reference while the ranks start
-        cnn.main([*CNN, "--no-progress", "--out", str(tmp_path / "one")])
+        example.main([*args, "--no-progress", "--out", str(tmp_path / "one")])
     finally:
         done = finish(job)
     check_job(done, tmp_path / "two", tmp_path / "one")
@@ -187,6 +180,20 @@ def test_torchrun_is_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) 
         torchrun.local_device(torch.device("cuda"))
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert torchrun.local_device(torch.device("cuda")) == torch.device("cuda", 1)
+
+
+def test_an_example_with_its_own_loop_refuses_several_ranks(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import dcgan_kfac
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(SystemExit) as stop:
+        dcgan_kfac.main(["--num-epochs", "1"])
+    assert stop.value.code == 2
+    assert "run it with python, not torchrun" in capsys.readouterr().err
 
 
 def test_one_world_shards_nothing_and_two_split_contiguously() -> None:
