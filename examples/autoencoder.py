@@ -40,6 +40,7 @@ Examples (from the repository root)::
     python examples/autoencoder.py --data mnist --data-root ~/data --mnist-split 50k-10k
     python examples/autoencoder.py --curves-path ~/data/digs3pts_1.mat  # published CURVES
     python examples/autoencoder.py --activation relu --code-activation relu --output probabilities
+    torchrun --nproc_per_node=2 examples/autoencoder.py --device cpu   # 2 ranks, gloo
 
 Outputs in ``--out``: ``metrics.csv``, ``metrics.json``, ``iterations.csv`` (loss
 and cumulative time at every step), ``loss.png``,

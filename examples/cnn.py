@@ -45,6 +45,7 @@ Examples (from the repository root)::
     python examples/cnn.py --model resnet-small --optim kfac
     python examples/cnn.py --model cuda-convnet --init xavier-uniform --bias-init 0.01
     python examples/cnn.py --data cifar10 --data-root ~/data --num-epochs 20
+    torchrun --nproc_per_node=2 examples/cnn.py --device cpu   # 2 ranks, gloo
 
 Outputs in ``--out``: ``metrics.csv``, ``metrics.json``, ``iterations.csv`` (loss
 and cumulative time at every step), ``loss.png``,
