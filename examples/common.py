@@ -77,7 +77,7 @@ from report import (
     write_metrics,
     write_summary,
 )
-from torchrun import log
+from torchrun import log, main_process
 from training import (
     CHECKPOINT,
     METRIC_FIELDS,
@@ -126,6 +126,7 @@ __all__ = [
     "grid_specs",
     "grid_table",
     "log",
+    "main_process",
     "momentum_float",
     "nonnegative_float",
     "optim_config",

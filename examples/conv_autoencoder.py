@@ -42,6 +42,7 @@ from common import (
     UsageError,
     build_parser,
     log,
+    main_process,
     positive_int,
     resolve_device,
     run_experiment,
@@ -150,6 +151,8 @@ def main(argv: Sequence[str] | None = None) -> list[RunResult]:
         results = run_experiment(task, args, f"{split.name} conv autoencoder")
     except UsageError as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
+    if not main_process():  # under torchrun, rank 0 wrote the checkpoint and draws
+        return results
     # Reconstructions by the last run's final weights (from its checkpoint).
     last = results[-1]
     model = task.make_model().to(device)
