@@ -40,6 +40,7 @@ Examples (from the repository root)::
     python examples/autoencoder.py --data mnist --data-root ~/data --mnist-split 50k-10k
     python examples/autoencoder.py --curves-path ~/data/digs3pts_1.mat  # published CURVES
     python examples/autoencoder.py --activation relu --code-activation relu --output probabilities
+    torchrun --nproc_per_node=2 examples/autoencoder.py --device cpu   # 2 ranks, gloo
 
 Outputs in ``--out``: ``metrics.csv``, ``metrics.json``, ``iterations.csv`` (loss
 and cumulative time at every step), ``loss.png``,
@@ -65,6 +66,7 @@ from common import (
     Task,
     UsageError,
     build_parser,
+    log,
     resolve_device,
     run_experiment,
 )
@@ -261,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> list[RunResult]:
         test_y=test,
     )
     arch = "-".join(map(str, [*widths, *reversed(widths[:-1])]))
-    print(
+    log(  # rank 0 only under torchrun
         f"{split.name}: {len(train)} train / {len(test)} test images, autoencoder {arch} "
         f"({args.activation}, {args.code_activation} code, {args.init} init), "
         f"{type(task.loss_fn).__name__}"

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from optimizers import COARSE_SPACES, DEFAULT_CURVATURE_LR, OPTIMIZERS, OptimConfig, OptimizerSpec
+from torchrun import local_device
 
 from curvlib.optim.defaults import DEFAULTS
 
@@ -547,16 +548,17 @@ def build_parser(
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto``: CUDA when available, else CPU.
+    """``auto``: CUDA when available, else CPU; under ``torchrun``, CUDA is ``cuda:LOCAL_RANK``.
 
     Raises:
         UsageError: If ``cuda`` is asked for but not available.
+        LaunchError: If ``torchrun`` started more ranks on this machine than it has GPUs.
     """
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return local_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     if name == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: CUDA is not available on this machine (try --device cpu).")
-    return torch.device(name)
+    return local_device(torch.device(name))
 
 
 def runs_of(args: argparse.Namespace) -> list[RunSpec]:

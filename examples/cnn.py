@@ -45,6 +45,7 @@ Examples (from the repository root)::
     python examples/cnn.py --model resnet-small --optim kfac
     python examples/cnn.py --model cuda-convnet --init xavier-uniform --bias-init 0.01
     python examples/cnn.py --data cifar10 --data-root ~/data --num-epochs 20
+    torchrun --nproc_per_node=2 examples/cnn.py --device cpu   # 2 ranks, gloo
 
 Outputs in ``--out``: ``metrics.csv``, ``metrics.json``, ``iterations.csv`` (loss
 and cumulative time at every step), ``loss.png``,
@@ -69,6 +70,7 @@ from common import (
     Task,
     UsageError,
     build_parser,
+    log,
     nonnegative_float,
     resolve_device,
     run_experiment,
@@ -188,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> list[RunResult]:
         accuracy=True,
         train_eval=5_000,
     )
-    print(
+    log(  # rank 0 only under torchrun
         f"{split.name}: {len(task.train_x)} train / {len(task.test_x)} test images "
         f"{channels}x{side}x{side}, {split.num_classes} classes, {args.model}"
     )

@@ -5,7 +5,9 @@ The pieces live in small modules, each with one job:
 * ``cli``: the common flags (``build_parser``), their types and checks;
 * ``optimizers``: ``OPTIMIZERS``, the one dict from ``--optim`` name to factory;
 * ``training``: the training loop (``run_experiment``), checkpoints, telemetry;
-* ``report``: metrics files, plots and the comparison summary.
+* ``report``: metrics files, plots and the comparison summary;
+* ``torchrun``: data-parallel training under ``torchrun`` (process group, each
+  rank's part of the batch, rank 0 alone writing and printing).
 
 Every example builds its parser with ``build_parser``, turns the ``--optim``
 string into an optimizer through ``OPTIMIZERS`` and trains with
@@ -75,6 +77,7 @@ from report import (
     write_metrics,
     write_summary,
 )
+from torchrun import log, main_process
 from training import (
     CHECKPOINT,
     METRIC_FIELDS,
@@ -122,6 +125,8 @@ __all__ = [
     "grid_rows",
     "grid_specs",
     "grid_table",
+    "log",
+    "main_process",
     "momentum_float",
     "nonnegative_float",
     "optim_config",

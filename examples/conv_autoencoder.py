@@ -41,6 +41,8 @@ from common import (
     Task,
     UsageError,
     build_parser,
+    log,
+    main_process,
     positive_int,
     resolve_device,
     run_experiment,
@@ -141,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> list[RunResult]:
         test_y=test,
         eval_batch=1_000,
     )
-    print(
+    log(  # rank 0 only under torchrun
         f"{split.name}: {len(train)} train / {len(test)} test images {channels}x{side}x{side}, "
         f"conv autoencoder (code {args.code}), BCEWithLogitsLoss"
     )
@@ -149,6 +151,8 @@ def main(argv: Sequence[str] | None = None) -> list[RunResult]:
         results = run_experiment(task, args, f"{split.name} conv autoencoder")
     except UsageError as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
+    if not main_process():  # under torchrun, rank 0 wrote the checkpoint and draws
+        return results
     # Reconstructions by the last run's final weights (from its checkpoint).
     last = results[-1]
     model = task.make_model().to(device)

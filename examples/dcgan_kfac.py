@@ -104,6 +104,7 @@ from gan_fid import FidUnavailable
 from gan_models import ARCHS, networks
 from gan_training import GAN_OPTIMIZERS, train_gan
 from report import fmt
+from torchrun import refuse_ranks
 
 NETWORKS = ("generator", "critic", "both")
 GANS = ("bce", "wgan-gp")
@@ -220,6 +221,7 @@ def main(argv: Sequence[str] | None = None) -> list[RunResult]:
     """Parse ``argv`` (default ``sys.argv``), train and return the runs' results."""
     parser = build_argparser()
     args = parser.parse_args(argv)
+    refuse_ranks(parser)
     check_args(parser, args)
     if args.patience is not None:  # --preset paper sets it
         print("note: the GAN trains every epoch; --patience applies to the other examples")

@@ -9,7 +9,8 @@ every step). ``--resume`` continues from the checkpoint with the whole history.
 ``--compare`` and ``--grid`` put each run in a subdirectory of ``--out``; a grid
 adds ``grid.csv``/``grid.json`` and ``grid.png`` with the best run marked.
 ``Telemetry`` and the checkpoint helpers are reused by scripts with their own
-loop (the DCGAN).
+loop (the DCGAN). Under ``torchrun`` the runs train data-parallel and rank 0
+alone writes the outputs (``examples/torchrun.py``).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from report import (
     write_summary,
 )
 from torch import Tensor, nn
+from torchrun import SINGLE, World, process_group
 from tqdm import tqdm
 
 CHECKPOINT = "checkpoint.pt"
@@ -214,15 +216,26 @@ class Task:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, loss_fn: nn.Module, x: Tensor, y: Tensor, batch: int, accuracy: bool = False
+    model: nn.Module,
+    loss_fn: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    batch: int,
+    accuracy: bool = False,
+    world: World = SINGLE,
 ) -> tuple[float, float | None]:
     """Mean loss over ``(x, y)`` (``mean`` reduction weighted by batch size), and accuracy.
+
+    With several ranks each evaluates its part of ``(x, y)`` and the sums are
+    all-reduced: every rank returns the same values.
 
     Returns:
         ``(loss, accuracy)``; the accuracy is ``None`` unless asked for.
     """
     if len(x) == 0:
         return math.nan, None
+    n = len(x)
+    x, y = world.shard(x), world.shard(y)
     was_training = model.training
     model.eval()
     total, correct = 0.0, 0
@@ -232,7 +245,8 @@ def evaluate(
         if accuracy:
             correct += int((out.argmax(1) == y[i : i + batch]).sum())
     model.train(was_training)
-    return total / len(x), (correct / len(x) if accuracy else None)
+    total, summed = world.sum([total, correct])
+    return total / n, (summed / n if accuracy else None)
 
 
 def mean(values: Sequence[float]) -> float | None:
@@ -323,8 +337,10 @@ def batches(n: int, batch_size: int, generator: torch.Generator) -> list[Tensor]
     return [perm[i : i + batch_size] for i in range(0, stop, batch_size)]
 
 
-def progress_bar(args: argparse.Namespace, label: str, total: int, initial: int) -> tqdm:
-    """The progress bar of a run (on stderr; ``--no-progress`` disables it)."""
+def progress_bar(
+    args: argparse.Namespace, label: str, total: int, initial: int, show: bool = True
+) -> tqdm:
+    """The progress bar of a run (on stderr; ``--no-progress`` or ``show=False`` disable it)."""
     return tqdm(
         total=total,
         initial=min(initial, total),
@@ -332,7 +348,7 @@ def progress_bar(args: argparse.Namespace, label: str, total: int, initial: int)
         unit="step",
         dynamic_ncols=True,
         mininterval=0.5,
-        disable=args.no_progress,
+        disable=args.no_progress or not show,
         file=sys.stderr,
     )
 
@@ -343,11 +359,22 @@ def nothing() -> Iterator[None]:
     yield
 
 
-def step_optimizer(optimizer: torch.optim.Optimizer, loss_of_batch: Callable[[], Tensor]) -> float:
+def step_optimizer(
+    optimizer: torch.optim.Optimizer,
+    loss_of_batch: Callable[[], Tensor],
+    closure: Callable[[], Tensor] | None = None,
+) -> float:
     """One step: forward and backward inside ``record()``, then ``step()``.
 
     The Levenberg–Marquardt closure (the batch loss, no backward) is passed on the
     steps where the damping adapts.
+
+    Args:
+        optimizer: Any torch optimizer; curvlib's record the curvature.
+        loss_of_batch: The batch loss, to backpropagate.
+        closure: The batch loss for the closure, without a backward (default:
+            ``loss_of_batch``; the unwrapped model under DDP, whose forward
+            would otherwise wait for a backward).
 
     Returns:
         The batch loss before the step.
@@ -357,7 +384,8 @@ def step_optimizer(optimizer: torch.optim.Optimizer, loss_of_batch: Callable[[],
         loss = loss_of_batch()
         loss.backward()
     if getattr(optimizer, "lm_due", False):
-        optimizer.step(lambda: float(loss_of_batch()))
+        again = loss_of_batch if closure is None else closure
+        optimizer.step(lambda: float(again()))
     else:
         optimizer.step()
     return float(loss.detach())
@@ -370,17 +398,24 @@ def train_one(
     out: Path,
     device: torch.device,
     title: str,
+    world: World = SINGLE,
 ) -> RunResult:
     """Train one optimizer, writing metrics, plots and checkpoint to ``out`` every epoch.
+
+    With several ranks (``world``), each trains on its part of every batch of a
+    ``DistributedDataParallel`` model, the losses are averaged over the ranks,
+    and rank 0 alone writes the outputs and shows the progress bar.
 
     Raises:
         UsageError: If ``--resume`` finds a checkpoint of another optimizer.
     """
-    out.mkdir(parents=True, exist_ok=True)
+    if world.main:
+        out.mkdir(parents=True, exist_ok=True)
     config = optim_config(args, spec)
     torch.manual_seed(args.seed)
     model = task.make_model().to(device)
-    optimizer = build_optimizer(spec.name, model, task.loss_fn, config)
+    trained = world.wrap(model)  # the model itself on one rank
+    optimizer = build_optimizer(spec.name, trained, task.loss_fn, config)
     generator = torch.Generator().manual_seed(args.seed)
     result = RunResult(spec.label, config.lr, out)
     ckpt_path = out / CHECKPOINT
@@ -392,18 +427,21 @@ def train_one(
         result.metrics = list(ckpt["metrics"])
         result.steps = list(ckpt.get("steps", []))
         result.iterations = list(ckpt.get("iterations", []))
-        tqdm.write(f"[{spec.label}] resuming after epoch {ckpt['epoch']} from {ckpt_path}")
+        world.log(f"[{spec.label}] resuming after epoch {ckpt['epoch']} from {ckpt_path}")
     elif args.resume:
-        tqdm.write(f"[{spec.label}] --resume: no checkpoint in {out}, starting from scratch")
+        world.log(f"[{spec.label}] --resume: no checkpoint in {out}, starting from scratch")
     loss_fn = task.loss_fn
     n_eval = len(task.train_x) if task.train_eval is None else task.train_eval
 
     def evaluate_both() -> Row:
+        world.share_buffers(model)
         train = evaluate(
             model, loss_fn, task.train_x[:n_eval], task.train_y[:n_eval], task.eval_batch,
-            task.accuracy,
+            task.accuracy, world,
         )  # fmt: skip
-        test = evaluate(model, loss_fn, task.test_x, task.test_y, task.eval_batch, task.accuracy)
+        test = evaluate(
+            model, loss_fn, task.test_x, task.test_y, task.eval_batch, task.accuracy, world
+        )
         return {
             "train_loss": finite(train[0]),
             "test_loss": finite(test[0]),
@@ -426,11 +464,11 @@ def train_one(
     stopper = None
     if patience is not None:
         stopper = EarlyStopping.replay(patience, args.patience_metric, result.metrics)
-    bar = progress_bar(args, spec.label, per_epoch * args.num_epochs, steps)
+    bar = progress_bar(args, spec.label, per_epoch * args.num_epochs, steps, show=world.main)
     model.train()
     for epoch in range(start_epoch + 1, args.num_epochs + 1):
         if stopper is not None and stopper.stop:
-            tqdm.write(
+            world.log(
                 f"[{spec.label}] early stop after epoch {epoch - 1}: no new best "
                 f"{stopper.metric} in {stopper.patience} epochs (best {stopper.best:.5g})"
             )
@@ -438,8 +476,14 @@ def train_one(
         epoch_start = time.perf_counter()
         losses: list[float] = []
         for idx in batches(n, args.batch_size, generator):
-            x, y = task.train_x[idx], task.train_y[idx]
-            losses.append(step_optimizer(optimizer, lambda x=x, y=y: loss_fn(model(x), y)))
+            mine = world.shard(idx)  # every rank draws the same batch, and takes its part
+            x, y = task.train_x[mine], task.train_y[mine]
+            loss = step_optimizer(
+                optimizer,
+                lambda x=x, y=y: loss_fn(trained(x), y),
+                lambda x=x, y=y: loss_fn(model(x), y),
+            )
+            losses.append(world.mean(loss))
             result.iterations.append(
                 {
                     "step": steps + len(losses),
@@ -466,24 +510,26 @@ def train_one(
         result.metrics.append(row)
         if stopper is not None:
             stopper.observe(row)
-        tqdm.write(f"[{spec.label}] epoch {epoch:3d}  {_epoch_line(row, wall)}")
-        save_checkpoint(
-            ckpt_path,
-            {
-                "epoch": epoch,
-                "optimizer_name": spec.name,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "metrics": result.metrics,
-                "steps": result.steps,
-                "iterations": result.iterations,
-                "rng": rng_state(generator, device),
-                "config": asdict(config),
-            },
-        )
-        _write_run(result, title)
+        world.log(f"[{spec.label}] epoch {epoch:3d}  {_epoch_line(row, wall)}")
+        if world.main:
+            save_checkpoint(
+                ckpt_path,
+                {
+                    "epoch": epoch,
+                    "optimizer_name": spec.name,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "metrics": result.metrics,
+                    "steps": result.steps,
+                    "iterations": result.iterations,
+                    "rng": rng_state(generator, device),
+                    "config": asdict(config),
+                },
+            )
+            _write_run(result, title)
     bar.close()
-    _write_run(result, title)
+    if world.main:
+        _write_run(result, title)
     return result
 
 
@@ -510,23 +556,65 @@ def run_experiment(task: Task, args: argparse.Namespace, title: str) -> list[Run
     ``--grid``: also ``grid.csv``/``grid.json`` (the table of all runs),
     ``grid.png`` (every run's loss against epochs and against time, the best
     run, that of the lowest final training loss, marked) and the table printed.
+    Under ``torchrun`` the runs train data-parallel in a process group that
+    lives for this call, and rank 0 alone writes and prints
+    (``examples/torchrun.py``); every rank returns the same results.
+
+    Raises:
+        UsageError: If a batch does not split into equal parts over the ranks.
     """
     device = resolve_device(args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    with process_group(device) as world:
+        check_shards(min(args.batch_size, len(task.train_x)), world)
+        out: Path = args.out
+        if world.main:
+            out.mkdir(parents=True, exist_ok=True)
+        specs = runs_of(args)
+        apart = several_runs(args)
+        results = [
+            train_one(task, spec, args, out / spec.label if apart else out, device, title, world)
+            for spec in specs
+        ]
+    if world.main:
+        report_experiment(results, specs, task, args, title, device, world)
+    return results
+
+
+def check_shards(batch: int, world: World) -> None:
+    """Refuse a batch whose parts over the ranks would differ in size.
+
+    DDP averages the ranks' gradients with equal weights: that is the gradient
+    of the whole batch only if every rank's part has as many samples.
+
+    Raises:
+        UsageError: Naming batch sizes that would split evenly.
+    """
+    if batch % world.size:
+        low = batch - batch % world.size
+        raise UsageError(
+            f"--batch-size {batch} does not split into {world.size} equal parts, one per rank "
+            f"(DDP averages the ranks' gradients with equal weights): use a multiple of "
+            f"{world.size}, e.g. {low or world.size} or {low + world.size}."
+        )
+
+
+def report_experiment(
+    results: Sequence[RunResult],
+    specs: Sequence[RunSpec],
+    task: Task,
+    args: argparse.Namespace,
+    title: str,
+    device: torch.device,
+    world: World = SINGLE,
+) -> None:
+    """The outputs of all runs together (grid, comparison plots, ``summary.json``), printed."""
     out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    specs = runs_of(args)
-    compare = args.compare is not None
-    apart = several_runs(args)
-    results = [
-        train_one(task, spec, args, out / spec.label if apart else out, device, title)
-        for spec in specs
-    ]
     grid = getattr(args, "grid", None)
     names = [axis.name for axis in grid or ()]
     rows = write_grid_outputs(results, specs, names, out, title) if grid else []
-    if compare:
+    if args.compare is not None:
         plot_runs(results, out / "compare.png", title)
         if task.accuracy:
             plot_runs(
@@ -536,14 +624,14 @@ def run_experiment(task: Task, args: argparse.Namespace, title: str) -> list[Run
             )  # fmt: skip
     write_summary(results, out / "summary.json")
     epochs = f"{args.num_epochs} epoch{'s' if args.num_epochs != 1 else ''}"
-    print(f"\n{title} on {device.type}: {epochs}, batch {args.batch_size}")
+    ranks = f", {world.size} ranks" if world.size > 1 else ""
+    print(f"\n{title} on {device.type}{ranks}: {epochs}, batch {args.batch_size}")
     if grid:
         print(f"grid of {specs[0].name}: {len(results)} runs")
         print(grid_table(rows, names))
     else:
         print(summarize(results))
     print(f"outputs in {out}/")
-    return results
 
 
 def write_grid_outputs(
@@ -588,10 +676,12 @@ __all__ = [
     "Task",
     "Telemetry",
     "batches",
+    "check_shards",
     "evaluate",
     "load_checkpoint",
     "mean",
     "progress_bar",
+    "report_experiment",
     "rng_state",
     "run_experiment",
     "save_checkpoint",

@@ -251,7 +251,14 @@ class CollectSession:
 
     def _num_batch(self) -> int:
         if self.num_batch is None:
-            raise RuntimeError("internal: the loss module did not run inside collect()")
+            # Empirical statistics are read in the backward pass of whatever loss ran.
+            self._check_other_loss()
+            raise RuntimeError(
+                "The backward pass inside collect() did not start from the loss_fn passed to "
+                "curvlib (a functional loss such as F.mse_loss, or a loss computed without "
+                "it): call that very instance on the model output inside the block, "
+                "loss_fn(model(x), y).backward() (or read it back as opt.loss_fn)."
+            )
         return self.num_batch
 
     def _columns_for(self, net_out: Tensor, target: Tensor) -> Tensor:

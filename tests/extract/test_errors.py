@@ -296,10 +296,12 @@ def test_a_reused_activation_module_under_backpack_columns_names_the_fix() -> No
         _stats_of(True, "exact", "auto")
 
 
+@pytest.mark.parametrize("fisher", list(FisherType), ids=lambda f: f.value)
 @pytest.mark.parametrize("backend", [Backend.BACKPACK, Backend.AUTOGRAD])
-def test_another_instance_of_the_loss_is_named(backend: Backend) -> None:
+def test_another_instance_of_the_loss_is_named(backend: Backend, fisher: FisherType) -> None:
+    """Every Fisher: EMPIRICAL reads the layers' gradients before the loss is checked."""
     model = _mlp()
-    ex = CurvatureExtractor(model, nn.CrossEntropyLoss(), backend=backend)
+    ex = CurvatureExtractor(model, nn.CrossEntropyLoss(), backend=backend, fisher_type=fisher)
     x, y = _data()
     with (
         pytest.raises(RuntimeError, match=r"another CrossEntropyLoss instance.*loss_fn = nn"),
@@ -310,3 +312,16 @@ def test_another_instance_of_the_loss_is_named(backend: Backend) -> None:
     with ex.collect():
         ex.loss_fn(model(x), y).backward()
     assert ex.statistics().layers.keys() == {"0", "2"}
+
+
+@pytest.mark.parametrize("fisher", list(FisherType), ids=lambda f: f.value)
+def test_a_functional_loss_inside_collect_names_the_loss_instance(fisher: FisherType) -> None:
+    """Whichever hook notices first (the loss, a layer's backward, the block's end)."""
+    model = _mlp()
+    ex = CurvatureExtractor(model, nn.CrossEntropyLoss(), fisher_type=fisher)
+    x, y = _data()
+    with (
+        pytest.raises(RuntimeError, match=r"^(?!internal).*loss_fn"),  # names the fix
+        ex.collect(),
+    ):
+        F.cross_entropy(model(x), y).backward()

@@ -360,9 +360,10 @@ def test_preconditioner_mode_rewrites_gradients() -> None:
     sgd.step()
 
 
-def test_the_loss_instance_is_handed_back_and_another_one_is_named() -> None:
+@pytest.mark.parametrize("fisher", ["mc", "empirical", "exact"])
+def test_the_loss_instance_is_handed_back_and_another_one_is_named(fisher: str) -> None:
     model, loss_fn = _mlp(), nn.CrossEntropyLoss()
-    opt = PreconditionedOptimizer(model, KFAC(), loss_fn=loss_fn, **FRESH)
+    opt = PreconditionedOptimizer(model, KFAC(), loss_fn=loss_fn, fisher_type=fisher, **FRESH)
     precond = NaturalGradientPreconditioner(model, KFAC(), loss_fn=loss_fn)
     assert opt.loss_fn is loss_fn and precond.loss_fn is loss_fn
     x, y = _batches()[0]
