@@ -10,7 +10,9 @@ from tests.benchmarks.loader import benchmark_script
 def test_both_versions_are_timed_on_every_layer_and_agree() -> None:
     threads = torch.get_num_threads()
     with benchmark_script("two_term_inverse") as bench:
-        payload = bench.main(["--quick", "--repeats", "1"])
+        payload = bench.main(
+            ["--quick", "--repeats", "1", "--baseline", "HEAD"]
+        )  # any clone has HEAD
     assert torch.get_num_threads() == threads  # restored after the one-thread run
     rows = payload["rows"]
     assert [r["layer"] for r in rows] == ["60->40", "40->20", "20->40", "40->60"]
