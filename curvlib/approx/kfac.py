@@ -242,16 +242,24 @@ class _KFACBlock(LayerBlock):
             condition = factor_condition(G, shift_g, chol_g, g_inv) * factor_condition(
                 A, shift_a, chol_a, a_inv
             )
-            return KroneckerInverse(g_inv, a_inv, condition, self._apply_dtype(g_inv))
+            apply_dtype = self._apply_dtype(g_inv, condition)
+            return KroneckerInverse(g_inv, a_inv, condition, apply_dtype)
         A, G = self._factors()
         ea, eg = eigh(A), eigh(G)
         scale = 1.0 / (eg.values[:, None] * ea.values[None, :] + damping)
-        return EigenbasisInverse(eg.vectors, ea.vectors, scale, self._apply_dtype(scale))
+        apply_dtype = self._apply_dtype(scale, float(scale.max() / scale.min()))
+        return EigenbasisInverse(eg.vectors, ea.vectors, scale, apply_dtype)
 
-    def _apply_dtype(self, like: Tensor) -> torch.dtype:
-        """The dtype the inverse's products run in (``KFAC(apply_dtype=)``)."""
+    def _apply_dtype(self, like: Tensor, condition: float) -> torch.dtype:
+        """The dtype the inverse's products run in (``KFAC(apply_dtype=)``).
+
+        ``condition`` is the damped inverse's condition number (or a lower bound):
+        ``"auto"`` keeps ``like``'s dtype where bfloat16 would swamp the direction.
+        """
         cost = self.out_dim * self.in_dim * (self.out_dim + self.in_dim)
-        return resolve_apply_dtype(self.apply_dtype, like.dtype, like.device, cost)
+        return resolve_apply_dtype(
+            self.apply_dtype, like.dtype, like.device, cost, condition=condition
+        )
 
     def trace(self) -> Tensor:
         r"""$\operatorname{tr}(G \otimes A) = \operatorname{tr} G \operatorname{tr} A$ (cheap)."""
@@ -373,7 +381,8 @@ class KFAC(LayerwiseApprox):
             $\lambda / T$ as in the KPSVD papers' code, which changes ``SQRT`` only).
         apply_dtype: The dtype the inverse is applied in on every step:
             ``"auto"`` (the default) multiplies in bfloat16 for float32 factors
-            on CPUs with AMX and layers large enough to gain
+            on CPUs with AMX, layers large enough to gain and damped inverses
+            with condition numbers of at most 64
             ([`curvlib.linalg.precision`][curvlib.linalg.precision]), else in
             the factors' dtype; ``None`` always in the factors' dtype; or a
             dtype such as ``torch.bfloat16``. Factors and inverses keep ``dtype``.

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import Tensor
 
-from curvlib.approx.kfac import KFAC, KFACDamping
+from curvlib.approx.kfac import KFAC, EigenbasisInverse, KFACDamping, KroneckerInverse
 from curvlib.linalg import precision
 from curvlib.linalg.precision import (
+    LOW_PRECISION_MAX_CONDITION,
     LOW_PRECISION_MIN_COST,
     check_apply_dtype,
     resolve_apply_dtype,
@@ -17,6 +20,8 @@ from tests import problems as P
 from tests.approx.cases import fit_statistics
 
 CPU, LARGE, SMALL = torch.device("cpu"), LOW_PRECISION_MIN_COST, LOW_PRECISION_MIN_COST / 2
+WELL = LOW_PRECISION_MAX_CONDITION
+"""A condition number ``"auto"`` still applies in bfloat16."""
 
 
 @pytest.fixture
@@ -31,22 +36,31 @@ def no_amx(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.usefixtures("amx")
 def test_auto_takes_bfloat16_only_for_large_float32_layers_on_the_cpu() -> None:
-    assert resolve_apply_dtype("auto", torch.float32, CPU, LARGE) == torch.bfloat16
-    assert resolve_apply_dtype("auto", torch.float32, CPU, SMALL) == torch.float32
-    assert resolve_apply_dtype("auto", torch.float64, CPU, LARGE) == torch.float64
+    assert resolve_apply_dtype("auto", torch.float32, CPU, LARGE, condition=WELL) == torch.bfloat16
+    assert resolve_apply_dtype("auto", torch.float32, CPU, SMALL, condition=WELL) == torch.float32
+    assert resolve_apply_dtype("auto", torch.float64, CPU, LARGE, condition=WELL) == torch.float64
     cuda = torch.device("cuda")
-    assert resolve_apply_dtype("auto", torch.float32, cuda, LARGE) == torch.float32
+    assert resolve_apply_dtype("auto", torch.float32, cuda, LARGE, condition=WELL) == torch.float32
+
+
+@pytest.mark.usefixtures("amx")
+@pytest.mark.parametrize("condition", [WELL * 1.01, 1e4, math.inf, math.nan])
+def test_auto_keeps_float32_for_an_ill_conditioned_inverse(condition: float) -> None:
+    assert resolve_apply_dtype("auto", torch.float32, CPU, LARGE, condition=condition) == (
+        torch.float32
+    )
 
 
 @pytest.mark.usefixtures("no_amx")
 def test_auto_keeps_the_factors_dtype_without_hardware_bfloat16() -> None:
-    assert resolve_apply_dtype("auto", torch.float32, CPU, LARGE) == torch.float32
+    assert resolve_apply_dtype("auto", torch.float32, CPU, LARGE, condition=1.0) == torch.float32
 
 
 @pytest.mark.usefixtures("amx")
 def test_none_and_an_explicit_dtype_are_used_as_given() -> None:
-    assert resolve_apply_dtype(None, torch.float32, CPU, LARGE) == torch.float32
-    assert resolve_apply_dtype(torch.bfloat16, torch.float64, CPU, SMALL) == torch.bfloat16
+    assert resolve_apply_dtype(None, torch.float32, CPU, LARGE, condition=1.0) == torch.float32
+    explicit = resolve_apply_dtype(torch.bfloat16, torch.float64, CPU, SMALL, condition=1e9)
+    assert explicit == torch.bfloat16
 
 
 @pytest.mark.parametrize("bad", ["fast", "bfloat16", torch.int8, 16])
@@ -83,3 +97,111 @@ def test_auto_on_small_layers_is_the_float32_apply_bit_for_bit() -> None:
     exact, auto = _directions(KFACDamping.PI, None), _directions(KFACDamping.PI, "auto")
     for name, ref in exact.items():
         assert torch.equal(auto[name], ref)
+
+
+def _ill_conditioned_layer() -> tuple[Tensor, Tensor, Tensor]:
+    r"""float32 ``(A, G, gradient)`` shaped like the CURVES autoencoder's last layer at step 100.
+
+    Four "samples": inputs of norms 10 down to 1 (a low-rank input factor far
+    above $\sqrt\lambda$), output gradients of scale $10^{-2}$ (an output factor
+    below it), and the gradient their mean outer product, which lies in the
+    factors' high-curvature directions as a real gradient does. The seed is one
+    whose bfloat16 direction points uphill (cosine about $-0.08$; float64: $+0.44$).
+    """
+    gen = torch.Generator().manual_seed(10)
+    scales = torch.logspace(1, 0, 4, dtype=torch.float64)[:, None]
+    a = torch.randn(4, 64, generator=gen, dtype=torch.float64) * scales
+    g = torch.randn(4, 96, generator=gen, dtype=torch.float64) * 1e-2
+    return (a.T @ a / 4).float(), (g.T @ g / 4).float(), (g.T @ a / 4).float()
+
+
+def _layer_inverse(
+    mode: KFACDamping, apply_dtype: precision.ApplyDtype, damping: float
+) -> KroneckerInverse | EigenbasisInverse:
+    """KFAC's inverse of ``_ill_conditioned_layer``'s factors, loaded as a one-layer estimate."""
+    A, G, _ = _ill_conditioned_layer()
+    approx = KFAC(mode, apply_dtype=apply_dtype)
+    state = approx.state_dict()
+    state["num_updates"] = 1
+    block = {"A": A, "G": G, "positions": 1}
+    state["blocks"] = {"fc": {"shape": [len(G), len(A)], "state": block}}
+    approx.load_state_dict(state)
+    inverse = approx.blocks["fc"].inverse(damping)
+    assert isinstance(inverse, KroneckerInverse | EigenbasisInverse)
+    return inverse
+
+
+def _sqrt_inverse(apply_dtype: precision.ApplyDtype, damping: float) -> KroneckerInverse:
+    """The ``SQRT``-damped KFAC inverse of ``_ill_conditioned_layer``'s factors."""
+    inverse = _layer_inverse(KFACDamping.SQRT, apply_dtype, damping)
+    assert isinstance(inverse, KroneckerInverse)
+    return inverse
+
+
+def _reference(damping: float) -> Tensor:
+    r"""$(G + \sqrt\lambda I)^{-1} \nabla (A + \sqrt\lambda I)^{-1}$ in float64."""
+    A, G, grad = (t.double() for t in _ill_conditioned_layer())
+    root = damping**0.5
+    left = torch.linalg.solve(G + root * torch.eye(len(G), dtype=torch.float64), grad)
+    right = A + root * torch.eye(len(A), dtype=torch.float64)
+    return torch.linalg.solve(right, left.T).T  # A' is symmetric
+
+
+def _cosine(grad: Tensor, direction: Tensor) -> float:
+    grad, direction = grad.double(), direction.double()
+    return float((grad * direction).sum() / grad.norm() / direction.norm())
+
+
+@pytest.fixture
+def amx_everywhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CPU with AMX on which every layer is large enough for ``"auto"``'s bfloat16."""
+    monkeypatch.setattr(precision, "cpu_multiplies_bfloat16", lambda: True)
+    monkeypatch.setattr(precision, "LOW_PRECISION_MIN_COST", 0.0)
+
+
+def test_a_bfloat16_apply_of_an_ill_conditioned_inverse_points_uphill() -> None:
+    """What ``"auto"`` guards against: the rounded inverse is indefinite, the step uphill."""
+    damping = 1e-3
+    inverse, grad = _sqrt_inverse(torch.bfloat16, damping), _ill_conditioned_layer()[2]
+    assert inverse.condition_number > 1e3  # a lower bound
+    assert float(torch.linalg.eigvalsh(inverse.a_inv.double())[0]) > 0.0  # float32: definite
+    rounded = torch.linalg.eigvalsh(inverse.a_inv.to(torch.bfloat16).double())
+    assert float(rounded[0]) < 0.0  # the same inverse in bfloat16: indefinite
+    direction, exact = inverse(grad), _reference(damping)
+    assert float((direction.double() - exact).norm() / exact.norm()) > 1.0
+    assert _cosine(grad, exact) > 0.3
+    assert _cosine(grad, direction) < -math.sqrt(torch.finfo(torch.float32).eps)  # the guard's rule
+
+
+@pytest.mark.usefixtures("amx_everywhere")
+def test_auto_applies_an_ill_conditioned_inverse_in_float32_and_descends() -> None:
+    damping = 1e-3
+    inverse, grad = _sqrt_inverse("auto", damping), _ill_conditioned_layer()[2]
+    assert inverse.condition_number > LOW_PRECISION_MAX_CONDITION
+    assert inverse.apply_dtype == torch.float32
+    direction, exact = inverse(grad), _reference(damping)
+    # float32 rounding times the condition number, a thousand times below bfloat16's
+    assert float((direction.double() - exact).norm() / exact.norm()) < 1e-2
+    assert _cosine(grad, direction) > 0.3
+
+
+@pytest.mark.usefixtures("amx_everywhere")
+def test_auto_still_applies_a_well_conditioned_inverse_in_bfloat16() -> None:
+    damping = 1e2  # shifts of 10 dwarf the factors: condition about 14
+    inverse, grad = _sqrt_inverse("auto", damping), _ill_conditioned_layer()[2]
+    assert inverse.condition_number <= LOW_PRECISION_MAX_CONDITION
+    assert inverse.apply_dtype == torch.bfloat16
+    exact = _reference(damping)
+    err = float((inverse(grad).double() - exact).norm() / exact.norm())
+    assert 0.0 < err < 2.5e-1 * inverse.condition_number / LOW_PRECISION_MAX_CONDITION
+
+
+@pytest.mark.usefixtures("amx_everywhere")
+def test_auto_judges_the_eigen_inverse_by_its_exact_condition_number() -> None:
+    for damping, expected in ((1e-3, torch.float32), (1e2, torch.bfloat16)):
+        inverse = _layer_inverse(KFACDamping.EIGEN, "auto", damping)
+        assert isinstance(inverse, EigenbasisInverse)
+        assert (inverse.condition_number <= LOW_PRECISION_MAX_CONDITION) == (
+            expected == torch.bfloat16
+        )
+        assert inverse.apply_dtype == expected
