@@ -35,7 +35,7 @@ less than KFAC's $\pi$ split, whose cross terms scale with the factors);
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from enum import Enum
 from typing import Any, ClassVar
 
@@ -133,11 +133,53 @@ class _EKFACBlock(LayerBlock):
         self.values_a, self.values_g = values_a, values_g
         self.scalings, self.pending = scalings, None
 
+    @property
+    def refresh_due(self) -> bool:
+        """Whether ``refresh`` computes a new basis (the factors changed since the last one)."""
+        return self.stale and self.A is not None and self.G is not None
+
     def refresh(self) -> None:
         """Eigenbasis of the running factors, switched to at the next update."""
-        if not self.stale or self.A is None or self.G is None:
+        if not self.refresh_due:
             return
+        assert self.A is not None and self.G is not None
         self.pending = (*_eigenbasis(self.A), *_eigenbasis(self.G))
+        self.stale = False
+
+    def _packed_sizes(self) -> list[int]:
+        assert self.A is not None and self.G is not None
+        a, g = self.A.shape[0], self.G.shape[0]
+        return [a, a * a, g, g * g]
+
+    def packed_template(self) -> Tensor:
+        """An empty flat tensor of the packed basis' size, dtype and device."""
+        assert self.A is not None
+        return self.A.new_empty(sum(self._packed_sizes()))
+
+    def packed_refresh(self) -> Tensor:
+        """The next basis as one flat tensor: ``values_a``, ``basis_a``, ``values_g``, ``basis_g``.
+
+        The bases are contiguous, so their row-major reshape is their layout.
+        NaN where an eigendecomposition fails.
+        """
+        assert self.A is not None and self.G is not None
+        try:
+            parts = (*_eigenbasis(self.A), *_eigenbasis(self.G))
+        except (RuntimeError, ValueError):
+            return self.packed_template().fill_(torch.nan)
+        return torch.cat([part.reshape(-1) for part in parts])
+
+    def adopt(self, packed: Tensor) -> None:
+        """Take a ``packed_refresh`` as the next basis, as ``refresh`` would."""
+        sizes = self._packed_sizes()
+        a, g = sizes[0], sizes[2]
+        values_a, basis_a, values_g, basis_g = torch.split(packed, sizes)
+        self.pending = (
+            values_a.clone(),
+            basis_a.reshape(a, a).clone(),
+            values_g.clone(),
+            basis_g.reshape(g, g).clone(),
+        )
         self.stale = False
 
     def _estimate(self) -> tuple[Tensor, Tensor, Tensor]:
@@ -317,3 +359,92 @@ class EKFAC(LayerwiseApprox):
 
         with self._all_or_none():
             self._each_block(refresh)
+
+    # -- a refresh split by layer (data-parallel training) ---------------------------------
+
+    splits_refresh: ClassVar[bool] = True
+    """Whether ``refresh`` can be split by layer: ``refresh_due``, ``refreshed``, ``adopt_refresh``.
+
+    In data-parallel training with ``DataParallel(split_inverses=True)`` each
+    layer's owner computes its new basis (``refreshed``), the owners broadcast
+    them, and every rank adopts all of them (``adopt_refresh``): every rank ends
+    with the estimate that ``refresh`` gives
+    ([Distributed training](../distributed.md)).
+    """
+
+    def refresh_due(self) -> dict[str, Tensor]:
+        """An empty tensor for every layer whose basis ``refresh`` would recompute.
+
+        Shaped, typed and placed like that layer's packed basis (``refreshed``);
+        the layers whose factors changed since their basis was computed, in the
+        order of the blocks. Ranks that hold the same estimate list the same ones.
+        """
+        return {
+            name: block.packed_template()
+            for name, block in self._ekfac_blocks().items()
+            if block.refresh_due
+        }
+
+    def refreshed(self, layers: Collection[str]) -> dict[str, Tensor]:
+        r"""The next eigenbasis of each of ``layers``, packed flat; the estimate is unchanged.
+
+        Packed as the eigenvalues of $A$, its eigenvectors (row-major), then those
+        of $G$: $d_i + d_i^2 + d_o + d_o^2$ numbers. A layer whose
+        eigendecomposition fails comes back filled with NaN, so that its owner
+        still sends it; ``adopt_refresh`` then refuses it on every rank alike.
+
+        Raises:
+            ValueError: For a layer that ``refresh_due`` does not list.
+        """
+        due = self.refresh_due()
+        unknown = [name for name in layers if name not in due]
+        if unknown:
+            raise ValueError(
+                f"No refresh is due for layers {unknown}: pass names from refresh_due()."
+            )
+
+        def part(_: str, block: LayerBlock) -> Tensor:
+            assert isinstance(block, _EKFACBlock)
+            return block.packed_refresh()
+
+        return self._each_block(part, set(layers))
+
+    def adopt_refresh(self, packed: Mapping[str, Tensor]) -> None:
+        """Switch to bases that ``refreshed`` computed, here or on another rank, at the next update.
+
+        Afterwards the estimate is the one ``refresh`` would leave. All layers
+        are taken or none.
+
+        Args:
+            packed: The packed basis of every layer that ``refresh_due`` lists.
+
+        Raises:
+            ValueError: If ``packed`` does not hold exactly the due layers with
+                their sizes, or holds a non-finite basis (an eigendecomposition
+                that failed on the rank that computed it); then nothing changes.
+        """
+        due = self.refresh_due()
+        if set(packed) != set(due):
+            raise ValueError(
+                f"adopt_refresh needs the bases of exactly the layers refresh_due() lists, "
+                f"{sorted(due)}; got {sorted(packed)}."
+            )
+        wrong = [name for name, t in packed.items() if t.shape != due[name].shape]
+        if wrong:
+            raise ValueError(f"The packed bases of layers {wrong} have the wrong size.")
+        failed = [name for name, t in packed.items() if not bool(torch.isfinite(t).all())]
+        if failed:
+            raise ValueError(
+                f"The new eigenbases of layers {failed} are not finite: their "
+                "eigendecomposition failed on the rank that computed them."
+            )
+        blocks = self._ekfac_blocks()
+        for name, part in packed.items():
+            blocks[name].adopt(part)
+
+    def _ekfac_blocks(self) -> dict[str, _EKFACBlock]:
+        blocks: dict[str, _EKFACBlock] = {}
+        for name, block in self._blocks.items():
+            assert isinstance(block, _EKFACBlock)
+            blocks[name] = block
+        return blocks

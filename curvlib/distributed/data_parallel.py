@@ -96,13 +96,18 @@ class DataParallel:
             the inverse work is split over the ranks, for one broadcast of the
             preconditioned gradient per step. For approximations whose blocks
             invert one by one (KFAC, KPSVD, Deflation, Lanczos, KFAC-corrected,
-            the diagonal, block natural gradient, unit-wise); the others, and
-            EKFAC (whose expensive part is its eigenbasis), invert on every rank.
+            the diagonal, block natural gradient, unit-wise); the others invert
+            on every rank. EKFAC, whose expensive part is its eigenbasis, splits
+            the refresh instead: each owner eigendecomposes its layers' factors
+            and broadcasts the eigenbases, and every rank adopts all of them
+            (its cheap inverse is built on every rank).
 
     Attributes:
         world_size: The number of ranks in ``group``.
         traffic: Messages and bytes this rank put into curvlib's collectives so far.
         last_statistics: Those of the last ``reduce_statistics`` (zero for one rank).
+        last_shared: Those of the last ``share_directions`` (preconditioned
+            gradients, or the eigenbases of a split refresh).
 
     Raises:
         RuntimeError: Without an initialised process group.
@@ -138,6 +143,7 @@ class DataParallel:
         )
         self.traffic = Traffic()
         self.last_statistics = Traffic()
+        self.last_shared = Traffic()
 
     def __repr__(self) -> str:
         return (
@@ -257,9 +263,12 @@ class DataParallel:
         """Every layer's direction on every rank: one broadcast per owning rank.
 
         Directions travel in the dtype of ``like`` (the gradients), which every
-        rank knows; the owner keeps the same rounded values as the others.
+        rank knows; the owner keeps the same rounded values as the others. The
+        same broadcast carries the eigenbases of a split EKFAC refresh (``like``:
+        the empty parts of ``EKFAC.refresh_due()``).
         """
         out: dict[str, Tensor] = {}
+        traffic = Traffic()
         for r in range(self.world_size):
             names = [name for name in like if owners[name] == r]
             if not names:
@@ -275,11 +284,12 @@ class DataParallel:
                 src = r if self.group is None else dist.get_global_rank(self.group, r)
                 start = partial(dist.broadcast, flat, src=src, group=self.group, async_op=True)
                 self._collective(
-                    start, "the broadcast of the preconditioned gradient", flat, Traffic()
+                    start, "the owners' broadcast of directions or eigenbases", flat, traffic
                 )
                 pieces = unpack(flat.to(home), [mine[i].shape for i in bucket.indices])
                 for i, piece in zip(bucket.indices, pieces, strict=True):
                     out[names[i]] = piece
+        self.last_shared = traffic
         return {name: out[name] for name in like}
 
     # -- replicas ---------------------------------------------------------------------

@@ -95,8 +95,10 @@ class CurvatureEngine:
             of all ranks. If it names an owner
             for every layer (``inverse_owners``), an approximation that
             ``splits_inverse`` builds the inverses of this rank's layers only,
-            and ``precondition`` shares the directions (not for two-time-scale
-            approximations such as EKFAC, whose expensive part is the refresh).
+            and ``precondition`` shares the directions; a two-time-scale
+            approximation that ``splits_refresh`` (EKFAC) refreshes this rank's
+            layers only and adopts every rank's (its inverse is cheap and built
+            on every rank).
 
     Raises:
         ValueError: For bad intervals or damping, or an extractor that does not
@@ -328,8 +330,15 @@ class CurvatureEngine:
     def _refresh(self) -> None:
         """Refresh a two-time-scale approximation; a failure is counted and warned about."""
         assert isinstance(self.approx, RefreshableApprox)
+        owners = self._work_owners()
+        # Split: the broadcast runs outside the try (a failed collective is not a failed
+        # refresh), and every rank adopts the same parts, so the ranks stay identical.
+        shared = None if owners is None else self._shared_refresh(owners)
         try:
-            self.approx.refresh()
+            if shared is None:
+                self.approx.refresh()
+            else:
+                self.approx.adopt_refresh(shared)  # type: ignore[attr-defined]
         except (RuntimeError, ValueError) as err:
             self.inverse_failures += 1
             warnings.warn(
@@ -339,12 +348,24 @@ class CurvatureEngine:
                 stacklevel=4,
             )
 
+    def _shared_refresh(self, owners: Mapping[str, int]) -> dict[str, Tensor]:
+        """Each due layer's refreshed part, computed by its owner and broadcast to every rank."""
+        assert self.sync is not None
+        approx: Any = self.approx
+        due: dict[str, Tensor] = approx.refresh_due()
+        owned = approx.refreshed([name for name in due if owners[name] == self.sync.rank])
+        return self.sync.share_directions(owned, owners, due)
+
     def _inverse_owners(self) -> Mapping[str, int] | None:
         """The rank that inverts each layer in data-parallel training, or ``None``."""
+        return None if self._refreshable else self._work_owners()
+
+    def _work_owners(self) -> Mapping[str, int] | None:
+        """The rank that does each layer's expensive work (inverse, or refresh), or ``None``."""
         if not self._owners_known:
             self._owners_known = True
-            split = not self._refreshable and getattr(self.approx, "splits_inverse", False)
-            if self.sync is not None and split:
+            flag = "splits_refresh" if self._refreshable else "splits_inverse"
+            if self.sync is not None and getattr(self.approx, flag, False):
                 names = self.layer_names
                 costs = {
                     la.name: float(la.out_dim) ** 3 + float(la.in_dim_aug) ** 3

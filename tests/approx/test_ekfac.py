@@ -26,6 +26,7 @@ from tests import problems as P
 from tests.approx.cases import PROBLEMS, fit_statistics, perturbed
 from tests.hyper import train_steps
 from tests.problems import Problem
+from tests.states import equal_states
 
 RTOL = 1e-9
 
@@ -244,3 +245,66 @@ def test_mc_statistics_train_in_float32() -> None:
         warnings.simplefilter("error")  # no failed inverse, no skipped update
         losses = _train(opt, model, [(x, problem.y)] * 15, problem.loss_fn)
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+# -- a refresh split by layer (data-parallel training) --------------------------------
+
+
+def _two_updates() -> EKFAC:
+    problem = PROBLEMS[0]
+    ekfac = EKFAC()
+    ekfac.update(fit_statistics(problem, ekfac))
+    ekfac.update(fit_statistics(perturbed(problem), ekfac))
+    return ekfac
+
+
+def test_a_refresh_split_by_layer_and_adopted_equals_refresh() -> None:
+    whole, split = _two_updates(), _two_updates()
+    due = split.refresh_due()
+    assert list(due) == list(split.blocks), "every layer's factors changed"
+    for name, block in split.blocks.items():
+        a, g = block.A.shape[0], block.G.shape[0]  # type: ignore[attr-defined]
+        assert due[name].shape == (a + a * a + g + g * g,)
+    # Each "rank" computes one layer; the parts of both are adopted.
+    names = list(due)
+    parts = {**split.refreshed(names[:1]), **split.refreshed(names[1:])}
+    assert equal_states(split.state_dict(), whole.state_dict()), "refreshed changes nothing"
+    split.adopt_refresh(parts)
+    whole.refresh()
+    assert equal_states(split.state_dict(), whole.state_dict()), "bit for bit"
+    assert split.refresh_due() == {}, "nothing left to refresh"
+    batch = fit_statistics(perturbed(PROBLEMS[0], scale=0.5), whole)
+    whole.update(batch)
+    split.update(batch)
+    for name in names:
+        assert torch.equal(split.to_dense(name), whole.to_dense(name)), name
+
+
+def test_a_split_refresh_refuses_wrong_parts_and_changes_nothing() -> None:
+    ekfac = _two_updates()
+    before = ekfac.state_dict()
+    names = list(ekfac.refresh_due())
+    parts = ekfac.refreshed(names)
+    with pytest.raises(ValueError, match="exactly the layers refresh_due"):
+        ekfac.adopt_refresh({names[0]: parts[names[0]]})
+    with pytest.raises(ValueError, match="wrong size"):
+        ekfac.adopt_refresh({**parts, names[0]: parts[names[0]][:-1]})
+    broken = {**parts, names[1]: torch.full_like(parts[names[1]], float("nan"))}
+    with pytest.raises(ValueError, match=f"layers \\['{names[1]}'\\] are not finite"):
+        ekfac.adopt_refresh(broken)
+    assert equal_states(ekfac.state_dict(), before)
+    ekfac.refresh()
+    with pytest.raises(ValueError, match="No refresh is due"):
+        ekfac.refreshed(names)
+
+
+def test_a_failed_eigendecomposition_comes_back_as_nan(monkeypatch: pytest.MonkeyPatch) -> None:
+    ekfac = _two_updates()
+    names = list(ekfac.refresh_due())
+
+    def broken(mat: Tensor, **kwargs: object) -> factors.Eigh:
+        raise factors.FactorizationError("planted failure")
+
+    monkeypatch.setattr("curvlib.approx.ekfac.eigh", broken)
+    parts = ekfac.refreshed(names[:1])
+    assert list(parts) == names[:1] and bool(parts[names[0]].isnan().all())

@@ -6,16 +6,26 @@ from tests.benchmarks.loader import benchmark_script
 
 
 def test_every_configuration_reports_time_and_bytes() -> None:
-    argv = ["--quick", "--approx", "kfac", "--widths", "12", "16", "4", "--batch", "32"]
+    argv = ["--quick", "--approx", "kfac", "ekfac", "--widths", "12", "16", "4", "--batch", "32"]
     with benchmark_script("data_parallel") as dp:
         payload = dp.main(argv)
         text = dp.table(payload["rows"], payload)
     rows = payload["rows"]
-    assert [(r["ranks"], r["split"]) for r in rows] == [(1, False), (2, False), (2, True)]
+    configs = [(1, False), (2, False), (2, True)]
+    assert [(r["approx"], r["ranks"], r["split"]) for r in rows] == [
+        (approx, *config) for approx in ("kfac", "ekfac") for config in configs
+    ]
     assert all(r["ms_per_step"] > 0.0 for r in rows)
-    one, two, split = rows
+    one, two, split = rows[:3]
     assert one["stats_bytes"] == 0, "one rank communicates nothing"
     factors = 13**2 + 16**2 + 17**2 + 4**2
     assert two["stats_bytes"] == 4 * 8 + 4 * factors, "the header and the float32 factors"
     assert split["curvlib_bytes_per_step"] > two["curvlib_bytes_per_step"], "+ the directions"
+    assert split["shared_bytes"] == 4 * (12 * 16 + 16 + 16 * 4 + 4), "float32 directions"
     assert text.count("| KFAC |") == 3
+    # EKFAC's split broadcasts the eigenvalues and eigenvectors of A and G of both layers
+    # (d_in + 1 + (d_in + 1)^2 + d_out + d_out^2 numbers each) on the last refresh.
+    _, ekfac_two, ekfac_split = rows[3:]
+    assert ekfac_two["shared_bytes"] == 0
+    assert ekfac_split["shared_bytes"] == 4 * ((13 + 13**2 + 16 + 16**2) + (17 + 17**2 + 4 + 4**2))
+    assert text.count("| EKFAC |") == 3

@@ -8,6 +8,8 @@ of every batch; one process on the whole batch is the reference.
 from __future__ import annotations
 
 import time
+import warnings
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +49,7 @@ class Config:
     auto: bool = False
     preconditioner: bool = False
     split: bool = False
+    t_inv: int = 2
 
 
 CONFIGS = (
@@ -67,6 +70,8 @@ CONFIGS = (
     Config("precond-kfac-unwrapped", "kfac", FisherType.EMPIRICAL, ddp=False, preconditioner=True),
     # Each layer's inverse built by one rank, which broadcasts the direction.
     Config("kfac-split-ddp", "kfac", FisherType.EXACT, split=True),
+    # Each layer's eigenbasis computed by one rank and broadcast; refreshed at steps 1-3.
+    Config("ekfac-split-ddp", "ekfac", FisherType.EMPIRICAL, split=True, t_inv=1),
 )
 
 
@@ -86,8 +91,20 @@ def batches() -> list[tuple[Tensor, Tensor]]:
     ]
 
 
+class RecordingEKFAC(EKFAC):
+    """EKFAC that records the layers whose eigenbases this rank computed, per split refresh."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.computed: list[list[str]] = []
+
+    def refreshed(self, layers: Collection[str]) -> dict[str, Tensor]:
+        self.computed.append(sorted(layers))
+        return super().refreshed(layers)
+
+
 def approximation(name: str) -> Any:
-    return {"kfac": KFAC, "ekfac": EKFAC, "exact_ng": ExactNaturalGradient}[name]()
+    return {"kfac": KFAC, "ekfac": RecordingEKFAC, "exact_ng": ExactNaturalGradient}[name]()
 
 
 def shard(t: Tensor, rank: int, world_size: int) -> Tensor:
@@ -111,9 +128,10 @@ def train(
     extra: dict[str, Any] = {"lr": "auto", "momentum": "auto"} if config.auto else {}
     if config.split and dist.is_initialized():
         extra["data_parallel"] = DataParallel(split_inverses=True)
+    approx = approximation(config.approx)
     opt = PreconditionedOptimizer(
-        wrapped, approximation(config.approx), loss_fn=loss_fn, fisher_type=config.fisher,
-        stats_fraction=1.0, t_cov=1, t_inv=2, damping=damping, **extra,
+        wrapped, approx, loss_fn=loss_fn, fisher_type=config.fisher,
+        stats_fraction=1.0, t_cov=1, t_inv=config.t_inv, damping=damping, **extra,
     )  # fmt: skip
     inverted: set[str] = set()
     for step, (x, y) in enumerate(batches()):
@@ -132,12 +150,55 @@ def train(
         "inverted": sorted(inverted),
         "bytes": None if sync is None else sync.last_statistics.bytes,
         "messages": None if sync is None else sync.last_statistics.messages,
+        "computed": getattr(approx, "computed", None),
+        "shared_bytes": None if sync is None else sync.last_shared.bytes,
+        "approx_state": approx.state_dict(),
     }
 
 
-def train_split(rank: int, world_size: int) -> dict[str, Any]:
-    """The split-inverse configuration alone (for three ranks and two layers)."""
-    return train(next(c for c in CONFIGS if c.split), rank, world_size)
+def train_split(rank: int, world_size: int, name: str = "kfac-split-ddp") -> dict[str, Any]:
+    """A split configuration alone (for three ranks and two layers)."""
+    return train(next(c for c in CONFIGS if c.name == name), rank, world_size)
+
+
+def ekfac_refresh_fails_on_rank_one(rank: int, world_size: int) -> dict[str, Any]:
+    """The split EKFAC run with every eigendecomposition on rank 1 failing after step 0.
+
+    Rank 1 still sends its layers' (NaN) bases; every rank refuses them alike,
+    keeps its basis and trains on.
+    """
+    from curvlib.approx import ekfac
+    from curvlib.linalg.factors import FactorizationError
+
+    def broken(mat: Tensor, **kwargs: object) -> Any:
+        raise FactorizationError("planted failure")
+
+    config = next(c for c in CONFIGS if c.name == "ekfac-split-ddp")
+    net, loss_fn = model(), nn.MSELoss()
+    wrapped = nn.parallel.DistributedDataParallel(net)
+    approx = RecordingEKFAC()
+    opt = PreconditionedOptimizer(
+        wrapped, approx, loss_fn=loss_fn, fisher_type=config.fisher, stats_fraction=1.0,
+        t_cov=1, t_inv=config.t_inv, damping=1e-3,
+        data_parallel=DataParallel(split_inverses=True),
+    )  # fmt: skip
+    messages: list[str] = []
+    for step, (x, y) in enumerate(batches()):
+        if step == 1 and rank == 1:  # after the first basis, which every rank computes
+            ekfac.eigh = broken  # type: ignore[assignment]
+        opt.zero_grad()
+        with opt.record():
+            loss_fn(wrapped(shard(x, rank, world_size)), shard(y, rank, world_size)).backward()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            opt.step()
+        messages += [str(w.message) for w in caught]
+    return {
+        "messages": messages,
+        "failures": opt.engine.inverse_failures,
+        "approx_state": approx.state_dict(),
+        "params": {k: v.detach().clone() for k, v in net.named_parameters()},
+    }
 
 
 def train_defaults(rank: int, world_size: int) -> dict[str, Any]:
@@ -265,19 +326,27 @@ def mismatched_statistics(rank: int, world_size: int) -> None:
 
 
 def train_from_checkpoint(
-    rank: int, world_size: int, path: str, steps: tuple[int, int], save: bool
+    rank: int,
+    world_size: int,
+    path: str,
+    steps: tuple[int, int],
+    save: bool,
+    name: str = CONFIGS[0].name,
 ) -> dict[str, Tensor]:
-    """Steps ``steps[0]`` to ``steps[1] - 1`` of KFAC (EXACT) with DDP.
+    """Steps ``steps[0]`` to ``steps[1] - 1`` of a configuration (KFAC, EXACT) with DDP.
 
     Loads the checkpoint at ``path`` first unless training starts at step 0;
     with ``save``, rank 0 alone writes the model and the optimizer there at the end.
     """
-    config = CONFIGS[0]
+    config = next(c for c in CONFIGS if c.name == name)
     net, loss_fn = model(), nn.MSELoss()
     wrapped = nn.parallel.DistributedDataParallel(net) if dist.is_initialized() else net
+    extra: dict[str, Any] = {}
+    if config.split and dist.is_initialized():
+        extra["data_parallel"] = DataParallel(split_inverses=True)
     opt = PreconditionedOptimizer(
-        wrapped, KFAC(), loss_fn=loss_fn, fisher_type=config.fisher,
-        stats_fraction=1.0, t_cov=1, t_inv=2, damping=1e-3,
+        wrapped, approximation(config.approx), loss_fn=loss_fn, fisher_type=config.fisher,
+        stats_fraction=1.0, t_cov=1, t_inv=config.t_inv, damping=1e-3, **extra,
     )  # fmt: skip
     if steps[0] > 0:
         state = torch.load(path, weights_only=True)

@@ -27,6 +27,7 @@ from curvlib.distributed import (
 from curvlib.distributed.buckets import pack, plan_buckets, unpack
 from tests.distributed import ranks
 from tests.distributed.launch import RankFailed, run_ranks
+from tests.states import equal_states
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed/gloo"
@@ -91,6 +92,51 @@ def test_split_inverses_cover_every_layer_once_and_train_like_one_process(
     )
 
 
+def _packed_basis_numbers() -> int:
+    """$d_i + d_i^2 + d_o + d_o^2$ summed over the two layers: one refresh's eigenbases."""
+    dims = [(ranks.DIM_IN + 1, ranks.HIDDEN), (ranks.HIDDEN + 1, ranks.DIM_OUT)]
+    return sum(d_in + d_in**2 + d_out + d_out**2 for d_in, d_out in dims)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_split_ekfac_refresh_computes_each_eigenbasis_once_and_trains_like_one_process(
+    two_ranks: list[dict[str, Any]], world_size: int
+) -> None:
+    name = "ekfac-split-ddp"
+    results = (
+        [r[name] for r in two_ranks]
+        if world_size == 2
+        else run_ranks(ranks.train_split, 3, name, timeout=60.0)
+    )
+    # A split refresh on every step (t_inv=1): nothing is due at step 0 (no factors yet)
+    # nor at step 1 (the first update computed its basis from the same factors).
+    per_refresh = [
+        sorted(layer for result in results for layer in result["computed"][i]) for i in range(4)
+    ]
+    assert per_refresh == [[], [], ["0", "2"], ["0", "2"]], "each basis on one rank"
+    if world_size == 3:
+        assert [] in ([n for c in r["computed"] for n in c] for r in results), "one rank idle"
+    for result in results:
+        assert result["shared_bytes"] == 8 * _packed_basis_numbers(), "every rank gets all"
+    reference = ranks.train(next(c for c in ranks.CONFIGS if c.name == name))
+    for result in results:
+        for key, value in reference["params"].items():
+            torch.testing.assert_close(result["params"][key], value, rtol=RTOL, atol=ATOL)
+        assert equal_states(result["approx_state"], results[0]["approx_state"]), "identical"
+    assert reference["computed"] == [], "one process refreshes without the split"
+
+
+def test_a_failed_eigenbasis_on_its_owner_is_refused_by_every_rank_alike() -> None:
+    results = run_ranks(ranks.ekfac_refresh_fails_on_rank_one, 2, timeout=60.0)
+    for result in results:
+        refused = [m for m in result["messages"] if "are not finite" in m]
+        assert len(refused) == 2 and result["failures"] == 2, result["messages"]  # steps 2, 3
+        assert "refreshing the curvature estimate failed" in refused[0]
+    first, second = results
+    assert equal_states(first["approx_state"], second["approx_state"])
+    assert all(torch.equal(first["params"][k], second["params"][k]) for k in first["params"])
+
+
 def test_owners_are_greedy_by_cost_and_cover_every_layer_once() -> None:
     costs = {"a": 1.0, "b": 8.0, "c": 3.0, "d": 3.0, "e": 5.0}
     owners = assign_owners(costs, 2)
@@ -122,6 +168,16 @@ def test_a_checkpoint_of_rank_0_at_world_size_2_resumes_on_another_world_size(
     reference = ranks.train(ranks.CONFIGS[0])["params"]
     for name, value in reference.items():
         torch.testing.assert_close(resumed[name], value, rtol=RTOL, atol=ATOL)
+
+
+def test_a_split_ekfac_checkpoint_at_world_size_2_resumes_in_one_process(tmp_path: Path) -> None:
+    path, name = str(tmp_path / "checkpoint.pt"), "ekfac-split-ddp"
+    # Saved after steps 0-2: the basis of the split refresh at step 2 is in it.
+    run_ranks(ranks.train_from_checkpoint, 2, path, (0, 3), True, name, timeout=60.0)
+    resumed = ranks.train_from_checkpoint(0, 1, path, (3, ranks.STEPS), False, name)
+    reference = ranks.train(next(c for c in ranks.CONFIGS if c.name == name))["params"]
+    for key, value in reference.items():
+        torch.testing.assert_close(resumed[key], value, rtol=RTOL, atol=ATOL)
 
 
 def test_after_a_resume_only_rank_0_continues_the_saved_mc_noise(tmp_path: Path) -> None:
@@ -197,7 +253,9 @@ def test_a_hung_rank_fails_the_job_within_curvlibs_timeout() -> None:
     assert time.monotonic() - start < 25.0
 
 
-@pytest.mark.parametrize("config", [ranks.CONFIGS[0], ranks.CONFIGS[3]], ids=lambda c: c.name)
+@pytest.mark.parametrize(
+    "config", [ranks.CONFIGS[0], ranks.CONFIGS[3], ranks.CONFIGS[-1]], ids=lambda c: c.name
+)
 def test_a_group_of_one_rank_is_the_single_process_optimizer(
     config: ranks.Config, tmp_path: Path
 ) -> None:
