@@ -202,7 +202,7 @@ def ekfac_refresh_fails_on_rank_one(rank: int, world_size: int) -> dict[str, Any
 
 
 def train_defaults(rank: int, world_size: int) -> dict[str, Any]:
-    """The library defaults (MC Fisher from a quarter of each batch) with DDP.
+    """The library defaults (MC Fisher from half of each batch) with DDP.
 
     Each rank draws its own MC targets and sub-batch (``seed + rank``): the estimate
     is not one process's, but every rank holds the same one.

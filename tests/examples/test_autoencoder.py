@@ -70,8 +70,8 @@ def test_run_writes_metrics_plot_and_checkpoint_and_the_loss_falls(compared: Pat
     train = [m["train_loss"] for m in history]
     assert train[-1] < 0.6 * train[0], train
     assert 0.0 < history[-1]["kl_clip_factor"] <= 1.0
-    # The damping is still warming up: statistics at steps 0, 1, 2 and 4, 13 samples each.
-    assert history[-1]["damping"] == pytest.approx(DEFAULTS.damping.at(4 * 13))
+    # The damping is still warming up: statistics at steps 0, 1, 2 and 4, 25 samples each.
+    assert history[-1]["damping"] == pytest.approx(DEFAULTS.damping.at(4 * 25))
     assert history[1]["wall_time"] < history[2]["wall_time"]
     assert (out / "loss.png").read_bytes()[:8] == PNG_MAGIC
     assert (out / common.CHECKPOINT).is_file()
@@ -258,7 +258,9 @@ def test_every_curvature_optimizer_trains_a_small_autoencoder(name: str) -> None
     model = autoencoder.autoencoder((12, 6, 3))
     loss_fn = nn.BCEWithLogitsLoss()
     # Six steps on one batch of 16: statistics of 24 samples in all, a fixed damping.
-    config = common.OptimConfig(lr=0.1, t_cov=1, t_inv=1, damping=1e-3, damping_warmup_samples=0)
+    config = common.OptimConfig(
+        lr=0.1, t_cov=1, t_inv=1, damping=1e-3, damping_warmup_samples=0, stats_fraction=0.25
+    )
     opt = common.build_optimizer(name, model, loss_fn, config)
     x = torch.rand(16, 12)
     with torch.no_grad():

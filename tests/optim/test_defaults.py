@@ -171,8 +171,8 @@ def test_a_number_is_the_damping_from_the_first_step() -> None:
     assert opt.engine.precond_damping == 1e-4
     default = PreconditionedOptimizer(model, KFAC(), loss_fn=nn.MSELoss())
     _step(default, model, torch.randn(8, 3), torch.randn(8, 2))
-    # A quarter of 8 samples: 400/2 times the damping.
-    assert default.engine.precond_damping == pytest.approx(DEFAULTS.damping.damping * 400 / 2)
+    # Half of 8 samples: 400/4 times the damping.
+    assert default.engine.precond_damping == pytest.approx(DEFAULTS.damping.damping * 400 / 4)
 
 
 def test_the_samples_seen_resume_from_a_checkpoint_and_older_ones_end_the_warmup() -> None:
