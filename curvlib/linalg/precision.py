@@ -6,10 +6,8 @@ matrix products per layer on every step. On a CPU with Intel AMX tiles
 four times faster than float32 ones on one thread, about twice as fast on two,
 once the layer is a few hundred wide;
 below that, converting costs more than it saves. The products accumulate in
-float32 and the result is returned in the factors' dtype, so the direction
-carries bfloat16's relative rounding, about $2^{-8}$ of each entry: small next
-to the approximation error of the curvature, and the KL clip measures the
-step it is given. Statistics, factors and inverses keep their own dtype.
+float32 and the result is returned in the factors' dtype; statistics, factors
+and inverses keep their own dtype.
 
 That relative rounding is of each *entry*, not of the direction. A damped
 inverse $P$ with condition number $\kappa$ maps a gradient lying in its

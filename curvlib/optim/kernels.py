@@ -176,6 +176,8 @@ def layer_step(
             steps.append(step.to(p.dtype))
         if want_deltas:
             deltas[layer.name] = layer.to_matrix(*changes)
+    if not params:  # torch's foreach kernels refuse empty lists
+        return deltas
     # All parameters at once (one kernel launch per kind on an accelerator).
     if wd:
         torch._foreach_mul_(params, 1.0 - lr * wd)

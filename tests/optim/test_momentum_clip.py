@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
+
 import pytest
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 import tests.problems as P
 from curvlib import KFAC, PreconditionedOptimizer
-from curvlib.optim.kernels import clip_from_norms, momentum_step_norms
+from curvlib.core.layout import ModelLayout
+from curvlib.optim.kernels import clip_from_norms, layer_step, momentum_step_norms
 
 DTYPE = torch.float64
 
@@ -99,3 +102,26 @@ def test_the_tracked_norm_round_trips_through_a_checkpoint() -> None:
         assert (
             fresh.state[layer.weight]["momentum_norm"] == opt.state[layer.weight]["momentum_norm"]
         )
+
+
+def test_the_parameter_update_matches_sgd_with_momentum_and_takes_no_layers() -> None:
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 2))
+    layers = ModelLayout.from_model(model).layers
+    group = {"lr": 0.1, "momentum": 0.5, "nesterov": False, "weight_decay": 0.01,
+             "decoupled_weight_decay": True}  # fmt: skip
+    state: defaultdict[object, dict[str, object]] = defaultdict(dict)  # as torch.optim's
+    assert layer_step(state, group, [], {}, want_deltas=False) == {}
+    weight, bias = (p.detach().clone() for p in model.parameters())
+    direction = torch.randn(2, 4)
+    with torch.no_grad():  # as in step()
+        for clip in (1.0, 0.5):
+            layer_step(state, group, layers, {layers[0].name: direction}, False, clip=clip)
+    # Buffers: b1 = d, b2 = 0.5 * 0.5 * b1 + 0.5 * d; decoupled decay before each step.
+    b1, b2 = direction, 0.25 * direction + 0.5 * direction
+    expected = torch.cat([weight, bias[:, None]], dim=1)
+    for b in (b1, b2):
+        expected = (1 - 0.1 * 0.01) * expected - 0.1 * b
+    actual = torch.cat([model[0].weight, model[0].bias[:, None]], dim=1)
+    torch.testing.assert_close(actual.detach(), expected)
