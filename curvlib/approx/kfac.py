@@ -127,10 +127,17 @@ class EigenbasisInverse:
     """
 
     def __init__(
-        self, q_g: Tensor, q_a: Tensor, scale: Tensor, apply_dtype: torch.dtype | None = None
+        self,
+        q_g: Tensor,
+        q_a: Tensor,
+        scale: Tensor,
+        apply_dtype: torch.dtype | None = None,
+        condition_number: float | None = None,
     ) -> None:
         self.q_g, self.q_a, self.scale = flush_negligible(q_g), flush_negligible(q_a), scale
-        self.condition_number = float(scale.max() / scale.min())
+        if condition_number is None:  # one host synchronisation; callers that have it pass it
+            condition_number = float(scale.max() / scale.min())
+        self.condition_number = condition_number
         self.apply_dtype = apply_dtype or scale.dtype
         """The dtype the four products run in (the scaling runs in ``scale``'s dtype)."""
         self._q_g, self._q_a = self.q_g.to(self.apply_dtype), self.q_a.to(self.apply_dtype)
@@ -247,8 +254,9 @@ class _KFACBlock(LayerBlock):
         A, G = self._factors()
         ea, eg = eigh(A), eigh(G)
         scale = 1.0 / (eg.values[:, None] * ea.values[None, :] + damping)
-        apply_dtype = self._apply_dtype(scale, float(scale.max() / scale.min()))
-        return EigenbasisInverse(eg.vectors, ea.vectors, scale, apply_dtype)
+        condition = float(scale.max() / scale.min())
+        apply_dtype = self._apply_dtype(scale, condition)
+        return EigenbasisInverse(eg.vectors, ea.vectors, scale, apply_dtype, condition)
 
     def _apply_dtype(self, like: Tensor, condition: float) -> torch.dtype:
         """The dtype the inverse's products run in (``KFAC(apply_dtype=)``).

@@ -29,6 +29,8 @@ for name in tasks:
         target = adam.curve.losses[-1]
         run = cv.train(task, cv.curvature(approx, "x", **kwargs), seed, None)
         curve = run.curve
+        # The first evaluation at or below the target, as the stored outputs were made;
+        # convergence.py's Curve.epochs_to/time_to interpolate between evaluations instead.
         reached = [i for i, loss in enumerate(curve.losses) if loss <= target]
         ep = curve.epochs[reached[0]] if reached else None
         tt = curve.times[reached[0]] if reached else None
