@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from curvlib.optim.hyper import DampingRule, DampingWarmup
+from curvlib.optim.hyper import DampingWarmup
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ DEFAULTS = OptimizerDefaults()
 """The values ``PreconditionedOptimizer`` uses for every argument not given."""
 
 
-def default_damping(approx: object) -> DampingRule:
+def default_damping(approx: object) -> DampingWarmup:
     r"""The damping of a group whose approximation is ``approx`` when no ``damping`` is given.
 
     An approximation whose damping acts unlike KFAC's may name its own
