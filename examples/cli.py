@@ -20,6 +20,7 @@ import torch
 from optimizers import COARSE_SPACES, DEFAULT_CURVATURE_LR, OPTIMIZERS, OptimConfig, OptimizerSpec
 from torchrun import local_device
 
+from curvlib import Diagonal
 from curvlib.optim.defaults import DEFAULTS
 
 
@@ -362,8 +363,9 @@ def build_parser(
     opt.add_argument(
         "--damping",
         type=positive_float,
-        default=DEFAULTS.damping.damping,
-        help="Tikhonov damping λ of C + λI",
+        default=None,
+        help="Tikhonov damping λ of C + λI (default: the approximation's, "
+        f"{DEFAULTS.damping.damping:g}; {Diagonal.default_damping:g} for diag)",
     )
     opt.add_argument(
         "--adaptive-damping",

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from curvlib.core.protocols import CurvatureApprox
-from curvlib.optim.defaults import DEFAULTS
+from curvlib.optim.defaults import DEFAULTS, default_damping
 from curvlib.optim.hyper import DampingWarmup, LevenbergMarquardt
 
 
@@ -27,7 +27,9 @@ class OptimConfig:
 
     Attributes:
         lr: Learning rate.
-        damping: Tikhonov damping $\lambda$ of $(C + \lambda I)^{-1}$.
+        damping: Tikhonov damping $\lambda$ of $(C + \lambda I)^{-1}$ (``None``: the
+            approximation's own, ``curvlib.optim.defaults.default_damping``:
+            $3\cdot10^{-4}$, the Diagonal's $3\cdot10^{-3}$).
         adaptive_damping: Adapt $\lambda$ by the Levenberg-Marquardt rule.
         clipping: KL-clipping bound; 0 disables clipping.
         momentum: Momentum (curvature optimizers and SGD; Adam keeps its betas).
@@ -55,7 +57,7 @@ class OptimConfig:
     """
 
     lr: float
-    damping: float = DEFAULTS.damping.damping
+    damping: float | None = None
     adaptive_damping: bool = False
     clipping: float = DEFAULTS.kl_clip
     momentum: float = DEFAULTS.momentum
@@ -142,14 +144,15 @@ def _curvature(make_approx: Callable[..., CurvatureApprox]) -> Factory:
 
         restrict: dict[str, Any] = {} if params is None else {"params": list(params)}
 
-        damping: float | LevenbergMarquardt | DampingWarmup = cfg.damping
-        if cfg.adaptive_damping:
-            damping = LevenbergMarquardt(initial=cfg.damping, interval=cfg.t_inv)
-        elif cfg.damping_warmup_samples:
-            damping = DampingWarmup(cfg.damping, samples=cfg.damping_warmup_samples)
         approx = make_approx(**approx_options(cfg))
         if cfg.coarse_space is not None:
             approx = two_level(lambda: approx, cfg.coarse_space, cfg.krylov, cfg.coarse_form)()
+        lam = default_damping(approx).damping if cfg.damping is None else cfg.damping
+        damping: float | LevenbergMarquardt | DampingWarmup = lam
+        if cfg.adaptive_damping:
+            damping = LevenbergMarquardt(initial=lam, interval=cfg.t_inv)
+        elif cfg.damping_warmup_samples:
+            damping = DampingWarmup(lam, samples=cfg.damping_warmup_samples)
         return PreconditionedOptimizer(
             model,
             approx,

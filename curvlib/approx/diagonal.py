@@ -125,6 +125,22 @@ class Diagonal(LayerwiseApprox):
 
     required_stats: ClassVar[frozenset[StatKind]] = frozenset({StatKind.DIAGONAL})
     supported_kinds: ClassVar[frozenset[LayerKind]] = KRONECKER_KINDS | NORM_KINDS
+    default_damping: ClassVar[float] = 3e-3
+    r"""The optimizer's $\lambda$ for this approximation when no ``damping`` is given.
+
+    ``PreconditionedOptimizer(model, Diagonal(), loss_fn=...)`` damps with
+    ``DampingWarmup(3e-3, samples=400)``, ten times KFAC's $\lambda$
+    ([`default_damping`][curvlib.optim.defaults.default_damping]). KFAC's
+    $\lambda$ is split between two factors and adds to products of their
+    eigenvalues; here it is the whole shift of every coordinate. At KFAC's
+    $3\cdot10^{-4}$ the coordinates whose diagonal lies below $\lambda$
+    dominate the first, KL-clipped steps, single coordinates move by up to
+    $0.3$ a step, and the Diagonal stalled on all five tasks of the
+    convergence benchmark (both autoencoders at the mean image). Chosen on the
+    benchmark's five tasks over three seeds, 2026-12-05 (the table is on the
+    Diagonal's page of the docs, the outputs in
+    ``benchmarks/results/experiments/diagonal_defaults/``).
+    """
 
     def _make_block(self, out_dim: int, in_dim: int) -> LayerBlock:
         return _DiagonalBlock(out_dim, in_dim, self.dtype)

@@ -101,6 +101,11 @@ class CurvatureApprox(Protocol):
     The steps are separate: ``update`` folds in statistics, ``inverse`` builds a
     new damped-inverse operator (never a cache that can go stale), ``matvec``
     multiplies by $C$ and ``to_dense`` returns a layer's block as a matrix.
+
+    An approximation may also set the class attribute ``default_damping`` (a
+    positive number): the optimizer then damps it with that $\lambda$ when no
+    ``damping`` is given
+    ([`default_damping`][curvlib.optim.defaults.default_damping]).
     """
 
     @property

@@ -23,7 +23,10 @@ class OptimizerDefaults:
         lr: Learning rate $\eta$.
         damping: Tikhonov damping $\lambda$ of $(C + \lambda I)^{-1}$: $3\cdot10^{-4}$,
             multiplied by $400/n$ while the statistics have seen $n < 400$
-            samples ([`DampingWarmup`][curvlib.optim.DampingWarmup]).
+            samples ([`DampingWarmup`][curvlib.optim.DampingWarmup]); an
+            approximation with a $\lambda$ of its own (the Diagonal's
+            $3\cdot10^{-3}$) keeps the warm-up
+            ([`default_damping`][curvlib.optim.defaults.default_damping]).
         kl_clip: KL-clipping bound $c$.
         momentum: Momentum $\mu$ on the clipped preconditioned direction.
         t_cov: Steps between statistics updates.
@@ -48,3 +51,36 @@ class OptimizerDefaults:
 
 DEFAULTS = OptimizerDefaults()
 """The values ``PreconditionedOptimizer`` uses for every argument not given."""
+
+
+def default_damping(approx: object) -> DampingWarmup:
+    r"""The damping of a group whose approximation is ``approx`` when no ``damping`` is given.
+
+    An approximation whose damping acts unlike KFAC's may name its own
+    $\lambda$ in the class attribute ``default_damping`` (a positive number);
+    the default is then ``DampingWarmup(approx.default_damping,
+    samples=DEFAULTS.damping.samples)``: its own $\lambda$ with the library's
+    warm-up, which depends on the samples the statistics have seen, not on the
+    approximation. [`Diagonal`][curvlib.approx.Diagonal] does (its
+    $\lambda$ is the whole shift of every coordinate). Every other approximation
+    gets ``DEFAULTS.damping``. A ``damping`` given to the optimizer or to a group
+    always wins.
+
+    Args:
+        approx: A curvature approximation.
+
+    Returns:
+        The damping rule described above.
+
+    Raises:
+        ValueError: If ``default_damping`` is set but not a positive number.
+    """
+    value = getattr(approx, "default_damping", None)
+    if value is None:
+        return DEFAULTS.damping
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0.0:
+        raise ValueError(
+            f"{type(approx).__name__}.default_damping must be a positive number (its "
+            f"damping when none is given), got {value!r}."
+        )
+    return DampingWarmup(float(value), samples=DEFAULTS.damping.samples)

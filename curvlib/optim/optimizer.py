@@ -53,7 +53,7 @@ from curvlib.optim.adaptive import (
     apply_adaptive_step,
     is_auto,
 )
-from curvlib.optim.defaults import DEFAULTS
+from curvlib.optim.defaults import DEFAULTS, default_damping
 from curvlib.optim.engine import (
     CurvatureEngine,
     floating_to,
@@ -106,9 +106,13 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             the KL clip in the exact GGN ([`curvlib.optim.adaptive`][curvlib.optim.adaptive]).
         damping: $\lambda$: constant, callable of the step,
             [`LevenbergMarquardt`][curvlib.optim.hyper.LevenbergMarquardt], or
-            [`DampingWarmup`][curvlib.optim.DampingWarmup] (the default,
+            [`DampingWarmup`][curvlib.optim.DampingWarmup], for every group that
+            sets none. ``None`` (the default): each group's approximation's own
+            default ([`default_damping`][curvlib.optim.defaults.default_damping]):
             $3\cdot10^{-4}$ multiplied by $400/n$ while the statistics have seen
-            $n < 400$ samples).
+            $n < 400$ samples for KFAC and all but the
+            [`Diagonal`][curvlib.approx.Diagonal], whose default is
+            ``DampingWarmup(3e-3, samples=400)``.
         kl_clip: KL-clipping bound $c$ on the whole step, momentum included;
             ``None`` disables it.
         kl_clip_lr_squared: Use $\eta^2$ in the clip (Ba et al.); ``False`` for the
@@ -178,7 +182,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         approx: CurvatureApprox,
         *,
         lr: float | Literal["auto"] = DEFAULTS.lr,
-        damping: DampingRule = DEFAULTS.damping,
+        damping: DampingRule | None = None,
         kl_clip: float | None = DEFAULTS.kl_clip,
         kl_clip_lr_squared: bool = True,
         momentum: float | Literal["auto"] = DEFAULTS.momentum,
@@ -201,7 +205,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             "nesterov": nesterov,
             "weight_decay": weight_decay,
             "decoupled_weight_decay": decoupled_weight_decay,
-            "damping": damping,
+            "damping": default_damping(approx) if damping is None else damping,
             "t_cov": t_cov,
             "t_inv": t_inv,
         }
@@ -221,6 +225,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         torch_groups: list[dict[str, Any]] = []
         for group in resolved:
             settings = {**defaults, **group.settings}
+            if damping is None and "damping" not in group.settings:
+                settings["damping"] = default_damping(group.approx)
             check_hyper(settings, f"group {group.name!r}: " if group.settings else "")
             layer_params = [p for layer in group.layers for p in layer.parameters]
             torch_groups.append(

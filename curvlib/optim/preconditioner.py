@@ -12,7 +12,8 @@ for x, y in loader:
 ```
 
 This is how the published code of these methods is usually used. Parameters
-outside the curvature layers keep their gradient. Damping, intervals and
+outside the curvature layers keep their gradient. Damping (per approximation,
+[`default_damping`][curvlib.optim.defaults.default_damping]), intervals and
 warm-up default to the optimizer's ([`DEFAULTS`][curvlib.optim.defaults.DEFAULTS]); the
 KL clip is off unless ``kl_clip`` is given ($\nu = 1$), because the clip needs
 the learning rate of the optimizer that takes the step: pass it as ``lr``.
@@ -31,7 +32,7 @@ from curvlib.core.checkpoint import RECORD_KEY, check_record, layer_record, writ
 from curvlib.core.layout import CurvatureLayer
 from curvlib.core.protocols import CurvatureApprox, Extractor, ReplicaSync
 from curvlib.core.stats import all_finite
-from curvlib.optim.defaults import DEFAULTS
+from curvlib.optim.defaults import DEFAULTS, default_damping
 from curvlib.optim.engine import CurvatureEngine, floating_to, layer_grads
 from curvlib.optim.hyper import DampingWarmup, LevenbergMarquardt, Schedule, check_positive
 from curvlib.optim.kernels import kl_clip_factor
@@ -45,7 +46,9 @@ class GradientPreconditioner:
         approx: The curvature approximation.
         damping: $\lambda$: constant, callable of the step or
             [`DampingWarmup`][curvlib.optim.DampingWarmup] (Levenberg–Marquardt
-            needs the step the optimizer takes: use ``PreconditionedOptimizer``).
+            needs the step the optimizer takes: use ``PreconditionedOptimizer``);
+            ``None`` (the default): the approximation's default
+            ([`default_damping`][curvlib.optim.defaults.default_damping]).
         kl_clip: KL-clipping bound $c$; ``None`` (default) disables it, since
             only the optimizer taking the step knows its learning rate.
         lr: The learning rate the wrapped optimizer uses, for the KL clip.
@@ -71,7 +74,7 @@ class GradientPreconditioner:
         extractor: Extractor,
         approx: CurvatureApprox,
         *,
-        damping: Schedule | DampingWarmup = DEFAULTS.damping,
+        damping: Schedule | DampingWarmup | None = None,
         kl_clip: float | None = None,
         lr: float = 1.0,
         kl_clip_lr_squared: bool = True,
@@ -91,7 +94,7 @@ class GradientPreconditioner:
         self.engine = CurvatureEngine(
             extractor,
             approx,
-            damping=damping,
+            damping=default_damping(approx) if damping is None else damping,
             t_cov=t_cov,
             t_inv=t_inv,
             warmup=warmup,

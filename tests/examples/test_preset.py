@@ -26,8 +26,11 @@ import conv_autoencoder  # noqa: E402
 import training  # noqa: E402
 from optimizers import build_optimizer  # noqa: E402
 
+from curvlib.approx.diagonal import Diagonal  # noqa: E402
 from curvlib.approx.kfac import KFAC, ConvDamping, KFACDamping  # noqa: E402
 from curvlib.approx.kpsvd import KPSVD  # noqa: E402
+from curvlib.optim import DampingWarmup, LevenbergMarquardt  # noqa: E402
+from curvlib.optim.defaults import DEFAULTS  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "examples.md"
@@ -94,6 +97,18 @@ def test_without_the_preset_the_library_defaults_stay() -> None:
     assert approx.conv_damping is ConvDamping.UNIFORM
     assert opt.kl_clip_lr_squared is True
     assert opt.param_groups[0]["decoupled_weight_decay"] is False
+
+
+def test_without_damping_each_approximation_gets_its_own_default() -> None:
+    kfac = DampingWarmup(DEFAULTS.damping.damping, samples=DEFAULTS.damping.samples)
+    diag = DampingWarmup(Diagonal.default_damping, samples=DEFAULTS.damping.samples)
+    assert _optimizer([]).param_groups[0]["damping"] == kfac == DEFAULTS.damping
+    assert _optimizer(["--optim", "diag"]).param_groups[0]["damping"] == diag
+    given = _optimizer(["--optim", "diag", "--damping", "1e-3"]).param_groups[0]["damping"]
+    assert given == DampingWarmup(1e-3, samples=DEFAULTS.damping.samples)
+    adaptive = _optimizer(["--optim", "diag", "--adaptive-damping"]).param_groups[0]["damping"]
+    assert isinstance(adaptive, LevenbergMarquardt)
+    assert adaptive.initial == Diagonal.default_damping
 
 
 @pytest.mark.parametrize("before", [True, False], ids=["flags-first", "preset-first"])
