@@ -408,6 +408,21 @@ class TwoLevel:
         methods for training deep neural networks", arXiv:2303.18083, 2023.
     """
 
+    default_damping_samples: ClassVar[int] = 800
+    r"""The samples over which the optimizer's default damping warms up when none is given.
+
+    ``PreconditionedOptimizer(model, TwoLevel(...), loss_fn=...)`` damps with
+    ``DampingWarmup(3e-4, samples=800)`` (KFAC: 400;
+    [`default_damping`][curvlib.optim.defaults.default_damping]): $\lambda$
+    times $800/n$ while the statistics have seen $n < 800$ samples. With the
+    400 samples of KFAC's default, reached after four statistics steps at half
+    of a batch of 200, the coarse matrix of the Nicolaides space had a condition
+    number near $10^3$ at that step and its correction sent the loss from 36 to
+    900 within two steps; 7 of 60 two-level runs of the convergence benchmark
+    diverged (Nicolaides on the digits autoencoders, Tselepidis on the ReLU
+    one), none with the longer warm-up (the two-level results page).
+    """
+
     def __new__(cls, *args: Any, **kwargs: Any) -> TwoLevel:
         """A ``RefreshableTwoLevel`` when ``fine`` has two time scales, else a ``TwoLevel``."""
         fine = args[0] if args else kwargs.get("fine")  # no arguments when copied

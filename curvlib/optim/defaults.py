@@ -62,9 +62,13 @@ def default_damping(approx: object) -> DampingWarmup:
     samples=DEFAULTS.damping.samples)``: its own $\lambda$ with the library's
     warm-up, which depends on the samples the statistics have seen, not on the
     approximation. [`Diagonal`][curvlib.approx.Diagonal] does (its
-    $\lambda$ is the whole shift of every coordinate). Every other approximation
-    gets ``DEFAULTS.damping``. A ``damping`` given to the optimizer or to a group
-    always wins.
+    $\lambda$ is the whole shift of every coordinate). An approximation may
+    also lengthen the warm-up with the class attribute
+    ``default_damping_samples`` (a non-negative int):
+    [`TwoLevel`][curvlib.approx.TwoLevel] does (its coarse matrix needs more
+    samples than the fine level before the damping reaches its floor). Every other
+    approximation gets ``DEFAULTS.damping``. A ``damping`` given to the optimizer
+    or to a group always wins.
 
     Args:
         approx: A curvature approximation.
@@ -73,14 +77,25 @@ def default_damping(approx: object) -> DampingWarmup:
         The damping rule described above.
 
     Raises:
-        ValueError: If ``default_damping`` is set but not a positive number.
+        ValueError: If ``default_damping`` is set but not a positive number, or
+            ``default_damping_samples`` is set but not a non-negative int.
     """
     value = getattr(approx, "default_damping", None)
-    if value is None:
+    samples = getattr(approx, "default_damping_samples", None)
+    if value is None and samples is None:
         return DEFAULTS.damping
+    if value is None:
+        value = DEFAULTS.damping.damping
     if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0.0:
         raise ValueError(
             f"{type(approx).__name__}.default_damping must be a positive number (its "
             f"damping when none is given), got {value!r}."
         )
-    return DampingWarmup(float(value), samples=DEFAULTS.damping.samples)
+    if samples is None:
+        samples = DEFAULTS.damping.samples
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
+        raise ValueError(
+            f"{type(approx).__name__}.default_damping_samples must be a non-negative int "
+            f"(the samples its damping's warm-up lasts), got {samples!r}."
+        )
+    return DampingWarmup(float(value), samples=samples)
