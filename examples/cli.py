@@ -450,8 +450,9 @@ def build_parser(
     opt.add_argument(
         "--damping-warmup-samples",
         type=int,
-        default=DEFAULTS.damping.samples,
-        help="damping times n0/n while the statistics have seen n < n0 samples (0: none)",
+        default=None,
+        help="damping times n0/n while the statistics have seen n < n0 samples (0: none; "
+        f"default: the approximation's, {DEFAULTS.damping.samples}; 800 with --coarse-space)",
     )
     opt.add_argument(
         "--coarse-space",

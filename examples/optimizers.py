@@ -48,7 +48,8 @@ class OptimConfig:
         t_inv: Steps between inverse rebuilds.
         warmup: Steps at the start with curvature refreshes at doubling intervals.
         damping_warmup_samples: Damping times $n_0/n$ while the statistics have
-            seen $n < n_0$ samples (0: none; ignored with ``adaptive_damping``).
+            seen $n < n_0$ samples (0: none; ignored with ``adaptive_damping``;
+            ``None``: the approximation's, ``default_damping(approx).samples``).
         seed: Seed of MC sampling.
         coarse_space: A key of ``COARSE_SPACES``: wrap the approximation in a
             two-level correction with that coarse space (``None``: none).
@@ -72,7 +73,7 @@ class OptimConfig:
     t_cov: int = DEFAULTS.t_cov
     t_inv: int = DEFAULTS.t_inv
     warmup: int = DEFAULTS.warmup
-    damping_warmup_samples: int = DEFAULTS.damping.samples
+    damping_warmup_samples: int | None = None
     seed: int = 0
     coarse_space: str | None = None
     krylov: bool = False
@@ -147,12 +148,14 @@ def _curvature(make_approx: Callable[..., CurvatureApprox]) -> Factory:
         approx = make_approx(**approx_options(cfg))
         if cfg.coarse_space is not None:
             approx = two_level(lambda: approx, cfg.coarse_space, cfg.krylov, cfg.coarse_form)()
-        lam = default_damping(approx).damping if cfg.damping is None else cfg.damping
+        own = default_damping(approx)
+        lam = own.damping if cfg.damping is None else cfg.damping
+        samples = own.samples if cfg.damping_warmup_samples is None else cfg.damping_warmup_samples
         damping: float | LevenbergMarquardt | DampingWarmup = lam
         if cfg.adaptive_damping:
             damping = LevenbergMarquardt(initial=lam, interval=cfg.t_inv)
-        elif cfg.damping_warmup_samples:
-            damping = DampingWarmup(lam, samples=cfg.damping_warmup_samples)
+        elif samples:
+            damping = DampingWarmup(lam, samples=samples)
         return PreconditionedOptimizer(
             model,
             approx,

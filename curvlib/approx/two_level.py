@@ -420,7 +420,9 @@ class TwoLevel:
     number near $10^3$ at that step and its correction sent the loss from 36 to
     900 within two steps; 7 of 60 two-level runs of the convergence benchmark
     diverged (Nicolaides on the digits autoencoders, Tselepidis on the ReLU
-    one), none with the longer warm-up (the two-level results page).
+    one). With 800 none of those did, but 3 of 60 still diverged (Spectral
+    twice, the residual space once, on the two convolutional networks): the
+    coarse correction is not yet safe at every seed (the two-level results page).
     """
 
     def __new__(cls, *args: Any, **kwargs: Any) -> TwoLevel:

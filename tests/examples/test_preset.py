@@ -29,6 +29,7 @@ from optimizers import build_optimizer  # noqa: E402
 from curvlib.approx.diagonal import Diagonal  # noqa: E402
 from curvlib.approx.kfac import KFAC, ConvDamping, KFACDamping  # noqa: E402
 from curvlib.approx.kpsvd import KPSVD  # noqa: E402
+from curvlib.approx.two_level import TwoLevel  # noqa: E402
 from curvlib.optim import DampingWarmup, LevenbergMarquardt  # noqa: E402
 from curvlib.optim.defaults import DEFAULTS  # noqa: E402
 
@@ -109,6 +110,17 @@ def test_without_damping_each_approximation_gets_its_own_default() -> None:
     adaptive = _optimizer(["--optim", "diag", "--adaptive-damping"]).param_groups[0]["damping"]
     assert isinstance(adaptive, LevenbergMarquardt)
     assert adaptive.initial == Diagonal.default_damping
+
+
+def test_a_coarse_space_gets_the_two_level_warm_up_unless_one_is_given() -> None:
+    argv = ["--coarse-space", "nicolaides"]
+    two_level = DampingWarmup(DEFAULTS.damping.damping, samples=TwoLevel.default_damping_samples)
+    assert _optimizer(argv).param_groups[0]["damping"] == two_level
+    given = _optimizer([*argv, "--damping-warmup-samples", "100"]).param_groups[0]["damping"]
+    assert given == DampingWarmup(DEFAULTS.damping.damping, samples=100)
+    assert _optimizer([*argv, "--damping-warmup-samples", "0"]).param_groups[0]["damping"] == (
+        DEFAULTS.damping.damping
+    )
 
 
 @pytest.mark.parametrize("before", [True, False], ids=["flags-first", "preset-first"])

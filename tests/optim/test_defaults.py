@@ -23,6 +23,7 @@ from curvlib import (
     NaturalGradientPreconditioner,
     PreconditionedOptimizer,
 )
+from curvlib.approx import TwoLevel
 from curvlib.core.protocols import CurvatureApprox
 from curvlib.optim import DampingRule, DampingWarmup, LevenbergMarquardt
 from curvlib.optim.defaults import DEFAULTS, default_damping
@@ -258,6 +259,26 @@ def test_a_bad_default_damping_of_an_approximation_is_refused_naming_it(value: A
         default_damping = value  # type: ignore[assignment]
 
     with pytest.raises(ValueError, match=r"Broken\.default_damping must be a positive number"):
+        PreconditionedOptimizer(_mlp(), Broken(), loss_fn=nn.MSELoss())
+
+
+def test_two_level_warms_its_default_damping_up_over_more_samples() -> None:
+    assert TwoLevel.default_damping_samples == 800  # the documented value
+    approx = TwoLevel(KFAC())
+    expected = DampingWarmup(DEFAULTS.damping.damping, samples=800)
+    assert default_damping(approx) == expected
+    opt = PreconditionedOptimizer(_mlp(), approx, loss_fn=nn.MSELoss())
+    assert opt.param_groups[0]["damping"] == expected
+    given = PreconditionedOptimizer(_mlp(), TwoLevel(KFAC()), loss_fn=nn.MSELoss(), damping=1e-3)
+    assert given.param_groups[0]["damping"] == 1e-3
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, "800", True])
+def test_a_bad_default_warm_up_of_an_approximation_is_refused_naming_it(value: Any) -> None:
+    class Broken(KFAC):
+        default_damping_samples = value
+
+    with pytest.raises(ValueError, match=r"Broken\.default_damping_samples must be a non-neg"):
         PreconditionedOptimizer(_mlp(), Broken(), loss_fn=nn.MSELoss())
 
 
