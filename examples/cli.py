@@ -20,7 +20,7 @@ import torch
 from optimizers import COARSE_SPACES, DEFAULT_CURVATURE_LR, OPTIMIZERS, OptimConfig, OptimizerSpec
 from torchrun import local_device
 
-from curvlib import Diagonal
+from curvlib import Diagonal, TwoLevel
 from curvlib.optim.defaults import DEFAULTS
 
 
@@ -452,7 +452,8 @@ def build_parser(
         type=int,
         default=None,
         help="damping times n0/n while the statistics have seen n < n0 samples (0: none; "
-        f"default: the approximation's, {DEFAULTS.damping.samples}; 800 with --coarse-space)",
+        f"default: the approximation's, {DEFAULTS.damping.samples}; "
+        f"{TwoLevel.default_damping_samples} with --coarse-space)",
     )
     opt.add_argument(
         "--coarse-space",
