@@ -167,9 +167,9 @@ class PreconditionedOptimizer(CurvatureOptimizer):
             [`CurvatureOptimizer`][curvlib.optim.CurvatureOptimizer], each
             defaulting to [`DEFAULTS`][curvlib.optim.defaults.DEFAULTS]:
             ``lr`` (0.1, or ``"auto"``), ``damping`` ($3\cdot10^{-4}$, multiplied by
-            $400/n$ while the statistics have seen $n < 400$ samples, except for
-            an approximation with its own ``default_damping``, such as the
-            [`Diagonal`][curvlib.approx.Diagonal]; a number, a schedule,
+            $400/n$ while the statistics have seen $n < 400$ samples, unless the
+            approximation names its own
+            ([`default_damping`][curvlib.optim.defaults.default_damping]); a number, a schedule,
             Levenberg–Marquardt or a ``DampingWarmup``),
             ``kl_clip`` ($3\cdot10^{-3}$ on the whole step; ``None`` disables
             it), ``momentum`` (0.5, or ``"auto"``), ``t_cov`` and

@@ -102,9 +102,10 @@ class CurvatureApprox(Protocol):
     new damped-inverse operator (never a cache that can go stale), ``matvec``
     multiplies by $C$ and ``to_dense`` returns a layer's block as a matrix.
 
-    An approximation may also set the class attribute ``default_damping`` (a
-    positive number): the optimizer then damps it with that $\lambda$ when no
-    ``damping`` is given
+    An approximation may also set the class attributes ``default_damping`` (a
+    positive number) and ``default_damping_samples`` (a non-negative int): the
+    optimizer then damps it with that $\lambda$, or warms the damping up over
+    that many samples, when no ``damping`` is given
     ([`default_damping`][curvlib.optim.defaults.default_damping]).
     """
 

@@ -24,8 +24,7 @@ class OptimizerDefaults:
         damping: Tikhonov damping $\lambda$ of $(C + \lambda I)^{-1}$: $3\cdot10^{-4}$,
             multiplied by $400/n$ while the statistics have seen $n < 400$
             samples ([`DampingWarmup`][curvlib.optim.DampingWarmup]); an
-            approximation with a $\lambda$ of its own (the Diagonal's
-            $3\cdot10^{-3}$) keeps the warm-up
+            approximation may name its own $\lambda$ or warm-up
             ([`default_damping`][curvlib.optim.defaults.default_damping]).
         kl_clip: KL-clipping bound $c$.
         momentum: Momentum $\mu$ on the clipped preconditioned direction.
@@ -80,19 +79,13 @@ def default_damping(approx: object) -> DampingWarmup:
         ValueError: If ``default_damping`` is set but not a positive number, or
             ``default_damping_samples`` is set but not a non-negative int.
     """
-    value = getattr(approx, "default_damping", None)
-    samples = getattr(approx, "default_damping_samples", None)
-    if value is None and samples is None:
-        return DEFAULTS.damping
-    if value is None:
-        value = DEFAULTS.damping.damping
+    value = getattr(approx, "default_damping", DEFAULTS.damping.damping)
+    samples = getattr(approx, "default_damping_samples", DEFAULTS.damping.samples)
     if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0.0:
         raise ValueError(
             f"{type(approx).__name__}.default_damping must be a positive number (its "
             f"damping when none is given), got {value!r}."
         )
-    if samples is None:
-        samples = DEFAULTS.damping.samples
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
         raise ValueError(
             f"{type(approx).__name__}.default_damping_samples must be a non-negative int "

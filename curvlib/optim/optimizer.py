@@ -108,11 +108,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             [`LevenbergMarquardt`][curvlib.optim.hyper.LevenbergMarquardt], or
             [`DampingWarmup`][curvlib.optim.DampingWarmup], for every group that
             sets none. ``None`` (the default): each group's approximation's own
-            default ([`default_damping`][curvlib.optim.defaults.default_damping]):
-            $3\cdot10^{-4}$ multiplied by $400/n$ while the statistics have seen
-            $n < 400$ samples for KFAC and all but the
-            [`Diagonal`][curvlib.approx.Diagonal], whose default is
-            ``DampingWarmup(3e-3, samples=400)``.
+            default ([`default_damping`][curvlib.optim.defaults.default_damping]:
+            ``DEFAULTS.damping`` unless the approximation names its own
+            $\lambda$ or warm-up, as the [`Diagonal`][curvlib.approx.Diagonal]
+            and [`TwoLevel`][curvlib.approx.TwoLevel] do).
         kl_clip: KL-clipping bound $c$ on the whole step, momentum included;
             ``None`` disables it.
         kl_clip_lr_squared: Use $\eta^2$ in the clip (Ba et al.); ``False`` for the
