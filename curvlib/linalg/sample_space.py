@@ -270,21 +270,24 @@ class SampleSpaceFisher(Coordinates):
 
     # -- the Coordinates interface -------------------------------------------------------
 
-    def matvec(self, v: Tensor) -> Tensor:
-        r"""$d = w \odot K_Q c$: weights $\frac1N$ on sample terms, $-1$ on extra ones."""
-        return self._weights * self._gram_in(v)
+    def matvec(self, v: Tensor, metric: Tensor | None = None) -> Tensor:
+        r"""$d = w \odot K_Q c$: weights $\frac1N$ on sample terms, $-1$ on extra ones.
 
-    def rmatvec(self, u: Tensor) -> Tensor:
-        r"""$c = w \odot K_P d$."""
-        return self._weights * self._gram_out(u)
+        $K_Q c$ is ``metric_in(v)``: given it, the product is free.
+        """
+        return self._weights * (self._gram_in(v) if metric is None else metric)
 
-    def inner_in(self, basis: Tensor, v: Tensor) -> Tensor:
+    def rmatvec(self, u: Tensor, metric: Tensor | None = None) -> Tensor:
+        r"""$c = w \odot K_P d$ ($K_P d$ is ``metric_out(u)``)."""
+        return self._weights * (self._gram_out(u) if metric is None else metric)
+
+    def metric_in(self, v: Tensor) -> Tensor:
         """Through the Gram matrix of the input-side terms."""
-        return basis @ self._gram_in(v)
+        return self._gram_in(v)
 
-    def inner_out(self, basis: Tensor, u: Tensor) -> Tensor:
+    def metric_out(self, u: Tensor) -> Tensor:
         """Through the Gram matrix of the output-side terms."""
-        return basis @ self._gram_out(u)
+        return self._gram_out(u)
 
     def start(self, v0: Tensor | None, u0: Tensor | None) -> Tensor:
         r"""Coordinates of $\mathcal R^\top\mathcal R V_0$, else of $\mathcal R^\top U_0$.

@@ -49,20 +49,30 @@ class Coordinates(ABC):
     stall_window: int | None = None
 
     @abstractmethod
-    def matvec(self, v: Tensor) -> Tensor:
-        r"""Coordinates of $\mathcal R V$ from those of $V$."""
+    def matvec(self, v: Tensor, metric: Tensor | None = None) -> Tensor:
+        r"""Coordinates of $\mathcal R V$ from those of $V$.
+
+        ``metric``: ``metric_in(v)`` where the caller has it already; the
+        sample-space form then needs no product of its own (its image is a
+        weighting of it).
+        """
 
     @abstractmethod
-    def rmatvec(self, u: Tensor) -> Tensor:
-        r"""Coordinates of $\mathcal R^\top U$ from those of $U$."""
+    def rmatvec(self, u: Tensor, metric: Tensor | None = None) -> Tensor:
+        r"""Coordinates of $\mathcal R^\top U$ from those of $U$ (``metric``: ``metric_out(u)``)."""
 
     @abstractmethod
-    def inner_in(self, basis: Tensor, v: Tensor) -> Tensor:
-        r"""$\langle V_j, V\rangle_F$ for the rows of ``basis`` (``[m, dim]``, or one vector)."""
+    def metric_in(self, v: Tensor) -> Tensor:
+        r"""``v`` through the input side's Gram matrix: $\langle V_j, V\rangle_F = b_j^\top m$.
+
+        For the coordinates $b_j$ of any $V_j$. The iterations keep these
+        images next to their vectors, so that inner products and norms cost
+        no further product.
+        """
 
     @abstractmethod
-    def inner_out(self, basis: Tensor, u: Tensor) -> Tensor:
-        r"""$\langle U_j, U\rangle_F$ for the rows of ``basis``."""
+    def metric_out(self, u: Tensor) -> Tensor:
+        r"""``u`` through the output side's Gram matrix (as ``metric_in``)."""
 
     @abstractmethod
     def start(self, v0: Tensor | None, u0: Tensor | None) -> Tensor:
@@ -84,6 +94,14 @@ class Coordinates(ABC):
         """
         return None
 
+    def inner_in(self, basis: Tensor, v: Tensor) -> Tensor:
+        r"""$\langle V_j, V\rangle_F$ for the rows of ``basis`` (``[m, dim]``, or one vector)."""
+        return basis @ self.metric_in(v)
+
+    def inner_out(self, basis: Tensor, u: Tensor) -> Tensor:
+        r"""$\langle U_j, U\rangle_F$ for the rows of ``basis``."""
+        return basis @ self.metric_out(u)
+
     def norm_in(self, v: Tensor) -> float:
         """Frobenius norm of the input matrix with coordinates ``v``."""
         return math.sqrt(max(float(self.inner_in(v, v)), 0.0))
@@ -102,17 +120,17 @@ class _Flattened(Coordinates):
             op.out_dim, op.in_dim, op.dtype, op.device
         )  # fmt: skip
 
-    def matvec(self, v: Tensor) -> Tensor:
+    def matvec(self, v: Tensor, metric: Tensor | None = None) -> Tensor:
         return self.op.matvec(v.view(self.in_dim, self.in_dim)).reshape(-1)
 
-    def rmatvec(self, u: Tensor) -> Tensor:
+    def rmatvec(self, u: Tensor, metric: Tensor | None = None) -> Tensor:
         return self.op.rmatvec(u.view(self.out_dim, self.out_dim)).reshape(-1)
 
-    def inner_in(self, basis: Tensor, v: Tensor) -> Tensor:
-        return basis @ v
+    def metric_in(self, v: Tensor) -> Tensor:
+        return v
 
-    def inner_out(self, basis: Tensor, u: Tensor) -> Tensor:
-        return basis @ u
+    def metric_out(self, u: Tensor) -> Tensor:
+        return u
 
     def norm_in(self, v: Tensor) -> float:
         return float(v.norm())
@@ -155,27 +173,29 @@ class DeflatedCoordinates(Coordinates):
             op.out_dim, op.in_dim, op.dtype, op.device
         )  # fmt: skip
 
-    def matvec(self, v: Tensor) -> Tensor:
-        r"""$\mathcal R v - \sum_j \langle a_j, v\rangle g_j$."""
-        out = self.op.matvec(v)
+    def matvec(self, v: Tensor, metric: Tensor | None = None) -> Tensor:
+        r"""$\mathcal R v - \sum_j \langle a_j, v\rangle g_j$: one product of ``op``'s."""
+        metric = self.op.metric_in(v) if metric is None else metric
+        out = self.op.matvec(v, metric)
         for g, a in self.terms:
-            out = out - self.op.inner_in(a, v) * g
+            out = out - (a @ metric) * g
         return out
 
-    def rmatvec(self, u: Tensor) -> Tensor:
+    def rmatvec(self, u: Tensor, metric: Tensor | None = None) -> Tensor:
         r"""$\mathcal R^\top u - \sum_j \langle g_j, u\rangle a_j$."""
-        out = self.op.rmatvec(u)
+        metric = self.op.metric_out(u) if metric is None else metric
+        out = self.op.rmatvec(u, metric)
         for g, a in self.terms:
-            out = out - self.op.inner_out(g, u) * a
+            out = out - (g @ metric) * a
         return out
 
-    def inner_in(self, basis: Tensor, v: Tensor) -> Tensor:
+    def metric_in(self, v: Tensor) -> Tensor:
         """As ``op``."""
-        return self.op.inner_in(basis, v)
+        return self.op.metric_in(v)
 
-    def inner_out(self, basis: Tensor, u: Tensor) -> Tensor:
+    def metric_out(self, u: Tensor) -> Tensor:
         """As ``op``."""
-        return self.op.inner_out(basis, u)
+        return self.op.metric_out(u)
 
     def start(self, v0: Tensor | None, u0: Tensor | None) -> Tensor:
         """The start of ``op``; a deflated term in it is annihilated by the first product."""

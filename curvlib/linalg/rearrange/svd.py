@@ -35,7 +35,11 @@ def power_svd(
     $w = \mathcal R^\top u$, and stops once $\|w - \langle u, \mathcal R v\rangle
     v\|_F \le \text{tol}\, \|w\|_F$ (the sine of the angle between $v$ and its
     image). The error shrinks by $(\sigma_2/\sigma_1)^2$ per iteration, so a warm
-    start from the previous step's factor saves most of them.
+    start from the previous step's factor saves most of them. An iteration
+    costs one product with $\mathcal R$ and one with $\mathcal R^\top$: the
+    norms come from the images of the iterates through the Gram matrices
+    (``metric_in``, ``metric_out``), which in the sample-space form are those
+    products themselves.
 
     Args:
         op: The operator, matrix-free or on coordinates
@@ -63,24 +67,27 @@ def power_svd(
     tol = effective_tol(tol, space.dtype)
     tiny = _BREAKDOWN * torch.finfo(space.dtype).eps * scale
     v = space.start(v0, u0)
-    size = space.norm_in(v)
+    metric = space.metric_in(v)
+    size = _norm(v, metric)
     if not size > 0:
         return _zero_triples(1, space, 1)[0]
-    v = v / size
+    v, metric = v / size, metric / size
     u, sigma, residual = v, 0.0, math.inf
     best, stalled = math.inf, 0
     for iteration in range(1, max_iter + 1):
-        image = space.matvec(v)
-        alpha = space.norm_out(image)
+        image = space.matvec(v, metric)
+        image_metric = space.metric_out(image)
+        alpha = _norm(image, image_metric)
         if not alpha > tiny:
             return _zero_triples(1, space, iteration)[0]
         u = image / alpha
-        w = space.rmatvec(u)
-        beta = space.norm_in(w)
+        w = space.rmatvec(u, image_metric / alpha)
+        w_metric = space.metric_in(w)
+        beta = _norm(w, w_metric)
         if not beta > tiny:  # beta >= alpha in exact arithmetic: a breakdown at round-off
             return _zero_triples(1, space, iteration)[0]
-        residual = space.norm_in(w - alpha * v) / beta
-        v, sigma = w / beta, beta
+        residual = _norm(w - alpha * v, w_metric - alpha * metric) / beta
+        v, metric, sigma = w / beta, w_metric / beta, beta
         if residual <= tol:
             break
         best, stalled = (residual, 0) if residual < best else (best, stalled + 1)
@@ -90,18 +97,27 @@ def power_svd(
     return SingularTriple(sigma, U, V, iteration, residual, u, v)
 
 
+def _norm(x: Tensor, metric: Tensor) -> float:
+    """The norm of coordinates ``x`` from their image ``metric`` through the Gram matrix."""
+    return math.sqrt(max(float(x @ metric), 0.0))
+
+
 def _orthogonalise(
-    space: Coordinates, w: Tensor, basis: list[Tensor], side: str
-) -> tuple[Tensor, Tensor]:
-    """Remove the components along an orthonormal basis (Gram–Schmidt twice)."""
+    w: Tensor, metric: Tensor, basis: list[Tensor], images: list[Tensor]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Remove the components along an orthonormal basis (Gram–Schmidt twice).
+
+    ``metric`` is ``w``'s image through the Gram matrix and ``images`` those of
+    the basis vectors: the inner products and the new vector's image follow
+    without a product. Returns the new vector, its image and the coefficients.
+    """
     if not basis:
-        return w, w.new_zeros(0)
-    inner = space.inner_out if side == "out" else space.inner_in
-    Q = torch.stack(basis)
-    coef = inner(Q, w)
-    w = w - coef @ Q
-    again = inner(Q, w)
-    return w - again @ Q, coef + again
+        return w, metric, w.new_zeros(0)
+    Q, QM = torch.stack(basis), torch.stack(images)
+    coef = Q @ metric
+    w, metric = w - coef @ Q, metric - coef @ QM
+    again = Q @ metric
+    return w - again @ Q, metric - again @ QM, coef + again
 
 
 def lanczos_svd(
@@ -125,8 +141,9 @@ def lanczos_svd(
     found and the triples are exact: with rank$(\mathcal R) \le$ ``rank`` the
     result is the exact rearranged block. Cost per restart: ``krylov_dim``
     products with $\mathcal R$ and $\mathcal R^\top$ and the reorthogonalisation,
-    $O(k^2 (d_o^2 + d_i^2))$ matrix-free, $O(k^2 N)$ plus $k$ Gram products in
-    the sample-space form.
+    $O(k^2 (d_o^2 + d_i^2))$ matrix-free, $O(k^2 N)$ plus $2k$ Gram products in
+    the sample-space form: the images of the basis vectors through the Gram
+    matrices are kept, so inner products and norms need no product.
 
     Args:
         op: The operator, matrix-free or on coordinates
@@ -155,40 +172,47 @@ def lanczos_svd(
     space = coordinates(op)
     tol = effective_tol(tol, space.dtype)
     first = space.start(v0, None)
-    size = space.norm_in(first)
+    first_metric = space.metric_in(first)
+    size = _norm(first, first_metric)
     if not size > 0:
         return _zero_triples(rank, space, 0)
-    Vs = [first / size]
+    Vs, MVs = [first / size], [first_metric / size]  # and their images (``metric_in``)
     like = Vs[0]
     Us: list[Tensor] = []
+    MUs: list[Tensor] = []
     B = like.new_zeros(krylov_dim, krylov_dim)
     scale, beta, products = 0.0, 0.0, 0
     tiny = _BREAKDOWN * torch.finfo(space.dtype).eps
     for restart in range(max_restarts + 1):
         broke = ""
         for j in range(len(Us), krylov_dim):
-            w, coef = _orthogonalise(space, space.matvec(Vs[j]), Us, "out")
+            image = space.matvec(Vs[j], MVs[j])
+            w, w_metric, coef = _orthogonalise(image, space.metric_out(image), Us, MUs)
             products += 1
             B[:j, j] = coef
-            alpha = space.norm_out(w)
+            alpha = _norm(w, w_metric)
             scale = max(scale, alpha, float(coef.abs().max()) if j else 0.0)
             if alpha <= tiny * scale:
                 broke = "alpha"
                 break
             B[j, j] = alpha
             Us.append(w / alpha)
-            f, _ = _orthogonalise(space, space.rmatvec(Us[j]), Vs, "in")
-            beta = space.norm_in(f)
+            MUs.append(w_metric / alpha)
+            image = space.rmatvec(Us[j], MUs[j])
+            f, f_metric, _ = _orthogonalise(image, space.metric_in(image), Vs, MVs)
+            beta = _norm(f, f_metric)
             if beta <= tiny * scale:
                 broke = "beta"
                 break
             Vs.append(f / beta)  # after the last step: the residual direction v_{k+1}
+            MVs.append(f_metric / beta)
         m = len(Us)
         if m == 0:
             break
         U_basis = torch.stack(Us)
-        V_basis = torch.stack(Vs[: m + 1] if broke == "alpha" else Vs[:m])
-        X, s, Yt = torch.linalg.svd(B[:m, : V_basis.shape[0]], full_matrices=False)
+        k = m + 1 if broke == "alpha" else m
+        V_basis = torch.stack(Vs[:k])
+        X, s, Yt = torch.linalg.svd(B[:m, :k], full_matrices=False)
         left, right = X.T @ U_basis, Yt @ V_basis  # Ritz vectors, as rows
         residuals = [0.0] * m if broke else (beta * X[-1].abs() / s[0]).tolist()
         if broke or restart == max_restarts or max(residuals[:rank]) <= tol:
@@ -207,7 +231,9 @@ def lanczos_svd(
             return triples + _zero_triples(rank - len(triples), space, products)
         # Thick restart: keep the leading Ritz pairs and the residual direction v_{k+1}.
         keep = min(rank + 1, m - 1)
-        Us, Vs = list(left[:keep]), [*right[:keep], Vs[-1]]
+        left_metric, right_metric = X.T @ torch.stack(MUs), Yt @ torch.stack(MVs[:k])
+        Us, MUs = list(left[:keep]), list(left_metric[:keep])
+        Vs, MVs = [*right[:keep], Vs[-1]], [*right_metric[:keep], MVs[-1]]
         B = like.new_zeros(krylov_dim, krylov_dim)
         B[:keep, :keep] = torch.diag(s[:keep])
     return _zero_triples(rank, space, products)
