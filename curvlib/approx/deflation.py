@@ -22,6 +22,7 @@ from curvlib.approx.kpsvd import RearrangedApprox
 from curvlib.core.stats import LayerStatistics, StatKind
 from curvlib.linalg.factors import symmetrize
 from curvlib.linalg.kron import KroneckerSumInverse, two_term_inverse
+from curvlib.linalg.precision import ApplyDtype
 from curvlib.linalg.rearrange import (
     Coordinates,
     Deflated,
@@ -74,6 +75,8 @@ class KroneckerSumBlock(LayerBlock):
         dtype: Storage dtype of the factors.
         min_eig: Floor $\epsilon$ of the whitened eigenvalues.
         form: How products with $\mathcal R(F)$ are computed.
+        apply_dtype: The dtype the inverse is applied in
+            ([`two_term_inverse`][curvlib.linalg.kron.two_term_inverse]).
     """
 
     def __init__(
@@ -83,9 +86,10 @@ class KroneckerSumBlock(LayerBlock):
         dtype: torch.dtype | None,
         min_eig: float,
         form: RearrangedForm = RearrangedForm.AUTO,
+        apply_dtype: ApplyDtype = "auto",
     ) -> None:
         super().__init__(out_dim, in_dim, dtype)
-        self.min_eig, self.form = min_eig, form
+        self.min_eig, self.form, self.apply_dtype = min_eig, form, apply_dtype
         self.factors: Factors | None = None
         self.last_iterations = 0
         r"""Products with $\mathcal R(F)$ spent by the last update (telemetry)."""
@@ -141,7 +145,9 @@ class KroneckerSumBlock(LayerBlock):
     def inverse(self, damping: float) -> KroneckerSumInverse:
         """The floored damped inverse of the class docstring, as an operator."""
         G1, A1, G2, A2 = self._current()
-        return two_term_inverse(G1, A1, G2, A2, damping, min_eig=self.min_eig)
+        return two_term_inverse(
+            G1, A1, G2, A2, damping, min_eig=self.min_eig, apply_dtype=self.apply_dtype
+        )
 
     def trace(self) -> Tensor:
         r"""$\operatorname{tr} C = \sum_j \operatorname{tr} G_j \operatorname{tr} A_j$ (cheap)."""
@@ -222,8 +228,9 @@ class _DeflationBlock(KroneckerSumBlock):
         tol: float,
         max_iter: int,
         form: RearrangedForm,
+        apply_dtype: ApplyDtype = "auto",
     ) -> None:
-        super().__init__(out_dim, in_dim, dtype, min_eig, form)
+        super().__init__(out_dim, in_dim, dtype, min_eig, form, apply_dtype)
         self.tol, self.max_iter = tol, max_iter
 
     def _batch_factors(self, stats: LayerStatistics) -> Factors:
@@ -296,10 +303,14 @@ class Deflation(RearrangedApprox):
         dtype: Storage dtype of the factors (default: that of the statistics).
         form: How products with $\mathcal R(F)$ are computed
             ([`RearrangedForm`][curvlib.linalg.sample_space.RearrangedForm]).
+        apply_dtype: The dtype the inverse is applied in on every step
+            (``"auto"``, ``None`` or a dtype; as for
+            [`KFAC`][curvlib.approx.kfac.KFAC], see
+            [`curvlib.linalg.precision`][curvlib.linalg.precision]).
 
     Raises:
         ValueError: If ``tol`` or ``max_iter`` is not positive, ``min_eig`` is
-            outside $(0, 1]$ or ``form`` is unknown.
+            outside $(0, 1]$ or ``form`` or ``apply_dtype`` is unknown.
 
     References:
         A. Koroko, A. Anciaux-Sedrakian, I. Ben Gharbia, V. Garès, M. Haddou and
@@ -320,12 +331,14 @@ class Deflation(RearrangedApprox):
         decay: float = DEFAULT_DECAY,
         dtype: torch.dtype | None = None,
         form: RearrangedForm | str = RearrangedForm.AUTO,
+        apply_dtype: ApplyDtype = "auto",
     ) -> None:
-        super().__init__(form, decay=decay, dtype=dtype)
+        super().__init__(form, decay=decay, dtype=dtype, apply_dtype=apply_dtype)
         check_settings(tol, min_eig, max_iter=max_iter)
         self.tol, self.max_iter, self.min_eig = tol, int(max_iter), min_eig
 
     def _make_block(self, out_dim: int, in_dim: int) -> LayerBlock:
         return _DeflationBlock(
-            out_dim, in_dim, self.dtype, self.min_eig, self.tol, self.max_iter, self.form
-        )
+            out_dim, in_dim, self.dtype, self.min_eig, self.tol, self.max_iter, self.form,
+            self.apply_dtype,
+        )  # fmt: skip

@@ -31,6 +31,7 @@ from curvlib.approx.base import DEFAULT_DECAY, LayerBlock
 from curvlib.approx.deflation import Factors, KroneckerSumBlock, check_settings
 from curvlib.approx.kpsvd import RearrangedApprox
 from curvlib.core.stats import LayerStatistics, StatKind
+from curvlib.linalg.precision import ApplyDtype
 from curvlib.linalg.rearrange import balanced_factors, power_svd
 from curvlib.linalg.sample_space import RearrangedForm
 
@@ -45,8 +46,9 @@ class _KFACCorrectedBlock(KroneckerSumBlock):
         tol: float,
         max_iter: int,
         form: RearrangedForm,
+        apply_dtype: ApplyDtype = "auto",
     ) -> None:
-        super().__init__(out_dim, in_dim, dtype, min_eig, form)
+        super().__init__(out_dim, in_dim, dtype, min_eig, form, apply_dtype)
         self.tol, self.max_iter = tol, max_iter
 
     def _batch_factors(self, stats: LayerStatistics) -> Factors:
@@ -128,10 +130,14 @@ class KFACCorrected(RearrangedApprox):
         dtype: Storage dtype of the factors (default: that of the statistics).
         form: How products with $\mathcal R(F)$ are computed
             ([`RearrangedForm`][curvlib.linalg.sample_space.RearrangedForm]).
+        apply_dtype: The dtype the inverse is applied in on every step
+            (``"auto"``, ``None`` or a dtype; as for
+            [`KFAC`][curvlib.approx.kfac.KFAC], see
+            [`curvlib.linalg.precision`][curvlib.linalg.precision]).
 
     Raises:
         ValueError: If ``tol`` or ``max_iter`` is not positive, ``min_eig`` is
-            outside $(0, 1]$ or ``form`` is unknown.
+            outside $(0, 1]$ or ``form`` or ``apply_dtype`` is unknown.
 
     References:
         A. Koroko, A. Anciaux-Sedrakian, I. Ben Gharbia, V. Garès, M. Haddou and
@@ -154,12 +160,14 @@ class KFACCorrected(RearrangedApprox):
         decay: float = DEFAULT_DECAY,
         dtype: torch.dtype | None = None,
         form: RearrangedForm | str = RearrangedForm.AUTO,
+        apply_dtype: ApplyDtype = "auto",
     ) -> None:
-        super().__init__(form, decay=decay, dtype=dtype)
+        super().__init__(form, decay=decay, dtype=dtype, apply_dtype=apply_dtype)
         check_settings(tol, min_eig, max_iter=max_iter)
         self.tol, self.max_iter, self.min_eig = tol, int(max_iter), min_eig
 
     def _make_block(self, out_dim: int, in_dim: int) -> LayerBlock:
         return _KFACCorrectedBlock(
-            out_dim, in_dim, self.dtype, self.min_eig, self.tol, self.max_iter, self.form
-        )
+            out_dim, in_dim, self.dtype, self.min_eig, self.tol, self.max_iter, self.form,
+            self.apply_dtype,
+        )  # fmt: skip

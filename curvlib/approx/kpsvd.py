@@ -44,6 +44,7 @@ import torch
 from curvlib.approx.base import DEFAULT_DECAY, LayerBlock, LayerwiseApprox, running_average
 from curvlib.approx.kfac import KFACDamping, _KFACBlock
 from curvlib.core.stats import LayerStatistics, StatKind
+from curvlib.linalg.precision import ApplyDtype, check_apply_dtype
 from curvlib.linalg.rearrange import balanced_factors, power_svd, psd_start
 from curvlib.linalg.sample_space import RearrangedForm, rearranged
 
@@ -57,6 +58,14 @@ class RearrangedApprox(LayerwiseApprox):
             ``AUTO`` (default) takes the cheaper form per layer and update.
         decay: Upper bound of the running-average weight on the old estimate.
         dtype: Storage dtype of the factors (default: that of the statistics).
+        apply_dtype: The dtype the inverse is applied in on every step: ``"auto"``
+            (default) bfloat16 where the CPU multiplies it in hardware and the
+            layer's inverse is large and well conditioned
+            ([`curvlib.linalg.precision`][curvlib.linalg.precision]), else the
+            factors' dtype; ``None`` for the factors' dtype; or a dtype.
+
+    Raises:
+        ValueError: If ``form`` or ``apply_dtype`` is not one of its choices.
     """
 
     def __init__(
@@ -64,9 +73,11 @@ class RearrangedApprox(LayerwiseApprox):
         form: RearrangedForm | str = RearrangedForm.AUTO,
         decay: float = DEFAULT_DECAY,
         dtype: torch.dtype | None = None,
+        apply_dtype: ApplyDtype = "auto",
     ) -> None:
         super().__init__(decay=decay, dtype=dtype)
         self.form = RearrangedForm(form)
+        self.apply_dtype = check_apply_dtype(apply_dtype)
 
     def last_products(self) -> dict[str, tuple[RearrangedForm, int]]:
         r"""Per layer, the form and the products with $\mathcal R(F)$ of the last update.
@@ -94,8 +105,9 @@ class _KPSVDBlock(_KFACBlock):
         tol: float,
         max_iter: int,
         form: RearrangedForm,
+        apply_dtype: ApplyDtype = "auto",
     ) -> None:
-        super().__init__(out_dim, in_dim, dtype, damping)
+        super().__init__(out_dim, in_dim, dtype, damping, apply_dtype=apply_dtype)
         self.tol, self.max_iter, self.form = tol, max_iter, form
         self.last_iterations = 0
         """Power iterations spent by the last update (telemetry)."""
@@ -178,9 +190,14 @@ class KPSVD(RearrangedApprox):
         dtype: Storage dtype of the factors (default: that of the statistics).
         form: How products with $\mathcal R(F)$ are computed
             ([`RearrangedForm`][curvlib.linalg.sample_space.RearrangedForm]).
+        apply_dtype: The dtype the inverse is applied in on every step
+            (``"auto"``, ``None`` or a dtype; as for
+            [`KFAC`][curvlib.approx.kfac.KFAC], see
+            [`curvlib.linalg.precision`][curvlib.linalg.precision]).
 
     Raises:
-        ValueError: If ``tol`` or ``max_iter`` is not positive, or ``form`` is unknown.
+        ValueError: If ``tol`` or ``max_iter`` is not positive, or ``form`` or
+            ``apply_dtype`` is unknown.
 
     References:
         A. Koroko, A. Anciaux-Sedrakian, I. Ben Gharbia, V. Garès, M. Haddou and
@@ -201,8 +218,9 @@ class KPSVD(RearrangedApprox):
         decay: float = DEFAULT_DECAY,
         dtype: torch.dtype | None = None,
         form: RearrangedForm | str = RearrangedForm.AUTO,
+        apply_dtype: ApplyDtype = "auto",
     ) -> None:
-        super().__init__(form, decay=decay, dtype=dtype)
+        super().__init__(form, decay=decay, dtype=dtype, apply_dtype=apply_dtype)
         if not (tol > 0 and max_iter >= 1):
             raise ValueError(f"tol and max_iter must be positive, got {tol!r}, {max_iter!r}.")
         self.damping_mode = KFACDamping(damping_mode)
@@ -210,5 +228,6 @@ class KPSVD(RearrangedApprox):
 
     def _make_block(self, out_dim: int, in_dim: int) -> LayerBlock:
         return _KPSVDBlock(
-            out_dim, in_dim, self.dtype, self.damping_mode, self.tol, self.max_iter, self.form
-        )
+            out_dim, in_dim, self.dtype, self.damping_mode, self.tol, self.max_iter, self.form,
+            apply_dtype=self.apply_dtype,
+        )  # fmt: skip

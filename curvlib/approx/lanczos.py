@@ -18,6 +18,7 @@ from curvlib.approx.base import DEFAULT_DECAY, LayerBlock
 from curvlib.approx.deflation import Factors, KroneckerSumBlock, check_settings
 from curvlib.approx.kpsvd import RearrangedApprox
 from curvlib.core.stats import LayerStatistics, StatKind
+from curvlib.linalg.precision import ApplyDtype
 from curvlib.linalg.rearrange import balanced_factors, lanczos_svd, psd_factors
 from curvlib.linalg.sample_space import RearrangedForm
 
@@ -36,8 +37,9 @@ class _LanczosBlock(KroneckerSumBlock):
         krylov_dim: int,
         max_restarts: int,
         form: RearrangedForm,
+        apply_dtype: ApplyDtype = "auto",
     ) -> None:
-        super().__init__(out_dim, in_dim, dtype, min_eig, form)
+        super().__init__(out_dim, in_dim, dtype, min_eig, form, apply_dtype)
         self.tol, self.krylov_dim, self.max_restarts = tol, krylov_dim, max_restarts
 
     def _warm_start(self) -> Tensor | None:
@@ -120,10 +122,15 @@ class Lanczos(RearrangedApprox):
         dtype: Storage dtype of the factors (default: that of the statistics).
         form: How products with $\mathcal R(F)$ are computed
             ([`RearrangedForm`][curvlib.linalg.sample_space.RearrangedForm]).
+        apply_dtype: The dtype the inverse is applied in on every step
+            (``"auto"``, ``None`` or a dtype; as for
+            [`KFAC`][curvlib.approx.kfac.KFAC], see
+            [`curvlib.linalg.precision`][curvlib.linalg.precision]).
 
     Raises:
         ValueError: If ``tol`` or ``max_restarts`` is not positive, ``krylov_dim``
-            is below 4, ``min_eig`` is outside $(0, 1]$ or ``form`` is unknown.
+            is below 4, ``min_eig`` is outside $(0, 1]$ or ``form`` or
+            ``apply_dtype`` is unknown.
 
     References:
         A. Koroko, A. Anciaux-Sedrakian, I. Ben Gharbia, V. Garès, M. Haddou and
@@ -147,8 +154,9 @@ class Lanczos(RearrangedApprox):
         decay: float = DEFAULT_DECAY,
         dtype: torch.dtype | None = None,
         form: RearrangedForm | str = RearrangedForm.AUTO,
+        apply_dtype: ApplyDtype = "auto",
     ) -> None:
-        super().__init__(form, decay=decay, dtype=dtype)
+        super().__init__(form, decay=decay, dtype=dtype, apply_dtype=apply_dtype)
         check_settings(tol, min_eig, max_restarts=max_restarts)
         if krylov_dim < _RANK + 2:
             raise ValueError(f"krylov_dim must be at least {_RANK + 2}, got {krylov_dim!r}.")
@@ -165,4 +173,5 @@ class Lanczos(RearrangedApprox):
             self.krylov_dim,
             self.max_restarts,
             self.form,
+            self.apply_dtype,
         )

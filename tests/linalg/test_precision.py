@@ -1,4 +1,4 @@
-"""The dtype KFAC applies its inverse in: the ``"auto"`` rule and what bfloat16 costs."""
+"""The dtype KFAC and the two-term methods apply their inverses in: ``"auto"`` and bfloat16's cost."""
 
 from __future__ import annotations
 
@@ -8,7 +8,10 @@ import pytest
 import torch
 from torch import Tensor
 
+from curvlib.approx import KPSVD, Deflation, KFACCorrected, Lanczos
+from curvlib.approx.base import LayerwiseApprox
 from curvlib.approx.kfac import KFAC, EigenbasisInverse, KFACDamping, KroneckerInverse
+from curvlib.linalg.kron import two_term_inverse
 from curvlib.linalg import precision
 from curvlib.linalg.precision import (
     LOW_PRECISION_MAX_CONDITION,
@@ -205,3 +208,68 @@ def test_auto_judges_the_eigen_inverse_by_its_exact_condition_number() -> None:
             expected == torch.bfloat16
         )
         assert inverse.apply_dtype == expected
+
+
+TWO_TERM = [Deflation, KFACCorrected, Lanczos, KPSVD]
+
+
+def _two_term_directions(
+    make: type[LayerwiseApprox], apply_dtype: precision.ApplyDtype
+) -> dict[str, Tensor]:
+    problem = P.mlp_ce()
+    approx = make(dtype=torch.float32, apply_dtype=apply_dtype)  # type: ignore[call-arg]
+    approx.update(fit_statistics(problem, approx))
+    gen = torch.Generator().manual_seed(0)
+    grads = {
+        name: torch.randn(block.out_dim, block.in_dim, generator=gen)
+        for name, block in approx.blocks.items()
+    }
+    return approx.inverse(1e-2).apply(grads)
+
+
+@pytest.mark.parametrize("make", TWO_TERM, ids=lambda m: m.__name__)
+def test_the_two_term_methods_apply_in_bfloat16_within_its_rounding(
+    make: type[LayerwiseApprox],
+) -> None:
+    exact, low = _two_term_directions(make, None), _two_term_directions(make, torch.bfloat16)
+    for name, ref in exact.items():
+        assert low[name].dtype == torch.float32
+        err = float((low[name] - ref).norm() / ref.norm())
+        assert 0.0 < err < 3e-2, f"{name}: relative error {err:.2e}"
+
+
+@pytest.mark.usefixtures("amx")
+@pytest.mark.parametrize("make", TWO_TERM, ids=lambda m: m.__name__)
+def test_the_two_term_methods_auto_on_small_layers_is_float32_bit_for_bit(
+    make: type[LayerwiseApprox],
+) -> None:
+    exact, auto = _two_term_directions(make, None), _two_term_directions(make, "auto")
+    for name, ref in exact.items():
+        assert torch.equal(auto[name], ref)
+
+
+@pytest.mark.parametrize("make", TWO_TERM, ids=lambda m: m.__name__)
+def test_the_two_term_methods_refuse_an_unknown_apply_dtype(make: type[LayerwiseApprox]) -> None:
+    with pytest.raises(ValueError, match="apply_dtype"):
+        make(apply_dtype="bf16")  # type: ignore[call-arg]
+
+
+@pytest.mark.usefixtures("amx_everywhere")
+def test_two_term_inverse_judges_bfloat16_by_its_condition_bound() -> None:
+    A, G, grad = _ill_conditioned_layer()
+    gen = torch.Generator().manual_seed(1)
+    G2 = 1e-3 * torch.randn(len(G), len(G), generator=gen)
+    A2 = torch.randn(len(A), len(A), generator=gen)
+    G2, A2 = G2 + G2.T, A2 + A2.T
+    seen = set()
+    for damping in (1e-3, 1e2):
+        inverse = two_term_inverse(G, A, G2, A2, damping, apply_dtype="auto")
+        well = inverse.condition_number <= LOW_PRECISION_MAX_CONDITION
+        assert inverse.apply_dtype == (torch.bfloat16 if well else torch.float32)
+        exact = two_term_inverse(G, A, G2, A2, damping, apply_dtype=None)(grad)
+        err = float((inverse(grad) - exact).norm() / exact.norm())
+        assert err < (2.5e-1 if well else 1e-6), f"damping {damping}: {err:.2e}"
+        seen.add(well)
+    assert seen == {True, False}  # both sides of the rule were exercised
+    with pytest.raises(ValueError, match="apply_dtype"):
+        two_term_inverse(G, A, G2, A2, 1.0, apply_dtype=torch.int8)
