@@ -1,7 +1,8 @@
 r"""The precision a preconditioner is applied in: bfloat16 where the hardware makes it pay.
 
 Applying a Kronecker-factored inverse, $V \mapsto G'^{-1} V A'^{-1}$, is two
-matrix products per layer on every step. On a CPU with Intel AMX tiles
+matrix products per layer on every step (four for an eigenbasis or two-term
+inverse, [`KroneckerSumInverse`][curvlib.linalg.KroneckerSumInverse]). On a CPU with Intel AMX tiles
 (Sapphire Rapids and later) oneDNN multiplies bfloat16 matrices three to
 four times faster than float32 ones on one thread, about twice as fast on two,
 once the layer is a few hundred wide;
