@@ -569,8 +569,9 @@ class TwoLevel:
     900 within two steps; 7 of 60 two-level runs of the convergence benchmark
     diverged (Nicolaides on the digits autoencoders, Tselepidis on the ReLU
     one). With 800 none of those did, but 3 of 60 still diverged (Spectral
-    twice, the residual space once, on the two convolutional networks): the
-    coarse correction is not yet safe at every seed (the two-level results page).
+    twice, the residual space once, on the two convolutional networks), before
+    the coarse level had its safeguard (``max_condition``, ``max_correction``;
+    the two-level results page).
     """
 
     def __new__(cls, *args: Any, **kwargs: Any) -> TwoLevel:
