@@ -144,8 +144,9 @@ def _size_limit(
     )
     coarse = ((beta @ matrix.to(beta.dtype)) * beta).sum(-1)
     fine = torch.as_tensor(fine, dtype=beta.dtype, device=beta.device)
-    bound = max_correction**2 * fine.clamp_min(0.0)
-    scale = torch.where(coarse > bound, max_correction * (fine.clamp_min(0.0) / coarse).sqrt(), 1.0)
+    # Lengths, not squares: no product with max_correction can overflow.
+    ratio = max_correction * (fine.clamp_min(0.0) / coarse).sqrt()
+    scale = torch.where(coarse > 0.0, ratio.clamp(max=1.0), 1.0)
     finite = torch.isfinite(coarse) & torch.isfinite(fine)
     return torch.where(finite, scale, 0.0)
 

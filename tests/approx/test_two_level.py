@@ -194,6 +194,8 @@ def test_guard_drops_the_correction_on_non_finite_input() -> None:
     grads = {"0": torch.ones(2, 3, dtype=torch.float64)}
     beta, matrix = torch.tensor([1.0, float("inf")], dtype=torch.float64), _spd([1.0, 2.0])
     assert float(_size_limit(beta, matrix, grads, grads, 0.5)) == 0.0  # inf energy: no correction
+    beta = torch.tensor([1e150, 0.0], dtype=torch.float64)  # a huge bound does not overflow
+    assert float(_size_limit(beta, matrix, grads, grads, 1e300)) == 1.0
     nan_grads = {"0": torch.full((2, 3), float("nan"), dtype=torch.float64)}
     beta = torch.ones(2, dtype=torch.float64)
     assert float(_size_limit(beta, matrix, nan_grads, grads, 0.5)) == 0.0
