@@ -17,7 +17,9 @@ the residual (F-norm optimal) correction and the additive preconditioner.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any, ClassVar
 
@@ -69,22 +71,111 @@ class CorrectionForm(Enum):
     ADDITIVE = "additive"
 
 
-def _pseudo_inverse(matrix: Tensor) -> tuple[Tensor, float]:
-    r"""$M^{+}$ of a small symmetric PSD matrix, and the condition number of its range.
+DEFAULT_MAX_CONDITION = 1e3
+r"""Default bound $\kappa$ on the condition number of the coarse system that is solved
+(see [`TwoLevel`][curvlib.approx.two_level.TwoLevel], ``max_condition``)."""
 
-    Eigenvalues below $c\,\varepsilon\,\lambda_\max$ (coarse vectors that are
-    linearly dependent, or zero) are dropped.
+DEFAULT_MAX_CORRECTION = 0.5
+r"""Default bound $\tau$ on the coarse correction's size relative to the fine step
+(see [`TwoLevel`][curvlib.approx.two_level.TwoLevel], ``max_correction``)."""
+
+
+@dataclass(frozen=True)
+class CoarseSolve:
+    r"""The guarded solve of the coarse system $F_c$.
+
+    Attributes:
+        inverse: $(F_c + \delta I)^{+}$ on the range of $F_c$ (zero when the
+            correction is dropped).
+        condition: The condition number of $F_c$ itself on its range
+            (``inf`` when $F_c$ has NaN/Inf entries).
+        damping: The coarse damping $\delta \ge 0$ the guard added (``inf``
+            when the correction is dropped).
+    """
+
+    inverse: Tensor
+    condition: float
+    damping: float
+
+
+def _coarse_solve(matrix: Tensor, max_condition: float) -> CoarseSolve:
+    r"""$(M + \delta I)^{+}$ of a small PSD matrix, $\delta$ the least that bounds its condition.
+
+    Eigenvalues $s_i$ below $c\,\varepsilon\,s_\max$ (coarse vectors that are
+    linearly dependent, or zero) are dropped. On the range, with $s_\min$ the
+    smallest kept eigenvalue and $\kappa$ = ``max_condition``,
+    $\delta = \max\bigl(0, (s_\max - \kappa s_\min)/(\kappa - 1)\bigr)$, so that
+    $(s_\max + \delta)/(s_\min + \delta) \le \kappa$ (equality when active).
+    A matrix with NaN/Inf entries drops the coarse correction (zero inverse).
     """
     size = matrix.shape[0]
     if size == 0:
-        return matrix, 1.0
+        return CoarseSolve(matrix, 1.0, 0.0)
+    if not bool(torch.isfinite(matrix).all()):
+        return CoarseSolve(torch.zeros_like(matrix), math.inf, math.inf)
     dec = eigh(matrix)
     top = float(dec.values[-1])
     if top <= 0.0:
-        return torch.zeros_like(matrix), 1.0
+        return CoarseSolve(torch.zeros_like(matrix), 1.0, 0.0)
     keep = dec.values > 10.0 * size * torch.finfo(matrix.dtype).eps * top
     vecs, vals = dec.vectors[:, keep], dec.values[keep]
-    return (vecs / vals) @ vecs.T, top / float(vals[0])
+    bottom = float(vals[0])
+    damping = max(0.0, (top - max_condition * bottom) / (max_condition - 1.0))
+    return CoarseSolve((vecs / (vals + damping)) @ vecs.T, top / bottom, damping)
+
+
+def _size_limit(
+    beta: Tensor,
+    matrix: Tensor,
+    grads: Mapping[str, Tensor],
+    zeta: Mapping[str, Tensor],
+    max_correction: float,
+) -> Tensor:
+    r"""Factors $s \in [0, 1]$ per direction: $s^2\beta^\top F_c\beta \le \tau^2\nabla^\top\zeta$.
+
+    $\beta^\top F_c\beta$ is the squared $F_\lambda$-norm of the correction
+    $R_0^\top\beta$, $\nabla^\top\zeta$ that of the fine step in the fine
+    level's own norm, $\|\zeta\|^2_{C + \lambda I}$; $\tau$ = ``max_correction``.
+    Where either is NaN/Inf or the fine step's is not positive while the
+    correction's is, the factor is 0 (the fine step alone).
+    """
+    fine = sum(
+        (grads[name].to(z.dtype) * z).flatten(-2).sum(-1).to(beta.dtype) for name, z in zeta.items()
+    )
+    coarse = ((beta @ matrix.to(beta.dtype)) * beta).sum(-1)
+    fine = torch.as_tensor(fine, dtype=beta.dtype, device=beta.device)
+    # Lengths, not squares: no product with max_correction can overflow.
+    ratio = max_correction * (fine.clamp_min(0.0) / coarse).sqrt()
+    scale = torch.where(coarse > 0.0, ratio.clamp(max=1.0), 1.0)
+    finite = torch.isfinite(coarse) & torch.isfinite(fine)
+    return torch.where(finite, scale, 0.0)
+
+
+def check_guard(max_condition: float, max_correction: float) -> tuple[float, float]:
+    """The safeguard's parameters as floats.
+
+    Raises:
+        ValueError: Unless ``max_condition`` is a finite number above 1 and
+            ``max_correction`` a finite positive number.
+    """
+
+    def finite_number(value: float) -> bool:
+        return (
+            not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+        )
+
+    if not finite_number(max_condition) or max_condition <= 1.0:
+        raise ValueError(
+            "max_condition bounds the condition number of the coarse system and must be a "
+            f"finite number above 1 (default {DEFAULT_MAX_CONDITION:g}), got {max_condition!r}."
+        )
+    if not finite_number(max_correction) or max_correction <= 0.0:
+        raise ValueError(
+            "max_correction bounds the coarse correction's size relative to the fine step and "
+            f"must be a finite positive number (default {DEFAULT_MAX_CORRECTION:g}), got "
+            f"{max_correction!r}."
+        )
+    return float(max_condition), float(max_correction)
 
 
 def _flat(vectors: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -143,7 +234,9 @@ class TwoLevelPreconditioner:
     $F_\lambda$-norm distance to $F_\lambda^{-1}\nabla$ made by the correction,
     $\beta^\top F_c\beta - 2\beta^\top R_0(\nabla - F_\lambda\zeta)$, when the
     residual is computed), ``coarse_condition`` (condition number of $F_c$ on
-    its range) and ``coarse_size`` ($c$).
+    its range), ``coarse_damping`` ($\delta$ of the safeguard),
+    ``coarse_scale`` (its factor $s$ of the correction) and ``coarse_size``
+    ($c$); see [`TwoLevel`][curvlib.approx.two_level.TwoLevel], **Safeguard**.
 
     Args:
         fine: The fine level's damped inverse.
@@ -157,6 +250,9 @@ class TwoLevelPreconditioner:
             $R_0 F$ when the residual is computed.
         report_error: Compute the error change in the additive form too (one
             product with the rows of $R_0 F$ per step).
+        max_condition: The bound $\kappa$ of the coarse system's condition number.
+        max_correction: The bound $\tau$ of the correction's size relative to the
+            fine step.
     """
 
     def __init__(
@@ -170,8 +266,11 @@ class TwoLevelPreconditioner:
         vectors: Mapping[str, Tensor] | None,
         restricted: RestrictedFisher | None,
         report_error: bool,
+        max_condition: float = DEFAULT_MAX_CONDITION,
+        max_correction: float = DEFAULT_MAX_CORRECTION,
     ) -> None:
         self.fine = fine
+        self.max_condition, self.max_correction = check_guard(max_condition, max_correction)
         self._context = context
         self.damping = damping
         self.form = form
@@ -192,12 +291,20 @@ class TwoLevelPreconditioner:
             if self._residual:
                 assert restricted.rows is not None
                 self._rows = {name: rows.flatten(1) for name, rows in restricted.rows.items()}
-            self.diagnostics = {"coarse_condition": self._condition, "coarse_size": self._size}
+            self.diagnostics = self._coarse_diagnostics()
+
+    def _coarse_diagnostics(self) -> dict[str, float]:
+        solve = self._coarse
+        return {
+            "coarse_condition": solve.condition,
+            "coarse_damping": solve.damping,
+            "coarse_size": self._size,
+        }
 
     def _set_space(self, vectors: Mapping[str, Tensor], gram: Tensor) -> None:
         self._flat = _flat(vectors)
         self._matrix = gram + self.damping * _identity_gram(self._flat).to(gram.dtype)
-        self._solve, self._condition = _pseudo_inverse(self._matrix)
+        self._coarse = _coarse_solve(self._matrix, self.max_condition)
         self._size = float(self._matrix.shape[0])
 
     @property
@@ -222,6 +329,10 @@ class TwoLevelPreconditioner:
             KeyError: If a layer is missing.
             ValueError: For batched gradients with a gradient-dependent coarse space.
         """
+        return self._direction(grads, limit=True)
+
+    def _direction(self, grads: Mapping[str, Tensor], limit: bool) -> dict[str, Tensor]:
+        """``apply``, with the correction's size limit (``limit``) or without it."""
         missing = [name for name in self.layers if name not in grads]
         if missing:
             raise KeyError(
@@ -250,9 +361,13 @@ class TwoLevelPreconditioner:
             res = rg - fz - self.damping * _inner(flat, zeta)
         rhs = res if self.form is CorrectionForm.RESIDUAL else rg
         assert rhs is not None
-        beta = rhs @ self._solve
+        beta = rhs @ self._coarse.inverse
+        scale = _size_limit(beta, self._matrix, grads, zeta, self.max_correction) if limit else None
+        if scale is not None:
+            beta = beta * scale[..., None]
         if not batched:
-            self.diagnostics = {"coarse_condition": self._condition, "coarse_size": self._size}
+            self.diagnostics = self._coarse_diagnostics()
+            self.diagnostics["coarse_scale"] = 1.0 if scale is None else float(scale)
             if res is not None:
                 change = beta @ self._matrix @ beta - 2.0 * (beta @ res)
                 self.diagnostics["coarse_error_change"] = float(change)
@@ -287,7 +402,9 @@ class TwoLevelPreconditioner:
     def to_dense_full(self) -> Tensor:
         r"""The whole preconditioner as a ``[P, P]`` matrix, layers in the order of ``layers``.
 
-        $P$ applications (small nets and tests).
+        $P$ applications (small nets and tests), without the safeguard's size
+        bound, which scales each direction on its own (the condition bound is
+        linear and included).
 
         Raises:
             ValueError: For a gradient-dependent coarse space (the map is not linear).
@@ -308,7 +425,7 @@ class TwoLevelPreconditioner:
             basis[layer] = torch.eye(size, dtype=ctx.dtype, device=ctx.device).reshape(
                 size, out_dim, in_dim
             )
-            applied = self.apply(basis)
+            applied = self._direction(basis, limit=False)
             columns.append(torch.cat([applied[n].reshape(size, -1) for n in ctx.shapes], dim=1))
         return torch.cat(columns, dim=0).T
 
@@ -366,6 +483,32 @@ class TwoLevel:
     estimate nothing); [`ResidualSpace`][curvlib.approx.coarse.ResidualSpace]
     restricts it on every step.
 
+    **Safeguard.** The coarse system comes from few samples and a small
+    $\lambda$, and its solve can be much longer than the fine step in
+    directions where the batch's Fisher is near zero; the optimizer's KL clip
+    then shrinks the whole step and the coarse part dominates it. Two bounds
+    keep the correction in proportion, and neither can switch itself off:
+
+    1. *Condition*: $F_c$ is solved as $F_c + \delta I$ with the least
+       $\delta \ge 0$ for which its condition number (on its range, with
+       eigenvalues $s_\max \ge s_\min$) is at most $\kappa$ =
+       ``max_condition``: $\delta = \max(0, (s_\max - \kappa s_\min)/(\kappa - 1))$.
+       For unit, mutually orthogonal vectors (every space without Krylov
+       enrichment) that is a damping $\lambda + \delta$ on the coarse level.
+    2. *Size*: the correction $R_0^\top\beta$ is scaled by the largest
+       $s \le 1$ with $s\,\|R_0^\top\beta\|_{F_\lambda} \le \tau\,
+       \|\zeta\|_{C + \lambda I}$, $\tau$ = ``max_correction``
+       ($\|R_0^\top\beta\|^2_{F_\lambda} = \beta^\top F_c\beta$,
+       $\|\zeta\|^2_{C + \lambda I} = \nabla^\top\zeta$: $O(c^2 + P)$ per step).
+
+    Both keep the residual form from moving away from $F_\lambda^{-1}\nabla$
+    (``coarse_error_change`` stays $\le 0$) and the additive form a descent
+    direction. A coarse matrix or step with NaN/Inf entries drops the
+    correction (the fine step alone). The diagnostics report $\delta$
+    (``coarse_damping``) and $s$ (``coarse_scale``); with $\delta = 0$ and
+    $s = 1$ the correction is the exact one above. ``to_dense_full`` is the
+    operator without the size bound, which depends on the gradient.
+
     **Operator.** ``inverse(damping)`` returns a
     [`TwoLevelPreconditioner`][curvlib.approx.two_level.TwoLevelPreconditioner]
     (``apply``, ``to_dense_full``); ``matvec`` and ``to_dense`` are the fine
@@ -396,10 +539,16 @@ class TwoLevel:
         dtype: Storage dtype of the stored batch (default: that of the statistics).
         report_error: Also compute ``coarse_error_change`` in the additive form
             (always computed in the residual form).
+        max_condition: The bound $\kappa$ on the condition number of the coarse
+            system that is solved (see **Safeguard**).
+        max_correction: The bound $\tau$ on the correction's size relative to
+            the fine step (see **Safeguard**).
 
     Raises:
         TypeError: If ``coarse`` is not a ``CoarseSpace``.
-        ValueError: If ``decay`` is outside ``[0, 1)``.
+        ValueError: If ``decay`` is outside ``[0, 1)``, ``max_condition`` is
+            not a finite number above 1 or ``max_correction`` not a finite
+            positive number.
 
     References:
         T. Tselepidis, J. Kohler and A. Orvieto, "Two-level K-FAC preconditioning
@@ -421,8 +570,9 @@ class TwoLevel:
     900 within two steps; 7 of 60 two-level runs of the convergence benchmark
     diverged (Nicolaides on the digits autoencoders, Tselepidis on the ReLU
     one). With 800 none of those did, but 3 of 60 still diverged (Spectral
-    twice, the residual space once, on the two convolutional networks): the
-    coarse correction is not yet safe at every seed (the two-level results page).
+    twice, the residual space once, on the two convolutional networks), before
+    the coarse level had its safeguard (``max_condition``, ``max_correction``;
+    the two-level results page).
     """
 
     def __new__(cls, *args: Any, **kwargs: Any) -> TwoLevel:
@@ -440,6 +590,8 @@ class TwoLevel:
         decay: float = DEFAULT_DECAY,
         dtype: torch.dtype | None = None,
         report_error: bool = False,
+        max_condition: float = DEFAULT_MAX_CONDITION,
+        max_correction: float = DEFAULT_MAX_CORRECTION,
     ) -> None:
         coarse = Nicolaides() if coarse is None else coarse
         if not isinstance(coarse, CoarseSpace):
@@ -454,6 +606,7 @@ class TwoLevel:
         self.decay = float(decay)
         self.dtype = dtype
         self.report_error = bool(report_error)
+        self.max_condition, self.max_correction = check_guard(max_condition, max_correction)
         self.num_updates = 0
         self._shapes: dict[str, tuple[int, int]] = {}
         self._samples: dict[str, PerSampleIO] = {}
@@ -571,7 +724,7 @@ class TwoLevel:
             restricted = fisher.restrict(vectors, rows=self._needs_rows)
         return TwoLevelPreconditioner(
             fine, context, damping, self.form, self.coarse, fisher, vectors, restricted,
-            self._needs_rows,
+            self._needs_rows, self.max_condition, self.max_correction,
         )  # fmt: skip
 
     def matvec(self, vectors: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -36,6 +36,8 @@ from curvlib.approx.two_level import (
     RefreshableTwoLevel,
     TwoLevel,
     TwoLevelPreconditioner,
+    _coarse_solve,
+    _size_limit,
 )
 from curvlib.core import (
     CurvatureStatistics,
@@ -53,6 +55,8 @@ from tests.hyper import FRESH, train_steps
 DAMPING = 1e-2
 EXACT = dict(rtol=1e-9, atol=1e-11)
 """Float64 identities (dense solves of small systems)."""
+UNGUARDED = dict(max_condition=1e12, max_correction=1e6)
+"""Safeguard bounds that the test problems never reach (asserted where used)."""
 
 PROBLEMS = [P.mlp_ce(), P.cnn_ce(), P.tconv_bce()]
 FINE: dict[str, Callable[[], object]] = {
@@ -139,11 +143,117 @@ def _identity_space(problem: P.Problem) -> FixedSpace:
 @pytest.mark.parametrize("problem", PROBLEMS, ids=lambda p: p.name)
 @pytest.mark.parametrize("fine", FINE, ids=str)
 def test_whole_space_gives_the_exact_damped_natural_gradient(problem: P.Problem, fine: str) -> None:
-    fitted = Fitted(problem, TwoLevel(FINE[fine](), _identity_space(problem)))  # type: ignore[arg-type]
+    approx = TwoLevel(FINE[fine](), _identity_space(problem), **UNGUARDED)  # type: ignore[arg-type]
+    fitted = Fitted(problem, approx)
     pre = fitted.approx.inverse(DAMPING)
     for grad in _grads(fitted.size):
         got = fitted.join(pre.apply(fitted.split(grad)))
         torch.testing.assert_close(got, torch.linalg.solve(fitted.damped, grad), **EXACT)
+        assert pre.diagnostics["coarse_damping"] == 0.0 and pre.diagnostics["coarse_scale"] == 1.0
+
+
+# -- the safeguard ----------------------------------------------------------------------
+
+
+def _spd(eigenvalues: list[float]) -> Tensor:
+    """A symmetric matrix with these eigenvalues in a random orthonormal basis (float64)."""
+    gen = torch.Generator().manual_seed(3)
+    n = len(eigenvalues)
+    basis, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    vals = torch.tensor(eigenvalues, dtype=torch.float64)
+    return (basis * vals) @ basis.T
+
+
+def test_guard_damps_an_ill_conditioned_coarse_matrix_to_the_bound() -> None:
+    matrix = _spd([1e-6, 1e-3, 0.5, 2.0])
+    solve = _coarse_solve(matrix, 100.0)
+    delta = (2.0 - 100.0 * 1e-6) / 99.0
+    assert solve.damping == pytest.approx(delta, rel=1e-9)
+    assert solve.condition == pytest.approx(2.0 / 1e-6, rel=1e-6)  # of F_c itself
+    guarded = matrix + solve.damping * torch.eye(4, dtype=torch.float64)
+    torch.testing.assert_close(solve.inverse, torch.linalg.inv(guarded), **EXACT)
+    values = torch.linalg.eigvalsh(guarded)
+    assert float(values[-1] / values[0]) == pytest.approx(100.0, rel=1e-9)
+
+
+def test_guard_leaves_a_well_conditioned_coarse_matrix_unchanged() -> None:
+    matrix = _spd([1.0, 3.0, 50.0])
+    solve = _coarse_solve(matrix, 100.0)
+    assert solve.damping == 0.0
+    assert solve.condition == pytest.approx(50.0, rel=1e-9)
+    torch.testing.assert_close(solve.inverse, torch.linalg.inv(matrix), **EXACT)
+
+
+def test_guard_drops_the_correction_on_non_finite_input() -> None:
+    for bad in (float("nan"), float("inf")):
+        matrix = _spd([1.0, 2.0])
+        matrix[0, 1] = matrix[1, 0] = bad
+        solve = _coarse_solve(matrix, 100.0)
+        assert solve.condition == float("inf") and solve.damping == float("inf")
+        assert torch.equal(solve.inverse, torch.zeros(2, 2, dtype=torch.float64))
+    grads = {"0": torch.ones(2, 3, dtype=torch.float64)}
+    beta, matrix = torch.tensor([1.0, float("inf")], dtype=torch.float64), _spd([1.0, 2.0])
+    assert float(_size_limit(beta, matrix, grads, grads, 0.5)) == 0.0  # inf energy: no correction
+    beta = torch.tensor([1e150, 0.0], dtype=torch.float64)  # a huge bound does not overflow
+    assert float(_size_limit(beta, matrix, grads, grads, 1e300)) == 1.0
+    nan_grads = {"0": torch.full((2, 3), float("nan"), dtype=torch.float64)}
+    beta = torch.ones(2, dtype=torch.float64)
+    assert float(_size_limit(beta, matrix, nan_grads, grads, 0.5)) == 0.0
+
+
+@pytest.mark.parametrize("form", list(CorrectionForm), ids=lambda f: f.value)
+def test_guard_damps_the_coarse_system_in_both_forms(form: CorrectionForm) -> None:
+    """With the whole space as coarse space and a small bound: the dense damped solve."""
+    problem, bound = P.mlp_ce(), 10.0
+    approx = TwoLevel(KFAC(), _identity_space(problem), form=form, report_error=True,
+                      max_condition=bound, max_correction=1e6)  # fmt: skip
+    fitted = Fitted(problem, approx)
+    values = torch.linalg.eigvalsh(fitted.damped)
+    top, bottom = float(values[-1]), float(values[0])
+    assert top / bottom > bound  # the guard has something to do
+    delta = (top - bound * bottom) / (bound - 1.0)
+    guarded = fitted.damped + delta * torch.eye(fitted.size, dtype=torch.float64)
+    pre = approx.inverse(DAMPING)
+    for grad, zeta, got in _directions(pre, fitted.shapes, fitted.size):
+        rhs = grad - fitted.damped @ zeta if form is CorrectionForm.RESIDUAL else grad
+        torch.testing.assert_close(got, zeta + torch.linalg.solve(guarded, rhs), **EXACT)
+        assert pre.diagnostics["coarse_damping"] == pytest.approx(delta, rel=1e-9)
+        assert pre.diagnostics["coarse_condition"] == pytest.approx(top / bottom, rel=1e-9)
+        if form is CorrectionForm.RESIDUAL:  # still never away from the damped natural gradient
+            assert fitted.error(got, grad) <= fitted.error(zeta, grad)
+        change = pre.diagnostics["coarse_error_change"]
+        assert change == pytest.approx(
+            fitted.error(got, grad) - fitted.error(zeta, grad), rel=1e-6, abs=1e-9
+        )
+
+
+def test_guard_limits_the_correction_to_a_fraction_of_the_fine_step() -> None:
+    problem, tau = P.mlp_ce(), 0.1
+    approx = TwoLevel(KFAC(), _identity_space(problem), max_condition=1e12, max_correction=tau)
+    fitted = Fitted(problem, approx)
+    pre = approx.inverse(DAMPING)
+    for grad, zeta, got in _directions(pre, fitted.shapes, fitted.size):
+        full = torch.linalg.solve(fitted.damped, grad - fitted.damped @ zeta)
+        scale = tau * float(grad @ zeta / (full @ fitted.damped @ full)) ** 0.5
+        assert 0.0 < scale < 1.0
+        assert pre.diagnostics["coarse_scale"] == pytest.approx(scale, rel=1e-9)
+        torch.testing.assert_close(got, zeta + scale * full, **EXACT)
+        correction = got - zeta
+        energy = float(correction @ fitted.damped @ correction)
+        assert energy == pytest.approx(tau**2 * float(grad @ zeta), rel=1e-9)
+        assert fitted.error(got, grad) <= fitted.error(zeta, grad)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"max_condition": v} for v in (1.0, 0.5, float("inf"), float("nan"), True, "10")]
+    + [{"max_correction": v} for v in (0.0, -1.0, float("inf"), float("nan"), None)],
+    ids=repr,
+)
+def test_bad_guard_parameters_name_the_fix(kwargs: dict[str, object]) -> None:
+    name = next(iter(kwargs))
+    with pytest.raises(ValueError, match=f"{name} .* must be a finite"):
+        TwoLevel(KFAC(), Nicolaides(), **kwargs)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("form", list(CorrectionForm), ids=lambda f: f.value)
@@ -505,6 +615,7 @@ def test_optimizer_trains_and_reports_the_coarse_level(space: str) -> None:
     diagnostics = opt.last_stats["diagnostics"]["default"]
     assert diagnostics["coarse_error_change"] <= 0.0
     assert diagnostics["coarse_condition"] >= 1.0 and diagnostics["coarse_size"] >= 2
+    assert diagnostics["coarse_damping"] >= 0.0 and 0.0 <= diagnostics["coarse_scale"] <= 1.0
 
 
 def test_each_group_has_its_own_two_level_correction() -> None:
@@ -524,3 +635,5 @@ def test_each_group_has_its_own_two_level_correction() -> None:
     assert diagnostics["default"]["coarse_size"] == 1  # one layer left in the default group
     assert diagnostics["top"]["coarse_size"] == 2
     assert "coarse_error_change" not in diagnostics["top"]  # additive, not asked to report
+    for group in diagnostics.values():  # each group's own safeguard reports
+        assert group["coarse_damping"] >= 0.0 and 0.0 <= group["coarse_scale"] <= 1.0
