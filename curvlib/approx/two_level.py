@@ -140,7 +140,8 @@ def _size_limit(
     correction's is, the factor is 0 (the fine step alone).
     """
     fine = sum(
-        (grads[name].to(z.dtype) * z).flatten(-2).sum(-1).to(beta.dtype) for name, z in zeta.items()
+        torch.linalg.vecdot(grads[name].to(z.dtype).flatten(-2), z.flatten(-2)).to(beta.dtype)
+        for name, z in zeta.items()
     )
     coarse = ((beta @ matrix.to(beta.dtype)) * beta).sum(-1)
     fine = torch.as_tensor(fine, dtype=beta.dtype, device=beta.device)

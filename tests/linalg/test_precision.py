@@ -1,4 +1,4 @@
-"""The dtype KFAC and the two-term methods apply their inverses in: ``"auto"`` and bfloat16's cost."""
+"""The dtype KFAC and the two-term methods apply their inverses in: ``"auto"``, bfloat16's cost."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from torch import Tensor
 from curvlib.approx import KPSVD, Deflation, KFACCorrected, Lanczos
 from curvlib.approx.base import LayerwiseApprox
 from curvlib.approx.kfac import KFAC, EigenbasisInverse, KFACDamping, KroneckerInverse
-from curvlib.linalg.kron import two_term_inverse
 from curvlib.linalg import precision
+from curvlib.linalg.kron import two_term_inverse
 from curvlib.linalg.precision import (
     LOW_PRECISION_MAX_CONDITION,
     LOW_PRECISION_MIN_COST,
