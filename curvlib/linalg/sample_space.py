@@ -55,6 +55,7 @@ import torch
 from torch import Tensor
 
 from curvlib.core.stats import PerSampleIO
+from curvlib.linalg.factors import symmetrize
 from curvlib.linalg.rearrange import Coordinates, Deflated, RearrangedFisher
 
 EXPECTED_PRODUCTS = 10
@@ -140,10 +141,16 @@ def choose_form(
 def _sandwich(gram: Tensor, coef: Tensor) -> Tensor:
     r"""$\sum_m M^{nm} C_m (M^{nm})^\top$ for ``coef`` ``[S, T, T]``.
 
-    ``gram`` holds the blocks $M^{nm}$ as ``[S, S, T, T]``; batched
-    ``T``-by-``T`` products, $O(S^2 T^3)$.
+    ``gram`` is the symmetric ``[S T, S T]`` Gram matrix viewed as
+    ``[S, T, S T]``: row block $n$ holds the $T \times T$ blocks $M^{nm}$ of
+    every $m$, and by symmetry block $m$'s rows, transposed, hold the
+    $M^{nm}$ of every $n$. Two batched GEMMs of $O(S^2 T^3)$, $[ST, T] \times
+    [T, T]$ then $[T, ST] \times [ST, T]$ (no batch of $S^2$ tiny products).
     """
-    return (gram @ coef @ gram.transpose(-1, -2)).sum(1)
+    size, t = coef.shape[0], coef.shape[-1]
+    mc = torch.bmm(gram.transpose(1, 2), coef)  # [m, (n, t), s]: M^{nm} C_m
+    mc = mc.view(size, size, t, t).permute(1, 2, 0, 3).reshape(size, t, size * t)
+    return torch.bmm(mc, gram.transpose(1, 2))
 
 
 class SampleSpaceFisher(Coordinates):
@@ -192,8 +199,8 @@ class SampleSpaceFisher(Coordinates):
             self._kernel_g: Tensor | None = gram_g.square().view(k, n, k, n).sum((0, 2))
         else:
             self._kernel_a = self._kernel_g = None
-            self._gram_a = gram_a.view(n, t, n, t).transpose(1, 2).contiguous()
-            self._gram_g = gram_g.view(k * n, t, k * n, t).transpose(1, 2).contiguous()
+            self._gram_a = symmetrize(gram_a).view(n, t, n * t)
+            self._gram_g = symmetrize(gram_g).view(k * n, t, k * n * t)
         self._size = n * t * t
         mats_g = [G.to(self.device, self.dtype) for G, _ in terms]
         mats_a = [A.to(self.device, self.dtype) for _, A in terms]
