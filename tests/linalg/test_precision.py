@@ -74,16 +74,19 @@ def test_anything_else_is_refused_naming_the_choices(bad: object) -> None:
         KFAC(apply_dtype=bad)  # type: ignore[arg-type]
 
 
-def _directions(mode: KFACDamping, apply_dtype: precision.ApplyDtype) -> dict[str, Tensor]:
-    problem = P.mlp_ce()
-    approx = KFAC(mode, dtype=torch.float32, apply_dtype=apply_dtype)
-    approx.update(fit_statistics(problem, approx))
+def _applied(approx: LayerwiseApprox, damping: float) -> dict[str, Tensor]:
+    """``approx`` fitted to a small MLP, its damped inverse applied to fixed random gradients."""
+    approx.update(fit_statistics(P.mlp_ce(), approx))
     gen = torch.Generator().manual_seed(0)
     grads = {
         name: torch.randn(block.out_dim, block.in_dim, generator=gen)
         for name, block in approx.blocks.items()
     }
-    return approx.inverse(1e-3).apply(grads)
+    return approx.inverse(damping).apply(grads)
+
+
+def _directions(mode: KFACDamping, apply_dtype: precision.ApplyDtype) -> dict[str, Tensor]:
+    return _applied(KFAC(mode, dtype=torch.float32, apply_dtype=apply_dtype), 1e-3)
 
 
 @pytest.mark.parametrize("mode", [KFACDamping.PI, KFACDamping.SQRT, KFACDamping.EIGEN])
@@ -216,15 +219,7 @@ TWO_TERM = [Deflation, KFACCorrected, Lanczos, KPSVD]
 def _two_term_directions(
     make: type[LayerwiseApprox], apply_dtype: precision.ApplyDtype
 ) -> dict[str, Tensor]:
-    problem = P.mlp_ce()
-    approx = make(dtype=torch.float32, apply_dtype=apply_dtype)  # type: ignore[call-arg]
-    approx.update(fit_statistics(problem, approx))
-    gen = torch.Generator().manual_seed(0)
-    grads = {
-        name: torch.randn(block.out_dim, block.in_dim, generator=gen)
-        for name, block in approx.blocks.items()
-    }
-    return approx.inverse(1e-2).apply(grads)
+    return _applied(make(dtype=torch.float32, apply_dtype=apply_dtype), 1e-2)  # type: ignore[call-arg]
 
 
 @pytest.mark.parametrize("make", TWO_TERM, ids=lambda m: m.__name__)
