@@ -25,6 +25,7 @@ from curvlib.linalg.rearrange import (
     RearrangedFisher,
     SingularTriple,
     balanced_factors,
+    deflated,
     lanczos_svd,
     power_svd,
     psd_factors,
@@ -226,3 +227,39 @@ def test_a_vanishing_fisher_gives_zero_pairs_not_an_error(
     for name, step in steps.items():
         assert torch.isfinite(step).all(), name
         _close(step, expected[name], name)
+
+
+class _CountingFisher(SampleSpaceFisher):
+    """Counts the products with its kernels (``metric_in``/``metric_out`` without an image)."""
+
+    products = 0
+
+    def _gram_in(self, coef: Tensor) -> Tensor:
+        self.products += 1
+        return super()._gram_in(coef)
+
+    def _gram_out(self, coef: Tensor) -> Tensor:
+        self.products += 1
+        return super()._gram_out(coef)
+
+
+@pytest.mark.parametrize(("problem", "layer"), [("mlp", "0"), ("cnn", "0")], ids=str)
+def test_an_iteration_costs_two_kernel_products(problem: str, layer: str) -> None:
+    """Two kernel products per power iteration or Lanczos step, plus one for the start.
+
+    Norms and reorthogonalisation reuse the images of the vectors, deflated or not.
+    """
+    io = _stats(problem)[layer].io
+    assert io is not None
+    op = _CountingFisher(io)
+    first = power_svd(op, tol=1e-12, max_iter=50)
+    assert first.iterations >= 3
+    assert op.products == 1 + 2 * first.iterations
+    op.products = 0
+    second = power_svd(deflated(op, first), tol=1e-12, max_iter=50)
+    assert second.iterations >= 3
+    assert op.products == 1 + 2 * second.iterations  # the deflated term costs no product
+    op.products = 0
+    top, _ = lanczos_svd(op, 2, krylov_dim=6, tol=1e-12, max_restarts=3)
+    assert top.iterations >= 3  # products with R (an early breakdown: an exact subspace)
+    assert op.products <= 1 + 2 * top.iterations  # one fewer if it broke down after R v
