@@ -26,7 +26,13 @@ from curvlib.linalg.factors import (
     pi_split,
     symmetrize,
 )
-from curvlib.linalg.precision import ApplyDtype, check_apply_dtype, resolve_apply_dtype
+from curvlib.linalg.kron import eigenbasis_apply
+from curvlib.linalg.precision import (
+    ApplyDtype,
+    apply_cost,
+    check_apply_dtype,
+    resolve_apply_dtype,
+)
 
 
 class KFACDamping(Enum):
@@ -144,9 +150,7 @@ class EigenbasisInverse:
 
     def __call__(self, mat: Tensor) -> Tensor:
         """Apply the inverse to ``[..., d_out, d_in]`` matrices."""
-        low = self.apply_dtype
-        rotated = (self._q_g.T @ mat.to(low) @ self._q_a).to(self.scale.dtype) * self.scale
-        return (self._q_g @ rotated.to(low) @ self._q_a.T).to(self.scale.dtype)
+        return eigenbasis_apply(self._q_g, self._q_a, self.scale, mat)
 
 
 def factor_condition(factor: Tensor, shift: float, chol: Tensor, inverse: Tensor) -> float:
@@ -264,7 +268,7 @@ class _KFACBlock(LayerBlock):
         ``condition`` is the damped inverse's condition number (or a lower bound):
         ``"auto"`` keeps ``like``'s dtype where bfloat16 would swamp the direction.
         """
-        cost = self.out_dim * self.in_dim * (self.out_dim + self.in_dim)
+        cost = apply_cost(self.out_dim, self.in_dim)
         return resolve_apply_dtype(
             self.apply_dtype, like.dtype, like.device, cost, condition=condition
         )

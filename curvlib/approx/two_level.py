@@ -81,7 +81,7 @@ r"""Default bound $\tau$ on the coarse correction's size relative to the fine st
 
 
 @dataclass(frozen=True)
-class CoarseSolve:
+class _CoarseSolve:
     r"""The guarded solve of the coarse system $F_c$.
 
     Attributes:
@@ -98,7 +98,7 @@ class CoarseSolve:
     damping: float
 
 
-def _coarse_solve(matrix: Tensor, max_condition: float) -> CoarseSolve:
+def _coarse_solve(matrix: Tensor, max_condition: float) -> _CoarseSolve:
     r"""$(M + \delta I)^{+}$ of a small PSD matrix, $\delta$ the least that bounds its condition.
 
     Eigenvalues $s_i$ below $c\,\varepsilon\,s_\max$ (coarse vectors that are
@@ -110,18 +110,18 @@ def _coarse_solve(matrix: Tensor, max_condition: float) -> CoarseSolve:
     """
     size = matrix.shape[0]
     if size == 0:
-        return CoarseSolve(matrix, 1.0, 0.0)
+        return _CoarseSolve(matrix, 1.0, 0.0)
     if not bool(torch.isfinite(matrix).all()):
-        return CoarseSolve(torch.zeros_like(matrix), math.inf, math.inf)
+        return _CoarseSolve(torch.zeros_like(matrix), math.inf, math.inf)
     dec = eigh(matrix)
     top = float(dec.values[-1])
     if top <= 0.0:
-        return CoarseSolve(torch.zeros_like(matrix), 1.0, 0.0)
+        return _CoarseSolve(torch.zeros_like(matrix), 1.0, 0.0)
     keep = dec.values > 10.0 * size * torch.finfo(matrix.dtype).eps * top
     vecs, vals = dec.vectors[:, keep], dec.values[keep]
     bottom = float(vals[0])
     damping = max(0.0, (top - max_condition * bottom) / (max_condition - 1.0))
-    return CoarseSolve((vecs / (vals + damping)) @ vecs.T, top / bottom, damping)
+    return _CoarseSolve((vecs / (vals + damping)) @ vecs.T, top / bottom, damping)
 
 
 def _size_limit(
@@ -152,7 +152,7 @@ def _size_limit(
     return torch.where(finite, scale, 0.0)
 
 
-def check_guard(max_condition: float, max_correction: float) -> tuple[float, float]:
+def _check_guard(max_condition: float, max_correction: float) -> tuple[float, float]:
     """The safeguard's parameters as floats.
 
     Raises:
@@ -271,7 +271,7 @@ class TwoLevelPreconditioner:
         max_correction: float = DEFAULT_MAX_CORRECTION,
     ) -> None:
         self.fine = fine
-        self.max_condition, self.max_correction = check_guard(max_condition, max_correction)
+        self.max_condition, self.max_correction = _check_guard(max_condition, max_correction)
         self._context = context
         self.damping = damping
         self.form = form
@@ -607,7 +607,7 @@ class TwoLevel:
         self.decay = float(decay)
         self.dtype = dtype
         self.report_error = bool(report_error)
-        self.max_condition, self.max_correction = check_guard(max_condition, max_correction)
+        self.max_condition, self.max_correction = _check_guard(max_condition, max_correction)
         self.num_updates = 0
         self._shapes: dict[str, tuple[int, int]] = {}
         self._samples: dict[str, PerSampleIO] = {}

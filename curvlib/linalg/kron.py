@@ -39,7 +39,26 @@ import torch
 from torch import Tensor
 
 from curvlib.linalg.factors import damped_cholesky, eigh, flush_negligible, pi_split, symmetrize
-from curvlib.linalg.precision import ApplyDtype, check_apply_dtype, resolve_apply_dtype
+from curvlib.linalg.precision import (
+    ApplyDtype,
+    apply_cost,
+    check_apply_dtype,
+    resolve_apply_dtype,
+)
+
+
+def eigenbasis_apply(left: Tensor, right: Tensor, scale: Tensor, mat: Tensor) -> Tensor:
+    r"""$L\,[(L^\top V R) \odot D]\,R^\top$ for ``[..., d_out, d_in]`` matrices $V$.
+
+    An inverse in a Kronecker eigenbasis (KFAC's ``EIGEN``, the two-term
+    inverse): four products in the dtype of ``left`` and ``right`` (bfloat16
+    copies of the bases, for ``apply_dtype``), the scaling by $D$ = ``scale``
+    and the result in ``scale``'s dtype. With the bases in ``scale``'s dtype
+    every conversion is a no-op.
+    """
+    low, dtype = left.dtype, scale.dtype
+    rotated = (left.T @ mat.to(low) @ right).to(dtype) * scale
+    return (left @ rotated.to(low) @ right.T).to(dtype)
 
 
 @dataclass(frozen=True)
@@ -86,13 +105,7 @@ class KroneckerSumInverse:
 
     def __call__(self, mat: Tensor) -> Tensor:
         """Apply $K^{-1}$ to ``[..., d_out, d_in]`` matrices."""
-        dtype, (P_G, P_A) = self.scale.dtype, self._low
-        if self.apply_dtype == dtype:
-            mat = mat.to(dtype)
-            return P_G @ ((P_G.T @ mat @ P_A) * self.scale) @ P_A.T
-        low = P_G.dtype
-        rotated = (P_G.T @ mat.to(low) @ P_A).to(dtype) * self.scale
-        return (P_G @ rotated.to(low) @ P_A.T).to(dtype)
+        return eigenbasis_apply(*self._low, self.scale, mat)
 
     def logdet(self) -> Tensor:
         r"""$\log\det K$, from the whitening: no $P \times P$ matrix.
@@ -196,8 +209,7 @@ def two_term_inverse(
     diag = (G1.diagonal() + gamma_g)[:, None] * (A1.diagonal() + gamma_a)[None, :]
     diag = diag + G2.diagonal()[:, None] * A2.diagonal()[None, :]
     condition = _condition_bound(P_G, P_A, floored, float(diag.max()))
-    d_out, d_in = floored.shape
-    cost = d_out * d_in * (d_out + d_in)
+    cost = apply_cost(*floored.shape)
     low = resolve_apply_dtype(apply_dtype, floored.dtype, floored.device, cost, condition=condition)
     return KroneckerSumInverse(
         P_G=flush_negligible(P_G),

@@ -68,6 +68,16 @@ $-0.009$ and $-0.049$ against $+0.087$ and $+0.038$ in float32).
 """
 
 
+def apply_cost(d_out: int, d_in: int) -> float:
+    r"""Multiply-adds of one Kronecker apply to a ``[d_out, d_in]`` matrix, $d_o d_i (d_o + d_i)$.
+
+    The measure ``cost`` of [`resolve_apply_dtype`][curvlib.linalg.precision.resolve_apply_dtype]
+    and [`LOW_PRECISION_MIN_COST`][curvlib.linalg.precision.LOW_PRECISION_MIN_COST]
+    (two products; an eigenbasis or two-term inverse is judged by the same measure).
+    """
+    return float(d_out) * d_in * (d_out + d_in)
+
+
 @functools.cache
 def cpu_multiplies_bfloat16() -> bool:
     """Whether this CPU multiplies bfloat16 matrices in hardware (AMX tiles, with oneDNN)."""
@@ -99,7 +109,8 @@ def resolve_apply_dtype(
             ([`ApplyDtype`][curvlib.linalg.precision.ApplyDtype]).
         dtype: The inverse's own dtype.
         device: Where it lives.
-        cost: Multiply-adds of one apply, $d_o d_i (d_o + d_i)$ for a Kronecker inverse.
+        cost: Multiply-adds of one apply
+            ([`apply_cost`][curvlib.linalg.precision.apply_cost] for a Kronecker inverse).
         condition: The damped inverse's condition number (or a lower bound of it).
 
     Returns:
