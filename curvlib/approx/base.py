@@ -27,7 +27,7 @@ from torch import Tensor
 
 from curvlib.core.checkpoint import RECORD_KEY, check_record, writer_record
 from curvlib.core.stats import CurvatureStatistics, LayerStatistics, StatKind
-from curvlib.linalg.factors import FactorizationError, flush_subnormals
+from curvlib.linalg.factors import FactorizationError, flush_subnormals, flush_subnormals_
 from curvlib.linalg.parallel import default_workers, run_jobs
 
 R = TypeVar("R")
@@ -270,16 +270,32 @@ def naming_layer(name: str) -> Iterator[None]:
         raise FactorizationError(f"layer {name!r}: {err}") from err
 
 
-def running_average(old: Tensor | None, new: Tensor, rho: float) -> Tensor:
-    """``rho * old + (1 - rho) * new`` (``new`` without ``old``), subnormals flushed to zero.
+def running_average(
+    old: Tensor | None, new: Tensor, rho: float, *, symmetrize: bool = False
+) -> Tensor:
+    r"""``rho * old + (1 - rho) * new`` (``new`` without ``old``), subnormals flushed to zero.
 
-    Always a new tensor: operators built from ``old`` stay valid.
+    Always a new tensor: operators built from ``old`` stay valid, and ``new``
+    is left as it is. ``symmetrize=True`` averages $(N + N^\top)/2$ in place of
+    ``new`` (a square statistic symmetric only up to rounding): the result is
+    then symmetric to the bit if ``old`` is. One new tensor and three passes
+    over it, where symmetrising first and averaging after took three tensors.
     """
-    if old is None:
+    if symmetrize:
+        # N + Nᵀ is symmetric to the bit (addition commutes), and every later
+        # pass is elementwise on symmetric operands, so the result stays so.
+        out = torch.add(new, new.transpose(-1, -2))
+        if old is None:
+            out.mul_(0.5)
+        else:
+            out.mul_(0.5 * (1.0 - rho)).add_(old, alpha=rho)
+    elif old is None:
         return flush_subnormals(new)
+    else:
+        out = old.mul(rho).add_(new, alpha=1.0 - rho)
     # Entries that decay geometrically (a unit that stopped firing) would turn
     # subnormal and slow every later product with the estimate: flush them.
-    return flush_subnormals(old.mul(rho).add_(new, alpha=1.0 - rho))
+    return flush_subnormals_(out.contiguous())
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,7 @@ from curvlib.approx.base import (
     running_average,
 )
 from curvlib.core.stats import LayerStatistics, PerSampleIO, StatKind
-from curvlib.linalg.factors import eigh, flush_negligible, pi_split_of_means, symmetrize
+from curvlib.linalg.factors import eigh, flush_negligible, pi_split_of_means
 
 
 class EKFACDamping(Enum):
@@ -108,8 +108,8 @@ class _EKFACBlock(LayerBlock):
 
     def update(self, stats: LayerStatistics, rho: float) -> None:
         assert stats.kronecker is not None and stats.io is not None
-        A = running_average(self.A, symmetrize(self._cast(stats.kronecker.A)), rho)
-        G = running_average(self.G, symmetrize(self._cast(stats.kronecker.G)), rho)
+        A = running_average(self.A, self._cast(stats.kronecker.A), rho, symmetrize=True)
+        G = running_average(self.G, self._cast(stats.kronecker.G), rho, symmetrize=True)
         restart = self.basis_a is None or self.pending is not None
         if self.pending is not None:
             values_a, basis_a, values_g, basis_g = self.pending

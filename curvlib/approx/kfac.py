@@ -196,8 +196,8 @@ class _KFACBlock(LayerBlock):
     def update(self, stats: LayerStatistics, rho: float) -> None:
         assert stats.kronecker is not None
         self.positions = stats.kronecker.num_positions
-        self.A = running_average(self.A, symmetrize(self._cast(stats.kronecker.A)), rho)
-        self.G = running_average(self.G, symmetrize(self._cast(stats.kronecker.G)), rho)
+        self.A = running_average(self.A, self._cast(stats.kronecker.A), rho, symmetrize=True)
+        self.G = running_average(self.G, self._cast(stats.kronecker.G), rho, symmetrize=True)
 
     def _factors(self) -> tuple[Tensor, Tensor]:
         if self.A is None or self.G is None:

@@ -306,15 +306,19 @@ class LossCurvature:
             draws = (uniform < output).to(output.dtype)
             return factor * (output - draws) / _bernoulli_variance(output)
         probs = output.softmax(dim=1)
-        flat = probs.movedim(1, -1).reshape(-1, output.shape[1])
-        finite = torch.isfinite(flat).all(dim=1, keepdim=True)
-        if not bool(finite.all()):
-            # torch.multinomial refuses NaN/Inf: draw from the uniform distribution
-            # there; the columns stay NaN through probs, so the statistics are
-            # rejected (and the step skipped on its NaN gradient) as usual.
-            flat = torch.where(finite, flat, torch.ones_like(flat))
-        draws = torch.multinomial(flat, mc_samples, replacement=True, generator=generator)
-        onehot = F.one_hot(draws.T, output.shape[1]).to(output.dtype)  # [M, N * P, C]
+        flat = probs.movedim(1, -1).reshape(-1, output.shape[1])  # [N * P, C]
+        # Class k wins the race of E_k / p_k with E_k ~ Exp(1) with probability p_k:
+        # exact categorical draws without a host synchronisation (torch.multinomial
+        # refuses NaN rows, which took a check on the host to avoid). Zero
+        # probabilities never win (E is kept off zero, where 0 / 0 would); NaN
+        # rows draw some class and stay NaN through probs, so their statistics
+        # are rejected as usual.
+        race = torch.empty(
+            (mc_samples, *flat.shape), dtype=flat.dtype, device=flat.device
+        ).exponential_(generator=generator)
+        race.clamp_min_(torch.finfo(flat.dtype).tiny)
+        draws = (flat / race).argmax(dim=-1)  # [M, N * P]
+        onehot = F.one_hot(draws, output.shape[1]).to(output.dtype)  # [M, N * P, C]
         onehot = onehot.reshape(mc_samples, *probs.movedim(1, -1).shape).movedim(-1, 2)
         return factor * (probs.unsqueeze(0) - onehot)
 

@@ -223,3 +223,34 @@ def test_mse_draws_have_the_closed_form_covariance(reduction: str) -> None:
     rms = math.sqrt((float(covariance.norm()) ** 2 + trace**2) / n)
     cov_err = float((sample_cov - covariance).norm())
     assert cov_err <= Z_MAX * rms, f"covariance error {cov_err:.3e} > {Z_MAX} x {rms:.3e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_categorical_draws_follow_the_softmax(dtype: torch.dtype) -> None:
+    """Cross-entropy draws: class frequencies within their standard errors, none at p = 0.
+
+    The one-hot draws are recovered from the columns ``sqrt(c / M) (p - e_y)``.
+    A logit 200 below the others has probability exactly 0 after the softmax
+    (float32 and float64 alike): it must never be drawn.
+    """
+    from torch import nn
+
+    from curvlib.extract.losses import LossCurvature
+
+    logits = torch.tensor([[2.0, 0.0, -1.0, -800.0, 1.0]], dtype=dtype).repeat(400, 1)
+    probs = logits.softmax(1)[0]
+    assert float(probs[3]) == 0.0
+    m = 50
+    columns = LossCurvature(nn.CrossEntropyLoss(reduction="sum"))._sampled(
+        logits, m, torch.Generator().manual_seed(3), 1.0
+    )
+    recovered = probs - columns * math.sqrt(m)  # [M, N, C]
+    onehot = recovered.round()
+    assert float((recovered - onehot).abs().max()) < 1e-5, "draws are not one-hot"
+    assert torch.equal(onehot.sum(-1), torch.ones_like(onehot[..., 0]))
+    counts = onehot.sum((0, 1))
+    n = m * logits.shape[0]
+    assert float(counts[3]) == 0.0, "a class of probability 0 was drawn"
+    drawn = probs > 0
+    z = (counts / n - probs)[drawn] / (probs * (1 - probs) / n)[drawn].sqrt()
+    assert float(z.abs().max()) <= Z_MAX, f"frequencies off by z = {z.tolist()}"

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
+from torch import Tensor
 
 from curvlib.linalg import (
     cholesky_inverse,
@@ -13,21 +15,25 @@ from curvlib.linalg import (
     eigh,
     flush_negligible,
     flush_subnormals,
+    flush_subnormals_,
     symmetrize,
 )
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
 
+@pytest.mark.parametrize("flush", [flush_subnormals, flush_subnormals_])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_flush_subnormals_zeroes_exactly_the_subnormal_entries(dtype: torch.dtype) -> None:
+def test_flush_subnormals_zeroes_exactly_the_subnormal_entries(
+    dtype: torch.dtype, flush: Callable[[Tensor], Tensor]
+) -> None:
     info = torch.finfo(dtype)
     smallest = info.tiny * info.eps  # the smallest subnormal
     largest = info.tiny * (1.0 - info.eps)  # the largest subnormal
     values = [0.0, smallest, -smallest, largest, -info.tiny / 2, info.tiny, -info.tiny, 1.0]
     values += [-3.0, math.nan, math.inf, -math.inf]
     mat = torch.tensor(values, dtype=dtype)
-    out = flush_subnormals(mat)
+    out = flush(mat.clone())
     subnormal = (mat.abs() < info.tiny) & (mat != 0)
     assert int(subnormal.sum()) == 4, "the input holds four subnormals"
     assert bool((out[subnormal] == 0).all())
@@ -122,3 +128,29 @@ def test_eigh_passes_the_matrix_unshifted_first_and_shifts_only_on_a_retry(
     torch.testing.assert_close(shift, float(shift[0, 0]) * torch.eye(20, dtype=torch.float64))
     torch.testing.assert_close(result.values, expected)  # the shift is taken off again
     torch.testing.assert_close((result.vectors * result.values) @ result.vectors.T, mat)
+
+
+def test_the_in_place_flush_writes_into_its_argument() -> None:
+    mat = torch.tensor([[1e-40, 2.0], [3.0, -1e-40]]).mT
+    assert flush_subnormals_(mat) is mat
+    assert torch.equal(mat, torch.tensor([[0.0, 3.0], [2.0, 0.0]]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_symmetrised_running_average_is_symmetric_to_the_bit(dtype: torch.dtype) -> None:
+    """``running_average(old, S, rho, symmetrize=True)`` = rho old + (1 - rho)(S + S^T)/2.
+
+    ``S`` is asymmetric far beyond rounding, so a missing transpose fails; the
+    result feeds Cholesky and ``eigh``, which read one triangle only.
+    """
+    from curvlib.approx.base import running_average
+
+    gen = torch.Generator().manual_seed(0)
+    stat = torch.randn(7, 7, generator=gen, dtype=dtype)
+    first = running_average(None, stat, 0.9, symmetrize=True)
+    assert torch.equal(first, first.mT)
+    torch.testing.assert_close(first, (stat + stat.mT) / 2)
+    second = running_average(first, stat.mT.contiguous() * 3, 0.9, symmetrize=True)
+    assert torch.equal(second, second.mT) and second.is_contiguous()
+    torch.testing.assert_close(second, 0.9 * first + 0.1 * 3 * (stat + stat.mT) / 2)
+    assert torch.equal(stat, torch.randn(7, 7, generator=gen.manual_seed(0), dtype=dtype))
