@@ -8,6 +8,7 @@ Run (one thread; epochs and final losses depend on the seeds only):
 Model (the time to Adam's loss that these epochs imply, in Adam steps):
 
     python schedule.py model T FILE [FILE ...]
+    python schedule.py model T:W FILE [FILE ...]    # warm-up below W (default 10)
 
 The model counts the steps KFAC takes to reach the target (median epochs over the
 seeds times the task's steps), prices statistics steps (0, 1, 2, 4, 8 and every
@@ -75,7 +76,7 @@ def model_ratio(task: str, epochs: float, interval: int, warmup: int = 10) -> fl
     return sum(stats if d else plain for d in due) / ADAM_STEPS[task]
 
 
-def model(interval: int, paths: list[str]) -> None:
+def model(interval: int, paths: list[str], warmup: int = 10) -> None:
     for path in paths:
         epochs: dict[str, list[float]] = defaultdict(list)
         for line in Path(path).read_text().splitlines():
@@ -85,8 +86,9 @@ def model(interval: int, paths: list[str]) -> None:
         cells = []
         for task, values in epochs.items():
             median = statistics.median(values)
-            cells.append(f"{task} {median:.3f} -> {model_ratio(task, median, interval):.2f}")
-        print(f"{path} (T={interval}): " + ", ".join(cells))
+            ratio = model_ratio(task, median, interval, warmup)
+            cells.append(f"{task} {median:.3f} -> {ratio:.2f}")
+        print(f"{path} (T={interval}, warmup={warmup}): " + ", ".join(cells))
 
 
 if __name__ == "__main__":
@@ -96,4 +98,5 @@ if __name__ == "__main__":
             json.loads(sys.argv[4]), json.loads(sys.argv[5]) if len(sys.argv) > 5 else {},
         )  # fmt: skip
     else:
-        model(int(sys.argv[2]), sys.argv[3:])
+        interval, _, warmup = sys.argv[2].partition(":")
+        model(int(interval), sys.argv[3:], int(warmup or 10))
