@@ -134,9 +134,13 @@ def test_kfac_ends_below_adam(outputs: dict[str, str], monkeypatch: pytest.Monke
     rows = [_numbers(line) for line in text.splitlines()[1:]]
     first, last = rows[0], rows[-1]
     kfac, adam, tuned_adam = last[1:]
-    # Seeds 0-3 end at 0.013-0.039 against Adam's best 0.048-0.060 (one thread); the seed
-    # shown, 0, at 0.30x: 0.75x leaves room for other platforms.
-    assert kfac < 0.75 * min(adam, tuned_adam), last
+    # The claim the benchmark makes: the better Adam's final loss in at most half the
+    # epochs. Seeds 0-3 (one thread) reach it at epochs 4, 3, 3, 3 of 8 and end at
+    # 0.024-0.044 against 0.048-0.060.
+    target = min(adam, tuned_adam)
+    reached = next((row[0] for row in rows if row[1] <= target), math.inf)
+    assert reached <= len(rows) / 2, (reached, target)
+    assert kfac < target, last
     assert kfac < 0.1 * first[1], "KFAC did not train"
 
 
