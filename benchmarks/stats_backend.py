@@ -20,7 +20,7 @@ phase of a shared machine hits every copy alike):
 * tuned Adam's step, for scale.
 
 Every copy refreshes its statistics on the same steps (the defaults' warm-up at
-steps 0, 1, 2, 4, then every 10th), so the time of 10 consecutive steps
+steps 0, 1, 2, 4, 8, then every 10th), so the time of 10 consecutive steps
 after the warm-up covers one statistics step and nine plain ones. *Ratio* is
 the median over those windows of a copy's time divided by the baseline's in the
 same window; *vs Adam* divides by Adam's instead. A network that BackPACK cannot

@@ -445,7 +445,7 @@ def build_parser(
         "--warmup",
         type=int,
         default=DEFAULTS.warmup,
-        help="first steps with curvature refreshes at steps 0, 1, 2, 4, 8, ... below it (0: none)",
+        help="first steps with curvature refreshes at steps 0, 1, 2, 4, 8, ... (0: none)",
     )
     opt.add_argument(
         "--damping-warmup-samples",
