@@ -28,6 +28,7 @@ from torch import Tensor
 from curvlib.core.checkpoint import RECORD_KEY, check_record, writer_record
 from curvlib.core.stats import CurvatureStatistics, LayerStatistics, StatKind
 from curvlib.linalg.factors import FactorizationError, flush_subnormals, flush_subnormals_
+from curvlib.linalg.factors import symmetrize as symmetrized
 from curvlib.linalg.parallel import default_workers, run_jobs
 
 R = TypeVar("R")
@@ -276,19 +277,17 @@ def running_average(
     r"""``rho * old + (1 - rho) * new`` (``new`` without ``old``), subnormals flushed to zero.
 
     Always a new tensor: operators built from ``old`` stay valid, and ``new``
-    is left as it is. ``symmetrize=True`` averages $(N + N^\top)/2$ in place of
-    ``new`` (a square statistic symmetric only up to rounding): the result is
-    then symmetric to the bit if ``old`` is. One new tensor and three passes
-    over it, where symmetrising first and averaging after took three tensors.
+    is left as it is. ``symmetrize=True`` averages
+    [`symmetrize`][curvlib.linalg.symmetrize]``(new)`` in its place (a square
+    statistic symmetric only up to rounding), scaled and averaged in place:
+    one new tensor where symmetrising, averaging and flushing made three, and a result
+    symmetric to the bit if ``old`` is (every pass after the symmetrisation
+    is elementwise on symmetric operands).
     """
     if symmetrize:
-        # N + Nᵀ is symmetric to the bit (addition commutes), and every later
-        # pass is elementwise on symmetric operands, so the result stays so.
-        out = torch.add(new, new.transpose(-1, -2))
-        if old is None:
-            out.mul_(0.5)
-        else:
-            out.mul_(0.5 * (1.0 - rho)).add_(old, alpha=rho)
+        out = symmetrized(new)
+        if old is not None:
+            out.mul_(1.0 - rho).add_(old, alpha=rho)
     elif old is None:
         return flush_subnormals(new)
     else:
