@@ -130,12 +130,23 @@ class Spec:
     fisher: str = "mc"
     coarse: tuple[str, dict[str, Any]] | None = None
     form: str = "residual"
+    two_level: dict[str, Any] = field(default_factory=dict)
 
 
-def _two_level(space: str, form: str = "residual", **kwargs: Any) -> Spec:
-    """KFAC (PI) with a two-level correction: ``coarse`` names a class of ``approx.coarse``."""
+def _two_level(
+    space: str, form: str = "residual", two_level: dict[str, Any] | None = None, **kwargs: Any
+) -> Spec:
+    """KFAC (PI) with a two-level correction: ``coarse`` names a class of ``approx.coarse``.
+
+    ``two_level``: keyword arguments of ``TwoLevel`` (e.g. ``max_samples``).
+    """
     label = f"KFAC + {space}{' (krylov)' if kwargs.get('krylov') else ''}, {form}"
-    return Spec(label, KFAC, "KFAC", {"damping_mode": "pi"}, coarse=(space, kwargs), form=form)
+    if two_level:
+        label += ", " + ", ".join(f"{k}={v}" for k, v in two_level.items())
+    return Spec(
+        label, KFAC, "KFAC", {"damping_mode": "pi"}, coarse=(space, kwargs), form=form,
+        two_level=dict(two_level or {}),
+    )  # fmt: skip
 
 
 APPROX, TWO = "curvlib.approx", "two-term"
@@ -155,6 +166,8 @@ REGISTRY: dict[str, Spec] = {
     "kfac+nicolaides": _two_level("Nicolaides"),
     "kfac+nicolaides-additive": _two_level("Nicolaides", "additive"),
     "kfac+nicolaides-krylov": _two_level("Nicolaides", krylov=True),
+    "kfac+nicolaides-all": _two_level("Nicolaides", two_level={"max_samples": None}),
+    "kfac+spectral-all": _two_level("Spectral", two_level={"max_samples": None}),
     "kfac+residual": _two_level("ResidualSpace"),
     "kfac+spectral": _two_level("Spectral"),
     "kfac+tselepidis": _two_level("Tselepidis"),
@@ -227,7 +240,7 @@ def make_step(name: str, batch: int, interval: int) -> StepFn:
         from curvlib.approx import coarse, two_level
 
         space = getattr(coarse, spec.coarse[0])(**spec.coarse[1])
-        approx = two_level.TwoLevel(approx, space, form=spec.form)
+        approx = two_level.TwoLevel(approx, space, form=spec.form, **spec.two_level)
     popt = PreconditionedOptimizer(
         model, approx, loss_fn=loss_fn, lr=LR,
         damping=DAMPING, kl_clip=KL_CLIP, momentum=MOMENTUM, t_cov=interval, t_inv=interval,

@@ -44,6 +44,10 @@ from curvlib.core.protocols import CurvatureApprox, Preconditioner, RefreshableA
 from curvlib.core.stats import CurvatureStatistics, PerSampleIO, StatKind
 from curvlib.linalg.factors import eigh
 
+DEFAULT_MAX_SAMPLES = 128
+"""Samples of each statistics batch the coarse level's Fisher is built from (see
+[`TwoLevel`][curvlib.approx.two_level.TwoLevel], ``max_samples``)."""
+
 FLUSH_EVERY = 16
 """Updates between two flushes of a fixed space's averaged rows of $R_0 F$ (see
 [`RestrictedFisher.flushed`][curvlib.approx.coarse_fisher.RestrictedFisher.flushed]):
@@ -177,6 +181,30 @@ def _check_guard(max_condition: float, max_correction: float) -> tuple[float, fl
             f"{max_correction!r}."
         )
     return float(max_condition), float(max_correction)
+
+
+def _check_max_samples(max_samples: int | None) -> int | None:
+    """``max_samples`` checked: a positive int, or ``None`` for every sample.
+
+    Raises:
+        ValueError: Otherwise.
+    """
+    if max_samples is None:
+        return None
+    if isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1:
+        raise ValueError(
+            "max_samples is the number of samples of each statistics batch the coarse "
+            "Fisher is built from and must be a positive int, or None for all "
+            f"(default {DEFAULT_MAX_SAMPLES}), got {max_samples!r}."
+        )
+    return max_samples
+
+
+def _first_samples(io: PerSampleIO, limit: int | None) -> PerSampleIO:
+    """The first ``limit`` samples of ``io`` (all of them when ``limit`` is ``None``), views."""
+    if limit is None or io.inputs.shape[0] <= limit:
+        return io
+    return PerSampleIO(inputs=io.inputs[:limit], output_grads=io.output_grads[:, :limit])
 
 
 def _flat(vectors: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -515,7 +543,7 @@ class TwoLevel:
     (``apply``, ``to_dense_full``); ``matvec`` and ``to_dense`` are the fine
     level's $C$ (the coarse level changes the solve, not the curvature model).
 
-    Cost on top of the fine level, with $c$ vectors, $m$ statistics rows and
+    **Cost** on top of the fine level, with $c$ vectors, $m$ statistics rows and
     $P$ parameters: ``update`` keeps the batch and, for fixed spaces, builds
     the rows of $R_0 F$ ($O(cmP)$; $O(cP)$ for ``Tselepidis``); ``inverse``
     the same for moving spaces, and an $O(c^3)$ eigendecomposition; ``apply``
@@ -523,7 +551,14 @@ class TwoLevel:
     (residual form), one fused $\zeta + R_0^\top\beta$. The rows of $R_0 F$
     take $cP$ numbers of memory; the additive form without ``report_error``
     keeps none. [`ResidualSpace`][curvlib.approx.coarse.ResidualSpace] costs
-    $F\zeta$, a second fine apply and $O(mP)$ projections per step.
+    $F\zeta$, a second fine apply and $O(mP)$ projections per step. The
+    $O(cmP)$ rows dominate a statistics step at large batches, so $m$ counts
+    at most ``max_samples`` = 128 samples per statistics batch (times the MC
+    draws): at a batch of 1000 (500 samples of statistics) the rows cost a
+    quarter, while the small $c \times c$ coarse matrix and the running
+    average over statistics steps keep the estimate usable. Batches up to
+    128 statistics samples are unaffected. Under data parallelism the
+    samples are those gathered in rank order, so every rank takes the same.
 
     Example:
         ```python
@@ -544,12 +579,16 @@ class TwoLevel:
             system that is solved (see **Safeguard**).
         max_correction: The bound $\tau$ on the correction's size relative to
             the fine step (see **Safeguard**).
+        max_samples: The coarse level's Fisher (the sample Fisher of the
+            spaces that use per-sample statistics) comes from the first
+            ``max_samples`` samples of each statistics batch (``None``: all);
+            the fine level always gets every sample. See **Cost**.
 
     Raises:
         TypeError: If ``coarse`` is not a ``CoarseSpace``.
         ValueError: If ``decay`` is outside ``[0, 1)``, ``max_condition`` is
-            not a finite number above 1 or ``max_correction`` not a finite
-            positive number.
+            not a finite number above 1, ``max_correction`` not a finite
+            positive number or ``max_samples`` not a positive int or ``None``.
 
     References:
         T. Tselepidis, J. Kohler and A. Orvieto, "Two-level K-FAC preconditioning
@@ -593,6 +632,7 @@ class TwoLevel:
         report_error: bool = False,
         max_condition: float = DEFAULT_MAX_CONDITION,
         max_correction: float = DEFAULT_MAX_CORRECTION,
+        max_samples: int | None = DEFAULT_MAX_SAMPLES,
     ) -> None:
         coarse = Nicolaides() if coarse is None else coarse
         if not isinstance(coarse, CoarseSpace):
@@ -608,6 +648,7 @@ class TwoLevel:
         self.dtype = dtype
         self.report_error = bool(report_error)
         self.max_condition, self.max_correction = _check_guard(max_condition, max_correction)
+        self.max_samples = _check_max_samples(max_samples)
         self.num_updates = 0
         self._shapes: dict[str, tuple[int, int]] = {}
         self._samples: dict[str, PerSampleIO] = {}
@@ -677,7 +718,7 @@ class TwoLevel:
                     "extractor with stats=approx.required_stats."
                 )
         samples = {
-            name: _cast_io(layer.io, self.dtype)
+            name: _cast_io(_first_samples(layer.io, self.max_samples), self.dtype)
             for name, layer in stats.layers.items()
             if self._uses_samples and layer.io is not None
         }

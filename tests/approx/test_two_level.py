@@ -93,8 +93,12 @@ class Fitted:
         self.size = ggn.shape[0]
 
     def split(self, vec: Tensor) -> dict[str, Tensor]:
+        return self.split_like(self.shapes, vec)
+
+    @staticmethod
+    def split_like(shapes: dict[str, tuple[int, int]], vec: Tensor) -> dict[str, Tensor]:
         out, start = {}, 0
-        for name, (rows, cols) in self.shapes.items():
+        for name, (rows, cols) in shapes.items():
             out[name] = vec[start : start + rows * cols].reshape(rows, cols)
             start += rows * cols
         return out
@@ -499,6 +503,54 @@ def test_residual_form_is_optimal_for_the_running_average_of_the_batches(
             r0 @ damped_latest @ r0.T, r0 @ (grad - damped_latest @ zeta)
         )
         assert float((r0.T @ (beta - beta_latest)).norm()) > 1e-3 * float((r0.T @ beta).norm())
+
+
+@pytest.mark.parametrize("problem", [P.mlp_ce(n=10), P.cnn_ce()], ids=lambda p: p.name)
+def test_coarse_fisher_comes_from_the_first_max_samples(problem: P.Problem) -> None:
+    """``max_samples=k``: the coarse level uses the GGN of the first k samples, the fine all."""
+    k = problem.n // 2
+    model = problem.model()
+    approx = TwoLevel(KFAC(), Nicolaides(), max_samples=k, **UNGUARDED)
+    approx.update(fit_statistics(problem, approx, FisherType.EXACT, model=model))
+    shapes = dict(approx._shapes)
+    layers = list(shapes)
+    first = oracle.dense_ggn(model, problem.loss_fn, problem.x[:k], problem.y[:k], layers)
+    whole = oracle.dense_ggn(model, problem.loss_fn, problem.x, problem.y, layers)
+    eye = torch.eye(first.shape[0], dtype=torch.float64)
+    sizes = [rows * cols for rows, cols in shapes.values()]
+    r0 = torch.block_diag(*[torch.full((1, n), n**-0.5, dtype=torch.float64) for n in sizes])
+    pre = approx.inverse(DAMPING)
+    # The fine level saw every sample: it equals KFAC fitted on the whole batch.
+    alone = KFAC()
+    alone.update(fit_statistics(problem, alone, FisherType.EXACT, model=model))
+    fine = alone.inverse(DAMPING)
+    for grad, zeta, got in _directions(pre, shapes, first.shape[0]):
+        mats = Fitted.split_like(shapes, grad)
+        zeta_alone = torch.cat([v.flatten() for v in fine.apply(mats).values()])
+        torch.testing.assert_close(zeta, zeta_alone, **EXACT)
+        for fisher, match in ((first + DAMPING * eye, True), (whole + DAMPING * eye, False)):
+            beta = torch.linalg.solve(r0 @ fisher @ r0.T, r0 @ (grad - fisher @ zeta))
+            close = torch.allclose(got, zeta + r0.T @ beta, **EXACT)
+            assert close is match
+
+
+@pytest.mark.parametrize("space", ["nicolaides", "spectral", "residual"])
+def test_max_samples_at_or_above_the_batch_changes_nothing(space: str) -> None:
+    problem = P.mlp_ce()
+    directions = []
+    for limit in (None, problem.n, problem.n + 5):
+        fitted = Fitted(problem, TwoLevel(KFAC(), SPACES[space](), max_samples=limit))
+        pre = fitted.approx.inverse(DAMPING)
+        directions.append([got for _, _, got in _directions(pre, fitted.shapes, fitted.size)])
+    for other in directions[1:]:
+        for a, b in zip(directions[0], other, strict=True):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("value", [0, -3, 2.5, True, "64"], ids=repr)
+def test_bad_max_samples_names_the_fix(value: object) -> None:
+    with pytest.raises(ValueError, match=r"max_samples .* positive int, or None"):
+        TwoLevel(KFAC(), Nicolaides(), max_samples=value)  # type: ignore[arg-type]
 
 
 # -- wrapper behaviour ------------------------------------------------------------------
