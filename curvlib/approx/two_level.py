@@ -21,7 +21,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -44,9 +44,9 @@ from curvlib.core.protocols import CurvatureApprox, Preconditioner, RefreshableA
 from curvlib.core.stats import CurvatureStatistics, PerSampleIO, StatKind
 from curvlib.linalg.factors import eigh
 
-DEFAULT_MAX_SAMPLES = 128
-"""Samples of each statistics batch the coarse level's Fisher is built from (see
-[`TwoLevel`][curvlib.approx.two_level.TwoLevel], ``max_samples``)."""
+FIXED_SPACE_SAMPLES = 128
+"""Samples of each statistics batch a fixed space's coarse Fisher is built from under
+``max_samples="auto"`` (see [`TwoLevel`][curvlib.approx.two_level.TwoLevel])."""
 
 FLUSH_EVERY = 16
 """Updates between two flushes of a fixed space's averaged rows of $R_0 F$ (see
@@ -183,19 +183,20 @@ def _check_guard(max_condition: float, max_correction: float) -> tuple[float, fl
     return float(max_condition), float(max_correction)
 
 
-def _check_max_samples(max_samples: int | None) -> int | None:
-    """``max_samples`` checked: a positive int, or ``None`` for every sample.
+def _check_max_samples(max_samples: int | Literal["auto"] | None) -> int | str | None:
+    """``max_samples`` checked: a positive int, ``"auto"``, or ``None`` for every sample.
 
     Raises:
         ValueError: Otherwise.
     """
-    if max_samples is None:
-        return None
+    if max_samples is None or max_samples == "auto":
+        return max_samples
     if isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1:
         raise ValueError(
             "max_samples is the number of samples of each statistics batch the coarse "
-            "Fisher is built from and must be a positive int, or None for all "
-            f"(default {DEFAULT_MAX_SAMPLES}), got {max_samples!r}."
+            "Fisher is built from and must be a positive int, 'auto' (the default: "
+            f"{FIXED_SPACE_SAMPLES} for fixed spaces, all for moving ones) or None for "
+            f"all, got {max_samples!r}."
         )
     return max_samples
 
@@ -552,13 +553,15 @@ class TwoLevel:
     take $cP$ numbers of memory; the additive form without ``report_error``
     keeps none. [`ResidualSpace`][curvlib.approx.coarse.ResidualSpace] costs
     $F\zeta$, a second fine apply and $O(mP)$ projections per step. The
-    $O(cmP)$ rows dominate a statistics step at large batches, so $m$ counts
-    at most ``max_samples`` = 128 samples per statistics batch (times the MC
-    draws): at a batch of 1000 (500 samples of statistics) the rows cost a
-    quarter, while the small $c \times c$ coarse matrix and the running
-    average over statistics steps keep the estimate usable. Batches up to
-    128 statistics samples are unaffected. Under data parallelism the
-    samples are those gathered in rank order, so every rank takes the same.
+    $O(cmP)$ rows dominate a statistics step at large batches, so for a
+    fixed space $m$ counts at most 128 samples per statistics batch (times
+    the MC draws; ``max_samples="auto"``): at a batch of 1000 (500 samples of
+    statistics) its rows cost a quarter, and the running average over the
+    statistics steps averages the subsample's noise out. A moving space
+    restricts one batch's Fisher, with nothing to average over, and keeps
+    every sample. Batches up to 128 statistics samples are unaffected. Under
+    data parallelism the samples are those gathered in rank order, so every
+    rank takes the same.
 
     Example:
         ```python
@@ -581,14 +584,16 @@ class TwoLevel:
             the fine step (see **Safeguard**).
         max_samples: The coarse level's Fisher (the sample Fisher of the
             spaces that use per-sample statistics) comes from the first
-            ``max_samples`` samples of each statistics batch (``None``: all);
-            the fine level always gets every sample. See **Cost**.
+            ``max_samples`` samples of each statistics batch (``None``: all;
+            ``"auto"``: 128 for a fixed space, all for a moving one); the
+            fine level always gets every sample. See **Cost**.
 
     Raises:
         TypeError: If ``coarse`` is not a ``CoarseSpace``.
         ValueError: If ``decay`` is outside ``[0, 1)``, ``max_condition`` is
             not a finite number above 1, ``max_correction`` not a finite
-            positive number or ``max_samples`` not a positive int or ``None``.
+            positive number or ``max_samples`` not a positive int, ``"auto"``
+            or ``None``.
 
     References:
         T. Tselepidis, J. Kohler and A. Orvieto, "Two-level K-FAC preconditioning
@@ -632,7 +637,7 @@ class TwoLevel:
         report_error: bool = False,
         max_condition: float = DEFAULT_MAX_CONDITION,
         max_correction: float = DEFAULT_MAX_CORRECTION,
-        max_samples: int | None = DEFAULT_MAX_SAMPLES,
+        max_samples: int | Literal["auto"] | None = "auto",
     ) -> None:
         coarse = Nicolaides() if coarse is None else coarse
         if not isinstance(coarse, CoarseSpace):
@@ -667,6 +672,14 @@ class TwoLevel:
     @property
     def _uses_samples(self) -> bool:
         return StatKind.PER_SAMPLE_IO in self.coarse.required_stats
+
+    @property
+    def _sample_limit(self) -> int | None:
+        """The samples of a statistics batch the coarse Fisher uses (``None``: all)."""
+        if self.max_samples == "auto":
+            return FIXED_SPACE_SAMPLES if self.coarse.is_fixed else None
+        assert self.max_samples is None or isinstance(self.max_samples, int)
+        return self.max_samples
 
     @property
     def _needs_rows(self) -> bool:
@@ -718,7 +731,7 @@ class TwoLevel:
                     "extractor with stats=approx.required_stats."
                 )
         samples = {
-            name: _cast_io(_first_samples(layer.io, self.max_samples), self.dtype)
+            name: _cast_io(_first_samples(layer.io, self._sample_limit), self.dtype)
             for name, layer in stats.layers.items()
             if self._uses_samples and layer.io is not None
         }

@@ -547,9 +547,25 @@ def test_max_samples_at_or_above_the_batch_changes_nothing(space: str) -> None:
             assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("value", [0, -3, 2.5, True, "64"], ids=repr)
+@pytest.mark.parametrize(
+    ("space", "same_as"), [("nicolaides", 128), ("spectral", None), ("residual", None)]
+)
+def test_auto_max_samples_caps_fixed_spaces_only(space: str, same_as: int | None) -> None:
+    """``"auto"``: 128 samples for a fixed space (averaged), all for a moving one."""
+    problem = P.mlp_ce(n=130)
+    directions = []
+    for limit in ("auto", same_as, 128 if same_as is None else None):
+        fitted = Fitted(problem, TwoLevel(KFAC(), SPACES[space](), max_samples=limit))
+        pre = fitted.approx.inverse(DAMPING)
+        directions.append([got for _, _, got in _directions(pre, fitted.shapes, fitted.size)])
+    auto, same, other = directions
+    assert all(torch.equal(a, b) for a, b in zip(auto, same, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(auto, other, strict=True))
+
+
+@pytest.mark.parametrize("value", [0, -3, 2.5, True, "64", "all"], ids=repr)
 def test_bad_max_samples_names_the_fix(value: object) -> None:
-    with pytest.raises(ValueError, match=r"max_samples .* positive int, or None"):
+    with pytest.raises(ValueError, match=r"max_samples .* positive int, 'auto'"):
         TwoLevel(KFAC(), Nicolaides(), max_samples=value)  # type: ignore[arg-type]
 
 
