@@ -46,6 +46,23 @@ def _git(*args: str) -> str:
     return result.stdout.strip() if result.returncode == 0 else ""
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), else what ``platform`` knows.
+
+    Float32 reductions round differently on other CPUs, and the gallery's
+    training runs carry that forward: the stored numbers are reproducible on
+    this model only (``tests/examples/test_gallery.py``).
+    """
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
 def provenance(seconds: dict[str, float]) -> str:
     """One line: date, commit, versions, machine, and the time of each script."""
     commit = _git("rev-parse", "--short", "HEAD") or "unknown"
@@ -57,7 +74,8 @@ def provenance(seconds: dict[str, float]) -> str:
         f"Outputs generated on {datetime.date.today().isoformat()} by "
         f"`python examples/gallery/run_all.py` at curvlib commit {commit}, with torch "
         f"{torch.__version__} and Python {platform.python_version()} on {platform.system()} "
-        f"{platform.machine()} ({os.cpu_count()} CPUs, OMP_NUM_THREADS={threads}). Wall time "
+        f"{platform.machine()} (CPU `{cpu_model()}`, {os.cpu_count()} CPUs, "
+        f"OMP_NUM_THREADS={threads}). Wall time "
         f"per script: {times}.\n"
     )
 

@@ -8,10 +8,15 @@ Then the claim each script makes is checked on the fresh output, so that a
 change that keeps the numbers close but turns a result around still fails.
 
 The tolerances. The scripts are seeded, so on one machine with one thread
-(as here and in ``run_all.py``) they print the same text every time. Across
-thread counts and CPUs, float32 reductions sum in another order and the
-training runs carry the rounding differences forward; runs with 1 and 2 threads
-on the generating machine printed the same training losses to the last digit.
+(as here and in ``run_all.py``) they print the same text every time; runs with
+1 and 2 threads on the generating machine printed the same training losses to
+the last digit. On another CPU model float32 reductions round differently and
+the training runs carry that forward: on an AMD EPYC, outputs stored on an
+Intel Xeon agreed for the first epochs and then moved by up to 39% (the
+KFAC run's loss at epoch 7 of ``kfac_in_20_lines``, 0.033 against 0.020)
+and 26% (the diagonal KFAC of ``custom_approximation`` at epoch 6). So the
+numbers are compared only on the CPU model that ``generated.txt`` names
+(``run_all.cpu_model``); elsewhere the text and the claims below are.
 The Laplace draws differ more: within the repeated eigenvalues of the factors
 (pixels that are always blank) LAPACK may pick another eigenbasis, which draws
 the same distribution but other samples. Between two independent sets of draws, the
@@ -42,7 +47,7 @@ PAGES = ROOT / "docs" / "gallery"
 OUTPUT = PAGES / "output"
 sys.path.insert(0, str(GALLERY))
 
-from run_all import SCRIPTS  # noqa: E402
+from run_all import SCRIPTS, cpu_model  # noqa: E402
 
 RTOL = 0.05
 """Relative tolerance of every printed number against the stored output (see above)."""
@@ -108,8 +113,14 @@ def test_every_script_is_listed_and_has_a_page_with_its_output() -> None:
 # -- each script against its stored output --------------------------------------------
 
 
+def _generating_cpu() -> str | None:
+    """The CPU model ``generated.txt`` names, ``None`` if it names none."""
+    found = re.search(r"CPU `([^`]*)`", (OUTPUT / "generated.txt").read_text(encoding="utf-8"))
+    return found.group(1) if found else None
+
+
 @pytest.mark.parametrize("name", SCRIPTS)
-def test_output_matches_the_stored_output(
+def test_output_text_matches_the_stored_output(
     name: str, outputs: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     fresh = _run(name, outputs, monkeypatch)
@@ -117,6 +128,24 @@ def test_output_matches_the_stored_output(
     assert NUMBER.sub("<n>", fresh) == NUMBER.sub("<n>", stored), (
         f"the text of {name}.py's output changed: run python examples/gallery/run_all.py"
     )
+
+
+def test_generated_txt_names_the_cpu() -> None:
+    assert _generating_cpu(), "run python examples/gallery/run_all.py (it records the CPU)"
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_output_numbers_match_the_stored_output(
+    name: str, outputs: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stored_cpu = _generating_cpu()
+    if stored_cpu != cpu_model():
+        pytest.skip(
+            f"outputs stored on {stored_cpu!r}, this is {cpu_model()!r}: training runs "
+            "round differently (module docstring); the text and the claims are checked"
+        )
+    fresh = _run(name, outputs, monkeypatch)
+    stored = (OUTPUT / f"{name}.txt").read_text(encoding="utf-8")
     for fresh_line, stored_line in zip(fresh.splitlines(), stored.splitlines(), strict=True):
         for new, old in zip(_numbers(fresh_line), _numbers(stored_line), strict=True):
             assert math.isclose(new, old, rel_tol=RTOL, abs_tol=ATOL), (
