@@ -71,6 +71,21 @@ def _unit_float(text: str) -> float:
     return value
 
 
+def coarse_samples(text: str) -> int | str | None:
+    """``argparse`` type of ``--coarse-samples``: ``auto``, ``all`` or a positive int."""
+    value = text.strip().lower()
+    if value == "auto":
+        return "auto"
+    if value == "all":
+        return None
+    try:
+        return positive_int(value)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"expected auto, all or a positive int, got {text!r}"
+        ) from None
+
+
 def positive_int(text: str) -> int:
     """``argparse`` type: an integer >= 1."""
     try:
@@ -473,6 +488,15 @@ def build_parser(
         default="residual",
         help="how the coarse correction combines with the fine step",
     )
+    opt.add_argument(
+        "--coarse-samples",
+        type=coarse_samples,
+        default="auto",
+        metavar="N|all|auto",
+        help="samples of each statistics batch the coarse level's Fisher uses (TwoLevel's "
+        "max_samples; auto: 128 for nicolaides without --krylov, all for spectral, residual "
+        "and --krylov; tselepidis builds its own model and uses none)",
+    )
     several = opt.add_mutually_exclusive_group()
     several.add_argument(
         "--compare",
@@ -624,5 +648,6 @@ def optim_config(args: argparse.Namespace, spec: RunSpec) -> OptimConfig:
         coarse_space=coarse,
         krylov=getattr(args, "krylov", False),
         coarse_form=getattr(args, "coarse_form", "residual"),
+        coarse_samples=getattr(args, "coarse_samples", "auto"),
     )
     return replace(config, **dict(spec.settings))

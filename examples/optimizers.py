@@ -55,6 +55,9 @@ class OptimConfig:
             two-level correction with that coarse space (``None``: none).
         krylov: Krylov enrichment of the coarse space.
         coarse_form: ``residual`` or ``additive`` (see ``CorrectionForm``).
+        coarse_samples: ``TwoLevel``'s ``max_samples``: the samples of each
+            statistics batch the coarse level's Fisher uses (``"auto"``,
+            ``None`` for all, or an int).
     """
 
     lr: float
@@ -78,6 +81,7 @@ class OptimConfig:
     coarse_space: str | None = None
     krylov: bool = False
     coarse_form: str = "residual"
+    coarse_samples: int | str | None = "auto"
 
 
 class Factory(Protocol):
@@ -147,7 +151,9 @@ def _curvature(make_approx: Callable[..., CurvatureApprox]) -> Factory:
 
         approx = make_approx(**approx_options(cfg))
         if cfg.coarse_space is not None:
-            approx = two_level(lambda: approx, cfg.coarse_space, cfg.krylov, cfg.coarse_form)()
+            approx = two_level(
+                lambda: approx, cfg.coarse_space, cfg.krylov, cfg.coarse_form, cfg.coarse_samples
+            )()
         own = default_damping(approx)
         lam = own.damping if cfg.damping is None else cfg.damping
         samples = own.samples if cfg.damping_warmup_samples is None else cfg.damping_warmup_samples
@@ -269,8 +275,9 @@ def two_level(
     space: str,
     krylov: bool = False,
     form: str = "residual",
+    max_samples: int | str | None = "auto",
 ) -> Callable[[], CurvatureApprox]:
-    """Builds ``TwoLevel(make_fine(), COARSE_SPACES[space](krylov), form=form)``.
+    """Builds ``TwoLevel(make_fine(), COARSE_SPACES[space](krylov), form=form, max_samples=...)``.
 
     Raises:
         KeyError: If ``space`` is not a key of ``COARSE_SPACES``.
@@ -279,7 +286,9 @@ def two_level(
 
     def make() -> CurvatureApprox:
         module = importlib.import_module("curvlib.approx.two_level")
-        approx: CurvatureApprox = module.TwoLevel(make_fine(), make_space(krylov), form=form)
+        approx: CurvatureApprox = module.TwoLevel(
+            make_fine(), make_space(krylov), form=form, max_samples=max_samples
+        )
         return approx
 
     return make

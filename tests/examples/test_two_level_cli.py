@@ -95,6 +95,32 @@ def test_misuse_of_the_flags_is_a_usage_error(
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("flag", "expected"), [([], "auto"), (["--coarse-samples", "all"], None),
+                           (["--coarse-samples", "64"], 64), (["--coarse-samples", "AUTO"], "auto")]
+)  # fmt: skip
+def test_coarse_samples_reaches_the_two_level_approximation(
+    flag: list[str], expected: object
+) -> None:
+    args = autoencoder.build_argparser().parse_args(
+        ["--optim", "kfac", "--coarse-space", "nicolaides", *flag]
+    )
+    config = common.optim_config(args, args.optim)
+    opt = common.build_optimizer("kfac", autoencoder.autoencoder((12, 6, 3)), nn.MSELoss(), config)
+    approx = opt.engine.approx  # type: ignore[attr-defined]
+    assert isinstance(approx, TwoLevel) and approx.max_samples == expected
+
+
+@pytest.mark.parametrize("value", ["0", "-4", "many", "2.5"])
+def test_bad_coarse_samples_is_a_usage_error(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        autoencoder.build_argparser().parse_args(["--coarse-samples", value])
+    assert exc.value.code == 2
+    assert "expected auto, all or a positive int" in capsys.readouterr().err
+
+
 def test_compare_adds_the_coarse_space_to_the_curvature_runs_only() -> None:
     args = autoencoder.build_argparser().parse_args(
         ["--compare", "kfac,adam", "--coarse-space", "nicolaides"]
