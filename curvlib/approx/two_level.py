@@ -557,7 +557,7 @@ class TwoLevel:
     fixed space $m$ counts at most 128 samples per statistics batch (times
     the MC draws; ``max_samples="auto"``): at a batch of 1000 (500 samples of
     statistics) its rows cost a quarter, and the running average over the
-    statistics steps averages the subsample's noise out. A moving space
+    statistics steps averages the subsample's noise with them. A moving space
     restricts one batch's Fisher, with nothing to average over, and keeps
     every sample. Batches up to 128 statistics samples are unaffected. Under
     data parallelism the samples are those gathered in rank order, so every
