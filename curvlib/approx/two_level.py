@@ -183,7 +183,9 @@ def _check_guard(max_condition: float, max_correction: float) -> tuple[float, fl
     return float(max_condition), float(max_correction)
 
 
-def _check_max_samples(max_samples: int | Literal["auto"] | None) -> int | str | None:
+def _check_max_samples(
+    max_samples: int | Literal["auto"] | None,
+) -> int | Literal["auto"] | None:
     """``max_samples`` checked: a positive int, ``"auto"``, or ``None`` for every sample.
 
     Raises:
@@ -585,8 +587,9 @@ class TwoLevel:
         max_samples: The coarse level's Fisher (the sample Fisher of the
             spaces that use per-sample statistics) comes from the first
             ``max_samples`` samples of each statistics batch (``None``: all;
-            ``"auto"``: 128 for a fixed space, all for a moving one); the
-            fine level always gets every sample. See **Cost**.
+            ``"auto"``: [`FIXED_SPACE_SAMPLES`][curvlib.approx.two_level.FIXED_SPACE_SAMPLES]
+            for a fixed space, all for a moving one); the fine level always
+            gets every sample. See **Cost**.
 
     Raises:
         TypeError: If ``coarse`` is not a ``CoarseSpace``.
