@@ -142,7 +142,11 @@ def layer_step(
     r"""Momentum and parameter update of one group's curvature layers.
 
     $\theta \leftarrow (1 - \eta\omega)\theta - \eta\,\text{step}$ with the
-    momentum buffers in ``state[p]`` (decay only for decoupled weight decay).
+    momentum buffers in ``state[p]`` (decay only for decoupled weight decay),
+    as [`momentum_direction`][curvlib.optim.kernels.momentum_direction] computes
+    them, for all parameters at once: one ``torch._foreach`` call per operation
+    instead of a few per parameter (fewer interpreter round trips on the CPU,
+    fewer kernel launches on an accelerator).
 
     Args:
         state: The optimizer's per-parameter state.
@@ -159,30 +163,54 @@ def layer_step(
     lr, momentum = float(group["lr"]), float(group["momentum"])
     wd = float(group["weight_decay"]) if group["decoupled_weight_decay"] else 0.0
     nesterov = bool(group["nesterov"])
-    deltas: dict[str, Tensor] = {}
     params: list[Tensor] = []
-    steps: list[Tensor] = []
+    parts: list[Tensor] = []
     for layer in layers:
-        parts = layer.from_matrix(directions[layer.name])
-        changes = []
-        for p, d in zip(layer.parameters, parts, strict=False):
+        for p, d in zip(layer.parameters, layer.from_matrix(directions[layer.name]), strict=False):
             assert d is not None
-            step, state[p]["momentum_buffer"] = momentum_direction(
-                d, state[p].get("momentum_buffer"), momentum, nesterov, clip
-            )
-            if want_deltas:
-                changes.append(-lr * (step + wd * p))
             params.append(p)
-            steps.append(step.to(p.dtype))
-        if want_deltas:
-            deltas[layer.name] = layer.to_matrix(*changes)
+            parts.append(d)
     if not params:  # torch's foreach kernels refuse empty lists
-        return deltas
-    # All parameters at once (one kernel launch per kind on an accelerator).
+        return {}
+    steps = _momentum_steps(state, params, parts, momentum, nesterov, clip)
+    deltas: dict[str, Tensor] = {}
+    if want_deltas:
+        changes = iter([-lr * (step + wd * p) for p, step in zip(params, steps, strict=True)])
+        for layer in layers:
+            deltas[layer.name] = layer.to_matrix(*(next(changes) for _ in layer.parameters))
+    steps = [s if s.dtype == p.dtype else s.to(p.dtype) for p, s in zip(params, steps, strict=True)]
     if wd:
         torch._foreach_mul_(params, 1.0 - lr * wd)
     torch._foreach_add_(params, steps, alpha=-lr)
     return deltas
+
+
+def _momentum_steps(
+    state: MutableMapping[Any, dict[str, Any]],
+    params: Sequence[Tensor],
+    directions: Sequence[Tensor],
+    momentum: float,
+    nesterov: bool,
+    clip: float,
+) -> list[Tensor]:
+    """``momentum_direction`` of every parameter at once; updates the buffers in ``state``."""
+    directions = list(directions)
+    if momentum == 0.0:
+        for p in params:
+            state[p]["momentum_buffer"] = None
+        return directions if clip == 1.0 else list(torch._foreach_mul(directions, clip))
+    old = [i for i, p in enumerate(params) if state[p].get("momentum_buffer") is not None]
+    if old:
+        buffers = [state[params[i]]["momentum_buffer"] for i in old]
+        torch._foreach_mul_(buffers, momentum * clip)
+        torch._foreach_add_(buffers, [directions[i] for i in old], alpha=clip)
+    for i in set(range(len(params))) - set(old):
+        state[params[i]]["momentum_buffer"] = directions[i].mul(clip)
+    buffers = [state[p]["momentum_buffer"] for p in params]
+    if not nesterov:
+        return buffers
+    steps = directions if clip == 1.0 else list(torch._foreach_mul(directions, clip))
+    return list(torch._foreach_add(steps, buffers, alpha=momentum))
 
 
 def sgd_step(state: MutableMapping[Any, dict[str, Any]], group: Mapping[str, Any]) -> None:

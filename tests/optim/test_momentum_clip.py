@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections import defaultdict
 
 import pytest
@@ -11,7 +12,12 @@ from torch import Tensor, nn
 import tests.problems as P
 from curvlib import KFAC, PreconditionedOptimizer
 from curvlib.core.layout import ModelLayout
-from curvlib.optim.kernels import clip_from_norms, layer_step, momentum_step_norms
+from curvlib.optim.kernels import (
+    clip_from_norms,
+    layer_step,
+    momentum_direction,
+    momentum_step_norms,
+)
 
 DTYPE = torch.float64
 
@@ -125,3 +131,59 @@ def test_the_parameter_update_matches_sgd_with_momentum_and_takes_no_layers() ->
         expected = (1 - 0.1 * 0.01) * expected - 0.1 * b
     actual = torch.cat([model[0].weight, model[0].bias[:, None]], dim=1)
     torch.testing.assert_close(actual.detach(), expected)
+
+
+def _layers_of_every_kind() -> tuple[nn.Module, list]:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3),
+        nn.ConvTranspose2d(3, 2, 2, bias=False),
+        nn.Flatten(),
+        nn.Linear(2 * 5 * 5, 4),
+    ).double()
+    return model, list(ModelLayout.from_model(model).layers)
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_the_vectorised_update_equals_momentum_direction_per_parameter(nesterov: bool) -> None:
+    """All parameters at once (``torch._foreach``) as one ``momentum_direction`` each.
+
+    Through a momentum switched off and on again (buffers cleared, then new),
+    KL clips below 1, a convolution, a transposed one without bias and a linear
+    layer, with the parameter changes it reports.
+    """
+    model, layers = _layers_of_every_kind()
+    reference = copy.deepcopy(model)
+    ref_params = dict(zip(model.parameters(), reference.parameters(), strict=True))
+    state: defaultdict[object, dict[str, object]] = defaultdict(dict)
+    ref_state: defaultdict[object, dict[str, object]] = defaultdict(dict)
+    gen = torch.Generator().manual_seed(1)
+    schedule = [(0.9, 1.0), (0.9, 0.3), (0.0, 0.5), (0.9, 1.0), (0.9, 0.7)]
+    for momentum, clip in schedule:
+        group = {"lr": 0.1, "momentum": momentum, "nesterov": nesterov,
+                 "weight_decay": 0.01, "decoupled_weight_decay": True}  # fmt: skip
+        directions = {
+            la.name: torch.randn(la.out_dim, la.in_dim_aug, generator=gen, dtype=DTYPE)
+            for la in layers
+        }
+        before = {la.name: la.to_matrix(*(p.detach().clone() for p in la.parameters))
+                  for la in layers}  # fmt: skip
+        with torch.no_grad():
+            deltas = layer_step(state, group, layers, directions, True, clip=clip)
+            for la in layers:
+                parts = la.from_matrix(directions[la.name])
+                for p, d in zip(la.parameters, parts, strict=False):
+                    q = ref_params[p]
+                    step, ref_state[q]["momentum_buffer"] = momentum_direction(
+                        d, ref_state[q].get("momentum_buffer"), momentum, nesterov, clip
+                    )
+                    q.mul_(1 - 0.1 * 0.01).add_(step, alpha=-0.1)
+        for p, q in ref_params.items():
+            torch.testing.assert_close(p, q, rtol=0, atol=1e-15)
+            buffer, ref_buffer = state[p]["momentum_buffer"], ref_state[q]["momentum_buffer"]
+            assert (buffer is None) == (ref_buffer is None) == (momentum == 0.0)
+            if buffer is not None:
+                torch.testing.assert_close(buffer, ref_buffer, rtol=0, atol=1e-15)
+        for la in layers:
+            after = la.to_matrix(*(p.detach() for p in la.parameters))
+            torch.testing.assert_close(deltas[la.name], after - before[la.name])
