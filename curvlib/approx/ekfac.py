@@ -19,11 +19,23 @@ every ``update`` folds $A$, $G$ into their running averages and the projected
 second moments into $s$ (cheap: the statistics rotated by $Q_G$ and $Q_A$);
 ``refresh()``, which the optimizer calls every ``t_inv`` steps before that
 step's update, eigendecomposes the running $A$ and $G$; the next ``update``
-switches to the new basis and restarts $s$ there with its batch's second
-moments, as George et al. recompute the scalings after each
-eigendecomposition (carrying the old $s$ over, $s' = \operatorname{diag}(Q'^\top
-C Q')$, would cost four more products of the factors' size per layer, as much
-as the eigendecompositions themselves).
+switches to the new basis $Q'$ and carries the running estimate $C =
+Q\operatorname{diag}(s)Q^\top$ over to it before folding in its batch's second
+moments,
+
+$$s \leftarrow \operatorname{diag}(Q'^\top C Q') = (R_G \odot R_G)\, s\, (R_A \odot
+R_A)^\top, \qquad R_G = Q_G'^\top Q_G,\ R_A = Q_A'^\top Q_A ,$$
+
+the best estimate diagonal in the new basis of what $s$ described in the old
+one. So $s$ averages over as many batches as $A$ and $G$ do, also when the basis
+is refreshed on every statistics step (the optimizer's default, ``t_cov =
+t_inv``). Restarting $s$ from the batch instead (as George et al. re-estimate
+the scalings after each eigendecomposition) left it one batch's moments at
+every step: with half a batch of 200 digits, EKFAC stalled at the mean image on
+three of six runs of the convergence benchmark's two autoencoders, and on none
+with the carry ([results](../results/convergence.md#ekfac-carries-its-scalings-over)).
+The carry costs four products of the factors' size per layer, about a third of
+the eigendecompositions.
 
 Damping ([`EKFACDamping`][curvlib.approx.ekfac.EKFACDamping]): by default KFAC's
 factored damping carried into the eigenbasis, so that EKFAC is damped like the
@@ -87,6 +99,19 @@ def _rayleigh(factor: Tensor, basis: Tensor) -> Tensor:
     return (basis * (factor @ basis)).sum(0).clamp_min(0.0)
 
 
+def _carried(
+    scalings: Tensor, old_g: Tensor, old_a: Tensor, new_g: Tensor, new_a: Tensor
+) -> Tensor:
+    r"""The scalings of $C = Q\operatorname{diag}(s)Q^\top$ in the basis $Q'$, ``[d_out, d_in]``.
+
+    $(R_G \odot R_G)\, s\, (R_A \odot R_A)^\top$ with $R = Q'^\top Q$ per factor:
+    the entry $(i, j)$ is $\sum_{k,l} (R_G)_{ik}^2 s_{kl} (R_A)_{jl}^2$.
+    """
+    r_g = (new_g.T @ old_g).square_()
+    r_a = (new_a.T @ old_a).square_()
+    return r_g @ scalings @ r_a.T
+
+
 class _EKFACBlock(LayerBlock):
     cheap_condition = True
 
@@ -110,7 +135,6 @@ class _EKFACBlock(LayerBlock):
         assert stats.kronecker is not None and stats.io is not None
         A = running_average(self.A, self._cast(stats.kronecker.A), rho, symmetrize=True)
         G = running_average(self.G, self._cast(stats.kronecker.G), rho, symmetrize=True)
-        restart = self.basis_a is None or self.pending is not None
         if self.pending is not None:
             values_a, basis_a, values_g, basis_g = self.pending
         elif self.basis_a is None or self.basis_g is None:
@@ -125,8 +149,11 @@ class _EKFACBlock(LayerBlock):
             output_grads=self._cast(io.output_grads) @ basis_g,
         )
         moments = rotated.squared_grads_sum() / io.inputs.shape[0]
-        # In a new basis the scalings restart from this batch, as on the first update.
-        scalings = running_average(None if restart else self.scalings, moments, rho)
+        old = self.scalings
+        if old is not None and self.pending is not None:  # carried over to the new basis
+            assert self.basis_a is not None and self.basis_g is not None
+            old = _carried(old, self.basis_g, self.basis_a, basis_g, basis_a)
+        scalings = running_average(old, moments, rho)
         # Assign at the end: a failure above leaves the block as it was.
         self.stale = self.basis_a is not None
         self.A, self.G, self.basis_a, self.basis_g = A, G, basis_a, basis_g
@@ -306,8 +333,10 @@ class EKFAC(LayerwiseApprox):
     Cost per layer with $d_o$ rows and $d_i$ columns: update
     $O(K N T (d_o^2 + d_i^2))$ to rotate the per-sample statistics plus the
     second moments (one GEMM for a ``Linear`` layer; per-sample matrices in
-    chunks for convolutions); refresh two eigendecompositions $O(d_o^3 +
-    d_i^3)$; apply four products, $O(2 d_o d_i (d_o + d_i))$.
+    chunks for convolutions), and at the first update after a refresh the
+    scalings carried to the new basis, $O(d_o^3 + d_i^3 + d_o d_i (d_o + d_i))$;
+    refresh two eigendecompositions $O(d_o^3 + d_i^3)$; apply four products,
+    $O(2 d_o d_i (d_o + d_i))$.
 
     Example:
         >>> sorted(k.name for k in EKFAC().required_stats)
@@ -345,8 +374,9 @@ class EKFAC(LayerwiseApprox):
     def refresh(self) -> None:
         """Recompute every layer's eigenbasis from its running factors (two ``eigh`` each).
 
-        The new bases take effect at the next ``update``, which restarts the
-        scalings there with its batch's second moments; until then ``matvec``
+        The new bases take effect at the next ``update``, which carries the
+        scalings over to them before folding in its batch's second moments
+        (module docstring); until then ``matvec``
         and ``inverse`` keep the current estimate. Layers whose factors have
         not changed since their basis was computed are skipped. All layers are
         refreshed or none: if an eigendecomposition fails, nothing changes and

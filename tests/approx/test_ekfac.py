@@ -77,7 +77,13 @@ def test_never_further_from_the_exact_block_than_kfac(problem: Problem) -> None:
     assert max(gaps) > 1e-6 * float(dense.norm())  # strictly better somewhere
 
 
-def test_refresh_switches_basis_at_the_next_update_and_restarts_the_scalings() -> None:
+def test_refresh_switches_basis_at_the_next_update_and_carries_the_scalings_over() -> None:
+    r"""The estimate in the new basis: the old one's diagonal there, averaged with the batch's.
+
+    $Q'\operatorname{diag}(\rho\,\operatorname{diag}(Q'^\top C Q') + (1 - \rho)
+    \operatorname{diag}(Q'^\top F Q'))Q'^\top$ with $C$ the dense estimate before the
+    refresh, $F$ the exact block of the new batch and $\rho$ the running average's weight.
+    """
     problem = PROBLEMS[0]
     ekfac = EKFAC(decay=0.5)
     assert isinstance(ekfac, RefreshableApprox)
@@ -105,9 +111,13 @@ def test_refresh_switches_basis_at_the_next_update_and_restarts_the_scalings() -
     for name, sl in oracle.layer_slices(model).items():
         A, G = factors_at_refresh[name]
         q = torch.kron(torch.linalg.eigh(G).eigenvectors, torch.linalg.eigh(A).eigenvectors)
-        # The new basis, with the third batch's own second moments: no trace of the old ones.
-        expected = q @ torch.diag(torch.diagonal(q.T @ dense[sl, sl] @ q)) @ q.T
+        rho = 0.5  # min(1 - 1/4, decay) at the fourth update
+        moments = torch.diagonal(q.T @ dense[sl, sl] @ q)
+        carried = torch.diagonal(q.T @ before[name] @ q)
+        expected = q @ torch.diag(rho * carried + (1 - rho) * moments) @ q.T
         assert _rel(ekfac.to_dense(name), expected) < RTOL, name
+        restarted = q @ torch.diag(moments) @ q.T  # the batch's moments alone
+        assert _rel(ekfac.to_dense(name), restarted) > 1e-6, name
         assert _rel(ekfac.to_dense(name), before[name]) > 1e-6, name
 
 
