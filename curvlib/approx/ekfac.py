@@ -32,10 +32,11 @@ is refreshed on every statistics step (the optimizer's default, ``t_cov =
 t_inv``). Restarting $s$ from the batch instead (as George et al. re-estimate
 the scalings after each eigendecomposition) left it one batch's moments at
 every step: with half a batch of 200 digits, EKFAC stalled at the mean image on
-three of six runs of the convergence benchmark's two autoencoders, and on none
-with the carry ([results](../results/convergence.md#ekfac-carries-its-scalings-over)).
-The carry costs four products of the factors' size per layer, about a third of
-the eigendecompositions.
+two of the six runs of the convergence benchmark's two autoencoders and diverged
+on a third, and on none with the carry
+([results](../results/convergence.md#ekfac-carries-its-scalings-over)). The
+carry costs four products of the factors' size per layer (a statistics step
+took up to 14% longer on that benchmark's tasks).
 
 Damping ([`EKFACDamping`][curvlib.approx.ekfac.EKFACDamping]): by default KFAC's
 factored damping carried into the eigenbasis, so that EKFAC is damped like the

@@ -204,7 +204,7 @@ def _momentum_steps(
         buffers = [state[params[i]]["momentum_buffer"] for i in old]
         torch._foreach_mul_(buffers, momentum * clip)
         torch._foreach_add_(buffers, [directions[i] for i in old], alpha=clip)
-    for i in set(range(len(params))) - set(old):
+    for i in sorted(set(range(len(params))) - set(old)):  # the first step's buffers
         state[params[i]]["momentum_buffer"] = directions[i].mul(clip)
     buffers = [state[p]["momentum_buffer"] for p in params]
     if not nesterov:
