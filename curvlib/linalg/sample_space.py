@@ -34,15 +34,28 @@ pairs formed):
 | matrix-free, $T = 1$ | | $2N(d_i^2 + K d_o^2)$ | |
 | matrix-free, $T > 1$ | $KNT d_o d_i$ | $2KN d_o d_i (d_o + d_i)$ | |
 | sample space, $T = 1$ | $N^2 (d_i + K^2 d_o)$ | $2(1 + K^2) N^2$ | $N d_i^2 + KN d_o^2$ |
-| sample space, $T > 1$ | $N^2T^2 (d_i + K^2 d_o)$ | $2(1 + K^2) N^2 T^3$ | $NT(d_i^2 + K d_o^2)$ |
+| sample space, $T > 1$ | per Gram side $K_s^2N^2T^2 d_s$ | see below | $NT(d_i^2 + K d_o^2)$ |
 
-[`choose_form`][curvlib.linalg.sample_space.choose_form] takes the cheaper at
+For $T > 1$ each side $s$ (inputs: $d_s = d_i$, $K_s = 1$; output gradients:
+$d_s = d_o$, $K_s = K$) takes its product with the Gram matrix of the terms
+one of two ways ([`SideRoute`][curvlib.linalg.sample_space.SideRoute]):
+through the Gram matrix of the $NT$ vectors, $\sum_m M^{nm}C_m(M^{nm})^\top$
+($O(K_s^2N^2T^3)$ once the Gram matrix is built), or through the features,
+$Y = \sum_m X_m^\top C_m X_m$ and then $X_n Y X_n^\top$ ($O(K_sN(T^2 d_s + T
+d_s^2))$, no Gram matrix), which is far cheaper on a side with few features,
+such as the output side of a convolution with few channels. Both give the same
+numbers up to round-off; the cheaper at $p$ products is taken per side.
+
+[`choose_form`][curvlib.linalg.sample_space.choose_form] takes the cheaper form at
 $p$ = ``EXPECTED_PRODUCTS``. For a ``Linear`` layer with $d_i \approx d_o = d$
-and $K = 1$ the sample space wins once $N \lesssim 9 d$; for a convolution the
-$T^3$ per product makes it lose on every layer of curvlib's test and benchmark
-networks except the smallest. The Gram matrices are built and iterated in
-float64 (so that residuals are resolved below the float32 tolerance); the
-sample-space form is skipped where they would exceed ``MAX_GRAM_ENTRIES``.
+and $K = 1$ the sample space wins once $N \lesssim 9 d$; for a convolution
+the sample space pays $N^2T^3$ per product on its wide side, and the
+matrix-free form $N d_o d_i (d_o + d_i)$: on the convolutions of curvlib's
+benchmark networks with many input channels (hundreds of columns) the sample
+space wins, on the first ones (few columns, many positions) the matrix-free
+form. The Gram matrices and features are iterated in float64 (so that
+residuals are resolved below the float32 tolerance); the sample-space form is
+skipped where its Gram matrices would exceed ``MAX_GRAM_ENTRIES``.
 """
 
 from __future__ import annotations
@@ -89,14 +102,53 @@ class RearrangedForm(enum.Enum):
     """[`SampleSpaceFisher`][curvlib.linalg.sample_space.SampleSpaceFisher]: on coefficients."""
 
 
+class SideRoute(enum.Enum):
+    r"""How one side of the sample-space form ($T > 1$) takes products with its Gram matrix."""
+
+    AUTO = "auto"
+    """The cheaper at ``EXPECTED_PRODUCTS`` products (``side_costs``)."""
+    GRAM = "gram"
+    r"""Through the Gram matrix of the side's $K_sNT$ vectors: $O(K_s^2N^2T^3)$ a product."""
+    FEATURES = "features"
+    r"""Through the $d_s \times d_s$ sum of the terms: $O(K_sN(T^2d_s + Td_s^2))$ a product."""
+
+
+def side_costs(
+    n: int, t: int, d: int, k: int = 1, products: int = EXPECTED_PRODUCTS
+) -> tuple[float, float]:
+    """``(gram, features)``: multiply-adds of one side's ``products`` Gram products each way.
+
+    The Gram route includes building its Gram matrix once.
+
+    Args:
+        n: Samples $N$.
+        t: Positions $T$.
+        d: The side's features $d_s$.
+        k: Its columns $K_s$ (1 on the input side).
+        products: Products taken.
+    """
+    gram = (k * n * t) ** 2 * d + products * 2.0 * k * k * n * n * t**3
+    features = products * 2.0 * k * n * (t * t * d + t * d * d)
+    return float(gram), features
+
+
+def _route(route: SideRoute, n: int, t: int, d: int, k: int) -> SideRoute:
+    if t == 1:
+        return SideRoute.GRAM  # the Hadamard-squared kernel: N^2 a product
+    if route is SideRoute.AUTO:
+        gram, features = side_costs(n, t, d, k)
+        return SideRoute.FEATURES if features < gram else SideRoute.GRAM
+    return route
+
+
 @dataclass(frozen=True)
 class FormCosts:
     """Multiply-adds of one update in each form (module docstring).
 
     Attributes:
         matrix_free: With products on the matrices.
-        sample_space: With the Gram matrices.
-        gram_entries: Entries of the larger Gram matrix.
+        sample_space: With the Gram matrices (each side by its cheaper route).
+        gram_entries: Entries of the larger Gram matrix that the sample space builds.
     """
 
     matrix_free: float
@@ -116,13 +168,22 @@ def form_costs(io: PerSampleIO, products: int = EXPECTED_PRODUCTS, pairs: int = 
     d_i = io.inputs.shape[-1]
     if t == 1:
         free = products * 2.0 * n * (d_i**2 + k * d_o**2)
+        sides: tuple[float, ...] = (
+            n * n * (d_i + k * k * d_o) + products * 2.0 * (1 + k * k) * n * n,
+        )
+        gram_entries = (k * n) ** 2
     else:
         free = k * n * t * d_o * d_i + products * 2.0 * k * n * d_o * d_i * (d_o + d_i)
-    once = (n * t) ** 2 * (d_i + k * k * d_o)
-    per_product = 2.0 * (1 + k * k) * n * n * t**3
+        sides = (min(side_costs(n, t, d_i, 1, products)), min(side_costs(n, t, d_o, k, products)))
+        grams = [
+            size
+            for size, d, columns in ((n * t, d_i, 1), (k * n * t, d_o, k))
+            if _route(SideRoute.AUTO, n, t, d, columns) is SideRoute.GRAM
+        ]
+        gram_entries = max(grams, default=0) ** 2
     per_pair = n * t * (d_i**2 + k * d_o**2) + n * t * t * (d_i + k * d_o)
-    sample = once + products * per_product + pairs * per_pair
-    return FormCosts(free, sample, (k * n * t) ** 2)
+    sample = sum(sides) + pairs * per_pair
+    return FormCosts(free, sample, gram_entries)
 
 
 def choose_form(
@@ -165,15 +226,20 @@ class SampleSpaceFisher(Coordinates):
     matrix-free form symmetrises its input.
 
     Cost: the Gram matrices once, $O(N^2T^2(d_i + K^2 d_o))$, in float64; a
-    product $O(N^2)$ for $T = 1$, $O(N^2 T^3)$ otherwise; the inner products of
-    each extra term with the sample terms $O(NT(d_i^2 + K d_o^2))$; a factor
-    matrix from coefficients as much.
+    product $O(N^2)$ for $T = 1$, $O(N^2 T^3)$ otherwise, or for $T > 1$ on a
+    side with few features $O(K_sN(T^2d_s + Td_s^2))$ and no Gram matrix
+    (``route``, module docstring); the inner products of each extra term with
+    the sample terms $O(NT(d_i^2 + K d_o^2))$; a factor matrix from
+    coefficients as much.
 
     Args:
         io: The layer's per-sample inputs and output gradients.
         dtype: Working dtype (default: that of ``io``): of the matrices returned
             and of the tolerances; the Gram matrices and coefficients are float64.
         terms: Kronecker terms ``(G_j, A_j)`` (symmetric) to subtract.
+        route: How each side takes its products when $T > 1$
+            ([`SideRoute`][curvlib.linalg.sample_space.SideRoute]; ``AUTO``: the
+            cheaper per side). Ignored for $T = 1$.
     """
 
     def __init__(
@@ -181,6 +247,7 @@ class SampleSpaceFisher(Coordinates):
         io: PerSampleIO,
         dtype: torch.dtype | None = None,
         terms: Sequence[tuple[Tensor, Tensor]] = (),
+        route: SideRoute | str = SideRoute.AUTO,
     ) -> None:
         inputs, grads = io.inputs, io.output_grads
         if dtype is not None:
@@ -193,14 +260,28 @@ class SampleSpaceFisher(Coordinates):
         self._inputs, self._grads = inputs, grads  # [N, T, in], [K, N, T, out]
         a = inputs.to(_GRAM_DTYPE).reshape(n * t, self.in_dim)
         g = grads.to(_GRAM_DTYPE).reshape(k * n * t, d_o)
-        gram_a, gram_g = a @ a.T, g @ g.T
+        route = SideRoute(route)
+        self.routes = (_route(route, n, t, self.in_dim, 1), _route(route, n, t, int(d_o), k))
+        """The route of the input side and of the output side."""
+        self._kernel_a: Tensor | None = None
+        self._kernel_g: Tensor | None = None
+        self._gram_a: Tensor | None = None
+        self._gram_g: Tensor | None = None
+        # The side's vectors in float64, [K_s N, T, d_s], where it goes through its features.
+        self._features_a: Tensor | None = None
+        self._features_g: Tensor | None = None
         if t == 1:
-            self._kernel_a: Tensor | None = gram_a.square()
-            self._kernel_g: Tensor | None = gram_g.square().view(k, n, k, n).sum((0, 2))
+            self._kernel_a = (a @ a.T).square()
+            self._kernel_g = (g @ g.T).square().view(k, n, k, n).sum((0, 2))
         else:
-            self._kernel_a = self._kernel_g = None
-            self._gram_a = symmetrize(gram_a).view(n, t, n * t)
-            self._gram_g = symmetrize(gram_g).view(k * n, t, k * n * t)
+            if self.routes[0] is SideRoute.GRAM:
+                self._gram_a = symmetrize(a @ a.T).view(n, t, n * t)
+            else:
+                self._features_a = a.view(n, t, self.in_dim)
+            if self.routes[1] is SideRoute.GRAM:
+                self._gram_g = symmetrize(g @ g.T).view(k * n, t, k * n * t)
+            else:
+                self._features_g = g.view(k * n, t, int(d_o))
         self._size = n * t * t
         mats_g = [G.to(self.device, self.dtype) for G, _ in terms]
         mats_a = [A.to(self.device, self.dtype) for _, A in terms]
@@ -251,12 +332,36 @@ class SampleSpaceFisher(Coordinates):
         sym = ((blocks + blocks.transpose(-1, -2)) / 2).reshape(-1)
         return torch.cat([sym, coef[self._size :]])
 
+    def _through_features(
+        self, rows: Tensor, coef: Tensor, terms: list[Tensor], columns: int
+    ) -> Tensor:
+        r"""A Gram product through the features: $Y = \sum_s X_s^\top C_s X_s + \sum_j c_j M_j$.
+
+        Then $\langle X_{s,t}X_{s,t'}^\top, Y\rangle = (X_s Y X_s^\top)_{tt'}$ for the
+        sample terms (summed over the ``columns`` $K_s$) and $\langle M_j, Y\rangle$
+        for the extra ones. ``rows``: $X$, ``[K_s N, T, d_s]`` in float64;
+        ``coef``: symmetric coefficients.
+        """
+        t = self._t
+        samples, extra = coef[: self._size], coef[self._size :]
+        blocks = samples.view(1, self._n, t, t).expand(columns, -1, -1, -1).reshape(-1, t, t)
+        y = rows.flatten(0, 1).T @ torch.bmm(blocks, rows).flatten(0, 1)
+        for c, mat in zip(extra, terms, strict=True):
+            y = y + c * mat.to(_GRAM_DTYPE)
+        out = torch.einsum("std,sud->stu", rows @ y, rows)
+        out = out.reshape(columns, self._n * t * t).sum(0)
+        extras = [(mat.to(_GRAM_DTYPE) * y).sum() for mat in terms]
+        return torch.cat([out, torch.stack(extras)]) if extras else out
+
     def _gram_in(self, coef: Tensor) -> Tensor:
         coef = self._symmetric(coef)
+        if self._features_a is not None:
+            return self._through_features(self._features_a, coef, self._terms_a, 1)
         samples, extra = coef[: self._size], coef[self._size :]
         if self._kernel_a is not None:
             out = self._kernel_a @ samples
         else:
+            assert self._gram_a is not None
             blocks = samples.view(self._n, self._t, self._t)
             out = _sandwich(self._gram_a, blocks).reshape(-1)
         out = out + self._cross_a @ extra
@@ -264,10 +369,13 @@ class SampleSpaceFisher(Coordinates):
 
     def _gram_out(self, coef: Tensor) -> Tensor:
         coef = self._symmetric(coef)
+        if self._features_g is not None:
+            return self._through_features(self._features_g, coef, self._terms_g, self._k)
         samples, extra = coef[: self._size], coef[self._size :]
         if self._kernel_g is not None:
             out = self._kernel_g @ samples
         else:
+            assert self._gram_g is not None
             t = self._t
             blocks = samples.view(1, self._n, t, t).expand(self._k, -1, -1, -1)
             per_column = _sandwich(self._gram_g, blocks.reshape(-1, t, t))

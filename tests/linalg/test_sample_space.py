@@ -34,8 +34,10 @@ from curvlib.linalg.sample_space import (
     MAX_GRAM_ENTRIES,
     RearrangedForm,
     SampleSpaceFisher,
+    SideRoute,
     choose_form,
     form_costs,
+    side_costs,
 )
 from tests.approx.cases import fit_statistics
 from tests.problems import Problem, cnn_ce, mlp_ce
@@ -79,15 +81,22 @@ def _close(actual: Tensor, expected: Tensor, what: str, scale: float | None = No
     assert err <= RTOL * scale, f"{what}: max error {err:.3e}, scale {scale:.3e}"
 
 
+ROUTES = [SideRoute.GRAM, SideRoute.FEATURES]
+"""Both routes of the sides of a layer with several positions (one route for ``Linear``)."""
+
+
+@pytest.mark.parametrize("route", ROUTES, ids=lambda r: r.value)
 @pytest.mark.parametrize("with_term", [False, True], ids=["plain", "kfac-term"])
 @pytest.mark.parametrize(("problem", "layer"), _layers(), ids=lambda x: str(x))
 def test_products_match_the_dense_rearranged_block(
-    problem: str, layer: str, with_term: bool
+    problem: str, layer: str, with_term: bool, route: SideRoute
 ) -> None:
     stats = _stats(problem)[layer]
     assert stats.io is not None and stats.kronecker is not None
     terms = [(stats.kronecker.G, stats.kronecker.A)] if with_term else []
-    op = SampleSpaceFisher(stats.io, terms=terms)
+    op = SampleSpaceFisher(stats.io, terms=terms, route=route)
+    if stats.io.inputs.shape[1] > 1:
+        assert op.routes == (route, route)
     R = _dense(stats.io, terms)
     gen = torch.Generator().manual_seed(0)
     c, d = _random_coordinates(op, gen), _random_coordinates(op, gen)
@@ -112,15 +121,16 @@ def test_products_match_the_dense_rearranged_block(
     _close(op.in_matrix(op.start(start, None)), (image + image.T) / 2, "R^T R V0", size)
 
 
+@pytest.mark.parametrize("route", ROUTES, ids=lambda r: r.value)
 @pytest.mark.parametrize(("problem", "layer"), _layers(), ids=lambda x: str(x))
-def test_both_forms_find_the_same_top_pair(problem: str, layer: str) -> None:
+def test_both_forms_find_the_same_top_pair(problem: str, layer: str, route: SideRoute) -> None:
     """Same top triple to round-off from either form, with and without the KFAC term."""
     stats = _stats(problem)[layer]
     assert stats.io is not None and stats.kronecker is not None
     term = [(stats.kronecker.G, stats.kronecker.A)]
     pairs = [
-        (SampleSpaceFisher(stats.io), RearrangedFisher(stats.io)),
-        (SampleSpaceFisher(stats.io, terms=term), _deflated(stats.io, term)),
+        (SampleSpaceFisher(stats.io, route=route), RearrangedFisher(stats.io)),
+        (SampleSpaceFisher(stats.io, terms=term, route=route), _deflated(stats.io, term)),
     ]
     for sample, free in pairs:
         a = power_svd(sample, tol=1e-12, max_iter=5000)
@@ -268,3 +278,32 @@ def test_an_iteration_costs_two_kernel_products(problem: str, layer: str) -> Non
     top, _ = lanczos_svd(op, 2, krylov_dim=6, tol=1e-12, max_restarts=3)
     assert top.iterations >= 3  # products with R (an early breakdown: an exact subspace)
     assert op.products <= 1 + 2 * top.iterations  # one fewer if it broke down after R v
+
+
+@pytest.mark.parametrize(
+    ("n", "t", "d", "k", "expected"),
+    [
+        (100, 16, 16, 1, SideRoute.FEATURES),  # few channels: d^2 << N T^2
+        (100, 16, 801, 1, SideRoute.GRAM),  # wide patches: the sandwich
+        (100, 64, 26, 1, SideRoute.FEATURES),  # a first convolution's inputs
+        (8, 4, 500, 2, SideRoute.GRAM),
+    ],
+)
+def test_each_side_takes_its_cheaper_route(
+    n: int, t: int, d: int, k: int, expected: SideRoute
+) -> None:
+    gram, features = side_costs(n, t, d, k)
+    assert (features < gram) is (expected is SideRoute.FEATURES)
+    io = PerSampleIO(torch.randn(n, t, d), torch.randn(k, n, t, d))
+    assert SampleSpaceFisher(io).routes == (expected, expected)
+    assert SampleSpaceFisher(io, route="gram").routes == (SideRoute.GRAM, SideRoute.GRAM)
+
+
+def test_a_side_through_its_features_builds_no_gram_matrix() -> None:
+    """Where both sides go through their features the Gram-matrix limit does not apply."""
+    io = _io(4096, 32, 8, 8)  # (N T)^2 = 1.7e10 entries, far over the limit
+    costs = form_costs(io)
+    assert costs.gram_entries == 0
+    op = SampleSpaceFisher(PerSampleIO(torch.randn(64, 32, 8), torch.randn(1, 64, 32, 8)))
+    assert op.routes == (SideRoute.FEATURES, SideRoute.FEATURES)
+    assert op._gram_a is None and op._gram_g is None
