@@ -40,9 +40,11 @@ from curvlib.linalg.sample_space import (
     FormCosts,
     RearrangedForm,
     SampleSpaceFisher,
+    SideRoute,
     choose_form,
     form_costs,
     rearranged,
+    side_costs,
 )
 from curvlib.linalg.woodbury import WoodburyInverse, layer_rows, woodbury_solve
 
@@ -58,6 +60,7 @@ __all__ = [
     "RearrangedForm",
     "RearrangedOperator",
     "SampleSpaceFisher",
+    "SideRoute",
     "SingularTriple",
     "WoodburyInverse",
     "balanced_factors",
@@ -81,6 +84,7 @@ __all__ = [
     "psd_start",
     "rearranged",
     "run_jobs",
+    "side_costs",
     "symmetrize",
     "two_term_inverse",
     "woodbury_solve",

@@ -38,7 +38,7 @@ pairs formed):
 
 For $T > 1$ each side $s$ (inputs: $d_s = d_i$, $K_s = 1$; output gradients:
 $d_s = d_o$, $K_s = K$) takes its product with the Gram matrix of the terms
-one of two ways ([`SideRoute`][curvlib.linalg.sample_space.SideRoute]):
+one of two ways ([`SideRoute`][curvlib.linalg.SideRoute]):
 through the Gram matrix of the $NT$ vectors, $\sum_m M^{nm}C_m(M^{nm})^\top$
 ($O(K_s^2N^2T^3)$ once the Gram matrix is built), or through the features,
 $Y = \sum_m X_m^\top C_m X_m$ and then $X_n Y X_n^\top$ ($O(K_sN(T^2 d_s + T
@@ -238,7 +238,7 @@ class SampleSpaceFisher(Coordinates):
             and of the tolerances; the Gram matrices and coefficients are float64.
         terms: Kronecker terms ``(G_j, A_j)`` (symmetric) to subtract.
         route: How each side takes its products when $T > 1$
-            ([`SideRoute`][curvlib.linalg.sample_space.SideRoute]; ``AUTO``: the
+            ([`SideRoute`][curvlib.linalg.SideRoute]; ``AUTO``: the
             cheaper per side). Ignored for $T = 1$.
     """
 
