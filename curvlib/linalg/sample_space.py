@@ -132,11 +132,13 @@ def side_costs(
     return float(gram), features
 
 
-def _route(route: SideRoute, n: int, t: int, d: int, k: int) -> SideRoute:
+def _route(
+    route: SideRoute, n: int, t: int, d: int, k: int, products: int = EXPECTED_PRODUCTS
+) -> SideRoute:
     if t == 1:
         return SideRoute.GRAM  # the Hadamard-squared kernel: N^2 a product
     if route is SideRoute.AUTO:
-        gram, features = side_costs(n, t, d, k)
+        gram, features = side_costs(n, t, d, k, products)
         return SideRoute.FEATURES if features < gram else SideRoute.GRAM
     return route
 
@@ -178,7 +180,7 @@ def form_costs(io: PerSampleIO, products: int = EXPECTED_PRODUCTS, pairs: int = 
         grams = [
             size
             for size, d, columns in ((n * t, d_i, 1), (k * n * t, d_o, k))
-            if _route(SideRoute.AUTO, n, t, d, columns) is SideRoute.GRAM
+            if _route(SideRoute.AUTO, n, t, d, columns, products) is SideRoute.GRAM
         ]
         gram_entries = max(grams, default=0) ** 2
     per_pair = n * t * (d_i**2 + k * d_o**2) + n * t * t * (d_i + k * d_o)
@@ -240,6 +242,7 @@ class SampleSpaceFisher(Coordinates):
         route: How each side takes its products when $T > 1$
             ([`SideRoute`][curvlib.linalg.SideRoute]; ``AUTO``: the
             cheaper per side). Ignored for $T = 1$.
+        products: The products the caller expects, for ``AUTO``.
     """
 
     def __init__(
@@ -248,6 +251,7 @@ class SampleSpaceFisher(Coordinates):
         dtype: torch.dtype | None = None,
         terms: Sequence[tuple[Tensor, Tensor]] = (),
         route: SideRoute | str = SideRoute.AUTO,
+        products: int = EXPECTED_PRODUCTS,
     ) -> None:
         inputs, grads = io.inputs, io.output_grads
         if dtype is not None:
@@ -261,7 +265,10 @@ class SampleSpaceFisher(Coordinates):
         a = inputs.to(_GRAM_DTYPE).reshape(n * t, self.in_dim)
         g = grads.to(_GRAM_DTYPE).reshape(k * n * t, d_o)
         route = SideRoute(route)
-        self.routes = (_route(route, n, t, self.in_dim, 1), _route(route, n, t, int(d_o), k))
+        self.routes = (
+            _route(route, n, t, self.in_dim, 1, products),
+            _route(route, n, t, int(d_o), k, products),
+        )
         """The route of the input side and of the output side."""
         self._kernel_a: Tensor | None = None
         self._kernel_g: Tensor | None = None
@@ -513,6 +520,6 @@ def rearranged(
     if form is RearrangedForm.AUTO:
         form = choose_form(io, products, pairs + len(terms))
     if form is RearrangedForm.SAMPLE_SPACE:
-        return SampleSpaceFisher(io, dtype, terms), form
+        return SampleSpaceFisher(io, dtype, terms, products=products), form
     op = RearrangedFisher(io, dtype=dtype)
     return (Deflated(op, terms) if terms else op), form
