@@ -176,13 +176,13 @@ def form_costs(io: PerSampleIO, products: int = EXPECTED_PRODUCTS, pairs: int = 
         gram_entries = (k * n) ** 2
     else:
         free = k * n * t * d_o * d_i + products * 2.0 * k * n * d_o * d_i * (d_o + d_i)
-        sides = (min(side_costs(n, t, d_i, 1, products)), min(side_costs(n, t, d_o, k, products)))
-        grams = [
-            size
-            for size, d, columns in ((n * t, d_i, 1), (k * n * t, d_o, k))
-            if _route(SideRoute.AUTO, n, t, d, columns, products) is SideRoute.GRAM
-        ]
-        gram_entries = max(grams, default=0) ** 2
+        sides, grams = (), [0]
+        for size, d, columns in ((n * t, d_i, 1), (k * n * t, d_o, k)):
+            gram, features = side_costs(n, t, d, columns, products)
+            sides += (min(gram, features),)
+            if not features < gram:  # the side builds its Gram matrix (as ``_route``)
+                grams.append(size)
+        gram_entries = max(grams) ** 2
     per_pair = n * t * (d_i**2 + k * d_o**2) + n * t * t * (d_i + k * d_o)
     sample = sum(sides) + pairs * per_pair
     return FormCosts(free, sample, gram_entries)
@@ -293,6 +293,10 @@ class SampleSpaceFisher(Coordinates):
         mats_g = [G.to(self.device, self.dtype) for G, _ in terms]
         mats_a = [A.to(self.device, self.dtype) for _, A in terms]
         self._terms_g, self._terms_a = mats_g, mats_a
+        # The extra terms in float64, for a side that goes through its features.
+        wide = _GRAM_DTYPE
+        self._terms_a64 = [m.to(wide) for m in mats_a] if self._features_a is not None else []
+        self._terms_g64 = [m.to(wide) for m in mats_g] if self._features_g is not None else []
         self._cross_g, self._cross_a = (
             self._stack([self._sample_inner_out(G) for G in mats_g]),
             self._stack([self._sample_inner_in(A) for A in mats_a]),
@@ -346,24 +350,24 @@ class SampleSpaceFisher(Coordinates):
 
         Then $\langle X_{s,t}X_{s,t'}^\top, Y\rangle = (X_s Y X_s^\top)_{tt'}$ for the
         sample terms (summed over the ``columns`` $K_s$) and $\langle M_j, Y\rangle$
-        for the extra ones. ``rows``: $X$, ``[K_s N, T, d_s]`` in float64;
-        ``coef``: symmetric coefficients.
+        for the extra ones. ``rows``: $X$, ``[K_s N, T, d_s]``, and ``terms``: the
+        $M_j$, both in float64; ``coef``: symmetric coefficients.
         """
         t = self._t
         samples, extra = coef[: self._size], coef[self._size :]
         blocks = samples.view(1, self._n, t, t).expand(columns, -1, -1, -1).reshape(-1, t, t)
         y = rows.flatten(0, 1).T @ torch.bmm(blocks, rows).flatten(0, 1)
         for c, mat in zip(extra, terms, strict=True):
-            y = y + c * mat.to(_GRAM_DTYPE)
+            y = y + c * mat
         out = torch.einsum("std,sud->stu", rows @ y, rows)
         out = out.reshape(columns, self._n * t * t).sum(0)
-        extras = [(mat.to(_GRAM_DTYPE) * y).sum() for mat in terms]
+        extras = [(mat * y).sum() for mat in terms]
         return torch.cat([out, torch.stack(extras)]) if extras else out
 
     def _gram_in(self, coef: Tensor) -> Tensor:
         coef = self._symmetric(coef)
         if self._features_a is not None:
-            return self._through_features(self._features_a, coef, self._terms_a, 1)
+            return self._through_features(self._features_a, coef, self._terms_a64, 1)
         samples, extra = coef[: self._size], coef[self._size :]
         if self._kernel_a is not None:
             out = self._kernel_a @ samples
@@ -377,7 +381,7 @@ class SampleSpaceFisher(Coordinates):
     def _gram_out(self, coef: Tensor) -> Tensor:
         coef = self._symmetric(coef)
         if self._features_g is not None:
-            return self._through_features(self._features_g, coef, self._terms_g, self._k)
+            return self._through_features(self._features_g, coef, self._terms_g64, self._k)
         samples, extra = coef[: self._size], coef[self._size :]
         if self._kernel_g is not None:
             out = self._kernel_g @ samples

@@ -1,6 +1,9 @@
 """Milliseconds of an Adam step, a plain step and a statistics step of an approximation.
 
 Also the amortised step at T = 10, (9 plain + 1 statistics) / 10, over Adam's.
+For KFAC configurations ``../stats_fraction/costs.py`` measures the same ratios with
+the runs interleaved step by step, which holds better on a loaded machine; this
+script takes any of KFAC, EKFAC and KPSVD, one run after the other.
 
 Both train the task's model from the same weights on the same 60 batches, in this
 process; the medians of steps 20 to 60 are printed (statistics steps: every tenth).
