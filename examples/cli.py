@@ -259,6 +259,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "t_cov": 100,
         "t_inv": 100,
         "warmup": 0,
+        "refresh_on_move": 0.0,
         "damping_warmup_samples": 0,
         "stats_fraction": 0.25,
         "momentum": 0.9,
@@ -463,6 +464,13 @@ def build_parser(
         help="first steps with curvature refreshes at steps 0, 1, 2, 4, 8, ... (0: none)",
     )
     opt.add_argument(
+        "--refresh-on-move",
+        type=nonnegative_float,
+        default=DEFAULTS.refresh_on_move,
+        help="also refresh the curvature when some layer's weights moved by this fraction of "
+        "their norm since the last statistics (0: only every --t-cov steps)",
+    )
+    opt.add_argument(
         "--damping-warmup-samples",
         type=int,
         default=None,
@@ -643,6 +651,7 @@ def optim_config(args: argparse.Namespace, spec: RunSpec) -> OptimConfig:
         t_cov=args.t_cov,
         t_inv=args.t_inv,
         warmup=args.warmup,
+        refresh_on_move=args.refresh_on_move,
         damping_warmup_samples=args.damping_warmup_samples,
         seed=args.seed,
         coarse_space=coarse,

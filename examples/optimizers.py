@@ -47,6 +47,8 @@ class OptimConfig:
         t_cov: Steps between statistics updates.
         t_inv: Steps between inverse rebuilds.
         warmup: Steps at the start with curvature refreshes at doubling intervals.
+        refresh_on_move: Refresh the curvature also when some layer's weights
+            moved by this fraction of their norm since the last statistics.
         damping_warmup_samples: Damping times $n_0/n$ while the statistics have
             seen $n < n_0$ samples (0: none; ignored with ``adaptive_damping``;
             ``None``: the approximation's, ``default_damping(approx).samples``).
@@ -76,6 +78,7 @@ class OptimConfig:
     t_cov: int = DEFAULTS.t_cov
     t_inv: int = DEFAULTS.t_inv
     warmup: int = DEFAULTS.warmup
+    refresh_on_move: float = DEFAULTS.refresh_on_move
     damping_warmup_samples: int | None = None
     seed: int = 0
     coarse_space: str | None = None
@@ -179,6 +182,7 @@ def _curvature(make_approx: Callable[..., CurvatureApprox]) -> Factory:
             t_cov=cfg.t_cov,
             t_inv=cfg.t_inv,
             warmup=cfg.warmup,
+            refresh_on_move=cfg.refresh_on_move,
             include=None if include is None else list(include),
             **restrict,
         )

@@ -25,6 +25,7 @@ engine the statistics of its own layers.
 from __future__ import annotations
 
 import copy
+import math
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -88,6 +89,14 @@ class CurvatureEngine:
             ``t_inv`` say: the curvature of the initial weights goes stale
             fastest, and doubling intervals refresh it for
             $\log_2$ ``warmup`` extra statistics steps.
+        refresh_on_move: Statistics and inverses also on any step where some
+            layer's weights $[W \mid b]$ have moved by at least this fraction
+            of their norm since the statistics were last folded in,
+            $\max_l \lVert\theta_l - \theta_l^\text{ref}\rVert /
+            \lVert\theta_l^\text{ref}\rVert \ge$ ``refresh_on_move``; 0 turns
+            the rule off. It keeps a copy of the layers' weights from the last
+            statistics step and measures the distance once per step (one host
+            synchronisation).
         sync: In data-parallel training, turns the merged statistics of a
             step into those of every rank's samples before they are folded in
             ([`ReplicaSync`][curvlib.core.ReplicaSync]; ``time_update`` includes
@@ -116,13 +125,22 @@ class CurvatureEngine:
         stats_scale: Callable[[], float] | None = None,
         layers: Sequence[str] | None = None,
         warmup: int = 0,
+        refresh_on_move: float = 0.0,
         sync: ReplicaSync | None = None,
     ) -> None:
         check_approx(approx)
         _check_intervals(t_cov, t_inv)
         if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
             raise ValueError(f"warmup must be a non-negative int, got {warmup!r}.")
+        check_refresh_on_move(refresh_on_move)
         self.warmup = warmup
+        self.refresh_on_move = float(refresh_on_move)
+        # The weights at the last statistics folded in (refresh_on_move), and the
+        # distance measured at step ``_moved_at[0]``.
+        self._reference: list[Tensor] | None = None
+        self._moved_at: tuple[int, float] | None = None
+        # The distance measured at the step that finished last (telemetry).
+        self.last_moved: float | None = None
         # Samples of every statistics update accepted so far (for DampingWarmup).
         self.samples_seen = 0
         check_damping("damping", damping)
@@ -170,7 +188,66 @@ class CurvatureEngine:
     @property
     def stats_due(self) -> bool:
         """Whether this step must record statistics."""
-        return self._warming_up or self.step_count % self.t_cov == 0
+        return self._moved or self._warming_up or self.step_count % self.t_cov == 0
+
+    @property
+    def _moved(self) -> bool:
+        """Whether the weights moved by ``refresh_on_move`` since the last statistics."""
+        if not self.refresh_on_move:
+            return False
+        distance = self.weights_moved
+        return distance is not None and distance >= self.refresh_on_move
+
+    @property
+    def weights_moved(self) -> float | None:
+        r"""How far the weights moved since the last statistics, measured at this step.
+
+        $\max_l \lVert\theta_l - \theta_l^\text{ref}\rVert /
+        \lVert\theta_l^\text{ref}\rVert$, where $\theta_l^\text{ref}$ are the
+        weights $[W \mid b]$ of layer $l$ when the statistics were last folded
+        in. Measured once per step (on first use),
+        only with ``refresh_on_move``; ``None`` without it or before the first
+        statistics. A layer whose reference is zero counts as moved by any change.
+        """
+        if not self.refresh_on_move or self._reference is None:
+            return None
+        if self._moved_at is not None and self._moved_at[0] == self.step_count:
+            return self._moved_at[1]
+        with torch.no_grad():
+            norms = [
+                *torch._foreach_norm(torch._foreach_sub(self._weights(), self._reference)),
+                *torch._foreach_norm(self._reference),
+            ]
+            if len({t.device for t in norms}) > 1:
+                norms = [t.cpu() for t in norms]
+            flat = torch.stack([t.to(torch.float64) for t in norms]).tolist()  # one transfer
+        size = len(flat) // 2
+        distance, start = 0.0, 0
+        for count in self._parameter_counts():
+            change = math.hypot(*flat[start : start + count])
+            norm = math.hypot(*flat[size + start : size + start + count])
+            start += count
+            if change > 0:
+                distance = max(distance, change / norm if norm > 0 else math.inf)
+        self._moved_at = (self.step_count, distance)
+        return distance
+
+    def _layers(self) -> list[CurvatureLayer]:
+        names = self.layer_names
+        return [la for la in self.extractor.layout.layers if names is None or la.name in names]
+
+    def _weights(self) -> list[Tensor]:
+        return [p.detach() for layer in self._layers() for p in layer.parameters]
+
+    def _parameter_counts(self) -> list[int]:
+        return [len(layer.parameters) for layer in self._layers()]
+
+    def _take_reference(self) -> None:
+        """Keep the current weights as the reference; this step keeps its distance."""
+        if self.refresh_on_move:
+            before = self.weights_moved
+            self._reference = [w.clone() for w in self._weights()]
+            self._moved_at = None if before is None else (self.step_count, before)
 
     @property
     def _warming_up(self) -> bool:
@@ -247,7 +324,12 @@ class CurvatureEngine:
             )
         self.timings = {k: v for k, v in self.timings.items() if k in RECORD_TIMES}
         self.inverse_rebuilt = False
-        inverse_due = self._precond is None or self._warming_up or self.step_count % self.t_inv == 0
+        inverse_due = (
+            self._moved
+            or self._precond is None
+            or self._warming_up
+            or self.step_count % self.t_inv == 0
+        )
         refreshable = self._refreshable
         inverse_time = 0.0
         if inverse_due and refreshable:
@@ -263,6 +345,8 @@ class CurvatureEngine:
                 stats = self.sync.reduce_statistics(stats)
             updated = self._update(stats)
             self._pending.clear()
+            if updated:
+                self._take_reference()
             self.timings["update"] = time.perf_counter() - start
         # Without any accepted statistics there is nothing to invert (the error below).
         has_estimate = updated or self._precond is not None
@@ -454,6 +538,10 @@ class CurvatureEngine:
 
     def finish(self) -> None:
         """Count the step (after the parameter update)."""
+        measured = self._moved_at
+        self.last_moved = (
+            measured[1] if measured is not None and measured[0] == self.step_count else None
+        )
         self.step_count += 1
         self._replaced = None
 
@@ -510,6 +598,7 @@ class CurvatureEngine:
             "inverse_source": (
                 None if self._precond_fresh or self._snapshot is None else self._snapshot()
             ),
+            "move_reference": None if self._reference is None else list(self._reference),
         }
 
     def checkpoint_record(self) -> dict[str, Any]:
@@ -562,6 +651,7 @@ class CurvatureEngine:
             precond_damping=damping,
             precond_fresh=fresh,
             snapshot=snapshot,
+            reference=_reference(state.get("move_reference"), self._weights()),
         )
 
     def commit(self, loaded: LoadedEngine) -> None:
@@ -585,6 +675,9 @@ class CurvatureEngine:
         source = loaded.snapshot
         self._precond_fresh = loaded.precond_fresh
         self._snapshot = None if source is None else (lambda: source)
+        # Written without the rule (or before it existed): the next statistics take one.
+        self._reference = loaded.reference if self.refresh_on_move else None
+        self._moved_at = None
 
 
 @dataclass(frozen=True)
@@ -606,10 +699,49 @@ class LoadedEngine:
     precond_damping: float | None
     precond_fresh: bool
     snapshot: Any
+    reference: list[Tensor] | None = None
 
 
 def _warmup_samples(rule: Any) -> int:
     return rule.samples if isinstance(rule, DampingWarmup) else 0
+
+
+def _reference(saved: Any, weights: Sequence[Tensor]) -> list[Tensor] | None:
+    """The saved reference weights of ``refresh_on_move``, checked against the layers'.
+
+    Raises:
+        ValueError: If their number or shapes differ from the layers' parameters.
+    """
+    if saved is None:
+        return None
+    shapes = [tuple(t.shape) for t in saved]
+    if shapes != [tuple(w.shape) for w in weights]:
+        raise ValueError(
+            f"The checkpoint's reference weights (shapes {shapes}) do not match this engine's "
+            f"layers ({[tuple(w.shape) for w in weights]})."
+        )
+    return [
+        t.detach().to(device=w.device, dtype=w.dtype).clone()
+        for t, w in zip(saved, weights, strict=True)
+    ]
+
+
+def check_refresh_on_move(value: Any) -> None:
+    """Refuse a ``refresh_on_move`` that is not a finite number >= 0.
+
+    Raises:
+        ValueError: Naming the value and what it means.
+    """
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        raise ValueError(
+            "refresh_on_move must be a finite number >= 0 (the relative change of a layer's "
+            f"weights that triggers new statistics; 0 turns it off), got {value!r}."
+        )
 
 
 def _check_intervals(t_cov: Any, t_inv: Any) -> None:

@@ -128,6 +128,13 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             powers of two (0, 1, 2, 4, 8, ...), whatever ``t_cov`` and ``t_inv``
             say (0 disables it): the curvature of the initial weights goes stale
             fastest ([`CurvatureEngine`][curvlib.optim.CurvatureEngine]).
+        refresh_on_move: Statistics and inverses also on any step where some
+            curvature layer's weights $[W \mid b]$ have moved by at least this
+            fraction of their norm since its group's last statistics (0
+            disables it): the curvature follows the weights, refreshed more
+            often while they move fast and less often once they settle
+            ([`CurvatureEngine`][curvlib.optim.CurvatureEngine]). Costs a copy
+            of the curvature layers' weights and a distance per step.
         groups: Per-group settings, e.g. ``[{"layers": ["dec.*", nn.Conv2d],
             "approx": KPSVD(), "damping": 1e-2, "t_inv": 20}]``: the layers a
             group's patterns match get its approximation and hyper-parameters
@@ -191,6 +198,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         t_cov: int = DEFAULTS.t_cov,
         t_inv: int = DEFAULTS.t_inv,
         warmup: int = DEFAULTS.warmup,
+        refresh_on_move: float = DEFAULTS.refresh_on_move,
         groups: Sequence[Mapping[str, Any]] = (),
         params: Iterable[Tensor] | None = None,
         on_step: StepCallback | None = None,
@@ -246,7 +254,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 extractor, group.approx, damping=pg["damping"], t_cov=pg["t_cov"],
                 t_inv=pg["t_inv"], stats_scale=self._stats_scale,
                 layers=[layer.name for layer in group.layers], warmup=warmup,
-                sync=sync,
+                refresh_on_move=refresh_on_move, sync=sync,
             )
             for group, pg in zip(resolved, self.param_groups, strict=False)
         )  # fmt: skip

@@ -57,6 +57,9 @@ class GradientPreconditioner:
         t_inv: Steps between inverse rebuilds.
         warmup: Statistics and inverses also at the steps before it that are
             powers of two, as in the optimizer.
+        refresh_on_move: Statistics and inverses also on any step where some
+            layer's weights have moved by at least this fraction of their norm
+            since the last statistics, as in the optimizer (0 disables it).
         sync: Data-parallel training on several ranks
             ([`ReplicaSync`][curvlib.core.ReplicaSync]): statistics of every
             rank's samples, and gradients averaged over the ranks before they
@@ -81,6 +84,7 @@ class GradientPreconditioner:
         t_cov: int = DEFAULTS.t_cov,
         t_inv: int = DEFAULTS.t_inv,
         warmup: int = DEFAULTS.warmup,
+        refresh_on_move: float = DEFAULTS.refresh_on_move,
         sync: ReplicaSync | None = None,
     ) -> None:
         if isinstance(damping, LevenbergMarquardt):
@@ -98,6 +102,7 @@ class GradientPreconditioner:
             t_cov=t_cov,
             t_inv=t_inv,
             warmup=warmup,
+            refresh_on_move=refresh_on_move,
             sync=sync,
         )
         self.kl_clip, self.lr, self.kl_clip_lr_squared = kl_clip, lr, kl_clip_lr_squared
@@ -146,6 +151,7 @@ class GradientPreconditioner:
             "kl_clip_factor": nu,
             "damping": self.engine.damping,
             "inverse_rebuilt": self.engine.inverse_rebuilt,
+            "weights_moved": self.engine.last_moved,
             "condition_numbers": dict(self.engine.condition_numbers)
             if self.engine.inverse_rebuilt
             else {},

@@ -78,7 +78,9 @@ def step_stats(
         The keys of the telemetry table in ``docs/optimizer.md``: ``step``,
         ``skipped``, ``kl_clip_factor``, ``damping`` (first group, after this
         step's LM adaptation), ``group_damping`` (every group), ``lm_ratio``,
-        ``inverse_rebuilt``, ``condition_numbers`` (layers whose inverse was
+        ``inverse_rebuilt``, ``weights_moved`` (the largest relative change of a
+        layer's weights since its group's last statistics, measured at this step
+        under ``refresh_on_move``), ``condition_numbers`` (layers whose inverse was
         rebuilt on this step), ``diagnostics`` (per group, the numbers its
         preconditioner reports for this step), ``adaptive_lr``, ``adaptive_momentum``,
         ``predicted_change``, the counters and the ``time_*`` split.
@@ -105,6 +107,7 @@ def step_stats(
         engine.timings = {}
         engine.diagnostics = {}
     total = time.perf_counter() - start + sum(times.get(k, 0.0) for k in RECORD_TIMES)
+    moved = [e.last_moved for e in engines if e.last_moved is not None]
     return {
         "step": opt.engine.step_count,
         "skipped": skipped,
@@ -113,6 +116,7 @@ def step_stats(
         "group_damping": {g["name"]: e.damping for g, e in opt.curvature_groups()},
         "lm_ratio": ratio,
         "inverse_rebuilt": rebuilt,
+        "weights_moved": max(moved) if moved else None,
         "condition_numbers": conditions,
         "diagnostics": diagnostics,
         "adaptive_lr": None,

@@ -169,6 +169,7 @@ def test_basis_every_t_inv_steps_scalings_every_t_cov_steps(
         damping=1e-2,
         kl_clip=None,
         warmup=0,
+        refresh_on_move=0,
     )
     refreshed = []
     real_refresh = approx.refresh

@@ -281,15 +281,17 @@ def test_per_group_intervals() -> None:
 
         approx.inverse = counted  # type: ignore[method-assign]
     opt = PreconditionedOptimizer(model, default, loss_fn=problem.loss_fn, t_cov=1, t_inv=1,
-                                  warmup=0, groups=[{"layers": ["2", "4"], "approx": slow,
-                                                     "t_cov": 2, "t_inv": 3}])  # fmt: skip
+                                  warmup=0, refresh_on_move=0,
+                                  groups=[{"layers": ["2", "4"], "approx": slow,
+                                           "t_cov": 2, "t_inv": 3}])  # fmt: skip
     for _ in range(6):
         _step(opt, model, problem.loss_fn, problem.x, problem.y)
     assert (default.num_updates, slow.num_updates) == (6, 3)
     assert (calls[id(default)], calls[id(slow)]) == (6, 2)
     # Statistics are recorded only when some group is due.
     opt = PreconditionedOptimizer(model, ZeroCurvature(), loss_fn=problem.loss_fn, t_cov=2,
-                                  warmup=0, groups=[{"layers": ["4"], "t_cov": 3}])  # fmt: skip
+                                  warmup=0, refresh_on_move=0,
+                                  groups=[{"layers": ["4"], "t_cov": 3}])  # fmt: skip
     due = []
     for _ in range(6):
         due.append(any(engine.stats_due for engine in opt.engines))

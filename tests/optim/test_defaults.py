@@ -6,6 +6,7 @@ these tests only guard that the defaults neither diverge nor stall on real image
 
 from __future__ import annotations
 
+import copy
 import itertools
 from collections.abc import Callable
 from typing import Any
@@ -142,8 +143,9 @@ def test_warmup_refreshes_at_doubling_intervals_then_follows_the_intervals(
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
     loss_fn = nn.MSELoss()
     opt = PreconditionedOptimizer(
-        model, KFAC(), loss_fn=loss_fn, t_cov=t_cov, t_inv=t_inv, warmup=warmup
-    )
+        model, KFAC(), loss_fn=loss_fn, t_cov=t_cov, t_inv=t_inv, warmup=warmup,
+        refresh_on_move=0,
+    )  # fmt: skip
     x, y = torch.randn(8, 3), torch.randn(8, 2)
     stats_steps, inverse_steps = [], []
     for step in range(24):
@@ -165,6 +167,120 @@ def test_warmup_must_be_a_non_negative_int() -> None:
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match="warmup"):
             PreconditionedOptimizer(model, KFAC(), loss_fn=nn.MSELoss(), warmup=bad)
+
+
+def _layer_weights(model: nn.Module) -> list[Tensor]:
+    """``[W | b]`` of every Linear layer, flattened, in float64."""
+    return [
+        torch.cat([m.weight.detach().flatten(), m.bias.detach()]).double()
+        for m in model.modules()
+        if isinstance(m, nn.Linear)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("threshold", "t_cov", "t_inv"), [(0.05, 6, 6), (0.1, 4, 7), (0.02, 50, 50)]
+)
+def test_refresh_on_move_refreshes_where_some_layer_moved_that_far_since_the_statistics(
+    threshold: float, t_cov: int, t_inv: int
+) -> None:
+    """The schedule against the distances measured independently, step by step."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+    loss_fn = nn.MSELoss()
+    opt = PreconditionedOptimizer(
+        model, KFAC(), loss_fn=loss_fn, t_cov=t_cov, t_inv=t_inv, warmup=0, lr=0.3,
+        refresh_on_move=threshold,
+    )  # fmt: skip
+    x, y = torch.randn(16, 3).double(), torch.randn(16, 2).double()
+    reference: list[Tensor] | None = None
+    expected_stats, expected_inverse, stats_steps, inverse_steps, moved_steps = [], [], [], [], []
+    for step in range(30):
+        now = _layer_weights(model)
+        distance = None if reference is None else max(
+            float((w - r).norm() / r.norm()) for w, r in zip(now, reference, strict=True)
+        )  # fmt: skip
+        moved = distance is not None and distance >= threshold
+        if moved:
+            moved_steps.append(step)
+        if moved or step % t_cov == 0:
+            expected_stats.append(step)
+            reference = now
+        if moved or step % t_inv == 0:
+            expected_inverse.append(step)
+        _step(opt, model, x, y)
+        if distance is not None:
+            assert opt.last_stats["weights_moved"] == pytest.approx(distance, rel=1e-9)
+        if "time_update" in opt.last_stats:
+            stats_steps.append(step)
+        if opt.last_stats["inverse_rebuilt"]:
+            inverse_steps.append(step)
+    assert moved_steps  # the rule fired, off the intervals
+    assert any(k % t_cov for k in moved_steps)
+    assert (stats_steps, inverse_steps) == (expected_stats, expected_inverse)
+
+
+def test_without_refresh_on_move_only_the_intervals_refresh() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2))
+    loss_fn = nn.MSELoss()
+    opt = PreconditionedOptimizer(
+        model, KFAC(), loss_fn=loss_fn, t_cov=5, t_inv=5, warmup=0, lr=1.0, refresh_on_move=0
+    )
+    x, y = torch.randn(16, 3), torch.randn(16, 2)
+    steps = []
+    for step in range(20):
+        _step(opt, model, x, y)
+        assert opt.last_stats["weights_moved"] is None
+        if opt.last_stats["inverse_rebuilt"]:
+            steps.append(step)
+    assert steps == [0, 5, 10, 15]
+
+
+def test_refresh_on_move_resumes_from_a_checkpoint_exactly() -> None:
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 3), torch.randn(16, 2)
+
+    def build(model: nn.Module) -> PreconditionedOptimizer:
+        return PreconditionedOptimizer(
+            model, KFAC(), loss_fn=nn.MSELoss(), t_cov=50, t_inv=50, lr=0.3, refresh_on_move=0.15
+        )
+
+    model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2))
+    twin = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2))
+    opt = build(model)
+    for _ in range(4):
+        _step(opt, model, x, y)
+    twin.load_state_dict(model.state_dict())
+    resumed = build(twin)
+    resumed.load_state_dict(copy.deepcopy(opt.state_dict()))  # as if through torch.save
+    refreshed = []
+    for _ in range(12):
+        _step(opt, model, x, y)
+        _step(resumed, twin, x, y)
+        assert opt.last_stats["weights_moved"] == resumed.last_stats["weights_moved"]
+        refreshed.append(opt.last_stats["inverse_rebuilt"])
+    assert any(refreshed) and not all(refreshed)
+    for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(a, b)
+    # A checkpoint written without the reference: the next statistics take one.
+    state = opt.state_dict()
+    group = state["curvature"]["groups"][opt.param_groups[0]["name"]]
+    group["move_reference"] = None
+    older = build(twin)
+    older.load_state_dict(state)
+    assert older.engine.weights_moved is None
+    group["move_reference"] = [torch.zeros(2)]
+    with pytest.raises(ValueError, match="reference weights"):
+        build(twin).load_state_dict(state)
+
+
+@pytest.mark.parametrize("bad", [-0.1, float("nan"), float("inf"), True, "0.3"])
+def test_a_bad_refresh_on_move_is_refused_naming_it(bad: Any) -> None:
+    with pytest.raises(ValueError, match="refresh_on_move"):
+        PreconditionedOptimizer(
+            nn.Sequential(nn.Linear(3, 2)), KFAC(), loss_fn=nn.MSELoss(), refresh_on_move=bad
+        )
 
 
 def _step(opt: PreconditionedOptimizer, model: nn.Module, x: Tensor, y: Tensor) -> None:

@@ -64,7 +64,8 @@ def test_the_step_with_momentum_stays_inside_the_kl_bound(nesterov: bool) -> Non
     damping, lr, clip = 1e-3, 0.5, 1e-2
     opt = PreconditionedOptimizer(
         model, KFAC("eigen"), loss_fn=problem.loss_fn, lr=lr, damping=damping, kl_clip=clip,
-        momentum=0.9, nesterov=nesterov, t_cov=1000, t_inv=1000, warmup=0, fisher_type="exact",
+        momentum=0.9, nesterov=nesterov, t_cov=1000, t_inv=1000, warmup=0, refresh_on_move=0,
+        fisher_type="exact",
     )  # fmt: skip
     clipped = 0
     for _ in range(8):

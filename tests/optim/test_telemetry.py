@@ -157,7 +157,7 @@ def test_condition_numbers_are_reported_when_inverses_are_rebuilt() -> None:
     model = problem.model()
     approx = _Conditioned(KFACDamping.EIGEN)
     opt = PreconditionedOptimizer(model, approx, loss_fn=problem.loss_fn, damping=1e-2, t_inv=2,
-                                  warmup=0, fisher_type="exact")  # fmt: skip
+                                  warmup=0, refresh_on_move=0, fisher_type="exact")  # fmt: skip
     for step in range(4):
         _step(opt, model, problem.loss_fn, problem.x, problem.y)
         stats = opt.last_stats
