@@ -10,7 +10,8 @@ a tuned Adam to reach the same loss. Per task and seed this benchmark trains
   the loss: ``PreconditionedOptimizer(model, Approx(), loss_fn=loss_fn)``;
 * KFAC on a 3x3 grid of learning rate and damping around its defaults, and
   KFAC with one default changed at a time (``kfac-ablations``: no momentum,
-  statistics every step, no warm-up, statistics on the whole batch, the
+  statistics every step, no warm-up, refreshes where the weights moved
+  (``refresh_on_move=0.3, warmup=3``), statistics on the whole batch, the
   looser clip 1e-2, the running average of 0.95 per update, adaptive learning
   rate and momentum),
 
@@ -312,6 +313,7 @@ def kfac_ablations() -> list[Method]:
         curvature("kfac", "momentum=0", momentum=0.0),
         curvature("kfac", "t_cov=t_inv=1", t_cov=1, t_inv=1),
         curvature("kfac", "warmup=0", warmup=0),
+        curvature("kfac", "refresh_on_move=0.3,warmup=3", refresh_on_move=0.3, warmup=3),
         curvature("kfac", "stats_fraction=1", stats_fraction=1.0),
         curvature("kfac", "kl_clip=1e-2", kl_clip=1e-2),
         with_decay(0.95),

@@ -19,8 +19,10 @@ phase of a shared machine hits every copy alike):
   KFAC(), loss_fn=...)`` does;
 * tuned Adam's step, for scale.
 
-Every copy refreshes its statistics on the same steps (the defaults' warm-up at
-steps 0, 1, 2, 4, 8, then every 10th), so the time of 10 consecutive steps
+Every copy refreshes its statistics on the same steps, a fixed schedule (steps
+0, 1, 2, 4, 8, then every 10th: ``warmup=10, refresh_on_move=0``; refreshes
+where the weights moved could fall on different steps for copies whose weights
+differ by round-off), so the time of 10 consecutive steps
 after the warm-up covers one statistics step and nine plain ones. *Ratio* is
 the median over those windows of a copy's time divided by the baseline's in the
 same window; *vs Adam* divides by Adam's instead. A network that BackPACK cannot
@@ -68,7 +70,9 @@ def measure(task: Task, steps: int) -> dict[str, Any]:
         approx = KFAC()
         approx.workers = workers
         try:
-            opt = PreconditionedOptimizer(model, approx, loss_fn=task.loss_fn, backend=backend)
+            opt = PreconditionedOptimizer(
+                model, approx, loss_fn=task.loss_fn, backend=backend, warmup=10, refresh_on_move=0
+            )
         except ValueError:  # BackPACK lacks a module of this network
             continue
         runs.append((label, model, opt))

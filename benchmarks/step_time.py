@@ -244,6 +244,7 @@ def make_step(name: str, batch: int, interval: int) -> StepFn:
     popt = PreconditionedOptimizer(
         model, approx, loss_fn=loss_fn, lr=LR,
         damping=DAMPING, kl_clip=KL_CLIP, momentum=MOMENTUM, t_cov=interval, t_inv=interval,
+        refresh_on_move=0,  # statistics exactly every `interval` steps: the cost at that T
         fisher_type=spec.fisher,
     )  # fmt: skip
 

@@ -173,7 +173,7 @@ class PreconditionedOptimizer(CurvatureOptimizer):
             Levenberg–Marquardt or a ``DampingWarmup``),
             ``kl_clip`` ($3\cdot10^{-3}$ on the whole step; ``None`` disables
             it), ``momentum`` (0.5, or ``"auto"``), ``t_cov`` and
-            ``t_inv`` (10), ``refresh_on_move`` (0.3), ``warmup`` (3), ``nesterov``,
+            ``t_inv`` (10), ``warmup`` (10), ``refresh_on_move`` (0: off), ``nesterov``,
             ``weight_decay``, ``decoupled_weight_decay``, ``kl_clip_lr_squared``, ``on_step``,
             ``grad_scaler`` and ``accumulation_steps``.
     """

@@ -233,6 +233,7 @@ class CurvatureEngine:
         return distance
 
     def _layers(self) -> list[CurvatureLayer]:
+        """This engine's layers, in the extractor's order."""
         names = self.layer_names
         return [la for la in self.extractor.layout.layers if names is None or la.name in names]
 
@@ -317,8 +318,14 @@ class CurvatureEngine:
             RuntimeError: If statistics were due but no ``record()`` block ran.
         """
         if self.stats_due and not self._pending:
+            why = (
+                f"the weights moved by {self.weights_moved:.3g} >= refresh_on_move="
+                f"{self.refresh_on_move:g}"
+                if self._moved
+                else f"t_cov={self.t_cov}"
+            )
             raise RuntimeError(
-                f"Curvature statistics are due at step {self.step_count} (t_cov={self.t_cov}): "
+                f"Curvature statistics are due at step {self.step_count} ({why}): "
                 "run the forward and backward pass inside `with optimizer.record():` "
                 "before step()."
             )
@@ -603,9 +610,9 @@ class CurvatureEngine:
 
     def checkpoint_record(self) -> dict[str, Any]:
         """The record of what wrote this engine's ``state_dict`` (checked on loading)."""
-        names = self.layer_names
-        layers = [la for la in self.extractor.layout.layers if names is None or la.name in names]
-        return writer_record(self, approx=type(self.approx).__name__, layers=layer_record(layers))
+        return writer_record(
+            self, approx=type(self.approx).__name__, layers=layer_record(self._layers())
+        )
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore from ``state_dict()``, rebuilding the live inverse from its own source.

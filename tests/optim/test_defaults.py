@@ -275,6 +275,41 @@ def test_refresh_on_move_resumes_from_a_checkpoint_exactly() -> None:
         build(twin).load_state_dict(state)
 
 
+def test_the_preconditioner_refreshes_when_the_weights_moved_however_they_moved() -> None:
+    """Weights changed by another optimizer (or by hand) count as moved."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2))
+    loss_fn = nn.MSELoss()
+    precond = NaturalGradientPreconditioner(
+        model, KFAC(), loss_fn=loss_fn, t_cov=100, t_inv=100, warmup=0, refresh_on_move=0.4
+    )
+    x, y = torch.randn(16, 3), torch.randn(16, 2)
+
+    def step() -> dict[str, Any]:
+        model.zero_grad()
+        with precond.record():
+            loss_fn(model(x), y).backward()
+        precond.step()
+        return precond.last_stats
+
+    assert step()["inverse_rebuilt"] and step()["weights_moved"] == 0.0
+    with torch.no_grad():
+        model[2].weight.mul_(1.25)  # [W | b] of that layer moves by less than a quarter
+    stats = step()
+    assert not stats["inverse_rebuilt"] and 0.0 < stats["weights_moved"] < 0.25
+    with torch.no_grad():
+        model[2].weight.mul_(1.25)
+    stats = step()
+    assert stats["inverse_rebuilt"] and stats["weights_moved"] >= 0.4
+    assert step()["weights_moved"] == 0.0  # measured from the weights of the refresh
+    with torch.no_grad():
+        model[0].weight.mul_(2.0)
+    model.zero_grad()
+    loss_fn(model(x), y).backward()  # outside record(): the error names the rule
+    with pytest.raises(RuntimeError, match=r"moved by 0\.\d+ >= refresh_on_move=0\.4"):
+        precond.step()
+
+
 @pytest.mark.parametrize("bad", [-0.1, float("nan"), float("inf"), True, "0.3"])
 def test_a_bad_refresh_on_move_is_refused_naming_it(bad: Any) -> None:
     with pytest.raises(ValueError, match="refresh_on_move"):
