@@ -132,12 +132,13 @@ class CurvatureEngine:
         _check_intervals(t_cov, t_inv)
         if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
             raise ValueError(f"warmup must be a non-negative int, got {warmup!r}.")
-        check_refresh_on_move(refresh_on_move)
+        _check_refresh_on_move(refresh_on_move)
         self.warmup = warmup
         self.refresh_on_move = float(refresh_on_move)
         # The weights at the last statistics folded in (refresh_on_move), and the
         # distance measured at step ``_moved_at[0]``.
         self._reference: list[Tensor] | None = None
+        self._reference_norms: list[float] = []  # per layer, of ``_reference``
         self._moved_at: tuple[int, float] | None = None
         # The distance measured at the step that finished last (telemetry).
         self.last_moved: float | None = None
@@ -214,19 +215,11 @@ class CurvatureEngine:
         if self._moved_at is not None and self._moved_at[0] == self.step_count:
             return self._moved_at[1]
         with torch.no_grad():
-            norms = [
-                *torch._foreach_norm(torch._foreach_sub(self._weights(), self._reference)),
-                *torch._foreach_norm(self._reference),
-            ]
-            if len({t.device for t in norms}) > 1:
-                norms = [t.cpu() for t in norms]
-            flat = torch.stack([t.to(torch.float64) for t in norms]).tolist()  # one transfer
-        size = len(flat) // 2
-        distance, start = 0.0, 0
-        for count in self._parameter_counts():
-            change = math.hypot(*flat[start : start + count])
-            norm = math.hypot(*flat[size + start : size + start + count])
-            start += count
+            changes = _layer_norms(
+                torch._foreach_sub(self._weights(), self._reference), self._parameter_counts()
+            )
+        distance = 0.0
+        for change, norm in zip(changes, self._reference_norms, strict=True):
             if change > 0:
                 distance = max(distance, change / norm if norm > 0 else math.inf)
         self._moved_at = (self.step_count, distance)
@@ -247,8 +240,14 @@ class CurvatureEngine:
         """Keep the current weights as the reference; this step keeps its distance."""
         if self.refresh_on_move:
             before = self.weights_moved
-            self._reference = [w.clone() for w in self._weights()]
+            self._set_reference([w.clone() for w in self._weights()])
             self._moved_at = None if before is None else (self.step_count, before)
+
+    def _set_reference(self, reference: list[Tensor] | None) -> None:
+        self._reference = reference
+        self._reference_norms = (
+            [] if reference is None else _layer_norms(reference, self._parameter_counts())
+        )
 
     @property
     def _warming_up(self) -> bool:
@@ -683,7 +682,7 @@ class CurvatureEngine:
         self._precond_fresh = loaded.precond_fresh
         self._snapshot = None if source is None else (lambda: source)
         # Written without the rule (or before it existed): the next statistics take one.
-        self._reference = loaded.reference if self.refresh_on_move else None
+        self._set_reference(loaded.reference if self.refresh_on_move else None)
         self._moved_at = None
 
 
@@ -713,6 +712,22 @@ def _warmup_samples(rule: Any) -> int:
     return rule.samples if isinstance(rule, DampingWarmup) else 0
 
 
+def _layer_norms(tensors: Sequence[Tensor], counts: Sequence[int]) -> list[float]:
+    """The norm of each layer's tensors taken together (``counts`` tensors per layer).
+
+    One ``foreach`` pass and one transfer to the host for all layers.
+    """
+    norms = list(torch._foreach_norm(list(tensors)))
+    if len({t.device for t in norms}) > 1:
+        norms = [t.cpu() for t in norms]
+    flat = torch.stack([t.to(torch.float64) for t in norms]).tolist()
+    out, start = [], 0
+    for count in counts:
+        out.append(math.hypot(*flat[start : start + count]))
+        start += count
+    return out
+
+
 def _reference(saved: Any, weights: Sequence[Tensor]) -> list[Tensor] | None:
     """The saved reference weights of ``refresh_on_move``, checked against the layers'.
 
@@ -733,7 +748,7 @@ def _reference(saved: Any, weights: Sequence[Tensor]) -> list[Tensor] | None:
     ]
 
 
-def check_refresh_on_move(value: Any) -> None:
+def _check_refresh_on_move(value: Any) -> None:
     """Refuse a ``refresh_on_move`` that is not a finite number >= 0.
 
     Raises:
