@@ -91,6 +91,18 @@ def test_the_preset_reaches_the_optimizer_and_the_approximation() -> None:
     assert approx.decay == 0.95
 
 
+@pytest.mark.parametrize(("flags", "expected"), [([], 0.0), (["--refresh-on-move", "0.3"], 0.3)])
+def test_refresh_on_move_reaches_the_engine(flags: list[str], expected: float) -> None:
+    assert _optimizer(flags).engine.refresh_on_move == expected
+    assert _optimizer(["--preset", "paper", *flags]).engine.refresh_on_move == expected
+
+
+@pytest.mark.parametrize("value", ["-0.1", "nan", "many"])
+def test_a_bad_refresh_on_move_is_a_usage_error(value: str) -> None:
+    with pytest.raises(SystemExit):
+        autoencoder.build_argparser().parse_args(["--refresh-on-move", value])
+
+
 def test_without_the_preset_the_library_defaults_stay() -> None:
     opt = _optimizer([])
     approx = opt.approx
