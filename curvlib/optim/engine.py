@@ -109,6 +109,11 @@ class CurvatureEngine:
             layers only and adopts every rank's (its inverse is cheap and built
             on every rank).
 
+    Attributes:
+        last_moved: The distance ``weights_moved`` measured at the step that
+            finished last (``None`` if none was measured); the optimizers report
+            it as ``weights_moved`` in ``last_stats``.
+
     Raises:
         ValueError: For bad intervals or damping, or an extractor that does not
             compute what the approximation needs.
@@ -165,6 +170,10 @@ class CurvatureEngine:
         self.t_inv = t_inv
         self.stats_scale = stats_scale
         self.layer_names: tuple[str, ...] | None = None if layers is None else tuple(layers)
+        names = self.layer_names
+        self._own_layers = tuple(
+            la for la in extractor.layout.layers if names is None or la.name in names
+        )
         self.step_count = 0
         self.lm_damping = damping.initial if isinstance(damping, LevenbergMarquardt) else None
         self.skipped_updates = 0
@@ -225,16 +234,11 @@ class CurvatureEngine:
         self._moved_at = (self.step_count, distance)
         return distance
 
-    def _layers(self) -> list[CurvatureLayer]:
-        """This engine's layers, in the extractor's order."""
-        names = self.layer_names
-        return [la for la in self.extractor.layout.layers if names is None or la.name in names]
-
     def _weights(self) -> list[Tensor]:
-        return [p.detach() for layer in self._layers() for p in layer.parameters]
+        return [p.detach() for layer in self._own_layers for p in layer.parameters]
 
     def _parameter_counts(self) -> list[int]:
-        return [len(layer.parameters) for layer in self._layers()]
+        return [len(layer.parameters) for layer in self._own_layers]
 
     def _take_reference(self) -> None:
         """Keep the current weights as the reference; this step keeps its distance."""
@@ -456,11 +460,9 @@ class CurvatureEngine:
             self._owners_known = True
             flag = "splits_refresh" if self._refreshable else "splits_inverse"
             if self.sync is not None and getattr(self.approx, flag, False):
-                names = self.layer_names
                 costs = {
                     la.name: float(la.out_dim) ** 3 + float(la.in_dim_aug) ** 3
-                    for la in self.extractor.layout.layers
-                    if names is None or la.name in names
+                    for la in self._own_layers
                 }
                 self._owners = self.sync.inverse_owners(costs)
         return self._owners
@@ -610,7 +612,7 @@ class CurvatureEngine:
     def checkpoint_record(self) -> dict[str, Any]:
         """The record of what wrote this engine's ``state_dict`` (checked on loading)."""
         return writer_record(
-            self, approx=type(self.approx).__name__, layers=layer_record(self._layers())
+            self, approx=type(self.approx).__name__, layers=layer_record(self._own_layers)
         )
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -657,7 +659,7 @@ class CurvatureEngine:
             precond_damping=damping,
             precond_fresh=fresh,
             snapshot=snapshot,
-            reference=_reference(state.get("move_reference"), self._weights()),
+            reference=_loaded_reference(state.get("move_reference"), self._weights()),
         )
 
     def commit(self, loaded: LoadedEngine) -> None:
@@ -728,7 +730,7 @@ def _layer_norms(tensors: Sequence[Tensor], counts: Sequence[int]) -> list[float
     return out
 
 
-def _reference(saved: Any, weights: Sequence[Tensor]) -> list[Tensor] | None:
+def _loaded_reference(saved: Any, weights: Sequence[Tensor]) -> list[Tensor] | None:
     """The saved reference weights of ``refresh_on_move``, checked against the layers'.
 
     Raises:
