@@ -5,7 +5,11 @@ the per-step costs in Adam steps measured step by step against Adam for statisti
 from half of each batch (``../stats_fraction/costs.py``, the table on the docs'
 convergence page), medians over the seeds.
 
-    python model.py FILE [FILE ...]
+    python model.py [--amd] FILE [FILE ...]
+
+``--amd``: the per-step costs measured the same way on a 2-core AMD EPYC (no AVX-512) on
+2026-12-06 at commit ``6f0f57c`` (``../stats_fraction/costs.py TASK '{"default": {}}' 100``,
+``costs_amd.txt``), where the preconditioning products cost more next to Adam's step.
 """
 
 import collections
@@ -17,8 +21,16 @@ COST = {
     "curves": (1.47, 5.25, 300), "digits-ae": (1.50, 5.98, 240), "digits-mlp": (1.53, 6.30, 120),
     "digits-cnn": (1.18, 6.11, 80), "digits-convae": (1.17, 6.89, 240),
 }  # fmt: skip
+COST_AMD = {
+    "curves": (1.99, 5.91, 300), "digits-ae": (1.78, 6.31, 240), "digits-mlp": (1.60, 6.34, 120),
+    "digits-cnn": (1.14, 4.35, 80), "digits-convae": (1.16, 8.24, 240),
+}  # fmt: skip
 
-for path in sys.argv[1:]:
+paths = sys.argv[1:]
+if paths and paths[0] == "--amd":
+    COST, paths = COST_AMD, paths[1:]
+
+for path in paths:
     times, epochs = collections.defaultdict(list), collections.defaultdict(list)
     with open(path) as fh:
         lines = fh.readlines()
