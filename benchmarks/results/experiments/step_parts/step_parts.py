@@ -25,6 +25,7 @@ warnings.simplefilter("ignore")
 import convergence as cv  # noqa: E402
 
 from curvlib import KFAC, PreconditionedOptimizer  # noqa: E402
+from curvlib.optim.engine import layer_grads  # noqa: E402
 
 
 def run(task: cv.Task, kind: str, steps: int = 120) -> dict[str, float]:
@@ -58,7 +59,7 @@ def run(task: cv.Task, kind: str, steps: int = 120) -> dict[str, float]:
         parts["step_stats" if stats else "step"].append(end - mid)
         if kind != "adam" and not stats:
             precond = opt.engines[0]._precond
-            grads = {la.name: la.grad_matrix() for la in opt.layers}
+            grads = layer_grads(opt.layers)
             start = time.perf_counter()
             precond.apply(grads)
             parts["apply"].append(time.perf_counter() - start)

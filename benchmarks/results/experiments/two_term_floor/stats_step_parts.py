@@ -2,7 +2,8 @@
 
 The step-time benchmark's network and settings (random data, batch 1000, damping
 1e-3, KL clip 1e-2, momentum 0.9, ``t_cov = t_inv = 10``), one thread; the parts of
-``opt.last_stats`` on statistics steps 20 and 30, averaged.
+``opt.last_stats`` on statistics steps 20 and 30, averaged. (``step_time.py`` prints
+the same parts averaged over whole windows, plain steps included.)
 
     python stats_step_parts.py
 """
