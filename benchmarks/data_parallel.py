@@ -2,8 +2,8 @@ r"""Time per step and bytes per statistics step of data-parallel training (gloo,
 
 Run from the repository root::
 
-    python benchmarks/data_parallel.py              # 1, 2 and 4 ranks, KFAC and EKFAC
-    python benchmarks/data_parallel.py --quick      # 1 and 2 ranks, few steps, writes nothing
+    python benchmarks/data_parallel.py          # 1, 2 and 4 ranks; KFAC, EKFAC, KPSVD, Deflation
+    python benchmarks/data_parallel.py --quick  # 1 and 2 ranks, few steps, writes nothing
 
 Each configuration starts ``W`` processes in a gloo process group on this
 machine (one thread each, ``--threads``: a parallel region of several threads
@@ -12,12 +12,14 @@ an MLP classifier in ``DistributedDataParallel`` and trains it with
 ``PreconditionedOptimizer`` at the library defaults (statistics and inverses
 every 10 steps after the warm-up) on a fixed global batch split over the
 ranks, with the work split over the ranks by layer (``split_inverses=True``:
-KFAC's inverses, EKFAC's eigenbases) or not. Reported per configuration, by
-rank 0:
+KFAC's inverses, EKFAC's eigenbases, KPSVD's and Deflation's fits to each
+batch and their inverses) or not. Reported per configuration, by rank 0:
 
 * *ms/step*: the mean wall time of the steps after the warm-up, a whole number
   of 10-step windows (one statistics and inverse step each); the median over
   ``--repeats`` runs, with the smallest and largest in brackets;
+* *ms/stats step*: the median wall time of the statistics steps among them
+  (those that rebuilt the inverse), the median over the runs;
 * *bytes/stats step*: what rank 0 put into curvlib's collectives on the last
   statistics step (``DataParallel.last_statistics``): header, factors, and for
   EKFAC the per-sample statistics;
@@ -76,7 +78,7 @@ def _model(widths: Sequence[int]) -> nn.Module:
 def _rank_main(rank: int, world_size: int, store: str, config: dict[str, Any], out: str) -> None:
     import torch.distributed as dist
 
-    from curvlib import EKFAC, KFAC, PreconditionedOptimizer
+    from curvlib import EKFAC, KFAC, KPSVD, Deflation, PreconditionedOptimizer
     from curvlib.distributed import DataParallel
 
     threads = int(config["threads"])
@@ -92,7 +94,9 @@ def _rank_main(rank: int, world_size: int, store: str, config: dict[str, Any], o
     net = _model(widths)
     model = nn.parallel.DistributedDataParallel(net)
     loss_fn = nn.CrossEntropyLoss()
-    approx = {"kfac": KFAC, "ekfac": EKFAC}[config["approx"]]()
+    approx = {"kfac": KFAC, "ekfac": EKFAC, "kpsvd": KPSVD, "deflation": Deflation}[
+        config["approx"]
+    ]()
     sync = DataParallel(split_inverses=config["split"])
     opt = PreconditionedOptimizer(model, approx, loss_fn=loss_fn, data_parallel=sync)
     gen = torch.Generator().manual_seed(1 + rank)
@@ -101,6 +105,7 @@ def _rank_main(rank: int, world_size: int, store: str, config: dict[str, Any], o
     y = torch.randint(0, widths[-1], (local,), generator=gen)
     steps = config["steps"]
     times: list[float] = []
+    stats_times: list[float] = []
     stats_bytes = stats_messages = 0
     traffic_before = 0
     for step in range(WARMUP_STEPS + steps):
@@ -112,6 +117,8 @@ def _rank_main(rank: int, world_size: int, store: str, config: dict[str, Any], o
             loss_fn(model(x), y).backward()
         opt.step()
         times.append(time.perf_counter() - start)
+        if step >= WARMUP_STEPS and opt.last_stats["inverse_rebuilt"]:
+            stats_times.append(times[-1])
         if sync.last_statistics.messages:
             stats_bytes, stats_messages = sync.last_statistics.bytes, sync.last_statistics.messages
     if rank == 0:
@@ -121,6 +128,7 @@ def _rank_main(rank: int, world_size: int, store: str, config: dict[str, Any], o
             "ranks": world_size,
             "threads": threads,
             "ms_per_step": 1e3 * sum(times[WARMUP_STEPS:]) / steps,
+            "ms_per_stats_step": 1e3 * statistics.median(stats_times),
             "stats_bytes": stats_bytes,
             "stats_messages": stats_messages,
             "curvlib_bytes_per_step": (sync.traffic.bytes - traffic_before) / steps,
@@ -158,14 +166,15 @@ def table(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"{meta['repeats']} runs (smallest–largest). The byte counts are exact; the "
         "times come from processes sharing the machine's cores and vary between runs.",
         "",
-        "| approximation | ranks | split | ms/step | bytes/stats step | "
+        "| approximation | ranks | split | ms/step | ms/stats step | bytes/stats step | "
         "curvlib bytes/step | bytes/split broadcast | DDP bytes/step |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['approx'].upper()} | {r['ranks']} | {'yes' if r['split'] else 'no'} | "
             f"{r['ms_per_step']:.1f} ({r['ms_runs'][0]:.1f}–{r['ms_runs'][-1]:.1f}) | "
+            f"{r['ms_per_stats_step']:.1f} | "
             f"{r['stats_bytes']:,} | "
             f"{r['curvlib_bytes_per_step']:,.0f} | {r.get('shared_bytes', 0):,} | "
             f"{r['ddp_bytes_per_step']:,} |"
@@ -176,7 +185,12 @@ def table(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--approx", nargs="+", default=["kfac", "ekfac"])
+    parser.add_argument(
+        "--approx",
+        nargs="+",
+        choices=["kfac", "ekfac", "kpsvd", "deflation"],
+        default=["kfac", "ekfac", "kpsvd", "deflation"],
+    )
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch", type=int, default=GLOBAL_BATCH)
     parser.add_argument("--widths", type=int, nargs="+", default=list(WIDTHS))
@@ -204,7 +218,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 }
                 runs = [run(config, world_size) for _ in range(args.repeats)]
                 times = sorted(r["ms_per_step"] for r in runs)
-                row = {**runs[0], "ms_per_step": statistics.median(times), "ms_runs": times}
+                row = {
+                    **runs[0],
+                    "ms_per_step": statistics.median(times),
+                    "ms_runs": times,
+                    "ms_per_stats_step": statistics.median(r["ms_per_stats_step"] for r in runs),
+                }
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr)
     meta = {

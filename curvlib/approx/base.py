@@ -236,6 +236,44 @@ class LayerBlock(ABC):
         return tensor if self.dtype is None else tensor.to(self.dtype)
 
 
+class SplitUpdateBlock(LayerBlock):
+    r"""A block whose update has an expensive part that another rank can compute.
+
+    In data-parallel training with ``DataParallel(split_inverses=True)`` that
+    part (KPSVD's power iterations, the two-term methods' singular pairs,
+    EKFAC's first eigenbasis) is computed by the layer's owner alone (``fit``),
+    broadcast as one flat tensor, and folded in on every rank
+    (``update_fitted``), so that every rank ends with the estimate ``update``
+    gives in one process. ``update(stats, rho)`` must equal
+    ``update_fitted(stats, rho, fit(stats, rho))`` whenever ``fit_size`` is
+    not zero.
+    """
+
+    @abstractmethod
+    def fit_size(self) -> int:
+        """How many numbers ``fit`` returns for the next update; 0 when nothing is split."""
+
+    @abstractmethod
+    def fit_dtype(self, stats: LayerStatistics) -> torch.dtype:
+        """The dtype of ``fit``'s tensor for these statistics."""
+
+    @abstractmethod
+    def fit(self, stats: LayerStatistics, rho: float) -> Tensor:
+        """The expensive part of the next update, packed flat; the estimate is unchanged.
+
+        Filled with NaN where the computation fails, so that the owner still
+        sends it and every rank refuses it alike.
+        """
+
+    @abstractmethod
+    def update_fitted(self, stats: LayerStatistics, rho: float, packed: Tensor) -> None:
+        """``update`` with its expensive part taken from ``packed`` (a finite ``fit``)."""
+
+
+class FitFailedError(RuntimeError):
+    """The expensive part of an update failed on the rank that computed it."""
+
+
 def _condition_of(block: LayerBlock, damping: float) -> Callable[[], float]:
     return lambda: block.condition_number(damping)
 
@@ -486,12 +524,19 @@ class LayerwiseApprox(ABC):
                 nothing is changed.
             ValueError: If a statistic this approximation needs is missing.
         """
+        self._update_with(stats, {})
+
+    def _check_statistics(self, stats: CurvatureStatistics) -> None:
         if not stats.is_finite():
             raise NonFiniteStatisticsError(
                 "Statistics contain NaN or Inf; the curvature estimate was left unchanged."
             )
         for name, layer_stats in stats.layers.items():
             self._check_has_required(name, layer_stats)
+
+    def _update_with(self, stats: CurvatureStatistics, fitted: Mapping[str, Tensor]) -> None:
+        """``update``, with the expensive parts of the layers in ``fitted`` given."""
+        self._check_statistics(stats)
         rho = self._old_weight(stats.num_samples)
         with self._all_or_none():
             # One after the other: running averages are bound by memory, and
@@ -500,9 +545,106 @@ class LayerwiseApprox(ABC):
                 if name not in self._blocks:
                     layer = layer_stats.layer
                     self._blocks[name] = self._make_block(layer.out_dim, layer.in_dim_aug)
-                self._blocks[name].update(layer_stats, rho)
+                block = self._blocks[name]
+                if name in fitted:
+                    assert isinstance(block, SplitUpdateBlock)
+                    block.update_fitted(layer_stats, rho, fitted[name])
+                else:
+                    block.update(layer_stats, rho)
         self.num_updates += 1
         self.num_samples_seen += stats.num_samples
+
+    # -- an update split by layer (data-parallel training) ---------------------------------
+
+    splits_update: ClassVar[bool] = False
+    """Whether ``update`` can be split by layer: ``update_due``, ``fitted``, ``update_with``.
+
+    In data-parallel training with ``DataParallel(split_inverses=True)`` each
+    layer's owner computes the expensive part of its update (``fitted``), the
+    owners broadcast them, and every rank folds all of them in
+    (``update_with``): every rank ends with the estimate that ``update`` gives
+    ([Distributed training](../distributed.md)). Set by the approximations
+    whose blocks are [`SplitUpdateBlock`][curvlib.approx.base.SplitUpdateBlock]s.
+    """
+
+    def _block_for(self, name: str, stats: LayerStatistics) -> LayerBlock:
+        """The layer's block, or the fresh one its first update would make (not stored)."""
+        block = self._blocks.get(name)
+        if block is None:
+            block = self._make_block(stats.layer.out_dim, stats.layer.in_dim_aug)
+        return block
+
+    def update_due(self, stats: CurvatureStatistics) -> dict[str, Tensor]:
+        """An empty tensor for every layer whose next update has a part to split.
+
+        Shaped, typed and placed like that layer's ``fitted`` part, in the
+        order of the statistics' layers. Ranks that hold the same estimate and
+        the same statistics list the same layers.
+        """
+        due: dict[str, Tensor] = {}
+        for name, layer_stats in stats.layers.items():
+            block = self._block_for(name, layer_stats)
+            if isinstance(block, SplitUpdateBlock) and (size := block.fit_size()):
+                device = layer_stats.tensors()[0].device
+                due[name] = torch.empty(size, dtype=block.fit_dtype(layer_stats), device=device)
+        return due
+
+    def fitted(self, stats: CurvatureStatistics, layers: Collection[str]) -> dict[str, Tensor]:
+        """The expensive part of the next update of each of ``layers``; the estimate is unchanged.
+
+        A layer whose part fails comes back filled with NaN, so that its owner
+        still sends it; ``update_with`` then refuses it on every rank alike.
+
+        Raises:
+            ValueError: For a layer that ``update_due`` does not list, or
+                statistics that ``update`` would refuse.
+        """
+        self._check_statistics(stats)
+        due = self.update_due(stats)
+        unknown = [name for name in layers if name not in due]
+        if unknown:
+            raise ValueError(
+                f"No split update is due for layers {unknown}: pass names from update_due()."
+            )
+        rho = self._old_weight(stats.num_samples)
+        out: dict[str, Tensor] = {}
+        for name in due:
+            if name in layers:
+                block = self._block_for(name, stats.layers[name])
+                assert isinstance(block, SplitUpdateBlock)
+                with naming_layer(name):
+                    out[name] = block.fit(stats.layers[name], rho)
+        return out
+
+    def update_with(self, stats: CurvatureStatistics, fitted: Mapping[str, Tensor]) -> None:
+        """``update``, with every due layer's expensive part taken from ``fitted``.
+
+        ``fitted`` holds what ``fitted`` computed for the layers ``update_due``
+        lists, here or on other ranks; afterwards the estimate is the one
+        ``update`` would leave. All layers are updated or none.
+
+        Raises:
+            ValueError: If ``fitted`` does not hold exactly the due layers with
+                their sizes, or ``update`` would refuse the statistics.
+            FitFailedError: If a part is not finite (it failed on the rank that
+                computed it); then nothing changes.
+        """
+        due = self.update_due(stats)
+        if set(fitted) != set(due):
+            raise ValueError(
+                f"update_with needs the parts of exactly the layers update_due() lists, "
+                f"{sorted(due)}; got {sorted(fitted)}."
+            )
+        wrong = [name for name, t in fitted.items() if t.shape != due[name].shape]
+        if wrong:
+            raise ValueError(f"The fitted parts of layers {wrong} have the wrong size.")
+        failed = [name for name, t in fitted.items() if not bool(torch.isfinite(t).all())]
+        if failed:
+            raise FitFailedError(
+                f"The fitted parts of layers {failed} are not finite: their computation "
+                "failed on the rank that computed them."
+            )
+        self._update_with(stats, fitted)
 
     def _old_weight(self, num_samples: int) -> float:
         """Weight of the old estimate in the next update (see ``decay``)."""

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from curvlib.approx.base import DEFAULT_DECAY, LayerBlock, running_average, standard_normal
-from curvlib.approx.kpsvd import RearrangedApprox
+from curvlib.approx.kpsvd import RearrangedApprox, _RearrangedBlock
 from curvlib.core.stats import LayerStatistics, StatKind
 from curvlib.linalg.factors import symmetrize
 from curvlib.linalg.kron import KroneckerSumInverse, two_term_inverse
@@ -56,7 +56,7 @@ def check_settings(tol: float, min_eig: float, **counts: int) -> None:
             raise ValueError(f"{name} must be at least 1, got {count!r}.")
 
 
-class KroneckerSumBlock(LayerBlock):
+class KroneckerSumBlock(_RearrangedBlock):
     r"""Running estimate $C = G_1 \otimes A_1 + G_2 \otimes A_2$ of one layer's block.
 
     Each update computes the four factors of the current batch
@@ -121,9 +121,15 @@ class KroneckerSumBlock(LayerBlock):
             return None
         return self.factors[index]
 
-    def update(self, stats: LayerStatistics, rho: float) -> None:
+    def _fit_shapes(self) -> list[tuple[int, int]]:
+        o, i = self.out_dim, self.in_dim
+        return [(o, o), (i, i), (o, o), (i, i)]
+
+    def _fit(self, stats: LayerStatistics) -> Factors:
+        return self._batch_factors(stats)
+
+    def _fold(self, new: tuple[Tensor, ...], rho: float) -> None:
         """Fold one batch's factors into the running averages of the four factors."""
-        new = self._batch_factors(stats)
         old = self.factors
         G1, A1, G2, A2 = (
             running_average(None if old is None else old[i], new[i].contiguous(), rho)

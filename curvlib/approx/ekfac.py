@@ -60,6 +60,7 @@ from curvlib.approx.base import (
     LayerBlock,
     LayerInverse,
     LayerwiseApprox,
+    SplitUpdateBlock,
     running_average,
 )
 from curvlib.core.stats import LayerStatistics, PerSampleIO, StatKind
@@ -113,7 +114,7 @@ def _carried(
     return r_g @ scalings @ r_a.T
 
 
-class _EKFACBlock(LayerBlock):
+class _EKFACBlock(SplitUpdateBlock):
     cheap_condition = True
 
     def __init__(
@@ -132,10 +133,32 @@ class _EKFACBlock(LayerBlock):
         self.pending: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
         self.stale = False
 
-    def update(self, stats: LayerStatistics, rho: float) -> None:
-        assert stats.kronecker is not None and stats.io is not None
+    def _factors_after(self, stats: LayerStatistics, rho: float) -> tuple[Tensor, Tensor]:
+        """The running factors ``(A, G)`` with this step's statistics folded in."""
+        assert stats.kronecker is not None
         A = running_average(self.A, self._cast(stats.kronecker.A), rho, symmetrize=True)
         G = running_average(self.G, self._cast(stats.kronecker.G), rho, symmetrize=True)
+        return A, G
+
+    # The split update's part: the first eigenbasis, of the first update's factors.
+
+    def fit_size(self) -> int:
+        return 0 if self.basis_a is not None else sum(self._packed_sizes())
+
+    def fit_dtype(self, stats: LayerStatistics) -> torch.dtype:
+        assert stats.kronecker is not None
+        return self.dtype or stats.kronecker.A.dtype
+
+    def fit(self, stats: LayerStatistics, rho: float) -> Tensor:
+        return self._packed(*self._factors_after(stats, rho))
+
+    def update_fitted(self, stats: LayerStatistics, rho: float, packed: Tensor) -> None:
+        self.adopt(packed)  # the first update then takes this basis as its own
+        self.update(stats, rho)
+
+    def update(self, stats: LayerStatistics, rho: float) -> None:
+        assert stats.kronecker is not None and stats.io is not None
+        A, G = self._factors_after(stats, rho)
         if self.pending is not None:
             values_a, basis_a, values_g, basis_g = self.pending
         elif self.basis_a is None or self.basis_g is None:
@@ -175,8 +198,7 @@ class _EKFACBlock(LayerBlock):
         self.stale = False
 
     def _packed_sizes(self) -> list[int]:
-        assert self.A is not None and self.G is not None
-        a, g = self.A.shape[0], self.G.shape[0]
+        a, g = self.in_dim, self.out_dim
         return [a, a * a, g, g * g]
 
     def packed_template(self) -> Tensor:
@@ -191,10 +213,14 @@ class _EKFACBlock(LayerBlock):
         NaN where an eigendecomposition fails.
         """
         assert self.A is not None and self.G is not None
+        return self._packed(self.A, self.G)
+
+    def _packed(self, A: Tensor, G: Tensor) -> Tensor:
+        """The eigenbases of ``A`` and ``G``, packed as ``packed_refresh``; NaN on failure."""
         try:
-            parts = (*_eigenbasis(self.A), *_eigenbasis(self.G))
+            parts = (*_eigenbasis(A), *_eigenbasis(G))
         except (RuntimeError, ValueError):
-            return self.packed_template().fill_(torch.nan)
+            return A.new_full((sum(self._packed_sizes()),), torch.nan)
         return torch.cat([part.reshape(-1) for part in parts])
 
     def adopt(self, packed: Tensor) -> None:
@@ -392,6 +418,9 @@ class EKFAC(LayerwiseApprox):
             self._each_block(refresh)
 
     # -- a refresh split by layer (data-parallel training) ---------------------------------
+
+    splits_update: ClassVar[bool] = True
+    """The first eigenbasis of each layer is computed by its owner (``update_due``, ``fitted``)."""
 
     splits_refresh: ClassVar[bool] = True
     """Whether ``refresh`` can be split by layer: ``refresh_due``, ``refreshed``, ``adopt_refresh``.

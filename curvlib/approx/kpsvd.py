@@ -37,11 +37,19 @@ damping rule ([`two_term_inverse`][curvlib.linalg.kron.two_term_inverse]).
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from typing import ClassVar
 
 import torch
+from torch import Tensor
 
-from curvlib.approx.base import DEFAULT_DECAY, LayerBlock, LayerwiseApprox, running_average
+from curvlib.approx.base import (
+    DEFAULT_DECAY,
+    LayerBlock,
+    LayerwiseApprox,
+    SplitUpdateBlock,
+    running_average,
+)
 from curvlib.approx.kfac import KFACDamping, _KFACBlock
 from curvlib.core.stats import LayerStatistics, StatKind
 from curvlib.linalg.precision import ApplyDtype, check_apply_dtype
@@ -79,6 +87,9 @@ class RearrangedApprox(LayerwiseApprox):
         self.form = RearrangedForm(form)
         self.apply_dtype = check_apply_dtype(apply_dtype)
 
+    splits_update: ClassVar[bool] = True
+    """Each layer's fit to the batch (its power or Lanczos iterations) is split over ranks."""
+
     def last_products(self) -> dict[str, tuple[RearrangedForm, int]]:
         r"""Per layer, the form and the products with $\mathcal R(F)$ of the last update.
 
@@ -93,7 +104,64 @@ class RearrangedApprox(LayerwiseApprox):
         }
 
 
-class _KPSVDBlock(_KFACBlock):
+_FORMS = list(RearrangedForm)
+
+
+class _RearrangedBlock(SplitUpdateBlock):
+    r"""A block that fits Kronecker factors to each batch's $\mathcal R(F)$ and averages them.
+
+    ``update`` is ``_fold(_fit(stats), rho)``: the fit (power or Lanczos
+    iterations, the expensive part) is what a data-parallel rank computes for
+    the layers it owns; its packed form is the factors, row-major, then the
+    telemetry (``last_iterations`` and the index of ``last_form``).
+    """
+
+    last_iterations: int
+    last_form: RearrangedForm
+
+    @abstractmethod
+    def _fit_shapes(self) -> list[tuple[int, int]]:
+        """The shapes of the factors ``_fit`` returns."""
+
+    @abstractmethod
+    def _fit(self, stats: LayerStatistics) -> tuple[Tensor, ...]:
+        """The factors of one batch, normalised for averaging; sets the telemetry."""
+
+    @abstractmethod
+    def _fold(self, factors: tuple[Tensor, ...], rho: float) -> None:
+        """Fold one batch's factors into the running averages."""
+
+    def update(self, stats: LayerStatistics, rho: float) -> None:
+        self._fold(self._fit(stats), rho)
+
+    def fit_size(self) -> int:
+        return sum(rows * cols for rows, cols in self._fit_shapes()) + 2
+
+    def fit_dtype(self, stats: LayerStatistics) -> torch.dtype:
+        assert stats.io is not None
+        return self.dtype or stats.io.inputs.dtype
+
+    def fit(self, stats: LayerStatistics, rho: float) -> Tensor:
+        dtype = self.fit_dtype(stats)
+        try:
+            factors = self._fit(stats)
+        except (RuntimeError, ValueError):
+            assert stats.io is not None
+            return stats.io.inputs.new_full((self.fit_size(),), torch.nan, dtype=dtype)
+        telemetry = [float(self.last_iterations), float(_FORMS.index(self.last_form))]
+        parts = [f.reshape(-1).to(dtype) for f in factors]
+        return torch.cat([*parts, parts[0].new_tensor(telemetry)])
+
+    def update_fitted(self, stats: LayerStatistics, rho: float, packed: Tensor) -> None:
+        shapes = self._fit_shapes()
+        *parts, telemetry = torch.split(packed, [r * c for r, c in shapes] + [2])
+        iterations, form = telemetry.tolist()
+        self.last_iterations, self.last_form = int(iterations), _FORMS[int(form)]
+        factors = (p.reshape(shape).clone() for p, shape in zip(parts, shapes, strict=True))
+        self._fold(tuple(factors), rho)
+
+
+class _KPSVDBlock(_RearrangedBlock, _KFACBlock):
     """A single Kronecker product, refitted by power iterations; inverted like KFAC."""
 
     def __init__(
@@ -114,13 +182,19 @@ class _KPSVDBlock(_KFACBlock):
         self.last_form = form
         """The form the last update used (telemetry)."""
 
-    def update(self, stats: LayerStatistics, rho: float) -> None:
+    def _fit_shapes(self) -> list[tuple[int, int]]:
+        return [(self.out_dim, self.out_dim), (self.in_dim, self.in_dim)]
+
+    def _fit(self, stats: LayerStatistics) -> tuple[Tensor, Tensor]:
         assert stats.io is not None
         op, self.last_form = rearranged(stats.io, self.dtype, self.form)
         warm = self.A if self.last_form is RearrangedForm.MATRIX_FREE else None
         triple = power_svd(op, psd_start(op, warm), tol=self.tol, max_iter=self.max_iter)
         self.last_iterations = triple.iterations
-        G, A = balanced_factors(triple)  # positive semi-definite by construction
+        return balanced_factors(triple)  # (G, A), positive semi-definite by construction
+
+    def _fold(self, factors: tuple[Tensor, ...], rho: float) -> None:
+        G, A = factors
         self.A = running_average(self.A, A, rho)
         self.G = running_average(self.G, G, rho)
 

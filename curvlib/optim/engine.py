@@ -386,6 +386,10 @@ class CurvatureEngine:
                 stacklevel=4,
             )
             return False
+        owners = self._update_owners()
+        # The owners' broadcast runs outside the try (a failed collective is not a failed
+        # update); a part that failed on its owner arrives as NaN and is refused below.
+        fitted = None if owners is None else self._shared_update(stats, owners)
         before = self._snapshot, self._precond_fresh
         if self._precond is not None and self._precond_fresh:
             # The live inverse was built from the current estimate: keep that estimate
@@ -393,7 +397,10 @@ class CurvatureEngine:
             self._snapshot = self._kept_state()
             self._precond_fresh = False
         try:
-            self.approx.update(stats)
+            if fitted is None:
+                self.approx.update(stats)
+            else:
+                self.approx.update_with(stats, fitted)  # type: ignore[attr-defined]
         except RuntimeError as err:  # e.g. a factorisation that failed even with jitter
             self._snapshot, self._precond_fresh = before
             self.skipped_updates += 1
@@ -448,6 +455,22 @@ class CurvatureEngine:
         approx: Any = self.approx
         due: dict[str, Tensor] = approx.refresh_due()
         owned = approx.refreshed([name for name in due if owners[name] == self.sync.rank])
+        return self.sync.share_directions(owned, owners, due)
+
+    def _update_owners(self) -> Mapping[str, int] | None:
+        """The rank that computes the expensive part of each layer's update, or ``None``."""
+        return self._work_owners() if getattr(self.approx, "splits_update", False) else None
+
+    def _shared_update(
+        self, stats: CurvatureStatistics, owners: Mapping[str, int]
+    ) -> dict[str, Tensor]:
+        """Each due layer's fitted part, computed by its owner and broadcast to every rank."""
+        assert self.sync is not None
+        approx: Any = self.approx
+        due: dict[str, Tensor] = approx.update_due(stats)
+        if not due:
+            return {}
+        owned = approx.fitted(stats, [name for name in due if owners[name] == self.sync.rank])
         return self.sync.share_directions(owned, owners, due)
 
     def _inverse_owners(self) -> Mapping[str, int] | None:

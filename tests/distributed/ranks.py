@@ -20,7 +20,9 @@ from torch import Tensor, nn
 from curvlib import (
     EKFAC,
     KFAC,
+    KPSVD,
     CurvatureStatistics,
+    Deflation,
     ExactNaturalGradient,
     FisherType,
     LevenbergMarquardt,
@@ -72,6 +74,9 @@ CONFIGS = (
     Config("kfac-split-ddp", "kfac", FisherType.EXACT, split=True),
     # Each layer's eigenbasis computed by one rank and broadcast; refreshed at steps 1-3.
     Config("ekfac-split-ddp", "ekfac", FisherType.EMPIRICAL, split=True, t_inv=1),
+    # Each layer's fit to the batch (power iterations) computed by one rank and broadcast.
+    Config("kpsvd-split-ddp", "kpsvd", FisherType.EMPIRICAL, split=True),
+    Config("deflation-split-ddp", "deflation", FisherType.EMPIRICAL, split=True),
 )
 
 
@@ -91,7 +96,19 @@ def batches() -> list[tuple[Tensor, Tensor]]:
     ]
 
 
-class RecordingEKFAC(EKFAC):
+class RecordingFits:
+    """Records the layers whose update parts this rank computed, per split update."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fits: list[list[str]] = []
+
+    def fitted(self, stats: CurvatureStatistics, layers: Collection[str]) -> dict[str, Tensor]:
+        self.fits.append(sorted(layers))
+        return super().fitted(stats, layers)  # type: ignore[misc, no-any-return]
+
+
+class RecordingEKFAC(RecordingFits, EKFAC):
     """EKFAC that records the layers whose eigenbases this rank computed, per split refresh."""
 
     def __init__(self) -> None:
@@ -103,8 +120,22 @@ class RecordingEKFAC(EKFAC):
         return super().refreshed(layers)
 
 
+class RecordingKPSVD(RecordingFits, KPSVD):
+    """KPSVD that records the layers it fitted, per split update."""
+
+
+class RecordingDeflation(RecordingFits, Deflation):
+    """Deflation that records the layers it fitted, per split update."""
+
+
 def approximation(name: str) -> Any:
-    return {"kfac": KFAC, "ekfac": RecordingEKFAC, "exact_ng": ExactNaturalGradient}[name]()
+    return {
+        "kfac": KFAC,
+        "ekfac": RecordingEKFAC,
+        "exact_ng": ExactNaturalGradient,
+        "kpsvd": RecordingKPSVD,
+        "deflation": RecordingDeflation,
+    }[name]()
 
 
 def shard(t: Tensor, rank: int, world_size: int) -> Tensor:
@@ -151,6 +182,7 @@ def train(
         "bytes": None if sync is None else sync.last_statistics.bytes,
         "messages": None if sync is None else sync.last_statistics.messages,
         "computed": getattr(approx, "computed", None),
+        "fits": getattr(approx, "fits", None),
         "shared_bytes": None if sync is None else sync.last_shared.bytes,
         "approx_state": approx.state_dict(),
     }
@@ -184,7 +216,7 @@ def ekfac_refresh_fails_on_rank_one(rank: int, world_size: int) -> dict[str, Any
     )  # fmt: skip
     messages: list[str] = []
     for step, (x, y) in enumerate(batches()):
-        if step == 1 and rank == 1:  # after the first basis, which every rank computes
+        if step == 1 and rank == 1:  # after the first bases, computed at step 0
             ekfac.eigh = broken  # type: ignore[assignment]
         opt.zero_grad()
         with opt.record():
@@ -196,6 +228,46 @@ def ekfac_refresh_fails_on_rank_one(rank: int, world_size: int) -> dict[str, Any
     return {
         "messages": messages,
         "failures": opt.engine.inverse_failures,
+        "approx_state": approx.state_dict(),
+        "params": {k: v.detach().clone() for k, v in net.named_parameters()},
+    }
+
+
+def kpsvd_fit_fails_on_rank_one(rank: int, world_size: int) -> dict[str, Any]:
+    """The split KPSVD run with every power iteration on rank 1 failing from step 2.
+
+    Rank 1 still sends its layer's (NaN) fit; every rank refuses the update alike,
+    keeps its estimate and trains on.
+    """
+    from curvlib.approx import kpsvd
+    from curvlib.linalg.factors import FactorizationError
+
+    def broken(*args: object, **kwargs: object) -> Any:
+        raise FactorizationError("planted failure")
+
+    net, loss_fn = model(), nn.MSELoss()
+    wrapped = nn.parallel.DistributedDataParallel(net)
+    approx = RecordingKPSVD()
+    opt = PreconditionedOptimizer(
+        wrapped, approx, loss_fn=loss_fn, fisher_type=FisherType.EMPIRICAL,
+        stats_fraction=1.0, t_cov=1, t_inv=1, damping=1e-3,
+        data_parallel=DataParallel(split_inverses=True),
+    )  # fmt: skip
+    messages: list[str] = []
+    for step, (x, y) in enumerate(batches()):
+        if step == 2 and rank == 1:
+            kpsvd.power_svd = broken  # type: ignore[assignment]
+        opt.zero_grad()
+        with opt.record():
+            loss_fn(wrapped(shard(x, rank, world_size)), shard(y, rank, world_size)).backward()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            opt.step()
+        messages += [str(w.message) for w in caught]
+    return {
+        "messages": messages,
+        "skipped": opt.engine.skipped_updates,
+        "fits": approx.fits,
         "approx_state": approx.state_dict(),
         "params": {k: v.detach().clone() for k, v in net.named_parameters()},
     }

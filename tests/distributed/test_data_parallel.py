@@ -126,6 +126,48 @@ def test_split_ekfac_refresh_computes_each_eigenbasis_once_and_trains_like_one_p
     assert reference["computed"] == [], "one process refreshes without the split"
 
 
+def test_ekfac_first_eigenbases_are_computed_once_each() -> None:
+    results = run_ranks(ranks.train_split, 2, "ekfac-split-ddp", timeout=60.0)
+    # The first update (step 0) has no basis yet: its owners compute them.
+    assert sorted(name for r in results for name in r["fits"][0]) == ["0", "2"]
+    assert all(len(r["fits"]) == 1 for r in results), "later updates take the refreshed bases"
+
+
+@pytest.mark.parametrize("name", ["kpsvd-split-ddp", "deflation-split-ddp"])
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_split_rearranged_fits_are_computed_once_and_train_like_one_process(
+    two_ranks: list[dict[str, Any]], name: str, world_size: int
+) -> None:
+    results = (
+        [r[name] for r in two_ranks]
+        if world_size == 2
+        else run_ranks(ranks.train_split, 3, name, timeout=60.0)
+    )
+    # Statistics on every step (t_cov=1): each layer's fit on exactly one rank each time.
+    for step in range(ranks.STEPS):
+        fitted = sorted(layer for result in results for layer in result["fits"][step])
+        assert fitted == ["0", "2"], f"step {step}: each layer fitted once"
+    if world_size == 3:
+        assert any(all(f == [] for f in r["fits"]) for r in results), "one rank owns nothing"
+    reference = ranks.train(next(c for c in ranks.CONFIGS if c.name == name))
+    assert reference["fits"] == [], "one process fits without the split"
+    for result in results:
+        for key, value in reference["params"].items():
+            torch.testing.assert_close(result["params"][key], value, rtol=RTOL, atol=ATOL)
+        assert equal_states(result["approx_state"], results[0]["approx_state"]), "identical"
+
+
+def test_a_failed_fit_on_its_owner_is_refused_by_every_rank_alike() -> None:
+    results = run_ranks(ranks.kpsvd_fit_fails_on_rank_one, 2, timeout=60.0)
+    for result in results:
+        refused = [m for m in result["messages"] if "are not finite" in m]
+        assert len(refused) == 2 and result["skipped"] == 2, result["messages"]  # steps 2, 3
+        assert "the curvature update failed" in refused[0] and "['2']" in refused[0]
+    first, second = results
+    assert equal_states(first["approx_state"], second["approx_state"])
+    assert all(torch.equal(first["params"][k], second["params"][k]) for k in first["params"])
+
+
 def test_a_failed_eigenbasis_on_its_owner_is_refused_by_every_rank_alike() -> None:
     results = run_ranks(ranks.ekfac_refresh_fails_on_rank_one, 2, timeout=60.0)
     for result in results:

@@ -1,0 +1,117 @@
+"""An update split by layer (data-parallel training) equals ``update``, bit for bit.
+
+In data-parallel training each layer's owner computes the expensive part of its
+update (``fitted``), the owners broadcast them, and every rank folds all of them
+in (``update_with``). Here two "ranks" are two calls in one process; the
+multi-process runs are in ``tests/distributed``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from curvlib.approx import EKFAC, KPSVD, Deflation, KFACCorrected, Lanczos
+from curvlib.approx.base import FitFailedError, LayerwiseApprox
+from curvlib.linalg import factors
+from curvlib.linalg.sample_space import RearrangedForm
+from tests.approx.cases import PROBLEMS, fit_statistics, perturbed
+from tests.problems import Problem
+from tests.states import equal_states
+
+MAKERS: dict[str, Callable[[], LayerwiseApprox]] = {
+    "kpsvd": KPSVD,
+    "kpsvd-matrix-free": lambda: KPSVD(form=RearrangedForm.MATRIX_FREE),
+    "kpsvd-sample-space": lambda: KPSVD(form=RearrangedForm.SAMPLE_SPACE),
+    "deflation": Deflation,
+    "lanczos-matrix-free": lambda: Lanczos(form=RearrangedForm.MATRIX_FREE),
+    "kfac-corrected": KFACCorrected,
+    "ekfac": EKFAC,
+}
+
+
+def _batches(problem: Problem) -> list[Problem]:
+    return [problem, perturbed(problem), perturbed(problem, scale=0.5)]
+
+
+def _telemetry(approx: LayerwiseApprox) -> object:
+    last_products = getattr(approx, "last_products", None)
+    return None if last_products is None else last_products()
+
+
+@pytest.mark.parametrize("problem", PROBLEMS[:2], ids=lambda p: p.name)
+@pytest.mark.parametrize("make", MAKERS.values(), ids=list(MAKERS))
+def test_an_update_split_by_layer_equals_update(
+    make: Callable[[], LayerwiseApprox], problem: Problem
+) -> None:
+    whole, split = make(), make()
+    assert split.splits_update
+    for step, batch in enumerate(_batches(problem)):
+        stats = fit_statistics(batch, whole)
+        due = split.update_due(stats)
+        if isinstance(split, EKFAC):
+            # Only the first eigenbases; later bases come from the (split) refresh.
+            assert list(due) == ([] if step else list(stats.layers))
+        else:
+            assert list(due) == list(stats.layers), "every layer is refitted"
+        for name, template in due.items():
+            block = split._block_for(name, stats.layers[name])
+            assert template.shape == (block.fit_size(),)  # type: ignore[attr-defined]
+        names = list(due)
+        before = split.state_dict() if step else None
+        # Two "ranks", each fitting every other layer.
+        parts = {**split.fitted(stats, names[::2]), **split.fitted(stats, names[1::2])}
+        if before is not None:
+            assert equal_states(split.state_dict(), before), "fitted() changes no estimate"
+        assert {n: (p.shape, p.dtype) for n, p in parts.items()} == {
+            n: (t.shape, t.dtype) for n, t in due.items()
+        }
+        whole.update(stats)
+        split.update_with(stats, parts)
+        assert equal_states(split.state_dict(), whole.state_dict()), f"step {step}: bit for bit"
+        assert _telemetry(split) == _telemetry(whole)
+        assert (split.num_updates, split.num_samples_seen) == (
+            whole.num_updates,
+            whole.num_samples_seen,
+        )
+
+
+def test_a_split_update_refuses_wrong_parts_and_changes_nothing() -> None:
+    problem = PROBLEMS[0]
+    kpsvd = KPSVD()
+    kpsvd.update(fit_statistics(problem, kpsvd))
+    before, updates = kpsvd.state_dict(), kpsvd.num_updates
+    stats = fit_statistics(perturbed(problem), kpsvd)
+    names = list(kpsvd.update_due(stats))
+    parts = kpsvd.fitted(stats, names)
+    with pytest.raises(ValueError, match="exactly the layers update_due"):
+        kpsvd.update_with(stats, {names[0]: parts[names[0]]})
+    with pytest.raises(ValueError, match="wrong size"):
+        kpsvd.update_with(stats, {**parts, names[0]: parts[names[0]][:-1]})
+    broken = {**parts, names[1]: torch.full_like(parts[names[1]], float("nan"))}
+    with pytest.raises(FitFailedError, match=f"layers \\['{names[1]}'\\] are not finite"):
+        kpsvd.update_with(stats, broken)
+    with pytest.raises(ValueError, match="No split update is due for layers \\['nope'\\]"):
+        kpsvd.fitted(stats, ["nope"])
+    assert equal_states(kpsvd.state_dict(), before) and kpsvd.num_updates == updates
+
+
+def test_a_failed_fit_comes_back_as_nan(monkeypatch: pytest.MonkeyPatch) -> None:
+    problem = PROBLEMS[0]
+    kpsvd, ekfac = KPSVD(), EKFAC()
+    stats = fit_statistics(problem, kpsvd)
+    first = list(kpsvd.update_due(stats))[:1]
+
+    def broken(*args: object, **kwargs: object) -> factors.Eigh:
+        raise factors.FactorizationError("planted failure")
+
+    monkeypatch.setattr("curvlib.approx.kpsvd.power_svd", broken)
+    monkeypatch.setattr("curvlib.approx.ekfac.eigh", broken)
+    parts = kpsvd.fitted(stats, first)
+    assert list(parts) == first and bool(parts[first[0]].isnan().all())
+    stats = fit_statistics(problem, ekfac)
+    parts = ekfac.fitted(stats, first)
+    assert list(parts) == first and bool(parts[first[0]].isnan().all())
+    assert kpsvd.blocks == {} and ekfac.blocks == {}, "no block is stored before an update"
