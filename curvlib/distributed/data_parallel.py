@@ -99,15 +99,19 @@ class DataParallel:
             the diagonal, block natural gradient, unit-wise); the others invert
             on every rank. EKFAC, whose expensive part is its eigenbasis, splits
             the refresh instead: each owner eigendecomposes its layers' factors
-            and broadcasts the eigenbases, and every rank adopts all of them
-            (its cheap inverse is built on every rank).
+            (the first ones too) and broadcasts the eigenbases, and every rank
+            adopts all of them (its cheap inverse is built on every rank).
+            KPSVD, Deflation, Lanczos and KFAC-corrected also split their fits
+            to each batch: each owner fits its layers' factors and broadcasts
+            them, and every rank folds all of them into its running averages.
 
     Attributes:
         world_size: The number of ranks in ``group``.
         traffic: Messages and bytes this rank put into curvlib's collectives so far.
         last_statistics: Those of the last ``reduce_statistics`` (zero for one rank).
         last_shared: Those of the last ``share_directions`` (preconditioned
-            gradients, or the eigenbases of a split refresh).
+            gradients, the eigenbases of a split refresh, or the fitted parts
+            of a split update).
 
     Raises:
         RuntimeError: Without an initialised process group.
@@ -265,7 +269,8 @@ class DataParallel:
         Directions travel in the dtype of ``like`` (the gradients), which every
         rank knows; the owner keeps the same rounded values as the others. The
         same broadcast carries the eigenbases of a split EKFAC refresh (``like``:
-        the empty parts of ``EKFAC.refresh_due()``).
+        the empty parts of ``EKFAC.refresh_due()``) and the fitted parts of a
+        split update (``like``: those of ``update_due(stats)``).
         """
         out: dict[str, Tensor] = {}
         traffic = Traffic()
