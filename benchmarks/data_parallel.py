@@ -13,7 +13,10 @@ an MLP classifier in ``DistributedDataParallel`` and trains it with
 every 10 steps after the warm-up) on a fixed global batch split over the
 ranks, with the work split over the ranks by layer (``split_inverses=True``:
 KFAC's inverses, EKFAC's eigenbases, KPSVD's and Deflation's fits to each
-batch and their inverses) or not. Reported per configuration, by rank 0:
+batch and their inverses) or not; the owners send preconditioned gradients on
+every step (split *directions*) or whole inverses once per rebuild (split
+*inverses*, not for EKFAC, whose inverse is built on every rank). Reported per
+configuration, by rank 0:
 
 * *ms/step*: the mean wall time of the steps after the warm-up, a whole number
   of 10-step windows (one statistics and inverse step each); the median over
@@ -27,7 +30,8 @@ batch and their inverses) or not. Reported per configuration, by rank 0:
   per step (with the split: the broadcasts of KFAC's preconditioned gradients,
   every step, or of EKFAC's eigenbases, every refresh);
 * *bytes/split broadcast*: the last of those broadcasts
-  (``DataParallel.last_shared``): KFAC's directions, or one refresh's bases;
+  (``DataParallel.last_shared``): the directions, one refresh's bases, one
+  statistics step's fitted factors, or one rebuild's inverses;
 * *DDP bytes/step*: the gradient DDP all-reduces, $4P$ bytes.
 
 On a machine with fewer cores than ranks the processes compete for the cores,
@@ -97,7 +101,9 @@ def _rank_main(rank: int, world_size: int, store: str, config: dict[str, Any], o
     approx = {"kfac": KFAC, "ekfac": EKFAC, "kpsvd": KPSVD, "deflation": Deflation}[
         config["approx"]
     ]()
-    sync = DataParallel(split_inverses=config["split"])
+    sync = DataParallel(
+        split_inverses=config["split"] is not None, broadcast=config["split"] or "directions"
+    )
     opt = PreconditionedOptimizer(model, approx, loss_fn=loss_fn, data_parallel=sync)
     gen = torch.Generator().manual_seed(1 + rank)
     local = config["batch"] // world_size
@@ -172,7 +178,7 @@ def table(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
     ]
     for r in rows:
         lines.append(
-            f"| {r['approx'].upper()} | {r['ranks']} | {'yes' if r['split'] else 'no'} | "
+            f"| {r['approx'].upper()} | {r['ranks']} | {r['split'] or 'no'} | "
             f"{r['ms_per_step']:.1f} ({r['ms_runs'][0]:.1f}–{r['ms_runs'][-1]:.1f}) | "
             f"{r['ms_per_stats_step']:.1f} | "
             f"{r['stats_bytes']:,} | "
@@ -207,7 +213,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     rows = []
     for approx in args.approx:
         for world_size in args.ranks:
-            for split in (False, True) if world_size > 1 else (False,):
+            splits: tuple[str | None, ...] = (None,)
+            if world_size > 1:
+                splits += ("directions",) if approx == "ekfac" else ("directions", "inverses")
+            for split in splits:
                 config = {
                     "approx": approx,
                     "split": split,

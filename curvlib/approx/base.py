@@ -270,8 +270,32 @@ class SplitUpdateBlock(LayerBlock):
         """``update`` with its expensive part taken from ``packed`` (a finite ``fit``)."""
 
 
-class FitFailedError(RuntimeError):
-    """The expensive part of an update failed on the rank that computed it."""
+class SharedInverseBlock(LayerBlock):
+    r"""A block whose damped inverse packs into one flat tensor and is rebuilt from it.
+
+    In data-parallel training with ``DataParallel(split_inverses=True,
+    broadcast="inverses")`` each layer's owner builds its inverse
+    (``packed_inverse``), the owners broadcast them, and every rank rebuilds
+    every layer's (``unpacked_inverse``) and applies them itself on every step.
+    ``unpacked_inverse(packed_inverse(damping))`` applies as ``inverse(damping)``
+    does.
+    """
+
+    @abstractmethod
+    def inverse_template(self) -> Tensor:
+        """An empty flat tensor of the packed inverse's size, dtype and device."""
+
+    @abstractmethod
+    def packed_inverse(self, damping: float) -> Tensor:
+        """``inverse(damping)`` packed flat; NaN where building it fails."""
+
+    @abstractmethod
+    def unpacked_inverse(self, packed: Tensor) -> LayerInverse:
+        """The inverse that ``packed_inverse`` packed (a finite one)."""
+
+
+class OwnerFailedError(RuntimeError):
+    """A part of a split update or inverse failed on the rank that computed it."""
 
 
 def _condition_of(block: LayerBlock, damping: float) -> Callable[[], float]:
@@ -626,7 +650,7 @@ class LayerwiseApprox(ABC):
         Raises:
             ValueError: If ``fitted`` does not hold exactly the due layers with
                 their sizes, or ``update`` would refuse the statistics.
-            FitFailedError: If a part is not finite (it failed on the rank that
+            OwnerFailedError: If a part is not finite (it failed on the rank that
                 computed it); then nothing changes.
         """
         due = self.update_due(stats)
@@ -640,7 +664,7 @@ class LayerwiseApprox(ABC):
             raise ValueError(f"The fitted parts of layers {wrong} have the wrong size.")
         failed = [name for name, t in fitted.items() if not bool(torch.isfinite(t).all())]
         if failed:
-            raise FitFailedError(
+            raise OwnerFailedError(
                 f"The fitted parts of layers {failed} are not finite: their computation "
                 "failed on the rank that computed them."
             )
@@ -721,6 +745,12 @@ class LayerwiseApprox(ABC):
         """
         damping = check_damping(damping)
         inverses = self._each_block(lambda _, block: block.inverse(damping), layers)
+        return self._preconditioner(inverses, damping)
+
+    def _preconditioner(
+        self, inverses: Mapping[str, LayerInverse], damping: float
+    ) -> BlockDiagonalPreconditioner:
+        """The operator of ``inverses``, with the blocks' condition estimates."""
         shapes: dict[str, LayerShape] = {}
         condition: dict[str, Callable[[], float]] = {}
         for name, block in self._blocks.items():
@@ -740,6 +770,77 @@ class LayerwiseApprox(ABC):
                 # A snapshot, so that later updates cannot leak into this operator.
                 condition[name] = _condition_of(copy.deepcopy(block), damping)
         return BlockDiagonalPreconditioner(inverses, shapes, condition)
+
+    # -- inverses built by their owners and sent whole (data-parallel training) ------------
+
+    shares_inverses: ClassVar[bool] = False
+    """Whether the layer inverses can be sent: ``inverse_templates``, ``inverse_parts``,
+    ``inverse_from_parts``.
+
+    In data-parallel training with ``DataParallel(split_inverses=True,
+    broadcast="inverses")`` each layer's owner builds its inverse
+    (``inverse_parts``), the owners broadcast them, and every rank builds the
+    whole preconditioner from them (``inverse_from_parts``)
+    ([Distributed training](../distributed.md)). Set by the approximations
+    whose blocks are [`SharedInverseBlock`][curvlib.approx.base.SharedInverseBlock]s.
+    """
+
+    def _shared_blocks(self) -> dict[str, SharedInverseBlock]:
+        blocks: dict[str, SharedInverseBlock] = {}
+        for name, block in self._blocks.items():
+            if not isinstance(block, SharedInverseBlock):
+                raise TypeError(f"{type(self).__name__}'s layer inverses cannot be sent.")
+            blocks[name] = block
+        return blocks
+
+    def inverse_templates(self) -> dict[str, Tensor]:
+        """An empty tensor per layer, shaped, typed and placed like its packed inverse."""
+        return {name: block.inverse_template() for name, block in self._shared_blocks().items()}
+
+    def inverse_parts(self, damping: float, layers: Collection[str]) -> dict[str, Tensor]:
+        """The damped inverse of each of ``layers``, packed flat (NaN where it fails).
+
+        Raises:
+            ValueError: If ``damping`` is not positive, or for a layer without an estimate.
+        """
+        damping = check_damping(damping)
+        blocks = self._shared_blocks()
+        unknown = [name for name in layers if name not in blocks]
+        if unknown:
+            raise ValueError(f"No estimate for layers {unknown}.")
+        return self._each_block(lambda name, _: blocks[name].packed_inverse(damping), set(layers))
+
+    def inverse_from_parts(
+        self, damping: float, parts: Mapping[str, Tensor]
+    ) -> BlockDiagonalPreconditioner:
+        """The preconditioner ``inverse(damping)`` builds, from every layer's packed inverse.
+
+        ``parts`` holds what ``inverse_parts`` computed for every layer, here or
+        on other ranks.
+
+        Raises:
+            ValueError: If ``parts`` does not hold exactly every layer with its size.
+            OwnerFailedError: If a part is not finite (building it failed on the
+                rank that computed it).
+        """
+        templates = self.inverse_templates()
+        if set(parts) != set(templates):
+            raise ValueError(
+                f"inverse_from_parts needs the inverses of exactly the layers {sorted(templates)}; "
+                f"got {sorted(parts)}."
+            )
+        wrong = [name for name, t in parts.items() if t.shape != templates[name].shape]
+        if wrong:
+            raise ValueError(f"The packed inverses of layers {wrong} have the wrong size.")
+        failed = [name for name, t in parts.items() if not bool(torch.isfinite(t).all())]
+        if failed:
+            raise OwnerFailedError(
+                f"The inverses of layers {failed} are not finite: building them failed on "
+                "the rank that owns them."
+            )
+        blocks = self._shared_blocks()
+        inverses = {name: blocks[name].unpacked_inverse(parts[name]) for name in templates}
+        return self._preconditioner(inverses, damping)
 
     def trace(self, layer: str | None = None) -> Tensor:
         r"""$\operatorname{tr} C$ of one layer's block, or of all of them (``layer=None``).

@@ -17,12 +17,18 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from curvlib.approx.base import DEFAULT_DECAY, LayerBlock, running_average, standard_normal
+from curvlib.approx.base import (
+    DEFAULT_DECAY,
+    LayerBlock,
+    SharedInverseBlock,
+    running_average,
+    standard_normal,
+)
 from curvlib.approx.kpsvd import RearrangedApprox, _RearrangedBlock
 from curvlib.core.stats import LayerStatistics, StatKind
 from curvlib.linalg.factors import symmetrize
 from curvlib.linalg.kron import KroneckerSumInverse, two_term_inverse
-from curvlib.linalg.precision import ApplyDtype
+from curvlib.linalg.precision import ApplyDtype, apply_cost, check_apply_dtype, resolve_apply_dtype
 from curvlib.linalg.rearrange import (
     Coordinates,
     Deflated,
@@ -56,7 +62,7 @@ def check_settings(tol: float, min_eig: float, **counts: int) -> None:
             raise ValueError(f"{name} must be at least 1, got {count!r}.")
 
 
-class KroneckerSumBlock(_RearrangedBlock):
+class KroneckerSumBlock(_RearrangedBlock, SharedInverseBlock):
     r"""Running estimate $C = G_1 \otimes A_1 + G_2 \otimes A_2$ of one layer's block.
 
     Each update computes the four factors of the current batch
@@ -213,6 +219,44 @@ class KroneckerSumBlock(_RearrangedBlock):
         q_g, q_a = (torch.linalg.inv(p).T.contiguous() for p in (inv.P_G, inv.P_A))
         q = torch.kron(q_g, q_a)  # torch.kron of torch 2.14 rejects transposed inputs
         return symmetrize((q * (1.0 / inv.scale).flatten()) @ q.T)
+
+    def _packed_sizes(self) -> list[int]:
+        """``P_G``, ``P_A``, the scale, ``C_G``, ``C_A``, then ``num_floored`` and the condition."""
+        o, i = self.out_dim, self.in_dim
+        return [o * o, i * i, o * i, o * o, i * i, 2]
+
+    def inverse_template(self) -> Tensor:
+        """An empty flat tensor of the packed inverse's size, dtype and device."""
+        return self._current()[0].new_empty(sum(self._packed_sizes()))
+
+    def packed_inverse(self, damping: float) -> Tensor:
+        """``inverse(damping)`` packed flat (``_packed_sizes``); NaN where building it fails."""
+        try:
+            inverse = self.inverse(damping)
+        except (RuntimeError, ValueError):
+            return self.inverse_template().fill_(torch.nan)
+        dtype = self._current()[0].dtype
+        parts = [inverse.P_G, inverse.P_A, inverse.scale, inverse.chol_G, inverse.chol_A]
+        numbers = parts[0].new_tensor([inverse.num_floored, inverse.condition_number], dtype=dtype)
+        return torch.cat([*(p.reshape(-1).to(dtype) for p in parts), numbers])
+
+    def unpacked_inverse(self, packed: Tensor) -> KroneckerSumInverse:
+        """The inverse that ``packed_inverse`` packed, its apply dtype resolved as there."""
+        o, i = self.out_dim, self.in_dim
+        shapes = [(o, o), (i, i), (o, i), (o, o), (i, i)]
+        *parts, numbers = torch.split(packed, self._packed_sizes())
+        P_G, P_A, scale, chol_G, chol_A = (
+            p.reshape(shape).clone() for p, shape in zip(parts, shapes, strict=True)
+        )
+        num_floored, condition = numbers.tolist()
+        low = resolve_apply_dtype(
+            check_apply_dtype(self.apply_dtype), scale.dtype, scale.device, apply_cost(o, i),
+            condition=condition,
+        )  # fmt: skip
+        return KroneckerSumInverse(
+            P_G=P_G, P_A=P_A, scale=scale, num_floored=int(num_floored), chol_G=chol_G,
+            chol_A=chol_A, condition_number=condition, apply_dtype=low,
+        )  # fmt: skip
 
     def state_dict(self) -> dict[str, Any]:
         """The four factors."""

@@ -14,6 +14,7 @@ from curvlib.approx.base import (
     LayerBlock,
     LayerInverse,
     LayerwiseApprox,
+    SharedInverseBlock,
     running_average,
     standard_normal,
 )
@@ -174,7 +175,7 @@ def factor_condition(factor: Tensor, shift: float, chol: Tensor, inverse: Tensor
     return max(top / bottom, 1.0)
 
 
-class _KFACBlock(LayerBlock):
+class _KFACBlock(SharedInverseBlock):
     def __init__(
         self,
         out_dim: int,
@@ -261,6 +262,39 @@ class _KFACBlock(LayerBlock):
         condition = float(scale.max() / scale.min())
         apply_dtype = self._apply_dtype(scale, condition)
         return EigenbasisInverse(eg.vectors, ea.vectors, scale, apply_dtype, condition)
+
+    def _packed_sizes(self) -> list[int]:
+        """``G'^{-1}``, ``A'^{-1}`` (or ``Q_G``, ``Q_A``, the scale), the condition number."""
+        o, i = self.out_dim, self.in_dim
+        return [o * o, i * i, 1] if self._factored else [o * o, i * i, o * i, 1]
+
+    def inverse_template(self) -> Tensor:
+        return self._factors()[0].new_empty(sum(self._packed_sizes()))
+
+    def packed_inverse(self, damping: float) -> Tensor:
+        try:
+            inverse = self.inverse(damping)
+        except (RuntimeError, ValueError):
+            return self.inverse_template().fill_(torch.nan)
+        if isinstance(inverse, KroneckerInverse):
+            parts = [inverse.g_inv, inverse.a_inv]
+        else:
+            assert isinstance(inverse, EigenbasisInverse)
+            parts = [inverse.q_g, inverse.q_a, inverse.scale]
+        dtype = self._factors()[0].dtype
+        condition = parts[0].new_tensor([inverse.condition_number], dtype=dtype)
+        return torch.cat([*(p.reshape(-1).to(dtype) for p in parts), condition])
+
+    def unpacked_inverse(self, packed: Tensor) -> LayerInverse:
+        o, i = self.out_dim, self.in_dim
+        *parts, last = torch.split(packed, self._packed_sizes())
+        condition = float(last)
+        left, right = parts[0].reshape(o, o).clone(), parts[1].reshape(i, i).clone()
+        if self._factored:
+            return KroneckerInverse(left, right, condition, self._apply_dtype(left, condition))
+        scale = parts[2].reshape(o, i).clone()
+        apply_dtype = self._apply_dtype(scale, condition)
+        return EigenbasisInverse(left, right, scale, apply_dtype, condition)
 
     def _apply_dtype(self, like: Tensor, condition: float) -> torch.dtype:
         """The dtype the inverse's products run in (``KFAC(apply_dtype=)``).
@@ -409,6 +443,7 @@ class KFAC(LayerwiseApprox):
     """
 
     required_stats: ClassVar[frozenset[StatKind]] = frozenset({StatKind.KRONECKER})
+    shares_inverses: ClassVar[bool] = True
 
     def __init__(
         self,

@@ -89,6 +89,7 @@ class RearrangedApprox(LayerwiseApprox):
 
     splits_update: ClassVar[bool] = True
     """Each layer's fit to the batch (its power or Lanczos iterations) is split over ranks."""
+    shares_inverses: ClassVar[bool] = True
 
     def last_products(self) -> dict[str, tuple[RearrangedForm, int]]:
         r"""Per layer, the form and the products with $\mathcal R(F)$ of the last update.

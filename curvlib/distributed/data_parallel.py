@@ -39,6 +39,9 @@ from curvlib.distributed.buckets import DEFAULT_BUCKET_BYTES, pack, plan_buckets
 from curvlib.distributed.ownership import assign_owners
 from curvlib.distributed.statistics import SampleTensor, join_statistics, split_statistics
 
+BROADCASTS = ("directions", "inverses")
+"""What the owners of a split send (``DataParallel(broadcast=...)``)."""
+
 _HEADER = 4
 """Fixed entries of the statistics header: samples, means, their elements, per-sample tensors."""
 
@@ -104,6 +107,15 @@ class DataParallel:
             KPSVD, Deflation, Lanczos and KFAC-corrected also split their fits
             to each batch: each owner fits its layers' factors and broadcasts
             them, and every rank folds all of them into its running averages.
+        broadcast: What the owners of a split send: ``"directions"`` (default),
+            each layer's preconditioned gradient on every step, so that each
+            rank applies only its own layers' inverses; or ``"inverses"``, each
+            layer's damped inverse once per rebuild, so that every rank applies
+            every layer's inverse itself and no step sends anything (KAISA's
+            gradient-worker fraction of 1). ``"inverses"`` needs an
+            approximation whose inverses can be sent (KFAC, KPSVD, Deflation,
+            Lanczos, KFAC-corrected); see
+            [Distributed training](../distributed.md) for when each wins.
 
     Attributes:
         world_size: The number of ranks in ``group``.
@@ -126,13 +138,21 @@ class DataParallel:
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
         timeout: timedelta | float | None = None,
         split_inverses: bool = False,
+        broadcast: str = "directions",
     ) -> None:
         _require_group()
+        if broadcast not in BROADCASTS:
+            raise ValueError(f"broadcast must be one of {BROADCASTS}, got {broadcast!r}.")
+        if broadcast == "inverses" and not split_inverses:
+            raise ValueError(
+                "broadcast='inverses' sends the inverses of a split: pass split_inverses=True."
+            )
         if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, int) or bucket_bytes < 1:
             raise ValueError(f"bucket_bytes must be a positive int, got {bucket_bytes!r}.")
         self.group = group
         self.average_gradients = average_gradients
         self.split_inverses = split_inverses
+        self.broadcast = broadcast
         self.bucket_bytes = bucket_bytes
         self.timeout = timedelta(seconds=timeout) if isinstance(timeout, int | float) else timeout
         self._rank: int = dist.get_rank(group)
@@ -152,7 +172,8 @@ class DataParallel:
     def __repr__(self) -> str:
         return (
             f"DataParallel(rank={self.rank}, world_size={self.world_size}, "
-            f"average_gradients={self.average_gradients}, split_inverses={self.split_inverses})"
+            f"average_gradients={self.average_gradients}, split_inverses={self.split_inverses}, "
+            f"broadcast={self.broadcast!r})"
         )
 
     @property

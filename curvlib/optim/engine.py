@@ -158,6 +158,16 @@ class CurvatureEngine:
                 f"The extractor does not compute {missing}, which {type(approx).__name__} "
                 "needs; create it with stats=approx.required_stats."
             )
+        if (
+            getattr(sync, "broadcast", "directions") == "inverses"
+            and getattr(approx, "splits_inverse", False)
+            and not isinstance(approx, RefreshableApprox)
+            and not getattr(approx, "shares_inverses", False)
+        ):
+            raise ValueError(
+                f"DataParallel(broadcast='inverses') sends whole layer inverses, which "
+                f"{type(approx).__name__}'s cannot be; use broadcast='directions' (the default)."
+            )
         self.extractor = extractor
         self.approx = approx
         self.sync = sync
@@ -457,6 +467,14 @@ class CurvatureEngine:
         owned = approx.refreshed([name for name in due if owners[name] == self.sync.rank])
         return self.sync.share_directions(owned, owners, due)
 
+    def _shared_inverses(self, damping: float, owners: Mapping[str, int]) -> dict[str, Tensor]:
+        """Every layer's packed inverse, built by its owner and broadcast to every rank."""
+        assert self.sync is not None
+        approx: Any = self.approx
+        like: dict[str, Tensor] = approx.inverse_templates()
+        mine = [name for name in like if owners[name] == self.sync.rank]
+        return self.sync.share_directions(approx.inverse_parts(damping, mine), owners, like)
+
     def _update_owners(self) -> Mapping[str, int] | None:
         """The rank that computes the expensive part of each layer's update, or ``None``."""
         return self._work_owners() if getattr(self.approx, "splits_update", False) else None
@@ -490,12 +508,27 @@ class CurvatureEngine:
                 self._owners = self.sync.inverse_owners(costs)
         return self._owners
 
+    def _sends_inverses(self) -> bool:
+        """Whether the owners of a split send whole inverses (not directions)."""
+        return getattr(self.sync, "broadcast", "directions") == "inverses"
+
+    def _direction_owners(self) -> Mapping[str, int] | None:
+        """The rank that preconditions each layer's gradient and sends it, or ``None``."""
+        return None if self._sends_inverses() else self._inverse_owners()
+
     def _invert(self) -> None:
         damping = self.damping
         owners = self._inverse_owners()
+        parts = None
+        if owners is not None and self._sends_inverses():
+            # The broadcast runs outside the try (a failed collective is not a failed
+            # inverse); an inverse that failed on its owner arrives as NaN, refused below.
+            parts = self._shared_inverses(damping, owners)
         try:
             if owners is None:
                 precond = self.approx.inverse(damping)
+            elif parts is not None:
+                precond = self.approx.inverse_from_parts(damping, parts)  # type: ignore[attr-defined]
             else:
                 assert self.sync is not None
                 mine = [name for name, rank in owners.items() if rank == self.sync.rank]
@@ -528,7 +561,7 @@ class CurvatureEngine:
         """Multiply per-layer gradient matrices by the current damped inverse."""
         assert self._precond is not None, "prepare() first"
         start = time.perf_counter()
-        owners = self._inverse_owners()
+        owners = self._direction_owners()
         if owners is None:
             out = self._precond.apply(grads)
         else:

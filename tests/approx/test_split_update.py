@@ -13,8 +13,17 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from curvlib.approx import EKFAC, KPSVD, Deflation, KFACCorrected, Lanczos
-from curvlib.approx.base import FitFailedError, LayerwiseApprox
+from curvlib.approx import (
+    EKFAC,
+    KFAC,
+    KPSVD,
+    Deflation,
+    Diagonal,
+    KFACCorrected,
+    KFACDamping,
+    Lanczos,
+)
+from curvlib.approx.base import LayerwiseApprox, OwnerFailedError
 from curvlib.linalg import factors
 from curvlib.linalg.sample_space import RearrangedForm
 from tests.approx.cases import PROBLEMS, fit_statistics, perturbed
@@ -91,7 +100,7 @@ def test_a_split_update_refuses_wrong_parts_and_changes_nothing() -> None:
     with pytest.raises(ValueError, match="wrong size"):
         kpsvd.update_with(stats, {**parts, names[0]: parts[names[0]][:-1]})
     broken = {**parts, names[1]: torch.full_like(parts[names[1]], float("nan"))}
-    with pytest.raises(FitFailedError, match=f"layers \\['{names[1]}'\\] are not finite"):
+    with pytest.raises(OwnerFailedError, match=f"layers \\['{names[1]}'\\] are not finite"):
         kpsvd.update_with(stats, broken)
     with pytest.raises(ValueError, match="No split update is due for layers \\['nope'\\]"):
         kpsvd.fitted(stats, ["nope"])
@@ -115,3 +124,66 @@ def test_a_failed_fit_comes_back_as_nan(monkeypatch: pytest.MonkeyPatch) -> None
     parts = ekfac.fitted(stats, first)
     assert list(parts) == first and bool(parts[first[0]].isnan().all())
     assert kpsvd.blocks == {} and ekfac.blocks == {}, "no block is stored before an update"
+
+
+# -- inverses built by their owners and sent whole ----------------------------------------
+
+SHARED: dict[str, Callable[[], LayerwiseApprox]] = {
+    "kfac": KFAC,
+    "kfac-sqrt": lambda: KFAC(damping_mode=KFACDamping.SQRT),
+    "kfac-eigen": lambda: KFAC(damping_mode=KFACDamping.EIGEN),
+    "kpsvd": KPSVD,
+    "deflation": Deflation,
+    "lanczos": Lanczos,
+    "kfac-corrected": KFACCorrected,
+}
+
+
+@pytest.mark.parametrize("problem", PROBLEMS[:2], ids=lambda p: p.name)
+@pytest.mark.parametrize("make", SHARED.values(), ids=list(SHARED))
+def test_inverses_built_by_layer_and_rebuilt_from_parts_apply_as_inverse(
+    make: Callable[[], LayerwiseApprox], problem: Problem
+) -> None:
+    approx = make()
+    assert approx.shares_inverses
+    for batch in _batches(problem)[:2]:
+        approx.update(fit_statistics(batch, approx))
+    templates = approx.inverse_templates()
+    assert list(templates) == list(approx.blocks)
+    names = list(templates)
+    parts = {**approx.inverse_parts(1e-3, names[::2]), **approx.inverse_parts(1e-3, names[1::2])}
+    assert {n: (p.shape, p.dtype) for n, p in parts.items()} == {
+        n: (t.shape, t.dtype) for n, t in templates.items()
+    }
+    rebuilt, direct = approx.inverse_from_parts(1e-3, parts), approx.inverse(1e-3)
+    gen = torch.Generator().manual_seed(0)
+    grads = {
+        name: torch.randn(b.out_dim, b.in_dim, generator=gen, dtype=torch.float64)
+        for name, b in approx.blocks.items()
+    }
+    for name, value in direct.apply(grads).items():
+        assert torch.equal(rebuilt.apply(grads)[name], value), name
+    assert rebuilt.condition_numbers == direct.condition_numbers
+
+
+def test_inverses_from_wrong_or_failed_parts_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    kfac = KFAC()
+    kfac.update(fit_statistics(PROBLEMS[0], kfac))
+    names = list(kfac.inverse_templates())
+    parts = kfac.inverse_parts(1e-3, names)
+    with pytest.raises(ValueError, match="exactly the layers"):
+        kfac.inverse_from_parts(1e-3, {names[0]: parts[names[0]]})
+    with pytest.raises(ValueError, match="wrong size"):
+        kfac.inverse_from_parts(1e-3, {**parts, names[0]: parts[names[0]][:-1]})
+    with pytest.raises(ValueError, match="No estimate for layers \\['nope'\\]"):
+        kfac.inverse_parts(1e-3, ["nope"])
+
+    def broken(*args: object, **kwargs: object) -> object:
+        raise factors.FactorizationError("planted failure")
+
+    monkeypatch.setattr("curvlib.approx.kfac.damped_cholesky", broken)
+    failed = kfac.inverse_parts(1e-3, names[:1])
+    assert bool(failed[names[0]].isnan().all())
+    with pytest.raises(OwnerFailedError, match=f"layers \\['{names[0]}'\\] are not finite"):
+        kfac.inverse_from_parts(1e-3, {**parts, **failed})
+    assert not Diagonal.shares_inverses and not EKFAC.shares_inverses

@@ -51,6 +51,7 @@ class Config:
     auto: bool = False
     preconditioner: bool = False
     split: bool = False
+    broadcast: str = "directions"
     t_inv: int = 2
 
 
@@ -77,6 +78,15 @@ CONFIGS = (
     # Each layer's fit to the batch (power iterations) computed by one rank and broadcast.
     Config("kpsvd-split-ddp", "kpsvd", FisherType.EMPIRICAL, split=True),
     Config("deflation-split-ddp", "deflation", FisherType.EMPIRICAL, split=True),
+    # Each layer's inverse built by one rank and sent whole; every rank applies all.
+    Config("kfac-inverses-ddp", "kfac-shared", FisherType.EXACT, split=True, broadcast="inverses"),
+    Config(
+        "deflation-inverses-ddp",
+        "deflation",
+        FisherType.EMPIRICAL,
+        split=True,
+        broadcast="inverses",
+    ),
 )
 
 
@@ -94,6 +104,22 @@ def batches() -> list[tuple[Tensor, Tensor]]:
         )
         for _ in range(STEPS)
     ]
+
+
+class RecordingInverses:
+    """Records the layers whose inverses this rank built, per sent inverse."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.built: list[list[str]] = []
+
+    def inverse_parts(self, damping: float, layers: Collection[str]) -> dict[str, Tensor]:
+        self.built.append(sorted(layers))
+        return super().inverse_parts(damping, layers)  # type: ignore[misc, no-any-return]
+
+
+class RecordingKFAC(RecordingInverses, KFAC):
+    """KFAC that records the layers whose inverses it built, per sent inverse."""
 
 
 class RecordingFits:
@@ -124,8 +150,8 @@ class RecordingKPSVD(RecordingFits, KPSVD):
     """KPSVD that records the layers it fitted, per split update."""
 
 
-class RecordingDeflation(RecordingFits, Deflation):
-    """Deflation that records the layers it fitted, per split update."""
+class RecordingDeflation(RecordingInverses, RecordingFits, Deflation):
+    """Deflation that records the layers it fitted and inverted, per split update or inverse."""
 
 
 def approximation(name: str) -> Any:
@@ -135,6 +161,7 @@ def approximation(name: str) -> Any:
         "exact_ng": ExactNaturalGradient,
         "kpsvd": RecordingKPSVD,
         "deflation": RecordingDeflation,
+        "kfac-shared": RecordingKFAC,
     }[name]()
 
 
@@ -158,7 +185,7 @@ def train(
     damping = LevenbergMarquardt(initial=1e-3, interval=2) if config.lm else 1e-3
     extra: dict[str, Any] = {"lr": "auto", "momentum": "auto"} if config.auto else {}
     if config.split and dist.is_initialized():
-        extra["data_parallel"] = DataParallel(split_inverses=True)
+        extra["data_parallel"] = DataParallel(split_inverses=True, broadcast=config.broadcast)
     approx = approximation(config.approx)
     opt = PreconditionedOptimizer(
         wrapped, approx, loss_fn=loss_fn, fisher_type=config.fisher,
@@ -183,6 +210,7 @@ def train(
         "messages": None if sync is None else sync.last_statistics.messages,
         "computed": getattr(approx, "computed", None),
         "fits": getattr(approx, "fits", None),
+        "built": getattr(approx, "built", None),
         "shared_bytes": None if sync is None else sync.last_shared.bytes,
         "approx_state": approx.state_dict(),
     }
@@ -229,6 +257,44 @@ def ekfac_refresh_fails_on_rank_one(rank: int, world_size: int) -> dict[str, Any
         "messages": messages,
         "failures": opt.engine.inverse_failures,
         "approx_state": approx.state_dict(),
+        "params": {k: v.detach().clone() for k, v in net.named_parameters()},
+    }
+
+
+def kfac_inverse_fails_on_rank_one(rank: int, world_size: int) -> dict[str, Any]:
+    """Inverses sent whole, with every Cholesky factorisation on rank 1 failing from step 2.
+
+    Rank 1 still sends its layer's (NaN) inverse; every rank refuses the new
+    preconditioner alike, keeps the last one and trains on.
+    """
+    from curvlib.approx import kfac
+    from curvlib.linalg.factors import FactorizationError
+
+    def broken(*args: object, **kwargs: object) -> Any:
+        raise FactorizationError("planted failure")
+
+    net, loss_fn = model(), nn.MSELoss()
+    wrapped = nn.parallel.DistributedDataParallel(net)
+    approx = RecordingKFAC()
+    opt = PreconditionedOptimizer(
+        wrapped, approx, loss_fn=loss_fn, fisher_type=FisherType.EXACT,
+        stats_fraction=1.0, t_cov=1, t_inv=1, damping=1e-3,
+        data_parallel=DataParallel(split_inverses=True, broadcast="inverses"),
+    )  # fmt: skip
+    messages: list[str] = []
+    for step, (x, y) in enumerate(batches()):
+        if step == 2 and rank == 1:
+            kfac.damped_cholesky = broken  # type: ignore[assignment]
+        opt.zero_grad()
+        with opt.record():
+            loss_fn(wrapped(shard(x, rank, world_size)), shard(y, rank, world_size)).backward()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            opt.step()
+        messages += [str(w.message) for w in caught]
+    return {
+        "messages": messages,
+        "failures": opt.engine.inverse_failures,
         "params": {k: v.detach().clone() for k, v in net.named_parameters()},
     }
 

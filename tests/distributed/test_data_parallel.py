@@ -16,8 +16,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from curvlib import KFAC, FisherType, PreconditionedOptimizer
+from curvlib import EKFAC, KFAC, Diagonal, FisherType, PreconditionedOptimizer
 from curvlib.distributed import (
+    DataParallel,
     assign_owners,
     data_parallel_for,
     inverse_cost,
@@ -155,6 +156,57 @@ def test_split_rearranged_fits_are_computed_once_and_train_like_one_process(
         for key, value in reference["params"].items():
             torch.testing.assert_close(result["params"][key], value, rtol=RTOL, atol=ATOL)
         assert equal_states(result["approx_state"], results[0]["approx_state"]), "identical"
+
+
+def _last_broadcast_numbers(name: str) -> int:
+    """What the owners sent last (step 3): KFAC's step 2 inverses, Deflation's step 3 fits.
+
+    KFAC's packed inverse is its two inverses and the condition number per layer;
+    Deflation's fit is its four factors and two numbers of telemetry. Neither is a
+    direction ($d_o d_i$ numbers per layer).
+    """
+    dims = [(ranks.HIDDEN, ranks.DIM_IN + 1), (ranks.DIM_OUT, ranks.HIDDEN + 1)]
+    if name.startswith("kfac"):
+        return sum(o * o + i * i + 1 for o, i in dims)
+    return sum(2 * o * o + 2 * i * i + 2 for o, i in dims)
+
+
+@pytest.mark.parametrize("name", ["kfac-inverses-ddp", "deflation-inverses-ddp"])
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_inverses_sent_whole_are_built_once_and_train_like_one_process(
+    two_ranks: list[dict[str, Any]], name: str, world_size: int
+) -> None:
+    results = (
+        [r[name] for r in two_ranks]
+        if world_size == 2
+        else run_ranks(ranks.train_split, 3, name, timeout=60.0)
+    )
+    # Inverses at steps 0-2 (the warm-up), none at step 3 (t_inv=2).
+    for rebuild in range(3):
+        built = sorted(layer for result in results for layer in result["built"][rebuild])
+        assert built == ["0", "2"], f"rebuild {rebuild}: each inverse on one rank"
+    assert all(len(result["built"]) == 3 for result in results)
+    for result in results:
+        assert result["inverted"] == ["0", "2"], "every rank applies every layer's inverse"
+        # Step 3 sent no directions.
+        assert result["shared_bytes"] == 8 * _last_broadcast_numbers(name)
+    reference = ranks.train(next(c for c in ranks.CONFIGS if c.name == name))
+    assert reference["built"] == [], "one process inverts without the split"
+    for result in results:
+        for key, value in reference["params"].items():
+            torch.testing.assert_close(result["params"][key], value, rtol=RTOL, atol=ATOL)
+        first = results[0]["params"]
+        assert all(torch.equal(first[k], result["params"][k]) for k in first), "identical"
+
+
+def test_an_inverse_that_failed_on_its_owner_is_refused_by_every_rank_alike() -> None:
+    results = run_ranks(ranks.kfac_inverse_fails_on_rank_one, 2, timeout=60.0)
+    for result in results:
+        refused = [m for m in result["messages"] if "are not finite" in m]
+        assert len(refused) == 2 and result["failures"] == 2, result["messages"]  # steps 2, 3
+        assert "building the damped inverse failed" in refused[0] and "['2']" in refused[0]
+    first, second = results
+    assert all(torch.equal(first["params"][k], second["params"][k]) for k in first["params"])
 
 
 def test_a_failed_fit_on_its_owner_is_refused_by_every_rank_alike() -> None:
@@ -312,6 +364,20 @@ def test_a_group_of_one_rank_is_the_single_process_optimizer(
     assert alone["bytes"] is None and inside["bytes"] == 0, "nothing to communicate"
     for name, value in alone["params"].items():
         assert torch.equal(inside["params"][name], value), name
+
+
+@pytest.mark.usefixtures("group_of_one")
+def test_sending_inverses_needs_a_split_and_inverses_that_can_be_sent() -> None:
+    with pytest.raises(ValueError, match="broadcast must be one of"):
+        DataParallel(split_inverses=True, broadcast="gradients")
+    with pytest.raises(ValueError, match="pass split_inverses=True"):
+        DataParallel(broadcast="inverses")
+    sync = DataParallel(split_inverses=True, broadcast="inverses")
+    assert "broadcast='inverses'" in repr(sync)
+    with pytest.raises(ValueError, match="Diagonal's cannot be; use broadcast='directions'"):
+        PreconditionedOptimizer(ranks.model(), Diagonal(), loss_fn=nn.MSELoss(), data_parallel=sync)
+    # EKFAC's inverse is built on every rank; its split is the refresh: nothing to refuse.
+    PreconditionedOptimizer(ranks.model(), EKFAC(), loss_fn=nn.MSELoss(), data_parallel=sync)
 
 
 @pytest.mark.usefixtures("group_of_one")
