@@ -11,21 +11,26 @@ def test_every_configuration_reports_time_and_bytes() -> None:
         payload = dp.main(argv)
         text = dp.table(payload["rows"], payload)
     rows = payload["rows"]
-    configs = [(1, False), (2, False), (2, True)]
+    kfac_configs = [(1, None), (2, None), (2, "directions"), (2, "inverses")]
     assert [(r["approx"], r["ranks"], r["split"]) for r in rows] == [
-        (approx, *config) for approx in ("kfac", "ekfac") for config in configs
+        *(("kfac", *config) for config in kfac_configs),
+        *(("ekfac", *config) for config in kfac_configs[:3]),  # its inverse: on every rank
     ]
     assert all(r["ms_per_step"] > 0.0 for r in rows)
-    one, two, split = rows[:3]
+    one, two, split, inverses = rows[:4]
     assert one["stats_bytes"] == 0, "one rank communicates nothing"
     factors = 13**2 + 16**2 + 17**2 + 4**2
     assert two["stats_bytes"] == 4 * 8 + 4 * factors, "the header and the float32 factors"
     assert split["curvlib_bytes_per_step"] > two["curvlib_bytes_per_step"], "+ the directions"
     assert split["shared_bytes"] == 4 * (12 * 16 + 16 + 16 * 4 + 4), "float32 directions"
-    assert text.count("| KFAC |") == 3
+    # Inverses: G'^{-1}, A'^{-1} and the condition number of both layers, once per rebuild.
+    assert inverses["shared_bytes"] == 4 * (factors + 2)
+    assert two["curvlib_bytes_per_step"] < inverses["curvlib_bytes_per_step"]
+    assert inverses["curvlib_bytes_per_step"] < split["curvlib_bytes_per_step"]
+    assert text.count("| KFAC |") == 4 and "| KFAC | 2 | inverses |" in text
     # EKFAC's split broadcasts the eigenvalues and eigenvectors of A and G of both layers
     # (d_in + 1 + (d_in + 1)^2 + d_out + d_out^2 numbers each) on the last refresh.
-    _, ekfac_two, ekfac_split = rows[3:]
+    _, ekfac_two, ekfac_split = rows[4:]
     assert ekfac_two["shared_bytes"] == 0
     assert ekfac_split["shared_bytes"] == 4 * ((13 + 13**2 + 16 + 16**2) + (17 + 17**2 + 4 + 4**2))
     assert text.count("| EKFAC |") == 3
