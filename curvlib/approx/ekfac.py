@@ -114,6 +114,10 @@ def _carried(
     return r_g @ scalings @ r_a.T
 
 
+_Basis = tuple[Tensor, Tensor, Tensor, Tensor]
+"""An eigenbasis of the two factors: ``(values_a, basis_a, values_g, basis_g)``."""
+
+
 class _EKFACBlock(SplitUpdateBlock):
     cheap_condition = True
 
@@ -140,33 +144,19 @@ class _EKFACBlock(SplitUpdateBlock):
         G = running_average(self.G, self._cast(stats.kronecker.G), rho, symmetrize=True)
         return A, G
 
-    # The split update's part: the first eigenbasis, of the first update's factors.
-
-    def fit_size(self) -> int:
-        return 0 if self.basis_a is not None else sum(self._packed_sizes())
-
-    def fit_dtype(self, stats: LayerStatistics) -> torch.dtype:
-        assert stats.kronecker is not None
-        return self.dtype or stats.kronecker.A.dtype
-
-    def fit(self, stats: LayerStatistics, rho: float) -> Tensor:
-        return self._packed(*self._factors_after(stats, rho))
-
-    def update_fitted(self, stats: LayerStatistics, rho: float, packed: Tensor) -> None:
-        self.adopt(packed)  # the first update then takes this basis as its own
-        self.update(stats, rho)
-
-    def update(self, stats: LayerStatistics, rho: float) -> None:
-        assert stats.kronecker is not None and stats.io is not None
-        A, G = self._factors_after(stats, rho)
+    def _basis(self, A: Tensor, G: Tensor) -> _Basis:
+        """The basis this update rotates into: the pending one, the first one, or the current."""
         if self.pending is not None:
-            values_a, basis_a, values_g, basis_g = self.pending
-        elif self.basis_a is None or self.basis_g is None:
-            (values_a, basis_a), (values_g, basis_g) = _eigenbasis(A), _eigenbasis(G)
-        else:
-            basis_a, basis_g = self.basis_a, self.basis_g
-            assert self.values_a is not None and self.values_g is not None
-            values_a, values_g = self.values_a, self.values_g
+            return self.pending
+        if self.basis_a is None or self.basis_g is None:
+            return (*_eigenbasis(A), *_eigenbasis(G))
+        assert self.values_a is not None and self.values_g is not None
+        return self.values_a, self.basis_a, self.values_g, self.basis_g
+
+    def _scalings(self, stats: LayerStatistics, rho: float, basis: _Basis) -> Tensor:
+        """The running scalings with this step's second moments in ``basis`` folded in."""
+        assert stats.io is not None
+        _, basis_a, _, basis_g = basis
         io = stats.io
         rotated = PerSampleIO(
             inputs=self._cast(io.inputs) @ basis_a,
@@ -177,12 +167,62 @@ class _EKFACBlock(SplitUpdateBlock):
         if old is not None and self.pending is not None:  # carried over to the new basis
             assert self.basis_a is not None and self.basis_g is not None
             old = _carried(old, self.basis_g, self.basis_a, basis_g, basis_a)
-        scalings = running_average(old, moments, rho)
-        # Assign at the end: a failure above leaves the block as it was.
+        return running_average(old, moments, rho)
+
+    def _assign(self, A: Tensor, G: Tensor, basis: _Basis, scalings: Tensor) -> None:
         self.stale = self.basis_a is not None
-        self.A, self.G, self.basis_a, self.basis_g = A, G, basis_a, basis_g
-        self.values_a, self.values_g = values_a, values_g
+        self.A, self.G = A, G
+        self.values_a, self.basis_a, self.values_g, self.basis_g = basis
         self.scalings, self.pending = scalings, None
+
+    def update(self, stats: LayerStatistics, rho: float) -> None:
+        assert stats.kronecker is not None and stats.io is not None
+        A, G = self._factors_after(stats, rho)
+        basis = self._basis(A, G)
+        # Assign at the end: a failure above leaves the block as it was.
+        self._assign(A, G, basis, self._scalings(stats, rho, basis))
+
+    # The split update's part: the new scalings (the per-sample statistics rotated into
+    # the basis, the expensive part of every update), preceded by the first eigenbasis
+    # while the block has none.
+
+    def fit_size(self) -> int:
+        first = sum(self._packed_sizes()) if self.basis_a is None else 0
+        return first + self.out_dim * self.in_dim
+
+    def fit_dtype(self, stats: LayerStatistics) -> torch.dtype:
+        assert stats.kronecker is not None
+        return self.dtype or stats.kronecker.A.dtype
+
+    def fit(self, stats: LayerStatistics, rho: float) -> Tensor:
+        A, G = self._factors_after(stats, rho)
+        dtype = self.fit_dtype(stats)
+        try:
+            basis = self._basis(A, G)
+            scalings = self._scalings(stats, rho, basis)
+        except (RuntimeError, ValueError):
+            return A.new_full((self.fit_size(),), torch.nan, dtype=dtype)
+        parts = [*basis] if self.basis_a is None else []
+        return torch.cat([t.reshape(-1).to(dtype) for t in (*parts, scalings)])
+
+    def update_fitted(self, stats: LayerStatistics, rho: float, packed: Tensor) -> None:
+        A, G = self._factors_after(stats, rho)
+        a, g = self.in_dim, self.out_dim
+        scalings = packed[-g * a :].reshape(g, a).clone()
+        basis: _Basis
+        if self.basis_a is None:
+            values_a, basis_a, values_g, basis_g = torch.split(
+                packed[: -g * a], self._packed_sizes()
+            )
+            basis = (
+                values_a.clone(),
+                basis_a.reshape(a, a).clone(),
+                values_g.clone(),
+                basis_g.reshape(g, g).clone(),
+            )
+        else:
+            basis = self._basis(A, G)
+        self._assign(A, G, basis, scalings)
 
     @property
     def refresh_due(self) -> bool:
@@ -420,7 +460,7 @@ class EKFAC(LayerwiseApprox):
     # -- a refresh split by layer (data-parallel training) ---------------------------------
 
     splits_update: ClassVar[bool] = True
-    """The first eigenbasis of each layer is computed by its owner (``update_due``, ``fitted``)."""
+    """Each layer's new scalings (and first eigenbasis) are computed by its owner (``fitted``)."""
 
     splits_refresh: ClassVar[bool] = True
     """Whether ``refresh`` can be split by layer: ``refresh_due``, ``refreshed``, ``adopt_refresh``.

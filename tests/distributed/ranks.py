@@ -140,10 +140,13 @@ class RecordingEKFAC(RecordingFits, EKFAC):
     def __init__(self) -> None:
         super().__init__()
         self.computed: list[list[str]] = []
+        self.refreshed_numbers: list[int] = []
 
     def refreshed(self, layers: Collection[str]) -> dict[str, Tensor]:
         self.computed.append(sorted(layers))
-        return super().refreshed(layers)
+        parts = super().refreshed(layers)
+        self.refreshed_numbers.append(sum(part.numel() for part in parts.values()))
+        return parts
 
 
 class RecordingKPSVD(RecordingFits, KPSVD):
@@ -211,6 +214,7 @@ def train(
         "computed": getattr(approx, "computed", None),
         "fits": getattr(approx, "fits", None),
         "built": getattr(approx, "built", None),
+        "refreshed_numbers": getattr(approx, "refreshed_numbers", None),
         "shared_bytes": None if sync is None else sync.last_shared.bytes,
         "approx_state": approx.state_dict(),
     }

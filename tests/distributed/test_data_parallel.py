@@ -118,7 +118,13 @@ def test_split_ekfac_refresh_computes_each_eigenbasis_once_and_trains_like_one_p
     if world_size == 3:
         assert [] in ([n for c in r["computed"] for n in c] for r in results), "one rank idle"
     for result in results:
-        assert result["shared_bytes"] == 8 * _packed_basis_numbers(), "every rank gets all"
+        # Step 3 sent the refreshed bases, then the new scalings ([d_out, d_in] per layer).
+        assert result["shared_bytes"] == 8 * (
+            ranks.HIDDEN * (ranks.DIM_IN + 1) + ranks.DIM_OUT * (ranks.HIDDEN + 1)
+        )
+        assert sum(result["refreshed_numbers"][-1] for result in results) == (
+            _packed_basis_numbers()
+        ), "the bases of step 3's refresh, each layer's from one rank"
     reference = ranks.train(next(c for c in ranks.CONFIGS if c.name == name))
     for result in results:
         for key, value in reference["params"].items():
@@ -127,11 +133,12 @@ def test_split_ekfac_refresh_computes_each_eigenbasis_once_and_trains_like_one_p
     assert reference["computed"] == [], "one process refreshes without the split"
 
 
-def test_ekfac_first_eigenbases_are_computed_once_each() -> None:
+def test_ekfac_scalings_and_first_eigenbases_are_computed_once_each() -> None:
     results = run_ranks(ranks.train_split, 2, "ekfac-split-ddp", timeout=60.0)
-    # The first update (step 0) has no basis yet: its owners compute them.
-    assert sorted(name for r in results for name in r["fits"][0]) == ["0", "2"]
-    assert all(len(r["fits"]) == 1 for r in results), "later updates take the refreshed bases"
+    # Statistics on every step: each layer's new scalings (and at step 0, its first
+    # eigenbasis) computed by one rank.
+    for step in range(ranks.STEPS):
+        assert sorted(name for r in results for name in r["fits"][step]) == ["0", "2"]
 
 
 @pytest.mark.parametrize("name", ["kpsvd-split-ddp", "deflation-split-ddp"])
