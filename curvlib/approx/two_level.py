@@ -18,7 +18,7 @@ the residual (F-norm optimal) correction and the additive preconditioner.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, ClassVar, Literal
@@ -721,6 +721,61 @@ class TwoLevel:
                 nothing is changed.
             ValueError: If a statistic is missing (nothing is changed).
         """
+        self._update(stats, lambda: self.fine.update(stats))
+
+    # -- the fine level's split, in data-parallel training ------------------------------
+    # The coarse level (its space, its c x c matrix) is small and built on every rank; the
+    # fine level's update and inverse split by layer where the fine approximation's do.
+
+    @property
+    def splits_update(self) -> bool:
+        """Whether the fine level's update splits by layer (``update_due``, ``fitted``)."""
+        return bool(getattr(self.fine, "splits_update", False))
+
+    def update_due(self, stats: CurvatureStatistics) -> dict[str, Tensor]:
+        """The fine level's ``update_due``."""
+        fine: Any = self.fine
+        due: dict[str, Tensor] = fine.update_due(stats)
+        return due
+
+    def fitted(self, stats: CurvatureStatistics, layers: Collection[str]) -> dict[str, Tensor]:
+        """The fine level's ``fitted`` parts of ``layers``."""
+        fine: Any = self.fine
+        parts: dict[str, Tensor] = fine.fitted(stats, layers)
+        return parts
+
+    def update_with(self, stats: CurvatureStatistics, fitted: Mapping[str, Tensor]) -> None:
+        """``update``, with the fine level's parts taken from ``fitted`` (its ``update_with``)."""
+        fine: Any = self.fine
+        self._update(stats, lambda: fine.update_with(stats, fitted))
+
+    @property
+    def shares_inverses(self) -> bool:
+        """Whether the fine level's layer inverses can be sent (``inverse_parts``)."""
+        return bool(getattr(self.fine, "shares_inverses", False))
+
+    def inverse_templates(self) -> dict[str, Tensor]:
+        """The fine level's ``inverse_templates``."""
+        fine: Any = self.fine
+        templates: dict[str, Tensor] = fine.inverse_templates()
+        return templates
+
+    def inverse_parts(self, damping: float, layers: Collection[str]) -> dict[str, Tensor]:
+        """The fine level's packed inverses of ``layers``."""
+        fine: Any = self.fine
+        parts: dict[str, Tensor] = fine.inverse_parts(damping, layers)
+        return parts
+
+    def inverse_from_parts(
+        self, damping: float, parts: Mapping[str, Tensor]
+    ) -> TwoLevelPreconditioner:
+        """``inverse(damping)``, with the fine level rebuilt from every layer's packed inverse."""
+        damping = check_damping(damping)
+        self._context()
+        fine: Any = self.fine
+        return self._inverse(damping, fine.inverse_from_parts(damping, parts))
+
+    def _update(self, stats: CurvatureStatistics, update_fine: Callable[[], None]) -> None:
         if not stats.is_finite():
             raise NonFiniteStatisticsError(
                 "Statistics contain NaN or Inf; the curvature estimate was left unchanged."
@@ -738,7 +793,7 @@ class TwoLevel:
             for name, layer in stats.layers.items()
             if self._uses_samples and layer.io is not None
         }
-        self.fine.update(stats)
+        update_fine()
         rho = min(1.0 - 1.0 / (self.num_updates + 1), self.decay)
         self.coarse.update(stats, rho)
         self._shapes = {
@@ -768,8 +823,11 @@ class TwoLevel:
             RuntimeError: Before the first ``update``.
         """
         damping = check_damping(damping)
+        self._context()  # before the first update: the error of the two-level method
+        return self._inverse(damping, self.fine.inverse(damping))
+
+    def _inverse(self, damping: float, fine: Preconditioner) -> TwoLevelPreconditioner:
         context = self._context()
-        fine = self.fine.inverse(damping)
         context = CoarseContext(context.shapes, context.dtype, context.device, fine=fine)
         fisher = self._fisher()
         vectors: dict[str, Tensor] | None = None

@@ -441,7 +441,7 @@ class CurvatureEngine:
     def _refresh(self) -> None:
         """Refresh a two-time-scale approximation; a failure is counted and warned about."""
         assert isinstance(self.approx, RefreshableApprox)
-        owners = self._work_owners()
+        owners = self._work_owners() if getattr(self.approx, "splits_refresh", False) else None
         # Split: the broadcast runs outside the try (a failed collective is not a failed
         # refresh), and every rank adopts the same parts, so the ranks stay identical.
         shared = None if owners is None else self._shared_refresh(owners)
@@ -492,15 +492,24 @@ class CurvatureEngine:
         return self.sync.share_directions(owned, owners, due)
 
     def _inverse_owners(self) -> Mapping[str, int] | None:
-        """The rank that inverts each layer in data-parallel training, or ``None``."""
-        return None if self._refreshable else self._work_owners()
+        """The rank that inverts each layer in data-parallel training, or ``None``.
+
+        Sending directions, an approximation whose inverse ``splits_inverse`` by
+        layer (not a two-time-scale one, whose split is its refresh); sending
+        inverses, one that ``shares_inverses``.
+        """
+        if self._sends_inverses():
+            splits = getattr(self.approx, "shares_inverses", False)
+        else:
+            splits = not self._refreshable and getattr(self.approx, "splits_inverse", False)
+        return self._work_owners() if splits else None
 
     def _work_owners(self) -> Mapping[str, int] | None:
         """The rank that does each layer's expensive work (inverse, or refresh), or ``None``."""
         if not self._owners_known:
             self._owners_known = True
-            flag = "splits_refresh" if self._refreshable else "splits_inverse"
-            if self.sync is not None and getattr(self.approx, flag, False):
+            flags = ("splits_inverse", "splits_refresh", "splits_update", "shares_inverses")
+            if self.sync is not None and any(getattr(self.approx, f, False) for f in flags):
                 costs = {
                     la.name: float(la.out_dim) ** 3 + float(la.in_dim_aug) ** 3
                     for la in self._own_layers

@@ -22,6 +22,7 @@ from curvlib.approx import (
     KFACCorrected,
     KFACDamping,
     Lanczos,
+    TwoLevel,
 )
 from curvlib.approx.base import LayerwiseApprox, OwnerFailedError
 from curvlib.linalg import factors
@@ -189,3 +190,31 @@ def test_inverses_from_wrong_or_failed_parts_are_refused(monkeypatch: pytest.Mon
     with pytest.raises(OwnerFailedError, match=f"layers \\['{names[0]}'\\] are not finite"):
         kfac.inverse_from_parts(1e-3, {**parts, **failed})
     assert not Diagonal.shares_inverses and not EKFAC.shares_inverses
+
+
+# -- a two-level method splits its fine level ---------------------------------------------
+
+
+def test_a_two_level_method_splits_its_fine_level_bit_for_bit() -> None:
+    problem = PROBLEMS[0]
+    whole, split = TwoLevel(KPSVD()), TwoLevel(KPSVD())
+    assert split.splits_update and split.shares_inverses
+    assert not TwoLevel(Diagonal()).shares_inverses and not TwoLevel(KFAC()).splits_update
+    for batch in _batches(problem):
+        stats = fit_statistics(batch, whole)  # type: ignore[arg-type]
+        names = list(split.update_due(stats))
+        assert names == list(stats.layers)
+        parts = {**split.fitted(stats, names[:1]), **split.fitted(stats, names[1:])}
+        whole.update(stats)
+        split.update_with(stats, parts)
+        assert equal_states(split.state_dict(), whole.state_dict())
+    names = list(split.inverse_templates())
+    parts = {**split.inverse_parts(1e-3, names[:1]), **split.inverse_parts(1e-3, names[1:])}
+    rebuilt, direct = split.inverse_from_parts(1e-3, parts), whole.inverse(1e-3)
+    gen = torch.Generator().manual_seed(0)
+    grads = {
+        name: torch.randn(b.out_dim, b.in_dim, generator=gen, dtype=torch.float64)
+        for name, b in whole.fine.blocks.items()  # type: ignore[attr-defined]
+    }
+    for name, value in direct.apply(grads).items():
+        assert torch.equal(rebuilt.apply(grads)[name], value), name

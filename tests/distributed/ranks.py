@@ -29,6 +29,7 @@ from curvlib import (
     NaturalGradientPreconditioner,
     PreconditionedOptimizer,
     StatKind,
+    TwoLevel,
 )
 from curvlib.core.stats import merge_statistics
 from curvlib.distributed import DataParallel
@@ -87,6 +88,16 @@ CONFIGS = (
         split=True,
         broadcast="inverses",
     ),
+    # Two-level: the fine level splits as the fine approximation does; the coarse level
+    # is built on every rank.
+    Config("twolevel-kpsvd-split-ddp", "twolevel-kpsvd", FisherType.EMPIRICAL, split=True),
+    Config(
+        "twolevel-kfac-inverses-ddp",
+        "twolevel-kfac",
+        FisherType.EMPIRICAL,
+        split=True,
+        broadcast="inverses",
+    ),
 )
 
 
@@ -109,8 +120,8 @@ def batches() -> list[tuple[Tensor, Tensor]]:
 class RecordingInverses:
     """Records the layers whose inverses this rank built, per sent inverse."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.built: list[list[str]] = []
 
     def inverse_parts(self, damping: float, layers: Collection[str]) -> dict[str, Tensor]:
@@ -125,8 +136,8 @@ class RecordingKFAC(RecordingInverses, KFAC):
 class RecordingFits:
     """Records the layers whose update parts this rank computed, per split update."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.fits: list[list[str]] = []
 
     def fitted(self, stats: CurvatureStatistics, layers: Collection[str]) -> dict[str, Tensor]:
@@ -157,6 +168,10 @@ class RecordingDeflation(RecordingInverses, RecordingFits, Deflation):
     """Deflation that records the layers it fitted and inverted, per split update or inverse."""
 
 
+class RecordingTwoLevel(RecordingInverses, RecordingFits, TwoLevel):
+    """A two-level method that records the fine level's layers it fitted and inverted."""
+
+
 def approximation(name: str) -> Any:
     return {
         "kfac": KFAC,
@@ -165,6 +180,8 @@ def approximation(name: str) -> Any:
         "kpsvd": RecordingKPSVD,
         "deflation": RecordingDeflation,
         "kfac-shared": RecordingKFAC,
+        "twolevel-kpsvd": lambda: RecordingTwoLevel(KPSVD()),
+        "twolevel-kfac": lambda: RecordingTwoLevel(KFAC()),
     }[name]()
 
 

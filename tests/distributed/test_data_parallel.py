@@ -206,6 +206,19 @@ def test_inverses_sent_whole_are_built_once_and_train_like_one_process(
         assert all(torch.equal(first[k], result["params"][k]) for k in first), "identical"
 
 
+def test_a_two_level_method_splits_its_fine_level_and_trains_like_one_process(
+    two_ranks: list[dict[str, Any]],
+) -> None:
+    kpsvd = [r["twolevel-kpsvd-split-ddp"] for r in two_ranks]
+    for step in range(ranks.STEPS):  # KPSVD's fit of each layer on one rank
+        assert sorted(layer for r in kpsvd for layer in r["fits"][step]) == ["0", "2"]
+    assert all(r["built"] == [] for r in kpsvd), "sending directions: built on every rank"
+    kfac = [r["twolevel-kfac-inverses-ddp"] for r in two_ranks]
+    for rebuild in range(3):  # KFAC's inverse of each layer on one rank, sent whole
+        assert sorted(layer for r in kfac for layer in r["built"][rebuild]) == ["0", "2"]
+    assert all(r["fits"] == [] for r in kfac), "KFAC's update has nothing to split"
+
+
 def test_an_inverse_that_failed_on_its_owner_is_refused_by_every_rank_alike() -> None:
     results = run_ranks(ranks.kfac_inverse_fails_on_rank_one, 2, timeout=60.0)
     for result in results:
