@@ -502,7 +502,7 @@ def train_from_checkpoint(
     wrapped = nn.parallel.DistributedDataParallel(net) if dist.is_initialized() else net
     extra: dict[str, Any] = {}
     if config.split and dist.is_initialized():
-        extra["data_parallel"] = DataParallel(split_inverses=True)
+        extra["data_parallel"] = DataParallel(split_inverses=True, broadcast=config.broadcast)
     opt = PreconditionedOptimizer(
         wrapped, approximation(config.approx), loss_fn=loss_fn, fisher_type=config.fisher,
         stats_fraction=1.0, t_cov=1, t_inv=config.t_inv, damping=1e-3, **extra,

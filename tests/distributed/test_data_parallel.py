@@ -284,9 +284,14 @@ def test_a_checkpoint_of_rank_0_at_world_size_2_resumes_on_another_world_size(
         torch.testing.assert_close(resumed[name], value, rtol=RTOL, atol=ATOL)
 
 
-def test_a_split_ekfac_checkpoint_at_world_size_2_resumes_in_one_process(tmp_path: Path) -> None:
-    path, name = str(tmp_path / "checkpoint.pt"), "ekfac-split-ddp"
-    # Saved after steps 0-2: the basis of the split refresh at step 2 is in it.
+@pytest.mark.parametrize(
+    "name", ["ekfac-split-ddp", "deflation-split-ddp", "twolevel-kfac-inverses-ddp"]
+)
+def test_a_split_checkpoint_at_world_size_2_resumes_in_one_process(
+    tmp_path: Path, name: str
+) -> None:
+    path = str(tmp_path / "checkpoint.pt")
+    # Saved after steps 0-2 (EKFAC: the basis of the split refresh at step 2 is in it).
     run_ranks(ranks.train_from_checkpoint, 2, path, (0, 3), True, name, timeout=60.0)
     resumed = ranks.train_from_checkpoint(0, 1, path, (3, ranks.STEPS), False, name)
     reference = ranks.train(next(c for c in ranks.CONFIGS if c.name == name))["params"]
