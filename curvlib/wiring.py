@@ -145,8 +145,9 @@ class PreconditionedOptimizer(CurvatureOptimizer):
         unsupported: What to do with trainable modules without a curvature block
             (their parameters take plain SGD steps unless this is ``RAISE``).
         backend: How the extractor backpropagates.
-        stats_dtype: Storage dtype of the statistics (default: the model's; float32
-            for float16/bfloat16 models).
+        stats_dtype: Storage dtype of the statistics (default: the model's
+            parameters', also under ``torch.autocast``; float32 for float16/bfloat16
+            models).
         seed: Seed of the MC targets and sub-batches.
         params: The parameters to step (default: every trainable parameter);
             the others are never touched. Every curvature layer must lie inside

@@ -70,6 +70,7 @@ class CollectSession:
                 "the statistics step with the model in eval mode."
             )
         self.use_backpack = extractor._use_backpack(coupling)
+        self.run_installed = False
         self.autograd: AutogradRun | None = None
 
     def __enter__(self) -> CollectSession:
@@ -91,7 +92,6 @@ class CollectSession:
         self.stack.enter_context(warnings.catch_warnings())
         # torch warns when a hooked first layer's input needs no gradient; expected here.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        empirical = ex._fisher_type is FisherType.EMPIRICAL
         loss_module = ex._loss.loss_fn
         for module in ex._leaves:
             self.handles.append(module.register_forward_hook(self._count_hook))
@@ -100,6 +100,34 @@ class CollectSession:
         self.handles.append(loss_module.register_forward_pre_hook(self._loss_hook))
         self.handles.append(register_module_forward_pre_hook(self._other_loss_hook))
         self.handles.append(ex._model.register_forward_hook(self._output_hook))
+        if self.use_backpack:
+            # BackPACK cannot follow a graph that torch.autocast computed in float16 or
+            # bfloat16: the backend is chosen when the model's forward starts, where it
+            # is known whether autocast is on.
+            self.handles.append(ex._model.register_forward_pre_hook(self._choose_backend_hook))
+        else:
+            self._install_run()
+
+    def _choose_backend_hook(self, module: nn.Module, inputs: Any) -> None:
+        if self.run_installed:
+            return
+        if _autocast_enabled(module):
+            if self.ex._backpack_forced():
+                raise RuntimeError(
+                    "BackPACK cannot backpropagate through a forward pass under "
+                    "torch.autocast (its derivatives mix the float16/bfloat16 activations "
+                    "with float32 columns). Use backend=Backend.AUTO (the default), which "
+                    "takes autograd under autocast, or Backend.AUTOGRAD."
+                )
+            self.use_backpack = False
+        self._install_run()
+
+    def _install_run(self) -> None:
+        """Install the backend that backpropagates the columns (``use_backpack``)."""
+        ex = self.ex
+        empirical = ex._fisher_type is FisherType.EMPIRICAL
+        loss_module = ex._loss.loss_fn
+        self.run_installed = True
 
         def batch_to_sample() -> float:
             return ex._loss.batch_to_sample(self._num_batch())
@@ -332,3 +360,9 @@ class CollectSession:
 
     def _num_samples(self) -> int:
         return len(self.subsample) if self.subsample is not None else self._num_batch()
+
+
+def _autocast_enabled(model: nn.Module) -> bool:
+    """Whether ``torch.autocast`` is on for the device of ``model``'s parameters."""
+    devices = {p.device.type for p in model.parameters()} or {"cpu"}
+    return any(torch.is_autocast_enabled(device) for device in devices)

@@ -93,16 +93,20 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def _statistics_dtype(model: nn.Module, dtype: torch.dtype | None) -> torch.dtype | None:
-    """``dtype``, or float32 for a model with float16/bfloat16 parameters.
+    """``dtype``; else float32 for a model with float16/bfloat16 parameters, else theirs.
 
     Cholesky and eigendecompositions have no half-precision kernels on the CPU, and
     factors averaged in 8 mantissa bits lose the small eigenvalues the inverse needs.
+    A model with float32 (or float64) parameters keeps its statistics in that dtype
+    also when ``torch.autocast`` runs its layers in float16 or bfloat16: their inputs
+    and output gradients are cast up before the statistics are formed.
     """
     if dtype is not None:
         return dtype
-    if any(p.dtype in LOW_PRECISION for p in model.parameters() if p.requires_grad):
+    dtypes = {p.dtype for p in model.parameters() if p.requires_grad and p.is_floating_point()}
+    if dtypes & set(LOW_PRECISION):
         return torch.float32
-    return None
+    return max(dtypes, key=lambda d: torch.finfo(d).bits) if dtypes else None
 
 
 def _check_materialised(model: nn.Module) -> None:
@@ -161,9 +165,11 @@ class CurvatureExtractor:
         exclude: Patterns or types of layers to leave out.
         unsupported: What to do with trainable modules without a block.
         backend: How columns are backpropagated.
-        dtype: Storage dtype of the statistics (default: the model's, and float32
-            for a model with float16 or bfloat16 parameters: the factorisations
-            have no half-precision CPU kernels and lose the small eigenvalues).
+        dtype: Storage dtype of the statistics (default: the model's parameters',
+            also when ``torch.autocast`` runs the layers in float16 or bfloat16,
+            and float32 for a model with float16 or bfloat16 parameters: the
+            factorisations have no half-precision CPU kernels and lose the small
+            eigenvalues).
         seed: Seed of the generator that draws MC targets and sub-batches.
         kinds: The layer kinds that get statistics (default: ``Linear``,
             ``Conv2d``, ``ConvTranspose2d``); ``LayerKind.BATCHNORM``,
@@ -386,6 +392,9 @@ class CurvatureExtractor:
             if isinstance(m, nn.modules.batchnorm._BatchNorm)
             and (m.training or m.running_mean is None)
         ]
+
+    def _backpack_forced(self) -> bool:
+        return self._backend is Backend.BACKPACK
 
     def _use_backpack(self, coupling: list[str]) -> bool:
         if self._backend is Backend.AUTOGRAD:

@@ -24,6 +24,19 @@ BATCHNORM_KINDS = frozenset({StatKind.DIAGONAL, StatKind.PER_SAMPLE_GRAD, StatKi
 """The statistic kinds a normalisation layer (``NORM_KINDS``) answers (``batchnorm_statistics``)."""
 
 
+def _widened(tensor: Tensor, dtype: torch.dtype | None) -> Tensor:
+    """``tensor`` in ``dtype`` where that is wider (autocast's float16/bfloat16 activations).
+
+    The statistics are then formed in the storage dtype, not rounded to it afterwards;
+    a narrower ``dtype`` is applied to the results.
+    """
+    if dtype is None or not tensor.is_floating_point() or tensor.dtype == dtype:
+        return tensor
+    if torch.finfo(dtype).bits > torch.finfo(tensor.dtype).bits:
+        return tensor.to(dtype)
+    return tensor
+
+
 def layer_statistics(
     layer: CurvatureLayer,
     inputs: Tensor,
@@ -47,7 +60,7 @@ def layer_statistics(
     Returns:
         The statistics; kinds not in ``required`` are ``None``.
     """
-    inputs, grads = inputs.detach(), grads.detach()
+    inputs, grads = _widened(inputs.detach(), dtype), _widened(grads.detach(), dtype)
     dtype = dtype or inputs.dtype
     n, t = inputs.shape[:2]
     kron = io = per_sample = None
