@@ -1,0 +1,100 @@
+"""On a GPU: every approximation steps on CUDA as on the CPU, and trains under autocast.
+
+Marked ``cuda`` and skipped without a GPU, so CI (no GPU) stays green; they run on
+the GPU machine (``pytest -m cuda``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from curvlib import (
+    EKFAC,
+    KFAC,
+    KPSVD,
+    Deflation,
+    Diagonal,
+    ExactNaturalGradient,
+    FisherType,
+    KFACCorrected,
+    Lanczos,
+    PreconditionedOptimizer,
+    TwoLevel,
+)
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+APPROXIMATIONS: dict[str, Callable[[], Any]] = {
+    "kfac": KFAC,
+    "ekfac": EKFAC,
+    "kpsvd": KPSVD,
+    "deflation": Deflation,
+    "lanczos": Lanczos,
+    "kfac-corrected": KFACCorrected,
+    "diagonal": Diagonal,
+    "exact-ng": ExactNaturalGradient,
+    "two-level": lambda: TwoLevel(KFAC()),
+}
+
+
+def _model(dtype: torch.dtype) -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 10))
+    return net.to(dtype)
+
+
+def _train(
+    make: Callable[[], Any],
+    device: str,
+    dtype: torch.dtype,
+    fisher: FisherType,
+    autocast: torch.dtype | None = None,
+) -> dict[str, torch.Tensor]:
+    net = _model(dtype).to(device)
+    loss_fn = nn.CrossEntropyLoss()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(32, 1, 8, 8, generator=gen, dtype=dtype).to(device)
+    y = torch.randint(0, 10, (32,), generator=gen).to(device)
+    opt = PreconditionedOptimizer(
+        net, make(), loss_fn=loss_fn, fisher_type=fisher, stats_fraction=1.0
+    )
+    for _ in range(3):
+        opt.zero_grad()
+        with opt.record():
+            with torch.autocast(device, dtype=autocast or torch.float16, enabled=bool(autocast)):
+                loss = loss_fn(net(x), y)
+            loss.backward()
+        opt.step()
+    return {k: v.detach().cpu() for k, v in net.named_parameters()}
+
+
+@pytest.mark.parametrize("make", APPROXIMATIONS.values(), ids=list(APPROXIMATIONS))
+def test_three_steps_on_cuda_equal_those_on_the_cpu_in_float64(make: Callable[[], Any]) -> None:
+    # The empirical Fisher on the whole batch: statistics without random draws.
+    cpu = _train(make, "cpu", torch.float64, FisherType.EMPIRICAL)
+    cuda = _train(make, "cuda", torch.float64, FisherType.EMPIRICAL)
+    for name, value in cpu.items():
+        torch.testing.assert_close(cuda[name], value, rtol=1e-9, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("make", APPROXIMATIONS.values(), ids=list(APPROXIMATIONS))
+def test_every_approximation_trains_under_cuda_autocast(
+    make: Callable[[], Any], dtype: torch.dtype
+) -> None:
+    before = _model(torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no skipped update, no failed inverse
+        after = _train(make, "cuda", torch.float32, FisherType.MC, autocast=dtype)
+    moved = [name for name, p in before.named_parameters() if not torch.equal(p, after[name])]
+    assert moved == [name for name, _ in before.named_parameters()]
+    assert all(bool(torch.isfinite(p).all()) for p in after.values())
