@@ -45,6 +45,7 @@ import itertools
 import json
 import multiprocessing
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -60,9 +61,10 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _harness import REPO, command, commit, machine, write_json
+from _harness import REPO, command, commit, machine, progress, write_json
 
 DEFAULT_OUT = REPO / "benchmarks" / "results"
+DOCS_RESULTS = REPO / "docs" / "results"
 WIDTHS = (256, 512, 512, 10)
 GLOBAL_BATCH = 512
 WINDOW = 10
@@ -188,6 +190,46 @@ def table(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(payload: dict[str, Any], path: Path) -> None:
+    """Per approximation, the time per step and per statistics step of every configuration."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = payload["rows"]
+    approxes = list(dict.fromkeys(r["approx"] for r in rows))
+    fig, axes = plt.subplots(
+        1, 2, figsize=(12, 4.2), constrained_layout=True, sharey=False, squeeze=False
+    )
+    for ax, key, title in zip(
+        axes[0],
+        ("ms_per_step", "ms_per_stats_step"),
+        ("mean step (ms)", "median statistics step (ms)"),
+        strict=True,
+    ):
+        configs = list(dict.fromkeys((r["ranks"], r["split"]) for r in rows))
+        width = 0.8 / len(configs)
+        for k, (ranks, split) in enumerate(configs):
+            by_approx = {r["approx"]: r for r in rows if (r["ranks"], r["split"]) == (ranks, split)}
+            xs = [i + (k - (len(configs) - 1) / 2) * width for i in range(len(approxes))]
+            values = [by_approx[a][key] if a in by_approx else 0.0 for a in approxes]
+            label = f"{ranks} rank{'s' if ranks > 1 else ''}, " + (split or "no split")
+            ax.bar(xs, values, width, label=label, alpha=0.85)
+        ax.set_xticks(range(len(approxes)), [a.upper() for a in approxes])
+        ax.set_title(title)
+        ax.grid(True, axis="y", alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(
+        f"data-parallel MLP {'-'.join(map(str, payload['widths']))}, global batch "
+        f"{payload['batch']}, {payload['threads']} thread(s) per rank "
+        f"({payload['machine']['cpu']}, commit {payload['commit']})",
+        fontsize=10,
+    )
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
@@ -204,37 +246,46 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--quick", action="store_true", help="1 and 2 ranks, 10 steps, no files")
+    parser.add_argument(
+        "--plot", type=Path, default=None, help="only redraw the PNG of a data_parallel.json"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.ranks, args.steps, args.repeats = [1, 2], WINDOW, 1
     if args.steps % WINDOW:
         parser.error(f"--steps must be a multiple of {WINDOW} (whole statistics windows)")
+    if args.plot is not None:
+        plot(json.loads(args.plot.read_text()), args.plot.with_suffix(".png"))
+        if args.plot.resolve() == (DEFAULT_OUT / "data_parallel.json").resolve():
+            shutil.copy(DEFAULT_OUT / "data_parallel.png", DOCS_RESULTS / "data_parallel.png")
+        return {}
     multiprocessing.set_forkserver_preload(["torch", "torch._dynamo", "curvlib"])
-    rows = []
+    configs = []
     for approx in args.approx:
         for world_size in args.ranks:
             splits: tuple[str | None, ...] = (None,)
             if world_size > 1:
                 splits += ("directions",) if approx == "ekfac" else ("directions", "inverses")
-            for split in splits:
-                config = {
-                    "approx": approx,
-                    "split": split,
-                    "steps": args.steps,
-                    "batch": args.batch,
-                    "widths": args.widths,
-                    "threads": args.threads,
-                }
-                runs = [run(config, world_size) for _ in range(args.repeats)]
-                times = sorted(r["ms_per_step"] for r in runs)
-                row = {
-                    **runs[0],
-                    "ms_per_step": statistics.median(times),
-                    "ms_runs": times,
-                    "ms_per_stats_step": statistics.median(r["ms_per_stats_step"] for r in runs),
-                }
-                rows.append(row)
-                print(json.dumps(row), file=sys.stderr)
+            configs += [(approx, world_size, split) for split in splits]
+    rows = []
+    for approx, world_size, split in progress(configs, len(configs), "configurations"):
+        config = {
+            "approx": approx,
+            "split": split,
+            "steps": args.steps,
+            "batch": args.batch,
+            "widths": args.widths,
+            "threads": args.threads,
+        }
+        runs = [run(config, world_size) for _ in range(args.repeats)]
+        times = sorted(r["ms_per_step"] for r in runs)
+        row = {
+            **runs[0],
+            "ms_per_step": statistics.median(times),
+            "ms_runs": times,
+            "ms_per_stats_step": statistics.median(r["ms_per_stats_step"] for r in runs),
+        }
+        rows.append(row)
     meta = {
         "machine": machine(),
         "commit": commit(),
@@ -249,6 +300,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if not args.quick:
         write_json(args.out / "data_parallel.json", payload)
         (args.out / "data_parallel.md").write_text(table(rows, meta))
+        plot(payload, args.out / "data_parallel.png")
+        if args.out.resolve() == DEFAULT_OUT.resolve():  # the docs show the benchmark's own PNG
+            shutil.copy(args.out / "data_parallel.png", DOCS_RESULTS / "data_parallel.png")
     return payload
 
 

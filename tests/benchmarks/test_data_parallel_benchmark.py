@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from tests.benchmarks.loader import benchmark_script
 
 
-def test_every_configuration_reports_time_and_bytes() -> None:
+def test_every_configuration_reports_time_and_bytes(tmp_path: Path) -> None:
     argv = ["--quick", "--approx", "kfac", "ekfac", "--widths", "12", "16", "4", "--batch", "32"]
     with benchmark_script("data_parallel") as dp:
         payload = dp.main(argv)
         text = dp.table(payload["rows"], payload)
+        dp.plot(payload, tmp_path / "data_parallel.png")
+    assert (tmp_path / "data_parallel.png").stat().st_size > 10_000, "a figure was drawn"
     rows = payload["rows"]
     kfac_configs = [(1, None), (2, None), (2, "directions"), (2, "inverses")]
     assert [(r["approx"], r["ranks"], r["split"]) for r in rows] == [
