@@ -142,6 +142,46 @@ MUTANTS = (
         "        return z * torch.rsqrt((diag + damping) / 1.05)\n",
         _OPERATOR_TESTS,
     ),
+    Mutant(
+        "split_fit_rho",
+        "a split update folds the owner's fit with a running-average weight 0.1% off",
+        "curvlib/approx/kpsvd.py",
+        "        self._fold(tuple(factors), rho)\n",
+        "        self._fold(tuple(factors), rho * 0.999)\n",
+        ("tests/approx/test_split_update.py",),
+    ),
+    Mutant(
+        "split_ekfac_scalings_transposed",
+        "EKFAC's split update reads the owner's scalings in the wrong order",
+        "curvlib/approx/ekfac.py",
+        "        scalings = packed[-g * a :].reshape(g, a).clone()\n",
+        "        scalings = packed[-g * a :].reshape(a, g).T.clone()\n",
+        ("tests/approx/test_split_update.py",),
+    ),
+    Mutant(
+        "sent_inverse_condition",
+        "a KFAC inverse rebuilt from its packed form carries twice its condition number",
+        "curvlib/approx/kfac.py",
+        "        condition = float(last)\n",
+        "        condition = 2.0 * float(last)\n",
+        ("tests/approx/test_split_update.py",),
+    ),
+    Mutant(
+        "autocast_not_widened",
+        "statistics of an autocast forward formed in float16/bfloat16 and cast afterwards",
+        "curvlib/extract/statistics.py",
+        "        return tensor.to(dtype)\n",
+        "        return tensor\n",
+        ("tests/extract/test_autocast.py",),
+    ),
+    Mutant(
+        "autocast_keeps_backpack",
+        "Backend.AUTO keeps BackPACK for a forward under autocast",
+        "curvlib/extract/_session.py",
+        "            self.use_backpack = False\n",
+        "            pass\n",
+        ("tests/extract/test_autocast.py",),
+    ),
 )
 
 
