@@ -241,7 +241,8 @@ class SplitUpdateBlock(LayerBlock):
 
     In data-parallel training with ``DataParallel(split_inverses=True)`` that
     part (KPSVD's power iterations, the two-term methods' singular pairs,
-    EKFAC's first eigenbasis) is computed by the layer's owner alone (``fit``),
+    EKFAC's new scalings and first eigenbasis) is computed by the layer's owner
+    alone (``fit``),
     broadcast as one flat tensor, and folded in on every rank
     (``update_fitted``), so that every rank ends with the estimate ``update``
     gives in one process. ``update(stats, rho)`` must equal

@@ -253,14 +253,10 @@ class _EKFACBlock(SplitUpdateBlock):
         NaN where an eigendecomposition fails.
         """
         assert self.A is not None and self.G is not None
-        return self._packed(self.A, self.G)
-
-    def _packed(self, A: Tensor, G: Tensor) -> Tensor:
-        """The eigenbases of ``A`` and ``G``, packed as ``packed_refresh``; NaN on failure."""
         try:
-            parts = (*_eigenbasis(A), *_eigenbasis(G))
+            parts = (*_eigenbasis(self.A), *_eigenbasis(self.G))
         except (RuntimeError, ValueError):
-            return A.new_full((sum(self._packed_sizes()),), torch.nan)
+            return self.packed_template().fill_(torch.nan)
         return torch.cat([part.reshape(-1) for part in parts])
 
     def adopt(self, packed: Tensor) -> None:

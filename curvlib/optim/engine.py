@@ -104,10 +104,14 @@ class CurvatureEngine:
             of all ranks. If it names an owner
             for every layer (``inverse_owners``), an approximation that
             ``splits_inverse`` builds the inverses of this rank's layers only,
-            and ``precondition`` shares the directions; a two-time-scale
-            approximation that ``splits_refresh`` (EKFAC) refreshes this rank's
-            layers only and adopts every rank's (its inverse is cheap and built
-            on every rank).
+            and ``precondition`` shares the directions (or, when the sync's
+            ``broadcast`` is ``"inverses"``, one that ``shares_inverses``
+            sends the inverses it built and every rank applies all of them); a
+            two-time-scale approximation that ``splits_refresh`` (EKFAC)
+            refreshes this rank's layers only and adopts every rank's (its
+            inverse is cheap and built on every rank); and one that
+            ``splits_update`` computes the expensive part of this rank's
+            layers' updates (``fitted``) and folds in every rank's.
 
     Attributes:
         last_moved: The distance ``weights_moved`` measured at the step that
