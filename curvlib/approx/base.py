@@ -299,6 +299,46 @@ class OwnerFailedError(RuntimeError):
     """A part of a split update or inverse failed on the rank that computed it."""
 
 
+def check_parts(
+    parts: Mapping[str, Tensor],
+    like: Mapping[str, Tensor],
+    what: str,
+    caller: str,
+    lister: str,
+    failure: type[Exception] = OwnerFailedError,
+) -> None:
+    """Raise unless ``parts`` holds exactly ``like``'s layers, in their shapes, all finite.
+
+    The parts that owners computed and broadcast in data-parallel training
+    (fitted updates, packed inverses, eigenbases), checked before any is used.
+
+    Args:
+        parts: The received parts, by layer.
+        like: The expected ones (empty tensors of the right shapes), by layer.
+        what: What the parts are, for the messages (e.g. ``"fitted parts"``).
+        caller: The method that checks (for the messages).
+        lister: The method that lists the expected layers (for the messages).
+        failure: Raised for a part that is not finite.
+
+    Raises:
+        ValueError: For other layers than ``like``'s, or parts of the wrong size.
+    """
+    if set(parts) != set(like):
+        raise ValueError(
+            f"{caller} needs the {what} of exactly the layers {lister} lists, "
+            f"{sorted(like)}; got {sorted(parts)}."
+        )
+    wrong = [name for name, t in parts.items() if t.shape != like[name].shape]
+    if wrong:
+        raise ValueError(f"The {what} of layers {wrong} have the wrong size.")
+    failed = [name for name, t in parts.items() if not bool(torch.isfinite(t).all())]
+    if failed:
+        raise failure(
+            f"The {what} of layers {failed} are not finite: computing them failed on the "
+            "rank that owns them."
+        )
+
+
 def _condition_of(block: LayerBlock, damping: float) -> Callable[[], float]:
     return lambda: block.condition_number(damping)
 
@@ -654,21 +694,7 @@ class LayerwiseApprox(ABC):
             OwnerFailedError: If a part is not finite (it failed on the rank that
                 computed it); then nothing changes.
         """
-        due = self.update_due(stats)
-        if set(fitted) != set(due):
-            raise ValueError(
-                f"update_with needs the parts of exactly the layers update_due() lists, "
-                f"{sorted(due)}; got {sorted(fitted)}."
-            )
-        wrong = [name for name, t in fitted.items() if t.shape != due[name].shape]
-        if wrong:
-            raise ValueError(f"The fitted parts of layers {wrong} have the wrong size.")
-        failed = [name for name, t in fitted.items() if not bool(torch.isfinite(t).all())]
-        if failed:
-            raise OwnerFailedError(
-                f"The fitted parts of layers {failed} are not finite: their computation "
-                "failed on the rank that computed them."
-            )
+        check_parts(fitted, self.update_due(stats), "fitted parts", "update_with", "update_due()")
         self._update_with(stats, fitted)
 
     def _old_weight(self, num_samples: int) -> float:
@@ -825,20 +851,7 @@ class LayerwiseApprox(ABC):
                 rank that computed it).
         """
         templates = self.inverse_templates()
-        if set(parts) != set(templates):
-            raise ValueError(
-                f"inverse_from_parts needs the inverses of exactly the layers {sorted(templates)}; "
-                f"got {sorted(parts)}."
-            )
-        wrong = [name for name, t in parts.items() if t.shape != templates[name].shape]
-        if wrong:
-            raise ValueError(f"The packed inverses of layers {wrong} have the wrong size.")
-        failed = [name for name, t in parts.items() if not bool(torch.isfinite(t).all())]
-        if failed:
-            raise OwnerFailedError(
-                f"The inverses of layers {failed} are not finite: building them failed on "
-                "the rank that owns them."
-            )
+        check_parts(parts, templates, "inverses", "inverse_from_parts", "inverse_templates()")
         blocks = self._shared_blocks()
         inverses = {name: blocks[name].unpacked_inverse(parts[name]) for name in templates}
         return self._preconditioner(inverses, damping)

@@ -61,6 +61,7 @@ from curvlib.approx.base import (
     LayerInverse,
     LayerwiseApprox,
     SplitUpdateBlock,
+    check_parts,
     running_average,
 )
 from curvlib.core.stats import LayerStatistics, PerSampleIO, StatKind
@@ -519,21 +520,10 @@ class EKFAC(LayerwiseApprox):
                 their sizes, or holds a non-finite basis (an eigendecomposition
                 that failed on the rank that computed it); then nothing changes.
         """
-        due = self.refresh_due()
-        if set(packed) != set(due):
-            raise ValueError(
-                f"adopt_refresh needs the bases of exactly the layers refresh_due() lists, "
-                f"{sorted(due)}; got {sorted(packed)}."
-            )
-        wrong = [name for name, t in packed.items() if t.shape != due[name].shape]
-        if wrong:
-            raise ValueError(f"The packed bases of layers {wrong} have the wrong size.")
-        failed = [name for name, t in packed.items() if not bool(torch.isfinite(t).all())]
-        if failed:
-            raise ValueError(
-                f"The new eigenbases of layers {failed} are not finite: their "
-                "eigendecomposition failed on the rank that computed them."
-            )
+        check_parts(
+            packed, self.refresh_due(), "new eigenbases", "adopt_refresh", "refresh_due()",
+            failure=ValueError,
+        )  # fmt: skip
         blocks = self._ekfac_blocks()
         for name, part in packed.items():
             blocks[name].adopt(part)

@@ -242,31 +242,37 @@ def train_split(rank: int, world_size: int, name: str = "kfac-split-ddp") -> dic
     return train(next(c for c in CONFIGS if c.name == name), rank, world_size)
 
 
-def ekfac_refresh_fails_on_rank_one(rank: int, world_size: int) -> dict[str, Any]:
-    """The split EKFAC run with every eigendecomposition on rank 1 failing after step 0.
+def _fails_on_rank_one(
+    rank: int,
+    world_size: int,
+    approx: Any,
+    fisher: FisherType,
+    broadcast: str,
+    module: Any,
+    function: str,
+    at_step: int,
+) -> dict[str, Any]:
+    """A split run on which ``module.function`` raises on rank 1 from ``at_step`` on.
 
-    Rank 1 still sends its layers' (NaN) bases; every rank refuses them alike,
-    keeps its basis and trains on.
+    Rank 1 still sends its layer's (NaN) part; every rank refuses it alike, keeps
+    its estimate (or preconditioner) and trains on.
     """
-    from curvlib.approx import ekfac
     from curvlib.linalg.factors import FactorizationError
 
-    def broken(mat: Tensor, **kwargs: object) -> Any:
+    def broken(*args: object, **kwargs: object) -> Any:
         raise FactorizationError("planted failure")
 
-    config = next(c for c in CONFIGS if c.name == "ekfac-split-ddp")
     net, loss_fn = model(), nn.MSELoss()
     wrapped = nn.parallel.DistributedDataParallel(net)
-    approx = RecordingEKFAC()
     opt = PreconditionedOptimizer(
-        wrapped, approx, loss_fn=loss_fn, fisher_type=config.fisher, stats_fraction=1.0,
-        t_cov=1, t_inv=config.t_inv, damping=1e-3,
-        data_parallel=DataParallel(split_inverses=True),
+        wrapped, approx, loss_fn=loss_fn, fisher_type=fisher, stats_fraction=1.0,
+        t_cov=1, t_inv=1, damping=1e-3,
+        data_parallel=DataParallel(split_inverses=True, broadcast=broadcast),
     )  # fmt: skip
     messages: list[str] = []
     for step, (x, y) in enumerate(batches()):
-        if step == 1 and rank == 1:  # after the first bases, computed at step 0
-            ekfac.eigh = broken  # type: ignore[assignment]
+        if step == at_step and rank == 1:
+            setattr(module, function, broken)
         opt.zero_grad()
         with opt.record():
             loss_fn(wrapped(shard(x, rank, world_size)), shard(y, rank, world_size)).backward()
@@ -277,87 +283,38 @@ def ekfac_refresh_fails_on_rank_one(rank: int, world_size: int) -> dict[str, Any
     return {
         "messages": messages,
         "failures": opt.engine.inverse_failures,
+        "skipped": opt.engine.skipped_updates,
         "approx_state": approx.state_dict(),
         "params": {k: v.detach().clone() for k, v in net.named_parameters()},
     }
+
+
+def ekfac_refresh_fails_on_rank_one(rank: int, world_size: int) -> dict[str, Any]:
+    """Split EKFAC with every eigendecomposition on rank 1 failing after the first bases."""
+    from curvlib.approx import ekfac
+
+    return _fails_on_rank_one(
+        rank, world_size, RecordingEKFAC(), FisherType.EMPIRICAL, "directions", ekfac, "eigh", 1
+    )
 
 
 def kfac_inverse_fails_on_rank_one(rank: int, world_size: int) -> dict[str, Any]:
-    """Inverses sent whole, with every Cholesky factorisation on rank 1 failing from step 2.
-
-    Rank 1 still sends its layer's (NaN) inverse; every rank refuses the new
-    preconditioner alike, keeps the last one and trains on.
-    """
+    """KFAC's inverses sent whole, every Cholesky factorisation on rank 1 failing from step 2."""
     from curvlib.approx import kfac
-    from curvlib.linalg.factors import FactorizationError
 
-    def broken(*args: object, **kwargs: object) -> Any:
-        raise FactorizationError("planted failure")
-
-    net, loss_fn = model(), nn.MSELoss()
-    wrapped = nn.parallel.DistributedDataParallel(net)
-    approx = RecordingKFAC()
-    opt = PreconditionedOptimizer(
-        wrapped, approx, loss_fn=loss_fn, fisher_type=FisherType.EXACT,
-        stats_fraction=1.0, t_cov=1, t_inv=1, damping=1e-3,
-        data_parallel=DataParallel(split_inverses=True, broadcast="inverses"),
-    )  # fmt: skip
-    messages: list[str] = []
-    for step, (x, y) in enumerate(batches()):
-        if step == 2 and rank == 1:
-            kfac.damped_cholesky = broken  # type: ignore[assignment]
-        opt.zero_grad()
-        with opt.record():
-            loss_fn(wrapped(shard(x, rank, world_size)), shard(y, rank, world_size)).backward()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            opt.step()
-        messages += [str(w.message) for w in caught]
-    return {
-        "messages": messages,
-        "failures": opt.engine.inverse_failures,
-        "params": {k: v.detach().clone() for k, v in net.named_parameters()},
-    }
+    return _fails_on_rank_one(
+        rank, world_size, RecordingKFAC(), FisherType.EXACT, "inverses", kfac, "damped_cholesky", 2
+    )
 
 
 def kpsvd_fit_fails_on_rank_one(rank: int, world_size: int) -> dict[str, Any]:
-    """The split KPSVD run with every power iteration on rank 1 failing from step 2.
-
-    Rank 1 still sends its layer's (NaN) fit; every rank refuses the update alike,
-    keeps its estimate and trains on.
-    """
+    """Split KPSVD with every power iteration on rank 1 failing from step 2."""
     from curvlib.approx import kpsvd
-    from curvlib.linalg.factors import FactorizationError
 
-    def broken(*args: object, **kwargs: object) -> Any:
-        raise FactorizationError("planted failure")
-
-    net, loss_fn = model(), nn.MSELoss()
-    wrapped = nn.parallel.DistributedDataParallel(net)
     approx = RecordingKPSVD()
-    opt = PreconditionedOptimizer(
-        wrapped, approx, loss_fn=loss_fn, fisher_type=FisherType.EMPIRICAL,
-        stats_fraction=1.0, t_cov=1, t_inv=1, damping=1e-3,
-        data_parallel=DataParallel(split_inverses=True),
-    )  # fmt: skip
-    messages: list[str] = []
-    for step, (x, y) in enumerate(batches()):
-        if step == 2 and rank == 1:
-            kpsvd.power_svd = broken  # type: ignore[assignment]
-        opt.zero_grad()
-        with opt.record():
-            loss_fn(wrapped(shard(x, rank, world_size)), shard(y, rank, world_size)).backward()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            opt.step()
-        messages += [str(w.message) for w in caught]
-    return {
-        "messages": messages,
-        "skipped": opt.engine.skipped_updates,
-        "fits": approx.fits,
-        "approx_state": approx.state_dict(),
-        "params": {k: v.detach().clone() for k, v in net.named_parameters()},
-    }
+    return _fails_on_rank_one(
+        rank, world_size, approx, FisherType.EMPIRICAL, "directions", kpsvd, "power_svd", 2
+    )
 
 
 def train_defaults(rank: int, world_size: int) -> dict[str, Any]:
