@@ -93,6 +93,16 @@ def test_split_inverses_cover_every_layer_once_and_train_like_one_process(
     )
 
 
+def _split_results(
+    two_ranks: list[dict[str, Any]], name: str, world_size: int
+) -> list[dict[str, Any]]:
+    """Every rank's result of the split configuration ``name``, at two or three ranks."""
+    if world_size == 2:
+        return [r[name] for r in two_ranks]
+    results: list[dict[str, Any]] = run_ranks(ranks.train_split, 3, name, timeout=60.0)
+    return results
+
+
 def _packed_basis_numbers() -> int:
     """$d_i + d_i^2 + d_o + d_o^2$ summed over the two layers: one refresh's eigenbases."""
     dims = [(ranks.DIM_IN + 1, ranks.HIDDEN), (ranks.HIDDEN + 1, ranks.DIM_OUT)]
@@ -104,11 +114,7 @@ def test_split_ekfac_refresh_computes_each_eigenbasis_once_and_trains_like_one_p
     two_ranks: list[dict[str, Any]], world_size: int
 ) -> None:
     name = "ekfac-split-ddp"
-    results = (
-        [r[name] for r in two_ranks]
-        if world_size == 2
-        else run_ranks(ranks.train_split, 3, name, timeout=60.0)
-    )
+    results = _split_results(two_ranks, name, world_size)
     # A split refresh on every step (t_inv=1): nothing is due at step 0 (no factors yet)
     # nor at step 1 (the first update computed its basis from the same factors).
     per_refresh = [
@@ -146,11 +152,7 @@ def test_ekfac_scalings_and_first_eigenbases_are_computed_once_each() -> None:
 def test_split_rearranged_fits_are_computed_once_and_train_like_one_process(
     two_ranks: list[dict[str, Any]], name: str, world_size: int
 ) -> None:
-    results = (
-        [r[name] for r in two_ranks]
-        if world_size == 2
-        else run_ranks(ranks.train_split, 3, name, timeout=60.0)
-    )
+    results = _split_results(two_ranks, name, world_size)
     # Statistics on every step (t_cov=1): each layer's fit on exactly one rank each time.
     for step in range(ranks.STEPS):
         fitted = sorted(layer for result in results for layer in result["fits"][step])
@@ -183,11 +185,7 @@ def _last_broadcast_numbers(name: str) -> int:
 def test_inverses_sent_whole_are_built_once_and_train_like_one_process(
     two_ranks: list[dict[str, Any]], name: str, world_size: int
 ) -> None:
-    results = (
-        [r[name] for r in two_ranks]
-        if world_size == 2
-        else run_ranks(ranks.train_split, 3, name, timeout=60.0)
-    )
+    results = _split_results(two_ranks, name, world_size)
     # Inverses at steps 0-2 (the warm-up), none at step 3 (t_inv=2).
     for rebuild in range(3):
         built = sorted(layer for result in results for layer in result["built"][rebuild])
