@@ -310,6 +310,16 @@ def all_finite(tensors: Iterable[Tensor]) -> bool:
     synchronisation replace an elementwise check (on the optimizer's hot path,
     and for the statistics).
     """
+    flag = finite_flag(tensors)
+    return flag is None or bool(flag)
+
+
+def finite_flag(tensors: Iterable[Tensor]) -> Tensor | None:
+    """``all_finite`` as a 0-dimensional boolean tensor, without a host synchronisation.
+
+    ``None`` when there is no floating-point entry. For callers that read it
+    together with other numbers, in one transfer.
+    """
     extremes = [
         value
         for t in tensors
@@ -317,10 +327,10 @@ def all_finite(tensors: Iterable[Tensor]) -> bool:
         for value in torch.aminmax(t.detach())
     ]
     if not extremes:
-        return True
+        return None
     if len({t.device for t in extremes}) > 1:
         extremes = [t.cpu() for t in extremes]
-    return bool(torch.isfinite(torch.stack(extremes)).all())
+    return torch.isfinite(torch.stack(extremes)).all()
 
 
 def merge_statistics(parts: Sequence[CurvatureStatistics]) -> CurvatureStatistics:

@@ -215,6 +215,17 @@ class CurvatureEngine:
         return self._moved or self._warming_up or self.step_count % self.t_cov == 0
 
     @property
+    def prepare_idle(self) -> bool:
+        """Whether ``prepare()`` has nothing to do this step: no statistics, no inverse due."""
+        return not (
+            self.stats_due
+            or self._pending
+            or self._precond is None
+            or self._warming_up
+            or self.step_count % self.t_inv == 0
+        )
+
+    @property
     def _moved(self) -> bool:
         """Whether the weights moved by ``refresh_on_move`` since the last statistics."""
         if not self.refresh_on_move:

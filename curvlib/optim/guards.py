@@ -97,7 +97,8 @@ def measure_directions(
     grads: Mapping[str, Tensor],
     directions: Mapping[str, Tensor],
     buffers: Mapping[str, Tensor] | None = None,
-) -> dict[str, DirectionCheck]:
+    gradients_finite: Tensor | None = None,
+) -> dict[str, DirectionCheck] | None:
     """Inner products and norms of every layer's gradient and direction (one host sync).
 
     They are formed in the tensors' own precision, four reductions per layer and
@@ -109,13 +110,18 @@ def measure_directions(
         grads: Per-layer gradients ``[W | b]``.
         directions: Per-layer preconditioned directions.
         buffers: Per-layer momentum buffers ``[W | b]`` (layers without one left out).
+        gradients_finite: A 0-dimensional boolean tensor
+            ([`finite_flag`][curvlib.core.stats.finite_flag] of the gradients)
+            read in the same transfer, so that a step whose gradients need no
+            earlier check costs one synchronisation in all.
 
     Returns:
-        A [`DirectionCheck`][curvlib.optim.guards.DirectionCheck] per layer of ``directions``.
+        A [`DirectionCheck`][curvlib.optim.guards.DirectionCheck] per layer of
+        ``directions``; ``None`` when ``gradients_finite`` is false.
     """
     names = list(directions)
     if not names:
-        return {}
+        return None if gradients_finite is not None and not bool(gradients_finite) else {}
     buffers = buffers or {}
     with_buffer = [n for n in names if n in buffers]
     # One call per kind of reduction where torch has one: the norms of all layers at once.
@@ -125,9 +131,13 @@ def measure_directions(
         *torch._foreach_norm([directions[n] for n in names]),
         *(_dot(grads[n], buffers[n]) for n in with_buffer),
     ]
+    if gradients_finite is not None:
+        scalars.append(gradients_finite.to(scalars[0].dtype))
     if len({t.device for t in scalars}) > 1:
         scalars = [t.cpu() for t in scalars]
     flat = torch.stack(scalars).to(torch.float64).tolist()  # stack promotes mixed dtypes
+    if gradients_finite is not None and not flat.pop():
+        return None
     size = len(names)
     inner_buffers = dict(zip(with_buffer, flat[3 * size :], strict=True))
     values = [

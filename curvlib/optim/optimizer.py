@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from curvlib.core.checkpoint import RECORD_KEY, check_record, layer_record, writer_record
 from curvlib.core.layout import CurvatureLayer, frozen_message
 from curvlib.core.protocols import CurvatureApprox, CurvatureProducts, Extractor, ReplicaSync
-from curvlib.core.stats import all_finite
+from curvlib.core.stats import finite_flag
 from curvlib.optim.adaptive import (
     AdaptiveGroup,
     AdaptiveMode,
@@ -420,9 +420,16 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         grads = layer_grads(self.layers)
         other = self._group(OTHER_GROUP)
         other_grads = [] if other is None else [p.grad for p in other["params"]]
-        if not all_finite([*grads.values(), *(g for g in other_grads if g is not None)]):
-            return self._skip(self._nonfinite_grads(grads, other), start)
         lm_engines = [engine for engine in self.engines if engine.lm_due]
+        finite = finite_flag([*grads.values(), *(g for g in other_grads if g is not None)])
+        # Where the engines have nothing to prepare (no statistics, no inverse), the check
+        # of the gradients travels with the directions' measurements: one host
+        # synchronisation per regular step. Otherwise it comes first, before anything
+        # is folded in or rebuilt.
+        idle = not lm_engines and all(engine.prepare_idle for engine in self.engines)
+        deferred = finite is not None and idle
+        if finite is not None and not deferred and not bool(finite):
+            return self._skip(self._nonfinite_grads(grads, other), start)
         if lm_engines and closure is None:
             raise RuntimeError(
                 "Levenberg-Marquardt damping adapts at this step: call "
@@ -441,7 +448,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         mode = self._adaptive()
         directions, lrs = self._precondition(grads)
         buffers = {} if mode.active else self._buffer_matrices()
-        checks = measure_directions(grads, directions, buffers)
+        checks = measure_directions(grads, directions, buffers, finite if deferred else None)
+        if checks is None:  # deferred: the engines prepared nothing
+            return self._skip(self._nonfinite_grads(grads, other), start)
         reason = broken_directions(checks, self._coupled)
         if reason is not None:
             return self._skip(reason, start, prepared=True)

@@ -43,14 +43,19 @@ class Run:
     """A small classifier, its optimizer, and one recorded step with a fault injected."""
 
     def __init__(
-        self, fisher: FisherType, backend: Backend, approx: Any = None, good_steps: int = 1
+        self,
+        fisher: FisherType,
+        backend: Backend,
+        approx: Any = None,
+        good_steps: int = 1,
+        schedule: dict[str, Any] | None = None,
     ) -> None:
         problem = P.mlp_ce()
         self.x, self.y, self.loss_fn = problem.x, problem.y, problem.loss_fn
         self.model = problem.model()
         self.opt = PreconditionedOptimizer(
             self.model, KFAC() if approx is None else approx, loss_fn=self.loss_fn,
-            fisher_type=fisher, backend=backend, momentum=0.9, **FRESH,
+            fisher_type=fisher, backend=backend, momentum=0.9, **(schedule or FRESH),
         )  # fmt: skip
         train_steps(self.opt, self.model, self.loss_fn, [(self.x, self.y)] * good_steps)
         self.params = [p.detach().clone() for p in self.model.parameters()]
@@ -130,6 +135,27 @@ def test_a_bad_gradient_skips_the_step_naming_its_layer(
     with pytest.warns(RuntimeWarning, match=r"the gradient of \['2'\] contains NaN/Inf"):
         run.step(after_backward=plant)
     assert run.unchanged() and run.opt.engine._precond is run.precond
+    run.goes_on()
+
+
+IDLE = {"t_cov": 10, "t_inv": 10, "warmup": 0, "stats_fraction": 1.0}
+"""Statistics and an inverse at step 0 only: the next steps prepare nothing."""
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_a_bad_gradient_on_a_step_without_statistics_skips_it_alike(value: float) -> None:
+    # There the check of the gradients travels with the directions' measurements (one
+    # host synchronisation in all): the step is skipped as on a statistics step.
+    run = Run(FisherType.MC, Backend.AUTOGRAD, schedule=IDLE)
+    assert all(engine.prepare_idle for engine in run.opt.engines)
+
+    def plant(opt: PreconditionedOptimizer) -> None:
+        opt.layers[1].weight.grad[0, 0] = value  # type: ignore[index]
+
+    with pytest.warns(RuntimeWarning, match=r"skipped: the gradient of \['2'\] contains NaN/Inf"):
+        run.step(after_backward=plant)
+    assert run.unchanged() and run.opt.skipped_steps == 1
+    assert run.opt.engine._precond is run.precond
     run.goes_on()
 
 
