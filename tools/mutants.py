@@ -175,6 +175,14 @@ MUTANTS = (
         ("tests/extract/test_autocast.py",),
     ),
     Mutant(
+        "deferred_gradient_check_ignored",
+        "a regular step reads the gradients' finiteness with the measurements and ignores it",
+        "curvlib/optim/guards.py",
+        "    if gradients_finite is not None and not flat.pop():\n",
+        "    if gradients_finite is not None and not (flat.pop() or True):\n",
+        ("tests/robustness/test_faults.py",),
+    ),
+    Mutant(
         "autocast_keeps_backpack",
         "Backend.AUTO keeps BackPACK for a forward under autocast",
         "curvlib/extract/_session.py",
