@@ -248,6 +248,11 @@ class ReplicaSync(Protocol):
         """The rank that inverts each layer, or ``None``: every rank inverts every layer."""
         ...
 
+    @property
+    def broadcast(self) -> str:
+        """What the owners of a split send: ``"directions"`` on every step, or ``"inverses"``."""
+        ...
+
     def share_directions(
         self, owned: LayerTensors, owners: Mapping[str, int], like: LayerTensors
     ) -> dict[str, Tensor]:

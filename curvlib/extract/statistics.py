@@ -30,11 +30,10 @@ def _widened(tensor: Tensor, dtype: torch.dtype | None) -> Tensor:
     The statistics are then formed in the storage dtype, not rounded to it afterwards;
     a narrower ``dtype`` is applied to the results.
     """
-    if dtype is None or not tensor.is_floating_point() or tensor.dtype == dtype:
+    if dtype is None or not tensor.is_floating_point():
         return tensor
-    if torch.finfo(dtype).bits > torch.finfo(tensor.dtype).bits:
-        return tensor.to(dtype)
-    return tensor
+    wider = torch.finfo(dtype).bits > torch.finfo(tensor.dtype).bits
+    return tensor.to(dtype) if wider else tensor
 
 
 def layer_statistics(

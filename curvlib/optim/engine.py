@@ -163,7 +163,8 @@ class CurvatureEngine:
                 "needs; create it with stats=approx.required_stats."
             )
         if (
-            getattr(sync, "broadcast", "directions") == "inverses"
+            sync is not None
+            and sync.broadcast == "inverses"
             and getattr(approx, "splits_inverse", False)
             and not isinstance(approx, RefreshableApprox)
             and not getattr(approx, "shares_inverses", False)
@@ -215,15 +216,19 @@ class CurvatureEngine:
         return self._moved or self._warming_up or self.step_count % self.t_cov == 0
 
     @property
-    def prepare_idle(self) -> bool:
-        """Whether ``prepare()`` has nothing to do this step: no statistics, no inverse due."""
-        return not (
-            self.stats_due
-            or self._pending
+    def _inverse_due(self) -> bool:
+        """Whether this step rebuilds the inverse (or, two time scales, refreshes)."""
+        return (
+            self._moved
             or self._precond is None
             or self._warming_up
             or self.step_count % self.t_inv == 0
         )
+
+    @property
+    def prepare_idle(self) -> bool:
+        """Whether ``prepare()`` has nothing to do this step: no statistics, no inverse due."""
+        return not (self.stats_due or self._pending or self._inverse_due)
 
     @property
     def _moved(self) -> bool:
@@ -359,12 +364,7 @@ class CurvatureEngine:
             )
         self.timings = {k: v for k, v in self.timings.items() if k in RECORD_TIMES}
         self.inverse_rebuilt = False
-        inverse_due = (
-            self._moved
-            or self._precond is None
-            or self._warming_up
-            or self.step_count % self.t_inv == 0
-        )
+        inverse_due = self._inverse_due
         refreshable = self._refreshable
         inverse_time = 0.0
         if inverse_due and refreshable:
@@ -534,7 +534,7 @@ class CurvatureEngine:
 
     def _sends_inverses(self) -> bool:
         """Whether the owners of a split send whole inverses (not directions)."""
-        return getattr(self.sync, "broadcast", "directions") == "inverses"
+        return self.sync is not None and self.sync.broadcast == "inverses"
 
     def _direction_owners(self) -> Mapping[str, int] | None:
         """The rank that preconditions each layer's gradient and sends it, or ``None``."""

@@ -217,36 +217,28 @@ def test_a_two_level_method_splits_its_fine_level_and_trains_like_one_process(
     assert all(r["fits"] == [] for r in kfac), "KFAC's update has nothing to split"
 
 
-def test_an_inverse_that_failed_on_its_owner_is_refused_by_every_rank_alike() -> None:
-    results = run_ranks(ranks.kfac_inverse_fails_on_rank_one, 2, timeout=60.0)
+@pytest.mark.parametrize(
+    ("run", "counter", "warning"),
+    [
+        (ranks.kfac_inverse_fails_on_rank_one, "failures", "building the damped inverse failed"),
+        (ranks.kpsvd_fit_fails_on_rank_one, "skipped", "the curvature update failed"),
+        (ranks.ekfac_refresh_fails_on_rank_one, "failures", "refreshing the curvature estimate"),
+    ],
+    ids=["sent-inverse", "split-fit", "split-eigenbasis"],
+)
+def test_a_part_that_failed_on_its_owner_is_refused_by_every_rank_alike(
+    run: Any, counter: str, warning: str
+) -> None:
+    results = run_ranks(run, 2, timeout=60.0)
     for result in results:
         refused = [m for m in result["messages"] if "are not finite" in m]
-        assert len(refused) == 2 and result["failures"] == 2, result["messages"]  # steps 2, 3
-        assert "building the damped inverse failed" in refused[0] and "['2']" in refused[0]
-    first, second = results
-    assert all(torch.equal(first["params"][k], second["params"][k]) for k in first["params"])
-
-
-def test_a_failed_fit_on_its_owner_is_refused_by_every_rank_alike() -> None:
-    results = run_ranks(ranks.kpsvd_fit_fails_on_rank_one, 2, timeout=60.0)
-    for result in results:
-        refused = [m for m in result["messages"] if "are not finite" in m]
-        assert len(refused) == 2 and result["skipped"] == 2, result["messages"]  # steps 2, 3
-        assert "the curvature update failed" in refused[0] and "['2']" in refused[0]
-    first, second = results
-    assert equal_states(first["approx_state"], second["approx_state"])
-    assert all(torch.equal(first["params"][k], second["params"][k]) for k in first["params"])
-
-
-def test_a_failed_eigenbasis_on_its_owner_is_refused_by_every_rank_alike() -> None:
-    results = run_ranks(ranks.ekfac_refresh_fails_on_rank_one, 2, timeout=60.0)
-    for result in results:
-        refused = [m for m in result["messages"] if "are not finite" in m]
-        assert len(refused) == 2 and result["failures"] == 2, result["messages"]  # steps 2, 3
-        assert "refreshing the curvature estimate failed" in refused[0]
+        assert len(refused) == 2 and result[counter] == 2, result["messages"]  # steps 2, 3
+        assert warning in refused[0]
     first, second = results
     assert equal_states(first["approx_state"], second["approx_state"])
     assert all(torch.equal(first["params"][k], second["params"][k]) for k in first["params"])
+    if run is not ranks.ekfac_refresh_fails_on_rank_one:  # rank 1 owns layer '2'
+        assert "['2']" in refused[0]
 
 
 def test_owners_are_greedy_by_cost_and_cover_every_layer_once() -> None:
