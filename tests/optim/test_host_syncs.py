@@ -1,61 +1,20 @@
-"""Host synchronisations per step, counted on the CPU.
+"""Host synchronisations per step, counted on the CPU by ``curvlib.optim.syncs``.
 
-On a GPU every read of a device number on the host (``.item()``, ``float()``,
-``bool()``, ``.tolist()``, ``.cpu()``, ``nonzero``) waits for the device. On the
-CPU they cost nothing, but they can be counted: a dispatch mode sees
-``aten._local_scalar_dense`` and ``aten.nonzero``, and ``.tolist()`` and
-``.cpu()`` (which never dispatch on the CPU) are wrapped while a step runs. The
-counts are exact: a change that adds a read fails here, and one that removes a
-read updates the count.
+The counts are exact: a change that adds a read fails here, and one that removes
+a read updates the count.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from curvlib import EKFAC, KFAC, KPSVD, Diagonal, PreconditionedOptimizer
-
-_READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default}
-
-
-class _Reads(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        if func in _READS:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
-@contextmanager
-def host_reads() -> Iterator[_Reads]:
-    """Count the host reads of device numbers in the block (see the module docstring)."""
-    reads = _Reads()
-    tolist, cpu = torch.Tensor.tolist, torch.Tensor.cpu
-
-    def counted(method: Callable[..., Any]) -> Callable[..., Any]:
-        def wrapper(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-            reads.count += 1
-            return method(self, *args, **kwargs)
-
-        return wrapper
-
-    torch.Tensor.tolist = counted(tolist)  # type: ignore[method-assign]
-    torch.Tensor.cpu = counted(cpu)  # type: ignore[method-assign]
-    try:
-        with reads:
-            yield reads
-    finally:
-        torch.Tensor.tolist, torch.Tensor.cpu = tolist, cpu  # type: ignore[method-assign]
+from curvlib.optim.syncs import host_reads
 
 
 def _steps(approx: Any, count: int) -> tuple[PreconditionedOptimizer, Callable[[], None]]:
