@@ -33,7 +33,7 @@ __all__ = ["HostReads", "host_reads"]
 _READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default}
 
 
-class HostReads(TorchDispatchMode):
+class HostReads(TorchDispatchMode):  # type: ignore[no-untyped-call]
     """The counter [`host_reads`][curvlib.optim.syncs.host_reads] yields.
 
     Attributes:
@@ -41,7 +41,7 @@ class HostReads(TorchDispatchMode):
     """
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self.count = 0
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
