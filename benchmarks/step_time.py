@@ -6,6 +6,14 @@ Run from the repository root::
     python benchmarks/step_time.py --quick             # smoke test, writes nothing
     python benchmarks/step_time.py --methods kfac,sgd --batch-sizes 512 --threads 1
     python benchmarks/step_time.py --profile kfac      # cProfile of one window, batch 512, T=10
+    python benchmarks/step_time.py --device cuda       # in one process on the GPU (below)
+
+**Two modes.** Without ``--device``, this script times on the CPU in paired subprocesses,
+as described here. With ``--device cpu|cuda`` it runs the in-process device benchmark of
+``benchmarks/device_step.py`` instead (batch 1000 and 8192, ResNet-18 at batch 128; host
+reads, kernel launches, peak memory and each method's floor on that device; its
+docstring says what it measures), which reuses this module's problems, rows
+(``build_step``) and floor components (``floor_components(batch, device)``).
 
 Network: the MNIST autoencoder 784-1000-500-250-30-250-500-1000-784 (ReLU, linear code
 layer, logits out), ``BCEWithLogitsLoss`` against targets in [0, 1], random data (``x``
@@ -74,7 +82,8 @@ the empirical diagonal, whose ``g`` is the gradient's own backward). Left out: p
 iterations, whitening products and O(P) work (momentum, KL clip, running averages).
 
 Outputs: the printed table, ``step_time.json`` (every window and time split) and
-``step_time.md`` in ``--out`` (default ``benchmarks/results``; ``--quick``: only with ``--out``).
+``step_time.md`` in ``--out`` (default ``benchmarks/results``; ``--quick``: only with ``--out``);
+the device mode writes ``step_time_<device>.json`` and ``.md`` instead.
 """
 
 from __future__ import annotations
@@ -106,10 +115,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from curvlib.optim.report import TIME_PARTS
 from curvlib.wiring import PreconditionedOptimizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # device_step (--device)
 
 WIDTHS = (784, 1000, 500, 250, 30, 250, 500, 1000, 784)
 LR, DAMPING, KL_CLIP, MOMENTUM, DECAY = 1e-3, 1e-3, 1e-2, 0.9, 0.95
@@ -174,6 +185,7 @@ REGISTRY: dict[str, Spec] = {
     "asdl-kfac": Spec("ASDL K-FAC", "asdl", "KfacGradientMaker"),
 }  # fmt: skip
 BASELINES = {"adam": "Adam", "sgd": "SGD (momentum 0.9)"}
+DEVICE_ROWS = ("adam", "sgd", "kfac", "ekfac", "kpsvd", "diag", "exact-ng")  # --device default
 FLOORS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {  # (every step, every T steps)
     "pi": (("apply2",), ("gemm", "mc_backward", "cholesky")),
     "eigen": (("apply4",), ("gemm", "mc_backward", "eigh")),
@@ -186,6 +198,7 @@ FLOORS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {  # (every step, e
 }
 COMPONENTS = list(dict.fromkeys(c for parts in FLOORS.values() for p in parts for c in p))
 StepFn = Callable[[], tuple[bool, dict[str, float]]]  # -> (statistics+inverse step?, split)
+Problem = tuple[nn.Module, nn.Module, Tensor, Tensor]  # model, loss, inputs, targets
 
 
 # -- worker side ------------------------------------------------------------------------
@@ -200,12 +213,29 @@ def autoencoder() -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def make_step(name: str, batch: int, interval: int) -> StepFn:
-    """Seeded model, data and optimizer; returns the function that runs one training step."""
+def autoencoder_problem(batch: int, device: str | torch.device = "cpu") -> Problem:
+    """Seeded autoencoder, loss and data (``x`` uniform in [0, 1], target ``x``) on ``device``."""
     torch.manual_seed(0)
     model, loss_fn = autoencoder(), nn.BCEWithLogitsLoss()
     x = torch.rand(batch, WIDTHS[0])
-    y = x.clone()
+    return model.to(device), loss_fn, x.to(device), x.clone().to(device)
+
+
+def make_step(name: str, batch: int, interval: int) -> StepFn:
+    """Seeded model, data and optimizer; returns the function that runs one training step."""
+    return build_step(name, *autoencoder_problem(batch), interval)
+
+
+def build_step(
+    name: str, model: nn.Module, loss_fn: nn.Module, x: Tensor, y: Tensor, interval: int
+) -> StepFn:
+    """The training step of row ``name`` (a baseline or a ``REGISTRY`` entry) on this problem.
+
+    Every ``REGISTRY`` row is a ``PreconditionedOptimizer`` with the module docstring's
+    hyper-parameters and ``t_cov = t_inv = interval``; the step reports whether it was
+    a statistics+inverse step, and the optimizer's time split.
+    """
+    batch = x.shape[0]
     spec = REGISTRY.get(name)
     module = importlib.import_module(spec.module) if spec else None
     if spec is None or module is None or spec.module == "asdl":
@@ -259,10 +289,19 @@ def make_step(name: str, batch: int, interval: int) -> StepFn:
     return curvlib
 
 
-def floor_components(batch: int) -> dict[str, Callable[[], object]]:
-    """The operations of the cost floor (module docstring), on real activations."""
+def floor_components(
+    batch: int, device: str | torch.device = "cpu"
+) -> dict[str, Callable[[], object]]:
+    """The operations of the cost floor (module docstring), on real activations on ``device``.
+
+    ``base_step`` (not part of this mode's floor; ``device_step.py``'s) is a regular
+    step without a preconditioner and without a host read: forward, backward, then
+    momentum and parameter update with ``torch._foreach`` kernels.
+    """
     torch.manual_seed(0)
-    model, h = autoencoder(), torch.rand(batch, WIDTHS[0])
+    model = autoencoder().to(device)
+    h = x0 = torch.rand(batch, WIDTHS[0]).to(device)
+    params = list(model.parameters())
     linears = [m for m in model if isinstance(m, nn.Linear)]
     acts, outs = [], []
     for m in model:
@@ -274,21 +313,21 @@ def floor_components(batch: int) -> dict[str, Callable[[], object]]:
     mc_loss = nn.functional.binary_cross_entropy_with_logits(h, torch.bernoulli(torch.sigmoid(h)))
     torch.autograd.backward(mc_loss)
     logits, masks = h.detach(), [(o > 0).float() for o in outs]
-    abar = [torch.cat([a, torch.ones(batch, 1)], 1) for a in acts]
+    abar = [torch.cat([a, torch.ones(batch, 1, device=device)], 1) for a in acts]
     gs = [o.grad.detach() * batch for o in outs if o.grad is not None]
     facs = [a.T @ a / batch for a in abar] + [g.T @ g / batch for g in gs]  # A_1..A_8, G_1..G_8
-    damped = [f + DAMPING**0.5 * torch.eye(f.shape[0]) for f in facs]
+    damped = [f + DAMPING**0.5 * torch.eye(f.shape[0], device=device) for f in facs]
     invs = [torch.cholesky_inverse(torch.linalg.cholesky(f)) for f in damped]
     eigs = [torch.linalg.eigh(f) for f in damped]
-    n, eye_n = len(linears), DAMPING * torch.eye(batch)
-    vs = [torch.randn(m.out_features, m.in_features + 1) for m in linears]
+    n, eye_n = len(linears), DAMPING * torch.eye(batch, device=device)
+    vs = [torch.randn(m.out_features, m.in_features + 1, device=device) for m in linears]
     diags = [g.square().T @ a.square() / batch for g, a in zip(gs, abar, strict=True)]
     kernels = [(g @ g.T) * (a @ a.T) / batch for g, a in zip(gs, abar, strict=True)]
     chol = torch.linalg.cholesky(sum(kernels) + eye_n)
 
     def gemm() -> None:
         for a, g in zip(acts, gs, strict=True):
-            ab = torch.cat([a, torch.ones(batch, 1)], 1)
+            ab = torch.cat([a, torch.ones(batch, 1, device=device)], 1)
             _ = ab.T @ ab, g.T @ g
 
     def mc_backward() -> None:
@@ -315,6 +354,17 @@ def floor_components(batch: int) -> dict[str, Callable[[], object]]:
         for v, d in zip(vs, diags, strict=True):
             _ = v / (d + DAMPING)
 
+    buffers = [torch.zeros_like(p) for p in params]
+
+    def base_step() -> None:
+        for p in params:
+            p.grad = None
+        nn.functional.binary_cross_entropy_with_logits(model(x0), x0).backward()
+        with torch.no_grad():
+            torch._foreach_mul_(buffers, MOMENTUM)
+            torch._foreach_add_(buffers, [p.grad for p in params])
+            torch._foreach_add_(params, buffers, alpha=-LR)
+
     def ng_apply() -> None:
         c = sum(((g @ v) * a).sum(1) for g, v, a in zip(gs, vs, abar, strict=True))
         c = torch.cholesky_solve(torch.as_tensor(c)[:, None], chol)
@@ -323,6 +373,7 @@ def floor_components(batch: int) -> dict[str, Callable[[], object]]:
     return {
         "gemm": gemm, "mc_backward": mc_backward, "apply4": apply4, "ng_apply": ng_apply,
         "ekfac_scalings": ekfac_scalings, "diag_gemm": diag_gemm, "diag_apply": diag_apply,
+        "base_step": base_step,
         "apply2": lambda: [gi @ v @ ai for v, ai, gi in zip(vs, invs[:n], invs[n:], strict=True)],
         "cholesky": lambda: [torch.cholesky_inverse(torch.linalg.cholesky(f)) for f in damped],
         "eigh": lambda: [torch.linalg.eigh(f) for f in damped],
@@ -847,7 +898,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
     names = [*BASELINES, *REGISTRY]
     p = argparse.ArgumentParser(description=(__doc__ or "").partition("\n")[0])
-    p.add_argument("--batch-sizes", type=ints, default=[512, 1000])
+    p.add_argument(
+        "--batch-sizes",
+        type=ints,
+        default=None,
+        help="default: 512,1000 (CPU mode), 1000,8192 (--device)",
+    )
     p.add_argument("--intervals", type=ints, default=[10, 100], help="T = t_cov = t_inv")
     p.add_argument("--quick", action="store_true", help="batch 64, T=2, few steps; no files")
     rows = f"comma-separated of: {', '.join(names)}"
@@ -864,10 +920,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--interleave", type=int, default=0, help="rounds of the interleaved mode")
     p.add_argument("--plot", type=Path, default=None, help="only redraw the chart of this JSON")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    device = p.add_argument_group("device mode (benchmarks/device_step.py)")
+    device.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                        help="time in one process on this device")  # fmt: skip
+    device.add_argument("--windows", type=int, default=5, help="timed windows per row")
+    device.add_argument("--resnet-batch", type=int, default=128, help="ResNet-18 batch; 0: none")
+    device.add_argument("--budget", type=float, default=None,
+                        help="seconds; rows that would start later are not run")  # fmt: skip
     args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    if args.batch_sizes is None:
+        args.batch_sizes = [1000, 8192] if args.device else [512, 1000]
     if args.quick:
         args.batch_sizes, args.intervals, args.window_steps = [64], [2], 4
         args.floor_rounds, args.idle_wait, args.max_step_seconds = 1, 0.0, 10.0
+        args.windows, args.resnet_batch = 1, 0
+    if args.device and not args.only:
+        args.only = ",".join(DEVICE_ROWS)
     args.names = [n.strip() for n in args.only.split(",") if n.strip()] or names
     if set(args.names) - set(names):
         p.error(f"unknown names {sorted(set(args.names) - set(names))}; choose from {names}")
@@ -881,6 +950,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     if args.worker:
         return worker(args.worker, args.batch_sizes[0])
+    if args.device:
+        import device_step
+
+        return device_step.run(args)
     if args.profile:
         return profile(args.profile, args.batch_sizes[0], args.intervals[0])
     if args.interleave:
