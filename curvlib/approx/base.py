@@ -37,6 +37,28 @@ LayerInverse = Callable[[Tensor], Tensor]
 """Applies one layer's damped inverse to ``[..., out, in_aug]`` matrices."""
 
 
+@dataclass(frozen=True)
+class InverseDraft:
+    """A layer inverse built on the device, up to the few numbers it needs on the host.
+
+    [`LayerwiseApprox.inverse`][curvlib.approx.base.LayerwiseApprox.inverse]
+    reads the ``numbers`` of every layer's draft in one transfer (on a GPU: one
+    synchronisation for the whole preconditioner instead of several per layer)
+    and passes each draft its values.
+
+    Attributes:
+        numbers: A 1-D float64 tensor on the block's device: the checks and
+            telemetry the inverse needs as Python numbers (e.g. the factorisations'
+            ``info``, the condition estimate's parts).
+        finish: Builds the inverse from the values of ``numbers``; ``None`` when
+            the draft failed (a factorisation that needs jitter), for the block's
+            checked ``inverse`` to build it instead.
+    """
+
+    numbers: Tensor
+    finish: Callable[[list[float]], LayerInverse | None]
+
+
 class NonFiniteStatisticsError(ValueError):
     """Statistics with NaN or Inf entries; the estimate was left unchanged."""
 
@@ -121,6 +143,15 @@ class LayerBlock(ABC):
     @abstractmethod
     def inverse(self, damping: float) -> LayerInverse:
         """A new function applying the damped inverse of the block."""
+
+    def draft_inverse(self, damping: float) -> InverseDraft | None:
+        """``inverse(damping)`` without host reads until its ``finish``, or ``None``.
+
+        Where ``finish`` returns an inverse it must equal what ``inverse`` would
+        have returned. ``None`` (the default): this block has no draft, and
+        ``inverse`` builds it.
+        """
+        return None
 
     @abstractmethod
     def state_dict(self) -> dict[str, Any]:
@@ -337,6 +368,22 @@ def check_parts(
             f"The {what} of layers {failed} are not finite: computing them failed on the "
             "rank that owns them."
         )
+
+
+def host_values(numbers: Mapping[str, Tensor]) -> dict[str, list[float]]:
+    """The values of ``numbers`` (1-D tensors), in one host transfer per device."""
+    by_device: dict[torch.device, list[str]] = {}
+    for name, tensor in numbers.items():
+        by_device.setdefault(tensor.device, []).append(name)
+    values: dict[str, list[float]] = {}
+    for names in by_device.values():
+        flat = torch.cat([numbers[name].to(torch.float64) for name in names]).tolist()
+        start = 0
+        for name in names:
+            size = numbers[name].numel()
+            values[name] = flat[start : start + size]
+            start += size
+    return values
 
 
 def _condition_of(block: LayerBlock, damping: float) -> Callable[[], float]:
@@ -771,7 +818,19 @@ class LayerwiseApprox(ABC):
             ValueError: If ``damping`` is not positive.
         """
         damping = check_damping(damping)
-        inverses = self._each_block(lambda _, block: block.inverse(damping), layers)
+        drafts = self._each_block(lambda _, block: block.draft_inverse(damping), layers)
+        values = host_values({name: d.numbers for name, d in drafts.items() if d is not None})
+        inverses: dict[str, LayerInverse] = {}
+        for name, value in values.items():
+            draft = drafts[name]
+            assert draft is not None
+            with naming_layer(name):
+                built = draft.finish(value)
+            if built is not None:
+                inverses[name] = built
+        # The blocks without a draft, and those whose draft failed: checked, one by one.
+        rest = [name for name in drafts if name not in inverses]
+        inverses.update(self._each_block(lambda _, block: block.inverse(damping), rest))
         return self._preconditioner(inverses, damping)
 
     def _preconditioner(

@@ -23,9 +23,25 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from curvlib.approx.base import LayerBlock, LayerInverse, LayerwiseApprox, running_average
+from curvlib.approx.base import (
+    InverseDraft,
+    LayerBlock,
+    LayerInverse,
+    LayerwiseApprox,
+    running_average,
+)
 from curvlib.core.layout import KRONECKER_KINDS, NORM_KINDS, LayerKind
 from curvlib.core.stats import LayerStatistics, StatKind
+
+
+class _ScaleInverse:
+    """Entry-wise scaling by the damped inverse diagonal, with its exact condition number."""
+
+    def __init__(self, scale: Tensor, condition_number: float) -> None:
+        self.scale, self.condition_number = scale, condition_number
+
+    def __call__(self, mat: Tensor) -> Tensor:
+        return mat.to(self.scale.dtype) * self.scale
 
 
 class _DiagonalBlock(LayerBlock):
@@ -49,12 +65,20 @@ class _DiagonalBlock(LayerBlock):
         return mat.to(diag.dtype) * diag
 
     def inverse(self, damping: float) -> LayerInverse:
+        draft = self.draft_inverse(damping)
+        built = draft.finish(draft.numbers.tolist())
+        assert built is not None
+        return built
+
+    def draft_inverse(self, damping: float) -> InverseDraft:
+        """The inverse, and its condition number to read (``condition_number``)."""
         scale = 1.0 / (self._diag() + damping)
+        ratio = self._condition(damping).reshape(1).double()
+        return InverseDraft(ratio, lambda v: _ScaleInverse(scale, v[0]))
 
-        def apply(mat: Tensor) -> Tensor:
-            return mat.to(scale.dtype) * scale
-
-        return apply
+    def _condition(self, damping: float) -> Tensor:
+        diag = self._diag()
+        return (diag.max() + damping) / (diag.min() + damping)
 
     def to_dense(self) -> Tensor:
         return torch.diag(self._diag().flatten())
@@ -79,8 +103,7 @@ class _DiagonalBlock(LayerBlock):
 
     def condition_number(self, damping: float) -> float:
         r"""Exact: $(\max d + \lambda) / (\min d + \lambda)$, $O(P)$."""
-        diag = self._diag()
-        return float((diag.max() + damping) / (diag.min() + damping))
+        return float(self._condition(damping))
 
     def state_dict(self) -> dict[str, Any]:
         return {"diagonal": self._diag().clone()}

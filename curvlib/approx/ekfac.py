@@ -57,15 +57,24 @@ from torch import Tensor
 
 from curvlib.approx.base import (
     DEFAULT_DECAY,
+    InverseDraft,
     LayerBlock,
     LayerInverse,
     LayerwiseApprox,
     SplitUpdateBlock,
     check_parts,
+    host_values,
     running_average,
 )
 from curvlib.core.stats import LayerStatistics, PerSampleIO, StatKind
-from curvlib.linalg.factors import eigh, flush_negligible, pi_split_of_means
+from curvlib.linalg.factors import (
+    eigh,
+    first_eigh,
+    flush_below,
+    flush_negligible,
+    negligible_limit,
+    pi_shifts_of_means,
+)
 
 
 class EKFACDamping(Enum):
@@ -95,6 +104,43 @@ def _eigenbasis(factor: Tensor) -> tuple[Tensor, Tensor]:
     """Eigenvalues and eigenvectors of a factor, negligible entries of the vectors flushed."""
     decomposition = eigh(factor)
     return decomposition.values, flush_negligible(decomposition.vectors)
+
+
+class _EigenbasisDraft:
+    """``_eigenbasis`` of both factors up to one read: the eigenvalues' check, the flush limits."""
+
+    def __init__(self, A: Tensor, G: Tensor) -> None:
+        self.a, finite_a = first_eigh(A)
+        self.g, finite_g = first_eigh(G)
+        self.numbers = torch.cat([
+            torch.stack([finite_a, finite_g]).double(),
+            torch.stack([*torch.aminmax(self.a.vectors), *torch.aminmax(self.g.vectors)]).double(),
+        ])  # fmt: skip
+
+    def finish(self, v: list[float]) -> _Basis | None:
+        """The basis ``_eigenbasis`` gives, or ``None`` where it must retry with jitter."""
+        if not (v[0] and v[1]):
+            return None
+        limit_a = negligible_limit(v[2], v[3], self.a.vectors.dtype)
+        limit_g = negligible_limit(v[4], v[5], self.g.vectors.dtype)
+        return (
+            self.a.values, flush_below(self.a.vectors, limit_a),
+            self.g.values, flush_below(self.g.vectors, limit_g),
+        )  # fmt: skip
+
+
+class _EKFACInverse:
+    """The damped inverse in the eigenbasis, with its exact condition number."""
+
+    def __init__(
+        self, basis_a: Tensor, basis_g: Tensor, scale: Tensor, condition_number: float
+    ) -> None:
+        self.basis_a, self.basis_g, self.scale = basis_a, basis_g, scale
+        self.condition_number = condition_number
+
+    def __call__(self, mat: Tensor) -> Tensor:
+        rotated = self.basis_g.T @ mat.to(self.scale.dtype) @ self.basis_a
+        return self.basis_g @ (rotated * self.scale) @ self.basis_a.T
 
 
 def _rayleigh(factor: Tensor, basis: Tensor) -> Tensor:
@@ -238,6 +284,29 @@ class _EKFACBlock(SplitUpdateBlock):
         self.pending = (*_eigenbasis(self.A), *_eigenbasis(self.G))
         self.stale = False
 
+    def draft_refresh(self) -> _EigenbasisDraft | None:
+        """``refresh`` up to one host read (``adopt_draft``), or ``None``.
+
+        ``None`` when no refresh is due, or where ``torch.linalg.eigh`` raised
+        (``refresh`` then retries with jitter).
+        """
+        if not self.refresh_due:
+            return None
+        assert self.A is not None and self.G is not None
+        try:
+            return _EigenbasisDraft(self.A, self.G)
+        except RuntimeError:
+            return None
+
+    def adopt_draft(self, draft: _EigenbasisDraft, values: list[float]) -> bool:
+        """Take a finished ``draft_refresh`` as the next basis; ``False`` if it failed."""
+        basis = draft.finish(values)
+        if basis is None:
+            return False
+        self.pending = basis
+        self.stale = False
+        return True
+
     def _packed_sizes(self) -> list[int]:
         a, g = self.in_dim, self.out_dim
         return [a, a * a, g, g * g]
@@ -284,24 +353,32 @@ class _EKFACBlock(SplitUpdateBlock):
         return basis_g @ (rotated * scalings) @ basis_a.T
 
     def _damped(self, damping: float) -> Tensor:
-        """The eigenvalues of the damped operator, ``[d_out, d_in]`` (see ``EKFACDamping``)."""
+        """The eigenvalues of the damped operator, ``[d_out, d_in]`` (see ``EKFACDamping``).
+
+        No host read: the ``FACTORED`` shifts stay on the device
+        ([`pi_shifts_of_means`][curvlib.linalg.pi_shifts_of_means]).
+        """
         scalings = self._estimate()[2]
         if self.damping_mode is EKFACDamping.EXACT:
             return scalings + damping
         assert self.values_a is not None and self.values_g is not None
         e_a, e_g = self.values_a.to(scalings.dtype), self.values_g.to(scalings.dtype)
-        gamma_a, gamma_g = pi_split_of_means(float(e_a.mean()), float(e_g.mean()), damping)
+        gamma_a, gamma_g = pi_shifts_of_means(e_a.mean(), e_g.mean(), damping)
         return scalings + (gamma_a * e_g[:, None] + gamma_g * e_a[None, :]) + damping
 
     def inverse(self, damping: float) -> LayerInverse:
+        draft = self.draft_inverse(damping)
+        built = draft.finish(draft.numbers.tolist())
+        assert built is not None
+        return built
+
+    def draft_inverse(self, damping: float) -> InverseDraft:
+        """The inverse, and its condition number to read (``condition_number``)."""
         basis_a, basis_g, _ = self._estimate()
-        scale = 1.0 / self._damped(damping)
-
-        def apply(mat: Tensor) -> Tensor:
-            rotated = basis_g.T @ mat.to(scale.dtype) @ basis_a
-            return basis_g @ (rotated * scale) @ basis_a.T
-
-        return apply
+        damped = self._damped(damping)
+        scale = 1.0 / damped
+        ratio = (damped.max() / damped.min()).reshape(1).double()
+        return InverseDraft(ratio, lambda v: _EKFACInverse(basis_a, basis_g, scale, v[0]))
 
     def damped_to_dense(self, damping: float) -> Tensor:
         r"""$Q\operatorname{diag}(d)Q^\top$ with $d$ the damped eigenvalues (``EKFACDamping``)."""
@@ -447,12 +524,24 @@ class EKFAC(LayerwiseApprox):
         the error propagates.
         """
 
+        def draft(_: str, block: LayerBlock) -> _EigenbasisDraft | None:
+            assert isinstance(block, _EKFACBlock)
+            return block.draft_refresh()
+
         def refresh(_: str, block: LayerBlock) -> None:
             assert isinstance(block, _EKFACBlock)
             block.refresh()
 
         with self._all_or_none():
-            self._each_block(refresh)
+            # The eigendecompositions checked with one host read; those that fail retry.
+            drafts = {n: d for n, d in self._each_block(draft).items() if d is not None}
+            values = host_values({name: d.numbers for name, d in drafts.items()})
+            done = {
+                name
+                for name, d in drafts.items()
+                if self._blocks[name].adopt_draft(d, values[name])  # type: ignore[attr-defined]
+            }
+            self._each_block(refresh, [name for name in self._blocks if name not in done])
 
     # -- a refresh split by layer (data-parallel training) ---------------------------------
 

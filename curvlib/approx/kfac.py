@@ -11,6 +11,7 @@ from torch import Tensor
 
 from curvlib.approx.base import (
     DEFAULT_DECAY,
+    InverseDraft,
     LayerBlock,
     LayerInverse,
     LayerwiseApprox,
@@ -23,7 +24,11 @@ from curvlib.linalg.factors import (
     cholesky_inverse,
     damped_cholesky,
     eigh,
+    first_cholesky,
+    flush_below,
     flush_negligible,
+    negligible_limit,
+    pi_shifts,
     pi_split,
     symmetrize,
 )
@@ -94,7 +99,9 @@ class KroneckerInverse:
 
     With ``apply_dtype`` (e.g. bfloat16, [`curvlib.linalg.precision`][curvlib.linalg.precision])
     the two products run on copies of the inverses in that dtype and the result
-    is returned in the inverses' own dtype.
+    is returned in the inverses' own dtype. The inverses are flushed with
+    [`flush_negligible`][curvlib.linalg.flush_negligible] unless ``flush=False``
+    says that the caller has done so.
 
     Attributes:
         g_inv: $G'^{-1}$, ``[d_out, d_out]``.
@@ -110,8 +117,12 @@ class KroneckerInverse:
         a_inv: Tensor,
         condition_number: float,
         apply_dtype: torch.dtype | None = None,
+        *,
+        flush: bool = True,
     ) -> None:
-        self.g_inv, self.a_inv = flush_negligible(g_inv), flush_negligible(a_inv)
+        if flush:  # else the caller has flushed them (``flush_negligible``)
+            g_inv, a_inv = flush_negligible(g_inv), flush_negligible(a_inv)
+        self.g_inv, self.a_inv = g_inv, a_inv
         self.condition_number = condition_number
         self.apply_dtype = apply_dtype or self.a_inv.dtype
         """The dtype the two products run in (the result is in the inverses' dtype)."""
@@ -170,9 +181,26 @@ def factor_condition(factor: Tensor, shift: float, chol: Tensor, inverse: Tensor
         chol: The lower Cholesky factor $L$ of $M$.
         inverse: $M^{-1}$.
     """
-    top = float(factor.diagonal().max()) + shift
-    bottom = min(float(chol.diagonal().square().min()), 1.0 / float(inverse.diagonal().max()))
-    return max(top / bottom, 1.0)
+    return _factor_condition(*_condition_parts(factor, chol, inverse).tolist(), shift)
+
+
+def _condition_parts(factor: Tensor, chol: Tensor, inverse: Tensor) -> Tensor:
+    """``[max_i F_ii, min_i L_ii², max_i (M⁻¹)_ii]`` as float64, left on the device."""
+    parts = [factor.diagonal().max(), chol.diagonal().square().min(), inverse.diagonal().max()]
+    return torch.stack(parts).double()
+
+
+def _factor_condition(*values: float) -> float:
+    """``factor_condition`` from ``_condition_parts``' three values and the shift."""
+    diagonal_max, chol_min, inverse_max, shift = values
+    return max((diagonal_max + shift) / min(chol_min, 1.0 / inverse_max), 1.0)
+
+
+def _float64(values: list[Tensor | float], like: Tensor) -> Tensor:
+    """``values`` (0-dimensional tensors or floats) as one float64 tensor on ``like``'s device."""
+    return torch.stack(
+        [torch.as_tensor(v, dtype=torch.float64, device=like.device).reshape(()) for v in values]
+    )
 
 
 class _KFACBlock(SharedInverseBlock):
@@ -221,6 +249,13 @@ class _KFACBlock(SharedInverseBlock):
         t = self.positions if self.conv_damping is ConvDamping.PER_POSITION else 1
         return (damping * t) ** 0.5, (damping / t) ** 0.5
 
+    def _shift_values(self, damping: float) -> tuple[Tensor | float, Tensor | float]:
+        """``_shifts`` without a host read: ``PI``'s as tensors on the factors' device."""
+        if self.damping_mode is KFACDamping.PI:
+            A, G = self._factors()
+            return pi_shifts(A, G, damping)
+        return self._shifts(damping)
+
     @property
     def _factored(self) -> bool:
         return self.damping_mode is not KFACDamping.EIGEN
@@ -245,6 +280,36 @@ class _KFACBlock(SharedInverseBlock):
             torch.linalg.eigvalsh(G).clamp_min(0.0),
             torch.linalg.eigvalsh(A).clamp_min(0.0),
         )
+
+    def draft_inverse(self, damping: float) -> InverseDraft | None:
+        """``inverse``'s factored modes up to one host read.
+
+        The numbers read: the Choleskys' ``info``, the shifts, the condition
+        estimate's parts and the extremes that set the flush limits.
+        """
+        if not self._factored or not self.out_dim or not self.in_dim:
+            return None
+        A, G = self._factors()
+        gamma_a, gamma_g = self._shift_values(damping)
+        chol_g, info_g = first_cholesky(G, gamma_g, symmetric=True)
+        chol_a, info_a = first_cholesky(A, gamma_a, symmetric=True)
+        g_inv, a_inv = cholesky_inverse(chol_g), cholesky_inverse(chol_a)
+        numbers = torch.cat([
+            _float64([info_g, info_a, gamma_g, gamma_a], G),
+            _condition_parts(G, chol_g, g_inv),
+            _condition_parts(A, chol_a, a_inv),
+            _float64([*torch.aminmax(g_inv), *torch.aminmax(a_inv)], G),
+        ])  # fmt: skip
+
+        def finish(v: list[float]) -> LayerInverse | None:
+            if v[0] or v[1]:  # a Cholesky failed without jitter: the checked path retries
+                return None
+            condition = _factor_condition(*v[4:7], v[2]) * _factor_condition(*v[7:10], v[3])
+            g = flush_below(g_inv, negligible_limit(v[10], v[11], g_inv.dtype))
+            a = flush_below(a_inv, negligible_limit(v[12], v[13], a_inv.dtype))
+            return KroneckerInverse(g, a, condition, self._apply_dtype(g, condition), flush=False)
+
+        return InverseDraft(numbers, finish)
 
     def inverse(self, damping: float) -> LayerInverse:
         if self._factored:

@@ -168,13 +168,13 @@ class LossCurvature:
             target: Its targets.
 
         Returns:
-            A float when every target counts, else a tensor ``[N, *spatial]``.
+            A float, or for ``CrossEntropyLoss`` a tensor ``[N, *spatial]`` (equal
+            to the float where every target counts, up to rounding).
         """
         if not isinstance(self.loss_fn, nn.CrossEntropyLoss):
             return self.sample_scale(output)
+        # Always per position: whether any target is ignored is known on the device only.
         kept = target != self.loss_fn.ignore_index
-        if bool(kept.all()):
-            return self.sample_scale(output)
         weights = kept.to(output.dtype)
         if self.loss_fn.reduction == "mean":
             weights = weights * (output.shape[0] / kept.sum().to(output.dtype))
@@ -318,7 +318,9 @@ class LossCurvature:
         ).exponential_(generator=generator)
         race.clamp_min_(torch.finfo(flat.dtype).tiny)
         draws = (flat / race).argmax(dim=-1)  # [M, N * P]
-        onehot = F.one_hot(draws, output.shape[1]).to(output.dtype)  # [M, N * P, C]
+        # One-hot by comparison: F.one_hot reads the draws' range on the host.
+        classes = torch.arange(output.shape[1], device=draws.device)
+        onehot = (draws.unsqueeze(-1) == classes).to(output.dtype)  # [M, N * P, C]
         onehot = onehot.reshape(mc_samples, *probs.movedim(1, -1).shape).movedim(-1, 2)
         return factor * (probs.unsqueeze(0) - onehot)
 

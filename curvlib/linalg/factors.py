@@ -62,17 +62,40 @@ def flush_negligible(mat: Tensor) -> Tensor:
     range: those made the KPSVD apply on the MNIST autoencoder 40% slower
     although no factor had a subnormal entry.
 
-    Two passes (``aminmax``, then ``hardshrink``). A matrix with a NaN or Inf
-    entry is returned unchanged, for the checks downstream to see. The result
-    is contiguous.
+    Two passes (``aminmax``, then ``hardshrink``) and one host read. A matrix
+    with a NaN or Inf entry is returned unchanged, for the checks downstream to
+    see. The result is contiguous. Callers that read many numbers at once take
+    the extremes themselves and call
+    [`flush_below`][curvlib.linalg.factors.flush_below].
     """
     if mat.numel() == 0:
         return mat
     low, high = torch.aminmax(mat)
-    limit = torch.finfo(mat.dtype).eps * max(-float(low), float(high))
+    return flush_below(mat, negligible_limit(float(low), float(high), mat.dtype))
+
+
+def negligible_limit(low: float, high: float, dtype: torch.dtype) -> float | None:
+    r"""[`flush_negligible`][curvlib.linalg.flush_negligible]'s limit from a matrix's extremes.
+
+    $\max(\epsilon \max(-\text{low}, \text{high}), s)$ with $s$ the largest
+    subnormal number of ``dtype``; ``None`` when it is not finite (the matrix
+    has a NaN or Inf entry and is to be kept as it is).
+    """
+    limit = torch.finfo(dtype).eps * max(-low, high)
     if not math.isfinite(limit):
+        return None
+    return max(limit, _largest_subnormal(dtype))
+
+
+def flush_below(mat: Tensor, limit: float | None) -> Tensor:
+    """``mat`` (contiguous) with the entries of magnitude at most ``limit`` set to zero.
+
+    ``limit=None`` flushes nothing (see
+    [`negligible_limit`][curvlib.linalg.factors.negligible_limit]).
+    """
+    if limit is None:
         return mat.contiguous()
-    return F.hardshrink(mat, max(limit, _largest_subnormal(mat.dtype))).contiguous()
+    return F.hardshrink(mat, limit).contiguous()
 
 
 def symmetrize(mat: Tensor) -> Tensor:
@@ -153,13 +176,32 @@ def eigh(mat: Tensor, *, clamp_negative: bool = True, retries: int = 4) -> Eigh:
     raise FactorizationError(f"eigh failed on a {n}x{n} matrix after {retries} jittered retries")
 
 
+def first_eigh(mat: Tensor, *, clamp_negative: bool = True) -> tuple[Eigh, Tensor]:
+    """The first attempt of [`eigh`][curvlib.linalg.eigh], its check left on the device.
+
+    Returns:
+        ``(decomposition, finite)``: where the 0-dimensional boolean ``finite``
+        is true, ``decomposition`` is exactly what ``eigh`` returns.
+
+    Raises:
+        RuntimeError: Where ``torch.linalg.eigh`` raises (``eigh`` would retry).
+    """
+    values, vectors = torch.linalg.eigh(symmetrize(mat))
+    values = values - 0.0  # as eigh's first attempt, which subtracts a jitter of 0
+    finite = torch.isfinite(values).all()
+    if clamp_negative:
+        values = values.clamp_min(0.0)
+    return Eigh(values, vectors), finite
+
+
 def damped_cholesky(
     kernel: Tensor, damping: float, *, retries: int = 4, symmetric: bool = False
 ) -> tuple[Tensor, float]:
     r"""Lower Cholesky factor of $K + \lambda I$, retried with growing jitter.
 
     Retry $r$ adds $\epsilon \cdot 10^{r} \cdot \max(\operatorname{tr}(K)/m, \lambda)$ to
-    the diagonal.
+    the diagonal. Each attempt reads its ``info`` on the host; the first attempt
+    alone, unread, is [`first_cholesky`][curvlib.linalg.factors.first_cholesky].
 
     Args:
         kernel: Symmetric positive semi-definite ``[m, m]`` (symmetrised inside).
@@ -175,27 +217,61 @@ def damped_cholesky(
     Raises:
         FactorizationError: If every attempt fails.
     """
-    if symmetric:
-        kernel = kernel.clone(memory_format=torch.contiguous_format)
-    else:
-        kernel = symmetrize(kernel)
+    kernel, diagonal, original = _shiftable(kernel, symmetric)
     m = kernel.shape[-1]
     eps = torch.finfo(kernel.dtype).eps
-    diagonal = kernel.diagonal(dim1=-2, dim2=-1)
-    original = diagonal.clone()  # the shift is written into the symmetrised copy's diagonal
     for attempt in range(retries + 1):
         jitter = 0.0
         if attempt:
             scale = max(float(original.abs().sum()) / max(m, 1), damping)
             jitter = eps * 10.0**attempt * scale
-        torch.add(original, damping + jitter, out=diagonal)
-        chol, info = torch.linalg.cholesky_ex(kernel)
+        chol, info = _shifted_cholesky(kernel, diagonal, original, damping + jitter)
         if int(info) == 0:
             return chol, jitter
     raise FactorizationError(
         f"Cholesky of a damped {m}x{m} matrix failed after {retries} retries; it has NaN/Inf "
         "entries or the damping is far too small for its scale."
     )
+
+
+def first_cholesky(
+    kernel: Tensor, damping: Tensor | float, *, symmetric: bool = False
+) -> tuple[Tensor, Tensor]:
+    r"""The first attempt of [`damped_cholesky`][curvlib.linalg.damped_cholesky], unread.
+
+    For callers that check many factorisations with one host read and take
+    ``damped_cholesky`` only where one failed: where ``info`` is 0, ``L`` is
+    exactly what ``damped_cholesky`` returns (with no jitter).
+
+    Args:
+        kernel: Symmetric positive semi-definite ``[m, m]`` (symmetrised inside).
+        damping: $\lambda$, a float or a 0-dimensional tensor on ``kernel``'s
+            device (e.g. [`pi_shifts`][curvlib.linalg.factors.pi_shifts]).
+        symmetric: As for ``damped_cholesky``.
+
+    Returns:
+        ``(L, info)``: ``info`` is LAPACK's (0 on success), a tensor left on the device.
+    """
+    return _shifted_cholesky(*_shiftable(kernel, symmetric), damping)
+
+
+def _shiftable(kernel: Tensor, symmetric: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """A symmetric copy of ``kernel``, its diagonal (a view) and a copy of that diagonal."""
+    if symmetric:
+        kernel = kernel.clone(memory_format=torch.contiguous_format)
+    else:
+        kernel = symmetrize(kernel)
+    diagonal = kernel.diagonal(dim1=-2, dim2=-1)
+    return kernel, diagonal, diagonal.clone()
+
+
+def _shifted_cholesky(
+    kernel: Tensor, diagonal: Tensor, original: Tensor, shift: Tensor | float
+) -> tuple[Tensor, Tensor]:
+    """``cholesky_ex`` of ``kernel`` with ``original + shift`` written into its diagonal."""
+    torch.add(original, shift, out=diagonal)
+    chol, info = torch.linalg.cholesky_ex(kernel)
+    return chol, info
 
 
 def damped_inverse(mat: Tensor, damping: float, *, retries: int = 4) -> Tensor:
@@ -236,9 +312,20 @@ def pi_split(A: Tensor, G: Tensor, damping: float) -> tuple[float, float]:
     Returns:
         ``(gamma_A, gamma_G)`` with ``gamma_A * gamma_G == damping``.
     """
-    mean_a = float(A.diagonal().sum()) / A.shape[-1]
-    mean_g = float(G.diagonal().sum()) / G.shape[-1]
-    return pi_split_of_means(mean_a, mean_g, damping)
+    gamma_a, gamma_g = pi_shifts(A, G, damping)
+    return float(gamma_a), float(gamma_g)
+
+
+def pi_shifts(A: Tensor, G: Tensor, damping: float) -> tuple[Tensor, Tensor]:
+    r"""[`pi_split`][curvlib.linalg.pi_split] on the factors' device, without a host read.
+
+    Returns:
+        ``(gamma_A, gamma_G)`` as 0-dimensional float64 tensors; ``pi_split``
+        returns their values.
+    """
+    mean_a = A.diagonal().sum().double() / A.shape[-1]
+    mean_g = G.diagonal().sum().double() / G.shape[-1]
+    return pi_shifts_of_means(mean_a, mean_g, damping)
 
 
 def pi_split_of_means(mean_a: float, mean_g: float, damping: float) -> tuple[float, float]:
@@ -251,6 +338,24 @@ def pi_split_of_means(mean_a: float, mean_g: float, damping: float) -> tuple[flo
     Returns:
         ``(gamma_A, gamma_G)`` with ``gamma_A * gamma_G == damping``.
     """
-    pi = 1.0 if mean_a <= 0.0 or mean_g <= 0.0 else (mean_a / mean_g) ** 0.5
+    pi = 1.0 if mean_a <= 0.0 or mean_g <= 0.0 else math.sqrt(mean_a / mean_g)
     root = damping**0.5
     return pi * root, root / pi
+
+
+def pi_shifts_of_means(mean_a: Tensor, mean_g: Tensor, damping: float) -> tuple[Tensor, Tensor]:
+    r"""[`pi_split_of_means`][curvlib.linalg.pi_split_of_means] on the device, without a host read.
+
+    Args:
+        mean_a: The mean diagonal entry of $A$, a 0-dimensional tensor.
+        mean_g: That of $G$, on the same device.
+        damping: $\lambda > 0$.
+
+    Returns:
+        ``(gamma_A, gamma_G)`` as 0-dimensional float64 tensors.
+    """
+    mean_a, mean_g = mean_a.double(), mean_g.double()
+    # pi = 1 when either mean is not positive (a NaN mean gives a NaN pi, as it should).
+    pi = torch.where((mean_a <= 0.0) | (mean_g <= 0.0), 1.0, (mean_a / mean_g).sqrt())
+    root = damping**0.5
+    return pi * root, pi.new_full((), root) / pi

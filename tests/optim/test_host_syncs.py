@@ -46,6 +46,25 @@ def test_a_regular_step_reads_the_device_once(make: Callable[[], Any]) -> None:
     assert reads.count == 1
 
 
+# A statistics step's reads: the gradients' finiteness (checked before anything is folded
+# in), the statistics' finiteness, the sub-batch's indices (drawn on the CPU's generator:
+# on a GPU no synchronisation), then per approximation its own, then the directions'
+# measurements. KFAC and the diagonal read their whole preconditioner once (every layer's
+# Cholesky info, shifts and condition estimate; ``InverseDraft``); EKFAC also its new
+# eigenbases once; KPSVD's power iterations read each iterate's norm to decide convergence.
+STATISTICS_STEP_READS = {KFAC: 5, EKFAC: 6, KPSVD: 37, Diagonal: 5}
+
+
+@pytest.mark.parametrize("make", list(STATISTICS_STEP_READS), ids=lambda m: m.__name__)
+def test_the_reads_of_a_statistics_step(make: Callable[[], Any]) -> None:
+    opt, step = _steps(make(), 20)  # step 20 folds in statistics and rebuilds the inverse
+    assert not all(engine.prepare_idle for engine in opt.engines)
+    with host_reads() as reads:
+        step()
+    assert "time_inverse" in opt.last_stats
+    assert reads.count == STATISTICS_STEP_READS[make]
+
+
 def test_the_counter_sees_every_kind_of_read() -> None:
     with host_reads() as reads:
         t = torch.ones(3)

@@ -1,0 +1,115 @@
+"""Inverses built with one host read equal those built block by block with their checks.
+
+``LayerwiseApprox.inverse`` takes each block's ``draft_inverse`` (and EKFAC's
+``refresh`` each block's ``draft_refresh``), reads the numbers of all of them
+at once and finishes them; a block's checked ``inverse`` (``refresh``) reads
+its numbers one at a time. Where the first factorisation succeeds, the two must
+agree to the bit; where it fails, the checked path must take over.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from curvlib.approx import EKFAC, KFAC, KPSVD, Diagonal
+from curvlib.approx.base import LayerwiseApprox
+from curvlib.approx.kfac import KFACDamping
+from curvlib.core import RefreshableApprox
+from tests.approx.cases import PROBLEMS, fit_statistics, perturbed
+
+DAMPING = 1e-3
+APPROXES: dict[str, Callable[[torch.dtype], LayerwiseApprox]] = {
+    "kfac-pi": lambda dtype: KFAC(dtype=dtype),
+    "kfac-sqrt": lambda dtype: KFAC(damping_mode=KFACDamping.SQRT, dtype=dtype),
+    "kpsvd": lambda dtype: KPSVD(dtype=dtype),
+    "ekfac": lambda dtype: EKFAC(dtype=dtype),
+    "diagonal": lambda dtype: Diagonal(dtype=dtype),
+}
+
+
+def _fitted(name: str, problem_index: int, dtype: torch.dtype) -> LayerwiseApprox:
+    problem = PROBLEMS[problem_index]
+    approx = APPROXES[name](dtype)
+    approx.update(fit_statistics(problem, approx))
+    if isinstance(approx, RefreshableApprox):
+        approx.refresh()
+    approx.update(fit_statistics(perturbed(problem), approx))
+    return approx
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("problem", range(len(PROBLEMS)), ids=[p.name for p in PROBLEMS])
+@pytest.mark.parametrize("name", APPROXES)
+def test_the_drafted_preconditioner_equals_the_checked_blocks(
+    name: str, problem: int, dtype: torch.dtype
+) -> None:
+    approx = _fitted(name, problem, dtype)
+    precond = approx.inverse(DAMPING)
+    gen = torch.Generator().manual_seed(0)
+    for layer, block in approx._blocks.items():
+        checked = block.inverse(DAMPING)
+        mat = torch.randn(block.out_dim, block.in_dim, generator=gen, dtype=dtype)
+        assert torch.equal(precond.apply({layer: mat})[layer], checked(mat)), layer
+        assert precond.condition_numbers[layer] == block.condition_number(DAMPING), layer
+
+
+@pytest.mark.parametrize("problem", range(len(PROBLEMS)), ids=[p.name for p in PROBLEMS])
+def test_the_drafted_ekfac_refresh_equals_the_checked_one(problem: int) -> None:
+    approx = EKFAC(dtype=torch.float32)
+    approx.update(fit_statistics(PROBLEMS[problem], approx))
+    approx.update(fit_statistics(perturbed(PROBLEMS[problem]), approx))
+    checked = copy.deepcopy(approx)
+    approx.refresh()  # drafted: one read for every layer
+    for block in checked._blocks.values():
+        block.refresh()  # type: ignore[attr-defined]
+    for layer, block in approx._blocks.items():
+        other = checked._blocks[layer]
+        assert block.pending is not None and other.pending is not None  # type: ignore[attr-defined]
+        for mine, theirs in zip(block.pending, other.pending, strict=True):  # type: ignore[attr-defined]
+            assert torch.equal(mine, theirs), layer
+
+
+def test_a_first_cholesky_that_fails_is_retried_with_jitter() -> None:
+    approx = KFAC(damping_mode=KFACDamping.SQRT)
+    approx.update(fit_statistics(PROBLEMS[0], approx))
+    layer, block = next(iter(approx._blocks.items()))
+    A = block.A  # type: ignore[attr-defined]
+    assert A is not None and A.dtype == torch.float64
+    m = A.shape[0]
+    # Indefinite by 1e-13 of the mean eigenvalue: too much for the shift sqrt(1e-30)
+    # alone, little enough for damped_cholesky's third jitter.
+    lowest = torch.linalg.eigvalsh(A)[0]
+    block.A = A - (lowest + 1e-13 * A.trace() / m) * torch.eye(m, dtype=A.dtype)  # type: ignore[attr-defined]
+    draft = block.draft_inverse(1e-30)
+    assert draft is not None and draft.finish(draft.numbers.tolist()) is None
+    precond = approx.inverse(1e-30)
+    checked = block.inverse(1e-30)
+    mat = torch.randn(block.out_dim, block.in_dim, dtype=A.dtype)
+    assert torch.equal(precond.apply({layer: mat})[layer], checked(mat))
+    assert precond.condition_numbers[layer] == checked.condition_number  # type: ignore[attr-defined]
+
+
+def test_the_drafted_inverse_flushes_each_factor_at_its_own_limit() -> None:
+    approx = KFAC(dtype=torch.float32)
+    approx.update(fit_statistics(PROBLEMS[0], approx))
+    layer, block = next(iter(approx._blocks.items()))
+    G, A = block.G, block.A  # type: ignore[attr-defined]
+    assert G is not None and A is not None
+    # Off-diagonal entries of G' far below eps of its diagonal, and one pair far above:
+    # G''s inverse has entries at or below its flush limit and one pair between that
+    # limit and A''s (A is scaled by 1e-6, which lifts its inverse's limit far above).
+    n = G.shape[0]
+    coupling = 1e-9 * (1 - torch.eye(n))
+    coupling[0, 1] = coupling[1, 0] = 1e-3
+    block.G = torch.diag(G.diagonal() + 1.0) + coupling  # type: ignore[attr-defined]
+    block.A = 1e-6 * A  # type: ignore[attr-defined]
+    precond = approx.inverse(DAMPING)
+    checked = block.inverse(DAMPING)
+    drafted = precond._inverses[layer]
+    assert int((checked.g_inv == 0).sum()) == n * (n - 1) - 2  # type: ignore[attr-defined]
+    assert torch.equal(drafted.g_inv, checked.g_inv)  # type: ignore[attr-defined]
+    assert torch.equal(drafted.a_inv, checked.a_inv)  # type: ignore[attr-defined]
