@@ -350,7 +350,7 @@ def measure_row(row: Row, task: Task, device: torch.device, args: argparse.Names
 def time_floor(batch: int, names: Sequence[str], device: torch.device,
                rounds: int) -> dict[str, float]:  # fmt: skip
     """Median seconds of each floor component the ``names`` need, at ``batch``."""
-    kinds = {REGISTRY[n].floor for n in names if n in REGISTRY}
+    kinds = dict.fromkeys(REGISTRY[n].floor for n in names if n in REGISTRY)
     needed = ["base_step", *dict.fromkeys(c for k in kinds for p in FLOORS[k] for c in p)]
     comps = floor_components(batch, device)
     out = {}
