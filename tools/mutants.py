@@ -58,7 +58,7 @@ _LOSSES = "curvlib/extract/losses.py"
 _MC_FACTOR = "        factor = math.sqrt(scale / mc_samples)\n"
 _EXTRACT_TESTS = ("tests/extract/test_monte_carlo.py", "tests/extract/test_oracle.py")
 _OPERATOR_TESTS = ("tests/approx/test_operator.py",)
-_PI = "    pi = 1.0 if mean_a <= 0.0 or mean_g <= 0.0 else (mean_a / mean_g) ** 0.5\n"
+_PI = "    pi = torch.where((mean_a <= 0.0) | (mean_g <= 0.0), 1.0, (mean_a / mean_g).sqrt())\n"
 _PI_TESTS = ("tests/approx/test_operator.py", "tests/approx/test_rearranged.py")
 
 MUTANTS = (
@@ -98,16 +98,16 @@ MUTANTS = (
         "diagonal_condition_1",
         "Diagonal's condition number always 1.0",
         "curvlib/approx/diagonal.py",
-        "        return float((diag.max() + damping) / (diag.min() + damping))\n",
-        "        return 1.0\n",
+        "        return (diag.max() + damping) / (diag.min() + damping)\n",
+        "        return torch.ones((), dtype=diag.dtype)\n",
         _OPERATOR_TESTS,
     ),
     Mutant(
         "ekfac_condition_mean",
         "EKFAC's condition number from the mean scaling instead of the smallest",
         "curvlib/approx/ekfac.py",
-        "        return float((scalings.max() + damping) / (scalings.min() + damping))\n",
-        "        return float((scalings.max() + damping) / (scalings.mean() + damping))\n",
+        "    return damped.max() / damped.min()\n",
+        "    return damped.max() / damped.mean()\n",
         _OPERATOR_TESTS,
     ),
     Mutant(
@@ -115,7 +115,7 @@ MUTANTS = (
         "the factored damping's pi fixed at 1",
         "curvlib/linalg/factors.py",
         _PI,
-        "    pi = 1.0\n",
+        "    pi = torch.ones_like(mean_a)\n",
         _PI_TESTS,
     ),
     Mutant(
@@ -123,15 +123,15 @@ MUTANTS = (
         "the factored damping's pi inverted",
         "curvlib/linalg/factors.py",
         _PI,
-        "    pi = 1.0 if mean_a <= 0.0 or mean_g <= 0.0 else (mean_g / mean_a) ** 0.5\n",
+        "    pi = torch.where((mean_a <= 0.0) | (mean_g <= 0.0), 1.0, (mean_g / mean_a).sqrt())\n",
         _PI_TESTS,
     ),
     Mutant(
         "ekfac_sample_var_1.05",
         "EKFAC's draws with 5% more variance",
         "curvlib/approx/ekfac.py",
-        "        return basis_g @ (z * torch.rsqrt(scalings + damping)) @ basis_a.T\n",
-        "        return basis_g @ (z * torch.rsqrt((scalings + damping) / 1.05)) @ basis_a.T\n",
+        "        return basis_g @ (z * torch.rsqrt(scalings)) @ basis_a.T\n",
+        "        return basis_g @ (z * torch.rsqrt(scalings / 1.05)) @ basis_a.T\n",
         _OPERATOR_TESTS,
     ),
     Mutant(
@@ -170,8 +170,8 @@ MUTANTS = (
         "autocast_not_widened",
         "statistics of an autocast forward formed in float16/bfloat16 and cast afterwards",
         "curvlib/extract/statistics.py",
-        "        return tensor.to(dtype)\n",
-        "        return tensor\n",
+        "    return tensor.to(dtype) if wider else tensor\n",
+        "    return tensor\n",
         ("tests/extract/test_autocast.py",),
     ),
     Mutant(
@@ -181,6 +181,30 @@ MUTANTS = (
         "    if gradients_finite is not None and not flat.pop():\n",
         "    if gradients_finite is not None and not (flat.pop() or True):\n",
         ("tests/robustness/test_faults.py",),
+    ),
+    Mutant(
+        "draft_ignores_cholesky_info",
+        "a drafted KFAC inverse is finished although its first Cholesky failed",
+        "curvlib/approx/kfac.py",
+        "            if v[0] or v[1]:  # a Cholesky failed: the checked path retries with jitter\n",
+        "            if False:\n",
+        ("tests/approx/test_inverse_drafts.py",),
+    ),
+    Mutant(
+        "draft_flush_limits_swapped",
+        "a drafted KFAC inverse flushes G's inverse at A's limit",
+        "curvlib/approx/kfac.py",
+        "            g = flush_below(g_inv, negligible_limit(v[10], v[11], g_inv.dtype))\n",
+        "            g = flush_below(g_inv, negligible_limit(v[12], v[13], g_inv.dtype))\n",
+        ("tests/approx/test_inverse_drafts.py",),
+    ),
+    Mutant(
+        "draft_eigenbasis_unchecked",
+        "a drafted EKFAC eigenbasis is adopted with non-finite eigenvalues",
+        "curvlib/approx/ekfac.py",
+        "        if not (v[0] and v[1]):\n",
+        "        if False:\n",
+        ("tests/approx/test_inverse_drafts.py",),
     ),
     Mutant(
         "autocast_keeps_backpack",

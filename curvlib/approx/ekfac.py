@@ -143,6 +143,11 @@ class _EKFACInverse:
         return self.basis_g @ (rotated * self.scale) @ self.basis_a.T
 
 
+def _condition(damped: Tensor) -> Tensor:
+    """The condition number of the damped operator from its eigenvalues, on the device."""
+    return damped.max() / damped.min()
+
+
 def _rayleigh(factor: Tensor, basis: Tensor) -> Tensor:
     """``diag(basis.T @ factor @ basis)``: the factor's eigenvalues where ``basis`` is its own."""
     return (basis * (factor @ basis)).sum(0).clamp_min(0.0)
@@ -377,7 +382,7 @@ class _EKFACBlock(SplitUpdateBlock):
         basis_a, basis_g, _ = self._estimate()
         damped = self._damped(damping)
         scale = 1.0 / damped
-        ratio = (damped.max() / damped.min()).reshape(1).double()
+        ratio = _condition(damped).reshape(1).double()
         return InverseDraft(ratio, lambda v: _EKFACInverse(basis_a, basis_g, scale, v[0]))
 
     def damped_to_dense(self, damping: float) -> Tensor:
@@ -412,8 +417,7 @@ class _EKFACBlock(SplitUpdateBlock):
 
     def condition_number(self, damping: float) -> float:
         r"""Exact: the ratio of the largest to the smallest damped eigenvalue, $O(P)$."""
-        damped = self._damped(damping)
-        return float(damped.max() / damped.min())
+        return float(_condition(self._damped(damping)))
 
     def state_dict(self) -> dict[str, Any]:
         basis_a, basis_g, scalings = self._estimate()

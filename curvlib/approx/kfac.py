@@ -289,6 +289,8 @@ class _KFACBlock(SharedInverseBlock):
         """
         if not self._factored or not self.out_dim or not self.in_dim:
             return None
+        if type(self).inverse is not _KFACBlock.inverse:  # a subclass's own inverse
+            return None
         A, G = self._factors()
         gamma_a, gamma_g = self._shift_values(damping)
         chol_g, info_g = first_cholesky(G, gamma_g, symmetric=True)
@@ -302,7 +304,7 @@ class _KFACBlock(SharedInverseBlock):
         ])  # fmt: skip
 
         def finish(v: list[float]) -> LayerInverse | None:
-            if v[0] or v[1]:  # a Cholesky failed without jitter: the checked path retries
+            if v[0] or v[1]:  # a Cholesky failed: the checked path retries with jitter
                 return None
             condition = _factor_condition(*v[4:7], v[2]) * _factor_condition(*v[7:10], v[3])
             g = flush_below(g_inv, negligible_limit(v[10], v[11], g_inv.dtype))

@@ -113,3 +113,27 @@ def test_the_drafted_inverse_flushes_each_factor_at_its_own_limit() -> None:
     assert int((checked.g_inv == 0).sum()) == n * (n - 1) - 2  # type: ignore[attr-defined]
     assert torch.equal(drafted.g_inv, checked.g_inv)  # type: ignore[attr-defined]
     assert torch.equal(drafted.a_inv, checked.a_inv)  # type: ignore[attr-defined]
+
+
+def test_a_drafted_eigenbasis_with_non_finite_eigenvalues_is_retried(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    approx = EKFAC()
+    approx.update(fit_statistics(PROBLEMS[0], approx))
+    approx.update(fit_statistics(perturbed(PROBLEMS[0]), approx))
+    real = torch.linalg.eigh
+    calls = {"n": 0}
+
+    def first_nan(mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        values, vectors = real(mat)
+        calls["n"] += 1
+        if calls["n"] == 1:  # one factor's first attempt: NaN eigenvalues, no error
+            values = torch.full_like(values, torch.nan)
+        return values, vectors
+
+    monkeypatch.setattr(torch.linalg, "eigh", first_nan)
+    approx.refresh()
+    assert calls["n"] > 2 * len(approx._blocks)  # the failed draft was retried
+    for layer, block in approx._blocks.items():
+        assert block.pending is not None, layer  # type: ignore[attr-defined]
+        assert all(bool(p.isfinite().all()) for p in block.pending), layer  # type: ignore[attr-defined]
