@@ -68,6 +68,7 @@ from curvlib.approx.base import (
 )
 from curvlib.core.stats import LayerStatistics, PerSampleIO, StatKind
 from curvlib.linalg.factors import (
+    Eigh,
     eigh,
     first_eigh,
     flush_below,
@@ -106,12 +107,21 @@ def _eigenbasis(factor: Tensor) -> tuple[Tensor, Tensor]:
     return decomposition.values, flush_negligible(decomposition.vectors)
 
 
+def _drafted_eigh(factor: Tensor) -> tuple[Eigh, Tensor]:
+    """``first_eigh``; where LAPACK does not converge, ``eigh``'s jittered retries at once."""
+    try:
+        return first_eigh(factor)
+    except RuntimeError:  # the retries read the device; the failed first attempt is not redone
+        done = eigh(factor, first_attempt=1)
+        return done, torch.ones((), dtype=torch.bool, device=factor.device)
+
+
 class _EigenbasisDraft:
     """``_eigenbasis`` of both factors up to one read: the eigenvalues' check, the flush limits."""
 
     def __init__(self, A: Tensor, G: Tensor) -> None:
-        self.a, finite_a = first_eigh(A)
-        self.g, finite_g = first_eigh(G)
+        self.a, finite_a = _drafted_eigh(A)
+        self.g, finite_g = _drafted_eigh(G)
         self.numbers = torch.cat([
             torch.stack([finite_a, finite_g]).double(),
             torch.stack([*torch.aminmax(self.a.vectors), *torch.aminmax(self.g.vectors)]).double(),
@@ -292,16 +302,13 @@ class _EKFACBlock(SplitUpdateBlock):
     def draft_refresh(self) -> _EigenbasisDraft | None:
         """``refresh`` up to one host read (``adopt_draft``), or ``None``.
 
-        ``None`` when no refresh is due, or where ``torch.linalg.eigh`` raised
-        (``refresh`` then retries with jitter).
+        ``None`` when no refresh is due. A factor whose unjittered ``eigh`` does
+        not converge is decomposed with the jittered retries right away.
         """
         if not self.refresh_due:
             return None
         assert self.A is not None and self.G is not None
-        try:
-            return _EigenbasisDraft(self.A, self.G)
-        except RuntimeError:
-            return None
+        return _EigenbasisDraft(self.A, self.G)
 
     def adopt_draft(self, draft: _EigenbasisDraft, values: list[float]) -> bool:
         """Take a finished ``draft_refresh`` as the next basis; ``False`` if it failed."""

@@ -137,7 +137,9 @@ def _eigh_jitter(mat: Tensor, attempt: int) -> float:
     return info.eps * 10.0**attempt * scale
 
 
-def eigh(mat: Tensor, *, clamp_negative: bool = True, retries: int = 4) -> Eigh:
+def eigh(
+    mat: Tensor, *, clamp_negative: bool = True, retries: int = 4, first_attempt: int = 0
+) -> Eigh:
     r"""Eigendecomposition of a symmetric matrix, retried with growing jitter.
 
     ``torch.linalg.eigh`` can fail to converge on ill-conditioned input; each retry
@@ -149,6 +151,8 @@ def eigh(mat: Tensor, *, clamp_negative: bool = True, retries: int = 4) -> Eigh:
         clamp_negative: Clamp eigenvalues below zero to zero (for PSD factors,
             whose small negative eigenvalues are round-off).
         retries: How many jittered retries before giving up.
+        first_attempt: Start with this retry (1: the caller's own unjittered attempt,
+            [`first_eigh`][curvlib.linalg.first_eigh], failed already).
 
     Returns:
         The eigendecomposition.
@@ -158,7 +162,7 @@ def eigh(mat: Tensor, *, clamp_negative: bool = True, retries: int = 4) -> Eigh:
     """
     mat = symmetrize(mat)
     n = mat.shape[-1]
-    for attempt in range(retries + 1):
+    for attempt in range(first_attempt, retries + 1):
         jitter, shifted = 0.0, mat  # the first attempt adds nothing (and allocates nothing)
         if attempt:
             jitter = _eigh_jitter(mat, attempt)

@@ -137,3 +137,34 @@ def test_a_drafted_eigenbasis_with_non_finite_eigenvalues_is_retried(
     for layer, block in approx._blocks.items():
         assert block.pending is not None, layer  # type: ignore[attr-defined]
         assert all(bool(p.isfinite().all()) for p in block.pending), layer  # type: ignore[attr-defined]
+
+
+def test_an_eigh_that_does_not_converge_is_retried_once_with_jitter(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    approx = EKFAC()
+    approx.update(fit_statistics(PROBLEMS[0], approx))
+    approx.update(fit_statistics(perturbed(PROBLEMS[0]), approx))
+    checked = copy.deepcopy(approx)
+    real = torch.linalg.eigh
+    calls: list[int] = []
+    fail = {"left": 0}
+
+    def flaky(mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        calls.append(mat.shape[-1])
+        if mat.shape[-1] == 3 and fail["left"]:  # the last layer's G: its first attempt
+            fail["left"] -= 1
+            raise torch.linalg.LinAlgError("planted: no convergence")
+        return real(mat)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(torch.linalg, "eigh", flaky)
+    fail["left"] = 1
+    approx.refresh()
+    # One call per factor and one jittered retry: the failed attempt is not made twice.
+    assert len(calls) == 2 * len(approx._blocks) + 1
+    fail["left"] = 1
+    for block in checked._blocks.values():
+        block.refresh()  # type: ignore[attr-defined]
+    for layer, block in approx._blocks.items():
+        for mine, theirs in zip(block.pending, checked._blocks[layer].pending, strict=True):  # type: ignore[attr-defined]
+            assert torch.equal(mine, theirs), layer
