@@ -207,6 +207,14 @@ MUTANTS = (
         ("tests/approx/test_inverse_drafts.py",),
     ),
     Mutant(
+        "statistics_check_ignored",
+        "the statistics' finiteness, read with the gradients' check, is taken as finite",
+        "curvlib/optim/optimizer.py",
+        "            engine.statistics_checked(bool(value))\n",
+        "            engine.statistics_checked(True)\n",
+        ("tests/robustness/test_faults.py", "tests/optim/test_optimizer.py"),
+    ),
+    Mutant(
         "autocast_keeps_backpack",
         "Backend.AUTO keeps BackPACK for a forward under autocast",
         "curvlib/extract/_session.py",

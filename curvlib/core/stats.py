@@ -301,6 +301,19 @@ class CurvatureStatistics:
     def _finite(self) -> bool:
         return all_finite(t for s in self.layers.values() for t in s.tensors())
 
+    def finite_flag(self) -> Tensor | None:
+        """``is_finite``'s answer as a device tensor, unread.
+
+        [`finite_flag`][curvlib.core.stats.finite_flag] of every tensor, for a
+        caller that reads it with other numbers in one transfer and then tells
+        the answer with ``known_finite``.
+        """
+        return finite_flag(t for s in self.layers.values() for t in s.tensors())
+
+    def known_finite(self, finite: bool) -> None:
+        """Record ``is_finite``'s answer, read from ``finite_flag`` by the caller."""
+        self.__dict__["_finite"] = finite
+
 
 def all_finite(tensors: Iterable[Tensor]) -> bool:
     """Whether every tensor is free of NaN and Inf.

@@ -657,6 +657,22 @@ class CurvatureEngine:
         """Drop the statistics recorded for a step that is skipped."""
         self._pending.clear()
 
+    def statistics_flag(self) -> Tensor | None:
+        """Whether the statistics ``prepare`` will fold in are finite, on the device, unread.
+
+        For the optimizer, which reads it with the gradients' check in one
+        transfer and passes the answer to ``statistics_checked``. ``None`` when
+        there are no statistics, or when they are reduced over the ranks first.
+        """
+        if not self._pending or self.sync is not None:
+            return None
+        self._pending[:] = [merge_statistics(self._pending)]
+        return self._pending[0].finite_flag()
+
+    def statistics_checked(self, finite: bool) -> None:
+        """The answer to ``statistics_flag``, for ``prepare`` to use without reading again."""
+        self._pending[0].known_finite(finite)
+
     # -- checkpoints ------------------------------------------------------------
 
     @property

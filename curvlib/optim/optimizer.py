@@ -428,7 +428,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         # is folded in or rebuilt.
         idle = not lm_engines and all(engine.prepare_idle for engine in self.engines)
         deferred = finite is not None and idle
-        if finite is not None and not deferred and not bool(finite):
+        if finite is not None and not deferred and not self._checked_first(finite):
             return self._skip(self._nonfinite_grads(grads, other), start)
         if lm_engines and closure is None:
             raise RuntimeError(
@@ -508,6 +508,23 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._mark_grads()
         self._report(start, parts, nu, ratio, adaptive, mode)
         return loss_before
+
+    def _checked_first(self, finite: Tensor) -> bool:
+        """Whether the gradients are finite, read with the statistics' own check.
+
+        The engines' statistics of this step are checked in the same transfer
+        (``CurvatureEngine.statistics_flag``): one host read for both.
+        """
+        flags = [(engine, engine.statistics_flag()) for engine in self.engines]
+        checked = [(engine, flag) for engine, flag in flags if flag is not None]
+        if any(flag.device != finite.device for _, flag in checked):
+            checked = []  # on several devices: the engines check their own
+        values = torch.stack([finite, *(flag for _, flag in checked)]).tolist()
+        if not values[0]:
+            return False
+        for (engine, _), value in zip(checked, values[1:], strict=True):
+            engine.statistics_checked(bool(value))
+        return True
 
     def _buffer_matrices(self) -> dict[str, Tensor]:
         """The ``[W | b]`` momentum buffers of the layers that have one."""
