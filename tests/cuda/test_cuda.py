@@ -98,3 +98,40 @@ def test_every_approximation_trains_under_cuda_autocast(
     moved = [name for name, p in before.named_parameters() if not torch.equal(p, after[name])]
     assert moved == [name for name, _ in before.named_parameters()]
     assert all(bool(torch.isfinite(p).all()) for p in after.values())
+
+
+def _sync_warnings(step: Callable[[], None]) -> int:
+    """The synchronisations ``torch.cuda.set_sync_debug_mode("warn")`` reports in ``step``."""
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def test_kfac_steps_wait_for_the_gpu_as_often_as_counted_on_the_cpu() -> None:
+    # tests/optim/test_host_syncs.py counts the reads on the CPU: one per regular step,
+    # and on a statistics step the gradients' and statistics' check, the inverse and the
+    # directions (the sub-batch's indices, drawn on the CPU, do not wait for the GPU).
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 10)).cuda()
+    loss_fn = nn.CrossEntropyLoss()
+    opt = PreconditionedOptimizer(net, KFAC(), loss_fn=loss_fn, stats_fraction=1.0)
+    x, y = torch.randn(64, 20, device="cuda"), torch.randint(0, 10, (64,), device="cuda")
+
+    def step() -> None:
+        opt.zero_grad()
+        with opt.record():
+            loss_fn(net(x), y).backward()
+        opt.step()
+
+    for _ in range(20):
+        step()
+    assert not all(engine.prepare_idle for engine in opt.engines)
+    assert _sync_warnings(step) <= 3  # step 20: statistics and inverse
+    assert all(engine.prepare_idle for engine in opt.engines)
+    assert _sync_warnings(step) <= 1  # step 21: a regular step
