@@ -58,6 +58,10 @@ class InverseDraft:
     numbers: Tensor
     finish: Callable[[list[float]], LayerInverse | None]
 
+    def read(self) -> LayerInverse | None:
+        """``finish`` with the values of ``numbers``, read now (one host read)."""
+        return self.finish(self.numbers.tolist())
+
 
 class NonFiniteStatisticsError(ValueError):
     """Statistics with NaN or Inf entries; the estimate was left unchanged."""
@@ -314,12 +318,31 @@ class SharedInverseBlock(LayerBlock):
     """
 
     @abstractmethod
-    def inverse_template(self) -> Tensor:
-        """An empty flat tensor of the packed inverse's size, dtype and device."""
+    def _packed_sizes(self) -> list[int]:
+        """The sizes of the packed inverse's parts: its tensors', then its numbers."""
 
     @abstractmethod
+    def _packed_parts(self, inverse: LayerInverse) -> tuple[list[Tensor], list[float]]:
+        """The tensors and the numbers of ``inverse``, in the order of ``_packed_sizes``."""
+
+    @abstractmethod
+    def _estimate_like(self) -> Tensor:
+        """A tensor of the estimate: the packed inverse takes its dtype and device."""
+
+    def inverse_template(self) -> Tensor:
+        """An empty flat tensor of the packed inverse's size, dtype and device."""
+        return self._estimate_like().new_empty(sum(self._packed_sizes()))
+
     def packed_inverse(self, damping: float) -> Tensor:
-        """``inverse(damping)`` packed flat; NaN where building it fails."""
+        """``inverse(damping)`` packed flat (``_packed_sizes``); NaN where building it fails."""
+        try:
+            inverse = self.inverse(damping)
+        except (RuntimeError, ValueError):
+            return self.inverse_template().fill_(torch.nan)
+        like = self._estimate_like()
+        tensors, numbers = self._packed_parts(inverse)
+        flat = [t.reshape(-1).to(like.dtype) for t in tensors]
+        return torch.cat([*flat, like.new_tensor(numbers)])
 
     @abstractmethod
     def unpacked_inverse(self, packed: Tensor) -> LayerInverse:

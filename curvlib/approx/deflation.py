@@ -20,6 +20,7 @@ from torch import Tensor
 from curvlib.approx.base import (
     DEFAULT_DECAY,
     LayerBlock,
+    LayerInverse,
     SharedInverseBlock,
     running_average,
     standard_normal,
@@ -225,20 +226,13 @@ class KroneckerSumBlock(_RearrangedBlock, SharedInverseBlock):
         o, i = self.out_dim, self.in_dim
         return [o * o, i * i, o * i, o * o, i * i, 2]
 
-    def inverse_template(self) -> Tensor:
-        """An empty flat tensor of the packed inverse's size, dtype and device."""
-        return self._current()[0].new_empty(sum(self._packed_sizes()))
+    def _estimate_like(self) -> Tensor:
+        return self._current()[0]
 
-    def packed_inverse(self, damping: float) -> Tensor:
-        """``inverse(damping)`` packed flat (``_packed_sizes``); NaN where building it fails."""
-        try:
-            inverse = self.inverse(damping)
-        except (RuntimeError, ValueError):
-            return self.inverse_template().fill_(torch.nan)
-        dtype = self._current()[0].dtype
-        parts = [inverse.P_G, inverse.P_A, inverse.scale, inverse.chol_G, inverse.chol_A]
-        numbers = parts[0].new_tensor([inverse.num_floored, inverse.condition_number], dtype=dtype)
-        return torch.cat([*(p.reshape(-1).to(dtype) for p in parts), numbers])
+    def _packed_parts(self, inverse: LayerInverse) -> tuple[list[Tensor], list[float]]:
+        assert isinstance(inverse, KroneckerSumInverse)
+        tensors = [inverse.P_G, inverse.P_A, inverse.scale, inverse.chol_G, inverse.chol_A]
+        return tensors, [inverse.num_floored, inverse.condition_number]
 
     def unpacked_inverse(self, packed: Tensor) -> KroneckerSumInverse:
         """The inverse that ``packed_inverse`` packed, its apply dtype resolved as there."""

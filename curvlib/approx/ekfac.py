@@ -379,9 +379,8 @@ class _EKFACBlock(SplitUpdateBlock):
         return scalings + (gamma_a * e_g[:, None] + gamma_g * e_a[None, :]) + damping
 
     def inverse(self, damping: float) -> LayerInverse:
-        draft = self.draft_inverse(damping)
-        built = draft.finish(draft.numbers.tolist())
-        assert built is not None
+        built = self.draft_inverse(damping).read()
+        assert built is not None  # this block's drafts cannot fail
         return built
 
     def draft_inverse(self, damping: float) -> InverseDraft:

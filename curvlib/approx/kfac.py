@@ -335,22 +335,14 @@ class _KFACBlock(SharedInverseBlock):
         o, i = self.out_dim, self.in_dim
         return [o * o, i * i, 1] if self._factored else [o * o, i * i, o * i, 1]
 
-    def inverse_template(self) -> Tensor:
-        return self._factors()[0].new_empty(sum(self._packed_sizes()))
+    def _estimate_like(self) -> Tensor:
+        return self._factors()[0]
 
-    def packed_inverse(self, damping: float) -> Tensor:
-        try:
-            inverse = self.inverse(damping)
-        except (RuntimeError, ValueError):
-            return self.inverse_template().fill_(torch.nan)
+    def _packed_parts(self, inverse: LayerInverse) -> tuple[list[Tensor], list[float]]:
         if isinstance(inverse, KroneckerInverse):
-            parts = [inverse.g_inv, inverse.a_inv]
-        else:
-            assert isinstance(inverse, EigenbasisInverse)
-            parts = [inverse.q_g, inverse.q_a, inverse.scale]
-        dtype = self._factors()[0].dtype
-        condition = parts[0].new_tensor([inverse.condition_number], dtype=dtype)
-        return torch.cat([*(p.reshape(-1).to(dtype) for p in parts), condition])
+            return [inverse.g_inv, inverse.a_inv], [inverse.condition_number]
+        assert isinstance(inverse, EigenbasisInverse)
+        return [inverse.q_g, inverse.q_a, inverse.scale], [inverse.condition_number]
 
     def unpacked_inverse(self, packed: Tensor) -> LayerInverse:
         o, i = self.out_dim, self.in_dim

@@ -163,20 +163,12 @@ def eigh(
     mat = symmetrize(mat)
     n = mat.shape[-1]
     for attempt in range(first_attempt, retries + 1):
-        jitter, shifted = 0.0, mat  # the first attempt adds nothing (and allocates nothing)
-        if attempt:
-            jitter = _eigh_jitter(mat, attempt)
-            shifted = mat + jitter * torch.eye(n, dtype=mat.dtype, device=mat.device)
         try:
-            values, vectors = torch.linalg.eigh(shifted)
+            decomposition, finite = _eigh_attempt(mat, attempt, clamp_negative)
         except RuntimeError:  # torch.linalg.LinAlgError subclasses RuntimeError
             continue
-        values = values - jitter
-        if not bool(torch.isfinite(values).all()):
-            continue
-        if clamp_negative:
-            values = values.clamp_min(0.0)
-        return Eigh(values, vectors)
+        if bool(finite):
+            return decomposition
     raise FactorizationError(f"eigh failed on a {n}x{n} matrix after {retries} jittered retries")
 
 
@@ -190,8 +182,22 @@ def first_eigh(mat: Tensor, *, clamp_negative: bool = True) -> tuple[Eigh, Tenso
     Raises:
         RuntimeError: Where ``torch.linalg.eigh`` raises (``eigh`` would retry).
     """
-    values, vectors = torch.linalg.eigh(symmetrize(mat))
-    values = values - 0.0  # as eigh's first attempt, which subtracts a jitter of 0
+    return _eigh_attempt(symmetrize(mat), 0, clamp_negative)
+
+
+def _eigh_attempt(mat: Tensor, attempt: int, clamp_negative: bool) -> tuple[Eigh, Tensor]:
+    """``eigh``'s attempt ``attempt`` on the symmetric ``mat``, and whether its values are finite.
+
+    Attempt 0 adds nothing (and allocates nothing); retry ``r`` adds ``_eigh_jitter``
+    and subtracts it from the eigenvalues again. Raises where ``torch.linalg.eigh`` does.
+    """
+    jitter, shifted = 0.0, mat
+    if attempt:
+        jitter = _eigh_jitter(mat, attempt)
+        n = mat.shape[-1]
+        shifted = mat + jitter * torch.eye(n, dtype=mat.dtype, device=mat.device)
+    values, vectors = torch.linalg.eigh(shifted)
+    values = values - jitter
     finite = torch.isfinite(values).all()
     if clamp_negative:
         values = values.clamp_min(0.0)

@@ -41,6 +41,14 @@ def _fitted(name: str, problem_index: int, dtype: torch.dtype) -> LayerwiseAppro
     return approx
 
 
+def _ekfac_with_two_updates(problem: int = 0, dtype: torch.dtype | None = None) -> EKFAC:
+    """EKFAC after two updates (its factors changed since the first basis: a refresh is due)."""
+    approx = EKFAC(dtype=dtype)
+    approx.update(fit_statistics(PROBLEMS[problem], approx))
+    approx.update(fit_statistics(perturbed(PROBLEMS[problem]), approx))
+    return approx
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("problem", range(len(PROBLEMS)), ids=[p.name for p in PROBLEMS])
 @pytest.mark.parametrize("name", APPROXES)
@@ -59,9 +67,7 @@ def test_the_drafted_preconditioner_equals_the_checked_blocks(
 
 @pytest.mark.parametrize("problem", range(len(PROBLEMS)), ids=[p.name for p in PROBLEMS])
 def test_the_drafted_ekfac_refresh_equals_the_checked_one(problem: int) -> None:
-    approx = EKFAC(dtype=torch.float32)
-    approx.update(fit_statistics(PROBLEMS[problem], approx))
-    approx.update(fit_statistics(perturbed(PROBLEMS[problem]), approx))
+    approx = _ekfac_with_two_updates(problem, torch.float32)
     checked = copy.deepcopy(approx)
     approx.refresh()  # drafted: one read for every layer
     for block in checked._blocks.values():
@@ -85,7 +91,7 @@ def test_a_first_cholesky_that_fails_is_retried_with_jitter() -> None:
     lowest = torch.linalg.eigvalsh(A)[0]
     block.A = A - (lowest + 1e-13 * A.trace() / m) * torch.eye(m, dtype=A.dtype)  # type: ignore[attr-defined]
     draft = block.draft_inverse(1e-30)
-    assert draft is not None and draft.finish(draft.numbers.tolist()) is None
+    assert draft is not None and draft.read() is None
     precond = approx.inverse(1e-30)
     checked = block.inverse(1e-30)
     mat = torch.randn(block.out_dim, block.in_dim, dtype=A.dtype)
@@ -118,9 +124,7 @@ def test_the_drafted_inverse_flushes_each_factor_at_its_own_limit() -> None:
 def test_a_drafted_eigenbasis_with_non_finite_eigenvalues_is_retried(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    approx = EKFAC()
-    approx.update(fit_statistics(PROBLEMS[0], approx))
-    approx.update(fit_statistics(perturbed(PROBLEMS[0]), approx))
+    approx = _ekfac_with_two_updates()
     real = torch.linalg.eigh
     calls = {"n": 0}
 
@@ -142,9 +146,7 @@ def test_a_drafted_eigenbasis_with_non_finite_eigenvalues_is_retried(
 def test_an_eigh_that_does_not_converge_is_retried_once_with_jitter(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    approx = EKFAC()
-    approx.update(fit_statistics(PROBLEMS[0], approx))
-    approx.update(fit_statistics(perturbed(PROBLEMS[0]), approx))
+    approx = _ekfac_with_two_updates()
     checked = copy.deepcopy(approx)
     real = torch.linalg.eigh
     calls: list[int] = []

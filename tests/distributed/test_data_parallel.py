@@ -103,6 +103,15 @@ def _split_results(
     return results
 
 
+def _trains_like_one_process(results: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    """One process's run of configuration ``name``; every rank's parameters must match it."""
+    reference = ranks.train(next(c for c in ranks.CONFIGS if c.name == name))
+    for result in results:
+        for key, value in reference["params"].items():
+            torch.testing.assert_close(result["params"][key], value, rtol=RTOL, atol=ATOL)
+    return reference
+
+
 def _packed_basis_numbers() -> int:
     """$d_i + d_i^2 + d_o + d_o^2$ summed over the two layers: one refresh's eigenbases."""
     dims = [(ranks.DIM_IN + 1, ranks.HIDDEN), (ranks.HIDDEN + 1, ranks.DIM_OUT)]
@@ -131,10 +140,8 @@ def test_split_ekfac_refresh_computes_each_eigenbasis_once_and_trains_like_one_p
         assert sum(result["refreshed_numbers"][-1] for result in results) == (
             _packed_basis_numbers()
         ), "the bases of step 3's refresh, each layer's from one rank"
-    reference = ranks.train(next(c for c in ranks.CONFIGS if c.name == name))
+    reference = _trains_like_one_process(results, name)
     for result in results:
-        for key, value in reference["params"].items():
-            torch.testing.assert_close(result["params"][key], value, rtol=RTOL, atol=ATOL)
         assert equal_states(result["approx_state"], results[0]["approx_state"]), "identical"
     assert reference["computed"] == [], "one process refreshes without the split"
 
@@ -159,11 +166,9 @@ def test_split_rearranged_fits_are_computed_once_and_train_like_one_process(
         assert fitted == ["0", "2"], f"step {step}: each layer fitted once"
     if world_size == 3:
         assert any(all(f == [] for f in r["fits"]) for r in results), "one rank owns nothing"
-    reference = ranks.train(next(c for c in ranks.CONFIGS if c.name == name))
+    reference = _trains_like_one_process(results, name)
     assert reference["fits"] == [], "one process fits without the split"
     for result in results:
-        for key, value in reference["params"].items():
-            torch.testing.assert_close(result["params"][key], value, rtol=RTOL, atol=ATOL)
         assert equal_states(result["approx_state"], results[0]["approx_state"]), "identical"
 
 
@@ -195,11 +200,9 @@ def test_inverses_sent_whole_are_built_once_and_train_like_one_process(
         assert result["inverted"] == ["0", "2"], "every rank applies every layer's inverse"
         # Step 3 sent no directions.
         assert result["shared_bytes"] == 8 * _last_broadcast_numbers(name)
-    reference = ranks.train(next(c for c in ranks.CONFIGS if c.name == name))
+    reference = _trains_like_one_process(results, name)
     assert reference["built"] == [], "one process inverts without the split"
     for result in results:
-        for key, value in reference["params"].items():
-            torch.testing.assert_close(result["params"][key], value, rtol=RTOL, atol=ATOL)
         first = results[0]["params"]
         assert all(torch.equal(first[k], result["params"][k]) for k in first), "identical"
 
