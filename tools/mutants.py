@@ -222,6 +222,38 @@ MUTANTS = (
         "            pass\n",
         ("tests/extract/test_autocast.py",),
     ),
+    Mutant(
+        "deferred_skip_moves_buffers",
+        "a step refused on the device still decays the momentum buffers",
+        "curvlib/optim/kernels.py",
+        "        keep = torch.where(ok, momentum * clip, 1.0)  # the old buffer's factor\n",
+        "        keep = momentum * clip\n",
+        ("tests/optim/test_deferred_checks.py",),
+    ),
+    Mutant(
+        "deferred_nan_direction_kept",
+        "a refused step's direction is not selected away (its NaN reaches the parameters)",
+        "curvlib/optim/kernels.py",
+        "        selected = torch.where(ok, directions[layer.name], 0.0)\n",
+        "        selected = directions[layer.name]\n",
+        ("tests/optim/test_deferred_checks.py",),
+    ),
+    Mutant(
+        "deferred_uphill_ignored",
+        "the device-side guards do not look for uphill directions",
+        "curvlib/optim/deferred.py",
+        "        bad.append((i < -math.sqrt(eps) * g * d).any())\n",
+        "",
+        ("tests/optim/test_deferred_checks.py",),
+    ),
+    Mutant(
+        "deferred_norm_clip_unsquared",
+        "the tracked buffer norm is scaled by the clip, not its square",
+        "curvlib/optim/deferred.py",
+        "    square = clip * clip",
+        "    square = clip",
+        ("tests/optim/test_deferred_checks.py",),
+    ),
 )
 
 

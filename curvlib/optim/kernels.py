@@ -227,3 +227,100 @@ def sgd_step(state: MutableMapping[Any, dict[str, Any]], group: Mapping[str, Any
         if decoupled and wd:
             p.mul_(1.0 - lr * wd)
         p.add_(step, alpha=-lr)
+
+
+def selected_layer_step(
+    state: MutableMapping[Any, dict[str, Any]],
+    group: Mapping[str, Any],
+    layers: Sequence[CurvatureLayer],
+    directions: Mapping[str, Tensor],
+    clip: Tensor,
+    ok: Tensor,
+) -> None:
+    r"""[`layer_step`][curvlib.optim.kernels.layer_step] where ``ok``, else nothing, unread.
+
+    The step of a deferred check
+    ([`curvlib.optim.deferred`][curvlib.optim.deferred]): ``clip`` $\nu$ and
+    ``ok`` are device tensors, and every change goes through a select or a
+    factor that is exactly 1 (or 0) where ``ok`` is false, so that parameters
+    and momentum buffers keep their values bit for bit there, whatever NaN or
+    Inf the directions hold. Buffers created by a skipped step are zero, which
+    the next step's momentum treats as no buffer.
+
+    Args:
+        state: The optimizer's per-parameter state.
+        group: The ``param_group``.
+        layers: The group's curvature layers.
+        directions: Their preconditioned ``[W | b]`` directions.
+        clip: 0-dimensional $\nu$.
+        ok: 0-dimensional boolean: whether the step is taken.
+    """
+    lr, momentum = float(group["lr"]), float(group["momentum"])
+    wd = float(group["weight_decay"]) if group["decoupled_weight_decay"] else 0.0
+    params: list[Tensor] = []
+    parts: list[Tensor] = []
+    for layer in layers:
+        selected = torch.where(ok, directions[layer.name], 0.0)
+        for p, d in zip(layer.parameters, layer.from_matrix(selected), strict=False):
+            assert d is not None
+            params.append(p)
+            parts.append(d)
+    if not params:
+        return
+    taken = torch.where(ok, clip, 0.0)
+    steps = list(torch._foreach_mul(parts, taken))  # ν d where ok, else 0
+    if momentum != 0.0:
+        keep = torch.where(ok, momentum * clip, 1.0)  # the old buffer's factor
+        old = [i for i, p in enumerate(params) if state[p].get("momentum_buffer") is not None]
+        if old:
+            buffers = [state[params[i]]["momentum_buffer"] for i in old]
+            torch._foreach_mul_(buffers, keep)
+            torch._foreach_add_(buffers, [steps[i] for i in old])
+        for i in sorted(set(range(len(params))) - set(old)):  # the first step's buffers
+            state[params[i]]["momentum_buffer"] = steps[i].clone()
+        buffers = [state[p]["momentum_buffer"] for p in params]
+        if group["nesterov"]:
+            steps = list(torch._foreach_add(steps, buffers, alpha=momentum))
+        else:
+            steps = buffers
+    else:
+        for param in params:
+            state[param]["momentum_buffer"] = None
+    steps = [s if s.dtype == q.dtype else s.to(q.dtype) for q, s in zip(params, steps, strict=True)]
+    if wd:
+        torch._foreach_mul_(params, torch.where(ok, clip.new_full((), 1.0 - lr * wd), 1.0))
+    rate = torch.where(ok, clip.new_full((), -lr), 0.0)
+    torch._foreach_add_(params, torch._foreach_mul(steps, rate))
+
+
+def selected_sgd_step(
+    state: MutableMapping[Any, dict[str, Any]], group: Mapping[str, Any], ok: Tensor
+) -> None:
+    """[`sgd_step`][curvlib.optim.kernels.sgd_step] where ``ok``, else nothing, unread.
+
+    As [`selected_layer_step`][curvlib.optim.kernels.selected_layer_step]:
+    parameters and momentum buffers keep their values exactly where ``ok`` is false.
+    """
+    lr, wd = float(group["lr"]), float(group["weight_decay"])
+    decoupled = bool(group["decoupled_weight_decay"])
+    momentum = float(group["momentum"])
+    one = torch.ones((), dtype=torch.float64, device=ok.device)
+    rate = torch.where(ok, -lr * one, 0.0)
+    for p in group["params"]:
+        if p.grad is None:
+            continue
+        grad = p.grad if decoupled or not wd else p.grad.add(p, alpha=wd)
+        grad = torch.where(ok, grad, 0.0)
+        if momentum == 0.0:
+            step, state[p]["momentum_buffer"] = grad, None
+        else:
+            buffer = state[p].get("momentum_buffer")
+            if buffer is None:
+                buffer = grad.clone()
+            else:
+                buffer.mul_(torch.where(ok, momentum * one, 1.0)).add_(grad)
+            state[p]["momentum_buffer"] = buffer
+            step = grad.add(buffer, alpha=momentum) if group["nesterov"] else buffer
+        if decoupled and wd:
+            p.mul_(torch.where(ok, (1.0 - lr * wd) * one, 1.0))
+        p.add_(step * rate)

@@ -54,6 +54,14 @@ from curvlib.optim.adaptive import (
     is_auto,
 )
 from curvlib.optim.defaults import DEFAULTS, default_damping
+from curvlib.optim.deferred import (
+    MAX_PENDING,
+    DeferredStep,
+    GroupPlan,
+    device_guards,
+    read_pending,
+    tracked_norms,
+)
 from curvlib.optim.engine import (
     CurvatureEngine,
     floating_to,
@@ -69,7 +77,14 @@ from curvlib.optim.guards import (
     measure_directions,
 )
 from curvlib.optim.hyper import DampingRule, check_positive
-from curvlib.optim.kernels import clip_from_norms, layer_step, momentum_step_norms, sgd_step
+from curvlib.optim.kernels import (
+    clip_from_norms,
+    layer_step,
+    momentum_step_norms,
+    selected_layer_step,
+    selected_sgd_step,
+    sgd_step,
+)
 from curvlib.optim.report import describe_optimizer, step_stats
 
 CURVATURE_GROUP = "curvature"
@@ -158,6 +173,17 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             products of ``lr="auto"``, so that every rank takes the same step.
             ``PreconditionedOptimizer`` sets it up from the model
             (``data_parallel``); see [Distributed training](../distributed.md).
+        deferred_checks: Take the steps on which no group folds in statistics
+            or rebuilds its inverse without reading the device: the guards and
+            the KL clip are evaluated there and applied through selects, and
+            what a skipped step reports is read later
+            ([`curvlib.optim.deferred`][curvlib.optim.deferred]). ``"auto"``
+            (the default) does so where the curvature layers' parameters are
+            not on the CPU (on a GPU a read waits for all queued work; on the
+            CPU it costs nothing and the host path is exact to the bit);
+            ``True`` or ``False`` always or never. Steps with
+            ``lr``/``momentum`` ``"auto"`` or Levenberg–Marquardt damping
+            always read.
 
     Attributes:
         extractor: The extractor shared by every group (``layout`` lists the
@@ -171,7 +197,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             counters, time split; the keys are listed in
             [`step_stats`][curvlib.optim.report.step_stats] and on
             [Optimizer and tuning](../optimizer.md)).
-        skipped_steps: Steps skipped for a non-finite gradient or loss.
+        skipped_steps: Steps skipped by the guards (a non-finite gradient, a
+            broken or absurdly long direction); reading it reads the answers of
+            steps with deferred checks.
 
     Raises:
         TypeError: For a malformed ``groups`` entry or ``params``.
@@ -205,6 +233,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         grad_scaler: Any = None,
         accumulation_steps: int = 1,
         sync: ReplicaSync | None = None,
+        deferred_checks: bool | Literal["auto"] = "auto",
     ) -> None:
         defaults: dict[str, Any] = {
             "lr": lr,
@@ -221,6 +250,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             check_positive("kl_clip", kl_clip)
         if isinstance(accumulation_steps, bool) or accumulation_steps < 1:
             raise ValueError(f"accumulation_steps must be >= 1, got {accumulation_steps!r}.")
+        if deferred_checks not in (True, False, "auto"):
+            raise ValueError(
+                f"deferred_checks must be True, False or 'auto', got {deferred_checks!r}."
+            )
         if on_step is not None and not callable(on_step):
             raise TypeError(f"on_step must be callable with the stats dict, got {on_step!r}.")
         resolved, uncovered = resolve_groups(extractor.layout.layers, groups, approx)
@@ -268,7 +301,13 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             for engine, layers in zip(self.engines, self.group_layers, strict=True)
             if getattr(engine.approx, "couples_layers", False)
         ]
-        self.skipped_steps = 0
+        self.deferred_checks = deferred_checks
+        self._skipped = 0
+        self._deferred: list[DeferredStep] = []
+        # Deferred steps' tracked momentum norms, on the device: (layers, buffers, layers
+        # with momentum) and the vector; the state's numbers are stale while it is set.
+        self._norms: tuple[tuple[Any, ...], Tensor] | None = None
+        self._layer = {layer.name: layer for layer in self.layers}
         self.last_stats: dict[str, Any] = {}
         self._recording = False
         self._record_times: dict[str, float] = {}
@@ -421,13 +460,19 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         other = self._group(OTHER_GROUP)
         other_grads = [] if other is None else [p.grad for p in other["params"]]
         lm_engines = [engine for engine in self.engines if engine.lm_due]
+        idle = not lm_engines and all(engine.prepare_idle for engine in self.engines)
+        mode = self._adaptive()
+        if idle and not mode.active and self._defers():
+            return self._deferred_step(grads, other, start)
         finite = finite_flag([*grads.values(), *(g for g in other_grads if g is not None)])
         # Where the engines have nothing to prepare (no statistics, no inverse), the check
         # of the gradients travels with the directions' measurements: one host
         # synchronisation per regular step. Otherwise it comes first, before anything
-        # is folded in or rebuilt.
-        idle = not lm_engines and all(engine.prepare_idle for engine in self.engines)
+        # is folded in or rebuilt, read with the answers of the steps whose checks
+        # were deferred.
         deferred = finite is not None and idle
+        if (self._deferred or self._norms is not None) and (deferred or finite is None):
+            self._settle()
         if finite is not None and not deferred and not self._checked_first(finite):
             return self._skip(self._nonfinite_grads(grads, other), start)
         if lm_engines and closure is None:
@@ -445,7 +490,6 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         for engine in self.engines:
             engine.prepare()
         mark = time.perf_counter()
-        mode = self._adaptive()
         directions, lrs = self._precondition(grads)
         buffers = {} if mode.active else self._buffer_matrices()
         checks = measure_directions(grads, directions, buffers, finite if deferred else None)
@@ -519,12 +563,131 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         checked = [(engine, flag) for engine, flag in flags if flag is not None]
         if any(flag.device != finite.device for _, flag in checked):
             checked = []  # on several devices: the engines check their own
-        values = torch.stack([finite, *(flag for _, flag in checked)]).tolist()
+        values = self._settle([finite, *(flag for _, flag in checked)])
         if not values[0]:
             return False
         for (engine, _), value in zip(checked, values[1:], strict=True):
             engine.statistics_checked(bool(value))
         return True
+
+    # -- steps with deferred checks (curvlib.optim.deferred) -------------------------
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped by the guards so far (reads the deferred checks' answers)."""
+        self._settle()
+        return self._skipped
+
+    def _defers(self) -> bool:
+        """Whether a step the engines need not prepare defers its checks."""
+        if not self.layers:
+            return False
+        if self.deferred_checks == "auto":
+            return self.layers[0].weight.device.type != "cpu"
+        return bool(self.deferred_checks)
+
+    def _deferred_step(
+        self, grads: dict[str, Tensor], other: dict[str, Any] | None, start: float
+    ) -> None:
+        """A step whose guards and KL clip run on the device, applied through selects."""
+        for engine in self.engines:
+            engine.prepare()  # nothing due: resets this step's timings only
+        directions, _ = self._precondition(grads)
+        buffers = self._buffer_matrices()
+        plans = [
+            GroupPlan(
+                names=tuple(layer.name for layer in layers),
+                lr=float(group["lr"]),
+                momentum=float(group["momentum"]),
+                nesterov=bool(group["nesterov"]),
+                coupled=bool(getattr(engine.approx, "couples_layers", False)),
+            )
+            for (group, engine), layers in zip(
+                self.curvature_groups(), self.group_layers, strict=True
+            )
+        ]
+        names = tuple(directions)
+        moving = frozenset(name for plan in plans if plan.momentum != 0.0 for name in plan.names)
+        key = (names, frozenset(buffers), moving)
+        if self._norms is not None and self._norms[0] != key:
+            self._settle()  # the buffers changed: start again from the state's numbers
+        if self._norms is None:
+            norms = tracked_norms(
+                [
+                    float(self.state[self._layer[n].weight].get("momentum_norm", 0.0))
+                    if n in buffers
+                    else 0.0
+                    for n in names
+                ],
+                directions[names[0]].device,
+            )
+        else:
+            norms = self._norms[1]
+        fallback = [] if other is None else [p for p in other["params"] if p.grad is not None]
+        guards = device_guards(
+            grads, directions, buffers, norms, [p.grad for p in fallback], plans,
+            self.kl_clip, self.kl_clip_lr_squared,
+        )  # fmt: skip
+        self._norms = (key, guards.norms)
+        now = time.perf_counter()
+        parts = {"precondition": now - start}
+        for (group, _), layers in zip(self.curvature_groups(), self.group_layers, strict=True):
+            selected_layer_step(self.state, group, layers, directions, guards.clip, guards.ok)
+        if other is not None:
+            selected_sgd_step(self.state, other, guards.ok)
+        parts["parameters"] = time.perf_counter() - now
+        pending = DeferredStep(
+            step=self.engine.step_count,
+            packed=guards.packed,
+            names=names,
+            fallback=tuple(self._param_names.get(id(p), "?") for p in fallback),
+            eps=tuple(torch.finfo(grads[name].dtype).eps for name in directions),
+            coupled=tuple(tuple(names) for names in self._coupled),
+        )
+        self._deferred.append(pending)
+        for engine in self.engines:
+            engine.finish()
+        self._mark_grads()
+        self._report(start, parts, None, None, None, None, deferred=lambda: self._settled(pending))
+        if len(self._deferred) >= MAX_PENDING:
+            self._settle()
+
+    def _settled(self, step: DeferredStep) -> DeferredStep:
+        """``step`` with its answer read (reading every pending step's, if not yet)."""
+        if step.skipped is None:
+            self._settle()
+        return step
+
+    def _settle(self, head: Sequence[Tensor] = ()) -> list[float]:
+        """Read the deferred steps' answers, and ``head``'s numbers, in one transfer.
+
+        Counts and warns about the skipped ones in their order, and turns the
+        tracked momentum norms they left on the device into numbers.
+
+        Returns:
+            The values of ``head``, flattened.
+        """
+        pending, self._deferred = self._deferred, []
+        norms, self._norms = self._norms, None
+        values = read_pending(pending, [*head, *([] if norms is None else [norms[1]])])
+        offset = sum(t.numel() for t in head)
+        if norms is not None:
+            (names, _, moving), vector = norms
+            for name, value in zip(names, values[offset : offset + vector.numel()], strict=True):
+                if name in moving:
+                    self.state[self._layer[name].weight]["momentum_norm"] = value
+            offset += vector.numel()
+        for step in pending:
+            size = step.packed.numel()
+            numbers, offset = values[offset : offset + size], offset + size
+            step.skipped = not numbers[0]
+            step.clip = None if step.skipped else numbers[1]
+            if step.skipped:
+                self._skipped += 1
+                reason, directions = step.reason(numbers)
+                _warn_skipped(step.step, reason, directions, False, deferred=True)
+            step.skipped_steps = self._skipped
+        return values[: sum(t.numel() for t in head)]
 
     def _buffer_matrices(self) -> dict[str, Tensor]:
         """The ``[W | b]`` momentum buffers of the layers that have one."""
@@ -702,26 +865,12 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 statistics, rebuilt their inverse): an inverse rebuilt on it is
                 replaced by the one before, which gave usable steps.
         """
-        self.skipped_steps += 1
+        self._settle()  # the deferred steps before this one count first
+        self._skipped += 1
         for engine in self.engines:
             engine.discard()
-        state = "parameters, momentum and curvature keep their last good state"
-        if prepared:
-            restored = [engine.restore_replaced() for engine in self.engines]
-            state = (
-                "parameters and momentum keep their last good state, the estimate this "
-                "step's statistics"
-            )
-            if any(restored):
-                state += (
-                    "; the inverse rebuilt at this step is dropped and the one before it restored"
-                )
-            state += "; if this repeats, raise the damping"
-        warnings.warn(
-            f"Step {self.engine.step_count} skipped: {reason}; {state}.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+        restored = prepared and any([engine.restore_replaced() for engine in self.engines])
+        _warn_skipped(self.engine.step_count, reason, prepared, restored)
         parts = {"precondition": time.perf_counter() - start}
         for engine in self.engines:
             engine.finish()
@@ -736,6 +885,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         ratio: float | None,
         adaptive: AdaptiveStep | None,
         mode: AdaptiveMode | None,
+        deferred: Callable[[], DeferredStep] | None = None,
     ) -> None:
         """Fill ``last_stats`` (see ``step_stats``) and call ``on_step``."""
         record, self._record_times = self._record_times, {}
@@ -747,8 +897,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 "predicted_change": adaptive.predicted,
             }
         self.last_stats = step_stats(
-            self, start, {**record, **parts}, nu, ratio, skipped=nu is None, adaptive=chosen
-        )
+            self, start, {**record, **parts}, nu, ratio, skipped=nu is None, adaptive=chosen,
+            deferred=deferred,
+        )  # fmt: skip
         if self.on_step is not None:
             self.on_step(self.last_stats)
 
@@ -767,6 +918,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         ``LambdaLR`` leaves out callables: pass it again when constructing the
         optimizer that loads the checkpoint (its adapted value is saved).
         """
+        self._settle()  # the tracked norms as numbers, the skipped steps counted
         state = super().state_dict()
         for group in state["param_groups"]:
             damping = group.get("damping")
@@ -777,7 +929,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             "extractor": self.extractor.state_dict(),
             "groups": {g["name"]: e.state_dict() for g, e in self.curvature_groups()},
         }
-        state["skipped_steps"] = self.skipped_steps
+        state["skipped_steps"] = self._skipped
         return state
 
     def _record(self) -> dict[str, Any]:
@@ -812,6 +964,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 shapes (the message lists every difference), or has no record.
         """
         check_record(state_dict, self._record(), f"this {type(self).__name__}", ignore=("class",))
+        self._settle()  # the steps before the load report as they were
         state_dict = dict(state_dict)
         del state_dict[RECORD_KEY]
         curvature = state_dict.pop("curvature")
@@ -835,7 +988,33 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             raise
         for engine, loaded in zip(self.engines, staged, strict=True):
             engine.commit(loaded)
-        self.skipped_steps = skipped
+        self._skipped = skipped
+
+
+def _warn_skipped(
+    step: int, reason: str, prepared: bool, restored: bool, deferred: bool = False
+) -> None:
+    """The warning of a skipped step.
+
+    Args:
+        step: Its number.
+        reason: Why it was skipped.
+        prepared: Whether it was skipped after the engines prepared it (for its
+            directions, not its gradients).
+        restored: Whether an inverse rebuilt on it was dropped for the one before.
+        deferred: Whether its checks ran on the device and are read only now.
+    """
+    state = "parameters, momentum and curvature keep their last good state"
+    if prepared:
+        state = (
+            "parameters and momentum keep their last good state, the estimate this "
+            "step's statistics"
+        )
+        if restored:
+            state += "; the inverse rebuilt at this step is dropped and the one before it restored"
+        state += "; if this repeats, raise the damping"
+    later = " (its checks ran on the device and were read later)" if deferred else ""
+    warnings.warn(f"Step {step} skipped: {reason}; {state}{later}.", RuntimeWarning, stacklevel=4)
 
 
 class _RankMeanProducts:

@@ -30,13 +30,14 @@ bookkeeping between them (microseconds).
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, ItemsView, Iterator, Mapping, Sequence, ValuesView
 from typing import TYPE_CHECKING, Any
 
 from curvlib.optim.engine import RECORD_TIMES
 from curvlib.optim.hyper import DampingWarmup, LevenbergMarquardt
 
 if TYPE_CHECKING:
+    from curvlib.optim.deferred import DeferredStep
     from curvlib.optim.optimizer import CurvatureOptimizer
 
 TIME_PARTS = (
@@ -52,6 +53,102 @@ TIME_PARTS = (
 """The parts of ``time_step``, in the order they run."""
 
 
+class _Unread:
+    """A value of ``last_stats`` still on the device; ``read`` fetches it."""
+
+    __slots__ = ("read",)
+
+    def __init__(self, read: Callable[[], Any]) -> None:
+        self.read = read
+
+
+class StepStats(dict[str, Any]):
+    """``last_stats``: a ``dict`` whose values a step left on the device are read when used.
+
+    A step with deferred checks ([`curvlib.optim.deferred`][curvlib.optim.deferred])
+    does not know yet whether it was skipped, its KL-clip factor or the count of
+    skipped steps: those three values are read (one host synchronisation, for
+    every pending step at once) the first time any of them is looked at, by
+    indexing, ``get``, ``items``, ``values``, ``dict(...)``, ``{**...}``,
+    ``json.dumps``, ``copy`` or ``pickle``. The other keys never wait. After
+    that it is a plain ``dict`` of plain values.
+    """
+
+    def __getitem__(self, key: str) -> Any:
+        value = super().__getitem__(key)
+        if isinstance(value, _Unread):
+            self._read()
+            value = super().__getitem__(key)
+        return value
+
+    def _read(self) -> None:
+        for key, value in list(super().items()):
+            if isinstance(value, _Unread):
+                super().__setitem__(key, value.read())
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """``self[key]``, read if it is still on the device, or ``default``."""
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
+    def items(self) -> ItemsView[str, Any]:  # type: ignore[override]
+        """The items, every value read."""
+        self._read()
+        return super().items()
+
+    def values(self) -> ValuesView[Any]:  # type: ignore[override]
+        """The values, every one read."""
+        self._read()
+        return super().values()
+
+    def __iter__(self) -> Iterator[str]:
+        # Defined here so that dict(...) and {**...} copy through __getitem__.
+        return super().__iter__()
+
+    def copy(self) -> dict[str, Any]:
+        """A plain ``dict`` of the read values."""
+        return dict(self.items())
+
+    def __or__(self, other: dict[str, Any]) -> dict[str, Any]:  # type: ignore[override]
+        return self.copy() | other
+
+    def __ror__(self, other: dict[str, Any]) -> dict[str, Any]:  # type: ignore[override]
+        return other | self.copy()
+
+    def __eq__(self, other: object) -> bool:
+        self._read()
+        return super().__eq__(other)
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        self._read()
+        return super().__repr__()
+
+    def pop(self, key: str, *default: Any) -> Any:
+        """As ``dict.pop``, with every value read first."""
+        self._read()
+        return super().pop(key, *default)
+
+    def popitem(self) -> tuple[str, Any]:
+        """As ``dict.popitem``, with every value read first."""
+        self._read()
+        return super().popitem()
+
+    def setdefault(self, key: str, default: Any = None) -> Any:
+        """As ``dict.setdefault``, with every value read first."""
+        self._read()
+        return super().setdefault(key, default)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (dict, (self.copy(),))
+
+
 def step_stats(
     opt: CurvatureOptimizer,
     start: float,
@@ -60,6 +157,7 @@ def step_stats(
     ratio: float | None,
     skipped: bool,
     adaptive: Mapping[str, float | None] | None = None,
+    deferred: Callable[[], DeferredStep] | None = None,
 ) -> dict[str, Any]:
     r"""The telemetry of the step that just finished.
 
@@ -73,6 +171,10 @@ def step_stats(
         adaptive: ``adaptive_lr``, ``adaptive_momentum`` (the chosen $\alpha$,
             $\mu$, ``None`` when fixed) and ``predicted_change`` (the quadratic
             model's $M$) under ``"auto"``; all three keys are ``None`` otherwise.
+        deferred: For a step with deferred checks, the step's record once read
+            (``nu`` and ``skipped`` are then ignored): ``skipped``,
+            ``kl_clip_factor`` and ``skipped_steps`` are read from it when used
+            ([`StepStats`][curvlib.optim.report.StepStats]).
 
     Returns:
         The keys of the telemetry table in ``docs/optimizer.md``: ``step``,
@@ -108,10 +210,21 @@ def step_stats(
         engine.diagnostics = {}
     total = time.perf_counter() - start + sum(times.get(k, 0.0) for k in RECORD_TIMES)
     moved = [e.last_moved for e in engines if e.last_moved is not None]
-    return {
-        "step": opt.engine.step_count,
+    answers: dict[str, Any] = {
         "skipped": skipped,
         "kl_clip_factor": nu,
+        "skipped_steps": None if deferred is not None else opt.skipped_steps,
+    }
+    if deferred is not None:
+        answers = {
+            "skipped": _Unread(lambda: deferred().skipped),
+            "kl_clip_factor": _Unread(lambda: deferred().clip),
+            "skipped_steps": _Unread(lambda: deferred().skipped_steps),
+        }
+    return StepStats({
+        "step": opt.engine.step_count,
+        "skipped": answers["skipped"],
+        "kl_clip_factor": answers["kl_clip_factor"],
         "damping": opt.engine.damping,
         "group_damping": {g["name"]: e.damping for g, e in opt.curvature_groups()},
         "lm_ratio": ratio,
@@ -123,12 +236,12 @@ def step_stats(
         "adaptive_momentum": None,
         "predicted_change": None,
         **(adaptive or {}),
-        "skipped_steps": opt.skipped_steps,
+        "skipped_steps": answers["skipped_steps"],
         "skipped_updates": sum(engine.skipped_updates for engine in engines),
         "inverse_failures": sum(engine.inverse_failures for engine in engines),
         "time_step": total,
         **{f"time_{k}": times[k] for k in TIME_PARTS if k in times},
-    }
+    })  # fmt: skip
 
 
 def format_damping(rule: Any, current: float) -> str:

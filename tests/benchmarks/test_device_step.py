@@ -26,15 +26,15 @@ def _run(argv: list[str]) -> None:
 def test_device_mode_times_counts_and_floors_every_row(tmp_path: Path) -> None:
     # One thread: with two on two cores, any other process stalls OpenMP's barriers.
     argv = ["--device", "cpu", "--batch-sizes", "32", "--intervals", "2", "--methods",
-            "sgd,kfac", "--windows", "2", "--floor-rounds", "1", "--resnet-batch", "0",
-            "--threads", "1", "--out", str(tmp_path)]  # fmt: skip
+            "sgd,kfac,kfac-deferred", "--windows", "2", "--floor-rounds", "1",
+            "--resnet-batch", "0", "--threads", "1", "--out", str(tmp_path)]  # fmt: skip
     _run(argv)
     payload = json.loads((tmp_path / "step_time_cpu.json").read_text())
     assert payload["device"]["type"] == "cpu" and payload["device"]["name"]
     assert payload["commit"] and payload["date"] and "--device cpu" in payload["command"]
     assert payload["device"]["torch"] == torch.__version__
     rows = {(r["name"], r["interval"]): r for r in payload["rows"]}
-    assert set(rows) == {("adam", None), ("sgd", None), ("kfac", 2)}
+    assert set(rows) == {("adam", None), ("sgd", None), ("kfac", 2), ("kfac-deferred", 2)}
     for row in rows.values():
         assert row["error"] is None, row["error"]
         assert len(row["windows_ms"]) == 2 and all(t > 0 for t in row["windows_ms"])
@@ -45,6 +45,11 @@ def test_device_mode_times_counts_and_floors_every_row(tmp_path: Path) -> None:
     # step reads at least as often.
     assert kfac["host_reads"]["regular"] == 1
     assert kfac["host_reads"]["statistics"] >= kfac["host_reads"]["regular"]
+    # Deferred checks (the default on a GPU): a regular step reads nothing, not even for
+    # the benchmark's own look at the step's times; the statistics step no more often.
+    deferred = rows["kfac-deferred", 2]
+    assert deferred["host_reads"]["regular"] == 0
+    assert deferred["host_reads"]["statistics"] == kfac["host_reads"]["statistics"]
     assert kfac["kernels"]["statistics"] > kfac["kernels"]["regular"]
     assert rows["adam", None]["vs_adam"] == 1.0
     for key in ("vs_adam", "vs_sgd", "floor_ms", "vs_floor"):

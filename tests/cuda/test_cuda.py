@@ -114,9 +114,10 @@ def _sync_warnings(step: Callable[[], None]) -> int:
 
 
 def test_kfac_steps_wait_for_the_gpu_as_often_as_counted_on_the_cpu() -> None:
-    # tests/optim/test_host_syncs.py counts the reads on the CPU: one per regular step,
-    # and on a statistics step the gradients' and statistics' check, the inverse and the
-    # directions (the sub-batch's indices, drawn on the CPU, do not wait for the GPU).
+    # tests/optim/test_host_syncs.py counts the reads on the CPU: one per regular step
+    # (none with deferred checks), and on a statistics step the gradients' and statistics'
+    # check, the inverse and the directions (the sub-batch's indices, drawn on the CPU, do
+    # not wait for the GPU).
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 10)).cuda()
     loss_fn = nn.CrossEntropyLoss()
@@ -134,4 +135,14 @@ def test_kfac_steps_wait_for_the_gpu_as_often_as_counted_on_the_cpu() -> None:
     assert not all(engine.prepare_idle for engine in opt.engines)
     assert _sync_warnings(step) <= 3  # step 20: statistics and inverse
     assert all(engine.prepare_idle for engine in opt.engines)
-    assert _sync_warnings(step) <= 1  # step 21: a regular step
+    # Step 21, a regular step: with deferred checks (the default on CUDA) no wait at all;
+    # "error" makes any synchronisation raise where it happens.
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert opt.last_stats["skipped"] is False  # read now, after the step
+    opt.deferred_checks = False
+    assert _sync_warnings(step) <= 1  # checks on the host: one read
