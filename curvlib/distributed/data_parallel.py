@@ -54,17 +54,25 @@ class Traffic:
         messages: Collective calls.
         bytes: The sizes of the buffers this rank put in (for an all-gather,
             each other rank receives that many bytes from it).
+        received: The bytes of the other ranks' buffers the collectives
+            delivered to this rank: $W - 1$ buffers for an all-gather, and
+            for a gather on its destination rank; one for a broadcast from
+            another rank; one for an all-reduce (the result, whatever the
+            algorithm moves on the wire); none for a gather to another rank or
+            a broadcast from this one.
         seconds: Wall time spent in them, waiting for the other ranks included.
     """
 
     messages: int = 0
     bytes: int = 0
+    received: int = 0
     seconds: float = 0.0
 
-    def add(self, buffer: Tensor, seconds: float) -> None:
-        """Count one collective on ``buffer`` that took ``seconds``."""
+    def add(self, buffer: Tensor, seconds: float, received: int = 0) -> None:
+        """Count one collective on ``buffer``: ``seconds`` long, ``received`` bytes delivered."""
         self.messages += 1
-        self.bytes += buffer.numel() * buffer.element_size()
+        self.bytes += _nbytes(buffer)
+        self.received += received
         self.seconds += seconds
 
 
@@ -312,8 +320,9 @@ class DataParallel:
                 src = r if self.group is None else dist.get_global_rank(self.group, r)
                 start = partial(dist.broadcast, flat, src=src, group=self.group, async_op=True)
                 self._collective(
-                    start, "the owners' broadcast of directions or eigenbases", flat, traffic
-                )
+                    start, "the owners' broadcast of directions or eigenbases", flat, traffic,
+                    received=0 if r == self.rank else _nbytes(flat),
+                )  # fmt: skip
                 pieces = unpack(flat.to(home), [mine[i].shape for i in bucket.indices])
                 for i, piece in zip(bucket.indices, pieces, strict=True):
                     out[names[i]] = piece
@@ -347,8 +356,9 @@ class DataParallel:
             dist.all_reduce, buffer, op=dist.ReduceOp.MAX, group=self.group, async_op=True
         )
         self._collective(
-            start, "the check that the ranks hold the same parameters", buffer, Traffic()
-        )
+            start, "the check that the ranks hold the same parameters", buffer, Traffic(),
+            received=_nbytes(buffer),
+        )  # fmt: skip
         buffer = buffer.cpu()
         n = len(prints)
         differ = (buffer[:n] != -buffer[n:]).view(-1, 2).any(1)
@@ -374,7 +384,7 @@ class DataParallel:
             home = flat.device
             flat = flat.to(self._device) if self._device is not None else flat
             start = partial(dist.all_reduce, flat, group=self.group, async_op=True)
-            self._collective(start, what, flat, traffic)
+            self._collective(start, what, flat, traffic, received=_nbytes(flat))
             pieces = unpack(flat.to(home), [tensors[i].shape for i in bucket.indices])
             for i, piece in zip(bucket.indices, pieces, strict=True):
                 out[i] = piece
@@ -386,13 +396,23 @@ class DataParallel:
         local = tensor.to(self._device) if self._device is not None else tensor
         parts = [torch.empty_like(local) for _ in range(self.world_size)]
         start = partial(dist.all_gather, parts, local, group=self.group, async_op=True)
-        self._collective(start, what, local, traffic)
+        received = (self.world_size - 1) * _nbytes(local)
+        self._collective(start, what, local, traffic, received=received)
         return [p.to(home) for p in parts]
 
     def _collective(
-        self, start: Callable[[], Any], what: str, buffer: Tensor, traffic: Traffic
+        self,
+        start: Callable[[], Any],
+        what: str,
+        buffer: Tensor,
+        traffic: Traffic,
+        *,
+        received: int,
     ) -> None:
-        """Run one collective, count it, and turn a failure into an error that says what failed."""
+        """Run one collective, count it, and turn a failure into an error that says what failed.
+
+        ``received``: the bytes of other ranks' buffers it delivers here (``Traffic.received``).
+        """
         began = time.perf_counter()
         try:
             work = start()
@@ -407,8 +427,8 @@ class DataParallel:
                 "calling the optimizer; every rank must run the same steps."
             ) from err
         seconds = time.perf_counter() - began
-        traffic.add(buffer, seconds)
-        self.traffic.add(buffer, seconds)
+        traffic.add(buffer, seconds, received)
+        self.traffic.add(buffer, seconds, received)
 
 
 def _in_group() -> bool:
@@ -422,6 +442,10 @@ def _require_group() -> None:
             "torch.distributed.init_process_group(...) first (torchrun provides the "
             "environment), or train in a single process without data_parallel=True."
         )
+
+
+def _nbytes(tensor: Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
 
 
 def _pad(tensor: Tensor, axis: int, size: int) -> Tensor:

@@ -227,6 +227,7 @@ def train(
         "names": [layer.name for layer in opt.layers],
         "inverted": sorted(inverted),
         "bytes": None if sync is None else sync.last_statistics.bytes,
+        "received": None if sync is None else sync.last_statistics.received,
         "messages": None if sync is None else sync.last_statistics.messages,
         "computed": getattr(approx, "computed", None),
         "fits": getattr(approx, "fits", None),

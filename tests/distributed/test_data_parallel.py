@@ -317,8 +317,16 @@ def test_statistics_travel_in_a_few_messages(two_ranks: list[dict[str, Any]]) ->
     factors += ranks.DIM_OUT**2
     header = 4 * 8
     assert kfac["bytes"] == header + 8 * factors
+    # Received: the other rank's header and the factors' sum.
+    assert kfac["received"] == header + 8 * factors
     # Per-sample statistics add one gathered bucket of this rank's samples.
-    assert two_ranks[0]["ekfac-empirical-ddp"]["messages"] == 3
+    ekfac = two_ranks[0]["ekfac-empirical-ddp"]
+    assert ekfac["messages"] == 3
+    samples = (ranks.BATCH // 2) * (
+        ranks.DIM_IN + 1 + ranks.HIDDEN + ranks.HIDDEN + 1 + ranks.DIM_OUT
+    )
+    header += 4 * 8  # the four per-sample tensors' counts
+    assert ekfac["bytes"] == ekfac["received"] == header + 8 * (factors + samples)
 
 
 def test_replicas_with_different_parameters_are_refused(
