@@ -309,13 +309,8 @@ def _fails_on_rank_one(
     for step, (x, y) in enumerate(batches()):
         if step == at_step and rank == 1:
             setattr(module, function, broken)
-        opt.zero_grad()
-        with opt.record():
-            loss_fn(wrapped(shard(x, rank, world_size)), shard(y, rank, world_size)).backward()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            opt.step()
-        messages += [str(w.message) for w in caught]
+        xr, yr = shard(x, rank, world_size), shard(y, rank, world_size)
+        messages += _step_warnings(opt, wrapped, loss_fn, xr, yr)
     return {
         "messages": messages,
         "failures": opt.engine.inverse_failures,
@@ -323,6 +318,19 @@ def _fails_on_rank_one(
         "approx_state": approx.state_dict(),
         "params": {k: v.detach().clone() for k, v in net.named_parameters()},
     }
+
+
+def _step_warnings(
+    opt: PreconditionedOptimizer, net: nn.Module, loss_fn: nn.Module, x: Tensor, y: Tensor
+) -> list[str]:
+    """One training step on ``(x, y)``; the messages of the warnings it raised."""
+    opt.zero_grad()
+    with opt.record():
+        loss_fn(net(x), y).backward()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.step()
+    return [str(w.message) for w in caught]
 
 
 def ekfac_refresh_fails_on_rank_one(rank: int, world_size: int) -> dict[str, Any]:
@@ -386,13 +394,8 @@ def nonfinite_sample_on_rank_one(rank: int, world_size: int, approx: str, layer:
     messages: list[list[str]] = []
     received: list[int] = []
     for x, y in batches():
-        opt.zero_grad()
-        with opt.record():
-            loss_fn(wrapped(shard(x, rank, world_size)), shard(y, rank, world_size)).backward()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            opt.step()
-        messages.append([str(w.message) for w in caught])
+        xr, yr = shard(x, rank, world_size), shard(y, rank, world_size)
+        messages.append(_step_warnings(opt, wrapped, loss_fn, xr, yr))
         received.append(sync.last_statistics.received)
     return {
         "messages": messages,
