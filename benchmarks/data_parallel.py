@@ -25,7 +25,11 @@ configuration, by rank 0:
   (those that rebuilt the inverse), the median over the runs;
 * *bytes/stats step*: what rank 0 put into curvlib's collectives on the last
   statistics step (``DataParallel.last_statistics``): header, factors, and for
-  EKFAC the per-sample statistics;
+  EKFAC, KPSVD and Deflation the per-sample statistics;
+* *received/stats step*: what the collectives of that statistics step
+  delivered to the rank that received most (``Traffic.received``): the other
+  ranks' headers, the factors' sum, and the other ranks' per-sample statistics
+  (with the split, of the layers that rank owns only);
 * *curvlib bytes/step*: everything rank 0 put into curvlib's collectives,
   per step (with the split: the broadcasts of KFAC's preconditioned gradients,
   every step, or of EKFAC's eigenbases, every refresh);
@@ -114,7 +118,7 @@ def _rank_main(rank: int, world_size: int, store: str, config: dict[str, Any], o
     steps = config["steps"]
     times: list[float] = []
     stats_times: list[float] = []
-    stats_bytes = stats_messages = 0
+    stats_bytes = stats_messages = stats_received = 0
     traffic_before = 0
     for step in range(WARMUP_STEPS + steps):
         if step == WARMUP_STEPS:
@@ -129,6 +133,9 @@ def _rank_main(rank: int, world_size: int, store: str, config: dict[str, Any], o
             stats_times.append(times[-1])
         if sync.last_statistics.messages:
             stats_bytes, stats_messages = sync.last_statistics.bytes, sync.last_statistics.messages
+            stats_received = sync.last_statistics.received
+    received_by_rank: list[Any] = [None] * world_size
+    dist.all_gather_object(received_by_rank, stats_received)
     if rank == 0:
         params = sum(p.numel() for p in net.parameters())
         result = {
@@ -139,6 +146,7 @@ def _rank_main(rank: int, world_size: int, store: str, config: dict[str, Any], o
             "ms_per_stats_step": 1e3 * statistics.median(stats_times),
             "stats_bytes": stats_bytes,
             "stats_messages": stats_messages,
+            "stats_received": received_by_rank,
             "curvlib_bytes_per_step": (sync.traffic.bytes - traffic_before) / steps,
             "shared_bytes": sync.last_shared.bytes,
             "ddp_bytes_per_step": 4 * params,
@@ -175,15 +183,15 @@ def table(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
         "times come from processes sharing the machine's cores and vary between runs.",
         "",
         "| approximation | ranks | split | ms/step | ms/stats step | bytes/stats step | "
-        "curvlib bytes/step | bytes/split broadcast | DDP bytes/step |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "received/stats step | curvlib bytes/step | bytes/split broadcast | DDP bytes/step |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['approx'].upper()} | {r['ranks']} | {r['split'] or 'no'} | "
             f"{r['ms_per_step']:.1f} ({r['ms_runs'][0]:.1f}–{r['ms_runs'][-1]:.1f}) | "
             f"{r['ms_per_stats_step']:.1f} | "
-            f"{r['stats_bytes']:,} | "
+            f"{r['stats_bytes']:,} | {max(r['stats_received']):,} | "
             f"{r['curvlib_bytes_per_step']:,.0f} | {r.get('shared_bytes', 0):,} | "
             f"{r['ddp_bytes_per_step']:,} |"
         )

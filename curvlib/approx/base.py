@@ -702,6 +702,16 @@ class LayerwiseApprox(ABC):
     whose blocks are [`SplitUpdateBlock`][curvlib.approx.base.SplitUpdateBlock]s.
     """
 
+    owner_statistics: ClassVar[frozenset[StatKind]] = frozenset()
+    """The per-sample kinds that a split update reads only in ``fitted``, on each layer's owner.
+
+    ``update_with`` on every rank must not read them for the layers ``update_due``
+    lists: data-parallel training then gathers those layers' samples of these
+    kinds to their owners alone, and the other ranks hold them with no samples
+    ([Distributed training](../distributed.md)). Empty: every rank receives
+    every sample.
+    """
+
     def _block_for(self, name: str, stats: LayerStatistics) -> LayerBlock:
         """The layer's block, or the fresh one its first update would make (not stored)."""
         block = self._blocks.get(name)

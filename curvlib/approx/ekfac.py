@@ -557,6 +557,8 @@ class EKFAC(LayerwiseApprox):
 
     splits_update: ClassVar[bool] = True
     """Each layer's new scalings (and first eigenbasis) are computed by its owner (``fitted``)."""
+    owner_statistics: ClassVar[frozenset[StatKind]] = frozenset({StatKind.PER_SAMPLE_IO})
+    """Only the scalings read the per-sample statistics; ``update_with`` reads the factors."""
 
     splits_refresh: ClassVar[bool] = True
     """Whether ``refresh`` can be split by layer: ``refresh_due``, ``refreshed``, ``adopt_refresh``.

@@ -89,6 +89,8 @@ class RearrangedApprox(LayerwiseApprox):
 
     splits_update: ClassVar[bool] = True
     """Each layer's fit to the batch (its power or Lanczos iterations) is split over ranks."""
+    owner_statistics: ClassVar[frozenset[StatKind]] = frozenset({StatKind.PER_SAMPLE_IO})
+    """Only the fit reads the per-sample statistics; ``update_with`` folds in the factors."""
     shares_inverses: ClassVar[bool] = True
 
     def last_products(self) -> dict[str, tuple[RearrangedForm, int]]:

@@ -732,6 +732,17 @@ class TwoLevel:
         """Whether the fine level's update splits by layer (``update_due``, ``fitted``)."""
         return bool(getattr(self.fine, "splits_update", False))
 
+    @property
+    def owner_statistics(self) -> frozenset[StatKind]:
+        """The fine level's ``owner_statistics`` that the coarse level does not read.
+
+        The coarse space and matrix are built on every rank from every layer's
+        samples of the kinds they need (``coarse.required_stats``), so those
+        are gathered to every rank.
+        """
+        fine = frozenset(getattr(self.fine, "owner_statistics", frozenset()))
+        return fine - self.coarse.required_stats
+
     def update_due(self, stats: CurvatureStatistics) -> dict[str, Tensor]:
         """The fine level's ``update_due``."""
         fine: Any = self.fine

@@ -17,7 +17,7 @@ Vectors are dictionaries from layer name to $[W \mid b]$ matrices
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Protocol, runtime_checkable
 
@@ -227,8 +227,19 @@ class ReplicaSync(Protocol):
     value. A group of one rank returns its inputs unchanged.
     """
 
-    def reduce_statistics(self, stats: CurvatureStatistics) -> CurvatureStatistics:
-        """The statistics of the union of every rank's samples, on every rank."""
+    def reduce_statistics(
+        self,
+        stats: CurvatureStatistics,
+        *,
+        owners: Mapping[str, int] | None = None,
+        kinds: Collection[StatKind] = (),
+    ) -> CurvatureStatistics:
+        """The statistics of the union of every rank's samples, on every rank.
+
+        Except the per-sample tensors of ``kinds`` of the layers in ``owners``:
+        those only the named rank receives (the owner of a split update, which
+        alone reads them); the other ranks hold them with no samples.
+        """
         ...
 
     def sync_gradients(self, params: Sequence[Tensor]) -> None:

@@ -13,7 +13,9 @@ few flat messages:
 2. the means (Kronecker factors, diagonals), weighted by the sample counts
    and all-reduced, in buckets of at most ``bucket_bytes``;
 3. the per-sample tensors, if the approximation needs any, all-gathered in
-   buckets (padded to the largest rank's count when the counts differ).
+   buckets (padded to the largest rank's count when the counts differ); those
+   that only a layer's owner reads (a split update's fit) gathered to the
+   owner alone, one gather per owning rank and bucket.
 
 Every rank then folds the same statistics into the same approximation and
 builds the same inverse, so with gradients averaged (by DDP, or here for a
@@ -24,7 +26,7 @@ communicates nothing and returns its inputs: the single-process optimizer.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
@@ -34,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from curvlib.core.stats import CurvatureStatistics
+from curvlib.core.stats import CurvatureStatistics, StatKind, all_finite, finite_flag
 from curvlib.distributed.buckets import DEFAULT_BUCKET_BYTES, pack, plan_buckets, unpack
 from curvlib.distributed.ownership import assign_owners
 from curvlib.distributed.statistics import SampleTensor, join_statistics, split_statistics
@@ -54,17 +56,25 @@ class Traffic:
         messages: Collective calls.
         bytes: The sizes of the buffers this rank put in (for an all-gather,
             each other rank receives that many bytes from it).
+        received: The bytes of the other ranks' buffers the collectives
+            delivered to this rank: $W - 1$ buffers for an all-gather, and
+            for a gather on its destination rank; one for a broadcast from
+            another rank; one for an all-reduce (the result, whatever the
+            algorithm moves on the wire); none for a gather to another rank or
+            a broadcast from this one.
         seconds: Wall time spent in them, waiting for the other ranks included.
     """
 
     messages: int = 0
     bytes: int = 0
+    received: int = 0
     seconds: float = 0.0
 
-    def add(self, buffer: Tensor, seconds: float) -> None:
-        """Count one collective on ``buffer`` that took ``seconds``."""
+    def add(self, buffer: Tensor, seconds: float, received: int = 0) -> None:
+        """Count one collective on ``buffer``: ``seconds`` long, ``received`` bytes delivered."""
         self.messages += 1
-        self.bytes += buffer.numel() * buffer.element_size()
+        self.bytes += _nbytes(buffer)
+        self.received += received
         self.seconds += seconds
 
 
@@ -109,6 +119,8 @@ class DataParallel:
             KPSVD, Deflation, Lanczos and KFAC-corrected also split their fits
             to each batch: each owner fits its layers' factors and broadcasts
             them, and every rank folds all of them into its running averages.
+            Where only the owner reads a layer's per-sample statistics (these
+            fits, EKFAC's scalings), they are gathered to the owner alone.
         broadcast: What the owners of a split send: ``"directions"`` (default),
             each layer's preconditioned gradient on every step, so that each
             rank applies only its own layers' inverses; or ``"inverses"``, each
@@ -185,7 +197,13 @@ class DataParallel:
 
     # -- statistics -----------------------------------------------------------------
 
-    def reduce_statistics(self, stats: CurvatureStatistics) -> CurvatureStatistics:
+    def reduce_statistics(
+        self,
+        stats: CurvatureStatistics,
+        *,
+        owners: Mapping[str, int] | None = None,
+        kinds: Collection[StatKind] = (),
+    ) -> CurvatureStatistics:
         r"""The statistics of the union of every rank's samples, on every rank.
 
         Means are averaged with weights $n_r / \sum_r n_r$; per-sample tensors
@@ -193,14 +211,34 @@ class DataParallel:
         ([`curvlib.distributed.statistics`][curvlib.distributed.statistics]).
         ``num_samples`` becomes $\sum_r n_r$.
 
+        Args:
+            stats: This rank's statistics.
+            owners: For the layers whose per-sample statistics only one rank
+                reads (the owner of a split update), that rank: their tensors
+                of ``kinds`` are gathered to it alone, one gather per owner and
+                bucket, and every other rank holds them with no samples (empty
+                along the sample axis). Every other per-sample tensor is
+                gathered to every rank. ``None``: all to every rank.
+            kinds: The per-sample kinds that ``owners`` applies to.
+
+        Whether the statistics are finite is decided alike on every rank: with
+        ``owners``, the header carries each rank's answer for its per-sample
+        tensors, and a step on which any rank holds a non-finite sample is
+        gathered to every rank, as without ``owners``, so that every rank
+        refuses it and names the same layers.
+
         Raises:
             RuntimeError: If the ranks' statistics have other layers or kinds, or
                 a collective fails (another rank failed, or stopped calling).
+            ValueError: If ``owners`` names a layer ``stats`` lacks or a rank
+                outside the group.
         """
         if self.world_size == 1:
             return stats
         traffic = Traffic()
         means, samples = split_statistics(stats)
+        targets = self._targets(stats, samples, owners, kinds)
+        routed = any(t is not None for t in targets)
         header = torch.tensor(
             [
                 stats.num_samples, len(means), sum(t.numel() for t in means), len(samples),
@@ -208,6 +246,8 @@ class DataParallel:
             ],
             dtype=torch.int64,
         )  # fmt: skip
+        if routed:
+            header = torch.cat([header, _finite_flags(samples)])
         table = torch.stack(self._all_gather(header, "the statistics header", traffic))
         if not bool((table[:, 1:_HEADER] == table[0, 1:_HEADER]).all()):
             raise RuntimeError(
@@ -216,30 +256,93 @@ class DataParallel:
                 f"{table[:, :_HEADER].tolist()}). Every rank must build the optimizer with the "
                 "same model, approximation and settings."
             )
-        counts = table[:, 0].tolist()
-        total = int(sum(counts))
+        counts = table[:, _HEADER : _HEADER + len(samples)]
+        finite = not routed or bool(table[:, _HEADER + len(samples) :].all())
+        if not finite:  # refused on every rank alike, from the same samples
+            targets = [None] * len(samples)
+        total = int(table[:, 0].sum())
         weight = stats.num_samples / total
         reduced = self._all_reduce_sum(
             [t * weight for t in means], "the curvature statistics", traffic
         )
-        gathered = self._gather_samples(samples, table[:, _HEADER:], traffic) if samples else []
+        gathered = self._route_samples(samples, counts, targets, traffic)
         self.last_statistics = traffic
-        return join_statistics(stats, reduced, gathered, total)
+        joined = join_statistics(stats, reduced, gathered, total)
+        if routed and finite:
+            # The samples are known finite on every rank; the means are the same everywhere.
+            joined.known_finite(all_finite(reduced))
+        return joined
+
+    def _targets(
+        self,
+        stats: CurvatureStatistics,
+        samples: Sequence[SampleTensor],
+        owners: Mapping[str, int] | None,
+        kinds: Collection[StatKind],
+    ) -> list[int | None]:
+        """The rank each per-sample tensor is gathered to, ``None`` for every rank."""
+        if owners is None:
+            return [None] * len(samples)
+        unknown = sorted(set(owners) - set(stats.layers))
+        if unknown:
+            raise ValueError(f"owners names layers without statistics: {unknown}.")
+        outside = {n: r for n, r in owners.items() if not 0 <= r < self.world_size}
+        if outside:
+            raise ValueError(
+                f"owners names ranks outside the group of {self.world_size}: {outside}."
+            )
+        return [owners.get(s.layer) if s.kind in kinds else None for s in samples]
+
+    def _route_samples(
+        self,
+        samples: Sequence[SampleTensor],
+        counts: Tensor,
+        targets: Sequence[int | None],
+        traffic: Traffic,
+    ) -> list[Tensor]:
+        """Every per-sample tensor gathered to its target: every rank first, then each owner."""
+        out: list[Tensor] = [s.tensor for s in samples]
+        for target in [None, *range(self.world_size)]:
+            chosen = [i for i, t in enumerate(targets) if t == target]
+            if not chosen:
+                continue
+            got = self._gather_samples(
+                [samples[i] for i in chosen], counts[:, chosen], traffic, target
+            )
+            for i, tensor in zip(chosen, got, strict=True):
+                out[i] = tensor
+        return out
 
     def _gather_samples(
-        self, samples: Sequence[SampleTensor], counts: Tensor, traffic: Traffic
+        self,
+        samples: Sequence[SampleTensor],
+        counts: Tensor,
+        traffic: Traffic,
+        dst: int | None = None,
     ) -> list[Tensor]:
-        """Each per-sample tensor of every rank, concatenated in rank order."""
+        """Each per-sample tensor of every rank, concatenated in rank order.
+
+        On every rank (all-gather), or with ``dst`` on that rank only (gather);
+        the other ranks then get each tensor with no samples.
+        """
         largest = counts.max(0).values.tolist()
         padded = [_pad(s.tensor, s.axis, n) for s, n in zip(samples, largest, strict=True)]
         per_rank: list[list[Tensor]] = [[] for _ in range(self.world_size)]
         shapes = [t.shape for t in padded]
         order: list[int] = []
+        what = "the per-sample statistics"
         for bucket in plan_buckets(padded, self.bucket_bytes):
-            parts = self._all_gather(pack(padded, bucket), "the per-sample statistics", traffic)
+            flat = pack(padded, bucket)
+            parts = (
+                self._all_gather(flat, what, traffic)
+                if dst is None
+                else self._gather(flat, dst, what, traffic)
+            )
             order += bucket.indices
-            for r, flat in enumerate(parts):
-                per_rank[r] += unpack(flat, [shapes[i] for i in bucket.indices])
+            for r, part in enumerate(parts):
+                per_rank[r] += unpack(part, [shapes[i] for i in bucket.indices])
+        if dst is not None and dst != self.rank:
+            return [s.tensor.narrow(s.axis, 0, 0) for s in samples]
         out: list[Tensor] = [samples[0].tensor] * len(samples)
         for position, i in enumerate(order):
             axis = samples[i].axis
@@ -312,8 +415,9 @@ class DataParallel:
                 src = r if self.group is None else dist.get_global_rank(self.group, r)
                 start = partial(dist.broadcast, flat, src=src, group=self.group, async_op=True)
                 self._collective(
-                    start, "the owners' broadcast of directions or eigenbases", flat, traffic
-                )
+                    start, "the owners' broadcast of directions or eigenbases", flat, traffic,
+                    received=0 if r == self.rank else _nbytes(flat),
+                )  # fmt: skip
                 pieces = unpack(flat.to(home), [mine[i].shape for i in bucket.indices])
                 for i, piece in zip(bucket.indices, pieces, strict=True):
                     out[names[i]] = piece
@@ -347,8 +451,9 @@ class DataParallel:
             dist.all_reduce, buffer, op=dist.ReduceOp.MAX, group=self.group, async_op=True
         )
         self._collective(
-            start, "the check that the ranks hold the same parameters", buffer, Traffic()
-        )
+            start, "the check that the ranks hold the same parameters", buffer, Traffic(),
+            received=_nbytes(buffer),
+        )  # fmt: skip
         buffer = buffer.cpu()
         n = len(prints)
         differ = (buffer[:n] != -buffer[n:]).view(-1, 2).any(1)
@@ -374,7 +479,7 @@ class DataParallel:
             home = flat.device
             flat = flat.to(self._device) if self._device is not None else flat
             start = partial(dist.all_reduce, flat, group=self.group, async_op=True)
-            self._collective(start, what, flat, traffic)
+            self._collective(start, what, flat, traffic, received=_nbytes(flat))
             pieces = unpack(flat.to(home), [tensors[i].shape for i in bucket.indices])
             for i, piece in zip(bucket.indices, pieces, strict=True):
                 out[i] = piece
@@ -386,13 +491,35 @@ class DataParallel:
         local = tensor.to(self._device) if self._device is not None else tensor
         parts = [torch.empty_like(local) for _ in range(self.world_size)]
         start = partial(dist.all_gather, parts, local, group=self.group, async_op=True)
-        self._collective(start, what, local, traffic)
+        received = (self.world_size - 1) * _nbytes(local)
+        self._collective(start, what, local, traffic, received=received)
         return [p.to(home) for p in parts]
 
+    def _gather(self, tensor: Tensor, dst: int, what: str, traffic: Traffic) -> list[Tensor]:
+        """``tensor`` of every rank, in rank order, on rank ``dst``; an empty list elsewhere."""
+        home = tensor.device
+        local = tensor.to(self._device) if self._device is not None else tensor
+        mine = dst == self.rank
+        parts = [torch.empty_like(local) for _ in range(self.world_size)] if mine else None
+        root = dst if self.group is None else dist.get_global_rank(self.group, dst)
+        start = partial(dist.gather, local, parts, dst=root, group=self.group, async_op=True)
+        received = (self.world_size - 1) * _nbytes(local) if mine else 0
+        self._collective(start, what, local, traffic, received=received)
+        return [p.to(home) for p in parts] if parts is not None else []
+
     def _collective(
-        self, start: Callable[[], Any], what: str, buffer: Tensor, traffic: Traffic
+        self,
+        start: Callable[[], Any],
+        what: str,
+        buffer: Tensor,
+        traffic: Traffic,
+        *,
+        received: int,
     ) -> None:
-        """Run one collective, count it, and turn a failure into an error that says what failed."""
+        """Run one collective, count it, and turn a failure into an error that says what failed.
+
+        ``received``: the bytes of other ranks' buffers it delivers here (``Traffic.received``).
+        """
         began = time.perf_counter()
         try:
             work = start()
@@ -407,8 +534,8 @@ class DataParallel:
                 "calling the optimizer; every rank must run the same steps."
             ) from err
         seconds = time.perf_counter() - began
-        traffic.add(buffer, seconds)
-        self.traffic.add(buffer, seconds)
+        traffic.add(buffer, seconds, received)
+        self.traffic.add(buffer, seconds, received)
 
 
 def _in_group() -> bool:
@@ -422,6 +549,19 @@ def _require_group() -> None:
             "torch.distributed.init_process_group(...) first (torchrun provides the "
             "environment), or train in a single process without data_parallel=True."
         )
+
+
+def _finite_flags(samples: Sequence[SampleTensor]) -> Tensor:
+    """1 for each tensor of ``samples`` free of NaN and Inf, else 0; one host read."""
+    device = samples[0].tensor.device
+    true = torch.ones((), dtype=torch.bool, device=device)
+    flags = [finite_flag([s.tensor]) for s in samples]
+    stacked = torch.stack([true if f is None else f.to(device) for f in flags])
+    return stacked.to(torch.int64).cpu()
+
+
+def _nbytes(tensor: Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
 
 
 def _pad(tensor: Tensor, axis: int, size: int) -> Tensor:

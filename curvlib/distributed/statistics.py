@@ -17,7 +17,13 @@ batches, as if they were micro-batches of one step
   the work of the approximation (exact natural gradient's $O(m^2P + m^3)$
   with $m = \sum_r n_r$). This is the price of the exact global estimate that
   EKFAC's eigenvalues, KPSVD, Deflation, Lanczos, the natural-gradient
-  solvers and the coarse spaces of two-level methods need.
+  solvers and the coarse spaces of two-level methods need;
+* except where only one rank reads them: when a layer's update is split
+  (``DataParallel(split_inverses=True)``) and the approximation reads that
+  layer's per-sample statistics only in its owner's fit (its
+  ``owner_statistics``), they are gathered to the owner alone, and the other
+  ranks hold them with no samples (empty along the sample axis). Each rank then
+  receives the other ranks' samples of its own layers only.
 """
 
 from __future__ import annotations
@@ -34,15 +40,18 @@ from curvlib.core.stats import (
     PerSampleGrads,
     PerSampleIO,
     PooledIO,
+    StatKind,
 )
 
 
 @dataclass(frozen=True)
 class SampleTensor:
-    """A per-sample tensor and the axis along which it lists the samples."""
+    """A per-sample tensor, the axis along which it lists the samples, its layer and kind."""
 
     tensor: Tensor
     axis: int
+    layer: str
+    kind: StatKind
 
     @property
     def count(self) -> int:
@@ -59,19 +68,24 @@ def split_statistics(stats: CurvatureStatistics) -> tuple[list[Tensor], list[Sam
     """
     means: list[Tensor] = []
     samples: list[SampleTensor] = []
-    for s in stats.layers.values():
+    for name, s in stats.layers.items():
         if s.kronecker is not None:
             means += [s.kronecker.A, s.kronecker.G]
         if s.diagonal is not None:
             means.append(s.diagonal)
         if s.io is not None:
-            samples += [SampleTensor(s.io.inputs, 0), SampleTensor(s.io.output_grads, 1)]
-        if s.grads is not None:
-            samples.append(SampleTensor(s.grads.grads, 1))
-        if s.pooled is not None:
+            io = StatKind.PER_SAMPLE_IO
             samples += [
-                SampleTensor(s.pooled.inputs, 0),
-                SampleTensor(s.pooled.output_grads, 1),
+                SampleTensor(s.io.inputs, 0, name, io),
+                SampleTensor(s.io.output_grads, 1, name, io),
+            ]
+        if s.grads is not None:
+            samples.append(SampleTensor(s.grads.grads, 1, name, StatKind.PER_SAMPLE_GRAD))
+        if s.pooled is not None:
+            pooled = StatKind.CROSS_LAYER
+            samples += [
+                SampleTensor(s.pooled.inputs, 0, name, pooled),
+                SampleTensor(s.pooled.output_grads, 1, name, pooled),
             ]
     return means, samples
 

@@ -46,7 +46,13 @@ from curvlib.core.protocols import (
     ReplicaSync,
     check_approx,
 )
-from curvlib.core.stats import CurvatureStatistics, FisherType, all_finite, merge_statistics
+from curvlib.core.stats import (
+    CurvatureStatistics,
+    FisherType,
+    StatKind,
+    all_finite,
+    merge_statistics,
+)
 from curvlib.optim.hyper import (
     DampingRule,
     DampingWarmup,
@@ -377,7 +383,8 @@ class CurvatureEngine:
             start = time.perf_counter()
             stats = merge_statistics(self._pending)
             if self.sync is not None:
-                stats = self.sync.reduce_statistics(stats)
+                owners, kinds = self._sample_owners(stats)
+                stats = self.sync.reduce_statistics(stats, owners=owners, kinds=kinds)
             updated = self._update(stats)
             self._pending.clear()
             if updated:
@@ -493,6 +500,22 @@ class CurvatureEngine:
     def _update_owners(self) -> Mapping[str, int] | None:
         """The rank that computes the expensive part of each layer's update, or ``None``."""
         return self._work_owners() if getattr(self.approx, "splits_update", False) else None
+
+    def _sample_owners(
+        self, stats: CurvatureStatistics
+    ) -> tuple[Mapping[str, int] | None, frozenset[StatKind]]:
+        """The owner of each layer whose split update alone reads its per-sample statistics.
+
+        The layers of ``update_due`` (from this rank's statistics: the same
+        layers as the merged ones'), and the kinds only their owners read
+        (``owner_statistics``); ``None`` where the update is not split.
+        """
+        kinds: frozenset[StatKind] = getattr(self.approx, "owner_statistics", frozenset())
+        owners = self._update_owners()
+        if owners is None or not kinds:
+            return None, kinds
+        approx: Any = self.approx
+        return {name: owners[name] for name in approx.update_due(stats)}, kinds
 
     def _shared_update(
         self, stats: CurvatureStatistics, owners: Mapping[str, int]

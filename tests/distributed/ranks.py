@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -29,9 +29,10 @@ from curvlib import (
     NaturalGradientPreconditioner,
     PreconditionedOptimizer,
     StatKind,
+    Tselepidis,
     TwoLevel,
 )
-from curvlib.core.stats import merge_statistics
+from curvlib.core.stats import PerSampleIO, merge_statistics
 from curvlib.distributed import DataParallel
 from curvlib.extract import CurvatureExtractor
 
@@ -91,6 +92,14 @@ CONFIGS = (
     # Two-level: the fine level splits as the fine approximation does; the coarse level
     # is built on every rank.
     Config("twolevel-kpsvd-split-ddp", "twolevel-kpsvd", FisherType.EMPIRICAL, split=True),
+    # A coarse space of pooled cross-layer statistics: the fine level's samples go to
+    # their owners alone, the pooled ones to every rank.
+    Config(
+        "twolevel-tselepidis-kpsvd-split-ddp",
+        "twolevel-tselepidis-kpsvd",
+        FisherType.EMPIRICAL,
+        split=True,
+    ),
     Config(
         "twolevel-kfac-inverses-ddp",
         "twolevel-kfac",
@@ -134,15 +143,39 @@ class RecordingKFAC(RecordingInverses, KFAC):
 
 
 class RecordingFits:
-    """Records the layers whose update parts this rank computed, per split update."""
+    """Records the layers whose update parts this rank computed, per split update.
+
+    And, per update, how many samples of each layer's inputs and output
+    gradients the statistics held on this rank.
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.fits: list[list[str]] = []
+        self.held: list[dict[str, tuple[int, ...]]] = []
 
     def fitted(self, stats: CurvatureStatistics, layers: Collection[str]) -> dict[str, Tensor]:
         self.fits.append(sorted(layers))
         return super().fitted(stats, layers)  # type: ignore[misc, no-any-return]
+
+    def update_with(self, stats: CurvatureStatistics, fitted: Any) -> None:
+        self.held.append(_held(stats))
+        super().update_with(stats, fitted)  # type: ignore[misc]
+
+    def update(self, stats: CurvatureStatistics) -> None:
+        self.held.append(_held(stats))
+        super().update(stats)  # type: ignore[misc]
+
+
+def _held(stats: CurvatureStatistics) -> dict[str, tuple[int, ...]]:
+    """Per layer, the samples of its per-sample inputs and output gradients (and pooled ones)."""
+    held: dict[str, tuple[int, ...]] = {}
+    for name, s in stats.layers.items():
+        if s.io is not None:
+            held[name] = (s.io.inputs.shape[0], s.io.output_grads.shape[1])
+        if s.pooled is not None:
+            held[name] = (*held.get(name, ()), s.pooled.inputs.shape[0])
+    return held
 
 
 class RecordingEKFAC(RecordingFits, EKFAC):
@@ -181,6 +214,7 @@ def approximation(name: str) -> Any:
         "deflation": RecordingDeflation,
         "kfac-shared": RecordingKFAC,
         "twolevel-kpsvd": lambda: RecordingTwoLevel(KPSVD()),
+        "twolevel-tselepidis-kpsvd": lambda: RecordingTwoLevel(KPSVD(), Tselepidis()),
         "twolevel-kfac": lambda: RecordingTwoLevel(KFAC()),
     }[name]()
 
@@ -227,11 +261,13 @@ def train(
         "names": [layer.name for layer in opt.layers],
         "inverted": sorted(inverted),
         "bytes": None if sync is None else sync.last_statistics.bytes,
+        "received": None if sync is None else sync.last_statistics.received,
         "messages": None if sync is None else sync.last_statistics.messages,
         "computed": getattr(approx, "computed", None),
         "fits": getattr(approx, "fits", None),
         "built": getattr(approx, "built", None),
         "refreshed_numbers": getattr(approx, "refreshed_numbers", None),
+        "held": getattr(approx, "held", None),
         "shared_bytes": None if sync is None else sync.last_shared.bytes,
         "approx_state": approx.state_dict(),
     }
@@ -273,13 +309,8 @@ def _fails_on_rank_one(
     for step, (x, y) in enumerate(batches()):
         if step == at_step and rank == 1:
             setattr(module, function, broken)
-        opt.zero_grad()
-        with opt.record():
-            loss_fn(wrapped(shard(x, rank, world_size)), shard(y, rank, world_size)).backward()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            opt.step()
-        messages += [str(w.message) for w in caught]
+        xr, yr = shard(x, rank, world_size), shard(y, rank, world_size)
+        messages += _step_warnings(opt, wrapped, loss_fn, xr, yr)
     return {
         "messages": messages,
         "failures": opt.engine.inverse_failures,
@@ -287,6 +318,19 @@ def _fails_on_rank_one(
         "approx_state": approx.state_dict(),
         "params": {k: v.detach().clone() for k, v in net.named_parameters()},
     }
+
+
+def _step_warnings(
+    opt: PreconditionedOptimizer, net: nn.Module, loss_fn: nn.Module, x: Tensor, y: Tensor
+) -> list[str]:
+    """One training step on ``(x, y)``; the messages of the warnings it raised."""
+    opt.zero_grad()
+    with opt.record():
+        loss_fn(net(x), y).backward()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.step()
+    return [str(w.message) for w in caught]
 
 
 def ekfac_refresh_fails_on_rank_one(rank: int, world_size: int) -> dict[str, Any]:
@@ -315,6 +359,53 @@ def kpsvd_fit_fails_on_rank_one(rank: int, world_size: int) -> dict[str, Any]:
     return _fails_on_rank_one(
         rank, world_size, approx, FisherType.EMPIRICAL, "directions", kpsvd, "power_svd", 2
     )
+
+
+class PoisonedSync(DataParallel):
+    """Plants a NaN in one of rank 1's inputs of ``layer`` before its ``at``-th reduction."""
+
+    def __init__(self, layer: str, at: int) -> None:
+        super().__init__(split_inverses=True)
+        self.layer, self.at, self.calls = layer, at, 0
+
+    def reduce_statistics(self, stats: CurvatureStatistics, **kwargs: Any) -> CurvatureStatistics:
+        if self.calls == self.at and self.rank == 1:
+            s = stats.layers[self.layer]
+            assert s.io is not None
+            inputs = s.io.inputs.clone()
+            inputs[0, 0, 0] = torch.nan
+            layers = dict(stats.layers)
+            layers[self.layer] = replace(s, io=PerSampleIO(inputs, s.io.output_grads))
+            stats = CurvatureStatistics(layers, stats.fisher_type, stats.num_samples)
+        self.calls += 1
+        return super().reduce_statistics(stats, **kwargs)
+
+
+def nonfinite_sample_on_rank_one(rank: int, world_size: int, approx: str, layer: str) -> Any:
+    """A split run whose statistics of step 2 hold a NaN in one sample of rank 1's ``layer``."""
+    net, loss_fn = model(), nn.MSELoss()
+    wrapped = nn.parallel.DistributedDataParallel(net)
+    recording = approximation(approx)
+    sync = PoisonedSync(layer, at=2)
+    opt = PreconditionedOptimizer(
+        wrapped, recording, loss_fn=loss_fn, fisher_type=FisherType.EMPIRICAL,
+        stats_fraction=1.0, t_cov=1, t_inv=1, damping=1e-3, data_parallel=sync,
+    )  # fmt: skip
+    messages: list[list[str]] = []
+    received: list[int] = []
+    for x, y in batches():
+        xr, yr = shard(x, rank, world_size), shard(y, rank, world_size)
+        messages.append(_step_warnings(opt, wrapped, loss_fn, xr, yr))
+        received.append(sync.last_statistics.received)
+    return {
+        "messages": messages,
+        "received": received,
+        "skipped": opt.engine.skipped_updates,
+        "held": recording.held,
+        "fits": recording.fits,
+        "approx_state": recording.state_dict(),
+        "params": {k: v.detach().clone() for k, v in net.named_parameters()},
+    }
 
 
 def train_defaults(rank: int, world_size: int) -> dict[str, Any]:
@@ -427,6 +518,42 @@ def reduce_uneven(rank: int, world_size: int) -> dict[str, Any]:
         "expected": _tensors(expected),
         "num_samples": (reduced.num_samples, expected.num_samples),
         "messages": sync.last_statistics.messages,
+    }
+
+
+def reduce_to_owners(rank: int, world_size: int) -> dict[str, Any]:
+    """Uneven parts reduced with layer '0''s per-sample inputs and outputs sent to rank 2 only.
+
+    Layer '2''s per-sample statistics are gathered to every rank (no owner), and
+    so are the per-sample gradients of both layers (a kind ``owners`` does not
+    apply to); the Kronecker factors are averaged everywhere.
+    """
+    kinds = {StatKind.KRONECKER, StatKind.PER_SAMPLE_IO, StatKind.PER_SAMPLE_GRAD}
+    x, y = batches()[0]
+    sizes = [5, 4, 3]
+    starts = [0, 5, 9, 12]
+    local = [
+        statistics_of(x[starts[r] : starts[r + 1]], y[starts[r] : starts[r + 1]], kinds)
+        for r in range(world_size)
+    ]
+    sync = DataParallel(bucket_bytes=256)
+    reduced = sync.reduce_statistics(
+        local[rank], owners={"0": 2}, kinds=frozenset({StatKind.PER_SAMPLE_IO})
+    )
+    errors = []
+    for owners in ({"hidden": 0}, {"0": world_size}):
+        try:
+            sync.reduce_statistics(local[rank], owners=owners, kinds={StatKind.PER_SAMPLE_IO})
+        except ValueError as err:
+            errors.append(str(err))
+    assert sum(sizes) == BATCH
+    return {
+        "reduced": _tensors(reduced),
+        "expected": _tensors(merge_statistics(local)),
+        "num_samples": reduced.num_samples,
+        "finite": reduced.is_finite(),
+        "received": sync.last_statistics.received,
+        "errors": errors,
     }
 
 

@@ -317,8 +317,16 @@ def test_statistics_travel_in_a_few_messages(two_ranks: list[dict[str, Any]]) ->
     factors += ranks.DIM_OUT**2
     header = 4 * 8
     assert kfac["bytes"] == header + 8 * factors
+    # Received: the other rank's header and the factors' sum.
+    assert kfac["received"] == header + 8 * factors
     # Per-sample statistics add one gathered bucket of this rank's samples.
-    assert two_ranks[0]["ekfac-empirical-ddp"]["messages"] == 3
+    ekfac = two_ranks[0]["ekfac-empirical-ddp"]
+    assert ekfac["messages"] == 3
+    samples = (ranks.BATCH // 2) * (
+        ranks.DIM_IN + 1 + ranks.HIDDEN + ranks.HIDDEN + 1 + ranks.DIM_OUT
+    )
+    header += 4 * 8  # the four per-sample tensors' counts
+    assert ekfac["bytes"] == ekfac["received"] == header + 8 * (factors + samples)
 
 
 def test_replicas_with_different_parameters_are_refused(
@@ -456,3 +464,99 @@ def test_statistics_split_into_means_and_samples_and_join_back() -> None:
     joined = join_statistics(stats, means, [s.tensor for s in samples], stats.num_samples)
     for name, layer in stats.layers.items():
         assert all(a is b for a, b in zip(layer.tensors(), joined[name].tensors(), strict=True))
+
+
+# -- per-sample statistics gathered to the owners of a split update ---------------------
+
+
+def _owners(results: list[dict[str, Any]], step: int) -> dict[str, int]:
+    """Each layer's owner at ``step``: the rank that fitted it."""
+    return {layer: rank for rank, r in enumerate(results) for layer in r["fits"][step]}
+
+
+@pytest.mark.parametrize("name", ["kpsvd-split-ddp", "deflation-split-ddp", "ekfac-split-ddp"])
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_a_split_update_gathers_each_layers_samples_to_its_owner_only(
+    two_ranks: list[dict[str, Any]], name: str, world_size: int
+) -> None:
+    results = _split_results(two_ranks, name, world_size)
+    for step in range(ranks.STEPS):
+        owners = _owners(results, step)
+        assert sorted(owners) == ["0", "2"]
+        for rank, result in enumerate(results):
+            held = result["held"][step]
+            for layer, owner in owners.items():
+                want = (ranks.BATCH, ranks.BATCH) if owner == rank else (0, 0)
+                assert held[layer] == want, f"step {step}, rank {rank}, layer {layer}"
+    # What the last statistics step delivered to each rank: the other ranks' headers
+    # (4 + 2p entries, p = 4 per-sample tensors), the sum of the means (EKFAC's A and G),
+    # and the other ranks' samples of the layers this rank owns, and no others.
+    widths = {"0": ranks.DIM_IN + 1 + ranks.HIDDEN, "2": ranks.HIDDEN + 1 + ranks.DIM_OUT}
+    per_rank = ranks.BATCH // world_size
+    means = 0
+    if name.startswith("ekfac"):
+        means = (ranks.DIM_IN + 1) ** 2 + ranks.HIDDEN**2 + (ranks.HIDDEN + 1) ** 2
+        means += ranks.DIM_OUT**2
+    owners = _owners(results, ranks.STEPS - 1)
+    for rank, result in enumerate(results):
+        mine = sum(widths[layer] for layer, owner in owners.items() if owner == rank)
+        header = (world_size - 1) * (4 + 2 * 4)
+        samples = (world_size - 1) * per_rank * mine
+        assert result["received"] == 8 * (header + means + samples), f"rank {rank}"
+
+
+def test_a_two_level_method_gathers_the_samples_its_coarse_level_reads_to_every_rank(
+    two_ranks: list[dict[str, Any]],
+) -> None:
+    for result in (r["twolevel-kpsvd-split-ddp"] for r in two_ranks):
+        for held in result["held"]:  # Nicolaides' coarse matrix reads every layer's samples
+            assert held == {"0": (ranks.BATCH,) * 2, "2": (ranks.BATCH,) * 2}
+    # Tselepidis' reads the pooled statistics: the fine level's samples go to the owners.
+    results = [r["twolevel-tselepidis-kpsvd-split-ddp"] for r in two_ranks]
+    for step in range(ranks.STEPS):
+        owners = _owners(results, step)
+        for rank, result in enumerate(results):
+            for layer, owner in owners.items():
+                n = ranks.BATCH if owner == rank else 0
+                assert result["held"][step][layer] == (n, n, ranks.BATCH), (step, rank, layer)
+
+
+@pytest.mark.parametrize("approx", ["kpsvd", "ekfac"])
+@pytest.mark.parametrize("layer", ["0", "2"], ids=["owned-by-rank-0", "owned-by-rank-1"])
+def test_a_nonfinite_sample_on_one_rank_is_refused_by_every_rank_alike(
+    approx: str, layer: str
+) -> None:
+    results = run_ranks(ranks.nonfinite_sample_on_rank_one, 2, approx, layer, timeout=60.0)
+    assert _owners(results, 0) == {"0": 0, "2": 1}
+    for result in results:
+        assert result["skipped"] == 1
+        warned = [m for m in result["messages"][2] if "NaN/Inf" in m]
+        assert len(warned) == 1 and f"layers ['{layer}']" in warned[0], result["messages"]
+        assert not any("NaN/Inf" in m for i in (0, 1, 3) for m in result["messages"][i])
+        # The refused step was gathered to every rank; the next one to the owners again.
+        assert len(result["held"]) == ranks.STEPS - 1, "no update at step 2"
+        assert result["received"][2] > result["received"][3]
+    first, second = results
+    assert equal_states(first["approx_state"], second["approx_state"])
+    assert all(torch.equal(first["params"][k], second["params"][k]) for k in first["params"])
+
+
+def test_reduced_statistics_with_owners_reach_only_the_owner() -> None:
+    results = run_ranks(ranks.reduce_to_owners, 3, timeout=60.0)
+    for rank, result in enumerate(results):
+        assert result["num_samples"] == ranks.BATCH and result["finite"]
+        for name, expected in result["expected"].items():
+            got = result["reduced"][name]
+            # A, G, inputs, output gradients, per-sample gradients.
+            owned = name == "0" and rank != 2
+            for i, (tensor, want) in enumerate(zip(got, expected, strict=True)):
+                if owned and i in (2, 3):
+                    assert tensor.shape[0 if i == 2 else 1] == 0, "no samples on a non-owner"
+                    continue
+                torch.testing.assert_close(tensor, want, rtol=RTOL, atol=ATOL)
+        assert "layers without statistics: ['hidden']" in result["errors"][0]
+        assert "ranks outside the group of 3" in result["errors"][1]
+    # Layer '0''s inputs and output gradients (padded to 5 samples) went to rank 2 alone.
+    layer0 = 5 * (ranks.DIM_IN + 1) + 5 * ranks.HIDDEN
+    assert results[2]["received"] - results[0]["received"] == 2 * 8 * layer0
+    assert results[0]["received"] == results[1]["received"]
