@@ -55,6 +55,8 @@ class Config:
     split: bool = False
     broadcast: str = "directions"
     t_inv: int = 2
+    t_cov: int = 1
+    deferred: bool = False
 
 
 CONFIGS = (
@@ -73,6 +75,8 @@ CONFIGS = (
     Config("kfac-auto-ddp", "kfac", FisherType.EMPIRICAL, auto=True),
     # Preconditioner mode: curvlib rewrites .grad, torch's SGD steps every parameter.
     Config("precond-kfac-unwrapped", "kfac", FisherType.EMPIRICAL, ddp=False, preconditioner=True),
+    # Step 3 is a regular step (statistics at 0, 1, 2): its checks deferred to the device.
+    Config("kfac-deferred-ddp", "kfac", FisherType.EXACT, t_cov=4, t_inv=4, deferred=True),
     # Each layer's inverse built by one rank, which broadcasts the direction.
     Config("kfac-split-ddp", "kfac", FisherType.EXACT, split=True),
     # Each layer's eigenbasis computed by one rank and broadcast; refreshed at steps 1-3.
@@ -243,7 +247,8 @@ def train(
     approx = approximation(config.approx)
     opt = PreconditionedOptimizer(
         wrapped, approx, loss_fn=loss_fn, fisher_type=config.fisher,
-        stats_fraction=1.0, t_cov=1, t_inv=config.t_inv, damping=damping, **extra,
+        stats_fraction=1.0, t_cov=config.t_cov, t_inv=config.t_inv, damping=damping,
+        deferred_checks=config.deferred, **extra,
     )  # fmt: skip
     inverted: set[str] = set()
     for step, (x, y) in enumerate(batches()):
@@ -255,6 +260,7 @@ def train(
             raise ValueError("rank 1 gives up at step 2")
         opt.step((lambda: loss_fn(net(xr), yr)) if opt.lm_due else None)  # noqa: B023
         inverted |= set(opt.last_stats["condition_numbers"])
+        assert opt.last_stats["skipped"] is False
     sync = opt.sync
     return {
         "params": {k: v.detach().clone() for k, v in net.named_parameters()},
