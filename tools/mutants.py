@@ -234,8 +234,8 @@ MUTANTS = (
         "deferred_nan_direction_kept",
         "a refused step's direction is not selected away (its NaN reaches the parameters)",
         "curvlib/optim/kernels.py",
-        "        selected = torch.where(ok, directions[layer.name], 0.0)\n",
-        "        selected = directions[layer.name]\n",
+        "torch.where(ok, directions[layer.name], 0.0) for layer in layers}",
+        "directions[layer.name] for layer in layers}",
         ("tests/optim/test_deferred_checks.py",),
     ),
     Mutant(

@@ -163,13 +163,7 @@ def layer_step(
     lr, momentum = float(group["lr"]), float(group["momentum"])
     wd = float(group["weight_decay"]) if group["decoupled_weight_decay"] else 0.0
     nesterov = bool(group["nesterov"])
-    params: list[Tensor] = []
-    parts: list[Tensor] = []
-    for layer in layers:
-        for p, d in zip(layer.parameters, layer.from_matrix(directions[layer.name]), strict=False):
-            assert d is not None
-            params.append(p)
-            parts.append(d)
+    params, parts = _split(layers, directions)
     if not params:  # torch's foreach kernels refuse empty lists
         return {}
     steps = _momentum_steps(state, params, parts, momentum, nesterov, clip)
@@ -183,6 +177,20 @@ def layer_step(
         torch._foreach_mul_(params, 1.0 - lr * wd)
     torch._foreach_add_(params, steps, alpha=-lr)
     return deltas
+
+
+def _split(
+    layers: Sequence[CurvatureLayer], directions: Mapping[str, Tensor]
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Every parameter of ``layers`` and its part of the layer's ``[W | b]`` direction."""
+    params: list[Tensor] = []
+    parts: list[Tensor] = []
+    for layer in layers:
+        for p, d in zip(layer.parameters, layer.from_matrix(directions[layer.name]), strict=False):
+            assert d is not None
+            params.append(p)
+            parts.append(d)
+    return params, parts
 
 
 def _momentum_steps(
@@ -257,14 +265,8 @@ def selected_layer_step(
     """
     lr, momentum = float(group["lr"]), float(group["momentum"])
     wd = float(group["weight_decay"]) if group["decoupled_weight_decay"] else 0.0
-    params: list[Tensor] = []
-    parts: list[Tensor] = []
-    for layer in layers:
-        selected = torch.where(ok, directions[layer.name], 0.0)
-        for p, d in zip(layer.parameters, layer.from_matrix(selected), strict=False):
-            assert d is not None
-            params.append(p)
-            parts.append(d)
+    selected = {layer.name: torch.where(ok, directions[layer.name], 0.0) for layer in layers}
+    params, parts = _split(layers, selected)
     if not params:
         return
     taken = torch.where(ok, clip, 0.0)

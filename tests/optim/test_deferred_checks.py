@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import pickle
 import re
 import warnings
@@ -40,6 +41,36 @@ def _model() -> nn.Module:
     ).double()
 
 
+X, Y = (
+    torch.randn(40, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1)),
+    (torch.arange(40) % 3),
+)
+
+
+def _optimizer(
+    deferred: bool | str, approx: Any = None, model: nn.Module | None = None, **kwargs: Any
+) -> tuple[nn.Module, PreconditionedOptimizer, Callable[[], int]]:
+    """The model, its optimizer, and one training step on ``X, Y`` that returns its host reads."""
+    model = _model() if model is None else model
+    loss_fn = nn.CrossEntropyLoss()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the LayerNorm without a block
+        opt = PreconditionedOptimizer(
+            model, KFAC() if approx is None else approx, loss_fn=loss_fn,
+            deferred_checks=deferred, **kwargs,
+        )  # fmt: skip
+
+    def step() -> int:
+        opt.zero_grad()
+        with opt.record():
+            loss_fn(model(X), Y).backward()
+        with host_reads() as counted:
+            opt.step()
+        return counted.count
+
+    return model, opt, step
+
+
 def _run(
     deferred: bool,
     approx: Any = None,
@@ -54,14 +85,8 @@ def _run(
 
     ``look=False`` leaves every ``last_stats`` unread (the deferred answers pending).
     """
-    model = _model()
-    loss_fn = nn.CrossEntropyLoss()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # the LayerNorm without a block
-        opt = PreconditionedOptimizer(
-            model, KFAC() if approx is None else approx, loss_fn=loss_fn,
-            deferred_checks=deferred, **kwargs,
-        )  # fmt: skip
+    model, opt, _ = _optimizer(deferred, approx, **kwargs)
+    loss_fn = opt.loss_fn
     if directions is not None:
         for engine in opt.engines:
             original = engine.precondition
@@ -72,15 +97,13 @@ def _run(
                 return out
 
             engine.precondition = precondition  # type: ignore[method-assign]
-    gen = torch.Generator().manual_seed(1)
-    x, y = torch.randn(40, 6, generator=gen, dtype=torch.float64), torch.arange(40) % 3
     states, messages, reads = [], [], []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RuntimeWarning)
         for k in range(steps):
             opt.zero_grad()
             with opt.record():
-                loss_fn(model(x), y).backward()
+                loss_fn(model(X), Y).backward()
             if grads is not None:
                 grads(k, {n: p.grad for n, p in model.named_parameters()})
             with host_reads() as counted:
@@ -165,22 +188,8 @@ def test_deferred_checks_train_as_the_host_path_without_reading_on_regular_steps
 
 def test_a_statistics_step_reads_the_pending_answers_with_its_first_check() -> None:
     def counts(deferred: bool) -> list[int]:
-        model = _model()
-        loss_fn = nn.CrossEntropyLoss()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            opt = PreconditionedOptimizer(
-                model, KFAC(), loss_fn=loss_fn, deferred_checks=deferred, momentum=0.9
-            )
-        x, y = torch.randn(40, 6, dtype=torch.float64), torch.arange(40) % 3
-        reads = []
-        for _ in range(21):
-            opt.zero_grad()
-            with opt.record():
-                loss_fn(model(x), y).backward()
-            with host_reads() as counted:
-                opt.step()  # last_stats is not looked at
-            reads.append(counted.count)
+        _, opt, step = _optimizer(deferred, momentum=0.9)
+        reads = [step() for _ in range(21)]  # last_stats is not looked at
         assert opt.last_stats["skipped_steps"] == 0
         return reads
 
@@ -277,21 +286,15 @@ def test_a_step_the_guards_refuse_is_skipped_exactly_as_on_the_host(
 
 
 def test_the_warning_waits_until_an_answer_is_looked_at() -> None:
-    model = _model()
-    loss_fn = nn.CrossEntropyLoss()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        opt = PreconditionedOptimizer(model, KFAC(), loss_fn=loss_fn, deferred_checks=True)
-    x, y = torch.randn(40, 6, dtype=torch.float64), torch.arange(40) % 3
+    model, opt, step = _optimizer(True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RuntimeWarning)
         for k in range(REGULAR + 2):
-            opt.zero_grad()
-            with opt.record():
-                loss_fn(model(x), y).backward()
+            if k == REGULAR:  # an infinite gradient at this step
+                hook = model[0].weight.register_hook(lambda g: torch.full_like(g, math.inf))
+            step()
             if k == REGULAR:
-                model[0].weight.grad.fill_(float("inf"))
-            opt.step()
+                hook.remove()
         assert caught == []  # nothing read yet
         stats = opt.last_stats
         assert stats["time_step"] > 0 and caught == []  # host values never wait
@@ -335,23 +338,8 @@ def test_many_unread_steps_are_answered_every_max_pending_steps(
 ) -> None:
     monkeypatch.setattr("curvlib.optim.optimizer.MAX_PENDING", 4)
     assert deferred_module.MAX_PENDING == 1000
-    model = _model()
-    loss_fn = nn.CrossEntropyLoss()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        opt = PreconditionedOptimizer(
-            model, KFAC(), loss_fn=loss_fn, deferred_checks=True, t_cov=1000, t_inv=1000,
-            warmup=0,
-        )  # fmt: skip
-    x, y = torch.randn(40, 6, dtype=torch.float64), torch.arange(40) % 3
-    reads = []
-    for _ in range(13):
-        opt.zero_grad()
-        with opt.record():
-            loss_fn(model(x), y).backward()
-        with host_reads() as counted:
-            opt.step()
-        reads.append(counted.count)
+    _, _, step = _optimizer(True, t_cov=1000, t_inv=1000, warmup=0)
+    reads = [step() for _ in range(13)]
     assert reads[1:] == [0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 1]
 
 
@@ -392,31 +380,22 @@ def test_last_stats_reads_its_device_values_whichever_way_it_is_used() -> None:
 
 
 def test_a_checkpoint_after_unread_steps_resumes_exactly() -> None:
-    model, opt, *_ = _run(True, steps=REGULAR, momentum=0.9, look=False)
+    model, opt, step = _optimizer(True, momentum=0.9)
+    for _ in range(REGULAR):
+        step()
     with host_reads() as counted:
         saved = copy.deepcopy(opt.state_dict())
     assert counted.count == 1  # the pending answers and the tracked norms, in one read
     norms = [s["momentum_norm"] for s in saved["state"].values() if "momentum_norm" in s]
     assert norms and all(isinstance(n, float) for n in norms)
-    weights = copy.deepcopy(model.state_dict())
-    x, y = torch.randn(40, 6, dtype=torch.float64), torch.arange(40) % 3
-    loss_fn = nn.CrossEntropyLoss()
+    fresh = copy.deepcopy(model)
 
-    def more(m: nn.Module, o: PreconditionedOptimizer) -> list[Tensor]:
+    def three_more(net: nn.Module, step: Callable[[], int]) -> list[Tensor]:
         for _ in range(3):
-            o.zero_grad()
-            with o.record():
-                loss_fn(m(x), y).backward()
-            o.step()
-        return [p.detach().clone() for p in m.parameters()]
+            step()
+        return [p.detach().clone() for p in net.parameters()]
 
-    expected = more(model, opt)
-    fresh = _model()
-    fresh.load_state_dict(weights)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        resumed = PreconditionedOptimizer(
-            fresh, KFAC(), loss_fn=loss_fn, deferred_checks=True, momentum=0.9
-        )
+    expected = three_more(model, step)
+    _, resumed, resumed_step = _optimizer(True, model=fresh, momentum=0.9)
     resumed.load_state_dict(saved)
-    assert all(map(torch.equal, expected, more(fresh, resumed)))
+    assert all(map(torch.equal, expected, three_more(fresh, resumed_step)))
