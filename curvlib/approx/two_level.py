@@ -269,6 +269,10 @@ class TwoLevelPreconditioner:
     its range), ``coarse_damping`` ($\delta$ of the safeguard),
     ``coarse_scale`` (its factor $s$ of the correction) and ``coarse_size``
     ($c$); see [`TwoLevel`][curvlib.approx.two_level.TwoLevel], **Safeguard**.
+    The two numbers of each ``apply``, ``coarse_error_change`` and
+    ``coarse_scale``, are 0-dimensional tensors on the device, so that
+    applying never waits for it; ``float(...)`` reads them (the optimizer's
+    ``last_stats["diagnostics"]`` does so when first looked at).
 
     Args:
         fine: The fine level's damped inverse.
@@ -309,7 +313,7 @@ class TwoLevelPreconditioner:
         self._space = space
         self._fisher = fisher
         self._residual = report_error or form is CorrectionForm.RESIDUAL
-        self.diagnostics: dict[str, float] = {}
+        self.diagnostics: dict[str, float | Tensor] = {}
         fine_conditions = getattr(fine, "condition_numbers", None)
         self.condition_numbers: dict[str, float] = (
             dict(fine_conditions) if isinstance(fine_conditions, Mapping) else {}
@@ -325,7 +329,7 @@ class TwoLevelPreconditioner:
                 self._rows = {name: rows.flatten(1) for name, rows in restricted.rows.items()}
             self.diagnostics = self._coarse_diagnostics()
 
-    def _coarse_diagnostics(self) -> dict[str, float]:
+    def _coarse_diagnostics(self) -> dict[str, float | Tensor]:
         solve = self._coarse
         return {
             "coarse_condition": solve.condition,
@@ -399,10 +403,10 @@ class TwoLevelPreconditioner:
             beta = beta * scale[..., None]
         if not batched:
             self.diagnostics = self._coarse_diagnostics()
-            self.diagnostics["coarse_scale"] = 1.0 if scale is None else float(scale)
+            self.diagnostics["coarse_scale"] = 1.0 if scale is None else scale.detach()
             if res is not None:
                 change = beta @ self._matrix @ beta - 2.0 * (beta @ res)
-                self.diagnostics["coarse_error_change"] = float(change)
+                self.diagnostics["coarse_error_change"] = change.detach()
         return _add_expanded(zeta, flat, beta)
 
     def _build_from_residual(

@@ -202,7 +202,7 @@ class CurvatureEngine:
         self.timings: dict[str, float] = {}
         self.inverse_rebuilt = False
         self.condition_numbers: dict[str, float] = {}
-        self.diagnostics: dict[str, float] = {}
+        self.diagnostics: dict[str, float | Tensor] = {}
         self._pending: list[CurvatureStatistics] = []
         self._recording = False
         self._precond: Preconditioner | None = None
@@ -617,10 +617,13 @@ class CurvatureEngine:
             mine = self._precond.apply({n: g for n, g in grads.items() if owners[n] == rank})
             out = self.sync.share_directions(mine, owners, grads)
         self.timings["precondition"] = time.perf_counter() - start
-        # Optional per-step numbers of the preconditioner (e.g. a two-level correction's).
+        # Optional per-step numbers of the preconditioner (e.g. a two-level correction's);
+        # those still on the device stay there until the telemetry is read.
         numbers = getattr(self._precond, "diagnostics", None)
         self.diagnostics = (
-            {str(k): float(v) for k, v in numbers.items()} if isinstance(numbers, Mapping) else {}
+            {str(k): v if isinstance(v, Tensor) else float(v) for k, v in numbers.items()}
+            if isinstance(numbers, Mapping)
+            else {}
         )
         return out
 

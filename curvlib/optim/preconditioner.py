@@ -36,6 +36,7 @@ from curvlib.optim.defaults import DEFAULTS, default_damping
 from curvlib.optim.engine import CurvatureEngine, floating_to, layer_grads
 from curvlib.optim.hyper import DampingWarmup, LevenbergMarquardt, Schedule, check_positive
 from curvlib.optim.kernels import kl_clip_factor
+from curvlib.optim.report import read_numbers
 
 
 class GradientPreconditioner:
@@ -155,7 +156,7 @@ class GradientPreconditioner:
             "condition_numbers": dict(self.engine.condition_numbers)
             if self.engine.inverse_rebuilt
             else {},
-            "diagnostics": dict(self.engine.diagnostics),
+            "diagnostics": read_numbers({"": self.engine.diagnostics})[""],
             "skipped_steps": self.skipped_steps,
             "skipped_updates": self.engine.skipped_updates,
             "inverse_failures": self.engine.inverse_failures,

@@ -31,7 +31,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, ItemsView, Iterator, Mapping, Sequence, ValuesView
+from functools import partial
 from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
 
 from curvlib.optim.engine import RECORD_TIMES
 from curvlib.optim.hyper import DampingWarmup, LevenbergMarquardt
@@ -53,6 +57,20 @@ TIME_PARTS = (
 """The parts of ``time_step``, in the order they run."""
 
 
+def read_numbers(groups: Mapping[str, Mapping[str, float | Tensor]]) -> dict[str, dict[str, float]]:
+    """Per group, its numbers as floats, the device's read in one transfer per device."""
+    tensors = [v for numbers in groups.values() for v in numbers.values() if isinstance(v, Tensor)]
+    read: dict[int, float] = {}
+    for device in dict.fromkeys(t.device for t in tensors):
+        mine = [t for t in tensors if t.device == device]
+        values = torch.stack([t.reshape(()).double() for t in mine]).tolist()
+        read.update({id(t): v for t, v in zip(mine, values, strict=True)})
+    return {
+        name: {k: read[id(v)] if isinstance(v, Tensor) else float(v) for k, v in numbers.items()}
+        for name, numbers in groups.items()
+    }
+
+
 class _Unread:
     """A value of ``last_stats`` still on the device; ``read`` fetches it."""
 
@@ -68,17 +86,19 @@ class StepStats(dict[str, Any]):
     A step with deferred checks ([`curvlib.optim.deferred`][curvlib.optim.deferred])
     does not know yet whether it was skipped, its KL-clip factor or the count of
     skipped steps: those three values are read (one host synchronisation, for
-    every pending step at once) the first time any of them is looked at, by
+    every pending step at once) the first time one of them is looked at, by
     indexing, ``get``, ``items``, ``values``, ``dict(...)``, ``{**...}``,
-    ``json.dumps``, ``copy`` or ``pickle``. The other keys never wait. After
-    that it is a plain ``dict`` of plain values.
+    ``json.dumps``, ``copy`` or ``pickle``. So are the ``diagnostics`` a
+    preconditioner left on the device (a two-level correction's per-step
+    numbers), in a transfer of their own. The other keys never wait. Once read,
+    a value is a plain number.
     """
 
     def __getitem__(self, key: str) -> Any:
         value = super().__getitem__(key)
         if isinstance(value, _Unread):
-            self._read()
-            value = super().__getitem__(key)
+            value = value.read()
+            super().__setitem__(key, value)
         return value
 
     def _read(self) -> None:
@@ -188,6 +208,8 @@ def step_stats(
         ``predicted_change``, the counters and the ``time_*`` split.
     """
     engines = opt.engines
+    # A step with deferred checks ran every part; whether its update was refused is read later.
+    skipped = skipped and deferred is None
     times = dict(parts)
     conditions: dict[str, float] = {}
     rebuilt = False
@@ -200,11 +222,13 @@ def step_stats(
             if engine.inverse_rebuilt:
                 rebuilt = True
                 conditions.update(engine.condition_numbers)
-    diagnostics = {}
+    diagnostics: Any = {}
     if not skipped:
         diagnostics = {
             g["name"]: dict(e.diagnostics) for g, e in opt.curvature_groups() if e.diagnostics
         }
+        if any(isinstance(v, Tensor) for d in diagnostics.values() for v in d.values()):
+            diagnostics = _Unread(partial(read_numbers, diagnostics))
     for engine in engines:
         engine.timings = {}
         engine.diagnostics = {}

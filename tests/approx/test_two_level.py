@@ -153,7 +153,8 @@ def test_whole_space_gives_the_exact_damped_natural_gradient(problem: P.Problem,
     for grad in _grads(fitted.size):
         got = fitted.join(pre.apply(fitted.split(grad)))
         torch.testing.assert_close(got, torch.linalg.solve(fitted.damped, grad), **EXACT)
-        assert pre.diagnostics["coarse_damping"] == 0.0 and pre.diagnostics["coarse_scale"] == 1.0
+        assert pre.diagnostics["coarse_damping"] == 0.0
+        assert float(pre.diagnostics["coarse_scale"]) == 1.0
 
 
 # -- the safeguard ----------------------------------------------------------------------
@@ -225,7 +226,7 @@ def test_guard_damps_the_coarse_system_in_both_forms(form: CorrectionForm) -> No
         assert pre.diagnostics["coarse_condition"] == pytest.approx(top / bottom, rel=1e-9)
         if form is CorrectionForm.RESIDUAL:  # still never away from the damped natural gradient
             assert fitted.error(got, grad) <= fitted.error(zeta, grad)
-        change = pre.diagnostics["coarse_error_change"]
+        change = float(pre.diagnostics["coarse_error_change"])
         assert change == pytest.approx(
             fitted.error(got, grad) - fitted.error(zeta, grad), rel=1e-6, abs=1e-9
         )
@@ -240,7 +241,7 @@ def test_guard_limits_the_correction_to_a_fraction_of_the_fine_step() -> None:
         full = torch.linalg.solve(fitted.damped, grad - fitted.damped @ zeta)
         scale = tau * float(grad @ zeta / (full @ fitted.damped @ full)) ** 0.5
         assert 0.0 < scale < 1.0
-        assert pre.diagnostics["coarse_scale"] == pytest.approx(scale, rel=1e-9)
+        assert float(pre.diagnostics["coarse_scale"]) == pytest.approx(scale, rel=1e-9)
         torch.testing.assert_close(got, zeta + scale * full, **EXACT)
         correction = got - zeta
         energy = float(correction @ fitted.damped @ correction)
@@ -292,7 +293,7 @@ def test_residual_form_never_moves_away_from_the_damped_natural_gradient(
         assert after <= before * (1 + 1e-9) + 1e-12, (before, after)
         # The reported change is the change of this very distance (up to the round-off
         # of the two large terms it is the difference of, with ill-conditioned spaces).
-        change = pre.diagnostics["coarse_error_change"]
+        change = float(pre.diagnostics["coarse_error_change"])
         assert change == pytest.approx(after - before, rel=1e-4, abs=1e-9 * before)
 
 
@@ -496,7 +497,7 @@ def test_residual_form_is_optimal_for_the_running_average_of_the_batches(
         before = float((zeta - exact) @ damped @ (zeta - exact))
         after = float((got - exact) @ damped @ (got - exact))
         assert after <= before * (1 + 1e-9), (before, after)
-        change = pre.diagnostics["coarse_error_change"]
+        change = float(pre.diagnostics["coarse_error_change"])
         assert change == pytest.approx(after - before, rel=1e-4, abs=1e-9 * before)
         # The latest batch alone gives another correction: the average is what is used.
         beta_latest = torch.linalg.solve(

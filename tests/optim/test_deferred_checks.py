@@ -21,7 +21,9 @@ import torch
 from torch import Tensor, nn
 
 from curvlib import EKFAC, KFAC, KPSVD, Diagonal, PreconditionedOptimizer
+from curvlib.approx.coarse import Nicolaides
 from curvlib.approx.natural_gradient import BlockNaturalGradient, ExactNaturalGradient
+from curvlib.approx.two_level import TwoLevel
 from curvlib.optim import deferred as deferred_module
 from curvlib.optim.report import StepStats
 from curvlib.optim.syncs import host_reads
@@ -399,3 +401,19 @@ def test_a_checkpoint_after_unread_steps_resumes_exactly() -> None:
     _, resumed, resumed_step = _optimizer(True, model=fresh, momentum=0.9)
     resumed.load_state_dict(saved)
     assert all(map(torch.equal, expected, three_more(fresh, resumed_step)))
+
+
+def test_a_two_level_step_leaves_its_diagnostics_on_the_device_until_read() -> None:
+    runs = {}
+    for deferred in (False, True):
+        _, opt, step = _optimizer(deferred, TwoLevel(KFAC(), Nicolaides()))
+        reads = [step() for _ in range(REGULAR + 1)]
+        with host_reads() as counted:
+            diagnostics = opt.last_stats["diagnostics"]
+        runs[deferred] = (reads[REGULAR], counted.count, diagnostics["default"])
+    assert runs[True][:2] == (0, 1)  # no read in the step; one when the numbers are used
+    assert runs[False][:2] == (1, 1)
+    host, device = runs[False][2], runs[True][2]
+    assert {"coarse_scale", "coarse_error_change"} <= host.keys() == device.keys()
+    assert all(isinstance(v, float) for v in device.values())
+    assert all(device[k] == pytest.approx(host[k], rel=1e-8, abs=1e-12) for k in host)
