@@ -192,11 +192,13 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             curvature group, in the order of ``curvature_groups()``: each holds
             its group's approximation, schedule, inverse and counters.
         engine: ``engines[0]``, the group of the layers no ``groups`` entry claims.
-        last_stats: What the last ``step`` did, a plain dictionary (KL-clip
+        last_stats: What the last ``step`` did, a dictionary (KL-clip
             factor, damping, inverse rebuilt, condition numbers, skipped-step
             counters, time split; the keys are listed in
             [`step_stats`][curvlib.optim.report.step_stats] and on
-            [Optimizer and tuning](../optimizer.md)).
+            [Optimizer and tuning](../optimizer.md)): a
+            [`StepStats`][curvlib.optim.report.StepStats], which reads the
+            values a step left on the device when they are first used.
         skipped_steps: Steps skipped by the guards (a non-finite gradient, a
             broken or absurdly long direction); reading it reads the answers of
             steps with deferred checks.
@@ -642,7 +644,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             names=names,
             fallback=tuple(self._param_names.get(id(p), "?") for p in fallback),
             eps=tuple(torch.finfo(grads[name].dtype).eps for name in directions),
-            coupled=tuple(tuple(names) for names in self._coupled),
+            coupled=tuple(tuple(group) for group in self._coupled),
         )
         self._deferred.append(pending)
         for engine in self.engines:

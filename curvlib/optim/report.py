@@ -1,7 +1,9 @@
 r"""What the optimizer tells its user: the per-step telemetry and the layer table.
 
-After every step ``opt.last_stats`` is a plain ``dict`` built from values the
-step computed anyway (no extra passes); ``on_step`` receives the same object.
+After every step ``opt.last_stats`` is a ``dict`` built from values the step
+computed anyway (no extra passes; a [`StepStats`][curvlib.optim.report.StepStats],
+which reads the values a step left on the device when first used);
+``on_step`` receives the same object.
 Times are wall-clock seconds (``time.perf_counter``) and split one step,
 defined as **the ``record()`` blocks since the previous step plus the call to
 ``step()``** (forward and backward pass included; anything the training loop
