@@ -24,19 +24,34 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Literal
 
 import torch
+from torch import Tensor
 
 from curvlib.core.checkpoint import RECORD_KEY, check_record, layer_record, writer_record
 from curvlib.core.layout import CurvatureLayer
 from curvlib.core.protocols import CurvatureApprox, Extractor, ReplicaSync
-from curvlib.core.stats import all_finite
+from curvlib.core.stats import all_finite, finite_flag
 from curvlib.optim.defaults import DEFAULTS, default_damping
+from curvlib.optim.deferred import MAX_PENDING
 from curvlib.optim.engine import CurvatureEngine, floating_to, layer_grads
 from curvlib.optim.hyper import DampingWarmup, LevenbergMarquardt, Schedule, check_positive
 from curvlib.optim.kernels import kl_clip_factor
-from curvlib.optim.report import read_numbers
+from curvlib.optim.report import StepStats, Unread, read_numbers
+
+
+@dataclass
+class _Pending:
+    """A step whose gradients' check and KL clip were left on the device."""
+
+    step: int
+    finite: Tensor
+    nu: Tensor
+    clip: float | None = None
+    skipped_steps: int | None = None
 
 
 class GradientPreconditioner:
@@ -65,6 +80,12 @@ class GradientPreconditioner:
             ([`ReplicaSync`][curvlib.core.ReplicaSync]): statistics of every
             rank's samples, and gradients averaged over the ranks before they
             are preconditioned (unless DDP did).
+        deferred_checks: As the optimizer's: on a step without statistics or
+            inverse due, the gradients' check and the KL clip stay on the
+            device (a gradient with NaN/Inf is still left as it is, through a
+            select), and ``skipped_steps``, ``last_stats["kl_clip_factor"]``
+            and ``["skipped_steps"]`` are read when used. ``"auto"`` (the
+            default): where the curvature layers are not on the CPU.
 
     Attributes:
         sync_params: The parameters whose gradients ``sync`` averages in
@@ -87,6 +108,7 @@ class GradientPreconditioner:
         warmup: int = DEFAULTS.warmup,
         refresh_on_move: float = DEFAULTS.refresh_on_move,
         sync: ReplicaSync | None = None,
+        deferred_checks: bool | Literal["auto"] = "auto",
     ) -> None:
         if isinstance(damping, LevenbergMarquardt):
             raise TypeError(
@@ -95,6 +117,11 @@ class GradientPreconditioner:
         check_positive("lr", lr)
         if kl_clip is not None:
             check_positive("kl_clip", kl_clip)
+        if deferred_checks not in (True, False, "auto"):
+            raise ValueError(
+                f"deferred_checks must be True, False or 'auto', got {deferred_checks!r}."
+            )
+        self.deferred_checks = deferred_checks
         self.layers: tuple[CurvatureLayer, ...] = extractor.layout.layers
         self.engine = CurvatureEngine(
             extractor,
@@ -109,8 +136,15 @@ class GradientPreconditioner:
         self.kl_clip, self.lr, self.kl_clip_lr_squared = kl_clip, lr, kl_clip_lr_squared
         self.sync = sync
         self.sync_params: list[torch.Tensor] = [p for la in self.layers for p in la.parameters]
-        self.skipped_steps = 0
+        self._skipped = 0
+        self._pending: list[_Pending] = []
         self.last_stats: dict[str, Any] = {}
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps whose gradient had NaN/Inf (reads the deferred steps' answers)."""
+        self._settle()
+        return self._skipped
 
     @contextmanager
     def record(self) -> Iterator[None]:
@@ -133,11 +167,15 @@ class GradientPreconditioner:
         if self.sync is not None:
             self.sync.sync_gradients(self.sync_params)
         grads = layer_grads(self.layers)
+        if self.engine.prepare_idle and self._defers():
+            return self._deferred_step(grads)
+        self._settle()
         if not all_finite(grads.values()):
-            self.skipped_steps += 1
+            self._skipped += 1
             self.engine.discard()
             self.engine.finish()
             warnings.warn("The gradient contains NaN/Inf: not preconditioned.", stacklevel=2)
+            self._report(None, self._skipped)
             return
         self.engine.prepare()
         directions = self.engine.precondition(grads)
@@ -148,19 +186,90 @@ class GradientPreconditioner:
                 assert p.grad is not None and d is not None
                 p.grad.copy_(d)
         self.engine.finish()
-        self.last_stats = {
-            "kl_clip_factor": nu,
-            "damping": self.engine.damping,
-            "inverse_rebuilt": self.engine.inverse_rebuilt,
-            "weights_moved": self.engine.last_moved,
-            "condition_numbers": dict(self.engine.condition_numbers)
-            if self.engine.inverse_rebuilt
-            else {},
-            "diagnostics": read_numbers({"": self.engine.diagnostics})[""],
-            "skipped_steps": self.skipped_steps,
-            "skipped_updates": self.engine.skipped_updates,
-            "inverse_failures": self.engine.inverse_failures,
-        }
+        self._report(nu, self._skipped)
+
+    def _defers(self) -> bool:
+        """Whether a step without statistics or inverse due leaves its check on the device."""
+        if not self.layers:
+            return False
+        if self.deferred_checks == "auto":
+            return self.layers[0].weight.device.type != "cpu"
+        return bool(self.deferred_checks)
+
+    def _deferred_step(self, grads: dict[str, Tensor]) -> None:
+        """``step`` on the device: the check and the clip unread, the gradients selected."""
+        self.engine.prepare()  # nothing due: resets this step's timings only
+        directions = self.engine.precondition(grads)
+        finite = finite_flag(grads.values())
+        assert finite is not None
+        nu = torch.ones((), dtype=torch.float64, device=finite.device)
+        if self.kl_clip is not None:
+            rate = self.lr * self.lr if self.kl_clip_lr_squared else 1.0
+            inner = torch.stack(
+                [
+                    torch.dot(grads[n].reshape(-1).double(), d.reshape(-1).double())
+                    for n, d in directions.items()
+                ]
+            ).sum()
+            denominator = inner * rate
+            usable = (denominator > 0) & torch.isfinite(denominator)
+            clipped = torch.clamp(torch.sqrt(self.kl_clip / denominator), max=1.0)
+            nu = torch.where(usable, clipped, nu)
+        for layer in self.layers:
+            weight, bias = layer.from_matrix(directions[layer.name])
+            for p, d in zip(layer.parameters, (weight, bias), strict=False):
+                assert p.grad is not None and d is not None
+                p.grad.copy_(torch.where(finite, d * nu.to(d.dtype), p.grad))
+        pending = _Pending(self.engine.step_count, finite, nu)
+        self.engine.finish()
+        self._pending.append(pending)
+        self._report(
+            Unread(lambda: self._settled(pending).clip),
+            Unread(lambda: self._settled(pending).skipped_steps),
+        )
+        if len(self._pending) >= MAX_PENDING:
+            self._settle()
+
+    def _settled(self, step: _Pending) -> _Pending:
+        """``step`` with its answer read (reading every pending step's, if not yet)."""
+        if step.skipped_steps is None:
+            self._settle()
+        return step
+
+    def _settle(self) -> None:
+        """Read the deferred steps' answers in one transfer; count and warn about NaN/Inf."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        flat = torch.stack([torch.stack([s.finite.double(), s.nu]) for s in pending]).tolist()
+        for step, (finite, nu) in zip(pending, flat, strict=True):
+            if not finite:
+                self._skipped += 1
+                warnings.warn(
+                    f"The gradient of step {step.step} contained NaN/Inf: not preconditioned "
+                    "(its check ran on the device and was read later).",
+                    stacklevel=4,
+                )
+            step.clip = nu if finite else None
+            step.skipped_steps = self._skipped
+
+    def _report(self, nu: Any, skipped_steps: Any) -> None:
+        """``last_stats`` of this step (``nu`` and ``skipped_steps`` may be unread)."""
+        self.last_stats = StepStats(
+            {
+                "kl_clip_factor": nu,
+                "damping": self.engine.damping,
+                "inverse_rebuilt": self.engine.inverse_rebuilt,
+                "weights_moved": self.engine.last_moved,
+                "condition_numbers": dict(self.engine.condition_numbers)
+                if self.engine.inverse_rebuilt
+                else {},
+                "diagnostics": Unread(partial(read_numbers, {"": self.engine.diagnostics})),
+                "skipped_steps": skipped_steps,
+                "skipped_updates": self.engine.skipped_updates,
+                "inverse_failures": self.engine.inverse_failures,
+            }
+        )
 
     def state_dict(self) -> dict[str, Any]:
         """The curvature engine's state (estimates, live inverse, counters) and the RNG.
@@ -190,10 +299,11 @@ class GradientPreconditioner:
                 record; nothing is changed then.
         """
         check_record(state, self._record(), f"this {type(self).__name__}", ignore=("class",))
+        self._settle()  # the steps before the load report as they were
         device = self.layers[0].weight.device
         loaded = self.engine.stage(floating_to(state["curvature"], device))
         skipped = int(state["skipped_steps"])
         if self.sync is None or self.sync.rank == 0:  # the others keep their own noise
             self.engine.extractor.load_state_dict(state["extractor"])  # all or nothing itself
         self.engine.commit(loaded)
-        self.skipped_steps = skipped
+        self._skipped = skipped

@@ -73,8 +73,12 @@ def read_numbers(groups: Mapping[str, Mapping[str, float | Tensor]]) -> dict[str
     }
 
 
-class _Unread:
-    """A value of ``last_stats`` still on the device; ``read`` fetches it."""
+class Unread:
+    """A value of a [`StepStats`][curvlib.optim.report.StepStats] still on the device.
+
+    Attributes:
+        read: Fetches it (a host read).
+    """
 
     __slots__ = ("read",)
 
@@ -98,14 +102,14 @@ class StepStats(dict[str, Any]):
 
     def __getitem__(self, key: str) -> Any:
         value = super().__getitem__(key)
-        if isinstance(value, _Unread):
+        if isinstance(value, Unread):
             value = value.read()
             super().__setitem__(key, value)
         return value
 
     def _read(self) -> None:
         for key, value in list(super().items()):
-            if isinstance(value, _Unread):
+            if isinstance(value, Unread):
                 super().__setitem__(key, value.read())
 
     def get(self, key: str, default: Any = None) -> Any:
@@ -230,7 +234,7 @@ def step_stats(
             g["name"]: dict(e.diagnostics) for g, e in opt.curvature_groups() if e.diagnostics
         }
         if any(isinstance(v, Tensor) for d in diagnostics.values() for v in d.values()):
-            diagnostics = _Unread(partial(read_numbers, diagnostics))
+            diagnostics = Unread(partial(read_numbers, diagnostics))
     for engine in engines:
         engine.timings = {}
         engine.diagnostics = {}
@@ -243,9 +247,9 @@ def step_stats(
     }
     if deferred is not None:
         answers = {
-            "skipped": _Unread(lambda: deferred().skipped),
-            "kl_clip_factor": _Unread(lambda: deferred().clip),
-            "skipped_steps": _Unread(lambda: deferred().skipped_steps),
+            "skipped": Unread(lambda: deferred().skipped),
+            "kl_clip_factor": Unread(lambda: deferred().clip),
+            "skipped_steps": Unread(lambda: deferred().skipped_steps),
         }
     return StepStats({
         "step": opt.engine.step_count,

@@ -20,7 +20,14 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from curvlib import EKFAC, KFAC, KPSVD, Diagonal, PreconditionedOptimizer
+from curvlib import (
+    EKFAC,
+    KFAC,
+    KPSVD,
+    Diagonal,
+    NaturalGradientPreconditioner,
+    PreconditionedOptimizer,
+)
 from curvlib.approx.coarse import Nicolaides
 from curvlib.approx.natural_gradient import BlockNaturalGradient, ExactNaturalGradient
 from curvlib.approx.two_level import TwoLevel
@@ -417,3 +424,62 @@ def test_a_two_level_step_leaves_its_diagnostics_on_the_device_until_read() -> N
     assert {"coarse_scale", "coarse_error_change"} <= host.keys() == device.keys()
     assert all(isinstance(v, float) for v in device.values())
     assert all(device[k] == pytest.approx(host[k], rel=1e-8, abs=1e-12) for k in host)
+
+
+# -- preconditioner mode ----------------------------------------------------------------------
+
+
+def _preconditioned(deferred: bool, nan_at: int | None = None) -> tuple[list[Any], list[str], Any]:
+    """Preconditioner mode under torch's SGD: per step the parameters, reads, clip, count."""
+    model = _model()
+    loss_fn = nn.CrossEntropyLoss()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        precond = NaturalGradientPreconditioner(
+            model, KFAC(), loss_fn=loss_fn, kl_clip=1e-3, lr=0.1, deferred_checks=deferred
+        )
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    rows = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        for k in range(STEPS):
+            sgd.zero_grad()
+            with precond.record():
+                loss_fn(model(X), Y).backward()
+            if k == nan_at:
+                model[3].weight.grad[0, 0] = math.nan
+            with host_reads() as counted:
+                precond.step()
+            grads = [p.grad.clone() for p in model.parameters()]
+            stats = precond.last_stats
+            rows.append((grads, counted.count, stats["kl_clip_factor"], stats["skipped_steps"]))
+            if k != nan_at:
+                sgd.step()
+        messages = [str(w.message) for w in caught if "NaN/Inf" in str(w.message)]
+    return rows, messages, precond
+
+
+def test_preconditioner_mode_defers_its_check_and_clip_too() -> None:
+    host, host_messages, _ = _preconditioned(False)
+    deferred, messages, precond = _preconditioned(True)
+    assert host_messages == messages == []
+    for k, (ref, got) in enumerate(zip(host, deferred, strict=True)):
+        assert all(map(_close, ref[0], got[0])), k
+        assert got[2] == pytest.approx(ref[2], rel=1e-10) and got[3] == ref[3] == 0, k
+    assert deferred[REGULAR][1] == 0 and host[REGULAR][1] >= 1
+    assert precond.skipped_steps == 0
+
+
+def test_preconditioner_mode_leaves_a_bad_gradient_alone_and_says_so_when_read() -> None:
+    host, host_messages, _ = _preconditioned(False, nan_at=REGULAR)
+    deferred, messages, precond = _preconditioned(True, nan_at=REGULAR)
+    for k, (ref, got) in enumerate(zip(host, deferred, strict=True)):
+        assert all(
+            torch.equal(a.isnan(), b.isnan()) for a, b in zip(ref[0], got[0], strict=True)
+        ), k
+        assert (got[2] is None) == (ref[2] is None) and got[3] == ref[3], k
+    assert deferred[REGULAR][2] is None and deferred[REGULAR][3] == 1
+    assert deferred[REGULAR][1] == 0  # the check ran on the device
+    assert len(host_messages) == len(messages) == 1
+    assert f"step {REGULAR} contained NaN/Inf" in messages[0]
+    assert precond.skipped_steps == 1
