@@ -24,6 +24,7 @@ from curvlib import (
     FisherType,
     KFACCorrected,
     Lanczos,
+    NaturalGradientPreconditioner,
     PreconditionedOptimizer,
     TwoLevel,
 )
@@ -136,13 +137,44 @@ def test_kfac_steps_wait_for_the_gpu_as_often_as_counted_on_the_cpu() -> None:
     assert _sync_warnings(step) <= 3  # step 20: statistics and inverse
     assert all(engine.prepare_idle for engine in opt.engines)
     # Step 21, a regular step: with deferred checks (the default on CUDA) no wait at all;
-    # "error" makes any synchronisation raise where it happens.
+    # "error" makes any synchronisation in curvlib's step raise where it happens.
+    opt.zero_grad()
+    with opt.record():
+        loss_fn(net(x), y).backward()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        step()
+        opt.step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert opt.last_stats["skipped"] is False  # read now, after the step
     opt.deferred_checks = False
     assert _sync_warnings(step) <= 1  # checks on the host: one read
+
+
+def test_a_regular_step_of_preconditioner_mode_does_not_wait_for_the_gpu() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 10)).cuda()
+    loss_fn = nn.CrossEntropyLoss()
+    precond = NaturalGradientPreconditioner(net, KFAC(), loss_fn=loss_fn, kl_clip=1e-3, lr=0.1)
+    sgd = torch.optim.SGD(net.parameters(), lr=0.1)
+    x, y = torch.randn(64, 20, device="cuda"), torch.randint(0, 10, (64,), device="cuda")
+
+    def backward() -> None:
+        sgd.zero_grad()
+        with precond.record():
+            loss_fn(net(x), y).backward()
+
+    for _ in range(21):
+        backward()
+        precond.step()
+        sgd.step()
+    assert precond.engine.prepare_idle  # step 21: nothing due
+    backward()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # around curvlib's step alone, not torch's SGD
+    try:
+        precond.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert precond.skipped_steps == 0 and precond.last_stats["kl_clip_factor"] is not None
