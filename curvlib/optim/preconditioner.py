@@ -175,7 +175,7 @@ class GradientPreconditioner:
             self.engine.discard()
             self.engine.finish()
             warnings.warn("The gradient contains NaN/Inf: not preconditioned.", stacklevel=2)
-            self._report(None, self._skipped)
+            self._report(None, self._skipped, skipped=True)
             return
         self.engine.prepare()
         directions = self.engine.precondition(grads)
@@ -253,18 +253,21 @@ class GradientPreconditioner:
             step.clip = nu if finite else None
             step.skipped_steps = self._skipped
 
-    def _report(self, nu: Any, skipped_steps: Any) -> None:
-        """``last_stats`` of this step (``nu`` and ``skipped_steps`` may be unread)."""
+    def _report(self, nu: Any, skipped_steps: Any, skipped: bool = False) -> None:
+        """``last_stats`` of this step (``nu`` and ``skipped_steps`` may be unread).
+
+        A skipped step prepared nothing: no inverse, no condition numbers, no diagnostics.
+        """
+        rebuilt = self.engine.inverse_rebuilt and not skipped
+        diagnostics = {} if skipped else self.engine.diagnostics
         self.last_stats = StepStats(
             {
                 "kl_clip_factor": nu,
                 "damping": self.engine.damping,
-                "inverse_rebuilt": self.engine.inverse_rebuilt,
+                "inverse_rebuilt": rebuilt,
                 "weights_moved": self.engine.last_moved,
-                "condition_numbers": dict(self.engine.condition_numbers)
-                if self.engine.inverse_rebuilt
-                else {},
-                "diagnostics": Unread(partial(read_numbers, {"": self.engine.diagnostics})),
+                "condition_numbers": dict(self.engine.condition_numbers) if rebuilt else {},
+                "diagnostics": Unread(partial(read_numbers, {"": diagnostics})),
                 "skipped_steps": skipped_steps,
                 "skipped_updates": self.engine.skipped_updates,
                 "inverse_failures": self.engine.inverse_failures,
