@@ -43,7 +43,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from curvlib.core.layout import CurvatureLayer
 from curvlib.optim.guards import MAX_AMPLIFICATION, DirectionCheck, absurd_steps, broken_directions
+from curvlib.optim.kernels import momentum_step_norms
 
 MAX_PENDING = 1000
 """Steps with deferred checks after which their answers are read anyway (one read)."""
@@ -145,8 +147,41 @@ class DeviceGuards:
     packed: Tensor
 
 
-def _dot64(a: Tensor, b: Tensor) -> Tensor:
+def dot64(a: Tensor, b: Tensor) -> Tensor:
+    """``<a, b>`` in float64, ``a`` already flat and in float64."""
     return torch.dot(a, b.reshape(-1).double())
+
+
+def check_setting(value: object) -> None:
+    """Refuse a ``deferred_checks`` setting other than ``True``, ``False`` or ``"auto"``.
+
+    Raises:
+        ValueError: Naming the value and the choices.
+    """
+    if value not in (True, False, "auto"):
+        raise ValueError(f"deferred_checks must be True, False or 'auto', got {value!r}.")
+
+
+def defers(setting: bool | str, layers: Sequence[CurvatureLayer]) -> bool:
+    """Whether a step with nothing due defers its checks: ``"auto"`` does off the CPU."""
+    if not layers:
+        return False
+    if setting == "auto":
+        return layers[0].weight.device.type != "cpu"
+    return bool(setting)
+
+
+def device_clip(denominator: Tensor, kl_clip: float | None) -> Tensor:
+    r"""$\nu = \min(1, \sqrt{c / d})$ on the device, 1 where $d$ is not positive and finite.
+
+    [`clip_from_norms`][curvlib.optim.kernels.clip_from_norms] without a host
+    read: ``denominator`` is the 0-dimensional $d = \sum_l \eta_l^2 n_l$.
+    """
+    one = torch.ones((), dtype=torch.float64, device=denominator.device)
+    if kl_clip is None:
+        return one
+    usable = (denominator > 0) & torch.isfinite(denominator)
+    return torch.where(usable, torch.clamp(torch.sqrt(kl_clip / denominator), max=1.0), one)
 
 
 def _norms64(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
@@ -192,13 +227,13 @@ def device_guards(
     names = list(directions)
     device = directions[names[0]].device
     flat = {n: grads[n].reshape(-1).double() for n in names}  # no copy in float64
-    inner = torch.stack([_dot64(flat[n], directions[n]) for n in names])
+    inner = torch.stack([dot64(flat[n], directions[n]) for n in names])
     grad_norms = _norms64([grads[n] for n in names], device)
     direction_norms = _norms64([directions[n] for n in names], device)
     fallback_norms = _norms64(fallback_grads, device)
     zero = inner.new_zeros(())
     inner_buffers = torch.stack(
-        [_dot64(flat[n], buffers[n]) if n in buffers else zero for n in names]
+        [dot64(flat[n], buffers[n]) if n in buffers else zero for n in names]
     )
     measured = torch.cat([inner, grad_norms, direction_norms, fallback_norms])
 
@@ -212,17 +247,11 @@ def device_guards(
         mu, step_norms = group.momentum, inner[part]
         if mu == 0.0:
             buffer_norms.append(norms[part])
-        else:
-            new = inner[part] + 2.0 * mu * inner_buffers[part] + mu * mu * norms[part]
+        else:  # the host path's formula, on every layer of the group at once
+            step_norms, new = momentum_step_norms(
+                inner[part], inner_buffers[part], norms[part], mu, group.nesterov
+            )
             buffer_norms.append(new)
-            step_norms = new
-            if group.nesterov:
-                a, beta = 1.0 + mu, mu * mu
-                step_norms = (
-                    a * a * inner[part]
-                    + 2.0 * a * beta * inner_buffers[part]
-                    + beta * beta * norms[part]
-                )
         rate = group.lr * group.lr if lr_squared else 1.0
         denominator = denominator + (step_norms * rate).sum()
         epsilons = {torch.finfo(grads[n].dtype).eps for n in group.names}
@@ -235,11 +264,7 @@ def device_guards(
                 (slice(i, i + 1), torch.finfo(grads[names[i]].dtype).eps, False)
                 for i in range(part.start, part.stop)
             )
-    if kl_clip is None:
-        clip = torch.ones((), dtype=torch.float64, device=device)
-    else:
-        usable = (denominator > 0) & torch.isfinite(denominator)
-        clip = torch.where(usable, torch.clamp(torch.sqrt(kl_clip / denominator), max=1.0), 1.0)
+    clip = device_clip(denominator, kl_clip)
 
     bad = [~torch.isfinite(measured).all()]
     for part, eps, combined in units:

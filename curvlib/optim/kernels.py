@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, MutableMapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
 
 from curvlib.core.layout import CurvatureLayer
+
+Norm = TypeVar("Norm", float, Tensor)
+"""A squared norm: a number on the host, or a tensor of them on the device."""
 
 
 def kl_clip_factor(
@@ -72,9 +75,9 @@ def clip_from_norms(
 
 
 def momentum_step_norms(
-    inner_direction: float, inner_buffer: float, buffer_norm: float, momentum: float,
+    inner_direction: Norm, inner_buffer: Norm, buffer_norm: Norm, momentum: float,
     nesterov: bool,
-) -> tuple[float, float]:  # fmt: skip
+) -> tuple[Norm, Norm]:  # fmt: skip
     r"""Squared norms of one layer's momentum step and new buffer in the preconditioner's metric.
 
     With $P = (C + \lambda I)^{-1}$ the current inverse, $\Delta = P\nabla$ and
@@ -88,6 +91,9 @@ def momentum_step_norms(
     two inner products with the gradient and the tracked $\|b\|^2_{P^{-1}}$: no
     product with $C$. The tracked norm is exact while the inverse is unchanged
     and refers to the inverse that produced each direction after a rebuild.
+
+    The arguments may be floats (the host path) or tensors of one number per
+    layer (the device path of [`curvlib.optim.deferred`][curvlib.optim.deferred]).
 
     Args:
         inner_direction: $\langle\nabla, \Delta\rangle$.

@@ -58,6 +58,8 @@ from curvlib.optim.deferred import (
     MAX_PENDING,
     DeferredStep,
     GroupPlan,
+    check_setting,
+    defers,
     device_guards,
     read_pending,
     tracked_norms,
@@ -252,10 +254,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             check_positive("kl_clip", kl_clip)
         if isinstance(accumulation_steps, bool) or accumulation_steps < 1:
             raise ValueError(f"accumulation_steps must be >= 1, got {accumulation_steps!r}.")
-        if deferred_checks not in (True, False, "auto"):
-            raise ValueError(
-                f"deferred_checks must be True, False or 'auto', got {deferred_checks!r}."
-            )
+        check_setting(deferred_checks)
         if on_step is not None and not callable(on_step):
             raise TypeError(f"on_step must be callable with the stats dict, got {on_step!r}.")
         resolved, uncovered = resolve_groups(extractor.layout.layers, groups, approx)
@@ -582,11 +581,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     def _defers(self) -> bool:
         """Whether a step the engines need not prepare defers its checks."""
-        if not self.layers:
-            return False
-        if self.deferred_checks == "auto":
-            return self.layers[0].weight.device.type != "cpu"
-        return bool(self.deferred_checks)
+        return defers(self.deferred_checks, self.layers)
 
     def _deferred_step(
         self, grads: dict[str, Tensor], other: dict[str, Any] | None, start: float

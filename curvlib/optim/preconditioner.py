@@ -36,7 +36,7 @@ from curvlib.core.layout import CurvatureLayer
 from curvlib.core.protocols import CurvatureApprox, Extractor, ReplicaSync
 from curvlib.core.stats import all_finite, finite_flag
 from curvlib.optim.defaults import DEFAULTS, default_damping
-from curvlib.optim.deferred import MAX_PENDING
+from curvlib.optim.deferred import MAX_PENDING, check_setting, defers, device_clip, dot64
 from curvlib.optim.engine import CurvatureEngine, floating_to, layer_grads
 from curvlib.optim.hyper import DampingWarmup, LevenbergMarquardt, Schedule, check_positive
 from curvlib.optim.kernels import kl_clip_factor
@@ -117,10 +117,7 @@ class GradientPreconditioner:
         check_positive("lr", lr)
         if kl_clip is not None:
             check_positive("kl_clip", kl_clip)
-        if deferred_checks not in (True, False, "auto"):
-            raise ValueError(
-                f"deferred_checks must be True, False or 'auto', got {deferred_checks!r}."
-            )
+        check_setting(deferred_checks)
         self.deferred_checks = deferred_checks
         self.layers: tuple[CurvatureLayer, ...] = extractor.layout.layers
         self.engine = CurvatureEngine(
@@ -190,11 +187,7 @@ class GradientPreconditioner:
 
     def _defers(self) -> bool:
         """Whether a step without statistics or inverse due leaves its check on the device."""
-        if not self.layers:
-            return False
-        if self.deferred_checks == "auto":
-            return self.layers[0].weight.device.type != "cpu"
-        return bool(self.deferred_checks)
+        return defers(self.deferred_checks, self.layers)
 
     def _deferred_step(self, grads: dict[str, Tensor]) -> None:
         """``step`` on the device: the check and the clip unread, the gradients selected."""
@@ -202,19 +195,12 @@ class GradientPreconditioner:
         directions = self.engine.precondition(grads)
         finite = finite_flag(grads.values())
         assert finite is not None
-        nu = torch.ones((), dtype=torch.float64, device=finite.device)
+        denominator = finite.new_zeros((), dtype=torch.float64)
         if self.kl_clip is not None:
             rate = self.lr * self.lr if self.kl_clip_lr_squared else 1.0
-            inner = torch.stack(
-                [
-                    torch.dot(grads[n].reshape(-1).double(), d.reshape(-1).double())
-                    for n, d in directions.items()
-                ]
-            ).sum()
-            denominator = inner * rate
-            usable = (denominator > 0) & torch.isfinite(denominator)
-            clipped = torch.clamp(torch.sqrt(self.kl_clip / denominator), max=1.0)
-            nu = torch.where(usable, clipped, nu)
+            inner = [dot64(grads[n].reshape(-1).double(), d) for n, d in directions.items()]
+            denominator = torch.stack(inner).sum() * rate
+        nu = device_clip(denominator, self.kl_clip)
         for layer in self.layers:
             weight, bias = layer.from_matrix(directions[layer.name])
             for p, d in zip(layer.parameters, (weight, bias), strict=False):
