@@ -186,8 +186,8 @@ MUTANTS = (
         "draft_ignores_cholesky_info",
         "a drafted KFAC inverse is finished although its first Cholesky failed",
         "curvlib/approx/kfac.py",
-        "            if v[0] or v[1]:  # a Cholesky failed: the checked path retries with jitter\n",
-        "            if False:\n",
+        "            if v[0] or v[1]:\n                return None\n",
+        "            if False:\n                return None\n",
         ("tests/approx/test_inverse_drafts.py",),
     ),
     Mutant(
@@ -205,6 +205,22 @@ MUTANTS = (
         "        if not (v[0] and v[1]):\n",
         "        if False:\n",
         ("tests/approx/test_inverse_drafts.py",),
+    ),
+    Mutant(
+        "ahead_flush_limits_swapped",
+        "a KFAC inverse built ahead of its checks flushes G's inverse at A's limit",
+        "curvlib/approx/kfac.py",
+        "device_negligible_limit(extremes[0], extremes[1], g_inv.dtype)",
+        "device_negligible_limit(extremes[2], extremes[3], g_inv.dtype)",
+        ("tests/approx/test_inverse_drafts.py",),
+    ),
+    Mutant(
+        "ahead_failed_directions_kept",
+        "the directions of an inverse that failed its late check are used after its rebuild",
+        "curvlib/optim/optimizer.py",
+        "        if not rebuilt:\n            return checks\n",
+        "        if True:\n            return checks\n",
+        ("tests/optim/test_inverse_ahead.py",),
     ),
     Mutant(
         "statistics_check_ignored",

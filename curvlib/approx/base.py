@@ -53,14 +53,71 @@ class InverseDraft:
         finish: Builds the inverse from the values of ``numbers``; ``None`` when
             the draft failed (a factorisation that needs jitter), for the block's
             checked ``inverse`` to build it instead.
+        ahead: Builds, without reading ``numbers``, the inverse ``finish`` would
+            build, its condition estimate not yet known (NaN); returns ``None``
+            where the inverse depends on the numbers (an ``"auto"`` apply dtype
+            chosen by the condition number). ``None``: no such build.
+        settle: For an inverse built ``ahead``, given the values of ``numbers``:
+            sets its condition estimate and returns ``True``, or returns ``False``
+            where ``finish`` would have returned ``None`` (the inverse is then
+            not to be used).
     """
 
     numbers: Tensor
     finish: Callable[[list[float]], LayerInverse | None]
+    ahead: Callable[[], LayerInverse | None] | None = None
+    settle: Callable[[LayerInverse, list[float]], bool] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.ahead is None) != (self.settle is None):
+            raise ValueError("An InverseDraft takes ahead and settle together, or neither.")
 
     def read(self) -> LayerInverse | None:
         """``finish`` with the values of ``numbers``, read now (one host read)."""
         return self.finish(self.numbers.tolist())
+
+
+def settle_condition(inverse: LayerInverse, values: list[float]) -> bool:
+    """``InverseDraft.settle`` where the draft's one number is the exact condition number."""
+    inverse.condition_number = values[0]  # type: ignore[attr-defined]
+    return True
+
+
+class AheadInverse:
+    """A preconditioner built before its host numbers are read, and how to check it.
+
+    Returned by
+    [`LayerwiseApprox.inverse_ahead`][curvlib.approx.base.LayerwiseApprox.inverse_ahead]
+    ([`curvlib.core.protocols.AheadInverse`][curvlib.core.protocols.AheadInverse]).
+    The caller reads ``numbers`` with whatever else it reads next (the
+    optimizer: with the directions' measurements, so that a statistics step
+    waits for the device once less) and passes their values to ``settle``.
+
+    Attributes:
+        preconditioner: Usable at once; its condition estimates are known after
+            ``settle``.
+        numbers: A 1-D float64 tensor on the blocks' device, every layer's
+            draft numbers.
+    """
+
+    def __init__(
+        self,
+        preconditioner: BlockDiagonalPreconditioner,
+        numbers: Tensor,
+        settle: Callable[[list[float]], bool],
+    ) -> None:
+        self.preconditioner, self.numbers, self._settle = preconditioner, numbers, settle
+
+    def settle(self, values: list[float]) -> bool:
+        """Check the preconditioner with the values of ``numbers``.
+
+        Returns:
+            ``True`` (its condition estimates now set), or ``False`` where a
+            layer's draft failed (a factorisation that needs jitter): the
+            preconditioner must not be used, and ``inverse`` is to be called
+            (which retries that layer with jitter).
+        """
+        return self._settle(values)
 
 
 class NonFiniteStatisticsError(ValueError):
@@ -529,6 +586,10 @@ class BlockDiagonalPreconditioner:
         """The layers this preconditioner acts on."""
         return tuple(self._inverses)
 
+    def settle_conditions(self, conditions: Mapping[str, float]) -> None:
+        """Set the condition estimates of layers built ahead of them (``inverse_ahead``)."""
+        self._conditions.update({name: float(value) for name, value in conditions.items()})
+
     @property
     def condition_numbers(self) -> dict[str, float]:
         r"""Condition estimates of the damped per-layer operators, keyed by layer name."""
@@ -865,6 +926,54 @@ class LayerwiseApprox(ABC):
         rest = [name for name in drafts if name not in inverses]
         inverses.update(self._each_block(lambda _, block: block.inverse(damping), rest))
         return self._preconditioner(inverses, damping)
+
+    def inverse_ahead(self, damping: float) -> AheadInverse | None:
+        """``inverse(damping)`` without a host read, checked when the caller reads its numbers.
+
+        Every block's draft builds its inverse ahead of its numbers
+        (``InverseDraft.ahead``); where ``settle`` accepts the numbers' values the
+        preconditioner equals ``inverse(damping)`` bit for bit, condition
+        estimates included. ``None`` where some block has no such build, or the
+        blocks live on several devices: call ``inverse``.
+
+        Raises:
+            ValueError: If ``damping`` is not positive.
+        """
+        damping = check_damping(damping)
+        if type(self).inverse is not LayerwiseApprox.inverse:
+            return None  # a subclass's own inverse
+
+        def build(_: str, block: LayerBlock) -> tuple[InverseDraft, LayerInverse] | None:
+            draft = block.draft_inverse(damping)
+            if draft is None or draft.ahead is None:
+                return None
+            inverse = draft.ahead()
+            return None if inverse is None else (draft, inverse)
+
+        if len({block._device() for block in self._blocks.values()}) != 1:
+            return None
+        built = self._each_block(build)
+        if any(pair is None for pair in built.values()):
+            return None
+        drafts = {name: pair[0] for name, pair in built.items() if pair is not None}
+        inverses = {name: pair[1] for name, pair in built.items() if pair is not None}
+        numbers = torch.cat([draft.numbers.to(torch.float64) for draft in drafts.values()])
+        preconditioner = self._preconditioner(inverses, damping)
+
+        def settle(values: list[float]) -> bool:
+            start, conditions = 0, {}
+            for name, draft in drafts.items():
+                size = draft.numbers.numel()
+                assert draft.settle is not None
+                with naming_layer(name):
+                    if not draft.settle(inverses[name], values[start : start + size]):
+                        return False
+                conditions[name] = inverses[name].condition_number  # type: ignore[attr-defined]
+                start += size
+            preconditioner.settle_conditions(conditions)
+            return True
+
+        return AheadInverse(preconditioner, numbers, settle)
 
     def _preconditioner(
         self, inverses: Mapping[str, LayerInverse], damping: float

@@ -17,6 +17,7 @@ diagonal and a Kronecker approximation of the same network are comparable.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -29,6 +30,7 @@ from curvlib.approx.base import (
     LayerInverse,
     LayerwiseApprox,
     running_average,
+    settle_condition,
 )
 from curvlib.core.layout import KRONECKER_KINDS, NORM_KINDS, LayerKind
 from curvlib.core.stats import LayerStatistics, StatKind
@@ -73,7 +75,12 @@ class _DiagonalBlock(LayerBlock):
         """The inverse, and its condition number to read (``condition_number``)."""
         scale = 1.0 / (self._diag() + damping)
         ratio = self._condition(damping).reshape(1).double()
-        return InverseDraft(ratio, lambda v: _ScaleInverse(scale, v[0]))
+        return InverseDraft(
+            ratio,
+            lambda v: _ScaleInverse(scale, v[0]),
+            lambda: _ScaleInverse(scale, math.nan),
+            settle_condition,
+        )
 
     def _condition(self, damping: float) -> Tensor:
         diag = self._diag()

@@ -48,6 +48,7 @@ less than KFAC's $\pi$ split, whose cross terms scale with the factors);
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Mapping
 from enum import Enum
 from typing import Any, ClassVar
@@ -65,6 +66,7 @@ from curvlib.approx.base import (
     check_parts,
     host_values,
     running_average,
+    settle_condition,
 )
 from curvlib.core.stats import LayerStatistics, PerSampleIO, StatKind
 from curvlib.linalg.factors import (
@@ -389,7 +391,12 @@ class _EKFACBlock(SplitUpdateBlock):
         damped = self._damped(damping)
         scale = 1.0 / damped
         ratio = _condition(damped).reshape(1).double()
-        return InverseDraft(ratio, lambda v: _EKFACInverse(basis_a, basis_g, scale, v[0]))
+        return InverseDraft(
+            ratio,
+            lambda v: _EKFACInverse(basis_a, basis_g, scale, v[0]),
+            lambda: _EKFACInverse(basis_a, basis_g, scale, math.nan),
+            settle_condition,
+        )
 
     def damped_to_dense(self, damping: float) -> Tensor:
         r"""$Q\operatorname{diag}(d)Q^\top$ with $d$ the damped eigenvalues (``EKFACDamping``)."""

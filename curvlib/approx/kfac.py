@@ -2,7 +2,8 @@ r"""KFAC: one Kronecker product per layer (Martens & Grosse 2015; KFC for convol
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Callable, Mapping
 from enum import Enum
 from typing import Any, ClassVar
 
@@ -23,6 +24,7 @@ from curvlib.core.stats import LayerStatistics, StatKind
 from curvlib.linalg.factors import (
     cholesky_inverse,
     damped_cholesky,
+    device_negligible_limit,
     eigh,
     first_cholesky,
     flush_below,
@@ -196,6 +198,21 @@ def _factor_condition(*values: float) -> float:
     return max((diagonal_max + shift) / min(chol_min, 1.0 / inverse_max), 1.0)
 
 
+def _settle_with(
+    condition: Callable[[list[float]], float | None],
+) -> Callable[[LayerInverse, list[float]], bool]:
+    """``InverseDraft.settle`` of an inverse whose ``condition_number`` ``condition`` gives."""
+
+    def settle(inverse: LayerInverse, values: list[float]) -> bool:
+        value = condition(values)
+        if value is None:
+            return False
+        inverse.condition_number = value  # type: ignore[attr-defined]
+        return True
+
+    return settle
+
+
 def _float64(values: list[Tensor | float], like: Tensor) -> Tensor:
     """``values`` (0-dimensional tensors or floats) as one float64 tensor on ``like``'s device."""
     return torch.stack(
@@ -296,22 +313,37 @@ class _KFACBlock(SharedInverseBlock):
         chol_g, info_g = first_cholesky(G, gamma_g, symmetric=True)
         chol_a, info_a = first_cholesky(A, gamma_a, symmetric=True)
         g_inv, a_inv = cholesky_inverse(chol_g), cholesky_inverse(chol_a)
+        extremes = _float64([*torch.aminmax(g_inv), *torch.aminmax(a_inv)], G)
         numbers = torch.cat([
             _float64([info_g, info_a, gamma_g, gamma_a], G),
             _condition_parts(G, chol_g, g_inv),
             _condition_parts(A, chol_a, a_inv),
-            _float64([*torch.aminmax(g_inv), *torch.aminmax(a_inv)], G),
+            extremes,
         ])  # fmt: skip
 
-        def finish(v: list[float]) -> LayerInverse | None:
-            if v[0] or v[1]:  # a Cholesky failed: the checked path retries with jitter
+        def condition(v: list[float]) -> float | None:
+            """``None`` where a Cholesky failed: the checked path retries with jitter."""
+            if v[0] or v[1]:
                 return None
-            condition = _factor_condition(*v[4:7], v[2]) * _factor_condition(*v[7:10], v[3])
+            return _factor_condition(*v[4:7], v[2]) * _factor_condition(*v[7:10], v[3])
+
+        def finish(v: list[float]) -> LayerInverse | None:
+            value = condition(v)
+            if value is None:
+                return None
             g = flush_below(g_inv, negligible_limit(v[10], v[11], g_inv.dtype))
             a = flush_below(a_inv, negligible_limit(v[12], v[13], a_inv.dtype))
-            return KroneckerInverse(g, a, condition, self._apply_dtype(g, condition), flush=False)
+            return KroneckerInverse(g, a, value, self._apply_dtype(g, value), flush=False)
 
-        return InverseDraft(numbers, finish)
+        def ahead() -> LayerInverse | None:
+            apply_dtype = self._apply_dtype(g_inv, math.inf)
+            if apply_dtype != self._apply_dtype(g_inv, 1.0):
+                return None  # the condition number chooses it
+            g = flush_below(g_inv, device_negligible_limit(extremes[0], extremes[1], g_inv.dtype))
+            a = flush_below(a_inv, device_negligible_limit(extremes[2], extremes[3], a_inv.dtype))
+            return KroneckerInverse(g, a, math.nan, apply_dtype, flush=False)
+
+        return InverseDraft(numbers, finish, ahead, _settle_with(condition))
 
     def inverse(self, damping: float) -> LayerInverse:
         if self._factored:

@@ -94,6 +94,37 @@ class Preconditioner(Protocol):
         ...
 
 
+class AheadInverse(Protocol):
+    """Optional: an inverse built before the numbers that check it are read.
+
+    An approximation may offer ``inverse_ahead(damping) -> AheadInverse | None``
+    ([`LayerwiseApprox.inverse_ahead`][curvlib.approx.base.LayerwiseApprox.inverse_ahead]):
+    the preconditioner ``inverse(damping)`` would return, built without a host
+    read, with the checks it needs (e.g. each Cholesky factorisation's ``info``)
+    left on the device in ``numbers``. The optimizer reads them with the
+    directions' measurements, so that a statistics step on a GPU waits once
+    less, and passes their values to ``settle``.
+    """
+
+    @property
+    def preconditioner(self) -> Preconditioner:
+        """Usable at once; equal to ``inverse(damping)``'s where ``settle`` accepts."""
+        ...
+
+    @property
+    def numbers(self) -> Tensor:
+        """A 1-D float64 tensor on the device: the checks, unread."""
+        ...
+
+    def settle(self, values: list[float]) -> bool:
+        """Whether ``preconditioner`` stands, given the values of ``numbers``.
+
+        ``False`` where it failed: it must not be used, and ``inverse`` is to be
+        called instead.
+        """
+        ...
+
+
 @runtime_checkable
 class CurvatureApprox(Protocol):
     r"""An approximation $C \approx F$ built from curvature statistics.

@@ -87,14 +87,32 @@ def negligible_limit(low: float, high: float, dtype: torch.dtype) -> float | Non
     return max(limit, _largest_subnormal(dtype))
 
 
-def flush_below(mat: Tensor, limit: float | None) -> Tensor:
+def device_negligible_limit(low: Tensor, high: Tensor, dtype: torch.dtype) -> Tensor:
+    """[`negligible_limit`][curvlib.linalg.factors.negligible_limit] without a host read.
+
+    A 0-dimensional float64 tensor on the extremes' device, ``-1`` where the
+    limit is not finite (for [`flush_below`][curvlib.linalg.factors.flush_below]
+    to flush nothing). Flushing with it gives the same bits as flushing with
+    ``negligible_limit``'s number.
+    """
+    limit = torch.finfo(dtype).eps * torch.maximum(-low.double(), high.double())
+    floor = limit.clamp_min(_largest_subnormal(dtype))
+    return torch.where(torch.isfinite(limit), floor, -1.0)
+
+
+def flush_below(mat: Tensor, limit: float | Tensor | None) -> Tensor:
     """``mat`` (contiguous) with the entries of magnitude at most ``limit`` set to zero.
 
     ``limit=None`` flushes nothing (see
-    [`negligible_limit`][curvlib.linalg.factors.negligible_limit]).
+    [`negligible_limit`][curvlib.linalg.factors.negligible_limit]); so does a
+    negative limit given as a 0-dimensional tensor
+    ([`device_negligible_limit`][curvlib.linalg.factors.device_negligible_limit]),
+    compared on the device in ``mat``'s dtype as ``hardshrink`` compares a number.
     """
     if limit is None:
         return mat.contiguous()
+    if isinstance(limit, Tensor):
+        return torch.where(mat.abs() <= limit, 0.0, mat).contiguous()
     return F.hardshrink(mat, limit).contiguous()
 
 

@@ -39,6 +39,7 @@ from torch import Tensor
 from curvlib.core.checkpoint import RECORD_KEY, check_record, layer_record, writer_record
 from curvlib.core.layout import CurvatureLayer
 from curvlib.core.protocols import (
+    AheadInverse,
     CurvatureApprox,
     Extractor,
     Preconditioner,
@@ -213,6 +214,8 @@ class CurvatureEngine:
         # What this step's rebuild replaced: the inverse, its damping, freshness, snapshot
         # and condition numbers (``restore_replaced``); cleared when the step finishes.
         self._replaced: tuple[Any, ...] | None = None
+        # An inverse built ahead of its check (``prepare(ahead=True)``), until ``settle_inverse``.
+        self._ahead: AheadInverse | None = None
 
     # -- schedule -------------------------------------------------------------
 
@@ -350,12 +353,21 @@ class CurvatureEngine:
 
     # -- named steps ----------------------------------------------------------
 
-    def prepare(self) -> None:
+    def prepare(self, ahead: bool = False) -> None:
         """Fold in the recorded statistics and rebuild the inverse when due.
+
+        Args:
+            ahead: Build the inverse without reading its checks where the
+                approximation can (``LayerwiseApprox.inverse_ahead``, in a single
+                process): ``pending_inverse`` then holds the numbers to read, and
+                the caller passes their values to ``settle_inverse`` before the
+                step uses anything but the directions.
 
         Raises:
             RuntimeError: If statistics were due but no ``record()`` block ran.
         """
+        if self._ahead is not None:  # a step that never read its check: read it now
+            self.settle_inverse(self._ahead.numbers.tolist())
         if self.stats_due and not self._pending:
             why = (
                 f"the weights moved by {self.weights_moved:.3g} >= refresh_on_move="
@@ -394,7 +406,7 @@ class CurvatureEngine:
         has_estimate = updated or self._precond is not None
         if has_estimate and (inverse_due or (refreshable and updated)):
             start = time.perf_counter()
-            self._invert()
+            self._invert(ahead)
             inverse_time += time.perf_counter() - start
         if inverse_time:
             self.timings["inverse"] = inverse_time
@@ -563,7 +575,7 @@ class CurvatureEngine:
         """The rank that preconditions each layer's gradient and sends it, or ``None``."""
         return None if self._sends_inverses() else self._inverse_owners()
 
-    def _invert(self) -> None:
+    def _invert(self, ahead: bool = False) -> None:
         damping = self.damping
         owners = self._inverse_owners()
         parts = None
@@ -571,8 +583,14 @@ class CurvatureEngine:
             # The broadcast runs outside the try (a failed collective is not a failed
             # inverse); an inverse that failed on its owner arrives as NaN, refused below.
             parts = self._shared_inverses(damping, owners)
+        build_ahead = getattr(self.approx, "inverse_ahead", None)
         try:
-            if owners is None:
+            drafted = None
+            if ahead and owners is None and build_ahead is not None:
+                drafted = build_ahead(damping)
+            if drafted is not None:
+                precond = drafted.preconditioner
+            elif owners is None:
                 precond = self.approx.inverse(damping)
             elif parts is not None:
                 precond = self.approx.inverse_from_parts(damping, parts)  # type: ignore[attr-defined]
@@ -597,12 +615,57 @@ class CurvatureEngine:
         self._precond, self._precond_damping = precond, damping
         self._precond_fresh, self._snapshot = True, None
         self.inverse_rebuilt = True
-        # Optional per-layer estimates of the preconditioner; read here, so that an
-        # estimate computed on first access counts towards the inverse's time.
-        numbers = getattr(precond, "condition_numbers", None)
-        self.condition_numbers = (
-            {str(k): float(v) for k, v in numbers.items()} if isinstance(numbers, Mapping) else {}
-        )
+        if drafted is not None:  # its condition numbers are known once settled
+            self._ahead, self.condition_numbers = drafted, {}
+            return
+        # Read here, so that an estimate computed on first access counts towards the
+        # inverse's time.
+        self.condition_numbers = _condition_numbers(precond)
+
+    @property
+    def pending_inverse(self) -> Tensor | None:
+        """The checks of an inverse built ahead of them (``prepare(ahead=True)``), unread.
+
+        A 1-D float64 tensor on the device, for the caller to read with its own
+        numbers and pass to ``settle_inverse``; ``None`` when there is none.
+        """
+        return None if self._ahead is None else self._ahead.numbers
+
+    def settle_inverse(self, values: list[float]) -> bool:
+        """The values of ``pending_inverse``: whether the inverse built ahead stands.
+
+        Where a layer's draft failed (a factorisation that needs jitter) the
+        inverse is built again with the checked path, which retries with jitter
+        (reading the device as ``prepare`` does without ``ahead``): the
+        directions computed with the failed one must then be computed again.
+
+        Returns:
+            ``True`` when the inverse stands (its condition numbers are now set),
+            ``False`` when it was rebuilt.
+        """
+        ahead, self._ahead = self._ahead, None
+        assert ahead is not None, "no inverse was built ahead"
+        start = time.perf_counter()
+        if ahead.settle(values):
+            self.condition_numbers = _condition_numbers(ahead.preconditioner)
+            return True
+        # Back to the state before the failed build, then the checked one.
+        if self._replaced is not None:
+            (
+                self._precond, self._precond_damping, self._precond_fresh, self._snapshot,
+                self.condition_numbers,
+            ) = self._replaced  # fmt: skip
+            self._replaced = None
+        else:
+            self._precond, self._precond_damping = None, None
+        self._invert()
+        self.timings["inverse"] = self.timings.get("inverse", 0.0) + time.perf_counter() - start
+        if self._precond is None:
+            raise RuntimeError(
+                "No curvature estimate to precondition with: building the first inverse failed "
+                "(see the warnings)."
+            )
+        return False
 
     def precondition(self, grads: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Multiply per-layer gradient matrices by the current damped inverse."""
@@ -830,6 +893,12 @@ class LoadedEngine:
     precond_fresh: bool
     snapshot: Any
     reference: list[Tensor] | None = None
+
+
+def _condition_numbers(precond: Preconditioner) -> dict[str, float]:
+    """A preconditioner's optional per-layer condition estimates (``{}`` without)."""
+    numbers = getattr(precond, "condition_numbers", None)
+    return {str(k): float(v) for k, v in numbers.items()} if isinstance(numbers, Mapping) else {}
 
 
 def _warmup_samples(rule: Any) -> int:

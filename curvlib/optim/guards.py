@@ -98,7 +98,8 @@ def measure_directions(
     directions: Mapping[str, Tensor],
     buffers: Mapping[str, Tensor] | None = None,
     gradients_finite: Tensor | None = None,
-) -> dict[str, DirectionCheck] | None:
+    read_with: Sequence[Tensor] = (),
+) -> tuple[dict[str, DirectionCheck] | None, list[list[float]]]:
     """Inner products and norms of every layer's gradient and direction (one host sync).
 
     They are formed in the tensors' own precision, four reductions per layer and
@@ -114,30 +115,40 @@ def measure_directions(
             ([`finite_flag`][curvlib.core.stats.finite_flag] of the gradients)
             read in the same transfer, so that a step whose gradients need no
             earlier check costs one synchronisation in all.
+        read_with: 1-D tensors read in the same transfer (an inverse's checks,
+            ``CurvatureEngine.pending_inverse``).
 
     Returns:
         A [`DirectionCheck`][curvlib.optim.guards.DirectionCheck] per layer of
-        ``directions``; ``None`` when ``gradients_finite`` is false.
+        ``directions`` (``None`` when ``gradients_finite`` is false), and the
+        values of each of ``read_with``.
     """
     names = list(directions)
-    if not names:
-        return None if gradients_finite is not None and not bool(gradients_finite) else {}
     buffers = buffers or {}
     with_buffer = [n for n in names if n in buffers]
     # One call per kind of reduction where torch has one: the norms of all layers at once.
     scalars = [
         *(_dot(grads[n], directions[n]) for n in names),
-        *torch._foreach_norm([grads[n] for n in names]),
-        *torch._foreach_norm([directions[n] for n in names]),
+        *(torch._foreach_norm([grads[n] for n in names]) if names else []),
+        *(torch._foreach_norm([directions[n] for n in names]) if names else []),
         *(_dot(grads[n], buffers[n]) for n in with_buffer),
     ]
     if gradients_finite is not None:
-        scalars.append(gradients_finite.to(scalars[0].dtype))
-    if len({t.device for t in scalars}) > 1:
-        scalars = [t.cpu() for t in scalars]
-    flat = torch.stack(scalars).to(torch.float64).tolist()  # stack promotes mixed dtypes
+        scalars.append(gradients_finite)
+    parts = [*scalars, *read_with]
+    if len({t.device for t in parts}) > 1:
+        scalars, read_with = [t.cpu() for t in scalars], [t.cpu() for t in read_with]
+    parts = [t.to(torch.float64) for t in read_with]
+    if scalars:
+        parts.insert(0, torch.stack([t.to(torch.float64) for t in scalars]))
+    flat = torch.cat(parts).tolist() if parts else []
+    extra: list[list[float]] = []
+    for tensor in reversed(read_with):
+        size = tensor.numel()
+        extra.insert(0, flat[len(flat) - size :])
+        del flat[len(flat) - size :]
     if gradients_finite is not None and not flat.pop():
-        return None
+        return None, extra
     size = len(names)
     inner_buffers = dict(zip(with_buffer, flat[3 * size :], strict=True))
     values = [
@@ -159,7 +170,7 @@ def measure_directions(
         inner, grad_norm, direction_norm, inner_buffer = row
         eps = torch.finfo(grads[name].dtype).eps
         checks[name] = DirectionCheck(inner, grad_norm, direction_norm, eps, inner_buffer)
-    return checks
+    return checks, extra
 
 
 def _measurements(grad: Tensor, direction: Tensor, buffer: Tensor | None) -> list[Tensor]:

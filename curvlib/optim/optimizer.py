@@ -488,12 +488,15 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if lm_engines and closure is not None:
             loss_before = self._loss_of(closure)
             parts["closure"] = time.perf_counter() - mark
+        # Off the CPU (deferred_checks), an inverse rebuilt on this step is checked with the
+        # directions' measurements: a statistics step then waits for the device twice.
+        ahead = self._defers() and self.sync is None and not lm_engines and not mode.active
         for engine in self.engines:
-            engine.prepare()
+            engine.prepare(ahead=ahead)
         mark = time.perf_counter()
         directions, lrs = self._precondition(grads)
         buffers = {} if mode.active else self._buffer_matrices()
-        checks = measure_directions(grads, directions, buffers, finite if deferred else None)
+        checks = self._measured(grads, directions, buffers, finite if deferred else None)
         if checks is None:  # deferred: the engines prepared nothing
             return self._skip(self._nonfinite_grads(grads, other), start)
         reason = broken_directions(checks, self._coupled)
@@ -553,6 +556,35 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._mark_grads()
         self._report(start, parts, nu, ratio, adaptive, mode)
         return loss_before
+
+    def _measured(
+        self,
+        grads: dict[str, Tensor],
+        directions: dict[str, Tensor],
+        buffers: dict[str, Tensor],
+        finite: Tensor | None,
+    ) -> dict[str, DirectionCheck] | None:
+        """``measure_directions``, with the checks of inverses built ahead in the same read.
+
+        Where such an inverse failed, its engine has built the checked one instead
+        (``CurvatureEngine.settle_inverse``): the directions (updated in place)
+        and their measurements are taken again.
+        """
+        pending = [(e, e.pending_inverse) for e in self.engines if e.pending_inverse is not None]
+        checks, values = measure_directions(
+            grads, directions, buffers, finite, [numbers for _, numbers in pending]
+        )
+        rebuilt = [
+            engine
+            for (engine, _), v in zip(pending, values, strict=True)
+            if not engine.settle_inverse(v)
+        ]
+        if not rebuilt:
+            return checks
+        for engine, layers in zip(self.engines, self.group_layers, strict=True):
+            if engine in rebuilt:
+                directions.update(engine.precondition({la.name: grads[la.name] for la in layers}))
+        return measure_directions(grads, directions, buffers, finite)[0]
 
     def _checked_first(self, finite: Tensor) -> bool:
         """Whether the gradients are finite, read with the statistics' own check.

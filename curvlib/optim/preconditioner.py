@@ -164,16 +164,13 @@ class GradientPreconditioner:
         if self.sync is not None:
             self.sync.sync_gradients(self.sync_params)
         grads = layer_grads(self.layers)
-        if self.engine.prepare_idle and self._defers():
-            return self._deferred_step(grads)
+        if self._defers():
+            if self.engine.prepare_idle:
+                return self._deferred_step(grads)
+            return self._deferred_statistics_step(grads)
         self._settle()
         if not all_finite(grads.values()):
-            self._skipped += 1
-            self.engine.discard()
-            self.engine.finish()
-            warnings.warn("The gradient contains NaN/Inf: not preconditioned.", stacklevel=2)
-            self._report(None, self._skipped, skipped=True)
-            return
+            return self._skip()
         self.engine.prepare()
         directions = self.engine.precondition(grads)
         nu = kl_clip_factor(grads, directions, self.lr, self.kl_clip, self.kl_clip_lr_squared)
@@ -185,13 +182,43 @@ class GradientPreconditioner:
         self.engine.finish()
         self._report(nu, self._skipped)
 
+    def _skip(self) -> None:
+        """Leave a NaN/Inf gradient as it is: nothing folded in, counted, warned about."""
+        self._skipped += 1
+        self.engine.discard()
+        self.engine.finish()
+        warnings.warn("The gradient contains NaN/Inf: not preconditioned.", stacklevel=3)
+        self._report(None, self._skipped, skipped=True)
+
     def _defers(self) -> bool:
-        """Whether a step without statistics or inverse due leaves its check on the device."""
+        """Whether a step leaves its check (and the clip) on the device."""
         return defers(self.deferred_checks, self.layers)
 
-    def _deferred_step(self, grads: dict[str, Tensor]) -> None:
+    def _deferred_statistics_step(self, grads: dict[str, Tensor]) -> None:
+        """A step that folds in statistics or rebuilds the inverse, with deferred checks.
+
+        One read for the gradients' and statistics' finiteness (with the answers
+        of the earlier deferred steps), one for the new inverse's checks
+        (``CurvatureEngine.pending_inverse``); the clip is left on the device.
+        """
+        finite = finite_flag(grads.values())
+        assert finite is not None
+        flag = self.engine.statistics_flag()
+        values = self._settle([finite, *([] if flag is None else [flag])])
+        if not values[0]:
+            return self._skip()
+        if flag is not None:
+            self.engine.statistics_checked(bool(values[1]))
+        self.engine.prepare(ahead=self.sync is None)
+        pending = self.engine.pending_inverse
+        if pending is not None:
+            self.engine.settle_inverse(pending.tolist())  # rebuilt, checked, where it failed
+        self._deferred_step(grads, prepared=True)
+
+    def _deferred_step(self, grads: dict[str, Tensor], prepared: bool = False) -> None:
         """``step`` on the device: the check and the clip unread, the gradients selected."""
-        self.engine.prepare()  # nothing due: resets this step's timings only
+        if not prepared:
+            self.engine.prepare()  # nothing due: resets this step's timings only
         directions = self.engine.precondition(grads)
         finite = finite_flag(grads.values())
         assert finite is not None
@@ -222,13 +249,25 @@ class GradientPreconditioner:
             self._settle()
         return step
 
-    def _settle(self) -> None:
-        """Read the deferred steps' answers in one transfer; count and warn about NaN/Inf."""
-        if not self._pending:
-            return
+    def _settle(self, head: list[Tensor] | None = None) -> list[float]:
+        """Read the deferred steps' answers in one transfer; count and warn about NaN/Inf.
+
+        Returns:
+            The values of ``head`` (0-dimensional tensors on one device), read in
+            the same transfer.
+        """
+        head = head or []
+        if not self._pending and not head:
+            return []
         pending, self._pending = self._pending, []
-        flat = torch.stack([torch.stack([s.finite.double(), s.nu]) for s in pending]).tolist()
-        for step, (finite, nu) in zip(pending, flat, strict=True):
+        parts = [torch.stack([t.double() for t in head])] if head else []
+        parts += [torch.stack([s.finite.double(), s.nu]) for s in pending]
+        if len({t.device for t in parts}) > 1:
+            parts = [t.cpu() for t in parts]
+        flat = torch.cat(parts).tolist()
+        values, flat = flat[: len(head)], flat[len(head) :]
+        for k, step in enumerate(pending):
+            finite, nu = flat[2 * k : 2 * k + 2]
             if not finite:
                 self._skipped += 1
                 warnings.warn(
@@ -238,6 +277,7 @@ class GradientPreconditioner:
                 )
             step.clip = nu if finite else None
             step.skipped_steps = self._skipped
+        return values
 
     def _report(self, nu: Any, skipped_steps: Any, skipped: bool = False) -> None:
         """``last_stats`` of this step (``nu`` and ``skipped_steps`` may be unread).

@@ -10,12 +10,14 @@ agree to the bit; where it fails, the checked path must take over.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 
 import pytest
 import torch
 
 from curvlib.approx import EKFAC, KFAC, KPSVD, Diagonal
+from curvlib.approx import kfac as kfac_module
 from curvlib.approx.base import LayerwiseApprox
 from curvlib.approx.kfac import KFACDamping
 from curvlib.core import RefreshableApprox
@@ -170,3 +172,87 @@ def test_an_eigh_that_does_not_converge_is_retried_once_with_jitter(
     for layer, block in approx._blocks.items():
         for mine, theirs in zip(block.pending, checked._blocks[layer].pending, strict=True):  # type: ignore[attr-defined]
             assert torch.equal(mine, theirs), layer
+
+
+# -- inverses built ahead of their checks (``inverse_ahead``) -------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("problem", range(len(PROBLEMS)), ids=[p.name for p in PROBLEMS])
+@pytest.mark.parametrize("name", APPROXES)
+def test_the_preconditioner_built_ahead_equals_the_drafted_one(
+    name: str, problem: int, dtype: torch.dtype
+) -> None:
+    approx = _fitted(name, problem, dtype)
+    ahead = approx.inverse_ahead(DAMPING)
+    assert ahead is not None
+    assert ahead.numbers.dtype == torch.float64 and ahead.numbers.dim() == 1
+    assert ahead.settle(ahead.numbers.tolist())
+    precond = approx.inverse(DAMPING)
+    gen = torch.Generator().manual_seed(0)
+    for layer, block in approx._blocks.items():
+        mat = torch.randn(block.out_dim, block.in_dim, generator=gen, dtype=dtype)
+        expected = precond.apply({layer: mat})[layer]
+        assert torch.equal(ahead.preconditioner.apply({layer: mat})[layer], expected), layer
+    assert ahead.preconditioner.condition_numbers == precond.condition_numbers
+
+
+def test_a_preconditioner_built_ahead_knows_no_condition_numbers_before_it_is_settled() -> None:
+    approx = _fitted("kfac-pi", 0, torch.float64)
+    ahead = approx.inverse_ahead(DAMPING)
+    assert ahead is not None
+    assert all(math.isnan(v) for v in ahead.preconditioner.condition_numbers.values())
+
+
+def test_a_failed_cholesky_refuses_the_preconditioner_built_ahead() -> None:
+    approx = KFAC(damping_mode=KFACDamping.SQRT)
+    approx.update(fit_statistics(PROBLEMS[0], approx))
+    _, block = next(iter(approx._blocks.items()))
+    A = block.A  # type: ignore[attr-defined]
+    m = A.shape[0]
+    lowest = torch.linalg.eigvalsh(A)[0]
+    block.A = A - (lowest + 1e-13 * A.trace() / m) * torch.eye(m, dtype=A.dtype)  # type: ignore[attr-defined]
+    ahead = approx.inverse_ahead(1e-30)
+    assert ahead is not None
+    assert not ahead.settle(ahead.numbers.tolist())
+
+
+def test_the_inverse_built_ahead_flushes_each_factor_at_its_own_limit() -> None:
+    approx = KFAC(dtype=torch.float32)
+    approx.update(fit_statistics(PROBLEMS[0], approx))
+    layer, block = next(iter(approx._blocks.items()))
+    G, A = block.G, block.A  # type: ignore[attr-defined]
+    n = G.shape[0]
+    coupling = 1e-9 * (1 - torch.eye(n))
+    coupling[0, 1] = coupling[1, 0] = 1e-3
+    block.G = torch.diag(G.diagonal() + 1.0) + coupling  # type: ignore[attr-defined]
+    block.A = 1e-6 * A  # type: ignore[attr-defined]
+    ahead = approx.inverse_ahead(DAMPING)
+    assert ahead is not None and ahead.settle(ahead.numbers.tolist())
+    checked = block.inverse(DAMPING)
+    built = ahead.preconditioner._inverses[layer]
+    assert int((built.g_inv == 0).sum()) == n * (n - 1) - 2  # type: ignore[attr-defined]
+    assert torch.equal(built.g_inv, checked.g_inv)  # type: ignore[attr-defined]
+    assert torch.equal(built.a_inv, checked.a_inv)  # type: ignore[attr-defined]
+
+
+def test_an_apply_dtype_chosen_by_the_condition_number_is_not_built_ahead(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    approx = _fitted("kfac-pi", 0, torch.float32)
+    monkeypatch.setattr(kfac_module, "resolve_apply_dtype", _bfloat16_below_1e3)
+    for block in approx._blocks.values():
+        block.apply_dtype = "auto"  # type: ignore[attr-defined]
+    assert approx.inverse_ahead(DAMPING) is None
+    for block in approx._blocks.values():
+        block.apply_dtype = torch.bfloat16  # type: ignore[attr-defined]  # fixed: no dependence
+    assert approx.inverse_ahead(DAMPING) is not None
+
+
+def _bfloat16_below_1e3(
+    choice: object, dtype: torch.dtype, device: torch.device, cost: float, *, condition: float
+) -> torch.dtype:
+    if choice != "auto":
+        assert isinstance(choice, torch.dtype)
+        return choice
+    return torch.bfloat16 if condition <= 1e3 else dtype

@@ -46,10 +46,11 @@ def test_device_mode_times_counts_and_floors_every_row(tmp_path: Path) -> None:
     assert kfac["host_reads"]["regular"] == 1
     assert kfac["host_reads"]["statistics"] >= kfac["host_reads"]["regular"]
     # Deferred checks (the default on a GPU): a regular step reads nothing, not even for
-    # the benchmark's own look at the step's times; the statistics step no more often.
+    # the benchmark's own look at the step's times; the statistics step once less (its
+    # inverse is checked with the directions' measurements).
     deferred = rows["kfac-deferred", 2]
     assert deferred["host_reads"]["regular"] == 0
-    assert deferred["host_reads"]["statistics"] == kfac["host_reads"]["statistics"]
+    assert deferred["host_reads"]["statistics"] == kfac["host_reads"]["statistics"] - 1
     assert kfac["kernels"]["statistics"] > kfac["kernels"]["regular"]
     assert rows["adam", None]["vs_adam"] == 1.0
     for key in ("vs_adam", "vs_sgd", "floor_ms", "vs_floor"):

@@ -117,8 +117,9 @@ def _sync_warnings(step: Callable[[], None]) -> int:
 def test_kfac_steps_wait_for_the_gpu_as_often_as_counted_on_the_cpu() -> None:
     # tests/optim/test_host_syncs.py counts the reads on the CPU: one per regular step
     # (none with deferred checks), and on a statistics step the gradients' and statistics'
-    # check, the inverse and the directions (the sub-batch's indices, drawn on the CPU, do
-    # not wait for the GPU).
+    # check, then the directions with the new inverse's checks (deferred checks, the
+    # default on CUDA; on the host the inverse is read on its own). The sub-batch's
+    # indices, drawn on the CPU, do not wait for the GPU.
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 10)).cuda()
     loss_fn = nn.CrossEntropyLoss()
@@ -134,7 +135,7 @@ def test_kfac_steps_wait_for_the_gpu_as_often_as_counted_on_the_cpu() -> None:
     for _ in range(20):
         step()
     assert not all(engine.prepare_idle for engine in opt.engines)
-    assert _sync_warnings(step) <= 3  # step 20: statistics and inverse
+    assert _sync_warnings(step) <= 2  # step 20: statistics and inverse
     assert all(engine.prepare_idle for engine in opt.engines)
     # Step 21, a regular step: with deferred checks (the default on CUDA) no wait at all;
     # "error" makes any synchronisation in curvlib's step raise where it happens.
@@ -165,10 +166,15 @@ def test_a_regular_step_of_preconditioner_mode_does_not_wait_for_the_gpu() -> No
         with precond.record():
             loss_fn(net(x), y).backward()
 
-    for _ in range(21):
+    for _ in range(20):
         backward()
         precond.step()
         sgd.step()
+    backward()
+    assert not precond.engine.prepare_idle  # step 20: statistics and inverse
+    # The gradients' and statistics' check, then the new inverse's checks.
+    assert _sync_warnings(precond.step) <= 2
+    sgd.step()
     assert precond.engine.prepare_idle  # step 21: nothing due
     backward()
     torch.cuda.synchronize()

@@ -18,6 +18,7 @@ from curvlib.linalg import (
     flush_subnormals_,
     symmetrize,
 )
+from curvlib.linalg.factors import device_negligible_limit, flush_below, negligible_limit
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
@@ -58,6 +59,31 @@ def test_flush_negligible_leaves_a_non_finite_matrix_unchanged(bad: float) -> No
     mat = torch.tensor([[1.0, 1e-30], [bad, 2.0]])
     out = flush_negligible(mat)
     assert torch.equal(out.nan_to_num(), mat.nan_to_num())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_the_limit_on_the_device_flushes_the_same_bits_as_the_read_one(dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(0)
+    info = torch.finfo(dtype)
+    for scale in [1.0, 1e-30, 1e30, info.tiny]:
+        mat = torch.randn(40, 40, generator=gen, dtype=torch.float64)
+        # Entries on both sides of the limit, at it, and subnormal ones.
+        mat *= torch.logspace(-20, 0, 40, dtype=torch.float64)
+        mat = (mat * scale).to(dtype)
+        mat[0, 0] = -info.eps * mat.abs().max()
+        cases = [mat, torch.zeros(3, 3, dtype=dtype), -mat]
+        for bad in [math.nan, math.inf, -math.inf]:
+            broken = mat.clone()
+            broken[1, 2] = bad
+            cases.append(broken)
+        for case in cases:
+            low, high = torch.aminmax(case)
+            read = flush_below(case, negligible_limit(float(low), float(high), dtype))
+            on_device = flush_below(case, device_negligible_limit(low, high, dtype))
+            assert on_device.dtype == dtype and on_device.is_contiguous()
+            assert torch.equal(on_device.nan_to_num(), read.nan_to_num())
+            assert torch.equal(on_device.isnan(), read.isnan())
+            assert torch.equal(torch.signbit(on_device), torch.signbit(read))
 
 
 def test_the_flushed_matrices_are_contiguous() -> None:

@@ -189,10 +189,11 @@ def test_deferred_checks_train_as_the_host_path_without_reading_on_regular_steps
     regular = [k for k in range(STEPS) if k not in (0, 1, 2, 4, 8, 10, 20)]
     assert [reads[k] for k in regular] == [0] * len(regular)
     assert [ref_reads[k] for k in regular] == [1] * len(regular)
-    # Statistics steps read the deferred answers with their first check: no extra read.
+    # Statistics steps read the deferred answers with their first check: no extra read;
+    # their new inverse is checked with the directions' measurements: one read less.
     # (The stats above were looked at after each step, so each regular step's answer was
     # read then; the count on a statistics step after unread steps is tested below.)
-    assert [reads[k] for k in (10, 20)] == [ref_reads[k] for k in (10, 20)]
+    assert [reads[k] for k in (10, 20)] == [ref_reads[k] - 1 for k in (10, 20)]
 
 
 def test_a_statistics_step_reads_the_pending_answers_with_its_first_check() -> None:
@@ -204,7 +205,8 @@ def test_a_statistics_step_reads_the_pending_answers_with_its_first_check() -> N
 
     host, deferred = counts(False), counts(True)
     assert deferred[11:20] == [0] * 9 and host[11:20] == [1] * 9
-    assert deferred[20] == host[20]  # nine pending answers and tracked norms, no extra read
+    # Nine pending answers and tracked norms, no extra read; the inverse: one read less.
+    assert deferred[20] == host[20] - 1
 
 
 def test_auto_defers_only_off_the_cpu() -> None:
@@ -467,19 +469,30 @@ def test_preconditioner_mode_defers_its_check_and_clip_too() -> None:
         assert all(map(_close, ref[0], got[0])), k
         assert got[2] == pytest.approx(ref[2], rel=1e-10) and got[3] == ref[3] == 0, k
     assert deferred[REGULAR][1] == 0 and host[REGULAR][1] >= 1
+    # A statistics step: the gradients' and statistics' check in one read, the new
+    # inverse's checks in another (its clip stays on the device).
+    assert [deferred[k][1] for k in (10, 20)] == [2, 2]
+    assert all(host[k][1] > 2 for k in (10, 20))
     assert precond.skipped_steps == 0
 
 
-def test_preconditioner_mode_leaves_a_bad_gradient_alone_and_says_so_when_read() -> None:
-    host, host_messages, _ = _preconditioned(False, nan_at=REGULAR)
-    deferred, messages, precond = _preconditioned(True, nan_at=REGULAR)
+@pytest.mark.parametrize("nan_at", [REGULAR, 20], ids=["regular", "statistics"])
+def test_preconditioner_mode_leaves_a_bad_gradient_alone_and_says_so_when_read(
+    nan_at: int,
+) -> None:
+    host, host_messages, _ = _preconditioned(False, nan_at=nan_at)
+    deferred, messages, precond = _preconditioned(True, nan_at=nan_at)
     for k, (ref, got) in enumerate(zip(host, deferred, strict=True)):
         assert all(
             torch.equal(a.isnan(), b.isnan()) for a, b in zip(ref[0], got[0], strict=True)
         ), k
+        assert all(map(_close, ref[0], got[0])) or k == nan_at, k
         assert (got[2] is None) == (ref[2] is None) and got[3] == ref[3], k
-    assert deferred[REGULAR][2] is None and deferred[REGULAR][3] == 1
-    assert deferred[REGULAR][1] == 0  # the check ran on the device
+    assert deferred[nan_at][2] is None and deferred[nan_at][3] == 1
     assert len(host_messages) == len(messages) == 1
-    assert f"step {REGULAR} contained NaN/Inf" in messages[0]
+    if nan_at == REGULAR:
+        assert deferred[nan_at][1] == 0  # the check ran on the device
+        assert f"step {nan_at} contained NaN/Inf" in messages[0]
+    else:  # a statistics step reads its check first, as the host does
+        assert deferred[nan_at][1] == 1 and messages == host_messages
     assert precond.skipped_steps == 1

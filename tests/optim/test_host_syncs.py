@@ -17,11 +17,13 @@ from curvlib import EKFAC, KFAC, KPSVD, Diagonal, PreconditionedOptimizer
 from curvlib.optim.syncs import host_reads
 
 
-def _steps(approx: Any, count: int) -> tuple[PreconditionedOptimizer, Callable[[], None]]:
+def _steps(
+    approx: Any, count: int, deferred_checks: bool | str = "auto"
+) -> tuple[PreconditionedOptimizer, Callable[[], None]]:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 10))
     loss_fn = nn.CrossEntropyLoss()
-    opt = PreconditionedOptimizer(model, approx, loss_fn=loss_fn)
+    opt = PreconditionedOptimizer(model, approx, loss_fn=loss_fn, deferred_checks=deferred_checks)
     x, y = torch.randn(64, 20), torch.randint(0, 10, (64,))
 
     def step() -> None:
@@ -63,6 +65,22 @@ def test_the_reads_of_a_statistics_step(make: Callable[[], Any]) -> None:
         step()
     assert "time_inverse" in opt.last_stats
     assert reads.count == STATISTICS_STEP_READS[make]
+
+
+@pytest.mark.parametrize("make", list(STATISTICS_STEP_READS), ids=lambda m: m.__name__)
+def test_a_deferred_statistics_step_checks_its_inverse_with_the_directions(
+    make: Callable[[], Any],
+) -> None:
+    # With deferred checks (what "auto" does off the CPU) the inverse is built without
+    # reading its checks (``LayerwiseApprox.inverse_ahead``), and they are read with the
+    # directions' measurements: one read less. On a GPU a KFAC or diagonal statistics
+    # step then waits twice: the gradients' and statistics' check, and the directions'
+    # (the sub-batch's indices come from the CPU's generator).
+    opt, step = _steps(make(), 20, deferred_checks=True)
+    with host_reads() as reads:
+        step()
+    assert reads.count == STATISTICS_STEP_READS[make] - 1
+    assert set(opt.last_stats["condition_numbers"]) == {"0", "2"}
 
 
 def test_the_counter_sees_every_kind_of_read() -> None:
