@@ -322,9 +322,11 @@ def kfac_ablations() -> list[Method]:
 
 
 def parse_value(text: str) -> Any:
-    """A number, ``None`` or a word (``"auto"``) from the command line."""
+    """A number, ``None``, ``True``, ``False`` or a word (``"auto"``) from the command line."""
     if text == "None":
         return None
+    if text in ("True", "False"):
+        return text == "True"
     for kind in (int, float):
         try:
             return kind(text)

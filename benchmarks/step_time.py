@@ -174,6 +174,10 @@ REGISTRY: dict[str, Spec] = {
         "KFAC (PI), checks deferred", KFAC, "KFAC", {"damping_mode": "pi"},
         optimizer={"deferred_checks": True},
     ),
+    "kfac-overlap": Spec(
+        "KFAC (PI), inverses overlapped (stale by one rebuild)", KFAC, "KFAC",
+        {"damping_mode": "pi"}, optimizer={"overlap_inverse": 1000},  # > T: the next rebuild
+    ),
     "ekfac": Spec("EKFAC", f"{APPROX}.ekfac", "EKFAC", floor="ekfac"),
     "diag": Spec("Diagonal (GGN, MC)", DIAG, "Diagonal", floor="diag"),
     "diag-ef": Spec("Diagonal (empirical)", DIAG, "Diagonal", floor="diag-ef", fisher="empirical"),
@@ -194,8 +198,8 @@ REGISTRY: dict[str, Spec] = {
     "asdl-kfac": Spec("ASDL K-FAC", "asdl", "KfacGradientMaker"),
 }  # fmt: skip
 BASELINES = {"adam": "Adam", "sgd": "SGD (momentum 0.9)"}
-DEVICE_ROWS = ("adam", "sgd", "kfac", "kfac-host-checks", "kfac-deferred", "ekfac", "kpsvd", "diag",
-               "exact-ng")  # --device default  # fmt: skip
+DEVICE_ROWS = ("adam", "sgd", "kfac", "kfac-host-checks", "kfac-deferred", "kfac-overlap", "ekfac",
+               "kpsvd", "diag", "exact-ng")  # --device default  # fmt: skip
 FLOORS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {  # (every step, every T steps)
     "pi": (("apply2",), ("gemm", "mc_backward", "cholesky")),
     "eigen": (("apply4",), ("gemm", "mc_backward", "eigh")),

@@ -223,6 +223,23 @@ MUTANTS = (
         ("tests/optim/test_inverse_ahead.py",),
     ),
     Mutant(
+        "overlap_installs_fresh",
+        "an overlapped rebuild installs the current estimate's inverse, not the one started before",
+        "curvlib/optim/engine.py",
+        "        build, self._building = self._building, None\n",
+        "        device = self._own_layers[0].weight.device\n"
+        "        build = InverseBuild.start(self.approx, self.damping, self.step_count, device)\n",
+        ("tests/optim/test_overlap_inverse.py",),
+    ),
+    Mutant(
+        "overlap_checkpoint_drops_build",
+        "a checkpoint taken while an inverse is being built resumes without it",
+        "curvlib/optim/engine.py",
+        "        if saved is not None and self.overlap_inverse:\n",
+        "        if False:\n",
+        ("tests/optim/test_overlap_inverse.py",),
+    ),
+    Mutant(
         "statistics_check_ignored",
         "the statistics' finiteness, read with the gradients' check, is taken as finite",
         "curvlib/optim/optimizer.py",

@@ -32,6 +32,7 @@ from curvlib.linalg.factors import symmetrize as symmetrized
 from curvlib.linalg.parallel import default_workers, run_jobs
 
 R = TypeVar("R")
+LA = TypeVar("LA", bound="LayerwiseApprox")
 
 LayerInverse = Callable[[Tensor], Tensor]
 """Applies one layer's damped inverse to ``[..., out, in_aug]`` matrices."""
@@ -1165,9 +1166,19 @@ class LayerwiseApprox(ABC):
         The optimizer keeps the estimate its live inverse was built from this
         way, for checkpoints taken before the next rebuild.
         """
+        return self.frozen().state_dict
+
+    def frozen(self: LA) -> LA:
+        """A copy of the estimate as it is now, which later updates leave as it is.
+
+        The blocks assign new tensors instead of writing into their old ones, so
+        shallow copies of the blocks share the tensors and copy nothing. The
+        optimizer builds an overlapped inverse from it (``overlap_inverse``)
+        while training goes on.
+        """
         frozen = copy.copy(self)
         frozen._blocks = {name: copy.copy(block) for name, block in self._blocks.items()}
-        return frozen.state_dict
+        return frozen
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore counters and estimates saved by ``state_dict()``; all or nothing.

@@ -61,6 +61,7 @@ from curvlib.optim.hyper import (
     check_damping,
     resolve,
 )
+from curvlib.optim.overlap import InverseBuild, check_overlap
 
 RECORD_TIMES = ("statistics", "forward_backward")
 """Keys of the time spent in ``record()`` blocks (see ``record_statistics``)."""
@@ -120,6 +121,22 @@ class CurvatureEngine:
             ``splits_update`` computes the expensive part of this rank's
             layers' updates (``fitted``) and folds in every rank's.
 
+        overlap_inverse: Steps during which a rebuilt inverse is built in the
+            background before it replaces the live one (0, the default: built
+            at once). A rebuild starts it from the estimate and damping of that
+            step and training goes on with the live inverse; it is installed
+            ``overlap_inverse`` steps later, or at the next rebuild if that comes
+            first (so ``overlap_inverse >= t_inv`` gives inverses stale by one
+            rebuild, as distributed K-FAC uses them). On a GPU it is built on a
+            second CUDA stream, beside the next steps' forward and backward
+            passes; elsewhere in one background thread
+            ([`curvlib.optim.overlap`][curvlib.optim.overlap]). Which inverse a
+            step uses depends on the schedule only, never on timing. The first
+            inverse is built at once. Needs an approximation that can build its
+            inverse from a frozen copy of its estimate
+            ([`LayerwiseApprox.frozen`][curvlib.approx.base.LayerwiseApprox.frozen]),
+            not a two-time-scale one, in a single process.
+
     Attributes:
         last_moved: The distance ``weights_moved`` measured at the step that
             finished last (``None`` if none was measured); the optimizers report
@@ -143,8 +160,11 @@ class CurvatureEngine:
         warmup: int = 0,
         refresh_on_move: float = 0.0,
         sync: ReplicaSync | None = None,
+        overlap_inverse: int = 0,
     ) -> None:
         check_approx(approx)
+        check_overlap(overlap_inverse, approx, sync)
+        self.overlap_inverse = overlap_inverse
         _check_intervals(t_cov, t_inv)
         if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
             raise ValueError(f"warmup must be a non-negative int, got {warmup!r}.")
@@ -216,6 +236,8 @@ class CurvatureEngine:
         self._replaced: tuple[Any, ...] | None = None
         # An inverse built ahead of its check (``prepare(ahead=True)``), until ``settle_inverse``.
         self._ahead: AheadInverse | None = None
+        # The inverse being built in the background (``overlap_inverse``), until it is installed.
+        self._building: InverseBuild | None = None
 
     # -- schedule -------------------------------------------------------------
 
@@ -237,7 +259,13 @@ class CurvatureEngine:
     @property
     def prepare_idle(self) -> bool:
         """Whether ``prepare()`` has nothing to do this step: no statistics, no inverse due."""
-        return not (self.stats_due or self._pending or self._inverse_due)
+        return not (self.stats_due or self._pending or self._inverse_due or self._install_due)
+
+    @property
+    def _install_due(self) -> bool:
+        """Whether the inverse built in the background replaces the live one this step."""
+        building = self._building
+        return building is not None and self.step_count >= building.step + self.overlap_inverse
 
     @property
     def _moved(self) -> bool:
@@ -406,8 +434,23 @@ class CurvatureEngine:
         has_estimate = updated or self._precond is not None
         if has_estimate and (inverse_due or (refreshable and updated)):
             start = time.perf_counter()
-            self._invert(ahead)
+            # The warm-up's rebuilds are built at once: early curvature goes stale fastest.
+            if self.overlap_inverse and self._precond is not None and not self._warming_up:
+                self._install_built()  # the one started before, if any, now
+                device = self._own_layers[0].weight.device
+                self._building = InverseBuild.start(
+                    self.approx, self.damping, self.step_count, device
+                )
+            else:
+                self._building = None  # built from an older estimate than this one
+                self._invert(ahead)
             inverse_time += time.perf_counter() - start
+        elif self._install_due:
+            start = time.perf_counter()
+            self._install_built()
+            inverse_time += time.perf_counter() - start
+        if self._ahead is not None and not ahead:  # an installed one, checked here
+            self.settle_inverse(self._ahead.numbers.tolist())
         if inverse_time:
             self.timings["inverse"] = inverse_time
         if self._precond is None:
@@ -622,6 +665,44 @@ class CurvatureEngine:
         # inverse's time.
         self.condition_numbers = _condition_numbers(precond)
 
+    def _install_built(self) -> None:
+        """``overlap_inverse``: make the inverse built in the background the live one.
+
+        Waits until it is built. Its checks are read with the directions
+        (``prepare(ahead=True)``) or by ``prepare``; a build that raised is
+        counted and warned about, and the live inverse stays.
+        """
+        build, self._building = self._building, None
+        if build is None:
+            return
+        try:
+            built = build.result()
+        except (RuntimeError, ValueError) as err:
+            self.inverse_failures += 1
+            warnings.warn(
+                f"Step {self.step_count}: building the damped inverse started at step "
+                f"{build.step} failed ({err}); the last good preconditioner is kept.",
+                RuntimeWarning,
+                stacklevel=5,
+            )
+            return
+        self._install(built, build)
+
+    def _install(self, built: Any, build: InverseBuild) -> None:
+        """Make ``built`` (a preconditioner, or one built ahead of its checks) the live inverse."""
+        self._replaced = (
+            self._precond, self._precond_damping, self._precond_fresh, self._snapshot,
+            self.condition_numbers,
+        )  # fmt: skip
+        drafted = built if hasattr(built, "settle") else None
+        precond = built.preconditioner if drafted is not None else built
+        self._precond, self._precond_damping = precond, build.damping
+        # Built from an earlier estimate: a checkpoint keeps that estimate to rebuild it.
+        self._precond_fresh, self._snapshot = False, build.source.state_dict
+        self.inverse_rebuilt = True
+        self._ahead = drafted
+        self.condition_numbers = {} if drafted is not None else _condition_numbers(precond)
+
     @property
     def pending_inverse(self) -> Tensor | None:
         """The checks of an inverse built ahead of them (``prepare(ahead=True)``), unread.
@@ -792,6 +873,14 @@ class CurvatureEngine:
                 None if self._precond_fresh or self._snapshot is None else self._snapshot()
             ),
             "move_reference": None if self._reference is None else list(self._reference),
+            # ``overlap_inverse``: the estimate and damping of the inverse being built.
+            "building": None
+            if self._building is None
+            else {
+                "source": self._building.source.state_dict(),
+                "damping": self._building.damping,
+                "step": self._building.step,
+            },
         }
 
     def checkpoint_record(self) -> dict[str, Any]:
@@ -831,6 +920,13 @@ class CurvatureEngine:
                 builder = copy.deepcopy(approx)
                 builder.load_state_dict(source)
                 precond, snapshot = builder.inverse(damping), _clone(source)
+        building = None
+        saved = state.get("building")  # absent: written before overlapped inverses
+        if saved is not None and self.overlap_inverse:
+            source = copy.deepcopy(approx)
+            source.load_state_dict(saved["source"])
+            built = source.inverse(saved["damping"])
+            building = InverseBuild.ready(source, saved["damping"], int(saved["step"]), built)
         return LoadedEngine(
             step_count=int(state["step_count"]),
             lm_damping=state["lm_damping"],
@@ -845,6 +941,7 @@ class CurvatureEngine:
             precond_fresh=fresh,
             snapshot=snapshot,
             reference=_loaded_reference(state.get("move_reference"), self._weights()),
+            building=building,
         )
 
     def commit(self, loaded: LoadedEngine) -> None:
@@ -871,6 +968,7 @@ class CurvatureEngine:
         # Written without the rule (or before it existed): the next statistics take one.
         self._set_reference(loaded.reference if self.refresh_on_move else None)
         self._moved_at = None
+        self._building, self._ahead = loaded.building, None
 
 
 @dataclass(frozen=True)
@@ -893,6 +991,7 @@ class LoadedEngine:
     precond_fresh: bool
     snapshot: Any
     reference: list[Tensor] | None = None
+    building: InverseBuild | None = None
 
 
 def _condition_numbers(precond: Preconditioner) -> dict[str, float]:

@@ -186,6 +186,13 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             ``True`` or ``False`` always or never. Steps with
             ``lr``/``momentum`` ``"auto"`` or Levenberg–Marquardt damping
             always read.
+        overlap_inverse: Steps during which a rebuilt inverse is built in the
+            background (on a GPU on a second CUDA stream) before it replaces
+            the live one, or until the next rebuild if that comes first; 0 (the
+            default) builds it at once. A step then need not wait for the
+            factorisations, at the price of inverses that many steps staler
+            ([`curvlib.optim.overlap`][curvlib.optim.overlap]; the
+            [`CurvatureEngine`][curvlib.optim.CurvatureEngine] argument).
 
     Attributes:
         extractor: The extractor shared by every group (``layout`` lists the
@@ -238,6 +245,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         accumulation_steps: int = 1,
         sync: ReplicaSync | None = None,
         deferred_checks: bool | Literal["auto"] = "auto",
+        overlap_inverse: int = 0,
     ) -> None:
         defaults: dict[str, Any] = {
             "lr": lr,
@@ -288,7 +296,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 extractor, group.approx, damping=pg["damping"], t_cov=pg["t_cov"],
                 t_inv=pg["t_inv"], stats_scale=self._stats_scale,
                 layers=[layer.name for layer in group.layers], warmup=warmup,
-                refresh_on_move=refresh_on_move, sync=sync,
+                refresh_on_move=refresh_on_move, sync=sync, overlap_inverse=overlap_inverse,
             )
             for group, pg in zip(resolved, self.param_groups, strict=False)
         )  # fmt: skip

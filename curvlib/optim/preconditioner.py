@@ -86,6 +86,8 @@ class GradientPreconditioner:
             select), and ``skipped_steps``, ``last_stats["kl_clip_factor"]``
             and ``["skipped_steps"]`` are read when used. ``"auto"`` (the
             default): where the curvature layers are not on the CPU.
+        overlap_inverse: As the optimizer's: steps during which a rebuilt
+            inverse is built in the background before it is used (0: at once).
 
     Attributes:
         sync_params: The parameters whose gradients ``sync`` averages in
@@ -109,6 +111,7 @@ class GradientPreconditioner:
         refresh_on_move: float = DEFAULTS.refresh_on_move,
         sync: ReplicaSync | None = None,
         deferred_checks: bool | Literal["auto"] = "auto",
+        overlap_inverse: int = 0,
     ) -> None:
         if isinstance(damping, LevenbergMarquardt):
             raise TypeError(
@@ -129,6 +132,7 @@ class GradientPreconditioner:
             warmup=warmup,
             refresh_on_move=refresh_on_move,
             sync=sync,
+            overlap_inverse=overlap_inverse,
         )
         self.kl_clip, self.lr, self.kl_clip_lr_squared = kl_clip, lr, kl_clip_lr_squared
         self.sync = sync

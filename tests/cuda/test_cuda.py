@@ -184,3 +184,39 @@ def test_a_regular_step_of_preconditioner_mode_does_not_wait_for_the_gpu() -> No
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert precond.skipped_steps == 0 and precond.last_stats["kl_clip_factor"] is not None
+
+
+def test_inverses_overlapped_on_a_second_stream_are_those_of_their_estimates() -> None:
+    # overlap_inverse: each inverse is built on a second stream from the estimate of the
+    # rebuild that started it, and installed 3 steps later (tests/optim/test_overlap_inverse.py
+    # checks the schedule on the CPU, where a thread builds them).
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 10)).double().cuda()
+    loss_fn = nn.CrossEntropyLoss()
+    opt = PreconditionedOptimizer(
+        net, KFAC(), loss_fn=loss_fn, stats_fraction=1.0, overlap_inverse=3
+    )
+    gen = torch.Generator().manual_seed(1)
+    mats = {
+        name: torch.randn(*shape, generator=gen, dtype=torch.float64).cuda()
+        for name, shape in (("0", (30, 21)), ("2", (10, 31)))
+    }
+    started, installed = None, []
+    for k in range(25):
+        x = torch.randn(64, 20, generator=gen, dtype=torch.float64).cuda()
+        y = torch.randint(0, 10, (64,), generator=gen).cuda()
+        opt.zero_grad()
+        with opt.record():
+            loss_fn(net(x), y).backward()
+        opt.step()
+        engine = opt.engine
+        if engine.inverse_rebuilt and k >= 10:
+            installed.append(k)
+            assert started is not None
+            source, damping = started
+            live, expected = engine._precond.apply(mats), source.inverse(damping).apply(mats)
+            for name in mats:
+                torch.testing.assert_close(live[name], expected[name], rtol=1e-10, atol=0)
+        if engine._building is not None and engine._building.step == k:
+            started = (engine._building.source, engine._building.damping)
+    assert installed == [13, 23]
