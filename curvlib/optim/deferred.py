@@ -147,9 +147,29 @@ class DeviceGuards:
     packed: Tensor
 
 
-def dot64(a: Tensor, b: Tensor) -> Tensor:
-    """``<a, b>`` in float64, ``a`` already flat and in float64."""
-    return torch.dot(a, b.reshape(-1).double())
+_LENGTHS: dict[tuple[torch.device, tuple[int, ...]], Tensor] = {}
+
+
+def segment_dots(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
+    r"""$[\langle a_i, b_i\rangle]_i$ in float64: the same few kernels for any number of pairs.
+
+    Both sides are concatenated and widened once, multiplied once and summed by
+    segment (``torch.segment_reduce``), instead of two conversions and a dot
+    product per pair: on a GPU, where a step's time goes to launching kernels,
+    that is about three launches per layer fewer. The segments' lengths are
+    made on the device once per layout (fills, no copy from the host).
+    """
+    if not a:
+        return torch.zeros(0, dtype=torch.float64)
+    device = a[0].device
+    sizes = tuple(t.numel() for t in a)
+    lengths = _LENGTHS.get((device, sizes))
+    if lengths is None:
+        lengths = torch.stack([torch.full((), n, dtype=torch.long, device=device) for n in sizes])
+        _LENGTHS[(device, sizes)] = lengths
+    flat_a = torch.cat([t.reshape(-1) for t in a]).double()
+    flat_b = torch.cat([t.reshape(-1) for t in b]).double()
+    return torch.segment_reduce(flat_a * flat_b, "sum", lengths=lengths)
 
 
 def check_setting(value: object) -> None:
@@ -226,14 +246,19 @@ def device_guards(
     """
     names = list(directions)
     device = directions[names[0]].device
-    flat = {n: grads[n].reshape(-1).double() for n in names}  # no copy in float64
-    inner = torch.stack([dot64(flat[n], directions[n]) for n in names])
+    inner = segment_dots([grads[n] for n in names], [directions[n] for n in names])
     grad_norms = _norms64([grads[n] for n in names], device)
     direction_norms = _norms64([directions[n] for n in names], device)
     fallback_norms = _norms64(fallback_grads, device)
     zero = inner.new_zeros(())
-    inner_buffers = torch.stack(
-        [dot64(flat[n], buffers[n]) if n in buffers else zero for n in names]
+    moving = [n for n in names if n in buffers]
+    with_buffers = iter(
+        segment_dots([grads[n] for n in moving], [buffers[n] for n in moving]).unbind()
+    )
+    inner_buffers = (
+        torch.stack([next(with_buffers) if n in buffers else zero for n in names])
+        if len(moving) < len(names)
+        else torch.stack(list(with_buffers))
     )
     measured = torch.cat([inner, grad_norms, direction_norms, fallback_norms])
 

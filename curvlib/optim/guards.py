@@ -134,14 +134,13 @@ def measure_directions(
         *(_dot(grads[n], buffers[n]) for n in with_buffer),
     ]
     if gradients_finite is not None:
-        scalars.append(gradients_finite)
-    parts = [*scalars, *read_with]
-    if len({t.device for t in parts}) > 1:
+        scalars.append(gradients_finite.to(scalars[0].dtype if scalars else torch.float64))
+    if len({t.device for t in [*scalars, *read_with]}) > 1:
         scalars, read_with = [t.cpu() for t in scalars], [t.cpu() for t in read_with]
     parts = [t.to(torch.float64) for t in read_with]
-    if scalars:
-        parts.insert(0, torch.stack([t.to(torch.float64) for t in scalars]))
-    flat = torch.cat(parts).tolist() if parts else []
+    if scalars:  # stack promotes mixed dtypes
+        parts.insert(0, torch.stack(scalars).to(torch.float64))
+    flat = (parts[0] if len(parts) == 1 else torch.cat(parts)).tolist() if parts else []
     extra: list[list[float]] = []
     for tensor in reversed(read_with):
         size = tensor.numel()

@@ -36,7 +36,13 @@ from curvlib.core.layout import CurvatureLayer
 from curvlib.core.protocols import CurvatureApprox, Extractor, ReplicaSync
 from curvlib.core.stats import all_finite, finite_flag
 from curvlib.optim.defaults import DEFAULTS, default_damping
-from curvlib.optim.deferred import MAX_PENDING, check_setting, defers, device_clip, dot64
+from curvlib.optim.deferred import (
+    MAX_PENDING,
+    check_setting,
+    defers,
+    device_clip,
+    segment_dots,
+)
 from curvlib.optim.engine import CurvatureEngine, floating_to, layer_grads
 from curvlib.optim.hyper import DampingWarmup, LevenbergMarquardt, Schedule, check_positive
 from curvlib.optim.kernels import kl_clip_factor
@@ -229,8 +235,8 @@ class GradientPreconditioner:
         denominator = finite.new_zeros((), dtype=torch.float64)
         if self.kl_clip is not None:
             rate = self.lr * self.lr if self.kl_clip_lr_squared else 1.0
-            inner = [dot64(grads[n].reshape(-1).double(), d) for n, d in directions.items()]
-            denominator = torch.stack(inner).sum() * rate
+            inner = segment_dots([grads[n] for n in directions], list(directions.values()))
+            denominator = inner.sum() * rate
         nu = device_clip(denominator, self.kl_clip)
         for layer in self.layers:
             weight, bias = layer.from_matrix(directions[layer.name])

@@ -496,3 +496,18 @@ def test_preconditioner_mode_leaves_a_bad_gradient_alone_and_says_so_when_read(
     else:  # a statistics step reads its check first, as the host does
         assert deferred[nan_at][1] == 1 and messages == host_messages
     assert precond.skipped_steps == 1
+
+
+def test_segment_dots_are_the_float64_dots_of_each_pair() -> None:
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(4, 5), (0, 3), (7,), (2, 3)]
+    a = [torch.randn(*s, generator=gen) for s in shapes]
+    b = [torch.randn(*s, generator=gen, dtype=torch.float64) for s in shapes]
+    a[3] = torch.full((2, 3), 3e38)  # float32 products would overflow
+    b[3] = torch.full((2, 3), 3e38, dtype=torch.float64)
+    got = deferred_module.segment_dots(a, b)
+    pairs = zip(a, b, strict=True)
+    expected = torch.stack([torch.dot(x.reshape(-1).double(), y.reshape(-1)) for x, y in pairs])
+    assert got.dtype == torch.float64 and got[1] == 0.0 and bool(torch.isfinite(got).all())
+    torch.testing.assert_close(got, expected, rtol=1e-14, atol=0)
+    assert deferred_module.segment_dots([], []).numel() == 0
