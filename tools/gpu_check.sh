@@ -38,7 +38,7 @@ if [ "$DEVICE" = cpu ]; then
     TEST_LIMIT=120 BENCH_LIMIT=120 BUDGET=60
 else
     BENCH_ARGS=(--batch-sizes 1000,8192 --intervals 10,100 --resnet-batch 128 --windows 5
-                --methods adam,sgd,kfac,ekfac,kpsvd,diag,exact-ng)
+                --methods adam,sgd,kfac,kfac-host-checks,kfac-overlap,ekfac,kpsvd,diag,exact-ng)
     TEST_LIMIT=150 BENCH_LIMIT=300 BUDGET=240
 fi
 if [ -n "${GPU_CHECK_ARGS:-}" ]; then

@@ -127,7 +127,14 @@ class InverseBuild:
 
 
 def _builder(source: Any, damping: float) -> Callable[[], Any]:
-    """Builds ``source``'s inverse ahead of its checks where it can, else checked."""
+    """Builds ``source``'s inverse ahead of its checks where it can, else checked.
+
+    Its layers one after the other (``workers = 1``, on the frozen copy only), so
+    that the build never hands jobs to the pool that the training thread uses
+    for its own per-layer work.
+    """
+    if hasattr(source, "workers"):
+        source.workers = 1
 
     def build() -> Any:
         with torch.no_grad():
