@@ -39,6 +39,17 @@ def positive_float(text: str) -> float:
     return value
 
 
+def nonnegative_int(text: str) -> int:
+    """An argparse type: an int >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return value
+
+
 def nonnegative_float(text: str) -> float:
     """``argparse`` type: a finite float >= 0."""
     value = _float(text)
@@ -471,6 +482,15 @@ def build_parser(
         "their norm since the last statistics (0: only every --t-cov steps)",
     )
     opt.add_argument(
+        "--overlap-inverse",
+        type=nonnegative_int,
+        default=0,
+        metavar="STEPS",
+        help="build each rebuilt inverse in the background (on a GPU on a second CUDA stream) "
+        "and use it STEPS steps later or at the next rebuild (0: build it at once; KFAC, "
+        "KPSVD, the two-term methods and the diagonal)",
+    )
+    opt.add_argument(
         "--damping-warmup-samples",
         type=int,
         default=None,
@@ -652,6 +672,7 @@ def optim_config(args: argparse.Namespace, spec: RunSpec) -> OptimConfig:
         t_inv=args.t_inv,
         warmup=args.warmup,
         refresh_on_move=args.refresh_on_move,
+        overlap_inverse=getattr(args, "overlap_inverse", 0),
         damping_warmup_samples=args.damping_warmup_samples,
         seed=args.seed,
         coarse_space=coarse,

@@ -49,6 +49,9 @@ class OptimConfig:
         warmup: Steps at the start with curvature refreshes at doubling intervals.
         refresh_on_move: Refresh the curvature also when some layer's weights
             moved by this fraction of their norm since the last statistics.
+        overlap_inverse: Steps during which a rebuilt inverse is built in the
+            background before it is used (0: at once; ``overlap_inverse`` of
+            the optimizer).
         damping_warmup_samples: Damping times $n_0/n$ while the statistics have
             seen $n < n_0$ samples (0: none; ignored with ``adaptive_damping``;
             ``None``: the approximation's, ``default_damping(approx).samples``).
@@ -79,6 +82,7 @@ class OptimConfig:
     t_inv: int = DEFAULTS.t_inv
     warmup: int = DEFAULTS.warmup
     refresh_on_move: float = DEFAULTS.refresh_on_move
+    overlap_inverse: int = 0
     damping_warmup_samples: int | None = None
     seed: int = 0
     coarse_space: str | None = None
@@ -183,6 +187,8 @@ def _curvature(make_approx: Callable[..., CurvatureApprox]) -> Factory:
             t_inv=cfg.t_inv,
             warmup=cfg.warmup,
             refresh_on_move=cfg.refresh_on_move,
+            # Only where asked for: approximations that cannot overlap refuse it.
+            **({"overlap_inverse": cfg.overlap_inverse} if cfg.overlap_inverse else {}),
             include=None if include is None else list(include),
             **restrict,
         )

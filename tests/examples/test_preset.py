@@ -97,6 +97,17 @@ def test_refresh_on_move_reaches_the_engine(flags: list[str], expected: float) -
     assert _optimizer(["--preset", "paper", *flags]).engine.refresh_on_move == expected
 
 
+@pytest.mark.parametrize(("flags", "expected"), [([], 0), (["--overlap-inverse", "3"], 3)])
+def test_overlap_inverse_reaches_the_engine(flags: list[str], expected: int) -> None:
+    assert _optimizer(flags).engine.overlap_inverse == expected
+
+
+@pytest.mark.parametrize("value", ["-1", "1.5", "many"])
+def test_a_bad_overlap_inverse_is_a_usage_error(value: str) -> None:
+    with pytest.raises(SystemExit):
+        autoencoder.build_argparser().parse_args(["--overlap-inverse", value])
+
+
 @pytest.mark.parametrize("value", ["-0.1", "nan", "many"])
 def test_a_bad_refresh_on_move_is_a_usage_error(value: str) -> None:
     with pytest.raises(SystemExit):
