@@ -307,3 +307,32 @@ def test_a_side_through_its_features_builds_no_gram_matrix() -> None:
     op = SampleSpaceFisher(PerSampleIO(torch.randn(64, 32, 8), torch.randn(1, 64, 32, 8)))
     assert op.routes == (SideRoute.FEATURES, SideRoute.FEATURES)
     assert op._gram_a is None and op._gram_g is None
+
+
+@pytest.mark.parametrize("form", ["sample", "free"])
+@pytest.mark.parametrize(("problem", "layer"), [("mlp", "0"), ("cnn", "0")], ids=str)
+def test_norms_kept_on_the_device_give_the_same_pair_with_one_read_per_iteration(
+    problem: str, layer: str, form: str
+) -> None:
+    """``device_norms=True`` (the default off the CPU): one host read per iteration, not three."""
+    from curvlib.optim.syncs import host_reads
+
+    io = _stats(problem)[layer].io
+    assert io is not None
+    op = SampleSpaceFisher(io) if form == "sample" else RearrangedFisher(io)
+    with host_reads() as host:
+        a = power_svd(op, tol=1e-10, max_iter=200, device_norms=False)
+    with host_reads() as device:
+        b = power_svd(op, tol=1e-10, max_iter=200, device_norms=True)
+    assert a.iterations == b.iterations >= 3
+    assert abs(a.sigma - b.sigma) <= 1e-12 * a.sigma
+    _close(a.sigma * torch.kron(a.U, a.V), b.sigma * torch.kron(b.U, b.V), "top term")
+    assert host.count - device.count == 2 * a.iterations
+
+
+def test_norms_kept_on_the_device_still_see_a_zero_operator() -> None:
+    stats = _stats("mlp").scaled(0.0)
+    io = stats["0"].io
+    assert io is not None
+    triple = power_svd(SampleSpaceFisher(io), device_norms=True)
+    assert triple.sigma == 0.0 and not bool(triple.U.any()) and not bool(triple.V.any())
