@@ -920,13 +920,15 @@ class CurvatureEngine:
                 builder = copy.deepcopy(approx)
                 builder.load_state_dict(source)
                 precond, snapshot = builder.inverse(damping), _clone(source)
+        # The inverse that was being built (``overlap_inverse``), built now; an engine
+        # that does not overlap builds its next inverse at its next rebuild instead.
         building = None
         saved = state.get("building")  # absent: written before overlapped inverses
         if saved is not None and self.overlap_inverse:
-            source = copy.deepcopy(approx)
-            source.load_state_dict(saved["source"])
-            built = source.inverse(saved["damping"])
-            building = InverseBuild.ready(source, saved["damping"], int(saved["step"]), built)
+            estimate = copy.deepcopy(approx)
+            estimate.load_state_dict(saved["source"])
+            built = estimate.inverse(saved["damping"])
+            building = InverseBuild.ready(estimate, saved["damping"], int(saved["step"]), built)
         return LoadedEngine(
             step_count=int(state["step_count"]),
             lm_damping=state["lm_damping"],
