@@ -240,6 +240,22 @@ MUTANTS = (
         ("tests/optim/test_overlap_inverse.py",),
     ),
     Mutant(
+        "lanczos_device_breakdown_kept",
+        "a Lanczos sweep with its norms on the device keeps the steps after a breakdown",
+        "curvlib/linalg/rearrange/svd.py",
+        "            del Us[j:], MUs[j:], Vs[j + 1 :], MVs[j + 1 :]\n",
+        "            pass\n",
+        ("tests/linalg/test_sample_space.py",),
+    ),
+    Mutant(
+        "power_device_zero_unseen",
+        "a power iteration with its norms on the device takes a zero operator's NaN pair",
+        "curvlib/linalg/rearrange/svd.py",
+        "            if not (alpha > tiny and beta > tiny):\n",
+        "            if False:\n",
+        ("tests/linalg/test_sample_space.py",),
+    ),
+    Mutant(
         "statistics_check_ignored",
         "the statistics' finiteness, read with the gradients' check, is taken as finite",
         "curvlib/optim/optimizer.py",
