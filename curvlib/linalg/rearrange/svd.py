@@ -8,6 +8,7 @@ operator is flattened first) and return
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -211,18 +212,16 @@ def lanczos_svd(
         return _zero_triples(rank, space, 0)
     Vs, MVs = [first / size], [first_metric / size]  # and their images (``metric_in``)
     like = Vs[0]
-    Us: list[Tensor] = []
-    MUs: list[Tensor] = []
-    B = like.new_zeros(krylov_dim, krylov_dim)
-    scale, products = 0.0, 0
-    tiny = _BREAKDOWN * torch.finfo(space.dtype).eps
+    bd = _Bidiagonal(
+        space, like.new_zeros(krylov_dim, krylov_dim), [], [], Vs, MVs, krylov_dim,
+        _BREAKDOWN * torch.finfo(space.dtype).eps,
+    )  # fmt: skip
     sweep = _device_sweep if (
         space.device.type != "cpu" if device_norms is None else device_norms
     ) else _host_sweep  # fmt: skip
     for restart in range(max_restarts + 1):
-        broke, beta, scale, products = sweep(
-            space, B, Us, MUs, Vs, MVs, krylov_dim, scale, tiny, products
-        )
+        broke, beta = sweep(bd)
+        Us, MUs, Vs, MVs, B, products = bd.Us, bd.MUs, bd.Vs, bd.MVs, bd.B, bd.products
         m = len(Us)
         if m == 0:
             break
@@ -249,44 +248,53 @@ def lanczos_svd(
         # Thick restart: keep the leading Ritz pairs and the residual direction v_{k+1}.
         keep = min(rank + 1, m - 1)
         left_metric, right_metric = X.T @ torch.stack(MUs), Yt @ torch.stack(MVs[:k])
-        Us, MUs = list(left[:keep]), list(left_metric[:keep])
-        Vs, MVs = [*right[:keep], Vs[-1]], [*right_metric[:keep], MVs[-1]]
-        B = like.new_zeros(krylov_dim, krylov_dim)
-        B[:keep, :keep] = torch.diag(s[:keep])
-    return _zero_triples(rank, space, products)
+        bd.Us, bd.MUs = list(left[:keep]), list(left_metric[:keep])
+        bd.Vs, bd.MVs = [*right[:keep], Vs[-1]], [*right_metric[:keep], MVs[-1]]
+        bd.B = like.new_zeros(krylov_dim, krylov_dim)
+        bd.B[:keep, :keep] = torch.diag(s[:keep])
+    return _zero_triples(rank, space, bd.products)
 
 
-def _host_sweep(
-    space: Coordinates,
-    B: Tensor,
-    Us: list[Tensor],
-    MUs: list[Tensor],
-    Vs: list[Tensor],
-    MVs: list[Tensor],
-    krylov_dim: int,
-    scale: float,
-    tiny: float,
-    products: int,
-) -> tuple[str, float, float, int]:
+@dataclass
+class _Bidiagonal:
+    """What ``lanczos_svd``'s sweeps extend in place: the bases, their images and $B$.
+
+    ``Us``, ``Vs`` are the orthonormal bases (``Vs`` one longer after a full
+    sweep: the residual direction), ``MUs``, ``MVs`` their images through the
+    Gram matrices; ``scale`` is the running size of the breakdown test,
+    ``products`` the products with the operator so far.
+    """
+
+    space: Coordinates
+    B: Tensor
+    Us: list[Tensor]
+    MUs: list[Tensor]
+    Vs: list[Tensor]
+    MVs: list[Tensor]
+    krylov_dim: int
+    tiny: float
+    scale: float = 0.0
+    products: int = 0
+
+
+def _host_sweep(bd: _Bidiagonal) -> tuple[str, float]:
     r"""One sweep of ``lanczos_svd``, its norms read as they are needed.
 
-    Extends ``Us``, ``MUs``, ``Vs``, ``MVs`` and ``B`` in place up to
-    ``krylov_dim`` steps or the first breakdown.
+    Up to ``krylov_dim`` steps or the first breakdown.
 
     Returns:
-        ``(broke, beta, scale, products)``: ``"alpha"``, ``"beta"`` or ``""``,
-        the last $\beta$, the running scale of the breakdown test and the
-        products so far.
+        ``(broke, beta)``: ``"alpha"``, ``"beta"`` or ``""``, and the last $\beta$.
     """
+    space, B, Us, MUs, Vs, MVs = bd.space, bd.B, bd.Us, bd.MUs, bd.Vs, bd.MVs
     broke, beta = "", 0.0
-    for j in range(len(Us), krylov_dim):
+    for j in range(len(Us), bd.krylov_dim):
         image = space.matvec(Vs[j], MVs[j])
         w, w_metric, coef = _orthogonalise(image, space.metric_out(image), Us, MUs)
-        products += 1
+        bd.products += 1
         B[:j, j] = coef
         alpha = _norm(w, w_metric)
-        scale = max(scale, alpha, float(coef.abs().max()) if j else 0.0)
-        if alpha <= tiny * scale:
+        bd.scale = max(bd.scale, alpha, float(coef.abs().max()) if j else 0.0)
+        if alpha <= bd.tiny * bd.scale:
             broke = "alpha"
             break
         B[j, j] = alpha
@@ -295,42 +303,29 @@ def _host_sweep(
         image = space.rmatvec(Us[j], MUs[j])
         f, f_metric, _ = _orthogonalise(image, space.metric_in(image), Vs, MVs)
         beta = _norm(f, f_metric)
-        if beta <= tiny * scale:
+        if beta <= bd.tiny * bd.scale:
             broke = "beta"
             break
         Vs.append(f / beta)  # after the last step: the residual direction v_{k+1}
         MVs.append(f_metric / beta)
-    return broke, beta, scale, products
+    return broke, beta
 
 
-def _device_sweep(
-    space: Coordinates,
-    B: Tensor,
-    Us: list[Tensor],
-    MUs: list[Tensor],
-    Vs: list[Tensor],
-    MVs: list[Tensor],
-    krylov_dim: int,
-    scale: float,
-    tiny: float,
-    products: int,
-) -> tuple[str, float, float, int]:
+def _device_sweep(bd: _Bidiagonal) -> tuple[str, float]:
     """One sweep of ``lanczos_svd`` with its norms read once, at the end (``device_norms``).
 
-    Extends ``Us``, ``MUs``, ``Vs``, ``MVs`` and ``B`` in place as the sweep of
-    the host path would, up to its first breakdown, which is found afterwards
-    from the read norms, in order; what was computed after it is dropped.
-
-    Returns:
-        ``(broke, beta, scale, products)`` as the host path leaves them.
+    Leaves ``bd`` as ``_host_sweep`` would, up to its first breakdown, which is
+    found afterwards from the read norms, in order; what was computed after it
+    is dropped (its products are counted).
     """
+    space, B, Us, MUs, Vs, MVs = bd.space, bd.B, bd.Us, bd.MUs, bd.Vs, bd.MVs
     start = len(Us)
     norms: list[Tensor] = []  # per step: alpha, the largest |coef|, beta
     zero = B.new_zeros(())
-    for j in range(start, krylov_dim):
+    for j in range(start, bd.krylov_dim):
         image = space.matvec(Vs[j], MVs[j])
         w, w_metric, coef = _orthogonalise(image, space.metric_out(image), Us, MUs)
-        products += 1
+        bd.products += 1
         B[:j, j] = coef
         alpha = _device_norm(w, w_metric)
         B[j, j] = alpha
@@ -344,18 +339,18 @@ def _device_sweep(
         norms += [alpha, coef.abs().max() if j else zero, beta]
     values = torch.stack(norms).tolist() if norms else []
     broke, beta_value = "", 0.0
-    for step, j in enumerate(range(start, krylov_dim)):
-        alpha, largest, beta_value = values[3 * step : 3 * step + 3]
-        scale = max(scale, alpha, largest)
-        if alpha <= tiny * scale:  # as the host path: u_j and v_{j+1} never made
+    for step, j in enumerate(range(start, bd.krylov_dim)):
+        alpha_value, largest, beta_value = values[3 * step : 3 * step + 3]
+        bd.scale = max(bd.scale, alpha_value, largest)
+        if alpha_value <= bd.tiny * bd.scale:  # as the host path: u_j and v_{j+1} never made
             broke = "alpha"
             del Us[j:], MUs[j:], Vs[j + 1 :], MVs[j + 1 :]
             break
-        if beta_value <= tiny * scale:  # v_{j+1} never made
+        if beta_value <= bd.tiny * bd.scale:  # v_{j+1} never made
             broke = "beta"
             del Us[j + 1 :], MUs[j + 1 :], Vs[j + 1 :], MVs[j + 1 :]
             break
-    return broke, beta_value, scale, products
+    return broke, beta_value
 
 
 def _zero_triples(count: int, space: Coordinates, iterations: int) -> tuple[SingularTriple, ...]:
