@@ -223,15 +223,18 @@ class GradientPreconditioner:
         pending = self.engine.pending_inverse
         if pending is not None:
             self.engine.settle_inverse(pending.tolist())  # rebuilt, checked, where it failed
-        self._deferred_step(grads, prepared=True)
+        self._deferred_step(grads, finite)
 
-    def _deferred_step(self, grads: dict[str, Tensor], prepared: bool = False) -> None:
-        """``step`` on the device: the check and the clip unread, the gradients selected."""
-        if not prepared:
+    def _deferred_step(self, grads: dict[str, Tensor], finite: Tensor | None = None) -> None:
+        """``step`` on the device: the check and the clip unread, the gradients selected.
+
+        ``finite``: the gradients' check of a step that prepared (and read it) already.
+        """
+        if finite is None:
             self.engine.prepare()  # nothing due: resets this step's timings only
+            finite = finite_flag(grads.values())
+            assert finite is not None
         directions = self.engine.precondition(grads)
-        finite = finite_flag(grads.values())
-        assert finite is not None
         denominator = finite.new_zeros((), dtype=torch.float64)
         if self.kl_clip is not None:
             rate = self.lr * self.lr if self.kl_clip_lr_squared else 1.0
