@@ -244,3 +244,11 @@ def test_overlap_refuses_what_it_cannot_overlap(make: Callable[[], Any], message
 def test_overlap_must_be_a_number_of_steps(value: Any, error: type[Exception]) -> None:
     with pytest.raises(error, match="overlap_inverse must be"):
         _optimizer(_model(), overlap_inverse=value)
+
+
+def test_overlap_refuses_data_parallel_training() -> None:
+    from curvlib.optim.overlap import check_overlap
+
+    with pytest.raises(ValueError, match="split over the ranks"):
+        check_overlap(3, KFAC(), sync=object())  # type: ignore[arg-type]
+    check_overlap(0, KFAC(), sync=object())  # type: ignore[arg-type]  # off: nothing to refuse
