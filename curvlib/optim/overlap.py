@@ -94,6 +94,7 @@ class InverseBuild:
     _future: Future[Any] | None = None
     _value: Any = None
     _stream: Any = None
+    _error: Exception | None = None
 
     @classmethod
     def start(cls, approx: Any, damping: float, step: int, device: torch.device) -> InverseBuild:
@@ -103,8 +104,11 @@ class InverseBuild:
         if device.type == "cuda":
             stream = _side_stream(device)
             stream.wait_stream(torch.cuda.current_stream(device))  # the estimate is ready
-            with torch.cuda.stream(stream):
-                value = build()
+            try:
+                with torch.cuda.stream(stream):
+                    value = build()
+            except (RuntimeError, ValueError) as err:  # raised where the thread's would be
+                return cls(source, damping, step, _stream=stream, _error=err)
             return cls(source, damping, step, _value=value, _stream=stream)
         return cls(source, damping, step, _future=_pool().submit(build))
 
@@ -123,6 +127,8 @@ class InverseBuild:
             return self._future.result()
         if self._stream is not None:  # the current stream waits for the factorisations
             torch.cuda.current_stream(self._stream.device).wait_stream(self._stream)
+        if self._error is not None:
+            raise self._error
         return self._value
 
 

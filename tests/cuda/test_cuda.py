@@ -220,3 +220,28 @@ def test_inverses_overlapped_on_a_second_stream_are_those_of_their_estimates() -
         if engine._building is not None and engine._building.step == k:
             started = (engine._building.source, engine._building.damping)
     assert installed == [13, 23]
+
+
+def test_an_overlapped_build_that_fails_on_the_second_stream_keeps_the_last_inverse() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 10)).cuda()
+    loss_fn = nn.CrossEntropyLoss()
+    approx = KFAC()
+    opt = PreconditionedOptimizer(net, approx, loss_fn=loss_fn, overlap_inverse=3)
+    x, y = torch.randn(64, 20, device="cuda"), torch.randint(0, 10, (64,), device="cuda")
+
+    def broken(damping: float) -> None:
+        raise RuntimeError("planted failure")
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for k in range(24):
+            if k == 20:
+                approx.inverse_ahead = broken  # type: ignore[method-assign]
+            opt.zero_grad()
+            with opt.record():
+                loss_fn(net(x), y).backward()
+            opt.step()
+    assert opt.engine.inverse_failures == 1
+    assert any("started at step 20 failed" in str(w.message) for w in caught)
+    assert opt.skipped_steps == 0
