@@ -148,6 +148,7 @@ class DeviceGuards:
 
 
 _LENGTHS: dict[tuple[torch.device, tuple[int, ...]], Tensor] = {}
+_MAX_LAYOUTS = 64
 
 
 def segment_dots(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
@@ -165,6 +166,8 @@ def segment_dots(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
     sizes = tuple(t.numel() for t in a)
     lengths = _LENGTHS.get((device, sizes))
     if lengths is None:
+        if len(_LENGTHS) >= _MAX_LAYOUTS:  # many models in one process: start over
+            _LENGTHS.clear()
         lengths = torch.stack([torch.full((), n, dtype=torch.long, device=device) for n in sizes])
         _LENGTHS[(device, sizes)] = lengths
     flat_a = torch.cat([t.reshape(-1) for t in a]).double()

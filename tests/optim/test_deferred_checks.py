@@ -511,3 +511,10 @@ def test_segment_dots_are_the_float64_dots_of_each_pair() -> None:
     assert got.dtype == torch.float64 and got[1] == 0.0 and bool(torch.isfinite(got).all())
     torch.testing.assert_close(got, expected, rtol=1e-14, atol=0)
     assert deferred_module.segment_dots([], []).numel() == 0
+
+
+def test_segment_dots_keep_a_bounded_number_of_layouts() -> None:
+    for n in range(1, 2 * deferred_module._MAX_LAYOUTS):
+        deferred_module.segment_dots([torch.ones(n)], [torch.ones(n)])
+    assert 0 < len(deferred_module._LENGTHS) <= deferred_module._MAX_LAYOUTS
+    assert float(deferred_module.segment_dots([torch.ones(3)], [torch.ones(3)])[0]) == 3.0
