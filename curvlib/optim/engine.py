@@ -122,20 +122,9 @@ class CurvatureEngine:
             layers' updates (``fitted``) and folds in every rank's.
 
         overlap_inverse: Steps during which a rebuilt inverse is built in the
-            background before it replaces the live one (0, the default: built
-            at once). A rebuild starts it from the estimate and damping of that
-            step and training goes on with the live inverse; it is installed
-            ``overlap_inverse`` steps later, or at the next rebuild if that comes
-            first (so ``overlap_inverse >= t_inv`` gives inverses stale by one
-            rebuild, as distributed K-FAC uses them). On a GPU it is built on a
-            second CUDA stream, beside the next steps' forward and backward
-            passes; elsewhere in one background thread
-            ([`curvlib.optim.overlap`][curvlib.optim.overlap]). Which inverse a
-            step uses depends on the schedule only, never on timing. The first
-            inverse is built at once. Needs an approximation that can build its
-            inverse from a frozen copy of its estimate
-            ([`LayerwiseApprox.frozen`][curvlib.approx.base.LayerwiseApprox.frozen]),
-            not a two-time-scale one, in a single process.
+            background before it replaces the live one; 0 (the default) builds
+            it at once. The schedule, the second CUDA stream and what can
+            overlap are described in [`curvlib.optim.overlap`][curvlib.optim.overlap].
 
     Attributes:
         last_moved: The distance ``weights_moved`` measured at the step that

@@ -578,7 +578,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         (``CurvatureEngine.settle_inverse``): the directions (updated in place)
         and their measurements are taken again.
         """
-        pending = [(e, e.pending_inverse) for e in self.engines if e.pending_inverse is not None]
+        pending = [(e, n) for e in self.engines if (n := e.pending_inverse) is not None]
         checks, values = measure_directions(
             grads, directions, buffers, finite, [numbers for _, numbers in pending]
         )

@@ -12,7 +12,10 @@ CUDA stream, which runs them beside the next steps' forward and backward passes
 (the inverse is built ahead of its checks, so queuing it never waits for the
 device); elsewhere one background thread builds them. Which inverse a step uses
 depends only on the schedule, never on timing: a run is as reproducible as one
-without the overlap.
+without the overlap. The first inverse and the warm-up's are built at once
+(early curvature goes stale fastest). It needs an approximation that builds its
+inverse from a frozen copy of its estimate, not a two-time-scale one, in a
+single process ([`check_overlap`][curvlib.optim.overlap.check_overlap]).
 """
 
 from __future__ import annotations

@@ -39,6 +39,7 @@ from curvlib.linalg.sample_space import (
     form_costs,
     side_costs,
 )
+from curvlib.optim.syncs import host_reads
 from tests.approx.cases import fit_statistics
 from tests.problems import Problem, cnn_ce, mlp_ce
 
@@ -309,17 +310,20 @@ def test_a_side_through_its_features_builds_no_gram_matrix() -> None:
     assert op._gram_a is None and op._gram_g is None
 
 
+def _operator(problem: str, layer: str, form: str) -> SampleSpaceFisher | RearrangedFisher:
+    """A layer's rearranged Fisher in the sample-space (``"sample"``) or matrix-free form."""
+    io = _stats(problem)[layer].io
+    assert io is not None
+    return SampleSpaceFisher(io) if form == "sample" else RearrangedFisher(io)
+
+
 @pytest.mark.parametrize("form", ["sample", "free"])
 @pytest.mark.parametrize(("problem", "layer"), [("mlp", "0"), ("cnn", "0")], ids=str)
 def test_norms_kept_on_the_device_give_the_same_pair_with_one_read_per_iteration(
     problem: str, layer: str, form: str
 ) -> None:
     """``device_norms=True`` (the default off the CPU): one host read per iteration, not three."""
-    from curvlib.optim.syncs import host_reads
-
-    io = _stats(problem)[layer].io
-    assert io is not None
-    op = SampleSpaceFisher(io) if form == "sample" else RearrangedFisher(io)
+    op = _operator(problem, layer, form)
     with host_reads() as host:
         a = power_svd(op, tol=1e-10, max_iter=200, device_norms=False)
     with host_reads() as device:
@@ -343,11 +347,7 @@ def test_norms_kept_on_the_device_still_see_a_zero_operator() -> None:
 def test_lanczos_with_norms_on_the_device_gives_the_same_pairs_with_a_read_per_sweep(
     problem: str, layer: str, form: str
 ) -> None:
-    from curvlib.optim.syncs import host_reads
-
-    io = _stats(problem)[layer].io
-    assert io is not None
-    op = SampleSpaceFisher(io) if form == "sample" else RearrangedFisher(io)
+    op = _operator(problem, layer, form)
     with host_reads() as host:
         a = lanczos_svd(op, 2, krylov_dim=6, tol=1e-10, device_norms=False)
     with host_reads() as device:
