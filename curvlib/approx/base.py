@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from curvlib.core.checkpoint import RECORD_KEY, check_record, writer_record
+from curvlib.core.layout import CurvatureLayer
 from curvlib.core.stats import CurvatureStatistics, LayerStatistics, StatKind
 from curvlib.linalg.factors import FactorizationError, flush_subnormals, flush_subnormals_
 from curvlib.linalg.factors import symmetrize as symmetrized
@@ -898,6 +899,17 @@ class LayerwiseApprox(ABC):
 
     splits_inverse: ClassVar[bool] = True
     """Whether ``inverse`` can build the blocks of some layers only (``layers=``)."""
+
+    def work_cost(self, layer: CurvatureLayer) -> float:
+        r"""The estimated cost of ``layer``'s split work, up to a constant.
+
+        Data-parallel training with ``split_inverses`` balances the layers'
+        owners by it ([`curvlib.distributed.ownership`][curvlib.distributed.ownership]).
+        Here the two factorisations of a Kronecker-factored block,
+        $d_\text{out}^3 + d_\text{in}^3$ ($d_\text{in}$ with the bias column);
+        approximations whose expensive part scales otherwise say so.
+        """
+        return layer.kronecker_cost
 
     def inverse(
         self, damping: float, layers: Collection[str] | None = None

@@ -32,7 +32,7 @@ from curvlib.approx.base import (
     running_average,
     settle_condition,
 )
-from curvlib.core.layout import KRONECKER_KINDS, NORM_KINDS, LayerKind
+from curvlib.core.layout import KRONECKER_KINDS, NORM_KINDS, CurvatureLayer, LayerKind
 from curvlib.core.stats import LayerStatistics, StatKind
 
 
@@ -170,6 +170,10 @@ class Diagonal(LayerwiseApprox):
     Diagonal's page of the docs, the outputs in
     ``benchmarks/results/experiments/diagonal_defaults/``).
     """
+
+    def work_cost(self, layer: CurvatureLayer) -> float:
+        r"""$P_l = d_\text{out} d_\text{in}$: its inverse is elementwise."""
+        return float(layer.out_dim * layer.in_dim_aug)
 
     def _make_block(self, out_dim: int, in_dim: int) -> LayerBlock:
         return _DiagonalBlock(out_dim, in_dim, self.dtype)

@@ -26,7 +26,7 @@ on every step).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from enum import Enum
 from typing import Any, ClassVar, Protocol
 
@@ -37,13 +37,16 @@ from curvlib.approx.base import (
     LayerBlock,
     LayerwiseApprox,
     NonFiniteStatisticsError,
+    check_parts,
     check_sampling,
     standard_normal,
 )
 from curvlib.core.checkpoint import RECORD_KEY, check_record, writer_record
+from curvlib.core.layout import CurvatureLayer, LayerKind
 from curvlib.core.stats import CurvatureStatistics, LayerStatistics, PerSampleIO, StatKind
 from curvlib.linalg.woodbury import (
     LayerRows,
+    RowsWithGram,
     WoodburyInverse,
     WoodburyInverseSqrt,
     gram_matvec,
@@ -77,6 +80,22 @@ def _missing_io(owner: str, name: str) -> ValueError:
         f"{owner} needs ['PER_SAMPLE_IO'] statistics for layer {name!r}; create the "
         "extractor with stats={StatKind.PER_SAMPLE_IO}."
     )
+
+
+def gram_cost(layer: CurvatureLayer) -> float:
+    r"""The cost of a layer's kernel block $U_l U_l^\top$, in units of $m^2$.
+
+    $d_\text{out} + d_\text{in}$ for a ``Linear`` layer, whose rows stay
+    factored ($O(m^2 d_\text{out} + N^2 d_\text{in})$), and $P_l =
+    d_\text{out} d_\text{in}$ for the others, whose per-sample gradients are
+    formed ($O(m^2 P_l)$; forming them, $O(mTP_l)$, is left out: the positions
+    $T$ depend on the input). $d_\text{in}$ counts the bias column. What
+    data-parallel training balances the owners by
+    ([`curvlib.distributed.ownership`][curvlib.distributed.ownership]).
+    """
+    if layer.kind is LayerKind.LINEAR:
+        return float(layer.out_dim + layer.in_dim_aug)
+    return float(layer.out_dim * layer.in_dim_aug)
 
 
 def _top_gram_eigenvalue(rows: Tensor) -> float:
@@ -259,6 +278,9 @@ class ExactNaturalGradient:
     required_stats: ClassVar[frozenset[StatKind]] = frozenset({StatKind.PER_SAMPLE_IO})
     couples_layers: ClassVar[bool] = True
     """Cross-layer blocks included: one layer's direction may oppose its gradient."""
+    splits_grams: ClassVar[bool] = True
+    """In data-parallel training with ``split_inverses``, each layer's kernel block
+    is computed by one rank and broadcast (``grams``, ``inverse(grams=...)``)."""
 
     def __init__(self, dtype: torch.dtype | None = None) -> None:
         self.dtype = dtype
@@ -316,16 +338,71 @@ class ExactNaturalGradient:
             self._rows_cache = {name: _rows(io) for name, io in self._io.items()}
         return self._rows_cache
 
-    def inverse(self, damping: float) -> WoodburyPreconditioner:
+    def inverse(
+        self, damping: float, *, grams: Mapping[str, Tensor] | None = None
+    ) -> WoodburyPreconditioner:
         r"""A new operator applying $(F + \lambda I)^{-1}$ exactly.
 
+        Args:
+            damping: $\lambda > 0$.
+            grams: Every layer's kernel block $U_l U_l^\top$ (``grams``), where
+                other ranks computed them: the inverse is built from these
+                instead of computing the blocks again, and is the same to the
+                bit when they are the same.
+
         Raises:
-            ValueError: If ``damping`` is not positive and finite.
+            ValueError: If ``damping`` is not positive and finite, or ``grams``
+                does not hold exactly the layers of ``gram_templates()`` in
+                their shapes.
+            OwnerFailedError: If a block in ``grams`` is not finite (computing
+                it failed on the rank that owns it); nothing is changed.
             RuntimeError: Before the first ``update``.
         """
         _check_damping(damping)
         rows = self._rows()
-        return WoodburyPreconditioner(tuple(rows), self._solver(list(rows.values()), damping))
+        blocks = list(rows.values())
+        if grams is not None:
+            like = self.gram_templates()
+            check_parts(grams, like, "kernel blocks", "inverse", "gram_templates()")
+            blocks = [RowsWithGram(rows[name], grams[name]) for name in rows]
+        return WoodburyPreconditioner(tuple(rows), self._solver(blocks, damping))
+
+    def work_cost(self, layer: CurvatureLayer) -> float:
+        r"""The cost of ``layer``'s kernel block, in units of $m^2$.
+
+        See [`gram_cost`][curvlib.approx.natural_gradient.gram_cost]. What
+        data-parallel training balances the layers' owners by: the blocks
+        ($O(m^2 P)$ in all) are the inverse's expensive part; the $m \times m$
+        factorisation of their sum is built on every rank.
+        """
+        return gram_cost(layer)
+
+    def gram_templates(self) -> dict[str, Tensor]:
+        """An empty ``[m, m]`` tensor per layer, in the dtype and device of the kernel blocks.
+
+        Raises:
+            RuntimeError: Before the first ``update``.
+        """
+        rows = self._rows()
+        return {
+            name: torch.empty(r.num_rows, r.num_rows, dtype=r.dtype, device=r.device)
+            for name, r in rows.items()
+        }
+
+    def grams(self, layers: Collection[str]) -> dict[str, Tensor]:
+        r"""The kernel blocks $U_l U_l^\top$ of ``layers``, ``[m, m]`` each.
+
+        In data-parallel training with ``split_inverses`` each rank computes
+        those of the layers it owns and broadcasts them; every rank passes all
+        of them to ``inverse(damping, grams=...)``. Cost $O(m^2 P_l)$ per layer
+        ($O(m^2 d_\text{out} + N^2 d_\text{in})$ for one output position).
+
+        Raises:
+            KeyError: For a layer without an estimate.
+            RuntimeError: Before the first ``update``.
+        """
+        rows = self._rows()
+        return {name: rows[self._check_layer(name)].gram() for name in layers}
 
     def _solver(self, blocks: list[LayerRows], damping: float) -> SampleSpaceInverse:
         """The sample-space inverse of this Fisher (a hook for the block-tridiagonal one)."""
@@ -666,6 +743,17 @@ class BlockNaturalGradient(LayerwiseApprox):
 
     def _make_block(self, out_dim: int, in_dim: int) -> LayerBlock:
         return _NGBlock(out_dim, in_dim, self.dtype, self.damping_mode)
+
+    def work_cost(self, layer: CurvatureLayer) -> float:
+        r"""The layer's kernel block and Cholesky factor, in units of $m^2$.
+
+        [`gram_cost`][curvlib.approx.natural_gradient.gram_cost] $+\, m$, with
+        $m$ that of the stored batch ($0$ before the first ``update``).
+        """
+        block = self._blocks.get(layer.name)
+        io = block.io if isinstance(block, _NGBlock) else None
+        m = 0 if io is None else io.output_grads.shape[0] * io.output_grads.shape[1]
+        return gram_cost(layer) + float(m)
 
     def layer_damping(self, layer: str, damping: float) -> float:
         r"""The $\lambda_l$ that ``inverse(damping)`` uses for ``layer``."""

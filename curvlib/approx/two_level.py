@@ -40,6 +40,7 @@ from curvlib.approx.coarse_fisher import (
     rows_times,
 )
 from curvlib.approx.natural_gradient import _cast_io
+from curvlib.core.layout import CurvatureLayer
 from curvlib.core.protocols import CurvatureApprox, Preconditioner, RefreshableApprox
 from curvlib.core.stats import CurvatureStatistics, PerSampleIO, StatKind
 from curvlib.linalg.factors import eigh
@@ -763,6 +764,11 @@ class TwoLevel:
         """``update``, with the fine level's parts taken from ``fitted`` (its ``update_with``)."""
         fine: Any = self.fine
         self._update(stats, lambda: fine.update_with(stats, fitted))
+
+    def work_cost(self, layer: CurvatureLayer) -> float:
+        """The fine level's ``work_cost``: owners split the fine level's work only."""
+        cost = getattr(self.fine, "work_cost", None)
+        return layer.kronecker_cost if cost is None else float(cost(layer))
 
     @property
     def shares_inverses(self) -> bool:

@@ -146,6 +146,14 @@ class CurvatureLayer:
         """Number of parameters in the block, ``out_dim * in_dim_aug``."""
         return self.out_dim * self.in_dim_aug
 
+    @property
+    def kronecker_cost(self) -> float:
+        r"""$d_\text{out}^3 + d_\text{in}^3$ (with the bias column), up to a constant.
+
+        The cost of factorising its Kronecker factors.
+        """
+        return float(self.out_dim) ** 3 + float(self.in_dim_aug) ** 3
+
     def weight_matrix(self, weight: Tensor) -> Tensor:
         """Turn tensors shaped like the weight into weight matrices.
 

@@ -225,6 +225,71 @@ class DenseRows(LayerRows):
         return self.rows.device
 
 
+class RowsWithGram(LayerRows):
+    r"""A layer's rows together with their kernel block $U_l U_l^\top$, computed elsewhere.
+
+    In data-parallel training each layer's kernel block is computed by the rank
+    that owns the layer and broadcast
+    ([`ExactNaturalGradient.grams`][curvlib.approx.natural_gradient.ExactNaturalGradient.grams]);
+    every rank then builds the sample-space inverse from these blocks
+    (``gram`` returns the given one) and applies it through its own rows
+    (every other method delegates to ``rows``).
+
+    Args:
+        rows: The layer's rows.
+        gram: Their kernel block, ``[m, m]``.
+
+    Raises:
+        ValueError: If ``gram`` is not ``[m, m]``.
+    """
+
+    def __init__(self, rows: LayerRows, gram: Tensor) -> None:
+        m = rows.num_rows
+        if gram.shape != (m, m):
+            raise ValueError(f"Expected a [{m}, {m}] kernel block, got {tuple(gram.shape)}.")
+        self.rows = rows
+        self._gram = gram
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """The shape of ``rows``."""
+        return self.rows.shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of ``rows``."""
+        return self.rows.dtype
+
+    def gram(self) -> Tensor:
+        """The given kernel block."""
+        return self._gram
+
+    def project(self, mats: Tensor) -> Tensor:
+        """``rows.project``."""
+        return self.rows.project(mats)
+
+    def expand(self, coeffs: Tensor) -> Tensor:
+        """``rows.expand``."""
+        return self.rows.expand(coeffs)
+
+    def dense(self) -> Tensor:
+        """``rows.dense``."""
+        return self.rows.dense()
+
+    def column_sq_norms(self) -> Tensor:
+        """``rows.column_sq_norms``."""
+        return self.rows.column_sq_norms()
+
+    def row_sq_norms(self) -> Tensor:
+        """``rows.row_sq_norms``."""
+        return self.rows.row_sq_norms()
+
+    @property
+    def device(self) -> torch.device:
+        """The device of ``rows``."""
+        return self.rows.device
+
+
 def layer_rows(inputs: Tensor, output_grads: Tensor, scale: float = 1.0) -> LayerRows:
     r"""The per-sample gradient rows of one layer from its inputs and output gradients.
 

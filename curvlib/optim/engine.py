@@ -119,7 +119,11 @@ class CurvatureEngine:
             refreshes this rank's layers only and adopts every rank's (its
             inverse is cheap and built on every rank); and one that
             ``splits_update`` computes the expensive part of this rank's
-            layers' updates (``fitted``) and folds in every rank's.
+            layers' updates (``fitted``) and folds in every rank's; one that
+            ``splits_grams`` (exact natural gradient) computes this rank's
+            layers' kernel blocks and builds its inverse from every rank's.
+            The owners balance the approximation's ``work_cost`` per layer
+            (its Kronecker factorisations where it has none).
 
         overlap_inverse: Steps during which a rebuilt inverse is built in the
             background before it replaces the live one; 0 (the default) builds
@@ -590,14 +594,44 @@ class CurvatureEngine:
         """The rank that does each layer's expensive work (inverse, or refresh), or ``None``."""
         if not self._owners_known:
             self._owners_known = True
-            flags = ("splits_inverse", "splits_refresh", "splits_update", "shares_inverses")
+            flags = (
+                "splits_inverse", "splits_refresh", "splits_update", "shares_inverses",
+                "splits_grams",
+            )  # fmt: skip
             if self.sync is not None and any(getattr(self.approx, f, False) for f in flags):
+                cost = getattr(self.approx, "work_cost", None)
                 costs = {
-                    la.name: float(la.out_dim) ** 3 + float(la.in_dim_aug) ** 3
+                    la.name: la.kronecker_cost if cost is None else float(cost(la))
                     for la in self._own_layers
                 }
                 self._owners = self.sync.inverse_owners(costs)
         return self._owners
+
+    def _shared_grams(self) -> dict[str, Tensor] | None:
+        """Every layer's kernel block, each computed by its owner and broadcast, or ``None``.
+
+        For an approximation that ``splits_grams`` (exact natural gradient) in
+        data-parallel training with a split; its inverse is then built from
+        these on every rank. A block that failed on its owner is sent as NaN,
+        so that every rank refuses the inverse alike.
+        """
+        if not getattr(self.approx, "splits_grams", False):
+            return None
+        owners = self._work_owners()
+        if owners is None:
+            return None
+        assert self.sync is not None
+        approx: Any = self.approx
+        try:
+            like: dict[str, Tensor] = approx.gram_templates()
+        except RuntimeError:  # no estimate yet, on every rank: the inverse says so
+            return None
+        mine = [name for name in like if owners[name] == self.sync.rank]
+        try:
+            owned: dict[str, Tensor] = approx.grams(mine)
+        except (RuntimeError, ValueError):
+            owned = {name: torch.full_like(like[name], math.nan) for name in mine}
+        return self.sync.share_directions(owned, owners, like)
 
     def _sends_inverses(self) -> bool:
         """Whether the owners of a split send whole inverses (not directions)."""
@@ -615,6 +649,7 @@ class CurvatureEngine:
             # The broadcast runs outside the try (a failed collective is not a failed
             # inverse); an inverse that failed on its owner arrives as NaN, refused below.
             parts = self._shared_inverses(damping, owners)
+        grams = self._shared_grams()  # a broadcast too: outside the try
         build_ahead = getattr(self.approx, "inverse_ahead", None)
         try:
             drafted = None
@@ -622,6 +657,8 @@ class CurvatureEngine:
                 drafted = build_ahead(damping)
             if drafted is not None:
                 precond = drafted.preconditioner
+            elif grams is not None:
+                precond = self.approx.inverse(damping, grams=grams)  # type: ignore[call-arg]
             elif owners is None:
                 precond = self.approx.inverse(damping)
             elif parts is not None:

@@ -20,19 +20,22 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from curvlib.approx.base import NonFiniteStatisticsError
+from curvlib.approx import KFAC, Diagonal, TwoLevel
+from curvlib.approx.base import NonFiniteStatisticsError, OwnerFailedError
 from curvlib.approx.natural_gradient import (
     BlockNaturalGradient,
     ExactNaturalGradient,
     NGDamping,
     WoodburyLayerInverse,
 )
+from curvlib.approx.wide import BlockTridiagonalNaturalGradient
 from curvlib.core import CurvatureApprox, CurvatureStatistics, FisherType, Preconditioner, StatKind
 from curvlib.extract import CurvatureExtractor, UnsupportedPolicy
 from curvlib.linalg.factors import FactorizationError
 from curvlib.linalg.woodbury import (
     DenseRows,
     FactoredRows,
+    RowsWithGram,
     WoodburyInverse,
     damped_cholesky,
     dense_gram_matvec,
@@ -431,3 +434,73 @@ def test_linear_layers_keep_factored_rows() -> None:
     approx = _exact(stats)
     inverse = approx.inverse(DAMPING)
     assert all(isinstance(block, FactoredRows) for block in inverse.woodbury.blocks)
+
+
+# -- kernel blocks computed elsewhere (data-parallel training) ---------------------
+
+
+@pytest.mark.parametrize("tridiagonal", [False, True], ids=["exact", "tridiagonal"])
+@pytest.mark.parametrize("index", range(len(PROBLEMS)), ids=PROBLEM_IDS)
+def test_an_inverse_from_given_kernel_blocks_is_the_same_to_the_bit(
+    index: int, tridiagonal: bool
+) -> None:
+    stats = _fixture(index)[0]
+    approx = BlockTridiagonalNaturalGradient() if tridiagonal else ExactNaturalGradient()
+    approx.update(stats)
+    names = list(approx.layers)
+    # As two ranks would: each computes the blocks of its layers; every rank gets all.
+    grams = {**approx.grams(names[::2]), **approx.grams(names[1::2])}
+    assert set(grams) == set(names)
+    m = approx.num_rows
+    assert all(g.shape == (m, m) for g in grams.values())
+    vectors = _random_vectors(stats, seed=3)
+    expected = approx.inverse(DAMPING).apply(vectors)
+    given = approx.inverse(DAMPING, grams=grams)
+    actual = given.apply(vectors)
+    for name in names:
+        assert torch.equal(actual[name], expected[name]), name
+    # Built from the given blocks: a changed block changes the inverse.
+    changed = {**grams, names[0]: 2.0 * grams[names[0]]}
+    moved = approx.inverse(DAMPING, grams=changed).apply(vectors)
+    assert not torch.equal(moved[names[0]], expected[names[0]])
+
+
+def test_kernel_blocks_that_are_missing_misshapen_or_not_finite_are_refused() -> None:
+    approx = _exact(_fixture(0)[0])
+    grams = approx.grams(approx.layers)
+    first, *_ = approx.layers
+    with pytest.raises(ValueError, match="exactly the layers"):
+        approx.inverse(DAMPING, grams={first: grams[first]})
+    with pytest.raises(ValueError, match="wrong size"):
+        approx.inverse(DAMPING, grams={**grams, first: grams[first][1:]})
+    with pytest.raises(OwnerFailedError, match=rf"\['{first}'\] are not finite"):
+        approx.inverse(DAMPING, grams={**grams, first: torch.full_like(grams[first], math.nan)})
+    with pytest.raises(KeyError, match="no-such-layer"):
+        approx.grams(["no-such-layer"])
+    with pytest.raises(RuntimeError, match="update"):
+        ExactNaturalGradient().gram_templates()
+    with pytest.raises(ValueError, match=r"kernel block, got \(3, 3\)"):
+        RowsWithGram(approx.inverse(DAMPING).woodbury.blocks[0], torch.zeros(3, 3))
+
+
+def test_work_costs_follow_where_each_approximation_spends_its_time() -> None:
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(), nn.Linear(12, 5))
+    conv, linear = CurvatureExtractor(model, nn.MSELoss()).layout.layers
+    assert (conv.in_dim_aug, linear.in_dim_aug) == (19, 13)
+    exact = ExactNaturalGradient()
+    # Kernel blocks: factored rows for Linear (out + in), per-sample gradients otherwise.
+    assert exact.work_cost(linear) == 5 + 13 and exact.work_cost(conv) == 3 * 19
+    assert KFAC().work_cost(linear) == 5.0**3 + 13.0**3 == linear.kronecker_cost
+    assert Diagonal().work_cost(conv) == 3 * 19
+    assert TwoLevel(Diagonal()).work_cost(conv) == 3 * 19, "the fine level's cost"
+    block = BlockNaturalGradient()
+    assert block.work_cost(linear) == 5 + 13, "no rows yet"
+    x, loss_fn = torch.randn(7, 2, 4, 4), nn.MSELoss()
+    extractor = CurvatureExtractor(
+        model, loss_fn, stats=block.required_stats, fisher_type=FisherType.EMPIRICAL
+    )
+    with extractor.collect():
+        loss_fn(model(x), torch.zeros(7, 5)).backward()
+    block.update(extractor.statistics())
+    # Each layer's block and its own m x m Cholesky factor (m = 7 rows), in units of m^2.
+    assert block.work_cost(linear) == 5 + 13 + 7 and block.work_cost(conv) == 3 * 19 + 7

@@ -32,6 +32,7 @@ from curvlib import (
     Tselepidis,
     TwoLevel,
 )
+from curvlib.approx import BlockTridiagonalNaturalGradient
 from curvlib.core.stats import PerSampleIO, merge_statistics
 from curvlib.distributed import DataParallel
 from curvlib.extract import CurvatureExtractor
@@ -104,6 +105,10 @@ CONFIGS = (
         FisherType.EMPIRICAL,
         split=True,
     ),
+    # Each layer's kernel block of the exact natural gradient computed by one rank and
+    # broadcast; every rank builds the sample-space inverse from all of them.
+    Config("exact-ng-split-ddp", "exact_ng-grams", FisherType.EMPIRICAL, split=True),
+    Config("tridiagonal-split-ddp", "tridiagonal-grams", FisherType.EMPIRICAL, split=True),
     Config(
         "twolevel-kfac-inverses-ddp",
         "twolevel-kfac",
@@ -144,6 +149,26 @@ class RecordingInverses:
 
 class RecordingKFAC(RecordingInverses, KFAC):
     """KFAC that records the layers whose inverses it built, per sent inverse."""
+
+
+class RecordingGrams:
+    """Records the layers whose kernel blocks this rank computed, per inverse."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.built: list[list[str]] = []
+
+    def grams(self, layers: Collection[str]) -> dict[str, Tensor]:
+        self.built.append(sorted(layers))
+        return super().grams(layers)  # type: ignore[misc, no-any-return]
+
+
+class RecordingExactNG(RecordingGrams, ExactNaturalGradient):
+    """Exact natural gradient that records the layers whose kernel blocks it computed."""
+
+
+class RecordingTridiagonal(RecordingGrams, BlockTridiagonalNaturalGradient):
+    """Block-tridiagonal natural gradient that records the kernel blocks it computed."""
 
 
 class RecordingFits:
@@ -214,6 +239,8 @@ def approximation(name: str) -> Any:
         "kfac": KFAC,
         "ekfac": RecordingEKFAC,
         "exact_ng": ExactNaturalGradient,
+        "exact_ng-grams": RecordingExactNG,
+        "tridiagonal-grams": RecordingTridiagonal,
         "kpsvd": RecordingKPSVD,
         "deflation": RecordingDeflation,
         "kfac-shared": RecordingKFAC,
@@ -365,6 +392,16 @@ def kpsvd_fit_fails_on_rank_one(rank: int, world_size: int) -> dict[str, Any]:
     return _fails_on_rank_one(
         rank, world_size, approx, FisherType.EMPIRICAL, "directions", kpsvd, "power_svd", 2
     )
+
+
+def exact_ng_gram_fails_on_rank_one(rank: int, world_size: int) -> dict[str, Any]:
+    """Exact natural gradient with its kernel blocks split, rank 1's failing from step 2."""
+    from curvlib.linalg.woodbury import FactoredRows
+
+    return _fails_on_rank_one(
+        rank, world_size, RecordingExactNG(), FisherType.EMPIRICAL, "directions",
+        FactoredRows, "gram", 2,
+    )  # fmt: skip
 
 
 class PoisonedSync(DataParallel):

@@ -16,7 +16,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from curvlib import EKFAC, KFAC, Diagonal, FisherType, PreconditionedOptimizer
+from curvlib import (
+    EKFAC,
+    KFAC,
+    Diagonal,
+    ExactNaturalGradient,
+    FisherType,
+    PreconditionedOptimizer,
+)
 from curvlib.distributed import (
     DataParallel,
     assign_owners,
@@ -207,6 +214,29 @@ def test_inverses_sent_whole_are_built_once_and_train_like_one_process(
         assert all(torch.equal(first[k], result["params"][k]) for k in first), "identical"
 
 
+@pytest.mark.parametrize("name", ["exact-ng-split-ddp", "tridiagonal-split-ddp"])
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_split_kernel_blocks_are_computed_once_and_train_like_one_process(
+    two_ranks: list[dict[str, Any]], name: str, world_size: int
+) -> None:
+    results = _split_results(two_ranks, name, world_size)
+    # Inverses at steps 0-2 (the warm-up), none at step 3 (t_inv=2).
+    assert all(len(result["built"]) == 3 for result in results)
+    for rebuild in range(3):
+        built = sorted(layer for result in results for layer in result["built"][rebuild])
+        assert built == ["0", "2"], f"rebuild {rebuild}: each kernel block on one rank"
+    if world_size == 3:
+        assert any(all(b == [] for b in r["built"]) for r in results), "one rank owns nothing"
+    rows = ranks.BATCH  # empirical Fisher: one row per sample of the whole batch
+    for result in results:
+        assert result["shared_bytes"] == 8 * 2 * rows * rows, "two [m, m] blocks, no directions"
+    reference = _trains_like_one_process(results, name)
+    assert reference["built"] == [], "one process builds without the split"
+    first = results[0]["params"]
+    for result in results:
+        assert all(torch.equal(first[k], result["params"][k]) for k in first), "identical"
+
+
 def test_a_two_level_method_splits_its_fine_level_and_trains_like_one_process(
     two_ranks: list[dict[str, Any]],
 ) -> None:
@@ -226,8 +256,9 @@ def test_a_two_level_method_splits_its_fine_level_and_trains_like_one_process(
         (ranks.kfac_inverse_fails_on_rank_one, "failures", "building the damped inverse failed"),
         (ranks.kpsvd_fit_fails_on_rank_one, "skipped", "the curvature update failed"),
         (ranks.ekfac_refresh_fails_on_rank_one, "failures", "refreshing the curvature estimate"),
+        (ranks.exact_ng_gram_fails_on_rank_one, "failures", "building the damped inverse failed"),
     ],
-    ids=["sent-inverse", "split-fit", "split-eigenbasis"],
+    ids=["sent-inverse", "split-fit", "split-eigenbasis", "split-kernel"],
 )
 def test_a_part_that_failed_on_its_owner_is_refused_by_every_rank_alike(
     run: Any, counter: str, warning: str
@@ -390,6 +421,44 @@ def test_a_group_of_one_rank_is_the_single_process_optimizer(
     assert alone["bytes"] is None and inside["bytes"] == 0, "nothing to communicate"
     for name, value in alone["params"].items():
         assert torch.equal(inside["params"][name], value), name
+
+
+class _RecordingCosts(DataParallel):
+    """Records the costs the engine balances the owners by."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.costs: list[dict[str, float]] = []
+
+    def inverse_owners(self, costs: Any) -> dict[str, int] | None:
+        self.costs.append(dict(costs))
+        return super().inverse_owners(costs)
+
+
+@pytest.mark.usefixtures("group_of_one")
+@pytest.mark.parametrize(
+    ("approx", "costs"),
+    [
+        (KFAC, {"0": 4.0**3 + 6.0**3, "2": 3.0**3 + 5.0**3}),  # the two factorisations
+        (Diagonal, {"0": 4.0 * 6.0, "2": 3.0 * 5.0}),  # elementwise
+        (ExactNaturalGradient, {"0": 4.0 + 6.0, "2": 3.0 + 5.0}),  # kernel blocks / m^2
+    ],
+    ids=["kfac", "diagonal", "exact-ng"],
+)
+def test_owners_balance_each_approximations_own_work_cost(
+    approx: Any, costs: dict[str, float]
+) -> None:
+    sync = _RecordingCosts(split_inverses=True)
+    net, loss_fn = ranks.model(), nn.MSELoss()
+    opt = PreconditionedOptimizer(
+        net, approx(), loss_fn=loss_fn, fisher_type=FisherType.EMPIRICAL, data_parallel=sync
+    )
+    for x, y in ranks.batches()[:2]:
+        opt.zero_grad()
+        with opt.record():
+            loss_fn(net(x), y).backward()
+        opt.step()
+    assert sync.costs == [costs], "asked once, with the approximation's costs"
 
 
 @pytest.mark.usefixtures("group_of_one")
