@@ -2,7 +2,7 @@ r"""Time per step and bytes per statistics step of data-parallel training (gloo,
 
 Run from the repository root::
 
-    python benchmarks/data_parallel.py          # 1, 2 and 4 ranks; KFAC, EKFAC, KPSVD, Deflation
+    python benchmarks/data_parallel.py          # 1, 2 and 4 ranks, five approximations
     python benchmarks/data_parallel.py --quick  # 1 and 2 ranks, few steps, writes nothing
 
 Each configuration starts ``W`` processes in a gloo process group on this
@@ -13,9 +13,11 @@ an MLP classifier in ``DistributedDataParallel`` and trains it with
 every 10 steps after the warm-up) on a fixed global batch split over the
 ranks, with the work split over the ranks by layer (``split_inverses=True``:
 KFAC's inverses, EKFAC's eigenbases, KPSVD's and Deflation's fits to each
-batch and their inverses) or not; the owners send preconditioned gradients on
-every step (split *directions*) or whole inverses once per rebuild (split
-*inverses*, not for EKFAC, whose inverse is built on every rank). Reported per
+batch and their inverses; exact natural gradient's kernel blocks) or not; the
+owners send preconditioned gradients on every step (split *directions*) or
+whole inverses once per rebuild (split *inverses*, not for EKFAC, whose inverse
+is built on every rank); exact natural gradient's owners send their layers'
+$m \times m$ kernel blocks once per rebuild (split *kernels*). Reported per
 configuration, by rank 0:
 
 * *ms/step*: the mean wall time of the steps after the warm-up, a whole number
@@ -35,7 +37,7 @@ configuration, by rank 0:
   every step, or of EKFAC's eigenbases, every refresh);
 * *bytes/split broadcast*: the last of those broadcasts
   (``DataParallel.last_shared``): the directions, one refresh's bases, one
-  statistics step's fitted factors, or one rebuild's inverses;
+  statistics step's fitted factors, or one rebuild's inverses or kernel blocks;
 * *DDP bytes/step*: the gradient DDP all-reduces, $4P$ bytes.
 
 On a machine with fewer cores than ranks the processes compete for the cores,
@@ -73,6 +75,9 @@ WIDTHS = (256, 512, 512, 10)
 GLOBAL_BATCH = 512
 WINDOW = 10
 WARMUP_STEPS = 20
+SPLITS = {"ekfac": ("directions",), "exact-ng": ("kernels",)}
+"""The splits other than directions and inverses: EKFAC sends no inverses; exact natural
+gradient splits its kernel blocks and sends nothing per step."""
 
 
 def _model(widths: Sequence[int]) -> nn.Module:
@@ -88,7 +93,14 @@ def _model(widths: Sequence[int]) -> nn.Module:
 def _rank_main(rank: int, world_size: int, store: str, config: dict[str, Any], out: str) -> None:
     import torch.distributed as dist
 
-    from curvlib import EKFAC, KFAC, KPSVD, Deflation, PreconditionedOptimizer
+    from curvlib import (
+        EKFAC,
+        KFAC,
+        KPSVD,
+        Deflation,
+        ExactNaturalGradient,
+        PreconditionedOptimizer,
+    )
     from curvlib.distributed import DataParallel
 
     threads = int(config["threads"])
@@ -104,11 +116,17 @@ def _rank_main(rank: int, world_size: int, store: str, config: dict[str, Any], o
     net = _model(widths)
     model = nn.parallel.DistributedDataParallel(net)
     loss_fn = nn.CrossEntropyLoss()
-    approx = {"kfac": KFAC, "ekfac": EKFAC, "kpsvd": KPSVD, "deflation": Deflation}[
-        config["approx"]
-    ]()
+    approx = {
+        "kfac": KFAC,
+        "ekfac": EKFAC,
+        "kpsvd": KPSVD,
+        "deflation": Deflation,
+        "exact-ng": ExactNaturalGradient,
+    }[config["approx"]]()
+    split = config["split"]
     sync = DataParallel(
-        split_inverses=config["split"] is not None, broadcast=config["split"] or "directions"
+        split_inverses=split is not None,
+        broadcast=split if split in ("directions", "inverses") else "directions",
     )
     opt = PreconditionedOptimizer(model, approx, loss_fn=loss_fn, data_parallel=sync)
     gen = torch.Generator().manual_seed(1 + rank)
@@ -244,8 +262,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--approx",
         nargs="+",
-        choices=["kfac", "ekfac", "kpsvd", "deflation"],
-        default=["kfac", "ekfac", "kpsvd", "deflation"],
+        choices=["kfac", "ekfac", "kpsvd", "deflation", "exact-ng"],
+        default=["kfac", "ekfac", "kpsvd", "deflation", "exact-ng"],
     )
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch", type=int, default=GLOBAL_BATCH)
@@ -273,7 +291,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for world_size in args.ranks:
             splits: tuple[str | None, ...] = (None,)
             if world_size > 1:
-                splits += ("directions",) if approx == "ekfac" else ("directions", "inverses")
+                splits += SPLITS.get(approx, ("directions", "inverses"))
             configs += [(approx, world_size, split) for split in splits]
     rows = []
     for approx, world_size, split in progress(configs, len(configs), "configurations"):

@@ -42,7 +42,7 @@ from curvlib.approx.base import (
     running_average,
     standard_normal,
 )
-from curvlib.core.layout import KRONECKER_KINDS, NORM_KINDS, LayerKind
+from curvlib.core.layout import KRONECKER_KINDS, NORM_KINDS, CurvatureLayer, LayerKind
 from curvlib.core.stats import LayerStatistics, StatKind
 from curvlib.linalg.factors import FactorizationError
 
@@ -281,6 +281,10 @@ class UnitWiseNaturalGradient(LayerwiseApprox):
 
     def __init__(self, decay: float = DEFAULT_DECAY, dtype: torch.dtype | None = None) -> None:
         super().__init__(decay=decay, dtype=dtype)
+
+    def work_cost(self, layer: CurvatureLayer) -> float:
+        r"""$d_\text{out} d_\text{in}^3$: one Cholesky factorisation per unit."""
+        return float(layer.out_dim) * float(layer.in_dim_aug) ** 3
 
     def _make_block(self, out_dim: int, in_dim: int) -> LayerBlock:
         return _UnitBlock(out_dim, in_dim, self.dtype)

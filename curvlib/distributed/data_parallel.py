@@ -110,7 +110,11 @@ class DataParallel:
             preconditioned gradient per step. For approximations whose blocks
             invert one by one (KFAC, KPSVD, Deflation, Lanczos, KFAC-corrected,
             the diagonal, block natural gradient, unit-wise); the others invert
-            on every rank. EKFAC, whose expensive part is its eigenbasis, splits
+            on every rank. Exact and block-tridiagonal natural gradient split
+            their kernel blocks instead: each owner computes its layers' and
+            broadcasts them once per rebuild, and every rank builds the inverse
+            from all of them. The owners balance each approximation's
+            ``work_cost`` per layer. EKFAC, whose expensive part is its eigenbasis, splits
             the refresh instead: each owner eigendecomposes its layers' factors
             (the first ones too) and broadcasts the eigenbases, and every rank
             adopts all of them; on every statistics step the owners also compute

@@ -5,9 +5,12 @@ built by one rank, its *owner*, which also preconditions that layer's
 gradient and broadcasts the direction; the other ranks skip the factorisation.
 The owners are chosen by the longest-processing-time rule: layers in
 decreasing order of cost, each to the rank with the least work so far, so the
-busiest rank does at most $\frac43$ of the optimum (Graham 1969). The cost of
-a Kronecker-factored block is that of its two factorisations,
-$d_\text{out}^3 + d_\text{in}^3$.
+busiest rank does at most $\frac43$ of the optimum (Graham 1969). Each
+approximation estimates its layers' costs (``work_cost``): that of a
+Kronecker-factored block is its two factorisations, $d_\text{out}^3 +
+d_\text{in}^3$ ([`inverse_cost`][curvlib.distributed.inverse_cost], the
+default); exact natural gradient's is its kernel block's, the diagonal's the
+number of parameters ([Distributed training](../distributed.md#splitting-the-inverses)).
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from curvlib.approx import KFAC, Diagonal, TwoLevel
+from curvlib.approx import KFAC, Diagonal, TwoLevel, UnitWiseNaturalGradient
 from curvlib.approx.base import NonFiniteStatisticsError, OwnerFailedError
 from curvlib.approx.natural_gradient import (
     BlockNaturalGradient,
@@ -492,6 +492,7 @@ def test_work_costs_follow_where_each_approximation_spends_its_time() -> None:
     assert exact.work_cost(linear) == 5 + 13 and exact.work_cost(conv) == 3 * 19
     assert KFAC().work_cost(linear) == 5.0**3 + 13.0**3 == linear.kronecker_cost
     assert Diagonal().work_cost(conv) == 3 * 19
+    assert UnitWiseNaturalGradient().work_cost(linear) == 5 * 13.0**3, "a Cholesky per unit"
     assert TwoLevel(Diagonal()).work_cost(conv) == 3 * 19, "the fine level's cost"
     block = BlockNaturalGradient()
     assert block.work_cost(linear) == 5 + 13, "no rows yet"
