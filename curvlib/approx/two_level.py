@@ -922,3 +922,28 @@ class RefreshableTwoLevel(TwoLevel):
         fine = self.fine
         assert isinstance(fine, RefreshableApprox)
         fine.refresh()
+
+    # The fine level's refresh, split by layer in data-parallel training (EKFAC's
+    # eigenbases): each owner computes its layers' part, every rank adopts all of them.
+
+    @property
+    def splits_refresh(self) -> bool:
+        """Whether the fine level's refresh splits by layer (``refresh_due``, ``refreshed``)."""
+        return bool(getattr(self.fine, "splits_refresh", False))
+
+    def refresh_due(self) -> dict[str, Tensor]:
+        """The fine level's ``refresh_due``."""
+        fine: Any = self.fine
+        due: dict[str, Tensor] = fine.refresh_due()
+        return due
+
+    def refreshed(self, layers: Collection[str]) -> dict[str, Tensor]:
+        """The fine level's ``refreshed`` parts of ``layers``."""
+        fine: Any = self.fine
+        parts: dict[str, Tensor] = fine.refreshed(layers)
+        return parts
+
+    def adopt_refresh(self, packed: Mapping[str, Tensor]) -> None:
+        """The fine level's ``adopt_refresh``."""
+        fine: Any = self.fine
+        fine.adopt_refresh(packed)

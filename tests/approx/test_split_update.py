@@ -218,3 +218,21 @@ def test_a_two_level_method_splits_its_fine_level_bit_for_bit() -> None:
     }
     for name, value in direct.apply(grads).items():
         assert torch.equal(rebuilt.apply(grads)[name], value), name
+
+
+def test_a_two_level_method_splits_its_fine_levels_refresh_bit_for_bit() -> None:
+    problem = PROBLEMS[0]
+    whole, split = TwoLevel(EKFAC()), TwoLevel(EKFAC())
+    assert split.splits_refresh and not getattr(TwoLevel(KFAC()), "splits_refresh", False)
+    for index, batch in enumerate(_batches(problem)):
+        stats = fit_statistics(batch, whole)  # type: ignore[arg-type]
+        whole.update(stats)
+        split.update(stats)
+        names = list(split.refresh_due())
+        # The first update computes the first bases; after it, new factors make every one due.
+        assert names == ([] if index == 0 else list(stats.layers))
+        parts = {**split.refreshed(names[:1]), **split.refreshed(names[1:])}
+        whole.refresh()  # type: ignore[attr-defined]
+        split.adopt_refresh(parts)
+        assert equal_states(split.state_dict(), whole.state_dict())
+        assert split.refresh_due() == {}, "refreshed: nothing due until the factors change"

@@ -105,6 +105,8 @@ CONFIGS = (
         FisherType.EMPIRICAL,
         split=True,
     ),
+    # Two-level over EKFAC: the fine level's eigenbases split as EKFAC's are.
+    Config("twolevel-ekfac-split-ddp", "twolevel-ekfac", FisherType.EMPIRICAL, split=True, t_inv=1),
     # Each layer's kernel block of the exact natural gradient computed by one rank and
     # broadcast; every rank builds the sample-space inverse from all of them.
     Config("exact-ng-split-ddp", "exact_ng-grams", FisherType.EMPIRICAL, split=True),
@@ -247,6 +249,7 @@ def approximation(name: str) -> Any:
         "twolevel-kpsvd": lambda: RecordingTwoLevel(KPSVD()),
         "twolevel-tselepidis-kpsvd": lambda: RecordingTwoLevel(KPSVD(), Tselepidis()),
         "twolevel-kfac": lambda: RecordingTwoLevel(KFAC()),
+        "twolevel-ekfac": lambda: TwoLevel(RecordingEKFAC()),
     }[name]()
 
 
@@ -296,10 +299,10 @@ def train(
         "bytes": None if sync is None else sync.last_statistics.bytes,
         "received": None if sync is None else sync.last_statistics.received,
         "messages": None if sync is None else sync.last_statistics.messages,
-        "computed": getattr(approx, "computed", None),
+        "computed": getattr(getattr(approx, "fine", approx), "computed", None),
         "fits": getattr(approx, "fits", None),
         "built": getattr(approx, "built", None),
-        "refreshed_numbers": getattr(approx, "refreshed_numbers", None),
+        "refreshed_numbers": getattr(getattr(approx, "fine", approx), "refreshed_numbers", None),
         "held": getattr(approx, "held", None),
         "shared_bytes": None if sync is None else sync.last_shared.bytes,
         "approx_state": approx.state_dict(),

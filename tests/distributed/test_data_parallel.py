@@ -125,11 +125,11 @@ def _packed_basis_numbers() -> int:
     return sum(d_in + d_in**2 + d_out + d_out**2 for d_in, d_out in dims)
 
 
+@pytest.mark.parametrize("name", ["ekfac-split-ddp", "twolevel-ekfac-split-ddp"])
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_split_ekfac_refresh_computes_each_eigenbasis_once_and_trains_like_one_process(
-    two_ranks: list[dict[str, Any]], world_size: int
+    two_ranks: list[dict[str, Any]], name: str, world_size: int
 ) -> None:
-    name = "ekfac-split-ddp"
     results = _split_results(two_ranks, name, world_size)
     # A split refresh on every step (t_inv=1): nothing is due at step 0 (no factors yet)
     # nor at step 1 (the first update computed its basis from the same factors).
