@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 from optimizers import COARSE_SPACES, DEFAULT_CURVATURE_LR, OPTIMIZERS, OptimConfig, OptimizerSpec
-from torchrun import local_device
+from torchrun import launched, local_device
 
 from curvlib import Diagonal, TwoLevel
 from curvlib.optim.defaults import DEFAULTS
@@ -489,6 +489,14 @@ def build_parser(
         "KPSVD, the two-term methods and the diagonal)",
     )
     opt.add_argument(
+        "--split-inverses",
+        choices=("directions", "inverses"),
+        default=None,
+        help="under torchrun: each layer's curvature work (inverse, eigenbasis, fit, kernel "
+        "block) on one rank, which sends each step's preconditioned gradient (directions) or "
+        "each rebuild's inverse (inverses); default: every rank does all of it",
+    )
+    opt.add_argument(
         "--damping-warmup-samples",
         type=int,
         default=None,
@@ -646,6 +654,12 @@ def optim_config(args: argparse.Namespace, spec: RunSpec) -> OptimConfig:
         raise UsageError(
             "--coarse-space tselepidis has no Krylov enrichment; use nicolaides with --krylov."
         )
+    split = getattr(args, "split_inverses", None)
+    if split is not None and not launched():
+        raise UsageError(
+            "--split-inverses splits the curvature work over torchrun's ranks: start the "
+            "script with torchrun --nproc_per_node=N, or leave the flag out."
+        )
     if coarse is not None and not entry.curvature:
         if not getattr(args, "compare", None):
             raise UsageError(
@@ -671,6 +685,7 @@ def optim_config(args: argparse.Namespace, spec: RunSpec) -> OptimConfig:
         warmup=args.warmup,
         refresh_on_move=args.refresh_on_move,
         overlap_inverse=getattr(args, "overlap_inverse", 0),
+        split_inverses=split,
         damping_warmup_samples=args.damping_warmup_samples,
         seed=args.seed,
         coarse_space=coarse,

@@ -52,6 +52,10 @@ class OptimConfig:
         overlap_inverse: Steps during which a rebuilt inverse is built in the
             background before it is used (0: at once; ``overlap_inverse`` of
             the optimizer).
+        split_inverses: Under ``torchrun``, what the owners of a layer's
+            curvature work send: ``"directions"`` or ``"inverses"``
+            (``DataParallel(split_inverses=True, broadcast=...)``); ``None``:
+            every rank does all of it.
         damping_warmup_samples: Damping times $n_0/n$ while the statistics have
             seen $n < n_0$ samples (0: none; ignored with ``adaptive_damping``;
             ``None``: the approximation's, ``default_damping(approx).samples``).
@@ -83,6 +87,7 @@ class OptimConfig:
     warmup: int = DEFAULTS.warmup
     refresh_on_move: float = DEFAULTS.refresh_on_move
     overlap_inverse: int = 0
+    split_inverses: str | None = None
     damping_warmup_samples: int | None = None
     seed: int = 0
     coarse_space: str | None = None
@@ -155,6 +160,12 @@ def _curvature(make_approx: Callable[..., CurvatureApprox]) -> Factory:
         from curvlib.wiring import PreconditionedOptimizer
 
         restrict: dict[str, Any] = {} if params is None else {"params": list(params)}
+        if cfg.split_inverses is not None:
+            from curvlib.distributed import DataParallel
+
+            restrict["data_parallel"] = DataParallel(
+                split_inverses=True, broadcast=cfg.split_inverses
+            )
 
         approx = make_approx(**approx_options(cfg))
         if cfg.coarse_space is not None:

@@ -625,6 +625,9 @@ def report_experiment(
     write_summary(results, out / "summary.json")
     epochs = f"{args.num_epochs} epoch{'s' if args.num_epochs != 1 else ''}"
     ranks = f", {world.size} ranks" if world.size > 1 else ""
+    split = getattr(args, "split_inverses", None)
+    if ranks and split is not None:
+        ranks += f", curvature work split (owners send {split})"
     print(f"\n{title} on {device.type}{ranks}: {epochs}, batch {args.batch_size}")
     if grid:
         print(f"grid of {specs[0].name}: {len(results)} runs")

@@ -116,7 +116,9 @@ def losses(out: Path) -> dict[str, Any]:
     }
 
 
-def check_job(job: subprocess.CompletedProcess[str], out: Path, reference: Path) -> None:
+def check_job(
+    job: subprocess.CompletedProcess[str], out: Path, reference: Path, optim: str = "kfac"
+) -> None:
     """Exit 0, one set of outputs and one report, and one process's losses."""
     assert job.returncode == 0, job.stderr[-3000:]
     assert {p.name for p in out.iterdir()} == EXPECTED
@@ -125,7 +127,7 @@ def check_job(job: subprocess.CompletedProcess[str], out: Path, reference: Path)
     assert job.stdout.count("outputs in") == 1, job.stdout
     assert job.stdout.count("epoch   1") == 1, job.stdout
     assert "2 ranks" in job.stdout
-    assert job.stderr.count("kfac:   0%") == 1, job.stderr[-3000:]
+    assert job.stderr.count(f"{optim}:   0%") == 1, job.stderr[-3000:]
     got, expected = losses(out), losses(reference)
     assert len(got["batch_losses"]) == len(expected["batch_losses"]) > 1
     for key in ("train_loss", "test_loss", "batch_losses"):
@@ -144,6 +146,53 @@ def test_the_example_under_torchrun_trains_like_one_process(tmp_path: Path, scri
     finally:
         done = finish(job)
     check_job(done, tmp_path / "two", tmp_path / "one")
+
+
+@pytest.mark.parametrize(
+    ("script", "optim", "split"),
+    [("cnn", "kfac", "directions"), ("autoencoder", "exact-ng", "inverses")],
+    ids=["cnn-kfac-directions", "autoencoder-exact-ng-kernels"],
+)
+def test_the_curvature_work_split_over_the_ranks_trains_like_one_process(
+    tmp_path: Path, script: str, optim: str, split: str
+) -> None:
+    """``--split-inverses``: KFAC's inverses (directions sent), exact NG's kernel blocks."""
+    example, args = {"autoencoder": (autoencoder, AUTOENCODER), "cnn": (cnn, CNN)}[script]
+    args = [*args, "--optim", optim]
+    job = start_torchrun(f"{script}.py", [*args, "--split-inverses", split], tmp_path / "two")
+    try:
+        example.main([*args, "--no-progress", "--out", str(tmp_path / "one")])
+    finally:
+        done = finish(job)
+    check_job(done, tmp_path / "two", tmp_path / "one", optim)
+    assert f"2 ranks, curvature work split (owners send {split})" in done.stdout
+
+
+def test_the_split_flag_reaches_the_optimizers_data_parallel(tmp_path: Path) -> None:
+    from optimizers import OPTIMIZERS, OptimConfig
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        model, loss_fn = torch.nn.Sequential(torch.nn.Linear(3, 2)), torch.nn.MSELoss()
+        for split in ("directions", "inverses"):
+            config = OptimConfig(lr=0.1, split_inverses=split)
+            opt: Any = OPTIMIZERS["kfac"].build(model, loss_fn, config)
+            assert opt.sync.split_inverses and opt.sync.broadcast == split
+        plain: Any = OPTIMIZERS["kfac"].build(model, loss_fn, OptimConfig(lr=0.1))
+        assert not plain.sync.split_inverses
+    finally:
+        dist.destroy_process_group()
+
+
+def test_splitting_the_curvature_work_needs_torchrun(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as stop:
+        autoencoder.main([*AUTOENCODER, "--split-inverses", "directions", "--out", str(tmp_path)])
+    assert stop.value.code == 2
+    assert "start the script with torchrun" in capsys.readouterr().err
 
 
 def test_only_rank_zero_writes_and_ranks_hold_the_same_results(tmp_path: Path) -> None:
