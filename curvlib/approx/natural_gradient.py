@@ -89,9 +89,11 @@ def gram_cost(layer: CurvatureLayer) -> float:
     factored ($O(m^2 d_\text{out} + N^2 d_\text{in})$), and $P_l =
     d_\text{out} d_\text{in}$ for the others, whose per-sample gradients are
     formed ($O(m^2 P_l)$; forming them, $O(mTP_l)$, is left out: the positions
-    $T$ depend on the input). $d_\text{in}$ counts the bias column. What
-    data-parallel training balances the owners by
-    ([`curvlib.distributed.ownership`][curvlib.distributed.ownership]).
+    $T$ depend on the input). $d_\text{in}$ counts the bias column. The layout
+    does not know the inputs' shape, so a ``Linear`` layer applied to sequences
+    (several positions, whose per-sample gradients are formed too) is counted
+    as if it had one position. What data-parallel training balances the owners
+    by ([`curvlib.distributed.ownership`][curvlib.distributed.ownership]).
     """
     if layer.kind is LayerKind.LINEAR:
         return float(layer.out_dim + layer.in_dim_aug)
