@@ -100,6 +100,15 @@ cat "$OUT/env.log"
 # 3. The cuda tests (they skip without a GPU).
 piece cuda_tests "$TEST_LIMIT" "$PY" -m pytest -m cuda tests/cuda -q -p no:cacheprovider
 
+# 3b. An example under torchrun with NCCL (one rank: a single GPU cannot hold two NCCL
+# ranks): the NCCL process group, cuda:LOCAL_RANK, DDP's device_ids and its all-reduce,
+# the split flag; curvlib's own collectives need two GPUs and are skipped by one rank.
+if [ "$DEVICE" = cuda ]; then
+    piece nccl_example 120 "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 \
+        examples/cnn.py --device cuda --num-train 400 --num-test 100 --batch-size 100 \
+        --num-epochs 1 --split-inverses directions --no-progress --out "$OUT/nccl_example"
+fi
+
 # 4. The step-time benchmark on the device.
 export PYTHONUNBUFFERED=1
 piece step_time "$BENCH_LIMIT" "$PY" benchmarks/step_time.py --device "$DEVICE" --out "$OUT" \
@@ -109,6 +118,11 @@ piece step_time "$BENCH_LIMIT" "$PY" benchmarks/step_time.py --device "$DEVICE" 
 echo
 echo "== cuda tests (last lines)"
 tail -n 15 "$OUT/cuda_tests.log"
+if [ -f "$OUT/nccl_example.log" ]; then
+    echo
+    echo "== NCCL example (last lines)"
+    tail -n 5 "$OUT/nccl_example.log"
+fi
 echo
 echo "== step time"
 if [ -f "$OUT/step_time_$DEVICE.md" ]; then
