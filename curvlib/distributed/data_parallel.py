@@ -134,6 +134,9 @@ class DataParallel:
             approximation whose inverses can be sent (KFAC, KPSVD, Deflation,
             Lanczos, KFAC-corrected); see
             [Distributed training](../distributed.md) for when each wins.
+            Approximations whose split is not by inverse (EKFAC's refresh, the
+            fits of the rearranged methods, exact natural gradient's kernel
+            blocks) split the same way with either.
 
     Attributes:
         world_size: The number of ranks in ``group``.
