@@ -114,12 +114,12 @@ class DataParallel:
             their kernel blocks instead: each owner computes its layers' and
             broadcasts them once per rebuild, and every rank builds the inverse
             from all of them. The owners balance each approximation's
-            ``work_cost`` per layer. EKFAC, whose expensive part is its eigenbasis, splits
-            the refresh instead: each owner eigendecomposes its layers' factors
-            (the first ones too) and broadcasts the eigenbases, and every rank
-            adopts all of them; on every statistics step the owners also compute
-            and broadcast their layers' new scalings (its cheap inverse is built
-            on every rank).
+            ``work_cost`` per layer. EKFAC, whose expensive part is its
+            eigenbasis, splits the refresh instead: each owner eigendecomposes
+            its layers' factors (the first ones too) and broadcasts the
+            eigenbases, and every rank adopts all of them; on every statistics
+            step the owners also compute and broadcast their layers' new
+            scalings (its cheap inverse is built on every rank).
             KPSVD, Deflation, Lanczos and KFAC-corrected also split their fits
             to each batch: each owner fits its layers' factors and broadcasts
             them, and every rank folds all of them into its running averages.
