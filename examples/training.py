@@ -407,7 +407,9 @@ def train_one(
     and rank 0 alone writes the outputs and shows the progress bar.
 
     Raises:
-        UsageError: If ``--resume`` finds a checkpoint of another optimizer.
+        UsageError: If ``--resume`` finds a checkpoint of another optimizer, or
+            the optimizer refuses the options (e.g. ``--overlap-inverse`` with
+            EKFAC, ``--split-inverses inverses`` with the diagonal).
     """
     if world.main:
         out.mkdir(parents=True, exist_ok=True)
@@ -415,7 +417,10 @@ def train_one(
     torch.manual_seed(args.seed)
     model = task.make_model().to(device)
     trained = world.wrap(model)  # the model itself on one rank
-    optimizer = build_optimizer(spec.name, trained, task.loss_fn, config)
+    try:
+        optimizer = build_optimizer(spec.name, trained, task.loss_fn, config)
+    except ValueError as err:  # curvlib refuses this combination of options, saying why
+        raise UsageError(f"--optim {spec.name}: {err}") from err
     generator = torch.Generator().manual_seed(args.seed)
     result = RunResult(spec.label, config.lr, out)
     ckpt_path = out / CHECKPOINT

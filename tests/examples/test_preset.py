@@ -108,6 +108,19 @@ def test_a_bad_overlap_inverse_is_a_usage_error(value: str) -> None:
         autoencoder.build_argparser().parse_args(["--overlap-inverse", value])
 
 
+def test_options_the_optimizer_refuses_are_a_usage_error_that_says_why(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["--data", "curves", "--num-train", "100", "--num-test", "50", "--batch-size", "50"]
+    args += ["--num-epochs", "1", "--no-progress", "--out", str(tmp_path)]
+    with pytest.raises(SystemExit) as stop:
+        autoencoder.main([*args, "--optim", "ekfac", "--overlap-inverse", "3"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "--optim ekfac: overlap_inverse is for approximations rebuilt every t_inv" in err
+    assert "Traceback" not in err
+
+
 @pytest.mark.parametrize("value", ["-0.1", "nan", "many"])
 def test_a_bad_refresh_on_move_is_a_usage_error(value: str) -> None:
     with pytest.raises(SystemExit):
