@@ -379,3 +379,27 @@ def test_lanczos_with_norms_on_the_device_stops_at_the_same_breakdown(samples: i
         _close(x.sigma * torch.kron(x.U, x.V), y.sigma * torch.kron(y.U, y.V), "pair")
         assert bool(torch.isfinite(y.U).all()) and bool(torch.isfinite(y.V).all())
     assert (a[1].sigma == 0.0) == (samples == 1)
+
+
+@pytest.mark.parametrize(
+    ("n", "t", "d_in", "d_out"),
+    [(300, 1, 401, 200), (60, 9, 201, 16), (60, 9, 12, 300)],
+    ids=["linear", "conv-gram-routes", "conv-feature-route"],
+)
+def test_float32_statistics_find_the_float64_pair_to_the_float32_tolerance(
+    n: int, t: int, d_in: int, d_out: int
+) -> None:
+    """The Gram matrices of float32 statistics are multiplied in float32, iterated in float64."""
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randn(n, t, d_in, generator=gen) * torch.linspace(0.1, 2.0, d_in) + 0.3
+    g = torch.randn(1, n, t, d_out, generator=gen) * torch.linspace(1e-4, 1e-2, d_out)
+    low = power_svd(SampleSpaceFisher(PerSampleIO(inputs=a, output_grads=g)))
+    exact = power_svd(
+        SampleSpaceFisher(PerSampleIO(inputs=a.double(), output_grads=g.double())), tol=1e-12
+    )
+    assert low.U.dtype == torch.float32
+    assert abs(float(low.sigma) - float(exact.sigma)) <= 1e-6 * float(exact.sigma)
+    sign = 1.0 if float((low.U.double() * exact.U).sum()) >= 0.0 else -1.0
+    for mine, reference in ((low.U, exact.U), (low.V, exact.V)):
+        error = float((sign * mine.double() - reference).norm() / reference.norm())
+        assert error <= 1.2e-4, error  # the float32 tolerance of the power iteration
