@@ -136,18 +136,24 @@ class KroneckerSumInverse:
 def _whitened(chol: Tensor, second: Tensor) -> Tensor:
     r"""$C^{-1} S C^{-\top}$ for the lower Cholesky factor $C$ and a symmetric $S$.
 
-    Two triangular solves ($C^{-1} S$, then $C^{-1} (C^{-1} S)^\top$, which is
-    the same matrix as $S$ is symmetric): $2n^3$ flops against $n^3$ for the
-    explicit inverse $C^{-1}$ plus $4n^3$ for two products with it.
+    Two triangular solves from the right ($X = S C^{-\top}$, then $X^\top
+    C^{-\top} = C^{-1} S C^{-\top}$, as $S$ is symmetric): $2n^3$ flops against
+    $n^3$ for the explicit inverse $C^{-1}$ plus $4n^3$ for two products with
+    it. Solves from the right take torch's row-major matrices as they are; the
+    same solves from the left cost a third more on the CPU
+    (``benchmarks/results/experiments/two_term_floor/``).
     """
-    half = torch.linalg.solve_triangular(chol, symmetrize(second), upper=False)
-    whitened: Tensor = torch.linalg.solve_triangular(chol, half.mT, upper=False)
+    half = torch.linalg.solve_triangular(chol.mT, symmetrize(second), upper=True, left=False)
+    whitened: Tensor = torch.linalg.solve_triangular(chol.mT, half.mT, upper=True, left=False)
     return whitened
 
 
 def _whitened_basis(chol: Tensor, vectors: Tensor) -> Tensor:
-    r"""$C^{-\top} U$: one triangular solve ($n^3$ flops, a product with $C^{-1}$ costs $2n^3$)."""
-    basis: Tensor = torch.linalg.solve_triangular(chol.mT, vectors, upper=True)
+    r"""$C^{-\top} U = (U^\top C^{-1})^\top$: one triangular solve from the right, $n^3$ flops.
+
+    A product with $C^{-1}$ would cost $2n^3$ (see ``_whitened`` for the side).
+    """
+    basis: Tensor = torch.linalg.solve_triangular(chol, vectors.mT, upper=False, left=False).mT
     return basis
 
 
