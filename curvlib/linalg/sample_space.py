@@ -53,8 +53,8 @@ the sample space pays $N^2T^3$ per product on its wide side, and the
 matrix-free form $N d_o d_i (d_o + d_i)$: on the convolutions of curvlib's
 benchmark networks with many input channels (hundreds of columns) the sample
 space wins, on the first ones (few columns, many positions) the matrix-free
-form. The Gram matrices are computed in the working dtype and, with the
-features, iterated in float64 (so that residuals are resolved below the
+form. The Gram matrices are computed in the working dtype (float32 at least)
+and, with the features, iterated in float64 (so that residuals are resolved below the
 float32 tolerance): a float32 product is exact to about $10^{-6}$ relative,
 and the top pairs of float32 statistics come out as those of float64 Gram
 matrices to the float32 tolerance, at half the cost of float64 products. The
@@ -206,7 +206,8 @@ def choose_form(
 
 
 def _gram(rows: Tensor) -> Tensor:
-    """``rows @ rows.T`` computed in the rows' dtype, returned in float64."""
+    """``rows @ rows.T`` in float64, the product in the rows' dtype but never below float32."""
+    rows = rows.to(torch.promote_types(rows.dtype, torch.float32))
     return (rows @ rows.T).to(_GRAM_DTYPE)
 
 

@@ -403,3 +403,13 @@ def test_float32_statistics_find_the_float64_pair_to_the_float32_tolerance(
     for mine, reference in ((low.U, exact.U), (low.V, exact.V)):
         error = float((sign * mine.double() - reference).norm() / reference.norm())
         assert error <= 1.2e-4, error  # the float32 tolerance of the power iteration
+
+
+def test_bfloat16_statistics_have_their_gram_matrices_multiplied_in_float32() -> None:
+    gen = torch.Generator().manual_seed(4)
+    a = torch.randn(40, 1, 30, generator=gen) + 0.3
+    g = torch.randn(1, 40, 1, 20, generator=gen) * 1e-2
+    low = SampleSpaceFisher(PerSampleIO(inputs=a, output_grads=g), dtype=torch.bfloat16)
+    rows = a.to(torch.bfloat16).float().reshape(40, 30)
+    expected = (rows @ rows.T).double().square()
+    assert torch.equal(low._kernel_a, expected), "bfloat16 rows, a float32 product"
