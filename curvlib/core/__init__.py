@@ -6,7 +6,13 @@ each other. The conventions that all layers share are written down once, in
 [`curvlib.core.conventions`][curvlib.core.conventions].
 """
 
-from curvlib.core.layout import CurvatureLayer, LayerKind, ModelLayout, UnsupportedModule
+from curvlib.core.layout import (
+    CurvatureLayer,
+    LayerKind,
+    ModelLayout,
+    UnsupportedModule,
+    kronecker_cost,
+)
 from curvlib.core.protocols import (
     CurvatureApprox,
     CurvatureOperator,
@@ -49,4 +55,5 @@ __all__ = [
     "StatKind",
     "UnsupportedModule",
     "cross_layer_factors",
+    "kronecker_cost",
 ]

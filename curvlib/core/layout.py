@@ -94,6 +94,15 @@ NORM_KINDS: frozenset[LayerKind] = frozenset(
 r"""The normalisation layers: one $[\gamma \mid \beta]$ row per normalised feature."""
 
 
+def kronecker_cost(out_dim: int, in_dim: int) -> float:
+    r"""$d_\text{out}^3 + d_\text{in}^3$: factorising a layer's Kronecker factors, up to a constant.
+
+    What data-parallel training balances the layers' owners by, unless the
+    approximation estimates its work otherwise (``work_cost``).
+    """
+    return float(out_dim) ** 3 + float(in_dim) ** 3
+
+
 @dataclass(frozen=True, eq=False)
 class CurvatureLayer:
     """One curvature layer of a model: its name, kind and matrix shape.
@@ -148,11 +157,8 @@ class CurvatureLayer:
 
     @property
     def kronecker_cost(self) -> float:
-        r"""$d_\text{out}^3 + d_\text{in}^3$ (with the bias column), up to a constant.
-
-        The cost of factorising its Kronecker factors.
-        """
-        return float(self.out_dim) ** 3 + float(self.in_dim_aug) ** 3
+        """[`kronecker_cost`][curvlib.core.kronecker_cost] of its ``out_dim`` and ``in_dim_aug``."""
+        return kronecker_cost(self.out_dim, self.in_dim_aug)
 
     def weight_matrix(self, weight: Tensor) -> Tensor:
         """Turn tensors shaped like the weight into weight matrices.

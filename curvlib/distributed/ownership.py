@@ -17,10 +17,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from curvlib.core.layout import kronecker_cost
+
 
 def inverse_cost(out_dim: int, in_dim: int) -> float:
-    r"""$d_\text{out}^3 + d_\text{in}^3$: a layer's two factorisations, up to a constant."""
-    return float(out_dim) ** 3 + float(in_dim) ** 3
+    r"""$d_\text{out}^3 + d_\text{in}^3$: [`kronecker_cost`][curvlib.core.kronecker_cost]."""
+    return kronecker_cost(out_dim, in_dim)
 
 
 def assign_owners(costs: Mapping[str, float], world_size: int) -> dict[str, int]:
