@@ -121,6 +121,29 @@ def symmetrize(mat: Tensor) -> Tensor:
     return torch.add(mat, mat.transpose(-1, -2)).mul_(0.5)
 
 
+def live_coordinates(*mats: Tensor) -> Tensor | None:
+    r"""The coordinates where some of the symmetric ``mats`` has a nonzero row; ``None`` if all.
+
+    A coordinate whose row (and so column) is zero in each matrix is decoupled
+    from the others in any damped combination of them: its factorisations are
+    those of the damping alone, and the others' are those of the submatrices on
+    the live coordinates, at the cube of their number. Dead ReLU units (a zero row of the
+    next layer's input factor and of the layer's own output-gradient factor) and
+    inputs that are zero on every sample, such as an image's border pixels, give
+    such coordinates. One pass over the matrices and one host read.
+
+    Returns:
+        The live coordinates in increasing order (possibly none), or ``None``
+        where every coordinate is live.
+    """
+    live = mats[0].ne(0).any(-1)
+    for mat in mats[1:]:
+        live |= mat.ne(0).any(-1)
+    if bool(live.all()):
+        return None
+    return live.nonzero().squeeze(-1)
+
+
 def cholesky_inverse(chol: Tensor) -> Tensor:
     r"""$(LL^\top)^{-1}$ from the lower Cholesky factor $L$, exactly symmetric.
 

@@ -29,16 +29,36 @@ U$), $3n^3$ flops per side besides the factorisations; no explicit inverse is
 formed (which cost $7n^3$: $C^{-1}$ and three products with it). ``eigh`` is
 most of the rest: about 60% of the build on the MNIST autoencoder's layers
 (``benchmarks/two_term_inverse.py``). Four matrix products to apply.
+
+**Decoupled coordinates.** A coordinate whose row is zero in both terms of a
+side (a ReLU unit dead on every statistics sample, an input that is zero on
+all of them) is decoupled from the rest: there $C = \sqrt{\gamma}$, $s = 0$
+and the basis vector is the unit vector over $\sqrt{\gamma}$. The
+factorisations run on the other coordinates only
+([`live_coordinates`][curvlib.linalg.factors.live_coordinates]), at the cube
+of their number, and the result is the same operator. On the step-time
+benchmark's autoencoder (random inputs), 3% of the encoder's and 43% of the
+decoder's hidden units are dead; there the submatrices also spare float32
+``eigh`` the cluster of exact zeros on which it failed to converge (and was
+retried) on 1,000-row sides.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from curvlib.linalg.factors import damped_cholesky, eigh, flush_negligible, pi_split, symmetrize
+from curvlib.linalg.factors import (
+    damped_cholesky,
+    eigh,
+    flush_negligible,
+    live_coordinates,
+    pi_split,
+    symmetrize,
+)
 from curvlib.linalg.precision import (
     ApplyDtype,
     apply_cost,
@@ -157,6 +177,41 @@ def _whitened_basis(chol: Tensor, vectors: Tensor) -> Tensor:
     return basis
 
 
+def _side(first: Tensor, second: Tensor, damping: float) -> tuple[Tensor, Tensor, Tensor]:
+    r"""One side's $C$, whitened eigenvalues $s$ and basis $P = C^{-\top} U$.
+
+    A coordinate whose row is zero in both terms (a dead ReLU unit, a pixel that
+    is zero in every image, ...) is decoupled: $C$ has $\sqrt{\gamma}$ there,
+    $s$ a zero and $P$ the unit vector over $\sqrt{\gamma}$. Only the other
+    coordinates are factorised and eigendecomposed, at the cube of their number;
+    where they are few, ``eigh`` also no longer meets the cluster of exact zeros
+    that made float32 ``eigh`` fail to converge (and be retried) on the MNIST
+    autoencoder's 1,000-row factors.
+    """
+    live = live_coordinates(first, second)
+    if live is None:
+        chol, _ = damped_cholesky(first, damping)
+        decomposition = eigh(_whitened(chol, second), clamp_negative=False)
+        return chol, decomposition.values, _whitened_basis(chol, decomposition.vectors)
+    n, block = first.shape[-1], live[:, None]
+    chol = torch.zeros_like(first)
+    values = first.new_zeros(n)
+    basis = torch.zeros_like(first)
+    dead = torch.ones(n, dtype=torch.bool, device=first.device)
+    dead[live] = False
+    jitter = 0.0
+    if live.numel():
+        sub_chol, jitter = damped_cholesky(first[block, live], damping)
+        decomposition = eigh(_whitened(sub_chol, second[block, live]), clamp_negative=False)
+        chol[block, live] = sub_chol
+        values[live] = decomposition.values
+        basis[block, live] = _whitened_basis(sub_chol, decomposition.vectors)
+    root = math.sqrt(damping + jitter)
+    chol.diagonal()[dead] = root
+    basis.diagonal()[dead] = 1.0 / root
+    return chol, values, basis
+
+
 def _condition_bound(P_G: Tensor, P_A: Tensor, floored: Tensor, diag_top: float) -> float:
     """The lower bound of ``KroneckerSumInverse.condition_number``."""
     norms = P_G.square().sum(0)[:, None] * P_A.square().sum(0)[None, :]
@@ -205,12 +260,10 @@ def two_term_inverse(
         raise ValueError(f"min_eig must lie in (0, 1], got {min_eig!r}.")
     apply_dtype = check_apply_dtype(apply_dtype)
     gamma_a, gamma_g = pi_split(A1, G1, damping)
-    (c_g, _), (c_a, _) = damped_cholesky(G1, gamma_g), damped_cholesky(A1, gamma_a)
-    eg = eigh(_whitened(c_g, G2), clamp_negative=False)
-    ea = eigh(_whitened(c_a, A2), clamp_negative=False)
-    whitened = 1.0 + eg.values[:, None] * ea.values[None, :]
+    c_g, values_g, P_G = _side(G1, G2, gamma_g)
+    c_a, values_a, P_A = _side(A1, A2, gamma_a)
+    whitened = 1.0 + values_g[:, None] * values_a[None, :]
     floored = whitened.clamp_min(min_eig)
-    P_G, P_A = _whitened_basis(c_g, eg.vectors), _whitened_basis(c_a, ea.vectors)
     # Diagonal of the unfloored K: diag(G1') diag(A1')^T + diag(G2) diag(A2)^T.
     diag = (G1.diagonal() + gamma_g)[:, None] * (A1.diagonal() + gamma_a)[None, :]
     diag = diag + G2.diagonal()[:, None] * A2.diagonal()[None, :]

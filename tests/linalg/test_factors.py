@@ -18,7 +18,12 @@ from curvlib.linalg import (
     flush_subnormals_,
     symmetrize,
 )
-from curvlib.linalg.factors import device_negligible_limit, flush_below, negligible_limit
+from curvlib.linalg.factors import (
+    device_negligible_limit,
+    flush_below,
+    live_coordinates,
+    negligible_limit,
+)
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
@@ -180,3 +185,15 @@ def test_the_symmetrised_running_average_is_symmetric_to_the_bit(dtype: torch.dt
     assert torch.equal(second, second.mT) and second.is_contiguous()
     torch.testing.assert_close(second, 0.9 * first + 0.1 * 3 * (stat + stat.mT) / 2)
     assert torch.equal(stat, torch.randn(7, 7, generator=gen.manual_seed(0), dtype=dtype))
+
+
+def test_live_coordinates_are_the_rows_nonzero_in_some_matrix() -> None:
+    first = torch.zeros(5, 5)
+    second = torch.zeros(5, 5)
+    first[1, 1] = 2.0
+    second[3, 4] = second[4, 3] = -1e-30  # tiny but not zero: live
+    second[0, 0] = float("nan")  # NaN is not zero: kept for the checks downstream
+    assert live_coordinates(first, second).tolist() == [0, 1, 3, 4]
+    assert live_coordinates(first).tolist() == [1]
+    assert live_coordinates(torch.zeros(3, 3)).tolist() == []
+    assert live_coordinates(torch.eye(3), torch.zeros(3, 3)) is None

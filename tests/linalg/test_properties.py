@@ -8,6 +8,7 @@ have condition numbers below about ``1e3`` and float32 keeps three digits.
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -128,6 +129,58 @@ def test_two_term_inverse_of_an_indefinite_sum_inverts_the_dense_floored_operato
     expected = torch.linalg.solve(floored, V.reshape(-1)).reshape(d_out, d_in)
     assert inverse.num_floored == int((1.0 + mu < min_eig).sum())
     assert _rel(inverse(V), expected) < RTOL[torch.float64]
+
+
+def _kill(mat: Tensor, dead: Tensor) -> Tensor:
+    """``mat`` with the rows and columns ``dead`` set to zero (dead units)."""
+    mat = mat.clone()
+    mat[dead] = 0.0
+    mat[:, dead] = 0.0
+    return mat
+
+
+@FAST
+@given(
+    d_out=sizes,
+    d_in=sizes,
+    damping=dampings,
+    scale=st.floats(0.1, 30.0),
+    seed=seeds,
+    dead_fraction=st.sampled_from([0.3, 0.6, 1.0]),
+)
+def test_two_term_inverse_with_dead_coordinates_inverts_the_dense_floored_operator(
+    d_out: int, d_in: int, damping: float, scale: float, seed: int, dead_fraction: float
+) -> None:
+    """Rows zero in both terms: the dense floored pair's operator, logdet and Choleskys.
+
+    ``two_term_inverse`` factorises the other coordinates apart (as the test above).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    dead_g = torch.rand(d_out, generator=gen) < dead_fraction
+    dead_a = torch.rand(d_in, generator=gen) < dead_fraction
+    G1, A1 = _kill(_spd(d_out, gen), dead_g), _kill(_spd(d_in, gen), dead_a)
+    G2 = _kill(_symmetric(d_out, gen, scale), dead_g)
+    A2 = _kill(_symmetric(d_in, gen, 1.0), dead_a)
+    min_eig = 0.1
+    inverse = two_term_inverse(G1, A1, G2, A2, damping, min_eig=min_eig)
+    gamma_a, gamma_g = pi_split(A1, G1, damping)
+    eye_g, eye_a = torch.eye(d_out, dtype=torch.float64), torch.eye(d_in, dtype=torch.float64)
+    first = torch.kron(G1 + gamma_g * eye_g, A1 + gamma_a * eye_a)
+    chol = torch.linalg.cholesky(first)
+    whitened = torch.linalg.solve_triangular(chol, torch.kron(G2, A2), upper=False)
+    whitened = torch.linalg.solve_triangular(chol, whitened.T, upper=False)
+    mu, Q = torch.linalg.eigh((whitened + whitened.T) / 2)
+    basis = chol @ Q
+    floored = (basis * (1.0 + mu).clamp_min(min_eig)) @ basis.T
+    V = torch.randn(d_out, d_in, generator=gen, dtype=torch.float64)
+    expected = torch.linalg.solve(floored, V.reshape(-1)).reshape(d_out, d_in)
+    assert inverse.num_floored == int((1.0 + mu < min_eig).sum())
+    assert _rel(inverse(V), expected) < RTOL[torch.float64]
+    want = float(torch.logdet(floored))
+    assert float(inverse.logdet()) == pytest.approx(want, rel=1e-8, abs=1e-8)
+    for got, factor, gamma in ((inverse.chol_G, G1, gamma_g), (inverse.chol_A, A1, gamma_a)):
+        eye = torch.eye(factor.shape[0], dtype=torch.float64)
+        assert _rel(got, torch.linalg.cholesky(factor + gamma * eye)) < RTOL[torch.float64]
 
 
 @FAST
