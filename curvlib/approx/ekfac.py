@@ -49,9 +49,9 @@ less than KFAC's $\pi$ split, whose cross terms scale with the factors);
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from enum import Enum
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import Tensor
@@ -71,13 +71,18 @@ from curvlib.approx.base import (
 from curvlib.core.stats import LayerStatistics, PerSampleIO, StatKind
 from curvlib.linalg.factors import (
     Eigh,
+    cpu_live_coordinates,
     eigh,
+    embed_live,
     first_eigh,
     flush_below,
     flush_negligible,
+    live_block,
     negligible_limit,
     pi_shifts_of_means,
 )
+
+_T = TypeVar("_T")
 
 
 class EKFACDamping(Enum):
@@ -103,19 +108,42 @@ class EKFACDamping(Enum):
     FACTORED = "factored"
 
 
+def _live_eigh(factor: Tensor, decompose: Callable[[Tensor], tuple[Eigh, _T]]) -> tuple[Eigh, _T]:
+    """``decompose`` (an ``eigh`` that returns ``(Eigh, extra)``) of the factor's live block.
+
+    A zero row of the factor (a dead ReLU unit, an input zero on every statistics
+    sample) is an eigenvector $e_i$ with eigenvalue 0, decoupled from the others:
+    on the CPU only the other rows are decomposed, at the cube of their number
+    ([`cpu_live_coordinates`][curvlib.linalg.factors.cpu_live_coordinates]), and
+    the basis is the same up to a rotation within the zero eigenvalue's space.
+    """
+    live = cpu_live_coordinates(factor)
+    decomposition, extra = decompose(live_block(factor, live))
+    if live is None:
+        return decomposition, extra
+    size = factor.shape[-1]
+    values = decomposition.values.new_zeros(size).index_copy_(0, live, decomposition.values)
+    return Eigh(values, embed_live(decomposition.vectors, live, size, 1.0)), extra
+
+
 def _eigenbasis(factor: Tensor) -> tuple[Tensor, Tensor]:
     """Eigenvalues and eigenvectors of a factor, negligible entries of the vectors flushed."""
-    decomposition = eigh(factor)
+    decomposition, _ = _live_eigh(factor, lambda live: (eigh(live), None))
     return decomposition.values, flush_negligible(decomposition.vectors)
 
 
-def _drafted_eigh(factor: Tensor) -> tuple[Eigh, Tensor]:
+def _first_or_retried_eigh(factor: Tensor) -> tuple[Eigh, Tensor]:
     """``first_eigh``; where LAPACK does not converge, ``eigh``'s jittered retries at once."""
     try:
         return first_eigh(factor)
     except RuntimeError:  # the retries read the device; the failed first attempt is not redone
         done = eigh(factor, first_attempt=1)
         return done, torch.ones((), dtype=torch.bool, device=factor.device)
+
+
+def _drafted_eigh(factor: Tensor) -> tuple[Eigh, Tensor]:
+    """``_first_or_retried_eigh`` of the factor's live block (``_live_eigh``)."""
+    return _live_eigh(factor, _first_or_retried_eigh)
 
 
 class _EigenbasisDraft:

@@ -23,12 +23,15 @@ from curvlib.approx.base import (
 from curvlib.core.stats import LayerStatistics, StatKind
 from curvlib.linalg.factors import (
     cholesky_inverse,
+    cpu_live_coordinates,
     damped_cholesky,
     device_negligible_limit,
     eigh,
+    embed_live,
     first_cholesky,
     flush_below,
     flush_negligible,
+    live_block,
     negligible_limit,
     pi_shifts,
     pi_split,
@@ -192,6 +195,29 @@ def _condition_parts(factor: Tensor, chol: Tensor, inverse: Tensor) -> Tensor:
     return torch.stack(parts).double()
 
 
+def _decoupled(chol: Tensor, live: Tensor | None, size: int, shift: Tensor | float) -> Tensor:
+    r"""The Cholesky factor of the live block embedded with $\sqrt{s}$ on the dead coordinates.
+
+    A dead coordinate (a zero row: a dead ReLU unit, an input zero on every
+    statistics sample) of a damped factor $F + sI$ is decoupled: its Cholesky
+    factor is $\sqrt{s}$ there and its inverse $1/s$, and only the other
+    coordinates are factorised, at the cube of their number
+    ([`cpu_live_coordinates`][curvlib.linalg.factors.cpu_live_coordinates]).
+    """
+    if live is None:
+        return chol
+    return embed_live(chol, live, size, torch.as_tensor(shift, dtype=chol.dtype).sqrt())
+
+
+def _decoupled_inverse(chol: Tensor, live: Tensor | None, shift: Tensor | float) -> Tensor:
+    """``cholesky_inverse`` of a ``_decoupled`` factor, of its live block alone."""
+    if live is None:
+        return cholesky_inverse(chol)
+    inverse = cholesky_inverse(live_block(chol, live))
+    fill = torch.as_tensor(shift, dtype=chol.dtype).reciprocal()
+    return embed_live(inverse, live, chol.shape[-1], fill)
+
+
 def _factor_condition(*values: float) -> float:
     """``factor_condition`` from ``_condition_parts``' three values and the shift."""
     diagonal_max, chol_min, inverse_max, shift = values
@@ -286,9 +312,13 @@ class _KFACBlock(SharedInverseBlock):
         A, G = self._factors()
         gamma_a, gamma_g = self._shifts(damping)
         # The running factors are averages of symmetrised statistics: symmetric to the bit.
-        chol_g, jitter_g = damped_cholesky(G, gamma_g, symmetric=True)
-        chol_a, jitter_a = damped_cholesky(A, gamma_a, symmetric=True)
-        return gamma_g + jitter_g, chol_g, gamma_a + jitter_a, chol_a
+        live_g, live_a = cpu_live_coordinates(G), cpu_live_coordinates(A)
+        chol_g, jitter_g = damped_cholesky(live_block(G, live_g), gamma_g, symmetric=True)
+        chol_a, jitter_a = damped_cholesky(live_block(A, live_a), gamma_a, symmetric=True)
+        shift_g, shift_a = gamma_g + jitter_g, gamma_a + jitter_a
+        chol_g = _decoupled(chol_g, live_g, G.shape[-1], shift_g)
+        chol_a = _decoupled(chol_a, live_a, A.shape[-1], shift_a)
+        return shift_g, chol_g, shift_a, chol_a
 
     def _eigenvalues(self) -> tuple[Tensor, Tensor]:
         """Eigenvalues of ``G`` and ``A`` (round-off negatives clamped), ``eigvalsh`` only."""
@@ -310,9 +340,13 @@ class _KFACBlock(SharedInverseBlock):
             return None
         A, G = self._factors()
         gamma_a, gamma_g = self._shift_values(damping)
-        chol_g, info_g = first_cholesky(G, gamma_g, symmetric=True)
-        chol_a, info_a = first_cholesky(A, gamma_a, symmetric=True)
-        g_inv, a_inv = cholesky_inverse(chol_g), cholesky_inverse(chol_a)
+        live_g, live_a = cpu_live_coordinates(G), cpu_live_coordinates(A)
+        chol_g, info_g = first_cholesky(live_block(G, live_g), gamma_g, symmetric=True)
+        chol_a, info_a = first_cholesky(live_block(A, live_a), gamma_a, symmetric=True)
+        chol_g = _decoupled(chol_g, live_g, G.shape[-1], gamma_g)
+        chol_a = _decoupled(chol_a, live_a, A.shape[-1], gamma_a)
+        g_inv = _decoupled_inverse(chol_g, live_g, gamma_g)
+        a_inv = _decoupled_inverse(chol_a, live_a, gamma_a)
         extremes = _float64([*torch.aminmax(g_inv), *torch.aminmax(a_inv)], G)
         numbers = torch.cat([
             _float64([info_g, info_a, gamma_g, gamma_a], G),
@@ -349,7 +383,8 @@ class _KFACBlock(SharedInverseBlock):
         if self._factored:
             shift_g, chol_g, shift_a, chol_a = self._damped_choleskys(damping)
             A, G = self._factors()
-            g_inv, a_inv = cholesky_inverse(chol_g), cholesky_inverse(chol_a)
+            g_inv = _decoupled_inverse(chol_g, cpu_live_coordinates(G), shift_g)
+            a_inv = _decoupled_inverse(chol_a, cpu_live_coordinates(A), shift_a)
             condition = factor_condition(G, shift_g, chol_g, g_inv) * factor_condition(
                 A, shift_a, chol_a, a_inv
             )

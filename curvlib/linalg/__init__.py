@@ -3,7 +3,8 @@
 Damped Kronecker inverses, ``eigh`` with retry, two-term Kronecker inverses,
 power SVD and Golub–Kahan–Lanczos on the rearranged Fisher (matrix-free or in
 sample space), Woodbury solves, and per-layer factorisations run concurrently
-on the CPU's threads live here. This package imports torch and [`curvlib.core`][curvlib.core] only.
+on the CPU's threads live here. This package imports torch, NumPy (host-side masks) and
+[`curvlib.core`][curvlib.core] only.
 """
 
 from curvlib.linalg.factors import (

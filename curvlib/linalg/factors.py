@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -121,6 +122,13 @@ def symmetrize(mat: Tensor) -> Tensor:
     return torch.add(mat, mat.transpose(-1, -2)).mul_(0.5)
 
 
+def _live_mask(mats: tuple[Tensor, ...]) -> Tensor:
+    live = mats[0].ne(0).any(-1)
+    for mat in mats[1:]:
+        live |= mat.ne(0).any(-1)
+    return live
+
+
 def live_coordinates(*mats: Tensor) -> Tensor | None:
     r"""The coordinates where some of the symmetric ``mats`` has a nonzero row; ``None`` if all.
 
@@ -130,18 +138,61 @@ def live_coordinates(*mats: Tensor) -> Tensor | None:
     the live coordinates, at the cube of their number. Dead ReLU units (a zero row of the
     next layer's input factor and of the layer's own output-gradient factor) and
     inputs that are zero on every sample, such as an image's border pixels, give
-    such coordinates. One pass over the matrices and one host read.
+    such coordinates. One pass over the matrices and two host reads (on a GPU, two
+    synchronisations; [`cpu_live_coordinates`][curvlib.linalg.factors.cpu_live_coordinates]
+    makes none there).
 
     Returns:
         The live coordinates in increasing order (possibly none), or ``None``
         where every coordinate is live.
     """
-    live = mats[0].ne(0).any(-1)
-    for mat in mats[1:]:
-        live |= mat.ne(0).any(-1)
+    live = _live_mask(mats)
     if bool(live.all()):
         return None
     return live.nonzero().squeeze(-1)
+
+
+def cpu_live_coordinates(*mats: Tensor) -> Tensor | None:
+    """[`live_coordinates`][curvlib.linalg.live_coordinates] where the host read is free.
+
+    On the CPU the live coordinates, the mask read through NumPy on the tensor's
+    own memory (a host computation: no device read, and none that
+    [`host_reads`][curvlib.optim.syncs.host_reads] counts, since a GPU step makes
+    none); on other devices ``None`` (every coordinate taken as live), so that an
+    inverse built there keeps its reads.
+    """
+    if mats[0].device.type != "cpu":
+        return None
+    mask = _live_mask(mats).numpy()
+    if mask.all():
+        return None
+    return torch.from_numpy(numpy.flatnonzero(mask))
+
+
+def live_block(mat: Tensor, live: Tensor | None) -> Tensor:
+    """``mat`` on the coordinates ``live`` (rows and columns); ``mat`` itself where ``None``."""
+    return mat if live is None else mat[live[:, None], live]
+
+
+def embed_live(block: Tensor, live: Tensor | None, size: int, fill: Tensor | float) -> Tensor:
+    r"""``block`` on the coordinates ``live`` of a ``size``-square matrix, ``fill`` elsewhere.
+
+    ``fill`` goes on the other coordinates' diagonal, zeros everywhere else: the
+    inverse of [`live_block`][curvlib.linalg.factors.live_block] for a factorisation
+    of a matrix whose other coordinates are decoupled
+    ([`live_coordinates`][curvlib.linalg.live_coordinates]).
+
+    ``block`` itself where ``live`` is ``None``. ``fill`` is converted to ``block``'s dtype
+    first, so a float and a 0-dimensional tensor of the same value fill the same bits.
+    """
+    if live is None:
+        return block
+    out = block.new_zeros(size, size)
+    out[live[:, None], live] = block
+    dead = torch.ones(size, dtype=torch.bool, device=block.device)
+    dead[live] = False
+    out.diagonal()[dead] = torch.as_tensor(fill, dtype=block.dtype, device=block.device)
+    return out
 
 
 def cholesky_inverse(chol: Tensor) -> Tensor:

@@ -33,10 +33,10 @@ most of the rest: about 60% of the build on the MNIST autoencoder's layers
 **Decoupled coordinates.** A coordinate whose row is zero in both terms of a
 side (a ReLU unit dead on every statistics sample, an input that is zero on
 all of them) is decoupled from the rest: there $C = \sqrt{\gamma}$, $s = 0$
-and the basis vector is the unit vector over $\sqrt{\gamma}$. The
+and the basis vector is the unit vector over $\sqrt{\gamma}$. On the CPU the
 factorisations run on the other coordinates only
-([`live_coordinates`][curvlib.linalg.factors.live_coordinates]), at the cube
-of their number, and the result is the same operator. On the step-time
+([`cpu_live_coordinates`][curvlib.linalg.factors.cpu_live_coordinates]), at
+the cube of their number, and the result is the same operator. On the step-time
 benchmark's autoencoder (random inputs), 3% of the encoder's and 43% of the
 decoder's hidden units are dead; there the submatrices also spare float32
 ``eigh`` the cluster of exact zeros on which it failed to converge (and was
@@ -52,10 +52,12 @@ import torch
 from torch import Tensor
 
 from curvlib.linalg.factors import (
+    cpu_live_coordinates,
     damped_cholesky,
     eigh,
+    embed_live,
     flush_negligible,
-    live_coordinates,
+    live_block,
     pi_split,
     symmetrize,
 )
@@ -182,34 +184,25 @@ def _side(first: Tensor, second: Tensor, damping: float) -> tuple[Tensor, Tensor
 
     A coordinate whose row is zero in both terms (a dead ReLU unit, a pixel that
     is zero in every image, ...) is decoupled: $C$ has $\sqrt{\gamma}$ there,
-    $s$ a zero and $P$ the unit vector over $\sqrt{\gamma}$. Only the other
-    coordinates are factorised and eigendecomposed, at the cube of their number;
-    where they are few, ``eigh`` also no longer meets the cluster of exact zeros
-    that made float32 ``eigh`` fail to converge (and be retried) on the MNIST
-    autoencoder's 1,000-row factors.
+    $s$ a zero and $P$ the unit vector over $\sqrt{\gamma}$. On the CPU only the other
+    coordinates are factorised and eigendecomposed, at the cube of their number,
+    and ``eigh`` no longer meets the cluster of exact zeros that the decoupled
+    ones give, on which float32 ``eigh`` failed to converge (and was retried) on
+    the MNIST autoencoder's 1,000-row factors.
     """
-    live = live_coordinates(first, second)
-    if live is None:
-        chol, _ = damped_cholesky(first, damping)
-        decomposition = eigh(_whitened(chol, second), clamp_negative=False)
-        return chol, decomposition.values, _whitened_basis(chol, decomposition.vectors)
-    n, block = first.shape[-1], live[:, None]
-    chol = torch.zeros_like(first)
-    values = first.new_zeros(n)
-    basis = torch.zeros_like(first)
-    dead = torch.ones(n, dtype=torch.bool, device=first.device)
-    dead[live] = False
-    jitter = 0.0
-    if live.numel():
-        sub_chol, jitter = damped_cholesky(first[block, live], damping)
-        decomposition = eigh(_whitened(sub_chol, second[block, live]), clamp_negative=False)
-        chol[block, live] = sub_chol
-        values[live] = decomposition.values
-        basis[block, live] = _whitened_basis(sub_chol, decomposition.vectors)
-    root = math.sqrt(damping + jitter)
-    chol.diagonal()[dead] = root
-    basis.diagonal()[dead] = 1.0 / root
-    return chol, values, basis
+    live = cpu_live_coordinates(first, second)
+    if live is not None and not live.numel():
+        root = math.sqrt(damping)
+        eye = torch.eye(first.shape[-1], dtype=first.dtype, device=first.device)
+        return root * eye, first.new_zeros(first.shape[-1]), eye / root
+    chol, jitter = damped_cholesky(live_block(first, live), damping)
+    decomposition = eigh(_whitened(chol, live_block(second, live)), clamp_negative=False)
+    basis = _whitened_basis(chol, decomposition.vectors)
+    n, root = first.shape[-1], math.sqrt(damping + jitter)
+    values = decomposition.values
+    if live is not None:
+        values = values.new_zeros(n).index_copy_(0, live, values)
+    return embed_live(chol, live, n, root), values, embed_live(basis, live, n, 1.0 / root)
 
 
 def _condition_bound(P_G: Tensor, P_A: Tensor, floored: Tensor, diag_top: float) -> float:

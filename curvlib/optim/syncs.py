@@ -7,7 +7,10 @@ them on any device, the CPU included, where they cost nothing but happen alike:
 a dispatch mode sees ``aten._local_scalar_dense`` and ``aten.nonzero``, and
 ``Tensor.tolist`` and ``Tensor.cpu`` (which need not dispatch) are wrapped while
 the block runs. On CUDA, ``torch.cuda.set_sync_debug_mode("warn")`` reports the
-same reads as warnings.
+same reads as warnings. What only the CPU path reads, through NumPy on a tensor's
+own memory (the dead coordinates that
+[`cpu_live_coordinates`][curvlib.linalg.factors.cpu_live_coordinates] finds for the
+factorisations), is not counted: a GPU step makes no such read.
 
 Example:
     ```python

@@ -47,19 +47,28 @@ def _git(*args: str) -> str:
 
 
 def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo`` on Linux), else what ``platform`` knows.
+    """The CPU's model name with its family and model numbers (``/proc/cpuinfo`` on Linux).
 
-    Float32 reductions round differently on other CPUs, and the gallery's
-    training runs carry that forward: the stored numbers are reproducible on
-    this model only (``tests/examples/test_gallery.py``).
+    Else what ``platform`` knows. Float32 reductions round differently on other
+    CPUs, and the gallery's training runs carry that forward: the stored numbers
+    are reproducible on this model only (``tests/examples/test_gallery.py``). The
+    name alone can stand for several generations (a virtual machine's ``AMD
+    EPYC`` is a Zen 3 without AVX-512 or a Zen 4 with it), so the numbers go with it.
     """
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as info:
             for line in info:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                if not line.strip():
+                    break  # the first processor is enough
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip().lower(), value.strip())
     except OSError:
         pass
+    if "model name" in fields:
+        numbers = [f"{key} {fields[key]}" for key in ("cpu family", "model") if key in fields]
+        suffix = f" ({', '.join(numbers)})" if numbers else ""
+        return fields["model name"] + suffix
     return platform.processor() or platform.machine() or "unknown"
 
 

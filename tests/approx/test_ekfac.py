@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from typing import Any
 
 import pytest
 import torch
@@ -318,3 +319,46 @@ def test_a_failed_eigendecomposition_comes_back_as_nan(monkeypatch: pytest.Monke
     monkeypatch.setattr("curvlib.approx.ekfac.eigh", broken)
     parts = ekfac.refreshed(names[:1])
     assert list(parts) == names[:1] and bool(parts[names[0]].isnan().all())
+
+
+def test_dead_units_are_decomposed_apart_to_the_same_preconditioner(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The MLP's dead ReLU units (zero rows of its factors) are left out of ``eigh``.
+
+    The preconditioner is the one of the whole factors' eigenbases, to round-off.
+    """
+    from curvlib.approx import ekfac as ekfac_module
+    from tests.approx.cases import PROBLEMS, fit_statistics, perturbed
+
+    def fitted() -> EKFAC:
+        approx = EKFAC(dtype=torch.float64)
+        approx.update(fit_statistics(PROBLEMS[0], approx))
+        approx.refresh()
+        approx.update(fit_statistics(perturbed(PROBLEMS[0]), approx))
+        return approx
+
+    sizes: list[int] = []
+    for name in ("eigh", "first_eigh"):  # the checked and the drafted refresh
+        decompose = getattr(ekfac_module, name)
+
+        def counted(mat: torch.Tensor, *args: Any, _decompose: Any = decompose) -> Any:
+            sizes.append(mat.shape[-1])
+            return _decompose(mat, *args)
+
+        monkeypatch.setattr(ekfac_module, name, counted)
+    apart = fitted()
+    dead = sum(int(f.eq(0).all(-1).sum()) for b in apart._blocks.values() for f in (b.A, b.G))
+    whole = sum(b.A.shape[0] + b.G.shape[0] for b in apart._blocks.values())
+    assert dead > 0 and sum(sizes) == whole - dead  # one refresh: each factor once
+    monkeypatch.setattr(ekfac_module, "cpu_live_coordinates", lambda *mats: None)
+    together = fitted()
+    gen = torch.Generator().manual_seed(0)
+    grads = {
+        layer: torch.randn(b.out_dim, b.in_dim, generator=gen, dtype=torch.float64)
+        for layer, b in apart._blocks.items()
+    }
+    got = apart.inverse(1e-3).apply(grads)
+    want = together.inverse(1e-3).apply(grads)
+    for layer in grads:
+        torch.testing.assert_close(got[layer], want[layer], rtol=1e-9, atol=1e-12)

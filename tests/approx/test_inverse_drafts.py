@@ -256,3 +256,51 @@ def _bfloat16_below_1e3(
         assert isinstance(choice, torch.dtype)
         return choice
     return torch.bfloat16 if condition <= 1e3 else dtype
+
+
+def _kill(mat: torch.Tensor, dead: list[int]) -> torch.Tensor:
+    """A copy of ``mat`` with the rows and columns ``dead`` zero (dead units)."""
+    mat = mat.clone()
+    mat[dead] = 0.0
+    mat[:, dead] = 0.0
+    return mat
+
+
+@pytest.mark.parametrize("name", ["kfac-pi", "kfac-sqrt", "kpsvd"])
+def test_dead_coordinates_are_factorised_apart_to_the_same_inverse(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Zero rows of a factor are decoupled: only the others are inverted.
+
+    Drafted and checked inverses agree to the bit, and both are the dense damped
+    Kronecker inverse.
+    """
+    approx = _fitted(name, 0, torch.float64)
+    expected_sizes = []
+    for block in approx._blocks.values():
+        block.A = _kill(block.A, [0, block.in_dim - 1])  # e.g. a pixel and a dead unit
+        block.G = _kill(block.G, [1] if block.out_dim > 2 else [])
+        expected_sizes += [int(f.ne(0).any(-1).sum()) for f in (block.G, block.A)]
+    sizes: list[int] = []
+    inverse = kfac_module.cholesky_inverse
+
+    def counted(chol: torch.Tensor) -> torch.Tensor:
+        sizes.append(chol.shape[-1])
+        return inverse(chol)
+
+    monkeypatch.setattr(kfac_module, "cholesky_inverse", counted)
+    precond = approx.inverse(DAMPING)
+    assert sizes == expected_sizes
+    assert sum(expected_sizes) < sum(b.out_dim + b.in_dim for b in approx._blocks.values())
+    gen = torch.Generator().manual_seed(0)
+    for layer, block in approx._blocks.items():
+        mat = torch.randn(block.out_dim, block.in_dim, generator=gen, dtype=torch.float64)
+        got = precond.apply({layer: mat})[layer]
+        assert torch.equal(got, block.inverse(DAMPING)(mat)), layer
+        gamma_a, gamma_g = block._shifts(DAMPING)
+        eye_g = torch.eye(block.out_dim, dtype=torch.float64)
+        eye_a = torch.eye(block.in_dim, dtype=torch.float64)
+        want = torch.linalg.solve(block.G + gamma_g * eye_g, mat)
+        want = torch.linalg.solve(block.A + gamma_a * eye_a, want.T).T
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+        assert precond.condition_numbers[layer] == block.condition_number(DAMPING), layer

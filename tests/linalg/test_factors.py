@@ -19,6 +19,7 @@ from curvlib.linalg import (
     symmetrize,
 )
 from curvlib.linalg.factors import (
+    cpu_live_coordinates,
     device_negligible_limit,
     flush_below,
     live_coordinates,
@@ -197,3 +198,17 @@ def test_live_coordinates_are_the_rows_nonzero_in_some_matrix() -> None:
     assert live_coordinates(first).tolist() == [1]
     assert live_coordinates(torch.zeros(3, 3)).tolist() == []
     assert live_coordinates(torch.eye(3), torch.zeros(3, 3)) is None
+
+
+def test_cpu_live_coordinates_are_the_live_coordinates_read_without_a_counted_read() -> None:
+    from curvlib.optim.syncs import host_reads
+
+    first = torch.zeros(6, 6, dtype=torch.bfloat16)
+    first[2, 2] = first[4, 5] = first[5, 4] = 1.0
+    with host_reads() as reads:
+        live = cpu_live_coordinates(first)
+        whole = cpu_live_coordinates(torch.eye(3))
+    assert reads.count == 0  # a GPU step makes none of these reads
+    assert live is not None and live.tolist() == [2, 4, 5] == live_coordinates(first).tolist()
+    assert live.dtype == torch.int64
+    assert whole is None
