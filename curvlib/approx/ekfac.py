@@ -117,7 +117,7 @@ def _live_eigh(factor: Tensor, decompose: Callable[[Tensor], tuple[Eigh, _T]]) -
     ([`cpu_live_coordinates`][curvlib.linalg.factors.cpu_live_coordinates]), and
     the basis is the same up to a rotation within the zero eigenvalue's space.
     """
-    live = cpu_live_coordinates(factor)
+    live = cpu_live_coordinates(factor, eigh=True)
     decomposition, extra = decompose(live_block(factor, live))
     if live is None:
         return decomposition, extra

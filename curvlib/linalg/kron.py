@@ -190,7 +190,7 @@ def _side(first: Tensor, second: Tensor, damping: float) -> tuple[Tensor, Tensor
     ones give, on which float32 ``eigh`` failed to converge (and was retried) on
     the MNIST autoencoder's 1,000-row factors.
     """
-    live = cpu_live_coordinates(first, second)
+    live = cpu_live_coordinates(first, second, eigh=True)
     if live is not None and not live.numel():
         root = math.sqrt(damping)
         eye = torch.eye(first.shape[-1], dtype=first.dtype, device=first.device)

@@ -202,13 +202,35 @@ def test_live_coordinates_are_the_rows_nonzero_in_some_matrix() -> None:
 
 def test_cpu_live_coordinates_are_the_live_coordinates_read_without_a_counted_read() -> None:
     from curvlib.optim.syncs import host_reads
+    from tests.dead_units import decoupled_from_the_first_dead_row
 
     first = torch.zeros(6, 6, dtype=torch.bfloat16)
-    first[2, 2] = first[4, 5] = first[5, 4] = 1.0
-    with host_reads() as reads:
-        live = cpu_live_coordinates(first)
+    first[2, 2] = first[4, 5] = first[5, 4] = first[4, 4] = first[5, 5] = 1.0
+    second = torch.zeros(6, 6, dtype=torch.bfloat16)
+    second[0, 1] = second[1, 0] = -1.0  # zero diagonal, nonzero row: live
+    with decoupled_from_the_first_dead_row(), host_reads() as reads:
+        live = cpu_live_coordinates(first, second)
         whole = cpu_live_coordinates(torch.eye(3))
     assert reads.count == 0  # a GPU step makes none of these reads
-    assert live is not None and live.tolist() == [2, 4, 5] == live_coordinates(first).tolist()
-    assert live.dtype == torch.int64
+    assert live is not None and live.dtype == torch.int64
+    assert live.tolist() == [0, 1, 2, 4, 5] == live_coordinates(first, second).tolist()
     assert whole is None
+
+
+@pytest.mark.parametrize(
+    ("size", "dead", "eigh", "decoupled"),
+    [
+        (400, 49, False, False),
+        (400, 50, False, True),
+        (200, 25, False, False),
+        (200, 25, True, True),
+    ],
+)
+def test_cpu_live_coordinates_decouple_only_where_it_pays(
+    size: int, dead: int, eigh: bool, decoupled: bool
+) -> None:
+    mat = torch.eye(size)
+    mat[:dead, :dead] = 0.0
+    assert (cpu_live_coordinates(mat, eigh=eigh) is not None) is decoupled
+    assert cpu_live_coordinates(torch.zeros(127, 127), eigh=True) is None  # too small to pay
+    assert live_coordinates(torch.zeros(127, 127)).numel() == 0
