@@ -125,10 +125,11 @@ def symmetrize(mat: Tensor) -> Tensor:
 MIN_DECOUPLED_SIZE = 384
 """The fewest rows of a matrix whose dead coordinates a Cholesky inverse leaves out.
 
-Below it the copies in and out of the live block cost about what the smaller
-factorisation saves (one core: at 257 rows with 37 dead the Cholesky inverse
-saves about 0.28 ms and the copies cost 0.35 ms; at 513 rows with 73 dead it
-saves 2.6 ms for 1.1 ms of copies).
+Below it the copies in and out of the live block (about a third of a millisecond
+at 257 rows on one core) are a large part of what the smaller factorisation saves,
+and a step's gain is within the timing noise; at 801 rows with 257 dead the
+Cholesky inverse takes a third of the whole one's time
+(``benchmarks/results/experiments/dead_units/copies.py``).
 """
 
 MIN_DECOUPLED_EIGH_SIZE = 128

@@ -33,7 +33,8 @@ most of the rest: about 60% of the build on the MNIST autoencoder's layers
 **Decoupled coordinates.** A coordinate whose row is zero in both terms of a
 side (a ReLU unit dead on every statistics sample, an input that is zero on
 all of them) is decoupled from the rest: there $C = \sqrt{\gamma}$, $s = 0$
-and the basis vector is the unit vector over $\sqrt{\gamma}$. On the CPU the
+and the basis vector is the unit vector over $\sqrt{\gamma}$. On the CPU,
+where at least an eighth of a side of 128 rows or more is dead, the
 factorisations run on the other coordinates only
 ([`cpu_live_coordinates`][curvlib.linalg.factors.cpu_live_coordinates]), at
 the cube of their number, and the result is the same operator. On the step-time
