@@ -106,6 +106,28 @@ def _symmetric(n: int, gen: torch.Generator, scale: float) -> Tensor:
     return scale * (b + b.T) / 2
 
 
+def _dense_floored(
+    G1: Tensor, A1: Tensor, G2: Tensor, A2: Tensor, damping: float, min_eig: float
+) -> tuple[Tensor, int]:
+    r"""The dense floored operator of the $P \times P$ pair, and how many eigenvalues floored.
+
+    The generalised eigenproblem of $K_2 = G_2 \otimes A_2$ against the damped first
+    term $K_1$, solved densely: $K_1 = CC^\top$, $C^{-1}K_2C^{-\top} = Q\mu Q^\top$,
+    and the operator $CQ \max(1 + \mu, \epsilon) (CQ)^\top$.
+    """
+    gamma_a, gamma_g = pi_split(A1, G1, damping)
+    eye_g = torch.eye(G1.shape[0], dtype=torch.float64)
+    eye_a = torch.eye(A1.shape[0], dtype=torch.float64)
+    first = torch.kron(G1 + gamma_g * eye_g, A1 + gamma_a * eye_a)
+    chol = torch.linalg.cholesky(first)
+    whitened = torch.linalg.solve_triangular(chol, torch.kron(G2, A2), upper=False)
+    whitened = torch.linalg.solve_triangular(chol, whitened.T, upper=False)
+    mu, Q = torch.linalg.eigh((whitened + whitened.T) / 2)
+    basis = chol @ Q
+    floored = (basis * (1.0 + mu).clamp_min(min_eig)) @ basis.T
+    return floored, int((1.0 + mu < min_eig).sum())
+
+
 @FAST
 @given(d_out=sizes, d_in=sizes, damping=dampings, scale=st.floats(0.1, 30.0), seed=seeds)
 def test_two_term_inverse_of_an_indefinite_sum_inverts_the_dense_floored_operator(
@@ -117,18 +139,10 @@ def test_two_term_inverse_of_an_indefinite_sum_inverts_the_dense_floored_operato
     G2, A2 = _symmetric(d_out, gen, scale), _symmetric(d_in, gen, 1.0)
     min_eig = 0.1
     inverse = two_term_inverse(G1, A1, G2, A2, damping, min_eig=min_eig)
-    gamma_a, gamma_g = pi_split(A1, G1, damping)
-    eye_g, eye_a = torch.eye(d_out, dtype=torch.float64), torch.eye(d_in, dtype=torch.float64)
-    first = torch.kron(G1 + gamma_g * eye_g, A1 + gamma_a * eye_a)
-    chol = torch.linalg.cholesky(first)
-    whitened = torch.linalg.solve_triangular(chol, torch.kron(G2, A2), upper=False)
-    whitened = torch.linalg.solve_triangular(chol, whitened.T, upper=False)
-    mu, Q = torch.linalg.eigh((whitened + whitened.T) / 2)
-    basis = chol @ Q
-    floored = (basis * (1.0 + mu).clamp_min(min_eig)) @ basis.T
+    floored, num_floored = _dense_floored(G1, A1, G2, A2, damping, min_eig)
     V = torch.randn(d_out, d_in, generator=gen, dtype=torch.float64)
     expected = torch.linalg.solve(floored, V.reshape(-1)).reshape(d_out, d_in)
-    assert inverse.num_floored == int((1.0 + mu < min_eig).sum())
+    assert inverse.num_floored == num_floored
     assert _rel(inverse(V), expected) < RTOL[torch.float64]
 
 
@@ -165,21 +179,14 @@ def test_two_term_inverse_with_dead_coordinates_inverts_the_dense_floored_operat
     min_eig = 0.1
     with decoupled_from_the_first_dead_row():
         inverse = two_term_inverse(G1, A1, G2, A2, damping, min_eig=min_eig)
-    gamma_a, gamma_g = pi_split(A1, G1, damping)
-    eye_g, eye_a = torch.eye(d_out, dtype=torch.float64), torch.eye(d_in, dtype=torch.float64)
-    first = torch.kron(G1 + gamma_g * eye_g, A1 + gamma_a * eye_a)
-    chol = torch.linalg.cholesky(first)
-    whitened = torch.linalg.solve_triangular(chol, torch.kron(G2, A2), upper=False)
-    whitened = torch.linalg.solve_triangular(chol, whitened.T, upper=False)
-    mu, Q = torch.linalg.eigh((whitened + whitened.T) / 2)
-    basis = chol @ Q
-    floored = (basis * (1.0 + mu).clamp_min(min_eig)) @ basis.T
+    floored, num_floored = _dense_floored(G1, A1, G2, A2, damping, min_eig)
     V = torch.randn(d_out, d_in, generator=gen, dtype=torch.float64)
     expected = torch.linalg.solve(floored, V.reshape(-1)).reshape(d_out, d_in)
-    assert inverse.num_floored == int((1.0 + mu < min_eig).sum())
+    assert inverse.num_floored == num_floored
     assert _rel(inverse(V), expected) < RTOL[torch.float64]
     want = float(torch.logdet(floored))
     assert float(inverse.logdet()) == pytest.approx(want, rel=1e-8, abs=1e-8)
+    gamma_a, gamma_g = pi_split(A1, G1, damping)
     for got, factor, gamma in ((inverse.chol_G, G1, gamma_g), (inverse.chol_A, A1, gamma_a)):
         eye = torch.eye(factor.shape[0], dtype=torch.float64)
         assert _rel(got, torch.linalg.cholesky(factor + gamma * eye)) < RTOL[torch.float64]
