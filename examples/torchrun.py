@@ -173,8 +173,9 @@ def process_group(device: torch.device) -> Iterator[World]:
 
     Under ``torchrun``: joins the group (NCCL for a CUDA ``device``, gloo
     otherwise; rendezvous from the environment) and destroys it when the block
-    ends, also on an error. A group that already exists is used as it is and
-    left alone. Without either: a single process.
+    ends, also on an error; where the block ends normally, the ranks meet at a
+    barrier first. A group that already exists is used as it is and left alone.
+    Without either: a single process.
 
     Args:
         device: Where the model trains (``local_device`` of ``--device``).
@@ -192,6 +193,10 @@ def process_group(device: torch.device) -> Iterator[World]:
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
         yield _world(device)
+        # Every rank through its last collective before any rank tears its group down:
+        # a rank that destroys its group while another's last messages are in flight can
+        # abort that rank ("terminate called without an active exception", with gloo).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

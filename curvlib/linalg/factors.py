@@ -195,7 +195,7 @@ def cpu_live_coordinates(*mats: Tensor, eigh: bool = False) -> Tensor | None:
     candidates = numpy.flatnonzero(_zero_rows(mats).numpy())
     if not len(candidates) or len(candidates) < least:
         return None
-    index = torch.from_numpy(candidates)
+    index = torch.tensor(candidates, dtype=torch.int64)
     dead = numpy.ones(len(candidates), dtype=bool)
     for mat in mats:
         dead &= mat.index_select(0, index).eq(0).all(-1).numpy()
@@ -203,7 +203,8 @@ def cpu_live_coordinates(*mats: Tensor, eigh: bool = False) -> Tensor | None:
         return None
     live = numpy.ones(size, dtype=bool)
     live[candidates[dead]] = False
-    return torch.from_numpy(numpy.flatnonzero(live))
+    # A copy: a tensor of torch's own, not one that keeps a NumPy array alive.
+    return torch.tensor(numpy.flatnonzero(live), dtype=torch.int64)
 
 
 def live_block(mat: Tensor, live: Tensor | None) -> Tensor:
