@@ -53,7 +53,7 @@ def cpu_model() -> str:
     CPUs, and the gallery's training runs carry that forward: the stored numbers
     are reproducible on this model only (``tests/examples/test_gallery.py``). The
     name alone can stand for several generations (a virtual machine's ``AMD
-    EPYC`` is a Zen 3 without AVX-512 or a Zen 4 with it), so the numbers go with it.
+    EPYC`` was one without AVX-512 and a Zen 4 with it), so the numbers go with it.
     """
     fields: dict[str, str] = {}
     try:

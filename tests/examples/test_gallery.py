@@ -17,8 +17,9 @@ KFAC run's loss at epoch 7 of ``kfac_in_20_lines``, 0.033 against 0.020)
 and 26% (the diagonal KFAC of ``custom_approximation`` at epoch 6). So the
 numbers are compared only on the CPU model that ``generated.txt`` names
 (``run_all.cpu_model``: the model name with its family and model numbers, as
-``AMD EPYC`` alone names both the Zen 3 and the Zen 4 machines these outputs
-have met, which round differently); elsewhere the text and the claims below are.
+``AMD EPYC`` alone named both a machine without AVX-512 and a Zen 4 with it
+among those these outputs have met, which round differently); elsewhere the
+text and the claims below are.
 The Laplace draws differ more: within the repeated eigenvalues of the factors
 (pixels that are always blank) LAPACK may pick another eigenbasis, which draws
 the same distribution but other samples. Between two independent sets of draws, the
