@@ -46,14 +46,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _harness import REPO, command, commit, machine, write_json
 
-from curvlib.linalg import (
-    KroneckerSumInverse,
-    damped_cholesky,
-    eigh,
-    live_coordinates,
-    pi_split,
-    two_term_inverse,
-)
+from curvlib.linalg import KroneckerSumInverse, damped_cholesky, eigh, pi_split, two_term_inverse
+from curvlib.linalg.factors import cpu_live_coordinates, live_block
 from curvlib.linalg.kron import _whitened
 
 DEFAULT_OUT = REPO / "benchmarks" / "results"
@@ -116,11 +110,13 @@ def _seconds(fn: Inverse, mats: tuple[torch.Tensor, ...]) -> float:
 def _eigh_job(mats: tuple[torch.Tensor, ...]) -> Callable[[], object]:
     """The two ``eigh`` of the whitened second factors inside ``two_term_inverse``, alone."""
     G1, A1, G2, A2 = mats
-    live_g, live_a = live_coordinates(G1, G2), live_coordinates(A1, A2)
-    if live_g is not None:
-        G1, G2 = (m[live_g[:, None], live_g] for m in (G1, G2))
-    if live_a is not None:
-        A1, A2 = (m[live_a[:, None], live_a] for m in (A1, A2))
+    # The live blocks that two_term_inverse decomposes (all of each side unless decoupled).
+    live_g, live_a = (
+        cpu_live_coordinates(G1, G2, eigh=True),
+        cpu_live_coordinates(A1, A2, eigh=True),
+    )
+    G1, G2 = (live_block(m, live_g) for m in (G1, G2))
+    A1, A2 = (live_block(m, live_a) for m in (A1, A2))
     gamma_a, gamma_g = pi_split(A1, G1, DAMPING)
     whitened_g = _whitened(damped_cholesky(G1, gamma_g)[0], G2)
     whitened_a = _whitened(damped_cholesky(A1, gamma_a)[0], A2)

@@ -303,16 +303,23 @@ class _KFACBlock(SharedInverseBlock):
     def _factored(self) -> bool:
         return self.damping_mode is not KFACDamping.EIGEN
 
-    def _damped_choleskys(self, damping: float) -> tuple[float, Tensor, float, Tensor]:
+    def _live(self) -> tuple[Tensor | None, Tensor | None]:
+        """The live coordinates of ``G`` and ``A`` where decoupling them pays (CPU)."""
+        A, G = self._factors()
+        return cpu_live_coordinates(G), cpu_live_coordinates(A)
+
+    def _damped_choleskys(
+        self, damping: float, live: tuple[Tensor | None, Tensor | None] | None = None
+    ) -> tuple[float, Tensor, float, Tensor]:
         """``(s_G, L_G, s_A, L_A)``: the damped factors' shifts and Cholesky factors.
 
         $G' = G + s_G I$ and $A' = A + s_A I$ (``PI`` or ``SQRT`` shifts), jitter
-        included in the shifts.
+        included in the shifts; ``live``: ``_live()``, if the caller has it.
         """
         A, G = self._factors()
         gamma_a, gamma_g = self._shifts(damping)
         # The running factors are averages of symmetrised statistics: symmetric to the bit.
-        live_g, live_a = cpu_live_coordinates(G), cpu_live_coordinates(A)
+        live_g, live_a = self._live() if live is None else live
         chol_g, jitter_g = damped_cholesky(live_block(G, live_g), gamma_g, symmetric=True)
         chol_a, jitter_a = damped_cholesky(live_block(A, live_a), gamma_a, symmetric=True)
         shift_g, shift_a = gamma_g + jitter_g, gamma_a + jitter_a
@@ -340,7 +347,7 @@ class _KFACBlock(SharedInverseBlock):
             return None
         A, G = self._factors()
         gamma_a, gamma_g = self._shift_values(damping)
-        live_g, live_a = cpu_live_coordinates(G), cpu_live_coordinates(A)
+        live_g, live_a = self._live()
         chol_g, info_g = first_cholesky(live_block(G, live_g), gamma_g, symmetric=True)
         chol_a, info_a = first_cholesky(live_block(A, live_a), gamma_a, symmetric=True)
         chol_g = _decoupled(chol_g, live_g, G.shape[-1], gamma_g)
@@ -381,10 +388,11 @@ class _KFACBlock(SharedInverseBlock):
 
     def inverse(self, damping: float) -> LayerInverse:
         if self._factored:
-            shift_g, chol_g, shift_a, chol_a = self._damped_choleskys(damping)
+            live_g, live_a = self._live()
+            shift_g, chol_g, shift_a, chol_a = self._damped_choleskys(damping, (live_g, live_a))
             A, G = self._factors()
-            g_inv = _decoupled_inverse(chol_g, cpu_live_coordinates(G), shift_g)
-            a_inv = _decoupled_inverse(chol_a, cpu_live_coordinates(A), shift_a)
+            g_inv = _decoupled_inverse(chol_g, live_g, shift_g)
+            a_inv = _decoupled_inverse(chol_a, live_a, shift_a)
             condition = factor_condition(G, shift_g, chol_g, g_inv) * factor_condition(
                 A, shift_a, chol_a, a_inv
             )

@@ -139,12 +139,35 @@ MIN_DEAD_FRACTION = 1 / 8
 """The fraction of dead coordinates from which ``cpu_live_coordinates`` decouples them."""
 
 
-def _zero_rows(mats: tuple[Tensor, ...]) -> Tensor:
-    """Whether each row is zero in every matrix: candidates by the diagonals, then their rows."""
+def _live(mats: tuple[Tensor, ...], least: float) -> Tensor | None:
+    """The live coordinates where at least ``least`` (and one) are dead, else ``None``.
+
+    A zero row has a zero diagonal entry: the diagonals give the candidates, and
+    only their rows are read in full. The masks come to the host through NumPy,
+    from the tensors' own memory on the CPU (no read that ``host_reads`` counts)
+    and after a copy elsewhere.
+    """
+    device = mats[0].device
+
+    def host(mask: Tensor) -> numpy.ndarray:
+        return (mask if device.type == "cpu" else mask.cpu()).numpy()
+
     zero = mats[0].diagonal().eq(0)
     for mat in mats[1:]:
         zero &= mat.diagonal().eq(0)
-    return zero
+    candidates = numpy.flatnonzero(host(zero))
+    if not len(candidates) or len(candidates) < least:
+        return None
+    index = torch.tensor(candidates, dtype=torch.int64, device=device)
+    dead = numpy.ones(len(candidates), dtype=bool)
+    for mat in mats:
+        dead &= host(mat.index_select(0, index).eq(0).all(-1))
+    if not dead.any() or dead.sum() < least:
+        return None
+    live = numpy.ones(mats[0].shape[-1], dtype=bool)
+    live[candidates[dead]] = False
+    # A copy: a tensor of torch's own, not one that keeps a NumPy array alive.
+    return torch.tensor(numpy.flatnonzero(live), dtype=torch.int64, device=device)
 
 
 def live_coordinates(*mats: Tensor) -> Tensor | None:
@@ -157,7 +180,7 @@ def live_coordinates(*mats: Tensor) -> Tensor | None:
     next layer's input factor and of the layer's own output-gradient factor) and
     inputs that are zero on every sample, such as an image's border pixels, give
     such coordinates. A zero row has a zero diagonal entry, so only the rows
-    with one are read in full. Up to three host reads (on a GPU, synchronisations;
+    with one are read in full. Off the CPU, up to two host reads (synchronisations;
     [`cpu_live_coordinates`][curvlib.linalg.factors.cpu_live_coordinates] makes
     none there).
 
@@ -165,15 +188,7 @@ def live_coordinates(*mats: Tensor) -> Tensor | None:
         The live coordinates in increasing order (possibly none), or ``None``
         where every coordinate is live.
     """
-    live = _zero_rows(mats).logical_not()
-    candidates = live.logical_not().nonzero().squeeze(-1)
-    if not candidates.numel():
-        return None
-    for mat in mats:
-        live[candidates] |= mat.index_select(0, candidates).ne(0).any(-1)
-    if bool(live.all()):
-        return None
-    return live.nonzero().squeeze(-1)
+    return _live(mats, 0.0)
 
 
 def cpu_live_coordinates(*mats: Tensor, eigh: bool = False) -> Tensor | None:
@@ -191,20 +206,7 @@ def cpu_live_coordinates(*mats: Tensor, eigh: bool = False) -> Tensor | None:
     smallest = MIN_DECOUPLED_EIGH_SIZE if eigh else MIN_DECOUPLED_SIZE
     if mats[0].device.type != "cpu" or size < smallest:
         return None
-    least = size * MIN_DEAD_FRACTION
-    candidates = numpy.flatnonzero(_zero_rows(mats).numpy())
-    if not len(candidates) or len(candidates) < least:
-        return None
-    index = torch.tensor(candidates, dtype=torch.int64)
-    dead = numpy.ones(len(candidates), dtype=bool)
-    for mat in mats:
-        dead &= mat.index_select(0, index).eq(0).all(-1).numpy()
-    if not dead.any() or dead.sum() < least:
-        return None
-    live = numpy.ones(size, dtype=bool)
-    live[candidates[dead]] = False
-    # A copy: a tensor of torch's own, not one that keeps a NumPy array alive.
-    return torch.tensor(numpy.flatnonzero(live), dtype=torch.int64)
+    return _live(mats, size * MIN_DEAD_FRACTION)
 
 
 def live_block(mat: Tensor, live: Tensor | None) -> Tensor:

@@ -192,10 +192,6 @@ def _side(first: Tensor, second: Tensor, damping: float) -> tuple[Tensor, Tensor
     the MNIST autoencoder's 1,000-row factors.
     """
     live = cpu_live_coordinates(first, second, eigh=True)
-    if live is not None and not live.numel():
-        root = math.sqrt(damping)
-        eye = torch.eye(first.shape[-1], dtype=first.dtype, device=first.device)
-        return root * eye, first.new_zeros(first.shape[-1]), eye / root
     chol, jitter = damped_cholesky(live_block(first, live), damping)
     decomposition = eigh(_whitened(chol, live_block(second, live)), clamp_negative=False)
     basis = _whitened_basis(chol, decomposition.vectors)

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from torch import Tensor
 
 from curvlib.linalg import (
+    KroneckerSumInverse,
     damped_inverse,
     lanczos_svd,
     pi_split,
@@ -128,6 +129,17 @@ def _dense_floored(
     return floored, int((1.0 + mu < min_eig).sum())
 
 
+def _assert_inverts(
+    inverse: KroneckerSumInverse, floored: Tensor, num_floored: int, gen: torch.Generator
+) -> None:
+    """``inverse`` applies ``floored``'s inverse to a random matrix and floored as many."""
+    d_out, d_in = inverse.scale.shape
+    V = torch.randn(d_out, d_in, generator=gen, dtype=torch.float64)
+    expected = torch.linalg.solve(floored, V.reshape(-1)).reshape(d_out, d_in)
+    assert inverse.num_floored == num_floored
+    assert _rel(inverse(V), expected) < RTOL[torch.float64]
+
+
 @FAST
 @given(d_out=sizes, d_in=sizes, damping=dampings, scale=st.floats(0.1, 30.0), seed=seeds)
 def test_two_term_inverse_of_an_indefinite_sum_inverts_the_dense_floored_operator(
@@ -140,10 +152,7 @@ def test_two_term_inverse_of_an_indefinite_sum_inverts_the_dense_floored_operato
     min_eig = 0.1
     inverse = two_term_inverse(G1, A1, G2, A2, damping, min_eig=min_eig)
     floored, num_floored = _dense_floored(G1, A1, G2, A2, damping, min_eig)
-    V = torch.randn(d_out, d_in, generator=gen, dtype=torch.float64)
-    expected = torch.linalg.solve(floored, V.reshape(-1)).reshape(d_out, d_in)
-    assert inverse.num_floored == num_floored
-    assert _rel(inverse(V), expected) < RTOL[torch.float64]
+    _assert_inverts(inverse, floored, num_floored, gen)
 
 
 def _kill(mat: Tensor, dead: Tensor) -> Tensor:
@@ -180,10 +189,7 @@ def test_two_term_inverse_with_dead_coordinates_inverts_the_dense_floored_operat
     with decoupled_from_the_first_dead_row():
         inverse = two_term_inverse(G1, A1, G2, A2, damping, min_eig=min_eig)
     floored, num_floored = _dense_floored(G1, A1, G2, A2, damping, min_eig)
-    V = torch.randn(d_out, d_in, generator=gen, dtype=torch.float64)
-    expected = torch.linalg.solve(floored, V.reshape(-1)).reshape(d_out, d_in)
-    assert inverse.num_floored == num_floored
-    assert _rel(inverse(V), expected) < RTOL[torch.float64]
+    _assert_inverts(inverse, floored, num_floored, gen)
     want = float(torch.logdet(floored))
     assert float(inverse.logdet()) == pytest.approx(want, rel=1e-8, abs=1e-8)
     gamma_a, gamma_g = pi_split(A1, G1, damping)
