@@ -528,8 +528,8 @@ def build_parser(
         default="auto",
         metavar="N|all|auto",
         help="samples of each statistics batch the coarse level's Fisher uses (TwoLevel's "
-        "max_samples; auto: 128 for nicolaides without --krylov, all for spectral, residual "
-        "and --krylov; tselepidis builds its own model and uses none)",
+        "max_samples; auto: all for spectral, 128 for the other spaces; tselepidis builds its "
+        "own model and uses none)",
     )
     several = opt.add_mutually_exclusive_group()
     several.add_argument(

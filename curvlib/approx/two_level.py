@@ -45,10 +45,6 @@ from curvlib.core.protocols import CurvatureApprox, Preconditioner, RefreshableA
 from curvlib.core.stats import CurvatureStatistics, PerSampleIO, StatKind
 from curvlib.linalg.factors import eigh
 
-FIXED_SPACE_SAMPLES = 128
-"""Samples of each statistics batch a fixed space's coarse Fisher is built from under
-``max_samples="auto"`` (see [`TwoLevel`][curvlib.approx.two_level.TwoLevel])."""
-
 FLUSH_EVERY = 16
 """Updates between two flushes of a fixed space's averaged rows of $R_0 F$ (see
 [`RestrictedFisher.flushed`][curvlib.approx.coarse_fisher.RestrictedFisher.flushed]):
@@ -197,9 +193,9 @@ def _check_max_samples(
     if isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1:
         raise ValueError(
             "max_samples is the number of samples of each statistics batch the coarse "
-            "Fisher is built from and must be a positive int, 'auto' (the default: "
-            f"{FIXED_SPACE_SAMPLES} for fixed spaces, all for moving ones) or None for "
-            f"all, got {max_samples!r}."
+            "Fisher is built from and must be a positive int, 'auto' (the default: the "
+            "coarse space's auto_samples, 128 but for Spectral) or None for all, got "
+            f"{max_samples!r}."
         )
     return max_samples
 
@@ -560,15 +556,19 @@ class TwoLevel:
     take $cP$ numbers of memory; the additive form without ``report_error``
     keeps none. [`ResidualSpace`][curvlib.approx.coarse.ResidualSpace] costs
     $F\zeta$, a second fine apply and $O(mP)$ projections per step. The
-    $O(cmP)$ rows dominate a statistics step at large batches, so for a
-    fixed space $m$ counts at most 128 samples per statistics batch (times
-    the MC draws; ``max_samples="auto"``): at a batch of 1000 (500 samples of
-    statistics) its rows cost a quarter, and the running average over the
-    statistics steps averages the subsample's noise with them. A moving space
-    restricts one batch's Fisher, with nothing to average over, and keeps
-    every sample. Batches up to 128 statistics samples are unaffected. Under
-    data parallelism the samples are those gathered in rank order, so every
-    rank takes the same.
+    $O(cmP)$ rows dominate a statistics step at large batches, so $m$ counts
+    at most the space's
+    [`auto_samples`][curvlib.approx.coarse.CoarseSpace.auto_samples] per
+    statistics batch (times the MC draws; ``max_samples="auto"``): 128 for
+    every space but [`Spectral`][curvlib.approx.coarse.Spectral], which keeps
+    every sample. At a batch of 1000 (500 samples of statistics) the rows then
+    cost a quarter; a fixed space's running average over the statistics steps
+    averages the subsample's noise with them, and a moving space (Krylov
+    enrichment, ``ResidualSpace``) restricts one subsample's Fisher, which kept
+    its progress per epoch within the seeds' spread on the measured task.
+    Batches up to 128 statistics samples are unaffected. Under data
+    parallelism the samples are those gathered in rank order, so every rank
+    takes the same.
 
     Example:
         ```python
@@ -592,9 +592,9 @@ class TwoLevel:
         max_samples: The coarse level's Fisher (the sample Fisher of the
             spaces that use per-sample statistics) comes from the first
             ``max_samples`` samples of each statistics batch (``None``: all;
-            ``"auto"``: [`FIXED_SPACE_SAMPLES`][curvlib.approx.two_level.FIXED_SPACE_SAMPLES]
-            for a fixed space, all for a moving one); the fine level always
-            gets every sample. See **Cost**.
+            ``"auto"``: the space's
+            [`auto_samples`][curvlib.approx.coarse.CoarseSpace.auto_samples]);
+            the fine level always gets every sample. See **Cost**.
 
     Raises:
         TypeError: If ``coarse`` is not a ``CoarseSpace``.
@@ -685,7 +685,7 @@ class TwoLevel:
     def _sample_limit(self) -> int | None:
         """The samples of a statistics batch the coarse Fisher uses (``None``: all)."""
         if self.max_samples == "auto":
-            return FIXED_SPACE_SAMPLES if self.coarse.is_fixed else None
+            return self.coarse.auto_samples
         assert self.max_samples is None or isinstance(self.max_samples, int)
         return self.max_samples
 

@@ -549,10 +549,13 @@ def test_max_samples_at_or_above_the_batch_changes_nothing(space: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("space", "same_as"), [("nicolaides", 128), ("spectral", None), ("residual", None)]
-)
-def test_auto_max_samples_caps_fixed_spaces_only(space: str, same_as: int | None) -> None:
-    """``"auto"``: 128 samples for a fixed space (averaged), all for a moving one."""
+    ("space", "same_as"),
+    [("nicolaides", 128), ("nicolaides_krylov", 128), ("residual", 128), ("spectral", None),
+     ("spectral_smallest_krylov", None)],
+)  # fmt: skip
+def test_auto_max_samples_is_the_space_s_own(space: str, same_as: int | None) -> None:
+    """``"auto"``: the space's ``auto_samples``, 128 for all but Spectral, which takes all."""
+    assert SPACES[space]().auto_samples == same_as
     problem = P.mlp_ce(n=130)
     directions = []
     for limit in ("auto", same_as, 128 if same_as is None else None):
