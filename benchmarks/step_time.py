@@ -191,6 +191,10 @@ REGISTRY: dict[str, Spec] = {
     "kfac+nicolaides-additive": _two_level("Nicolaides", "additive"),
     "kfac+nicolaides-krylov": _two_level("Nicolaides", krylov=True),
     "kfac+nicolaides-all": _two_level("Nicolaides", two_level={"max_samples": None}),
+    "kfac+nicolaides-krylov-all": _two_level(
+        "Nicolaides", krylov=True, two_level={"max_samples": None}
+    ),
+    "kfac+residual-all": _two_level("ResidualSpace", two_level={"max_samples": None}),
     "kfac+spectral-128": _two_level("Spectral", two_level={"max_samples": 128}),
     "kfac+residual": _two_level("ResidualSpace"),
     "kfac+spectral": _two_level("Spectral"),

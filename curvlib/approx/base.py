@@ -618,6 +618,26 @@ class BlockDiagonalPreconditioner:
             raise KeyError(f"No curvature estimate for layers {missing}: update() first.")
         return {name: self._inverses[name](grad) for name, grad in grads.items()}
 
+    def apply_outer(self, layer: str, u: Tensor, v: Tensor) -> Tensor:
+        r"""One layer's inverse applied to the rank-one matrices $u_k v_k^\top$, ``[c, out, in]``.
+
+        ``u`` is ``[c, out]``, ``v`` ``[c, in]``. A Kronecker inverse
+        ([`KroneckerInverse.apply_outer`][curvlib.approx.kfac.KroneckerInverse.apply_outer])
+        keeps the factors apart (matrix-vector products); any other layer
+        inverse is applied to the products.
+
+        Raises:
+            KeyError: If the layer has no block.
+        """
+        if layer not in self._inverses:
+            raise KeyError(f"No curvature estimate for layer {layer!r}: update() first.")
+        inverse = self._inverses[layer]
+        outer = getattr(inverse, "apply_outer", None)
+        if outer is not None:
+            result: Tensor = outer(u, v)
+            return result
+        return inverse(u[:, :, None] * v[:, None, :])
+
     def matvec(self, vectors: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """The same as ``apply``: this operator *is* the inverse."""
         return self.apply(vectors)

@@ -124,6 +124,15 @@ class CoarseSpace(ABC):
     def base_vectors(self, context: CoarseContext) -> dict[str, Tensor]:
         """The space's vectors before enrichment, ``[c_l, out, in_aug]`` per layer."""
 
+    def base_factors(self, context: CoarseContext) -> dict[str, tuple[Tensor, Tensor]] | None:
+        r"""The base vectors as rank-one factors $u_k v_k^\top$ (``[c_l, out]``, ``[c_l, in_aug]``).
+
+        ``None`` (the default) where they have no such form. Where they do, the
+        Krylov enrichment applies a Kronecker-factored fine inverse to the factors
+        (matrix-vector products) instead of to the matrices.
+        """
+        return None
+
     def vectors(self, context: CoarseContext) -> dict[str, Tensor]:
         """The vectors, enriched when ``krylov``, each of unit norm, ``[c_l, out, in_aug]``.
 
@@ -135,7 +144,7 @@ class CoarseSpace(ABC):
             return base
         if context.fine is None:
             raise ValueError("The Krylov enrichment needs the fine level's inverse.")
-        enriched = _fine_applied(context.fine, base, context.shapes)
+        enriched = _fine_applied(context.fine, base, context.shapes, self.base_factors(context))
         return {name: torch.cat([vecs, _normalised(enriched[name])]) for name, vecs in base.items()}
 
     def state_dict(self) -> dict[str, Any]:
@@ -157,17 +166,26 @@ def _normalised(vectors: Tensor) -> Tensor:
 
 
 def _fine_applied(
-    fine: Preconditioner, vectors: Mapping[str, Tensor], shapes: Mapping[str, tuple[int, int]]
+    fine: Preconditioner,
+    vectors: Mapping[str, Tensor],
+    shapes: Mapping[str, tuple[int, int]],
+    factors: Mapping[str, tuple[Tensor, Tensor]] | None = None,
 ) -> dict[str, Tensor]:
     """The fine inverse applied to each layer's vectors, zero elsewhere, kept in that layer.
 
-    A block-diagonal fine inverse takes the layer alone (one layer's apply); one
-    that couples the layers (``KeyError`` for a subset) gets zeros elsewhere.
+    A block-diagonal fine inverse takes the layer alone (one layer's apply), or,
+    where it offers ``apply_outer`` and the vectors come with rank-one
+    ``factors``, the factors; one that couples the layers (``KeyError`` for a
+    subset) gets zeros elsewhere.
     """
+    outer = getattr(fine, "apply_outer", None)
     out: dict[str, Tensor] = {}
     for name, vecs in vectors.items():
         if vecs.shape[0] == 0:
             out[name] = vecs
+            continue
+        if outer is not None and factors is not None and name in factors:
+            out[name] = outer(name, *factors[name])
             continue
         try:
             out[name] = fine.apply({name: vecs})[name]
@@ -209,6 +227,14 @@ class Nicolaides(CoarseSpace):
             name: torch.ones(1, *shape, dtype=context.dtype, device=context.device)
             for name, shape in context.shapes.items()
         }
+
+    def base_factors(self, context: CoarseContext) -> dict[str, tuple[Tensor, Tensor]]:
+        r"""$\mathbf 1 \mathbf 1^\top$ per layer: two all-ones vectors."""
+
+        def ones(size: int) -> Tensor:
+            return torch.ones(1, size, dtype=context.dtype, device=context.device)
+
+        return {name: (ones(out), ones(in_)) for name, (out, in_) in context.shapes.items()}
 
 
 class FixedSpace(CoarseSpace):

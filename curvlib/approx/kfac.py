@@ -137,6 +137,19 @@ class KroneckerInverse:
         """Apply the inverse to ``[..., d_out, d_in]`` matrices."""
         return (self._g @ mat.to(self.apply_dtype) @ self._a).to(self.a_inv.dtype)
 
+    def apply_outer(self, u: Tensor, v: Tensor) -> Tensor:
+        r"""The inverse on rank-one matrices $u_k v_k^\top$: $(G'^{-1}u_k)(A'^{-1}v_k)^\top$.
+
+        $O(c\,(d_\text{out}^2 + d_\text{in}^2))$ for ``u`` ``[c, d_out]`` and ``v``
+        ``[c, d_in]``, where ``__call__`` on the products costs
+        $O(c\,d_\text{out} d_\text{in} (d_\text{out} + d_\text{in}))$; in the
+        inverses' dtype (no ``apply_dtype``: these are matrix-vector products).
+        Returns ``[c, d_out, d_in]``.
+        """
+        left = u.to(self.g_inv.dtype) @ self.g_inv  # both inverses are symmetric
+        right = v.to(self.a_inv.dtype) @ self.a_inv
+        return left[:, :, None] * right[:, None, :]
+
 
 class EigenbasisInverse:
     r"""$(G \otimes A + \lambda I)^{-1}$ in the Kronecker eigenbasis (KFAC's ``EIGEN`` inverse).

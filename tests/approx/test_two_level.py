@@ -354,6 +354,44 @@ def test_spectral_vectors_are_the_extreme_kronecker_eigenvectors() -> None:
             torch.testing.assert_close(rayleigh, want, rtol=1e-8, atol=1e-12)
 
 
+@pytest.mark.parametrize("fine", ["kfac", "kpsvd", "kfac_eigen", "ekfac"])
+def test_krylov_vectors_are_the_fine_inverse_applied_to_the_base_vectors(fine: str) -> None:
+    """Nicolaides' Krylov vector of each layer is its dense fine inverse times the ones, normed.
+
+    KFAC's and KPSVD's Kronecker inverses apply to the factors of the all-ones matrix;
+    the eigenbasis inverses (KFAC's ``EIGEN``, EKFAC) to the matrix.
+    """
+    space = Nicolaides(krylov=True)
+    approx = TwoLevel(ALL_FINE[fine](), space)  # type: ignore[arg-type]
+    Fitted(P.mlp_ce(), approx)
+    pre = approx.fine.inverse(DAMPING)
+    vectors = space.vectors(approx._context(fine=pre))
+    for name, (rows, cols) in approx._shapes.items():
+        ones = torch.ones(rows * cols, dtype=torch.float64)
+        want = pre.to_dense(name) @ ones  # type: ignore[attr-defined]
+        assert vectors[name].shape == (2, rows, cols)
+        torch.testing.assert_close(vectors[name][0].flatten(), ones / ones.norm(), **EXACT)
+        torch.testing.assert_close(vectors[name][1].flatten(), want / want.norm(), **EXACT)
+
+
+@pytest.mark.parametrize("damping", [KFACDamping.PI, KFACDamping.EIGEN])
+def test_apply_outer_equals_the_apply_to_the_products(damping: KFACDamping) -> None:
+    """Kronecker inverses keep the factors apart, eigenbasis inverses take the products."""
+    approx = KFAC(damping)
+    approx.update(fit_statistics(P.mlp_ce(), approx, FisherType.EXACT))
+    pre = approx.inverse(DAMPING)
+    gen = torch.Generator().manual_seed(1)
+    for name in pre.layers:
+        block = approx.blocks[name]
+        out_dim, in_dim = block.out_dim, block.in_dim
+        u = torch.randn(3, out_dim, generator=gen, dtype=torch.float64)
+        v = torch.randn(3, in_dim, generator=gen, dtype=torch.float64)
+        products = pre.apply({name: u[:, :, None] * v[:, None, :]})[name]
+        torch.testing.assert_close(pre.apply_outer(name, u, v), products, **EXACT)
+    with pytest.raises(KeyError, match="update"):
+        pre.apply_outer("missing", u, v)
+
+
 def test_subspace_iteration_finds_the_largest_eigenpairs_of_large_factors() -> None:
     gen = torch.Generator().manual_seed(3)
     n = EXACT_EIGH_LIMIT + 44
