@@ -37,7 +37,6 @@ from curvlib.approx.coarse_fisher import (
     RestrictedFisher,
     SampleFisher,
     SampleProjection,
-    rows_times,
 )
 from curvlib.approx.natural_gradient import _cast_io
 from curvlib.core.layout import CurvatureLayer
@@ -279,8 +278,10 @@ class TwoLevelPreconditioner:
         space: The coarse space (used per step if it depends on the gradient).
         fisher: The Fisher model of the coarse level.
         vectors: Fixed coarse vectors (``None`` for gradient-dependent spaces).
-        restricted: ``fisher`` restricted to ``vectors``, with the rows of
-            $R_0 F$ when the residual is computed.
+        restricted: ``fisher`` restricted to ``vectors``: its ``gram``, and
+            ``project`` for $R_0 F x$ when the residual is computed (the stored
+            rows of $R_0 F$, or a
+            [`SampleProjection`][curvlib.approx.coarse_fisher.SampleProjection]).
         report_error: Compute the error change in the additive form too (one
             product with the rows of $R_0 F$ per step).
         max_condition: The bound $\kappa$ of the coarse system's condition number.
@@ -297,7 +298,7 @@ class TwoLevelPreconditioner:
         space: CoarseSpace,
         fisher: CoarseFisher | None,
         vectors: Mapping[str, Tensor] | None,
-        restricted: RestrictedFisher | None,
+        restricted: RestrictedFisher | SampleProjection | None,
         report_error: bool,
         max_condition: float = DEFAULT_MAX_CONDITION,
         max_correction: float = DEFAULT_MAX_CORRECTION,
@@ -317,13 +318,13 @@ class TwoLevelPreconditioner:
         )
         """The fine inverse's condition estimates per layer (the coarse one: ``diagnostics``)."""
         self._flat: dict[str, Tensor] | None = None
-        self._rows: dict[str, Tensor] | None = None
+        self._restricted: RestrictedFisher | SampleProjection | None = None
         if vectors is not None:
             assert restricted is not None
             self._set_space(vectors, restricted.gram)
             if self._residual:
-                assert restricted.rows is not None
-                self._rows = {name: rows.flatten(1) for name, rows in restricted.rows.items()}
+                assert not isinstance(restricted, RestrictedFisher) or restricted.rows is not None
+                self._restricted = restricted
             self.diagnostics = self._coarse_diagnostics()
 
     def _coarse_diagnostics(self) -> dict[str, float | Tensor]:
@@ -388,8 +389,8 @@ class TwoLevelPreconditioner:
         fz: Tensor | None = None
         if projection is not None:
             fz = projection.project(zeta)
-        elif self._rows is not None:
-            fz = rows_times(self._rows, zeta)
+        elif self._restricted is not None:
+            fz = self._restricted.project(zeta)
         if fz is not None:
             res = rg - fz - self.damping * _inner(flat, zeta)
         rhs = res if self.form is CorrectionForm.RESIDUAL else rg
@@ -852,13 +853,17 @@ class TwoLevel:
         context = CoarseContext(context.shapes, context.dtype, context.device, fine=fine)
         fisher = self._fisher()
         vectors: dict[str, Tensor] | None = None
-        restricted = None
+        restricted: RestrictedFisher | SampleProjection | None = None
         if self.coarse.is_fixed:
             vectors, restricted = self._vectors_of_fixed_space(context), self._restricted
         elif not self.coarse.gradient_dependent:
             vectors = _complete(self.coarse.vectors(context), context)
             assert fisher is not None
-            restricted = fisher.restrict(vectors, rows=self._needs_rows)
+            if self._needs_rows and isinstance(fisher, SampleFisher):
+                # Vectors of one inverse: R0 F x as P (U x) on each step, no rows of R0 F.
+                restricted = fisher.projection(vectors)
+            else:
+                restricted = fisher.restrict(vectors, rows=self._needs_rows)
         return TwoLevelPreconditioner(
             fine, context, damping, self.form, self.coarse, fisher, vectors, restricted,
             self._needs_rows, self.max_condition, self.max_correction,
