@@ -20,9 +20,10 @@ Two ways to get $R_0 F x$ on every step:
   the rows $R_0 F = PU$ ($c \times P$, built once in $O(cmP)$): $O(cP)$ per
   product, and, being linear in $F$, it is running-averaged together with
   $R_0 F R_0^\top$, so both stay the restriction of one averaged Fisher;
-* `SampleProjection` keeps
+* [`SampleProjection`][curvlib.approx.coarse_fisher.SampleProjection] keeps
   $P$ only: $O(mP)$ per product through $Ux$, for vectors used on one step
-  ([`ResidualSpace`][curvlib.approx.coarse.ResidualSpace]).
+  ([`ResidualSpace`][curvlib.approx.coarse.ResidualSpace]) or between two
+  inverses (the spaces that move with the fine level).
 """
 
 from __future__ import annotations
@@ -185,11 +186,13 @@ def _expand_averaged(layer: LayerRows, coeffs: Tensor, old: Tensor, rho: float) 
 
 
 class SampleProjection:
-    r"""The sample Fisher on vectors used for one step only: $R_0 F x = P\,(U x)$ per call.
+    r"""The sample Fisher on vectors used for a few steps: $R_0 F x = P\,(U x)$ per call.
 
-    For gradient-dependent spaces: the projections $P$ of the vectors on the
-    rows ($O(mP)$ for one vector per layer) instead of the rows of $R_0 F$
-    ($O(cmP)$), and one $Ux$ per product, shared with $F x$.
+    For gradient-dependent spaces (vectors of one step) and moving ones (vectors
+    of one inverse): the projections $P$ of the vectors on the rows ($O(mP)$
+    for one vector per layer) instead of the rows of $R_0 F$ ($O(cmP)$, and
+    $cP$ numbers to read per product), and one $Ux$ per product, shared with
+    $F x$.
     """
 
     def __init__(self, fisher: SampleFisher, projections: Tensor) -> None:

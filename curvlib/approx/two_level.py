@@ -355,8 +355,9 @@ class TwoLevelPreconditioner:
         r"""The two-level direction for gradients ``[..., out, in]`` of every layer.
 
         Per step, for vectors fixed since ``inverse``: $R_0\nabla$ and, for
-        the residual, $R_0\zeta$ and $R_0 F\zeta$ from the stored rows of
-        $R_0 F$ (one GEMV per layer each, $O(cP)$), and one fused
+        the residual, $R_0\zeta$ and $R_0 F\zeta$ (a fixed space: from the
+        stored rows of $R_0 F$, one GEMV per layer each, $O(cP)$; a moving one:
+        $P\,(U\zeta)$ from the stored samples, $O(mP)$), and one fused
         $\zeta + R_0^\top\beta$.
 
         Raises:
@@ -551,13 +552,17 @@ class TwoLevel:
     **Cost** on top of the fine level, with $c$ vectors, $m$ statistics rows and
     $P$ parameters: ``update`` keeps the batch and, for fixed spaces, builds
     the rows of $R_0 F$ ($O(cmP)$; $O(cP)$ for ``Tselepidis``); ``inverse``
-    the same for moving spaces, and an $O(c^3)$ eigendecomposition; ``apply``
-    $O(cP)$: one GEMV per layer for $R_0\nabla$, one for $R_0F_\lambda\zeta$
-    (residual form), one fused $\zeta + R_0^\top\beta$. The rows of $R_0 F$
-    take $cP$ numbers of memory; the additive form without ``report_error``
-    keeps none. [`ResidualSpace`][curvlib.approx.coarse.ResidualSpace] costs
-    $F\zeta$, a second fine apply and $O(mP)$ projections per step. The
-    $O(cmP)$ rows dominate a statistics step at large batches, so $m$ counts
+    the projections $P$ of a moving space's vectors on the samples
+    ($O(m\bar P)$), and an $O(c^3)$ eigendecomposition; ``apply`` one GEMV
+    per layer for $R_0\nabla$, one fused $\zeta + R_0^\top\beta$ and, in the
+    residual form, $R_0F_\lambda\zeta$: $O(cP)$ with a fixed space's rows,
+    $O(mP)$ as $P\,(U\zeta)$ for a moving space, whose vectors serve
+    ``t_inv`` steps (rows would cost $O(cmP)$ at each inverse and $cP$
+    numbers read per step). The rows of $R_0 F$ take $cP$ numbers of memory;
+    moving spaces and the additive form without ``report_error`` keep none.
+    [`ResidualSpace`][curvlib.approx.coarse.ResidualSpace] costs $F\zeta$, a
+    second fine apply and $O(mP)$ projections per step. The $O(cmP)$ rows and
+    the $O(mP)$ products dominate at large batches, so $m$ counts
     at most the space's
     [`auto_samples`][curvlib.approx.coarse.CoarseSpace.auto_samples] per
     statistics batch (times the MC draws; ``max_samples="auto"``): 128 for
