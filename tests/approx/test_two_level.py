@@ -691,7 +691,9 @@ def _make_optimizer(model: nn.Module, problem: P.Problem, space: str, **kwargs: 
     )
 
 
-@pytest.mark.parametrize("space", ["nicolaides", "spectral", "residual", "tselepidis"])
+@pytest.mark.parametrize(
+    "space", ["nicolaides", "nicolaides_krylov", "spectral", "residual", "tselepidis"]
+)
 def test_checkpoint_resume_is_exact(space: str) -> None:
     problem = P.autoencoder_bce(n=8)
     batches = [(problem.x + 0.1 * i, problem.y) for i in range(8)]

@@ -3,7 +3,10 @@
 Run (one thread; losses depend on the seeds only, times on the machine's load):
 
     python quality.py SPACE SEEDS
-    python quality.py Nicolaides 0,1,2
+    python quality.py Nicolaides:krylov 0,1,2
+    python quality.py ResidualSpace 0,1,2
+
+``SPACE`` names a class of ``curvlib.approx.coarse``; ``:krylov`` adds the Krylov enrichment.
 
 The CURVES autoencoder of ``benchmarks/convergence.py`` at a batch of 1000
 (statistics from 500 samples) for 40 epochs: KFAC, then ``TwoLevel(KFAC(),
@@ -33,7 +36,9 @@ def method(space: str, limit: int | str | None) -> cv.Method:
     def build(model: torch.nn.Module, loss_fn: torch.nn.Module) -> PreconditionedOptimizer:
         if limit == "kfac":
             return PreconditionedOptimizer(model, KFAC(), loss_fn=loss_fn)
-        approx = TwoLevel(KFAC(), getattr(coarse, space)(), max_samples=limit)
+        name, _, krylov = space.partition(":")
+        space_ = getattr(coarse, name)(krylov=True) if krylov else getattr(coarse, name)()
+        approx = TwoLevel(KFAC(), space_, max_samples=limit)
         return PreconditionedOptimizer(model, approx, loss_fn=loss_fn)
 
     return cv.Method(str(limit), "default", build, True)
