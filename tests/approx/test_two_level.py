@@ -486,6 +486,35 @@ def _random_space(shapes: dict[str, tuple[int, int]], count: int = 2) -> dict[st
 
 
 @pytest.mark.parametrize("problem", [P.mlp_ce(), P.cnn_ce()], ids=lambda p: p.name)
+@pytest.mark.parametrize("space", ["spectral", "nicolaides_krylov"])
+def test_moving_space_is_the_dense_correction_for_the_latest_batch(
+    space: str, problem: P.Problem
+) -> None:
+    r"""A space that moves with the fine level projects on the latest batch's samples.
+
+    Its $R_0 F\zeta$ is $P\,(U\zeta)$ on every step (no rows of $R_0 F$), and the
+    direction is the dense $F_\lambda$-optimal correction of the fine step for the
+    latest batch's GGN, not for an average of the batches.
+    """
+    model = problem.model()
+    approx = TwoLevel(KFAC(), SPACES[space](), **UNGUARDED)
+    latest = torch.empty(0)
+    for scale in (0.0, 1.0):
+        batch = perturbed(problem, scale) if scale else problem
+        approx.update(fit_statistics(batch, approx, FisherType.EXACT, model=model))
+        latest = oracle.dense_ggn(model, batch.loss_fn, batch.x, batch.y, list(approx._shapes))
+    damped = latest + DAMPING * torch.eye(latest.shape[0], dtype=torch.float64)
+    pre = approx.inverse(DAMPING)
+    assert pre._restricted is not None and not hasattr(pre._restricted, "rows")
+    r0 = torch.block_diag(*pre._flat_rows.values())
+    shapes = dict(approx._shapes)
+    for grad, zeta, got in _directions(pre, shapes, latest.shape[0]):
+        beta = torch.linalg.lstsq(r0 @ damped @ r0.T, r0 @ (grad - damped @ zeta)).solution
+        torch.testing.assert_close(got, zeta + r0.T @ beta, rtol=1e-7, atol=1e-9)
+    assert float(pre.diagnostics["coarse_scale"]) == 1.0
+
+
+@pytest.mark.parametrize("problem", [P.mlp_ce(), P.cnn_ce()], ids=lambda p: p.name)
 @pytest.mark.parametrize("space", ["nicolaides", "fixed", "tselepidis"])
 def test_residual_form_is_optimal_for_the_running_average_of_the_batches(
     space: str, problem: P.Problem
