@@ -19,6 +19,7 @@ from curvlib.core.stats import (
     PooledIO,
     StatKind,
 )
+from curvlib.linalg.factors import gram, gram_blocks
 
 BATCHNORM_KINDS = frozenset({StatKind.DIAGONAL, StatKind.PER_SAMPLE_GRAD, StatKind.PER_SAMPLE_IO})
 """The statistic kinds a normalisation layer (``NORM_KINDS``) answers (``batchnorm_statistics``)."""
@@ -67,9 +68,10 @@ def layer_statistics(
         a_flat = inputs.reshape(n * t, -1)
         g_flat = grads.reshape(-1, grads.shape[-1])
         # In place: the products are new tensors, and a second pass would allocate.
-        A = (a_flat.T @ a_flat).div_(n)
-        G = (g_flat.T @ g_flat).div_((num_samples or n) * t)
-        # Symmetric up to rounding; the approximations symmetrise where it matters.
+        A = gram(a_flat, gram_blocks(a_flat)).div_(n)
+        G = gram(g_flat, gram_blocks(g_flat)).div_((num_samples or n) * t)
+        # Symmetric up to rounding (exactly where computed in blocks); the approximations
+        # symmetrise where it matters.
         kron = KroneckerFactors(A=A.to(dtype), G=G.to(dtype), num_positions=t)
     if StatKind.PER_SAMPLE_IO in required or StatKind.PER_SAMPLE_GRAD in required:
         io = PerSampleIO(inputs=inputs.to(dtype), output_grads=grads.to(dtype))

@@ -5,6 +5,7 @@ All functions act on one square matrix (or a batch of them) and keep its dtype.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -120,6 +121,50 @@ def flush_below(mat: Tensor, limit: float | Tensor | None) -> Tensor:
 def symmetrize(mat: Tensor) -> Tensor:
     r"""Return $(M + M^\top) / 2$ (a new tensor)."""
     return torch.add(mat, mat.transpose(-1, -2)).mul_(0.5)
+
+
+def gram(x: Tensor, blocks: int = 1) -> Tensor:
+    r"""$x^\top x$ for ``x`` ``[n, d]``, exactly symmetric when ``blocks > 1``.
+
+    With ``blocks`` $= k > 1$ the columns are split into $k$ blocks and each
+    block row is one GEMM with the columns from its diagonal block on; the
+    blocks below the diagonal are the transposes of those above. That is
+    $(k + 1) / 2k$ of a GEMM's multiply-adds (5/8 at $k = 4$), worth it where
+    the GEMMs stay large ([`gram_blocks`][curvlib.linalg.factors.gram_blocks]).
+    ``blocks=1`` is the GEMM itself.
+    """
+    cols = x.shape[-1]
+    if blocks <= 1 or cols < blocks:
+        return x.mT @ x
+    edges = [cols * i // blocks for i in range(blocks + 1)]
+    out = x.new_empty(cols, cols)
+    for lo, hi in itertools.pairwise(edges):
+        row = x[:, lo:hi].mT @ x[:, lo:]  # [hi - lo, cols - lo]
+        diagonal = row[:, : hi - lo]
+        out[lo:hi, lo:hi] = diagonal.triu().add_(diagonal.triu(1).mT)
+        out[lo:hi, hi:] = row[:, hi - lo :]
+        out[hi:, lo:hi] = row[:, hi - lo :].mT
+    return out
+
+
+MIN_GRAM_BLOCK_ROWS = 384
+"""The fewest rows ``n`` of ``x`` for which ``gram_blocks`` splits $x^\top x$ on the CPU."""
+
+MIN_GRAM_BLOCK_COLS = 512
+"""The fewest columns ``d`` of ``x`` for which ``gram_blocks`` splits $x^\top x$ on the CPU."""
+
+
+def gram_blocks(x: Tensor) -> int:
+    """The ``blocks`` for [`gram`][curvlib.linalg.factors.gram] of ``x`` ``[n, d]``: 4 or 1.
+
+    4 on the CPU for at least ``MIN_GRAM_BLOCK_ROWS`` rows and
+    ``MIN_GRAM_BLOCK_COLS`` columns, else 1: below that the smaller GEMMs run
+    further from the machine's peak than the saved multiply-adds are worth
+    (``benchmarks/results/experiments/factor_gram/``). Other devices keep one GEMM.
+    """
+    rows, cols = x.shape[-2:]
+    big = rows >= MIN_GRAM_BLOCK_ROWS and cols >= MIN_GRAM_BLOCK_COLS
+    return 4 if x.device.type == "cpu" and big else 1
 
 
 MIN_DECOUPLED_SIZE = 384

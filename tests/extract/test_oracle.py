@@ -30,6 +30,7 @@ from torch.nn import functional as F
 
 from curvlib.core import CurvatureStatistics, FisherType, LayerStatistics, StatKind
 from curvlib.extract import Backend, CurvatureExtractor, UnsupportedPolicy
+from curvlib.linalg import factors as linalg_factors
 
 with warnings.catch_warnings():
     # linear_operator (a curvlinops dependency) scripts functions at import time.
@@ -284,6 +285,28 @@ def test_kfc_factors_of_convolutions(problem: Problem, layer: str, backend: Back
     assert_close(stats.kronecker.G, G, what="G")
     # The average over positions is what the conventions say; the sum would be T times larger.
     assert rel_err(stats.kronecker.G, G * t) > DIFFERENT
+
+
+@pytest.mark.parametrize(
+    ("problem", "layer", "backend"),
+    [
+        pytest.param(p, name, b, id=f"{p.name}-{name}-{b.value}")
+        for p, name in KFC_LAYERS[:2]
+        for b in backends(p)
+    ],
+)
+def test_factors_in_gram_blocks_match_the_oracle_and_are_symmetric(
+    problem: Problem, layer: str, backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Factors of large layers (here: every layer) are Gram matrices in blocks, symmetric."""
+    monkeypatch.setattr(linalg_factors, "MIN_GRAM_BLOCK_ROWS", 1)
+    monkeypatch.setattr(linalg_factors, "MIN_GRAM_BLOCK_COLS", 1)
+    test_kfc_factors_of_convolutions(problem, layer, backend)
+    stats = extract(problem, problem.model(), backend, FisherType.EXACT)[layer]
+    assert stats.kronecker is not None
+    assert stats.kronecker.A.shape[0] >= 4  # split into blocks
+    for factor in (stats.kronecker.A, stats.kronecker.G):
+        assert torch.equal(factor, factor.T) or factor.shape[0] < 4
 
 
 # -- Monte Carlo ----------------------------------------------------------------

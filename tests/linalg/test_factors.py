@@ -19,9 +19,13 @@ from curvlib.linalg import (
     symmetrize,
 )
 from curvlib.linalg.factors import (
+    MIN_GRAM_BLOCK_COLS,
+    MIN_GRAM_BLOCK_ROWS,
     cpu_live_coordinates,
     device_negligible_limit,
     flush_below,
+    gram,
+    gram_blocks,
     live_coordinates,
     negligible_limit,
 )
@@ -234,3 +238,28 @@ def test_cpu_live_coordinates_decouple_only_where_it_pays(
     assert (cpu_live_coordinates(mat, eigh=eigh) is not None) is decoupled
     assert cpu_live_coordinates(torch.zeros(127, 127), eigh=True) is None  # too small to pay
     assert live_coordinates(torch.zeros(127, 127)).numel() == 0
+
+
+@pytest.mark.parametrize("blocks", [2, 3, 4, 6])
+@pytest.mark.parametrize("shape", [(40, 7), (9, 33), (50, 64)])
+def test_gram_in_blocks_is_the_exactly_symmetric_gram_matrix(
+    shape: tuple[int, int], blocks: int
+) -> None:
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    got = gram(x, blocks)
+    torch.testing.assert_close(got, x.T @ x, rtol=1e-12, atol=1e-12)
+    assert torch.equal(got, got.T)
+
+
+def test_gram_in_one_block_is_the_gemm_itself() -> None:
+    x = torch.randn(30, 20, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(gram(x), x.T @ x)
+    assert torch.equal(gram(x[:, :3], 4), x[:, :3].T @ x[:, :3])  # fewer columns than blocks
+
+
+def test_gram_blocks_splits_large_cpu_factors_only() -> None:
+    rows, cols = MIN_GRAM_BLOCK_ROWS, MIN_GRAM_BLOCK_COLS
+    assert gram_blocks(torch.empty(rows, cols)) == 4
+    assert gram_blocks(torch.empty(rows - 1, cols)) == 1
+    assert gram_blocks(torch.empty(rows, cols - 1)) == 1
+    assert gram_blocks(torch.empty(rows, cols, device="meta")) == 1
