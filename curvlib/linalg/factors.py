@@ -148,23 +148,24 @@ def gram(x: Tensor, blocks: int = 1) -> Tensor:
 
 
 MIN_GRAM_BLOCK_ROWS = 384
-"""The fewest rows ``n`` of ``x`` for which ``gram_blocks`` splits $x^\top x$ on the CPU."""
+r"""The fewest rows ``n`` of ``x`` for which ``gram_blocks`` splits $x^\top x$ on the CPU."""
 
 MIN_GRAM_BLOCK_COLS = 512
-"""The fewest columns ``d`` of ``x`` for which ``gram_blocks`` splits $x^\top x$ on the CPU."""
+r"""The fewest columns ``d`` of ``x`` for which ``gram_blocks`` splits $x^\top x$ on the CPU."""
 
 
 def gram_blocks(x: Tensor) -> int:
     """The ``blocks`` for [`gram`][curvlib.linalg.factors.gram] of ``x`` ``[n, d]``: 4 or 1.
 
-    4 on the CPU for at least ``MIN_GRAM_BLOCK_ROWS`` rows and
+    4 for a matrix on the CPU with at least ``MIN_GRAM_BLOCK_ROWS`` rows and
     ``MIN_GRAM_BLOCK_COLS`` columns, else 1: below that the smaller GEMMs run
     further from the machine's peak than the saved multiply-adds are worth
     (``benchmarks/results/experiments/factor_gram/``). Other devices keep one GEMM.
     """
-    rows, cols = x.shape[-2:]
-    big = rows >= MIN_GRAM_BLOCK_ROWS and cols >= MIN_GRAM_BLOCK_COLS
-    return 4 if x.device.type == "cpu" and big else 1
+    if x.dim() != 2 or x.device.type != "cpu":
+        return 1
+    rows, cols = x.shape
+    return 4 if rows >= MIN_GRAM_BLOCK_ROWS and cols >= MIN_GRAM_BLOCK_COLS else 1
 
 
 MIN_DECOUPLED_SIZE = 384

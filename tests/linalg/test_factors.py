@@ -263,3 +263,4 @@ def test_gram_blocks_splits_large_cpu_factors_only() -> None:
     assert gram_blocks(torch.empty(rows - 1, cols)) == 1
     assert gram_blocks(torch.empty(rows, cols - 1)) == 1
     assert gram_blocks(torch.empty(rows, cols, device="meta")) == 1
+    assert gram_blocks(torch.empty(2, rows, cols)) == 1  # a batch: one GEMM each
