@@ -193,8 +193,8 @@ def _check_max_samples(
         raise ValueError(
             "max_samples is the number of samples of each statistics batch the coarse "
             "Fisher is built from and must be a positive int, 'auto' (the default: the "
-            "coarse space's auto_samples, 128 but for Spectral) or None for all, got "
-            f"{max_samples!r}."
+            f"coarse space's auto_samples, {CoarseSpace.auto_samples} but for Spectral) or None "
+            f"for all, got {max_samples!r}."
         )
     return max_samples
 
