@@ -574,7 +574,8 @@ class KFAC(LayerwiseApprox):
             $\lambda / T$ as in the KPSVD papers' code, which changes ``SQRT`` only).
         apply_dtype: The dtype the inverse is applied in on every step:
             ``"auto"`` (the default) multiplies in bfloat16 for float32 factors
-            on CPUs with AMX, layers large enough to gain and damped inverses
+            on CPUs that multiply bfloat16 in hardware (AMX, AVX-512 bfloat16),
+            layers large enough to gain and damped inverses
             with condition numbers of at most 64
             ([`curvlib.linalg.precision`][curvlib.linalg.precision]), else in
             the factors' dtype; ``None`` always in the factors' dtype; or a
