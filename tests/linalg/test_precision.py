@@ -28,16 +28,16 @@ WELL = LOW_PRECISION_MAX_CONDITION
 
 
 @pytest.fixture
-def amx(monkeypatch: pytest.MonkeyPatch) -> None:
+def bfloat16_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(precision, "cpu_multiplies_bfloat16", lambda: True)
 
 
 @pytest.fixture
-def no_amx(monkeypatch: pytest.MonkeyPatch) -> None:
+def float32_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(precision, "cpu_multiplies_bfloat16", lambda: False)
 
 
-@pytest.mark.usefixtures("amx")
+@pytest.mark.usefixtures("bfloat16_cpu")
 def test_auto_takes_bfloat16_only_for_large_float32_layers_on_the_cpu() -> None:
     assert resolve_apply_dtype("auto", torch.float32, CPU, LARGE, condition=WELL) == torch.bfloat16
     assert resolve_apply_dtype("auto", torch.float32, CPU, SMALL, condition=WELL) == torch.float32
@@ -46,7 +46,7 @@ def test_auto_takes_bfloat16_only_for_large_float32_layers_on_the_cpu() -> None:
     assert resolve_apply_dtype("auto", torch.float32, cuda, LARGE, condition=WELL) == torch.float32
 
 
-@pytest.mark.usefixtures("amx")
+@pytest.mark.usefixtures("bfloat16_cpu")
 @pytest.mark.parametrize("condition", [WELL * 1.01, 1e4, math.inf, math.nan])
 def test_auto_keeps_float32_for_an_ill_conditioned_inverse(condition: float) -> None:
     assert resolve_apply_dtype("auto", torch.float32, CPU, LARGE, condition=condition) == (
@@ -54,12 +54,12 @@ def test_auto_keeps_float32_for_an_ill_conditioned_inverse(condition: float) -> 
     )
 
 
-@pytest.mark.usefixtures("no_amx")
+@pytest.mark.usefixtures("float32_cpu")
 def test_auto_keeps_the_factors_dtype_without_hardware_bfloat16() -> None:
     assert resolve_apply_dtype("auto", torch.float32, CPU, LARGE, condition=1.0) == torch.float32
 
 
-@pytest.mark.usefixtures("amx")
+@pytest.mark.usefixtures("bfloat16_cpu")
 def test_none_and_an_explicit_dtype_are_used_as_given() -> None:
     assert resolve_apply_dtype(None, torch.float32, CPU, LARGE, condition=1.0) == torch.float32
     explicit = resolve_apply_dtype(torch.bfloat16, torch.float64, CPU, SMALL, condition=1e9)
@@ -98,7 +98,7 @@ def test_a_bfloat16_apply_is_returned_in_float32_within_its_rounding(mode: KFACD
         assert 0.0 < err < 2e-2, f"{name}: relative error {err:.2e}"  # bfloat16: 2^-8 per entry
 
 
-@pytest.mark.usefixtures("amx")
+@pytest.mark.usefixtures("bfloat16_cpu")
 def test_auto_on_small_layers_is_the_float32_apply_bit_for_bit() -> None:
     exact, auto = _directions(KFACDamping.PI, None), _directions(KFACDamping.PI, "auto")
     for name, ref in exact.items():
@@ -159,8 +159,8 @@ def _cosine(grad: Tensor, direction: Tensor) -> float:
 
 
 @pytest.fixture
-def amx_everywhere(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A CPU with AMX on which every layer is large enough for ``"auto"``'s bfloat16."""
+def bfloat16_everywhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CPU that multiplies bfloat16, every layer large enough for ``"auto"``'s bfloat16."""
     monkeypatch.setattr(precision, "cpu_multiplies_bfloat16", lambda: True)
     monkeypatch.setattr(precision, "LOW_PRECISION_MIN_COST", 0.0)
 
@@ -179,7 +179,7 @@ def test_a_bfloat16_apply_of_an_ill_conditioned_inverse_points_uphill() -> None:
     assert _cosine(grad, direction) < -math.sqrt(torch.finfo(torch.float32).eps)  # the guard's rule
 
 
-@pytest.mark.usefixtures("amx_everywhere")
+@pytest.mark.usefixtures("bfloat16_everywhere")
 def test_auto_applies_an_ill_conditioned_inverse_in_float32_and_descends() -> None:
     damping = 1e-3
     inverse, grad = _sqrt_inverse("auto", damping), _ill_conditioned_layer()[2]
@@ -191,7 +191,7 @@ def test_auto_applies_an_ill_conditioned_inverse_in_float32_and_descends() -> No
     assert _cosine(grad, direction) > 0.3
 
 
-@pytest.mark.usefixtures("amx_everywhere")
+@pytest.mark.usefixtures("bfloat16_everywhere")
 def test_auto_still_applies_a_well_conditioned_inverse_in_bfloat16() -> None:
     damping = 1e2  # shifts of 10 dwarf the factors: condition about 14
     inverse, grad = _sqrt_inverse("auto", damping), _ill_conditioned_layer()[2]
@@ -202,7 +202,7 @@ def test_auto_still_applies_a_well_conditioned_inverse_in_bfloat16() -> None:
     assert 0.0 < err < 2.5e-1 * inverse.condition_number / LOW_PRECISION_MAX_CONDITION
 
 
-@pytest.mark.usefixtures("amx_everywhere")
+@pytest.mark.usefixtures("bfloat16_everywhere")
 def test_auto_judges_the_eigen_inverse_by_its_exact_condition_number() -> None:
     for damping, expected in ((1e-3, torch.float32), (1e2, torch.bfloat16)):
         inverse = _layer_inverse(KFACDamping.EIGEN, "auto", damping)
@@ -233,7 +233,7 @@ def test_the_two_term_methods_apply_in_bfloat16_within_its_rounding(
         assert 0.0 < err < 3e-2, f"{name}: relative error {err:.2e}"
 
 
-@pytest.mark.usefixtures("amx")
+@pytest.mark.usefixtures("bfloat16_cpu")
 @pytest.mark.parametrize("make", TWO_TERM, ids=lambda m: m.__name__)
 def test_the_two_term_methods_auto_on_small_layers_is_float32_bit_for_bit(
     make: type[LayerwiseApprox],
@@ -249,7 +249,7 @@ def test_the_two_term_methods_refuse_an_unknown_apply_dtype(make: type[Layerwise
         make(apply_dtype="bf16")  # type: ignore[call-arg]
 
 
-@pytest.mark.usefixtures("amx_everywhere")
+@pytest.mark.usefixtures("bfloat16_everywhere")
 def test_two_term_inverse_judges_bfloat16_by_its_condition_bound() -> None:
     A, G, grad = _ill_conditioned_layer()
     gen = torch.Generator().manual_seed(1)
@@ -268,3 +268,24 @@ def test_two_term_inverse_judges_bfloat16_by_its_condition_bound() -> None:
     assert seen == {True, False}  # both sides of the rule were exercised
     with pytest.raises(ValueError, match="apply_dtype"):
         two_term_inverse(G, A, G2, A2, 1.0, apply_dtype=torch.int8)
+
+
+@pytest.mark.parametrize(
+    ("amx", "avx512_bf16", "expected"),
+    [(True, False, True), (False, True, True), (True, True, True), (False, False, False)],
+)
+def test_hardware_bfloat16_is_amx_or_avx512_bfloat16(
+    monkeypatch: pytest.MonkeyPatch, amx: bool, avx512_bf16: bool, expected: bool
+) -> None:
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    precision.cpu_multiplies_bfloat16.cache_clear()
+    try:
+        assert precision.cpu_multiplies_bfloat16() is expected
+        # Without oneDNN nothing multiplies bfloat16 fast, whatever the CPU has.
+        monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+        precision.cpu_multiplies_bfloat16.cache_clear()
+        assert precision.cpu_multiplies_bfloat16() is False
+    finally:
+        monkeypatch.undo()
+        precision.cpu_multiplies_bfloat16.cache_clear()
