@@ -1,8 +1,7 @@
 """KFAC with steps undone where the next batch's loss jumped: epochs to tuned Adam's final loss.
 
-Default KFAC's batch losses on the ReLU autoencoder jump now and then during its first
-30 steps (seed 0: 36.1 to 61.9 at step 4, 26.5 to 47.6 at step 17), each time after a
-step the KL clip barely shortened. Here a wrapper reads each step's loss (a forward hook
+Default KFAC's batch losses on the ReLU autoencoder jump now and then while it leaves
+the mean-image plateau (``loss_trace.py``). Here a wrapper reads each step's loss (a forward hook
 on the loss module) and, where it exceeds ``RHO`` times a running average of the
 accepted steps' losses (weight 0.3 on the newest), undoes the previous step: the weights
 go back to where they were before it, the momentum buffers are zeroed and the step is
