@@ -6,7 +6,8 @@ inverse, [`KroneckerSumInverse`][curvlib.linalg.KroneckerSumInverse]). On a CPU 
 bfloat16 in hardware oneDNN multiplies bfloat16 matrices faster than float32 ones once
 the layer is a few hundred wide: with Intel AMX tiles (Sapphire Rapids and later)
 three to four times on one thread and about twice on two, with the AVX-512 bfloat16
-instructions (AMD Zen 4 and later, Intel Cooper Lake) about twice on one or two;
+instructions on an AMD EPYC Zen 4 about twice on one or two (Intel's Cooper Lake also has
+them; not measured);
 below that, converting costs more than it saves. The products accumulate in
 float32 and the result is returned in the factors' dtype; statistics, factors
 and inverses keep their own dtype.
