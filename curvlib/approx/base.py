@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from curvlib.core.checkpoint import RECORD_KEY, check_record, writer_record
-from curvlib.core.layout import CurvatureLayer
+from curvlib.core.layout import CurvatureLayer, kronecker_cost
 from curvlib.core.stats import CurvatureStatistics, LayerStatistics, StatKind
 from curvlib.linalg.factors import FactorizationError, flush_subnormals, flush_subnormals_
 from curvlib.linalg.factors import symmetrize as symmetrized
@@ -206,6 +206,18 @@ class LayerBlock(ABC):
     @abstractmethod
     def inverse(self, damping: float) -> LayerInverse:
         """A new function applying the damped inverse of the block."""
+
+    def factorisation_cost(self) -> float:
+        r"""The estimated cost of building the block's inverse, in units its approximation shares.
+
+        [`LayerwiseApprox`][curvlib.approx.base.LayerwiseApprox] schedules the
+        blocks' factorisations over the CPU's threads by it
+        ([`run_jobs`][curvlib.linalg.parallel.run_jobs]): a block whose
+        factorisations are smaller than its shape (dead coordinates decoupled)
+        says so, or a thread gets a large job while another idles. Default:
+        $d_\text{out}^3 + d_\text{in}^3$.
+        """
+        return kronecker_cost(self.out_dim, self.in_dim)
 
     def draft_inverse(self, damping: float) -> InverseDraft | None:
         """``inverse(damping)`` without host reads until its ``finish``, or ``None``.
@@ -696,8 +708,9 @@ class LayerwiseApprox(ABC):
         workers: How many layers' blocks are factorised at once (inverses,
             eigenbases), each on one thread. ``None`` (the default): torch's
             intra-op threads on the CPU, one at a time on an accelerator
-            ([`run_jobs`][curvlib.linalg.parallel.run_jobs] has the schedule);
-            ``1`` factorises one layer after the other on every thread.
+            ([`run_jobs`][curvlib.linalg.parallel.run_jobs] has the schedule,
+            by each block's ``factorisation_cost``); ``1`` factorises one layer
+            after the other on every thread.
 
     Raises:
         ValueError: If ``decay`` is outside ``[0, 1]``.
@@ -904,7 +917,7 @@ class LayerwiseApprox(ABC):
             return {}
         return run_jobs(
             {name: job(name, block) for name, block in blocks.items()},
-            {name: float(b.out_dim) ** 3 + float(b.in_dim) ** 3 for name, b in blocks.items()},
+            {name: b.factorisation_cost() for name, b in blocks.items()},
             self.workers or default_workers(next(iter(blocks.values()))._device()),
         )
 

@@ -68,6 +68,7 @@ from curvlib.approx.base import (
     running_average,
     settle_condition,
 )
+from curvlib.core.layout import kronecker_cost
 from curvlib.core.stats import LayerStatistics, PerSampleIO, StatKind
 from curvlib.linalg.factors import (
     Eigh,
@@ -78,6 +79,7 @@ from curvlib.linalg.factors import (
     flush_below,
     flush_negligible,
     live_block,
+    live_size,
     negligible_limit,
     pi_shifts_of_means,
 )
@@ -228,6 +230,13 @@ class _EKFACBlock(SplitUpdateBlock):
         # (values_a, basis_a, values_g, basis_g) of the next basis.
         self.pending: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
         self.stale = False
+
+    def factorisation_cost(self) -> float:
+        """$d^3$ of the sides decomposed: their live coordinates where dead ones are decoupled."""
+        if self.A is None or self.G is None:
+            return super().factorisation_cost()
+        live_g, live_a = (cpu_live_coordinates(f, eigh=True) for f in (self.G, self.A))
+        return kronecker_cost(live_size(live_g, self.out_dim), live_size(live_a, self.in_dim))
 
     def _factors_after(self, stats: LayerStatistics, rho: float) -> tuple[Tensor, Tensor]:
         """The running factors ``(A, G)`` with this step's statistics folded in."""

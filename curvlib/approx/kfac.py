@@ -20,6 +20,7 @@ from curvlib.approx.base import (
     running_average,
     standard_normal,
 )
+from curvlib.core.layout import kronecker_cost
 from curvlib.core.stats import LayerStatistics, StatKind
 from curvlib.linalg.factors import (
     cholesky_inverse,
@@ -32,6 +33,7 @@ from curvlib.linalg.factors import (
     flush_below,
     flush_negligible,
     live_block,
+    live_size,
     negligible_limit,
     pi_shifts,
     pi_split,
@@ -320,6 +322,13 @@ class _KFACBlock(SharedInverseBlock):
         """The live coordinates of ``G`` and ``A`` where decoupling them pays (CPU)."""
         A, G = self._factors()
         return cpu_live_coordinates(G), cpu_live_coordinates(A)
+
+    def factorisation_cost(self) -> float:
+        """$d^3$ of the sides factorised: their live coordinates where dead ones are decoupled."""
+        if self.A is None or self.G is None:
+            return super().factorisation_cost()
+        live_g, live_a = self._live()
+        return kronecker_cost(live_size(live_g, self.out_dim), live_size(live_a, self.in_dim))
 
     def _damped_choleskys(
         self, damping: float, live: tuple[Tensor | None, Tensor | None] | None = None

@@ -255,6 +255,11 @@ def cpu_live_coordinates(*mats: Tensor, eigh: bool = False) -> Tensor | None:
     return _live(mats, size * MIN_DEAD_FRACTION)
 
 
+def live_size(live: Tensor | None, size: int) -> int:
+    """The rows a factorisation works on: ``len(live)``, or ``size`` where ``live`` is ``None``."""
+    return size if live is None else len(live)
+
+
 def live_block(mat: Tensor, live: Tensor | None) -> Tensor:
     """``mat`` on the coordinates ``live`` (rows and columns); ``mat`` itself where ``None``."""
     return mat if live is None else mat.index_select(0, live).index_select(1, live)

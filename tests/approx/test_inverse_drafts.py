@@ -12,11 +12,13 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
 
 from curvlib.approx import EKFAC, KFAC, KPSVD, Diagonal
+from curvlib.approx import base as base_module
 from curvlib.approx import kfac as kfac_module
 from curvlib.approx.base import LayerwiseApprox
 from curvlib.approx.kfac import KFACDamping
@@ -265,6 +267,43 @@ def _kill(mat: torch.Tensor, dead: list[int]) -> torch.Tensor:
     mat[dead] = 0.0
     mat[:, dead] = 0.0
     return mat
+
+
+@pytest.mark.parametrize("name", ["kfac-pi", "kpsvd", "ekfac"])
+def test_the_factorisations_are_scheduled_by_their_live_sizes(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A block whose dead coordinates are decoupled costs the cube of its live ones.
+
+    Scheduled by its shape instead, a layer with mostly dead inputs (a convolution
+    over a small image, whose kernel reaches mostly padding) would get a thread of
+    its own while a larger one ran alone on another.
+    """
+    approx = _fitted(name, 0, torch.float64)
+    live_sizes = {}
+    for layer, block in approx._blocks.items():
+        block.A = _kill(block.A, [0, block.in_dim - 1])
+        block.G = _kill(block.G, [1] if block.out_dim > 2 else [])
+        live_sizes[layer] = [int(f.ne(0).any(-1).sum()) for f in (block.G, block.A)]
+    scheduled: list[dict[str, float]] = []
+    run_jobs = base_module.run_jobs
+
+    def recorded(jobs: Any, costs: Any, workers: int) -> Any:
+        scheduled.append(dict(costs))
+        return run_jobs(jobs, costs, workers)
+
+    monkeypatch.setattr(base_module, "run_jobs", recorded)
+    with decoupled_from_the_first_dead_row():
+        if isinstance(approx, RefreshableApprox):
+            approx.refresh()
+        approx.inverse(DAMPING)
+    want = {layer: float(g**3 + a**3) for layer, (g, a) in live_sizes.items()}
+    assert scheduled and all(costs == want for costs in scheduled), scheduled
+    shapes = {layer: float(b.out_dim**3 + b.in_dim**3) for layer, b in approx._blocks.items()}
+    assert all(want[layer] < shapes[layer] for layer in want)
+    scheduled.clear()
+    approx.inverse(DAMPING)  # the sizes' thresholds kept: small factors are factorised whole
+    assert scheduled and all(costs == shapes for costs in scheduled)
 
 
 @pytest.mark.parametrize("name", ["kfac-pi", "kfac-sqrt", "kpsvd"])
