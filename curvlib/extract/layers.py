@@ -27,45 +27,75 @@ def unfold_input(layer: CurvatureLayer, x: Tensor) -> Tensor:
     module = layer.module
     if layer.kind is LayerKind.LINEAR:
         a = x.reshape(x.shape[0], -1, x.shape[-1])
-    elif layer.kind is LayerKind.CONV2D:
+        if layer.has_bias:
+            a = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
+        return a
+    if layer.kind is LayerKind.CONV2D:
         assert isinstance(module, nn.Conv2d)
-        a = F.unfold(
-            x,
-            module.kernel_size,
-            dilation=module.dilation,
-            padding=_conv_padding(module),
-            stride=module.stride,
-        ).transpose(1, 2)
+        (ph, pw), flip = _conv_padding(module), False
+        # Contiguous in NCHW order, as the windows' strides assume (a padded
+        # channels-last input stays channels-last).
+        padded = (F.pad(x, (pw, pw, ph, ph)) if ph or pw else x).contiguous()
+        stride = module.stride
     else:
-        a = _unfold_conv_transpose2d(layer, x).transpose(1, 2)
-    if layer.has_bias:
-        a = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
-    return a
+        assert isinstance(module, nn.ConvTranspose2d)
+        padded, flip, stride = _spread_input(module, x), True, (1, 1)
+    return _windows(padded, module.kernel_size, stride, module.dilation, layer.has_bias, flip)
 
 
-def _unfold_conv_transpose2d(layer: CurvatureLayer, x: Tensor) -> Tensor:
-    """Unfold by a one-hot transposed convolution: ``[N, C_in * kh * kw, T]``.
+def _windows(
+    padded: Tensor,
+    kernel: tuple[int, ...],
+    stride: tuple[int, ...],
+    dilation: tuple[int, ...],
+    bias: bool,
+    flip: bool,
+) -> Tensor:
+    r"""The kernel's windows over a padded ``[N, C, H, W]`` input: ``[N, T, C * kh * kw (+ 1)]``.
 
-    Row ``(c, k)`` at output position ``t`` holds the input entry that kernel
-    element ``k`` of input channel ``c`` maps to ``t``, so the layer output is
+    Row ``t`` holds the window of output position ``t`` in ``(c, ky, kx)`` order
+    (``flip``: the kernel's elements in reverse order on both axes), and a one in
+    the last column with ``bias``. The windows are a strided view of the input,
+    copied once into the result: ``F.unfold`` and a transpose would copy twice,
+    the second time across the whole result.
+    """
+    n, c, h, w = padded.shape
+    (kh, kw), (sh, sw), (dh, dw) = kernel, stride, dilation
+    oh, ow = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
+    view = padded.as_strided((n, oh, ow, c, kh, kw), (c * h * w, sh * w, sw, h * w, dh * w, dw))
+    out = padded.new_empty(n, oh * ow, c * kh * kw + int(bias))
+    target = out[..., : c * kh * kw].view(n, oh, ow, c, kh, kw)
+    if not flip:
+        target.copy_(view)
+    else:  # no negative strides in torch: one slice per kernel element
+        for i in range(kh):
+            for j in range(kw):
+                target[..., i, j].copy_(view[..., kh - 1 - i, kw - 1 - j])
+    if bias:
+        out[..., -1] = 1.0
+    return out
+
+
+def _spread_input(module: nn.ConvTranspose2d, x: Tensor) -> Tensor:
+    r"""A transposed convolution's input laid out for a stride-1 unfold with the kernel flipped.
+
+    Element $k$ of the kernel maps input $i$ to output $t = is - p + kd$ (per
+    spatial axis: stride $s$, padding $p$, dilation $d$). Spread out by the
+    stride ($s - 1$ zeros between entries) and padded by $d(K-1) - p$ on each
+    side (the output padding too at the end; a negative pad crops), the input
+    holds $i$ at element $K - 1 - k$ of output $t$'s window. So row ``(c, k)``
+    of the unfolded input at position ``t`` is the input entry that kernel
+    element ``k`` of channel ``c`` maps to ``t``, and the layer output is
     ``W_mat @ unfolded`` with ``W_mat = weight.transpose(0, 1).reshape(C_out, -1)``.
     """
-    module = layer.module
-    assert isinstance(module, nn.ConvTranspose2d)
-    c_in = x.shape[1]
-    kh, kw = module.kernel_size
-    eye = torch.eye(c_in * kh * kw, dtype=x.dtype, device=x.device)
-    one_hot = eye.reshape(c_in, kh * kw, c_in * kh * kw).transpose(1, 2)
-    one_hot = one_hot.reshape(c_in, c_in * kh * kw, kh, kw)
-    out = F.conv_transpose2d(
-        x,
-        one_hot,
-        stride=module.stride,
-        padding=_conv_padding(module),
-        output_padding=module.output_padding,
-        dilation=module.dilation,
-    )
-    return out.flatten(2)
+    n, c_in, h, w = x.shape
+    (kh, kw), (sh, sw) = module.kernel_size, module.stride
+    (dh, dw), (ph, pw) = module.dilation, _conv_padding(module)
+    oh, ow = module.output_padding
+    spread = x.new_zeros(n, c_in, (h - 1) * sh + 1, (w - 1) * sw + 1)
+    spread[:, :, ::sh, ::sw] = x
+    left_h, left_w = dh * (kh - 1) - ph, dw * (kw - 1) - pw
+    return F.pad(spread, (left_w, left_w + ow, left_h, left_h + oh)).contiguous()
 
 
 def _conv_padding(module: nn.Conv2d | nn.ConvTranspose2d) -> tuple[int, ...]:
