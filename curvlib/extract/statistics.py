@@ -19,7 +19,7 @@ from curvlib.core.stats import (
     PooledIO,
     StatKind,
 )
-from curvlib.linalg.factors import gram, gram_blocks
+from curvlib.linalg.factors import factor_gram, gram, gram_blocks
 
 BATCHNORM_KINDS = frozenset({StatKind.DIAGONAL, StatKind.PER_SAMPLE_GRAD, StatKind.PER_SAMPLE_IO})
 """The statistic kinds a normalisation layer (``NORM_KINDS``) answers (``batchnorm_statistics``)."""
@@ -68,7 +68,7 @@ def layer_statistics(
         a_flat = inputs.reshape(n * t, -1)
         g_flat = grads.reshape(-1, grads.shape[-1])
         # In place: the products are new tensors, and a second pass would allocate.
-        A = gram(a_flat, gram_blocks(a_flat)).div_(n)
+        A = factor_gram(a_flat).div_(n)
         G = gram(g_flat, gram_blocks(g_flat)).div_((num_samples or n) * t)
         # Symmetric up to rounding (exactly where computed in blocks); the approximations
         # symmetrise where it matters.

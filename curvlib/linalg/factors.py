@@ -168,6 +168,48 @@ def gram_blocks(x: Tensor) -> int:
     return 4 if rows >= MIN_GRAM_BLOCK_ROWS and cols >= MIN_GRAM_BLOCK_COLS else 1
 
 
+MIN_ZERO_COLUMN_GRAM_COST = 2.0**27
+r"""The fewest multiply-adds ($n d^2$) of a product in which ``factor_gram`` looks for zero columns.
+
+Below it (about 1.5 ms on two cores), copying the other columns out and the
+product back costs more than the smaller product saves
+(``benchmarks/results/experiments/unfold/zero_columns.txt``).
+"""
+
+MIN_ZERO_COLUMN_FRACTION = 1 / 4
+"""The fraction of zero columns from which ``factor_gram`` leaves them out of the product."""
+
+
+def factor_gram(x: Tensor) -> Tensor:
+    r"""$x^\top x$ for ``x`` ``[n, d]``, as [`gram`][curvlib.linalg.factors.gram] computes it.
+
+    On the CPU, for a product of at least ``MIN_ZERO_COLUMN_GRAM_COST``
+    multiply-adds where at least ``MIN_ZERO_COLUMN_FRACTION`` of the columns are
+    zero in every row, only the other
+    columns are multiplied and their product is embedded with zeros: the same
+    matrix at the square of their number. A convolution over a small input
+    gives such columns (kernel elements that reach only padding: the examples'
+    CNN's third convolution sees a 2x2 image through a 5x5 kernel, so 512 of its
+    801 input columns are zero), and so do dead ReLU units. The columns summing
+    to zero (one pass over ``x``) are the candidates, and only they are
+    read in full; the masks are read through NumPy (no device read).
+    """
+    cols = x.shape[-1]
+    small = x.shape[0] * cols * cols < MIN_ZERO_COLUMN_GRAM_COST
+    if x.device.type != "cpu" or small or x.dim() != 2:
+        return gram(x, gram_blocks(x))
+    candidates = numpy.flatnonzero(x.sum(0).eq(0).numpy())
+    if len(candidates) >= cols * MIN_ZERO_COLUMN_FRACTION:
+        index = torch.tensor(candidates, dtype=torch.int64)
+        zero = numpy.zeros(cols, dtype=bool)
+        zero[candidates] = ~x.index_select(1, index).ne(0).any(0).numpy()
+        if zero.sum() >= cols * MIN_ZERO_COLUMN_FRACTION:
+            live = torch.tensor(numpy.flatnonzero(~zero), dtype=torch.int64)
+            part = x.index_select(1, live)
+            return embed_live(gram(part, gram_blocks(part)), live, cols, 0.0)
+    return gram(x, gram_blocks(x))
+
+
 MIN_DECOUPLED_SIZE = 384
 """The fewest rows of a matrix whose dead coordinates a Cholesky inverse leaves out.
 

@@ -13,6 +13,7 @@ from curvlib.linalg import (
     cholesky_inverse,
     damped_cholesky,
     eigh,
+    factors,
     flush_negligible,
     flush_subnormals,
     flush_subnormals_,
@@ -23,6 +24,7 @@ from curvlib.linalg.factors import (
     MIN_GRAM_BLOCK_ROWS,
     cpu_live_coordinates,
     device_negligible_limit,
+    factor_gram,
     flush_below,
     gram,
     gram_blocks,
@@ -255,6 +257,57 @@ def test_gram_in_one_block_is_the_gemm_itself() -> None:
     x = torch.randn(30, 20, generator=torch.Generator().manual_seed(4))
     assert torch.equal(gram(x), x.T @ x)
     assert torch.equal(gram(x[:, :3], 4), x[:, :3].T @ x[:, :3])  # fewer columns than blocks
+
+
+@pytest.mark.parametrize("zero", [0, 40, 100, 299], ids=lambda z: f"{z}-zero")
+def test_factor_gram_leaves_zero_columns_out_of_the_same_matrix(
+    zero: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With or without zero columns (a quarter or more: left out), the Gram matrix itself.
+
+    A column that sums to zero without being zero (a candidate read in full) is kept.
+    """
+    monkeypatch.setattr(factors, "MIN_ZERO_COLUMN_GRAM_COST", 64 * 300**2)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(64, 300, generator=gen, dtype=torch.float64)
+    columns = torch.randperm(300, generator=gen)
+    x[:, columns[:zero]] = 0.0
+    x[:, columns[-1]] = 0.0
+    x[:2, columns[-1]] = torch.tensor([1.5, -1.5], dtype=torch.float64)  # sums to zero
+    products: list[int] = []
+    inner = factors.gram
+
+    def counted(mat: Tensor, blocks: int = 1) -> Tensor:
+        products.append(mat.shape[-1])
+        return inner(mat, blocks)
+
+    monkeypatch.setattr(factors, "gram", counted)
+    got = factor_gram(x)
+    torch.testing.assert_close(got, x.T @ x, rtol=1e-13, atol=1e-13)
+    assert products == [300 - zero if zero >= 300 // 4 else 300]
+    assert bool(got[columns[:zero]].eq(0).all()) and bool(got[:, columns[:zero]].eq(0).all())
+
+
+def test_factor_gram_multiplies_small_and_device_matrices_whole(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    products: list[int] = []
+    inner = factors.gram
+
+    def counted(mat: Tensor, blocks: int = 1) -> Tensor:
+        products.append(mat.shape[-1])
+        return inner(mat, blocks)
+
+    monkeypatch.setattr(factors, "gram", counted)
+    x = torch.randn(10, 300)
+    x[:, :100] = 0.0
+    monkeypatch.setattr(factors, "MIN_ZERO_COLUMN_GRAM_COST", 10 * 300**2 + 1)
+    assert torch.equal(factor_gram(x), inner(x))
+    assert products == [300]
+    monkeypatch.setattr(factors, "MIN_ZERO_COLUMN_GRAM_COST", 0)
+    assert factor_gram(x).shape == (300, 300) and products == [300, 200]
+    meta = torch.empty(10, 300, device="meta")
+    assert factor_gram(meta).shape == (300, 300) and products == [300, 200, 300]
 
 
 def test_gram_blocks_splits_large_cpu_factors_only() -> None:
