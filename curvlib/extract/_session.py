@@ -18,12 +18,22 @@ from torch import Tensor, nn
 from torch.nn.modules.module import register_module_forward_pre_hook
 from torch.utils.hooks import RemovableHandle
 
-from curvlib.core.layout import NORM_KINDS, CurvatureLayer, frozen_message
+from curvlib.core.layout import NORM_KINDS, CurvatureLayer, LayerKind, frozen_message
 from curvlib.core.stats import CurvatureStatistics, FisherType, LayerStatistics, StatKind
 from curvlib.extract._autograd import AutogradRun
 from curvlib.extract._backpack import BackpackRun
-from curvlib.extract.layers import norm_grads, output_grads, unfold_input
-from curvlib.extract.statistics import batchnorm_statistics, layer_statistics
+from curvlib.extract.layers import (
+    norm_grads,
+    output_grads,
+    transposed_conv_input_gram,
+    unfold_input,
+)
+from curvlib.extract.statistics import (
+    batchnorm_statistics,
+    kronecker_statistics,
+    layer_statistics,
+    widened,
+)
 
 if TYPE_CHECKING:
     from curvlib.extract.extractor import CurvatureExtractor
@@ -349,10 +359,17 @@ class CollectSession:
         if layer.kind in NORM_KINDS:
             per_sample = norm_grads(layer, x, self.columns[module])
             return batchnorm_statistics(layer, per_sample, self.ex._stats, self.ex._dtype)
+        grads = output_grads(layer, self.columns[module])
+        if layer.kind is LayerKind.CONV_TRANSPOSE2D and self.ex._stats == {StatKind.KRONECKER}:
+            gram = transposed_conv_input_gram(layer, widened(x.detach(), self.ex._dtype))
+            if gram is not None:  # the unfolded input's zeros never formed
+                return kronecker_statistics(
+                    layer, gram, len(x), grads, self.ex._dtype, num_samples=self._num_samples()
+                )
         return layer_statistics(
             layer,
             unfold_input(layer, x),
-            output_grads(layer, self.columns[module]),
+            grads,
             self.ex._stats,
             self.ex._dtype,
             num_samples=self._num_samples(),

@@ -7,11 +7,16 @@ statistics computed from them live in
 
 from __future__ import annotations
 
+import functools
+import itertools
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from curvlib.core.layout import CurvatureLayer, LayerKind
+from curvlib.linalg.factors import gram
 
 
 def unfold_input(layer: CurvatureLayer, x: Tensor) -> Tensor:
@@ -175,3 +180,98 @@ def _normalised(layer: CurvatureLayer, x: Tensor) -> Tensor:
     assert mean is not None and var is not None, "BatchNorm without running statistics"
     shape = (1, -1) + (1,) * (x.dim() - 2)
     return (x - mean.reshape(shape).to(x)) * torch.rsqrt(var.reshape(shape).to(x) + module.eps)
+
+
+def transposed_conv_input_gram(layer: CurvatureLayer, x: Tensor) -> Tensor | None:
+    r"""$\sum_{n,t} \bar a_{nt} \bar a_{nt}^\top$ of a transposed convolution, zeros left out.
+
+    ``unfold_input`` of a transposed convolution is mostly zeros: output $t$
+    receives input $i$ through kernel element $k = t + p - is$ only (per axis),
+    so of the $K$ elements along an axis at most $\lceil K/s \rceil$ reach an
+    input, and fewer at the border (a $1\times1$ input reaches one element of
+    each window). Along each axis the output positions fall into runs that
+    reach the same kernel elements (an arithmetic progression, step $s$) from
+    consecutive inputs; for each pair of runs the windows are a strided view of
+    the input itself, and their Gram matrix is added at those elements' rows and
+    columns. The result is the Gram matrix of ``unfold_input(layer, x)`` (to
+    rounding) at a fraction of its multiply-adds: $1/s^4$ of them for a kernel
+    of $s$ times the stride, and no unfolded copy of the zeros.
+
+    Returns:
+        ``[in_aug, in_aug]``, or ``None`` for a dilated transposed convolution
+        (the caller unfolds it).
+    """
+    module = layer.module
+    assert isinstance(module, nn.ConvTranspose2d)
+    if module.dilation != (1, 1) or x.dim() != 4:
+        return None
+    x = x.contiguous()
+    n, c_in, h, w = x.shape
+    (kh, kw), pad = module.kernel_size, _conv_padding(module)
+    runs_y = _transposed_runs(h, kh, module.stride[0], pad[0], module.output_padding[0])
+    runs_x = _transposed_runs(w, kw, module.stride[1], pad[1], module.output_padding[1])
+    size = c_in * kh * kw + int(layer.has_bias)
+    out = x.new_zeros(size * size)
+    channels = torch.arange(c_in) * (kh * kw)
+    rows = 0
+    for (count_y, first_y, elements_y), (count_x, first_x, elements_x) in itertools.product(
+        runs_y, runs_x
+    ):
+        rows += n * count_y * count_x
+        if not elements_y or not elements_x:
+            continue  # positions no input reaches: the bias column alone
+        # The windows as columns, the input's rows innermost: long contiguous copies.
+        view = x.as_strided(
+            (c_in, len(elements_y), len(elements_x), n, count_y, count_x),
+            (h * w, w, 1, c_in * h * w, w, 1),
+            x.storage_offset() + first_y * w + first_x,
+        )
+        cols = c_in * len(elements_y) * len(elements_x)
+        columns = x.new_empty(cols + int(layer.has_bias), n * count_y * count_x)
+        columns[:cols].view(view.shape).copy_(view)
+        kernel = torch.tensor(elements_y)[:, None] * kw + torch.tensor(elements_x)
+        index = (channels[:, None] + kernel.flatten()[None, :]).flatten()
+        if layer.has_bias:
+            columns[cols] = 1.0
+            index = torch.cat([index, torch.tensor([size - 1])])
+        flat = (index[:, None] * size + index[None, :]).flatten()
+        out.index_add_(0, flat, gram(columns.mT).flatten())
+    out = out.view(size, size)
+    if layer.has_bias:
+        out[-1, -1] = float(rows)  # every row's one, reached by some input or not
+    return out
+
+
+@functools.lru_cache(maxsize=256)
+def _transposed_runs(
+    size: int, kernel: int, stride: int, pad: int, extra: int
+) -> tuple[tuple[int, int, tuple[int, ...]], ...]:
+    r"""A transposed convolution's output positions along one axis, in runs of equal reach.
+
+    Output $t$ receives input $i$ through element $k = t + p - is$ for each
+    $0 \le i <$ ``size`` with $0 \le k <$ ``kernel``. A run is consecutive
+    positions of one residue modulo the stride that reach the same elements;
+    step $m$ of it reaches inputs ``first + m + j``, $j = 0, 1, \dots$, through
+    the elements ``elements[j]`` (decreasing by the stride). Cached: a layer
+    sees the same input size step after step.
+
+    Returns:
+        ``(positions, first input, elements)`` per run (elements empty where
+        no input reaches the positions).
+    """
+    length = (size - 1) * stride - 2 * pad + kernel + extra
+    runs: list[list[Any]] = []  # [next position, positions, first input, elements]
+    current: dict[tuple[int, tuple[int, ...]], int] = {}  # (residue, elements) -> run
+    for t in range(length):
+        low = max(0, -((kernel - 1 - t - pad) // stride))  # ceil((t + p - K + 1) / s)
+        high = min(size - 1, (t + pad) // stride)
+        elements = tuple(t + pad - i * stride for i in range(low, high + 1))
+        key = (t % stride, elements)
+        index = current.get(key)
+        if index is not None and runs[index][0] == t:  # the run's next position
+            runs[index][0] += stride
+            runs[index][1] += 1
+        else:
+            current[key] = len(runs)
+            runs.append([t + stride, 1, low, elements])
+    return tuple((count, first, elements) for _, count, first, elements in runs)

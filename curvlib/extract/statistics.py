@@ -25,7 +25,7 @@ BATCHNORM_KINDS = frozenset({StatKind.DIAGONAL, StatKind.PER_SAMPLE_GRAD, StatKi
 """The statistic kinds a normalisation layer (``NORM_KINDS``) answers (``batchnorm_statistics``)."""
 
 
-def _widened(tensor: Tensor, dtype: torch.dtype | None) -> Tensor:
+def widened(tensor: Tensor, dtype: torch.dtype | None) -> Tensor:
     """``tensor`` in ``dtype`` where that is wider (autocast's float16/bfloat16 activations).
 
     The statistics are then formed in the storage dtype, not rounded to it afterwards;
@@ -60,7 +60,7 @@ def layer_statistics(
     Returns:
         The statistics; kinds not in ``required`` are ``None``.
     """
-    inputs, grads = _widened(inputs.detach(), dtype), _widened(grads.detach(), dtype)
+    inputs, grads = widened(inputs.detach(), dtype), widened(grads.detach(), dtype)
     dtype = dtype or inputs.dtype
     n, t = inputs.shape[:2]
     kron = io = per_sample = None
@@ -92,6 +92,38 @@ def layer_statistics(
     return LayerStatistics(
         layer=layer, kronecker=kron, io=io, grads=per_sample, diagonal=diagonal, pooled=pooled
     )
+
+
+def kronecker_statistics(
+    layer: CurvatureLayer,
+    input_gram: Tensor,
+    rows: int,
+    grads: Tensor,
+    dtype: torch.dtype | None = None,
+    num_samples: int | None = None,
+) -> LayerStatistics:
+    r"""``layer_statistics`` of ``KRONECKER`` alone, from the inputs' Gram matrix.
+
+    For a layer whose $\sum_{n,t} \bar a_{nt} \bar a_{nt}^\top$ costs less
+    than unfolding its input (a transposed convolution:
+    [`transposed_conv_input_gram`][curvlib.extract.layers.transposed_conv_input_gram]).
+
+    Args:
+        layer: The curvature layer.
+        input_gram: $\sum_{n,t} \bar a_{nt} \bar a_{nt}^\top$, ``[in_aug, in_aug]``.
+        rows: $N$, the samples of the inputs (``inputs.shape[0]`` of ``layer_statistics``).
+        grads: $g_{knt}$, ``[K, N, T, out]``.
+        dtype: Storage dtype of the results (default: that of ``input_gram``).
+        num_samples: As for ``layer_statistics``.
+    """
+    grads = widened(grads.detach(), dtype)
+    dtype = dtype or input_gram.dtype
+    n, t = rows, grads.shape[2]
+    g_flat = grads.reshape(-1, grads.shape[-1])
+    A = input_gram.div(n)
+    G = gram(g_flat, gram_blocks(g_flat)).div_((num_samples or n) * t)
+    kron = KroneckerFactors(A=A.to(dtype), G=G.to(dtype), num_positions=t)
+    return LayerStatistics(layer=layer, kronecker=kron)
 
 
 def batchnorm_statistics(
