@@ -3,6 +3,7 @@ r"""KFAC: one Kronecker product per layer (Martens & Grosse 2015; KFC for convol
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Mapping
 from enum import Enum
 from typing import Any, ClassVar
@@ -20,9 +21,9 @@ from curvlib.approx.base import (
     running_average,
     standard_normal,
 )
-from curvlib.core.layout import kronecker_cost
 from curvlib.core.stats import LayerStatistics, StatKind
 from curvlib.linalg.factors import (
+    blockwise_damped_inverse,
     cholesky_inverse,
     cpu_live_coordinates,
     damped_cholesky,
@@ -32,6 +33,7 @@ from curvlib.linalg.factors import (
     first_cholesky,
     flush_below,
     flush_negligible,
+    independent_blocks,
     live_block,
     live_size,
     negligible_limit,
@@ -206,7 +208,12 @@ def factor_condition(factor: Tensor, shift: float, chol: Tensor, inverse: Tensor
 
 def _condition_parts(factor: Tensor, chol: Tensor, inverse: Tensor) -> Tensor:
     """``[max_i F_ii, min_i L_ii², max_i (M⁻¹)_ii]`` as float64, left on the device."""
-    parts = [factor.diagonal().max(), chol.diagonal().square().min(), inverse.diagonal().max()]
+    return _condition_parts_of(factor, chol.diagonal().square().min(), inverse)
+
+
+def _condition_parts_of(factor: Tensor, least_pivot: Tensor, inverse: Tensor) -> Tensor:
+    """``_condition_parts`` from the least squared pivot of a symmetric permutation's Cholesky."""
+    parts = [factor.diagonal().max(), least_pivot, inverse.diagonal().max()]
     return torch.stack(parts).double()
 
 
@@ -279,6 +286,7 @@ class _KFACBlock(SharedInverseBlock):
         """$T$, the output positions of the layer's last statistics."""
         self.A: Tensor | None = None
         self.G: Tensor | None = None
+        self._blocks_of: tuple[weakref.ref[Tensor], list[Tensor] | None] | None = None
 
     def update(self, stats: LayerStatistics, rho: float) -> None:
         assert stats.kronecker is not None
@@ -323,31 +331,72 @@ class _KFACBlock(SharedInverseBlock):
         A, G = self._factors()
         return cpu_live_coordinates(G), cpu_live_coordinates(A)
 
+    def _a_blocks(self) -> list[Tensor] | None:
+        """[`independent_blocks`][curvlib.linalg.factors.independent_blocks] of ``A``, cached.
+
+        ``update`` and ``load_state_dict`` store new tensors, never change one in
+        place: the groups found for a tensor hold as long as it is the estimate.
+        """
+        A, _ = self._factors()
+        if self._blocks_of is None or self._blocks_of[0]() is not A:
+            self._blocks_of = (weakref.ref(A), independent_blocks(A))
+        return self._blocks_of[1]
+
     def factorisation_cost(self) -> float:
-        """$d^3$ of the sides factorised: their live coordinates where dead ones are decoupled."""
+        """$d^3$ of the sides factorised: their live coordinates, or ``A``'s independent blocks."""
         if self.A is None or self.G is None:
             return super().factorisation_cost()
         live_g, live_a = self._live()
-        return kronecker_cost(live_size(live_g, self.out_dim), live_size(live_a, self.in_dim))
+        out = float(live_size(live_g, self.out_dim)) ** 3
+        blocks = self._a_blocks() if self._factored else None
+        if blocks is not None:
+            return out + sum(float(len(b)) ** 3 for b in blocks)
+        return out + float(live_size(live_a, self.in_dim)) ** 3
 
     def _damped_choleskys(
-        self, damping: float, live: tuple[Tensor | None, Tensor | None] | None = None
+        self,
+        damping: float,
+        live: tuple[Tensor | None, Tensor | None] | None = None,
+        *,
+        g_only: bool = False,
     ) -> tuple[float, Tensor, float, Tensor]:
         """``(s_G, L_G, s_A, L_A)``: the damped factors' shifts and Cholesky factors.
 
         $G' = G + s_G I$ and $A' = A + s_A I$ (``PI`` or ``SQRT`` shifts), jitter
         included in the shifts; ``live``: ``_live()``, if the caller has it.
+        ``g_only``: ``A``'s side is not factorised (``s_A`` without jitter, ``L_A``
+        empty): its inverse is built block by block.
         """
         A, G = self._factors()
         gamma_a, gamma_g = self._shifts(damping)
         # The running factors are averages of symmetrised statistics: symmetric to the bit.
         live_g, live_a = self._live() if live is None else live
         chol_g, jitter_g = damped_cholesky(live_block(G, live_g), gamma_g, symmetric=True)
-        chol_a, jitter_a = damped_cholesky(live_block(A, live_a), gamma_a, symmetric=True)
-        shift_g, shift_a = gamma_g + jitter_g, gamma_a + jitter_a
+        shift_g = gamma_g + jitter_g
         chol_g = _decoupled(chol_g, live_g, G.shape[-1], shift_g)
+        if g_only:
+            return shift_g, chol_g, gamma_a, A.new_empty(0, 0)
+        chol_a, jitter_a = damped_cholesky(live_block(A, live_a), gamma_a, symmetric=True)
+        shift_a = gamma_a + jitter_a
         chol_a = _decoupled(chol_a, live_a, A.shape[-1], shift_a)
         return shift_g, chol_g, shift_a, chol_a
+
+    def _blockwise_a_inverse(self, damping: float) -> tuple[Tensor, float] | None:
+        """``(A'^{-1}, its condition bound)`` block by block, where ``A`` has independent blocks.
+
+        ``None`` without blocks, or where a block's factorisation failed: the dense
+        factorisation, with its jittered retries, takes over.
+        """
+        blocks = self._a_blocks()
+        if blocks is None:
+            return None
+        A, _ = self._factors()
+        gamma_a, _ = self._shift_values(damping)
+        a_inv, least, failed = blockwise_damped_inverse(A, gamma_a, blocks)
+        if bool(failed):
+            return None
+        diagonal_max, least_pivot, inverse_max = _condition_parts_of(A, least, a_inv).tolist()
+        return a_inv, _factor_condition(diagonal_max, least_pivot, inverse_max, float(gamma_a))
 
     def _eigenvalues(self) -> tuple[Tensor, Tensor]:
         """Eigenvalues of ``G`` and ``A`` (round-off negatives clamped), ``eigvalsh`` only."""
@@ -371,16 +420,23 @@ class _KFACBlock(SharedInverseBlock):
         gamma_a, gamma_g = self._shift_values(damping)
         live_g, live_a = self._live()
         chol_g, info_g = first_cholesky(live_block(G, live_g), gamma_g, symmetric=True)
-        chol_a, info_a = first_cholesky(live_block(A, live_a), gamma_a, symmetric=True)
         chol_g = _decoupled(chol_g, live_g, G.shape[-1], gamma_g)
-        chol_a = _decoupled(chol_a, live_a, A.shape[-1], gamma_a)
         g_inv = _decoupled_inverse(chol_g, live_g, gamma_g)
-        a_inv = _decoupled_inverse(chol_a, live_a, gamma_a)
+        blocks = self._a_blocks()
+        if blocks is None:
+            chol_a, info_a = first_cholesky(live_block(A, live_a), gamma_a, symmetric=True)
+            chol_a = _decoupled(chol_a, live_a, A.shape[-1], gamma_a)
+            a_inv = _decoupled_inverse(chol_a, live_a, gamma_a)
+            parts_a = _condition_parts(A, chol_a, a_inv)
+        else:
+            a_inv, least, failed = blockwise_damped_inverse(A, gamma_a, blocks)
+            info_a = failed.to(torch.int32)
+            parts_a = _condition_parts_of(A, least, a_inv)
         extremes = _float64([*torch.aminmax(g_inv), *torch.aminmax(a_inv)], G)
         numbers = torch.cat([
             _float64([info_g, info_a, gamma_g, gamma_a], G),
             _condition_parts(G, chol_g, g_inv),
-            _condition_parts(A, chol_a, a_inv),
+            parts_a,
             extremes,
         ])  # fmt: skip
 
@@ -410,14 +466,20 @@ class _KFACBlock(SharedInverseBlock):
 
     def inverse(self, damping: float) -> LayerInverse:
         if self._factored:
+            blockwise = self._blockwise_a_inverse(damping)
             live_g, live_a = self._live()
-            shift_g, chol_g, shift_a, chol_a = self._damped_choleskys(damping, (live_g, live_a))
+            shift_g, chol_g, shift_a, chol_a = self._damped_choleskys(
+                damping, (live_g, live_a), g_only=blockwise is not None
+            )
             A, G = self._factors()
             g_inv = _decoupled_inverse(chol_g, live_g, shift_g)
-            a_inv = _decoupled_inverse(chol_a, live_a, shift_a)
-            condition = factor_condition(G, shift_g, chol_g, g_inv) * factor_condition(
-                A, shift_a, chol_a, a_inv
-            )
+            condition = factor_condition(G, shift_g, chol_g, g_inv)
+            if blockwise is None:
+                a_inv = _decoupled_inverse(chol_a, live_a, shift_a)
+                condition *= factor_condition(A, shift_a, chol_a, a_inv)
+            else:
+                a_inv, condition_a = blockwise
+                condition *= condition_a
             apply_dtype = self._apply_dtype(g_inv, condition)
             return KroneckerInverse(g_inv, a_inv, condition, apply_dtype)
         A, G = self._factors()

@@ -593,3 +593,118 @@ def pi_shifts_of_means(mean_a: Tensor, mean_g: Tensor, damping: float) -> tuple[
     pi = torch.where((mean_a <= 0.0) | (mean_g <= 0.0), 1.0, (mean_a / mean_g).sqrt())
     root = damping**0.5
     return pi * root, pi.new_full((), root) / pi
+
+
+MIN_BLOCKWISE_SIZE = 384
+"""The fewest rows of a factor that ``independent_blocks`` looks for independent blocks in."""
+
+MAX_BLOCK_FRACTION = 1 / 2
+"""The largest block, as a fraction of the rows, for which ``independent_blocks`` splits."""
+
+
+def independent_blocks(mat: Tensor) -> list[Tensor] | None:
+    r"""Groups of coordinates of a symmetric matrix that no nonzero entry joins, the last one aside.
+
+    A transposed convolution's input factor is block diagonal up to the bias:
+    output $t$ receives input $i$ through kernel element $k = t + p - is$ only,
+    so elements of different residues modulo the stride never meet in one
+    window (four blocks at stride 2), and on a 1x1 input no two elements do
+    (one block per element). The bias column's row, the last, meets every
+    coordinate and is left out of the groups; any last coordinate may be, as
+    [`blockwise_damped_inverse`][curvlib.linalg.factors.blockwise_damped_inverse]
+    eliminates it last. A dead coordinate (a zero row) is a group of its own.
+
+    Each coordinate is labelled by following its row's first nonzero entry to
+    the least coordinate it leads to; the labels are the groups where no
+    nonzero entry joins two of them (checked by counting the nonzero entries
+    inside the groups against all of them). A block whose own pattern is
+    sparse may fail that check: it is then left to the dense factorisation.
+
+    On the CPU, for a matrix of at least ``MIN_BLOCKWISE_SIZE`` rows whose
+    largest group holds at most ``MAX_BLOCK_FRACTION`` of the coordinates, the
+    groups, each ascending; otherwise ``None``. Read on the host through NumPy
+    (no device read).
+    """
+    size = mat.shape[-1] - 1
+    if mat.device.type != "cpu" or size + 1 < MIN_BLOCKWISE_SIZE or mat.dim() != 2:
+        return None
+    pattern = mat[:size, :size].ne(0)
+    counts = pattern.sum(1).numpy()
+    live = pattern.diagonal().numpy()  # a zero diagonal entry of a PSD matrix: a zero row
+    if (counts[live] == live.sum()).all():
+        return None  # the live coordinates form one dense block
+    labels = numpy.where(live, pattern.to(torch.uint8).argmax(1).numpy(), numpy.arange(size))
+    while True:  # pointer jumping: each label to the least coordinate it leads to
+        jumped = labels[labels]
+        if (jumped == labels).all():
+            break
+        labels = jumped
+    order = numpy.argsort(labels, kind="stable")
+    starts = numpy.flatnonzero(numpy.diff(labels[order], prepend=-1))
+    groups = [numpy.sort(g) for g in numpy.split(order, starts[1:])]
+    if max(len(g) for g in groups) > size * MAX_BLOCK_FRACTION:
+        return None
+    matrix = pattern.numpy()
+    inside = sum(
+        int(live[g[0]]) if len(g) == 1 else int(matrix[numpy.ix_(g, g)].sum()) for g in groups
+    )
+    if inside != int(counts.sum()):
+        return None  # a nonzero entry joins two labels: not independent blocks
+    return [torch.from_numpy(g.astype(numpy.int64)) for g in groups]
+
+
+def blockwise_damped_inverse(
+    mat: Tensor, shift: Tensor | float, blocks: list[Tensor]
+) -> tuple[Tensor, Tensor, Tensor]:
+    r"""$(M + sI)^{-1}$ of a matrix whose coordinates but the last form independent blocks.
+
+    With the blocks $B_j$ of [`independent_blocks`][curvlib.linalg.factors.independent_blocks]
+    and the last coordinate's column $v$ and entry $c$, $M + sI$ is, up to a
+    permutation, $\begin{pmatrix} B + sI & v \\ v^\top & c + s \end{pmatrix}$ with
+    $B$ block diagonal. The blocks are factorised (Cholesky and its inverse,
+    those of one size as one batch), then $u = (B + sI)^{-1} v$ and the last
+    pivot $\sigma = c + s - v^\top u$, and
+    $$(M + sI)^{-1} = \begin{pmatrix} (B + sI)^{-1} + uu^\top/\sigma & -u/\sigma \\
+    -u^\top/\sigma & 1/\sigma \end{pmatrix},$$
+    exactly symmetric. The cost is that of the blocks' factorisations and
+    $O(n^2)$, not $O(n^3)$.
+
+    Returns:
+        The inverse, the least squared pivot of the permuted Cholesky
+        factorisation (the blocks' $L_{ii}^2$ and $\sigma$: each at least
+        $\lambda_\min$, as in [`factor_condition`][curvlib.approx.kfac.factor_condition]),
+        and a failure flag (true where a block's Cholesky failed or $\sigma$
+        is not positive), all left on the device.
+    """
+    size = mat.shape[-1]
+    shift = torch.as_tensor(shift, dtype=mat.dtype, device=mat.device)
+    inverse = mat.new_zeros(size * size)
+    v = mat[:-1, -1]
+    u = torch.zeros_like(v)
+    pivots: list[Tensor] = []
+    failed: list[Tensor] = []
+    by_size: dict[int, list[Tensor]] = {}
+    for group in blocks:
+        by_size.setdefault(len(group), []).append(group)
+    for groups in by_size.values():
+        index = torch.stack(groups)  # [blocks, rows]
+        block = mat[index[:, :, None], index[:, None, :]]  # a copy
+        block.diagonal(dim1=-2, dim2=-1).add_(shift)
+        chol, info = torch.linalg.cholesky_ex(block)
+        block_inverse = torch.cholesky_inverse(chol)
+        if block_inverse.device.type != "cpu":
+            block_inverse = symmetrize(block_inverse)
+        flat = (index[:, :, None] * size + index[:, None, :]).flatten()
+        inverse.index_copy_(0, flat, block_inverse.flatten())
+        u[index] = (block_inverse @ v[index][..., None])[..., 0]
+        pivots.append(chol.diagonal(dim1=-2, dim2=-1).square().min())
+        failed.append(info.ne(0).any())
+    inverse = inverse.view(size, size)
+    sigma = mat[-1, -1] + shift - v @ u
+    inverse[:-1, :-1].add_(torch.outer(u, u).div_(sigma))
+    edge = -u / sigma
+    inverse[:-1, -1] = edge
+    inverse[-1, :-1] = edge
+    inverse[-1, -1] = sigma.reciprocal()
+    least = torch.stack([*pivots, sigma]).min()
+    return inverse, least, torch.stack([*failed, sigma.le(0)]).any()

@@ -23,6 +23,7 @@ from curvlib.approx import kfac as kfac_module
 from curvlib.approx.base import LayerwiseApprox
 from curvlib.approx.kfac import KFACDamping
 from curvlib.core import RefreshableApprox
+from curvlib.linalg import factors as linalg_factors
 from tests.approx.cases import PROBLEMS, fit_statistics, perturbed
 from tests.dead_units import decoupled_from_the_first_dead_row
 
@@ -347,3 +348,79 @@ def test_dead_coordinates_are_factorised_apart_to_the_same_inverse(
         want = torch.linalg.solve(block.A + gamma_a * eye_a, want.T).T
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
         assert precond.condition_numbers[layer] == conditions[layer], layer
+
+
+def _blocked_factor(size: int, seed: int) -> torch.Tensor:
+    """A PSD ``[size, size]`` factor whose coordinates but the last form blocks of two or one."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for start in range(0, size - 1, 2):
+        group = list(range(start, min(start + 2, size - 1)))
+        x = torch.zeros(4, size, dtype=torch.float64)
+        x[:, group] = torch.randn(4, len(group), generator=gen, dtype=torch.float64)
+        x[:, -1] = 1.0
+        rows.append(x)
+    x = torch.cat(rows)
+    return x.T @ x / len(x)
+
+
+@pytest.mark.parametrize("name", ["kfac-pi", "kfac-sqrt", "kpsvd"])
+def test_independent_blocks_of_the_input_factor_are_inverted_apart(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An input factor block diagonal up to its last coordinate is inverted block by block.
+
+    As a transposed convolution's is. Drafted and checked to the bit, both the dense
+    damped Kronecker inverse, with the same condition numbers.
+    """
+    monkeypatch.setattr(linalg_factors, "MIN_BLOCKWISE_SIZE", 1)
+    approx = _fitted(name, 0, torch.float64)
+    for seed, block in enumerate(approx._blocks.values()):
+        block.A = _blocked_factor(block.in_dim, seed)
+    calls: list[int] = []
+    blockwise = kfac_module.blockwise_damped_inverse
+
+    def counted(mat: torch.Tensor, shift: object, blocks: list[torch.Tensor]) -> object:
+        calls.append(mat.shape[-1])
+        return blockwise(mat, shift, blocks)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(kfac_module, "blockwise_damped_inverse", counted)
+    precond = approx.inverse(DAMPING)
+    checked = {layer: block.inverse(DAMPING) for layer, block in approx._blocks.items()}
+    assert calls == 2 * [b.in_dim for b in approx._blocks.values()]  # drafted, then checked
+    gen = torch.Generator().manual_seed(0)
+    for layer, block in approx._blocks.items():
+        mat = torch.randn(block.out_dim, block.in_dim, generator=gen, dtype=torch.float64)
+        got = precond.apply({layer: mat})[layer]
+        assert torch.equal(got, checked[layer](mat)), layer
+        assert precond.condition_numbers[layer] == block.condition_number(DAMPING), layer
+        gamma_a, gamma_g = block._shifts(DAMPING)
+        eye_g = torch.eye(block.out_dim, dtype=torch.float64)
+        eye_a = torch.eye(block.in_dim, dtype=torch.float64)
+        want = torch.linalg.solve(block.G + gamma_g * eye_g, mat)
+        want = torch.linalg.solve(block.A + gamma_a * eye_a, want.T).T
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_a_failed_block_leaves_the_input_factor_to_the_dense_factorisation(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(linalg_factors, "MIN_BLOCKWISE_SIZE", 1)
+    approx = _fitted("kfac-pi", 0, torch.float64)
+    for seed, block in enumerate(approx._blocks.values()):
+        block.A = _blocked_factor(block.in_dim, seed)
+    want = {layer: block.inverse(DAMPING) for layer, block in approx._blocks.items()}
+    blockwise = kfac_module.blockwise_damped_inverse
+
+    def failing(mat: torch.Tensor, shift: object, blocks: list[torch.Tensor]) -> object:
+        inverse, least, _ = blockwise(mat, shift, blocks)  # type: ignore[arg-type]
+        return inverse.fill_(float("nan")), least, torch.tensor(True)
+
+    monkeypatch.setattr(kfac_module, "blockwise_damped_inverse", failing)
+    precond = approx.inverse(DAMPING)
+    gen = torch.Generator().manual_seed(1)
+    for layer, block in approx._blocks.items():
+        mat = torch.randn(block.out_dim, block.in_dim, generator=gen, dtype=torch.float64)
+        got = precond.apply({layer: mat})[layer]
+        assert bool(got.isfinite().all())
+        torch.testing.assert_close(got, want[layer](mat), rtol=1e-10, atol=1e-12)

@@ -22,12 +22,14 @@ from curvlib.linalg import (
 from curvlib.linalg.factors import (
     MIN_GRAM_BLOCK_COLS,
     MIN_GRAM_BLOCK_ROWS,
+    blockwise_damped_inverse,
     cpu_live_coordinates,
     device_negligible_limit,
     factor_gram,
     flush_below,
     gram,
     gram_blocks,
+    independent_blocks,
     live_coordinates,
     negligible_limit,
 )
@@ -317,3 +319,76 @@ def test_gram_blocks_splits_large_cpu_factors_only() -> None:
     assert gram_blocks(torch.empty(rows, cols - 1)) == 1
     assert gram_blocks(torch.empty(rows, cols, device="meta")) == 1
     assert gram_blocks(torch.empty(2, rows, cols)) == 1  # a batch: one GEMM each
+
+
+def _blocked_gram(sizes: list[int], bias: bool, seed: int = 6) -> tuple[Tensor, list[Tensor]]:
+    """``X^T X`` whose rows each touch one group's columns (and the last, a bias), shuffled."""
+    gen = torch.Generator().manual_seed(seed)
+    total = sum(sizes)
+    order = torch.randperm(total, generator=gen)
+    groups, start, rows = [], 0, []
+    for size in sizes:
+        group = order[start : start + size].sort().values
+        start += size
+        groups.append(group)
+        x = torch.zeros(3 * size, total + 1, dtype=torch.float64)
+        x[:, group] = torch.randn(3 * size, size, generator=gen, dtype=torch.float64)
+        x[:, -1] = 1.0 if bias else 0.0
+        rows.append(x)
+    x = torch.cat(rows)
+    return x.T @ x, groups
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_independent_blocks_are_the_groups_no_entry_joins(
+    bias: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(factors, "MIN_BLOCKWISE_SIZE", 8)
+    mat, groups = _blocked_gram([5, 5, 1, 7, 3, 3], bias)
+    if not bias:  # the last coordinate then joins nothing: a zero row, a group of its own
+        groups.append(torch.tensor([mat.shape[0] - 1]))
+        mat = torch.cat([mat, torch.zeros(1, mat.shape[1], dtype=mat.dtype)])
+        mat = torch.cat([mat, torch.zeros(mat.shape[0], 1, dtype=mat.dtype)], 1)
+    found = independent_blocks(mat)
+    assert found is not None
+    assert sorted(g.tolist() for g in found) == sorted(g.tolist() for g in groups)
+
+
+def test_independent_blocks_leave_dense_small_and_joined_matrices(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(factors, "MIN_BLOCKWISE_SIZE", 8)
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(40, 20, generator=gen, dtype=torch.float64)
+    dense = x.T @ x
+    assert independent_blocks(dense) is None
+    dead = dense.clone()
+    dead[:5], dead[:, :5] = 0.0, 0.0
+    assert independent_blocks(dead) is None  # one dense block and dead rows: left whole
+    mat, _ = _blocked_gram([12, 3, 3], True)
+    assert independent_blocks(mat) is None  # the largest block is most of the matrix
+    mat, groups = _blocked_gram([4, 4, 4, 4, 4], True)
+    chain = mat.clone()
+    i, j = int(groups[0][-1]), int(groups[1][-1])
+    chain[i, j] = chain[j, i] = 1e-3  # one entry joins two blocks
+    found = independent_blocks(chain)  # i and j in one group, or no groups: never apart
+    assert found is None or any({i, j} <= set(g.tolist()) for g in found)
+    monkeypatch.setattr(factors, "MIN_BLOCKWISE_SIZE", 1000)
+    assert independent_blocks(mat) is None
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_blockwise_damped_inverse_is_the_damped_inverse(bias: bool) -> None:
+    mat, groups = _blocked_gram([5, 5, 1, 7, 3, 3, 1], bias)
+    if not bias:
+        mat[-1, -1] = 2.0  # a last coordinate joined to nothing
+    shift = 1e-3
+    damped = mat + shift * torch.eye(mat.shape[0], dtype=mat.dtype)
+    inverse, least, failed = blockwise_damped_inverse(mat, shift, groups)
+    torch.testing.assert_close(inverse, torch.linalg.inv(damped), rtol=1e-10, atol=1e-10)
+    assert torch.equal(inverse, inverse.T)
+    assert not bool(failed)
+    lowest = torch.linalg.eigvalsh(damped)[0]
+    assert float(least) >= float(lowest) * (1 - 1e-12)  # each pivot is at least lambda_min
+    _, _, failed = blockwise_damped_inverse(mat - 10.0 * torch.eye(mat.shape[0]), 0.0, groups)
+    assert bool(failed)
