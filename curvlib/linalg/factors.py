@@ -664,8 +664,10 @@ def blockwise_damped_inverse(
     $B$ block diagonal. The blocks are factorised (Cholesky and its inverse,
     those of one size as one batch), then $u = (B + sI)^{-1} v$ and the last
     pivot $\sigma = c + s - v^\top u$, and
+
     $$(M + sI)^{-1} = \begin{pmatrix} (B + sI)^{-1} + uu^\top/\sigma & -u/\sigma \\
     -u^\top/\sigma & 1/\sigma \end{pmatrix},$$
+
     exactly symmetric. The cost is that of the blocks' factorisations and
     $O(n^2)$, not $O(n^3)$.
 
