@@ -307,6 +307,15 @@ def test_the_factorisations_are_scheduled_by_their_live_sizes(
     assert scheduled and all(costs == shapes for costs in scheduled)
 
 
+def _dense_damped_solve(block: object, mat: torch.Tensor) -> torch.Tensor:
+    r"""$(G + \gamma_G I)^{-1} X (A + \gamma_A I)^{-1}$ by dense solves, float64."""
+    gamma_a, gamma_g = block._shifts(DAMPING)  # type: ignore[attr-defined]
+    eye_g = torch.eye(mat.shape[0], dtype=torch.float64)
+    eye_a = torch.eye(mat.shape[1], dtype=torch.float64)
+    want = torch.linalg.solve(block.G + gamma_g * eye_g, mat)  # type: ignore[attr-defined]
+    return torch.linalg.solve(block.A + gamma_a * eye_a, want.T).T  # type: ignore[attr-defined]
+
+
 @pytest.mark.parametrize("name", ["kfac-pi", "kfac-sqrt", "kpsvd"])
 def test_dead_coordinates_are_factorised_apart_to_the_same_inverse(
     name: str, monkeypatch: pytest.MonkeyPatch
@@ -341,12 +350,7 @@ def test_dead_coordinates_are_factorised_apart_to_the_same_inverse(
         mat = torch.randn(block.out_dim, block.in_dim, generator=gen, dtype=torch.float64)
         got = precond.apply({layer: mat})[layer]
         assert torch.equal(got, checked[layer](mat)), layer
-        gamma_a, gamma_g = block._shifts(DAMPING)
-        eye_g = torch.eye(block.out_dim, dtype=torch.float64)
-        eye_a = torch.eye(block.in_dim, dtype=torch.float64)
-        want = torch.linalg.solve(block.G + gamma_g * eye_g, mat)
-        want = torch.linalg.solve(block.A + gamma_a * eye_a, want.T).T
-        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(got, _dense_damped_solve(block, mat), rtol=1e-10, atol=1e-12)
         assert precond.condition_numbers[layer] == conditions[layer], layer
 
 
@@ -394,12 +398,7 @@ def test_independent_blocks_of_the_input_factor_are_inverted_apart(
         got = precond.apply({layer: mat})[layer]
         assert torch.equal(got, checked[layer](mat)), layer
         assert precond.condition_numbers[layer] == block.condition_number(DAMPING), layer
-        gamma_a, gamma_g = block._shifts(DAMPING)
-        eye_g = torch.eye(block.out_dim, dtype=torch.float64)
-        eye_a = torch.eye(block.in_dim, dtype=torch.float64)
-        want = torch.linalg.solve(block.G + gamma_g * eye_g, mat)
-        want = torch.linalg.solve(block.A + gamma_a * eye_a, want.T).T
-        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(got, _dense_damped_solve(block, mat), rtol=1e-10, atol=1e-12)
 
 
 def test_a_failed_block_leaves_the_input_factor_to_the_dense_factorisation(

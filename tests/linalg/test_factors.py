@@ -261,6 +261,19 @@ def test_gram_in_one_block_is_the_gemm_itself() -> None:
     assert torch.equal(gram(x[:, :3], 4), x[:, :3].T @ x[:, :3])  # fewer columns than blocks
 
 
+def _counted_products(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The columns of every ``gram`` product from now on, in order."""
+    products: list[int] = []
+    inner = factors.gram
+
+    def counted(mat: Tensor, blocks: int = 1) -> Tensor:
+        products.append(mat.shape[-1])
+        return inner(mat, blocks)
+
+    monkeypatch.setattr(factors, "gram", counted)
+    return products
+
+
 @pytest.mark.parametrize("zero", [0, 40, 100, 299], ids=lambda z: f"{z}-zero")
 def test_factor_gram_leaves_zero_columns_out_of_the_same_matrix(
     zero: int, monkeypatch: pytest.MonkeyPatch
@@ -276,14 +289,7 @@ def test_factor_gram_leaves_zero_columns_out_of_the_same_matrix(
     x[:, columns[:zero]] = 0.0
     x[:, columns[-1]] = 0.0
     x[:2, columns[-1]] = torch.tensor([1.5, -1.5], dtype=torch.float64)  # sums to zero
-    products: list[int] = []
-    inner = factors.gram
-
-    def counted(mat: Tensor, blocks: int = 1) -> Tensor:
-        products.append(mat.shape[-1])
-        return inner(mat, blocks)
-
-    monkeypatch.setattr(factors, "gram", counted)
+    products = _counted_products(monkeypatch)
     got = factor_gram(x)
     torch.testing.assert_close(got, x.T @ x, rtol=1e-13, atol=1e-13)
     assert products == [300 - zero if zero >= 300 // 4 else 300]
@@ -293,18 +299,11 @@ def test_factor_gram_leaves_zero_columns_out_of_the_same_matrix(
 def test_factor_gram_multiplies_small_and_device_matrices_whole(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    products: list[int] = []
-    inner = factors.gram
-
-    def counted(mat: Tensor, blocks: int = 1) -> Tensor:
-        products.append(mat.shape[-1])
-        return inner(mat, blocks)
-
-    monkeypatch.setattr(factors, "gram", counted)
+    products = _counted_products(monkeypatch)
     x = torch.randn(10, 300)
     x[:, :100] = 0.0
     monkeypatch.setattr(factors, "MIN_ZERO_COLUMN_GRAM_COST", 10 * 300**2 + 1)
-    assert torch.equal(factor_gram(x), inner(x))
+    assert torch.equal(factor_gram(x), x.T @ x)
     assert products == [300]
     monkeypatch.setattr(factors, "MIN_ZERO_COLUMN_GRAM_COST", 0)
     assert factor_gram(x).shape == (300, 300) and products == [300, 200]
