@@ -331,6 +331,12 @@ class _KFACBlock(SharedInverseBlock):
         A, G = self._factors()
         return cpu_live_coordinates(G), cpu_live_coordinates(A)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """The block's attributes without the groups' cache (a weak reference does not pickle)."""
+        state = self.__dict__.copy()
+        state["_blocks_of"] = None
+        return state
+
     def _a_blocks(self) -> list[Tensor] | None:
         """[`independent_blocks`][curvlib.linalg.factors.independent_blocks] of ``A``, cached.
 

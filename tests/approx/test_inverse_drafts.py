@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import pickle
 from collections.abc import Callable
 from typing import Any
 
@@ -423,3 +424,21 @@ def test_a_failed_block_leaves_the_input_factor_to_the_dense_factorisation(
         got = precond.apply({layer: mat})[layer]
         assert bool(got.isfinite().all())
         torch.testing.assert_close(got, want[layer](mat), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["kfac-pi", "kpsvd"])
+def test_a_fitted_approximation_pickles_after_its_inverse(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The blocks' cache of ``A``'s groups (a weak reference) stays out of the pickle."""
+    monkeypatch.setattr(linalg_factors, "MIN_BLOCKWISE_SIZE", 1)
+    approx = _fitted(name, 0, torch.float64)
+    for seed, block in enumerate(approx._blocks.values()):
+        block.A = _blocked_factor(block.in_dim, seed)
+    before = approx.inverse(DAMPING)
+    loaded = pickle.loads(pickle.dumps(approx))
+    after = loaded.inverse(DAMPING)
+    gen = torch.Generator().manual_seed(2)
+    for layer, block in approx._blocks.items():
+        mat = torch.randn(block.out_dim, block.in_dim, generator=gen, dtype=torch.float64)
+        assert torch.equal(after.apply({layer: mat})[layer], before.apply({layer: mat})[layer])
