@@ -231,6 +231,16 @@ def _decoupled(chol: Tensor, live: Tensor | None, size: int, shift: Tensor | flo
     return embed_live(chol, live, size, torch.as_tensor(shift, dtype=chol.dtype).sqrt())
 
 
+def _damped_side(factor: Tensor, shift: float, live: Tensor | None) -> tuple[float, Tensor]:
+    """``(s, L)`` of one damped factor: the shift with ``damped_cholesky``'s jitter, decoupled.
+
+    The running factors are averages of symmetrised statistics: symmetric to the bit.
+    """
+    chol, jitter = damped_cholesky(live_block(factor, live), shift, symmetric=True)
+    shift = shift + jitter
+    return shift, _decoupled(chol, live, factor.shape[-1], shift)
+
+
 def _decoupled_inverse(chol: Tensor, live: Tensor | None, shift: Tensor | float) -> Tensor:
     """``cholesky_inverse`` of a ``_decoupled`` factor, of its live block alone."""
     if live is None:
@@ -352,40 +362,24 @@ class _KFACBlock(SharedInverseBlock):
         """$d^3$ of the sides factorised: their live coordinates, or ``A``'s independent blocks."""
         if self.A is None or self.G is None:
             return super().factorisation_cost()
-        live_g, live_a = self._live()
-        out = float(live_size(live_g, self.out_dim)) ** 3
+        out = float(live_size(cpu_live_coordinates(self.G), self.out_dim)) ** 3
         blocks = self._a_blocks() if self._factored else None
         if blocks is not None:
             return out + sum(float(len(b)) ** 3 for b in blocks)
-        return out + float(live_size(live_a, self.in_dim)) ** 3
+        return out + float(live_size(cpu_live_coordinates(self.A), self.in_dim)) ** 3
 
     def _damped_choleskys(
-        self,
-        damping: float,
-        live: tuple[Tensor | None, Tensor | None] | None = None,
-        *,
-        g_only: bool = False,
+        self, damping: float, live: tuple[Tensor | None, Tensor | None] | None = None
     ) -> tuple[float, Tensor, float, Tensor]:
         """``(s_G, L_G, s_A, L_A)``: the damped factors' shifts and Cholesky factors.
 
         $G' = G + s_G I$ and $A' = A + s_A I$ (``PI`` or ``SQRT`` shifts), jitter
         included in the shifts; ``live``: ``_live()``, if the caller has it.
-        ``g_only``: ``A``'s side is not factorised (``s_A`` without jitter, ``L_A``
-        empty): its inverse is built block by block.
         """
         A, G = self._factors()
         gamma_a, gamma_g = self._shifts(damping)
-        # The running factors are averages of symmetrised statistics: symmetric to the bit.
         live_g, live_a = self._live() if live is None else live
-        chol_g, jitter_g = damped_cholesky(live_block(G, live_g), gamma_g, symmetric=True)
-        shift_g = gamma_g + jitter_g
-        chol_g = _decoupled(chol_g, live_g, G.shape[-1], shift_g)
-        if g_only:
-            return shift_g, chol_g, gamma_a, A.new_empty(0, 0)
-        chol_a, jitter_a = damped_cholesky(live_block(A, live_a), gamma_a, symmetric=True)
-        shift_a = gamma_a + jitter_a
-        chol_a = _decoupled(chol_a, live_a, A.shape[-1], shift_a)
-        return shift_g, chol_g, shift_a, chol_a
+        return (*_damped_side(G, gamma_g, live_g), *_damped_side(A, gamma_a, live_a))
 
     def _blockwise_a_inverse(self, damping: float) -> tuple[Tensor, float] | None:
         """``(A'^{-1}, its condition bound)`` block by block, where ``A`` has independent blocks.
@@ -424,12 +418,13 @@ class _KFACBlock(SharedInverseBlock):
             return None
         A, G = self._factors()
         gamma_a, gamma_g = self._shift_values(damping)
-        live_g, live_a = self._live()
+        live_g = cpu_live_coordinates(G)
         chol_g, info_g = first_cholesky(live_block(G, live_g), gamma_g, symmetric=True)
         chol_g = _decoupled(chol_g, live_g, G.shape[-1], gamma_g)
         g_inv = _decoupled_inverse(chol_g, live_g, gamma_g)
         blocks = self._a_blocks()
         if blocks is None:
+            live_a = cpu_live_coordinates(A)
             chol_a, info_a = first_cholesky(live_block(A, live_a), gamma_a, symmetric=True)
             chol_a = _decoupled(chol_a, live_a, A.shape[-1], gamma_a)
             a_inv = _decoupled_inverse(chol_a, live_a, gamma_a)
@@ -472,15 +467,16 @@ class _KFACBlock(SharedInverseBlock):
 
     def inverse(self, damping: float) -> LayerInverse:
         if self._factored:
-            blockwise = self._blockwise_a_inverse(damping)
-            live_g, live_a = self._live()
-            shift_g, chol_g, shift_a, chol_a = self._damped_choleskys(
-                damping, (live_g, live_a), g_only=blockwise is not None
-            )
             A, G = self._factors()
+            gamma_a, gamma_g = self._shifts(damping)
+            live_g = cpu_live_coordinates(G)
+            shift_g, chol_g = _damped_side(G, gamma_g, live_g)
             g_inv = _decoupled_inverse(chol_g, live_g, shift_g)
             condition = factor_condition(G, shift_g, chol_g, g_inv)
+            blockwise = self._blockwise_a_inverse(damping)
             if blockwise is None:
+                live_a = cpu_live_coordinates(A)
+                shift_a, chol_a = _damped_side(A, gamma_a, live_a)
                 a_inv = _decoupled_inverse(chol_a, live_a, shift_a)
                 condition *= factor_condition(A, shift_a, chol_a, a_inv)
             else:

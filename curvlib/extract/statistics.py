@@ -37,6 +37,25 @@ def widened(tensor: Tensor, dtype: torch.dtype | None) -> Tensor:
     return tensor.to(dtype) if wider else tensor
 
 
+def _kronecker(
+    input_gram: Tensor, grads: Tensor, n: int, dtype: torch.dtype, num_samples: int | None
+) -> KroneckerFactors:
+    r"""$A$ from $\sum_{n,t} \bar a_{nt} \bar a_{nt}^\top$ (scaled in place) and $G$ from ``grads``.
+
+    The scaling of [`curvlib.core.conventions`][curvlib.core.conventions]: $A$
+    over the $N$ samples, $G$ over ``num_samples`` (default $N$) and the $T$
+    positions.
+    """
+    t = grads.shape[2]
+    g_flat = grads.reshape(-1, grads.shape[-1])
+    # In place: the products are new tensors, and a second pass would allocate.
+    A = input_gram.div_(n)
+    G = gram(g_flat, gram_blocks(g_flat)).div_((num_samples or n) * t)
+    # Symmetric up to rounding (exactly where computed in blocks); the approximations
+    # symmetrise where it matters.
+    return KroneckerFactors(A=A.to(dtype), G=G.to(dtype), num_positions=t)
+
+
 def layer_statistics(
     layer: CurvatureLayer,
     inputs: Tensor,
@@ -65,14 +84,7 @@ def layer_statistics(
     n, t = inputs.shape[:2]
     kron = io = per_sample = None
     if StatKind.KRONECKER in required:
-        a_flat = inputs.reshape(n * t, -1)
-        g_flat = grads.reshape(-1, grads.shape[-1])
-        # In place: the products are new tensors, and a second pass would allocate.
-        A = factor_gram(a_flat).div_(n)
-        G = gram(g_flat, gram_blocks(g_flat)).div_((num_samples or n) * t)
-        # Symmetric up to rounding (exactly where computed in blocks); the approximations
-        # symmetrise where it matters.
-        kron = KroneckerFactors(A=A.to(dtype), G=G.to(dtype), num_positions=t)
+        kron = _kronecker(factor_gram(inputs.reshape(n * t, -1)), grads, n, dtype, num_samples)
     if StatKind.PER_SAMPLE_IO in required or StatKind.PER_SAMPLE_GRAD in required:
         io = PerSampleIO(inputs=inputs.to(dtype), output_grads=grads.to(dtype))
         if StatKind.PER_SAMPLE_GRAD in required:
@@ -117,12 +129,7 @@ def kronecker_statistics(
         num_samples: As for ``layer_statistics``.
     """
     grads = widened(grads.detach(), dtype)
-    dtype = dtype or input_gram.dtype
-    n, t = rows, grads.shape[2]
-    g_flat = grads.reshape(-1, grads.shape[-1])
-    A = input_gram.div(n)
-    G = gram(g_flat, gram_blocks(g_flat)).div_((num_samples or n) * t)
-    kron = KroneckerFactors(A=A.to(dtype), G=G.to(dtype), num_positions=t)
+    kron = _kronecker(input_gram.clone(), grads, rows, dtype or input_gram.dtype, num_samples)
     return LayerStatistics(layer=layer, kronecker=kron)
 
 

@@ -185,14 +185,14 @@ def factor_gram(x: Tensor) -> Tensor:
 
     On the CPU, for a product of at least ``MIN_ZERO_COLUMN_GRAM_COST``
     multiply-adds where at least ``MIN_ZERO_COLUMN_FRACTION`` of the columns are
-    zero in every row, only the other
-    columns are multiplied and their product is embedded with zeros: the same
-    matrix at the square of their number. A convolution over a small input
-    gives such columns (kernel elements that reach only padding: the examples'
-    CNN's third convolution sees a 2x2 image through a 5x5 kernel, so 512 of its
-    801 input columns are zero), and so do dead ReLU units. The columns summing
-    to zero (one pass over ``x``) are the candidates, and only they are
-    read in full; the masks are read through NumPy (no device read).
+    zero in every row, only the other columns are multiplied and their product
+    is embedded with zeros: the same matrix at the square of their number. A
+    convolution over a small input gives such columns (kernel elements that
+    reach only padding: the examples' CNN's third convolution sees a 2x2 image
+    through a 5x5 kernel, so 512 of its 801 input columns are zero), and so do
+    dead ReLU units. The columns summing to zero (one pass over ``x``) are the
+    candidates, and only they are read in full; the masks are read through
+    NumPy (no device read).
     """
     cols = x.shape[-1]
     small = x.shape[0] * cols * cols < MIN_ZERO_COLUMN_GRAM_COST
