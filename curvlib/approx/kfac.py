@@ -365,7 +365,7 @@ class _KFACBlock(SharedInverseBlock):
         out = float(live_size(cpu_live_coordinates(self.G), self.out_dim)) ** 3
         blocks = self._a_blocks() if self._factored else None
         if blocks is not None:
-            return out + sum(float(len(b)) ** 3 for b in blocks)
+            return out + sum(index.shape[0] * float(index.shape[1]) ** 3 for index in blocks)
         return out + float(live_size(cpu_live_coordinates(self.A), self.in_dim)) ** 3
 
     def _damped_choleskys(

@@ -612,45 +612,57 @@ def independent_blocks(mat: Tensor) -> list[Tensor] | None:
     (one block per element). The bias column's row, the last, meets every
     coordinate and is left out of the groups; any last coordinate may be, as
     [`blockwise_damped_inverse`][curvlib.linalg.factors.blockwise_damped_inverse]
-    eliminates it last. A dead coordinate (a zero row) is a group of its own.
+    eliminates it last. A dead coordinate (a zero row) is a group of its own:
+    a convolution over an input smaller than its kernel has hundreds (the
+    examples' CNN's third convolution, 512 of 801), so no step below loops
+    over the groups in Python. Where the live coordinates form one group,
+    ``None``: that is the dead-coordinate decoupling of
+    [`cpu_live_coordinates`][curvlib.linalg.factors.cpu_live_coordinates].
 
     Each coordinate is labelled by following its row's first nonzero entry to
     the least coordinate it leads to; the labels are the groups where no
     nonzero entry joins two of them (checked by counting the nonzero entries
     inside the groups against all of them). A block whose own pattern is
     sparse may fail that check: it is then left to the dense factorisation.
+    Groups no larger than ``MAX_BLOCK_FRACTION`` of the $n$ coordinates hold
+    at most that fraction of the $n^2$ entries, so a matrix with more nonzero
+    entries is left whole before any labelling.
 
-    On the CPU, for a matrix of at least ``MIN_BLOCKWISE_SIZE`` rows whose
-    largest group holds at most ``MAX_BLOCK_FRACTION`` of the coordinates, the
-    groups, each ascending; otherwise ``None``. Read on the host through NumPy
-    (no device read).
+    Returns:
+        On the CPU, for a matrix of at least ``MIN_BLOCKWISE_SIZE`` rows whose
+        largest group holds at most ``MAX_BLOCK_FRACTION`` of the coordinates,
+        the groups, those of one size stacked: one ``[groups, size]`` index
+        tensor per size, each row ascending; otherwise ``None``. Read on the
+        host through NumPy (no device read).
     """
     size = mat.shape[-1] - 1
     if mat.device.type != "cpu" or size + 1 < MIN_BLOCKWISE_SIZE or mat.dim() != 2:
         return None
-    pattern = mat[:size, :size].ne(0)
-    counts = pattern.sum(1).numpy()
-    live = pattern.diagonal().numpy()  # a zero diagonal entry of a PSD matrix: a zero row
+    pattern = mat[:size, :size].ne(0).numpy()
+    entries = numpy.count_nonzero(pattern)
+    if entries > MAX_BLOCK_FRACTION * size * size:
+        return None  # more entries than groups of that size can hold
+    counts = numpy.count_nonzero(pattern, axis=1)
+    live = pattern.diagonal()  # a zero diagonal entry of a PSD matrix: a zero row
     if (counts[live] == live.sum()).all():
         return None  # the live coordinates form one dense block
-    labels = numpy.where(live, pattern.to(torch.uint8).argmax(1).numpy(), numpy.arange(size))
+    labels = numpy.where(live, pattern.argmax(1), numpy.arange(size)).astype(numpy.int32)
     while True:  # pointer jumping: each label to the least coordinate it leads to
         jumped = labels[labels]
         if (jumped == labels).all():
             break
         labels = jumped
-    order = numpy.argsort(labels, kind="stable")
+    order = numpy.argsort(labels, kind="stable")  # ascending within each group
     starts = numpy.flatnonzero(numpy.diff(labels[order], prepend=-1))
-    groups = [numpy.sort(g) for g in numpy.split(order, starts[1:])]
-    if max(len(g) for g in groups) > size * MAX_BLOCK_FRACTION:
-        return None
-    matrix = pattern.numpy()
-    inside = sum(
-        int(live[g[0]]) if len(g) == 1 else int(matrix[numpy.ix_(g, g)].sum()) for g in groups
-    )
-    if inside != int(counts.sum()):
+    sizes = numpy.diff(starts, append=size)
+    if sizes.max() > size * MAX_BLOCK_FRACTION or len(sizes) - live.size + live.sum() < 2:
+        return None  # one live group: dead coordinates are ``cpu_live_coordinates``' work
+    if numpy.count_nonzero(pattern & (labels[:, None] == labels[None, :])) != entries:
         return None  # a nonzero entry joins two labels: not independent blocks
-    return [torch.from_numpy(g.astype(numpy.int64)) for g in groups]
+    return [
+        torch.from_numpy(order[starts[sizes == n][:, None] + numpy.arange(n)].astype(numpy.int64))
+        for n in numpy.unique(sizes).tolist()
+    ]
 
 
 def blockwise_damped_inverse(
@@ -661,8 +673,9 @@ def blockwise_damped_inverse(
     With the blocks $B_j$ of [`independent_blocks`][curvlib.linalg.factors.independent_blocks]
     and the last coordinate's column $v$ and entry $c$, $M + sI$ is, up to a
     permutation, $\begin{pmatrix} B + sI & v \\ v^\top & c + s \end{pmatrix}$ with
-    $B$ block diagonal. The blocks are factorised (Cholesky and its inverse,
-    those of one size as one batch), then $u = (B + sI)^{-1} v$ and the last
+    $B$ block diagonal. ``blocks`` holds them as ``independent_blocks`` returns
+    them, one ``[blocks, rows]`` index tensor per size; those of one size are
+    factorised as one batch (Cholesky and its inverse), then $u = (B + sI)^{-1} v$ and the last
     pivot $\sigma = c + s - v^\top u$, and
 
     $$(M + sI)^{-1} = \begin{pmatrix} (B + sI)^{-1} + uu^\top/\sigma & -u/\sigma \\
@@ -685,11 +698,7 @@ def blockwise_damped_inverse(
     u = torch.zeros_like(v)
     pivots: list[Tensor] = []
     failed: list[Tensor] = []
-    by_size: dict[int, list[Tensor]] = {}
-    for group in blocks:
-        by_size.setdefault(len(group), []).append(group)
-    for groups in by_size.values():
-        index = torch.stack(groups)  # [blocks, rows]
+    for index in blocks:  # [blocks, rows], one size
         block = mat[index[:, :, None], index[:, None, :]]  # a copy
         block.diagonal(dim1=-2, dim2=-1).add_(shift)
         chol, info = torch.linalg.cholesky_ex(block)

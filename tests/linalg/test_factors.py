@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import math
 from collections.abc import Callable
 
@@ -338,6 +339,17 @@ def _blocked_gram(sizes: list[int], bias: bool, seed: int = 6) -> tuple[Tensor, 
     return x.T @ x, groups
 
 
+def _rows(stacked: list[Tensor]) -> list[list[int]]:
+    """The groups of ``independent_blocks``'s index tensors (one per size), sorted."""
+    return sorted(group for index in stacked for group in index.tolist())
+
+
+def _stacked(groups: list[Tensor]) -> list[Tensor]:
+    """Groups as ``independent_blocks`` returns them: one ``[groups, size]`` tensor per size."""
+    sizes = sorted({len(group) for group in groups})
+    return [torch.stack([g for g in groups if len(g) == size]) for size in sizes]
+
+
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 def test_independent_blocks_are_the_groups_no_entry_joins(
     bias: bool, monkeypatch: pytest.MonkeyPatch
@@ -350,7 +362,9 @@ def test_independent_blocks_are_the_groups_no_entry_joins(
         mat = torch.cat([mat, torch.zeros(mat.shape[0], 1, dtype=mat.dtype)], 1)
     found = independent_blocks(mat)
     assert found is not None
-    assert sorted(g.tolist() for g in found) == sorted(g.tolist() for g in groups)
+    assert _rows(found) == sorted(g.tolist() for g in groups)
+    per_size = collections.Counter(len(g) for g in groups)
+    assert [tuple(index.shape) for index in found] == [(per_size[s], s) for s in sorted(per_size)]
 
 
 def test_independent_blocks_leave_dense_small_and_joined_matrices(
@@ -366,12 +380,19 @@ def test_independent_blocks_leave_dense_small_and_joined_matrices(
     assert independent_blocks(dead) is None  # one dense block and dead rows: left whole
     mat, _ = _blocked_gram([12, 3, 3], True)
     assert independent_blocks(mat) is None  # the largest block is most of the matrix
+    mat, groups = _blocked_gram([4, 1, 1, 1, 1, 1], True)
+    dead = torch.cat(groups[1:])
+    mat[dead], mat[:, dead] = 0.0, 0.0  # one live group and dead rows
+    assert independent_blocks(mat) is None
+    mat[dead, dead] = 1.0  # five live coordinates joined to nothing
+    found = independent_blocks(mat)
+    assert found is not None and [tuple(index.shape) for index in found] == [(5, 1), (1, 4)]
     mat, groups = _blocked_gram([4, 4, 4, 4, 4], True)
     chain = mat.clone()
     i, j = int(groups[0][-1]), int(groups[1][-1])
     chain[i, j] = chain[j, i] = 1e-3  # one entry joins two blocks
     found = independent_blocks(chain)  # i and j in one group, or no groups: never apart
-    assert found is None or any({i, j} <= set(g.tolist()) for g in found)
+    assert found is None or any({i, j} <= set(g) for g in _rows(found))
     monkeypatch.setattr(factors, "MIN_BLOCKWISE_SIZE", 1000)
     assert independent_blocks(mat) is None
 
@@ -383,11 +404,13 @@ def test_blockwise_damped_inverse_is_the_damped_inverse(bias: bool) -> None:
         mat[-1, -1] = 2.0  # a last coordinate joined to nothing
     shift = 1e-3
     damped = mat + shift * torch.eye(mat.shape[0], dtype=mat.dtype)
-    inverse, least, failed = blockwise_damped_inverse(mat, shift, groups)
+    inverse, least, failed = blockwise_damped_inverse(mat, shift, _stacked(groups))
     torch.testing.assert_close(inverse, torch.linalg.inv(damped), rtol=1e-10, atol=1e-10)
     assert torch.equal(inverse, inverse.T)
     assert not bool(failed)
     lowest = torch.linalg.eigvalsh(damped)[0]
     assert float(least) >= float(lowest) * (1 - 1e-12)  # each pivot is at least lambda_min
-    _, _, failed = blockwise_damped_inverse(mat - 10.0 * torch.eye(mat.shape[0]), 0.0, groups)
+    _, _, failed = blockwise_damped_inverse(
+        mat - 10.0 * torch.eye(mat.shape[0]), 0.0, _stacked(groups)
+    )
     assert bool(failed)
