@@ -250,6 +250,27 @@ def _decoupled_inverse(chol: Tensor, live: Tensor | None, shift: Tensor | float)
     return embed_live(inverse, live, chol.shape[-1], fill)
 
 
+def _drafted_side(
+    factor: Tensor, shift: Tensor | float, live: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    r"""``(inverse, info, parts)`` of one damped factor from its first Cholesky, unread.
+
+    What ``_decoupled``, ``_decoupled_inverse`` and ``_condition_parts`` give, to
+    the bit, without embedding the live block's Cholesky factor in a matrix of the
+    factor's size only to take that block out again: the dead coordinates' pivots
+    are $\sqrt{s}^2$, their inverse $1/s$.
+    """
+    chol, info = first_cholesky(live_block(factor, live), shift, symmetric=True)
+    inverse = cholesky_inverse(chol)
+    pivots = chol.diagonal().square()
+    if live is not None:
+        root = torch.as_tensor(shift, dtype=chol.dtype).sqrt()
+        pivots = torch.cat([pivots, root.square().reshape(1)])
+        fill = torch.as_tensor(shift, dtype=chol.dtype).reciprocal()
+        inverse = embed_live(inverse, live, factor.shape[-1], fill)
+    return inverse, info, _condition_parts_of(factor, pivots.min(), inverse)
+
+
 def _factor_condition(*values: float) -> float:
     """``factor_condition`` from ``_condition_parts``' three values and the shift."""
     diagonal_max, chol_min, inverse_max, shift = values
@@ -418,17 +439,10 @@ class _KFACBlock(SharedInverseBlock):
             return None
         A, G = self._factors()
         gamma_a, gamma_g = self._shift_values(damping)
-        live_g = cpu_live_coordinates(G)
-        chol_g, info_g = first_cholesky(live_block(G, live_g), gamma_g, symmetric=True)
-        chol_g = _decoupled(chol_g, live_g, G.shape[-1], gamma_g)
-        g_inv = _decoupled_inverse(chol_g, live_g, gamma_g)
+        g_inv, info_g, parts_g = _drafted_side(G, gamma_g, cpu_live_coordinates(G))
         blocks = self._a_blocks()
         if blocks is None:
-            live_a = cpu_live_coordinates(A)
-            chol_a, info_a = first_cholesky(live_block(A, live_a), gamma_a, symmetric=True)
-            chol_a = _decoupled(chol_a, live_a, A.shape[-1], gamma_a)
-            a_inv = _decoupled_inverse(chol_a, live_a, gamma_a)
-            parts_a = _condition_parts(A, chol_a, a_inv)
+            a_inv, info_a, parts_a = _drafted_side(A, gamma_a, cpu_live_coordinates(A))
         else:
             a_inv, least, failed = blockwise_damped_inverse(A, gamma_a, blocks)
             info_a = failed.to(torch.int32)
@@ -436,7 +450,7 @@ class _KFACBlock(SharedInverseBlock):
         extremes = _float64([*torch.aminmax(g_inv), *torch.aminmax(a_inv)], G)
         numbers = torch.cat([
             _float64([info_g, info_a, gamma_g, gamma_a], G),
-            _condition_parts(G, chol_g, g_inv),
+            parts_g,
             parts_a,
             extremes,
         ])  # fmt: skip
