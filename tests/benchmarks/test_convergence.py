@@ -74,6 +74,32 @@ def test_record_measures_against_adam_of_the_same_seed(cv: ModuleType) -> None:
     assert cv.record(never, adam, False)["epochs_to_adam_ratio"] is None
 
 
+def test_a_paired_run_is_measured_against_the_adam_clock_timed_alongside(cv: ModuleType) -> None:
+    adam = cv.Run("t", "adam", "lr=1", 0, curve(cv, [(0.0, 10.0), (2.0, 4.0)]), 2.0, 10,
+                  False, False, 0, 0)  # fmt: skip
+    fast = cv.Run("t", "kfac", "default", 0, curve(cv, [(0.0, 10.0), (0.5, 4.0), (1.0, 3.0)]),
+                  1.0, 5, False, False, 0, 0, 4.0)  # Adam took 4 s alongside, not 2  # fmt: skip
+    entry = cv.record(fast, adam, False)
+    assert entry["paired"] and entry["adam_time_s"] == 4.0
+    assert entry["time_to_adam_ratio"] == pytest.approx(0.5 / 4.0)
+    assert entry["step_time_ratio"] == pytest.approx((1.0 / 5) / (4.0 / 10))
+    assert entry["adam_final_loss"] == 4.0  # the target is still tuned Adam's own run's
+    assert not cv.record(adam, adam, True)["paired"]
+
+
+def test_adam_alongside_leaves_the_run_as_it_was(cv: ModuleType) -> None:
+    task = cv.digits_mlp_task(quick=True)
+    kfac = cv.curvature("kfac")
+    alone = cv.train(task, kfac, 0, None)
+    paired = cv.train(task, kfac, 0, None, alongside=cv.adam(3e-3))
+    assert paired.curve.losses == alone.curve.losses  # the same run to the bit
+    assert paired.curve.epochs == alone.curve.epochs and paired.steps == alone.steps
+    assert alone.adam_time is None and paired.adam_time is not None and paired.adam_time > 0.0
+    capped = cv.train(task, kfac, 0, 0.0, alongside=cv.adam(3e-3))  # stops at its first check
+    assert capped.stopped and capped.steps < task.epochs * task.steps_per_epoch
+    assert capped.adam_time is not None and capped.adam_time > 0.0  # scaled to the whole run
+
+
 def test_a_diverging_run_stops_and_is_flagged(cv: ModuleType) -> None:
     task = cv.digits_mlp_task(quick=True)
     blowup = cv.Method("sgd", "lr=1e3", lambda m, _: torch.optim.SGD(m.parameters(), lr=1e3), False)
@@ -93,6 +119,7 @@ def test_small_run_writes_json_markdown_and_plots(cv: ModuleType, tmp_path: Path
     assert all(set(r) >= KEYS for r in runs)
     kfac = [r for r in runs if r["method"] == "kfac"]
     assert [r["config"] for r in kfac] == ["default", "default"]
+    assert all(r["paired"] for r in kfac) and not any(r["paired"] for r in runs if r not in kfac)
     for r in kfac:
         tuned = next(a for a in runs if a["method"] == "adam" and a["tuned_choice"]
                      and a["seed"] == r["seed"])  # fmt: skip
