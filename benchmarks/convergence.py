@@ -26,10 +26,10 @@ with a bar (``PAIRED``) are timed against tuned Adam trained alongside them, one
 Adam step after each of theirs on its own clock: on a shared machine the load
 drifts over seconds (tuned Adam's own run on the ReLU autoencoder took 1.3 s
 and 2.0 s within a minute), and the two clocks of one paired run see the same
-drift. The other runs are timed against tuned Adam's own run. A run stops early when it
-diverges (non-finite loss, or above ``DIVERGED`` times the initial loss) or
-passes ``TIME_CAP`` times tuned Adam's wall time; its final loss is then
-``null``.
+drift. The other runs are timed against tuned Adam's own run. A run stops
+early when it diverges (non-finite loss, or above ``DIVERGED`` times the
+initial loss) or passes ``TIME_CAP`` times tuned Adam's wall time; its final
+loss is then ``null``.
 
 Tasks (all offline; ``--data-root`` adds MNIST and Fashion-MNIST autoencoders
 when their files are there):

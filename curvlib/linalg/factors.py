@@ -675,8 +675,8 @@ def blockwise_damped_inverse(
     permutation, $\begin{pmatrix} B + sI & v \\ v^\top & c + s \end{pmatrix}$ with
     $B$ block diagonal. ``blocks`` holds them as ``independent_blocks`` returns
     them, one ``[blocks, rows]`` index tensor per size; those of one size are
-    factorised as one batch (Cholesky and its inverse), then $u = (B + sI)^{-1} v$ and the last
-    pivot $\sigma = c + s - v^\top u$, and
+    factorised as one batch (Cholesky and its inverse), then
+    $u = (B + sI)^{-1} v$ and the last pivot $\sigma = c + s - v^\top u$, and
 
     $$(M + sI)^{-1} = \begin{pmatrix} (B + sI)^{-1} + uu^\top/\sigma & -u/\sigma \\
     -u^\top/\sigma & 1/\sigma \end{pmatrix},$$
