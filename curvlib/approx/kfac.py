@@ -203,16 +203,16 @@ def factor_condition(factor: Tensor, shift: float, chol: Tensor, inverse: Tensor
         chol: The lower Cholesky factor $L$ of $M$.
         inverse: $M^{-1}$.
     """
-    return _factor_condition(*_condition_parts(factor, chol, inverse).tolist(), shift)
+    least_pivot = chol.diagonal().square().min()
+    return _factor_condition(*_condition_parts(factor, least_pivot, inverse).tolist(), shift)
 
 
-def _condition_parts(factor: Tensor, chol: Tensor, inverse: Tensor) -> Tensor:
-    """``[max_i F_ii, min_i L_ii², max_i (M⁻¹)_ii]`` as float64, left on the device."""
-    return _condition_parts_of(factor, chol.diagonal().square().min(), inverse)
+def _condition_parts(factor: Tensor, least_pivot: Tensor, inverse: Tensor) -> Tensor:
+    r"""``[max_i F_ii, min_i L_ii², max_i (M⁻¹)_ii]`` as float64, left on the device.
 
-
-def _condition_parts_of(factor: Tensor, least_pivot: Tensor, inverse: Tensor) -> Tensor:
-    """``_condition_parts`` from the least squared pivot of a symmetric permutation's Cholesky."""
+    ``least_pivot``: $\min_i L_{ii}^2$ of the Cholesky factor of $M$ or of a
+    symmetric permutation of it (the blocks', the dead coordinates' $\sqrt{s}^2$).
+    """
     parts = [factor.diagonal().max(), least_pivot, inverse.diagonal().max()]
     return torch.stack(parts).double()
 
@@ -241,26 +241,17 @@ def _damped_side(factor: Tensor, shift: float, live: Tensor | None) -> tuple[flo
     return shift, _decoupled(chol, live, factor.shape[-1], shift)
 
 
-def _decoupled_inverse(chol: Tensor, live: Tensor | None, shift: Tensor | float) -> Tensor:
-    """``cholesky_inverse`` of a ``_decoupled`` factor, of its live block alone."""
-    if live is None:
-        return cholesky_inverse(chol)
-    inverse = cholesky_inverse(live_block(chol, live))
-    fill = torch.as_tensor(shift, dtype=chol.dtype).reciprocal()
-    return embed_live(inverse, live, chol.shape[-1], fill)
+def _live_inverse(
+    factor: Tensor, chol: Tensor, live: Tensor | None, shift: Tensor | float
+) -> tuple[Tensor, Tensor]:
+    r"""$(F + sI)^{-1}$ and the condition parts from the Cholesky factor of its live block.
 
-
-def _drafted_side(
-    factor: Tensor, shift: Tensor | float, live: Tensor | None
-) -> tuple[Tensor, Tensor, Tensor]:
-    r"""``(inverse, info, parts)`` of one damped factor from its first Cholesky, unread.
-
-    What ``_decoupled``, ``_decoupled_inverse`` and ``_condition_parts`` give, to
-    the bit, without embedding the live block's Cholesky factor in a matrix of the
-    factor's size only to take that block out again: the dead coordinates' pivots
-    are $\sqrt{s}^2$, their inverse $1/s$.
+    ``chol`` factorises $F + sI$ on the coordinates ``live`` (all of them where
+    ``None``); the dead ones are decoupled: their inverse is $1/s$ and their
+    pivots are $\sqrt{s}^2$, what the embedded factor of ``_decoupled`` has there.
+    Returns the inverse and ``_condition_parts`` of it, as the embedded factor
+    gives them, without embedding the factor.
     """
-    chol, info = first_cholesky(live_block(factor, live), shift, symmetric=True)
     inverse = cholesky_inverse(chol)
     pivots = chol.diagonal().square()
     if live is not None:
@@ -268,7 +259,23 @@ def _drafted_side(
         pivots = torch.cat([pivots, root.square().reshape(1)])
         fill = torch.as_tensor(shift, dtype=chol.dtype).reciprocal()
         inverse = embed_live(inverse, live, factor.shape[-1], fill)
-    return inverse, info, _condition_parts_of(factor, pivots.min(), inverse)
+    return inverse, _condition_parts(factor, pivots.min(), inverse)
+
+
+def _drafted_side(
+    factor: Tensor, shift: Tensor | float, live: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(inverse, info, parts)`` of one damped factor from its first Cholesky, unread."""
+    chol, info = first_cholesky(live_block(factor, live), shift, symmetric=True)
+    inverse, parts = _live_inverse(factor, chol, live, shift)
+    return inverse, info, parts
+
+
+def _checked_side(factor: Tensor, shift: float, live: Tensor | None) -> tuple[Tensor, float]:
+    """``(inverse, condition bound)`` of one damped factor, jittered where it must be."""
+    chol, jitter = damped_cholesky(live_block(factor, live), shift, symmetric=True)
+    inverse, parts = _live_inverse(factor, chol, live, shift + jitter)
+    return inverse, _factor_condition(*parts.tolist(), shift + jitter)
 
 
 def _factor_condition(*values: float) -> float:
@@ -416,7 +423,7 @@ class _KFACBlock(SharedInverseBlock):
         a_inv, least, failed = blockwise_damped_inverse(A, gamma_a, blocks)
         if bool(failed):
             return None
-        diagonal_max, least_pivot, inverse_max = _condition_parts_of(A, least, a_inv).tolist()
+        diagonal_max, least_pivot, inverse_max = _condition_parts(A, least, a_inv).tolist()
         return a_inv, _factor_condition(diagonal_max, least_pivot, inverse_max, float(gamma_a))
 
     def _eigenvalues(self) -> tuple[Tensor, Tensor]:
@@ -446,7 +453,7 @@ class _KFACBlock(SharedInverseBlock):
         else:
             a_inv, least, failed = blockwise_damped_inverse(A, gamma_a, blocks)
             info_a = failed.to(torch.int32)
-            parts_a = _condition_parts_of(A, least, a_inv)
+            parts_a = _condition_parts(A, least, a_inv)
         extremes = _float64([*torch.aminmax(g_inv), *torch.aminmax(a_inv)], G)
         numbers = torch.cat([
             _float64([info_g, info_a, gamma_g, gamma_a], G),
@@ -483,19 +490,12 @@ class _KFACBlock(SharedInverseBlock):
         if self._factored:
             A, G = self._factors()
             gamma_a, gamma_g = self._shifts(damping)
-            live_g = cpu_live_coordinates(G)
-            shift_g, chol_g = _damped_side(G, gamma_g, live_g)
-            g_inv = _decoupled_inverse(chol_g, live_g, shift_g)
-            condition = factor_condition(G, shift_g, chol_g, g_inv)
+            g_inv, condition_g = _checked_side(G, gamma_g, cpu_live_coordinates(G))
             blockwise = self._blockwise_a_inverse(damping)
             if blockwise is None:
-                live_a = cpu_live_coordinates(A)
-                shift_a, chol_a = _damped_side(A, gamma_a, live_a)
-                a_inv = _decoupled_inverse(chol_a, live_a, shift_a)
-                condition *= factor_condition(A, shift_a, chol_a, a_inv)
-            else:
-                a_inv, condition_a = blockwise
-                condition *= condition_a
+                blockwise = _checked_side(A, gamma_a, cpu_live_coordinates(A))
+            a_inv, condition_a = blockwise
+            condition = condition_g * condition_a
             apply_dtype = self._apply_dtype(g_inv, condition)
             return KroneckerInverse(g_inv, a_inv, condition, apply_dtype)
         A, G = self._factors()
