@@ -22,7 +22,8 @@ when never reached), the per-step time ratio and whether the run diverged.
 
 Wall time counts the training steps only (the training-set loss is evaluated
 off the clock, ``EVALS_PER_EPOCH`` times per epoch). The defaults of the methods
-with a bar (``PAIRED``) are timed against tuned Adam trained alongside them, one
+with a bar (``PAIRED``) and the configs given with ``--kfac``, ``--ekfac`` and
+``--kpsvd`` are timed against tuned Adam trained alongside them, one
 Adam step after each of theirs on its own clock: on a shared machine the load
 drifts over seconds (tuned Adam's own run on the ReLU autoencoder took 1.3 s
 and 2.0 s within a minute), and the two clocks of one paired run see the same
@@ -60,6 +61,7 @@ to ``--out`` (default ``benchmarks/results``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import math
@@ -256,6 +258,8 @@ class Method:
     config: str
     build: Builder
     curvature: bool
+    paired: bool = False
+    """Timed against tuned Adam alongside (``paired_run``), whatever ``PAIRED`` lists."""
 
 
 def adam(lr: float) -> Method:
@@ -340,15 +344,18 @@ def parse_value(text: str) -> Any:
     return text
 
 
-def kfac_config(text: str) -> Method:
-    """``--kfac "kl_clip=1e-2,momentum=0.9"``: KFAC with these keyword arguments changed."""
+def method_config(name: str, text: str) -> Method:
+    """``--kfac "kl_clip=1e-2,momentum=0.9"``: the method with these optimizer arguments changed.
+
+    Also ``--ekfac`` and ``--kpsvd``.
+    """
     kwargs: dict[str, Any] = {}
     for item in text.split(","):
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise SystemExit(f"--kfac takes key=value pairs separated by commas, got {text!r}.")
+            raise SystemExit(f"--{name} takes key=value pairs separated by commas, got {text!r}.")
         kwargs[key.strip()] = parse_value(value.strip())
-    return curvature("kfac", text, **kwargs)
+    return dataclasses.replace(curvature(name, text, **kwargs), paired=True)
 
 
 # -- one run ----------------------------------------------------------------------------
@@ -598,7 +605,7 @@ def compare(
     tuned_adam = next(m for m in baselines if m.name == "adam" and m.config == adam_config)
     for seed, method in itertools.product(seeds, methods):
         cap = TIME_CAP * tuned[seed].train_time
-        paired = tuned_adam if (method.name, method.config) in PAIRED else None
+        paired = tuned_adam if paired_run(method) else None
         records.append(record(train(task, method, seed, cap, paired), tuned[seed], False))
         next(bar, None)
     return records
@@ -609,8 +616,20 @@ def compare(
 BARS = {"kfac": 0.6, "ekfac": 0.8, "kpsvd": 0.8}
 """Default methods and the median time-to-Adam ratio each must meet on 4 of 5 tasks."""
 
+CONFIGURABLE = ("kfac", "ekfac", "kpsvd")
+"""The methods whose optimizer arguments the command line changes (``--kfac``, ...)."""
+
 PAIRED = frozenset((method, "default") for method in BARS)
-"""The (method, config) runs timed against tuned Adam stepped alongside them."""
+"""The (method, config) runs of the defaults timed against tuned Adam stepped alongside them."""
+
+
+def paired_run(method: Method) -> bool:
+    """Whether ``method`` trains with tuned Adam alongside: ``PAIRED``, or a command-line config.
+
+    The configs of ``--kfac``, ``--ekfac`` and ``--kpsvd`` are what a run
+    compares with the defaults, so they are timed the same way.
+    """
+    return method.paired or (method.name, method.config) in PAIRED
 
 
 def _spread(values: Sequence[float | None], digits: str = ".3g") -> str:
@@ -796,8 +815,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--kfac", action="append", default=[], metavar="KEY=VALUE,...",
         help="also KFAC with these optimizer arguments changed, e.g. --kfac kl_clip=1e-2 "
-        "--kfac momentum=0.9,t_cov=5 (repeatable; each is one config)",
+        "--kfac momentum=0.9,t_cov=5 (repeatable; each is one config, timed like the "
+        "defaults against tuned Adam alongside)",
     )  # fmt: skip
+    for name in CONFIGURABLE[1:]:
+        parser.add_argument(
+            f"--{name}", action="append", default=[], metavar="KEY=VALUE,...",
+            help=f"also {name.upper()} with these optimizer arguments changed, as --kfac",
+        )  # fmt: skip
     parser.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2)")
     parser.add_argument(
         "--data-root", type=Path, default=None,
@@ -871,7 +896,7 @@ def plan(args: argparse.Namespace) -> tuple[list[Task], list[Method], list[Metho
         methods += kfac_grid()
     if "kfac-ablations" in chosen:
         methods += kfac_ablations()
-    methods += [kfac_config(text) for text in args.kfac]
+    methods += [method_config(name, text) for name in CONFIGURABLE for text in getattr(args, name)]
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [0] if quick else list(SEEDS)
     return tasks, baselines, methods, seeds
 

@@ -158,6 +158,12 @@ class KroneckerInverse:
 class EigenbasisInverse:
     r"""$(G \otimes A + \lambda I)^{-1}$ in the Kronecker eigenbasis (KFAC's ``EIGEN`` inverse).
 
+    Also EKFAC's inverse, whose ``scale`` holds its damped scalings. With
+    ``apply_dtype`` the four products run on copies of the bases in that dtype
+    ([`eigenbasis_apply`][curvlib.linalg.kron.eigenbasis_apply]). The bases are
+    flushed with [`flush_negligible`][curvlib.linalg.flush_negligible] unless
+    ``flush=False`` says that the caller has done so.
+
     Attributes:
         q_g: Eigenvectors of $G$, ``[d_out, d_out]``.
         q_a: Eigenvectors of $A$, ``[d_in, d_in]``.
@@ -173,8 +179,12 @@ class EigenbasisInverse:
         scale: Tensor,
         apply_dtype: torch.dtype | None = None,
         condition_number: float | None = None,
+        *,
+        flush: bool = True,
     ) -> None:
-        self.q_g, self.q_a, self.scale = flush_negligible(q_g), flush_negligible(q_a), scale
+        if flush:  # else the caller has flushed them (``flush_negligible``)
+            q_g, q_a = flush_negligible(q_g), flush_negligible(q_a)
+        self.q_g, self.q_a, self.scale = q_g, q_a, scale
         if condition_number is None:  # one host synchronisation; callers that have it pass it
             condition_number = float(scale.max() / scale.min())
         self.condition_number = condition_number
@@ -538,8 +548,9 @@ class _KFACBlock(SharedInverseBlock):
         """
         cost = apply_cost(self.out_dim, self.in_dim)
         return resolve_apply_dtype(
-            self.apply_dtype, like.dtype, like.device, cost, condition=condition
-        )
+            self.apply_dtype, like.dtype, like.device, cost, condition=condition,
+            eigenbasis=not self._factored,
+        )  # fmt: skip
 
     def trace(self) -> Tensor:
         r"""$\operatorname{tr}(G \otimes A) = \operatorname{tr} G \operatorname{tr} A$ (cheap)."""

@@ -179,3 +179,24 @@ def test_kfac_configs_from_the_command_line_change_those_arguments(cv: ModuleTyp
     assert opt.kl_clip is None and opt.param_groups[0]["lr"] == "auto"
     with pytest.raises(SystemExit, match="key=value"):
         cv.plan(cv.parse_args(["--quick", "--methods", "adam", "--kfac", "momentum"]))
+
+
+def test_ekfac_and_kpsvd_configs_from_the_command_line_are_timed_alongside_adam(
+    cv: ModuleType,
+) -> None:
+    args = cv.parse_args([
+        "--quick", "--methods", "adam,ekfac", "--tasks", "digits-mlp",
+        "--ekfac", "kl_clip=1e-3,t_inv=30", "--kpsvd", "momentum=0",
+    ])  # fmt: skip
+    _, _, methods, _ = cv.plan(args)
+    assert [(m.name, m.config, cv.paired_run(m)) for m in methods] == [
+        ("ekfac", "default", True), ("ekfac", "kl_clip=1e-3,t_inv=30", True),
+        ("kpsvd", "momentum=0", True),
+    ]  # fmt: skip
+    opt = methods[1].build(nn.Sequential(nn.Linear(4, 3)), nn.CrossEntropyLoss())
+    assert type(opt.engine.approx).__name__ == "EKFAC"
+    assert opt.kl_clip == 1e-3 and opt.engine.t_inv == 30
+    assert not cv.paired_run(cv.adam(1e-3))
+    assert not cv.paired_run(cv.kfac_grid()[0])
+    with pytest.raises(SystemExit, match="--kpsvd takes key=value"):
+        cv.plan(cv.parse_args(["--quick", "--methods", "adam", "--kpsvd", "t_inv"]))

@@ -8,13 +8,14 @@ import pytest
 import torch
 from torch import Tensor
 
-from curvlib.approx import KPSVD, Deflation, KFACCorrected, Lanczos
+from curvlib.approx import EKFAC, KPSVD, Deflation, KFACCorrected, Lanczos
 from curvlib.approx.base import LayerwiseApprox
 from curvlib.approx.kfac import KFAC, EigenbasisInverse, KFACDamping, KroneckerInverse
 from curvlib.linalg import precision
 from curvlib.linalg.kron import two_term_inverse
 from curvlib.linalg.precision import (
     LOW_PRECISION_MAX_CONDITION,
+    LOW_PRECISION_MAX_CONDITION_EIGENBASIS,
     LOW_PRECISION_MIN_COST,
     check_apply_dtype,
     resolve_apply_dtype,
@@ -66,12 +67,27 @@ def test_none_and_an_explicit_dtype_are_used_as_given() -> None:
     assert explicit == torch.bfloat16
 
 
+@pytest.mark.usefixtures("bfloat16_cpu")
+def test_an_eigenbasis_inverse_takes_bfloat16_up_to_its_own_bound() -> None:
+    between = 10 * LOW_PRECISION_MAX_CONDITION
+    assert between < LOW_PRECISION_MAX_CONDITION_EIGENBASIS
+    for eigenbasis, expected in ((False, torch.float32), (True, torch.bfloat16)):
+        got = resolve_apply_dtype(
+            "auto", torch.float32, CPU, LARGE, condition=between, eigenbasis=eigenbasis
+        )
+        assert got == expected
+    beyond = LOW_PRECISION_MAX_CONDITION_EIGENBASIS * 1.01
+    got = resolve_apply_dtype("auto", torch.float32, CPU, LARGE, condition=beyond, eigenbasis=True)
+    assert got == torch.float32
+
+
 @pytest.mark.parametrize("bad", ["fast", "bfloat16", torch.int8, 16])
 def test_anything_else_is_refused_naming_the_choices(bad: object) -> None:
     with pytest.raises(ValueError, match="'auto', None"):
         check_apply_dtype(bad)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="apply_dtype"):
-        KFAC(apply_dtype=bad)  # type: ignore[arg-type]
+    for make in (KFAC, EKFAC):
+        with pytest.raises(ValueError, match="apply_dtype"):
+            make(apply_dtype=bad)  # type: ignore[arg-type]
 
 
 def _applied(approx: LayerwiseApprox, damping: float) -> dict[str, Tensor]:
@@ -103,6 +119,40 @@ def test_auto_on_small_layers_is_the_float32_apply_bit_for_bit() -> None:
     exact, auto = _directions(KFACDamping.PI, None), _directions(KFACDamping.PI, "auto")
     for name, ref in exact.items():
         assert torch.equal(auto[name], ref)
+
+
+def _ekfac_directions(apply_dtype: precision.ApplyDtype) -> dict[str, Tensor]:
+    return _applied(EKFAC(dtype=torch.float32, apply_dtype=apply_dtype), 1e-3)
+
+
+def test_ekfac_applies_in_bfloat16_within_its_rounding() -> None:
+    exact, low = _ekfac_directions(None), _ekfac_directions(torch.bfloat16)
+    for name, ref in exact.items():
+        assert low[name].dtype == torch.float32
+        err = float((low[name] - ref).norm() / ref.norm())
+        assert 0.0 < err < 2e-2, f"{name}: relative error {err:.2e}"
+
+
+@pytest.mark.usefixtures("bfloat16_cpu")
+def test_ekfac_auto_on_small_layers_is_the_float32_apply_bit_for_bit() -> None:
+    exact, auto = _ekfac_directions(None), _ekfac_directions("auto")
+    for name, ref in exact.items():
+        assert torch.equal(auto[name], ref)
+
+
+@pytest.mark.usefixtures("bfloat16_everywhere")
+def test_ekfac_auto_judges_its_inverse_by_the_eigenbasis_bound() -> None:
+    approx = EKFAC(dtype=torch.float32)
+    approx.update(fit_statistics(P.mlp_ce(), approx))
+    seen = set()
+    for damping in (1e-6, 1e2):
+        for name, block in approx.blocks.items():
+            inverse = block.inverse(damping)
+            assert isinstance(inverse, EigenbasisInverse), name
+            well = inverse.condition_number <= LOW_PRECISION_MAX_CONDITION_EIGENBASIS
+            assert inverse.apply_dtype == (torch.bfloat16 if well else torch.float32)
+            seen.add(well)
+    assert seen == {True, False}  # both sides of the rule were exercised
 
 
 def _ill_conditioned_layer() -> tuple[Tensor, Tensor, Tensor]:
@@ -204,13 +254,41 @@ def test_auto_still_applies_a_well_conditioned_inverse_in_bfloat16() -> None:
 
 @pytest.mark.usefixtures("bfloat16_everywhere")
 def test_auto_judges_the_eigen_inverse_by_its_exact_condition_number() -> None:
-    for damping, expected in ((1e-3, torch.float32), (1e2, torch.bfloat16)):
+    # 1e-2: a condition number (about 580) past the explicit inverses' bound, within
+    # the eigenbasis bound.
+    for damping, expected in ((1e-3, torch.float32), (1e-2, torch.bfloat16)):
         inverse = _layer_inverse(KFACDamping.EIGEN, "auto", damping)
         assert isinstance(inverse, EigenbasisInverse)
-        assert (inverse.condition_number <= LOW_PRECISION_MAX_CONDITION) == (
+        assert inverse.condition_number > LOW_PRECISION_MAX_CONDITION
+        assert (inverse.condition_number <= LOW_PRECISION_MAX_CONDITION_EIGENBASIS) == (
             expected == torch.bfloat16
         )
         assert inverse.apply_dtype == expected
+
+
+@pytest.mark.parametrize("damping", [1e-4, 1e-3, 1e-2, 1e-1, 1.0])
+def test_a_bfloat16_eigenbasis_apply_errs_within_its_bound_and_descends(damping: float) -> None:
+    r"""The bound of ``LOW_PRECISION_MAX_CONDITION_EIGENBASIS``, on the layer that goes uphill.
+
+    The error in the norm $\|x\|_{P^{-1}}$ stays below $2^{-8}\sqrt\kappa$ for
+    condition numbers from 7 to $6\cdot10^4$, and the direction descends where
+    the explicit inverse of the same factors points uphill.
+    """
+    inverse = _layer_inverse(KFACDamping.EIGEN, torch.bfloat16, damping)
+    A, G, grad = (t.double() for t in _ill_conditioned_layer())
+    values_a, q_a = torch.linalg.eigh(A)
+    values_g, q_g = torch.linalg.eigh(G)
+    damped = values_g[:, None] * values_a[None, :] + damping  # the eigenvalues of P^{-1}
+    exact = q_g @ ((q_g.T @ grad @ q_a) / damped) @ q_a.T
+    direction = inverse(grad.float()).double()
+
+    def norm(x: Tensor) -> float:  # ||x||_{P^{-1}}
+        return float(((q_g.T @ x @ q_a).square() * damped).sum().sqrt())
+
+    kappa = float(damped.max() / damped.min())
+    assert inverse.apply_dtype == torch.bfloat16
+    assert norm(direction - exact) / norm(exact) < 2.0**-8 * math.sqrt(kappa)
+    assert _cosine(grad, direction) > 0.0
 
 
 TWO_TERM = [Deflation, KFACCorrected, Lanczos, KPSVD]
