@@ -172,10 +172,13 @@ class PreconditionedOptimizer(CurvatureOptimizer):
             approximation names its own
             ([`default_damping`][curvlib.optim.defaults.default_damping]); a number, a schedule,
             Levenberg–Marquardt or a ``DampingWarmup``),
-            ``kl_clip`` ($3\cdot10^{-3}$ on the whole step; ``None`` disables
-            it), ``momentum`` (0.5, or ``"auto"``), ``t_cov`` and
-            ``t_inv`` (10), ``warmup`` (10), ``refresh_on_move`` (0: off), ``nesterov``,
-            ``weight_decay``, ``decoupled_weight_decay``, ``kl_clip_lr_squared``, ``on_step``,
+            ``kl_clip`` ($3\cdot10^{-3}$ on the whole step, or the approximation's
+            own ([`default_kl_clip`][curvlib.optim.defaults.default_kl_clip]);
+            ``None`` disables it), ``momentum`` (0.5, or ``"auto"``), ``t_cov``
+            (10), ``t_inv`` (10, or the approximation's own,
+            [`default_t_inv`][curvlib.optim.defaults.default_t_inv]), ``warmup``
+            (10), ``refresh_on_move`` (0: off), ``nesterov``, ``weight_decay``,
+            ``decoupled_weight_decay``, ``kl_clip_lr_squared``, ``on_step``,
             ``grad_scaler`` and ``accumulation_steps``.
     """
 

@@ -20,7 +20,7 @@ import torch
 from optimizers import COARSE_SPACES, DEFAULT_CURVATURE_LR, OPTIMIZERS, OptimConfig, OptimizerSpec
 from torchrun import launched, local_device
 
-from curvlib import Diagonal, TwoLevel
+from curvlib import EKFAC, Diagonal, TwoLevel
 from curvlib.optim.defaults import DEFAULTS
 
 
@@ -400,8 +400,10 @@ def build_parser(
     opt.add_argument(
         "--clipping",
         type=nonnegative_float,
-        default=DEFAULTS.kl_clip,
-        help="KL-clipping bound on each step, momentum included (0 disables clipping)",
+        default=None,
+        help="KL-clipping bound on each step, momentum included, 0 disables clipping "
+        f"(default: the approximation's, {DEFAULTS.kl_clip:g}; {EKFAC.default_kl_clip:g} for "
+        "ekfac)",
     )
     opt.add_argument(
         "--kl-clip-lr-squared",
@@ -464,7 +466,11 @@ def build_parser(
         help="steps between statistics updates",
     )
     opt.add_argument(
-        "--t-inv", type=positive_int, default=DEFAULTS.t_inv, help="steps between inversions"
+        "--t-inv",
+        type=positive_int,
+        default=None,
+        help=f"steps between inversions (default: the approximation's, {DEFAULTS.t_inv}; "
+        f"{EKFAC.default_t_inv} for ekfac, whose scalings follow every --t-cov)",
     )
     opt.add_argument(
         "--warmup",

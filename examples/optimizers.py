@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from curvlib.core.protocols import CurvatureApprox
-from curvlib.optim.defaults import DEFAULTS, default_damping
+from curvlib.optim.defaults import DEFAULTS, default_damping, default_kl_clip, default_t_inv
 from curvlib.optim.hyper import DampingWarmup, LevenbergMarquardt
 
 
@@ -31,7 +31,9 @@ class OptimConfig:
             approximation's own, ``curvlib.optim.defaults.default_damping``:
             $3\cdot10^{-4}$, the Diagonal's $3\cdot10^{-3}$).
         adaptive_damping: Adapt $\lambda$ by the Levenberg-Marquardt rule.
-        clipping: KL-clipping bound; 0 disables clipping.
+        clipping: KL-clipping bound; 0 disables clipping (``None``: the
+            approximation's own, ``curvlib.optim.defaults.default_kl_clip``:
+            $3\cdot10^{-3}$, EKFAC's $1.5\cdot10^{-3}$).
         momentum: Momentum (curvature optimizers and SGD; Adam keeps its betas).
         weight_decay: L2 weight decay.
         decoupled_weight_decay: Curvature optimizers: add ``weight_decay * theta`` to
@@ -45,7 +47,8 @@ class OptimConfig:
         fisher: ``mc``, ``empirical`` or ``exact``.
         stats_fraction: Fraction of each batch used by the statistics.
         t_cov: Steps between statistics updates.
-        t_inv: Steps between inverse rebuilds.
+        t_inv: Steps between inverse rebuilds (``None``: the approximation's
+            own, ``curvlib.optim.defaults.default_t_inv``: 10, EKFAC's 20).
         warmup: Steps at the start with curvature refreshes at doubling intervals.
         refresh_on_move: Refresh the curvature also when some layer's weights
             moved by this fraction of their norm since the last statistics.
@@ -72,7 +75,7 @@ class OptimConfig:
     lr: float
     damping: float | None = None
     adaptive_damping: bool = False
-    clipping: float = DEFAULTS.kl_clip
+    clipping: float | None = None
     momentum: float = DEFAULTS.momentum
     weight_decay: float = 0.0
     decoupled_weight_decay: bool = False
@@ -83,7 +86,7 @@ class OptimConfig:
     fisher: str = "mc"
     stats_fraction: float = DEFAULTS.stats_fraction
     t_cov: int = DEFAULTS.t_cov
-    t_inv: int = DEFAULTS.t_inv
+    t_inv: int | None = None
     warmup: int = DEFAULTS.warmup
     refresh_on_move: float = DEFAULTS.refresh_on_move
     overlap_inverse: int = 0
@@ -173,11 +176,13 @@ def _curvature(make_approx: Callable[..., CurvatureApprox]) -> Factory:
                 lambda: approx, cfg.coarse_space, cfg.krylov, cfg.coarse_form, cfg.coarse_samples
             )()
         own = default_damping(approx)
+        t_inv = default_t_inv(approx) if cfg.t_inv is None else cfg.t_inv
+        clipping = default_kl_clip(approx) if cfg.clipping is None else cfg.clipping
         lam = own.damping if cfg.damping is None else cfg.damping
         samples = own.samples if cfg.damping_warmup_samples is None else cfg.damping_warmup_samples
         damping: float | LevenbergMarquardt | DampingWarmup = lam
         if cfg.adaptive_damping:
-            damping = LevenbergMarquardt(initial=lam, interval=cfg.t_inv)
+            damping = LevenbergMarquardt(initial=lam, interval=t_inv)
         elif samples:
             damping = DampingWarmup(lam, samples=samples)
         return PreconditionedOptimizer(
@@ -189,13 +194,13 @@ def _curvature(make_approx: Callable[..., CurvatureApprox]) -> Factory:
             seed=cfg.seed,
             lr=cfg.lr,
             damping=damping,
-            kl_clip=cfg.clipping if cfg.clipping > 0 else None,
+            kl_clip=clipping if clipping > 0 else None,
             kl_clip_lr_squared=cfg.kl_clip_lr_squared,
             momentum=cfg.momentum,
             weight_decay=cfg.weight_decay,
             decoupled_weight_decay=cfg.decoupled_weight_decay,
             t_cov=cfg.t_cov,
-            t_inv=cfg.t_inv,
+            t_inv=t_inv,
             warmup=cfg.warmup,
             refresh_on_move=cfg.refresh_on_move,
             # Only where asked for: approximations that cannot overlap refuse it.

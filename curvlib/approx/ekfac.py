@@ -579,6 +579,24 @@ class EKFAC(LayerwiseApprox):
         {StatKind.KRONECKER, StatKind.PER_SAMPLE_IO}
     )
 
+    default_kl_clip: ClassVar[float] = 1.5e-3
+    r"""The optimizer's KL clip over EKFAC when none is given, half of KFAC's $3\cdot10^{-3}$.
+
+    ([`default_kl_clip`][curvlib.optim.defaults.default_kl_clip].) EKFAC's
+    scalings sit below KFAC's $e_G \otimes e_A$ in some directions, where its
+    steps are longer for the same bound. At KFAC's bound it stalled at the mean
+    image on two of three seeds of the convergence benchmark's ReLU autoencoder
+    ([results](../results/convergence.md#ekfacs-own-defaults-and-its-bfloat16-apply)).
+    """
+
+    default_t_inv: ClassVar[int] = 20
+    """Steps between refreshes of the eigenbasis when none is given, twice KFAC's 10.
+
+    ([`default_t_inv`][curvlib.optim.defaults.default_t_inv].) The scalings
+    are still updated on every statistics step (every ``t_cov``, 10 by default);
+    only the two eigendecompositions per layer wait.
+    """
+
     def __init__(
         self,
         damping: EKFACDamping | str = EKFACDamping.FACTORED,

@@ -137,7 +137,11 @@ class CurvatureApprox(Protocol):
     positive number) and ``default_damping_samples`` (a non-negative int): the
     optimizer then damps it with that $\lambda$, or warms the damping up over
     that many samples, when no ``damping`` is given
-    ([`default_damping`][curvlib.optim.defaults.default_damping]).
+    ([`default_damping`][curvlib.optim.defaults.default_damping]); likewise
+    ``default_kl_clip`` (a positive number,
+    [`default_kl_clip`][curvlib.optim.defaults.default_kl_clip]) and
+    ``default_t_inv`` (a positive int,
+    [`default_t_inv`][curvlib.optim.defaults.default_t_inv]).
     """
 
     @property

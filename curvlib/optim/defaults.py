@@ -11,8 +11,12 @@ tuned Adam's final loss, never by one tuned run.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, TypeAlias
 
 from curvlib.optim.hyper import DampingWarmup
+
+KLClip: TypeAlias = float | Literal["default"] | None
+"""A KL-clipping bound $c$, ``"default"`` (``default_kl_clip``) or ``None`` (no clip)."""
 
 
 @dataclass(frozen=True)
@@ -26,10 +30,12 @@ class OptimizerDefaults:
             samples ([`DampingWarmup`][curvlib.optim.DampingWarmup]); an
             approximation may name its own $\lambda$ or warm-up
             ([`default_damping`][curvlib.optim.defaults.default_damping]).
-        kl_clip: KL-clipping bound $c$.
+        kl_clip: KL-clipping bound $c$; an approximation may name its own
+            ([`default_kl_clip`][curvlib.optim.defaults.default_kl_clip]).
         momentum: Momentum $\mu$ on the clipped preconditioned direction.
         t_cov: Steps between statistics updates.
-        t_inv: Steps between inverse rebuilds.
+        t_inv: Steps between inverse rebuilds; an approximation may name its
+            own ([`default_t_inv`][curvlib.optim.defaults.default_t_inv]).
         stats_fraction: Fraction of each batch the statistics use (half: fewer
             epochs to tuned Adam's loss than a quarter on all five tasks of the
             convergence benchmark, at the cost of a larger extra backward pass).
@@ -103,3 +109,60 @@ def default_damping(approx: object) -> DampingWarmup:
             f"(the samples its damping's warm-up lasts), got {samples!r}."
         )
     return DampingWarmup(float(value), samples=samples)
+
+
+def default_kl_clip(approx: object) -> float:
+    r"""The KL clip of an optimizer whose approximation is ``approx`` when no ``kl_clip`` is given.
+
+    An approximation whose steps need another bound than KFAC's may name its own
+    $c$ in the class attribute ``default_kl_clip`` (a positive number);
+    [`EKFAC`][curvlib.approx.EKFAC] does. Every other approximation gets
+    ``DEFAULTS.kl_clip``. The clip bounds the whole step, so the optimizer takes
+    the default of its ``approx``, not of the approximations of its ``groups``.
+    A ``kl_clip`` given to the optimizer (``None`` included) always wins.
+
+    Args:
+        approx: A curvature approximation.
+
+    Returns:
+        The bound described above.
+
+    Raises:
+        ValueError: If ``default_kl_clip`` is set but not a positive number.
+    """
+    value = getattr(approx, "default_kl_clip", DEFAULTS.kl_clip)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0.0:
+        raise ValueError(
+            f"{type(approx).__name__}.default_kl_clip must be a positive number (its KL "
+            f"clip when none is given), got {value!r}."
+        )
+    return float(value)
+
+
+def default_t_inv(approx: object) -> int:
+    r"""The steps between inverse rebuilds of a group whose approximation is ``approx``.
+
+    Used when no ``t_inv`` is given. An approximation whose inverse costs far
+    more than its statistics may name its own interval in the class attribute
+    ``default_t_inv`` (a positive int); [`EKFAC`][curvlib.approx.EKFAC] does:
+    its scalings are updated with every statistics step, every ``t_cov`` steps,
+    and only its eigenbasis waits for ``t_inv``. Every other approximation gets
+    ``DEFAULTS.t_inv``. A ``t_inv`` given to the optimizer or to a group always
+    wins.
+
+    Args:
+        approx: A curvature approximation.
+
+    Returns:
+        The interval described above.
+
+    Raises:
+        ValueError: If ``default_t_inv`` is set but not a positive int.
+    """
+    value = getattr(approx, "default_t_inv", DEFAULTS.t_inv)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(
+            f"{type(approx).__name__}.default_t_inv must be a positive int (its steps "
+            f"between inverse rebuilds when none is given), got {value!r}."
+        )
+    return value

@@ -53,7 +53,13 @@ from curvlib.optim.adaptive import (
     apply_adaptive_step,
     is_auto,
 )
-from curvlib.optim.defaults import DEFAULTS, default_damping
+from curvlib.optim.defaults import (
+    DEFAULTS,
+    KLClip,
+    default_damping,
+    default_kl_clip,
+    default_t_inv,
+)
 from curvlib.optim.deferred import (
     MAX_PENDING,
     DeferredStep,
@@ -130,7 +136,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             $\lambda$ or warm-up, as the [`Diagonal`][curvlib.approx.Diagonal]
             and [`TwoLevel`][curvlib.approx.TwoLevel] do).
         kl_clip: KL-clipping bound $c$ on the whole step, momentum included;
-            ``None`` disables it.
+            ``None`` disables it. ``"default"``: the default of ``approx``
+            ([`default_kl_clip`][curvlib.optim.defaults.default_kl_clip]:
+            ``DEFAULTS.kl_clip``, $3\cdot10^{-3}$, unless the approximation
+            names its own, as [`EKFAC`][curvlib.approx.EKFAC] does).
         kl_clip_lr_squared: Use $\eta^2$ in the clip (Ba et al.); ``False`` for the
             KPSVD paper's variant without it.
         momentum: Momentum $\mu$ on the preconditioned direction, or ``"auto"``
@@ -140,7 +149,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         decoupled_weight_decay: Decay the weights directly (AdamW-style) instead of
             adding $\omega\theta$ to the gradient before preconditioning.
         t_cov: Steps between statistics updates.
-        t_inv: Steps between inverse rebuilds.
+        t_inv: Steps between inverse rebuilds, for every group that sets none.
+            ``None`` (the default): each group's approximation's own default
+            ([`default_t_inv`][curvlib.optim.defaults.default_t_inv]:
+            ``DEFAULTS.t_inv``, 10, unless the approximation names its own, as
+            [`EKFAC`][curvlib.approx.EKFAC] does).
         warmup: Statistics and inverses also at the steps before ``warmup`` that are
             powers of two (0, 1, 2, 4, 8, ...), whatever ``t_cov`` and ``t_inv``
             say (0 disables it): the curvature of the initial weights goes stale
@@ -228,14 +241,14 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         *,
         lr: float | Literal["auto"] = DEFAULTS.lr,
         damping: DampingRule | None = None,
-        kl_clip: float | None = DEFAULTS.kl_clip,
+        kl_clip: KLClip = "default",
         kl_clip_lr_squared: bool = True,
         momentum: float | Literal["auto"] = DEFAULTS.momentum,
         nesterov: bool = False,
         weight_decay: float = 0.0,
         decoupled_weight_decay: bool = False,
         t_cov: int = DEFAULTS.t_cov,
-        t_inv: int = DEFAULTS.t_inv,
+        t_inv: int | None = None,
         warmup: int = DEFAULTS.warmup,
         refresh_on_move: float = DEFAULTS.refresh_on_move,
         groups: Sequence[Mapping[str, Any]] = (),
@@ -255,10 +268,17 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             "decoupled_weight_decay": decoupled_weight_decay,
             "damping": default_damping(approx) if damping is None else damping,
             "t_cov": t_cov,
-            "t_inv": t_inv,
+            "t_inv": default_t_inv(approx) if t_inv is None else t_inv,
         }
         check_hyper(defaults)
-        if kl_clip is not None:
+        if kl_clip == "default":
+            kl_clip = default_kl_clip(approx)
+        elif isinstance(kl_clip, str):
+            raise ValueError(
+                f"kl_clip must be a positive number, 'default' (the approximation's) or None "
+                f"(no clip), got {kl_clip!r}."
+            )
+        elif kl_clip is not None:
             check_positive("kl_clip", kl_clip)
         if isinstance(accumulation_steps, bool) or accumulation_steps < 1:
             raise ValueError(f"accumulation_steps must be >= 1, got {accumulation_steps!r}.")
@@ -276,6 +296,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             settings = {**defaults, **group.settings}
             if damping is None and "damping" not in group.settings:
                 settings["damping"] = default_damping(group.approx)
+            if t_inv is None and "t_inv" not in group.settings:
+                settings["t_inv"] = default_t_inv(group.approx)
             check_hyper(settings, f"group {group.name!r}: " if group.settings else "")
             layer_params = [p for layer in group.layers for p in layer.parameters]
             torch_groups.append(

@@ -35,7 +35,7 @@ from curvlib.core.checkpoint import RECORD_KEY, check_record, layer_record, writ
 from curvlib.core.layout import CurvatureLayer
 from curvlib.core.protocols import CurvatureApprox, Extractor, ReplicaSync
 from curvlib.core.stats import all_finite, finite_flag
-from curvlib.optim.defaults import DEFAULTS, default_damping
+from curvlib.optim.defaults import DEFAULTS, default_damping, default_t_inv
 from curvlib.optim.deferred import (
     MAX_PENDING,
     check_setting,
@@ -76,7 +76,9 @@ class GradientPreconditioner:
         lr: The learning rate the wrapped optimizer uses, for the KL clip.
         kl_clip_lr_squared: Use $\eta^2$ in the clip.
         t_cov: Steps between statistics updates.
-        t_inv: Steps between inverse rebuilds.
+        t_inv: Steps between inverse rebuilds; ``None`` (the default): the
+            approximation's default
+            ([`default_t_inv`][curvlib.optim.defaults.default_t_inv]).
         warmup: Statistics and inverses also at the steps before it that are
             powers of two, as in the optimizer.
         refresh_on_move: Statistics and inverses also on any step where some
@@ -112,7 +114,7 @@ class GradientPreconditioner:
         lr: float = 1.0,
         kl_clip_lr_squared: bool = True,
         t_cov: int = DEFAULTS.t_cov,
-        t_inv: int = DEFAULTS.t_inv,
+        t_inv: int | None = None,
         warmup: int = DEFAULTS.warmup,
         refresh_on_move: float = DEFAULTS.refresh_on_move,
         sync: ReplicaSync | None = None,
@@ -134,7 +136,7 @@ class GradientPreconditioner:
             approx,
             damping=default_damping(approx) if damping is None else damping,
             t_cov=t_cov,
-            t_inv=t_inv,
+            t_inv=default_t_inv(approx) if t_inv is None else t_inv,
             warmup=warmup,
             refresh_on_move=refresh_on_move,
             sync=sync,

@@ -27,7 +27,7 @@ from curvlib import (
 from curvlib.approx import TwoLevel
 from curvlib.core.protocols import CurvatureApprox
 from curvlib.optim import DampingRule, DampingWarmup, LevenbergMarquardt
-from curvlib.optim.defaults import DEFAULTS, default_damping
+from curvlib.optim.defaults import DEFAULTS, default_damping, default_kl_clip, default_t_inv
 
 SEEDS = (0, 1, 2)
 APPROXIMATIONS: dict[str, Callable[[], CurvatureApprox]] = {
@@ -472,3 +472,49 @@ def test_the_preconditioner_mode_takes_the_approximations_default_damping() -> N
     assert kfac.engine.damping_rule == DEFAULTS.damping
     given = NaturalGradientPreconditioner(_mlp(), Diagonal(), loss_fn=nn.MSELoss(), damping=1e-3)
     assert given.engine.damping_rule == 1e-3
+
+
+def test_ekfac_has_its_own_kl_clip_and_refresh_interval_and_the_others_keep_kfacs() -> None:
+    assert (EKFAC.default_kl_clip, EKFAC.default_t_inv) == (1.5e-3, 20)  # the documented values
+    for approx in (KFAC(), EKFAC(), KPSVD(), Diagonal()):
+        opt = PreconditionedOptimizer(_mlp(), approx, loss_fn=nn.MSELoss())
+        ekfac = isinstance(approx, EKFAC)
+        assert default_kl_clip(approx) == opt.kl_clip == (1.5e-3 if ekfac else DEFAULTS.kl_clip)
+        assert default_t_inv(approx) == opt.engine.t_inv == (20 if ekfac else DEFAULTS.t_inv)
+        assert opt.param_groups[0]["t_inv"] == opt.engine.t_inv
+        assert opt.engine.t_cov == DEFAULTS.t_cov
+
+
+def test_a_given_kl_clip_or_interval_wins_over_the_approximations_default() -> None:
+    opt = PreconditionedOptimizer(_mlp(), EKFAC(), loss_fn=nn.MSELoss(), kl_clip=None, t_inv=5)
+    assert opt.kl_clip is None and opt.engine.t_inv == 5
+    opt = PreconditionedOptimizer(_mlp(), EKFAC(), loss_fn=nn.MSELoss(), kl_clip=1e-2)
+    assert opt.kl_clip == 1e-2
+    with pytest.raises(ValueError, match="kl_clip must be a positive number, 'default'"):
+        PreconditionedOptimizer(_mlp(), EKFAC(), loss_fn=nn.MSELoss(), kl_clip="auto")  # type: ignore[arg-type]
+
+
+def test_each_group_refreshes_at_the_interval_of_its_own_approximation() -> None:
+    groups: list[dict[str, Any]] = [
+        {"layers": ["2"], "approx": EKFAC()}, {"layers": ["4"], "approx": KFAC(), "t_inv": 3},
+    ]  # fmt: skip
+    opt = PreconditionedOptimizer(_mlp(), KFAC(), loss_fn=nn.MSELoss(), groups=groups)
+    assert [engine.t_inv for engine in opt.engines] == [DEFAULTS.t_inv, 20, 3]
+    assert opt.kl_clip == DEFAULTS.kl_clip  # the clip bounds the whole step: the optimizer's
+    opt = PreconditionedOptimizer(_mlp(), KFAC(), loss_fn=nn.MSELoss(), groups=groups, t_inv=7)
+    assert [engine.t_inv for engine in opt.engines] == [7, 7, 3]
+    pre = NaturalGradientPreconditioner(_mlp(), EKFAC(), loss_fn=nn.MSELoss())
+    assert pre.engine.t_inv == 20
+
+
+@pytest.mark.parametrize(
+    ("attribute", "value"),
+    [("default_kl_clip", 0.0), ("default_kl_clip", float("nan")), ("default_kl_clip", "1e-3"),
+     ("default_t_inv", 0), ("default_t_inv", 2.0), ("default_t_inv", True)],
+)  # fmt: skip
+def test_a_bad_default_clip_or_interval_of_an_approximation_is_refused_naming_it(
+    attribute: str, value: Any
+) -> None:
+    broken = type("Broken", (KFAC,), {attribute: value})
+    with pytest.raises(ValueError, match=rf"Broken\.{attribute} must be a positive"):
+        PreconditionedOptimizer(_mlp(), broken(), loss_fn=nn.MSELoss())
