@@ -214,16 +214,20 @@ def _gram(rows: Tensor) -> Tensor:
 def _sandwich(gram: Tensor, coef: Tensor) -> Tensor:
     r"""$\sum_m M^{nm} C_m (M^{nm})^\top$ for ``coef`` ``[S, T, T]``.
 
-    ``gram`` is the symmetric ``[S T, S T]`` Gram matrix viewed as
+    ``gram`` is the symmetric ``[S T, S T]`` Gram matrix $M$ viewed as
     ``[S, T, S T]``: row block $n$ holds the $T \times T$ blocks $M^{nm}$ of
-    every $m$, and by symmetry block $m$'s rows, transposed, hold the
-    $M^{nm}$ of every $n$. Two batched GEMMs of $O(S^2 T^3)$, $[ST, T] \times
-    [T, T]$ then $[T, ST] \times [ST, T]$ (no batch of $S^2$ tiny products).
+    every $m$, and $M^{mn} = (M^{nm})^\top$. The sum is the $n$-th diagonal block
+    of $M \operatorname{blockdiag}(C) M$: two batched GEMMs of $O(S^2 T^3)$ on
+    contiguous row blocks, $Y_m = C_m M^{m,:}$ ($[T, T] \times [T, ST]$), then
+    $M^{n,:}$ times the $n$-th column block of $Y$, read in place ($[T, ST]
+    \times [ST, T]$). No batch of $S^2$ tiny products, and no transposed copy of
+    an $S^2 T^2$ tensor (which cost more than both products: a product of the
+    digits CNN's second convolution, $S = 100$, $T = 16$, took 19–21 ms with
+    it and 6.6–7.0 ms without, two threads, 2-core AMD EPYC).
     """
     size, t = coef.shape[0], coef.shape[-1]
-    mc = torch.bmm(gram.transpose(1, 2), coef)  # [m, (n, t), s]: M^{nm} C_m
-    mc = mc.view(size, size, t, t).permute(1, 2, 0, 3).reshape(size, t, size * t)
-    return torch.bmm(mc, gram.transpose(1, 2))
+    y = torch.bmm(coef, gram).view(size * t, size, t)  # rows (m, s): (C_m M^{m,:})_s
+    return torch.bmm(gram, y.permute(1, 0, 2))  # [n, t, t]: M^{n,:} Y[:, n-block]
 
 
 class SampleSpaceFisher(Coordinates):

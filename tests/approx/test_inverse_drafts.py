@@ -20,6 +20,7 @@ import torch
 
 from curvlib.approx import EKFAC, KFAC, KPSVD, Diagonal
 from curvlib.approx import base as base_module
+from curvlib.approx import ekfac as ekfac_module
 from curvlib.approx import kfac as kfac_module
 from curvlib.approx.base import LayerwiseApprox
 from curvlib.approx.kfac import KFACDamping
@@ -241,11 +242,13 @@ def test_the_inverse_built_ahead_flushes_each_factor_at_its_own_limit() -> None:
     assert torch.equal(built.a_inv, checked.a_inv)  # type: ignore[attr-defined]
 
 
+@pytest.mark.parametrize("name", ["kfac-pi", "ekfac"])
 def test_an_apply_dtype_chosen_by_the_condition_number_is_not_built_ahead(
-    monkeypatch: pytest.MonkeyPatch,
+    name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    approx = _fitted("kfac-pi", 0, torch.float32)
-    monkeypatch.setattr(kfac_module, "resolve_apply_dtype", _bfloat16_below_1e3)
+    approx = _fitted(name, 0, torch.float32)
+    module = kfac_module if name == "kfac-pi" else ekfac_module
+    monkeypatch.setattr(module, "resolve_apply_dtype", _bfloat16_below_1e3)
     for block in approx._blocks.values():
         block.apply_dtype = "auto"  # type: ignore[attr-defined]
     assert approx.inverse_ahead(DAMPING) is None
@@ -255,7 +258,13 @@ def test_an_apply_dtype_chosen_by_the_condition_number_is_not_built_ahead(
 
 
 def _bfloat16_below_1e3(
-    choice: object, dtype: torch.dtype, device: torch.device, cost: float, *, condition: float
+    choice: object,
+    dtype: torch.dtype,
+    device: torch.device,
+    cost: float,
+    *,
+    condition: float,
+    eigenbasis: bool = False,
 ) -> torch.dtype:
     if choice != "auto":
         assert isinstance(choice, torch.dtype)

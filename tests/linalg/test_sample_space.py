@@ -413,3 +413,20 @@ def test_bfloat16_statistics_have_their_gram_matrices_multiplied_in_float32() ->
     rows = a.to(torch.bfloat16).float().reshape(40, 30)
     expected = (rows @ rows.T).double().square()
     assert torch.equal(low._kernel_a, expected), "bfloat16 rows, a float32 product"
+
+
+def test_the_sandwich_sums_each_rows_blocks_around_each_coefficient_block() -> None:
+    r"""$\sum_m M^{nm} C_m (M^{nm})^\top$ for every $n$, against a loop over the blocks."""
+    from curvlib.linalg.sample_space import _sandwich
+
+    gen = torch.Generator().manual_seed(0)
+    size, t = 5, 3
+    x = torch.randn(size * t, 7, generator=gen, dtype=torch.float64)
+    gram = x @ x.T
+    coef = torch.randn(size, t, t, generator=gen, dtype=torch.float64)  # not symmetric
+    blocks = gram.view(size, t, size, t)
+    expected = torch.stack([
+        sum(blocks[n, :, m] @ coef[m] @ blocks[n, :, m].T for m in range(size))
+        for n in range(size)
+    ])  # fmt: skip
+    torch.testing.assert_close(_sandwich(gram.view(size, t, size * t), coef), expected)
