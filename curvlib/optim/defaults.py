@@ -10,8 +10,9 @@ tuned Adam's final loss, never by one tuned run.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, TypeAlias
+from typing import Any, Literal, TypeAlias
 
 from curvlib.optim.hyper import DampingWarmup
 
@@ -96,18 +97,10 @@ def default_damping(approx: object) -> DampingWarmup:
         ValueError: If ``default_damping`` is set but not a positive number, or
             ``default_damping_samples`` is set but not a non-negative int.
     """
-    value = getattr(approx, "default_damping", DEFAULTS.damping.damping)
-    samples = getattr(approx, "default_damping_samples", DEFAULTS.damping.samples)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0.0:
-        raise ValueError(
-            f"{type(approx).__name__}.default_damping must be a positive number (its "
-            f"damping when none is given), got {value!r}."
-        )
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
-        raise ValueError(
-            f"{type(approx).__name__}.default_damping_samples must be a non-negative int "
-            f"(the samples its damping's warm-up lasts), got {samples!r}."
-        )
+    value = _own(approx, "default_damping", DEFAULTS.damping.damping, _POSITIVE_NUMBER,
+                 "its damping when none is given")  # fmt: skip
+    samples = _own(approx, "default_damping_samples", DEFAULTS.damping.samples,
+                   _NON_NEGATIVE_INT, "the samples its damping's warm-up lasts")  # fmt: skip
     return DampingWarmup(float(value), samples=samples)
 
 
@@ -130,12 +123,8 @@ def default_kl_clip(approx: object) -> float:
     Raises:
         ValueError: If ``default_kl_clip`` is set but not a positive number.
     """
-    value = getattr(approx, "default_kl_clip", DEFAULTS.kl_clip)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0.0:
-        raise ValueError(
-            f"{type(approx).__name__}.default_kl_clip must be a positive number (its KL "
-            f"clip when none is given), got {value!r}."
-        )
+    value = _own(approx, "default_kl_clip", DEFAULTS.kl_clip, _POSITIVE_NUMBER,
+                 "its KL clip when none is given")  # fmt: skip
     return float(value)
 
 
@@ -159,10 +148,32 @@ def default_t_inv(approx: object) -> int:
     Raises:
         ValueError: If ``default_t_inv`` is set but not a positive int.
     """
-    value = getattr(approx, "default_t_inv", DEFAULTS.t_inv)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    value: int = _own(approx, "default_t_inv", DEFAULTS.t_inv, _POSITIVE_INT,
+                      "its steps between inverse rebuilds when none is given")  # fmt: skip
+    return value
+
+
+_POSITIVE_NUMBER = ("a positive number", lambda v: isinstance(v, int | float) and v > 0.0)
+_POSITIVE_INT = ("a positive int", lambda v: isinstance(v, int) and v >= 1)
+_NON_NEGATIVE_INT = ("a non-negative int", lambda v: isinstance(v, int) and v >= 0)
+
+
+def _own(
+    approx: object,
+    attribute: str,
+    fallback: object,
+    kind: tuple[str, Callable[[Any], bool]],
+    meaning: str,
+) -> Any:
+    """``approx``'s class attribute ``attribute`` (``fallback`` without it), checked.
+
+    Raises:
+        ValueError: If the value is a bool or not of ``kind``, naming the attribute.
+    """
+    value = getattr(approx, attribute, fallback)
+    name, valid = kind
+    if isinstance(value, bool) or not valid(value):
         raise ValueError(
-            f"{type(approx).__name__}.default_t_inv must be a positive int (its steps "
-            f"between inverse rebuilds when none is given), got {value!r}."
+            f"{type(approx).__name__}.{attribute} must be {name} ({meaning}), got {value!r}."
         )
     return value
