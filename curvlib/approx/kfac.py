@@ -158,7 +158,8 @@ class KroneckerInverse:
 class EigenbasisInverse:
     r"""$(G \otimes A + \lambda I)^{-1}$ in the Kronecker eigenbasis (KFAC's ``EIGEN`` inverse).
 
-    Also EKFAC's inverse, whose ``scale`` holds its damped scalings. With
+    Also EKFAC's inverse, whose ``scale`` holds the reciprocals of its damped
+    scalings (and ``condition_number`` that of its damped operator). With
     ``apply_dtype`` the four products run on copies of the bases in that dtype
     ([`eigenbasis_apply`][curvlib.linalg.kron.eigenbasis_apply]). The bases are
     flushed with [`flush_negligible`][curvlib.linalg.flush_negligible] unless
