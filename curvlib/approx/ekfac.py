@@ -88,6 +88,7 @@ from curvlib.linalg.precision import (
     ApplyDtype,
     apply_cost,
     check_apply_dtype,
+    condition_free_dtype,
     resolve_apply_dtype,
 )
 
@@ -434,8 +435,7 @@ class _EKFACBlock(SplitUpdateBlock):
             return EigenbasisInverse(basis_g, basis_a, scale, low, condition, flush=False)
 
         def ahead() -> EigenbasisInverse | None:
-            low = self._apply_dtype(scale, math.inf)
-            if low != self._apply_dtype(scale, 1.0):
+            if condition_free_dtype(lambda c: self._apply_dtype(scale, c)) is None:
                 return None  # the condition number chooses it
             return inverse(math.nan)
 

@@ -46,6 +46,7 @@ from curvlib.linalg.precision import (
     ApplyDtype,
     apply_cost,
     check_apply_dtype,
+    condition_free_dtype,
     resolve_apply_dtype,
 )
 
@@ -488,8 +489,8 @@ class _KFACBlock(SharedInverseBlock):
             return KroneckerInverse(g, a, value, self._apply_dtype(g, value), flush=False)
 
         def ahead() -> LayerInverse | None:
-            apply_dtype = self._apply_dtype(g_inv, math.inf)
-            if apply_dtype != self._apply_dtype(g_inv, 1.0):
+            apply_dtype = condition_free_dtype(lambda c: self._apply_dtype(g_inv, c))
+            if apply_dtype is None:
                 return None  # the condition number chooses it
             g = flush_below(g_inv, device_negligible_limit(extremes[0], extremes[1], g_inv.dtype))
             a = flush_below(a_inv, device_negligible_limit(extremes[2], extremes[3], a_inv.dtype))

@@ -38,6 +38,8 @@ exactness tests), GPUs and other CPUs keep the factors' dtype.
 from __future__ import annotations
 
 import functools
+import math
+from collections.abc import Callable
 from typing import Literal, TypeAlias
 
 import torch
@@ -135,6 +137,17 @@ def cpu_multiplies_bfloat16() -> bool:
     if not any(probe is not None and probe() for probe in probes):
         return False
     return bool(torch.backends.mkldnn.is_available())  # type: ignore[no-untyped-call]
+
+
+def condition_free_dtype(resolve: Callable[[float], torch.dtype]) -> torch.dtype | None:
+    """The dtype ``resolve(condition)`` gives whatever the condition number, else ``None``.
+
+    For an inverse built ahead of its condition number (read later with the
+    other numbers of the step): where the choice depends on it, the inverse
+    cannot be built yet.
+    """
+    chosen = resolve(math.inf)
+    return chosen if chosen == resolve(1.0) else None
 
 
 def check_apply_dtype(choice: ApplyDtype) -> ApplyDtype:
