@@ -123,8 +123,8 @@ def symmetrize(mat: Tensor) -> Tensor:
     return torch.add(mat, mat.transpose(-1, -2)).mul_(0.5)
 
 
-def gram(x: Tensor, blocks: int = 1) -> Tensor:
-    r"""$x^\top x$ for ``x`` ``[n, d]``, exactly symmetric when ``blocks > 1``.
+def gram(x: Tensor, blocks: int = 1, right: Tensor | None = None) -> Tensor:
+    r"""$x^\top x$ for ``x`` ``[n, d]`` (or $x^\top y$), exactly symmetric when ``blocks > 1``.
 
     With ``blocks`` $= k > 1$ the columns are split into $k$ blocks and each
     block row is one GEMM with the columns from its diagonal block on; the
@@ -132,14 +132,19 @@ def gram(x: Tensor, blocks: int = 1) -> Tensor:
     $(k + 1) / 2k$ of a GEMM's multiply-adds (5/8 at $k = 4$), worth it where
     the GEMMs stay large ([`gram_blocks`][curvlib.linalg.factors.gram_blocks]).
     ``blocks=1`` is the GEMM itself.
+
+    ``right`` ($y$, the shape of $x$) gives $x^\top y$ for a product the caller
+    knows to be symmetric, such as $\sum_s x_s^\top C_s x_s$ with symmetric
+    $C_s$ ($y_s = C_s x_s$): the upper triangle is computed, and mirrored.
     """
+    y = x if right is None else right
     cols = x.shape[-1]
     if blocks <= 1 or cols < blocks:
-        return x.mT @ x
+        return x.mT @ y
     edges = [cols * i // blocks for i in range(blocks + 1)]
     out = x.new_empty(cols, cols)
     for lo, hi in itertools.pairwise(edges):
-        row = x[:, lo:hi].mT @ x[:, lo:]  # [hi - lo, cols - lo]
+        row = x[:, lo:hi].mT @ y[:, lo:]  # [hi - lo, cols - lo]
         diagonal = row[:, : hi - lo]
         out[lo:hi, lo:hi] = diagonal.triu().add_(diagonal.triu(1).mT)
         out[lo:hi, hi:] = row[:, hi - lo :]

@@ -53,13 +53,14 @@ the sample space pays $N^2T^3$ per product on its wide side, and the
 matrix-free form $N d_o d_i (d_o + d_i)$: on the convolutions of curvlib's
 benchmark networks with many input channels (hundreds of columns) the sample
 space wins, on the first ones (few columns, many positions) the matrix-free
-form. The Gram matrices are computed in the working dtype (float32 at least)
-and, with the features, iterated in float64 (so that residuals are resolved below the
-float32 tolerance): a float32 product is exact to about $10^{-6}$ relative,
-and the top pairs of float32 statistics come out as those of float64 Gram
-matrices to the float32 tolerance, at half the cost of float64 products. The
-sample-space form is skipped where its Gram matrices would exceed
-``MAX_GRAM_ENTRIES``.
+form. The Gram matrices are computed in the working dtype (float32 at least),
+from their upper triangle where that pays (as are the factors formed at the
+end; [`gram`][curvlib.linalg.factors.gram]), and, with the features, iterated
+in float64 (so that residuals are resolved below the float32 tolerance): a
+float32 product is exact to about $10^{-6}$ relative, and the top pairs of
+float32 statistics come out as those of float64 Gram matrices to the float32
+tolerance, at half the cost of float64 products. The sample-space form is
+skipped where its Gram matrices would exceed ``MAX_GRAM_ENTRIES``.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ import torch
 from torch import Tensor
 
 from curvlib.core.stats import PerSampleIO
-from curvlib.linalg.factors import symmetrize
+from curvlib.linalg.factors import gram, gram_blocks, symmetrize
 from curvlib.linalg.rearrange import Coordinates, Deflated, RearrangedFisher
 
 EXPECTED_PRODUCTS = 10
@@ -205,10 +206,18 @@ def choose_form(
     return RearrangedForm.MATRIX_FREE
 
 
-def _gram(rows: Tensor) -> Tensor:
-    """``rows @ rows.T`` in float64, the product in the rows' dtype but never below float32."""
+def _gram(rows: Tensor, *, symmetric: bool = False) -> Tensor:
+    """``rows @ rows.T`` in float64, the product in the rows' dtype but never below float32.
+
+    Computed as [`gram`][curvlib.linalg.factors.gram] computes it: in blocks of
+    its upper triangle where that pays (5/8 of the multiply-adds, exactly
+    symmetric), else one GEMM, which ``symmetric=True`` symmetrises.
+    """
     rows = rows.to(torch.promote_types(rows.dtype, torch.float32))
-    return (rows @ rows.T).to(_GRAM_DTYPE)
+    columns = rows.T
+    blocks = gram_blocks(columns)
+    product = gram(columns, blocks).to(_GRAM_DTYPE)
+    return symmetrize(product) if symmetric and blocks == 1 else product
 
 
 def _sandwich(gram: Tensor, coef: Tensor) -> Tensor:
@@ -300,11 +309,11 @@ class SampleSpaceFisher(Coordinates):
             self._kernel_g = _gram(g_work).square().view(k, n, k, n).sum((0, 2))
         else:
             if self.routes[0] is SideRoute.GRAM:
-                self._gram_a = symmetrize(_gram(a_work)).view(n, t, n * t)
+                self._gram_a = _gram(a_work, symmetric=True).view(n, t, n * t)
             else:
                 self._features_a = a_work.to(_GRAM_DTYPE).view(n, t, self.in_dim)
             if self.routes[1] is SideRoute.GRAM:
-                self._gram_g = symmetrize(_gram(g_work)).view(k * n, t, k * n * t)
+                self._gram_g = _gram(g_work, symmetric=True).view(k * n, t, k * n * t)
             else:
                 self._features_g = g_work.to(_GRAM_DTYPE).view(k * n, t, int(d_o))
         self._size = n * t * t
@@ -500,7 +509,11 @@ class SampleSpaceFisher(Coordinates):
         return out
 
     def _combine(self, rows: Tensor, coef: Tensor, count: int) -> Tensor:
-        r"""$\sum_s R_s^\top C_s R_s$ for ``count`` row blocks of ``rows``, in ``dtype``."""
+        r"""$\sum_s R_s^\top C_s R_s$ for ``count`` row blocks of ``rows``, in ``dtype``.
+
+        The $C_s$ are symmetric, so the sum is: its upper triangle is computed
+        in blocks where that pays ([`gram`][curvlib.linalg.factors.gram]).
+        """
         t = self._t
         blocks = self._symmetric_blocks(coef[: count * t * t].view(count, t, t)).to(self.dtype)
         if t == 1:
@@ -508,9 +521,9 @@ class SampleSpaceFisher(Coordinates):
             keep = weights != 0
             if not bool(keep.all()):  # e.g. a correction: only the rows it touches
                 rows, weights = rows[keep], weights[keep]
-            return (rows.T * weights) @ rows
+            return gram(rows, gram_blocks(rows), right=rows * weights[:, None])
         weighted = torch.bmm(blocks, rows.view(count, t, -1)).flatten(0, 1)
-        return rows.T @ weighted
+        return gram(rows, gram_blocks(rows), right=weighted)
 
     @staticmethod
     def _symmetric_blocks(blocks: Tensor) -> Tensor:

@@ -256,6 +256,23 @@ def test_gram_in_blocks_is_the_exactly_symmetric_gram_matrix(
     assert torch.equal(got, got.T)
 
 
+@pytest.mark.parametrize("blocks", [1, 4])
+def test_gram_with_a_right_factor_is_the_symmetric_product_it_names(blocks: int) -> None:
+    r"""$x^\top y$, $y_s = C_s x_s$ with symmetric $C_s$: mirrored from its upper part."""
+    gen = torch.Generator().manual_seed(5)
+    count, t, d = 12, 3, 40
+    x = torch.randn(count * t, d, generator=gen, dtype=torch.float64)
+    coef = torch.randn(count, t, t, generator=gen, dtype=torch.float64)
+    coef = coef + coef.mT  # symmetric, indefinite
+    y = torch.bmm(coef, x.view(count, t, d)).flatten(0, 1)
+    got = gram(x, blocks, right=y)
+    torch.testing.assert_close(got, x.T @ y, rtol=1e-12, atol=1e-12)
+    if blocks > 1:
+        assert torch.equal(got, got.T)
+    else:
+        assert torch.equal(got, x.T @ y)  # one block: the GEMM itself
+
+
 def test_gram_in_one_block_is_the_gemm_itself() -> None:
     x = torch.randn(30, 20, generator=torch.Generator().manual_seed(4))
     assert torch.equal(gram(x), x.T @ x)

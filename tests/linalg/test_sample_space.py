@@ -430,3 +430,25 @@ def test_the_sandwich_sums_each_rows_blocks_around_each_coefficient_block() -> N
         for n in range(size)
     ])  # fmt: skip
     torch.testing.assert_close(_sandwich(gram.view(size, t, size * t), coef), expected)
+
+
+def test_large_gram_matrices_and_factors_are_exactly_symmetric() -> None:
+    """Above ``gram_blocks``' thresholds both come from the upper triangle, mirrored."""
+    gen = torch.Generator().manual_seed(6)
+    n, t, d_in, d_out = 40, 16, 520, 6
+    a = torch.randn(n, t, d_in, generator=gen)
+    g = torch.randn(1, n, t, d_out, generator=gen)
+    op = SampleSpaceFisher(PerSampleIO(inputs=a, output_grads=g), route=SideRoute.GRAM)
+    assert op._gram_a is not None
+    gram_a = op._gram_a.view(n * t, n * t)
+    rows = a.reshape(n * t, d_in).double()
+    assert torch.equal(gram_a, gram_a.T)
+    torch.testing.assert_close(gram_a, rows @ rows.T, rtol=1e-5, atol=1e-3)
+    coef = torch.randn(n * t * t, generator=gen, dtype=torch.float64)
+    factor = op.in_matrix(coef)
+    blocks = coef.view(n, t, t)
+    blocks = (blocks + blocks.mT) / 2
+    per_sample = rows.view(n, t, d_in)
+    expected = sum(per_sample[i].T @ blocks[i] @ per_sample[i] for i in range(n))
+    assert torch.equal(factor, factor.T)
+    torch.testing.assert_close(factor.double(), expected, rtol=1e-4, atol=1e-2)
