@@ -55,11 +55,18 @@ benchmark networks with many input channels (hundreds of columns) the sample
 space wins, on the first ones (few columns, many positions) the matrix-free
 form. The Gram matrices are computed in the working dtype (float32 at least),
 from their upper triangle where that pays (as are the factors formed at the
-end; [`gram`][curvlib.linalg.factors.gram]), and, with the features, iterated
-in float64 (so that residuals are resolved below the float32 tolerance): a
-float32 product is exact to about $10^{-6}$ relative, and the top pairs of
-float32 statistics come out as those of float64 Gram matrices to the float32
-tolerance, at half the cost of float64 products. The sample-space form is
+end; [`gram`][curvlib.linalg.factors.gram]); the coefficients are iterated in
+float64, and so are the products through the features and the kernels of a
+layer with one position, so that the residuals are resolved below the float32
+tolerance. A layer with several positions takes its products with a Gram
+matrix in that matrix's dtype, float32 for float32 statistics: each rounds to
+about $10^{-6}$ relative, where the power iterations stop at $1.2\cdot10^{-4}$
+([`effective_tol`][curvlib.linalg.effective_tol]); on the benchmark's
+convolutions they took the iterations of float64 products, to residuals equal
+in two digits and factors equal to $10^{-7}$, in a fraction of the time
+(``benchmarks/results/experiments/sample_space_gram/``). Computing the Gram
+matrices of float32 statistics in float32, too, gives the top pairs of float64
+Gram matrices to the float32 tolerance, at half the cost. The sample-space form is
 skipped where its Gram matrices would exceed ``MAX_GRAM_ENTRIES``.
 """
 
@@ -207,7 +214,7 @@ def choose_form(
 
 
 def _gram(rows: Tensor, *, symmetric: bool = False) -> Tensor:
-    """``rows @ rows.T`` in float64, the product in the rows' dtype but never below float32.
+    """``rows @ rows.T`` in the rows' dtype, but never below float32.
 
     Computed as [`gram`][curvlib.linalg.factors.gram] computes it: in blocks of
     its upper triangle where that pays (5/8 of the multiply-adds, exactly
@@ -216,12 +223,12 @@ def _gram(rows: Tensor, *, symmetric: bool = False) -> Tensor:
     rows = rows.to(torch.promote_types(rows.dtype, torch.float32))
     columns = rows.T
     blocks = gram_blocks(columns)
-    product = gram(columns, blocks).to(_GRAM_DTYPE)
+    product = gram(columns, blocks)
     return symmetrize(product) if symmetric and blocks == 1 else product
 
 
 def _sandwich(gram: Tensor, coef: Tensor) -> Tensor:
-    r"""$\sum_m M^{nm} C_m (M^{nm})^\top$ for ``coef`` ``[S, T, T]``.
+    r"""$\sum_m M^{nm} C_m (M^{nm})^\top$ for ``coef`` ``[S, T, T]``, in ``gram``'s dtype.
 
     ``gram`` is the symmetric ``[S T, S T]`` Gram matrix $M$ viewed as
     ``[S, T, S T]``: row block $n$ holds the $T \times T$ blocks $M^{nm}$ of
@@ -232,11 +239,13 @@ def _sandwich(gram: Tensor, coef: Tensor) -> Tensor:
     \times [ST, T]$). No batch of $S^2$ tiny products, and no transposed copy of
     an $S^2 T^2$ tensor (which cost more than both products: a product of the
     digits CNN's second convolution, $S = 100$, $T = 16$, took 19–21 ms with
-    it and 6.6–7.0 ms without, two threads, 2-core AMD EPYC).
+    it and 6.6–7.0 ms without, two threads, 2-core AMD EPYC). The
+    coefficients are rounded to ``gram``'s dtype for the products and the sum
+    returned in theirs.
     """
     size, t = coef.shape[0], coef.shape[-1]
-    y = torch.bmm(coef, gram).view(size * t, size, t)  # rows (m, s): (C_m M^{m,:})_s
-    return torch.bmm(gram, y.permute(1, 0, 2))  # [n, t, t]: M^{n,:} Y[:, n-block]
+    y = torch.bmm(coef.to(gram.dtype), gram).view(size * t, size, t)  # rows (m, s): C_m M^{m,:}
+    return torch.bmm(gram, y.permute(1, 0, 2)).to(coef.dtype)  # [n, t, t]: M^{n,:} Y[:, n-block]
 
 
 class SampleSpaceFisher(Coordinates):
@@ -261,8 +270,11 @@ class SampleSpaceFisher(Coordinates):
     Args:
         io: The layer's per-sample inputs and output gradients.
         dtype: Working dtype (default: that of ``io``): of the matrices returned
-            and of the tolerances, and of the Gram matrices' products; the Gram
-            matrices and coefficients are held in float64.
+            and of the tolerances, and of the Gram matrices' products (float32
+            at least); the coefficients are held in float64, and so are the
+            kernels of a layer with one position, while the Gram matrices of a
+            layer with several positions keep the products' dtype (module
+            docstring).
         terms: Kronecker terms ``(G_j, A_j)`` (symmetric) to subtract.
         route: How each side takes its products when $T > 1$
             ([`SideRoute`][curvlib.linalg.SideRoute]; ``AUTO``: the
@@ -287,8 +299,8 @@ class SampleSpaceFisher(Coordinates):
         self._k, self._n, self._t = k, n, t
         self.stall_window = STALL_WINDOW
         self._inputs, self._grads = inputs, grads  # [N, T, in], [K, N, T, out]
-        # The Gram matrices are computed in the working dtype and iterated in float64,
-        # as the inner products with the extra terms below (module docstring).
+        # The Gram matrices are computed in the working dtype (float32 at least); the
+        # kernels of one position and the features are held in float64 (module docstring).
         a_work = inputs.reshape(n * t, self.in_dim)
         g_work = grads.reshape(k * n * t, d_o)
         route = SideRoute(route)
@@ -305,8 +317,8 @@ class SampleSpaceFisher(Coordinates):
         self._features_a: Tensor | None = None
         self._features_g: Tensor | None = None
         if t == 1:
-            self._kernel_a = _gram(a_work).square()
-            self._kernel_g = _gram(g_work).square().view(k, n, k, n).sum((0, 2))
+            self._kernel_a = _gram(a_work).to(_GRAM_DTYPE).square()
+            self._kernel_g = _gram(g_work).to(_GRAM_DTYPE).square().view(k, n, k, n).sum((0, 2))
         else:
             if self.routes[0] is SideRoute.GRAM:
                 self._gram_a = _gram(a_work, symmetric=True).view(n, t, n * t)

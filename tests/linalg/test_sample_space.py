@@ -443,7 +443,7 @@ def test_large_gram_matrices_and_factors_are_exactly_symmetric() -> None:
     gram_a = op._gram_a.view(n * t, n * t)
     rows = a.reshape(n * t, d_in).double()
     assert torch.equal(gram_a, gram_a.T)
-    torch.testing.assert_close(gram_a, rows @ rows.T, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(gram_a.double(), rows @ rows.T, rtol=1e-5, atol=1e-3)
     coef = torch.randn(n * t * t, generator=gen, dtype=torch.float64)
     factor = op.in_matrix(coef)
     blocks = coef.view(n, t, t)
@@ -452,3 +452,29 @@ def test_large_gram_matrices_and_factors_are_exactly_symmetric() -> None:
     expected = sum(per_sample[i].T @ blocks[i] @ per_sample[i] for i in range(n))
     assert torch.equal(factor, factor.T)
     torch.testing.assert_close(factor.double(), expected, rtol=1e-4, atol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gram_products_of_several_positions_run_in_the_working_dtype(dtype: torch.dtype) -> None:
+    """float32 statistics: float32 Gram matrices and products, float64 coefficients.
+
+    The top pair is that of float64 products well within the float32 tolerance
+    (1.2e-4), at the same iteration count; float64 statistics keep float64.
+    """
+    gen = torch.Generator().manual_seed(7)
+    n, t, d_in, d_out = 30, 9, 40, 5
+    a = torch.randn(n, t, d_in, generator=gen, dtype=torch.float64) + 0.2
+    g = torch.randn(1, n, t, d_out, generator=gen, dtype=torch.float64)
+    io = PerSampleIO(inputs=a.to(dtype), output_grads=g.to(dtype))
+    op = SampleSpaceFisher(io, route=SideRoute.GRAM)
+    assert op._gram_a is not None and op._gram_g is not None
+    assert op._gram_a.dtype == op._gram_g.dtype == dtype
+    coef = torch.randn(n * t * t, generator=gen, dtype=torch.float64)
+    assert op.metric_in(coef).dtype == torch.float64
+    wide = SampleSpaceFisher(io, route=SideRoute.GRAM)
+    wide._gram_a, wide._gram_g = op._gram_a.double(), op._gram_g.double()
+    mine, reference = power_svd(op), power_svd(wide)
+    assert mine.iterations == reference.iterations
+    for got, want in ((mine.V, reference.V), (mine.U, reference.U)):
+        error = float((got.double() - want.double()).norm() / want.double().norm())
+        assert error <= (1e-12 if dtype == torch.float64 else 1e-5), error
