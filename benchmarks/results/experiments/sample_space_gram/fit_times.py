@@ -72,16 +72,22 @@ def median_ms(fn, rounds: int = 11) -> float:
     return statistics.median(times) * 1e3
 
 
-for name in ("digits-cnn", "digits-convae"):
-    for io in captured(name):
-        op = SampleSpaceFisher(io)
-        triple = power_svd(op)
-        shape = tuple(io.inputs.shape), tuple(io.output_grads.shape)
-        build = median_ms(lambda io=io: SampleSpaceFisher(io))
-        iterate = median_ms(lambda op=op: power_svd(op))
-        form = median_ms(lambda op=op, t=triple: (op.in_matrix(t.v), op.out_matrix(t.u)))
-        print(
-            f"{name} inputs {shape[0]} grads {shape[1]}: build {build:.2f} ms, "
-            f"iterations ({triple.iterations}) with factors {iterate:.2f} ms, "
-            f"factors alone {form:.2f} ms"
-        )
+def main() -> None:
+    """Print the fits' times of both tasks."""
+    for name in ("digits-cnn", "digits-convae"):
+        for io in captured(name):
+            op = SampleSpaceFisher(io)
+            triple = power_svd(op)
+            shape = tuple(io.inputs.shape), tuple(io.output_grads.shape)
+            build = median_ms(lambda io=io: SampleSpaceFisher(io))
+            iterate = median_ms(lambda op=op: power_svd(op))
+            form = median_ms(lambda op=op, t=triple: (op.in_matrix(t.v), op.out_matrix(t.u)))
+            print(
+                f"{name} inputs {shape[0]} grads {shape[1]}: build {build:.2f} ms, "
+                f"iterations ({triple.iterations}) with factors {iterate:.2f} ms, "
+                f"factors alone {form:.2f} ms"
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -7,25 +7,18 @@ The shapes of the largest sample-space layers of the digits CNN (second convolut
 
 from __future__ import annotations
 
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from fit_times import median_ms
 
 from curvlib.linalg.sample_space import _sandwich
 
 torch.set_num_threads(2)
-
-
-def median_ms(fn, rounds: int = 21) -> float:
-    fn()
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
-
 
 gen = torch.Generator().manual_seed(0)
 for samples, positions, columns in ((100, 16, 801), (100, 16, 513)):
