@@ -260,7 +260,7 @@ class SampleSpaceFisher(Coordinates):
     matrix-free form symmetrises its input.
 
     Cost: the Gram matrices once, $O(N^2T^2(d_i + K^2 d_o))$, in the working
-    dtype (then held in float64); a
+    dtype (float32 at least; held in float64 for $T = 1$); a
     product $O(N^2)$ for $T = 1$, $O(N^2 T^3)$ otherwise, or for $T > 1$ on a
     side with few features $O(K_sN(T^2d_s + Td_s^2))$ and no Gram matrix
     (``route``, module docstring); the inner products of each extra term with
