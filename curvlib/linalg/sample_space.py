@@ -59,8 +59,9 @@ end; [`gram`][curvlib.linalg.factors.gram]); the coefficients are iterated in
 float64, and so are the products through the features and the kernels of a
 layer with one position, so that the residuals are resolved below the float32
 tolerance. A layer with several positions takes its products with a Gram
-matrix in that matrix's dtype, float32 for float32 statistics: each rounds to
-about $10^{-6}$ relative, where the power iterations stop at $1.2\cdot10^{-4}$
+matrix in that matrix's dtype, float32 for float32 statistics (unless float32
+matrix products may run in TF32 or bfloat16 passes): each rounds to about
+$10^{-6}$ relative, where the power iterations stop at $1.2\cdot10^{-4}$
 ([`effective_tol`][curvlib.linalg.effective_tol]); on the benchmark's
 convolutions they took the iterations of float64 products, to residuals equal
 in two digits and factors equal to $10^{-7}$, in a fraction of the time
@@ -227,6 +228,21 @@ def _gram(rows: Tensor, *, symmetric: bool = False) -> Tensor:
     return symmetrize(product) if symmetric and blocks == 1 else product
 
 
+def _product_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a Gram matrix of several positions is held and multiplied in.
+
+    ``dtype`` promoted to float32 at least, but float64 for float32 where float32
+    matrix products may run in lower precision
+    (``torch.get_float32_matmul_precision()`` other than ``"highest"``: TF32 or
+    bfloat16 passes), whose rounding, about $10^{-3}$, is above the power
+    iterations' float32 tolerance.
+    """
+    wide = torch.promote_types(dtype, torch.float32)
+    if wide == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        return _GRAM_DTYPE
+    return wide
+
+
 def _sandwich(gram: Tensor, coef: Tensor) -> Tensor:
     r"""$\sum_m M^{nm} C_m (M^{nm})^\top$ for ``coef`` ``[S, T, T]``, in ``gram``'s dtype.
 
@@ -316,16 +332,18 @@ class SampleSpaceFisher(Coordinates):
         # The side's vectors in float64, [K_s N, T, d_s], where it goes through its features.
         self._features_a: Tensor | None = None
         self._features_g: Tensor | None = None
+        gram_dtype = _product_dtype(self.dtype)
         if t == 1:
             self._kernel_a = _gram(a_work).to(_GRAM_DTYPE).square()
             self._kernel_g = _gram(g_work).to(_GRAM_DTYPE).square().view(k, n, k, n).sum((0, 2))
         else:
             if self.routes[0] is SideRoute.GRAM:
-                self._gram_a = _gram(a_work, symmetric=True).view(n, t, n * t)
+                self._gram_a = _gram(a_work, symmetric=True).to(gram_dtype).view(n, t, n * t)
             else:
                 self._features_a = a_work.to(_GRAM_DTYPE).view(n, t, self.in_dim)
             if self.routes[1] is SideRoute.GRAM:
-                self._gram_g = _gram(g_work, symmetric=True).view(k * n, t, k * n * t)
+                gram_g = _gram(g_work, symmetric=True).to(gram_dtype)
+                self._gram_g = gram_g.view(k * n, t, k * n * t)
             else:
                 self._features_g = g_work.to(_GRAM_DTYPE).view(k * n, t, int(d_o))
         self._size = n * t * t

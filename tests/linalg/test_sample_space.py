@@ -478,3 +478,22 @@ def test_gram_products_of_several_positions_run_in_the_working_dtype(dtype: torc
     for got, want in ((mine.V, reference.V), (mine.U, reference.U)):
         error = float((got.double() - want.double()).norm() / want.double().norm())
         assert error <= (1e-12 if dtype == torch.float64 else 1e-5), error
+
+
+@pytest.mark.parametrize("precision", ["high", "medium"])
+def test_gram_products_stay_float64_where_float32_products_may_be_rounded(precision: str) -> None:
+    """TF32 or bfloat16 passes round to about 1e-3, above the float32 tolerance."""
+    gen = torch.Generator().manual_seed(8)
+    io = PerSampleIO(
+        inputs=torch.randn(10, 4, 12, generator=gen),
+        output_grads=torch.randn(1, 10, 4, 3, generator=gen),
+    )
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        op = SampleSpaceFisher(io, route=SideRoute.GRAM)
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert op._gram_a is not None and op._gram_g is not None
+    assert op._gram_a.dtype == op._gram_g.dtype == torch.float64
+    assert SampleSpaceFisher(io, route=SideRoute.GRAM)._gram_a.dtype == torch.float32  # type: ignore[union-attr]
