@@ -285,12 +285,9 @@ class SampleSpaceFisher(Coordinates):
 
     Args:
         io: The layer's per-sample inputs and output gradients.
-        dtype: Working dtype (default: that of ``io``): of the matrices returned
-            and of the tolerances, and of the Gram matrices' products (float32
-            at least); the coefficients are held in float64, and so are the
-            kernels of a layer with one position, while the Gram matrices of a
-            layer with several positions keep the products' dtype (module
-            docstring).
+        dtype: Working dtype (default: that of ``io``): of the matrices returned,
+            of the tolerances and of the Gram matrices' products (float32 at
+            least; which dtype holds what: the module docstring).
         terms: Kronecker terms ``(G_j, A_j)`` (symmetric) to subtract.
         route: How each side takes its products when $T > 1$
             ([`SideRoute`][curvlib.linalg.SideRoute]; ``AUTO``: the
@@ -315,8 +312,7 @@ class SampleSpaceFisher(Coordinates):
         self._k, self._n, self._t = k, n, t
         self.stall_window = STALL_WINDOW
         self._inputs, self._grads = inputs, grads  # [N, T, in], [K, N, T, out]
-        # The Gram matrices are computed in the working dtype (float32 at least); the
-        # kernels of one position and the features are held in float64 (module docstring).
+        # Which dtype holds what: the module docstring.
         a_work = inputs.reshape(n * t, self.in_dim)
         g_work = grads.reshape(k * n * t, d_o)
         route = SideRoute(route)
