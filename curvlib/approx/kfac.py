@@ -31,8 +31,9 @@ from curvlib.linalg.factors import (
     eigh,
     embed_live,
     first_cholesky,
-    flush_below,
+    flush_below_,
     flush_negligible,
+    flush_negligible_,
     independent_blocks,
     live_block,
     live_size,
@@ -484,16 +485,16 @@ class _KFACBlock(SharedInverseBlock):
             value = condition(v)
             if value is None:
                 return None
-            g = flush_below(g_inv, negligible_limit(v[10], v[11], g_inv.dtype))
-            a = flush_below(a_inv, negligible_limit(v[12], v[13], a_inv.dtype))
+            g = flush_below_(g_inv, negligible_limit(v[10], v[11], g_inv.dtype))
+            a = flush_below_(a_inv, negligible_limit(v[12], v[13], a_inv.dtype))
             return KroneckerInverse(g, a, value, self._apply_dtype(g, value), flush=False)
 
         def ahead() -> LayerInverse | None:
             apply_dtype = condition_free_dtype(lambda c: self._apply_dtype(g_inv, c))
             if apply_dtype is None:
                 return None  # the condition number chooses it
-            g = flush_below(g_inv, device_negligible_limit(extremes[0], extremes[1], g_inv.dtype))
-            a = flush_below(a_inv, device_negligible_limit(extremes[2], extremes[3], a_inv.dtype))
+            g = flush_below_(g_inv, device_negligible_limit(extremes[0], extremes[1], g_inv.dtype))
+            a = flush_below_(a_inv, device_negligible_limit(extremes[2], extremes[3], a_inv.dtype))
             return KroneckerInverse(g, a, math.nan, apply_dtype, flush=False)
 
         return InverseDraft(numbers, finish, ahead, _settle_with(condition))
@@ -509,7 +510,9 @@ class _KFACBlock(SharedInverseBlock):
             a_inv, condition_a = blockwise
             condition = condition_g * condition_a
             apply_dtype = self._apply_dtype(g_inv, condition)
-            return KroneckerInverse(g_inv, a_inv, condition, apply_dtype)
+            # Both inverses are new: flushed in place.
+            g_inv, a_inv = flush_negligible_(g_inv), flush_negligible_(a_inv)
+            return KroneckerInverse(g_inv, a_inv, condition, apply_dtype, flush=False)
         A, G = self._factors()
         ea, eg = eigh(A), eigh(G)
         scale = 1.0 / (eg.values[:, None] * ea.values[None, :] + damping)

@@ -118,6 +118,32 @@ def flush_below(mat: Tensor, limit: float | Tensor | None) -> Tensor:
     return F.hardshrink(mat, limit).contiguous()
 
 
+def flush_below_(mat: Tensor, limit: float | Tensor | None) -> Tensor:
+    """[`flush_below`][curvlib.linalg.factors.flush_below] in place, for a matrix just made.
+
+    ``mat`` itself, flushed, where it is contiguous (an inverse fresh from its
+    factorisation): the same bits as ``flush_below`` without a new tensor, whose
+    first writes cost about as much as the pass itself for a factor of a few
+    hundred rows. A matrix that is not contiguous gets ``flush_below``'s new tensor.
+    """
+    if not mat.is_contiguous():
+        return flush_below(mat, limit)
+    if limit is None:
+        return mat
+    if isinstance(limit, Tensor):
+        return mat.masked_fill_(mat.abs() <= limit, 0.0)
+    torch.ops.aten.hardshrink.out(mat, limit, out=mat)
+    return mat
+
+
+def flush_negligible_(mat: Tensor) -> Tensor:
+    """[`flush_negligible`][curvlib.linalg.flush_negligible] in place (``flush_below_``)."""
+    if mat.numel() == 0:
+        return mat
+    low, high = torch.aminmax(mat)
+    return flush_below_(mat, negligible_limit(float(low), float(high), mat.dtype))
+
+
 def symmetrize(mat: Tensor) -> Tensor:
     r"""Return $(M + M^\top) / 2$ (a new tensor)."""
     return torch.add(mat, mat.transpose(-1, -2)).mul_(0.5)
@@ -642,6 +668,11 @@ def independent_blocks(mat: Tensor) -> list[Tensor] | None:
     """
     size = mat.shape[-1] - 1
     if mat.device.type != "cpu" or size + 1 < MIN_BLOCKWISE_SIZE or mat.dim() != 2:
+        return None
+    # A row's nonzero entries lie in its own group: one row with more than a
+    # largest group's share rules the split out before the whole pattern is read.
+    widest = int(mat.diagonal()[:size].argmax())
+    if numpy.count_nonzero(mat[widest, :size].numpy()) > MAX_BLOCK_FRACTION * size:
         return None
     pattern = mat[:size, :size].ne(0).numpy()
     entries = numpy.count_nonzero(pattern)

@@ -28,6 +28,8 @@ from curvlib.linalg.factors import (
     device_negligible_limit,
     factor_gram,
     flush_below,
+    flush_below_,
+    flush_negligible_,
     gram,
     gram_blocks,
     independent_blocks,
@@ -99,6 +101,35 @@ def test_the_limit_on_the_device_flushes_the_same_bits_as_the_read_one(dtype: to
             assert torch.equal(on_device.nan_to_num(), read.nan_to_num())
             assert torch.equal(on_device.isnan(), read.isnan())
             assert torch.equal(torch.signbit(on_device), torch.signbit(read))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_in_place_flush_below_a_limit_flushes_the_same_bits_into_its_argument(
+    dtype: torch.dtype,
+) -> None:
+    gen = torch.Generator().manual_seed(3)
+    mat = torch.randn(50, 50, generator=gen, dtype=torch.float64)
+    mat = (mat * torch.logspace(-30, 0, 50, dtype=torch.float64)).to(dtype)
+    low, high = torch.aminmax(mat)
+    limits = [
+        negligible_limit(float(low), float(high), dtype),
+        device_negligible_limit(low, high, dtype),
+        torch.tensor(-1.0, dtype=torch.float64),  # a non-finite matrix's: nothing flushed
+        None,
+    ]
+    for limit in limits:
+        expected = flush_below(mat, limit)
+        into = mat.clone()
+        assert flush_below_(into, limit) is into
+        assert torch.equal(into, expected) and torch.equal(into.signbit(), expected.signbit())
+    assert int(flush_below(mat, limits[0]).eq(0).sum()) > 0  # the case flushes something
+    column_major = mat.mT  # not contiguous: a new tensor, the argument left as it is
+    before = column_major.clone()
+    out = flush_below_(column_major, limits[0])
+    assert out.is_contiguous() and torch.equal(out, flush_below(column_major, limits[0]))
+    assert torch.equal(column_major, before)
+    into = mat.clone()
+    assert flush_negligible_(into) is into and torch.equal(into, flush_negligible(mat))
 
 
 def test_the_flushed_matrices_are_contiguous() -> None:
@@ -392,6 +423,9 @@ def test_independent_blocks_leave_dense_small_and_joined_matrices(
     x = torch.randn(40, 20, generator=gen, dtype=torch.float64)
     dense = x.T @ x
     assert independent_blocks(dense) is None
+    with monkeypatch.context() as patched:  # a dense row rules the split out: no pattern read
+        patched.setattr(Tensor, "ne", lambda *_: pytest.fail("read the whole pattern"))
+        assert independent_blocks(dense) is None
     dead = dense.clone()
     dead[:5], dead[:, :5] = 0.0, 0.0
     assert independent_blocks(dead) is None  # one dense block and dead rows: left whole
