@@ -672,7 +672,7 @@ def independent_blocks(mat: Tensor) -> list[Tensor] | None:
     # A row's nonzero entries lie in its own group: one row with more than a
     # largest group's share rules the split out before the whole pattern is read.
     widest = int(mat.diagonal()[:size].argmax())
-    if numpy.count_nonzero(mat[widest, :size].numpy()) > MAX_BLOCK_FRACTION * size:
+    if int(mat[widest, :size].count_nonzero()) > MAX_BLOCK_FRACTION * size:
         return None
     pattern = mat[:size, :size].ne(0).numpy()
     entries = numpy.count_nonzero(pattern)

@@ -426,6 +426,7 @@ def test_independent_blocks_leave_dense_small_and_joined_matrices(
     with monkeypatch.context() as patched:  # a dense row rules the split out: no pattern read
         patched.setattr(Tensor, "ne", lambda *_: pytest.fail("read the whole pattern"))
         assert independent_blocks(dense) is None
+        assert independent_blocks(dense.to(torch.bfloat16)) is None  # a dtype NumPy lacks
     dead = dense.clone()
     dead[:5], dead[:, :5] = 0.0, 0.0
     assert independent_blocks(dead) is None  # one dense block and dead rows: left whole
