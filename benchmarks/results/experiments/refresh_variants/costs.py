@@ -3,7 +3,9 @@
     python costs.py > costs.json
 
 The five convergence tasks, 60 steps from seed 0 (the first three left out), two
-rounds alternating the two methods, two threads.
+rounds alternating the two methods, two threads: the costs behind ``costs.json`` and
+``variants.txt``. For new measurements ``../stats_fraction/costs.py``, which interleaves
+the methods step by step, is the one to use.
 """
 
 import json

@@ -12,10 +12,11 @@
 - ``modgN``: as ``mod``, a movement refresh only ``N`` steps or more after the last one.
 
 The epochs to tuned Adam's final loss depend on the seeds alone (Adam's losses
-are read from the Results' ``convergence.json``). The time is modelled: the
-steps before the target at the median regular-step time, the refreshes among
-them at the median statistics-step time, over tuned Adam's steps at its median
-step time, from ``costs.json`` (``costs.py``, measured once on this machine).
+are read from the Results' ``convergence.json``). The time is modelled as
+``../refresh_on_move/model.py`` models it: the steps before the target at the
+median regular-step time, the refreshes among them at the median statistics-step
+time, over tuned Adam's steps at its median step time, from ``costs.json``
+(``costs.py``, measured once on this machine).
 """
 
 import json
