@@ -432,6 +432,38 @@ def test_the_sandwich_sums_each_rows_blocks_around_each_coefficient_block() -> N
     torch.testing.assert_close(_sandwich(gram.view(size, t, size * t), coef), expected)
 
 
+def test_the_sandwich_writes_into_its_buffer_with_the_same_bits() -> None:
+    from curvlib.linalg.sample_space import _sandwich
+
+    gen = torch.Generator().manual_seed(1)
+    size, t = 6, 4
+    x = torch.randn(size * t, 9, generator=gen)
+    gram = (x @ x.T).view(size, t, size * t)
+    coef = torch.randn(size, t, t, generator=gen, dtype=torch.float64)
+    scratch = torch.full_like(gram, torch.nan)
+    assert torch.equal(_sandwich(gram, coef, scratch), _sandwich(gram, coef))
+    assert torch.equal(scratch, torch.bmm(coef.float(), gram)), "Y is left in the buffer"
+
+
+def test_a_fit_reuses_one_product_buffer_per_side() -> None:
+    """Every Gram product of one operator writes into the same two buffers."""
+    gen = torch.Generator().manual_seed(2)
+    n, t = 12, 5
+    io = PerSampleIO(
+        inputs=torch.randn(n, t, 30, generator=gen),
+        output_grads=torch.randn(1, n, t, 25, generator=gen),
+    )
+    op = SampleSpaceFisher(io, route=SideRoute.GRAM)
+    coef = torch.rand(n * t * t, generator=gen, dtype=torch.float64)
+    first = op.metric_in(coef), op.metric_out(coef)
+    buffers = op._scratch_a, op._scratch_g
+    assert all(b is not None for b in buffers)
+    pointers = [b.data_ptr() for b in buffers]
+    again = op.metric_in(coef), op.metric_out(coef)
+    assert [b.data_ptr() for b in (op._scratch_a, op._scratch_g)] == pointers
+    assert all(torch.equal(x, y) for x, y in zip(first, again, strict=True))
+
+
 def test_large_gram_matrices_and_factors_are_exactly_symmetric() -> None:
     """Above ``gram_blocks``' thresholds both come from the upper triangle, mirrored."""
     gen = torch.Generator().manual_seed(6)
