@@ -280,14 +280,17 @@ def approximation(name: str) -> Callable[[], Any]:
     return APPROXIMATIONS[name]
 
 
-def curvature(name: str, config: str = "default", **kwargs: Any) -> Method:
-    """``PreconditionedOptimizer(model, approx, loss_fn=loss_fn, **kwargs)``."""
+def curvature(
+    name: str, config: str = "default", approx_kwargs: dict[str, Any] | None = None, **kwargs: Any
+) -> Method:
+    """``PreconditionedOptimizer(model, approx(**approx_kwargs), loss_fn=loss_fn, **kwargs)``."""
     from curvlib import PreconditionedOptimizer
 
     make = approximation(name)
+    options = dict(approx_kwargs or {})
 
     def build(model: nn.Module, loss_fn: nn.Module) -> torch.optim.Optimizer:
-        return PreconditionedOptimizer(model, make(), loss_fn=loss_fn, **kwargs)
+        return PreconditionedOptimizer(model, make(**options), loss_fn=loss_fn, **kwargs)
 
     return Method(name, config, build, True)
 
@@ -344,18 +347,38 @@ def parse_value(text: str) -> Any:
     return text
 
 
-def method_config(name: str, text: str) -> Method:
-    """``--kfac "kl_clip=1e-2,momentum=0.9"``: the method with these optimizer arguments changed.
+APPROX_PREFIX = "approx."
+"""Keys of ``--kfac``, ``--ekfac`` and ``--kpsvd`` that go to the approximation's constructor."""
 
-    Also ``--ekfac`` and ``--kpsvd``.
+
+def method_config(name: str, text: str) -> Method:
+    """``--kfac "kl_clip=1e-2,momentum=0.9"``: the method with these arguments changed.
+
+    Also ``--ekfac`` and ``--kpsvd``. Keys are the optimizer's arguments, or the
+    approximation's with the prefix ``approx.`` (``--kpsvd approx.tol=1e-3``);
+    an argument the approximation does not take is refused.
     """
+    from optimizers import approx_parameters
+
     kwargs: dict[str, Any] = {}
+    approx_kwargs: dict[str, Any] = {}
     for item in text.split(","):
         key, sep, value = item.partition("=")
-        if not sep or not key.strip():
+        key = key.strip()
+        if not sep or not key or key == APPROX_PREFIX:
             raise SystemExit(f"--{name} takes key=value pairs separated by commas, got {text!r}.")
-        kwargs[key.strip()] = parse_value(value.strip())
-    return dataclasses.replace(curvature(name, text, **kwargs), paired=True)
+        if key.startswith(APPROX_PREFIX):
+            approx_kwargs[key.removeprefix(APPROX_PREFIX)] = parse_value(value.strip())
+        else:
+            kwargs[key] = parse_value(value.strip())
+    accepted = approx_parameters(name)
+    unknown = sorted(set(approx_kwargs) - set(accepted))
+    if unknown:
+        raise SystemExit(
+            f"--{name}: the approximation takes no argument {unknown[0]!r}; it takes "
+            f"{', '.join(accepted)}."
+        )
+    return dataclasses.replace(curvature(name, text, approx_kwargs, **kwargs), paired=True)
 
 
 # -- one run ----------------------------------------------------------------------------
@@ -815,13 +838,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--kfac", action="append", default=[], metavar="KEY=VALUE,...",
         help="also KFAC with these optimizer arguments changed, e.g. --kfac kl_clip=1e-2 "
-        "--kfac momentum=0.9,t_cov=5 (repeatable; each is one config, timed like the "
+        "--kfac momentum=0.9,t_cov=5, or the approximation's with the prefix approx. "
+        "(--kfac approx.decay=0.9) (repeatable; each is one config, timed like the "
         "defaults against tuned Adam alongside)",
     )  # fmt: skip
     for name in CONFIGURABLE[1:]:
         parser.add_argument(
             f"--{name}", action="append", default=[], metavar="KEY=VALUE,...",
-            help=f"also {name.upper()} with these optimizer arguments changed, as --kfac",
+            help=f"also {name.upper()} with these arguments changed, as --kfac",
         )  # fmt: skip
     parser.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2)")
     parser.add_argument(

@@ -320,6 +320,19 @@ def two_level(
     return make
 
 
+def approx_parameters(name: str) -> list[str]:
+    """The keyword arguments of the approximation class behind ``--optim name`` (imported).
+
+    Raises:
+        KeyError: If ``name`` is not a single approximation's ``--optim`` name.
+    """
+    for optim, module, cls, _, _ in _CURVATURE:
+        if optim == name:
+            factory = getattr(importlib.import_module(f"curvlib.approx.{module}"), cls)
+            return list(inspect.signature(factory).parameters)
+    raise KeyError(name)
+
+
 APPROXIMATIONS: dict[str, Callable[..., CurvatureApprox]] = {
     name: _approx(mod, cls, **kw) for name, mod, cls, kw, _ in _CURVATURE
 }

@@ -200,3 +200,25 @@ def test_ekfac_and_kpsvd_configs_from_the_command_line_are_timed_alongside_adam(
     assert not cv.paired_run(cv.kfac_grid()[0])
     with pytest.raises(SystemExit, match="--kpsvd takes key=value"):
         cv.plan(cv.parse_args(["--quick", "--methods", "adam", "--kpsvd", "t_inv"]))
+
+
+def test_approximation_arguments_from_the_command_line_reach_its_constructor(
+    cv: ModuleType,
+) -> None:
+    args = cv.parse_args([
+        "--quick", "--methods", "adam", "--tasks", "digits-mlp",
+        "--kpsvd", "approx.tol=1e-3,momentum=0", "--kfac", "approx.decay=0.9",
+    ])  # fmt: skip
+    _, _, methods, _ = cv.plan(args)
+    assert [(m.name, m.config) for m in methods] == [
+        ("kfac", "approx.decay=0.9"), ("kpsvd", "approx.tol=1e-3,momentum=0"),
+    ]  # fmt: skip
+    model = nn.Sequential(nn.Linear(4, 3))
+    kfac = methods[0].build(model, nn.CrossEntropyLoss())
+    assert kfac.engine.approx.decay == 0.9
+    kpsvd = methods[1].build(model, nn.CrossEntropyLoss())
+    assert kpsvd.engine.approx.tol == 1e-3 and kpsvd.param_groups[0]["momentum"] == 0.0
+    for bad, match in [("approx.tolerance=1e-3", "takes no argument 'tolerance'; it takes"),
+                       ("approx.=1", "takes key=value")]:  # fmt: skip
+        with pytest.raises(SystemExit, match=match):
+            cv.plan(cv.parse_args(["--quick", "--methods", "adam", "--kpsvd", bad]))
