@@ -53,8 +53,9 @@ def test_a_regular_step_reads_the_device_once(make: Callable[[], Any]) -> None:
 # on a GPU no synchronisation), then per approximation its own, then the directions'
 # measurements. KFAC and the diagonal read their whole preconditioner once (every layer's
 # Cholesky info, shifts and condition estimate; ``InverseDraft``); EKFAC also its new
-# eigenbases once; KPSVD's power iterations read each iterate's norm to decide convergence.
-STATISTICS_STEP_READS = {KFAC: 4, EKFAC: 5, KPSVD: 36, Diagonal: 4}
+# eigenbases once; KPSVD's power iterations read each iterate's norm to decide convergence
+# (so their count, at its default tolerance, is part of it).
+STATISTICS_STEP_READS = {KFAC: 4, EKFAC: 5, KPSVD: 30, Diagonal: 4}
 
 
 @pytest.mark.parametrize("make", list(STATISTICS_STEP_READS), ids=lambda m: m.__name__)
