@@ -7,6 +7,7 @@ import math
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 import torch
@@ -162,12 +163,16 @@ def test_two_level_methods_are_selectable_but_not_run_by_default(cv: ModuleType)
     assert [m.name for m in methods] == ["kfac+nicolaides"]
 
 
+def _planned(cv: ModuleType, *flags: str, methods: str = "adam") -> list[Any]:
+    """The methods ``--quick --methods methods --tasks digits-mlp *flags`` would run."""
+    args = cv.parse_args(["--quick", "--methods", methods, "--tasks", "digits-mlp", *flags])
+    return list(cv.plan(args)[2])
+
+
 def test_kfac_configs_from_the_command_line_change_those_arguments(cv: ModuleType) -> None:
-    args = cv.parse_args([
-        "--quick", "--methods", "adam", "--tasks", "digits-mlp",
-        "--kfac", "kl_clip=1e-2,momentum=0.9,t_cov=5", "--kfac", "lr=auto,kl_clip=None",
-    ])  # fmt: skip
-    _, _, methods, _ = cv.plan(args)
+    methods = _planned(
+        cv, "--kfac", "kl_clip=1e-2,momentum=0.9,t_cov=5", "--kfac", "lr=auto,kl_clip=None"
+    )
     assert [(m.name, m.config) for m in methods] == [
         ("kfac", "kl_clip=1e-2,momentum=0.9,t_cov=5"), ("kfac", "lr=auto,kl_clip=None"),
     ]  # fmt: skip
@@ -184,11 +189,9 @@ def test_kfac_configs_from_the_command_line_change_those_arguments(cv: ModuleTyp
 def test_ekfac_and_kpsvd_configs_from_the_command_line_are_timed_alongside_adam(
     cv: ModuleType,
 ) -> None:
-    args = cv.parse_args([
-        "--quick", "--methods", "adam,ekfac", "--tasks", "digits-mlp",
-        "--ekfac", "kl_clip=1e-3,t_inv=30", "--kpsvd", "momentum=0",
-    ])  # fmt: skip
-    _, _, methods, _ = cv.plan(args)
+    methods = _planned(
+        cv, "--ekfac", "kl_clip=1e-3,t_inv=30", "--kpsvd", "momentum=0", methods="adam,ekfac"
+    )
     assert [(m.name, m.config, cv.paired_run(m)) for m in methods] == [
         ("ekfac", "default", True), ("ekfac", "kl_clip=1e-3,t_inv=30", True),
         ("kpsvd", "momentum=0", True),
@@ -205,11 +208,7 @@ def test_ekfac_and_kpsvd_configs_from_the_command_line_are_timed_alongside_adam(
 def test_approximation_arguments_from_the_command_line_reach_its_constructor(
     cv: ModuleType,
 ) -> None:
-    args = cv.parse_args([
-        "--quick", "--methods", "adam", "--tasks", "digits-mlp",
-        "--kpsvd", "approx.tol=1e-3,momentum=0", "--kfac", "approx.decay=0.9",
-    ])  # fmt: skip
-    _, _, methods, _ = cv.plan(args)
+    methods = _planned(cv, "--kpsvd", "approx.tol=1e-3,momentum=0", "--kfac", "approx.decay=0.9")
     assert [(m.name, m.config) for m in methods] == [
         ("kfac", "approx.decay=0.9"), ("kpsvd", "approx.tol=1e-3,momentum=0"),
     ]  # fmt: skip
