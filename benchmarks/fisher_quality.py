@@ -142,8 +142,8 @@ QUICK_LAYER = "enc6"
 MAX_ITER = 100
 """``max_iter`` of the power-iteration methods (their default)."""
 TOL = 1e-6
-"""``tol`` of the power-iteration methods: the two-term methods' default, and KPSVD's
-before its default became $10^{-2}$; the table compares the fits, not their cost."""
+"""KPSVD's ``tol`` here: its default before it became $10^{-2}$, and the two-term
+methods' default (which they keep); the table compares the fits, not their cost."""
 CHECK_SAMPLES = 16
 """Images on which the GEMM exact block is checked against ``exact_block``."""
 

@@ -119,7 +119,9 @@ class KroneckerSumBlock(_RearrangedBlock, SharedInverseBlock):
         """
         assert stats.io is not None
         terms = [] if term is None else [term]
-        op, self.last_form = rearranged(stats.io, self.dtype, self.form, terms, pairs=pairs)
+        op, self.last_form = rearranged(
+            stats.io, self.dtype, self.form, terms, pairs=pairs, workspace=self.workspace
+        )
         return op
 
     def _warm(self, index: int) -> Tensor | None:
