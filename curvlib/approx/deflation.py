@@ -119,9 +119,7 @@ class KroneckerSumBlock(_RearrangedBlock, SharedInverseBlock):
         """
         assert stats.io is not None
         terms = [] if term is None else [term]
-        op, self.last_form = rearranged(
-            stats.io, self.dtype, self.form, terms, pairs=pairs, workspace=self.workspace
-        )
+        op, self.last_form = rearranged(stats.io, self.dtype, self.form, terms, pairs=pairs)
         return op
 
     def _warm(self, index: int) -> Tensor | None:

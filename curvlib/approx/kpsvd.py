@@ -38,7 +38,7 @@ damping rule ([`two_term_inverse`][curvlib.linalg.kron.two_term_inverse]).
 from __future__ import annotations
 
 from abc import abstractmethod
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -134,25 +134,6 @@ class _RearrangedBlock(SplitUpdateBlock):
     def _fold(self, factors: tuple[Tensor, ...], rho: float) -> None:
         """Fold one batch's factors into the running averages."""
 
-    @property
-    def workspace(self) -> dict[str, Tensor]:
-        """The sample-space form's product buffers, kept from one fit of the layer to the next.
-
-        Freeing and allocating them at every statistics step put them on pages
-        the process had not touched (page faults at every step); kept, they
-        hold one ``[N, T, N T]`` tensor per wide side. Not part of the estimate:
-        ``state_dict`` and pickling leave it out.
-        """
-        workspace: dict[str, Tensor] = self.__dict__.setdefault("_workspace", {})
-        return workspace
-
-    def __getstate__(self) -> dict[str, Any]:
-        parent = getattr(super(), "__getstate__", None)  # object has one from Python 3.11
-        # A copy: object's returns ``self.__dict__`` itself.
-        state = dict(parent()) if parent is not None else self.__dict__.copy()
-        state.pop("_workspace", None)
-        return state
-
     def update(self, stats: LayerStatistics, rho: float) -> None:
         self._fold(self._fit(stats), rho)
 
@@ -209,7 +190,7 @@ class _KPSVDBlock(_RearrangedBlock, _KFACBlock):
 
     def _fit(self, stats: LayerStatistics) -> tuple[Tensor, Tensor]:
         assert stats.io is not None
-        op, self.last_form = rearranged(stats.io, self.dtype, self.form, workspace=self.workspace)
+        op, self.last_form = rearranged(stats.io, self.dtype, self.form)
         warm = self.A if self.last_form is RearrangedForm.MATRIX_FREE else None
         triple = power_svd(op, psd_start(op, warm), tol=self.tol, max_iter=self.max_iter)
         self.last_iterations = triple.iterations

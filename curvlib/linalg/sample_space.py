@@ -303,11 +303,6 @@ class SampleSpaceFisher(Coordinates):
             ([`SideRoute`][curvlib.linalg.SideRoute]; ``AUTO``: the
             cheaper per side). Ignored for $T = 1$.
         products: The products the caller expects, for ``AUTO``.
-        workspace: Where the Gram products keep their buffers between
-            operators: a caller that fits the same layer again (a block, at
-            every statistics step) passes the same dict and the buffers of a
-            matching shape are reused (``_sandwich``); ``None``: each operator
-            has its own, reused by its own products only.
     """
 
     def __init__(
@@ -317,7 +312,6 @@ class SampleSpaceFisher(Coordinates):
         terms: Sequence[tuple[Tensor, Tensor]] = (),
         route: SideRoute | str = SideRoute.AUTO,
         products: int = EXPECTED_PRODUCTS,
-        workspace: dict[str, Tensor] | None = None,
     ) -> None:
         inputs, grads = io.inputs, io.output_grads
         if dtype is not None:
@@ -341,8 +335,9 @@ class SampleSpaceFisher(Coordinates):
         self._kernel_g: Tensor | None = None
         self._gram_a: Tensor | None = None
         self._gram_g: Tensor | None = None
-        # Each side's product buffer (``_sandwich``), by side: the caller's or this fit's own.
-        self._workspace: dict[str, Tensor] = {} if workspace is None else workspace
+        # Each side's product buffer, reused by every product of this fit (``_sandwich``).
+        self._scratch_a: Tensor | None = None
+        self._scratch_g: Tensor | None = None
         # The side's vectors in float64, [K_s N, T, d_s], where it goes through its features.
         self._features_a: Tensor | None = None
         self._features_g: Tensor | None = None
@@ -445,7 +440,9 @@ class SampleSpaceFisher(Coordinates):
         else:
             assert self._gram_a is not None
             blocks = samples.view(self._n, self._t, self._t)
-            out = _sandwich(self._gram_a, blocks, self._buffer("in", self._gram_a)).reshape(-1)
+            if self._scratch_a is None:
+                self._scratch_a = torch.empty_like(self._gram_a)
+            out = _sandwich(self._gram_a, blocks, self._scratch_a).reshape(-1)
         out = out + self._cross_a @ extra
         return torch.cat([out, self._cross_a.T @ samples + self._terms_gram_a @ extra])
 
@@ -460,22 +457,12 @@ class SampleSpaceFisher(Coordinates):
             assert self._gram_g is not None
             t = self._t
             blocks = samples.view(1, self._n, t, t).expand(self._k, -1, -1, -1)
-            scratch = self._buffer("out", self._gram_g)
-            per_column = _sandwich(self._gram_g, blocks.reshape(-1, t, t), scratch)
+            if self._scratch_g is None:
+                self._scratch_g = torch.empty_like(self._gram_g)
+            per_column = _sandwich(self._gram_g, blocks.reshape(-1, t, t), self._scratch_g)
             out = per_column.reshape(self._k, self._n * t * t).sum(0)
         out = out + self._cross_g @ extra
         return torch.cat([out, self._cross_g.T @ samples + self._terms_gram_g @ extra])
-
-    def _buffer(self, side: str, gram: Tensor) -> Tensor:
-        """The ``gram``-shaped product buffer of ``side``, from the workspace where it matches."""
-        buffer = self._workspace.get(side)
-        if buffer is None or (buffer.shape, buffer.dtype, buffer.device) != (
-            gram.shape,
-            gram.dtype,
-            gram.device,
-        ):
-            buffer = self._workspace[side] = torch.empty_like(gram)
-        return buffer
 
     # -- the Coordinates interface -------------------------------------------------------
 
@@ -594,7 +581,6 @@ def rearranged(
     *,
     products: int = EXPECTED_PRODUCTS,
     pairs: int = 1,
-    workspace: dict[str, Tensor] | None = None,
 ) -> tuple[RearrangedFisher | Deflated | SampleSpaceFisher, RearrangedForm]:
     r"""$\mathcal R(F) - \sum_j \operatorname{vec}(G_j)\operatorname{vec}(A_j)^\top$, in ``form``.
 
@@ -605,7 +591,6 @@ def rearranged(
         terms: Kronecker terms ``(G_j, A_j)`` to subtract.
         products: Product pairs the caller expects (for ``AUTO``).
         pairs: Factor pairs the caller forms at the end (for ``AUTO``).
-        workspace: Buffers kept between fits of one layer (``SampleSpaceFisher``).
 
     Returns:
         The operator and the form it has.
@@ -613,6 +598,6 @@ def rearranged(
     if form is RearrangedForm.AUTO:
         form = choose_form(io, products, pairs + len(terms))
     if form is RearrangedForm.SAMPLE_SPACE:
-        return SampleSpaceFisher(io, dtype, terms, products=products, workspace=workspace), form
+        return SampleSpaceFisher(io, dtype, terms, products=products), form
     op = RearrangedFisher(io, dtype=dtype)
     return (Deflated(op, terms) if terms else op), form

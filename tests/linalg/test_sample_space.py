@@ -445,46 +445,23 @@ def test_the_sandwich_writes_into_its_buffer_with_the_same_bits() -> None:
     assert torch.equal(scratch, torch.bmm(coef.float(), gram)), "Y is left in the buffer"
 
 
-def _wide_io(seed: int, n: int = 12, t: int = 5) -> PerSampleIO:
-    gen = torch.Generator().manual_seed(seed)
-    return PerSampleIO(
+def test_a_fit_reuses_one_product_buffer_per_side() -> None:
+    """Every Gram product of one operator writes into the same two buffers."""
+    gen = torch.Generator().manual_seed(2)
+    n, t = 12, 5
+    io = PerSampleIO(
         inputs=torch.randn(n, t, 30, generator=gen),
         output_grads=torch.randn(1, n, t, 25, generator=gen),
     )
-
-
-def test_a_fit_reuses_one_product_buffer_per_side() -> None:
-    """Every Gram product of one operator writes into the same two buffers."""
-    op = SampleSpaceFisher(_wide_io(2), route=SideRoute.GRAM)
-    coef = torch.rand(12 * 5 * 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    op = SampleSpaceFisher(io, route=SideRoute.GRAM)
+    coef = torch.rand(n * t * t, generator=gen, dtype=torch.float64)
     first = op.metric_in(coef), op.metric_out(coef)
-    pointers = {side: b.data_ptr() for side, b in op._workspace.items()}
-    assert set(pointers) == {"in", "out"}
+    buffers = op._scratch_a, op._scratch_g
+    assert all(b is not None for b in buffers)
+    pointers = [b.data_ptr() for b in buffers]
     again = op.metric_in(coef), op.metric_out(coef)
-    assert {side: b.data_ptr() for side, b in op._workspace.items()} == pointers
+    assert [b.data_ptr() for b in (op._scratch_a, op._scratch_g)] == pointers
     assert all(torch.equal(x, y) for x, y in zip(first, again, strict=True))
-
-
-def test_a_workspace_carries_the_buffers_from_one_operator_to_the_next() -> None:
-    """A caller's workspace: the same buffers for the next batch of that shape, new ones else."""
-    coef = torch.rand(12 * 5 * 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    workspace: dict[str, Tensor] = {}
-    op = SampleSpaceFisher(_wide_io(3), route=SideRoute.GRAM, workspace=workspace)
-    op.metric_in(coef), op.metric_out(coef)
-    pointers = {side: b.data_ptr() for side, b in workspace.items()}
-    assert set(pointers) == {"in", "out"}
-    io = _wide_io(4)
-    op = SampleSpaceFisher(io, route=SideRoute.GRAM, workspace=workspace)
-    products = op.metric_in(coef), op.metric_out(coef)
-    assert {side: b.data_ptr() for side, b in workspace.items()} == pointers
-    alone = SampleSpaceFisher(io, route=SideRoute.GRAM)
-    assert all(
-        torch.equal(x, y)
-        for x, y in zip(products, (alone.metric_in(coef), alone.metric_out(coef)), strict=True)
-    )
-    smaller = SampleSpaceFisher(_wide_io(5, n=8), route=SideRoute.GRAM, workspace=workspace)
-    smaller.metric_in(torch.rand(8 * 5 * 5, dtype=torch.float64))
-    assert workspace["in"].shape == (8, 5, 8 * 5), "a buffer of another shape is replaced"
 
 
 def test_large_gram_matrices_and_factors_are_exactly_symmetric() -> None:
@@ -552,36 +529,3 @@ def test_gram_products_stay_float64_where_float32_products_may_be_rounded(precis
     assert op._gram_a is not None and op._gram_g is not None
     assert op._gram_a.dtype == op._gram_g.dtype == torch.float64
     assert SampleSpaceFisher(io, route=SideRoute.GRAM)._gram_a.dtype == torch.float32  # type: ignore[union-attr]
-
-
-@pytest.mark.parametrize("make", [KPSVD, Deflation], ids=lambda m: m.__name__)
-def test_a_block_keeps_its_product_buffers_between_updates_and_out_of_its_state(
-    make: type[KPSVD],
-) -> None:
-    """The workspace outlives a fit, but is neither in ``state_dict`` nor pickled."""
-    import copy
-    import dataclasses
-
-    stats = _stats("cnn")
-    approx = make(form=RearrangedForm.SAMPLE_SPACE)
-    approx.update(stats)
-    block = approx.blocks["0"]  # the Conv2d
-    layer = stats["0"]
-    assert layer.io is not None
-    d_in, d_out = layer.io.inputs.shape[-1], layer.io.output_grads.shape[-1]
-    gen = torch.Generator().manual_seed(7)
-    # Two positions of six samples: the input side takes the Gram route.
-    wide = PerSampleIO(
-        inputs=torch.randn(6, 2, d_in, generator=gen),
-        output_grads=torch.randn(1, 6, 2, d_out, generator=gen),
-    )
-    block.update(dataclasses.replace(layer, io=wide), 0.5)
-    workspace = block.workspace  # type: ignore[attr-defined]
-    assert "in" in workspace
-    pointers = {side: b.data_ptr() for side, b in workspace.items()}
-    block.update(dataclasses.replace(layer, io=wide), 0.5)
-    assert {side: b.data_ptr() for side, b in workspace.items()} == pointers
-    twin = copy.deepcopy(approx)
-    assert "_workspace" not in twin.blocks["0"].__dict__
-    assert block.workspace is workspace, "pickling leaves the block's own workspace alone"  # type: ignore[attr-defined]
-    assert not any("workspace" in key for key in approx.state_dict()["blocks"]["0"])
