@@ -141,7 +141,7 @@ DEFAULT_LAYER = "enc5"
 QUICK_LAYER = "enc6"
 MAX_ITER = 100
 """``max_iter`` of the power-iteration methods (their default)."""
-TOL = 1e-6
+KPSVD_TOL = 1e-6
 """KPSVD's ``tol`` here: its default before it became $10^{-2}$, and the two-term
 methods' default (which they keep); the table compares the fits, not their cost."""
 CHECK_SAMPLES = 16
@@ -152,7 +152,7 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh, "si
 METHODS: dict[str, Callable[[], LayerwiseApprox]] = {
     "KFAC": lambda: KFAC(dtype=torch.float64),
     "EKFAC": lambda: EKFAC(dtype=torch.float64),
-    "KPSVD": lambda: KPSVD(tol=TOL, max_iter=MAX_ITER, dtype=torch.float64),
+    "KPSVD": lambda: KPSVD(tol=KPSVD_TOL, max_iter=MAX_ITER, dtype=torch.float64),
     "KFAC-corrected": lambda: KFACCorrected(max_iter=MAX_ITER, dtype=torch.float64),
     "Deflation": lambda: Deflation(max_iter=MAX_ITER, dtype=torch.float64),
     "Lanczos": lambda: Lanczos(dtype=torch.float64),
