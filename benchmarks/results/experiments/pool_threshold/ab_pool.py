@@ -1,13 +1,16 @@
 """The statistics step with the factorisation pool's threshold at 2^22 and at 2^27, in turn.
 
 One run per task and approximation at the library's defaults; from step 20 on,
-the statistics steps (every 10th) take the old threshold (2^22, the pool for
-any two jobs of some size) and the new one (2^27,
-``curvlib.linalg.parallel.MIN_CONCURRENT_COST``) two at a time, so that both
+the statistics steps (every 10th) set ``curvlib.linalg.parallel.MIN_CONCURRENT_COST``
+to the library's 2^22 and to the 2^27 tried, two at a time, so that both
 see the same load of the machine and, for EKFAC, as many eigenbasis steps
 (every 20th) each. Prints the median milliseconds of the whole step (forward,
 backward, ``step()``) per threshold, eigenbasis steps apart, and of the
-factorisations alone (the calls of ``run_jobs`` in the step).
+factorisations alone (the calls of ``run_jobs`` in the step). The recorded
+``ab_pool.txt`` ran on a working-tree change that compared the threshold with
+the jobs the pool would share, the large ones left out; the library compares it
+with all of them (the same schedule here except on the CNN and the
+convolutional autoencoder, whose one large job counts there).
 
     python ab_pool.py [TASK,...] [APPROX,...] [STEPS]     (from this folder or by path)
 """
