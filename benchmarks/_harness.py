@@ -25,19 +25,42 @@ T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[1]
 
 
-def machine() -> dict[str, Any]:
-    """CPU, core count, load, Python, torch and BackPACK versions, and the UTC date."""
-    cpu = platform.processor() or platform.machine()
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields of ``/proc/cpuinfo`` (empty where there is none)."""
+    fields: dict[str, str] = {}
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
         for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
+            if not line.strip():
                 break
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+def machine() -> dict[str, Any]:
+    """CPU, core count, load, Python, torch and BackPACK versions, and the UTC date.
+
+    Besides the CPU's name (which a virtual machine may shorten to its vendor's
+    line, "AMD EPYC" for two generations alike) it records what sets curvlib's
+    speed on it: the family and model numbers where ``/proc/cpuinfo`` has them,
+    the vector instructions torch's kernels use (``cpu_capability``: ``AVX2``,
+    ``AVX512``, ...), and whether curvlib's ``apply_dtype="auto"`` multiplies in
+    bfloat16 there (``bfloat16_products``,
+    ``curvlib.linalg.precision.cpu_multiplies_bfloat16``).
+    """
+    from curvlib.linalg.precision import cpu_multiplies_bfloat16
+
+    info = _cpuinfo()
+    cpu = info.get("model name") or platform.processor() or platform.machine()
+    family, model = info.get("cpu family"), info.get("model")
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "platform": platform.platform(),
         "cpu": cpu,
+        "cpu_model": None if family is None or model is None else f"family {family}, model {model}",
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "bfloat16_products": cpu_multiplies_bfloat16(),
         "cpu_count": os.cpu_count(),
         "load_average": None if load is None else [round(v, 2) for v in load],
         "python": platform.python_version(),

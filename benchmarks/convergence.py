@@ -730,10 +730,22 @@ def _paired_note(runs: Sequence[dict[str, Any]]) -> str:
     )
 
 
+def cpu_line(m: dict[str, Any]) -> str:
+    """The CPU as the report names it: its name, then what ``_harness.machine`` recorded of it.
+
+    Its model, vector instructions and whether curvlib multiplied in bfloat16
+    there; runs recorded before these were kept give the name alone.
+    """
+    parts = [m[key] for key in ("cpu_model", "cpu_capability") if m.get(key)]
+    if "bfloat16_products" in m:
+        parts.append(f"bfloat16 products {'on' if m['bfloat16_products'] else 'off'}")
+    return m["cpu"] + (f" [{'; '.join(parts)}]" if parts else "")
+
+
 def render(payload: dict[str, Any], descriptions: dict[str, str]) -> str:
     m = payload["machine"]
     lines = [
-        f"Measured on {m['date'][:10]} at commit `{payload['commit']}` on {m['cpu']} "
+        f"Measured on {m['date'][:10]} at commit `{payload['commit']}` on {cpu_line(m)} "
         f"({m['torch_threads']} torch threads), torch {m['torch']}, with "
         f"`{payload['command']}`; seeds {', '.join(map(str, payload['seeds']))}. "
         "Figures are medians over seeds, with [min–max]; *time to Adam* is the wall time to "

@@ -130,7 +130,12 @@ def test_small_run_writes_json_markdown_and_plots(cv: ModuleType, tmp_path: Path
         assert r["stopped_at_time_cap"] == (r["final_loss"] is None)
         assert r["final_loss"] is None or math.isfinite(r["final_loss"])
     assert payload["bar"]["kfac"]["tasks"] == 1
-    assert "### digits-mlp" in (tmp_path / "convergence.md").read_text()
+    machine = payload["machine"]
+    assert machine["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert isinstance(machine["bfloat16_products"], bool)
+    report = (tmp_path / "convergence.md").read_text()
+    assert f"; {machine['cpu_capability']}; bfloat16 products " in report.splitlines()[0]
+    assert "### digits-mlp" in report
     assert (tmp_path / "convergence_digits-mlp.png").stat().st_size > 0
 
 
@@ -221,3 +226,12 @@ def test_approximation_arguments_from_the_command_line_reach_its_constructor(
                        ("approx.=1", "takes key=value")]:  # fmt: skip
         with pytest.raises(SystemExit, match=match):
             cv.plan(cv.parse_args(["--quick", "--methods", "adam", "--kpsvd", bad]))
+
+
+def test_the_report_names_what_sets_the_speed_of_the_cpu(cv: ModuleType) -> None:
+    m = {"cpu": "AMD EPYC", "cpu_model": "family 25, model 17", "cpu_capability": "AVX512",
+         "bfloat16_products": True}  # fmt: skip
+    assert cv.cpu_line(m) == "AMD EPYC [family 25, model 17; AVX512; bfloat16 products on]"
+    no_model = {**m, "cpu_model": None, "bfloat16_products": False}
+    assert cv.cpu_line(no_model) == "AMD EPYC [AVX512; bfloat16 products off]"
+    assert cv.cpu_line({"cpu": "AMD EPYC"}) == "AMD EPYC"  # a run recorded before these keys
