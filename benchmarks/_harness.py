@@ -70,6 +70,18 @@ def machine() -> dict[str, Any]:
     }
 
 
+def cpu_line(m: dict[str, Any]) -> str:
+    """The CPU as a report names it: its name, then what ``machine()`` recorded of it.
+
+    Its model, vector instructions and whether curvlib multiplied in bfloat16
+    there; runs recorded before these were kept give the name alone.
+    """
+    parts = [m[key] for key in ("cpu_model", "cpu_capability") if m.get(key)]
+    if "bfloat16_products" in m:
+        parts.append(f"bfloat16 products {'on' if m['bfloat16_products'] else 'off'}")
+    return str(m["cpu"]) + (f" [{'; '.join(parts)}]" if parts else "")
+
+
 def _git(*args: str) -> str:
     return subprocess.run(
         ["git", *args], cwd=REPO, capture_output=True, text=True, check=True

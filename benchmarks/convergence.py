@@ -81,7 +81,7 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
-from _harness import REPO, command, commit, machine, progress, write_json
+from _harness import REPO, command, commit, cpu_line, machine, progress, write_json
 
 DEFAULT_OUT = REPO / "benchmarks" / "results"
 DOCS_RESULTS = REPO / "docs" / "results"
@@ -728,18 +728,6 @@ def _paired_note(runs: Sequence[dict[str, Any]]) -> str:
         "the run's, on its own clock), so that both clocks see the same load of the machine; "
         "the other rows divide by tuned Adam's own run."
     )
-
-
-def cpu_line(m: dict[str, Any]) -> str:
-    """The CPU as the report names it: its name, then what ``_harness.machine`` recorded of it.
-
-    Its model, vector instructions and whether curvlib multiplied in bfloat16
-    there; runs recorded before these were kept give the name alone.
-    """
-    parts = [m[key] for key in ("cpu_model", "cpu_capability") if m.get(key)]
-    if "bfloat16_products" in m:
-        parts.append(f"bfloat16 products {'on' if m['bfloat16_products'] else 'off'}")
-    return m["cpu"] + (f" [{'; '.join(parts)}]" if parts else "")
 
 
 def render(payload: dict[str, Any], descriptions: dict[str, str]) -> str:

@@ -91,14 +91,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
-import datetime
 import gc
 import importlib
 import importlib.metadata
 import itertools
 import json
 import os
-import platform
 import pstats
 import queue
 import resource
@@ -120,7 +118,8 @@ from torch import Tensor, nn
 from curvlib.optim.report import TIME_PARTS
 from curvlib.wiring import PreconditionedOptimizer
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # device_step (--device)
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # device_step (--device), _harness
+import _harness
 
 WIDTHS = (784, 1000, 500, 250, 30, 250, 500, 1000, 784)
 LR, DAMPING, KL_CLIP, MOMENTUM, DECAY = 1e-3, 1e-3, 1e-2, 0.9, 0.95
@@ -773,15 +772,9 @@ def floor_line(result: dict[str, Any]) -> str:
 
 
 def machine() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    info = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
-        "python": platform.python_version(), "torch": torch.__version__,
-        "load_average_start": [round(v, 2) for v in os.getloadavg()],
-    }  # fmt: skip
+    """``_harness.machine()``, the load at the start and the comparison packages' versions."""
+    info = _harness.machine()
+    info["load_average_start"] = [round(v, 2) for v in os.getloadavg()]
     for dist in ("backpack-for-pytorch", "asdfghjkl"):
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             info[dist] = importlib.metadata.version(dist)
@@ -797,7 +790,8 @@ def markdown(info: dict[str, Any], args: argparse.Namespace, results: dict[int, 
         "# Step time", "", f"Reproduce: `{cmd}` (its docstring says what is measured).", "",
         f"- Date: {info['date']}; run took {info['seconds']:.0f} s; load average "
         f"{info['load_average_start']} at the start, {info['load_average_end']} at the end",
-        f"- Machine: {info['cpu']}, {info['cpu_count']} logical CPUs, {info['platform']}",
+        f"- Machine: {_harness.cpu_line(info)}, {info['cpu_count']} logical CPUs, "
+        f"{info['platform']}",
         f"- Software: Python {info['python']}, torch {info['torch']} (threads: {info['threads']}), "
         f"BackPACK {info.get('backpack-for-pytorch')}, "
         f"asdfghjkl {info.get('asdfghjkl', 'not installed')}",
@@ -898,7 +892,8 @@ def interleaved(args: argparse.Namespace) -> None:
            f"--intervals {','.join(map(str, args.intervals))} --threads {info['threads']} "
            f"--only {','.join(names)}")  # fmt: skip
     lines = [
-        f"Reproduce: `{cmd}`; {info['date']}, {info['cpu']} ({info['cpu_count']} logical CPUs), "
+        f"Reproduce: `{cmd}`; {info['date']}, {_harness.cpu_line(info)} "
+        f"({info['cpu_count']} logical CPUs), "
         f"torch {info['torch']}, {info['threads']} thread(s); {rounds} rounds of {first} steps "
         f"per row, {info['seconds']:.0f} s; load average {load_start} at the start, "
         f"{info['load_average_end']} at the end. Ratios are to the first row.", "",

@@ -30,3 +30,6 @@ def test_interleaved_mode_times_every_row_and_writes_its_ratios(tmp_path: Path) 
     assert len(rows) == 2
     assert rows[0].endswith("| 1.000 | 1.000 |")  # the first row is the reference
     assert "--interleave 2" in table[0]
+    capability = torch.backends.cpu.get_cpu_capability()
+    assert payload["machine"]["cpu_capability"] == capability
+    assert f"; {capability}; bfloat16 products " in table[0]
