@@ -134,7 +134,7 @@ def test_small_run_writes_json_markdown_and_plots(cv: ModuleType, tmp_path: Path
     assert machine["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert isinstance(machine["bfloat16_products"], bool)
     report = (tmp_path / "convergence.md").read_text()
-    assert f"; {machine['cpu_capability']}; bfloat16 products " in report.splitlines()[0]
+    assert f"{machine['cpu_capability']}; bfloat16 products " in report.splitlines()[0]
     assert "### digits-mlp" in report
     assert (tmp_path / "convergence_digits-mlp.png").stat().st_size > 0
 

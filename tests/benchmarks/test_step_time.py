@@ -32,4 +32,4 @@ def test_interleaved_mode_times_every_row_and_writes_its_ratios(tmp_path: Path) 
     assert "--interleave 2" in table[0]
     capability = torch.backends.cpu.get_cpu_capability()
     assert payload["machine"]["cpu_capability"] == capability
-    assert f"; {capability}; bfloat16 products " in table[0]
+    assert f"{capability}; bfloat16 products " in table[0]
