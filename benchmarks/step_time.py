@@ -774,7 +774,7 @@ def floor_line(result: dict[str, Any]) -> str:
 def machine() -> dict[str, Any]:
     """``_harness.machine()``, the load at the start and the comparison packages' versions."""
     info = _harness.machine()
-    info["load_average_start"] = [round(v, 2) for v in os.getloadavg()]
+    info["load_average_start"] = info.pop("load_average")
     for dist in ("backpack-for-pytorch", "asdfghjkl"):
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             info[dist] = importlib.metadata.version(dist)

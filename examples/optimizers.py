@@ -221,13 +221,18 @@ def _approx(module: str, cls: str, **kwargs: Any) -> Callable[..., CurvatureAppr
     """
 
     def make(**options: Any) -> CurvatureApprox:
-        factory = getattr(importlib.import_module(f"curvlib.approx.{module}"), cls)
+        factory = _approx_class(module, cls)
         accepted = inspect.signature(factory).parameters
         chosen = {key: value for key, value in options.items() if key in accepted}
         approx: CurvatureApprox = factory(**(chosen | kwargs))
         return approx
 
     return make
+
+
+def _approx_class(module: str, cls: str) -> Any:
+    """``curvlib.approx.<module>.<cls>``, imported now."""
+    return getattr(importlib.import_module(f"curvlib.approx.{module}"), cls)
 
 
 def _params(model: nn.Module, params: Iterable[nn.Parameter] | None) -> list[nn.Parameter]:
@@ -328,8 +333,7 @@ def approx_parameters(name: str) -> list[str]:
     """
     for optim, module, cls, _, _ in _CURVATURE:
         if optim == name:
-            factory = getattr(importlib.import_module(f"curvlib.approx.{module}"), cls)
-            return list(inspect.signature(factory).parameters)
+            return list(inspect.signature(_approx_class(module, cls)).parameters)
     raise KeyError(name)
 
 
