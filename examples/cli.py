@@ -269,6 +269,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "t_inv": 100,
         "warmup": 0,
         "refresh_on_move": 0.0,
+        "max_move": 0.0,
         "damping_warmup_samples": 0,
         "stats_fraction": 0.25,
         "momentum": 0.9,
@@ -486,6 +487,13 @@ def build_parser(
         "their norm since the last statistics (0: only every --t-cov steps)",
     )
     opt.add_argument(
+        "--max-move",
+        type=nonnegative_float,
+        default=DEFAULTS.max_move or 0.0,
+        help="largest step of a layer's weights as a fraction of their norm, momentum included "
+        f"(default: {DEFAULTS.max_move}; 0: no bound)",
+    )
+    opt.add_argument(
         "--overlap-inverse",
         type=nonnegative_int,
         default=0,
@@ -690,6 +698,7 @@ def optim_config(args: argparse.Namespace, spec: RunSpec) -> OptimConfig:
         t_inv=args.t_inv,
         warmup=args.warmup,
         refresh_on_move=args.refresh_on_move,
+        max_move=args.max_move,
         overlap_inverse=getattr(args, "overlap_inverse", 0),
         split_inverses=split,
         damping_warmup_samples=args.damping_warmup_samples,

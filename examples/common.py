@@ -23,7 +23,7 @@ at every combination of a few hyper-parameter values (one subdirectory each,
 Common flags: ``--preset --optim --lr --damping --adaptive-damping --clipping
 --kl-clip-lr-squared --momentum --weight-decay --decoupled-weight-decay
 --damping-mode --conv-damping --decay --fisher --stats-fraction --t-cov --t-inv
---warmup --refresh-on-move --overlap-inverse --split-inverses --compare --grid
+--warmup --refresh-on-move --max-move --overlap-inverse --split-inverses --compare --grid
 --batch-size --num-epochs --num-train --num-test --data-root --device --threads --seed
 --out --resume --no-progress --patience --patience-metric``. ``--preset paper`` sets
 the defaults of the KPSVD papers' configuration (``PRESETS``); explicit flags override

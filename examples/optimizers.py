@@ -52,6 +52,8 @@ class OptimConfig:
         warmup: Steps at the start with curvature refreshes at doubling intervals.
         refresh_on_move: Refresh the curvature also when some layer's weights
             moved by this fraction of their norm since the last statistics.
+        max_move: Largest step of a layer's weights as a fraction of their
+            norm (the optimizer's ``max_move``; 0: no bound).
         overlap_inverse: Steps during which a rebuilt inverse is built in the
             background before it is used (0: at once; ``overlap_inverse`` of
             the optimizer).
@@ -89,6 +91,7 @@ class OptimConfig:
     t_inv: int | None = None
     warmup: int = DEFAULTS.warmup
     refresh_on_move: float = DEFAULTS.refresh_on_move
+    max_move: float = DEFAULTS.max_move or 0.0
     overlap_inverse: int = 0
     split_inverses: str | None = None
     damping_warmup_samples: int | None = None
@@ -203,6 +206,7 @@ def _curvature(make_approx: Callable[..., CurvatureApprox]) -> Factory:
             t_inv=t_inv,
             warmup=cfg.warmup,
             refresh_on_move=cfg.refresh_on_move,
+            max_move=cfg.max_move or None,
             # Only where asked for: approximations that cannot overlap refuse it.
             **({"overlap_inverse": cfg.overlap_inverse} if cfg.overlap_inverse else {}),
             include=None if include is None else list(include),

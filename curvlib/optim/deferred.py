@@ -86,6 +86,9 @@ class DeferredStep:
         skipped: Whether the step was skipped, once read.
         clip: Its KL-clip factor $\nu$ once read (``None`` if skipped).
         skipped_steps: The optimizer's count of skipped steps after this one, once read.
+        bound: The smallest ``max_move`` factor of the step's layers, 0-dimensional
+            on the device, unread (``None`` without ``max_move``).
+        move_bound: ``bound`` once read.
     """
 
     step: int
@@ -97,6 +100,8 @@ class DeferredStep:
     skipped: bool | None = None
     clip: float | None = None
     skipped_steps: int | None = None
+    bound: Tensor | None = None
+    move_bound: float | None = None
 
     def reason(self, values: Sequence[float]) -> tuple[str, bool]:
         """Why the step was skipped, as the host path words it, from ``packed``'s values.
@@ -312,12 +317,17 @@ def device_guards(
 
 
 def read_pending(steps: Sequence[DeferredStep], head: Sequence[Tensor] = ()) -> list[float]:
-    """``head``'s numbers, then every pending step's ``packed``, in one transfer.
+    """``head``'s numbers, then every pending step's ``packed`` and ``bound``, in one transfer.
 
     Returns:
-        The values of ``head`` (as floats), followed by each step's in order.
+        The values of ``head`` (as floats), followed by each step's in order
+        (``packed``'s numbers, then ``bound``'s where it has one).
     """
-    parts = [t.reshape(-1).double() for t in head] + [s.packed for s in steps]
+    parts = [t.reshape(-1).double() for t in head]
+    for step in steps:
+        parts.append(step.packed)
+        if step.bound is not None:
+            parts.append(step.bound.reshape(1).double())
     if not parts:
         return []
     if len({t.device for t in parts}) > 1:

@@ -144,7 +144,8 @@ def layer_step(
     directions: Mapping[str, Tensor],
     want_deltas: bool,
     clip: float = 1.0,
-) -> dict[str, Tensor]:
+    max_move: float | None = None,
+) -> tuple[dict[str, Tensor], Tensor | None]:
     r"""Momentum and parameter update of one group's curvature layers.
 
     $\theta \leftarrow (1 - \eta\omega)\theta - \eta\,\text{step}$ with the
@@ -152,7 +153,9 @@ def layer_step(
     as [`momentum_direction`][curvlib.optim.kernels.momentum_direction] computes
     them, for all parameters at once: one ``torch._foreach`` call per operation
     instead of a few per parameter (fewer interpreter round trips on the CPU,
-    fewer kernel launches on an accelerator).
+    fewer kernel launches on an accelerator). With ``max_move`` each layer's
+    step and momentum buffers are scaled by its
+    [`move_bounds`][curvlib.optim.kernels.move_bounds] factor.
 
     Args:
         state: The optimizer's per-parameter state.
@@ -162,17 +165,26 @@ def layer_step(
         directions: Their preconditioned ``[W | b]`` directions.
         want_deltas: Whether to return the parameter changes.
         clip: The KL-clipping factor $\nu$ of the whole step (momentum included).
+        max_move: $\rho$: the largest step of a layer's weights as a fraction of
+            their norm; ``None`` bounds nothing.
 
     Returns:
-        The parameter changes as ``[W | b]`` matrices when ``want_deltas``, else ``{}``.
+        ``(deltas, bounds)``: the parameter changes as ``[W | b]`` matrices when
+        ``want_deltas`` (else ``{}``), and the layers' bound factors $s_l$ in the
+        order of ``layers`` (``None`` without ``max_move`` or layers).
     """
     lr, momentum = float(group["lr"]), float(group["momentum"])
     wd = float(group["weight_decay"]) if group["decoupled_weight_decay"] else 0.0
     nesterov = bool(group["nesterov"])
     params, parts = _split(layers, directions)
     if not params:  # torch's foreach kernels refuse empty lists
-        return {}
+        return {}, None
     steps = _momentum_steps(state, params, parts, momentum, nesterov, clip)
+    bounds = None
+    if max_move is not None:
+        counts = [len(layer.parameters) for layer in layers]
+        bounds = move_bounds(params, steps, counts, lr, max_move)
+        steps = _bounded(state, params, steps, _per_parameter(bounds, counts), momentum, nesterov)
     deltas: dict[str, Tensor] = {}
     if want_deltas:
         changes = iter([-lr * (step + wd * p) for p, step in zip(params, steps, strict=True)])
@@ -182,7 +194,74 @@ def layer_step(
     if wd:
         torch._foreach_mul_(params, 1.0 - lr * wd)
     torch._foreach_add_(params, steps, alpha=-lr)
-    return deltas
+    return deltas, bounds
+
+
+def move_bounds(
+    params: Sequence[Tensor],
+    steps: Sequence[Tensor],
+    counts: Sequence[int],
+    lr: float,
+    max_move: float,
+) -> Tensor:
+    r"""Per layer, the factor $s_l \le 1$ that keeps its step within $\rho$ of its weights' norm.
+
+    $$s_l = \min\Big(1, \frac{\rho\,\|\theta_l\|}{\eta\,\|\text{step}_l\|}\Big),$$
+
+    with $\theta_l = [W \mid b]$ the layer's parameters (before the step) and
+    $\text{step}_l$ its clipped momentum step: the update $\eta s_l
+    \text{step}_l$ moves the weights by at most $\rho$ times their norm, in
+    the weights' own scale whatever the curvature metric says (a per-layer trust
+    ratio, as LARS and LAMB bound their steps). 1 where the weights are zero (a
+    layer started at zero has no scale to bound by), where the step is zero, and
+    where $\rho\|\theta_l\|$ is not finite; 0 where the step is infinite.
+
+    Args:
+        params: The layers' parameters, each layer's consecutive.
+        steps: The parameters' steps (before the learning rate).
+        counts: How many of ``params`` each layer has, in order.
+        lr: $\eta$.
+        max_move: $\rho$.
+
+    Returns:
+        $s_l$ as a float64 tensor of one number per layer, on the parameters'
+        device (no host read).
+    """
+    index = torch.repeat_interleave(
+        torch.arange(len(counts), device=params[0].device),
+        torch.tensor(counts, device=params[0].device),
+    )
+
+    def layer_norms(tensors: Sequence[Tensor]) -> Tensor:
+        squares = torch.stack([n.double() for n in torch._foreach_norm(list(tensors))]).square()
+        return squares.new_zeros(len(counts)).index_add_(0, index, squares).sqrt()
+
+    weights, moves = layer_norms(params), layer_norms(steps).mul_(lr)
+    bound = (weights * max_move).div_(moves).clamp_(max=1.0)
+    keep = (weights > 0) & torch.isfinite(weights) & (moves > 0)
+    return torch.where(keep, bound, 1.0)
+
+
+def _per_parameter(bounds: Tensor, counts: Sequence[int]) -> list[Tensor]:
+    """Each layer's 0-dimensional factor, once per parameter of the layer."""
+    return [factor for factor, count in zip(bounds.unbind(), counts, strict=True)
+            for _ in range(count)]  # fmt: skip
+
+
+def _bounded(
+    state: MutableMapping[Any, dict[str, Any]],
+    params: Sequence[Tensor],
+    steps: list[Tensor],
+    factors: list[Tensor],
+    momentum: float,
+    nesterov: bool,
+) -> list[Tensor]:
+    """``steps`` times ``factors``, the momentum buffers scaled alike (in place)."""
+    if momentum != 0.0:
+        torch._foreach_mul_([state[p]["momentum_buffer"] for p in params], factors)
+        if not nesterov:  # the steps are the buffers
+            return steps
+    return list(torch._foreach_mul(steps, factors))
 
 
 def _split(
@@ -250,7 +329,8 @@ def selected_layer_step(
     directions: Mapping[str, Tensor],
     clip: Tensor,
     ok: Tensor,
-) -> None:
+    max_move: float | None = None,
+) -> Tensor | None:
     r"""[`layer_step`][curvlib.optim.kernels.layer_step] where ``ok``, else nothing, unread.
 
     The step of a deferred check
@@ -268,13 +348,18 @@ def selected_layer_step(
         directions: Their preconditioned ``[W | b]`` directions.
         clip: 0-dimensional $\nu$.
         ok: 0-dimensional boolean: whether the step is taken.
+        max_move: As for ``layer_step``.
+
+    Returns:
+        The layers' bound factors (1 where ``ok`` is false), ``None`` as for
+        ``layer_step``; on the device, unread.
     """
     lr, momentum = float(group["lr"]), float(group["momentum"])
     wd = float(group["weight_decay"]) if group["decoupled_weight_decay"] else 0.0
     selected = {layer.name: torch.where(ok, directions[layer.name], 0.0) for layer in layers}
     params, parts = _split(layers, selected)
     if not params:
-        return
+        return None
     taken = torch.where(ok, clip, 0.0)
     steps = list(torch._foreach_mul(parts, taken))  # ν d where ok, else 0
     if momentum != 0.0:
@@ -294,11 +379,18 @@ def selected_layer_step(
     else:
         for param in params:
             state[param]["momentum_buffer"] = None
+    bounds = None
+    if max_move is not None:
+        counts = [len(layer.parameters) for layer in layers]
+        bounds = torch.where(ok, move_bounds(params, steps, counts, lr, max_move), 1.0)
+        steps = _bounded(state, params, steps, _per_parameter(bounds, counts), momentum,
+                         bool(group["nesterov"]))  # fmt: skip
     steps = [s if s.dtype == q.dtype else s.to(q.dtype) for q, s in zip(params, steps, strict=True)]
     if wd:
         torch._foreach_mul_(params, torch.where(ok, clip.new_full((), 1.0 - lr * wd), 1.0))
     rate = torch.where(ok, clip.new_full((), -lr), 0.0)
     torch._foreach_add_(params, torch._foreach_mul(steps, rate))
+    return bounds
 
 
 def selected_sgd_step(

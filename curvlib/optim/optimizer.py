@@ -93,7 +93,7 @@ from curvlib.optim.kernels import (
     selected_sgd_step,
     sgd_step,
 )
-from curvlib.optim.report import describe_optimizer, step_stats
+from curvlib.optim.report import Unread, describe_optimizer, step_stats
 
 CURVATURE_GROUP = "curvature"
 OTHER_GROUP = "other"
@@ -144,6 +144,14 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             KPSVD paper's variant without it.
         momentum: Momentum $\mu$ on the preconditioned direction, or ``"auto"``
             (the coefficient of the previous update, chosen with ``lr``).
+        max_move: $\rho$: each curvature layer's step moves its weights $[W \mid b]$
+            by at most this fraction of their norm; a longer step (momentum
+            included) and the layer's momentum buffer are scaled down to it
+            ([`move_bounds`][curvlib.optim.kernels.move_bounds]). The KL clip
+            measures a step in the approximation's own metric, which can be far
+            flatter along the step than the true curvature; this bound does not
+            depend on it. ``None`` bounds nothing; steps with ``lr="auto"`` are
+            bounded by their own trust region instead.
         nesterov: Nesterov momentum.
         weight_decay: $\omega$.
         decoupled_weight_decay: Decay the weights directly (AdamW-style) instead of
@@ -244,6 +252,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         kl_clip: KLClip = "default",
         kl_clip_lr_squared: bool = True,
         momentum: float | Literal["auto"] = DEFAULTS.momentum,
+        max_move: float | None = DEFAULTS.max_move,
         nesterov: bool = False,
         weight_decay: float = 0.0,
         decoupled_weight_decay: bool = False,
@@ -280,6 +289,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             )
         elif kl_clip is not None:
             check_positive("kl_clip", kl_clip)
+        if max_move is not None:
+            check_positive("max_move", max_move)
+            if callable(max_move):
+                raise TypeError(f"max_move must be a positive number or None, got {max_move!r}.")
         if isinstance(accumulation_steps, bool) or accumulation_steps < 1:
             raise ValueError(f"accumulation_steps must be >= 1, got {accumulation_steps!r}.")
         check_setting(deferred_checks)
@@ -311,6 +324,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.sync = sync
         self.kl_clip = kl_clip
         self.kl_clip_lr_squared = kl_clip_lr_squared
+        self.max_move = max_move
+        self._pending_bounds: dict[str, Tensor] = {}
         self.on_step = on_step
         self._stats_scale = _stats_scale(grad_scaler, accumulation_steps)
         self.engines: tuple[CurvatureEngine, ...] = tuple(
@@ -543,6 +558,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         parts["precondition"] += now - mark
         deltas: dict[str, Tensor] = {}
         adaptive: AdaptiveStep | None = None
+        move_bound: Unread | None = None
         if mode.active:
             groups = self._adaptive_groups()
             adaptive = adaptive_step(
@@ -552,13 +568,22 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             parts["adaptive"], now = time.perf_counter() - now, time.perf_counter()
             apply_adaptive_step(self.state, groups, adaptive, mode)
         else:
+            bounds: dict[str, Tensor] = {}
             for (group, _), layers in zip(self.curvature_groups(), self.group_layers, strict=True):
-                deltas.update(
-                    layer_step(self.state, group, layers, directions, bool(lm_engines), clip=nu)
-                )
+                changes, factors = layer_step(
+                    self.state, group, layers, directions, bool(lm_engines), clip=nu,
+                    max_move=self.max_move,
+                )  # fmt: skip
+                deltas.update(changes)
+                if factors is not None:
+                    names = [layer.name for layer in layers]
+                    bounds.update(zip(names, factors.unbind(), strict=True))
             for layer in self.layers:
                 if layer.name in buffer_norms:
                     self.state[layer.weight]["momentum_norm"] = nu * nu * buffer_norms[layer.name]
+            # The buffers were scaled by the bounds; their tracked norms are, with the next read.
+            self._pending_bounds = {n: b for n, b in bounds.items() if n in buffer_norms}
+            move_bound = _least(bounds)
         other = self._group(OTHER_GROUP)
         if other is not None:
             sgd_step(self.state, other)
@@ -584,7 +609,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         for engine in self.engines:
             engine.finish()
         self._mark_grads()
-        self._report(start, parts, nu, ratio, adaptive, mode)
+        self._report(start, parts, nu, ratio, adaptive, mode, move_bound=move_bound)
         return loss_before
 
     def _measured(
@@ -601,9 +626,15 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         and their measurements are taken again.
         """
         pending = [(e, n) for e in self.engines if (n := e.pending_inverse) is not None]
+        bounds = self._pending_bounds
+        extra = [torch.stack([b.double() for b in bounds.values()])] if bounds else []
         checks, values = measure_directions(
-            grads, directions, buffers, finite, [numbers for _, numbers in pending]
+            grads, directions, buffers, finite, [*(numbers for _, numbers in pending), *extra]
         )
+        if bounds:
+            read = values.pop()
+            if checks is not None:  # else the step is skipped: the bounds wait for a read
+                self._apply_bounds(read)
         rebuilt = [
             engine
             for (engine, _), v in zip(pending, values, strict=True)
@@ -680,6 +711,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 ],
                 directions[names[0]].device,
             )
+            if self._pending_bounds:  # a host step's bounds, not read yet: applied unread
+                one = torch.ones((), dtype=norms.dtype, device=norms.device)
+                held, self._pending_bounds = self._pending_bounds, {}
+                scales = torch.stack([held[n].to(norms) if n in held else one for n in names])
+                norms = norms * scales.square()
         else:
             norms = self._norms[1]
         fallback = [] if other is None else [p for p in other["params"] if p.grad is not None]
@@ -690,8 +726,19 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._norms = (key, guards.norms)
         now = time.perf_counter()
         parts = {"precondition": now - start}
+        factors: dict[str, Tensor] = {}
         for (group, _), layers in zip(self.curvature_groups(), self.group_layers, strict=True):
-            selected_layer_step(self.state, group, layers, directions, guards.clip, guards.ok)
+            bounds = selected_layer_step(
+                self.state, group, layers, directions, guards.clip, guards.ok, self.max_move
+            )
+            if bounds is not None:
+                factors.update(zip((layer.name for layer in layers), bounds.unbind(), strict=True))
+        least = None
+        if factors:
+            # The buffers were scaled by the bounds: so are their tracked norms.
+            scales = torch.stack([factors.get(n, torch.ones_like(guards.norms[0])) for n in names])
+            self._norms = (key, guards.norms * scales.to(guards.norms.dtype).square())
+            least = torch.stack(list(factors.values())).min()
         if other is not None:
             selected_sgd_step(self.state, other, guards.ok)
         parts["parameters"] = time.perf_counter() - now
@@ -702,6 +749,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             fallback=tuple(self._param_names.get(id(p), "?") for p in fallback),
             eps=tuple(torch.finfo(grads[name].dtype).eps for name in directions),
             coupled=tuple(tuple(group) for group in self._coupled),
+            bound=least,
         )
         self._deferred.append(pending)
         for engine in self.engines:
@@ -711,25 +759,40 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if len(self._deferred) >= MAX_PENDING:
             self._settle()
 
+    def _apply_bounds(self, values: Sequence[float]) -> None:
+        """Scale the tracked norms of the buffers the last host step's bounds scaled by $s_l^2$."""
+        for name, value in zip(self._pending_bounds, values, strict=True):
+            self.state[self._layer[name].weight]["momentum_norm"] *= value * value
+        self._pending_bounds = {}
+
     def _settled(self, step: DeferredStep) -> DeferredStep:
         """``step`` with its answer read (reading every pending step's, if not yet)."""
         if step.skipped is None:
             self._settle()
         return step
 
-    def _settle(self, head: Sequence[Tensor] = ()) -> list[float]:
+    def _settle(self, head: Sequence[Tensor] = (), everything: bool = False) -> list[float]:
         """Read the deferred steps' answers, and ``head``'s numbers, in one transfer.
 
         Counts and warns about the skipped ones in their order, and turns the
-        tracked momentum norms they left on the device into numbers.
+        tracked momentum norms they left on the device into numbers. A host
+        step's ``max_move`` factors come along where something is read anyway,
+        or with ``everything`` (a checkpoint): until then the tracked norms of
+        the buffers they scaled lack their $s_l^2$.
 
         Returns:
             The values of ``head``, flattened.
         """
         pending, self._deferred = self._deferred, []
         norms, self._norms = self._norms, None
-        values = read_pending(pending, [*head, *([] if norms is None else [norms[1]])])
+        reading = everything or bool(head) or bool(pending) or norms is not None
+        bounds = self._pending_bounds if reading else {}
+        extra = [torch.stack([b.double() for b in bounds.values()])] if bounds else []
+        values = read_pending(pending, [*head, *extra, *([] if norms is None else [norms[1]])])
         offset = sum(t.numel() for t in head)
+        if bounds:
+            self._apply_bounds(values[offset : offset + len(bounds)])
+            offset += len(bounds)
         if norms is not None:
             (names, _, moving), vector = norms
             for name, value in zip(names, values[offset : offset + vector.numel()], strict=True):
@@ -739,6 +802,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         for step in pending:
             size = step.packed.numel()
             numbers, offset = values[offset : offset + size], offset + size
+            if step.bound is not None:
+                step.move_bound, offset = values[offset], offset + 1
             step.skipped = not numbers[0]
             step.clip = None if step.skipped else numbers[1]
             if step.skipped:
@@ -945,6 +1010,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         adaptive: AdaptiveStep | None,
         mode: AdaptiveMode | None,
         deferred: Callable[[], DeferredStep] | None = None,
+        move_bound: float | Unread | None = None,
     ) -> None:
         """Fill ``last_stats`` (see ``step_stats``) and call ``on_step``."""
         record, self._record_times = self._record_times, {}
@@ -957,7 +1023,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             }
         self.last_stats = step_stats(
             self, start, {**record, **parts}, nu, ratio, skipped=nu is None, adaptive=chosen,
-            deferred=deferred,
+            deferred=deferred, move_bound=move_bound,
         )  # fmt: skip
         if self.on_step is not None:
             self.on_step(self.last_stats)
@@ -977,7 +1043,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         ``LambdaLR`` leaves out callables: pass it again when constructing the
         optimizer that loads the checkpoint (its adapted value is saved).
         """
-        self._settle()  # the tracked norms as numbers, the skipped steps counted
+        self._settle(everything=True)  # the tracked norms as numbers, the skipped steps counted
         state = super().state_dict()
         for group in state["param_groups"]:
             damping = group.get("damping")
@@ -1048,6 +1114,14 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         for engine, loaded in zip(self.engines, staged, strict=True):
             engine.commit(loaded)
         self._skipped = skipped
+
+
+def _least(bounds: Mapping[str, Tensor]) -> Unread | None:
+    """The smallest of the layers' ``max_move`` factors, read when used; ``None`` without any."""
+    if not bounds:
+        return None
+    least = torch.stack([b.double() for b in bounds.values()]).min()
+    return Unread(lambda: float(least))
 
 
 def _warn_skipped(

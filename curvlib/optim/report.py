@@ -184,6 +184,7 @@ def step_stats(
     skipped: bool,
     adaptive: Mapping[str, float | None] | None = None,
     deferred: Callable[[], DeferredStep] | None = None,
+    move_bound: float | Unread | None = None,
 ) -> dict[str, Any]:
     r"""The telemetry of the step that just finished.
 
@@ -201,10 +202,13 @@ def step_stats(
             (``nu`` and ``skipped`` are then ignored): ``skipped``,
             ``kl_clip_factor`` and ``skipped_steps`` are read from it when used
             ([`StepStats`][curvlib.optim.report.StepStats]).
+        move_bound: The smallest layer factor of ``max_move`` on this step (1
+            where no layer's step was shortened), ``None`` without ``max_move``
+            or on a skipped step; an ``Unread`` one is read when used.
 
     Returns:
         The keys of the telemetry table in ``docs/optimizer.md``: ``step``,
-        ``skipped``, ``kl_clip_factor``, ``damping`` (first group, after this
+        ``skipped``, ``kl_clip_factor``, ``move_bound``, ``damping`` (first group, after this
         step's LM adaptation), ``group_damping`` (every group), ``lm_ratio``,
         ``inverse_rebuilt``, ``weights_moved`` (the largest relative change of a
         layer's weights since its group's last statistics, measured at this step
@@ -244,17 +248,20 @@ def step_stats(
         "skipped": skipped,
         "kl_clip_factor": nu,
         "skipped_steps": None if deferred is not None else opt.skipped_steps,
+        "move_bound": None if skipped else move_bound,
     }
     if deferred is not None:
         answers = {
             "skipped": Unread(lambda: deferred().skipped),
             "kl_clip_factor": Unread(lambda: deferred().clip),
             "skipped_steps": Unread(lambda: deferred().skipped_steps),
+            "move_bound": Unread(lambda: _move_bound(deferred())),
         }
     return StepStats({
         "step": opt.engine.step_count,
         "skipped": answers["skipped"],
         "kl_clip_factor": answers["kl_clip_factor"],
+        "move_bound": answers["move_bound"],
         "damping": opt.engine.damping,
         "group_damping": {g["name"]: e.damping for g, e in opt.curvature_groups()},
         "lm_ratio": ratio,
@@ -272,6 +279,11 @@ def step_stats(
         "time_step": total,
         **{f"time_{k}": times[k] for k in TIME_PARTS if k in times},
     })  # fmt: skip
+
+
+def _move_bound(step: DeferredStep) -> float | None:
+    """A deferred step's smallest ``max_move`` factor, ``None`` where it was skipped."""
+    return None if step.skipped else step.move_bound
 
 
 def format_damping(rule: Any, current: float) -> str:
