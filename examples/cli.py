@@ -489,9 +489,9 @@ def build_parser(
     opt.add_argument(
         "--max-move",
         type=nonnegative_float,
-        default=DEFAULTS.max_move or 0.0,
+        default=None,
         help="largest step of a layer's weights as a fraction of their norm, momentum included "
-        f"(default: {DEFAULTS.max_move}; 0: no bound)",
+        f"(default: the approximation's, {DEFAULTS.max_move}; none for kpsvd; 0: no bound)",
     )
     opt.add_argument(
         "--overlap-inverse",

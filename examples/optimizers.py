@@ -53,7 +53,8 @@ class OptimConfig:
         refresh_on_move: Refresh the curvature also when some layer's weights
             moved by this fraction of their norm since the last statistics.
         max_move: Largest step of a layer's weights as a fraction of their
-            norm (the optimizer's ``max_move``; 0: no bound).
+            norm (the optimizer's ``max_move``; 0: no bound; ``None``: the
+            approximation's, ``curvlib.optim.defaults.default_max_move``).
         overlap_inverse: Steps during which a rebuilt inverse is built in the
             background before it is used (0: at once; ``overlap_inverse`` of
             the optimizer).
@@ -91,7 +92,7 @@ class OptimConfig:
     t_inv: int | None = None
     warmup: int = DEFAULTS.warmup
     refresh_on_move: float = DEFAULTS.refresh_on_move
-    max_move: float = DEFAULTS.max_move or 0.0
+    max_move: float | None = None
     overlap_inverse: int = 0
     split_inverses: str | None = None
     damping_warmup_samples: int | None = None
@@ -206,7 +207,7 @@ def _curvature(make_approx: Callable[..., CurvatureApprox]) -> Factory:
             t_inv=t_inv,
             warmup=cfg.warmup,
             refresh_on_move=cfg.refresh_on_move,
-            max_move=cfg.max_move or None,
+            max_move="default" if cfg.max_move is None else cfg.max_move or None,
             # Only where asked for: approximations that cannot overlap refuse it.
             **({"overlap_inverse": cfg.overlap_inverse} if cfg.overlap_inverse else {}),
             include=None if include is None else list(include),

@@ -19,6 +19,9 @@ from curvlib.optim.hyper import DampingWarmup
 KLClip: TypeAlias = float | Literal["default"] | None
 """A KL-clipping bound $c$, ``"default"`` (``default_kl_clip``) or ``None`` (no clip)."""
 
+MaxMove: TypeAlias = float | Literal["default"] | None
+"""A bound $\rho$ on each layer's step, ``"default"`` (``default_max_move``) or ``None`` (none)."""
+
 
 @dataclass(frozen=True)
 class OptimizerDefaults:
@@ -35,12 +38,14 @@ class OptimizerDefaults:
             ([`default_kl_clip`][curvlib.optim.defaults.default_kl_clip]).
         momentum: Momentum $\mu$ on the clipped preconditioned direction.
         max_move: Largest step of a curvature layer's weights, as a fraction of
-            their norm (the optimizer's ``max_move``). The KL clip measures steps
-            in the approximation's metric, which along the step was up to 15,811
-            times flatter than the exact GGN on the examples' CNN, whose steps
-            then moved some layers by 10–30% of their weights and left seed 1
-            at chance level; with 0.2 every seed of five trains, and the
-            convergence benchmark's tasks need the epochs they needed without it.
+            their norm (the optimizer's ``max_move``); an approximation may name
+            its own ([`default_max_move`][curvlib.optim.defaults.default_max_move]).
+            The KL clip measures steps in the approximation's metric, which
+            along the step was up to 15,811 times flatter than the exact GGN on
+            the examples' CNN, whose steps then moved some layers by 10–30% of
+            their weights and left seed 1 at chance level; with 0.2 every seed
+            of five trains, and KFAC needs as many epochs to tuned Adam's loss
+            on the convergence benchmark as without it.
         t_cov: Steps between statistics updates.
         t_inv: Steps between inverse rebuilds; an approximation may name its
             own ([`default_t_inv`][curvlib.optim.defaults.default_t_inv]).
@@ -133,6 +138,33 @@ def default_kl_clip(approx: object) -> float:
     """
     value = _own(approx, "default_kl_clip", DEFAULTS.kl_clip, _POSITIVE_NUMBER,
                  "its KL clip when none is given")  # fmt: skip
+    return float(value)
+
+
+def default_max_move(approx: object) -> float | None:
+    r"""The ``max_move`` of an optimizer whose approximation is ``approx`` when none is given.
+
+    An approximation whose steps the bound would shorten where they should not
+    may name its own $\rho$, or ``None`` for no bound, in the class attribute
+    ``default_max_move``; [`KPSVD`][curvlib.approx.KPSVD] names ``None``. Every
+    other approximation gets ``DEFAULTS.max_move``. Like the clip, the bound
+    acts on the whole step, so the optimizer takes the default of its
+    ``approx``. A ``max_move`` given to the optimizer (``None`` included) always wins.
+
+    Args:
+        approx: A curvature approximation.
+
+    Returns:
+        The bound described above.
+
+    Raises:
+        ValueError: If ``default_max_move`` is set but neither ``None`` nor a
+            positive number.
+    """
+    if getattr(approx, "default_max_move", DEFAULTS.max_move) is None:
+        return None
+    value = _own(approx, "default_max_move", DEFAULTS.max_move, _POSITIVE_NUMBER,
+                 "its bound on a layer's step when none is given")  # fmt: skip
     return float(value)
 
 

@@ -2,6 +2,7 @@ r"""Small functional kernels of the optimizer: KL-clipping, momentum and the par
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, MutableMapping, Sequence
 from typing import Any, TypeVar
@@ -214,7 +215,7 @@ def move_bounds(
     the weights' own scale whatever the curvature metric says (a per-layer trust
     ratio, as LARS and LAMB bound their steps). 1 where the weights are zero (a
     layer started at zero has no scale to bound by), where the step is zero, and
-    where $\rho\|\theta_l\|$ is not finite; 0 where the step is infinite.
+    where the weights' norm is not a number; 0 where the step is infinite.
 
     Args:
         params: The layers' parameters, each layer's consecutive.
@@ -224,28 +225,33 @@ def move_bounds(
         max_move: $\rho$.
 
     Returns:
-        $s_l$ as a float64 tensor of one number per layer, on the parameters'
-        device (no host read).
+        $s_l$, one number per layer in the parameters' dtype (the widest of
+        them), on their device (no host read).
     """
-    index = torch.repeat_interleave(
-        torch.arange(len(counts), device=params[0].device),
-        torch.tensor(counts, device=params[0].device),
+    size = len(counts)
+    # One reduction for every parameter and step, one segmented sum for every layer.
+    squares = torch.stack(torch._foreach_norm([*params, *steps])).square_()
+    sums = squares.new_zeros(2 * size).index_add_(
+        0, _layer_index(tuple(counts), squares.device), squares
     )
+    sums.sqrt_()
+    weights, moves = sums[:size], sums[size:]
+    # A zero step gives inf (clamped to 1); zero or NaN weights NaN or 0 (kept at 1).
+    bound = (weights * max_move).div_(moves * lr).clamp_(max=1.0)
+    return torch.where(weights > 0, bound, 1.0)
 
-    def layer_norms(tensors: Sequence[Tensor]) -> Tensor:
-        squares = torch.stack([n.double() for n in torch._foreach_norm(list(tensors))]).square()
-        return squares.new_zeros(len(counts)).index_add_(0, index, squares).sqrt()
 
-    weights, moves = layer_norms(params), layer_norms(steps).mul_(lr)
-    bound = (weights * max_move).div_(moves).clamp_(max=1.0)
-    keep = (weights > 0) & torch.isfinite(weights) & (moves > 0)
-    return torch.where(keep, bound, 1.0)
+@functools.lru_cache(maxsize=64)
+def _layer_index(counts: tuple[int, ...], device: torch.device) -> Tensor:
+    """Each parameter's layer, then each step's (offset by the layers): ``index_add``'s bins."""
+    layers = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    return torch.cat([layers, layers + len(counts)]).to(device)
 
 
 def _per_parameter(bounds: Tensor, counts: Sequence[int]) -> list[Tensor]:
     """Each layer's 0-dimensional factor, once per parameter of the layer."""
-    return [factor for factor, count in zip(bounds.unbind(), counts, strict=True)
-            for _ in range(count)]  # fmt: skip
+    layer_of = _layer_index(tuple(counts), bounds.device)[: sum(counts)]
+    return list(bounds.index_select(0, layer_of).unbind())
 
 
 def _bounded(

@@ -56,8 +56,10 @@ from curvlib.optim.adaptive import (
 from curvlib.optim.defaults import (
     DEFAULTS,
     KLClip,
+    MaxMove,
     default_damping,
     default_kl_clip,
+    default_max_move,
     default_t_inv,
 )
 from curvlib.optim.deferred import (
@@ -151,7 +153,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             measures a step in the approximation's own metric, which can be far
             flatter along the step than the true curvature; this bound does not
             depend on it. ``None`` bounds nothing; steps with ``lr="auto"`` are
-            bounded by their own trust region instead.
+            bounded by their own trust region instead. ``"default"``: the
+            default of ``approx``
+            ([`default_max_move`][curvlib.optim.defaults.default_max_move]:
+            ``DEFAULTS.max_move``, 0.2, unless the approximation names its own,
+            as [`KPSVD`][curvlib.approx.KPSVD] does: none).
         nesterov: Nesterov momentum.
         weight_decay: $\omega$.
         decoupled_weight_decay: Decay the weights directly (AdamW-style) instead of
@@ -252,7 +258,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         kl_clip: KLClip = "default",
         kl_clip_lr_squared: bool = True,
         momentum: float | Literal["auto"] = DEFAULTS.momentum,
-        max_move: float | None = DEFAULTS.max_move,
+        max_move: MaxMove = "default",
         nesterov: bool = False,
         weight_decay: float = 0.0,
         decoupled_weight_decay: bool = False,
@@ -289,10 +295,15 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             )
         elif kl_clip is not None:
             check_positive("kl_clip", kl_clip)
-        if max_move is not None:
+        if max_move == "default":
+            max_move = default_max_move(approx)
+        elif isinstance(max_move, str) or callable(max_move):
+            raise TypeError(
+                f"max_move must be a positive number, 'default' (the approximation's) or None "
+                f"(no bound), got {max_move!r}."
+            )
+        elif max_move is not None:
             check_positive("max_move", max_move)
-            if callable(max_move):
-                raise TypeError(f"max_move must be a positive number or None, got {max_move!r}.")
         if isinstance(accumulation_steps, bool) or accumulation_steps < 1:
             raise ValueError(f"accumulation_steps must be >= 1, got {accumulation_steps!r}.")
         check_setting(deferred_checks)
@@ -325,7 +336,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.kl_clip = kl_clip
         self.kl_clip_lr_squared = kl_clip_lr_squared
         self.max_move = max_move
-        self._pending_bounds: dict[str, Tensor] = {}
+        self._pending_bounds: _Bounds | None = None
         self.on_step = on_step
         self._stats_scale = _stats_scale(grad_scaler, accumulation_steps)
         self.engines: tuple[CurvatureEngine, ...] = tuple(
@@ -568,22 +579,20 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             parts["adaptive"], now = time.perf_counter() - now, time.perf_counter()
             apply_adaptive_step(self.state, groups, adaptive, mode)
         else:
-            bounds: dict[str, Tensor] = {}
+            bounds = _Bounds()
             for (group, _), layers in zip(self.curvature_groups(), self.group_layers, strict=True):
                 changes, factors = layer_step(
                     self.state, group, layers, directions, bool(lm_engines), clip=nu,
                     max_move=self.max_move,
                 )  # fmt: skip
                 deltas.update(changes)
-                if factors is not None:
-                    names = [layer.name for layer in layers]
-                    bounds.update(zip(names, factors.unbind(), strict=True))
+                bounds.add(layers, factors)
             for layer in self.layers:
                 if layer.name in buffer_norms:
                     self.state[layer.weight]["momentum_norm"] = nu * nu * buffer_norms[layer.name]
             # The buffers were scaled by the bounds; their tracked norms are, with the next read.
-            self._pending_bounds = {n: b for n, b in bounds.items() if n in buffer_norms}
-            move_bound = _least(bounds)
+            self._pending_bounds = bounds if bounds.names else None
+            move_bound = bounds.least()
         other = self._group(OTHER_GROUP)
         if other is not None:
             sgd_step(self.state, other)
@@ -627,11 +636,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         """
         pending = [(e, n) for e in self.engines if (n := e.pending_inverse) is not None]
         bounds = self._pending_bounds
-        extra = [torch.stack([b.double() for b in bounds.values()])] if bounds else []
+        extra = [bounds.values()] if bounds is not None else []
         checks, values = measure_directions(
             grads, directions, buffers, finite, [*(numbers for _, numbers in pending), *extra]
         )
-        if bounds:
+        if bounds is not None:
             read = values.pop()
             if checks is not None:  # else the step is skipped: the bounds wait for a read
                 self._apply_bounds(read)
@@ -711,11 +720,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 ],
                 directions[names[0]].device,
             )
-            if self._pending_bounds:  # a host step's bounds, not read yet: applied unread
-                one = torch.ones((), dtype=norms.dtype, device=norms.device)
-                held, self._pending_bounds = self._pending_bounds, {}
-                scales = torch.stack([held[n].to(norms) if n in held else one for n in names])
-                norms = norms * scales.square()
+            if self._pending_bounds is not None:  # a host step's bounds, unread: applied so
+                held, self._pending_bounds = self._pending_bounds, None
+                norms = norms * held.scales(names, norms).square()
         else:
             norms = self._norms[1]
         fallback = [] if other is None else [p for p in other["params"] if p.grad is not None]
@@ -726,19 +733,17 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._norms = (key, guards.norms)
         now = time.perf_counter()
         parts = {"precondition": now - start}
-        factors: dict[str, Tensor] = {}
+        bounds = _Bounds()
         for (group, _), layers in zip(self.curvature_groups(), self.group_layers, strict=True):
-            bounds = selected_layer_step(
+            bounds.add(layers, selected_layer_step(
                 self.state, group, layers, directions, guards.clip, guards.ok, self.max_move
-            )
-            if bounds is not None:
-                factors.update(zip((layer.name for layer in layers), bounds.unbind(), strict=True))
+            ))  # fmt: skip
         least = None
-        if factors:
+        if bounds.names:
             # The buffers were scaled by the bounds: so are their tracked norms.
-            scales = torch.stack([factors.get(n, torch.ones_like(guards.norms[0])) for n in names])
-            self._norms = (key, guards.norms * scales.to(guards.norms.dtype).square())
-            least = torch.stack(list(factors.values())).min()
+            norms = guards.norms
+            self._norms = (key, norms * bounds.scales(names, norms).square())
+            least = bounds.values().min()
         if other is not None:
             selected_sgd_step(self.state, other, guards.ok)
         parts["parameters"] = time.perf_counter() - now
@@ -761,9 +766,12 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     def _apply_bounds(self, values: Sequence[float]) -> None:
         """Scale the tracked norms of the buffers the last host step's bounds scaled by $s_l^2$."""
-        for name, value in zip(self._pending_bounds, values, strict=True):
-            self.state[self._layer[name].weight]["momentum_norm"] *= value * value
-        self._pending_bounds = {}
+        assert self._pending_bounds is not None
+        for name, value in zip(self._pending_bounds.names, values, strict=True):
+            state = self.state[self._layer[name].weight]
+            if "momentum_norm" in state:
+                state["momentum_norm"] *= value * value
+        self._pending_bounds = None
 
     def _settled(self, step: DeferredStep) -> DeferredStep:
         """``step`` with its answer read (reading every pending step's, if not yet)."""
@@ -786,13 +794,13 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         pending, self._deferred = self._deferred, []
         norms, self._norms = self._norms, None
         reading = everything or bool(head) or bool(pending) or norms is not None
-        bounds = self._pending_bounds if reading else {}
-        extra = [torch.stack([b.double() for b in bounds.values()])] if bounds else []
+        bounds = self._pending_bounds if reading else None
+        extra = [bounds.values()] if bounds is not None else []
         values = read_pending(pending, [*head, *extra, *([] if norms is None else [norms[1]])])
         offset = sum(t.numel() for t in head)
-        if bounds:
-            self._apply_bounds(values[offset : offset + len(bounds)])
-            offset += len(bounds)
+        if bounds is not None:
+            self._apply_bounds(values[offset : offset + len(bounds.names)])
+            offset += len(bounds.names)
         if norms is not None:
             (names, _, moving), vector = norms
             for name, value in zip(names, values[offset : offset + vector.numel()], strict=True):
@@ -1116,12 +1124,36 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._skipped = skipped
 
 
-def _least(bounds: Mapping[str, Tensor]) -> Unread | None:
-    """The smallest of the layers' ``max_move`` factors, read when used; ``None`` without any."""
-    if not bounds:
-        return None
-    least = torch.stack([b.double() for b in bounds.values()]).min()
-    return Unread(lambda: float(least))
+class _Bounds:
+    """The ``max_move`` factors of one step's groups: the layers' names and one tensor per group."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self._parts: list[Tensor] = []
+
+    def add(self, layers: Sequence[CurvatureLayer], factors: Tensor | None) -> None:
+        if factors is not None:
+            self.names.extend(layer.name for layer in layers)
+            self._parts.append(factors)
+
+    def values(self) -> Tensor:
+        """Every layer's factor, in the order of ``names`` (one tensor on the device)."""
+        return self._parts[0] if len(self._parts) == 1 else torch.cat(self._parts)
+
+    def scales(self, names: Sequence[str], like: Tensor) -> Tensor:
+        """The factors of ``names`` as ``like``'s dtype (1 for a layer without one), unread."""
+        values = self.values().to(like)
+        if list(names) == self.names:
+            return values
+        at = {name: i for i, name in enumerate(self.names)}
+        one = torch.ones((), dtype=like.dtype, device=like.device)
+        return torch.stack([values[at[n]] if n in at else one for n in names])
+
+    def least(self) -> Unread | None:
+        """The smallest factor, read when used; ``None`` without any."""
+        if not self.names:
+            return None
+        return Unread(lambda: float(self.values().min()))
 
 
 def _warn_skipped(

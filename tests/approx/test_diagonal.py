@@ -43,7 +43,7 @@ def test_optimizer_preconditions_batchnorm_affine_parameters() -> None:
     damping, lr = 1e-2, 0.5
     opt = PreconditionedOptimizer(
         model, Diagonal(), loss_fn=problem.loss_fn, fisher_type="exact", lr=lr,
-        damping=damping, kl_clip=None, **PER_STEP,
+        damping=damping, kl_clip=None, max_move=None, **PER_STEP,
     )  # fmt: skip
     kinds = {layer.name: layer.kind for layer in opt.extractor.layout}
     assert kinds == {

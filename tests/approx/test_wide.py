@@ -699,6 +699,7 @@ def test_unit_wise_covers_eval_batchnorm_with_its_per_channel_blocks() -> None:
         lr=0.5,
         damping=DAMPING,
         kl_clip=None,
+        max_move=None,
         momentum=0.0,
         t_cov=1,
         t_inv=1,
@@ -738,7 +739,7 @@ def test_unit_wise_blocks_of_layernorm_and_groupnorm_equal_the_oracle(problem: P
     model = problem.model()
     opt = PreconditionedOptimizer(
         model, UnitWiseNaturalGradient(), loss_fn=problem.loss_fn, fisher_type=FisherType.EXACT,
-        lr=0.5, damping=DAMPING, kl_clip=None, momentum=0.0, t_cov=1, t_inv=1,
+        lr=0.5, damping=DAMPING, kl_clip=None, max_move=None, momentum=0.0, t_cov=1, t_inv=1,
         stats_fraction=1.0, unsupported="raise",
     )  # fmt: skip
     norms = {la.name: la for la in opt.extractor.layout if la.kind in NORM_KINDS}

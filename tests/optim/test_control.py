@@ -219,7 +219,7 @@ def test_per_group_damping_and_approximation_reach_their_layers() -> None:
     model = problem.model()
     opt = PreconditionedOptimizer(
         model, KFAC(KFACDamping.EIGEN), loss_fn=problem.loss_fn, lr=1.0, kl_clip=None,
-        damping=1e-3, fisher_type="exact", **PER_STEP, groups=[
+        max_move=None, damping=1e-3, fisher_type="exact", **PER_STEP, groups=[
             {"layers": ["4"], "damping": 0.5, "name": "head"},
             {"layers": ["2"], "damping": 0.05, "approx": KPSVD(damping_mode="eigen")},
         ],

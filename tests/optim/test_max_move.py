@@ -9,7 +9,8 @@ import torch
 from torch import Tensor
 
 import tests.problems as P
-from curvlib import KFAC, PreconditionedOptimizer
+from curvlib import KFAC, KPSVD, PreconditionedOptimizer
+from curvlib.optim.defaults import DEFAULTS, default_max_move
 from curvlib.optim.kernels import move_bounds
 
 
@@ -47,15 +48,18 @@ def test_move_bounds_is_the_trust_ratio_per_layer() -> None:
     bounds = move_bounds(params, steps, [2, 1], lr=0.5, max_move=0.1)
     first = 0.1 * math.sqrt(4 * 9 + 2 * 16) / (0.5 * 2.0)  # ||theta|| = sqrt(68), ||step|| = 2
     second = min(1.0, 0.1 * math.sqrt(3.0) / (0.5 * math.sqrt(12.0)))
-    assert bounds.dtype == torch.float64
+    assert bounds.dtype == torch.float32
     assert bounds.tolist() == pytest.approx([first, second], rel=1e-6)  # float32 norms
     assert move_bounds(params, steps, [2, 1], lr=0.5, max_move=10.0).tolist() == [1.0, 1.0]
 
 
 def test_move_bounds_leave_zero_weights_and_zero_steps_alone_and_stop_infinite_steps() -> None:
-    params = [torch.zeros(3), torch.ones(3), torch.ones(2)]
-    steps = [torch.ones(3), torch.zeros(3), torch.tensor([math.inf, 0.0])]
-    assert move_bounds(params, steps, [1, 1, 1], lr=1.0, max_move=0.1).tolist() == [1.0, 1.0, 0.0]
+    params = [torch.zeros(3), torch.ones(3), torch.ones(2), torch.zeros(2)]
+    steps = [torch.ones(3), torch.zeros(3), torch.tensor([math.inf, 0.0]), torch.zeros(2)]
+    bounds = move_bounds(params, steps, [1, 1, 1, 1], lr=1.0, max_move=0.1)
+    assert bounds.tolist() == [1.0, 1.0, 0.0, 1.0]
+    nan = move_bounds([torch.tensor([math.nan])], [torch.ones(1)], [1], lr=1.0, max_move=0.1)
+    assert nan.tolist() == [1.0]
 
 
 @pytest.mark.parametrize(("momentum", "nesterov"), [(0.0, False), (0.9, False), (0.9, True)])
@@ -148,3 +152,30 @@ def test_a_max_move_that_is_not_a_number_is_refused(value: object) -> None:
             problem.model(), KFAC(), loss_fn=problem.loss_fn,
             max_move=value,  # type: ignore[arg-type]
         )  # fmt: skip
+
+
+def test_the_default_is_the_approximations_own() -> None:
+    problem = P.mlp_ce()
+
+    def bound(approx: object, **kwargs: object) -> float | None:
+        opt = PreconditionedOptimizer(
+            problem.model(),
+            approx,
+            loss_fn=problem.loss_fn,
+            **kwargs,  # type: ignore[arg-type]
+        )
+        return opt.max_move
+
+    assert default_max_move(KFAC()) == DEFAULTS.max_move == bound(KFAC()) == 0.2
+    assert default_max_move(KPSVD()) is None and bound(KPSVD()) is None
+    assert bound(KPSVD(), max_move=0.3) == 0.3 and bound(KFAC(), max_move=None) is None
+
+    class Tight(KFAC):
+        default_max_move = 0.05
+
+    class Broken(KFAC):
+        default_max_move = -1.0
+
+    assert bound(Tight()) == 0.05
+    with pytest.raises(ValueError, match=r"Broken\.default_max_move must be a positive number"):
+        bound(Broken())

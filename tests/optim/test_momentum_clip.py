@@ -65,7 +65,7 @@ def test_the_step_with_momentum_stays_inside_the_kl_bound(nesterov: bool) -> Non
     opt = PreconditionedOptimizer(
         model, KFAC("eigen"), loss_fn=problem.loss_fn, lr=lr, damping=damping, kl_clip=clip,
         momentum=0.9, nesterov=nesterov, t_cov=1000, t_inv=1000, warmup=0, refresh_on_move=0,
-        fisher_type="exact",
+        fisher_type="exact", max_move=None,
     )  # fmt: skip
     clipped = 0
     for _ in range(8):
@@ -119,7 +119,7 @@ def test_the_parameter_update_matches_sgd_with_momentum_and_takes_no_layers() ->
     group = {"lr": 0.1, "momentum": 0.5, "nesterov": False, "weight_decay": 0.01,
              "decoupled_weight_decay": True}  # fmt: skip
     state: defaultdict[object, dict[str, object]] = defaultdict(dict)  # as torch.optim's
-    assert layer_step(state, group, [], {}, want_deltas=False) == {}
+    assert layer_step(state, group, [], {}, want_deltas=False) == ({}, None)
     weight, bias = (p.detach().clone() for p in model.parameters())
     direction = torch.randn(2, 4)
     with torch.no_grad():  # as in step()
@@ -170,7 +170,8 @@ def test_the_vectorised_update_equals_momentum_direction_per_parameter(nesterov:
         before = {la.name: la.to_matrix(*(p.detach().clone() for p in la.parameters))
                   for la in layers}  # fmt: skip
         with torch.no_grad():
-            deltas = layer_step(state, group, layers, directions, True, clip=clip)
+            deltas, bounds = layer_step(state, group, layers, directions, True, clip=clip)
+            assert bounds is None  # no max_move
             for la in layers:
                 parts = la.from_matrix(directions[la.name])
                 for p, d in zip(la.parameters, parts, strict=False):

@@ -46,7 +46,7 @@ def test_zero_curvature_with_unit_damping_matches_sgd(
     reference = copy.deepcopy(model)
     kwargs = {"lr": 0.1, "momentum": momentum, "nesterov": nesterov, "weight_decay": weight_decay}
     opt = PreconditionedOptimizer(
-        model, ZeroCurvature(), loss_fn=loss_fn, damping=1.0, kl_clip=None,
+        model, ZeroCurvature(), loss_fn=loss_fn, damping=1.0, kl_clip=None, max_move=None,
         unsupported="ignore", **kwargs,
     )  # fmt: skip
     sgd = torch.optim.SGD(reference.parameters(), **kwargs)  # type: ignore[arg-type]
@@ -142,7 +142,7 @@ def test_lm_damping_rises_after_a_bad_step_and_falls_after_good_ones() -> None:
     lm = LevenbergMarquardt(initial=1e-2, interval=1)
     model = problem.model()
     opt = PreconditionedOptimizer(model, KFAC(), loss_fn=problem.loss_fn, lr=0.05, damping=lm,
-                                  kl_clip=None)  # fmt: skip
+                                  kl_clip=None, max_move=None)  # fmt: skip
 
     def closure() -> torch.Tensor:
         return problem.loss_fn(model(problem.x), problem.y)

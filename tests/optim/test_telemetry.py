@@ -96,7 +96,8 @@ def test_damping_follows_the_levenberg_marquardt_rule() -> None:
     lm = LevenbergMarquardt(initial=1e-2, interval=1)
     opt = PreconditionedOptimizer(
         model, KFAC(KFACDamping.EIGEN), loss_fn=problem.loss_fn, lr=0.05, damping=lm,
-        kl_clip=None, fisher_type="exact", **PER_STEP, groups=[{"layers": ["4"], "damping": 0.3}],
+        kl_clip=None, max_move=None, fisher_type="exact", **PER_STEP,
+        groups=[{"layers": ["4"], "damping": 0.3}],
     )  # fmt: skip
     omega = lm.decay**lm.interval
     moves = set()

@@ -74,8 +74,9 @@ def steps_to_target(task: cv.Task, target: dict[int, float]) -> dict[int, int | 
 def bare_products(opt: PreconditionedOptimizer) -> float:
     precond = opt.engines[0]._precond
     grads = layer_grads(opt.layers)
+    inverses = precond._inverses.items()
     pairs = [(inv.g_inv.float(), inv.a_inv.float(), grads[name].float())
-             for name, inv in precond._inverses.items() if isinstance(inv, KroneckerInverse)]  # fmt: skip
+             for name, inv in inverses if isinstance(inv, KroneckerInverse)]  # fmt: skip
     start = time.perf_counter()
     for g_inv, a_inv, grad in pairs:
         torch.mm(torch.mm(g_inv, grad), a_inv)
@@ -138,8 +139,9 @@ def timings(task: cv.Task) -> dict[str, float]:
 def main() -> None:
     results = json.loads((root / "benchmarks/results/convergence.json").read_text())
     names = sys.argv[1:] or list(cv.TASKS)[:5]
-    print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
-          f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}, 2 threads")  # fmt: skip
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    cpu = torch.backends.cpu.get_cpu_capability()
+    print(f"# {when}, torch {torch.__version__}, {cpu}, 2 threads")
     for name in names:
         task = cv.TASKS[name](False)
         target = {
