@@ -43,9 +43,9 @@ class OptimizerDefaults:
             The KL clip measures steps in the approximation's metric, which
             along the step was up to 15,811 times flatter than the exact GGN on
             the examples' CNN, whose steps then moved some layers by 10–30% of
-            their weights and left seed 1 at chance level; with 0.2 every seed
-            of five trains, and KFAC needs as many epochs to tuned Adam's loss
-            on the convergence benchmark as without it.
+            their weights and left seeds 1 and 3 of five at chance level; with
+            0.2 every seed trains, and KFAC needs as many epochs to tuned Adam's
+            loss on the convergence benchmark as without it, at 2–5% more per step.
         t_cov: Steps between statistics updates.
         t_inv: Steps between inverse rebuilds; an approximation may name its
             own ([`default_t_inv`][curvlib.optim.defaults.default_t_inv]).
