@@ -20,7 +20,7 @@ KLClip: TypeAlias = float | Literal["default"] | None
 """A KL-clipping bound $c$, ``"default"`` (``default_kl_clip``) or ``None`` (no clip)."""
 
 MaxMove: TypeAlias = float | Literal["default"] | None
-"""A bound $\rho$ on each layer's step, ``"default"`` (``default_max_move``) or ``None`` (none)."""
+r"""A bound $\rho$ on each layer's step, ``"default"`` (``default_max_move``) or ``None`` (none)."""
 
 
 @dataclass(frozen=True)
