@@ -3,7 +3,9 @@ r"""Run a script with each layer's step bounded by RHO times the norm of its wei
 After the optimizer's update, a curvature layer whose weights $[W \mid b]$ moved
 by more than ``RHO`` times their norm is moved back to that distance along the
 same step, and its momentum buffers are scaled alike (patched into the library
-from outside; ``RHO=0`` leaves the library as it is). Set ``RELLOG=1`` to print
+from outside; ``RHO=0`` leaves the library as it is). The library's own bound,
+``max_move`` (the default since commit ``4979577``), acts before this one: pass
+``max_move=None`` to the optimizer to see this patch alone. Set ``RELLOG=1`` to print
 each step's largest relative move before the bound.
 
     python rel_run.py RHO SCRIPT ARGS...       (from the repository root)
@@ -25,9 +27,9 @@ step = CurvatureOptimizer.step
 SCALES: dict = {}
 
 
-def bounded(state, group, layers, directions, want_deltas, clip=1.0):  # type: ignore[no-untyped-def]
+def bounded(state, group, layers, directions, want_deltas, clip=1.0, **kwargs):  # type: ignore[no-untyped-def]
     before = [[p.detach().clone() for p in layer.parameters] for layer in layers]
-    out = layer_step(state, group, layers, directions, want_deltas, clip=clip)
+    out = layer_step(state, group, layers, directions, want_deltas, clip=clip, **kwargs)
     worst = 0.0
     with torch.no_grad():
         for layer, old in zip(layers, before, strict=True):
