@@ -31,6 +31,7 @@ from common import (
     OptimizerSpec,
     RunResult,
     RunSpec,
+    UsageError,
     build_optimizer,
     optim_config,
     plot_runs,
@@ -218,7 +219,9 @@ def train_gan(
     """Train one run, writing metrics, iterations, plots, samples and checkpoint every epoch.
 
     Raises:
-        UsageError: If ``--resume`` finds a checkpoint of another optimizer.
+        UsageError: If ``--resume`` finds a checkpoint of another optimizer, or
+            the optimizer refuses the options (e.g. EKFAC on the generator, whose
+            BatchNorm leaves no per-sample statistics).
     """
     from torchvision.utils import save_image
 
@@ -228,7 +231,10 @@ def train_gan(
     channels, side = setup.train.shape[1], setup.train.shape[2]
     gan = GAN(*networks(args, channels, side)).to(device)
     bce, mse = nn.BCEWithLogitsLoss(), nn.MSELoss()
-    opts = build_optimizers(args, spec, gan, bce if args.gan == "bce" else mse)
+    try:
+        opts = build_optimizers(args, spec, gan, bce if args.gan == "bce" else mse)
+    except ValueError as err:  # curvlib refuses this combination of options, saying why
+        raise UsageError(f"--optim {spec.name}: {err}") from err
     data_gen = torch.Generator().manual_seed(args.seed)
     noise_gen = torch.Generator().manual_seed(args.seed + 1)
     fixed = torch.randn(64, args.nz, generator=torch.Generator().manual_seed(10_000)).to(device)

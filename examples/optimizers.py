@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from curvlib.core.protocols import CurvatureApprox
+from curvlib.core.stats import StatKind
 from curvlib.optim.defaults import DEFAULTS, default_damping, default_kl_clip, default_t_inv
 from curvlib.optim.hyper import DampingWarmup, LevenbergMarquardt
 
@@ -179,6 +180,7 @@ def _curvature(make_approx: Callable[..., CurvatureApprox]) -> Factory:
             approx = two_level(
                 lambda: approx, cfg.coarse_space, cfg.krylov, cfg.coarse_form, cfg.coarse_samples
             )()
+        refuse_coupled_samples(model, approx)
         own = default_damping(approx)
         t_inv = default_t_inv(approx) if cfg.t_inv is None else cfg.t_inv
         clipping = default_kl_clip(approx) if cfg.clipping is None else cfg.clipping
@@ -215,6 +217,36 @@ def _curvature(make_approx: Callable[..., CurvatureApprox]) -> Factory:
         )
 
     return build
+
+
+def refuse_coupled_samples(model: nn.Module, approx: CurvatureApprox) -> None:
+    """Refuse an approximation of per-sample statistics for a model whose BatchNorm couples them.
+
+    The examples train in train mode, where BatchNorm normalises each sample with
+    the batch's statistics, so a sample's gradient depends on the others and
+    per-sample statistics do not exist (curvlib would refuse them at the first
+    statistics step). Said here, before any training, with what does work.
+
+    Raises:
+        ValueError: If ``approx`` needs statistics other than Kronecker factors
+            and ``model`` has BatchNorm in train mode (or without running
+            statistics, which normalises with the batch's in eval mode too).
+    """
+    per_sample = set(getattr(approx, "required_stats", ())) - {StatKind.KRONECKER}
+    coupling = [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None)
+    ]
+    if per_sample and coupling:
+        shown = ", ".join(coupling[:3]) + (f" and {len(coupling) - 3} more" if coupling[3:] else "")
+        raise ValueError(
+            f"{type(approx).__name__} needs per-sample statistics "
+            f"({', '.join(sorted(k.name for k in per_sample))}), which this network does not "
+            f"have: its BatchNorm layers ({shown}) normalise each sample with the batch's "
+            "statistics in training. Use kfac or kfac-eigen (Kronecker factors only), or a "
+            "network without BatchNorm."
+        )
 
 
 def _approx(module: str, cls: str, **kwargs: Any) -> Callable[..., CurvatureApprox]:

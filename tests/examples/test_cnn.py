@@ -193,6 +193,16 @@ def test_bad_values_are_rejected_with_the_choices(
     assert message in capsys.readouterr().err
 
 
+def test_per_sample_approximations_on_a_batchnorm_network_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cnn.main([*TINY, "--model", "resnet-small", "--optim", "kpsvd", "--out", str(tmp_path)])
+    assert exc.value.code == 2
+    assert "--optim kpsvd: KPSVD needs per-sample statistics" in capsys.readouterr().err
+    assert not (tmp_path / "metrics.json").exists()
+
+
 def test_kpsvd_cnn_shapes() -> None:
     for channels, side in ((1, 28), (3, 32)):
         net = cnn.kpsvd_cnn(channels, side, 10)

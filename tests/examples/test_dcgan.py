@@ -269,3 +269,39 @@ def test_simultaneous_sgd_is_the_gan_examples_own(capsys: pytest.CaptureFixture[
     with pytest.raises(SystemExit):
         autoencoder.build_argparser().parse_args(["--optim", "sim-sgd"])
     assert "invalid optimizer 'sim-sgd'" in capsys.readouterr().err
+
+
+def test_per_sample_approximations_on_the_batchnorm_generator_are_refused_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        dcgan_kfac.main([*TINY, "--optim", "ekfac", "--out", str(tmp_path)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--optim ekfac: EKFAC needs per-sample statistics" in err
+    assert "generator.2, generator.5" in err and "Use kfac or kfac-eigen" in err
+    assert not (tmp_path / "metrics.json").exists()
+    # The critic has no BatchNorm: there EKFAC trains.
+    dcgan_kfac.main([*TINY, "--optim", "ekfac", "--kfac-on", "critic", "--out", str(tmp_path)])
+    assert (tmp_path / "metrics.json").is_file()
+
+
+def test_coupled_samples_refusal_follows_what_the_extractor_accepts() -> None:
+    from optimizers import refuse_coupled_samples
+
+    from curvlib import EKFAC, KFAC, PreconditionedOptimizer
+
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2))
+    loss_fn = nn.CrossEntropyLoss()
+    x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+    refuse_coupled_samples(net, KFAC())  # Kronecker factors exist for coupled samples
+    with pytest.raises(ValueError, match=r"BatchNorm layers \(1\)"):
+        refuse_coupled_samples(net, EKFAC())
+    opt = PreconditionedOptimizer(net, EKFAC(), loss_fn=loss_fn)
+    with pytest.raises(RuntimeError, match="couples the samples"), opt.record():
+        loss_fn(net(x), y).backward()  # what the refusal spares the user: the first step fails
+    net.eval()  # running statistics: the samples are independent again
+    refuse_coupled_samples(net, EKFAC())
+    net[1] = nn.BatchNorm1d(4, track_running_stats=False).eval()  # the batch's, even in eval
+    with pytest.raises(ValueError, match="per-sample statistics"):
+        refuse_coupled_samples(net, EKFAC())
