@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 import tests.problems as P
-from curvlib import KFAC, KPSVD, PreconditionedOptimizer
+from curvlib import EKFAC, KFAC, KPSVD, PreconditionedOptimizer
 from curvlib.optim.defaults import DEFAULTS, default_max_move
 from curvlib.optim.kernels import move_bounds
 
@@ -168,6 +168,7 @@ def test_the_default_is_the_approximations_own() -> None:
 
     assert default_max_move(KFAC()) == DEFAULTS.max_move == bound(KFAC()) == 0.2
     assert default_max_move(KPSVD()) is None and bound(KPSVD()) is None
+    assert default_max_move(EKFAC()) == bound(EKFAC()) == 0.1
     assert bound(KPSVD(), max_move=0.3) == 0.3 and bound(KFAC(), max_move=None) is None
 
     class Tight(KFAC):
