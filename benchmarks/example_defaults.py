@@ -52,6 +52,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 DIGITS = "{digits}"
 """Stands for the folder the digits are written to, in ``Case.args``."""
+DIGITS_SHOWN = "DIGITS"
+"""That folder in the recorded commands (a temporary folder while the sweep runs)."""
 
 STALLED_ACCURACY = 0.2
 """A classifier below this test accuracy (chance: 0.1) counts as stalled."""
@@ -136,9 +138,10 @@ def run_one(case: Case, optim: str, seed: int, work: Path, digits: Path) -> dict
     start = time.monotonic()
     done = subprocess.run([sys.executable, *cmd[1:]], cwd=ROOT, capture_output=True, text=True)
     seconds = time.monotonic() - start
+    shown = case.command(optim, seed, out, Path(DIGITS_SHOWN))[:-2]  # without the temporary --out
     record: dict[str, Any] = {
         "case": case.name, "optim": optim, "seed": seed, "seconds": round(seconds, 1),
-        "command": " ".join(cmd[:-2]),  # without the temporary --out
+        "command": " ".join(shown),
     }  # fmt: skip
     metrics_file = out / "metrics.json"
     if done.returncode == 2:  # the example refused the options before training, saying why
@@ -254,12 +257,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder of the json and md")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--render", action="store_true",
+        help="rewrite the markdown from the JSON in --out without running anything",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     cases = [c for c in CASES if args.only is None or {c.script, c.name} & set(args.only)]
     if not cases:
         parser.error(f"--only names no example of {sorted({c.script for c in CASES})}")
     optims = args.optims.split(",")
     seeds = [int(s) for s in args.seeds.split(",")]
+    if args.render:
+        stored = json.loads((args.out / "example_defaults.json").read_text())
+        runs = stored["runs"]
+        cases = [c for c in CASES if any(r["case"] == c.name for r in runs)]
+        optims = list(dict.fromkeys(r["optim"] for r in runs))
+        text = report(runs, stored["machine"], cases, optims, stored["seeds"], stored["command"])
+        (args.out / "example_defaults.md").write_text(text)
+        print(text)
+        return 0
     records = sweep(cases, optims, seeds, args.jobs, not args.no_progress)
     info = {**machine(), "commit": commit()}
     cmd = command(argv)

@@ -77,3 +77,20 @@ def test_the_table_and_report_name_each_run_that_did_not_train(sweep: ModuleType
     assert f"- `cnn --data synthetic --optim ekfac`: {error}" in report
     assert "- `python examples/cnn.py --seed 1`: stalled" in report
     assert "--seed 0`" not in report and "--seed 2`" not in report
+
+
+def test_render_rewrites_the_markdown_from_the_json(sweep: ModuleType, tmp_path: Path) -> None:
+    import json
+
+    info = {"date": "2026-12-07T23:00:00+00:00", "commit": "abc1234", "cpu": "CPU",
+            "torch": "2.14.1"}  # fmt: skip
+    runs = [{"case": "autoencoder --data mnist --activation relu", "optim": "kfac", "seed": 0,
+             "verdict": "trained", "last": {"train_loss": 0.25}}]  # fmt: skip
+    payload = {"command": "python benchmarks/example_defaults.py", "machine": info,
+               "seeds": [0], "runs": runs}  # fmt: skip
+    (tmp_path / "example_defaults.json").write_text(json.dumps(payload))
+    assert sweep.main(["--render", "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "example_defaults.md").read_text()
+    assert "Written by `python benchmarks/example_defaults.py` on 2026-12-07" in text
+    assert "| `autoencoder --data mnist --activation relu` | train loss | 0.25 |" in text
+    assert "1 of 1 runs of curvlib's optimizers trained" in text
