@@ -22,7 +22,7 @@ FACES stand-in) and scikit-learn's 1,797 real digits written as MNIST's files
 example's own command line (``Case.command``), shortened to a few dozen steps
 (divergence shows early), on one thread, two runs at a time.
 
-Run from the repository root (about 25 minutes on 2 CPU cores)::
+Run from the repository root (about an hour on 2 CPU cores)::
 
     python benchmarks/example_defaults.py      # writes benchmarks/results/example_defaults.*
     python benchmarks/example_defaults.py --only cnn --seeds 0,1 --optims kfac
