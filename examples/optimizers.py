@@ -18,6 +18,7 @@ from torch import nn
 
 from curvlib.core.protocols import CurvatureApprox
 from curvlib.core.stats import StatKind
+from curvlib.extract import coupling_modules
 from curvlib.optim.defaults import DEFAULTS, default_damping, default_kl_clip, default_t_inv
 from curvlib.optim.hyper import DampingWarmup, LevenbergMarquardt
 
@@ -233,11 +234,7 @@ def refuse_coupled_samples(model: nn.Module, approx: CurvatureApprox) -> None:
             statistics, which normalises with the batch's in eval mode too).
     """
     per_sample = set(getattr(approx, "required_stats", ())) - {StatKind.KRONECKER}
-    coupling = [
-        name
-        for name, m in model.named_modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None)
-    ]
+    coupling = coupling_modules(model)
     if per_sample and coupling:
         shown = ", ".join(coupling[:3]) + (f" and {len(coupling) - 3} more" if coupling[3:] else "")
         raise ValueError(

@@ -7,6 +7,11 @@ inputs and output gradients, or per-sample gradients, for the ``MC``,
 ``EXACT`` and ``EMPIRICAL`` flavours.
 """
 
-from curvlib.extract.extractor import Backend, CurvatureExtractor, UnsupportedPolicy
+from curvlib.extract.extractor import (
+    Backend,
+    CurvatureExtractor,
+    UnsupportedPolicy,
+    coupling_modules,
+)
 
-__all__ = ["Backend", "CurvatureExtractor", "UnsupportedPolicy"]
+__all__ = ["Backend", "CurvatureExtractor", "UnsupportedPolicy", "coupling_modules"]

@@ -145,6 +145,21 @@ def report_unsupported(
     )
 
 
+def coupling_modules(model: nn.Module) -> list[str]:
+    """Names of ``model``'s modules that currently couple the samples of a batch.
+
+    BatchNorm couples them in train mode, and in eval mode too when it keeps no
+    running statistics (it then normalises with the batch's). Where any does,
+    per-sample statistics do not exist: the extractor computes only Kronecker
+    factors then, and refuses the other kinds.
+    """
+    return [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None)
+    ]
+
+
 class CurvatureExtractor:
     """Computes curvature statistics of a model's layers in the backward pass.
 
@@ -381,17 +396,8 @@ class CurvatureExtractor:
         report_unsupported(items, policy, stacklevel=3)
 
     def _coupling_modules(self) -> list[str]:
-        """Names of the modules that currently couple the samples.
-
-        BatchNorm couples them in train mode, and in eval mode too when it keeps
-        no running statistics (it then normalises with the batch's).
-        """
-        return [
-            self._names[m]
-            for m in self._leaves
-            if isinstance(m, nn.modules.batchnorm._BatchNorm)
-            and (m.training or m.running_mean is None)
-        ]
+        """Names of the modules that currently couple the samples (``coupling_modules``)."""
+        return coupling_modules(self._model)
 
     def _backpack_forced(self) -> bool:
         return self._backend is Backend.BACKPACK
